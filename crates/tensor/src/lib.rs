@@ -6,6 +6,7 @@
 //! comparison every test uses (`|a - b| <= atol + rtol * |b|`, reporting the first mismatches).
 
 mod compare;
+pub mod gradcheck;
 mod float;
 mod tensor;
 
