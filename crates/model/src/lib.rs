@@ -1,1 +1,51 @@
-//! placeholder
+//! reel-model: the Qwen2-family decoder with explicit forward and backward.
+//!
+//! - [`config`]: HF `config.json` ⇄ [`Qwen2Config`].
+//! - [`params`]: the flat parameter buffer and where each HF tensor lives in it.
+//! - [`model`]: forward, backward, checkpoint policies, the step [`Workspace`].
+//! - [`attention`]: the one attention entry point ([`AttentionOp`]); parallel schedules plug in here.
+//! - [`io`]: safetensors checkpoint folders (single file or sharded with an index).
+//! - [`generate`]: KV-cached decoding and sampling.
+
+pub mod attention;
+pub mod config;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod params;
+
+pub use attention::{AttentionOp, LocalAttention};
+pub use config::Qwen2Config;
+pub use io::{load_checkpoint, save_checkpoint};
+pub use model::{default_positions, CheckpointPolicy, LossStats, Qwen2, TokenBatch, Workspace};
+pub use params::ParamLayout;
+
+use std::path::Path;
+
+/// Errors from model code; messages name the file, tensor or field.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid config: {msg}")]
+    Config { path: String, msg: String },
+    #[error("{path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

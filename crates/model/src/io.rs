@@ -1,0 +1,245 @@
+//! Hugging Face checkpoint folders: `config.json` + `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Tensor names are transformers' own, so a folder reel saves
+//! loads in transformers and the other way round.
+//!
+//! Loading checks every tensor against the config: a missing tensor, an unexpected one or a
+//! wrong shape is refused with the tensor's name and file. Files are memory-mapped.
+
+use crate::config::Qwen2Config;
+use crate::model::Qwen2;
+use crate::params::ParamLayout;
+use crate::ModelError;
+use reel_tensor::DType;
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Largest shard written by [`save_checkpoint`] before it splits into several files.
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 2 << 30;
+
+fn widen(view: &TensorView, name: &str, file: &Path) -> Result<Vec<f32>, ModelError> {
+    let data = view.data();
+    let out = match view.dtype() {
+        StDtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        StDtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        StDtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        other => {
+            return Err(ModelError::Checkpoint {
+                path: file.display().to_string(),
+                msg: format!("tensor `{name}` has dtype {other:?}; expected F32, BF16 or F16"),
+            })
+        }
+    };
+    Ok(out)
+}
+
+/// The safetensors files of a checkpoint folder.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(ModelError::Checkpoint {
+            path: dir.display().to_string(),
+            msg: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+            path: index.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Checkpoint {
+            path: index.display().to_string(),
+            msg: "no `weight_map` object".into(),
+        })?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Reads every tensor of a checkpoint folder as f32, by name.
+pub fn read_tensors(dir: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+    let mut out = HashMap::new();
+    for file in weight_files(dir)? {
+        let f = std::fs::File::open(&file).map_err(|e| ModelError::io(&file, e))?;
+        // SAFETY: the file is opened read-only and only read while the map is alive.
+        let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| ModelError::io(&file, e))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Checkpoint {
+            path: file.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        for (name, view) in st.tensors() {
+            let data = widen(&view, &name, &file)?;
+            out.insert(name, (view.shape().to_vec(), data));
+        }
+    }
+    Ok(out)
+}
+
+/// Loads a Qwen2 checkpoint folder.
+pub fn load_checkpoint(dir: &Path) -> Result<Qwen2, ModelError> {
+    let config = Qwen2Config::from_file(&dir.join("config.json"))?;
+    let mut tensors = read_tensors(dir)?;
+    let layout = ParamLayout::new(&config);
+    let mut params = vec![0.0f32; layout.total()];
+    for e in &layout.entries {
+        let (shape, data) = tensors
+            .remove(&e.name)
+            .ok_or_else(|| ModelError::Checkpoint {
+                path: dir.display().to_string(),
+                msg: format!("tensor `{}` is missing", e.name),
+            })?;
+        if shape != e.shape {
+            return Err(ModelError::Checkpoint {
+                path: dir.display().to_string(),
+                msg: format!(
+                    "tensor `{}` has shape {:?}, the config needs {:?}",
+                    e.name, shape, e.shape
+                ),
+            });
+        }
+        params[e.range.clone()].copy_from_slice(&data);
+    }
+    // Tied checkpoints sometimes also store the (identical) head.
+    if config.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(ModelError::Checkpoint {
+            path: dir.display().to_string(),
+            msg: format!(
+                "unexpected tensor `{extra}` ({} unexpected in all) for a Qwen2 config",
+                tensors.len()
+            ),
+        });
+    }
+    Qwen2::from_params(config, params)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|s| s.to_str()).unwrap_or("file")
+    ));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}
+
+/// Serialises named f32 tensors as a safetensors file in `dtype`.
+pub fn safetensors_bytes(
+    tensors: &[(String, Vec<usize>, &[f32])],
+    dtype: DType,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, ModelError> {
+    let encoded: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| match dtype {
+            DType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::BF16 => data
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+                .collect(),
+        })
+        .collect();
+    let st_dtype = match dtype {
+        DType::F32 => StDtype::F32,
+        DType::BF16 => StDtype::BF16,
+    };
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&encoded)
+        .map(|((name, shape, _), bytes)| {
+            TensorView::new(st_dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| ModelError::Invalid(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| ModelError::Invalid(e.to_string()))
+}
+
+/// Saves a model as an HF checkpoint folder in `dtype` (the config's `dtype` is updated to
+/// match). Files larger than `max_shard_bytes` are split into
+/// `model-0000i-of-0000n.safetensors` with an index, as transformers does.
+pub fn save_checkpoint(
+    model: &Qwen2,
+    dir: &Path,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let mut config = model.config.clone();
+    config.dtype = dtype;
+    let cfg_text = serde_json::to_string_pretty(&config.to_json()).expect("json");
+    write_file_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+
+    let mut shards: Vec<Vec<(String, Vec<usize>, &[f32])>> = vec![Vec::new()];
+    let mut shard_bytes = 0usize;
+    for e in &model.layout.entries {
+        let bytes = e.range.len() * dtype.size();
+        if shard_bytes > 0 && shard_bytes + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            shard_bytes = 0;
+        }
+        shard_bytes += bytes;
+        shards.last_mut().expect("one shard").push((
+            e.name.clone(),
+            e.shape.clone(),
+            &model.params[e.range.clone()],
+        ));
+    }
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    if shards.len() == 1 {
+        let bytes = safetensors_bytes(&shards[0], dtype, meta)?;
+        write_file_atomic(&dir.join("model.safetensors"), &bytes)?;
+        let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
+        return Ok(());
+    }
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        for (t, _, data) in shard {
+            weight_map.insert(t.clone(), name.clone());
+            total += data.len() * dtype.size();
+        }
+        let bytes = safetensors_bytes(shard, dtype, meta.clone())?;
+        write_file_atomic(&dir.join(&name), &bytes)?;
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    write_file_atomic(
+        &dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    let _ = std::fs::remove_file(dir.join("model.safetensors"));
+    Ok(())
+}
