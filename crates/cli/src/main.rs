@@ -1,1 +1,214 @@
-fn main() {}
+//! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, demo.
+
+mod bench;
+mod demo;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use reel_data::{read_sft_jsonl, Message, Tokenizer};
+use reel_model::generate::SamplingParams;
+use reel_model::load_checkpoint;
+use reel_train::{eval_nll, run_sft, RunOptions, SftConfig};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "reel",
+    version,
+    about = "Train long-context transformers (SFT, then RL) in Rust"
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Supervised fine-tuning from a TOML config.
+    Sft {
+        /// The run's TOML config (`reel sft --print-config` shows every field and default).
+        #[arg(long, required_unless_present = "print_config")]
+        config: Option<PathBuf>,
+        /// Override a config field, e.g. `--set train.lr=3e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue from the newest checkpoint in the output folder.
+        #[arg(long)]
+        resume: bool,
+        /// Print the documented default config and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Mean negative log-likelihood of the assistant tokens of an SFT JSONL file.
+    Eval {
+        /// HF checkpoint folder (config.json, safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// SFT JSONL (`messages` or `prompt`/`response` per line).
+        #[arg(long)]
+        data: PathBuf,
+        /// Print one JSON object {"mean_nll": …, "tokens": …}.
+        #[arg(long)]
+        json: bool,
+        /// Longest sequence; longer conversations are truncated.
+        #[arg(long, default_value_t = 4096)]
+        max_len: usize,
+    },
+    /// Generate a reply with the KV cache (greedy unless --temperature > 0).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// The user message (wrapped in the model's chat template unless --raw).
+        #[arg(long)]
+        prompt: String,
+        /// Feed the prompt as-is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 0 = no top-k cut.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// CPU throughput: GEMM vs the gemm crate alone, attention, training tokens/s per policy.
+    Bench {
+        #[arg(value_enum, default_value_t = bench::BenchWhat::All)]
+        what: bench::BenchWhat,
+        /// Sequence length for the attention and training benchmarks.
+        #[arg(long, default_value_t = 1024)]
+        seq: usize,
+        /// Timed repetitions (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The main job on the embedded default: synthetic tasks, a tiny model trained from
+    /// scratch, held-out accuracy before and after.
+    Demo(demo::DemoArgs),
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting the thread count")?;
+    }
+    match cli.command {
+        Command::Sft {
+            config,
+            overrides,
+            resume,
+            print_config,
+        } => {
+            if print_config {
+                print!("{}", SftConfig::documented_default());
+                return Ok(());
+            }
+            let path = config.expect("clap requires --config");
+            let mut cfg = SftConfig::from_file(&path)?;
+            for o in &overrides {
+                cfg.apply_override(o)?;
+            }
+            let summary = run_sft(
+                &cfg,
+                RunOptions {
+                    resume,
+                    ..RunOptions::default()
+                },
+            )?;
+            println!(
+                "trained {} steps; final loss {:.4}; model saved to {}",
+                summary.steps,
+                summary.final_loss,
+                summary.final_model_dir.display()
+            );
+        }
+        Command::Eval {
+            model,
+            data,
+            json,
+            max_len,
+        } => {
+            let m = load_checkpoint(&model)?;
+            let tok = Tokenizer::from_dir(&model)?;
+            let convs = read_sft_jsonl(&data)?;
+            let stats = eval_nll(&m, &tok, &convs, max_len)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"mean_nll": stats.mean(), "tokens": stats.n_tokens})
+                );
+            } else {
+                println!(
+                    "mean NLL {:.6} over {} assistant tokens ({} conversations)",
+                    stats.mean(),
+                    stats.n_tokens,
+                    convs.len()
+                );
+            }
+        }
+        Command::Generate {
+            model,
+            prompt,
+            raw,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        } => {
+            let m = load_checkpoint(&model)?;
+            let tok = Tokenizer::from_dir(&model)?;
+            let ids = if raw {
+                tok.encode(&prompt)?
+            } else {
+                reel_data::prompt_ids(&tok, &[Message::user(prompt)])?
+            };
+            let stop: Vec<u32> = tok.eos_token_id().into_iter().collect();
+            let params = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed,
+            };
+            let out = m.generate(&ids, max_new_tokens, &stop, &params)?;
+            println!("{}", tok.decode(&out, true)?);
+        }
+        Command::Bench {
+            what,
+            seq,
+            reps,
+            json,
+        } => bench::run(what, seq, reps, json)?,
+        Command::Demo(args) => demo::run(args)?,
+    }
+    Ok(())
+}

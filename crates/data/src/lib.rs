@@ -1,1 +1,79 @@
-//! placeholder
+//! reel-data: everything between text on disk and a `[B, T]` batch of token ids.
+//!
+//! - [`Tokenizer`] wraps a Hugging Face `tokenizer.json` (the `tokenizers` crate) together with the
+//!   `tokenizer_config.json` fields that matter for chat: the template and the special tokens.
+//! - [`ChatTemplate`] renders a Jinja chat template with minijinja the way `transformers` does.
+//! - [`sft`] reads SFT JSONL and turns a conversation into `input_ids` plus a loss mask that
+//!   covers exactly the assistant turns.
+//! - [`batch`] pads examples into a [`Batch`] (`[B, T]` ids, shifted targets, positions) and
+//!   groups examples of similar length under a token budget with a resumable [`BucketSampler`].
+//! - [`synth`] generates the small demo tasks (reverse, sort, add) and a character tokenizer.
+
+pub mod batch;
+pub mod chat;
+pub mod sft;
+pub mod synth;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use batch::{make_batch, Batch, BucketSampler, SamplerState, IGNORE_INDEX};
+pub use chat::{ChatTemplate, Message, SpecialTokens};
+pub use sft::{
+    prompt_ids, read_sft_jsonl, read_sft_jsonl_lenient, tokenize_conversation, TokenizedExample,
+};
+pub use synth::{char_tokenizer, solve, synth_examples, write_jsonl, SynthKind, SynthTask};
+pub use tokenizer::Tokenizer;
+
+/// Everything that can go wrong reading data. Messages name the file (and 1-based line) involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file exists but its content is not what we expect (bad JSON, wrong field types, ...).
+    #[error("{}: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+    /// A bad line in a JSONL file.
+    #[error("{}:{line}: {msg}", path.display())]
+    Jsonl {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
+    /// The `tokenizers` library refused to encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template failed to compile or render (includes `raise_exception`).
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A conversation that cannot be turned into a training example.
+    #[error("conversation: {0}")]
+    Conversation(String),
+    /// A sampler state that does not fit the sampler it is restored into.
+    #[error("sampler: {0}")]
+    Sampler(String),
+}
+
+/// Result with [`DataError`].
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        DataError::Config {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
+    }
+}

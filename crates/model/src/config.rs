@@ -84,7 +84,9 @@ impl Qwen2Config {
         }
         if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(format!("hidden_act `{act}` is not supported (expected silu)"));
+                return Err(format!(
+                    "hidden_act `{act}` is not supported (expected silu)"
+                ));
             }
         }
         let hidden_size = get_usize("hidden_size")?;
@@ -171,14 +173,20 @@ impl Qwen2Config {
                 return Err(format!("`{name}` must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         Ok(())
     }
@@ -252,6 +260,8 @@ mod tests {
         assert!(e.contains("num_key_value_heads"), "{e}");
         let mut v = Qwen2Config::tiny(99).to_json();
         v.as_object_mut().unwrap().remove("hidden_size");
-        assert!(Qwen2Config::from_json(&v).unwrap_err().contains("hidden_size"));
+        assert!(Qwen2Config::from_json(&v)
+            .unwrap_err()
+            .contains("hidden_size"));
     }
 }

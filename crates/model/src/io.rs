@@ -57,11 +57,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
         });
     }
     let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
-            path: index.display().to_string(),
-            msg: e.to_string(),
-        })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Checkpoint {
+        path: index.display().to_string(),
+        msg: e.to_string(),
+    })?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -79,8 +78,14 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     Ok(files)
 }
 
+/// A named tensor widened to f32: its shape and values.
+pub type NamedTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// A tensor to write: name, shape and values.
+pub type TensorRef<'a> = (String, Vec<usize>, &'a [f32]);
+
 /// Reads every tensor of a checkpoint folder as f32, by name.
-pub fn read_tensors(dir: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, ModelError> {
+pub fn read_tensors(dir: &Path) -> Result<NamedTensors, ModelError> {
     let mut out = HashMap::new();
     for file in weight_files(dir)? {
         let f = std::fs::File::open(&file).map_err(|e| ModelError::io(&file, e))?;
@@ -154,7 +159,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
 
 /// Serialises named f32 tensors as a safetensors file in `dtype`.
 pub fn safetensors_bytes(
-    tensors: &[(String, Vec<usize>, &[f32])],
+    tensors: &[TensorRef],
     dtype: DType,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>, ModelError> {
@@ -199,7 +204,7 @@ pub fn save_checkpoint(
     let cfg_text = serde_json::to_string_pretty(&config.to_json()).expect("json");
     write_file_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
 
-    let mut shards: Vec<Vec<(String, Vec<usize>, &[f32])>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<TensorRef>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
     for e in &model.layout.entries {
         let bytes = e.range.len() * dtype.size();

@@ -31,7 +31,8 @@ use std::ops::Range;
 pub const CE_CHUNK: usize = 4096;
 
 /// Which activations the forward keeps for the backward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CheckpointPolicy {
     /// Keep everything; no recomputation.
     None,

@@ -159,7 +159,10 @@ mod tests {
             assert_eq!(off, l.total());
             assert_eq!(l.layers[0].qkv_w.len(), c.qkv_width() * c.hidden_size);
             assert_eq!(l.entry("lm_head.weight").is_some(), !tied);
-            assert_eq!(l.split_mut(&mut vec![0.0; l.total()]).len(), l.entries.len());
+            assert_eq!(
+                l.split_mut(&mut vec![0.0; l.total()]).len(),
+                l.entries.len()
+            );
         }
     }
 }

@@ -129,13 +129,23 @@ impl AttentionOp for CountingAttention {
     }
 }
 
-fn loss_and_grads(model: &Qwen2, inputs: &Inputs, policy: CheckpointPolicy) -> (f64, Vec<f32>, usize, usize) {
+fn loss_and_grads(
+    model: &Qwen2,
+    inputs: &Inputs,
+    policy: CheckpointPolicy,
+) -> (f64, Vec<f32>, usize, usize) {
     let mut ws = Workspace::new(&model.config, policy);
     let attn = CountingAttention::default();
     let stats = model.forward(&mut ws, &inputs.batch(), &attn).unwrap();
     let mut grads = vec![0.0f32; model.params.len()];
     model
-        .backward(&mut grads, &mut ws, &inputs.batch(), 1.0 / stats.n_tokens as f32, &attn)
+        .backward(
+            &mut grads,
+            &mut ws,
+            &inputs.batch(),
+            1.0 / stats.n_tokens as f32,
+            &attn,
+        )
         .unwrap();
     (
         stats.mean(),
@@ -154,9 +164,22 @@ fn check_model(name: &str) {
 
     let mut ws = Workspace::new(&model.config, CheckpointPolicy::None);
     let logits = model
-        .logits(&mut ws, &inputs.tokens, &inputs.positions, inputs.b, inputs.t, &LocalAttention)
+        .logits(
+            &mut ws,
+            &inputs.tokens,
+            &inputs.positions,
+            inputs.b,
+            inputs.t,
+            &LocalAttention,
+        )
         .unwrap();
-    check_close("logits", &logits, &g.floats["logits"], Tolerance::new(2e-5, 1e-4)).unwrap();
+    check_close(
+        "logits",
+        &logits,
+        &g.floats["logits"],
+        Tolerance::new(2e-5, 1e-4),
+    )
+    .unwrap();
 
     let expected_loss = g.floats["loss"][0] as f64;
     let mut bytes = Vec::new();
@@ -170,7 +193,10 @@ fn check_model(name: &str) {
             (loss - expected_loss).abs() < 1e-5 * expected_loss.abs(),
             "{name} {policy}: loss {loss} vs transformers {expected_loss}"
         );
-        assert_eq!(forwards, attention_forwards, "{policy}: attention forwards per step");
+        assert_eq!(
+            forwards, attention_forwards,
+            "{policy}: attention forwards per step"
+        );
         for e in &model.layout.entries {
             let expected = &g.floats[&format!("grad.{}", e.name)];
             let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs()));
@@ -188,7 +214,10 @@ fn check_model(name: &str) {
     // Memory ordering: none keeps most, layer least, remat in between (once there are enough
     // layers for the one recomputation scratch layer not to dominate).
     if layers >= 2 {
-        assert!(bytes[0].1 > bytes[2].1 && bytes[2].1 > bytes[1].1, "{bytes:?}");
+        assert!(
+            bytes[0].1 > bytes[2].1 && bytes[2].1 > bytes[1].1,
+            "{bytes:?}"
+        );
     }
 
     // 10 AdamW steps on the same batch, as the fixture script ran them.
@@ -207,11 +236,19 @@ fn check_model(name: &str) {
     let mut grads = vec![0.0f32; model.params.len()];
     let mut trace = Vec::new();
     for _ in 0..10 {
-        let stats = model.forward(&mut ws, &inputs.batch(), &LocalAttention).unwrap();
+        let stats = model
+            .forward(&mut ws, &inputs.batch(), &LocalAttention)
+            .unwrap();
         trace.push(stats.mean() as f32);
         grads.fill(0.0);
         model
-            .backward(&mut grads, &mut ws, &inputs.batch(), 1.0 / stats.n_tokens as f32, &LocalAttention)
+            .backward(
+                &mut grads,
+                &mut ws,
+                &inputs.batch(),
+                1.0 / stats.n_tokens as f32,
+                &LocalAttention,
+            )
             .unwrap();
         let layout = model.layout.clone();
         let mut p = layout.split_mut(&mut model.params);
@@ -219,7 +256,13 @@ fn check_model(name: &str) {
         let g_ro: Vec<&[f32]> = gr.iter_mut().map(|s| &**s).collect();
         opt.step(&mut p, &g_ro, 1e-2);
     }
-    check_close("adamw trace", &trace, &g.floats["trace"], Tolerance::new(1e-4, 2e-3)).unwrap();
+    check_close(
+        "adamw trace",
+        &trace,
+        &g.floats["trace"],
+        Tolerance::new(1e-4, 2e-3),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -239,11 +282,21 @@ fn greedy_generation_matches_transformers() {
     let gen: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("gen.json")).unwrap()).unwrap();
     let ids = |k: &str| -> Vec<u32> {
-        gen[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        gen[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let expected = ids("generated_ids");
     let out = model
-        .generate(&ids("prompt_ids"), expected.len(), &[], &SamplingParams::default())
+        .generate(
+            &ids("prompt_ids"),
+            expected.len(),
+            &[],
+            &SamplingParams::default(),
+        )
         .unwrap();
     assert_eq!(out, expected);
 }
@@ -267,7 +320,13 @@ fn save_and_load_round_trip_single_sharded_and_bf16() {
     save_checkpoint(&model, &half, DType::BF16, usize::MAX).unwrap();
     let back = load_checkpoint(&half).unwrap();
     assert_eq!(back.config.dtype, DType::BF16);
-    check_close("bf16 weights", &back.params, &model.params, Tolerance::new(1e-6, 8e-3)).unwrap();
+    check_close(
+        "bf16 weights",
+        &back.params,
+        &model.params,
+        Tolerance::new(1e-6, 8e-3),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -288,7 +347,10 @@ fn mismatched_checkpoints_name_the_tensor() {
     more["num_hidden_layers"] = serde_json::json!(3);
     std::fs::write(dir.join("config.json"), more.to_string()).unwrap();
     let err = load_checkpoint(dir).err().unwrap().to_string();
-    assert!(err.contains("model.layers.2.") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model.layers.2.") && err.contains("missing"),
+        "{err}"
+    );
 
     let mut fewer = model.config.to_json();
     fewer["num_hidden_layers"] = serde_json::json!(1);
@@ -296,7 +358,10 @@ fn mismatched_checkpoints_name_the_tensor() {
     let err = load_checkpoint(dir).err().unwrap().to_string();
     assert!(err.contains("unexpected tensor `model.layers.1."), "{err}");
 
-    let err = load_checkpoint(&tmp.path().join("nope")).err().unwrap().to_string();
+    let err = load_checkpoint(&tmp.path().join("nope"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("nope") && err.contains("config.json"), "{err}");
 }
 
@@ -311,6 +376,9 @@ fn bad_batches_are_refused() {
         b: 1,
         t: 3,
     };
-    let err = model.forward(&mut ws, &batch, &LocalAttention).unwrap_err().to_string();
+    let err = model
+        .forward(&mut ws, &batch, &LocalAttention)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("500"), "{err}");
 }

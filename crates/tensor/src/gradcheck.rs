@@ -35,7 +35,11 @@ mod tests {
         let x = [0.5f32, -1.25, 2.0];
         let g = numeric_grad(&x, 1e-3, |v| v.iter().map(|&a| (a as f64).powi(3)).sum());
         for (gi, xi) in g.iter().zip(x) {
-            assert!((gi - 3.0 * xi * xi).abs() < 1e-3, "{gi} vs {}", 3.0 * xi * xi);
+            assert!(
+                (gi - 3.0 * xi * xi).abs() < 1e-3,
+                "{gi} vs {}",
+                3.0 * xi * xi
+            );
         }
     }
 }

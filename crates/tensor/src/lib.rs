@@ -6,8 +6,8 @@
 //! comparison every test uses (`|a - b| <= atol + rtol * |b|`, reporting the first mismatches).
 
 mod compare;
-pub mod gradcheck;
 mod float;
+pub mod gradcheck;
 mod tensor;
 
 pub use compare::{check_close, max_abs_diff, Mismatch, Tolerance};

@@ -98,7 +98,7 @@ impl Tensor {
         bytes: &[u8],
     ) -> Result<Tensor, TensorError> {
         let shape = shape.into();
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return Err(TensorError::ByteLength {
                 len: bytes.len(),
                 dtype,

@@ -1,1 +1,26 @@
-//! placeholder
+//! reel-train: the SFT trainer's infrastructure.
+//!
+//! - [`config`]: [`SftConfig`], the TOML run configuration with `--set key=value` overrides.
+//! - [`checkpoint`]: atomic checkpoint folders ([`CheckpointDir`], [`write_atomic`]), the
+//!   trainer's resumable state ([`TrainerState`]) and AdamW state as safetensors bytes.
+//! - [`sft`]: the training loop ([`run_sft`]); [`eval`]: assistant-token NLL ([`eval_nll`]).
+//! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
+
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod metrics;
+pub mod sft;
+
+pub use checkpoint::{
+    checkpoint_step, optimizer_state_from_bytes, optimizer_state_to_bytes, write_atomic,
+    CheckpointDir, CheckpointError, TrainerState,
+};
+pub use config::{
+    ConfigError, DataConfig, InitConfig, ModelConfig, OutputConfig, ScheduleKind, SftConfig,
+    TrainConfig,
+};
+pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
+
+pub use eval::{eval_nll, tokenize_all};
+pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};

@@ -1,0 +1,147 @@
+//! The `reel` binary end to end: eval against transformers' NLL, generation, bench output and
+//! clear errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn reel() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reel"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+#[test]
+fn eval_matches_transformers_mean_nll() {
+    let model = fixtures().join("qwen2-tiny");
+    let out = reel()
+        .args(["eval", "--json", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(fixtures().join("sft-eval.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(got["tokens"], want["tokens"]);
+    let (a, b) = (
+        got["mean_nll"].as_f64().unwrap(),
+        want["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-4 * b.abs(),
+        "reel {a} vs transformers {b}"
+    );
+}
+
+#[test]
+fn generate_prints_the_greedy_continuation() {
+    let model = fixtures().join("qwen2-tiny");
+    let gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("gen.json")).unwrap()).unwrap();
+    let out = reel()
+        .args(["generate", "--max-new-tokens", "12", "--raw", "--model"])
+        .arg(&model)
+        .arg("--prompt")
+        .arg(gen["prompt"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // transformers' greedy ids, decoded with the fixture tokenizer, skipping special tokens.
+    let tok = reel_data::Tokenizer::from_dir(&model).unwrap();
+    let ids: Vec<u32> = gen["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let expected = tok.decode(&ids, true).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'),
+        expected
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a\", \"response\": \"b\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = reel()
+        .args(["eval", "--model"])
+        .arg(fixtures().join("qwen2-tiny"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("bad.jsonl:2"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let out = reel()
+        .args(["eval", "--model"])
+        .arg(tmp.path().join("no-model"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("no-model"), "{err}");
+
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(&cfg, "[train]\nlearning_rate = 1.0\n").unwrap();
+    let out = reel().args(["sft", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("learning_rate") && err.contains("run.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn print_config_parses_back() {
+    let out = reel().args(["sft", "--print-config"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[train]") && text.contains("checkpoint"));
+}
+
+#[test]
+fn bench_gemm_reports_both_sides() {
+    let out = reel()
+        .args(["bench", "gemm", "--reps", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["gemm"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        assert!(r["reel_gflops"].as_f64().unwrap() > 0.0);
+        assert!(r["gemm_crate_gflops"].as_f64().unwrap() > 0.0);
+    }
+}

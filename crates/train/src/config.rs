@@ -1,0 +1,776 @@
+//! The SFT run configuration: one TOML file with `[model]`, `[data]`, `[train]` and `[output]`
+//! sections, every field optional with the default stated on it, unknown keys refused.
+//!
+//! `reel sft --config run.toml --set train.lr=3e-4 --set output.dir=runs/x` is
+//! [`SftConfig::from_file`], then [`SftConfig::apply_override`] per `--set` (the value is parsed as
+//! TOML, falling back to a bare string), then [`SftConfig::validate`].
+//! [`SftConfig::documented_default`] is the commented example `reel sft --print-config` prints.
+//! Relative paths are relative to the working directory, not to the config file.
+
+use std::path::{Path, PathBuf};
+
+use reel_model::CheckpointPolicy;
+use reel_optim::{AdamWConfig, LrSchedule};
+use serde::{Deserialize, Serialize};
+
+/// Errors from reading, overriding or validating a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// A `key=value` override could not be applied.
+    #[error("override `{key}`: {message}")]
+    Override { key: String, message: String },
+    /// The config parsed but a value is out of range or inconsistent.
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// A whole SFT run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    /// Which model to start from and its tokenizer.
+    pub model: ModelConfig,
+    /// Training (and evaluation) data and how it is batched.
+    pub data: DataConfig,
+    /// Optimisation: steps, learning rate, schedule, AdamW, clipping, checkpointing.
+    pub train: TrainConfig,
+    /// Where the run writes checkpoints, metrics and logs, and how often.
+    pub output: OutputConfig,
+}
+
+/// `[model]`: exactly one of `path` and `init`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Hugging Face checkpoint folder (config.json + *.safetensors) to start from. Default: none.
+    pub path: Option<PathBuf>,
+    /// A fresh, randomly initialised Qwen2 model of this shape instead of `path`. Default: none.
+    pub init: Option<InitConfig>,
+    /// Folder holding tokenizer.json (and tokenizer_config.json for the chat template).
+    /// Default: the model `path`.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// `[model.init]`: the shape of a fresh Qwen2 model (names as in HF config.json). The vocabulary
+/// size is taken from the tokenizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InitConfig {
+    /// Width of the residual stream. Default 64.
+    pub hidden_size: usize,
+    /// Number of decoder layers. Default 2.
+    pub num_hidden_layers: usize,
+    /// Query heads; must divide `hidden_size`. Default 4.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); must divide `num_attention_heads`. Default 2.
+    pub num_key_value_heads: usize,
+    /// Width of the SwiGLU MLP. Default 128.
+    pub intermediate_size: usize,
+    /// RoPE base. Default 1e6 (Qwen2).
+    pub rope_theta: f64,
+    /// RMSNorm epsilon. Default 1e-6.
+    pub rms_norm_eps: f64,
+    /// Longest position the model is meant for. Default 4096.
+    pub max_position_embeddings: usize,
+    /// Share the input embedding with the LM head. Default true.
+    pub tie_word_embeddings: bool,
+    /// Seed of the weight initialisation. Default 0.
+    pub seed: u64,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 64,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            intermediate_size: 128,
+            rope_theta: 1e6,
+            rms_norm_eps: 1e-6,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+            seed: 0,
+        }
+    }
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// SFT JSONL file to train on. Required (default: empty, which `validate` refuses).
+    pub train: PathBuf,
+    /// SFT JSONL file to evaluate on every `output.eval_every` steps. Default: none.
+    pub eval: Option<PathBuf>,
+    /// Longest sequence in tokens; longer samples are truncated. Default 512.
+    pub max_len: usize,
+    /// Tokens per micro-batch (samples are packed up to this many). Default 4096.
+    pub tokens_per_batch: usize,
+    /// Seed of the sampler's shuffling. Default 0.
+    pub seed: u64,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            eval: None,
+            max_len: 512,
+            tokens_per_batch: 4096,
+            seed: 0,
+        }
+    }
+}
+
+/// The shape of the learning-rate curve; `warmup_steps` and `min_lr_ratio` configure it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// `lr` at every step (warmup and floor ignored).
+    Constant,
+    /// Linear warmup from 0, then cosine down to `lr · min_lr_ratio` at the last step.
+    WarmupCosine,
+    /// Linear warmup from 0, then linear down to `lr · min_lr_ratio` at the last step.
+    WarmupLinear,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps to run. Default 100.
+    pub steps: u64,
+    /// Micro-batches whose gradients are summed into one optimizer step. Default 1.
+    pub grad_accum: u32,
+    /// Peak (base) learning rate. Default 1e-3.
+    pub lr: f32,
+    /// Learning-rate curve: "constant", "warmup_cosine" or "warmup_linear". Default "warmup_cosine".
+    pub schedule: ScheduleKind,
+    /// Steps of linear warmup from 0 (step 0 runs at lr 0, HF convention). Default 10.
+    pub warmup_steps: u64,
+    /// Final learning rate as a fraction of `lr`. Default 0.1.
+    pub min_lr_ratio: f32,
+    /// AdamW decoupled weight decay, applied to 2-D weights only. Default 0.01.
+    pub weight_decay: f32,
+    /// AdamW first-moment decay. Default 0.9.
+    pub beta1: f32,
+    /// AdamW second-moment decay. Default 0.95.
+    pub beta2: f32,
+    /// AdamW epsilon. Default 1e-8.
+    pub eps: f32,
+    /// Clip the global gradient norm to this; 0 = no clipping. Default 1.0.
+    pub grad_clip: f32,
+    /// Activation checkpointing: "none", "layer" or "remat". Default "remat".
+    pub checkpoint: CheckpointPolicy,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let adamw = AdamWConfig::default();
+        Self {
+            steps: 100,
+            grad_accum: 1,
+            lr: 1e-3,
+            schedule: ScheduleKind::WarmupCosine,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: adamw.weight_decay,
+            beta1: adamw.beta1,
+            beta2: adamw.beta2,
+            eps: adamw.eps,
+            grad_clip: 1.0,
+            checkpoint: CheckpointPolicy::Remat,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The schedule over `steps` optimizer steps.
+    pub fn lr_schedule(&self) -> LrSchedule {
+        let (warmup_steps, total_steps, min_lr_ratio) =
+            (self.warmup_steps, self.steps, self.min_lr_ratio);
+        match self.schedule {
+            ScheduleKind::Constant => LrSchedule::Constant,
+            ScheduleKind::WarmupCosine => LrSchedule::WarmupCosine {
+                warmup_steps,
+                total_steps,
+                min_lr_ratio,
+            },
+            ScheduleKind::WarmupLinear => LrSchedule::WarmupLinear {
+                warmup_steps,
+                total_steps,
+                min_lr_ratio,
+            },
+        }
+    }
+
+    /// The AdamW hyper-parameters.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// `[output]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Run folder: checkpoints/, metrics.jsonl, config.toml. Default "runs/sft".
+    pub dir: PathBuf,
+    /// Save a checkpoint every this many steps (and after the last); 0 = only after the last.
+    /// Default 50.
+    pub save_every: u64,
+    /// Evaluate on `data.eval` every this many steps; 0 = never. Default 0.
+    pub eval_every: u64,
+    /// Complete checkpoints to keep (the newest is never deleted); 0 = keep all. Default 2.
+    pub keep_last: usize,
+    /// Log a line (or refresh the progress bar) every this many steps; 0 = never. Default 1.
+    pub log_every: u64,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("runs/sft"),
+            save_every: 50,
+            eval_every: 0,
+            keep_last: 2,
+            log_every: 1,
+        }
+    }
+}
+
+/// The commented example config; parses to `SftConfig::default()`.
+const DOCUMENTED_DEFAULT: &str = r#"# reel SFT run configuration. Every key is optional; the values shown are the defaults.
+# Unknown keys are errors. Override any key on the command line: --set train.lr=3e-4
+
+[model]
+# Hugging Face checkpoint folder (config.json + *.safetensors) to start from.
+# Exactly one of `path` and [model.init] must be given.
+# path = "models/Qwen2-0.5B-Instruct"
+# Folder holding tokenizer.json. Default: the model path.
+# tokenizer = "models/Qwen2-0.5B-Instruct"
+
+# A fresh, randomly initialised Qwen2 model instead of `path` (vocabulary size from the tokenizer):
+# [model.init]
+# hidden_size = 64
+# num_hidden_layers = 2
+# num_attention_heads = 4         # must divide hidden_size
+# num_key_value_heads = 2         # must divide num_attention_heads
+# intermediate_size = 128
+# rope_theta = 1000000.0
+# rms_norm_eps = 1e-6
+# max_position_embeddings = 4096
+# tie_word_embeddings = true
+# seed = 0                        # weight initialisation
+
+[data]
+# SFT JSONL to train on (required).
+train = ""
+# SFT JSONL to evaluate on every output.eval_every steps.
+# eval = "data/eval.jsonl"
+# Longest sequence in tokens; longer samples are truncated.
+max_len = 512
+# Tokens per micro-batch (samples are packed up to this many).
+tokens_per_batch = 4096
+# Seed of the sampler's shuffling.
+seed = 0
+
+[train]
+# Optimizer steps to run.
+steps = 100
+# Micro-batches summed into one optimizer step.
+grad_accum = 1
+# Peak learning rate.
+lr = 1e-3
+# "constant", "warmup_cosine" or "warmup_linear".
+schedule = "warmup_cosine"
+# Linear warmup from 0 over this many steps (step 0 runs at lr 0).
+warmup_steps = 10
+# Final learning rate as a fraction of lr.
+min_lr_ratio = 0.1
+# AdamW; weight decay applies to 2-D weights only.
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+# Clip the global gradient norm to this; 0 = no clipping.
+grad_clip = 1.0
+# Activation checkpointing: "none", "layer" (recompute whole layers) or "remat"
+# (keep attention outputs, recompute only the rest).
+checkpoint = "remat"
+# "f32" or "bf16" (master weights and optimizer state stay f32).
+
+[output]
+# Run folder: checkpoints/, metrics.jsonl, config.toml.
+dir = "runs/sft"
+# Checkpoint every this many steps (and after the last); 0 = only after the last.
+save_every = 50
+# Evaluate every this many steps; 0 = never.
+eval_every = 0
+# Complete checkpoints to keep (the newest is never deleted); 0 = keep all.
+keep_last = 2
+# Log every this many steps; 0 = never.
+log_every = 1
+"#;
+
+/// 1-based line and column (in characters) of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// 64-bit FNV-1a: a hash that is the same on every machine and Rust version.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl SftConfig {
+    /// Reads and parses a TOML file; errors name the path and the line and column.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
+            ConfigError::Parse {
+                path: origin.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })
+    }
+
+    /// Applies one `section.key=value` override (`train.lr=3e-4`, `model.init.hidden_size=128`,
+    /// `output.dir=runs/x`). The value is parsed as a TOML value, or taken as a string when it is
+    /// not one. On error the config is unchanged and the error names the key.
+    pub fn apply_override(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| ConfigError::Override {
+            key: key.to_string(),
+            message,
+        };
+        let (key, raw) = spec
+            .split_once('=')
+            .ok_or_else(|| err(spec, "expected key=value".into()))?;
+        let (key, raw) = (key.trim(), raw.trim());
+        let parts: Vec<&str> = key.split('.').map(str::trim).collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(err(key, "empty key segment".into()));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+
+        let mut root = toml::Table::try_from(&*self).map_err(|e| err(key, e.to_string()))?;
+        let (last, parents) = parts.split_last().expect("split yields at least one part");
+        let mut table = &mut root;
+        for (depth, part) in parents.iter().enumerate() {
+            let entry = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Table::new().into());
+            table = entry.as_table_mut().ok_or_else(|| {
+                err(
+                    key,
+                    format!("`{}` is a value, not a section", parts[..=depth].join(".")),
+                )
+            })?;
+        }
+        table.insert(last.to_string(), value);
+        *self = root
+            .try_into()
+            .map_err(|e: toml::de::Error| err(key, e.message().to_string()))?;
+        Ok(())
+    }
+
+    /// Checks what types cannot: required keys, ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        match (&self.model.path, &self.model.init) {
+            (None, None) => {
+                return bad(
+                    "model.path",
+                    "give a checkpoint `path` or a [model.init] table",
+                )
+            }
+            (Some(_), Some(_)) => {
+                return bad("model.init", "give either `path` or [model.init], not both")
+            }
+            _ => {}
+        }
+        if self.model.path.is_none() && self.model.tokenizer.is_none() {
+            return bad(
+                "model.tokenizer",
+                "required when the model is initialised fresh",
+            );
+        }
+        if let Some(init) = &self.model.init {
+            let sizes = [
+                ("model.init.hidden_size", init.hidden_size),
+                ("model.init.num_hidden_layers", init.num_hidden_layers),
+                ("model.init.num_attention_heads", init.num_attention_heads),
+                ("model.init.num_key_value_heads", init.num_key_value_heads),
+                ("model.init.intermediate_size", init.intermediate_size),
+            ];
+            for (key, n) in sizes {
+                if n == 0 {
+                    return bad(key, "must be at least 1");
+                }
+            }
+            if init.hidden_size % init.num_attention_heads != 0 {
+                return bad("model.init.num_attention_heads", "must divide hidden_size");
+            }
+            if (init.hidden_size / init.num_attention_heads) % 2 != 0 {
+                return bad(
+                    "model.init.num_attention_heads",
+                    "head dim (hidden_size / heads) must be even for RoPE",
+                );
+            }
+            if init.num_attention_heads % init.num_key_value_heads != 0 {
+                return bad(
+                    "model.init.num_key_value_heads",
+                    "must divide num_attention_heads",
+                );
+            }
+        }
+        if self.data.train.as_os_str().is_empty() {
+            return bad("data.train", "required: the SFT JSONL file to train on");
+        }
+        if self.data.max_len == 0 {
+            return bad("data.max_len", "must be at least 1");
+        }
+        if self.data.tokens_per_batch < self.data.max_len {
+            return bad(
+                "data.tokens_per_batch",
+                "must be at least data.max_len (one whole sequence)",
+            );
+        }
+        let t = &self.train;
+        if t.steps == 0 {
+            return bad("train.steps", "must be at least 1");
+        }
+        if t.grad_accum == 0 {
+            return bad("train.grad_accum", "must be at least 1");
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return bad("train.lr", "must be a positive number");
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return bad("train.min_lr_ratio", "must be in [0, 1]");
+        }
+        for (key, beta) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(key, "must be in [0, 1)");
+            }
+        }
+        if !(t.eps.is_finite() && t.eps > 0.0) {
+            return bad("train.eps", "must be a positive number");
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return bad("train.weight_decay", "must be >= 0");
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            return bad("train.grad_clip", "must be >= 0 (0 = no clipping)");
+        }
+        if self.output.dir.as_os_str().is_empty() {
+            return bad("output.dir", "must not be empty");
+        }
+        if self.output.eval_every > 0 && self.data.eval.is_none() {
+            return bad("output.eval_every", "needs data.eval");
+        }
+        Ok(())
+    }
+
+    /// The tokenizer folder: `model.tokenizer`, else `model.path`.
+    pub fn tokenizer_dir(&self) -> Option<&Path> {
+        self.model
+            .tokenizer
+            .as_deref()
+            .or(self.model.path.as_deref())
+    }
+
+    /// The config as TOML (what a run saves as `config.toml`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("SftConfig always serialises to TOML")
+    }
+
+    /// A hash of everything that shapes the run's numbers (`[model]`, `[data]`, `[train]`; not
+    /// `[output]`), as 16 hex digits; a resumed run compares it with the checkpoint's.
+    pub fn config_hash(&self) -> String {
+        #[derive(Serialize)]
+        struct Shaping<'a> {
+            model: &'a ModelConfig,
+            data: &'a DataConfig,
+            train: &'a TrainConfig,
+        }
+        let text = toml::to_string(&Shaping {
+            model: &self.model,
+            data: &self.data,
+            train: &self.train,
+        })
+        .expect("SftConfig always serialises to TOML");
+        format!("{:016x}", fnv1a64(text.as_bytes()))
+    }
+
+    /// A complete example config with a comment on every key, showing the defaults.
+    pub fn documented_default() -> String {
+        DOCUMENTED_DEFAULT.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SftConfig, ConfigError> {
+        SftConfig::parse(text, Path::new("run.toml"))
+    }
+
+    #[test]
+    fn parses_a_config() {
+        let cfg = parse(
+            r#"
+[model]
+init = { hidden_size = 32, num_hidden_layers = 1 }
+tokenizer = "tok"
+[data]
+train = "train.jsonl"
+max_len = 128
+[train]
+lr = 3e-4
+steps = 7
+schedule = "warmup_linear"
+checkpoint = "layer"
+[output]
+dir = "runs/x"
+"#,
+        )
+        .unwrap();
+        let init = cfg.model.init.as_ref().unwrap();
+        assert_eq!(
+            (
+                init.hidden_size,
+                init.num_hidden_layers,
+                init.num_attention_heads
+            ),
+            (32, 1, 4)
+        );
+        assert_eq!(cfg.tokenizer_dir(), Some(Path::new("tok")));
+        assert_eq!(cfg.data.train, PathBuf::from("train.jsonl"));
+        assert_eq!((cfg.data.max_len, cfg.data.tokens_per_batch), (128, 4096));
+        assert_eq!((cfg.train.lr, cfg.train.steps), (3e-4, 7));
+        assert_eq!(cfg.train.checkpoint, CheckpointPolicy::Layer);
+        assert_eq!(
+            cfg.train.lr_schedule(),
+            LrSchedule::WarmupLinear {
+                warmup_steps: 10,
+                total_steps: 7,
+                min_lr_ratio: 0.1
+            }
+        );
+        assert_eq!(
+            cfg.train.adamw(),
+            AdamWConfig {
+                lr: 3e-4,
+                ..Default::default()
+            }
+        );
+        assert_eq!(cfg.output.dir, PathBuf::from("runs/x"));
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_naming_it_with_line_and_column() {
+        let err = parse("[train]\nsteps = 3\nlrr = 1e-3\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("lrr"), "{msg}");
+        assert!(msg.starts_with("run.toml:3:1:"), "{msg}");
+
+        let err = parse("[trian]\n").unwrap_err().to_string();
+        assert!(err.contains("trian"), "{err}");
+        let err = parse("[train]\nsteps = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("run.toml:2:9:"), "{err}");
+    }
+
+    #[test]
+    fn from_file_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        let msg = SftConfig::from_file(&missing).unwrap_err().to_string();
+        assert!(msg.contains("nope.toml"), "{msg}");
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[data]\nmax_len = \n").unwrap();
+        let msg = SftConfig::from_file(&bad).unwrap_err().to_string();
+        assert!(msg.contains("bad.toml:2:"), "{msg}");
+    }
+
+    #[test]
+    fn overrides_set_nested_keys() {
+        let mut cfg = SftConfig::default();
+        cfg.apply_override("train.lr=3e-4").unwrap();
+        cfg.apply_override("train.steps = 250").unwrap();
+        cfg.apply_override("train.lr_unused_check=1").unwrap_err();
+        cfg.apply_override("output.dir=runs/x y").unwrap();
+        cfg.apply_override("data.train=\"a.jsonl\"").unwrap();
+        cfg.apply_override("train.schedule=constant").unwrap();
+        cfg.apply_override("train.grad_clip=2").unwrap();
+        cfg.apply_override("model.init.hidden_size=128").unwrap();
+        cfg.apply_override("model.path=ckpt").unwrap();
+        assert_eq!(cfg.train.lr, 3e-4);
+        assert_eq!(cfg.train.steps, 250);
+        assert_eq!(cfg.output.dir, PathBuf::from("runs/x y"));
+        assert_eq!(cfg.data.train, PathBuf::from("a.jsonl"));
+        assert_eq!(cfg.train.schedule, ScheduleKind::Constant);
+        assert_eq!(cfg.train.grad_clip, 2.0);
+        assert_eq!(
+            cfg.model.init,
+            Some(InitConfig {
+                hidden_size: 128,
+                ..Default::default()
+            })
+        );
+        assert_eq!(cfg.model.path, Some(PathBuf::from("ckpt")));
+        // Everything else keeps its default.
+        assert_eq!(cfg.train.beta2, 0.95);
+        assert_eq!(cfg.output.keep_last, 2);
+    }
+
+    #[test]
+    fn override_errors_name_the_key_and_change_nothing() {
+        let mut cfg = SftConfig::default();
+        for (spec, key) in [
+            ("train.lrr=1", "train.lrr"),
+            ("trian.lr=1", "trian.lr"),
+            ("train.steps=many", "train.steps"),
+            ("train.lr.x=1", "train.lr.x"),
+            ("train..lr=1", "train..lr"),
+        ] {
+            let err = cfg.apply_override(spec).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Override { key: k, .. } if k == key),
+                "{spec}: {err}"
+            );
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        assert!(cfg.apply_override("train.lr").is_err());
+        assert_eq!(cfg, SftConfig::default());
+    }
+
+    #[test]
+    fn documented_default_round_trips() {
+        let parsed = parse(&SftConfig::documented_default()).unwrap();
+        assert_eq!(parsed, SftConfig::default());
+        assert_eq!(
+            parse(&SftConfig::default().to_toml()).unwrap(),
+            SftConfig::default()
+        );
+    }
+
+    /// Every key of every section appears in the documented default (commented out for the
+    /// optional ones), so a new field cannot be forgotten there.
+    #[test]
+    fn documented_default_mentions_every_field() {
+        let mut full = SftConfig::default();
+        full.model.path = Some("p".into());
+        full.model.tokenizer = Some("t".into());
+        full.model.init = Some(InitConfig::default());
+        full.data.eval = Some("e".into());
+        let table = toml::Table::try_from(&full).unwrap();
+        let doc = SftConfig::documented_default();
+        fn walk(prefix: &str, t: &toml::Table, doc: &str) {
+            for (k, v) in t {
+                if let Some(sub) = v.as_table() {
+                    let header = format!("[{prefix}{k}]");
+                    assert!(doc.contains(&header), "documented default lacks {header}");
+                    walk(&format!("{prefix}{k}."), sub, doc);
+                } else {
+                    let found = doc.lines().any(|l| {
+                        let l = l.trim_start_matches(['#', ' ']);
+                        l.starts_with(&format!("{k} =")) || l.starts_with(&format!("{k}="))
+                    });
+                    assert!(found, "documented default lacks `{prefix}{k}`");
+                }
+            }
+        }
+        walk("", &table, &doc);
+    }
+
+    #[test]
+    fn validate_catches_inconsistencies() {
+        let mut cfg = SftConfig::default();
+        let key = |cfg: &SftConfig| match cfg.validate() {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        };
+        assert_eq!(key(&cfg), "model.path");
+        cfg.model.path = Some("ckpt".into());
+        assert_eq!(key(&cfg), "data.train");
+        cfg.data.train = "t.jsonl".into();
+        cfg.validate().unwrap();
+        cfg.data.tokens_per_batch = 100;
+        assert_eq!(key(&cfg), "data.tokens_per_batch");
+        cfg.data.tokens_per_batch = 4096;
+        cfg.model.init = Some(InitConfig::default());
+        assert_eq!(key(&cfg), "model.init");
+        cfg.model.path = None;
+        assert_eq!(key(&cfg), "model.tokenizer");
+        cfg.model.tokenizer = Some("tok".into());
+        cfg.validate().unwrap();
+        cfg.model.init.as_mut().unwrap().num_key_value_heads = 3;
+        assert_eq!(key(&cfg), "model.init.num_key_value_heads");
+        cfg.model.init.as_mut().unwrap().num_key_value_heads = 2;
+        cfg.output.eval_every = 10;
+        assert_eq!(key(&cfg), "output.eval_every");
+    }
+
+    #[test]
+    fn config_hash_ignores_output_only() {
+        let a = SftConfig::default();
+        let mut b = a.clone();
+        b.output.dir = "elsewhere".into();
+        b.output.log_every = 7;
+        assert_eq!(a.config_hash(), b.config_hash());
+        b.train.lr = 2e-3;
+        assert_ne!(a.config_hash(), b.config_hash());
+        assert_eq!(a.config_hash().len(), 16);
+    }
+}

@@ -1,0 +1,80 @@
+//! Evaluation: mean negative log-likelihood of the assistant tokens of a set of conversations,
+//! with the same tokenization, loss mask and batching as training.
+
+use anyhow::Result;
+use reel_data::{make_batch, tokenize_conversation, Message, TokenizedExample, Tokenizer};
+use reel_model::{CheckpointPolicy, LocalAttention, LossStats, Qwen2, TokenBatch, Workspace};
+
+/// Tokens per evaluation batch.
+const EVAL_TOKENS_PER_BATCH: usize = 8192;
+
+/// Tokenizes conversations, truncating each to `max_len` tokens and dropping those left with
+/// no assistant token (a warning says how many).
+pub fn tokenize_all(
+    tok: &Tokenizer,
+    convs: &[Vec<Message>],
+    max_len: usize,
+) -> Result<Vec<TokenizedExample>> {
+    let mut out = Vec::with_capacity(convs.len());
+    let mut dropped = 0usize;
+    for c in convs {
+        let mut ex = tokenize_conversation(tok, c)?;
+        ex.input_ids.truncate(max_len);
+        ex.loss_mask.truncate(max_len);
+        // The first token is never a target (nothing predicts it).
+        if ex.loss_mask.iter().skip(1).any(|&m| m) {
+            out.push(ex);
+        } else {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            "{dropped} of {} conversations have no assistant token within {max_len} tokens; skipped",
+            convs.len()
+        );
+    }
+    Ok(out)
+}
+
+/// Sum and count of the assistant-token NLL over `convs` (use `.mean()` for the mean).
+pub fn eval_nll(
+    model: &Qwen2,
+    tok: &Tokenizer,
+    convs: &[Vec<Message>],
+    max_len: usize,
+) -> Result<LossStats> {
+    let examples = tokenize_all(tok, convs, max_len)?;
+    let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| examples[i].len());
+    let mut ws = Workspace::new(&model.config, CheckpointPolicy::Layer);
+    let mut total = LossStats::default();
+    let mut start = 0;
+    while start < order.len() {
+        // Sorted by length: grow the batch while count × longest fits the budget.
+        let mut end = start + 1;
+        while end < order.len()
+            && (end + 1 - start) * examples[order[end]].len() <= EVAL_TOKENS_PER_BATCH
+        {
+            end += 1;
+        }
+        let ex: Vec<&TokenizedExample> = order[start..end].iter().map(|&i| &examples[i]).collect();
+        let b = make_batch(&ex, pad, max_len);
+        let stats = model.forward(
+            &mut ws,
+            &TokenBatch {
+                tokens: &b.input_ids,
+                targets: &b.targets,
+                positions: &b.positions,
+                b: b.b,
+                t: b.t,
+            },
+            &LocalAttention,
+        )?;
+        total.loss_sum += stats.loss_sum;
+        total.n_tokens += stats.n_tokens;
+        start = end;
+    }
+    Ok(total)
+}

@@ -1,0 +1,192 @@
+//! The SFT loop end to end on a tiny model: the loss falls, an interrupted run resumes onto the
+//! same loss curve, every checkpoint policy trains identically, a non-finite step stops the run
+//! with the last checkpoint intact, and bad input is refused with its file and line.
+
+use reel_data::{char_tokenizer, synth_examples, write_jsonl, SynthKind, SynthTask};
+use reel_model::{load_checkpoint, CheckpointPolicy};
+use reel_train::{run_sft, InitConfig, ProgressMode, RunOptions, SftConfig};
+use std::path::Path;
+
+fn setup(dir: &Path, steps: u64) -> SftConfig {
+    let tok = char_tokenizer();
+    tok.save(&dir.join("tok")).unwrap();
+    let mut convs = synth_examples(SynthTask::new(SynthKind::Reverse), 60, 1);
+    convs.extend(synth_examples(SynthTask::new(SynthKind::Sort), 60, 2));
+    write_jsonl(&dir.join("train.jsonl"), &convs).unwrap();
+    write_jsonl(&dir.join("eval.jsonl"), &convs[..8]).unwrap();
+    let mut cfg = SftConfig::default();
+    cfg.model.init = Some(InitConfig {
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        intermediate_size: 64,
+        max_position_embeddings: 128,
+        ..InitConfig::default()
+    });
+    cfg.model.tokenizer = Some(dir.join("tok"));
+    cfg.data.train = dir.join("train.jsonl");
+    cfg.data.eval = Some(dir.join("eval.jsonl"));
+    cfg.data.max_len = 64;
+    cfg.data.tokens_per_batch = 512;
+    cfg.train.steps = steps;
+    cfg.train.lr = 3e-3;
+    cfg.train.warmup_steps = 2;
+    cfg.output.dir = dir.join("run");
+    cfg.output.save_every = 3;
+    cfg.output.keep_last = 0;
+    cfg
+}
+
+fn quiet<'a>() -> RunOptions<'a> {
+    RunOptions {
+        progress: Some(ProgressMode::Log),
+        ..RunOptions::default()
+    }
+}
+
+#[test]
+fn loss_falls_and_checkpoints_are_hf_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 30);
+    let s = run_sft(&cfg, quiet()).unwrap();
+    assert_eq!(s.steps, 30);
+    let first: f32 = s.losses[..3].iter().sum::<f32>() / 3.0;
+    let last: f32 = s.losses[27..].iter().sum::<f32>() / 3.0;
+    assert!(last < 0.8 * first, "loss {first} → {last}");
+    // The final checkpoint is a model folder that loads on its own.
+    let m = load_checkpoint(&s.final_model_dir).unwrap();
+    assert_eq!(m.config.hidden_size, 32);
+    assert!(reel_data::Tokenizer::from_dir(&s.final_model_dir).is_ok());
+    // metrics.jsonl has one line per step with the documented fields, plus eval at the end.
+    let text = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 30);
+    for key in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(
+            lines[5].get(key).is_some(),
+            "metrics lack {key}: {}",
+            lines[5]
+        );
+    }
+    assert!(lines[29].get("eval_loss").is_some());
+}
+
+#[test]
+fn resume_continues_the_same_loss_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = setup(&tmp.path().join("a"), 9);
+    let full = run_sft(&straight, quiet()).unwrap();
+
+    let cfg = setup(&tmp.path().join("b"), 9);
+    // Interrupted after 5 steps: the newest checkpoint is step 3.
+    let part = run_sft(
+        &cfg,
+        RunOptions {
+            stop_after: Some(5),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(part.steps, 5);
+    let resumed = run_sft(
+        &cfg,
+        RunOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, 9);
+    assert_eq!(resumed.losses.len(), 6, "resumed from step 3");
+    assert_eq!(
+        &full.losses[3..],
+        &resumed.losses[..],
+        "loss curve after resume"
+    );
+    let a = load_checkpoint(&full.final_model_dir).unwrap();
+    let b = load_checkpoint(&resumed.final_model_dir).unwrap();
+    assert_eq!(a.params, b.params);
+    // metrics.jsonl was truncated at the resume point: steps 1..=9 once each.
+    let text = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=9).collect::<Vec<_>>());
+}
+
+#[test]
+fn checkpoint_policies_train_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut curves = Vec::new();
+    for policy in [
+        CheckpointPolicy::None,
+        CheckpointPolicy::Layer,
+        CheckpointPolicy::Remat,
+    ] {
+        let mut cfg = setup(&tmp.path().join(policy.to_string()), 4);
+        cfg.train.checkpoint = policy;
+        curves.push(run_sft(&cfg, quiet()).unwrap().losses);
+    }
+    for c in &curves[1..] {
+        for (a, b) in c.iter().zip(&curves[0]) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{c:?} vs {:?}", curves[0]);
+        }
+    }
+}
+
+#[test]
+fn non_finite_step_stops_with_the_last_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 10);
+    let err = run_sft(
+        &cfg,
+        RunOptions {
+            poison_step: Some(5),
+            ..quiet()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("step 5") && err.contains("non-finite"),
+        "{err}"
+    );
+    assert!(
+        err.contains("step-3"),
+        "names the last good checkpoint: {err}"
+    );
+    let latest = cfg.output.dir.join("checkpoints/step-3");
+    let m = load_checkpoint(&latest).unwrap();
+    assert!(m.params.iter().all(|x| x.is_finite()));
+    assert!(!cfg.output.dir.join("checkpoints/step-6").exists());
+}
+
+#[test]
+fn malformed_jsonl_is_refused_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 2);
+    let text = std::fs::read_to_string(&cfg.data.train).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(6, "{\"messages\": [{\"role\": \"user\"}]}");
+    std::fs::write(&cfg.data.train, lines.join("\n")).unwrap();
+    let err = format!("{:#}", run_sft(&cfg, quiet()).unwrap_err());
+    assert!(err.contains("train.jsonl:7"), "{err}");
+}
+
+#[test]
+fn missing_files_name_the_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = setup(tmp.path(), 2);
+    cfg.data.train = tmp.path().join("nope.jsonl");
+    let err = format!("{:#}", run_sft(&cfg, quiet()).unwrap_err());
+    assert!(err.contains("nope.jsonl"), "{err}");
+}
