@@ -7,11 +7,11 @@
 //! with the saved lse: `P = e^{S−lse}`, `dV += Pᵀ dO`, `dS = P∘(dO Vᵀ − D)`, `dQ += s·dS K`,
 //! `dK += s·dSᵀ Q`. Extra memory is O(T·D); no Tq×Tk matrix exists.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 use reel_tensor::Float;
 
 use super::{AttnMask, AttnShape};
+use crate::gemm::{gemm_strided, Parallelism};
 
 /// Query and key tile sizes (rows of Q and K per block product).
 #[derive(Clone, Copy, Debug)]
@@ -21,76 +21,6 @@ pub(crate) struct Tiles {
 }
 
 pub(crate) const DEFAULT_TILES: Tiles = Tiles { q: 64, k: 64 };
-
-/// `dst[m, n] = (accumulate ? dst : 0) + beta · lhs[m, k] · rhs[k, n]` on f32 slices with explicit
-/// strides: element (i, p) of lhs is `lhs[i·lhs_rs + p·lhs_cs]`, (p, j) of rhs is
-/// `rhs[p·rhs_rs + j·rhs_cs]`, (i, j) of dst is `dst[i·dst_rs + j]`. Single-threaded (callers
-/// already run inside rayon tasks). Bounds are checked before the unsafe call.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_strided(
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-    beta: f32,
-    m: usize,
-    n: usize,
-    k: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(
-        (m - 1) * dst_rs + n <= dst.len(),
-        "gemm_strided: dst too short"
-    );
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-            }
-        }
-        return;
-    }
-    assert!(
-        (m - 1) * lhs_rs + (k - 1) * lhs_cs < lhs.len(),
-        "gemm_strided: lhs too short"
-    );
-    assert!(
-        (k - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len(),
-        "gemm_strided: rhs too short"
-    );
-    // SAFETY: every index the product touches was bounds-checked above; dst is exclusively
-    // borrowed and distinct from lhs/rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
 
 /// Number of keys (from 0) that any of the queries `[q0, q1)` may see.
 fn key_end(mask: AttnMask, q1: usize, tk: usize) -> usize {
@@ -223,7 +153,22 @@ pub(crate) fn forward<T: Float>(
                             gather_rows(&mut vt, v_b, k0, nk, h_kv, g, d);
                             let s = &mut s[..rows * nk];
                             // S = scale · Q Kᵀ: rhs (p, j) = kt[j·d + p].
-                            gemm_strided(s, nk, false, &qt, d, 1, &kt, 1, d, scale, rows, nk, d);
+                            gemm_strided(
+                                s,
+                                nk,
+                                false,
+                                &qt,
+                                d,
+                                1,
+                                &kt,
+                                1,
+                                d,
+                                scale,
+                                rows,
+                                nk,
+                                d,
+                                Parallelism::None,
+                            );
                             apply_mask(s, mask, q0, k0, nk, group);
                             for (r, row) in s.chunks_exact_mut(nk).enumerate() {
                                 let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -247,7 +192,22 @@ pub(crate) fn forward<T: Float>(
                                 }
                             }
                             // acc += P V.
-                            gemm_strided(&mut acc, d, true, s, nk, 1, &vt, d, 1, 1.0, rows, d, nk);
+                            gemm_strided(
+                                &mut acc,
+                                d,
+                                true,
+                                s,
+                                nk,
+                                1,
+                                &vt,
+                                d,
+                                1,
+                                1.0,
+                                rows,
+                                d,
+                                nk,
+                                Parallelism::None,
+                            );
                         }
                         for r in 0..rows {
                             let (i, hh) = (r / group, g * group + r % group);
@@ -343,7 +303,22 @@ fn backward_part<T: Float>(
             let do_t = &dog[rb * d..(rb + rows) * d];
             let p = &mut p[..rows * nk];
             let ds = &mut ds[..rows * nk];
-            gemm_strided(p, nk, false, q_t, d, 1, &kt, 1, d, scale, rows, nk, d);
+            gemm_strided(
+                p,
+                nk,
+                false,
+                q_t,
+                d,
+                1,
+                &kt,
+                1,
+                d,
+                scale,
+                rows,
+                nk,
+                d,
+                Parallelism::None,
+            );
             apply_mask(p, mask, q0, k0, nk, group);
             for (r, row) in p.chunks_exact_mut(nk).enumerate() {
                 let l = lg[rb + r];
@@ -356,9 +331,39 @@ fn backward_part<T: Float>(
                 }
             }
             // dV += Pᵀ dO: lhs (j, r) = p[r·nk + j].
-            gemm_strided(&mut dv_t, d, true, p, 1, nk, do_t, d, 1, 1.0, nk, d, rows);
+            gemm_strided(
+                &mut dv_t,
+                d,
+                true,
+                p,
+                1,
+                nk,
+                do_t,
+                d,
+                1,
+                1.0,
+                nk,
+                d,
+                rows,
+                Parallelism::None,
+            );
             // dP = dO Vᵀ.
-            gemm_strided(ds, nk, false, do_t, d, 1, &vt, 1, d, 1.0, rows, nk, d);
+            gemm_strided(
+                ds,
+                nk,
+                false,
+                do_t,
+                d,
+                1,
+                &vt,
+                1,
+                d,
+                1.0,
+                rows,
+                nk,
+                d,
+                Parallelism::None,
+            );
             for (r, (dsr, pr)) in ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate() {
                 let dr = dg[rb + r];
                 for (x, &pv) in dsr.iter_mut().zip(pr) {
@@ -380,8 +385,24 @@ fn backward_part<T: Float>(
                 rows,
                 d,
                 nk,
+                Parallelism::None,
             );
-            gemm_strided(&mut dk_t, d, true, ds, 1, nk, q_t, d, 1, scale, nk, d, rows);
+            gemm_strided(
+                &mut dk_t,
+                d,
+                true,
+                ds,
+                1,
+                nk,
+                q_t,
+                d,
+                1,
+                scale,
+                nk,
+                d,
+                rows,
+                Parallelism::None,
+            );
         }
         dkv.push((k0, dk_t, dv_t));
     }

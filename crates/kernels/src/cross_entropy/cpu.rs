@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 use reel_tensor::Float;
 
-use crate::attention::cpu::gemm_strided;
+use crate::gemm::{gemm_strided, Parallelism};
 
 /// Rows of hl multiplied against a chunk at once (bounds the temporary logits to ROWS·chunk).
 const ROWS: usize = 256;
@@ -51,7 +51,22 @@ fn widen<T: Float>(src: &[T]) -> Vec<f32> {
 
 /// logits[rows, cw] = hl[rows, d] · w_c[cw, d]ᵀ.
 fn chunk_logits(logits: &mut [f32], hl: &[f32], w_c: &[f32], rows: usize, cw: usize, d: usize) {
-    gemm_strided(logits, cw, false, hl, d, 1, w_c, 1, d, 1.0, rows, cw, d);
+    gemm_strided(
+        logits,
+        cw,
+        false,
+        hl,
+        d,
+        1,
+        w_c,
+        1,
+        d,
+        1.0,
+        rows,
+        cw,
+        d,
+        Parallelism::None,
+    );
 }
 
 /// Per-row running (max, Σ e^{z − max}, target logit) for the labelled rows.
@@ -198,10 +213,40 @@ pub(crate) fn backward<T: Float>(
                         }
                     }
                     // dW_c += dzᵀ hl: lhs (c, r) = z[r·cw + c].
-                    gemm_strided(&mut dw, d, true, z, 1, cw, hl_b, d, 1, 1.0, cw, d, rows);
+                    gemm_strided(
+                        &mut dw,
+                        d,
+                        true,
+                        z,
+                        1,
+                        cw,
+                        hl_b,
+                        d,
+                        1,
+                        1.0,
+                        cw,
+                        d,
+                        rows,
+                        Parallelism::None,
+                    );
                     // dhl += dz W_c.
                     let dst = &mut dhl[r0 * d..(r0 + rows) * d];
-                    gemm_strided(dst, d, true, z, cw, 1, &w_c, d, 1, 1.0, rows, d, cw);
+                    gemm_strided(
+                        dst,
+                        d,
+                        true,
+                        z,
+                        cw,
+                        1,
+                        &w_c,
+                        d,
+                        1,
+                        1.0,
+                        rows,
+                        d,
+                        cw,
+                        Parallelism::None,
+                    );
                 }
                 for (x, y) in dw_chunk.iter_mut().zip(&dw) {
                     *x = T::from_f32(x.to_f32() + y);

@@ -1,15 +1,16 @@
 //! CPU matmul in the nn.Linear layout, on the `gemm` crate.
 //!
 //! inp [M, K], weight [N, K], bias [N], out [M, N]: `out = inp · weightᵀ + bias`.
-//! Row-major buffers; transposes are expressed with strides, never copied. `gemm::gemm` computes
-//! `dst = alpha·dst + beta·lhs·rhs` (`alpha` is ignored when `read_dst` is false). bf16 widens to
-//! f32 scratch, runs the f32 path and rounds back.
+//! Row-major buffers; transposes are expressed with strides, never copied. Every product goes
+//! through [`gemm_strided`] (`dst = (accumulate ? dst : 0) + beta·lhs·rhs`, bounds-checked),
+//! threaded above [`SERIAL_FLOPS`]. bf16 widens to f32 scratch, runs the f32 path and rounds back.
 
 use std::any::TypeId;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 use reel_tensor::Float;
+
+use crate::gemm::{gemm_strided, Parallelism};
 
 /// Below this many multiply-adds gemm runs on the calling thread.
 const SERIAL_FLOPS: usize = 64 * 64 * 64;
@@ -75,32 +76,24 @@ fn forward_f32(
         }
         None => false,
     };
-    // SAFETY: out is [m, n] (row stride n), inp is [m, k] (row stride k), and weight is [n, k],
-    // read as the [k, n] matrix weightᵀ: element (kk, j) at j*k + kk. Lengths were asserted and
-    // `out` is a unique borrow, so dst aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            read_dst,
-            inp.as_ptr(),
-            1,
-            k as isize,
-            weight.as_ptr(),
-            k as isize,
-            1,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism(m, k, n),
-        );
-    }
+    // out is [m, n] (row stride n), inp is [m, k] (row stride k), and weight is [n, k], read as
+    // the [k, n] matrix weightᵀ: element (kk, j) at j*k + kk.
+    gemm_strided(
+        out,
+        n,
+        read_dst,
+        inp,
+        k,
+        1,
+        weight,
+        1,
+        k,
+        1.0,
+        m,
+        n,
+        k,
+        parallelism(m, k, n),
+    );
 }
 
 /// `dinp[m,k] = dout[m,n] · weight[n,k]` (overwrites).
@@ -108,30 +101,23 @@ fn backward_dinp_f32(dinp: &mut [f32], dout: &[f32], weight: &[f32], m: usize, k
     if m == 0 || k == 0 {
         return;
     }
-    // SAFETY: dinp is [m, k], dout [m, n], weight [n, k], all row-major with asserted lengths.
-    unsafe {
-        gemm::gemm(
-            m,
-            k,
-            n,
-            dinp.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            dout.as_ptr(),
-            1,
-            n as isize,
-            weight.as_ptr(),
-            1,
-            k as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism(m, k, n),
-        );
-    }
+    // dinp is [m, k], dout [m, n], weight [n, k], all row-major.
+    gemm_strided(
+        dinp,
+        k,
+        false,
+        dout,
+        n,
+        1,
+        weight,
+        k,
+        1,
+        1.0,
+        m,
+        k,
+        n,
+        parallelism(m, k, n),
+    );
 }
 
 /// `dweight[n,k] += dout[m,n]ᵀ · inp[m,k]`.
@@ -146,31 +132,24 @@ fn backward_dweight_f32(
     if n == 0 || k == 0 {
         return;
     }
-    // SAFETY: dweight is [n, k]; doutᵀ is the [n, m] matrix with element (j, i) at i*n + j;
-    // inp is [m, k]. Lengths were asserted.
-    unsafe {
-        gemm::gemm(
-            n,
-            k,
-            m,
-            dweight.as_mut_ptr(),
-            1,
-            k as isize,
-            true,
-            dout.as_ptr(),
-            n as isize,
-            1,
-            inp.as_ptr(),
-            1,
-            k as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism(m, k, n),
-        );
-    }
+    // dweight is [n, k]; doutᵀ is the [n, m] matrix with element (j, i) at i*n + j; inp is
+    // [m, k].
+    gemm_strided(
+        dweight,
+        k,
+        true,
+        dout,
+        1,
+        n,
+        inp,
+        k,
+        1,
+        1.0,
+        n,
+        k,
+        m,
+        parallelism(m, k, n),
+    );
 }
 
 /// `dbias[j] += Σ_i dout[i, j]`, summed in f32 per column block, stored once.
