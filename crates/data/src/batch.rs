@@ -77,47 +77,104 @@ pub struct SamplerState {
     pub seed: u64,
 }
 
-/// Batches of similar-length examples under a token budget, in a seeded order per epoch.
+/// How examples are grouped into batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Batching {
+    /// A fresh random grouping every epoch (iid batches; some padding). The default.
+    #[default]
+    Random,
+    /// Examples of similar length together (least padding), batches visited in random order.
+    /// Batches then differ systematically (e.g. one task per batch when tasks differ in
+    /// length), which can slow optimisation.
+    Bucket,
+}
+
+/// Batches under a token budget (`count × longest ≤ budget`), in a seeded order per epoch.
 #[derive(Clone, Debug)]
 pub struct BucketSampler {
-    /// Example indices of each batch, in ascending length order.
+    lengths: Vec<usize>,
+    token_budget: usize,
+    batching: Batching,
+    /// Example indices of each batch of the current epoch.
     batches: Vec<Vec<usize>>,
     /// The visiting order of `batches` in the current epoch.
     order: Vec<usize>,
     state: SamplerState,
 }
 
+/// Cuts `idx` (in order) into batches with `count × longest ≤ budget`; an example longer than
+/// the budget gets a batch to itself.
+fn greedy_batches(idx: &[usize], lengths: &[usize], token_budget: usize) -> Vec<Vec<usize>> {
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut longest = 0usize;
+    for &i in idx {
+        let l = longest.max(lengths[i].max(1));
+        if !cur.is_empty() && (cur.len() + 1) * l > token_budget {
+            batches.push(std::mem::take(&mut cur));
+            longest = 0;
+        }
+        longest = longest.max(lengths[i].max(1));
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        batches.push(cur);
+    }
+    batches
+}
+
 impl BucketSampler {
-    /// `lengths[i]` is example `i`'s length in tokens (already clipped to the max length).
-    /// Each batch holds examples of adjacent sorted lengths with `count * longest <= budget`;
-    /// an example longer than the budget gets a batch to itself.
+    /// Length-bucketed batches ([`Batching::Bucket`]). `lengths[i]` is example `i`'s length in
+    /// tokens (already clipped to the max length).
     pub fn new(lengths: &[usize], token_budget: usize, seed: u64) -> Self {
-        let mut idx: Vec<usize> = (0..lengths.len()).collect();
-        idx.sort_by_key(|&i| (lengths[i], i));
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        let mut cur: Vec<usize> = Vec::new();
-        for i in idx {
-            // Sorted ascending, so the newcomer is the longest of the batch.
-            let longest = lengths[i].max(1);
-            if !cur.is_empty() && (cur.len() + 1) * longest > token_budget {
-                batches.push(std::mem::take(&mut cur));
-            }
-            cur.push(i);
-        }
-        if !cur.is_empty() {
-            batches.push(cur);
-        }
-        let state = SamplerState {
-            epoch: 0,
-            position: 0,
-            seed,
+        Self::with_batching(lengths, token_budget, seed, Batching::Bucket)
+    }
+
+    /// Batches grouped as `batching` says.
+    pub fn with_batching(
+        lengths: &[usize],
+        token_budget: usize,
+        seed: u64,
+        batching: Batching,
+    ) -> Self {
+        let mut s = BucketSampler {
+            lengths: lengths.to_vec(),
+            token_budget,
+            batching,
+            batches: Vec::new(),
+            order: Vec::new(),
+            state: SamplerState {
+                epoch: 0,
+                position: 0,
+                seed,
+            },
         };
-        let order = epoch_order(batches.len(), seed, 0);
-        BucketSampler {
-            batches,
-            order,
-            state,
+        s.start_epoch(0);
+        s
+    }
+
+    /// Lays out the batches and their order for `epoch` (a pure function of the seed).
+    fn start_epoch(&mut self, epoch: u64) {
+        let n = self.lengths.len();
+        let seed = self.state.seed;
+        match self.batching {
+            Batching::Bucket => {
+                if self.batches.is_empty() {
+                    let mut idx: Vec<usize> = (0..n).collect();
+                    idx.sort_by_key(|&i| (self.lengths[i], i));
+                    self.batches = greedy_batches(&idx, &self.lengths, self.token_budget);
+                }
+                self.order = epoch_order(self.batches.len(), seed, epoch);
+            }
+            Batching::Random => {
+                let idx = epoch_order(n, seed, epoch);
+                self.batches = greedy_batches(&idx, &self.lengths, self.token_budget);
+                self.order = (0..self.batches.len()).collect();
+            }
         }
+        self.state.epoch = epoch;
+        self.state.position = 0;
     }
 
     /// The example indices of the next batch (empty only when there are no examples). Wraps
@@ -127,9 +184,7 @@ impl BucketSampler {
             return Vec::new();
         }
         if self.state.position >= self.batches.len() {
-            self.state.epoch += 1;
-            self.state.position = 0;
-            self.order = epoch_order(self.batches.len(), self.state.seed, self.state.epoch);
+            self.start_epoch(self.state.epoch + 1);
         }
         let batch = self.batches[self.order[self.state.position]].clone();
         self.state.position += 1;
@@ -142,15 +197,18 @@ impl BucketSampler {
 
     /// Continue from `state` (taken from a sampler built on the same lengths and budget).
     pub fn restore(&mut self, state: SamplerState) -> Result<()> {
-        if state.position > self.batches.len() {
+        let mut next = self.clone();
+        next.state.seed = state.seed;
+        next.start_epoch(state.epoch);
+        if state.position > next.batches.len() {
             return Err(DataError::Sampler(format!(
                 "state position {} is past the {} batches of this data",
                 state.position,
-                self.batches.len()
+                next.batches.len()
             )));
         }
-        self.order = epoch_order(self.batches.len(), state.seed, state.epoch);
-        self.state = state;
+        next.state.position = state.position;
+        *self = next;
         Ok(())
     }
 
@@ -232,16 +290,44 @@ mod tests {
 
     #[test]
     fn sampler_resume_equals_uninterrupted() {
+        for batching in [Batching::Bucket, Batching::Random] {
+            resume_equals_uninterrupted(batching);
+        }
+    }
+
+    #[test]
+    fn random_batches_mix_lengths_and_cover_every_example_once_per_epoch() {
+        let lens: Vec<usize> = (0..60).map(|i| 5 + (i % 3) * 10).collect();
+        let mut s = BucketSampler::with_batching(&lens, 100, 3, Batching::Random);
+        let n = s.num_batches();
+        let epoch: Vec<Vec<usize>> = (0..n).map(|_| s.next_batch()).collect();
+        let mut all: Vec<usize> = epoch.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..60).collect::<Vec<_>>());
+        for b in &epoch {
+            let longest = b.iter().map(|&i| lens[i]).max().unwrap();
+            assert!(b.len() * longest <= 100, "{b:?}");
+        }
+        // Some batch mixes lengths (bucketing never would here).
+        assert!(epoch
+            .iter()
+            .any(|b| b.iter().any(|&i| lens[i] != lens[b[0]])));
+        // The next epoch groups differently.
+        let next: Vec<Vec<usize>> = (0..s.num_batches()).map(|_| s.next_batch()).collect();
+        assert_ne!(epoch, next);
+    }
+
+    fn resume_equals_uninterrupted(batching: Batching) {
         let lens = lengths();
-        let mut full = BucketSampler::new(&lens, 48, 7);
+        let mut full = BucketSampler::with_batching(&lens, 48, 7, batching);
         let n = full.num_batches();
         assert!(n > 3);
         let want: Vec<Vec<usize>> = (0..3 * n + 2).map(|_| full.next_batch()).collect();
 
-        let mut first = BucketSampler::new(&lens, 48, 7);
+        let mut first = BucketSampler::with_batching(&lens, 48, 7, batching);
         let mut got: Vec<Vec<usize>> = (0..n + 2).map(|_| first.next_batch()).collect();
         let saved = serde_json::to_string(&first.state()).unwrap();
-        let mut resumed = BucketSampler::new(&lens, 48, 0);
+        let mut resumed = BucketSampler::with_batching(&lens, 48, 0, batching);
         resumed
             .restore(serde_json::from_str(&saved).unwrap())
             .unwrap();
@@ -250,7 +336,7 @@ mod tests {
 
         // Epochs are shuffled differently, and the order depends on the seed.
         assert_ne!(want[..n], want[n..2 * n]);
-        let mut other = BucketSampler::new(&lens, 48, 8);
+        let mut other = BucketSampler::with_batching(&lens, 48, 8, batching);
         let other: Vec<Vec<usize>> = (0..n).map(|_| other.next_batch()).collect();
         assert_ne!(other, want[..n]);
 

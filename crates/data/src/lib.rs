@@ -17,7 +17,7 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
-pub use batch::{make_batch, Batch, BucketSampler, SamplerState, IGNORE_INDEX};
+pub use batch::{make_batch, Batch, Batching, BucketSampler, SamplerState, IGNORE_INDEX};
 pub use chat::{ChatTemplate, Message, SpecialTokens};
 pub use sft::{
     prompt_ids, read_sft_jsonl, read_sft_jsonl_lenient, tokenize_conversation, TokenizedExample,

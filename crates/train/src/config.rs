@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use reel_data::Batching;
 use reel_model::CheckpointPolicy;
 use reel_optim::{AdamWConfig, LrSchedule};
 use serde::{Deserialize, Serialize};
@@ -121,6 +122,10 @@ pub struct DataConfig {
     pub max_len: usize,
     /// Tokens per micro-batch (samples are packed up to this many). Default 4096.
     pub tokens_per_batch: usize,
+    /// How samples are grouped into micro-batches: "random" (a fresh random grouping each
+    /// epoch) or "bucket" (similar lengths together: least padding, less mixed batches).
+    /// Default "random".
+    pub batching: Batching,
     /// Seed of the sampler's shuffling. Default 0.
     pub seed: u64,
 }
@@ -132,6 +137,7 @@ impl Default for DataConfig {
             eval: None,
             max_len: 512,
             tokens_per_batch: 4096,
+            batching: Batching::Random,
             seed: 0,
         }
     }
@@ -293,6 +299,9 @@ train = ""
 max_len = 512
 # Tokens per micro-batch (samples are packed up to this many).
 tokens_per_batch = 4096
+# "random" (a fresh random grouping each epoch) or "bucket" (similar lengths together: least
+# padding, but batches then differ systematically).
+batching = "random"
 # Seed of the sampler's shuffling.
 seed = 0
 

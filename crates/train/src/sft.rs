@@ -200,7 +200,12 @@ pub fn run_sft(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
         None => None,
     };
     let lengths: Vec<usize> = train.iter().map(|e| e.len()).collect();
-    let mut sampler = BucketSampler::new(&lengths, cfg.data.tokens_per_batch, cfg.data.seed);
+    let mut sampler = BucketSampler::with_batching(
+        &lengths,
+        cfg.data.tokens_per_batch,
+        cfg.data.seed,
+        cfg.data.batching,
+    );
     let pad = tok
         .pad_token_id()
         .or(tok.eos_token_id())
