@@ -25,22 +25,22 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 2500)]
     steps: u64,
     /// Training conversations per task.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 6000)]
     train_per_task: usize,
     /// Held-out conversations per task for accuracy.
     #[arg(long, default_value_t = 50)]
     eval_per_task: usize,
     /// Evaluate accuracy every this many steps.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 500)]
     eval_every: u64,
     /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]
     lr: f32,
     /// Tokens per batch (padded).
-    #[arg(long, default_value_t = 3072)]
+    #[arg(long, default_value_t = 1536)]
     batch_tokens: usize,
     /// Width of the model.
     #[arg(long, default_value_t = 128)]
@@ -53,6 +53,14 @@ pub struct DemoArgs {
 }
 
 const KINDS: [SynthKind; 3] = [SynthKind::Reverse, SynthKind::Sort, SynthKind::Add];
+
+/// The demo's tasks: 3–5 letters or digits, additions of 1–2 digit numbers.
+fn task(kind: SynthKind) -> SynthTask {
+    match kind {
+        SynthKind::Add => SynthTask::new(kind),
+        _ => SynthTask::new(kind).with_lengths(3, 5),
+    }
+}
 
 /// Held-out prompts and their answers, by task.
 struct HeldOut {
@@ -106,7 +114,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut train = Vec::new();
     for (i, kind) in KINDS.iter().enumerate() {
         train.extend(synth_examples(
-            SynthTask::new(*kind),
+            task(*kind),
             args.train_per_task,
             args.seed * 1000 + i as u64,
         ));
@@ -117,7 +125,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     for (i, kind) in KINDS.iter().enumerate() {
         let mut n = 0;
         for c in synth_examples(
-            SynthTask::new(*kind),
+            task(*kind),
             20 * args.eval_per_task,
             args.seed * 1000 + 500 + i as u64,
         ) {
@@ -202,6 +210,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let after = curve.last().map(|c| c.1.clone()).unwrap_or_default();
 
     println!();
+    print!("{}", loss_chart(&summary.losses, 25, 8));
     println!(
         "loss: {:.3} (first step) → {:.3} (last step)",
         summary.losses.first().copied().unwrap_or(f32::NAN),
@@ -237,4 +246,45 @@ pub fn run(args: DemoArgs) -> Result<()> {
         summary.final_model_dir.display()
     );
     Ok(())
+}
+
+/// A text chart of the loss curve: the mean loss of each of `cols` equal spans of steps, as
+/// columns `rows` high, on a log scale.
+fn loss_chart(losses: &[f32], cols: usize, rows: usize) -> String {
+    if losses.is_empty() {
+        return String::new();
+    }
+    let span = losses.len().div_ceil(cols);
+    let means: Vec<f32> = losses
+        .chunks(span)
+        .map(|c| c.iter().sum::<f32>() / c.len() as f32)
+        .collect();
+    let (lo, hi) = means
+        .iter()
+        .fold((f32::INFINITY, 0.0f32), |(a, b), &x| (a.min(x), b.max(x)));
+    let (llo, lhi) = (lo.max(1e-4).ln(), hi.max(1e-4).ln());
+    let height = |x: f32| {
+        let f = if lhi > llo {
+            (x.max(1e-4).ln() - llo) / (lhi - llo)
+        } else {
+            1.0
+        };
+        1 + (f * (rows - 1) as f32).round() as usize
+    };
+    let mut out = format!("training loss (log scale), {} steps per column\n", span);
+    for r in (1..=rows).rev() {
+        let label = if r == rows {
+            format!("{hi:7.3} ")
+        } else if r == 1 {
+            format!("{lo:7.3} ")
+        } else {
+            " ".repeat(8)
+        };
+        out.push_str(&label);
+        for &m in &means {
+            out.push_str(if height(m) >= r { "██" } else { "  " });
+        }
+        out.push('\n');
+    }
+    out
 }
