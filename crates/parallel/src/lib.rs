@@ -1,0 +1,29 @@
+//! reel-parallel: the pure, communication-free logic of sequence parallelism.
+//!
+//! - [`dims`]: [`ParallelDims`] (dp × sp over a world of ranks, validated once; sp groups are
+//!   contiguous ranks).
+//! - [`shard`]: cutting a length-T sequence over P ranks ([`Layout::Contiguous`] or
+//!   [`Layout::Zigzag`]), padding to a multiple of P (or 2P) with a validity mask, global RoPE
+//!   positions, shard / unshard.
+//! - [`schedule`]: attention schedules as data (LightSeq's DistAttn, plain ring, zigzag ring):
+//!   which block product each rank computes at each step and which KV chunks, queries and partial
+//!   results move before it; [`Schedule::validate`] proves coverage and data dependencies.
+//! - [`local_exec`]: runs a schedule in one process with the real kernels, to show that every
+//!   schedule reproduces single-call attention (forward and backward) before any communication
+//!   exists.
+//!
+//! Vocabulary: B batch, T sequence length, H query heads, H_kv KV heads, D head dimension,
+//! P sequence-parallel ranks.
+
+pub mod dims;
+pub mod local_exec;
+pub mod schedule;
+pub mod shard;
+
+pub use dims::{DimsError, ParallelDims, RankCoords};
+pub use local_exec::{AttnGrads, ExecError, LocalExecutor};
+pub use schedule::{
+    balance, block_counts, distattn_causal, ring_causal, ring_full, zigzag_ring_causal, BlockMask,
+    Message, Payload, Schedule, ScheduleError, ScheduleKind, Step, Work,
+};
+pub use shard::{shard_positions, Layout, ShardError, Sharding};
