@@ -6,8 +6,12 @@
 
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
 
+/// Why an attention implementation failed (a distributed one: a peer failed or timed out).
+pub type AttentionError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Causal self-attention over the tokens of a batch: q [B, T, H, D], k/v [B, T, H_kv, D],
-/// out [B, T, H, D], lse [B, T, H] (f32).
+/// out [B, T, H, D], lse [B, T, H] (f32). Under sequence parallelism T is this rank's shard and
+/// the implementation exchanges what it needs with the other ranks.
 pub trait AttentionOp: Send + Sync {
     fn forward(
         &self,
@@ -17,7 +21,7 @@ pub trait AttentionOp: Send + Sync {
         k: &[f32],
         v: &[f32],
         shape: AttnShape,
-    );
+    ) -> Result<(), AttentionError>;
 
     /// Overwrites dq, dk, dv.
     #[allow(clippy::too_many_arguments)]
@@ -33,7 +37,7 @@ pub trait AttentionOp: Send + Sync {
         out: &[f32],
         lse: &[f32],
         shape: AttnShape,
-    );
+    ) -> Result<(), AttentionError>;
 }
 
 /// Attention over the whole local sequence with the tiled CPU kernel.
@@ -54,8 +58,9 @@ impl AttentionOp for LocalAttention {
         k: &[f32],
         v: &[f32],
         shape: AttnShape,
-    ) {
+    ) -> Result<(), AttentionError> {
         attention_forward(out, lse, q, k, v, shape, CAUSAL);
+        Ok(())
     }
 
     fn backward(
@@ -70,10 +75,11 @@ impl AttentionOp for LocalAttention {
         out: &[f32],
         lse: &[f32],
         shape: AttnShape,
-    ) {
+    ) -> Result<(), AttentionError> {
         dq.fill(0.0);
         dk.fill(0.0);
         dv.fill(0.0);
         attention_backward(dq, dk, dv, dout, q, k, v, out, lse, shape, CAUSAL);
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ pub mod io;
 pub mod model;
 pub mod params;
 
-pub use attention::{AttentionOp, LocalAttention};
+pub use attention::{AttentionError, AttentionOp, LocalAttention};
 pub use config::Qwen2Config;
 pub use io::{load_checkpoint, save_checkpoint};
 pub use model::{default_positions, CheckpointPolicy, LossStats, Qwen2, TokenBatch, Workspace};
@@ -39,6 +39,8 @@ pub enum ModelError {
     Invalid(String),
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    #[error("attention: {0}")]
+    Attention(#[source] attention::AttentionError),
 }
 
 impl ModelError {

@@ -514,13 +514,15 @@ impl Qwen2 {
         m: &Dims,
         attn: &dyn AttentionOp,
         attention: AttentionPass,
-    ) {
+    ) -> Result<(), ModelError> {
         let w = self.layer_weights(l);
         self.qkv_forward(&w, a, qkv, x_in, positions, m);
         if attention == AttentionPass::Run {
-            attn.forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, m.attn_shape());
+            attn.forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, m.attn_shape())
+                .map_err(ModelError::Attention)?;
         }
         self.post_attention_forward(&w, a, x_in, x_out, m);
+        Ok(())
     }
 
     /// One layer backward: dx_in = ∂L/∂x_in given dx_out; parameter gradients accumulate.
@@ -537,7 +539,7 @@ impl Qwen2 {
         positions: &[u32],
         m: &Dims,
         attn: &dyn AttentionOp,
-    ) {
+    ) -> Result<(), ModelError> {
         let w = self.layer_weights(l);
         let r: &LayerRanges = &self.layout.layers[l];
         let (n, d, i) = (m.n, m.d, m.i);
@@ -599,7 +601,8 @@ impl Qwen2 {
             &a.attn,
             &a.lse,
             m.attn_shape(),
-        );
+        )
+        .map_err(ModelError::Attention)?;
         rope_backward(&mut bw.dq, positions, &self.rope, m.h);
         rope_backward(&mut bw.dk, positions, &self.rope, m.h_kv);
         let (qw, kvw, width) = (m.q_width(), m.kv_width(), m.qkv_width());
@@ -631,10 +634,16 @@ impl Qwen2 {
             d,
         );
         add_into(dx_in, &bw.dh);
+        Ok(())
     }
 
     /// Embedding and every layer; leaves the residual stream after the last layer in ws.xs[L].
-    fn forward_layers(&self, ws: &mut Workspace, batch: &TokenBatch, attn: &dyn AttentionOp) {
+    fn forward_layers(
+        &self,
+        ws: &mut Workspace,
+        batch: &TokenBatch,
+        attn: &dyn AttentionOp,
+    ) -> Result<(), ModelError> {
         let m = Dims::new(&self.config, batch.b, batch.t);
         ws.resize(&m);
         let d = m.d;
@@ -662,7 +671,7 @@ impl Qwen2 {
                 &m,
                 attn,
                 AttentionPass::Run,
-            );
+            )?;
             if ws.policy == CheckpointPolicy::Remat {
                 ws.saved_attn[l].copy_from_slice(&a.attn);
                 ws.saved_lse[l].copy_from_slice(&a.lse);
@@ -679,6 +688,7 @@ impl Qwen2 {
             self.config.rms_norm_eps,
         );
         ws.last = Some((batch.b, batch.t));
+        Ok(())
     }
 
     /// Forward pass and loss (sum over labelled tokens), keeping what the policy says for
@@ -690,7 +700,7 @@ impl Qwen2 {
         attn: &dyn AttentionOp,
     ) -> Result<LossStats, ModelError> {
         self.validate_batch(batch)?;
-        self.forward_layers(ws, batch, attn);
+        self.forward_layers(ws, batch, attn)?;
         let m = Dims::new(&self.config, batch.b, batch.t);
         let (loss_sum, n_tokens) = lm_head_ce_forward(
             &mut ws.ce_losses,
@@ -777,7 +787,7 @@ impl Qwen2 {
                         &m,
                         attn,
                         AttentionPass::Run,
-                    );
+                    )?;
                     0
                 }
                 CheckpointPolicy::Remat => {
@@ -794,7 +804,7 @@ impl Qwen2 {
                         &m,
                         attn,
                         AttentionPass::Reuse,
-                    );
+                    )?;
                     0
                 }
             };
@@ -809,7 +819,7 @@ impl Qwen2 {
                 batch.positions,
                 &m,
                 attn,
-            );
+            )?;
             std::mem::swap(&mut dx_cur, &mut dx_next);
         }
         embedding_backward(
@@ -841,7 +851,7 @@ impl Qwen2 {
             t,
         };
         self.validate_batch(&batch)?;
-        self.forward_layers(ws, &batch, attn);
+        self.forward_layers(ws, &batch, attn)?;
         let m = Dims::new(&self.config, b, t);
         let mut logits = vec![0.0f32; m.n * m.v];
         matmul_forward(

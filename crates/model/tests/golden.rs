@@ -5,8 +5,8 @@
 use reel_kernels::attention::AttnShape;
 use reel_model::generate::SamplingParams;
 use reel_model::{
-    load_checkpoint, save_checkpoint, AttentionOp, CheckpointPolicy, LocalAttention, Qwen2,
-    TokenBatch, Workspace,
+    load_checkpoint, save_checkpoint, AttentionError, AttentionOp, CheckpointPolicy,
+    LocalAttention, Qwen2, TokenBatch, Workspace,
 };
 use reel_optim::{AdamW, AdamWConfig};
 use reel_tensor::{check_close, DType, Tolerance};
@@ -108,7 +108,7 @@ impl AttentionOp for CountingAttention {
         k: &[f32],
         v: &[f32],
         shape: AttnShape,
-    ) {
+    ) -> Result<(), AttentionError> {
         self.0.fetch_add(1, Ordering::Relaxed);
         LocalAttention.forward(out, lse, q, k, v, shape)
     }
@@ -124,7 +124,7 @@ impl AttentionOp for CountingAttention {
         out: &[f32],
         lse: &[f32],
         shape: AttnShape,
-    ) {
+    ) -> Result<(), AttentionError> {
         LocalAttention.backward(dq, dk, dv, dout, q, k, v, out, lse, shape)
     }
 }
