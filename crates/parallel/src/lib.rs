@@ -11,19 +11,28 @@
 //! - [`local_exec`]: runs a schedule in one process with the real kernels, to show that every
 //!   schedule reproduces single-call attention (forward and backward) before any communication
 //!   exists.
+//! - [`dist_exec`]: [`DistExecutor`] runs a schedule over a `Communicator`, each rank holding only
+//!   its shard, with communication overlapped with compute (or blocking, to compare).
+//! - [`sp_attention`]: [`SpAttention`], the model's `AttentionOp` over a `DistExecutor`, so model
+//!   replicas on each rank's token shard run unchanged.
 //!
 //! Vocabulary: B batch, T sequence length, H query heads, H_kv KV heads, D head dimension,
 //! P sequence-parallel ranks.
 
+mod blocks;
 pub mod dims;
+pub mod dist_exec;
 pub mod local_exec;
 pub mod schedule;
 pub mod shard;
+pub mod sp_attention;
 
 pub use dims::{DimsError, ParallelDims, RankCoords};
+pub use dist_exec::{DistExecError, DistExecutor, ExecStats, Overlap, Pass, Stage, SP_TAG_BASE};
 pub use local_exec::{AttnGrads, ExecError, LocalExecutor};
 pub use schedule::{
     balance, block_counts, distattn_causal, ring_causal, ring_full, zigzag_ring_causal, BlockMask,
     Message, Payload, Schedule, ScheduleError, ScheduleKind, Step, Work,
 };
 pub use shard::{shard_positions, Layout, ShardError, Sharding};
+pub use sp_attention::{SpAttention, SpStats};

@@ -17,15 +17,17 @@
 //! `AttnMask::Causal { q_offset, k_offset }` at global offsets for diagonal blocks.
 //!
 //! Bf16 would need the kernel to write f32 partials; this executor is f32 only.
+//!
+//! Block products, masks, merges and chunk rows are `blocks.rs`'s, shared with
+//! [`DistExecutor`](crate::dist_exec::DistExecutor).
 
 use std::collections::HashMap;
 
-use reel_kernels::attention::{
-    attention_backward, attention_forward, attention_merge, AttnMask, AttnShape,
-};
+use reel_kernels::attention::AttnShape;
 use thiserror::Error;
 
-use crate::schedule::{BlockMask, Message, Payload, Schedule, ScheduleError, Work};
+use crate::blocks::{add, merge, Blocks, OutLse};
+use crate::schedule::{Message, Payload, Schedule, ScheduleError};
 use crate::shard::{ShardError, Sharding};
 
 /// Why the executor refused its inputs.
@@ -59,6 +61,7 @@ pub struct LocalExecutor {
     schedule: Schedule,
     sharding: Sharding,
     shape: AttnShape,
+    blocks: Blocks,
 }
 
 /// A tensor cut into its chunks' valid rows: `chunks[c]` is `[B, valid_len(c), width]`.
@@ -87,6 +90,7 @@ impl LocalExecutor {
             schedule,
             sharding,
             shape,
+            blocks: Blocks::new(sharding, shape),
         })
     }
 
@@ -121,20 +125,12 @@ impl LocalExecutor {
         for step in &self.schedule.steps {
             st.deliver(&step.recv);
             for w in step.work.iter().flatten() {
-                let (tq, tk) = self.block_lens(w);
-                let mut o_b = vec![0.0; b * tq * h * d];
-                let mut lse_b = vec![f32::NEG_INFINITY; b * tq * h];
-                if tq > 0 && tk > 0 {
-                    attention_forward(
-                        &mut o_b,
-                        &mut lse_b,
-                        &qc.chunks[w.q_chunk],
-                        &kc.chunks[w.kv_chunk],
-                        &vc.chunks[w.kv_chunk],
-                        self.block_shape(tq, tk),
-                        self.mask(w),
-                    );
-                }
+                let (o_b, lse_b) = self.blocks.forward(
+                    w,
+                    &qc.chunks[w.q_chunk],
+                    &kc.chunks[w.kv_chunk],
+                    &vc.chunks[w.kv_chunk],
+                );
                 if w.computed_by == w.owner {
                     st.merge(w.q_chunk, &(o_b, lse_b));
                 } else {
@@ -186,7 +182,6 @@ impl LocalExecutor {
         for step in &s.steps {
             st.deliver(&step.recv);
             for w in step.work.iter().flatten() {
-                let (tq, tk) = self.block_lens(w);
                 let (qi, ki) = (w.q_chunk, w.kv_chunk);
                 let mut dq_help = Vec::new();
                 let dq_t: &mut Vec<f32> = if w.computed_by == w.owner {
@@ -205,21 +200,18 @@ impl LocalExecutor {
                         .or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
                     (&mut e.0, &mut e.1)
                 };
-                if tq > 0 && tk > 0 {
-                    attention_backward(
-                        dq_t,
-                        dk_t,
-                        dv_t,
-                        &doc.chunks[qi],
-                        &qc.chunks[qi],
-                        &kc.chunks[ki],
-                        &vc.chunks[ki],
-                        &oc.chunks[qi],
-                        &lc.chunks[qi],
-                        self.block_shape(tq, tk),
-                        self.mask(w),
-                    );
-                }
+                self.blocks.backward(
+                    w,
+                    dq_t,
+                    dk_t,
+                    dv_t,
+                    &doc.chunks[qi],
+                    &qc.chunks[qi],
+                    &kc.chunks[ki],
+                    &vc.chunks[ki],
+                    &oc.chunks[qi],
+                    &lc.chunks[qi],
+                );
                 if w.computed_by != w.owner {
                     st.dq_part.insert((w.computed_by, qi, ki), dq_help);
                 }
@@ -235,35 +227,8 @@ impl LocalExecutor {
         })
     }
 
-    /// Row widths of q (H·D) and of k, v (H_kv·D).
     fn widths(&self) -> (usize, usize) {
-        let AttnShape { h, h_kv, d, .. } = self.shape;
-        (h * d, h_kv * d)
-    }
-
-    fn block_lens(&self, w: &Work) -> (usize, usize) {
-        (
-            self.sharding.chunk_valid_len(w.q_chunk),
-            self.sharding.chunk_valid_len(w.kv_chunk),
-        )
-    }
-
-    fn block_shape(&self, tq: usize, tk: usize) -> AttnShape {
-        AttnShape {
-            tq,
-            tk,
-            ..self.shape
-        }
-    }
-
-    fn mask(&self, w: &Work) -> AttnMask {
-        match w.mask {
-            BlockMask::Diagonal => AttnMask::Causal {
-                q_offset: self.sharding.chunk_start(w.q_chunk),
-                k_offset: self.sharding.chunk_start(w.kv_chunk),
-            },
-            BlockMask::Full => AttnMask::Full,
-        }
+        self.blocks.widths()
     }
 
     /// Shards `x` `[B, T, width]` over the ranks (padding with NaN, which no block may read), then
@@ -281,17 +246,10 @@ impl LocalExecutor {
         let shards = (0..sh.ranks())
             .map(|r| sh.shard(x, b, width, r, f32::NAN))
             .collect::<Result<Vec<_>, _>>()?;
-        let (l, c) = (sh.local_len(), sh.chunk_len());
-        let layout = sh.layout();
         let chunks = (0..sh.num_chunks())
             .map(|chunk| {
-                let shard = &shards[layout.chunk_home(sh.ranks(), chunk)];
-                let row0 = layout.slot_of(sh.ranks(), chunk) * c;
-                let n = sh.chunk_valid_len(chunk);
-                (0..b)
-                    .flat_map(|bi| &shard[(bi * l + row0) * width..(bi * l + row0 + n) * width])
-                    .copied()
-                    .collect()
+                let shard = &shards[sh.layout().chunk_home(sh.ranks(), chunk)];
+                self.blocks.chunk_of(shard, width, chunk)
             })
             .collect();
         Ok(Chunked { chunks })
@@ -301,27 +259,17 @@ impl LocalExecutor {
     /// unsharded to `[B, T, width]`.
     fn unchunked(&self, x: Chunked, width: usize, pad: f32) -> Result<Vec<f32>, ExecError> {
         let sh = &self.sharding;
-        let b = self.shape.b;
-        let (l, c) = (sh.local_len(), sh.chunk_len());
-        let layout = sh.layout();
-        let mut shards = vec![vec![pad; b * l * width]; sh.ranks()];
+        let mut shards = vec![vec![pad; self.shape.b * sh.local_len() * width]; sh.ranks()];
         for (chunk, data) in x.chunks.iter().enumerate() {
-            let shard = &mut shards[layout.chunk_home(sh.ranks(), chunk)];
-            let row0 = layout.slot_of(sh.ranks(), chunk) * c;
-            let n = sh.chunk_valid_len(chunk);
-            for bi in 0..b {
-                shard[(bi * l + row0) * width..(bi * l + row0 + n) * width]
-                    .copy_from_slice(&data[bi * n * width..(bi + 1) * n * width]);
-            }
+            let shard = &mut shards[sh.layout().chunk_home(sh.ranks(), chunk)];
+            self.blocks.put_chunk(shard, width, chunk, data);
         }
-        Ok(sh.unshard(&shards, b, width)?)
+        Ok(sh.unshard(&shards, self.shape.b, width)?)
     }
 }
 
 /// A block computed off its owner, keyed by (holding rank, q chunk, kv chunk).
 type BlockKey = (usize, usize, usize);
-/// f32 `(o, lse)` of a block or of a running merge.
-type OutLse = (Vec<f32>, Vec<f32>);
 /// `(dK, dV)` accumulators of one chunk.
 type DkDv = (Vec<f32>, Vec<f32>);
 
@@ -335,8 +283,7 @@ struct ForwardState<'a> {
 
 impl ForwardState<'_> {
     fn merge(&mut self, q_chunk: usize, (o_b, lse_b): &OutLse) {
-        let (o, l) = &mut self.acc[q_chunk];
-        attention_merge(o, l, o_b, lse_b, lse_b.len(), self.d);
+        merge(&mut self.acc[q_chunk], (o_b, lse_b), self.d);
     }
 
     /// Partials merge at their owner (or move on); other payloads are data the executor indexes.
@@ -406,16 +353,11 @@ impl BackwardState<'_> {
     }
 }
 
-fn add(dst: &mut [f32], src: &[f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d += s;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::schedule::ScheduleKind;
+    use reel_kernels::attention::{attention_backward, attention_forward, AttnMask};
     use reel_tensor::{check_close, rng, uniform_vec, Tolerance};
 
     const TOL: Tolerance = Tolerance::new(1e-5, 1e-5);
