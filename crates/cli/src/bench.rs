@@ -199,10 +199,13 @@ pub fn train_bench(t: usize, reps: usize) -> Result<Vec<serde_json::Value>> {
 /// Which benchmarks `reel bench` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchWhat {
+    /// gemm, attention and train (not sp).
     All,
     Gemm,
     Attention,
     Train,
+    /// Sequence-parallel attention schedules on in-process ranks.
+    Sp,
 }
 
 pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {
@@ -275,6 +278,15 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
             }
         }
         report["train"] = json!(rows);
+    }
+    if what == BenchWhat::Sp {
+        let shape = crate::bench_sp::SpShape {
+            n: seq,
+            h: 8,
+            h_kv: 2,
+            d: 64,
+        };
+        report["sp"] = crate::bench_sp::run(shape, &[2, 4, 8], as_json)?;
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
