@@ -74,6 +74,9 @@ fn reference(s: SpShape) -> Full {
     }
 }
 
+/// Per rank: forward and backward stats.
+type RankStats = Vec<(ExecStats, ExecStats)>;
+
 /// One schedule at one P: per-rank stats, the gathered results' worst error, the wall time.
 fn run_schedule(
     s: SpShape,
@@ -81,7 +84,7 @@ fn run_schedule(
     p: usize,
     overlap: Overlap,
     full: &Full,
-) -> Result<(Vec<(ExecStats, ExecStats)>, f32, Duration)> {
+) -> Result<(RankStats, f32, Duration)> {
     let schedule = kind.build(p)?;
     let sh = Sharding::new(s.n, p, schedule.layout())?;
     let l = sh.local_len();

@@ -1,6 +1,7 @@
 //! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, demo.
 
 mod bench;
+mod bench_sp;
 mod demo;
 
 use anyhow::{Context, Result};
