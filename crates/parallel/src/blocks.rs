@@ -6,12 +6,14 @@
 //! A chunk's tensors are `[B, n, W]` with `n = chunk_valid_len(chunk)`: only its valid prefix
 //! (padding is the tail of the sequence, DESIGN.md / [`Sharding`]), so padded rows never reach a
 //! kernel and never contribute. W is H·D (q, out, dout, dq), H (lse, D) or H_kv·D (k, v, dk, dv).
+//! The backward reads out only through D = rowsum(dout ∘ out), computed once per query chunk.
 //!
 //! [`LocalExecutor`]: crate::local_exec::LocalExecutor
 //! [`DistExecutor`]: crate::dist_exec::DistExecutor
 
 use reel_kernels::attention::{
-    attention_backward, attention_forward, attention_merge, AttnMask, AttnShape,
+    attention_backward_with_delta, attention_delta, attention_forward, attention_merge, AttnMask,
+    AttnShape,
 };
 
 use crate::schedule::{BlockMask, Work};
@@ -91,9 +93,21 @@ impl Blocks {
         (o_b, lse_b)
     }
 
+    /// D = rowsum(dout ∘ out) `[B, n, H]` of query chunk `chunk`, from its dout and GLOBAL out
+    /// `[B, n, H, D]`: computed once per backward by the chunk's owner, used by every block of the
+    /// chunk there and sent to helpers in place of out.
+    pub fn delta(&self, chunk: usize, dout: &[f32], out: &[f32]) -> Vec<f32> {
+        let n = self.sharding.chunk_valid_len(chunk);
+        let mut delta = vec![0.0; self.rows(chunk) * self.shape.h];
+        if n > 0 {
+            attention_delta(&mut delta, dout, out, self.block_shape(n, n));
+        }
+        delta
+    }
+
     /// Accumulates block `w`'s gradients into dq `[B, tq, H, D]`, dk and dv `[B, tk, H_kv, D]`,
-    /// given the GLOBAL out and lse of its query rows (`attention_backward` reads `out` only
-    /// through D = rowsum(dout ∘ out)).
+    /// given the GLOBAL lse of its query rows and their D = rowsum(dout ∘ out) of the GLOBAL out
+    /// ([`Blocks::delta`]), so a helper needs no out.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -105,12 +119,12 @@ impl Blocks {
         q: &[f32],
         k: &[f32],
         v: &[f32],
-        out: &[f32],
+        delta: &[f32],
         lse: &[f32],
     ) {
         let (tq, tk) = self.lens(w);
         if tq > 0 && tk > 0 {
-            attention_backward(
+            attention_backward_with_delta(
                 dq,
                 dk,
                 dv,
@@ -118,7 +132,7 @@ impl Blocks {
                 q,
                 k,
                 v,
-                out,
+                delta,
                 lse,
                 self.block_shape(tq, tk),
                 self.mask(w),

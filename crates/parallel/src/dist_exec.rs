@@ -30,10 +30,10 @@
 //! chunks, not O(P). Tags are [`SP_TAG_BASE`] + pass + the message's index in the schedule, so
 //! every message has its own tag and matching does not depend on posting order.
 //!
-//! The backward helper holds Q, dO, lse and D but not O, while `attention_backward` reads O only
-//! through D = rowsum(dO ∘ O): it is handed a stand-in O row with one nonzero entry, D / dO_j at
-//! the j of largest |dO_j|, whose rowsum with dO is D to within an ulp (`stand_in_out`).
-//! A kernel entry point taking D directly would remove this.
+//! Backward, each rank computes D = rowsum(dO ∘ O) of its own query chunks once, from its rows of
+//! the global out, and every block product, at home or at a helper, runs
+//! `attention_backward_with_delta` with that D: a helper uses the D it received and never sees O,
+//! so its blocks are bit-identical to the owner computing them.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -767,14 +767,13 @@ impl RankPass for ForwardRank<'_> {
     }
 }
 
-/// A query chunk's backward inputs: q and dout `[B, n, H, D]`, lse `[B, n, H]`, and the out the
-/// kernel reads (the real O at home, [`stand_in_out`] at a helper); D once known.
+/// A query chunk's backward inputs: q and dout `[B, n, H, D]`, lse and D = rowsum(dO ∘ O)
+/// `[B, n, H]` (computed at home, received at a helper).
 struct QueryChunk {
     q: Vec<f32>,
     dout: Vec<f32>,
     lse: Vec<f32>,
-    out: Vec<f32>,
-    delta: Option<Vec<f32>>,
+    delta: Vec<f32>,
 }
 
 /// Backward state of one rank.
@@ -810,12 +809,12 @@ impl<'a> BackwardRank<'a> {
             dkv_acc: HashMap::new(),
         };
         for c in own_chunks(bl, rank) {
+            let dout = bl.chunk_of(dout, qw, c);
             let chunk = QueryChunk {
                 q: bl.chunk_of(q, qw, c),
-                dout: bl.chunk_of(dout, qw, c),
+                delta: bl.delta(c, &dout, &bl.chunk_of(out, qw, c)),
+                dout,
                 lse: bl.chunk_of(lse, bl.shape.h, c),
-                out: bl.chunk_of(out, qw, c),
-                delta: None,
             };
             st.dq.insert(c, vec![0.0; chunk.q.len()]);
             st.q.insert(c, chunk);
@@ -857,44 +856,13 @@ impl<'a> BackwardRank<'a> {
     }
 }
 
-/// D = rowsum(dout ∘ out) per row of `d` values, summed as `attention_backward` sums it.
-fn row_delta(dout: &[f32], out: &[f32], d: usize) -> Vec<f32> {
-    dout.chunks_exact(d)
-        .zip(out.chunks_exact(d))
-        .map(|(g, o)| o.iter().zip(g).map(|(o, g)| o * g).sum())
-        .collect()
-}
-
-/// An out the kernel can read in place of O, given dO and D: per row, zero except `D / dO_j` at
-/// the j of largest |dO_j|, so rowsum(dO ∘ out) = D up to one rounding (a zero dO row has D = 0).
-fn stand_in_out(dout: &[f32], delta: &[f32], d: usize) -> Vec<f32> {
-    let mut out = vec![0.0; dout.len()];
-    for ((g, o), &dl) in dout.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(delta) {
-        let (j, gj) = g.iter().enumerate().fold((0, 0.0f32), |best, (j, &x)| {
-            if x.abs() > best.1.abs() {
-                (j, x)
-            } else {
-                best
-            }
-        });
-        if gj != 0.0 {
-            o[j] = dl / gj;
-        }
-    }
-    out
-}
-
 impl RankPass for BackwardRank<'_> {
     fn pack(&mut self, payload: Payload) -> Vec<f32> {
         match payload {
             Payload::Kv { chunk } => held(&self.kv, &chunk).clone(),
             Payload::Query { chunk } => {
-                let d = self.bl.shape.d;
-                let qc = self.q.get_mut(&chunk).expect("validated schedule: Q held");
-                let delta = qc
-                    .delta
-                    .get_or_insert_with(|| row_delta(&qc.dout, &qc.out, d));
-                [qc.q.as_slice(), &qc.dout, &qc.lse, delta].concat()
+                let qc = held(&self.q, &chunk);
+                [qc.q.as_slice(), &qc.dout, &qc.lse, &qc.delta].concat()
             }
             Payload::Partial { q_chunk, kv_chunk } => self
                 .dq_part
@@ -913,17 +881,16 @@ impl RankPass for BackwardRank<'_> {
                 self.kv.insert(chunk, data);
             }
             Payload::Query { chunk } => {
-                let (qw, h, d) = (self.bl.widths().0, self.bl.shape.h, self.bl.shape.d);
+                let (qw, h) = (self.bl.widths().0, self.bl.shape.h);
                 let rows = self.bl.rows(chunk);
                 let (q, rest) = data.split_at(rows * qw);
                 let (dout, rest) = rest.split_at(rows * qw);
                 let (lse, delta) = rest.split_at(rows * h);
                 let qc = QueryChunk {
                     q: q.to_vec(),
-                    out: stand_in_out(dout, delta, d),
                     dout: dout.to_vec(),
                     lse: lse.to_vec(),
-                    delta: Some(delta.to_vec()),
+                    delta: delta.to_vec(),
                 };
                 self.q.insert(chunk, qc);
             }
@@ -960,7 +927,7 @@ impl RankPass for BackwardRank<'_> {
         };
         let (dk, dv) = dkv.split_at_mut(kv.len() / 2);
         self.bl
-            .backward(w, dq, dk, dv, &qc.dout, &qc.q, k, v, &qc.out, &qc.lse);
+            .backward(w, dq, dk, dv, &qc.dout, &qc.q, k, v, &qc.delta, &qc.lse);
         if !own_q {
             self.dq_part.insert((qi, ki), dq_help);
         }
@@ -980,21 +947,160 @@ impl RankPass for BackwardRank<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::distattn_causal;
+    use crate::shard::Layout;
+    use reel_kernels::attention::{
+        attention_backward, attention_backward_with_delta, attention_forward, AttnMask,
+    };
     use reel_tensor::{rng, uniform_vec};
 
+    /// A DistAttn helper runs its block with the D it receives in the `Query` message: with the
+    /// owner's D its dQ partial and dK/dV equal, bit for bit, the kernel given the real O; with
+    /// another D it gives the kernel's result for that D (it is not recomputed from anything).
     #[test]
-    fn stand_in_out_reproduces_delta() {
-        let mut r = rng(3);
-        let d = 7;
-        let mut dout = uniform_vec(&mut r, 5 * d, 1.0);
-        let out = uniform_vec(&mut r, 5 * d, 2.0);
-        dout[2 * d..3 * d].fill(0.0);
-        let delta = row_delta(&dout, &out, d);
-        assert!(delta.iter().filter(|&&x| x != 0.0).count() == 4);
-        let stand_in = stand_in_out(&dout, &delta, d);
-        let again = row_delta(&dout, &stand_in, d);
-        for (a, e) in again.iter().zip(&delta) {
-            assert!((a - e).abs() <= 2.0 * f32::EPSILON * e.abs(), "{a} vs {e}");
+    fn helper_uses_received_delta() {
+        let (b, t, h, h_kv, d, p) = (2, 18, 4, 2, 8, 4);
+        let schedule = distattn_causal(p).unwrap();
+        let sh = Sharding::new(t, p, Layout::Contiguous).unwrap();
+        let l = sh.local_len();
+        let shape = AttnShape {
+            b,
+            tq: t,
+            tk: t,
+            h,
+            h_kv,
+            d,
+        };
+        let local = AttnShape {
+            tq: l,
+            tk: l,
+            ..shape
+        };
+        let ex = DistExecutor::new(schedule.clone(), sh, local, Overlap::Blocking).unwrap();
+        let bl = &ex.blocks;
+        let (qw, kw) = bl.widths();
+        let mut r = rng(11);
+        let q = uniform_vec(&mut r, b * t * qw, 1.5);
+        let k = uniform_vec(&mut r, b * t * kw, 1.5);
+        let v = uniform_vec(&mut r, b * t * kw, 1.0);
+        let dout = uniform_vec(&mut r, b * t * qw, 1.0);
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![0.0; b * t * h];
+        let mask = AttnMask::Causal {
+            q_offset: 0,
+            k_offset: 0,
+        };
+        attention_forward(&mut out, &mut lse, &q, &k, &v, shape, mask);
+        let shards: Vec<[Vec<f32>; 6]> = (0..p)
+            .map(|rank| {
+                let cut = |x: &[f32], w: usize| sh.shard(x, b, w, rank, f32::NAN).unwrap();
+                [
+                    cut(&q, qw),
+                    cut(&k, kw),
+                    cut(&v, kw),
+                    cut(&out, qw),
+                    cut(&lse, h),
+                    cut(&dout, qw),
+                ]
+            })
+            .collect();
+        let rank_state = |rank: usize| {
+            let s = &shards[rank];
+            BackwardRank::new(bl, rank, [&s[0], &s[1], &s[2], &s[3], &s[4], &s[5]])
+        };
+
+        // A block a helper computes with its own KV, and the Query message that brings its rows.
+        let w = *schedule
+            .works()
+            .map(|(_, w)| w)
+            .find(|w| w.computed_by != w.owner)
+            .expect("DistAttn at P = 4 has helpers");
+        let (qi, ki, helper) = (w.q_chunk, w.kv_chunk, w.computed_by);
+        assert_eq!(home(bl, ki), helper);
+        let msg = Message {
+            payload: Payload::Query { chunk: qi },
+            from: w.owner,
+            to: helper,
+        };
+        let sent = rank_state(w.owner).pack(msg.payload);
+        assert_eq!(sent.len(), ex.message_len(Pass::Backward, msg.payload));
+
+        // What the helper computes for the block from a Query payload: (dQ partial, dK ‖ dV).
+        let help = |payload: Vec<f32>| {
+            let mut st = rank_state(helper);
+            st.accept(&msg, payload);
+            st.compute(&w);
+            let dq = st.dq_part.remove(&(qi, ki)).expect("helper's dQ partial");
+            (dq, st.dkv.remove(&ki).expect("helper's own dK/dV"))
+        };
+        // The kernel on the same block, from the chunks' rows.
+        let own = &shards[w.owner];
+        let hs = &shards[helper];
+        let (qc, oc, lc, dc) = (
+            bl.chunk_of(&own[0], qw, qi),
+            bl.chunk_of(&own[3], qw, qi),
+            bl.chunk_of(&own[4], h, qi),
+            bl.chunk_of(&own[5], qw, qi),
+        );
+        let (kc, vc) = (bl.chunk_of(&hs[1], kw, ki), bl.chunk_of(&hs[2], kw, ki));
+        let block = AttnShape {
+            tq: sh.chunk_valid_len(qi),
+            tk: sh.chunk_valid_len(ki),
+            ..shape
+        };
+        let kernel = |delta: Option<&[f32]>| {
+            let mut dq = vec![0.0; qc.len()];
+            let (mut dk, mut dv) = (vec![0.0; kc.len()], vec![0.0; vc.len()]);
+            match delta {
+                None => attention_backward(
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &dc,
+                    &qc,
+                    &kc,
+                    &vc,
+                    &oc,
+                    &lc,
+                    block,
+                    bl.mask(&w),
+                ),
+                Some(delta) => attention_backward_with_delta(
+                    &mut dq,
+                    &mut dk,
+                    &mut dv,
+                    &dc,
+                    &qc,
+                    &kc,
+                    &vc,
+                    delta,
+                    &lc,
+                    block,
+                    bl.mask(&w),
+                ),
+            }
+            dk.extend(dv);
+            (dq, dk)
+        };
+
+        // The owner's D: exactly the kernel with the real O (no O ever reached the helper).
+        let (dq_help, dkv_help) = help(sent.clone());
+        let (dq_ref, dkv_ref) = kernel(None);
+        assert!(dq_ref.iter().any(|&x| x != 0.0));
+        assert_eq!(dq_help, dq_ref);
+        assert_eq!(dkv_help, dkv_ref);
+
+        // Another D in the message: the helper's result follows it.
+        let n_delta = bl.rows(qi) * h;
+        let mut other = sent.clone();
+        let at = other.len() - n_delta;
+        for x in &mut other[at..] {
+            *x += 0.25;
         }
+        let (dq_other, dkv_other) = help(other.clone());
+        let (dq_exp, dkv_exp) = kernel(Some(&other[at..]));
+        assert_eq!(dq_other, dq_exp);
+        assert_eq!(dkv_other, dkv_exp);
+        assert_ne!(dq_other, dq_ref);
     }
 }

@@ -10,8 +10,9 @@
 //! (a schedule missing one is refused up front by [`Schedule::validate`]).
 //!
 //! Forward: each block gives f32 `(o_b, lse_b)` from `attention_forward`; the owner folds them into
-//! its running `(o, lse)` with `attention_merge` (DESIGN.md "Attention math"). Backward: each block
-//! calls `attention_backward` with the global out and lse of its query chunk, accumulating dQ at
+//! its running `(o, lse)` with `attention_merge` (DESIGN.md "Attention math"). Backward: D =
+//! rowsum(dO ∘ O) of each query chunk is computed once from the global out (`attention_delta`);
+//! each block calls `attention_backward_with_delta` with it and the global lse, accumulating dQ at
 //! the computing rank and dK/dV (H_kv heads only) at the rank holding the KV. Blocks see only the
 //! valid prefix of each chunk (padding is the tail of the sequence), with
 //! `AttnMask::Causal { q_offset, k_offset }` at global offsets for diagonal blocks.
@@ -167,6 +168,10 @@ impl LocalExecutor {
         let oc = self.chunked("out", out, qw)?;
         let lc = self.chunked("lse", lse, self.shape.h)?;
         let doc = self.chunked("dout", dout, qw)?;
+        // D of each query chunk, once; out is not read again.
+        let deltas: Vec<Vec<f32>> = (0..oc.chunks.len())
+            .map(|c| self.blocks.delta(c, &doc.chunks[c], &oc.chunks[c]))
+            .collect();
         let zeros = |c: &Chunked| -> Vec<Vec<f32>> {
             c.chunks.iter().map(|x| vec![0.0; x.len()]).collect()
         };
@@ -209,7 +214,7 @@ impl LocalExecutor {
                     &qc.chunks[qi],
                     &kc.chunks[ki],
                     &vc.chunks[ki],
-                    &oc.chunks[qi],
+                    &deltas[qi],
                     &lc.chunks[qi],
                 );
                 if w.computed_by != w.owner {

@@ -4,8 +4,9 @@
 //! group shares every K/V tile: `S = s·Q Kᵀ` (masked), online softmax
 //! `m' = max(m, rowmax S)`, `l' = l·e^{m−m'} + Σ e^{S−m'}`, `acc' = acc·e^{m−m'} + e^{S−m'} V`;
 //! finally `O = acc / l`, `lse = m + ln l`. Backward per (B, KV head, interleaved key-tile split)
-//! with the saved lse: `P = e^{S−lse}`, `dV += Pᵀ dO`, `dS = P∘(dO Vᵀ − D)`, `dQ += s·dS K`,
-//! `dK += s·dSᵀ Q`. Extra memory is O(T·D); no Tq×Tk matrix exists.
+//! with the saved lse and the caller's `D = rowsum(dO ∘ O)` ([`delta`]): `P = e^{S−lse}`,
+//! `dV += Pᵀ dO`, `dS = P∘(dO Vᵀ − D)`, `dQ += s·dS K`, `dK += s·dSᵀ Q`. Extra memory is O(T·D);
+//! no Tq×Tk matrix exists.
 
 use rayon::prelude::*;
 use reel_tensor::Float;
@@ -242,7 +243,7 @@ fn backward_part<T: Float>(
     q_b: &[T],
     k_b: &[T],
     v_b: &[T],
-    out_b: &[T],
+    delta_b: &[f32],
     lse_b: &[f32],
     g: usize,
     split: usize,
@@ -259,7 +260,7 @@ fn backward_part<T: Float>(
     let (bq, bk) = (tiles.q, tiles.k);
     let nrows = tq * group;
 
-    // The group's queries, dO, lse and D = rowsum(dO ∘ O), rows (i, hi) → i·group + hi.
+    // The group's queries, dO, lse and D, rows (i, hi) → i·group + hi.
     let mut qg = vec![0.0f32; nrows * d];
     let mut dog = vec![0.0f32; nrows * d];
     gather_group(&mut qg, q_b, 0, tq, h, group, g, d);
@@ -270,12 +271,7 @@ fn backward_part<T: Float>(
         for hi in 0..group {
             let (r, hh) = (i * group + hi, g * group + hi);
             lg[r] = lse_b[i * h + hh];
-            let o = &out_b[(i * h + hh) * d..(i * h + hh + 1) * d];
-            dg[r] = o
-                .iter()
-                .zip(&dog[r * d..(r + 1) * d])
-                .map(|(o, g)| o.to_f32() * g)
-                .sum();
+            dg[r] = delta_b[i * h + hh];
         }
     }
 
@@ -418,7 +414,7 @@ pub(crate) fn backward<T: Float>(
     q: &[T],
     k: &[T],
     v: &[T],
-    out: &[T],
+    delta: &[f32],
     lse: &[f32],
     shape: AttnShape,
     mask: AttnMask,
@@ -452,10 +448,10 @@ pub(crate) fn backward<T: Float>(
             let ks = bi * k_batch..(bi + 1) * k_batch;
             backward_part(
                 &dout[qs.clone()],
-                &q[qs.clone()],
+                &q[qs],
                 &k[ks.clone()],
                 &v[ks],
-                &out[qs],
+                &delta[bi * tq * h..(bi + 1) * tq * h],
                 &lse[bi * tq * h..(bi + 1) * tq * h],
                 g,
                 split,
@@ -496,6 +492,17 @@ pub(crate) fn backward<T: Float>(
                     }
                 }
             }
+        });
+}
+
+/// `D = rowsum(dO ∘ O)` per row of `d` values, products and sum in f32, left to right.
+pub(crate) fn delta<T: Float>(delta: &mut [f32], dout: &[T], out: &[T], d: usize) {
+    delta
+        .par_iter_mut()
+        .zip(dout.par_chunks(d).zip(out.par_chunks(d)))
+        .with_min_len(256)
+        .for_each(|(dl, (g, o))| {
+            *dl = o.iter().zip(g).map(|(o, g)| o.to_f32() * g.to_f32()).sum();
         });
 }
 

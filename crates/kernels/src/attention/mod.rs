@@ -6,8 +6,13 @@
 //! `hh / (H / H_kv)` (GQA/MQA). Tiles of 64 queries × 64 keys: extra memory is O(T·D), never
 //! Tq×Tk. The causal mask takes global offsets, so any block of queries pairs with any block of
 //! keys; partial results from key blocks combine exactly with [`attention_merge`] and the backward
-//! of every block pair, given the global out and lse, sums to the full gradient (DESIGN.md
-//! "Attention math").
+//! of every block pair, given the global lse and `D = rowsum(dO ∘ O)` of the global out, sums to
+//! the full gradient (DESIGN.md "Attention math").
+//!
+//! Backward comes in two forms with one implementation: [`attention_backward`] takes the forward's
+//! out and computes D itself; [`attention_backward_with_delta`] takes D (from [`attention_delta`],
+//! one f32 a row, laid out like lse), for callers that hold D but not out, e.g. a sequence-parallel
+//! rank helping with another rank's queries, which is sent D instead of O.
 
 pub(crate) mod cpu;
 
@@ -98,6 +103,9 @@ fn attention_forward_tiled<T: Float>(
 /// P = exp(s·q kᵀ − lse); dV += Pᵀ dO; dP = dO Vᵀ; dS = P∘(dP − D); dQ += s·dS K;
 /// dK += s·dSᵀ Q. Rows with lse = -inf contribute nothing. With a block of keys, pass the GLOBAL
 /// out and lse (after merging every key block).
+///
+/// Equivalent, bit for bit, to [`attention_delta`] followed by [`attention_backward_with_delta`]
+/// (which is what it does); call those two directly to compute D once for several key blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward<T: Float>(
     dq: &mut [T],
@@ -145,6 +153,84 @@ fn attention_backward_tiled<T: Float>(
 ) {
     let w = "attention_backward";
     check_shape(w, shape);
+    let AttnShape { b, tq, h, d, .. } = shape;
+    check_len(w, "dout", dout.len(), b * tq * h * d);
+    check_len(w, "out", out.len(), b * tq * h * d);
+    let mut delta = vec![0.0f32; b * tq * h];
+    cpu::delta(&mut delta, dout, out, d);
+    attention_backward_with_delta_tiled(
+        w, dq, dk, dv, dout, q, k, v, &delta, lse, shape, mask, tiles,
+    );
+}
+
+/// `D = rowsum(dout ∘ out)`: delta `[b, tq, h]` (f32, laid out like lse, overwritten) from dout and
+/// the forward's out `[b, tq, h, d]` (`shape.tk` and `shape.h_kv` are not read). Products and sums
+/// in f32, in the order [`attention_backward`] uses, so [`attention_backward_with_delta`] given this
+/// D equals [`attention_backward`] given out bit for bit. With sequence parallelism, compute D of
+/// a query block once, from its GLOBAL out, and reuse it for every key block.
+pub fn attention_delta<T: Float>(delta: &mut [f32], dout: &[T], out: &[T], shape: AttnShape) {
+    let w = "attention_delta";
+    assert!(shape.d > 0, "{w}: head dimension d must be positive");
+    let AttnShape { b, tq, h, d, .. } = shape;
+    check_len(w, "delta", delta.len(), b * tq * h);
+    check_len(w, "dout", dout.len(), b * tq * h * d);
+    check_len(w, "out", out.len(), b * tq * h * d);
+    cpu::delta(delta, dout, out, d);
+}
+
+/// [`attention_backward`] given `D = rowsum(dout ∘ out)` instead of out: delta `[b, tq, h]` (f32,
+/// laid out like lse; from [`attention_delta`], or received from the rank that holds out).
+/// ACCUMULATES (+=) into dq [b,tq,h,d], dk, dv [b,tk,h_kv,d] exactly as [`attention_backward`]
+/// does; with a block of keys, pass the D and lse of the GLOBAL out. Rows with lse = -inf
+/// contribute nothing whatever their D.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_with_delta<T: Float>(
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    dout: &[T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    delta: &[f32],
+    lse: &[f32],
+    shape: AttnShape,
+    mask: AttnMask,
+) {
+    attention_backward_with_delta_tiled(
+        "attention_backward_with_delta",
+        dq,
+        dk,
+        dv,
+        dout,
+        q,
+        k,
+        v,
+        delta,
+        lse,
+        shape,
+        mask,
+        cpu::DEFAULT_TILES,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_with_delta_tiled<T: Float>(
+    w: &str,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+    dout: &[T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    delta: &[f32],
+    lse: &[f32],
+    shape: AttnShape,
+    mask: AttnMask,
+    tiles: cpu::Tiles,
+) {
+    check_shape(w, shape);
     let AttnShape {
         b,
         tq,
@@ -161,9 +247,9 @@ fn attention_backward_tiled<T: Float>(
     check_len(w, "q", q.len(), nq);
     check_len(w, "k", k.len(), nk);
     check_len(w, "v", v.len(), nk);
-    check_len(w, "out", out.len(), nq);
+    check_len(w, "delta", delta.len(), b * tq * h);
     check_len(w, "lse", lse.len(), b * tq * h);
-    cpu::backward(dq, dk, dv, dout, q, k, v, out, lse, shape, mask, tiles);
+    cpu::backward(dq, dk, dv, dout, q, k, v, delta, lse, shape, mask, tiles);
 }
 
 /// Merge a partial (o_b, lse_b) into the running (o, lse), fp32, per DESIGN.md:
@@ -400,7 +486,8 @@ mod tests {
 
     /// Sequence parallelism in miniature: queries and keys cut into blocks at `cuts`; each query
     /// block merges its partials over every key block (fully masked pairs included), and the block
-    /// backwards with the merged (global) out and lse add up to the one-shot gradient.
+    /// backwards with the merged (global) lse and the D of the merged out add up to the one-shot
+    /// gradient.
     #[test]
     fn key_blocks_merge_and_block_backwards_sum_to_one_shot() {
         let cases = [
@@ -475,13 +562,17 @@ mod tests {
                 }
                 place_t(&mut out2, &o, s.b, s.tq, qw, qr.clone());
                 place_t(&mut lse2, &l, s.b, s.tq, s.h, qr.clone());
-                // Backward of each block pair with this query block's global out and lse.
+                // Backward of each block pair with this query block's global lse and the D of its
+                // global out, computed once.
+                let mut delta = vec![0.0f32; l.len()];
+                attention_delta(&mut delta, &dob, &o, kv_of(&k_blocks[0]).0);
                 let mut dqb = vec![0.0f32; qb.len()];
                 for kr in &k_blocks {
                     let (sb, kb, vb) = kv_of(kr);
                     let mut dkb = slice_t(&dk2, s.b, s.tk, kw, kr.clone());
                     let mut dvb = slice_t(&dv2, s.b, s.tk, kw, kr.clone());
-                    attention_backward_tiled(
+                    attention_backward_with_delta_tiled(
+                        "block",
                         &mut dqb,
                         &mut dkb,
                         &mut dvb,
@@ -489,7 +580,7 @@ mod tests {
                         &qb,
                         &kb,
                         &vb,
-                        &o,
+                        &delta,
                         &l,
                         sb,
                         mask_for(qr.start, kr.start),
@@ -575,6 +666,96 @@ mod tests {
         check_close("bf16 dq", &convert(&dqb), &dq, grad_tol).unwrap();
         check_close("bf16 dk", &convert(&dkb), &dk, grad_tol).unwrap();
         check_close("bf16 dv", &convert(&dvb), &dv, grad_tol).unwrap();
+    }
+
+    /// `attention_delta` + `attention_backward_with_delta` is `attention_backward`, bit for bit, in
+    /// f32 and bf16 (GQA, offsets, rows without keys, accumulating onto nonzero gradients); D is
+    /// rowsum(dO ∘ O) and is what the with-delta entry reads.
+    #[test]
+    fn backward_with_delta_equals_backward_bit_for_bit() {
+        fn run<T: Float>(
+            s: AttnShape,
+            mask: AttnMask,
+            ci: usize,
+            conv: impl Fn(&[f32]) -> Vec<T>,
+        ) -> Vec<f32> {
+            let (q, k, v) = inputs(s, 800 + ci as u64);
+            let mut r = rng(900 + ci as u64);
+            let dout = conv(&uniform_vec(&mut r, q.len(), 1.0));
+            let (dq0, dk0, dv0) = (
+                conv(&uniform_vec(&mut r, q.len(), 1.0)),
+                conv(&uniform_vec(&mut r, k.len(), 1.0)),
+                conv(&uniform_vec(&mut r, v.len(), 1.0)),
+            );
+            let (q, k, v) = (conv(&q), conv(&k), conv(&v));
+            let mut out = conv(&vec![f32::NAN; q.len()]);
+            let mut lse = vec![f32::NAN; s.b * s.tq * s.h];
+            attention_forward(&mut out, &mut lse, &q, &k, &v, s, mask);
+
+            let (mut dq1, mut dk1, mut dv1) = (dq0.clone(), dk0.clone(), dv0.clone());
+            attention_backward(
+                &mut dq1, &mut dk1, &mut dv1, &dout, &q, &k, &v, &out, &lse, s, mask,
+            );
+            let mut delta = vec![f32::NAN; lse.len()];
+            attention_delta(&mut delta, &dout, &out, s);
+            let (mut dq2, mut dk2, mut dv2) = (dq0.clone(), dk0.clone(), dv0.clone());
+            attention_backward_with_delta(
+                &mut dq2, &mut dk2, &mut dv2, &dout, &q, &k, &v, &delta, &lse, s, mask,
+            );
+            let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+            let what = format!("case {ci} {s:?} {mask:?} {}", std::any::type_name::<T>());
+            assert_eq!(bits(&dq2), bits(&dq1), "{what} dq");
+            assert_eq!(bits(&dk2), bits(&dk1), "{what} dk");
+            assert_eq!(bits(&dv2), bits(&dv1), "{what} dv");
+            assert!(bits(&dq1) != bits(&dq0), "{what}: dq unchanged");
+
+            // D is rowsum(dO ∘ O) (f64 check).
+            let expect: Vec<f32> = dout
+                .chunks_exact(s.d)
+                .zip(out.chunks_exact(s.d))
+                .map(|(g, o)| {
+                    g.iter()
+                        .zip(o)
+                        .map(|(g, o)| g.to_f32() as f64 * o.to_f32() as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            check_close(&format!("{what} delta"), &delta, &expect, F32_TOL).unwrap();
+
+            // The with-delta entry reads the D it is given: another D changes dq (and dk where a
+            // row sees keys) but not dv, which does not depend on D.
+            let shifted: Vec<f32> = delta.iter().map(|x| x + 0.5).collect();
+            let (mut dq3, mut dk3, mut dv3) = (dq0.clone(), dk0.clone(), dv0.clone());
+            attention_backward_with_delta(
+                &mut dq3, &mut dk3, &mut dv3, &dout, &q, &k, &v, &shifted, &lse, s, mask,
+            );
+            assert_eq!(bits(&dv3), bits(&dv1), "{what} dv with another D");
+            assert!(bits(&dq3) != bits(&dq1), "{what}: dq ignores D");
+            delta
+        }
+        let cases = [
+            (shape(1, 16, 16, 4, 4, 8), causal(0, 0)),
+            (shape(2, 37, 37, 4, 2, 8), causal(0, 0)),
+            (shape(1, 70, 70, 4, 1, 16), AttnMask::Full),
+            (shape(2, 5, 19, 4, 2, 16), causal(14, 0)),
+            // Rows 0..2 see no key at all.
+            (shape(1, 6, 5, 2, 1, 4), causal(0, 3)),
+            (shape(2, 130, 70, 2, 1, 8), causal(0, 60)),
+        ];
+        for (ci, (s, mask)) in cases.into_iter().enumerate() {
+            let d32 = run::<f32>(s, mask, ci, |x| x.to_vec());
+            let d16 = run::<bf16>(s, mask, ci, convert);
+            check_close("bf16 delta vs f32", &d16, &d32, Tolerance::new(3e-2, 3e-2)).unwrap();
+        }
+    }
+
+    /// attention_delta refuses a delta of the wrong length.
+    #[test]
+    #[should_panic(expected = "attention_delta: delta has 3 elements, expected 4")]
+    fn delta_checks_lengths() {
+        let s = shape(1, 2, 2, 2, 1, 3);
+        let x = vec![0.0f32; 12];
+        attention_delta(&mut [0.0; 3], &x, &x, s);
     }
 
     /// `cargo test --release -p reel-kernels attention_timing -- --ignored --nocapture`
