@@ -15,6 +15,8 @@
 //!   its shard, with communication overlapped with compute (or blocking, to compare).
 //! - [`sp_attention`]: [`SpAttention`], the model's `AttentionOp` over a `DistExecutor`, so model
 //!   replicas on each rank's token shard run unchanged.
+//! - [`ulysses`]: [`UlyssesAttention`], DeepSpeed-Ulysses all-to-all attention over heads and its
+//!   2-D hybrid (u-rank all-to-all groups × a ring over r groups), forward and backward.
 //!
 //! Vocabulary: B batch, T sequence length, H query heads, H_kv KV heads, D head dimension,
 //! P sequence-parallel ranks.
@@ -26,6 +28,7 @@ pub mod local_exec;
 pub mod schedule;
 pub mod shard;
 pub mod sp_attention;
+pub mod ulysses;
 
 pub use dims::{DimsError, ParallelDims, RankCoords};
 pub use dist_exec::{DistExecError, DistExecutor, ExecStats, Overlap, Pass, Stage, SP_TAG_BASE};
@@ -36,3 +39,6 @@ pub use schedule::{
 };
 pub use shard::{shard_positions, Layout, ShardError, Sharding};
 pub use sp_attention::{SpAttention, SpStats};
+pub use ulysses::{
+    Causality, Phase, UlyssesAttention, UlyssesBytes, UlyssesError, UlyssesGrid, UlyssesGroups,
+};
