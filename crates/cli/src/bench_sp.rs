@@ -12,7 +12,8 @@ use anyhow::{anyhow, Result};
 use reel_comm::{Communicator, InProcess};
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
 use reel_parallel::{
-    balance, block_counts, DistExecutor, ExecStats, Overlap, ScheduleKind, Sharding,
+    balance, block_counts, Causality, DistExecutor, ExecStats, Overlap, ScheduleKind, Sharding,
+    UlyssesAttention, UlyssesGrid, UlyssesGroups,
 };
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -127,6 +128,13 @@ fn run_schedule(
             parts[i].push(x);
         }
     }
+    let err = worst_error(s, &sh, &parts, full)?;
+    Ok((stats, err, elapsed))
+}
+
+/// Gathers per-rank [out, dq, dk, dv] and returns the worst error against the reference.
+fn worst_error(s: SpShape, sh: &Sharding, parts: &[Vec<Vec<f32>>; 4], full: &Full) -> Result<f32> {
+    let (qw, kw) = (s.h * s.d, s.h_kv * s.d);
     let mut err = 0.0f32;
     for (i, (want, w)) in [
         (&full.out, qw),
@@ -141,7 +149,65 @@ fn run_schedule(
         let got = sh.unshard(&refs, 1, w)?;
         err = err.max(reel_tensor::max_abs_diff(&got, want));
     }
-    Ok((stats, err, elapsed))
+    Ok(err)
+}
+
+/// Ulysses over P ranks when P divides H_kv, else the hybrid with u = gcd(H_kv, P):
+/// (u, bytes sent by the busiest rank, worst error, wall time).
+fn run_ulysses(s: SpShape, p: usize, full: &Full) -> Result<(usize, f64, f32, Duration)> {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let u = gcd(s.h_kv, p);
+    let grid = UlyssesGrid::new(u, p / u)?;
+    let global = AttnShape {
+        b: 1,
+        tq: s.n,
+        tk: s.n,
+        h: s.h,
+        h_kv: s.h_kv,
+        d: s.d,
+    };
+    let att = UlyssesAttention::new(grid, global, Causality::Causal)?;
+    let sh = att.sharding();
+    let l = att.local_shape().tq;
+    let (qw, kw) = (s.h * s.d, s.h_kv * s.d);
+    let cut = |x: &[f32], w: usize, r: usize| sh.shard(x, 1, w, r, 0.0);
+    let start = Instant::now();
+    let results = InProcess::spawn(p, Duration::from_secs(600), |comm| {
+        let r = comm.rank();
+        let groups = UlyssesGroups::split(&comm, grid)?;
+        groups.reset_stats();
+        let (q, k, v, dout) = (
+            cut(&full.q, qw, r)?,
+            cut(&full.k, kw, r)?,
+            cut(&full.v, kw, r)?,
+            cut(&full.dout, qw, r)?,
+        );
+        let mut out = vec![0.0; q.len()];
+        let mut lse = vec![0.0; l * s.h];
+        att.forward(&groups, &mut out, &mut lse, &q, &k, &v)?;
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        att.backward(
+            &groups, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse,
+        )?;
+        let sent = groups.stats().total().bytes_sent;
+        Ok::<_, anyhow::Error>((sent, [out, dq, dk, dv]))
+    });
+    let elapsed = start.elapsed();
+    let mut parts: [Vec<Vec<f32>>; 4] = Default::default();
+    let mut sent = 0u64;
+    for r in results {
+        let (b, locals) = r.map_err(|e| anyhow!("{e}"))?;
+        sent = sent.max(b);
+        for (i, x) in locals.into_iter().enumerate() {
+            parts[i].push(x);
+        }
+    }
+    Ok((u, sent as f64, worst_error(s, &sh, &parts, full)?, elapsed))
 }
 
 pub fn run(s: SpShape, ranks: &[usize], as_json: bool) -> Result<serde_json::Value> {
@@ -216,6 +282,33 @@ pub fn run(s: SpShape, ranks: &[usize], as_json: bool) -> Result<serde_json::Val
             }
             rows.push(row);
         }
+        let (u, sent, err, t) = run_ulysses(s, p, &full)?;
+        let label = if u == p {
+            "ulysses".to_string()
+        } else {
+            format!("hyb{u}x{}", p / u)
+        };
+        if !as_json {
+            println!(
+                "{:<8} {:>2} {:>9} {:>9} {:>12.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2e} {:>10.3} {:>9}",
+                label,
+                p,
+                "-",
+                "-",
+                mib(sent),
+                mib(4.0 * n * d * 4.0),
+                mib(4.0 * n * d / p as f64 * 4.0),
+                mib(6.0 * n * d_kv * 4.0),
+                err,
+                t.as_secs_f64(),
+                "-"
+            );
+        }
+        rows.push(json!({
+            "schedule": label, "p": p, "ulysses_degree": u,
+            "max_bytes_sent_per_rank": sent, "max_abs_error": err,
+            "overlapped_s": t.as_secs_f64(),
+        }));
     }
     if !as_json {
         println!("(blocks: the slowest rank's block products; zigzag counts half-size blocks)");
