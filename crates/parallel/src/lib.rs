@@ -1,4 +1,4 @@
-//! reel-parallel: the pure, communication-free logic of sequence parallelism.
+//! reel-parallel: sequence parallelism — layouts and schedules as data, and their execution.
 //!
 //! - [`dims`]: [`ParallelDims`] (dp × sp over a world of ranks, validated once; sp groups are
 //!   contiguous ranks).
