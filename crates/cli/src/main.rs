@@ -36,6 +36,12 @@ enum Command {
         /// Override a config field, e.g. `--set train.lr=3e-4` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Sequence-parallel ranks per sequence (`--set parallel.sp=N`; applied after --set).
+        #[arg(long, value_name = "N")]
+        sp: Option<usize>,
+        /// Data-parallel replicas (`--set parallel.dp=M`; applied after --set).
+        #[arg(long, value_name = "M")]
+        dp: Option<usize>,
         /// Continue from the newest checkpoint in the output folder.
         #[arg(long)]
         resume: bool,
@@ -126,6 +132,8 @@ fn real_main() -> Result<()> {
         Command::Sft {
             config,
             overrides,
+            sp,
+            dp,
             resume,
             print_config,
         } => {
@@ -137,6 +145,11 @@ fn real_main() -> Result<()> {
             let mut cfg = SftConfig::from_file(&path)?;
             for o in &overrides {
                 cfg.apply_override(o)?;
+            }
+            for (key, n) in [("sp", sp), ("dp", dp)] {
+                if let Some(n) = n {
+                    cfg.apply_override(&format!("parallel.{key}={n}"))?;
+                }
             }
             let summary = run_sft(
                 &cfg,

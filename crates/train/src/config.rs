@@ -1,5 +1,5 @@
-//! The SFT run configuration: one TOML file with `[model]`, `[data]`, `[train]` and `[output]`
-//! sections, every field optional with the default stated on it, unknown keys refused.
+//! The SFT run configuration: one TOML file with `[model]`, `[data]`, `[train]`, `[parallel]` and
+//! `[output]` sections, every field optional with the default stated on it, unknown keys refused.
 //!
 //! `reel sft --config run.toml --set train.lr=3e-4 --set output.dir=runs/x` is
 //! [`SftConfig::from_file`], then [`SftConfig::apply_override`] per `--set` (the value is parsed as
@@ -8,10 +8,12 @@
 //! Relative paths are relative to the working directory, not to the config file.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use reel_data::Batching;
 use reel_model::CheckpointPolicy;
 use reel_optim::{AdamWConfig, LrSchedule};
+use reel_parallel::{Overlap, ParallelDims, ScheduleKind as AttnScheduleKind};
 use serde::{Deserialize, Serialize};
 
 /// Errors from reading, overriding or validating a config.
@@ -49,6 +51,8 @@ pub struct SftConfig {
     pub data: DataConfig,
     /// Optimisation: steps, learning rate, schedule, AdamW, clipping, checkpointing.
     pub train: TrainConfig,
+    /// Sequence- and data-parallel ranks (in-process threads today).
+    pub parallel: ParallelConfig,
     /// Where the run writes checkpoints, metrics and logs, and how often.
     pub output: OutputConfig,
 }
@@ -237,6 +241,111 @@ impl TrainConfig {
     }
 }
 
+/// The attention schedule of the sequence-parallel ranks (`parallel.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpSchedule {
+    /// LightSeq's load-balanced DistAttn; contiguous shards (rank r holds chunk r).
+    #[default]
+    Distattn,
+    /// Plain causal ring; contiguous shards (the last rank does the most work).
+    Ring,
+    /// Zigzag ring; rank r holds chunks r and 2P−1−r, which balances the causal work.
+    Zigzag,
+}
+
+impl std::fmt::Display for SpSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SpSchedule::Distattn => "distattn",
+            SpSchedule::Ring => "ring",
+            SpSchedule::Zigzag => "zigzag",
+        })
+    }
+}
+
+impl SpSchedule {
+    /// The schedule family it names (its sharding layout follows from it).
+    pub fn kind(self) -> AttnScheduleKind {
+        match self {
+            SpSchedule::Distattn => AttnScheduleKind::DistAttnCausal,
+            SpSchedule::Ring => AttnScheduleKind::RingCausal,
+            SpSchedule::Zigzag => AttnScheduleKind::ZigzagRingCausal,
+        }
+    }
+}
+
+/// `[parallel]`: `dp` data-parallel replicas × `sp` sequence-parallel ranks, `dp · sp` ranks in
+/// all (one thread each today). Each optimizer step draws `dp · train.grad_accum` micro-batches;
+/// replica d takes micro-batches d, d + dp, …, and the `sp` ranks of a replica each take their
+/// token shard of the same micro-batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Sequence-parallel ranks sharing each sequence. Default 1.
+    pub sp: usize,
+    /// Data-parallel replicas. Default 1.
+    pub dp: usize,
+    /// Attention schedule across the sp ranks: "distattn", "ring" or "zigzag". Default "distattn".
+    pub schedule: SpSchedule,
+    /// Overlap the KV/query exchange of the next schedule step with this step's compute.
+    /// Default true.
+    pub overlap: bool,
+    /// Seconds any rank waits on another before the run fails; must exceed the longest gap
+    /// between two ranks (rank 0 evaluates and writes checkpoints while the others wait).
+    /// Default 60.
+    pub timeout_s: u64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self {
+            sp: 1,
+            dp: 1,
+            schedule: SpSchedule::Distattn,
+            overlap: true,
+            timeout_s: 60,
+        }
+    }
+}
+
+impl ParallelConfig {
+    /// `dp · sp`, the number of ranks (saturating; `validate` refuses an overflow).
+    pub fn world(&self) -> usize {
+        self.dp.saturating_mul(self.sp)
+    }
+
+    /// The validated `dp × sp` grid.
+    pub fn dims(&self) -> Result<ParallelDims, ConfigError> {
+        let world = self.dp.checked_mul(self.sp).ok_or(ConfigError::Invalid {
+            key: "parallel.sp",
+            message: format!("dp × sp = {} × {} overflows", self.dp, self.sp),
+        })?;
+        ParallelDims::new(self.dp, self.sp, world).map_err(|e| ConfigError::Invalid {
+            key: if self.dp == 0 {
+                "parallel.dp"
+            } else {
+                "parallel.sp"
+            },
+            message: e.to_string(),
+        })
+    }
+
+    /// The communicator's timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
+    }
+
+    /// The executor's overlap mode.
+    pub fn overlap_mode(&self) -> Overlap {
+        if self.overlap {
+            Overlap::Overlapped
+        } else {
+            Overlap::Blocking
+        }
+    }
+}
+
 /// `[output]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -329,6 +438,20 @@ grad_clip = 1.0
 # (keep attention outputs, recompute only the rest).
 checkpoint = "remat"
 # "f32" or "bf16" (master weights and optimizer state stay f32).
+
+[parallel]
+# dp data-parallel replicas x sp sequence-parallel ranks (one thread each). Each optimizer step
+# draws dp * grad_accum micro-batches; replica d takes micro-batches d, d+dp, ...; the sp ranks of
+# a replica each take their shard of the tokens of the same micro-batch.
+sp = 1
+dp = 1
+# Attention across the sp ranks: "distattn" (LightSeq's balanced schedule), "ring" or "zigzag".
+schedule = "distattn"
+# Overlap the next schedule step's messages with this step's compute.
+overlap = true
+# Seconds a rank waits on another before the run fails; must exceed the longest gap between
+# ranks (rank 0 evaluates and writes checkpoints while the others wait).
+timeout_s = 60
 
 [output]
 # Run folder: checkpoints/, metrics.jsonl, config.toml.
@@ -518,6 +641,17 @@ impl SftConfig {
         if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
             return bad("train.grad_clip", "must be >= 0 (0 = no clipping)");
         }
+        let p = &self.parallel;
+        p.dims()?;
+        if let Err(e) = p.schedule.kind().build(p.sp) {
+            return Err(ConfigError::Invalid {
+                key: "parallel.schedule",
+                message: e.to_string(),
+            });
+        }
+        if p.timeout_s == 0 {
+            return bad("parallel.timeout_s", "must be at least 1");
+        }
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "must not be empty");
         }
@@ -540,16 +674,22 @@ impl SftConfig {
         toml::to_string(self).expect("SftConfig always serialises to TOML")
     }
 
-    /// A hash of everything that shapes the run's numbers (`[model]`, `[data]`, `[train]`; not
-    /// `[output]`), as 16 hex digits; a resumed run compares it with the checkpoint's.
+    /// A hash of everything that shapes the run's numbers (`[model]`, `[data]`, `[train]` and
+    /// `parallel.dp`, which sets the micro-batches per step; not `[output]`, nor `sp`, the
+    /// schedule or the timeout, which change only rounding), as 16 hex digits; a resumed run
+    /// compares it with the checkpoint's. With `dp = 1` it is the hash of runs made before
+    /// `[parallel]` existed.
     pub fn config_hash(&self) -> String {
         #[derive(Serialize)]
         struct Shaping<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dp: Option<usize>,
             model: &'a ModelConfig,
             data: &'a DataConfig,
             train: &'a TrainConfig,
         }
         let text = toml::to_string(&Shaping {
+            dp: (self.parallel.dp != 1).then_some(self.parallel.dp),
             model: &self.model,
             data: &self.data,
             train: &self.train,
@@ -769,6 +909,51 @@ dir = "runs/x"
         cfg.model.init.as_mut().unwrap().num_key_value_heads = 2;
         cfg.output.eval_every = 10;
         assert_eq!(key(&cfg), "output.eval_every");
+        cfg.output.eval_every = 0;
+        cfg.validate().unwrap();
+        cfg.parallel.sp = 0;
+        assert_eq!(key(&cfg), "parallel.sp");
+        cfg.parallel.sp = 2;
+        cfg.parallel.dp = 0;
+        assert_eq!(key(&cfg), "parallel.dp");
+        cfg.parallel.dp = usize::MAX;
+        assert_eq!(key(&cfg), "parallel.sp");
+        cfg.parallel.dp = 3;
+        cfg.validate().unwrap();
+        cfg.parallel.timeout_s = 0;
+        assert_eq!(key(&cfg), "parallel.timeout_s");
+    }
+
+    #[test]
+    fn parallel_section_parses_and_overrides() {
+        let cfg =
+            parse("[parallel]\nsp = 4\ndp = 2\nschedule = \"zigzag\"\noverlap = false\n").unwrap();
+        assert_eq!((cfg.parallel.sp, cfg.parallel.dp), (4, 2));
+        assert_eq!(cfg.parallel.world(), 8);
+        assert_eq!(
+            cfg.parallel.schedule.kind(),
+            AttnScheduleKind::ZigzagRingCausal
+        );
+        assert_eq!(cfg.parallel.overlap_mode(), Overlap::Blocking);
+        assert_eq!(cfg.parallel.timeout(), Duration::from_secs(60));
+        let err = parse("[parallel]\nsp = 2\ntp = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tp") && err.starts_with("run.toml:3:1:"),
+            "{err}"
+        );
+        let err = parse("[parallel]\nschedule = \"ulysses\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ulysses"), "{err}");
+        let mut cfg = SftConfig::default();
+        cfg.apply_override("parallel.sp=2").unwrap();
+        cfg.apply_override("parallel.schedule=ring").unwrap();
+        assert_eq!(cfg.parallel.sp, 2);
+        assert_eq!(cfg.parallel.schedule, SpSchedule::Ring);
+        let dims = cfg.parallel.dims().unwrap();
+        assert_eq!((dims.dp(), dims.sp(), dims.world()), (1, 2, 2));
     }
 
     #[test]
@@ -778,6 +963,13 @@ dir = "runs/x"
         b.output.dir = "elsewhere".into();
         b.output.log_every = 7;
         assert_eq!(a.config_hash(), b.config_hash());
+        // sp and the schedule change rounding only; dp changes the batches of a step.
+        b.parallel.sp = 4;
+        b.parallel.schedule = SpSchedule::Zigzag;
+        assert_eq!(a.config_hash(), b.config_hash());
+        b.parallel.dp = 2;
+        assert_ne!(a.config_hash(), b.config_hash());
+        b.parallel.dp = 1;
         b.train.lr = 2e-3;
         assert_ne!(a.config_hash(), b.config_hash());
         assert_eq!(a.config_hash().len(), 16);

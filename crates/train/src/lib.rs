@@ -3,7 +3,8 @@
 //! - [`config`]: [`SftConfig`], the TOML run configuration with `--set key=value` overrides.
 //! - [`checkpoint`]: atomic checkpoint folders ([`CheckpointDir`], [`write_atomic`]), the
 //!   trainer's resumable state ([`TrainerState`]) and AdamW state as safetensors bytes.
-//! - [`sft`]: the training loop ([`run_sft`]); [`eval`]: assistant-token NLL ([`eval_nll`]).
+//! - [`sft`]: the training loop ([`run_sft`]), single-rank or on `dp × sp` in-process ranks;
+//!   [`eval`]: assistant-token NLL ([`eval_nll`]).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod checkpoint;
@@ -17,8 +18,8 @@ pub use checkpoint::{
     CheckpointDir, CheckpointError, TrainerState,
 };
 pub use config::{
-    ConfigError, DataConfig, InitConfig, ModelConfig, OutputConfig, ScheduleKind, SftConfig,
-    TrainConfig,
+    ConfigError, DataConfig, InitConfig, ModelConfig, OutputConfig, ParallelConfig, ScheduleKind,
+    SftConfig, SpSchedule, TrainConfig,
 };
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 

@@ -2,48 +2,11 @@
 //! same loss curve, every checkpoint policy trains identically, a non-finite step stops the run
 //! with the last checkpoint intact, and bad input is refused with its file and line.
 
-use reel_data::{char_tokenizer, synth_examples, write_jsonl, SynthKind, SynthTask};
+mod common;
+
+use common::{quiet, setup};
 use reel_model::{load_checkpoint, CheckpointPolicy};
-use reel_train::{run_sft, InitConfig, ProgressMode, RunOptions, SftConfig};
-use std::path::Path;
-
-fn setup(dir: &Path, steps: u64) -> SftConfig {
-    let tok = char_tokenizer();
-    tok.save(&dir.join("tok")).unwrap();
-    let mut convs = synth_examples(SynthTask::new(SynthKind::Reverse), 60, 1);
-    convs.extend(synth_examples(SynthTask::new(SynthKind::Sort), 60, 2));
-    write_jsonl(&dir.join("train.jsonl"), &convs).unwrap();
-    write_jsonl(&dir.join("eval.jsonl"), &convs[..8]).unwrap();
-    let mut cfg = SftConfig::default();
-    cfg.model.init = Some(InitConfig {
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        intermediate_size: 64,
-        max_position_embeddings: 128,
-        ..InitConfig::default()
-    });
-    cfg.model.tokenizer = Some(dir.join("tok"));
-    cfg.data.train = dir.join("train.jsonl");
-    cfg.data.eval = Some(dir.join("eval.jsonl"));
-    cfg.data.max_len = 64;
-    cfg.data.tokens_per_batch = 512;
-    cfg.train.steps = steps;
-    cfg.train.lr = 3e-3;
-    cfg.train.warmup_steps = 2;
-    cfg.output.dir = dir.join("run");
-    cfg.output.save_every = 3;
-    cfg.output.keep_last = 0;
-    cfg
-}
-
-fn quiet<'a>() -> RunOptions<'a> {
-    RunOptions {
-        progress: Some(ProgressMode::Log),
-        ..RunOptions::default()
-    }
-}
+use reel_train::{run_sft, RunOptions};
 
 #[test]
 fn loss_falls_and_checkpoints_are_hf_folders() {
