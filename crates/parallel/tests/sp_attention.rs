@@ -184,7 +184,14 @@ fn model_replicas_on_token_shards_match_one_process() {
                 .unwrap_or_else(|e| panic!("{e}"));
                 let st = s.stats;
                 assert_eq!(st.backward_calls, layers, "{what}");
-                assert!(st.forward_calls >= layers, "{what}");
+                // Rematerialization-aware checkpointing runs one distributed attention forward
+                // per layer per step; whole-layer checkpointing reruns it in the backward.
+                let forwards = if policy == CheckpointPolicy::Layer {
+                    2 * layers
+                } else {
+                    layers
+                };
+                assert_eq!(st.forward_calls, forwards, "{what}");
                 assert_eq!(st.forward.blocks, st.forward_calls * counts[r], "{what}");
                 assert_eq!(st.backward.blocks, layers * counts[r], "{what}");
             }
