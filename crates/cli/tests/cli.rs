@@ -145,3 +145,49 @@ fn bench_gemm_reports_both_sides() {
         assert!(r["gemm_crate_gflops"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn sft_runs_sequence_parallel_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    reel_data::char_tokenizer().save(&dir.join("tok")).unwrap();
+    let convs = reel_data::synth_examples(
+        reel_data::SynthTask::new(reel_data::SynthKind::Reverse),
+        40,
+        3,
+    );
+    reel_data::write_jsonl(&dir.join("train.jsonl"), &convs).unwrap();
+    let cfg = format!(
+        "[model]\ntokenizer = {tok:?}\n[model.init]\nhidden_size = 32\nintermediate_size = 64\n\
+         max_position_embeddings = 128\n[data]\ntrain = {train:?}\nmax_len = 64\n\
+         tokens_per_batch = 512\n[train]\nsteps = 3\n[output]\ndir = {out:?}\n",
+        tok = dir.join("tok"),
+        train = dir.join("train.jsonl"),
+        out = dir.join("run"),
+    );
+    std::fs::write(dir.join("run.toml"), cfg).unwrap();
+    let out = reel()
+        .args(["sft", "--sp", "2", "--dp", "2", "--config"])
+        .arg(dir.join("run.toml"))
+        .env("CI", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir
+        .join("run/checkpoints/step-3/model.safetensors")
+        .exists());
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+
+    let bad = reel()
+        .args(["sft", "--sp", "0", "--config"])
+        .arg(dir.join("run.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.sp"));
+}
