@@ -5,6 +5,10 @@
 //! - `attention`: the tiled causal attention kernel, forward and backward GFLOP/s.
 //! - `train`: a Qwen2-shaped model's training step (forward + backward) in tokens/s and the
 //!   activation memory each checkpoint policy keeps.
+//! - `gpu` (feature `cuda`): cuBLASLt bf16 GEMMs beside PyTorch on the same GPU (`bench_gpu.rs`).
+
+#[path = "bench_gpu.rs"]
+mod bench_gpu;
 
 use anyhow::Result;
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
@@ -206,6 +210,8 @@ pub enum BenchWhat {
     Train,
     /// Sequence-parallel attention schedules on in-process ranks.
     Sp,
+    /// cuBLASLt bf16 GEMM TFLOP/s beside torch.matmul on the same GPU (needs the `cuda` feature).
+    Gpu,
 }
 
 pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {
@@ -287,6 +293,9 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
             d: 64,
         };
         report["sp"] = crate::bench_sp::run(shape, &[2, 4, 8], as_json)?;
+    }
+    if what == BenchWhat::Gpu {
+        report["gpu"] = bench_gpu::run(as_json)?;
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,0 +1,112 @@
+//! Device buffers and views of sub-ranges (a flat parameter buffer's tensors, say).
+
+use std::marker::PhantomData;
+use std::ops::Range;
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+use crate::{shape_err, DeviceElem, Result};
+
+/// A device allocation of `len` elements of `T`, freed (stream-ordered) on drop. Made by
+/// [`crate::Gpu::upload`] or [`crate::Gpu::alloc_zeros`].
+pub struct DeviceBuf<T: DeviceElem> {
+    pub(crate) slice: CudaSlice<T>,
+}
+
+impl<T: DeviceElem> DeviceBuf<T> {
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slice.len() == 0
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        // Event tracking is off (one stream per Gpu), so the guard records nothing.
+        let (p, _guard) = self.slice.device_ptr(self.slice.stream());
+        p
+    }
+
+    /// Elements `range` as a read-only view.
+    pub fn view(&self, range: Range<usize>) -> Result<DView<'_, T>> {
+        check_range(&range, self.len())?;
+        Ok(DView {
+            ptr: self.ptr() + (range.start * size_of::<T>()) as u64,
+            len: range.len(),
+            _p: PhantomData,
+        })
+    }
+
+    /// Elements `range` as a writable view.
+    pub fn view_mut(&mut self, range: Range<usize>) -> Result<DViewMut<'_, T>> {
+        check_range(&range, self.len())?;
+        Ok(DViewMut {
+            ptr: self.ptr() + (range.start * size_of::<T>()) as u64,
+            len: range.len(),
+            _p: PhantomData,
+        })
+    }
+}
+
+fn check_range(r: &Range<usize>, len: usize) -> Result<()> {
+    if r.start > r.end || r.end > len {
+        return shape_err(format!("view {r:?} is outside a buffer of {len} elements"));
+    }
+    Ok(())
+}
+
+/// A read-only view of device elements.
+#[derive(Clone, Copy)]
+pub struct DView<'a, T> {
+    ptr: u64,
+    len: usize,
+    _p: PhantomData<&'a T>,
+}
+
+/// A writable view of device elements.
+pub struct DViewMut<'a, T> {
+    ptr: u64,
+    len: usize,
+    _p: PhantomData<&'a mut T>,
+}
+
+/// Device memory an op reads: a [`DeviceBuf`] or a view.
+pub trait DevRead<T> {
+    /// The device address of the first element.
+    fn dptr(&self) -> u64;
+    /// Number of elements.
+    fn dlen(&self) -> usize;
+}
+
+/// Device memory an op writes: a [`DeviceBuf`] or a [`DViewMut`].
+pub trait DevWrite<T>: DevRead<T> {}
+
+impl<T: DeviceElem> DevRead<T> for DeviceBuf<T> {
+    fn dptr(&self) -> u64 {
+        self.ptr()
+    }
+    fn dlen(&self) -> usize {
+        self.len()
+    }
+}
+impl<T: DeviceElem> DevWrite<T> for DeviceBuf<T> {}
+
+impl<T> DevRead<T> for DView<'_, T> {
+    fn dptr(&self) -> u64 {
+        self.ptr
+    }
+    fn dlen(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T> DevRead<T> for DViewMut<'_, T> {
+    fn dptr(&self) -> u64 {
+        self.ptr
+    }
+    fn dlen(&self) -> usize {
+        self.len
+    }
+}
+impl<T> DevWrite<T> for DViewMut<'_, T> {}

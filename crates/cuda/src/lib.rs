@@ -1,0 +1,147 @@
+//! reel-cuda: the GPU path. Every CUDA library is opened at run time (cudarc with
+//! `dynamic-loading`), so this crate builds on machines with no GPU and no CUDA toolkit, and
+//! [`Gpu::open`] answers a clear [`GpuError`] (never a panic) where no driver, device or library
+//! is found; the caller falls back to the CPU.
+//!
+//! - [`libs`]: where the libraries are (pip's `nvidia/*/lib`, `/usr/local/cuda/lib64`, …), how
+//!   they are made reachable (preloading by full path; or re-exec with `LD_LIBRARY_PATH` and an
+//!   NCCL shim), and NVRTC's include folder for `cuda_bf16.h`.
+//! - [`Gpu`]: one device and one stream; [`DeviceBuf`] (f32, bf16, u32) with upload/download and
+//!   sub-range views ([`DView`], [`DViewMut`]).
+//! - GEMMs through cuBLASLt in the nn.Linear layout ([`Gpu::matmul_forward`],
+//!   [`Gpu::matmul_backward`]): bf16 in with f32 accumulation and f32 or bf16 out, or f32
+//!   throughout.
+//! - reel's own kernels (`kernels.cu`, compiled by NVRTC for the device's architecture when the
+//!   device is opened): RMSNorm, SwiGLU, embedding and RoPE, forward and backward, with the CPU
+//!   references' argument conventions (`reel-kernels`): outputs, saved values, inputs, weights,
+//!   dimensions; parameter gradients accumulate, activation gradients overwrite; storage f32 or
+//!   bf16, arithmetic f32, reductions deterministic.
+//!
+//! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
+//! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
+//! [`GpuError::Shape`].
+
+mod blas;
+mod buffer;
+mod gpu;
+pub mod libs;
+mod ops;
+
+pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
+pub use gpu::{DeviceInfo, Gpu};
+pub use ops::GpuRopeTable;
+
+use half::bf16;
+
+/// Why the GPU path is unavailable or an op failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// No CUDA driver library: no NVIDIA driver on this machine.
+    #[error("no NVIDIA driver: libcuda.so.1 could not be loaded ({0})")]
+    NoDriver(String),
+    /// The driver is there but the device is not.
+    #[error("no CUDA device {ordinal}: {detail}")]
+    NoDevice { ordinal: usize, detail: String },
+    /// A CUDA library other than the driver could not be loaded.
+    #[error("CUDA library {lib} could not be loaded ({detail}); install NVIDIA's pip wheels (nvidia-cublas, nvidia-cuda-nvrtc, nvidia-cuda-runtime) or set REEL_CUDA_LIB_DIRS")]
+    MissingLibrary { lib: &'static str, detail: String },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    /// NVRTC could not compile reel's kernels (the log follows).
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    /// A cuBLASLt call failed.
+    #[error("cuBLASLt: {0}")]
+    Blas(String),
+    /// Buffer lengths or dimensions that do not fit the op.
+    #[error("{0}")]
+    Shape(String),
+    /// A CUDA library panicked inside cudarc (a missing symbol, say).
+    #[error("CUDA library call panicked: {0}")]
+    Panic(String),
+}
+
+impl From<cudarc::driver::DriverError> for GpuError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        GpuError::Driver(format!("{e:?}"))
+    }
+}
+
+impl From<cudarc::cublaslt::result::CublasError> for GpuError {
+    fn from(e: cudarc::cublaslt::result::CublasError) -> Self {
+        GpuError::Blas(format!("{e:?}"))
+    }
+}
+
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for u32 {}
+}
+
+/// An element type device buffers hold: f32, bf16 or u32 (token ids, positions).
+pub trait DeviceElem:
+    sealed::Sealed
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
+}
+impl DeviceElem for f32 {}
+impl DeviceElem for bf16 {}
+impl DeviceElem for u32 {}
+
+/// A storage type the ops run on: f32 or bf16 (arithmetic is f32 either way).
+pub trait GpuFloat: DeviceElem + reel_tensor::Float {
+    /// Kernel name suffix (`rmsnorm_fwd_bf16`).
+    const SUFFIX: &'static str;
+    /// Index into per-type kernel tables.
+    const INDEX: usize;
+    /// cuBLASLt's name for the type.
+    fn cuda_type() -> cudarc::cublaslt::sys::cudaDataType;
+}
+
+impl GpuFloat for f32 {
+    const SUFFIX: &'static str = "f32";
+    const INDEX: usize = 0;
+    fn cuda_type() -> cudarc::cublaslt::sys::cudaDataType {
+        cudarc::cublaslt::sys::cudaDataType::CUDA_R_32F
+    }
+}
+
+impl GpuFloat for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const INDEX: usize = 1;
+    fn cuda_type() -> cudarc::cublaslt::sys::cudaDataType {
+        cudarc::cublaslt::sys::cudaDataType::CUDA_R_16BF
+    }
+}
+
+/// Runs `f`, turning a panic inside cudarc (it panics when a library or symbol cannot be loaded)
+/// into [`GpuError::Panic`].
+pub(crate) fn catch<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(GpuError::Panic(format!("{what}: {msg}")))
+        }
+    }
+}
+
+pub(crate) fn shape_err<T>(msg: String) -> Result<T> {
+    Err(GpuError::Shape(msg))
+}

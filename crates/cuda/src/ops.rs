@@ -1,0 +1,652 @@
+//! reel's own kernels (`kernels.cu`): NVRTC compilation and the host side of each op.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, CString};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{result as nvres, sys as nvsys, Ptx};
+
+use crate::buffer::{DevRead, DevWrite};
+use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuFloat, Result};
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Rows one block of the column-sum kernel covers at least (its partial sums are then added in
+/// order).
+const COLSUM_ROWS: usize = 64;
+
+/// Compiles `src` to a CUBIN for `arch` (`sm_90`) with NVRTC. Errors carry NVRTC's log.
+fn compile_cubin(src: &str, arch: &str, includes: &[PathBuf]) -> Result<Vec<u8>> {
+    let nv = |what: &str| {
+        let what = what.to_string();
+        move |e: nvres::NvrtcError| GpuError::Nvrtc(format!("{what}: {e:?}"))
+    };
+    let src_c = CString::new(src).map_err(|e| GpuError::Nvrtc(e.to_string()))?;
+    let name = CString::new("reel_kernels.cu").expect("no NUL");
+    let prog = nvres::create_program(&src_c, Some(&name)).map_err(nv("nvrtcCreateProgram"))?;
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "--device-as-default-execution-space".to_string(),
+    ];
+    opts.extend(
+        includes
+            .iter()
+            .map(|d| format!("--include-path={}", d.display())),
+    );
+    // SAFETY: `prog` is alive until destroyed at the end; buffers are sized by NVRTC's answers.
+    let result = unsafe {
+        match nvres::compile_program(prog, &opts) {
+            Ok(()) => {
+                let mut size = 0usize;
+                nvsys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(nv("nvrtcGetCUBINSize"))
+                    .and_then(|_| {
+                        let mut buf = vec![0u8; size];
+                        nvsys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char)
+                            .result()
+                            .map_err(nv("nvrtcGetCUBIN"))
+                            .map(|_| buf)
+                    })
+            }
+            Err(e) => {
+                let log = nvres::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> = l
+                            .iter()
+                            .take_while(|&&c| c != 0)
+                            .map(|&c| c as u8)
+                            .collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_default();
+                let hint = if includes.is_empty() && log.contains("cuda_bf16.h") {
+                    "; cuda_bf16.h was not found: install the pip wheel nvidia-cuda-runtime or set REEL_CUDA_INCLUDE_DIRS"
+                } else {
+                    ""
+                };
+                Err(GpuError::Nvrtc(format!(
+                    "compiling reel's kernels for {arch} failed ({e:?}){hint}:\n{log}"
+                )))
+            }
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { nvres::destroy_program(prog) };
+    result
+}
+
+/// Compiled CUBINs by architecture, shared by every `Gpu` of the process.
+fn cubin_for(arch: &str, includes: &[PathBuf]) -> Result<(Arc<Vec<u8>>, f64)> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<Vec<u8>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut map = cache
+        .lock()
+        .map_err(|_| GpuError::Nvrtc("kernel cache poisoned".into()))?;
+    if let Some(c) = map.get(arch) {
+        return Ok((c.clone(), 0.0));
+    }
+    let t = Instant::now();
+    let cubin = Arc::new(compile_cubin(SOURCE, arch, includes)?);
+    map.insert(arch.to_string(), cubin.clone());
+    Ok((cubin, t.elapsed().as_secs_f64()))
+}
+
+/// One entry point per storage type, indexed by [`GpuFloat::INDEX`].
+type PerType = [CudaFunction; 2];
+
+pub(crate) struct Kernels {
+    rmsnorm_fwd: PerType,
+    rmsnorm_bwd_dinp: PerType,
+    colsum_partial: PerType,
+    colsum_finish: PerType,
+    swiglu_fwd: PerType,
+    swiglu_bwd: PerType,
+    embedding_fwd: PerType,
+    embedding_bwd: PerType,
+    rope: PerType,
+}
+
+impl Kernels {
+    pub(crate) fn load(
+        ctx: &Arc<CudaContext>,
+        cc: (i32, i32),
+        includes: &[PathBuf],
+    ) -> Result<(Kernels, f64)> {
+        let arch = format!("sm_{}{}", cc.0, cc.1);
+        let (cubin, secs) = cubin_for(&arch, includes)?;
+        let module = ctx.load_module(Ptx::from_binary(cubin.to_vec()))?;
+        let get = |name: &str| -> Result<PerType> {
+            Ok([
+                module.load_function(&format!("{name}_f32"))?,
+                module.load_function(&format!("{name}_bf16"))?,
+            ])
+        };
+        Ok((
+            Kernels {
+                rmsnorm_fwd: get("rmsnorm_fwd")?,
+                rmsnorm_bwd_dinp: get("rmsnorm_bwd_dinp")?,
+                colsum_partial: get("colsum_partial")?,
+                colsum_finish: get("colsum_finish")?,
+                swiglu_fwd: get("swiglu_fwd")?,
+                swiglu_bwd: get("swiglu_bwd")?,
+                embedding_fwd: get("embedding_fwd")?,
+                embedding_bwd: get("embedding_bwd")?,
+                rope: get("rope")?,
+            },
+            secs,
+        ))
+    }
+}
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads for a row-per-block kernel over `d` columns: a multiple of 32, at most 1024.
+fn row_threads(d: usize) -> u32 {
+    (d.div_ceil(32) * 32).clamp(32, 256) as u32
+}
+
+/// Blocks for a grid-stride elementwise kernel over `total` items, 256 threads each.
+fn elementwise_grid(total: usize) -> u32 {
+    total.div_ceil(256).clamp(1, 132 * 32) as u32
+}
+
+fn as_i32(op: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        GpuError::Shape(format!(
+            "{op}: {what} = {v} exceeds the kernel's 32-bit limit"
+        ))
+    })
+}
+
+fn check(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return shape_err(format!("{op}: {what} has {got} elements, expected {want}"));
+    }
+    Ok(())
+}
+
+macro_rules! launch {
+    ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let mut b = $gpu.stream.launch_builder($f);
+        $( b.arg($arg); )*
+        // SAFETY: every pointer argument was checked against the kernel's extent by the caller.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(GpuError::from)
+    }};
+}
+
+/// cos and sin of every (position, frequency) pair on the device, computed exactly as
+/// `reel_kernels::rope::RopeTable::new` does (f32 `inv_freq`, f32 angle), [max_positions, D/2].
+pub struct GpuRopeTable {
+    head_dim: usize,
+    max_positions: usize,
+    cos: DeviceBuf<f32>,
+    sin: DeviceBuf<f32>,
+}
+
+impl GpuRopeTable {
+    pub fn new(gpu: &Gpu, head_dim: usize, max_positions: usize, theta: f32) -> Result<Self> {
+        if head_dim == 0 || head_dim % 2 == 1 {
+            return shape_err(format!(
+                "GpuRopeTable: head_dim {head_dim} must be even and positive"
+            ));
+        }
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|j| 1.0 / theta.powf((2 * j) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(GpuRopeTable {
+            head_dim,
+            max_positions,
+            cos: gpu.upload(&cos)?,
+            sin: gpu.upload(&sin)?,
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+}
+
+impl Gpu {
+    /// Uploads token ids, refusing any id ≥ `vocab` (the kernels would write NaN rows for them).
+    pub fn upload_tokens(&self, tokens: &[u32], vocab: usize) -> Result<DeviceBuf<u32>> {
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return shape_err(format!(
+                "token id {t} at index {i} is outside the table of {vocab} rows"
+            ));
+        }
+        self.upload(tokens)
+    }
+
+    /// RMSNorm forward as `reel_kernels::rmsnorm::rmsnorm_forward`: inp [n, d], weight [d] →
+    /// out [n, d], rstd [n] (f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_forward<T: GpuFloat>(
+        &self,
+        out: &mut impl DevWrite<T>,
+        rstd: &mut impl DevWrite<f32>,
+        inp: &impl DevRead<T>,
+        weight: &impl DevRead<T>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rmsnorm_forward";
+        check(op, "out", out.dlen(), n * d)?;
+        check(op, "rstd", rstd.dlen(), n)?;
+        check(op, "inp", inp.dlen(), n * d)?;
+        check(op, "weight", weight.dlen(), d)?;
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        let (d32, n32) = (as_i32(op, "d", d)?, as_i32(op, "n", n)?);
+        self.bind()?;
+        let (o, r, x, w) = (out.dptr(), rstd.dptr(), inp.dptr(), weight.dptr());
+        launch!(
+            self,
+            &self.kernels.rmsnorm_fwd[T::INDEX],
+            cfg((n32 as u32, 1, 1), (row_threads(d), 1, 1)),
+            &o,
+            &r,
+            &x,
+            &w,
+            &d32,
+            &eps
+        )
+    }
+
+    /// RMSNorm backward as `reel_kernels::rmsnorm::rmsnorm_backward`: `dinp` overwritten,
+    /// `dweight +=` (summed over rows in f32 in a fixed order, rounded once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_backward<T: GpuFloat>(
+        &self,
+        dinp: &mut impl DevWrite<T>,
+        dweight: &mut impl DevWrite<T>,
+        dout: &impl DevRead<T>,
+        inp: &impl DevRead<T>,
+        weight: &impl DevRead<T>,
+        rstd: &impl DevRead<f32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        let op = "rmsnorm_backward";
+        check(op, "dinp", dinp.dlen(), n * d)?;
+        check(op, "dweight", dweight.dlen(), d)?;
+        check(op, "dout", dout.dlen(), n * d)?;
+        check(op, "inp", inp.dlen(), n * d)?;
+        check(op, "weight", weight.dlen(), d)?;
+        check(op, "rstd", rstd.dlen(), n)?;
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        let (d32, n32) = (as_i32(op, "d", d)?, as_i32(op, "n", n)?);
+        self.bind()?;
+        let (dx, dy, x, w, r) = (
+            dinp.dptr(),
+            dout.dptr(),
+            inp.dptr(),
+            weight.dptr(),
+            rstd.dptr(),
+        );
+        launch!(
+            self,
+            &self.kernels.rmsnorm_bwd_dinp[T::INDEX],
+            cfg((n32 as u32, 1, 1), (row_threads(d), 1, 1)),
+            &dx,
+            &dy,
+            &x,
+            &w,
+            &r,
+            &d32
+        )?;
+        self.colsum::<T>(dweight.dptr(), dy, Some((x, r)), n, d)
+    }
+
+    /// `dst[d] +=` column sums over `n` rows of `dout` (times `x · rstd[row]` when given), in f32,
+    /// deterministic: partial sums per block of [`COLSUM_ROWS`] rows, then added in order.
+    pub(crate) fn colsum<T: GpuFloat>(
+        &self,
+        dst: u64,
+        dout: u64,
+        x_rstd: Option<(u64, u64)>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        let op = "column sum";
+        // At most 65535 chunks (the grid's y limit).
+        let rows = COLSUM_ROWS.max(n.div_ceil(65535));
+        let chunks = n.div_ceil(rows);
+        let (n32, d32) = (as_i32(op, "n", n)?, as_i32(op, "d", d)?);
+        let chunks32 = as_i32(op, "chunks", chunks)?;
+        let rows32 = as_i32(op, "rows per chunk", rows)?;
+        let col_blocks = d.div_ceil(32) as u32;
+        // Freed in stream order (after the kernels) when dropped at the end of this function.
+        let partial = self.alloc_scratch_f32(chunks * d)?;
+        let p = partial.ptr();
+        let (x, r) = x_rstd.unwrap_or((0, 0));
+        launch!(
+            self,
+            &self.kernels.colsum_partial[T::INDEX],
+            cfg((col_blocks, chunks as u32, 1), (32, 8, 1)),
+            &p,
+            &dout,
+            &x,
+            &r,
+            &n32,
+            &d32,
+            &rows32
+        )?;
+        launch!(
+            self,
+            &self.kernels.colsum_finish[T::INDEX],
+            cfg((d.div_ceil(256) as u32, 1, 1), (256, 1, 1)),
+            &dst,
+            &p,
+            &chunks32,
+            &d32
+        )?;
+        Ok(())
+    }
+
+    fn alloc_scratch_f32(&self, len: usize) -> Result<DeviceBuf<f32>> {
+        // SAFETY: scratch written before it is read.
+        Ok(DeviceBuf {
+            slice: unsafe { self.stream.alloc::<f32>(len.max(1)) }?,
+        })
+    }
+
+    /// SwiGLU forward as `reel_kernels::swiglu::swiglu_forward`: gate_up [n, 2i] → out [n, i].
+    pub fn swiglu_forward<T: GpuFloat>(
+        &self,
+        out: &mut impl DevWrite<T>,
+        gate_up: &impl DevRead<T>,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        let op = "swiglu_forward";
+        check(op, "out", out.dlen(), n * i)?;
+        check(op, "gate_up", gate_up.dlen(), 2 * n * i)?;
+        if n == 0 || i == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let (o, g, n64, i64_) = (out.dptr(), gate_up.dptr(), n as i64, i as i64);
+        launch!(
+            self,
+            &self.kernels.swiglu_fwd[T::INDEX],
+            cfg((elementwise_grid(n * i), 1, 1), (256, 1, 1)),
+            &o,
+            &g,
+            &n64,
+            &i64_
+        )
+    }
+
+    /// SwiGLU backward as `reel_kernels::swiglu::swiglu_backward` (overwrites `dgate_up`).
+    pub fn swiglu_backward<T: GpuFloat>(
+        &self,
+        dgate_up: &mut impl DevWrite<T>,
+        dout: &impl DevRead<T>,
+        gate_up: &impl DevRead<T>,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        let op = "swiglu_backward";
+        check(op, "dgate_up", dgate_up.dlen(), 2 * n * i)?;
+        check(op, "dout", dout.dlen(), n * i)?;
+        check(op, "gate_up", gate_up.dlen(), 2 * n * i)?;
+        if n == 0 || i == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let (dg, dy, g, n64, i64_) = (
+            dgate_up.dptr(),
+            dout.dptr(),
+            gate_up.dptr(),
+            n as i64,
+            i as i64,
+        );
+        launch!(
+            self,
+            &self.kernels.swiglu_bwd[T::INDEX],
+            cfg((elementwise_grid(n * i), 1, 1), (256, 1, 1)),
+            &dg,
+            &dy,
+            &g,
+            &n64,
+            &i64_
+        )
+    }
+
+    /// Embedding forward as `reel_kernels::embedding::embedding_forward`: out[t] = table[tokens[t]]
+    /// for table [vocab, d] (vocab = table length / d). An id ≥ vocab gives a NaN row; upload ids
+    /// with [`Gpu::upload_tokens`] to refuse them up front.
+    pub fn embedding_forward<T: GpuFloat>(
+        &self,
+        out: &mut impl DevWrite<T>,
+        tokens: &impl DevRead<u32>,
+        table: &impl DevRead<T>,
+        d: usize,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        let n = tokens.dlen();
+        check(op, "out", out.dlen(), n * d)?;
+        if d == 0 || n == 0 {
+            return Ok(());
+        }
+        if table.dlen() % d != 0 {
+            return shape_err(format!(
+                "{op}: table has {} elements, not a multiple of d = {d}",
+                table.dlen()
+            ));
+        }
+        let vocab = u32::try_from(table.dlen() / d)
+            .map_err(|_| GpuError::Shape(format!("{op}: vocabulary too large")))?;
+        let d32 = as_i32(op, "d", d)?;
+        let n32 = as_i32(op, "tokens", n)?;
+        self.bind()?;
+        let (o, t, w) = (out.dptr(), tokens.dptr(), table.dptr());
+        launch!(
+            self,
+            &self.kernels.embedding_fwd[T::INDEX],
+            cfg((n32 as u32, 1, 1), (row_threads(d), 1, 1)),
+            &o,
+            &t,
+            &w,
+            &d32,
+            &vocab
+        )
+    }
+
+    /// Embedding backward as `reel_kernels::embedding::embedding_backward`:
+    /// `dtable[tokens[t]] += dout[t]`, each row summed in f32 in token order and rounded once
+    /// (deterministic, no atomics). `tokens` are host ids (as llm.c does, the host groups them);
+    /// an id ≥ vocab is refused.
+    pub fn embedding_backward<T: GpuFloat>(
+        &self,
+        dtable: &mut impl DevWrite<T>,
+        dout: &impl DevRead<T>,
+        tokens: &[u32],
+        d: usize,
+    ) -> Result<()> {
+        let op = "embedding_backward";
+        let n = tokens.len();
+        check(op, "dout", dout.dlen(), n * d)?;
+        if d == 0 || n == 0 {
+            return Ok(());
+        }
+        if dtable.dlen() % d != 0 {
+            return shape_err(format!(
+                "{op}: dtable has {} elements, not a multiple of d = {d}",
+                dtable.dlen()
+            ));
+        }
+        let vocab = dtable.dlen() / d;
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return shape_err(format!(
+                "{op}: token id {t} at index {i} is outside the table of {vocab} rows"
+            ));
+        }
+        as_i32(op, "tokens", n)?;
+        let d32 = as_i32(op, "d", d)?;
+        // Group token indices by id (stable: ascending index within an id).
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&i| tokens[i as usize]);
+        let mut uniq: Vec<u32> = Vec::new();
+        let mut offsets: Vec<u32> = Vec::new();
+        for (k, &i) in order.iter().enumerate() {
+            let t = tokens[i as usize];
+            if uniq.last() != Some(&t) {
+                uniq.push(t);
+                offsets.push(k as u32);
+            }
+        }
+        offsets.push(n as u32);
+        let order_d = self.upload(&order)?;
+        let uniq_d = self.upload(&uniq)?;
+        let offsets_d = self.upload(&offsets)?;
+        let (dt, dy, o, u, off) = (
+            dtable.dptr(),
+            dout.dptr(),
+            order_d.ptr(),
+            uniq_d.ptr(),
+            offsets_d.ptr(),
+        );
+        launch!(
+            self,
+            &self.kernels.embedding_bwd[T::INDEX],
+            cfg((uniq.len() as u32, 1, 1), (row_threads(d), 1, 1)),
+            &dt,
+            &dy,
+            &o,
+            &u,
+            &off,
+            &d32
+        )
+    }
+
+    /// RoPE forward as `reel_kernels::rope::rope_forward`, in place on x [n, n_heads, head_dim];
+    /// `positions` [n] (a position outside the table gives NaNs).
+    pub fn rope_forward<T: GpuFloat>(
+        &self,
+        x: &mut impl DevWrite<T>,
+        positions: &impl DevRead<u32>,
+        table: &GpuRopeTable,
+        n_heads: usize,
+    ) -> Result<()> {
+        self.rope("rope_forward", x, positions, table, n_heads, 1.0)
+    }
+
+    /// RoPE backward as `reel_kernels::rope::rope_backward`: the rotation by −angle, in place.
+    pub fn rope_backward<T: GpuFloat>(
+        &self,
+        dx: &mut impl DevWrite<T>,
+        positions: &impl DevRead<u32>,
+        table: &GpuRopeTable,
+        n_heads: usize,
+    ) -> Result<()> {
+        self.rope("rope_backward", dx, positions, table, n_heads, -1.0)
+    }
+
+    fn rope<T: GpuFloat>(
+        &self,
+        op: &str,
+        x: &mut impl DevWrite<T>,
+        positions: &impl DevRead<u32>,
+        table: &GpuRopeTable,
+        n_heads: usize,
+        sign: f32,
+    ) -> Result<()> {
+        let n = positions.dlen();
+        let d = table.head_dim;
+        check(op, "x", x.dlen(), n * n_heads * d)?;
+        if x.dlen() == 0 {
+            return Ok(());
+        }
+        let h32 = as_i32(op, "n_heads", n_heads)?;
+        let d32 = as_i32(op, "head_dim", d)?;
+        let max_pos = u32::try_from(table.max_positions).unwrap_or(u32::MAX);
+        self.bind()?;
+        let (xp, p, c, s, n64) = (
+            x.dptr(),
+            positions.dptr(),
+            table.cos.ptr(),
+            table.sin.ptr(),
+            n as i64,
+        );
+        launch!(
+            self,
+            &self.kernels.rope[T::INDEX],
+            cfg((elementwise_grid(n * n_heads * d / 2), 1, 1), (256, 1, 1)),
+            &xp,
+            &p,
+            &c,
+            &s,
+            &n64,
+            &h32,
+            &d32,
+            &max_pos,
+            &sign
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// NVRTC needs no GPU: wherever libnvrtc is found (pip's nvidia-cuda-nvrtc on a CPU machine
+    /// too), reel's kernels must compile for Hopper. Skipped where it is absent (CI).
+    #[test]
+    fn kernels_compile_for_sm90_where_nvrtc_is_present() {
+        crate::libs::preload();
+        // SAFETY: only tries to dlopen.
+        let present =
+            std::panic::catch_unwind(|| unsafe { nvsys::is_culib_present() }).unwrap_or(false);
+        if !present {
+            eprintln!("skipped: no libnvrtc here");
+            return;
+        }
+        let inc = crate::libs::include_dirs(crate::libs::lib_dirs());
+        let t = Instant::now();
+        let cubin = compile_cubin(SOURCE, "sm_90", &inc).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "{} bytes of sm_90 CUBIN in {:.2}s (include {inc:?})",
+            cubin.len(),
+            t.elapsed().as_secs_f64()
+        );
+        assert!(cubin.len() > 1000);
+    }
+}

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `reel bench gpu`: bf16 torch.matmul TFLOP/s at the same shapes, timed the same way.
+
+`reel bench gpu` runs this itself (it embeds this file and pipes it to `python3 -`) when
+`python3 -c 'import torch'` works, passing its shapes, and prints both columns and their ratio. To run
+it by hand in the same session, on the same GPU:
+
+    python3 scripts/bench_gpu_torch.py            # default shapes (the same as reel's), a table
+    python3 scripts/bench_gpu_torch.py --json     # JSON rows
+
+Shapes are nn.Linear GEMMs: inp [m, k], weight [n, k]. "fwd" times out = inp @ weight.T (2mkn FLOPs);
+"bwd" times dinp = dout @ weight and dweight += dout.T @ inp (4mkn FLOPs). Inputs are uniform in
+[-1, 1), bf16; outputs bf16; accumulation fp32 (reduced-precision bf16 reductions are turned off, as
+reel accumulates in fp32). Each row: warm-up runs, then CUDA events around each timed run; the median
+("ms": what a Python caller gets, host overhead included); and "graph_ms": the same calls captured in
+one CUDA graph and replayed, per call (the GPU's time alone, for small GEMMs where eager PyTorch is
+bound by its host overhead).
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+# (name, kind, m, k, n): Qwen2-0.5B (d 896, I 4864, 14 q heads + 2 kv heads of 64, V 151936)
+# over 8192 tokens, and a square 8192³.
+DEFAULT_SHAPES = [
+    ["qkv", "fwd", 8192, 896, 1152],
+    ["o_proj", "fwd", 8192, 896, 896],
+    ["gate_up", "fwd", 8192, 896, 9728],
+    ["down", "fwd", 8192, 4864, 896],
+    ["lm_head", "fwd", 8192, 896, 151936],
+    ["gate_up", "bwd", 8192, 896, 9728],
+    ["down", "bwd", 8192, 4864, 896],
+    ["square", "fwd", 8192, 8192, 8192],
+]
+
+
+def time_ms(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    events[0].record()
+    for i in range(iters):
+        fn()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    times = sorted(events[i].elapsed_time(events[i + 1]) for i in range(iters))
+    return times[len(times) // 2]
+
+
+def time_graph_ms(fn, iters, reps=5):
+    """Per-call GPU time without host overhead: `iters` calls captured in one CUDA graph, each
+    replay timed with events; the median replay over `iters`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / iters)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def uniform(*shape):
+    return (torch.rand(*shape, device="cuda", dtype=torch.float32) * 2 - 1).to(torch.bfloat16)
+
+
+def bench(shapes, warmup, iters):
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    rows = []
+    for name, kind, m, k, n in shapes:
+        inp, w = uniform(m, k), uniform(n, k)
+        if kind == "fwd":
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+            fn = lambda: torch.matmul(inp, w.t(), out=out)
+            flops = 2.0 * m * k * n
+        else:
+            dout = uniform(m, n)
+            dinp = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+            dw = uniform(n, k)
+
+            def fn():
+                torch.matmul(dout, w, out=dinp)
+                dw.addmm_(dout.t(), inp)
+
+            flops = 4.0 * m * k * n
+        ms = time_ms(fn, warmup, iters)
+        graph_ms = time_graph_ms(fn, iters)
+        rows.append({"name": name, "kind": kind, "m": m, "k": k, "n": n, "ms": ms,
+                     "tflops": flops / (ms * 1e-3) / 1e12, "graph_ms": graph_ms,
+                     "graph_tflops": flops / (graph_ms * 1e-3) / 1e12})
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", help="JSON list of [name, kind, m, k, n]")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("torch sees no CUDA device", file=sys.stderr)
+        sys.exit(2)
+    shapes = json.loads(a.shapes) if a.shapes else DEFAULT_SHAPES
+    rows = bench(shapes, a.warmup, a.iters)
+    if a.json:
+        print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}))
+    else:
+        print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+        for r in rows:
+            print(f"{r['name']:<10} {r['kind']:<4} {r['m']:>6} {r['k']:>6} {r['n']:>7} {r['ms']:>9.3f} ms "
+                  f"{r['tflops']:>7.1f} TFLOP/s; in a CUDA graph {r['graph_ms']:>9.3f} ms {r['graph_tflops']:>7.1f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
