@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{quiet, setup};
+use common::{assert_resume_continues, quiet, setup};
 use reel_model::{load_checkpoint, CheckpointPolicy};
 use reel_train::{run_sft, RunOptions, SftConfig, SftSummary, SpSchedule};
 use std::path::Path;
@@ -127,37 +127,9 @@ fn ring_and_zigzag_match_at_sp2() {
 fn resumed_sp2_run_continues_the_same_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = config(&tmp.path().join("a"), 7, 2, 1);
-    let full = run_sft(&straight, quiet()).unwrap();
-
     let cfg = config(&tmp.path().join("b"), 7, 2, 1);
     // Interrupted after 4 steps: the newest checkpoint is step 3.
-    let part = run_sft(
-        &cfg,
-        RunOptions {
-            stop_after: Some(4),
-            ..quiet()
-        },
-    )
-    .unwrap();
-    assert_eq!(part.steps, 4);
-    let resumed = run_sft(
-        &cfg,
-        RunOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap();
-    assert_eq!(resumed.steps, 7);
-    assert_eq!(resumed.losses.len(), 4, "resumed from step 3");
-    assert_eq!(
-        &full.losses[3..],
-        &resumed.losses[..],
-        "loss curve after resume"
-    );
-    let a = load_checkpoint(&full.final_model_dir).unwrap();
-    let b = load_checkpoint(&resumed.final_model_dir).unwrap();
-    assert_eq!(a.params, b.params);
+    assert_resume_continues(&straight, &cfg, 4, 3);
 }
 
 #[test]

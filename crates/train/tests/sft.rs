@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{quiet, setup};
+use common::{assert_resume_continues, quiet, setup};
 use reel_model::{load_checkpoint, CheckpointPolicy};
 use reel_train::{run_sft, RunOptions};
 
@@ -42,37 +42,9 @@ fn loss_falls_and_checkpoints_are_hf_folders() {
 fn resume_continues_the_same_loss_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = setup(&tmp.path().join("a"), 9);
-    let full = run_sft(&straight, quiet()).unwrap();
-
     let cfg = setup(&tmp.path().join("b"), 9);
     // Interrupted after 5 steps: the newest checkpoint is step 3.
-    let part = run_sft(
-        &cfg,
-        RunOptions {
-            stop_after: Some(5),
-            ..quiet()
-        },
-    )
-    .unwrap();
-    assert_eq!(part.steps, 5);
-    let resumed = run_sft(
-        &cfg,
-        RunOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap();
-    assert_eq!(resumed.steps, 9);
-    assert_eq!(resumed.losses.len(), 6, "resumed from step 3");
-    assert_eq!(
-        &full.losses[3..],
-        &resumed.losses[..],
-        "loss curve after resume"
-    );
-    let a = load_checkpoint(&full.final_model_dir).unwrap();
-    let b = load_checkpoint(&resumed.final_model_dir).unwrap();
-    assert_eq!(a.params, b.params);
+    assert_resume_continues(&straight, &cfg, 5, 3);
     // metrics.jsonl was truncated at the resume point: steps 1..=9 once each.
     let text = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = text

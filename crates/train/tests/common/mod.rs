@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use reel_data::{char_tokenizer, synth_examples, write_jsonl, SynthKind, SynthTask};
-use reel_train::{InitConfig, ProgressMode, RunOptions, SftConfig};
+use reel_model::load_checkpoint;
+use reel_train::{run_sft, InitConfig, ProgressMode, RunOptions, SftConfig};
 use std::path::Path;
 
 pub fn setup(dir: &Path, steps: u64) -> SftConfig {
@@ -42,4 +43,48 @@ pub fn quiet<'a>() -> RunOptions<'a> {
         progress: Some(ProgressMode::Log),
         ..RunOptions::default()
     }
+}
+
+/// Runs `straight` through, then `cfg` (the same run in another folder) interrupted after
+/// `stop_after` steps and resumed; asserts the resumed run continues from checkpoint
+/// `resumed_from` with exactly the uninterrupted losses and ends with identical weights.
+pub fn assert_resume_continues(
+    straight: &SftConfig,
+    cfg: &SftConfig,
+    stop_after: u64,
+    resumed_from: u64,
+) {
+    let total = straight.train.steps;
+    let full = run_sft(straight, quiet()).unwrap();
+    let part = run_sft(
+        cfg,
+        RunOptions {
+            stop_after: Some(stop_after),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(part.steps, stop_after);
+    let resumed = run_sft(
+        cfg,
+        RunOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(resumed.steps, total);
+    assert_eq!(
+        resumed.losses.len() as u64,
+        total - resumed_from,
+        "resumed from step {resumed_from}"
+    );
+    assert_eq!(
+        &full.losses[resumed_from as usize..],
+        &resumed.losses[..],
+        "loss curve after resume"
+    );
+    let a = load_checkpoint(&full.final_model_dir).unwrap();
+    let b = load_checkpoint(&resumed.final_model_dir).unwrap();
+    assert_eq!(a.params, b.params);
 }
