@@ -8,7 +8,7 @@
 //! and the wall time of a forward + backward with communication overlapped and blocking.
 //! In-process ranks share this machine's cores, so times compare schedules, not GPUs.
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use reel_comm::{Communicator, InProcess};
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
 use reel_parallel::{
@@ -75,6 +75,36 @@ fn reference(s: SpShape) -> Full {
     }
 }
 
+impl Full {
+    /// Rank `r`'s shard of q, k, v and dout.
+    fn shard(&self, s: SpShape, sh: &Sharding, r: usize) -> Result<[Vec<f32>; 4]> {
+        let (qw, kw) = (s.h * s.d, s.h_kv * s.d);
+        let cut = |x: &[f32], w: usize| sh.shard(x, 1, w, r, 0.0);
+        Ok([
+            cut(&self.q, qw)?,
+            cut(&self.k, kw)?,
+            cut(&self.v, kw)?,
+            cut(&self.dout, qw)?,
+        ])
+    }
+}
+
+/// Splits each rank's (extra, [out, dq, dk, dv]) into the extras and the four lists of parts.
+type Gathered<X> = (Vec<X>, [Vec<Vec<f32>>; 4]);
+
+fn gather<X>(results: Vec<Result<(X, [Vec<f32>; 4])>>) -> Result<Gathered<X>> {
+    let mut extras = Vec::new();
+    let mut parts: [Vec<Vec<f32>>; 4] = Default::default();
+    for r in results {
+        let (x, locals) = r?;
+        extras.push(x);
+        for (i, v) in locals.into_iter().enumerate() {
+            parts[i].push(v);
+        }
+    }
+    Ok((extras, parts))
+}
+
 /// Per rank: forward and backward stats.
 type RankStats = Vec<(ExecStats, ExecStats)>;
 
@@ -98,17 +128,9 @@ fn run_schedule(
         d: s.d,
     };
     let ex = DistExecutor::new(schedule, sh, local, overlap)?;
-    let (qw, kw) = (s.h * s.d, s.h_kv * s.d);
-    let cut = |x: &[f32], w: usize, r: usize| sh.shard(x, 1, w, r, 0.0);
     let start = Instant::now();
     let results = InProcess::spawn(p, Duration::from_secs(600), |comm| {
-        let r = comm.rank();
-        let (q, k, v, dout) = (
-            cut(&full.q, qw, r)?,
-            cut(&full.k, kw, r)?,
-            cut(&full.v, kw, r)?,
-            cut(&full.dout, qw, r)?,
-        );
+        let [q, k, v, dout] = full.shard(s, &sh, comm.rank())?;
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![0.0; l * s.h];
         let f = ex.forward(&comm, &mut out, &mut lse, &q, &k, &v)?;
@@ -119,15 +141,7 @@ fn run_schedule(
         Ok::<_, anyhow::Error>(((f, b), [out, dq, dk, dv]))
     });
     let elapsed = start.elapsed();
-    let mut stats = Vec::new();
-    let mut parts: [Vec<Vec<f32>>; 4] = Default::default();
-    for r in results {
-        let (st, locals) = r.map_err(|e| anyhow!("{e}"))?;
-        stats.push(st);
-        for (i, x) in locals.into_iter().enumerate() {
-            parts[i].push(x);
-        }
-    }
+    let (stats, parts) = gather(results)?;
     let err = worst_error(s, &sh, &parts, full)?;
     Ok((stats, err, elapsed))
 }
@@ -174,19 +188,11 @@ fn run_ulysses(s: SpShape, p: usize, full: &Full) -> Result<(usize, f64, f32, Du
     let att = UlyssesAttention::new(grid, global, Causality::Causal)?;
     let sh = att.sharding();
     let l = att.local_shape().tq;
-    let (qw, kw) = (s.h * s.d, s.h_kv * s.d);
-    let cut = |x: &[f32], w: usize, r: usize| sh.shard(x, 1, w, r, 0.0);
     let start = Instant::now();
     let results = InProcess::spawn(p, Duration::from_secs(600), |comm| {
-        let r = comm.rank();
         let groups = UlyssesGroups::split(&comm, grid)?;
         groups.reset_stats();
-        let (q, k, v, dout) = (
-            cut(&full.q, qw, r)?,
-            cut(&full.k, kw, r)?,
-            cut(&full.v, kw, r)?,
-            cut(&full.dout, qw, r)?,
-        );
+        let [q, k, v, dout] = full.shard(s, &sh, comm.rank())?;
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![0.0; l * s.h];
         att.forward(&groups, &mut out, &mut lse, &q, &k, &v)?;
@@ -198,15 +204,8 @@ fn run_ulysses(s: SpShape, p: usize, full: &Full) -> Result<(usize, f64, f32, Du
         Ok::<_, anyhow::Error>((sent, [out, dq, dk, dv]))
     });
     let elapsed = start.elapsed();
-    let mut parts: [Vec<Vec<f32>>; 4] = Default::default();
-    let mut sent = 0u64;
-    for r in results {
-        let (b, locals) = r.map_err(|e| anyhow!("{e}"))?;
-        sent = sent.max(b);
-        for (i, x) in locals.into_iter().enumerate() {
-            parts[i].push(x);
-        }
-    }
+    let (sent, parts) = gather(results)?;
+    let sent = sent.into_iter().max().unwrap_or(0);
     Ok((u, sent as f64, worst_error(s, &sh, &parts, full)?, elapsed))
 }
 
