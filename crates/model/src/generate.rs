@@ -227,7 +227,7 @@ impl Qwen2 {
     }
 
     /// Generates up to `max_new` tokens after `prompt`, stopping after any token in `stop`
-    /// (which is included in the output).
+    /// (which is included in the output) or at `max_position_embeddings`, whichever comes first.
     pub fn generate(
         &self,
         prompt: &[u32],
@@ -235,6 +235,22 @@ impl Qwen2 {
         stop: &[u32],
         params: &SamplingParams,
     ) -> Result<Vec<u32>, ModelError> {
+        let max_pos = self.config.max_position_embeddings;
+        if prompt.is_empty() || prompt.len() > max_pos {
+            return Err(ModelError::Invalid(format!(
+                "the prompt has {} tokens; the model takes 1 to {max_pos}",
+                prompt.len()
+            )));
+        }
+        if !(params.temperature >= 0.0 && params.temperature.is_finite())
+            || !(params.top_p > 0.0 && params.top_p <= 1.0)
+        {
+            return Err(ModelError::Invalid(format!(
+                "temperature must be finite and ≥ 0 and top_p in (0, 1]; got {} and {}",
+                params.temperature, params.top_p
+            )));
+        }
+        let max_new = max_new.min(max_pos - prompt.len());
         let mut cache = KvCache::new(self, prompt.len() + max_new);
         let mut rng = reel_tensor::rng(params.seed);
         let mut out = Vec::with_capacity(max_new);

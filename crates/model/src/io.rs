@@ -189,20 +189,18 @@ pub fn safetensors_bytes(
     safetensors::serialize(views, metadata).map_err(|e| ModelError::Invalid(e.to_string()))
 }
 
-/// Saves a model as an HF checkpoint folder in `dtype` (the config's `dtype` is updated to
-/// match). Files larger than `max_shard_bytes` are split into
-/// `model-0000i-of-0000n.safetensors` with an index, as transformers does.
-pub fn save_checkpoint(
+/// The files of an HF checkpoint folder for `model` in `dtype`, in memory: `config.json`
+/// (its `dtype` set to match) and `model.safetensors`, or, past `max_shard_bytes`,
+/// `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`.
+pub fn model_files(
     model: &Qwen2,
-    dir: &Path,
     dtype: DType,
     max_shard_bytes: usize,
-) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+) -> Result<Vec<(String, Vec<u8>)>, ModelError> {
     let mut config = model.config.clone();
     config.dtype = dtype;
     let cfg_text = serde_json::to_string_pretty(&config.to_json()).expect("json");
-    write_file_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+    let mut files = vec![("config.json".to_string(), cfg_text.into_bytes())];
 
     let mut shards: Vec<Vec<TensorRef>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
@@ -222,9 +220,8 @@ pub fn save_checkpoint(
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     if shards.len() == 1 {
         let bytes = safetensors_bytes(&shards[0], dtype, meta)?;
-        write_file_atomic(&dir.join("model.safetensors"), &bytes)?;
-        let _ = std::fs::remove_file(dir.join("model.safetensors.index.json"));
-        return Ok(());
+        files.push(("model.safetensors".to_string(), bytes));
+        return Ok(files);
     }
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
@@ -235,16 +232,38 @@ pub fn save_checkpoint(
             weight_map.insert(t.clone(), name.clone());
             total += data.len() * dtype.size();
         }
-        let bytes = safetensors_bytes(shard, dtype, meta.clone())?;
-        write_file_atomic(&dir.join(&name), &bytes)?;
+        files.push((name, safetensors_bytes(shard, dtype, meta.clone())?));
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    write_file_atomic(
-        &dir.join("model.safetensors.index.json"),
-        serde_json::to_string_pretty(&index)
-            .expect("json")
-            .as_bytes(),
-    )?;
-    let _ = std::fs::remove_file(dir.join("model.safetensors"));
+    let text = serde_json::to_string_pretty(&index).expect("json");
+    files.push((
+        "model.safetensors.index.json".to_string(),
+        text.into_bytes(),
+    ));
+    Ok(files)
+}
+
+/// Saves a model as an HF checkpoint folder in `dtype` ([`model_files`]), each file written
+/// atomically; a single-file save removes a stale index and the other way round.
+pub fn save_checkpoint(
+    model: &Qwen2,
+    dir: &Path,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let files = model_files(model, dtype, max_shard_bytes)?;
+    let sharded = files
+        .iter()
+        .any(|(name, _)| name == "model.safetensors.index.json");
+    for (name, bytes) in &files {
+        write_file_atomic(&dir.join(name), bytes)?;
+    }
+    let stale = if sharded {
+        "model.safetensors"
+    } else {
+        "model.safetensors.index.json"
+    };
+    let _ = std::fs::remove_file(dir.join(stale));
     Ok(())
 }

@@ -320,6 +320,11 @@ fn save_and_load_round_trip_single_sharded_and_bf16() {
     save_checkpoint(&model, &half, DType::BF16, usize::MAX).unwrap();
     let back = load_checkpoint(&half).unwrap();
     assert_eq!(back.config.dtype, DType::BF16);
+    // Saving that model in f32 says float32 in config.json, whatever it was loaded from.
+    let files = reel_model::io::model_files(&back, DType::F32, usize::MAX).unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&files[0].1).unwrap();
+    assert_eq!(files[0].0, "config.json");
+    assert_eq!(cfg["dtype"], "float32");
     check_close(
         "bf16 weights",
         &back.params,
@@ -381,4 +386,23 @@ fn bad_batches_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("500"), "{err}");
+}
+
+#[test]
+fn generation_stops_at_the_position_limit_and_refuses_bad_parameters() {
+    let model = load_checkpoint(&fixture("qwen2-tiny")).unwrap();
+    let max_pos = model.config.max_position_embeddings;
+    let prompt: Vec<u32> = (0..max_pos as u32 - 5).map(|i| i % 90).collect();
+    let out = model
+        .generate(&prompt, usize::MAX, &[], &SamplingParams::default())
+        .unwrap();
+    assert_eq!(out.len(), 5, "generation keeps what fits in the positions");
+    let bad = SamplingParams {
+        temperature: f32::NAN,
+        ..SamplingParams::default()
+    };
+    assert!(model.generate(&prompt[..4], 3, &[], &bad).is_err());
+    assert!(model
+        .generate(&[], 3, &[], &SamplingParams::default())
+        .is_err());
 }

@@ -35,7 +35,7 @@ use reel_data::{
     make_batch, read_sft_jsonl, Batch, BucketSampler, Message, SamplerState, TokenizedExample,
     Tokenizer, IGNORE_INDEX,
 };
-use reel_model::io::safetensors_bytes;
+use reel_model::io::model_files;
 use reel_model::{
     load_checkpoint, save_checkpoint, LocalAttention, LossStats, Qwen2, Qwen2Config, TokenBatch,
     Workspace,
@@ -126,29 +126,8 @@ fn checkpoint_files(
     opt: &AdamW,
     state: &TrainerState,
 ) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut files = Vec::new();
-    let cfg = serde_json::to_string_pretty(&model.config.to_json())?;
-    files.push(("config.json".to_string(), cfg.into_bytes()));
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
-        .layout
-        .entries
-        .iter()
-        .map(|e| {
-            (
-                e.name.clone(),
-                e.shape.clone(),
-                &model.params[e.range.clone()],
-            )
-        })
-        .collect();
-    let meta = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
-    files.push((
-        "model.safetensors".to_string(),
-        safetensors_bytes(&tensors, DType::F32, meta)?,
-    ));
+    // Weights stay f32 (the master copy); config.json says so.
+    let mut files = model_files(model, DType::F32, usize::MAX)?;
     // The tokenizer writes a folder; carry its files into the checkpoint.
     let tmp = tempfile::tempdir()?;
     tok.save(tmp.path())?;
