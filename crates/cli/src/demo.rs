@@ -3,8 +3,9 @@
 //! Generates three small string tasks (reverse letters, sort digits, add numbers) as chat SFT
 //! data with a character-level tokenizer, trains a tiny Qwen2 from scratch with the SFT trainer,
 //! and reports held-out exact-match accuracy (greedy decoding with the KV cache) before, during
-//! and after training, with the loss curve. Everything lands in `--out` as a normal run folder
-//! (config.toml, metrics.jsonl, checkpoints/ that `reel eval` and `reel generate` read).
+//! and after training, with the loss curve. The data and tokenizer land in `--out`, the run in
+//! `--out/sft` (config.toml, metrics.jsonl, checkpoints/ that `reel eval` and `reel generate`
+//! read); a new demo replaces the earlier one's run.
 
 use anyhow::{Context, Result};
 use reel_data::{
@@ -102,6 +103,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let start = Instant::now();
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // The demo regenerates everything: an earlier demo's run folder goes.
+    let run_dir = out.join("sft");
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir)
+            .with_context(|| format!("removing the earlier demo run {}", run_dir.display()))?;
+    }
     println!(
         "reel demo: a tiny Qwen2 learns reverse / sort / add from scratch on {} CPU threads",
         rayon::current_num_threads()

@@ -60,7 +60,8 @@ enum Command {
         /// Print one JSON object {"mean_nll": …, "tokens": …}.
         #[arg(long)]
         json: bool,
-        /// Longest sequence; longer conversations are truncated.
+        /// Longest sequence (at most the model's max_position_embeddings); longer conversations
+        /// are truncated.
         #[arg(long, default_value_t = 4096)]
         max_len: usize,
     },
@@ -174,7 +175,8 @@ fn real_main() -> Result<()> {
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
             let convs = read_sft_jsonl(&data)?;
-            let stats = eval_nll(&m, &tok, &convs, max_len)?;
+            let stats = eval_nll(&m, &tok, &convs, max_len)
+                .with_context(|| format!("evaluating {}", data.display()))?;
             if json {
                 println!(
                     "{}",

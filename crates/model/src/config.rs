@@ -73,7 +73,7 @@ impl Qwen2Config {
         };
         let get_f32 = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
         if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
-            if mt != "qwen2" && mt != "qwen2_5" && mt != "llama" {
+            if mt != "qwen2" {
                 return Err(format!(
                     "model_type `{mt}` is not a Qwen2-family decoder (expected qwen2)"
                 ));

@@ -242,9 +242,9 @@ impl Qwen2 {
                 prompt.len()
             )));
         }
-        if !(params.temperature >= 0.0 && params.temperature.is_finite())
-            || !(params.top_p > 0.0 && params.top_p <= 1.0)
-        {
+        let temperature_ok = params.temperature.is_finite() && params.temperature >= 0.0;
+        let top_p_ok = params.top_p > 0.0 && params.top_p <= 1.0;
+        if !temperature_ok || !top_p_ok {
             return Err(ModelError::Invalid(format!(
                 "temperature must be finite and ≥ 0 and top_p in (0, 1]; got {} and {}",
                 params.temperature, params.top_p

@@ -124,7 +124,8 @@ pub struct DataConfig {
     pub eval: Option<PathBuf>,
     /// Longest sequence in tokens; longer samples are truncated. Default 512.
     pub max_len: usize,
-    /// Tokens per micro-batch (samples are packed up to this many). Default 4096.
+    /// Token budget of a micro-batch: samples are right-padded to the longest, and count ×
+    /// longest stays within this. Default 4096.
     pub tokens_per_batch: usize,
     /// How samples are grouped into micro-batches: "random" (a fresh random grouping each
     /// epoch) or "bucket" (similar lengths together: least padding, less mixed batches).
@@ -355,7 +356,8 @@ pub struct OutputConfig {
     /// Save a checkpoint every this many steps (and after the last); 0 = only after the last.
     /// Default 50.
     pub save_every: u64,
-    /// Evaluate on `data.eval` every this many steps; 0 = never. Default 0.
+    /// Evaluate on `data.eval` every this many steps, and after the last step; 0 = only after
+    /// the last step. Default 0.
     pub eval_every: u64,
     /// Complete checkpoints to keep (the newest is never deleted); 0 = keep all. Default 2.
     pub keep_last: usize,
@@ -406,7 +408,7 @@ train = ""
 # eval = "data/eval.jsonl"
 # Longest sequence in tokens; longer samples are truncated.
 max_len = 512
-# Tokens per micro-batch (samples are packed up to this many).
+# Token budget of a micro-batch: samples are right-padded to the longest, count × longest ≤ this.
 tokens_per_batch = 4096
 # "random" (a fresh random grouping each epoch) or "bucket" (similar lengths together: least
 # padding, but batches then differ systematically).
@@ -437,7 +439,6 @@ grad_clip = 1.0
 # Activation checkpointing: "none", "layer" (recompute whole layers) or "remat"
 # (keep attention outputs, recompute only the rest).
 checkpoint = "remat"
-# "f32" or "bf16" (master weights and optimizer state stay f32).
 
 [parallel]
 # dp data-parallel replicas x sp sequence-parallel ranks (one thread each). Each optimizer step
@@ -458,7 +459,7 @@ timeout_s = 60
 dir = "runs/sft"
 # Checkpoint every this many steps (and after the last); 0 = only after the last.
 save_every = 50
-# Evaluate every this many steps; 0 = never.
+# Evaluate on data.eval every this many steps and after the last; 0 = only after the last.
 eval_every = 0
 # Complete checkpoints to keep (the newest is never deleted); 0 = keep all.
 keep_last = 2

@@ -38,13 +38,22 @@ pub fn tokenize_all(
 }
 
 /// Sum and count of the assistant-token NLL over `convs` (use `.mean()` for the mean).
+/// Conversations are truncated to `max_len`, and never past the model's positions; a set with no
+/// assistant token left is an error rather than a mean of zero.
 pub fn eval_nll(
     model: &Qwen2,
     tok: &Tokenizer,
     convs: &[Vec<Message>],
     max_len: usize,
 ) -> Result<LossStats> {
+    let max_len = max_len.min(model.config.max_position_embeddings);
     let examples = tokenize_all(tok, convs, max_len)?;
+    if examples.is_empty() {
+        anyhow::bail!(
+            "no conversation ({} given) has an assistant token within {max_len} tokens",
+            convs.len()
+        );
+    }
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].len());

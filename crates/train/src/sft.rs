@@ -204,6 +204,16 @@ impl Shared {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         crate::checkpoint::write_atomic(out.join("config.toml"), cfg.to_toml().as_bytes())?;
         let ckpts = CheckpointDir::open(out, cfg.output.keep_last)?;
+        if !resume {
+            if let Some(old) = ckpts.latest() {
+                bail!(
+                    "{} holds checkpoints of an earlier run (newest {}); pass --resume to \
+                     continue it, or choose another output.dir",
+                    ckpts.root().display(),
+                    old.display()
+                );
+            }
+        }
 
         // Data.
         let convs = read_sft_jsonl(&cfg.data.train)?;
@@ -229,7 +239,6 @@ impl Shared {
         );
         let pad = tok
             .pad_token_id()
-            .or(tok.eos_token_id())
             .context("the tokenizer has neither a pad nor an eos token")?;
 
         // Model, optimizer state, and where we start.
@@ -253,6 +262,26 @@ impl Shared {
                 tok.vocab_size(),
                 model.config.vocab_size
             );
+        }
+        if cfg.data.max_len > model.config.max_position_embeddings {
+            bail!(
+                "data.max_len = {} exceeds the model's max_position_embeddings ({})",
+                cfg.data.max_len,
+                model.config.max_position_embeddings
+            );
+        }
+        if let (Some(set), Some(path)) = (&eval_set, &cfg.data.eval) {
+            // Tokenize once up front so a bad eval file fails now, not at the first evaluation.
+            if tokenize_all(&tok, set, cfg.data.max_len)
+                .with_context(|| format!("tokenizing {}", path.display()))?
+                .is_empty()
+            {
+                bail!(
+                    "{}: no conversation has an assistant token within max_len = {}",
+                    path.display(),
+                    cfg.data.max_len
+                );
+            }
         }
         let mut shared = Shared {
             tok,

@@ -125,3 +125,16 @@ fn missing_files_name_the_path() {
     let err = format!("{:#}", run_sft(&cfg, quiet()).unwrap_err());
     assert!(err.contains("nope.jsonl"), "{err}");
 }
+
+#[test]
+fn a_fresh_run_refuses_a_folder_with_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 3);
+    run_sft(&cfg, quiet()).unwrap();
+    let err = run_sft(&cfg, quiet()).unwrap_err().to_string();
+    assert!(err.contains("--resume") && err.contains("step-3"), "{err}");
+    let mut long = setup(&tmp.path().join("long"), 3);
+    long.data.max_len = 4096;
+    let err = run_sft(&long, quiet()).unwrap_err().to_string();
+    assert!(err.contains("data.max_len"), "{err}");
+}
