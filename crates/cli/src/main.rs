@@ -208,7 +208,16 @@ fn real_main() -> Result<()> {
             } else {
                 reel_data::prompt_ids(&tok, &[Message::user(prompt)])?
             };
-            let stop: Vec<u32> = tok.eos_token_id().into_iter().collect();
+            // Stop at the end of the assistant turn whichever way the checkpoint spells it.
+            let mut stop: Vec<u32> = [
+                tok.eos_token_id(),
+                m.config.eos_token_id,
+                tok.token_to_id("<|im_end|>"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            stop.dedup();
             let params = SamplingParams {
                 temperature,
                 top_p,

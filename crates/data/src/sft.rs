@@ -146,8 +146,16 @@ pub fn tokenize_conversation(tok: &Tokenizer, messages: &[Message]) -> Result<To
                  span is undefined"
             )));
         }
-        let end = template.render(&messages[..=i], false)?.len();
-        spans.push((prefix.len(), end));
+        let through = template.render(&messages[..=i], false)?;
+        if !text.starts_with(&through) {
+            return Err(DataError::Conversation(format!(
+                "message {i}: the template renders the conversation up to this assistant turn \
+                 differently from the whole conversation (e.g. it rewrites earlier turns), so \
+                 where the turn ends is undefined; refusing rather than training on the wrong \
+                 tokens"
+            )));
+        }
+        spans.push((prefix.len(), through.len()));
     }
     let (input_ids, offsets) = tok.encode_with_offsets(&text)?;
     let loss_mask = offsets
@@ -168,6 +176,24 @@ pub fn prompt_ids(tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_that_rewrites_earlier_turns_is_refused() {
+        // The last assistant turn is rendered with an extra marker that earlier renderings lack.
+        let src = "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.last and \
+                   m.role == 'assistant' %}[final]{% endif %}{{ m.content }}<|im_end|>\n\
+                   {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let mut tok = crate::synth::char_tokenizer();
+        tok.set_chat_template(crate::chat::ChatTemplate::new(src).unwrap());
+        let conv = vec![
+            Message::user("a"),
+            Message::assistant("b"),
+            Message::user("c"),
+            Message::assistant("d"),
+        ];
+        let err = tokenize_conversation(&tok, &conv).unwrap_err().to_string();
+        assert!(err.contains("message 1"), "{err}");
+    }
     use crate::chat::ChatTemplate;
     use crate::synth::char_tokenizer;
 

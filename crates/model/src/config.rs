@@ -182,6 +182,27 @@ impl Qwen2Config {
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
+        // Sizes this program can hold: positions for the RoPE table, parameters for one buffer.
+        if self.max_position_embeddings > 1 << 24 {
+            return Err(format!(
+                "max_position_embeddings ({}) is larger than reel supports (2^24)",
+                self.max_position_embeddings
+            ));
+        }
+        // f64: no overflow whatever the fields say; exact enough for a bound.
+        let f = |x: usize| x as f64;
+        let params = f(self.vocab_size) * f(self.hidden_size) * 2.0
+            + f(self.num_hidden_layers)
+                * f(self.hidden_size)
+                * ((f(self.num_attention_heads) + 2.0 * f(self.num_key_value_heads))
+                    * f(self.head_dim)
+                    + f(self.num_attention_heads) * f(self.head_dim)
+                    + 3.0 * f(self.intermediate_size));
+        if params > (1u64 << 40) as f64 {
+            return Err(format!(
+                "the config describes {params} parameters; reel supports up to 2^40"
+            ));
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim ({}) must be even for RoPE",
@@ -258,6 +279,15 @@ mod tests {
         v["num_key_value_heads"] = json!(3);
         let e = Qwen2Config::from_json(&v).unwrap_err();
         assert!(e.contains("num_key_value_heads"), "{e}");
+        for (field, huge) in [
+            ("max_position_embeddings", json!(1u64 << 40)),
+            ("vocab_size", json!(1u64 << 62)),
+        ] {
+            let mut v = Qwen2Config::tiny(99).to_json();
+            v[field] = huge;
+            let e = Qwen2Config::from_json(&v).unwrap_err();
+            assert!(e.contains("supports"), "{field}: {e}");
+        }
         let mut v = Qwen2Config::tiny(99).to_json();
         v.as_object_mut().unwrap().remove("hidden_size");
         assert!(Qwen2Config::from_json(&v)
