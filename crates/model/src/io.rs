@@ -143,18 +143,38 @@ pub fn load_checkpoint(dir: &Path) -> Result<Qwen2, ModelError> {
     Qwen2::from_params(config, params)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+/// Writes `bytes` to `path` atomically: a temp file in the same folder (`.<name>.<pid>.tmp`),
+/// fsync, rename over `path`, fsync of the folder. Readers see the old file or the new one; the
+/// temp file is removed on failure. The one implementation every atomic write in reel uses.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|s| s.to_str()).unwrap_or("file")
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
     ));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // fsync the folder so the rename is durable (skipped where folders cannot be opened).
+    if let Ok(d) = std::fs::File::open(dir) {
+        d.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Serialises named f32 tensors as a safetensors file in `dtype`.
@@ -257,7 +277,8 @@ pub fn save_checkpoint(
         .iter()
         .any(|(name, _)| name == "model.safetensors.index.json");
     for (name, bytes) in &files {
-        write_file_atomic(&dir.join(name), bytes)?;
+        let path = dir.join(name);
+        write_atomic(&path, bytes).map_err(|e| ModelError::io(&path, e))?;
     }
     let stale = if sharded {
         "model.safetensors"

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use reel_optim::AdamWState;
@@ -72,33 +71,14 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same folder (`.<name>.<pid>.tmp`),
-/// fsync, rename over `path`, fsync of the folder. Readers see the old file or the new one.
+/// Writes `bytes` to `path` atomically ([`reel_model::io::write_atomic`]: temp file, fsync,
+/// rename, fsync of the folder). Readers see the old file or the new one.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<(), CheckpointError> {
     let path = path.as_ref();
-    let name = path
-        .file_name()
-        .ok_or_else(|| CheckpointError::BadFileName(path.display().to_string()))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> Result<(), CheckpointError> {
-        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("rename to", path))
-    };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
+    if path.file_name().is_none() {
+        return Err(CheckpointError::BadFileName(path.display().to_string()));
     }
-    sync_dir(dir)
+    reel_model::io::write_atomic(path, bytes).map_err(io_err("write", path))
 }
 
 /// The `step-<N>` name of a complete checkpoint, or `None` for anything else.
