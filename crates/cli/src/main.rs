@@ -6,7 +6,7 @@ mod demo;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use reel_data::{read_sft_jsonl, Message, Tokenizer};
+use reel_data::{Message, SftFile, Tokenizer};
 use reel_model::generate::SamplingParams;
 use reel_model::load_checkpoint;
 use reel_train::{eval_nll, run_sft, RunOptions, SftConfig};
@@ -174,9 +174,8 @@ fn real_main() -> Result<()> {
         } => {
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
-            let convs = read_sft_jsonl(&data)?;
-            let stats = eval_nll(&m, &tok, &convs, max_len)
-                .with_context(|| format!("evaluating {}", data.display()))?;
+            let file = SftFile::read(&data)?;
+            let stats = eval_nll(&m, &tok, &file, max_len)?;
             if json {
                 println!(
                     "{}",
@@ -187,7 +186,7 @@ fn real_main() -> Result<()> {
                     "mean NLL {:.6} over {} assistant tokens ({} conversations)",
                     stats.mean(),
                     stats.n_tokens,
-                    convs.len()
+                    file.conversations.len()
                 );
             }
         }

@@ -20,7 +20,8 @@ use std::path::PathBuf;
 pub use batch::{make_batch, Batch, Batching, BucketSampler, SamplerState, IGNORE_INDEX};
 pub use chat::{ChatTemplate, Message, SpecialTokens};
 pub use sft::{
-    prompt_ids, read_sft_jsonl, read_sft_jsonl_lenient, tokenize_conversation, TokenizedExample,
+    prompt_ids, read_sft_jsonl, read_sft_jsonl_lenient, tokenize_conversation, SftFile,
+    TokenizedExample,
 };
 pub use synth::{char_tokenizer, solve, synth_examples, write_jsonl, SynthKind, SynthTask};
 pub use tokenizer::Tokenizer;

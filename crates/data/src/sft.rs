@@ -42,16 +42,42 @@ impl TokenizedExample {
     }
 }
 
+/// The conversations of an SFT JSONL file with the (1-based) line each came from, so that later
+/// errors (a template that fails on one conversation) can name `path:line` too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SftFile {
+    pub path: std::path::PathBuf,
+    pub lines: Vec<usize>,
+    pub conversations: Vec<Vec<Message>>,
+}
+
+impl SftFile {
+    /// Reads the file; the first malformed line is an error naming `path:line`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let mut file = SftFile {
+            path: path.to_path_buf(),
+            lines: Vec::new(),
+            conversations: Vec::new(),
+        };
+        for (k, line) in text.lines().enumerate() {
+            if let Some(conv) = parse_line(path, k + 1, line)? {
+                file.lines.push(k + 1);
+                file.conversations.push(conv);
+            }
+        }
+        Ok(file)
+    }
+
+    /// `path:line` of conversation `i`.
+    pub fn origin(&self, i: usize) -> String {
+        format!("{}:{}", self.path.display(), self.lines[i])
+    }
+}
+
 /// Read an SFT JSONL file; the first malformed line is an error naming `path:line`.
 pub fn read_sft_jsonl(path: &Path) -> Result<Vec<Vec<Message>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let mut out = Vec::new();
-    for (k, line) in text.lines().enumerate() {
-        if let Some(conv) = parse_line(path, k + 1, line)? {
-            out.push(conv);
-        }
-    }
-    Ok(out)
+    SftFile::read(path).map(|f| f.conversations)
 }
 
 /// Like [`read_sft_jsonl`] but skips malformed lines, returning their errors beside the good

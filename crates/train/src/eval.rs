@@ -1,24 +1,25 @@
 //! Evaluation: mean negative log-likelihood of the assistant tokens of a set of conversations,
 //! with the same tokenization, loss mask and batching as training.
 
-use anyhow::Result;
-use reel_data::{make_batch, tokenize_conversation, Message, TokenizedExample, Tokenizer};
+use anyhow::{Context, Result};
+use reel_data::{make_batch, tokenize_conversation, SftFile, TokenizedExample, Tokenizer};
 use reel_model::{CheckpointPolicy, LocalAttention, LossStats, Qwen2, TokenBatch, Workspace};
 
 /// Tokens per evaluation batch.
 const EVAL_TOKENS_PER_BATCH: usize = 8192;
 
-/// Tokenizes conversations, truncating each to `max_len` tokens and dropping those left with
-/// no assistant token (a warning says how many).
+/// Tokenizes a file's conversations, truncating each to `max_len` tokens and dropping those
+/// left with no assistant token (a warning says how many). An error names `path:line`.
 pub fn tokenize_all(
     tok: &Tokenizer,
-    convs: &[Vec<Message>],
+    file: &SftFile,
     max_len: usize,
 ) -> Result<Vec<TokenizedExample>> {
+    let convs = &file.conversations;
     let mut out = Vec::with_capacity(convs.len());
     let mut dropped = 0usize;
-    for c in convs {
-        let mut ex = tokenize_conversation(tok, c)?;
+    for (i, c) in convs.iter().enumerate() {
+        let mut ex = tokenize_conversation(tok, c).with_context(|| file.origin(i))?;
         ex.input_ids.truncate(max_len);
         ex.loss_mask.truncate(max_len);
         // The first token is never a target (nothing predicts it).
@@ -30,7 +31,9 @@ pub fn tokenize_all(
     }
     if dropped > 0 {
         tracing::warn!(
-            "{dropped} of {} conversations have no assistant token within {max_len} tokens; skipped",
+            "{}: {dropped} of {} conversations have no assistant token within {max_len} tokens; \
+             skipped",
+            file.path.display(),
             convs.len()
         );
     }
@@ -43,15 +46,16 @@ pub fn tokenize_all(
 pub fn eval_nll(
     model: &Qwen2,
     tok: &Tokenizer,
-    convs: &[Vec<Message>],
+    file: &SftFile,
     max_len: usize,
 ) -> Result<LossStats> {
     let max_len = max_len.min(model.config.max_position_embeddings);
-    let examples = tokenize_all(tok, convs, max_len)?;
+    let examples = tokenize_all(tok, file, max_len)?;
     if examples.is_empty() {
         anyhow::bail!(
-            "no conversation ({} given) has an assistant token within {max_len} tokens",
-            convs.len()
+            "{}: no conversation ({} given) has an assistant token within {max_len} tokens",
+            file.path.display(),
+            file.conversations.len()
         );
     }
     let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);

@@ -32,8 +32,8 @@ use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use anyhow::{bail, Context, Result};
 use reel_comm::{CommError, Communicator, InProcess};
 use reel_data::{
-    make_batch, read_sft_jsonl, Batch, BucketSampler, Message, SamplerState, TokenizedExample,
-    Tokenizer, IGNORE_INDEX,
+    make_batch, Batch, BucketSampler, SamplerState, SftFile, TokenizedExample, Tokenizer,
+    IGNORE_INDEX,
 };
 use reel_model::io::model_files;
 use reel_model::{
@@ -185,7 +185,7 @@ struct Shared {
     tok: Tokenizer,
     ckpts: CheckpointDir,
     train: Vec<TokenizedExample>,
-    eval_set: Option<Vec<Vec<Message>>>,
+    eval_set: Option<SftFile>,
     /// The sampler at the run's first step.
     sampler: BucketSampler,
     pad: u32,
@@ -216,9 +216,8 @@ impl Shared {
         }
 
         // Data.
-        let convs = read_sft_jsonl(&cfg.data.train)?;
-        let train = tokenize_all(&tok, &convs, cfg.data.max_len)
-            .with_context(|| format!("tokenizing {}", cfg.data.train.display()))?;
+        let train_file = SftFile::read(&cfg.data.train)?;
+        let train = tokenize_all(&tok, &train_file, cfg.data.max_len)?;
         if train.is_empty() {
             bail!(
                 "{}: no conversation has an assistant token within max_len = {}",
@@ -227,7 +226,7 @@ impl Shared {
             );
         }
         let eval_set = match &cfg.data.eval {
-            Some(p) => Some(read_sft_jsonl(p)?),
+            Some(p) => Some(SftFile::read(p)?),
             None => None,
         };
         let lengths: Vec<usize> = train.iter().map(|e| e.len()).collect();
@@ -270,15 +269,12 @@ impl Shared {
                 model.config.max_position_embeddings
             );
         }
-        if let (Some(set), Some(path)) = (&eval_set, &cfg.data.eval) {
+        if let Some(set) = &eval_set {
             // Tokenize once up front so a bad eval file fails now, not at the first evaluation.
-            if tokenize_all(&tok, set, cfg.data.max_len)
-                .with_context(|| format!("tokenizing {}", path.display()))?
-                .is_empty()
-            {
+            if tokenize_all(&tok, set, cfg.data.max_len)?.is_empty() {
                 bail!(
                     "{}: no conversation has an assistant token within max_len = {}",
-                    path.display(),
+                    set.path.display(),
                     cfg.data.max_len
                 );
             }

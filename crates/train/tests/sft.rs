@@ -138,3 +138,26 @@ fn a_fresh_run_refuses_a_folder_with_checkpoints() {
     let err = run_sft(&long, quiet()).unwrap_err().to_string();
     assert!(err.contains("data.max_len"), "{err}");
 }
+
+#[test]
+fn a_template_error_names_the_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 2);
+    let mut tok = reel_data::char_tokenizer();
+    let src = "{% for m in messages %}{% if m.content == 'boom' %}\
+               {{ raise_exception('bad turn') }}{% endif %}<|im_start|>{{ m.role }}\n\
+               {{ m.content }}<|im_end|>\n{% endfor %}\
+               {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    tok.set_chat_template(reel_data::ChatTemplate::new(src).unwrap());
+    tok.save(cfg.model.tokenizer.as_ref().unwrap()).unwrap();
+    let text = std::fs::read_to_string(&cfg.data.train).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    lines.insert(1, String::new());
+    lines.insert(2, r#"{"prompt": "boom", "response": "x"}"#.to_string());
+    std::fs::write(&cfg.data.train, lines.join("\n")).unwrap();
+    let err = format!("{:#}", run_sft(&cfg, quiet()).unwrap_err());
+    assert!(
+        err.contains("train.jsonl:3") && err.contains("bad turn"),
+        "{err}"
+    );
+}
