@@ -2,7 +2,9 @@
 //! with the same tokenization, loss mask and batching as training.
 
 use anyhow::{Context, Result};
-use reel_data::{make_batch, tokenize_conversation, SftFile, TokenizedExample, Tokenizer};
+use reel_data::{
+    make_batch, tokenize_conversation, BucketSampler, SftFile, TokenizedExample, Tokenizer,
+};
 use reel_model::{CheckpointPolicy, LocalAttention, LossStats, Qwen2, TokenBatch, Workspace};
 
 /// Tokens per evaluation batch.
@@ -40,9 +42,9 @@ pub fn tokenize_all(
     Ok(out)
 }
 
-/// Sum and count of the assistant-token NLL over `convs` (use `.mean()` for the mean).
-/// Conversations are truncated to `max_len`, and never past the model's positions; a set with no
-/// assistant token left is an error rather than a mean of zero.
+/// Sum and count of the assistant-token NLL of a file's conversations (use `.mean()` for the
+/// mean). Conversations are truncated to `max_len`, and never past the model's positions; a set
+/// with no assistant token left is an error rather than a mean of zero.
 pub fn eval_nll(
     model: &Qwen2,
     tok: &Tokenizer,
@@ -58,21 +60,23 @@ pub fn eval_nll(
             file.conversations.len()
         );
     }
-    let pad = tok.pad_token_id().or(tok.eos_token_id()).unwrap_or(0);
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| examples[i].len());
+    let pad = tok
+        .pad_token_id()
+        .context("the tokenizer has neither a pad nor an eos token")?;
+    eval_examples(model, &examples, pad)
+}
+
+/// Sum and count of the assistant-token NLL of already tokenized examples, in length-bucketed
+/// batches of at most [`EVAL_TOKENS_PER_BATCH`] tokens.
+pub fn eval_examples(model: &Qwen2, examples: &[TokenizedExample], pad: u32) -> Result<LossStats> {
+    let lengths: Vec<usize> = examples.iter().map(TokenizedExample::len).collect();
+    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    let mut batches = BucketSampler::new(&lengths, EVAL_TOKENS_PER_BATCH, 0);
     let mut ws = Workspace::new(&model.config, CheckpointPolicy::Layer);
     let mut total = LossStats::default();
-    let mut start = 0;
-    while start < order.len() {
-        // Sorted by length: grow the batch while count × longest fits the budget.
-        let mut end = start + 1;
-        while end < order.len()
-            && (end + 1 - start) * examples[order[end]].len() <= EVAL_TOKENS_PER_BATCH
-        {
-            end += 1;
-        }
-        let ex: Vec<&TokenizedExample> = order[start..end].iter().map(|&i| &examples[i]).collect();
+    for _ in 0..batches.num_batches() {
+        let ex: Vec<&TokenizedExample> =
+            batches.next_batch().iter().map(|&i| &examples[i]).collect();
         let b = make_batch(&ex, pad, max_len);
         let stats = model.forward(
             &mut ws,
@@ -87,7 +91,6 @@ pub fn eval_nll(
         )?;
         total.loss_sum += stats.loss_sum;
         total.n_tokens += stats.n_tokens;
-        start = end;
     }
     Ok(total)
 }

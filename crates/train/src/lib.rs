@@ -23,5 +23,5 @@ pub use config::{
 };
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
-pub use eval::{eval_nll, tokenize_all};
+pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};

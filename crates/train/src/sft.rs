@@ -27,7 +27,7 @@ use crate::checkpoint::{
     OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
 use crate::config::SftConfig;
-use crate::eval::{eval_nll, tokenize_all};
+use crate::eval::{eval_examples, tokenize_all};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use anyhow::{bail, Context, Result};
 use reel_comm::{CommError, Communicator, InProcess};
@@ -185,7 +185,8 @@ struct Shared {
     tok: Tokenizer,
     ckpts: CheckpointDir,
     train: Vec<TokenizedExample>,
-    eval_set: Option<SftFile>,
+    /// The eval set, tokenized once (truncated to `data.max_len`).
+    eval_set: Option<Vec<TokenizedExample>>,
     /// The sampler at the run's first step.
     sampler: BucketSampler,
     pad: u32,
@@ -269,16 +270,20 @@ impl Shared {
                 model.config.max_position_embeddings
             );
         }
-        if let Some(set) = &eval_set {
-            // Tokenize once up front so a bad eval file fails now, not at the first evaluation.
-            if tokenize_all(&tok, set, cfg.data.max_len)?.is_empty() {
-                bail!(
-                    "{}: no conversation has an assistant token within max_len = {}",
-                    set.path.display(),
-                    cfg.data.max_len
-                );
+        let eval_set = match eval_set {
+            Some(file) => {
+                let examples = tokenize_all(&tok, &file, cfg.data.max_len)?;
+                if examples.is_empty() {
+                    bail!(
+                        "{}: no conversation has an assistant token within max_len = {}",
+                        file.path.display(),
+                        cfg.data.max_len
+                    );
+                }
+                Some(examples)
             }
-        }
+            None => None,
+        };
         let mut shared = Shared {
             tok,
             ckpts,
@@ -591,7 +596,7 @@ fn rank_loop<C: Communicator>(
         if (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last {
             let mut parts = Vec::new();
             if let Some(set) = &shared.eval_set {
-                let s = eval_nll(&rep.model, &shared.tok, set, cfg.data.max_len)
+                let s = eval_examples(&rep.model, set, shared.pad)
                     .with_context(|| format!("{at}: evaluation"))?;
                 record["eval_loss"] = json!(s.mean());
                 parts.push(format!("eval loss {:.4}", s.mean()));
