@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod gelu;
 mod gemm;
 pub mod matmul;
 pub mod rmsnorm;

@@ -2,7 +2,7 @@
 //! choice (temperature, top-k, top-p, seed). The cache holds each layer's rotated keys and
 //! values, [max_len, H_kv, D], for one sequence.
 
-use crate::model::{Dims, LayerActs, Qwen2};
+use crate::model::{Dims, LayerActs, Qwen2, Rotary};
 use crate::ModelError;
 use reel_kernels::attention::{attention_forward, AttnMask, AttnShape};
 use reel_kernels::matmul::matmul_forward;
@@ -174,7 +174,14 @@ impl Qwen2 {
             let w = self.layer_weights(l);
             let [x_in, x_out] = &mut cache.x;
             let a = &mut cache.acts;
-            self.qkv_forward(&w, a, &mut cache.qkv, x_in, &positions, &m);
+            self.qkv_forward(
+                &w,
+                a,
+                &mut cache.qkv,
+                x_in,
+                Rotary::Positions(&positions),
+                &m,
+            );
             cache.k[l][start * kvw..total * kvw].copy_from_slice(&a.k);
             cache.v[l][start * kvw..total * kvw].copy_from_slice(&a.v);
             let shape = AttnShape {

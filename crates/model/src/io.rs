@@ -108,8 +108,33 @@ pub fn load_checkpoint(dir: &Path) -> Result<Qwen2, ModelError> {
     let config = Qwen2Config::from_file(&dir.join("config.json"))?;
     let mut tensors = read_tensors(dir)?;
     let layout = ParamLayout::new(&config);
-    let mut params = vec![0.0f32; layout.total()];
-    for e in &layout.entries {
+    let params = take_params(&layout.entries, layout.total(), &mut tensors, dir)?;
+    // Tied checkpoints sometimes also store the (identical) head.
+    if config.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+    }
+    if let Some(extra) = tensors.keys().min() {
+        return Err(ModelError::Checkpoint {
+            path: dir.display().to_string(),
+            msg: format!(
+                "unexpected tensor `{extra}` ({} unexpected in all) for a Qwen2 config",
+                tensors.len()
+            ),
+        });
+    }
+    Qwen2::from_params(config, params)
+}
+
+/// Moves the tensors `entries` name out of `tensors` into a flat buffer of `total` values;
+/// a missing tensor or a wrong shape is refused naming the tensor.
+pub(crate) fn take_params(
+    entries: &[crate::params::ParamEntry],
+    total: usize,
+    tensors: &mut NamedTensors,
+    dir: &Path,
+) -> Result<Vec<f32>, ModelError> {
+    let mut params = vec![0.0f32; total];
+    for e in entries {
         let (shape, data) = tensors
             .remove(&e.name)
             .ok_or_else(|| ModelError::Checkpoint {
@@ -127,20 +152,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<Qwen2, ModelError> {
         }
         params[e.range.clone()].copy_from_slice(&data);
     }
-    // Tied checkpoints sometimes also store the (identical) head.
-    if config.tie_word_embeddings {
-        tensors.remove("lm_head.weight");
-    }
-    if let Some(extra) = tensors.keys().min() {
-        return Err(ModelError::Checkpoint {
-            path: dir.display().to_string(),
-            msg: format!(
-                "unexpected tensor `{extra}` ({} unexpected in all) for a Qwen2 config",
-                tensors.len()
-            ),
-        });
-    }
-    Qwen2::from_params(config, params)
+    Ok(params)
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same folder (`.<name>.<pid>.tmp`),
@@ -219,23 +231,42 @@ pub fn model_files(
 ) -> Result<Vec<(String, Vec<u8>)>, ModelError> {
     let mut config = model.config.clone();
     config.dtype = dtype;
-    let cfg_text = serde_json::to_string_pretty(&config.to_json()).expect("json");
+    let tensors = model
+        .layout
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                e.shape.clone(),
+                &model.params[e.range.clone()],
+            )
+        })
+        .collect();
+    folder_files(&config.to_json(), tensors, dtype, max_shard_bytes)
+}
+
+/// The files of an HF checkpoint folder: `config.json` (the given object) and the tensors in
+/// `dtype`, in `model.safetensors` or, past `max_shard_bytes`, in shards with an index.
+pub(crate) fn folder_files(
+    config: &serde_json::Value,
+    tensors: Vec<TensorRef>,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<Vec<(String, Vec<u8>)>, ModelError> {
+    let cfg_text = serde_json::to_string_pretty(config).expect("json");
     let mut files = vec![("config.json".to_string(), cfg_text.into_bytes())];
 
     let mut shards: Vec<Vec<TensorRef>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
-    for e in &model.layout.entries {
-        let bytes = e.range.len() * dtype.size();
+    for t in tensors {
+        let bytes = t.2.len() * dtype.size();
         if shard_bytes > 0 && shard_bytes + bytes > max_shard_bytes {
             shards.push(Vec::new());
             shard_bytes = 0;
         }
         shard_bytes += bytes;
-        shards.last_mut().expect("one shard").push((
-            e.name.clone(),
-            e.shape.clone(),
-            &model.params[e.range.clone()],
-        ));
+        shards.last_mut().expect("one shard").push(t);
     }
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     if shards.len() == 1 {
@@ -271,12 +302,18 @@ pub fn save_checkpoint(
     dtype: DType,
     max_shard_bytes: usize,
 ) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let files = model_files(model, dtype, max_shard_bytes)?;
+    write_folder(dir, &files)
+}
+
+/// Writes the files of a checkpoint folder, each atomically; a single-file save removes a stale
+/// index and the other way round.
+pub(crate) fn write_folder(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let sharded = files
         .iter()
         .any(|(name, _)| name == "model.safetensors.index.json");
-    for (name, bytes) in &files {
+    for (name, bytes) in files {
         let path = dir.join(name);
         write_atomic(&path, bytes).map_err(|e| ModelError::io(&path, e))?;
     }

@@ -6,6 +6,8 @@
 //! - [`attention`]: the one attention entry point ([`AttentionOp`]); parallel schedules plug in here.
 //! - [`io`]: safetensors checkpoint folders (single file or sharded with an index).
 //! - [`generate`]: KV-cached decoding and sampling.
+//! - [`vision`]: the Qwen2.5-VL vision tower (patch embedding, windowed attention, merger).
+//! - [`vl`]: Qwen2.5-VL: the tower feeding the decoder with multimodal RoPE; its checkpoints.
 
 pub mod attention;
 pub mod config;
@@ -13,12 +15,22 @@ pub mod generate;
 pub mod io;
 pub mod model;
 pub mod params;
+pub mod vision;
+pub mod vl;
 
 pub use attention::{AttentionError, AttentionOp, LocalAttention};
 pub use config::Qwen2Config;
 pub use io::{load_checkpoint, save_checkpoint};
-pub use model::{default_positions, CheckpointPolicy, LossStats, Qwen2, TokenBatch, Workspace};
+pub use model::{
+    default_positions, CheckpointPolicy, EmbedsBatch, LossStats, Qwen2, Rotary, TokenBatch,
+    Workspace,
+};
 pub use params::ParamLayout;
+pub use vision::{VideoGrid, VisionConfig, VisionTower, VisionWorkspace};
+pub use vl::{
+    load_vl_checkpoint, save_vl_checkpoint, Qwen25VL, Qwen25VLConfig, VideoBatch, VlBatch,
+    VlWorkspace,
+};
 
 use std::path::Path;
 

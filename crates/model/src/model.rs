@@ -13,6 +13,11 @@
 //! - `Remat` (LightSeq's rematerialization-aware checkpointing) keeps each layer's input, attention
 //!   output and lse: the backward recomputes only the non-attention part and calls the attention
 //!   backward directly, so attention runs forward once per layer per step.
+//!
+//! The decoder also runs from input embeddings with per-token rotary angles
+//! ([`Qwen2::forward_embeds`], [`EmbedsBatch`], [`Rotary::Angles`]): a vision-language model puts
+//! its vision features in the placeholder rows and rotates q/k with multimodal (M-RoPE) angles;
+//! its backward returns the gradient of the input embeddings.
 
 use crate::attention::AttentionOp;
 use crate::config::Qwen2Config;
@@ -23,7 +28,9 @@ use reel_kernels::cross_entropy::{lm_head_ce_backward, lm_head_ce_forward};
 use reel_kernels::embedding::{embedding_backward, embedding_forward};
 use reel_kernels::matmul::{matmul_backward, matmul_forward};
 use reel_kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-use reel_kernels::rope::{rope_backward, rope_forward, RopeTable};
+use reel_kernels::rope::{
+    rope_backward, rope_backward_angles, rope_forward, rope_forward_angles, RopeTable,
+};
 use reel_kernels::swiglu::{swiglu_backward, swiglu_forward};
 use std::ops::Range;
 
@@ -75,6 +82,25 @@ pub struct TokenBatch<'a> {
     pub targets: &'a [i32],
     /// Position of each token (RoPE); global positions under sequence parallelism.
     pub positions: &'a [u32],
+    pub b: usize,
+    pub t: usize,
+}
+
+/// How q and k are rotated: by the RoPE table at one position per token, or by angles given per
+/// token (cos, sin [B·T, D/2]; multimodal RoPE builds them from its 3-D positions).
+#[derive(Clone, Copy, Debug)]
+pub enum Rotary<'a> {
+    Positions(&'a [u32]),
+    Angles { cos: &'a [f32], sin: &'a [f32] },
+}
+
+/// B sequences of T tokens given as input embeddings [B·T, d] instead of token ids.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbedsBatch<'a> {
+    pub embeds: &'a [f32],
+    /// Next-token targets per position; negative = no loss.
+    pub targets: &'a [i32],
+    pub rotary: Rotary<'a>,
     pub b: usize,
     pub t: usize,
 }
@@ -342,13 +368,13 @@ pub(crate) struct LayerWeights<'a> {
     pub down_w: &'a [f32],
 }
 
-fn two_mut(g: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
+pub(crate) fn two_mut(g: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
     assert!(a.end <= b.start, "ranges must be ordered and disjoint");
     let (lo, hi) = g.split_at_mut(b.start);
     (&mut lo[a], &mut hi[..b.end - b.start])
 }
 
-fn add_into(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
 }
 
@@ -465,7 +491,7 @@ impl Qwen2 {
         a: &mut LayerActs,
         qkv: &mut [f32],
         x_in: &[f32],
-        positions: &[u32],
+        rot: Rotary,
         m: &Dims,
     ) {
         let eps = self.config.rms_norm_eps;
@@ -477,8 +503,23 @@ impl Qwen2 {
             a.k[row * kvw..(row + 1) * kvw].copy_from_slice(&src[qw..qw + kvw]);
             a.v[row * kvw..(row + 1) * kvw].copy_from_slice(&src[qw + kvw..]);
         }
-        rope_forward(&mut a.q, positions, &self.rope, m.h);
-        rope_forward(&mut a.k, positions, &self.rope, m.h_kv);
+        self.rotate(&mut a.q, rot, m.h, Direction::Forward);
+        self.rotate(&mut a.k, rot, m.h_kv, Direction::Forward);
+    }
+
+    /// RoPE on x [N, heads, D] in place; `Backward` applies the transpose rotation.
+    fn rotate(&self, x: &mut [f32], rot: Rotary, heads: usize, dir: Direction) {
+        let hd = self.config.head_dim;
+        match (rot, dir) {
+            (Rotary::Positions(p), Direction::Forward) => rope_forward(x, p, &self.rope, heads),
+            (Rotary::Positions(p), Direction::Backward) => rope_backward(x, p, &self.rope, heads),
+            (Rotary::Angles { cos, sin }, Direction::Forward) => {
+                rope_forward_angles(x, cos, sin, heads, hd)
+            }
+            (Rotary::Angles { cos, sin }, Direction::Backward) => {
+                rope_backward_angles(x, cos, sin, heads, hd)
+            }
+        }
     }
 
     /// o_proj, residual, norm, SwiGLU MLP, residual: reads a.attn, writes the rest and x_out.
@@ -510,13 +551,13 @@ impl Qwen2 {
         qkv: &mut [f32],
         x_in: &[f32],
         x_out: &mut [f32],
-        positions: &[u32],
+        rot: Rotary,
         m: &Dims,
         attn: &dyn AttentionOp,
         attention: AttentionPass,
     ) -> Result<(), ModelError> {
         let w = self.layer_weights(l);
-        self.qkv_forward(&w, a, qkv, x_in, positions, m);
+        self.qkv_forward(&w, a, qkv, x_in, rot, m);
         if attention == AttentionPass::Run {
             attn.forward(&mut a.attn, &mut a.lse, &a.q, &a.k, &a.v, m.attn_shape())
                 .map_err(ModelError::Attention)?;
@@ -536,7 +577,7 @@ impl Qwen2 {
         dx_in: &mut [f32],
         grads: &mut [f32],
         bw: &mut BackwardScratch,
-        positions: &[u32],
+        rot: Rotary,
         m: &Dims,
         attn: &dyn AttentionOp,
     ) -> Result<(), ModelError> {
@@ -603,8 +644,8 @@ impl Qwen2 {
             m.attn_shape(),
         )
         .map_err(ModelError::Attention)?;
-        rope_backward(&mut bw.dq, positions, &self.rope, m.h);
-        rope_backward(&mut bw.dk, positions, &self.rope, m.h_kv);
+        self.rotate(&mut bw.dq, rot, m.h, Direction::Backward);
+        self.rotate(&mut bw.dk, rot, m.h_kv, Direction::Backward);
         let (qw, kvw, width) = (m.q_width(), m.kv_width(), m.qkv_width());
         for (row, dst) in bw.dqkv.chunks_exact_mut(width).enumerate() {
             dst[..qw].copy_from_slice(&bw.dq[row * qw..(row + 1) * qw]);
@@ -646,13 +687,24 @@ impl Qwen2 {
     ) -> Result<(), ModelError> {
         let m = Dims::new(&self.config, batch.b, batch.t);
         ws.resize(&m);
-        let d = m.d;
         embedding_forward(
             &mut ws.xs[0],
             batch.tokens,
             &self.params[self.layout.embed.clone()],
-            d,
+            m.d,
         );
+        self.run_layers(ws, Rotary::Positions(batch.positions), &m, attn)
+    }
+
+    /// Every layer and the final norm from the embeddings in ws.xs[0].
+    fn run_layers(
+        &self,
+        ws: &mut Workspace,
+        rot: Rotary,
+        m: &Dims,
+        attn: &dyn AttentionOp,
+    ) -> Result<(), ModelError> {
+        let (m, d) = (*m, m.d);
         for l in 0..self.config.num_hidden_layers {
             let (before, after) = ws.xs.split_at_mut(l + 1);
             let (x_in, x_out) = (&before[l], &mut after[0]);
@@ -667,7 +719,7 @@ impl Qwen2 {
                 &mut ws.qkv,
                 x_in,
                 x_out,
-                batch.positions,
+                rot,
                 &m,
                 attn,
                 AttentionPass::Run,
@@ -687,7 +739,7 @@ impl Qwen2 {
             d,
             self.config.rms_norm_eps,
         );
-        ws.last = Some((batch.b, batch.t));
+        ws.last = Some((m.b, m.t));
         Ok(())
     }
 
@@ -701,13 +753,26 @@ impl Qwen2 {
     ) -> Result<LossStats, ModelError> {
         self.validate_batch(batch)?;
         self.forward_layers(ws, batch, attn)?;
-        let m = Dims::new(&self.config, batch.b, batch.t);
+        self.head_loss(
+            ws,
+            batch.targets,
+            &Dims::new(&self.config, batch.b, batch.t),
+        )
+    }
+
+    /// The LM head fused with cross-entropy over the final normed states in ws.
+    fn head_loss(
+        &self,
+        ws: &mut Workspace,
+        targets: &[i32],
+        m: &Dims,
+    ) -> Result<LossStats, ModelError> {
         let (loss_sum, n_tokens) = lm_head_ce_forward(
             &mut ws.ce_losses,
             &mut ws.ce_lse,
             &ws.xn_f,
             &self.params[self.layout.lm_head.clone()],
-            batch.targets,
+            targets,
             m.n,
             m.d,
             m.v,
@@ -731,7 +796,33 @@ impl Qwen2 {
         loss_scale: f32,
         attn: &dyn AttentionOp,
     ) -> Result<(), ModelError> {
-        if ws.last != Some((batch.b, batch.t)) {
+        let m = Dims::new(&self.config, batch.b, batch.t);
+        let rot = Rotary::Positions(batch.positions);
+        let dx = self.backward_layers(grads, ws, batch.targets, rot, &m, loss_scale, attn)?;
+        embedding_backward(
+            &mut grads[self.layout.embed.clone()],
+            &ws.dx[dx],
+            batch.tokens,
+            m.d,
+        );
+        Ok(())
+    }
+
+    /// The backward from the loss to the input of layer 0; returns which of ws.dx holds
+    /// ∂L/∂(input embeddings).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_layers(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        targets: &[i32],
+        rot: Rotary,
+        m: &Dims,
+        loss_scale: f32,
+        attn: &dyn AttentionOp,
+    ) -> Result<usize, ModelError> {
+        let m = *m;
+        if ws.last != Some((m.b, m.t)) {
             return Err(ModelError::Invalid(
                 "backward needs the forward of the same batch first".into(),
             ));
@@ -743,9 +834,8 @@ impl Qwen2 {
                 self.params.len()
             )));
         }
-        let m = Dims::new(&self.config, batch.b, batch.t);
         let layers = self.config.num_hidden_layers;
-        for (dl, &t) in ws.dloss.iter_mut().zip(batch.targets) {
+        for (dl, &t) in ws.dloss.iter_mut().zip(targets) {
             *dl = if t >= 0 { loss_scale } else { 0.0 };
         }
         lm_head_ce_backward(
@@ -753,7 +843,7 @@ impl Qwen2 {
             &mut grads[self.layout.lm_head.clone()],
             &ws.xn_f,
             &self.params[self.layout.lm_head.clone()],
-            batch.targets,
+            targets,
             &ws.ce_lse,
             &ws.dloss,
             m.n,
@@ -783,7 +873,7 @@ impl Qwen2 {
                         &mut ws.qkv,
                         &ws.xs[l],
                         &mut ws.x_tmp,
-                        batch.positions,
+                        rot,
                         &m,
                         attn,
                         AttentionPass::Run,
@@ -800,7 +890,7 @@ impl Qwen2 {
                         &mut ws.qkv,
                         &ws.xs[l],
                         &mut ws.x_tmp,
-                        batch.positions,
+                        rot,
                         &m,
                         attn,
                         AttentionPass::Reuse,
@@ -816,19 +906,14 @@ impl Qwen2 {
                 dx_next,
                 grads,
                 &mut ws.bw,
-                batch.positions,
+                rot,
                 &m,
                 attn,
             )?;
             std::mem::swap(&mut dx_cur, &mut dx_next);
         }
-        embedding_backward(
-            &mut grads[self.layout.embed.clone()],
-            dx_cur,
-            batch.tokens,
-            m.d,
-        );
-        Ok(())
+        // Each layer swaps the two buffers: the gradient ends in dx[0] after an even number.
+        Ok(layers % 2)
     }
 
     /// Logits [B·T, V] for every position (tests, small evaluations). Training and scoring use
@@ -865,6 +950,110 @@ impl Qwen2 {
         );
         Ok(logits)
     }
+}
+
+impl Qwen2 {
+    /// Checks an embeddings batch against the model.
+    fn validate_embeds(&self, batch: &EmbedsBatch) -> Result<Dims, ModelError> {
+        let m = Dims::new(&self.config, batch.b, batch.t);
+        let half = m.hd / 2;
+        let ok_rot = match batch.rotary {
+            Rotary::Positions(p) => p.len() == m.n,
+            Rotary::Angles { cos, sin } => cos.len() == m.n * half && sin.len() == m.n * half,
+        };
+        if batch.embeds.len() != m.n * m.d || batch.targets.len() != m.n || !ok_rot {
+            return Err(ModelError::Invalid(format!(
+                "batch of {}×{} needs {} embedding values, {} targets and rotary for {} tokens",
+                batch.b,
+                batch.t,
+                m.n * m.d,
+                m.n,
+                m.n
+            )));
+        }
+        if let Some((i, &tg)) = batch
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &x)| x >= 0 && x as usize >= m.v)
+        {
+            return Err(ModelError::Invalid(format!(
+                "target id {tg} at position {i} is outside the vocabulary ({})",
+                m.v
+            )));
+        }
+        if let Rotary::Positions(p) = batch.rotary {
+            let max = self.config.max_position_embeddings;
+            if let Some(&p) = p.iter().find(|&&p| p as usize >= max) {
+                return Err(ModelError::Invalid(format!(
+                    "position {p} exceeds max_position_embeddings ({max})"
+                )));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Forward pass and loss from input embeddings (see [`Qwen2::forward`]).
+    pub fn forward_embeds(
+        &self,
+        ws: &mut Workspace,
+        batch: &EmbedsBatch,
+        attn: &dyn AttentionOp,
+    ) -> Result<LossStats, ModelError> {
+        let m = self.validate_embeds(batch)?;
+        ws.resize(&m);
+        ws.xs[0].copy_from_slice(batch.embeds);
+        self.run_layers(ws, batch.rotary, &m, attn)?;
+        self.head_loss(ws, batch.targets, &m)
+    }
+
+    /// Backward of the last [`Qwen2::forward_embeds`] for the loss `loss_scale · Σ token
+    /// losses`: parameter gradients accumulate into `grads` (the embedding table gets none: the
+    /// caller owns the embedding lookup); returns ∂L/∂embeds [B·T, d].
+    pub fn backward_embeds<'w>(
+        &self,
+        grads: &mut [f32],
+        ws: &'w mut Workspace,
+        batch: &EmbedsBatch,
+        loss_scale: f32,
+        attn: &dyn AttentionOp,
+    ) -> Result<&'w [f32], ModelError> {
+        let m = self.validate_embeds(batch)?;
+        let dx =
+            self.backward_layers(grads, ws, batch.targets, batch.rotary, &m, loss_scale, attn)?;
+        Ok(&ws.dx[dx])
+    }
+
+    /// Logits [B·T, V] from input embeddings (tests, small evaluations).
+    pub fn logits_embeds(
+        &self,
+        ws: &mut Workspace,
+        batch: &EmbedsBatch,
+        attn: &dyn AttentionOp,
+    ) -> Result<Vec<f32>, ModelError> {
+        let m = self.validate_embeds(batch)?;
+        ws.resize(&m);
+        ws.xs[0].copy_from_slice(batch.embeds);
+        self.run_layers(ws, batch.rotary, &m, attn)?;
+        let mut logits = vec![0.0f32; m.n * m.v];
+        matmul_forward(
+            &mut logits,
+            &ws.xn_f,
+            &self.params[self.layout.lm_head.clone()],
+            None,
+            m.n,
+            m.d,
+            m.v,
+        );
+        Ok(logits)
+    }
+}
+
+/// Which way [`Qwen2::rotate`] turns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    Forward,
+    Backward,
 }
 
 /// Whether a layer forward runs attention or reuses the saved output.

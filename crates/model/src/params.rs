@@ -43,13 +43,15 @@ pub struct ParamLayout {
     total: usize,
 }
 
-struct Builder {
-    entries: Vec<ParamEntry>,
-    offset: usize,
+/// Appends entries one after another in the flat buffer.
+#[derive(Default)]
+pub(crate) struct Builder {
+    pub(crate) entries: Vec<ParamEntry>,
+    pub(crate) offset: usize,
 }
 
 impl Builder {
-    fn push(&mut self, name: String, shape: Vec<usize>) -> Range<usize> {
+    pub(crate) fn push(&mut self, name: String, shape: Vec<usize>) -> Range<usize> {
         let n: usize = shape.iter().product();
         let range = self.offset..self.offset + n;
         self.offset += n;

@@ -15,12 +15,31 @@ pub(super) fn rotate<T: Float>(
     sign: f32,
 ) {
     let half = table.head_dim / 2;
-    x.par_chunks_mut(n_heads * table.head_dim)
-        .zip(positions.par_iter())
-        .for_each(|(token, &pos)| {
-            let cos = &table.cos[pos as usize * half..][..half];
-            let sin = &table.sin[pos as usize * half..][..half];
-            for head in token.chunks_exact_mut(table.head_dim) {
+    rotate_rows(x, table.head_dim, n_heads, sign, |t| {
+        let pos = positions[t] as usize;
+        (
+            &table.cos[pos * half..][..half],
+            &table.sin[pos * half..][..half],
+        )
+    });
+}
+
+/// Rotates every head of token t by the angles `row(t)` returns (cos, sin, head_dim/2 each).
+pub(super) fn rotate_rows<'a, T: Float, F>(
+    x: &mut [T],
+    head_dim: usize,
+    n_heads: usize,
+    sign: f32,
+    row: F,
+) where
+    F: Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
+{
+    let half = head_dim / 2;
+    x.par_chunks_mut(n_heads * head_dim)
+        .enumerate()
+        .for_each(|(t, token)| {
+            let (cos, sin) = row(t);
+            for head in token.chunks_exact_mut(head_dim) {
                 let (x1, x2) = head.split_at_mut(half);
                 for j in 0..half {
                     let (a, b) = (x1[j].to_f32(), x2[j].to_f32());

@@ -4,6 +4,11 @@
 //! `pos · inv_freq[i]`, `inv_freq[j] = 1 / theta^(2j/D)`:
 //! `x1' = x1·cos − x2·sin`, `x2' = x2·cos + x1·sin`. The rotation is orthogonal, so the backward
 //! pass is the same rotation by −angle. Applied in place.
+//!
+//! [`rope_forward_angles`] takes the angles per token instead of one position per token
+//! (cos, sin [N, D/2]): multimodal RoPE (Qwen2-VL's M-RoPE, frequency bands driven by the
+//! temporal, height and width positions) and the 2-D vision RoPE build their own, usually from
+//! [`RopeTable::row`]s of the axes' positions.
 
 mod cpu;
 
@@ -55,6 +60,20 @@ impl RopeTable {
     pub fn max_positions(&self) -> usize {
         self.max_positions
     }
+
+    /// cos and sin of position `pos` for every frequency (head_dim/2 each).
+    pub fn row(&self, pos: usize) -> (&[f32], &[f32]) {
+        assert!(
+            pos < self.max_positions,
+            "RopeTable::row: position {pos} is outside the table of {} positions",
+            self.max_positions
+        );
+        let half = self.head_dim / 2;
+        (
+            &self.cos[pos * half..][..half],
+            &self.sin[pos * half..][..half],
+        )
+    }
 }
 
 /// Rotates `x` [n_tokens, n_heads, head_dim] in place; `positions` [n_tokens] are global
@@ -75,6 +94,67 @@ pub fn rope_backward<T: Float>(dx: &mut [T], positions: &[u32], table: &RopeTabl
         return;
     }
     cpu::rotate(dx, positions, table, n_heads, -1.0);
+}
+
+/// Rotates `x` [n_tokens, n_heads, head_dim] in place by per-token angles: `cos`, `sin`
+/// [n_tokens, head_dim/2]. Same rotation as [`rope_forward`], whose angles come from a table.
+pub fn rope_forward_angles<T: Float>(
+    x: &mut [T],
+    cos: &[f32],
+    sin: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+) {
+    check_angles("rope_forward_angles", x.len(), cos, sin, n_heads, head_dim);
+    angles(x, cos, sin, n_heads, head_dim, 1.0);
+}
+
+/// The transpose of [`rope_forward_angles`] (rotation by −angle), in place on the gradient.
+pub fn rope_backward_angles<T: Float>(
+    dx: &mut [T],
+    cos: &[f32],
+    sin: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+) {
+    check_angles(
+        "rope_backward_angles",
+        dx.len(),
+        cos,
+        sin,
+        n_heads,
+        head_dim,
+    );
+    angles(dx, cos, sin, n_heads, head_dim, -1.0);
+}
+
+fn angles<T: Float>(x: &mut [T], cos: &[f32], sin: &[f32], n_heads: usize, d: usize, sign: f32) {
+    if x.is_empty() {
+        return;
+    }
+    let half = d / 2;
+    cpu::rotate_rows(x, d, n_heads, sign, |t| {
+        (&cos[t * half..][..half], &sin[t * half..][..half])
+    });
+}
+
+fn check_angles(op: &str, len: usize, cos: &[f32], sin: &[f32], n_heads: usize, d: usize) {
+    assert!(
+        d > 0 && d.is_multiple_of(2),
+        "{op}: head_dim {d} must be even and positive"
+    );
+    let n = cos.len() / (d / 2);
+    assert!(
+        cos.len() == n * (d / 2) && sin.len() == cos.len(),
+        "{op}: cos has {} and sin {} elements; both must be n_tokens·head_dim/2 (head_dim {d})",
+        cos.len(),
+        sin.len()
+    );
+    assert_eq!(
+        len,
+        n * n_heads * d,
+        "{op}: x has {len} elements, expected n_tokens·n_heads·head_dim = {n}·{n_heads}·{d}"
+    );
 }
 
 fn check(op: &str, len: usize, positions: &[u32], table: &RopeTable, n_heads: usize) {
@@ -231,6 +311,58 @@ mod tests {
             Tolerance::new(2e-2, 2e-2),
         )
         .unwrap();
+    }
+
+    /// Angles gathered from table rows equal the table path; mixed rows (different positions
+    /// for different frequency bands) match the HF formula band by band; backward inverts.
+    #[test]
+    fn angles_match_table_and_per_band_reference() {
+        let mut r = rng(34);
+        for &(n_heads, d) in &[(3, 6), (1, 2), (2, 16)] {
+            let half = d / 2;
+            let table = RopeTable::new(d, 64, 10000.0);
+            let positions = [0u32, 9, 63, 4, 17];
+            let x = uniform_vec(&mut r, positions.len() * n_heads * d, 1.0);
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for &p in &positions {
+                let (c, s) = table.row(p as usize);
+                cos.extend_from_slice(c);
+                sin.extend_from_slice(s);
+            }
+            let (mut a, mut b) = (x.clone(), x.clone());
+            rope_forward_angles(&mut a, &cos, &sin, n_heads, d);
+            rope_forward(&mut b, &positions, &table, n_heads);
+            assert_eq!(a, b, "H={n_heads} D={d}");
+            // Band j < half/2 follows position p, the rest position q (an M-RoPE-like split).
+            let (p, q) = ([3u32, 40], [11u32, 0]);
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for t in 0..2 {
+                for j in 0..half {
+                    let pos = if j < half / 2 { p[t] } else { q[t] };
+                    let (c, s) = table.row(pos as usize);
+                    cos.push(c[j]);
+                    sin.push(s[j]);
+                }
+            }
+            let x2 = uniform_vec(&mut r, 2 * n_heads * d, 1.0);
+            let mut y = x2.clone();
+            rope_forward_angles(&mut y, &cos, &sin, n_heads, d);
+            let rp = reference(&x2, &p, n_heads, d, 10000.0);
+            let rq = reference(&x2, &q, n_heads, d, 10000.0);
+            let expected: Vec<f32> = (0..x2.len())
+                .map(|i| {
+                    let j = (i % d) % half;
+                    if j < half / 2 {
+                        rp[i]
+                    } else {
+                        rq[i]
+                    }
+                })
+                .collect();
+            check_close("per-band", &y, &expected, Tolerance::new(1e-5, 1e-5)).unwrap();
+            rope_backward_angles(&mut y, &cos, &sin, n_heads, d);
+            check_close("angles round trip", &y, &x2, Tolerance::new(1e-6, 1e-5)).unwrap();
+        }
     }
 
     #[test]
