@@ -1020,3 +1020,34 @@ impl VisionTower {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One frame of 4×6 patches: 2×3 merge units, windows of 2×2 units. Rows need no padding
+    /// but transformers pads a whole empty window row anyway; the empty windows are dropped.
+    #[test]
+    fn window_plan_by_hand() {
+        let c = VisionConfig::tiny();
+        let plan = VisionPlan::new(&c, &[VideoGrid { t: 1, h: 4, w: 6 }]).unwrap();
+        assert_eq!(plan.window_index, [0, 1, 3, 4, 2, 5]);
+        assert_eq!(plan.cu_window_seqlens, [0, 16, 24]);
+        assert_eq!(plan.cu_seqlens, [0, 24]);
+        assert_eq!(
+            &plan.pos_hw[..6],
+            &[(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3)]
+        );
+        // Two frames and a second video: frames are their own full-attention segments and
+        // window indices continue across videos.
+        let grids = [
+            VideoGrid { t: 2, h: 2, w: 2 },
+            VideoGrid { t: 1, h: 2, w: 4 },
+        ];
+        let plan = VisionPlan::new(&c, &grids).unwrap();
+        assert_eq!(plan.window_index, [0, 1, 2, 3]);
+        assert_eq!(plan.cu_seqlens, [0, 4, 8, 16]);
+        assert_eq!(plan.cu_window_seqlens, [0, 4, 8, 16]);
+        assert!(VisionPlan::new(&c, &[VideoGrid { t: 1, h: 3, w: 4 }]).is_err());
+    }
+}

@@ -693,3 +693,95 @@ pub fn save_vl_checkpoint(
 ) -> Result<(), ModelError> {
     write_folder(dir, &vl_model_files(model, dtype, max_shard_bytes)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The config.json of the published Qwen2.5-VL-7B-Instruct (transformers 4 layout: text
+    /// fields at the top level, `rope_scaling` of type mrope, `in_chans`).
+    fn published_7b() -> Value {
+        serde_json::from_str(
+            r#"{
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+            "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+            "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+            "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+            "intermediate_size": 18944, "max_position_embeddings": 128000,
+            "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28,
+            "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": false,
+            "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": true,
+            "use_sliding_window": false,
+            "vision_config": {
+                "depth": 32, "hidden_act": "silu", "hidden_size": 1280,
+                "intermediate_size": 3420, "num_heads": 16, "in_chans": 3,
+                "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                "spatial_patch_size": 14, "window_size": 112,
+                "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                "temporal_patch_size": 2
+            },
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "vocab_size": 152064
+        }"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn published_config_parses_and_round_trips() {
+        let c = Qwen25VLConfig::from_json(&published_7b()).unwrap();
+        assert_eq!(c.text.head_dim, 128);
+        assert_eq!(c.text.rope_theta, 1e6);
+        assert_eq!(c.text.dtype, DType::BF16);
+        assert_eq!(c.mrope_section, [16, 24, 24]);
+        assert_eq!((c.vision.hidden_size, c.vision.in_channels), (1280, 3));
+        assert_eq!(c.vision.window_units(), 4);
+        assert_eq!(c.video_token_id, 151656);
+        // 8.29B parameters, as the model card says.
+        let total = ParamLayout::new(&c.text).total() + VisionLayout::new(&c.vision).total();
+        assert!((8_280_000_000..8_300_000_000).contains(&total), "{total}");
+        assert_eq!(Qwen25VLConfig::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    #[test]
+    fn inconsistent_configs_are_refused_naming_the_field() {
+        for (edit, field) in [
+            (
+                json!({"rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 23]}}),
+                "mrope_section",
+            ),
+            (
+                json!({"vision_config": {"out_hidden_size": 1024}}),
+                "out_hidden_size",
+            ),
+            (
+                json!({"vision_config": {"hidden_act": "gelu"}}),
+                "hidden_act",
+            ),
+            (json!({"vision_config": {"window_size": 20}}), "window_size"),
+            (
+                json!({"vision_config": {"fullatt_block_indexes": [40]}}),
+                "fullatt_block_indexes",
+            ),
+            (json!({"model_type": "qwen2_vl"}), "model_type"),
+        ] {
+            let mut v = published_7b();
+            for (k, x) in edit.as_object().unwrap() {
+                match (v.get_mut(k), x) {
+                    (Some(Value::Object(dst)), Value::Object(src)) if k == "vision_config" => {
+                        for (kk, xx) in src {
+                            dst.insert(kk.clone(), xx.clone());
+                        }
+                    }
+                    _ => {
+                        v[k] = x.clone();
+                    }
+                }
+            }
+            let e = Qwen25VLConfig::from_json(&v).unwrap_err();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+}

@@ -404,3 +404,33 @@ fn bad_inputs_are_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("spatial_merge_size"), "{e}");
 }
+
+/// Without videos the M-RoPE positions are equal on all three axes, so the VLM is the plain
+/// decoder: same logits as `Qwen2::logits` at positions 0..T.
+#[test]
+fn text_only_batch_is_the_plain_decoder() {
+    let model = load_vl_checkpoint(&fixture()).unwrap();
+    let (b, t) = (2, 9);
+    let tokens: Vec<u32> = (0..b * t).map(|i| (i * 37 % 280) as u32).collect();
+    let targets = vec![-1i32; b * t];
+    let batch = VlBatch {
+        tokens: &tokens,
+        targets: &targets,
+        b,
+        t,
+        videos: VideoBatch {
+            pixels: &[],
+            grids: &[],
+            second_per_grid_ts: &[],
+        },
+    };
+    let mut ws = model.workspace(CheckpointPolicy::Remat);
+    let vl = model.logits(&mut ws, &batch, &LocalAttention).unwrap();
+    let mut lws = reel_model::Workspace::new(&model.config.text, CheckpointPolicy::Remat);
+    let positions = reel_model::default_positions(b, t);
+    let plain = model
+        .lm
+        .logits(&mut lws, &tokens, &positions, b, t, &LocalAttention)
+        .unwrap();
+    assert_eq!(vl, plain);
+}
