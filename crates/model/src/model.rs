@@ -468,6 +468,21 @@ impl Qwen2 {
         positions: &[u32],
         m: &Dims,
     ) {
+        self.qkv_project(w, a, qkv, x_in, m);
+        rope_forward(&mut a.q, positions, &self.rope, m.h);
+        rope_forward(&mut a.k, positions, &self.rope, m.h_kv);
+    }
+
+    /// [`Qwen2::qkv_forward`] without RoPE (q and k not yet rotated), for callers that rotate
+    /// rows by different kinds of positions (incremental decoding, multimodal positions).
+    pub(crate) fn qkv_project(
+        &self,
+        w: &LayerWeights,
+        a: &mut LayerActs,
+        qkv: &mut [f32],
+        x_in: &[f32],
+        m: &Dims,
+    ) {
         let eps = self.config.rms_norm_eps;
         rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, w.input_norm, m.n, m.d, eps);
         let (qw, kvw, width) = (m.q_width(), m.kv_width(), m.qkv_width());
@@ -477,8 +492,6 @@ impl Qwen2 {
             a.k[row * kvw..(row + 1) * kvw].copy_from_slice(&src[qw..qw + kvw]);
             a.v[row * kvw..(row + 1) * kvw].copy_from_slice(&src[qw + kvw..]);
         }
-        rope_forward(&mut a.q, positions, &self.rope, m.h);
-        rope_forward(&mut a.k, positions, &self.rope, m.h_kv);
     }
 
     /// o_proj, residual, norm, SwiGLU MLP, residual: reads a.attn, writes the rest and x_out.
