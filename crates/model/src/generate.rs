@@ -1,22 +1,29 @@
-//! KV-cached decoding: prefill a prompt, then one token at a time, with greedy or sampled
-//! choice (temperature, top-k, top-p, seed). The cache holds each layer's rotated keys and
-//! values, [max_len, H_kv, D], for one sequence.
+//! KV-cached decoding of one sequence: prefill a prompt, then one token at a time, with greedy
+//! or sampled choice (temperature, top-k, top-p, seed). [`KvCache`] holds each layer's rotated
+//! keys and values, [max_len, H_kv, D], contiguously: the single-sequence [`KvStore`] of the one
+//! decoding implementation, [`Qwen2::forward_step`] (batched and paged stores: reel-rollout).
 
-use crate::model::{Dims, LayerActs, Qwen2, Rotary};
+use crate::decode::{
+    DecodeScratch, HeadShape, KvError, KvStore, SeqStep, StepInput, StepPositions,
+};
+use crate::model::Qwen2;
 use crate::ModelError;
 use reel_kernels::attention::{attention_forward, AttnMask, AttnShape};
-use reel_kernels::matmul::matmul_forward;
-use reel_kernels::rmsnorm::rmsnorm_forward;
+use std::ops::Range;
 
 /// Keys and values of one sequence for every layer, plus decode scratch.
 pub struct KvCache {
+    kv: ContiguousKv,
+    scratch: DecodeScratch,
+}
+
+/// Layer l's keys and values of positions 0..max_len, [max_len, H_kv, D] each.
+struct ContiguousKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
     max_len: usize,
-    acts: LayerActs,
-    qkv: Vec<f32>,
-    x: [Vec<f32>; 2],
+    kv_width: usize,
 }
 
 impl KvCache {
@@ -25,27 +32,90 @@ impl KvCache {
         let kvw = c.num_key_value_heads * c.head_dim;
         let layers = c.num_hidden_layers;
         KvCache {
-            k: vec![vec![0.0; max_len * kvw]; layers],
-            v: vec![vec![0.0; max_len * kvw]; layers],
-            len: 0,
-            max_len,
-            acts: LayerActs::default(),
-            qkv: Vec::new(),
-            x: [Vec::new(), Vec::new()],
+            kv: ContiguousKv {
+                k: vec![vec![0.0; max_len * kvw]; layers],
+                v: vec![vec![0.0; max_len * kvw]; layers],
+                len: 0,
+                max_len,
+                kv_width: kvw,
+            },
+            scratch: DecodeScratch::default(),
         }
     }
 
     /// Tokens cached so far.
     pub fn len(&self) -> usize {
-        self.len
+        self.kv.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.kv.len == 0
     }
 
     pub fn clear(&mut self) {
-        self.len = 0;
+        self.kv.len = 0;
+    }
+}
+
+impl KvStore for ContiguousKv {
+    fn write(
+        &mut self,
+        layer: usize,
+        rows: &[Range<usize>],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
+        let [r] = rows else {
+            return Err(
+                format!("a KvCache holds one sequence, the step has {}", rows.len()).into(),
+            );
+        };
+        let (w, start) = (self.kv_width, self.len);
+        let end = start + r.len();
+        if end > self.max_len {
+            return Err(format!("{end} tokens exceed the cache ({})", self.max_len).into());
+        }
+        self.k[layer][start * w..end * w].copy_from_slice(&k[r.start * w..r.end * w]);
+        self.v[layer][start * w..end * w].copy_from_slice(&v[r.start * w..r.end * w]);
+        Ok(())
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        rows: &[Range<usize>],
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        heads: HeadShape,
+    ) -> Result<(), KvError> {
+        let [r] = rows else {
+            return Err(
+                format!("a KvCache holds one sequence, the step has {}", rows.len()).into(),
+            );
+        };
+        let total = self.len + r.len();
+        let shape = AttnShape {
+            b: 1,
+            tq: r.len(),
+            tk: total,
+            h: heads.h,
+            h_kv: heads.h_kv,
+            d: heads.d,
+        };
+        attention_forward(
+            out,
+            lse,
+            q,
+            &self.k[layer][..total * self.kv_width],
+            &self.v[layer][..total * self.kv_width],
+            shape,
+            AttnMask::Causal {
+                q_offset: self.len,
+                k_offset: 0,
+            },
+        );
+        Ok(())
     }
 }
 
@@ -130,106 +200,34 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::R
 
 impl Qwen2 {
     /// Runs `tokens` (a prompt chunk or one new token) after what the cache holds and returns
-    /// the logits [V] of the last one.
+    /// the logits [V] of the last one: [`Qwen2::forward_step`] with one sequence.
     pub fn forward_cached(
         &self,
         cache: &mut KvCache,
         tokens: &[u32],
     ) -> Result<Vec<f32>, ModelError> {
         let n = tokens.len();
-        let start = cache.len;
+        let start = cache.kv.len;
         if n == 0 {
             return Err(ModelError::Invalid("no tokens to run".into()));
         }
-        if start + n > cache.max_len || start + n > self.config.max_position_embeddings {
+        if start + n > cache.kv.max_len || start + n > self.config.max_position_embeddings {
             return Err(ModelError::Invalid(format!(
                 "sequence of {} tokens exceeds the cache ({}) or max_position_embeddings ({})",
                 start + n,
-                cache.max_len,
+                cache.kv.max_len,
                 self.config.max_position_embeddings
             )));
         }
-        let v = self.config.vocab_size;
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
-            return Err(ModelError::Invalid(format!(
-                "token id {t} is outside the vocabulary ({v})"
-            )));
-        }
-        let m = Dims::new(&self.config, 1, n);
-        let positions: Vec<u32> = (start as u32..(start + n) as u32).collect();
-        cache.acts.resize(&m);
-        cache.qkv.resize(n * (m.q_width() + 2 * m.kv_width()), 0.0);
-        for x in &mut cache.x {
-            x.resize(n * m.d, 0.0);
-        }
-        reel_kernels::embedding::embedding_forward(
-            &mut cache.x[0],
-            tokens,
-            &self.params[self.layout.embed.clone()],
-            m.d,
-        );
-        let kvw = m.kv_width();
-        let total = start + n;
-        for l in 0..self.config.num_hidden_layers {
-            let w = self.layer_weights(l);
-            let [x_in, x_out] = &mut cache.x;
-            let a = &mut cache.acts;
-            self.qkv_forward(
-                &w,
-                a,
-                &mut cache.qkv,
-                x_in,
-                Rotary::Positions(&positions),
-                &m,
-            );
-            cache.k[l][start * kvw..total * kvw].copy_from_slice(&a.k);
-            cache.v[l][start * kvw..total * kvw].copy_from_slice(&a.v);
-            let shape = AttnShape {
-                b: 1,
-                tq: n,
-                tk: total,
-                h: m.h,
-                h_kv: m.h_kv,
-                d: m.hd,
-            };
-            attention_forward(
-                &mut a.attn,
-                &mut a.lse,
-                &a.q,
-                &cache.k[l][..total * kvw],
-                &cache.v[l][..total * kvw],
-                shape,
-                AttnMask::Causal {
-                    q_offset: start,
-                    k_offset: 0,
-                },
-            );
-            self.post_attention_forward(&w, a, x_in, x_out, &m);
-            cache.x.swap(0, 1);
-        }
-        cache.len = total;
-        let last = &cache.x[0][(n - 1) * m.d..n * m.d];
-        let mut xn = vec![0.0f32; m.d];
-        let mut rstd = [0.0f32];
-        rmsnorm_forward(
-            &mut xn,
-            &mut rstd,
-            last,
-            &self.params[self.layout.final_norm.clone()],
-            1,
-            m.d,
-            self.config.rms_norm_eps,
-        );
-        let mut logits = vec![0.0f32; v];
-        matmul_forward(
-            &mut logits,
-            &xn,
-            &self.params[self.layout.lm_head.clone()],
-            None,
-            1,
-            m.d,
-            v,
-        );
+        let step = [SeqStep {
+            input: StepInput::Tokens(tokens),
+            positions: StepPositions::Linear { start },
+            logits: true,
+        }];
+        let logits = self
+            .forward_step(&mut cache.scratch, &step, &mut cache.kv)?
+            .to_vec();
+        cache.kv.len = start + n;
         Ok(logits)
     }
 

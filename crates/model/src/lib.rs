@@ -5,12 +5,14 @@
 //! - [`model`]: forward, backward, checkpoint policies, the step [`Workspace`].
 //! - [`attention`]: the one attention entry point ([`AttentionOp`]); parallel schedules plug in here.
 //! - [`io`]: safetensors checkpoint folders (single file or sharded with an index).
-//! - [`generate`]: KV-cached decoding and sampling.
+//! - [`decode`]: incremental decoding of a batch of sequences over a [`decode::KvStore`].
+//! - [`generate`]: single-sequence KV-cached decoding and sampling.
 //! - [`vision`]: the Qwen2.5-VL vision tower (patch embedding, windowed attention, merger).
 //! - [`vl`]: Qwen2.5-VL: the tower feeding the decoder with multimodal RoPE; its checkpoints.
 
 pub mod attention;
 pub mod config;
+pub mod decode;
 pub mod generate;
 pub mod io;
 pub mod model;
@@ -53,6 +55,8 @@ pub enum ModelError {
     NonFinite(String),
     #[error("attention: {0}")]
     Attention(#[source] attention::AttentionError),
+    #[error("kv cache: {0}")]
+    Kv(#[source] decode::KvError),
 }
 
 impl ModelError {

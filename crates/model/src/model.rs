@@ -494,6 +494,21 @@ impl Qwen2 {
         rot: Rotary,
         m: &Dims,
     ) {
+        self.qkv_project(w, a, qkv, x_in, m);
+        self.rotate(&mut a.q, rot, m.h, Direction::Forward);
+        self.rotate(&mut a.k, rot, m.h_kv, Direction::Forward);
+    }
+
+    /// [`Qwen2::qkv_forward`] without RoPE (q and k not yet rotated), for callers that rotate
+    /// rows by different kinds of positions (incremental decoding, multimodal positions).
+    pub(crate) fn qkv_project(
+        &self,
+        w: &LayerWeights,
+        a: &mut LayerActs,
+        qkv: &mut [f32],
+        x_in: &[f32],
+        m: &Dims,
+    ) {
         let eps = self.config.rms_norm_eps;
         rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, w.input_norm, m.n, m.d, eps);
         let (qw, kvw, width) = (m.q_width(), m.kv_width(), m.qkv_width());
@@ -503,8 +518,6 @@ impl Qwen2 {
             a.k[row * kvw..(row + 1) * kvw].copy_from_slice(&src[qw..qw + kvw]);
             a.v[row * kvw..(row + 1) * kvw].copy_from_slice(&src[qw + kvw..]);
         }
-        self.rotate(&mut a.q, rot, m.h, Direction::Forward);
-        self.rotate(&mut a.k, rot, m.h_kv, Direction::Forward);
     }
 
     /// RoPE on x [N, heads, D] in place; `Backward` applies the transpose rotation.

@@ -1,0 +1,746 @@
+//! The rollout engine: groups of G samples of one prompt, scheduled step by step over a paged
+//! KV cache with continuous batching.
+//!
+//! A group's life: Waiting → its prompt is prefilled once, in chunks, into one block table →
+//! the last prompt logits give each sample its first token, and the table is forked G times
+//! (blocks shared, reference-counted; a shared partial last block is copied on a sample's first
+//! append) → each sample decodes one token a step until a stop token, a stop string, its
+//! `max_new_tokens` or the context limit → the group's output is ready once every sample is done.
+//! So prefill work is P tokens per group, whatever G (counted in [`EngineStats`]).
+//!
+//! Each [`Engine::step`] the scheduler walks resident groups in admission order and gives every
+//! running sample its pending tokens (one when decoding) and every prefilling prompt its next
+//! chunk, within `max_step_tokens` and `max_step_seqs`; then admits waiting groups in arrival
+//! order while the budget and free blocks allow. If the pool cannot hold a step's tokens, the
+//! most recently admitted group is preempted: its blocks go back and it waits to be recomputed
+//! (its prompt prefilled again, its samples' generated tokens re-run; sampled tokens and the
+//! samples' generators are kept, so the outputs do not change). All scheduled tokens then run
+//! as one [`Qwen2::forward_step`]: every GEMM batched over the step's N rows.
+
+use crate::kv::PagedKv;
+use crate::pool::{BlockPool, BlockTable, KvLayout};
+use crate::request::{
+    sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, Prompt, SampleOutput,
+    SeqState,
+};
+use crate::RolloutError;
+use reel_model::decode::{DecodeScratch, SeqStep, StepInput, StepPositions};
+use reel_model::generate::sample_token;
+use reel_model::Qwen2;
+use std::sync::Arc;
+
+/// Engine sizes. Every field has a default ([`EngineConfig::default`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block. Default 16.
+    pub block_size: usize,
+    /// KV blocks in the pool (memory: `num_blocks · KvLayout::block_bytes`). Default 1024.
+    pub num_blocks: usize,
+    /// Most tokens (decode tokens + prefill chunks) one step runs. Default 512.
+    pub max_step_tokens: usize,
+    /// Most sequences one step runs; also bounds the samples resident at once. Default 256.
+    pub max_step_seqs: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            num_blocks: 1024,
+            max_step_tokens: 512,
+            max_step_seqs: 256,
+        }
+    }
+}
+
+/// Work counters since the engine was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Steps run.
+    pub steps: u64,
+    /// Prompt tokens run through the model (prefill; again after a preemption).
+    pub prefill_tokens: u64,
+    /// Generated tokens run through the model (decode; again after a preemption).
+    pub decode_tokens: u64,
+    /// Tokens sampled.
+    pub sampled_tokens: u64,
+    /// Sample tables forked from a prefilled prompt.
+    pub forks: u64,
+    /// Shared partial blocks copied on write.
+    pub cow_copies: u64,
+    /// Groups preempted for lack of KV blocks.
+    pub preemptions: u64,
+}
+
+/// What one step ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepStats {
+    /// Sequences (prompts and samples) in the step.
+    pub seqs: usize,
+    pub prefill_tokens: usize,
+    pub decode_tokens: usize,
+}
+
+/// Turns generated ids into text, for stop strings.
+pub type Detokenizer = Arc<dyn Fn(&[u32]) -> String + Send + Sync>;
+
+struct Sample {
+    seed: u64,
+    rng: reel_tensor::Rng,
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    /// Prompt and generated tokens whose keys and values it holds; None while not resident.
+    table: Option<BlockTable>,
+    state: SeqState,
+}
+
+struct Group {
+    id: GroupId,
+    prompt: Prompt,
+    /// Position of the first generated token.
+    pos_base: usize,
+    /// The model's max_position_embeddings.
+    max_pos: usize,
+    params: GenerationParams,
+    /// Admission stamp while resident (holding blocks).
+    stamp: Option<u64>,
+    /// The prompt's table while it is prefilled (before the samples fork from it).
+    prompt_table: Option<BlockTable>,
+    /// Whether the samples hold tables (the prompt is prefilled and forked).
+    forked: bool,
+    samples: Vec<Sample>,
+}
+
+impl Group {
+    fn p(&self) -> usize {
+        self.prompt.ids.len()
+    }
+
+    fn running(&self) -> impl Iterator<Item = usize> + '_ {
+        self.samples
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == SeqState::Running)
+            .map(|(j, _)| j)
+    }
+
+    fn live_samples(&self) -> usize {
+        self.samples
+            .iter()
+            .filter(|s| !matches!(s.state, SeqState::Finished { .. }))
+            .count()
+    }
+
+    fn done(&self) -> bool {
+        self.live_samples() == 0
+    }
+}
+
+/// One scheduled piece of work: `n` tokens of a group's prompt, or of sample `j`.
+#[derive(Clone, Copy, Debug)]
+enum Unit {
+    Prompt { g: usize, n: usize },
+    Sample { g: usize, j: usize, n: usize },
+}
+
+/// The rollout engine over a borrowed model (module docs).
+pub struct Engine<'m> {
+    model: &'m Qwen2,
+    config: EngineConfig,
+    pool: BlockPool,
+    scratch: DecodeScratch,
+    /// Live groups in arrival order.
+    groups: Vec<Group>,
+    finished: Vec<GroupOutput>,
+    next_id: u64,
+    next_stamp: u64,
+    stats: EngineStats,
+    detokenizer: Option<Detokenizer>,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine reading `model`'s weights in place, with its KV pool allocated up front.
+    pub fn new(model: &'m Qwen2, config: EngineConfig) -> Result<Self, RolloutError> {
+        if config.max_step_tokens == 0 || config.max_step_seqs == 0 {
+            return Err(RolloutError::Config(format!(
+                "max_step_tokens and max_step_seqs must be positive: {config:?}"
+            )));
+        }
+        let c = &model.config;
+        let pool = BlockPool::new(KvLayout {
+            layers: c.num_hidden_layers,
+            h_kv: c.num_key_value_heads,
+            d: c.head_dim,
+            block_size: config.block_size,
+            num_blocks: config.num_blocks,
+        })?;
+        Ok(Engine {
+            model,
+            config,
+            pool,
+            scratch: DecodeScratch::default(),
+            groups: Vec::new(),
+            finished: Vec::new(),
+            next_id: 0,
+            next_stamp: 0,
+            stats: EngineStats::default(),
+            detokenizer: None,
+        })
+    }
+
+    /// Sets the detokenizer that stop strings are matched with.
+    pub fn with_detokenizer(mut self, f: Detokenizer) -> Self {
+        self.detokenizer = Some(f);
+        self
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            cow_copies: self.pool.cow_copies(),
+            ..self.stats
+        }
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Whether any group is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// A sample's state; None for an unknown group or one whose output was already taken.
+    pub fn state(&self, id: GroupId, sample: usize) -> Option<SeqState> {
+        if let Some(g) = self.groups.iter().find(|g| g.id == id) {
+            return g.samples.get(sample).map(|s| s.state.clone());
+        }
+        let out = self.finished.iter().find(|o| o.id == id)?;
+        let s = out.samples.get(sample)?;
+        Some(SeqState::Finished {
+            reason: s.finish.clone(),
+        })
+    }
+
+    /// Queues one request (a group of one sample).
+    pub fn add_request(
+        &mut self,
+        prompt: impl Into<Prompt>,
+        params: GenerationParams,
+    ) -> Result<GroupId, RolloutError> {
+        self.add_group(prompt, 1, params)
+    }
+
+    /// Queues a prompt with `g` samples; its prompt is prefilled once and the samples fork from
+    /// it. Everything is checked here, so a bad request never fails a later step.
+    pub fn add_group(
+        &mut self,
+        prompt: impl Into<Prompt>,
+        g: usize,
+        params: GenerationParams,
+    ) -> Result<GroupId, RolloutError> {
+        let prompt = prompt.into();
+        let id = GroupId(self.next_id);
+        let bad = |msg: String| RolloutError::Invalid(format!("group {id}: {msg}"));
+        let c = &self.model.config;
+        let p = prompt.ids.len();
+        if g == 0 {
+            return Err(bad("a group needs at least one sample".into()));
+        }
+        if p == 0 || p > c.max_position_embeddings {
+            return Err(bad(format!(
+                "the prompt has {p} tokens; the model takes 1 to {}",
+                c.max_position_embeddings
+            )));
+        }
+        if let Some(&t) = prompt.ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(bad(format!(
+                "token id {t} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        if let Some(e) = &prompt.embeddings {
+            if e.len() != p * c.hidden_size {
+                return Err(bad(format!(
+                    "prompt embeddings have {} values, [{p}, {}] needs {}",
+                    e.len(),
+                    c.hidden_size,
+                    p * c.hidden_size
+                )));
+            }
+        }
+        if let Some(m) = &prompt.mrope {
+            if m.positions.len() != p {
+                return Err(bad(format!(
+                    "{} M-RoPE positions for {p} prompt tokens",
+                    m.positions.len()
+                )));
+            }
+            if m.sections.iter().sum::<usize>() != c.head_dim / 2 {
+                return Err(bad(format!(
+                    "M-RoPE sections {:?} must sum to head_dim / 2 = {}",
+                    m.sections,
+                    c.head_dim / 2
+                )));
+            }
+        }
+        let pos_base = prompt.next_position();
+        if pos_base > c.max_position_embeddings {
+            return Err(bad(format!(
+                "prompt positions reach {} but max_position_embeddings is {}",
+                pos_base - 1,
+                c.max_position_embeddings
+            )));
+        }
+        let s = &params.sampling;
+        if !(s.temperature.is_finite() && s.temperature >= 0.0 && s.top_p > 0.0 && s.top_p <= 1.0) {
+            return Err(bad(format!(
+                "temperature must be finite and ≥ 0 and top_p in (0, 1]; got {} and {}",
+                s.temperature, s.top_p
+            )));
+        }
+        if !params.stop_strings.is_empty() && self.detokenizer.is_none() {
+            return Err(bad(
+                "stop strings need a detokenizer (Engine::with_detokenizer)".into(),
+            ));
+        }
+        if params.stop_strings.iter().any(String::is_empty) {
+            return Err(bad("an empty stop string".into()));
+        }
+        if self.pool.blocks_for(p) + 1 > self.pool.total_blocks() {
+            return Err(RolloutError::PoolTooSmall {
+                group: id.0,
+                total: self.pool.total_blocks(),
+            });
+        }
+        self.next_id += 1;
+        let samples = (0..g)
+            .map(|j| {
+                let seed = sample_seed(params.sampling.seed, j);
+                Sample {
+                    seed,
+                    rng: reel_tensor::rng(seed),
+                    ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    table: None,
+                    state: SeqState::Waiting,
+                }
+            })
+            .collect();
+        let mut group = Group {
+            id,
+            prompt,
+            pos_base,
+            max_pos: c.max_position_embeddings,
+            params,
+            stamp: None,
+            prompt_table: None,
+            forked: false,
+            samples,
+        };
+        // Nothing to generate: finished without running.
+        let reason = if group.params.max_new_tokens == 0 {
+            Some(FinishReason::MaxTokens)
+        } else if pos_base >= c.max_position_embeddings {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            for s in &mut group.samples {
+                s.state = SeqState::Finished {
+                    reason: reason.clone(),
+                };
+            }
+        }
+        self.groups.push(group);
+        self.collect_finished();
+        Ok(id)
+    }
+
+    /// Finished groups' outputs since the last call, in the order they finished.
+    pub fn take_finished(&mut self) -> Vec<GroupOutput> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Steps until every queued group is finished; returns all finished outputs by group id.
+    pub fn run(&mut self) -> Result<Vec<GroupOutput>, RolloutError> {
+        while self.has_work() {
+            self.step()?;
+        }
+        let mut out = self.take_finished();
+        out.sort_by_key(|o| o.id);
+        Ok(out)
+    }
+
+    /// Schedules and runs one step (module docs); returns what it ran.
+    pub fn step(&mut self) -> Result<StepStats, RolloutError> {
+        let plan = self.schedule()?;
+        if plan.is_empty() {
+            return Ok(StepStats::default());
+        }
+        self.run_plan(&plan)?;
+        self.stats.steps += 1;
+        let mut st = StepStats {
+            seqs: plan.len(),
+            ..StepStats::default()
+        };
+        for u in &plan {
+            match *u {
+                Unit::Prompt { n, .. } => st.prefill_tokens += n,
+                Unit::Sample { n, .. } => st.decode_tokens += n,
+            }
+        }
+        self.collect_finished();
+        Ok(st)
+    }
+
+    /// Pending tokens of sample j of group g (not yet in its table).
+    fn pending(&self, g: usize, j: usize) -> usize {
+        let gr = &self.groups[g];
+        let s = &gr.samples[j];
+        gr.p() + s.ids.len() - s.table.as_ref().map_or(0, BlockTable::len)
+    }
+
+    /// Decides this step's units, reserving their KV room; preempts on exhaustion.
+    fn schedule(&mut self) -> Result<Vec<Unit>, RolloutError> {
+        'retry: loop {
+            let mut plan = Vec::new();
+            let mut tokens = self.config.max_step_tokens;
+            let mut seqs = self.config.max_step_seqs;
+            let mut resident: Vec<usize> = (0..self.groups.len())
+                .filter(|&g| self.groups[g].stamp.is_some())
+                .collect();
+            resident.sort_by_key(|&g| self.groups[g].stamp);
+            for &g in &resident {
+                let units: Vec<Unit> = if self.groups[g].forked {
+                    self.groups[g]
+                        .running()
+                        .map(|j| Unit::Sample {
+                            g,
+                            j,
+                            n: self.pending(g, j),
+                        })
+                        .collect()
+                } else {
+                    let gr = &self.groups[g];
+                    let cached = gr.prompt_table.as_ref().map_or(0, BlockTable::len);
+                    vec![Unit::Prompt {
+                        g,
+                        n: gr.p() - cached,
+                    }]
+                };
+                for u in units {
+                    if tokens == 0 || seqs == 0 {
+                        break;
+                    }
+                    let u = match u {
+                        Unit::Prompt { g, n } => Unit::Prompt {
+                            g,
+                            n: n.min(tokens),
+                        },
+                        Unit::Sample { g, j, n } => Unit::Sample {
+                            g,
+                            j,
+                            n: n.min(tokens),
+                        },
+                    };
+                    if let Err(e) = self.reserve(u) {
+                        let RolloutError::PoolExhausted { .. } = e else {
+                            return Err(e);
+                        };
+                        let victim = *resident.last().expect("g is resident");
+                        if resident.len() == 1 {
+                            return Err(RolloutError::PoolTooSmall {
+                                group: self.groups[g].id.0,
+                                total: self.pool.total_blocks(),
+                            });
+                        }
+                        self.preempt(victim);
+                        continue 'retry;
+                    }
+                    let n = match u {
+                        Unit::Prompt { n, .. } | Unit::Sample { n, .. } => n,
+                    };
+                    tokens -= n;
+                    seqs -= 1;
+                    plan.push(u);
+                }
+            }
+            // Admit waiting groups in arrival order while room remains.
+            let mut resident_samples: usize = resident
+                .iter()
+                .map(|&g| self.groups[g].live_samples())
+                .sum();
+            for g in 0..self.groups.len() {
+                if tokens == 0 || seqs == 0 {
+                    break;
+                }
+                let gr = &self.groups[g];
+                if gr.stamp.is_some() || gr.done() {
+                    continue;
+                }
+                let alone = resident.is_empty() && plan.is_empty();
+                let need = self.pool.blocks_for(gr.p()) + gr.live_samples();
+                let fits = need <= self.pool.free_blocks()
+                    && resident_samples + gr.live_samples() <= self.config.max_step_seqs;
+                if !fits && !alone {
+                    break;
+                }
+                let n = gr.p().min(tokens);
+                let mut table = self.pool.new_table();
+                if let Err(e) = self.pool.reserve(&mut table, n) {
+                    self.pool.release(table);
+                    if alone {
+                        return Err(RolloutError::PoolTooSmall {
+                            group: self.groups[g].id.0,
+                            total: self.pool.total_blocks(),
+                        });
+                    }
+                    let RolloutError::PoolExhausted { .. } = e else {
+                        return Err(e);
+                    };
+                    break;
+                }
+                let gr = &mut self.groups[g];
+                gr.prompt_table = Some(table);
+                gr.stamp = Some(self.next_stamp);
+                self.next_stamp += 1;
+                resident_samples += gr.live_samples();
+                for s in &mut gr.samples {
+                    if s.state == SeqState::Waiting {
+                        s.state = SeqState::Running;
+                    }
+                }
+                tokens -= n;
+                seqs -= 1;
+                plan.push(Unit::Prompt { g, n });
+            }
+            return Ok(plan);
+        }
+    }
+
+    fn reserve(&mut self, u: Unit) -> Result<(), RolloutError> {
+        let (table, n) = match u {
+            Unit::Prompt { g, n } => (self.groups[g].prompt_table.as_mut(), n),
+            Unit::Sample { g, j, n } => (self.groups[g].samples[j].table.as_mut(), n),
+        };
+        let table = table.expect("a scheduled unit holds a table");
+        self.pool.reserve(table, n)
+    }
+
+    /// Gives back every block of group g; it waits to be recomputed.
+    fn preempt(&mut self, g: usize) {
+        let gr = &mut self.groups[g];
+        if let Some(t) = gr.prompt_table.take() {
+            self.pool.release(t);
+        }
+        for s in &mut gr.samples {
+            if let Some(t) = s.table.take() {
+                self.pool.release(t);
+            }
+            if s.state == SeqState::Running {
+                s.state = SeqState::Waiting;
+            }
+        }
+        gr.stamp = None;
+        gr.forked = false;
+        self.stats.preemptions += 1;
+    }
+
+    /// Runs the planned units as one batched forward, then samples and forks.
+    fn run_plan(&mut self, plan: &[Unit]) -> Result<(), RolloutError> {
+        let Engine {
+            model,
+            pool,
+            scratch,
+            groups,
+            stats,
+            detokenizer,
+            ..
+        } = self;
+        let mut steps = Vec::with_capacity(plan.len());
+        let mut tables = Vec::with_capacity(plan.len());
+        let d = model.config.hidden_size;
+        for u in plan {
+            let (step, table) = match *u {
+                Unit::Prompt { g, n } => {
+                    let gr = &groups[g];
+                    let t = gr.prompt_table.as_ref().expect("prefilling prompt's table");
+                    let r = t.len()..t.len() + n;
+                    let input = match &gr.prompt.embeddings {
+                        Some(e) => StepInput::Embeddings(&e[r.start * d..r.end * d]),
+                        None => StepInput::Tokens(&gr.prompt.ids[r.clone()]),
+                    };
+                    let positions = match &gr.prompt.mrope {
+                        Some(m) => StepPositions::MRope {
+                            ids: &m.positions[r.clone()],
+                            sections: m.sections,
+                        },
+                        None => StepPositions::Linear { start: r.start },
+                    };
+                    let step = SeqStep {
+                        input,
+                        positions,
+                        logits: r.end == gr.p(),
+                    };
+                    (step, t)
+                }
+                Unit::Sample { g, j, n } => {
+                    let gr = &groups[g];
+                    let s = &gr.samples[j];
+                    let t = s.table.as_ref().expect("running sample's table");
+                    let k = t.len() - gr.p();
+                    let step = SeqStep {
+                        input: StepInput::Tokens(&s.ids[k..k + n]),
+                        positions: StepPositions::Linear {
+                            start: gr.pos_base + k,
+                        },
+                        logits: k + n == s.ids.len(),
+                    };
+                    (step, t)
+                }
+            };
+            steps.push(step);
+            tables.push(table);
+        }
+        let mut kv = PagedKv { pool, tables };
+        let logits = model.forward_step(scratch, &steps, &mut kv)?;
+        drop(steps);
+        let v = model.config.vocab_size;
+        let mut rows = logits.chunks_exact(v);
+        for u in plan {
+            match *u {
+                Unit::Prompt { g, n } => {
+                    let gr = &mut groups[g];
+                    let t = gr.prompt_table.as_mut().expect("prompt table");
+                    pool.advance(t, n);
+                    stats.prefill_tokens += n as u64;
+                    if t.len() < gr.p() {
+                        continue;
+                    }
+                    let row = rows.next().expect("logits of a finished prompt");
+                    let table = gr.prompt_table.take().expect("prompt table");
+                    for j in 0..gr.samples.len() {
+                        if gr.samples[j].state != SeqState::Running {
+                            continue;
+                        }
+                        if gr.samples[j].ids.is_empty() {
+                            sample_next(gr, j, row, detokenizer, stats);
+                        }
+                        if gr.samples[j].state == SeqState::Running {
+                            gr.samples[j].table = Some(pool.fork(&table));
+                            stats.forks += 1;
+                        }
+                    }
+                    pool.release(table);
+                    gr.forked = true;
+                }
+                Unit::Sample { g, j, n } => {
+                    let gr = &mut groups[g];
+                    let t = gr.samples[j].table.as_mut().expect("sample table");
+                    pool.advance(t, n);
+                    stats.decode_tokens += n as u64;
+                    if t.len() < gr.p() + gr.samples[j].ids.len() {
+                        continue;
+                    }
+                    let row = rows.next().expect("logits of a caught-up sample");
+                    sample_next(gr, j, row, detokenizer, stats);
+                    if gr.samples[j].state != SeqState::Running {
+                        let t = gr.samples[j].table.take().expect("sample table");
+                        pool.release(t);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves finished groups' outputs to `finished`.
+    fn collect_finished(&mut self) {
+        let mut g = 0;
+        while g < self.groups.len() {
+            if !self.groups[g].done() {
+                g += 1;
+                continue;
+            }
+            let gr = self.groups.remove(g);
+            debug_assert!(gr.prompt_table.is_none());
+            let samples = gr
+                .samples
+                .into_iter()
+                .map(|s| {
+                    debug_assert!(s.table.is_none());
+                    let SeqState::Finished { reason } = s.state else {
+                        unreachable!("a done group's samples are finished")
+                    };
+                    SampleOutput {
+                        ids: s.ids,
+                        logprobs: s.logprobs,
+                        finish: reason,
+                        seed: s.seed,
+                    }
+                })
+                .collect();
+            self.finished.push(GroupOutput {
+                id: gr.id,
+                prompt_len: gr.prompt.ids.len(),
+                samples,
+            });
+        }
+    }
+}
+
+/// Samples sample j's next token from its logits row, records its log-probability and checks
+/// the stop conditions (in order: stop token, stop string, max_new_tokens, context).
+fn sample_next(
+    gr: &mut Group,
+    j: usize,
+    logits: &[f32],
+    detok: &Option<Detokenizer>,
+    stats: &mut EngineStats,
+) {
+    let params = &gr.params;
+    let s = &mut gr.samples[j];
+    let tok = sample_token(logits, &params.sampling, &mut s.rng);
+    s.ids.push(tok);
+    s.logprobs
+        .push(log_prob(logits, tok, params.sampling.temperature));
+    stats.sampled_tokens += 1;
+    let reason = if params.stop_token_ids.contains(&tok) {
+        Some(FinishReason::StopToken(tok))
+    } else if let Some(i) = stop_string_hit(&s.ids, &params.stop_strings, detok) {
+        Some(FinishReason::StopString(i))
+    } else if s.ids.len() >= params.max_new_tokens {
+        Some(FinishReason::MaxTokens)
+    } else if gr.pos_base + s.ids.len() >= gr.max_pos {
+        Some(FinishReason::ContextFull)
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        s.state = SeqState::Finished { reason };
+    }
+}
+
+/// `log softmax(logits / T)[tok]` (T = 1 when greedy), in f64.
+fn log_prob(logits: &[f32], tok: u32, temperature: f32) -> f32 {
+    let t = if temperature > 0.0 { temperature } else { 1.0 } as f64;
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = logits.iter().map(|&x| ((x as f64 - max) / t).exp()).sum();
+    ((logits[tok as usize] as f64 - max) / t - sum.ln()) as f32
+}
+
+/// Index of the first stop string in the text of the last generated tokens. The window holds
+/// one more token than the longest stop string has bytes (every token decodes to ≥ 1 byte but
+/// special ones), so a stop string ending in the newest token is always inside it.
+fn stop_string_hit(ids: &[u32], stops: &[String], detok: &Option<Detokenizer>) -> Option<usize> {
+    let f = detok.as_ref()?;
+    let longest = stops.iter().map(String::len).max()?;
+    let text = f(&ids[ids.len().saturating_sub(longest + 1)..]);
+    stops.iter().position(|s| text.contains(s.as_str()))
+}

@@ -1,0 +1,86 @@
+//! The block pool as the decoder's key/value store for one step: sequence s of the step is a
+//! [`BlockTable`] whose room for its new tokens is already reserved; keys and values are written
+//! into its blocks and attention reads them through [`paged_attention_forward`].
+
+use crate::paged_attention::{paged_attention_forward, PagedSeq, PagedShape};
+use crate::pool::{BlockPool, BlockTable};
+use reel_model::decode::{HeadShape, KvError, KvStore};
+use std::ops::Range;
+
+/// One step's view of the pool: the step's sequences are `tables`, in step order.
+pub struct PagedKv<'a> {
+    pub pool: &'a mut BlockPool,
+    pub tables: Vec<&'a BlockTable>,
+}
+
+impl PagedKv<'_> {
+    fn check(&self, rows: &[Range<usize>]) -> Result<(), KvError> {
+        if rows.len() != self.tables.len() {
+            return Err(format!(
+                "the step has {} sequences but {} block tables",
+                rows.len(),
+                self.tables.len()
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl KvStore for PagedKv<'_> {
+    fn write(
+        &mut self,
+        layer: usize,
+        rows: &[Range<usize>],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
+        self.check(rows)?;
+        let l = self.pool.layout();
+        let w = l.h_kv * l.d;
+        for (t, r) in self.tables.iter().zip(rows) {
+            let (k, v) = (&k[r.start * w..r.end * w], &v[r.start * w..r.end * w]);
+            self.pool.write(t, layer, t.len(), k, v)?;
+        }
+        Ok(())
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        rows: &[Range<usize>],
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        heads: HeadShape,
+    ) -> Result<(), KvError> {
+        self.check(rows)?;
+        let l = self.pool.layout();
+        if (heads.h_kv, heads.d) != (l.h_kv, l.d) {
+            return Err(format!(
+                "attention with H_kv {} and D {} over a pool of H_kv {} and D {}",
+                heads.h_kv, heads.d, l.h_kv, l.d
+            )
+            .into());
+        }
+        let seqs: Vec<PagedSeq> = self
+            .tables
+            .iter()
+            .zip(rows)
+            .map(|(t, r)| PagedSeq {
+                block_table: t.block_ids(),
+                past: t.len(),
+                rows: r.clone(),
+            })
+            .collect();
+        let (k, v) = self.pool.layer(layer);
+        let shape = PagedShape {
+            h: heads.h,
+            h_kv: heads.h_kv,
+            d: heads.d,
+            block_size: l.block_size,
+        };
+        paged_attention_forward(out, lse, q, k, v, &seqs, shape);
+        Ok(())
+    }
+}

@@ -1,0 +1,47 @@
+//! reel-rollout: the generation engine of the RL loop (the role vLLM plays for Python systems).
+//!
+//! - [`pool`]: the paged KV cache — a reference-counted [`BlockPool`] of fixed-size blocks and
+//!   the per-sequence [`BlockTable`]; forks share a prompt's blocks, copy on write.
+//! - [`paged_attention`]: attention of new tokens over a sequence's blocks (CPU reference).
+//! - [`kv`]: the pool as the decoder's [`reel_model::decode::KvStore`] for one step.
+//! - [`request`]: what a caller asks for (prompt, [`GenerationParams`]) and gets back.
+//! - [`engine`]: [`Engine`] — groups of G samples that share a prefilled prompt, a scheduler
+//!   that fills each step's token budget with decode tokens and prefill chunks (continuous
+//!   batching, preemption when the pool runs out), sampling with a seed per sample.
+//!
+//! The engine borrows the model (`&Qwen2`): it reads the current weights, never copies them.
+
+pub mod engine;
+pub mod kv;
+pub mod paged_attention;
+pub mod pool;
+pub mod request;
+
+pub use engine::{Engine, EngineConfig, EngineStats, StepStats};
+pub use pool::{BlockPool, BlockTable, KvLayout};
+pub use request::{
+    sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, MRopePrompt, Prompt,
+    SampleOutput, SeqState,
+};
+
+/// Errors of the rollout engine; messages name the request, sequence or pool sizes.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("KV block pool exhausted: {needed} blocks needed, {free} of {total} free")]
+    PoolExhausted {
+        needed: usize,
+        free: usize,
+        total: usize,
+    },
+    #[error(
+        "group {group} cannot run even alone: it needs more than the pool's {total} KV blocks \
+         (raise num_blocks or lower the group size)"
+    )]
+    PoolTooSmall { group: u64, total: usize },
+    #[error("invalid engine config: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Model(#[from] reel_model::ModelError),
+}

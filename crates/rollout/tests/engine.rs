@@ -1,0 +1,423 @@
+//! The rollout engine against `Qwen2::generate` (itself checked against transformers) on the
+//! golden fixture model: greedy and sampled outputs token for token, alone and batched, with
+//! prefix sharing, copy on write, preemption, stops and bad requests.
+
+use reel_model::generate::SamplingParams;
+use reel_model::{load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, Workspace};
+use reel_rollout::{
+    sample_seed, Engine, EngineConfig, FinishReason, GenerationParams, GroupOutput, MRopePrompt,
+    Prompt, RolloutError, SeqState,
+};
+use std::path::Path;
+use std::sync::Arc;
+
+fn model() -> Qwen2 {
+    load_checkpoint(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-tiny"))
+        .unwrap()
+}
+
+fn golden() -> (Vec<u32>, Vec<u32>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-tiny/gen.json");
+    let gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        gen[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    (ids("prompt_ids"), ids("generated_ids"))
+}
+
+/// A prompt of `n` tokens from a seed.
+fn prompt(n: usize, seed: u64) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((i * 37 + seed * 11 + i * i * seed) % 120) as u32)
+        .collect()
+}
+
+fn greedy(max_new: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens: max_new,
+        ..GenerationParams::default()
+    }
+}
+
+fn sampled(max_new: usize, seed: u64) -> GenerationParams {
+    GenerationParams {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 50,
+            seed,
+        },
+        max_new_tokens: max_new,
+        ..GenerationParams::default()
+    }
+}
+
+/// Small blocks and step budgets so prompts span partial blocks and prefill runs in chunks.
+fn small() -> EngineConfig {
+    EngineConfig {
+        block_size: 3,
+        num_blocks: 400,
+        max_step_tokens: 17,
+        max_step_seqs: 64,
+    }
+}
+
+/// What `generate` gives sample j of a group with these params.
+fn reference(m: &Qwen2, prompt: &[u32], p: &GenerationParams, j: usize) -> Vec<u32> {
+    let params = SamplingParams {
+        seed: sample_seed(p.sampling.seed, j),
+        ..p.sampling
+    };
+    m.generate(prompt, p.max_new_tokens, &p.stop_token_ids, &params)
+        .unwrap()
+}
+
+#[test]
+fn greedy_output_equals_generate_alone_and_batched() {
+    let m = model();
+    let (prompt_ids, expected) = golden();
+    let mut e = Engine::new(&m, small()).unwrap();
+    e.add_request(prompt_ids.clone(), greedy(expected.len()))
+        .unwrap();
+    let out = e.run().unwrap();
+    assert_eq!(out[0].samples[0].ids, expected);
+    assert_eq!(out[0].samples[0].finish, FinishReason::MaxTokens);
+
+    // Batched with requests of other lengths, joining at different steps.
+    let others: Vec<(Vec<u32>, usize)> = vec![
+        (prompt(5, 1), 9),
+        (prompt(23, 2), 4),
+        (prompt(1, 3), 14),
+        (prompt(40, 4), 7),
+    ];
+    let mut e = Engine::new(&m, small()).unwrap();
+    let mut ids = vec![e
+        .add_request(others[0].0.clone(), greedy(others[0].1))
+        .unwrap()];
+    e.step().unwrap();
+    ids.push(
+        e.add_request(prompt_ids.clone(), greedy(expected.len()))
+            .unwrap(),
+    );
+    let mut mixed = false;
+    for (p, n) in &others[1..] {
+        let st = e.step().unwrap();
+        mixed |= st.prefill_tokens > 0 && st.decode_tokens > 0;
+        ids.push(e.add_request(p.clone(), greedy(*n)).unwrap());
+    }
+    let out = e.run().unwrap();
+    assert!(mixed, "some step ran prefill chunks beside decode tokens");
+    assert_eq!(out.len(), 5);
+    assert_eq!(out[1].id, ids[1]);
+    assert_eq!(out[1].samples[0].ids, expected);
+    for (o, (p, n)) in [&out[0], &out[2], &out[3], &out[4]].iter().zip(&others) {
+        assert_eq!(
+            o.samples[0].ids,
+            reference(&m, p, &greedy(*n), 0),
+            "prompt {p:?}"
+        );
+    }
+    assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+}
+
+#[test]
+fn prefix_sharing_prefills_once_whatever_the_group_size() {
+    let m = model();
+    let p = prompt(20, 5); // 20 % 3 != 0: the last prompt block is partial and shared
+    for g in [1usize, 4, 8] {
+        let mut e = Engine::new(&m, small()).unwrap();
+        e.add_group(p.clone(), g, greedy(6)).unwrap();
+        let out = e.run().unwrap();
+        let st = e.stats();
+        assert_eq!(st.prefill_tokens, 20, "G = {g}");
+        let want = reference(&m, &p, &greedy(6), 0);
+        for s in &out[0].samples {
+            assert_eq!(s.ids, want, "G = {g}");
+        }
+        assert_eq!(st.forks, g as u64);
+        assert_eq!(st.decode_tokens, (g * (want.len() - 1)) as u64);
+        // The last holder of the shared partial block appends in place; the others copy it.
+        assert_eq!(st.cow_copies, g as u64 - 1, "G = {g}");
+        assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+    }
+}
+
+#[test]
+fn forked_samples_diverge_and_each_equals_its_own_run() {
+    let m = model();
+    let p = prompt(10, 7);
+    let params = sampled(12, 1234);
+    let g = 6;
+    let mut e = Engine::new(&m, small()).unwrap();
+    e.add_group(p.clone(), g, params.clone()).unwrap();
+    let out = e.run().unwrap().remove(0);
+    assert_eq!(e.stats().prefill_tokens, 10);
+    let distinct: std::collections::HashSet<&Vec<u32>> =
+        out.samples.iter().map(|s| &s.ids).collect();
+    assert!(distinct.len() > 1, "samples differ");
+    // Each sample equals generate with its seed: had a sample written into the shared prompt
+    // blocks, the others' continuations would differ.
+    for (j, s) in out.samples.iter().enumerate() {
+        assert_eq!(s.seed, sample_seed(1234, j));
+        assert_eq!(s.ids, reference(&m, &p, &params, j), "sample {j}");
+    }
+    // The same group batched with others gives the same samples.
+    let mut e = Engine::new(&m, small()).unwrap();
+    e.add_group(prompt(15, 8), 3, sampled(9, 99)).unwrap();
+    let id = e.add_group(p.clone(), g, params.clone()).unwrap();
+    e.add_request(prompt(4, 9), greedy(20)).unwrap();
+    let again = e.run().unwrap();
+    let again = again.iter().find(|o| o.id == id).unwrap();
+    for (a, b) in again.samples.iter().zip(&out.samples) {
+        assert_eq!(a.ids, b.ids);
+        // Batched GEMMs may round differently in the last bit.
+        for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn logprobs_are_the_policy_log_probabilities_of_the_sampled_tokens() {
+    let m = model();
+    let p = prompt(9, 3);
+    for temperature in [1.0f32, 0.7, 0.0] {
+        let mut params = sampled(8, 5);
+        params.sampling.temperature = temperature;
+        let mut e = Engine::new(&m, small()).unwrap();
+        e.add_group(p.clone(), 2, params).unwrap();
+        let out = e.run().unwrap().remove(0);
+        for s in &out.samples {
+            // Full-sequence logits from the training forward.
+            let seq: Vec<u32> = p.iter().chain(&s.ids).copied().collect();
+            let t = seq.len();
+            let mut ws = Workspace::new(&m.config, CheckpointPolicy::None);
+            let pos: Vec<u32> = (0..t as u32).collect();
+            let logits = m
+                .logits(&mut ws, &seq, &pos, 1, t, &LocalAttention)
+                .unwrap();
+            let v = m.config.vocab_size;
+            let temp = if temperature > 0.0 { temperature } else { 1.0 };
+            for (i, (&tok, &lp)) in s.ids.iter().zip(&s.logprobs).enumerate() {
+                let row = &logits[(p.len() - 1 + i) * v..(p.len() + i) * v];
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let lse = row
+                    .iter()
+                    .map(|&x| ((x - max) / temp).exp())
+                    .sum::<f32>()
+                    .ln();
+                let want = (row[tok as usize] - max) / temp - lse;
+                assert!(
+                    (lp - want).abs() < 1e-4,
+                    "T {temperature} token {i}: {lp} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn seeds_are_reproducible() {
+    let m = model();
+    let run = |seed: u64| -> GroupOutput {
+        let mut e = Engine::new(&m, EngineConfig::default()).unwrap();
+        e.add_group(prompt(8, 2), 4, sampled(10, seed)).unwrap();
+        e.run().unwrap().remove(0)
+    };
+    let a = run(42);
+    assert_eq!(a, run(42));
+    assert_ne!(a.samples, run(43).samples);
+}
+
+#[test]
+fn pool_exhaustion_preempts_and_recomputes_without_changing_outputs() {
+    let m = model();
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 32, // each group fits alone (27, 18, 13 blocks), not together
+        max_step_tokens: 64,
+        max_step_seqs: 64,
+    };
+    let work: Vec<(Vec<u32>, usize, GenerationParams)> = vec![
+        (prompt(14, 1), 3, sampled(30, 1)),
+        (prompt(9, 2), 2, sampled(30, 2)),
+        (prompt(20, 3), 1, greedy(30)),
+    ];
+    let mut e = Engine::new(&m, cfg).unwrap();
+    for (p, g, params) in &work {
+        e.add_group(p.clone(), *g, params.clone()).unwrap();
+    }
+    let out = e.run().unwrap();
+    assert!(e.stats().preemptions > 0, "{:?}", e.stats());
+    assert!(e.stats().prefill_tokens > 14 + 9 + 20, "recomputed prompts");
+    for (o, (p, g, params)) in out.iter().zip(&work) {
+        assert_eq!(o.samples.len(), *g);
+        for (j, s) in o.samples.iter().enumerate() {
+            assert_eq!(
+                s.ids,
+                reference(&m, p, params, j),
+                "group {} sample {j}",
+                o.id
+            );
+        }
+    }
+    assert_eq!(e.pool().free_blocks(), 32);
+
+    // A group that cannot fit even alone is an error, not a hang.
+    let tiny = EngineConfig {
+        block_size: 4,
+        num_blocks: 6,
+        ..cfg
+    };
+    let mut e = Engine::new(&m, tiny).unwrap();
+    e.add_group(prompt(16, 1), 4, greedy(30)).unwrap();
+    let err = e.run().unwrap_err();
+    assert!(matches!(err, RolloutError::PoolTooSmall { .. }), "{err}");
+    assert!(err.to_string().contains("num_blocks"), "{err}");
+    let mut e = Engine::new(&m, tiny).unwrap();
+    let err = e.add_request(prompt(30, 1), greedy(3)).unwrap_err();
+    assert!(matches!(err, RolloutError::PoolTooSmall { .. }), "{err}");
+}
+
+#[test]
+fn stops_on_tokens_strings_max_tokens_and_context() {
+    let m = model();
+    let (p, expected) = golden();
+    // Stop token: the fourth greedy token.
+    let mut e = Engine::new(&m, small()).unwrap();
+    let params = GenerationParams {
+        stop_token_ids: vec![expected[3]],
+        ..greedy(12)
+    };
+    e.add_request(p.clone(), params).unwrap();
+    let out = e.run().unwrap().remove(0).samples.remove(0);
+    let first = expected.iter().position(|&t| t == expected[3]).unwrap();
+    assert_eq!(out.ids, expected[..=first]);
+    assert_eq!(out.finish, FinishReason::StopToken(expected[3]));
+
+    // Stop string over a detokenizer that renders ids as <id>.
+    let detok = Arc::new(|ids: &[u32]| ids.iter().map(|i| format!("<{i}>")).collect::<String>());
+    let mut e = Engine::new(&m, small()).unwrap().with_detokenizer(detok);
+    let params = GenerationParams {
+        stop_strings: vec!["nope".into(), format!("<{}><{}>", expected[1], expected[2])],
+        ..greedy(12)
+    };
+    let id = e.add_request(p.clone(), params).unwrap();
+    assert_eq!(e.state(id, 0), Some(SeqState::Waiting));
+    e.step().unwrap();
+    assert_eq!(e.state(id, 0), Some(SeqState::Running));
+    let out = e.run().unwrap().remove(0).samples.remove(0);
+    assert_eq!(out.ids, expected[..3]);
+    assert_eq!(out.finish, FinishReason::StopString(1));
+    assert_eq!(
+        e.state(id, 0),
+        None,
+        "outputs taken by run are no longer held"
+    );
+
+    // The context limit, as generate has it.
+    let max_pos = m.config.max_position_embeddings;
+    let long = prompt(max_pos - 5, 1);
+    let mut e = Engine::new(&m, EngineConfig::default()).unwrap();
+    e.add_request(long.clone(), greedy(100)).unwrap();
+    let out = e.run().unwrap().remove(0).samples.remove(0);
+    assert_eq!(out.ids.len(), 5);
+    assert_eq!(out.finish, FinishReason::ContextFull);
+    assert_eq!(
+        out.ids,
+        m.generate(&long, 100, &[], &SamplingParams::default())
+            .unwrap()
+    );
+
+    // Nothing to generate.
+    let mut e = Engine::new(&m, EngineConfig::default()).unwrap();
+    let id = e.add_group(p.clone(), 2, greedy(0)).unwrap();
+    assert_eq!(
+        e.state(id, 1),
+        Some(SeqState::Finished {
+            reason: FinishReason::MaxTokens
+        })
+    );
+    let out = e.run().unwrap();
+    assert!(out[0].samples.iter().all(|s| s.ids.is_empty()));
+    assert_eq!(e.stats().steps, 0);
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_reason() {
+    let m = model();
+    let mut e = Engine::new(&m, EngineConfig::default()).unwrap();
+    let err = |r: Result<_, RolloutError>| r.unwrap_err().to_string();
+    assert!(err(e.add_request(vec![], greedy(3))).contains("1 to"));
+    assert!(err(e.add_request(vec![1, 500], greedy(3))).contains("500"));
+    assert!(err(e.add_group(vec![1, 2], 0, greedy(3))).contains("at least one"));
+    let mut nan = greedy(3);
+    nan.sampling.temperature = f32::NAN;
+    assert!(err(e.add_request(vec![1, 2], nan)).contains("temperature"));
+    let stops = GenerationParams {
+        stop_strings: vec!["x".into()],
+        ..greedy(3)
+    };
+    assert!(err(e.add_request(vec![1, 2], stops)).contains("detokenizer"));
+    let bad_embed = Prompt {
+        ids: vec![1, 2],
+        embeddings: Some(vec![0.0; 5]),
+        mrope: None,
+    };
+    assert!(err(e.add_request(bad_embed, greedy(3))).contains("embeddings"));
+    assert!(!e.has_work(), "refused requests are not queued");
+    assert!(Engine::new(
+        &m,
+        EngineConfig {
+            block_size: 0,
+            ..EngineConfig::default()
+        }
+    )
+    .is_err());
+}
+
+#[test]
+fn embedding_and_mrope_prompts_are_an_extension_point() {
+    // Input embeddings equal to the ids' rows and M-RoPE positions with equal components must
+    // give exactly the plain prompt's output; shifted temporal positions must change it.
+    let m = model();
+    let p = prompt(11, 4);
+    let d = m.config.hidden_size;
+    let embed = &m.params[m.layout.embed.clone()];
+    let rows: Vec<f32> = p
+        .iter()
+        .flat_map(|&t| embed[t as usize * d..(t as usize + 1) * d].to_vec())
+        .collect();
+    let half = m.config.head_dim / 2;
+    let sections = [half - 2, 1, 1];
+    let same = Prompt {
+        ids: p.clone(),
+        embeddings: Some(rows.clone()),
+        mrope: Some(MRopePrompt {
+            positions: (0..p.len() as u32).map(|i| [i, i, i]).collect(),
+            sections,
+        }),
+    };
+    let shifted = Prompt {
+        mrope: Some(MRopePrompt {
+            positions: (0..p.len() as u32).map(|i| [i + 30, i, i]).collect(),
+            sections,
+        }),
+        ..same.clone()
+    };
+    assert_eq!(shifted.next_position(), p.len() + 30);
+    let mut e = Engine::new(&m, small()).unwrap();
+    e.add_request(p.clone(), greedy(10)).unwrap();
+    e.add_request(same, greedy(10)).unwrap();
+    e.add_request(shifted, greedy(10)).unwrap();
+    let out = e.run().unwrap();
+    assert_eq!(out[0].samples[0].ids, reference(&m, &p, &greedy(10), 0));
+    assert_eq!(out[1].samples[0].ids, out[0].samples[0].ids);
+    assert_ne!(out[2].samples[0].logprobs, out[0].samples[0].logprobs);
+}
