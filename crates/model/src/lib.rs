@@ -6,11 +6,14 @@
 //! - [`attention`]: the one attention entry point ([`AttentionOp`]); parallel schedules plug in here.
 //! - [`io`]: safetensors checkpoint folders (single file or sharded with an index).
 //! - [`generate`]: KV-cached decoding and sampling.
+//! - [`logprob`]: per-token log π and entropy at labelled positions, and the backward for
+//!   per-token coefficients ∂L/∂log π (the policy-gradient update).
 
 pub mod attention;
 pub mod config;
 pub mod generate;
 pub mod io;
+pub mod logprob;
 pub mod model;
 pub mod params;
 

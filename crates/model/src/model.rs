@@ -224,10 +224,10 @@ pub struct Workspace {
     qkv: Vec<f32>,
     x_tmp: Vec<f32>,
     rstd_f: Vec<f32>,
-    xn_f: Vec<f32>,
-    ce_losses: Vec<f32>,
-    ce_lse: Vec<f32>,
-    dloss: Vec<f32>,
+    pub(crate) xn_f: Vec<f32>,
+    pub(crate) ce_losses: Vec<f32>,
+    pub(crate) ce_lse: Vec<f32>,
+    pub(crate) dloss: Vec<f32>,
     dxn_f: Vec<f32>,
     dx: [Vec<f32>; 2],
     bw: BackwardScratch,
@@ -637,8 +637,9 @@ impl Qwen2 {
         Ok(())
     }
 
-    /// Embedding and every layer; leaves the residual stream after the last layer in ws.xs[L].
-    fn forward_layers(
+    /// Embedding, every layer and the final norm; leaves the normed last hidden states in
+    /// ws.xn_f.
+    pub(crate) fn forward_layers(
         &self,
         ws: &mut Workspace,
         batch: &TokenBatch,
@@ -731,6 +732,20 @@ impl Qwen2 {
         loss_scale: f32,
         attn: &dyn AttentionOp,
     ) -> Result<(), ModelError> {
+        self.check_backward(grads, ws, batch)?;
+        for (dl, &t) in ws.dloss.iter_mut().zip(batch.targets) {
+            *dl = if t >= 0 { loss_scale } else { 0.0 };
+        }
+        self.backward_from_dloss(grads, ws, batch, attn)
+    }
+
+    /// What every backward checks first: the forward ran on this batch, the gradient buffer fits.
+    pub(crate) fn check_backward(
+        &self,
+        grads: &[f32],
+        ws: &Workspace,
+        batch: &TokenBatch,
+    ) -> Result<(), ModelError> {
         if ws.last != Some((batch.b, batch.t)) {
             return Err(ModelError::Invalid(
                 "backward needs the forward of the same batch first".into(),
@@ -743,11 +758,21 @@ impl Qwen2 {
                 self.params.len()
             )));
         }
+        Ok(())
+    }
+
+    /// The backward for per-token loss weights already in `ws.dloss` (∂L/∂loss_i, 0 on
+    /// unlabelled rows): the one implementation behind [`Qwen2::backward`] (CE, a constant
+    /// weight) and [`Qwen2::backward_logprobs`] (policy gradient, −∂L/∂log π_i).
+    pub(crate) fn backward_from_dloss(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        batch: &TokenBatch,
+        attn: &dyn AttentionOp,
+    ) -> Result<(), ModelError> {
         let m = Dims::new(&self.config, batch.b, batch.t);
         let layers = self.config.num_hidden_layers;
-        for (dl, &t) in ws.dloss.iter_mut().zip(batch.targets) {
-            *dl = if t >= 0 { loss_scale } else { 0.0 };
-        }
         lm_head_ce_backward(
             &mut ws.dxn_f,
             &mut grads[self.layout.lm_head.clone()],
