@@ -18,8 +18,8 @@ use reel_kernels::cross_entropy::{lm_head_ce_entropy_forward, lm_head_ce_forward
 
 impl Qwen2 {
     /// Forward of `batch`, then `logp[i] = log π(targets[i] | tokens ≤ i)` for every labelled
-    /// position i (0 where targets[i] < 0), and, if given, `entropy[i]` of the model's
-    /// distribution there (0 where unlabelled; an output only, not differentiated). Both buffers
+    /// position i (0 where targets[i] < 0), π = softmax(logits / temperature), and, if given,
+    /// `entropy[i]` of that distribution there (0 where unlabelled; an output only, not differentiated). Both buffers
     /// are [B·T]. Keeps what the workspace's checkpoint policy keeps, so
     /// [`Qwen2::backward_logprobs`] (or [`Qwen2::backward`]) can follow on the same batch.
     /// Returns the number of labelled positions.
@@ -28,9 +28,15 @@ impl Qwen2 {
         ws: &mut Workspace,
         batch: &TokenBatch,
         attn: &dyn AttentionOp,
+        temperature: f32,
         logp: &mut [f32],
         entropy: Option<&mut [f32]>,
     ) -> Result<usize, ModelError> {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(ModelError::Invalid(format!(
+                "temperature {temperature} must be a finite number > 0"
+            )));
+        }
         let n = batch.b * batch.t;
         if logp.len() != n {
             return Err(ModelError::Invalid(format!(
@@ -52,6 +58,11 @@ impl Qwen2 {
         }
         self.validate_batch(batch)?;
         self.forward_layers(ws, batch, attn)?;
+        if temperature != 1.0 {
+            let c = 1.0 / temperature;
+            ws.xn_f.iter_mut().for_each(|x| *x *= c);
+            ws.head_scale = c;
+        }
         let (d, v) = (self.config.hidden_size, self.config.vocab_size);
         let head = &self.params[self.layout.lm_head.clone()];
         let (sum, count) = match entropy {

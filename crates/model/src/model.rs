@@ -225,6 +225,9 @@ pub struct Workspace {
     x_tmp: Vec<f32>,
     rstd_f: Vec<f32>,
     pub(crate) xn_f: Vec<f32>,
+    /// Factor xn_f was multiplied by before the LM head (1/temperature when scoring a sampling
+    /// temperature, else 1); the backward applies it to dxn_f.
+    pub(crate) head_scale: f32,
     pub(crate) ce_losses: Vec<f32>,
     pub(crate) ce_lse: Vec<f32>,
     pub(crate) dloss: Vec<f32>,
@@ -256,6 +259,7 @@ impl Workspace {
             x_tmp: Vec::new(),
             rstd_f: Vec::new(),
             xn_f: Vec::new(),
+            head_scale: 1.0,
             ce_losses: Vec::new(),
             ce_lse: Vec::new(),
             dloss: Vec::new(),
@@ -688,6 +692,7 @@ impl Qwen2 {
             d,
             self.config.rms_norm_eps,
         );
+        ws.head_scale = 1.0;
         ws.last = Some((batch.b, batch.t));
         Ok(())
     }
@@ -786,6 +791,10 @@ impl Qwen2 {
             m.v,
             CE_CHUNK,
         );
+        if ws.head_scale != 1.0 {
+            let c = ws.head_scale;
+            ws.dxn_f.iter_mut().for_each(|x| *x *= c);
+        }
         let [dx_a, dx_b] = &mut ws.dx;
         rmsnorm_backward(
             dx_a,

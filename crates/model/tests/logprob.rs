@@ -71,49 +71,61 @@ fn token_logprobs_and_entropy_match_transformers_logits() {
             b,
             t,
         };
-        // Expected: log-softmax at the target and entropy, from transformers' logits in f64.
-        let mut want_lp = vec![0.0f32; b * t];
-        let mut want_ent = vec![0.0f32; b * t];
-        for i in 0..b * t {
-            if targets[i] < 0 {
-                continue;
+        for tau in [1.0f32, 0.7] {
+            // Expected: log-softmax of logits/τ at the target and entropy, from transformers' logits
+            // in f64.
+            let mut want_lp = vec![0.0f32; b * t];
+            let mut want_ent = vec![0.0f32; b * t];
+            for i in 0..b * t {
+                if targets[i] < 0 {
+                    continue;
+                }
+                let z: Vec<f64> = logits[i * v..(i + 1) * v]
+                    .iter()
+                    .map(|&x| x as f64 / tau as f64)
+                    .collect();
+                let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + z.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                want_lp[i] = (z[targets[i] as usize] - lse) as f32;
+                want_ent[i] = -z.iter().map(|x| (x - lse).exp() * (x - lse)).sum::<f64>() as f32;
             }
-            let z: Vec<f64> = logits[i * v..(i + 1) * v]
-                .iter()
-                .map(|&x| x as f64)
-                .collect();
-            let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let lse = mx + z.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
-            want_lp[i] = (z[targets[i] as usize] - lse) as f32;
-            want_ent[i] = -z.iter().map(|x| (x - lse).exp() * (x - lse)).sum::<f64>() as f32;
+            let labelled = targets.iter().filter(|&&x| x >= 0).count();
+            assert!(labelled > 0 && labelled < b * t);
+
+            let mut ws = Workspace::new(&model.config, CheckpointPolicy::Remat);
+            let mut lp = vec![f32::NAN; b * t];
+            let mut ent = vec![f32::NAN; b * t];
+            let count = model
+                .token_logprobs(
+                    &mut ws,
+                    &batch,
+                    &LocalAttention,
+                    tau,
+                    &mut lp,
+                    Some(&mut ent),
+                )
+                .unwrap();
+            assert_eq!(count, labelled);
+            let tol = Tolerance::new(1e-4, 1e-4);
+            check_close(&format!("{name} τ {tau} logp"), &lp, &want_lp, tol).unwrap();
+            check_close(&format!("{name} τ {tau} entropy"), &ent, &want_ent, tol).unwrap();
+
+            // Without entropy: the same log-probabilities; and they are −CE of the forward.
+            let mut lp2 = vec![f32::NAN; b * t];
+            model
+                .token_logprobs(&mut ws, &batch, &LocalAttention, tau, &mut lp2, None)
+                .unwrap();
+            assert_eq!(lp, lp2);
+            if tau == 1.0 {
+                let stats = model.forward(&mut ws, &batch, &LocalAttention).unwrap();
+                let sum: f64 = lp.iter().map(|&x| x as f64).sum();
+                assert!(
+                    (sum + stats.loss_sum).abs() < 1e-5 * stats.loss_sum.abs(),
+                    "{name}: Σ logp {sum} vs −CE sum {}",
+                    -stats.loss_sum
+                );
+            }
         }
-        let labelled = targets.iter().filter(|&&x| x >= 0).count();
-        assert!(labelled > 0 && labelled < b * t);
-
-        let mut ws = Workspace::new(&model.config, CheckpointPolicy::Remat);
-        let mut lp = vec![f32::NAN; b * t];
-        let mut ent = vec![f32::NAN; b * t];
-        let count = model
-            .token_logprobs(&mut ws, &batch, &LocalAttention, &mut lp, Some(&mut ent))
-            .unwrap();
-        assert_eq!(count, labelled);
-        let tol = Tolerance::new(1e-4, 1e-4);
-        check_close(&format!("{name} logp"), &lp, &want_lp, tol).unwrap();
-        check_close(&format!("{name} entropy"), &ent, &want_ent, tol).unwrap();
-
-        // Without entropy: the same log-probabilities; and they are −CE of the forward.
-        let mut lp2 = vec![f32::NAN; b * t];
-        model
-            .token_logprobs(&mut ws, &batch, &LocalAttention, &mut lp2, None)
-            .unwrap();
-        assert_eq!(lp, lp2);
-        let stats = model.forward(&mut ws, &batch, &LocalAttention).unwrap();
-        let sum: f64 = lp.iter().map(|&x| x as f64).sum();
-        assert!(
-            (sum + stats.loss_sum).abs() < 1e-5 * stats.loss_sum.abs(),
-            "{name}: Σ logp {sum} vs −CE sum {}",
-            -stats.loss_sum
-        );
     }
 }
 
@@ -141,12 +153,13 @@ fn grads_of(
     batch: &TokenBatch,
     weighted: Option<&[f32]>,
     scale: f32,
+    temperature: f32,
 ) -> Vec<f32> {
     let mut ws = Workspace::new(&model.config, policy);
     let mut grads = vec![0.0f32; model.params.len()];
     let mut lp = vec![0.0f32; batch.b * batch.t];
     model
-        .token_logprobs(&mut ws, batch, &LocalAttention, &mut lp, None)
+        .token_logprobs(&mut ws, batch, &LocalAttention, temperature, &mut lp, None)
         .unwrap();
     match weighted {
         Some(g) => model
@@ -182,8 +195,8 @@ fn weighted_backward_with_minus_one_over_n_is_the_ce_backward() {
         CheckpointPolicy::Layer,
         CheckpointPolicy::Remat,
     ] {
-        let ce = grads_of(&model, policy, &batch, None, 1.0 / n as f32);
-        let pg = grads_of(&model, policy, &batch, Some(&g), 0.0);
+        let ce = grads_of(&model, policy, &batch, None, 1.0 / n as f32, 1.0);
+        let pg = grads_of(&model, policy, &batch, Some(&g), 0.0, 1.0);
         assert!(ce.iter().any(|&x| x != 0.0));
         assert_eq!(ce, pg, "{policy}: weighted backward differs from CE's");
     }
@@ -204,10 +217,10 @@ fn weighted_backward_matches_finite_differences() {
     };
     let mut rng = reel_tensor::rng(3);
     let g: Vec<f32> = (0..b * t).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let objective = |model: &Qwen2, ws: &mut Workspace| -> f64 {
+    let objective = |model: &Qwen2, ws: &mut Workspace, tau: f32| -> f64 {
         let mut lp = vec![0.0f32; b * t];
         model
-            .token_logprobs(ws, &batch, &LocalAttention, &mut lp, None)
+            .token_logprobs(ws, &batch, &LocalAttention, tau, &mut lp, None)
             .unwrap();
         lp.iter()
             .zip(&g)
@@ -216,12 +229,13 @@ fn weighted_backward_matches_finite_differences() {
             .map(|((&l, &g), _)| l as f64 * g as f64)
             .sum()
     };
-    for policy in [
-        CheckpointPolicy::None,
-        CheckpointPolicy::Layer,
-        CheckpointPolicy::Remat,
+    // Each policy once, two of them at a sampling temperature (softmax(z/τ)).
+    for (policy, tau) in [
+        (CheckpointPolicy::None, 1.0f32),
+        (CheckpointPolicy::Layer, 0.8),
+        (CheckpointPolicy::Remat, 1.3),
     ] {
-        let grads = grads_of(&model, policy, &batch, Some(&g), 0.0);
+        let grads = grads_of(&model, policy, &batch, Some(&g), 0.0, tau);
         let mut ws = Workspace::new(&model.config, policy);
         let mut worst = 0.0f32;
         for e in model.layout.entries.clone() {
@@ -230,9 +244,9 @@ fn weighted_backward_matches_finite_differences() {
                 let orig = model.params[idx];
                 let eps = 1e-2f32;
                 model.params[idx] = orig + eps;
-                let up = objective(&model, &mut ws);
+                let up = objective(&model, &mut ws, tau);
                 model.params[idx] = orig - eps;
-                let down = objective(&model, &mut ws);
+                let down = objective(&model, &mut ws, tau);
                 model.params[idx] = orig;
                 let numeric = ((up - down) / (2.0 * eps as f64)) as f32;
                 let err =
@@ -240,13 +254,13 @@ fn weighted_backward_matches_finite_differences() {
                 worst = worst.max(err);
                 assert!(
                     err < 2e-2,
-                    "{policy} {} [{idx}]: analytic {} vs numeric {numeric}",
+                    "{policy} τ {tau} {} [{idx}]: analytic {} vs numeric {numeric}",
                     e.name,
                     grads[idx]
                 );
             }
         }
-        println!("{policy}: worst relative error {worst}");
+        println!("{policy} τ {tau}: worst relative error {worst}");
     }
 }
 
@@ -265,17 +279,21 @@ fn bad_buffers_are_refused_with_a_message() {
     let mut ws = Workspace::new(&model.config, CheckpointPolicy::Remat);
     let mut short = vec![0.0f32; 3];
     let e = model
-        .token_logprobs(&mut ws, &batch, &LocalAttention, &mut short, None)
+        .token_logprobs(&mut ws, &batch, &LocalAttention, 1.0, &mut short, None)
         .unwrap_err();
     assert!(e.to_string().contains("logp buffer has 3"), "{e}");
     let mut lp = vec![0.0f32; b * t];
+    let e = model
+        .token_logprobs(&mut ws, &batch, &LocalAttention, 0.0, &mut lp, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("temperature 0"), "{e}");
     let mut grads = vec![0.0f32; model.params.len()];
     let e = model
         .backward_logprobs(&mut grads, &mut ws, &batch, &lp, &LocalAttention)
         .unwrap_err();
     assert!(e.to_string().contains("forward of the same batch"), "{e}");
     model
-        .token_logprobs(&mut ws, &batch, &LocalAttention, &mut lp, None)
+        .token_logprobs(&mut ws, &batch, &LocalAttention, 1.0, &mut lp, None)
         .unwrap();
     let mut g = vec![0.5f32; b * t];
     let at = targets.iter().position(|&x| x >= 0).unwrap();

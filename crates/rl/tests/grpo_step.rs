@@ -63,10 +63,10 @@ impl Rollout {
     }
 }
 
-fn logprobs(model: &Qwen2, ws: &mut Workspace, batch: &TokenBatch) -> Vec<f32> {
+fn logprobs(model: &Qwen2, ws: &mut Workspace, batch: &TokenBatch, tau: f32) -> Vec<f32> {
     let mut lp = vec![0.0f32; batch.b * batch.t];
     model
-        .token_logprobs(ws, batch, &LocalAttention, &mut lp, None)
+        .token_logprobs(ws, batch, &LocalAttention, tau, &mut lp, None)
         .unwrap();
     lp
 }
@@ -97,7 +97,14 @@ fn micro_batch_grads(
     let mut lp = vec![0.0f32; batch.b * batch.t];
     let mut ent = vec![0.0f32; batch.b * batch.t];
     model
-        .token_logprobs(ws, &batch, &LocalAttention, &mut lp, Some(&mut ent))
+        .token_logprobs(
+            ws,
+            &batch,
+            &LocalAttention,
+            cfg.temperature,
+            &mut lp,
+            Some(&mut ent),
+        )
         .unwrap();
     let x = PolicyTokens {
         b: batch.b,
@@ -151,7 +158,7 @@ fn one_grpo_step_raises_the_rewarded_sample() {
     assert!(adv[0] > 0.5 && adv[1] < -0.5, "{adv:?}");
 
     let mut ws = Workspace::new(&model.config, CheckpointPolicy::Remat);
-    let old = logprobs(&model, &mut ws, &r.batch(0..r.b));
+    let old = logprobs(&model, &mut ws, &r.batch(0..r.b), cfg.temperature);
     let scale = LossScale {
         global_tokens: r.mask.iter().filter(|&&m| m).count(),
         global_seqs: r.b,
@@ -189,7 +196,7 @@ fn one_grpo_step_raises_the_rewarded_sample() {
     let g_ro: Vec<&[f32]> = gr.iter_mut().map(|s| &**s).collect();
     opt.step(&mut p, &g_ro, adamw.lr);
 
-    let new = logprobs(&model, &mut ws, &r.batch(0..r.b));
+    let new = logprobs(&model, &mut ws, &r.batch(0..r.b), cfg.temperature);
     let (before0, after0) = (
         row_sum(&old, &r.mask, r.t, 0),
         row_sum(&new, &r.mask, r.t, 0),
@@ -218,11 +225,12 @@ fn micro_batches_give_the_whole_batch_gradient() {
         let cfg = GrpoConfig {
             loss_aggregation: mode,
             max_response_tokens: 16,
+            temperature: 0.9,
             ..GrpoConfig::default()
         };
         let mut ws = Workspace::new(&model.config, CheckpointPolicy::Layer);
         // Off-policy old log-probs (the rollout policy differs), so ratios are not all 1.
-        let old: Vec<f32> = logprobs(&model, &mut ws, &r.batch(0..r.b))
+        let old: Vec<f32> = logprobs(&model, &mut ws, &r.batch(0..r.b), cfg.temperature)
             .iter()
             .enumerate()
             .map(|(j, &l)| l + 0.05 * ((j % 5) as f32 - 2.0))
