@@ -250,10 +250,13 @@ pub struct Workspace {
     qkv: Vec<f32>,
     x_tmp: Vec<f32>,
     rstd_f: Vec<f32>,
-    xn_f: Vec<f32>,
-    ce_losses: Vec<f32>,
-    ce_lse: Vec<f32>,
-    dloss: Vec<f32>,
+    pub(crate) xn_f: Vec<f32>,
+    /// Factor xn_f was multiplied by before the LM head (1/temperature when scoring a sampling
+    /// temperature, else 1); the backward applies it to dxn_f.
+    pub(crate) head_scale: f32,
+    pub(crate) ce_losses: Vec<f32>,
+    pub(crate) ce_lse: Vec<f32>,
+    pub(crate) dloss: Vec<f32>,
     dxn_f: Vec<f32>,
     dx: [Vec<f32>; 2],
     bw: BackwardScratch,
@@ -282,6 +285,7 @@ impl Workspace {
             x_tmp: Vec::new(),
             rstd_f: Vec::new(),
             xn_f: Vec::new(),
+            head_scale: 1.0,
             ce_losses: Vec::new(),
             ce_lse: Vec::new(),
             dloss: Vec::new(),
@@ -691,8 +695,9 @@ impl Qwen2 {
         Ok(())
     }
 
-    /// Embedding and every layer; leaves the residual stream after the last layer in ws.xs[L].
-    fn forward_layers(
+    /// Embedding, every layer and the final norm; leaves the normed last hidden states in
+    /// ws.xn_f.
+    pub(crate) fn forward_layers(
         &self,
         ws: &mut Workspace,
         batch: &TokenBatch,
@@ -752,6 +757,7 @@ impl Qwen2 {
             d,
             self.config.rms_norm_eps,
         );
+        ws.head_scale = 1.0;
         ws.last = Some((m.b, m.t));
         Ok(())
     }
@@ -809,33 +815,21 @@ impl Qwen2 {
         loss_scale: f32,
         attn: &dyn AttentionOp,
     ) -> Result<(), ModelError> {
-        let m = Dims::new(&self.config, batch.b, batch.t);
-        let rot = Rotary::Positions(batch.positions);
-        let dx = self.backward_layers(grads, ws, batch.targets, rot, &m, loss_scale, attn)?;
-        embedding_backward(
-            &mut grads[self.layout.embed.clone()],
-            &ws.dx[dx],
-            batch.tokens,
-            m.d,
-        );
-        Ok(())
+        self.check_backward(grads, ws, batch.b, batch.t)?;
+        set_ce_dloss(&mut ws.dloss, batch.targets, loss_scale);
+        self.backward_from_dloss(grads, ws, batch, attn)
     }
 
-    /// The backward from the loss to the input of layer 0; returns which of ws.dx holds
-    /// ∂L/∂(input embeddings).
-    #[allow(clippy::too_many_arguments)]
-    fn backward_layers(
+    /// What every backward checks first: the forward ran on a batch of this shape, the gradient
+    /// buffer fits.
+    pub(crate) fn check_backward(
         &self,
-        grads: &mut [f32],
-        ws: &mut Workspace,
-        targets: &[i32],
-        rot: Rotary,
-        m: &Dims,
-        loss_scale: f32,
-        attn: &dyn AttentionOp,
-    ) -> Result<usize, ModelError> {
-        let m = *m;
-        if ws.last != Some((m.b, m.t)) {
+        grads: &[f32],
+        ws: &Workspace,
+        b: usize,
+        t: usize,
+    ) -> Result<(), ModelError> {
+        if ws.last != Some((b, t)) {
             return Err(ModelError::Invalid(
                 "backward needs the forward of the same batch first".into(),
             ));
@@ -847,10 +841,44 @@ impl Qwen2 {
                 self.params.len()
             )));
         }
+        Ok(())
+    }
+
+    /// The backward for per-token loss weights already in `ws.dloss` (∂L/∂loss_i, 0 on
+    /// unlabelled rows): the one implementation behind [`Qwen2::backward`] (CE, a constant
+    /// weight) and [`Qwen2::backward_logprobs`] (policy gradient, −∂L/∂log π_i).
+    pub(crate) fn backward_from_dloss(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        batch: &TokenBatch,
+        attn: &dyn AttentionOp,
+    ) -> Result<(), ModelError> {
+        let m = Dims::new(&self.config, batch.b, batch.t);
+        let rot = Rotary::Positions(batch.positions);
+        let dx = self.backward_layers(grads, ws, batch.targets, rot, &m, attn)?;
+        embedding_backward(
+            &mut grads[self.layout.embed.clone()],
+            &ws.dx[dx],
+            batch.tokens,
+            m.d,
+        );
+        Ok(())
+    }
+
+    /// The backward from the per-token weights in `ws.dloss` to the input of layer 0 (checks
+    /// done by the caller); returns which of ws.dx holds ∂L/∂(input embeddings).
+    fn backward_layers(
+        &self,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        targets: &[i32],
+        rot: Rotary,
+        m: &Dims,
+        attn: &dyn AttentionOp,
+    ) -> Result<usize, ModelError> {
+        let m = *m;
         let layers = self.config.num_hidden_layers;
-        for (dl, &t) in ws.dloss.iter_mut().zip(targets) {
-            *dl = if t >= 0 { loss_scale } else { 0.0 };
-        }
         lm_head_ce_backward(
             &mut ws.dxn_f,
             &mut grads[self.layout.lm_head.clone()],
@@ -864,6 +892,10 @@ impl Qwen2 {
             m.v,
             CE_CHUNK,
         );
+        if ws.head_scale != 1.0 {
+            let c = ws.head_scale;
+            ws.dxn_f.iter_mut().for_each(|x| *x *= c);
+        }
         let [dx_a, dx_b] = &mut ws.dx;
         rmsnorm_backward(
             dx_a,
@@ -1032,8 +1064,9 @@ impl Qwen2 {
         attn: &dyn AttentionOp,
     ) -> Result<&'w [f32], ModelError> {
         let m = self.validate_embeds(batch)?;
-        let dx =
-            self.backward_layers(grads, ws, batch.targets, batch.rotary, &m, loss_scale, attn)?;
+        self.check_backward(grads, ws, m.b, m.t)?;
+        set_ce_dloss(&mut ws.dloss, batch.targets, loss_scale);
+        let dx = self.backward_layers(grads, ws, batch.targets, batch.rotary, &m, attn)?;
         Ok(&ws.dx[dx])
     }
 
@@ -1059,6 +1092,13 @@ impl Qwen2 {
             m.v,
         );
         Ok(logits)
+    }
+}
+
+/// Cross-entropy's per-token weights: `loss_scale` on labelled rows, 0 elsewhere.
+fn set_ce_dloss(dloss: &mut [f32], targets: &[i32], loss_scale: f32) {
+    for (dl, &t) in dloss.iter_mut().zip(targets) {
+        *dl = if t >= 0 { loss_scale } else { 0.0 };
     }
 }
 

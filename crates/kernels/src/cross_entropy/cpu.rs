@@ -3,6 +3,8 @@
 //! Only the M labelled rows are gathered (hl [M, D]). Forward: parallel over vocabulary chunks,
 //! each computing logits [rows, C] = hl·W_cᵀ a row block at a time and folding them into per-row
 //! (max, Σe^{z−max}) that merge across chunks as an online log-sum-exp; `loss = lse − z_target`.
+//! Where entropy is asked for, each row also carries Σe^{z−max}(z−max) relative to the same running
+//! max, so `entropy = ln Σe^{z−max} − Σe^{z−max}(z−max) / Σe^{z−max}` without cancellation.
 //! Backward: per chunk, recompute logits, `dz = (e^{z−lse} − 1[target])·dloss`,
 //! `dW_c += dzᵀ hl` (the chunk's own rows of dweight, no race) and a per-task `dhl += dz W_c`,
 //! summed across tasks.
@@ -69,28 +71,44 @@ fn chunk_logits(logits: &mut [f32], hl: &[f32], w_c: &[f32], rows: usize, cw: us
     );
 }
 
-/// Per-row running (max, Σ e^{z − max}, target logit) for the labelled rows.
+/// Per-row running (max, Σ e^{z − max}, target logit) for the labelled rows, and where entropy is
+/// asked for, `ent` = Σ e^{z − max}·(z − max) (empty otherwise).
 #[derive(Clone)]
 struct Stats {
     max: Vec<f32>,
     sum: Vec<f32>,
     target: Vec<f32>,
+    ent: Vec<f32>,
+}
+
+/// `ent` of a partial (max m, sum s, ent e) re-expressed relative to a larger max m1, scaled:
+/// Σ e^{z−m1}(z−m1) = e^{m−m1}·(e + (m − m1)·s). An empty partial (s = 0) contributes 0.
+fn rebase_ent(m: f32, s: f32, e: f32, m1: f32) -> f32 {
+    if s == 0.0 {
+        0.0
+    } else {
+        (m - m1).exp() * (e + (m - m1) * s)
+    }
 }
 
 impl Stats {
-    fn new(m: usize) -> Self {
+    fn new(m: usize, entropy: bool) -> Self {
         Stats {
             max: vec![f32::NEG_INFINITY; m],
             sum: vec![0.0; m],
             target: vec![0.0; m],
+            ent: vec![0.0; if entropy { m } else { 0 }],
         }
     }
 
-    fn add(&mut self, r: usize, max: f32, sum: f32) {
+    fn add(&mut self, r: usize, max: f32, sum: f32, ent: f32) {
         let (m0, s0) = (self.max[r], self.sum[r]);
         let m1 = m0.max(max);
         if m1 == f32::NEG_INFINITY {
             return;
+        }
+        if !self.ent.is_empty() {
+            self.ent[r] = rebase_ent(m0, s0, self.ent[r], m1) + rebase_ent(max, sum, ent, m1);
         }
         self.sum[r] = s0 * (m0 - m1).exp() + sum * (max - m1).exp();
         self.max[r] = m1;
@@ -98,7 +116,8 @@ impl Stats {
 
     fn merge(mut self, other: Stats) -> Stats {
         for r in 0..self.max.len() {
-            self.add(r, other.max[r], other.sum[r]);
+            let e = other.ent.get(r).copied().unwrap_or(0.0);
+            self.add(r, other.max[r], other.sum[r], e);
             self.target[r] += other.target[r];
         }
         self
@@ -109,6 +128,7 @@ impl Stats {
 pub(crate) fn forward<T: Float>(
     losses: &mut [f32],
     lse: &mut [f32],
+    mut entropy: Option<&mut [f32]>,
     h: &[T],
     weight: &[T],
     targets: &[i32],
@@ -118,6 +138,10 @@ pub(crate) fn forward<T: Float>(
 ) -> (f64, usize) {
     losses.fill(0.0);
     lse.fill(0.0);
+    if let Some(e) = entropy.as_deref_mut() {
+        e.fill(0.0);
+    }
+    let want_entropy = entropy.is_some();
     let (idx, tgt) = labelled(targets, v);
     let m = idx.len();
     if m == 0 {
@@ -128,7 +152,7 @@ pub(crate) fn forward<T: Float>(
     let stats = (0..n_chunks)
         .into_par_iter()
         .fold(
-            || Stats::new(m),
+            || Stats::new(m, want_entropy),
             |mut st, ci| {
                 let c0 = ci * chunk;
                 let cw = chunk.min(v - c0);
@@ -141,8 +165,15 @@ pub(crate) fn forward<T: Float>(
                     for (ri, zr) in z.chunks_exact(cw).enumerate() {
                         let r = r0 + ri;
                         let mx = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let sum: f32 = zr.iter().map(|&x| (x - mx).exp()).sum();
-                        st.add(r, mx, sum);
+                        let (sum, ent) = if want_entropy {
+                            zr.iter().fold((0.0f32, 0.0f32), |(s, e), &x| {
+                                let p = (x - mx).exp();
+                                (s + p, e + p * (x - mx))
+                            })
+                        } else {
+                            (zr.iter().map(|&x| (x - mx).exp()).sum(), 0.0)
+                        };
+                        st.add(r, mx, sum, ent);
                         if (c0..c0 + cw).contains(&tgt[r]) {
                             st.target[r] = zr[tgt[r] - c0];
                         }
@@ -151,7 +182,7 @@ pub(crate) fn forward<T: Float>(
                 st
             },
         )
-        .reduce(|| Stats::new(m), Stats::merge);
+        .reduce(|| Stats::new(m, want_entropy), Stats::merge);
 
     let mut total = 0.0f64;
     for (r, &i) in idx.iter().enumerate() {
@@ -159,6 +190,9 @@ pub(crate) fn forward<T: Float>(
         lse[i] = l;
         losses[i] = l - stats.target[r];
         total += losses[i] as f64;
+        if let Some(e) = entropy.as_deref_mut() {
+            e[i] = stats.sum[r].ln() - stats.ent[r] / stats.sum[r];
+        }
     }
     (total, m)
 }
@@ -274,7 +308,7 @@ pub(crate) fn backward<T: Float>(
     }
 }
 
-/// Naive reference: full logits in f64. Returns (losses, lse) with 0 on unlabelled rows.
+/// Naive reference: full logits in f64. Returns (losses, lse, entropy) with 0 on unlabelled rows.
 pub(crate) fn forward_ref(
     h: &[f32],
     weight: &[f32],
@@ -282,9 +316,10 @@ pub(crate) fn forward_ref(
     n: usize,
     d: usize,
     v: usize,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut losses = vec![0.0f32; n];
     let mut lse = vec![0.0f32; n];
+    let mut entropy = vec![0.0f32; n];
     for i in 0..n {
         if targets[i] < 0 {
             continue;
@@ -300,6 +335,7 @@ pub(crate) fn forward_ref(
         let l = mx + z.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
         lse[i] = l as f32;
         losses[i] = (l - z[targets[i] as usize]) as f32;
+        entropy[i] = -z.iter().map(|&x| (x - l).exp() * (x - l)).sum::<f64>() as f32;
     }
-    (losses, lse)
+    (losses, lse, entropy)
 }

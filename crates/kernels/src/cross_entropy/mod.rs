@@ -4,6 +4,11 @@
 //! logits are produced `chunk` vocabulary columns at a time with an online log-sum-exp, so [N, V]
 //! never exists (as in Liger's fused linear cross-entropy). Backward recomputes each chunk:
 //! `dz = (softmax(z) − onehot(target))·dloss`, `dh = dz·weight`, `dweight += dzᵀ·h`.
+//!
+//! The same kernel scores a policy for RL: `log π(target) = −loss` per labelled row, the entropy
+//! `−Σ_c p_c ln p_c` of each row's distribution optionally in the same pass
+//! ([`lm_head_ce_entropy_forward`]), and a per-row `dloss = −∂L/∂log π` turns the backward into
+//! `dz = ∂L/∂log π · (onehot − softmax)`, the policy-gradient backward.
 
 mod cpu;
 
@@ -62,7 +67,38 @@ pub fn lm_head_ce_forward<T: Float>(
         "{w}: lse has {} elements, expected {n}",
         lse.len()
     );
-    cpu::forward(losses, lse, h, weight, targets, d, v, chunk)
+    cpu::forward(losses, lse, None, h, weight, targets, d, v, chunk)
+}
+
+/// [`lm_head_ce_forward`] that also writes entropy[n] = −Σ_c p_c ln p_c of each labelled row's
+/// softmax (f32; 0 where unlabelled), from the same logit chunks (no second pass over the
+/// vocabulary). The entropy is an output only: [`lm_head_ce_backward`] differentiates the losses.
+///
+/// # Panics
+/// As [`lm_head_ce_forward`], and on an entropy buffer that is not [n].
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_ce_entropy_forward<T: Float>(
+    losses: &mut [f32],
+    lse: &mut [f32],
+    entropy: &mut [f32],
+    h: &[T],
+    weight: &[T],
+    targets: &[i32],
+    n: usize,
+    d: usize,
+    v: usize,
+    chunk: usize,
+) -> (f64, usize) {
+    let w = "lm_head_ce_entropy_forward";
+    check(w, h.len(), weight.len(), targets.len(), n, d, v, chunk);
+    for (name, len) in [
+        ("losses", losses.len()),
+        ("lse", lse.len()),
+        ("entropy", entropy.len()),
+    ] {
+        assert_eq!(len, n, "{w}: {name} has {len} elements, expected {n}");
+    }
+    cpu::forward(losses, lse, Some(entropy), h, weight, targets, d, v, chunk)
 }
 
 /// dloss[i] = dL/dlosses[i] (e.g. 1/count for a mean loss). dh [n,d] OVERWRITTEN (0 on unlabelled
@@ -121,7 +157,21 @@ pub fn lm_head_ce_forward_ref(
     d: usize,
     v: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    cpu::forward_ref(h, weight, targets, n, d, v)
+    let (losses, lse, _) = cpu::forward_ref(h, weight, targets, n, d, v);
+    (losses, lse)
+}
+
+/// Naive reference of the per-row entropy −Σ_c p_c ln p_c with the full [n, v] logits in f64
+/// (tests only); 0 on unlabelled rows.
+pub fn lm_head_entropy_ref(
+    h: &[f32],
+    weight: &[f32],
+    targets: &[i32],
+    n: usize,
+    d: usize,
+    v: usize,
+) -> Vec<f32> {
+    cpu::forward_ref(h, weight, targets, n, d, v).2
 }
 
 #[cfg(test)]
@@ -172,6 +222,79 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Entropy alongside the losses: same losses and lse as without it, entropy equal to the
+    /// f64 full-logits reference at every chunk size (chunk 1 exercises the online merge most),
+    /// including rows with a large logit scale (peaked distributions, entropy near 0).
+    #[test]
+    fn entropy_matches_full_logits_reference() {
+        let (n, d, v) = (9, 6, 13);
+        for scale in [1.0f32, 30.0] {
+            let (h, w, targets) = problem(n, d, v, 11);
+            let h: Vec<f32> = h.iter().map(|x| x * scale).collect();
+            let (loss_r, lse_r) = lm_head_ce_forward_ref(&h, &w, &targets, n, d, v);
+            let ent_r = lm_head_entropy_ref(&h, &w, &targets, n, d, v);
+            assert!(ent_r.iter().any(|&e| e > 1e-3));
+            for chunk in [1, 3, 4, v, v + 5] {
+                let mut losses = vec![f32::NAN; n];
+                let mut lse = vec![f32::NAN; n];
+                let mut ent = vec![f32::NAN; n];
+                let (_, count) = lm_head_ce_entropy_forward(
+                    &mut losses,
+                    &mut lse,
+                    &mut ent,
+                    &h,
+                    &w,
+                    &targets,
+                    n,
+                    d,
+                    v,
+                    chunk,
+                );
+                assert_eq!(count, targets.iter().filter(|&&t| t >= 0).count());
+                let what = format!("scale {scale} chunk {chunk}");
+                let tol = Tolerance::new(1e-4, 1e-4);
+                check_close(&format!("{what} losses"), &losses, &loss_r, tol).unwrap();
+                check_close(&format!("{what} lse"), &lse, &lse_r, tol).unwrap();
+                check_close(&format!("{what} entropy"), &ent, &ent_r, tol).unwrap();
+                for (i, &t) in targets.iter().enumerate() {
+                    if t < 0 {
+                        assert_eq!(ent[i], 0.0, "row {i}");
+                    } else {
+                        assert!(ent[i] >= 0.0 && ent[i] <= (v as f32).ln() + 1e-5);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The policy-gradient use of the backward: with dloss = −g per row, dh and dweight are the
+    /// gradients of Σ g_i·log π(target_i) = −Σ g_i·loss_i (central differences, random signs).
+    #[test]
+    fn backward_with_per_row_weights_is_the_logprob_gradient() {
+        let (n, d, v) = (7, 4, 9);
+        let (h, w, targets) = problem(n, d, v, 12);
+        let g: Vec<f32> = uniform_vec(&mut rng(13), n, 1.0);
+        let objective = |h: &[f32], w: &[f32]| -> f64 {
+            let (l, _) = lm_head_ce_forward_ref(h, w, &targets, n, d, v);
+            l.iter()
+                .zip(&g)
+                .map(|(&l, &g)| -(l as f64) * g as f64)
+                .sum()
+        };
+        let nh = numeric_grad(&h, 1e-2, |x| objective(x, &w));
+        let nw = numeric_grad(&w, 1e-2, |x| objective(&h, x));
+        let mut losses = vec![0.0; n];
+        let mut lse = vec![0.0; n];
+        lm_head_ce_forward(&mut losses, &mut lse, &h, &w, &targets, n, d, v, 4);
+        let dloss: Vec<f32> = g.iter().map(|x| -x).collect();
+        let mut dh = vec![f32::NAN; n * d];
+        let mut dw = vec![0.0f32; v * d];
+        lm_head_ce_backward(&mut dh, &mut dw, &h, &w, &targets, &lse, &dloss, n, d, v, 4);
+        let tol = Tolerance::new(1e-4, 1e-3);
+        check_close("dh", &dh, &nh, tol).unwrap();
+        check_close("dweight", &dw, &nw, tol).unwrap();
     }
 
     #[test]
