@@ -37,7 +37,8 @@ pub enum LossAggregation {
     #[serde(rename = "seq-mean-token-mean")]
     SeqMeanTokenMean,
     /// Mean over sequences of each sequence's token sum / `max_response_tokens`, a constant
-    /// (Dr.GRPO: no length bias).
+    /// (Dr.GRPO's formula: no length bias). verl's mode of this name divides the sum over
+    /// sequences by the padded length only, without the 1/N_seqs: a constant factor apart.
     #[serde(rename = "seq-mean-token-sum-norm")]
     SeqMeanTokenSumNorm,
 }

@@ -15,7 +15,8 @@
 //! mini-batch's gradient (global counts passed in [`LossScale`]):
 //!   token-mean               L = Σ_{i,t} ℓ / N_tokens
 //!   seq-mean-token-mean      L = Σ_i (Σ_t ℓ / |o_i|) / N_seqs
-//!   seq-mean-token-sum-norm  L = Σ_i (Σ_t ℓ / L_max) / N_seqs       (Dr.GRPO; L_max constant)
+//!   seq-mean-token-sum-norm  L = Σ_i (Σ_t ℓ / L_max) / N_seqs       (Dr.GRPO; L_max constant;
+//!                            verl's mode omits the 1/N_seqs, a constant factor)
 //! so `L = Σ w_t·ℓ_t` and `g_t = w_t·∂ℓ_t/∂log π_t`.
 
 use serde::Serialize;
