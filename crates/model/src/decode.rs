@@ -471,8 +471,8 @@ mod tests {
             for (row, &s) in logits.chunks(c.vocab_size).zip(&want) {
                 got[s].push((cuts[s][step] - 1, row.to_vec()));
             }
-            for s in 0..3 {
-                kv.len[s] = cuts[s][step];
+            for (len, cut) in kv.len.iter_mut().zip(&cuts) {
+                *len = cut[step];
             }
         }
         for (s, seq) in seqs.iter().enumerate() {
