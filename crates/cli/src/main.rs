@@ -1,6 +1,7 @@
 //! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, demo.
 
 mod bench;
+mod bench_rollout;
 mod bench_sp;
 mod demo;
 

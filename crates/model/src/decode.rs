@@ -364,6 +364,150 @@ pub fn mrope_forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{LocalAttention, Qwen2Config, Workspace};
+    use reel_kernels::attention::{attention_forward, AttnMask, AttnShape};
+    use reel_tensor::{check_close, Tolerance};
+
+    /// Each sequence's keys and values in its own growing buffers, [len, H_kv, D] per layer.
+    struct VecKv {
+        k: Vec<Vec<Vec<f32>>>,
+        v: Vec<Vec<Vec<f32>>>,
+        len: Vec<usize>,
+        w: usize,
+    }
+
+    impl KvStore for VecKv {
+        fn write(
+            &mut self,
+            layer: usize,
+            rows: &[Range<usize>],
+            k: &[f32],
+            v: &[f32],
+        ) -> Result<(), KvError> {
+            for (s, r) in rows.iter().enumerate() {
+                let w = self.w;
+                self.k[s][layer].truncate(self.len[s] * w);
+                self.v[s][layer].truncate(self.len[s] * w);
+                self.k[s][layer].extend_from_slice(&k[r.start * w..r.end * w]);
+                self.v[s][layer].extend_from_slice(&v[r.start * w..r.end * w]);
+            }
+            Ok(())
+        }
+
+        fn attend(
+            &self,
+            layer: usize,
+            rows: &[Range<usize>],
+            out: &mut [f32],
+            lse: &mut [f32],
+            q: &[f32],
+            heads: HeadShape,
+        ) -> Result<(), KvError> {
+            let (h, d) = (heads.h, heads.d);
+            for (s, r) in rows.iter().enumerate() {
+                let shape = AttnShape {
+                    b: 1,
+                    tq: r.len(),
+                    tk: self.len[s] + r.len(),
+                    h,
+                    h_kv: heads.h_kv,
+                    d,
+                };
+                attention_forward(
+                    &mut out[r.start * h * d..r.end * h * d],
+                    &mut lse[r.start * h..r.end * h],
+                    &q[r.start * h * d..r.end * h * d],
+                    &self.k[s][layer],
+                    &self.v[s][layer],
+                    shape,
+                    AttnMask::Causal {
+                        q_offset: self.len[s],
+                        k_offset: 0,
+                    },
+                );
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batched_step_of_sequences_at_different_lengths_matches_the_full_forward() {
+        let model = Qwen2::new_random(Qwen2Config::tiny(97), 5).unwrap();
+        let c = &model.config;
+        let seqs: Vec<Vec<u32>> = [9usize, 4, 15]
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                (0..n as u32)
+                    .map(|i| (i * 7 + s as u32 * 13) % 97)
+                    .collect()
+            })
+            .collect();
+        let mut kv = VecKv {
+            k: vec![vec![Vec::new(); c.num_hidden_layers]; 3],
+            v: vec![vec![Vec::new(); c.num_hidden_layers]; 3],
+            len: vec![0; 3],
+            w: c.num_key_value_heads * c.head_dim,
+        };
+        let mut scratch = DecodeScratch::default();
+        // Step 1: prompt chunks of different lengths (the first without logits); step 2: the
+        // rest of each sequence, one token for two of them (decode) and a chunk for the third.
+        let cuts = [[5usize, 9], [3, 4], [14, 15]];
+        let mut got = vec![Vec::new(); 3];
+        for step in 0..2 {
+            let steps: Vec<SeqStep> = (0..3)
+                .map(|s| {
+                    let lo = if step == 0 { 0 } else { cuts[s][0] };
+                    SeqStep {
+                        input: StepInput::Tokens(&seqs[s][lo..cuts[s][step]]),
+                        positions: StepPositions::Linear { start: lo },
+                        logits: step == 1 || s > 0,
+                    }
+                })
+                .collect();
+            let logits = model.forward_step(&mut scratch, &steps, &mut kv).unwrap();
+            let want: Vec<usize> = (0..3).filter(|&s| steps[s].logits).collect();
+            assert_eq!(logits.len(), want.len() * c.vocab_size);
+            for (row, &s) in logits.chunks(c.vocab_size).zip(&want) {
+                got[s].push((cuts[s][step] - 1, row.to_vec()));
+            }
+            for (len, cut) in kv.len.iter_mut().zip(&cuts) {
+                *len = cut[step];
+            }
+        }
+        for (s, seq) in seqs.iter().enumerate() {
+            let t = seq.len();
+            let mut ws = Workspace::new(c, crate::CheckpointPolicy::None);
+            let pos: Vec<u32> = (0..t as u32).collect();
+            let full = model
+                .logits(&mut ws, seq, &pos, 1, t, &LocalAttention)
+                .unwrap();
+            for (at, row) in &got[s] {
+                let want = &full[at * c.vocab_size..(at + 1) * c.vocab_size];
+                check_close(
+                    &format!("sequence {s} position {at}"),
+                    row,
+                    want,
+                    Tolerance::new(1e-5, 1e-4),
+                )
+                .unwrap();
+            }
+        }
+        // Bad steps are refused before any kernel runs.
+        let bad = [SeqStep {
+            input: StepInput::Tokens(&[1, 200]),
+            positions: StepPositions::Linear { start: 0 },
+            logits: true,
+        }];
+        let err = model.forward_step(&mut scratch, &bad, &mut kv).unwrap_err();
+        assert!(err.to_string().contains("200"), "{err}");
+        let far = [SeqStep {
+            input: StepInput::Tokens(&[1]),
+            positions: StepPositions::Linear { start: 1024 },
+            logits: true,
+        }];
+        assert!(model.forward_step(&mut scratch, &far, &mut kv).is_err());
+    }
 
     #[test]
     fn mrope_with_equal_components_is_rope_and_sections_pick_their_component() {

@@ -370,7 +370,11 @@ impl<'m> Engine<'m> {
     /// Steps until every queued group is finished; returns all finished outputs by group id.
     pub fn run(&mut self) -> Result<Vec<GroupOutput>, RolloutError> {
         while self.has_work() {
-            self.step()?;
+            if self.step()?.seqs == 0 {
+                return Err(RolloutError::Invalid(
+                    "the scheduler found nothing to run while groups wait".into(),
+                ));
+            }
         }
         let mut out = self.take_finished();
         out.sort_by_key(|o| o.id);

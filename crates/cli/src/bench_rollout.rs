@@ -1,0 +1,116 @@
+//! `reel bench rollout`: the rollout engine on a small random Qwen2 (`bench_config`), CPU.
+//!
+//! - decode tokens/s at batch sizes 1, 8 and 64 (one request each, greedy), counted over the
+//!   steps that ran no prefill, beside single-sequence `Qwen2::generate` at batch 1;
+//! - prefill of one prompt with G samples: as one group (prefilled once, samples forked) and as
+//!   G independent requests; prefilled tokens and wall time of each.
+
+use anyhow::Result;
+use reel_model::generate::SamplingParams;
+use reel_model::Qwen2;
+use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use serde_json::json;
+use std::time::Instant;
+
+fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut rng = reel_tensor::rng(seed);
+    use rand::Rng;
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+fn greedy(max_new: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens: max_new,
+        ..GenerationParams::default()
+    }
+}
+
+/// Decode tokens/s of `batch` requests (prompt `p` tokens, `new` generated each).
+fn decode(model: &Qwen2, batch: usize, p: usize, new: usize) -> Result<serde_json::Value> {
+    let v = model.config.vocab_size;
+    let mut e = Engine::new(model, EngineConfig::default())?;
+    for i in 0..batch {
+        e.add_request(prompt(p, i as u64, v), greedy(new))?;
+    }
+    let (mut decode_s, mut decode_tokens, t0) = (0.0, 0usize, Instant::now());
+    while e.has_work() {
+        let t = Instant::now();
+        let st = e.step()?;
+        if st.prefill_tokens == 0 {
+            decode_s += t.elapsed().as_secs_f64();
+            decode_tokens += st.decode_tokens;
+        }
+    }
+    let total = t0.elapsed().as_secs_f64();
+    Ok(json!({
+        "batch": batch,
+        "decode_tokens_per_s": decode_tokens as f64 / decode_s.max(1e-9),
+        "total_s": total,
+        "sampled_tokens": e.stats().sampled_tokens,
+    }))
+}
+
+pub fn run(model: &Qwen2, as_json: bool) -> Result<serde_json::Value> {
+    let (p, new) = (64, 32);
+    let mut rows = Vec::new();
+    for batch in [1, 8, 64] {
+        rows.push(decode(model, batch, p, new)?);
+    }
+    // Single-sequence generate: decode time = total minus one prefill.
+    let ids = prompt(p, 0, model.config.vocab_size);
+    let t = Instant::now();
+    let out = model.generate(&ids, new, &[], &SamplingParams::default())?;
+    let total = t.elapsed().as_secs_f64();
+    let mut cache = reel_model::generate::KvCache::new(model, p);
+    let t = Instant::now();
+    model.forward_cached(&mut cache, &ids)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let gen_tps = (out.len() - 1) as f64 / (total - prefill).max(1e-9);
+
+    let (sp, g, sn) = (512, 8, 16);
+    let ids = prompt(sp, 7, model.config.vocab_size);
+    let mut shared = Vec::new();
+    for fork in [true, false] {
+        let mut e = Engine::new(model, EngineConfig::default())?;
+        if fork {
+            e.add_group(ids.clone(), g, greedy(sn))?;
+        } else {
+            for _ in 0..g {
+                e.add_request(ids.clone(), greedy(sn))?;
+            }
+        }
+        let t = Instant::now();
+        e.run()?;
+        shared.push(json!({
+            "prefix_sharing": fork,
+            "prefill_tokens": e.stats().prefill_tokens,
+            "wall_s": t.elapsed().as_secs_f64(),
+        }));
+    }
+    if !as_json {
+        println!(
+            "\nrollout engine (random Qwen2 d={} L={} V={}, prompt {p}, {new} new tokens, greedy, f32 CPU)",
+            model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size
+        );
+        println!("{:>6} {:>18} {:>10}", "batch", "decode tokens/s", "total s");
+        for r in &rows {
+            println!(
+                "{:>6} {:>18.0} {:>10.2}",
+                r["batch"],
+                r["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                r["total_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!("generate (one sequence, contiguous cache): {gen_tps:.0} decode tokens/s");
+        println!("prompt {sp} tokens, G = {g} samples of {sn} tokens:");
+        for r in &shared {
+            println!(
+                "  prefix sharing {:<5}: {:>5} prefilled tokens, {:.2} s",
+                r["prefix_sharing"],
+                r["prefill_tokens"],
+                r["wall_s"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(json!({"decode": rows, "generate_decode_tokens_per_s": gen_tps, "prefix": shared}))
+}
