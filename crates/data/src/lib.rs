@@ -8,23 +8,39 @@
 //! - [`batch`] pads examples into a [`Batch`] (`[B, T]` ids, shifted targets, positions) and
 //!   groups examples of similar length under a token budget with a resumable [`BucketSampler`].
 //! - [`synth`] generates the small demo tasks (reverse, sort, add) and a character tokenizer.
+//! - [`video`] decodes videos (Motion-JPEG AVI natively, frame folders, other containers through
+//!   ffmpeg), samples frames and preprocesses them into Qwen2-VL's `pixel_values_videos`.
+//! - [`longvideo`] reads and writes LongVideo-Reason JSONL (video questions with reasoning), its
+//!   prompt template and SFT target; [`video_synth`] generates the synthetic long-video dataset.
 
 pub mod batch;
 pub mod chat;
+pub mod longvideo;
 pub mod sft;
 pub mod synth;
 pub mod tokenizer;
+pub mod video;
+pub mod video_synth;
 
 use std::path::PathBuf;
 
 pub use batch::{make_batch, Batch, Batching, BucketSampler, SamplerState, IGNORE_INDEX};
 pub use chat::{ChatTemplate, Message, SpecialTokens};
+pub use longvideo::{
+    is_held_out, validate_reason_file, write_reason_jsonl, ReasonFile, ReasonRecord, VideoCheck,
+    REASONING_INSTRUCTION, VIDEO_PLACEHOLDER,
+};
 pub use sft::{
     prompt_ids, read_sft_jsonl, read_sft_jsonl_lenient, tokenize_conversation, SftFile,
     TokenizedExample,
 };
 pub use synth::{char_tokenizer, solve, synth_examples, write_jsonl, SynthKind, SynthTask};
 pub use tokenizer::Tokenizer;
+pub use video::{
+    load_video, video_content_hash, FrameSampling, Video, VideoError, VideoFrames, VideoInputs,
+    VideoMeta, VideoProcessor, VideoProcessorConfig,
+};
+pub use video_synth::{write_synth_dataset, SynthVideoConfig};
 
 /// Everything that can go wrong reading data. Messages name the file (and 1-based line) involved.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +74,9 @@ pub enum DataError {
     /// A sampler state that does not fit the sampler it is restored into.
     #[error("sampler: {0}")]
     Sampler(String),
+    /// A video that cannot be read (the message names it).
+    #[error(transparent)]
+    Video(#[from] video::VideoError),
 }
 
 /// Result with [`DataError`].

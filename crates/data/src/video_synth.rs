@@ -1,0 +1,969 @@
+//! The synthetic long-video reasoning dataset (`reel data synth`): procedurally drawn videos with
+//! multiple-choice questions whose answers need the whole video, in the LongVideo-Reason format.
+//!
+//! Each video: 2–4 objects, each a different shape (circle, square, triangle, diamond), on a plain
+//! dark background. Every object appears at its own frame, moves along a straight path through
+//! a midpoint to a final spot well inside one quadrant, changes colour 0–3 times, and disappears
+//! at its own frame before the video ends. The scene's [`Event`] log (appear, colour change,
+//! disappear; frame, object, colour, position) drives both the drawing and the question, so
+//! answers are exact.
+//!
+//! One question per video, of four kinds (`problem_type`):
+//! - `temporal`: which shape appeared first / last (options: the four shapes);
+//! - `counting`: how many times a shape changed colour, or how many shapes appeared;
+//! - `before_after`: what colour a shape had when another one appeared or disappeared (only
+//!   asked where that colour is unambiguous: the same on the frames either side of the event);
+//! - `spatial`: in which quadrant a shape was last seen.
+//!
+//! The reasoning trace walks the relevant events in time order (times in seconds) and concludes
+//! with the option. Videos are Motion-JPEG AVI (`videos/<problem_id>.avi`); records are split into
+//! `train.jsonl` and `heldout.jsonl` by [`is_held_out`]. Everything is drawn from ChaCha8 streams
+//! keyed by (seed, video index): the same settings give byte-identical files.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::longvideo::{is_held_out, write_reason_jsonl, ReasonRecord};
+use crate::video::avi::AviWriter;
+use crate::{DataError, Result};
+
+/// Generator settings (`reel data synth` flags).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthVideoConfig {
+    /// Videos (= records) to generate; default 64.
+    pub videos: usize,
+    /// Frames per video (≥ 8); default 32.
+    pub frames: usize,
+    /// Frame width in pixels (≥ 32); default 112.
+    pub width: usize,
+    /// Frame height in pixels (≥ 32); default 112.
+    pub height: usize,
+    /// Frames per second written in the AVI; default 4.
+    pub fps: f64,
+    /// Seed of every random choice; default 0.
+    pub seed: u64,
+    /// Fraction of records in `heldout.jsonl`; default 0.125.
+    pub held_out: f64,
+    /// JPEG quality of the frames; default 90.
+    pub quality: u8,
+}
+
+impl Default for SynthVideoConfig {
+    fn default() -> Self {
+        SynthVideoConfig {
+            videos: 64,
+            frames: 32,
+            width: 112,
+            height: 112,
+            fps: 4.0,
+            seed: 0,
+            held_out: 0.125,
+            quality: 90,
+        }
+    }
+}
+
+impl SynthVideoConfig {
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(DataError::Conversation(format!("synthetic video: {m}")));
+        if self.frames < 8 {
+            return bad(format!("need at least 8 frames, got {}", self.frames));
+        }
+        if self.width < 32 || self.height < 32 || self.width > 4096 || self.height > 4096 {
+            return bad(format!(
+                "frame size must be 32..=4096 a side, got {}x{}",
+                self.width, self.height
+            ));
+        }
+        if !(self.fps.is_finite() && self.fps > 0.0) {
+            return bad(format!("fps must be > 0, got {}", self.fps));
+        }
+        if !(0.0..=1.0).contains(&self.held_out) {
+            return bad(format!(
+                "held-out fraction must be in [0, 1], got {}",
+                self.held_out
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The shapes, one per object of a video.
+pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "diamond"];
+
+/// Colour names and their RGB values.
+pub const COLORS: [(&str, [u8; 3]); 6] = [
+    ("red", [220, 40, 40]),
+    ("green", [40, 190, 60]),
+    ("blue", [50, 90, 235]),
+    ("yellow", [235, 215, 40]),
+    ("purple", [160, 60, 200]),
+    ("white", [245, 245, 245]),
+];
+
+const BACKGROUND: [u8; 3] = [30, 30, 30];
+
+/// The quadrants, indexed `2·bottom + right`.
+pub const QUADRANTS: [&str; 4] = ["top-left", "top-right", "bottom-left", "bottom-right"];
+
+/// What happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The object is drawn from this frame on, in `color`.
+    Appear,
+    /// From this frame the object is drawn in `color` instead of `from`.
+    ColorChange { from: usize },
+    /// From this frame the object is gone; `pos` is where it was last seen (the frame before).
+    Disappear,
+}
+
+/// One entry of a scene's event log.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Event {
+    pub frame: usize,
+    /// Index into [`Scene::objects`].
+    pub object: usize,
+    pub kind: EventKind,
+    /// Index into [`COLORS`]: the object's colour from this frame (for `Disappear`: its last).
+    pub color: usize,
+    /// Object centre `(x, y)` in pixels at the event (last seen, for `Disappear`).
+    pub pos: (f64, f64),
+}
+
+/// One object's life.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Track {
+    /// Index into [`SHAPES`].
+    pub shape: usize,
+    /// First frame drawn.
+    pub appear: usize,
+    /// First frame not drawn (< number of frames).
+    pub disappear: usize,
+    /// Start, middle and final centre; positions are linear in between.
+    pub path: [(f64, f64); 3],
+    /// `(frame, colour)`: the initial colour at `appear`, then each change.
+    pub colors: Vec<(usize, usize)>,
+}
+
+impl Track {
+    pub fn visible(&self, f: usize) -> bool {
+        self.appear <= f && f < self.disappear
+    }
+
+    /// Colour index at frame `f` (its last colour after it disappears).
+    pub fn color_at(&self, f: usize) -> usize {
+        self.colors
+            .iter()
+            .take_while(|(cf, _)| *cf <= f)
+            .last()
+            .map_or(self.colors[0].1, |c| c.1)
+    }
+
+    /// Centre at frame `f` (clamped to its lifetime).
+    pub fn pos_at(&self, f: usize) -> (f64, f64) {
+        let last = self.disappear - 1;
+        let f = f.clamp(self.appear, last) as f64;
+        let (a, l) = (self.appear as f64, last as f64);
+        let mid = (a + l) / 2.0;
+        let lerp =
+            |p: (f64, f64), q: (f64, f64), t: f64| (p.0 + (q.0 - p.0) * t, p.1 + (q.1 - p.1) * t);
+        if f <= mid {
+            lerp(
+                self.path[0],
+                self.path[1],
+                if mid > a { (f - a) / (mid - a) } else { 1.0 },
+            )
+        } else {
+            lerp(self.path[1], self.path[2], (f - mid) / (l - mid))
+        }
+    }
+}
+
+/// A question about a scene: four options and the index of the right one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Question {
+    /// `temporal`, `counting`, `before_after` or `spatial`.
+    pub problem_type: &'static str,
+    pub kind: QuestionKind,
+    pub text: String,
+    pub options: [String; 4],
+    pub answer: usize,
+    pub reasoning: String,
+}
+
+/// What a question asks, with the objects it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuestionKind {
+    /// Which shape appeared first (`first`) or last.
+    Order { first: bool },
+    /// How many times `object` changed colour.
+    ColorChanges { object: usize },
+    /// How many shapes appeared.
+    ObjectCount,
+    /// `object`'s colour when `other` appeared (`appeared`) or disappeared.
+    ColorAtEvent {
+        object: usize,
+        other: usize,
+        appeared: bool,
+    },
+    /// The quadrant where `object` was last seen.
+    LastQuadrant { object: usize },
+}
+
+/// One synthetic video: its objects, event log (time order) and question.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scene {
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    pub fps: f64,
+    pub objects: Vec<Track>,
+    pub events: Vec<Event>,
+    pub question: Question,
+}
+
+/// Quadrant index (`2·bottom + right`) of a point.
+pub fn quadrant(pos: (f64, f64), width: usize, height: usize) -> usize {
+    let right = pos.0 >= width as f64 / 2.0;
+    let bottom = pos.1 >= height as f64 / 2.0;
+    2 * bottom as usize + right as usize
+}
+
+/// `1.25s`, `2s`: a frame's time.
+fn secs(frame: usize, fps: f64) -> String {
+    let s = format!("{:.2}", frame as f64 / fps);
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s}s")
+}
+
+const LETTERS: [char; 4] = ['A', 'B', 'C', 'D'];
+
+impl Scene {
+    /// Object radius in pixels.
+    pub fn radius(&self) -> f64 {
+        (self.width.min(self.height) as f64 / 10.0).max(4.0)
+    }
+
+    /// Draws frame `f` as `[H, W, 3]` RGB.
+    pub fn render(&self, f: usize) -> Vec<u8> {
+        let (w, h) = (self.width, self.height);
+        let mut img: Vec<u8> = BACKGROUND.iter().copied().cycle().take(w * h * 3).collect();
+        let r = self.radius();
+        for t in self.objects.iter().filter(|t| t.visible(f)) {
+            let (cx, cy) = t.pos_at(f);
+            let rgb = COLORS[t.color_at(f)].1;
+            let (x0, x1) = (
+                (cx - r).floor().max(0.0) as usize,
+                ((cx + r).ceil() as usize).min(w - 1),
+            );
+            let (y0, y1) = (
+                (cy - r).floor().max(0.0) as usize,
+                ((cy + r).ceil() as usize).min(h - 1),
+            );
+            for y in y0..=y1 {
+                for x in x0..=x1 {
+                    let (dx, dy) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - cy);
+                    let inside = match SHAPES[t.shape] {
+                        "circle" => dx * dx + dy * dy <= r * r,
+                        "square" => dx.abs() <= 0.8 * r && dy.abs() <= 0.8 * r,
+                        "triangle" => dy.abs() <= r && dx.abs() <= (dy + r) / 2.0,
+                        _ => dx.abs() + dy.abs() <= r,
+                    };
+                    if inside {
+                        img[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&rgb);
+                    }
+                }
+            }
+        }
+        img
+    }
+
+    fn name(&self, o: usize) -> &'static str {
+        SHAPES[self.objects[o].shape]
+    }
+
+    fn t(&self, frame: usize) -> String {
+        secs(frame, self.fps)
+    }
+}
+
+/// Generates scene `index` of `cfg` (its objects, events and question).
+pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    rng.set_stream(index as u64);
+    let (w, h, nf) = (cfg.width, cfg.height, cfg.frames);
+    let r = (w.min(h) as f64 / 10.0).max(4.0);
+    let k = rng.random_range(2..=4usize);
+    let mut shapes: Vec<usize> = (0..SHAPES.len()).collect();
+    shapes.shuffle(&mut rng);
+    // Distinct appear frames in the first half, distinct disappear frames after a third of the
+    // video has passed for each object.
+    let mut appears: Vec<usize> = (0..nf / 2).collect();
+    appears.shuffle(&mut rng);
+    let mut disappear_used: Vec<usize> = Vec::new();
+    let mut objects = Vec::new();
+    let rand_pos = |rng: &mut ChaCha8Rng| {
+        (
+            rng.random_range(r..w as f64 - r),
+            rng.random_range(r..h as f64 - r),
+        )
+    };
+    for &shape in shapes.iter().take(k) {
+        let appear = appears
+            .pop()
+            .expect("nf/2 ≥ 4 frames for at most 4 objects");
+        let lo = appear + nf / 3;
+        let mut disappear;
+        loop {
+            disappear = rng.random_range(lo.min(nf - 1)..nf);
+            if !disappear_used.contains(&disappear) || disappear_used.len() >= nf - lo {
+                break;
+            }
+        }
+        disappear_used.push(disappear);
+        let disappear = disappear.max(appear + 2);
+        // Final spot: well inside a quadrant (margin r + 2 from the midlines and edges).
+        let q = rng.random_range(0..4usize);
+        let m = r + 2.0;
+        let (xs, ys) = (
+            if q.is_multiple_of(2) {
+                (m, w as f64 / 2.0 - m)
+            } else {
+                (w as f64 / 2.0 + m, w as f64 - m)
+            },
+            if q / 2 == 0 {
+                (m, h as f64 / 2.0 - m)
+            } else {
+                (h as f64 / 2.0 + m, h as f64 - m)
+            },
+        );
+        let end = (
+            rng.random_range(xs.0..xs.1.max(xs.0 + 1e-9)),
+            rng.random_range(ys.0..ys.1.max(ys.0 + 1e-9)),
+        );
+        let path = [rand_pos(&mut rng), rand_pos(&mut rng), end];
+        // Colour changes at frames in (appear, disappear - 1), at least 2 frames apart.
+        let n_changes = rng.random_range(0..=3usize);
+        let mut frames_at: Vec<usize> = Vec::new();
+        for _ in 0..20 {
+            if frames_at.len() == n_changes || appear + 2 >= disappear - 1 {
+                break;
+            }
+            let f = rng.random_range(appear + 2..disappear - 1);
+            if frames_at.iter().all(|&g| g.abs_diff(f) >= 2) {
+                frames_at.push(f);
+            }
+        }
+        frames_at.sort_unstable();
+        let mut color = rng.random_range(0..COLORS.len());
+        let mut colors = vec![(appear, color)];
+        for f in frames_at {
+            let next = (color + rng.random_range(1..COLORS.len())) % COLORS.len();
+            colors.push((f, next));
+            color = next;
+        }
+        objects.push(Track {
+            shape,
+            appear,
+            disappear,
+            path,
+            colors,
+        });
+    }
+    let mut events = Vec::new();
+    for (o, t) in objects.iter().enumerate() {
+        events.push(Event {
+            frame: t.appear,
+            object: o,
+            kind: EventKind::Appear,
+            color: t.colors[0].1,
+            pos: t.pos_at(t.appear),
+        });
+        for pair in t.colors.windows(2) {
+            events.push(Event {
+                frame: pair[1].0,
+                object: o,
+                kind: EventKind::ColorChange { from: pair[0].1 },
+                color: pair[1].1,
+                pos: t.pos_at(pair[1].0),
+            });
+        }
+        events.push(Event {
+            frame: t.disappear,
+            object: o,
+            kind: EventKind::Disappear,
+            color: t.color_at(t.disappear),
+            pos: t.pos_at(t.disappear - 1),
+        });
+    }
+    events.sort_by_key(|e| (e.frame, e.object));
+    let mut scene = Scene {
+        width: w,
+        height: h,
+        frames: nf,
+        fps: cfg.fps,
+        objects,
+        events,
+        question: Question {
+            problem_type: "",
+            kind: QuestionKind::ObjectCount,
+            text: String::new(),
+            options: Default::default(),
+            answer: 0,
+            reasoning: String::new(),
+        },
+    };
+    scene.question = ask(&scene, &mut rng);
+    scene
+}
+
+/// Four options: `correct` plus three distinct distractors from `pool`, shuffled.
+fn options(rng: &mut ChaCha8Rng, correct: String, pool: Vec<String>) -> ([String; 4], usize) {
+    let mut others: Vec<String> = pool.into_iter().filter(|p| *p != correct).collect();
+    others.shuffle(rng);
+    let mut opts = vec![correct.clone()];
+    opts.extend(others.into_iter().take(3));
+    opts.shuffle(rng);
+    let answer = opts
+        .iter()
+        .position(|o| *o == correct)
+        .expect("correct is an option");
+    let opts: [String; 4] = opts.try_into().expect("pools hold at least four values");
+    (opts, answer)
+}
+
+/// Picks and words the question of `scene`, with its reasoning trace.
+fn ask(s: &Scene, rng: &mut ChaCha8Rng) -> Question {
+    loop {
+        let kind = match rng.random_range(0..5) {
+            0 => QuestionKind::Order {
+                first: rng.random_bool(0.5),
+            },
+            1 => QuestionKind::ColorChanges {
+                object: rng.random_range(0..s.objects.len()),
+            },
+            2 => QuestionKind::ObjectCount,
+            3 => {
+                let object = rng.random_range(0..s.objects.len());
+                let other = rng.random_range(0..s.objects.len());
+                let appeared = rng.random_bool(0.5);
+                let t = &s.objects[object];
+                let o = &s.objects[other];
+                let f = if appeared { o.appear } else { o.disappear - 1 };
+                let (before, after) = if appeared {
+                    (f.saturating_sub(1), f)
+                } else {
+                    (f, f + 1)
+                };
+                // Unambiguous: the object is visible, with one colour, on both sides.
+                let ok = other != object
+                    && f >= 1
+                    && t.visible(before)
+                    && t.visible(after)
+                    && t.color_at(before) == t.color_at(after);
+                if !ok {
+                    continue;
+                }
+                QuestionKind::ColorAtEvent {
+                    object,
+                    other,
+                    appeared,
+                }
+            }
+            _ => QuestionKind::LastQuadrant {
+                object: rng.random_range(0..s.objects.len()),
+            },
+        };
+        return word(s, kind, rng);
+    }
+}
+
+fn word(s: &Scene, kind: QuestionKind, rng: &mut ChaCha8Rng) -> Question {
+    let mut why = String::new();
+    let shapes = || {
+        SHAPES
+            .iter()
+            .map(|x| format!("the {x}"))
+            .collect::<Vec<_>>()
+    };
+    let (problem_type, text, correct, pool) = match kind {
+        QuestionKind::Order { first } => {
+            let mut order: Vec<usize> = (0..s.objects.len()).collect();
+            order.sort_by_key(|&o| s.objects[o].appear);
+            for &o in &order {
+                let t = &s.objects[o];
+                let _ = write!(
+                    why,
+                    "The {} appears at {} ({}). ",
+                    s.name(o),
+                    s.t(t.appear),
+                    COLORS[t.colors[0].1].0
+                );
+            }
+            let pick = if first {
+                order[0]
+            } else {
+                *order.last().expect("≥ 2 objects")
+            };
+            let word = if first { "first" } else { "last" };
+            let _ = write!(why, "So the {} appeared {word}.", s.name(pick));
+            (
+                "temporal",
+                format!("Which shape appeared {word} in the video?"),
+                format!("the {}", s.name(pick)),
+                shapes(),
+            )
+        }
+        QuestionKind::ColorChanges { object } => {
+            let t = &s.objects[object];
+            let _ = write!(
+                why,
+                "The {} appears at {} in {}. ",
+                s.name(object),
+                s.t(t.appear),
+                COLORS[t.colors[0].1].0
+            );
+            for pair in t.colors.windows(2) {
+                let _ = write!(
+                    why,
+                    "At {} it turns from {} to {}. ",
+                    s.t(pair[1].0),
+                    COLORS[pair[0].1].0,
+                    COLORS[pair[1].1].0
+                );
+            }
+            let n = t.colors.len() - 1;
+            let _ = write!(
+                why,
+                "It disappears at {}. It changed colour {n} time{}.",
+                s.t(t.disappear),
+                if n == 1 { "" } else { "s" }
+            );
+            (
+                "counting",
+                format!("How many times did the {} change colour?", s.name(object)),
+                n.to_string(),
+                (0..=5).map(|x| x.to_string()).collect(),
+            )
+        }
+        QuestionKind::ObjectCount => {
+            let mut order: Vec<usize> = (0..s.objects.len()).collect();
+            order.sort_by_key(|&o| s.objects[o].appear);
+            for (k, &o) in order.iter().enumerate() {
+                let _ = write!(
+                    why,
+                    "At {} a {} appears ({} so far). ",
+                    s.t(s.objects[o].appear),
+                    s.name(o),
+                    k + 1
+                );
+            }
+            let n = s.objects.len();
+            let _ = write!(why, "No other shape appears, so {n} shapes appeared.");
+            (
+                "counting",
+                "How many different shapes appeared in the video?".to_string(),
+                n.to_string(),
+                (1..=6).map(|x| x.to_string()).collect(),
+            )
+        }
+        QuestionKind::ColorAtEvent {
+            object,
+            other,
+            appeared,
+        } => {
+            let t = &s.objects[object];
+            let o = &s.objects[other];
+            let f = if appeared { o.appear } else { o.disappear - 1 };
+            let verb = if appeared { "appeared" } else { "disappeared" };
+            let at = if appeared { o.appear } else { o.disappear };
+            let _ = write!(why, "The {} {verb} at {}. ", s.name(other), s.t(at));
+            let _ = write!(
+                why,
+                "The {} appeared at {} in {}",
+                s.name(object),
+                s.t(t.appear),
+                COLORS[t.colors[0].1].0
+            );
+            let changes: Vec<&(usize, usize)> =
+                t.colors[1..].iter().filter(|(cf, _)| *cf <= f).collect();
+            if changes.is_empty() {
+                why.push_str(" and had not changed colour by then. ");
+            } else {
+                for (cf, c) in changes {
+                    let _ = write!(why, ", turned {} at {}", COLORS[*c].0, s.t(*cf));
+                }
+                why.push_str(". ");
+            }
+            let c = COLORS[t.color_at(f)].0;
+            let _ = write!(
+                why,
+                "So when the {} {verb}, the {} was {c}.",
+                s.name(other),
+                s.name(object)
+            );
+            (
+                "before_after",
+                format!(
+                    "What colour was the {} when the {} {verb}?",
+                    s.name(object),
+                    s.name(other)
+                ),
+                c.to_string(),
+                COLORS.iter().map(|c| c.0.to_string()).collect(),
+            )
+        }
+        QuestionKind::LastQuadrant { object } => {
+            let t = &s.objects[object];
+            let (w, h) = (s.width, s.height);
+            let start = quadrant(t.path[0], w, h);
+            let last = t.pos_at(t.disappear - 1);
+            let q = quadrant(last, w, h);
+            let _ = write!(
+                why,
+                "The {} appears at {} in the {} of the frame and moves around. It is last seen at {}, \
+                 in the {} half and the {} half of the frame, just before it disappears at {}. ",
+                s.name(object),
+                s.t(t.appear),
+                QUADRANTS[start],
+                s.t(t.disappear - 1),
+                if q / 2 == 0 { "top" } else { "bottom" },
+                if q.is_multiple_of(2) { "left" } else { "right" },
+                s.t(t.disappear)
+            );
+            let _ = write!(why, "So it ended up in the {}.", QUADRANTS[q]);
+            (
+                "spatial",
+                format!(
+                    "In which part of the frame was the {} when it was last seen?",
+                    s.name(object)
+                ),
+                QUADRANTS[q].to_string(),
+                QUADRANTS.iter().map(|q| q.to_string()).collect(),
+            )
+        }
+    };
+    let (options, answer) = options(rng, correct, pool);
+    let _ = write!(why, " The answer is {}.", LETTERS[answer]);
+    Question {
+        problem_type,
+        kind,
+        text,
+        options,
+        answer,
+        reasoning: why,
+    }
+}
+
+/// The problem id of video `index`.
+pub fn synth_problem_id(cfg: &SynthVideoConfig, index: usize) -> String {
+    format!("synth-s{}-{index:05}", cfg.seed)
+}
+
+/// The LongVideo-Reason record of `scene` (video at `video_path`, relative to the JSONL folder).
+pub fn synth_record(scene: &Scene, problem_id: String, video_path: String) -> ReasonRecord {
+    let q = &scene.question;
+    let mut problem = q.text.clone();
+    for (l, o) in LETTERS.iter().zip(&q.options) {
+        let _ = write!(problem, "\n{l}. {o}");
+    }
+    ReasonRecord {
+        problem_id,
+        problem,
+        data_type: "video".into(),
+        problem_type: q.problem_type.into(),
+        reasoning: q.reasoning.clone(),
+        videos: vec![video_path],
+        answer: LETTERS[q.answer].to_string(),
+    }
+}
+
+/// What [`write_synth_dataset`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SynthSummary {
+    pub train: usize,
+    pub held_out: usize,
+    /// Frames written over all videos.
+    pub frames: usize,
+    /// Bytes of all video files.
+    pub video_bytes: u64,
+}
+
+/// Writes `out/videos/<id>.avi`, `out/train.jsonl` and `out/heldout.jsonl`.
+pub fn write_synth_dataset(cfg: &SynthVideoConfig, out: &Path) -> Result<SynthSummary> {
+    cfg.check()?;
+    let vdir = out.join("videos");
+    std::fs::create_dir_all(&vdir).map_err(|e| DataError::io(&vdir, e))?;
+    let (mut train, mut held) = (Vec::new(), Vec::new());
+    let mut summary = SynthSummary {
+        train: 0,
+        held_out: 0,
+        frames: 0,
+        video_bytes: 0,
+    };
+    for i in 0..cfg.videos {
+        let scene = synth_scene(cfg, i);
+        let id = synth_problem_id(cfg, i);
+        let rel = format!("videos/{id}.avi");
+        let path = out.join(&rel);
+        let mut w = AviWriter::create(&path, cfg.width, cfg.height, cfg.fps, cfg.quality)?;
+        for f in 0..cfg.frames {
+            w.write_frame(&scene.render(f))?;
+        }
+        w.finish()?;
+        summary.frames += cfg.frames;
+        summary.video_bytes += std::fs::metadata(&path)
+            .map_err(|e| DataError::io(&path, e))?
+            .len();
+        let rec = synth_record(&scene, id, rel);
+        if is_held_out(&rec.problem_id, cfg.held_out, cfg.seed) {
+            held.push(rec);
+        } else {
+            train.push(rec);
+        }
+    }
+    write_reason_jsonl(&out.join("train.jsonl"), &train)?;
+    write_reason_jsonl(&out.join("heldout.jsonl"), &held)?;
+    summary.train = train.len();
+    summary.held_out = held.len();
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::longvideo::{validate_reason_file, ReasonFile, VideoCheck};
+    use crate::video::Video;
+
+    /// The right option's text, recomputed from the event log alone.
+    fn answer_from_events(s: &Scene) -> String {
+        let ev = &s.events;
+        let name = |o: usize| SHAPES[s.objects[o].shape];
+        let appear_of = |o: usize| {
+            ev.iter()
+                .find(|e| e.object == o && e.kind == EventKind::Appear)
+                .unwrap()
+        };
+        let disappear_of = |o: usize| {
+            ev.iter()
+                .find(|e| e.object == o && e.kind == EventKind::Disappear)
+                .unwrap()
+        };
+        match s.question.kind {
+            QuestionKind::Order { first } => {
+                let appears = ev.iter().filter(|e| e.kind == EventKind::Appear);
+                let e = if first {
+                    appears.min_by_key(|e| e.frame).unwrap()
+                } else {
+                    appears.max_by_key(|e| e.frame).unwrap()
+                };
+                format!("the {}", name(e.object))
+            }
+            QuestionKind::ColorChanges { object } => ev
+                .iter()
+                .filter(|e| e.object == object && matches!(e.kind, EventKind::ColorChange { .. }))
+                .count()
+                .to_string(),
+            QuestionKind::ObjectCount => ev
+                .iter()
+                .filter(|e| e.kind == EventKind::Appear)
+                .count()
+                .to_string(),
+            QuestionKind::ColorAtEvent {
+                object,
+                other,
+                appeared,
+            } => {
+                let f = if appeared {
+                    appear_of(other).frame
+                } else {
+                    disappear_of(other).frame - 1
+                };
+                let e = ev
+                    .iter()
+                    .rev()
+                    .find(|e| e.object == object && e.kind != EventKind::Disappear && e.frame <= f)
+                    .unwrap();
+                // Visible on both frames either side of the event.
+                let (before, after) = if appeared { (f - 1, f) } else { (f, f + 1) };
+                assert!(appear_of(object).frame <= before && disappear_of(object).frame > after);
+                COLORS[e.color].0.to_string()
+            }
+            QuestionKind::LastQuadrant { object } => {
+                QUADRANTS[quadrant(disappear_of(object).pos, s.width, s.height)].to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn answers_recomputed_from_the_event_log() {
+        let mut types = std::collections::BTreeSet::new();
+        for (frames, w, h) in [(8, 32, 32), (16, 64, 48), (40, 112, 112)] {
+            let cfg = SynthVideoConfig {
+                frames,
+                width: w,
+                height: h,
+                seed: 3,
+                ..Default::default()
+            };
+            for i in 0..150 {
+                let s = synth_scene(&cfg, i);
+                let q = &s.question;
+                assert_eq!(
+                    q.options[q.answer],
+                    answer_from_events(&s),
+                    "scene {i}: {q:?}"
+                );
+                let mut opts = q.options.to_vec();
+                opts.sort();
+                opts.dedup();
+                assert_eq!(opts.len(), 4, "distinct options: {q:?}");
+                assert!(q
+                    .reasoning
+                    .ends_with(&format!("The answer is {}.", LETTERS[q.answer])));
+                // Events are in time order and inside the video.
+                assert!(s.events.windows(2).all(|p| p[0].frame <= p[1].frame));
+                assert!(s.events.iter().all(|e| e.frame < frames));
+                let rec = synth_record(&s, synth_problem_id(&cfg, i), "v.avi".into());
+                assert_eq!(rec.answer, LETTERS[q.answer].to_string());
+                let back =
+                    ReasonRecord::from_json(&serde_json::from_str(&rec.to_json_line()).unwrap());
+                assert_eq!(back.unwrap(), rec);
+                types.insert(q.problem_type);
+            }
+        }
+        assert_eq!(
+            types.into_iter().collect::<Vec<_>>(),
+            vec!["before_after", "counting", "spatial", "temporal"]
+        );
+    }
+
+    #[test]
+    fn same_seed_same_bytes_and_the_videos_show_the_log() {
+        let cfg = SynthVideoConfig {
+            videos: 6,
+            frames: 12,
+            width: 64,
+            height: 48,
+            seed: 11,
+            held_out: 0.5,
+            ..Default::default()
+        };
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let sa = write_synth_dataset(&cfg, a.path()).unwrap();
+        let sb = write_synth_dataset(&cfg, b.path()).unwrap();
+        assert_eq!(sa, sb);
+        assert_eq!(sa.train + sa.held_out, 6);
+        assert_eq!(sa.frames, 72);
+        for f in ["train.jsonl", "heldout.jsonl"] {
+            assert_eq!(
+                std::fs::read(a.path().join(f)).unwrap(),
+                std::fs::read(b.path().join(f)).unwrap()
+            );
+        }
+        for i in 0..6 {
+            let rel = format!("videos/{}.avi", synth_problem_id(&cfg, i));
+            assert_eq!(
+                std::fs::read(a.path().join(&rel)).unwrap(),
+                std::fs::read(b.path().join(&rel)).unwrap()
+            );
+        }
+        write_synth_dataset(
+            &SynthVideoConfig {
+                seed: 12,
+                ..cfg.clone()
+            },
+            c.path(),
+        )
+        .unwrap();
+        let read = |d: &Path| {
+            [
+                std::fs::read(d.join("train.jsonl")).unwrap(),
+                std::fs::read(d.join("heldout.jsonl")).unwrap(),
+            ]
+            .concat()
+        };
+        assert_ne!(read(a.path()), read(c.path()));
+
+        // Every record validates, videos decoded.
+        let mut n = 0;
+        for f in ["train.jsonl", "heldout.jsonl"] {
+            let (file, errs) = validate_reason_file(&a.path().join(f), VideoCheck::Full).unwrap();
+            assert!(errs.is_empty(), "{errs:?}");
+            n += file.records.len();
+            // Held-out membership is the documented hash split.
+            let (train, held) = file.split(cfg.held_out, cfg.seed);
+            assert_eq!(
+                if f == "train.jsonl" {
+                    held.len()
+                } else {
+                    train.len()
+                },
+                0
+            );
+        }
+        assert_eq!(n, 6);
+
+        // The decoded video shows the log: each object's colour at its centre mid-life (where no
+        // other object covers it), and an empty last frame.
+        let file = ReasonFile::read(&a.path().join("train.jsonl")).unwrap();
+        for (k, rec) in file.records.iter().enumerate() {
+            let i: usize = rec.problem_id.rsplit('-').next().unwrap().parse().unwrap();
+            let s = synth_scene(&cfg, i);
+            let v = Video::open(&file.video_paths(k)[0]).unwrap();
+            let all = v.decode(&(0..cfg.frames).collect::<Vec<_>>()).unwrap();
+            assert!(all
+                .frame(cfg.frames - 1)
+                .chunks(3)
+                .all(|p| p.iter().zip(BACKGROUND).all(|(a, b)| a.abs_diff(b) < 12)));
+            let r = s.radius();
+            for (o, t) in s.objects.iter().enumerate() {
+                let f = (t.appear + t.disappear) / 2;
+                let (cx, cy) = t.pos_at(f);
+                let covered = s.objects.iter().enumerate().any(|(p, u)| {
+                    let (ux, uy) = u.pos_at(f);
+                    p != o && u.visible(f) && (ux - cx).hypot(uy - cy) < 2.2 * r
+                });
+                if covered {
+                    continue;
+                }
+                let (x, y) = (cx as usize, cy as usize);
+                let px = &all.frame(f)[(y * cfg.width + x) * 3..(y * cfg.width + x) * 3 + 3];
+                let want = COLORS[t.color_at(f)].1;
+                assert!(
+                    px.iter().zip(want).all(|(a, b)| a.abs_diff(b) < 40),
+                    "video {i} object {o} frame {f}: {px:?} vs {want:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        for cfg in [
+            SynthVideoConfig {
+                frames: 7,
+                ..Default::default()
+            },
+            SynthVideoConfig {
+                width: 16,
+                ..Default::default()
+            },
+            SynthVideoConfig {
+                held_out: 1.5,
+                ..Default::default()
+            },
+        ] {
+            assert!(write_synth_dataset(&cfg, d.path()).is_err());
+        }
+    }
+}
