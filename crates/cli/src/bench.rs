@@ -5,6 +5,7 @@
 //! - `attention`: the tiled causal attention kernel, forward and backward GFLOP/s.
 //! - `train`: a Qwen2-shaped model's training step (forward + backward) in tokens/s and the
 //!   activation memory each checkpoint policy keeps.
+//! - `data`: video decode frames/s, preprocessing and the prefetching loader (`bench_data.rs`).
 //! - `gpu` (feature `cuda`): cuBLASLt bf16 GEMMs beside PyTorch on the same GPU (`bench_gpu.rs`).
 
 #[path = "bench_gpu.rs"]
@@ -212,6 +213,8 @@ pub enum BenchWhat {
     Sp,
     /// cuBLASLt bf16 GEMM TFLOP/s beside torch.matmul on the same GPU (needs the `cuda` feature).
     Gpu,
+    /// Video input: frames decoded per second (native MJPEG, ffmpeg), preprocessing, the loader.
+    Data,
 }
 
 pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {
@@ -296,6 +299,9 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
     }
     if what == BenchWhat::Gpu {
         report["gpu"] = bench_gpu::run(as_json)?;
+    }
+    if what == BenchWhat::Data {
+        report["data"] = crate::bench_data::run(as_json)?;
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,7 +1,9 @@
-//! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, demo.
+//! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, data, demo.
 
 mod bench;
+mod bench_data;
 mod bench_sp;
+mod data_cmd;
 mod demo;
 
 use anyhow::{Context, Result};
@@ -101,6 +103,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Video datasets: generate the synthetic long-video set, validate LongVideo-Reason JSONL.
+    Data(data_cmd::DataArgs),
     /// The main job on the embedded default: synthetic tasks, a tiny model trained from
     /// scratch, held-out accuracy before and after.
     Demo(demo::DemoArgs),
@@ -232,6 +236,7 @@ fn real_main() -> Result<()> {
             reps,
             json,
         } => bench::run(what, seq, reps, json)?,
+        Command::Data(args) => data_cmd::run(args)?,
         Command::Demo(args) => demo::run(args)?,
     }
     Ok(())
