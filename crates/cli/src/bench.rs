@@ -6,6 +6,7 @@
 //! - `train`: a Qwen2-shaped model's training step (forward + backward) in tokens/s and the
 //!   activation memory each checkpoint policy keeps.
 //! - `rollout`: the rollout engine's decode tokens/s and prefix sharing (`bench_rollout.rs`).
+//! - `data`: video decode frames/s, preprocessing and the prefetching loader (`bench_data.rs`).
 //! - `gpu` (feature `cuda`): cuBLASLt bf16 GEMMs beside PyTorch on the same GPU (`bench_gpu.rs`).
 
 #[path = "bench_gpu.rs"]
@@ -215,6 +216,8 @@ pub enum BenchWhat {
     Gpu,
     /// Rollout engine: decode tokens/s at batch 1/8/64, prefill with and without prefix sharing.
     Rollout,
+    /// Video input: frames decoded per second (native MJPEG, ffmpeg), preprocessing, the loader.
+    Data,
 }
 
 pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {
@@ -303,6 +306,9 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
     if what == BenchWhat::Rollout {
         let model = Qwen2::new_random(bench_config(), 0)?;
         report["rollout"] = crate::bench_rollout::run(&model, as_json)?;
+    }
+    if what == BenchWhat::Data {
+        report["data"] = crate::bench_data::run(as_json)?;
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);

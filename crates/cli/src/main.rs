@@ -1,8 +1,10 @@
-//! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, demo.
+//! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, data, demo.
 
 mod bench;
+mod bench_data;
 mod bench_rollout;
 mod bench_sp;
+mod data_cmd;
 mod demo;
 
 use anyhow::{Context, Result};
@@ -102,6 +104,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Video datasets: generate the synthetic long-video set, validate LongVideo-Reason JSONL.
+    Data(data_cmd::DataArgs),
     /// The main job on the embedded default: synthetic tasks, a tiny model trained from
     /// scratch, held-out accuracy before and after.
     Demo(demo::DemoArgs),
@@ -233,6 +237,7 @@ fn real_main() -> Result<()> {
             reps,
             json,
         } => bench::run(what, seq, reps, json)?,
+        Command::Data(args) => data_cmd::run(args)?,
         Command::Demo(args) => demo::run(args)?,
     }
     Ok(())
