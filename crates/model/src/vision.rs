@@ -24,6 +24,7 @@
 use crate::model::{add_into, two_mut};
 use crate::params::{Builder, ParamEntry};
 use crate::ModelError;
+use rayon::prelude::*;
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
 use reel_kernels::gelu::{gelu_backward, gelu_forward};
 use reel_kernels::matmul::{matmul_backward, matmul_forward};
@@ -527,6 +528,29 @@ pub struct VisionTower {
     rope: RopeTable,
 }
 
+/// One segment of self-attention: len tokens, `heads` heads of size `hd` (no GQA in the tower).
+fn segment_shape(len: usize, heads: usize, hd: usize) -> AttnShape {
+    AttnShape {
+        b: 1,
+        tq: len,
+        tk: len,
+        h: heads,
+        h_kv: heads,
+        d: hd,
+    }
+}
+
+/// Splits rows of `width` values into the segments `cu` bounds (cu[0] = 0, last = all rows).
+fn split_rows<'a>(mut x: &'a mut [f32], cu: &[usize], width: usize) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(cu.len().saturating_sub(1));
+    for (s, e) in segments(cu) {
+        let (head, tail) = std::mem::take(&mut x).split_at_mut((e - s) * width);
+        out.push(head);
+        x = tail;
+    }
+    out
+}
+
 /// Segment bounds [start, end) from cumulative lengths.
 fn segments(cu: &[usize]) -> impl Iterator<Item = (usize, usize)> + '_ {
     cu.windows(2).map(|w| (w[0], w[1]))
@@ -666,25 +690,26 @@ impl VisionTower {
             } else {
                 &plan.cu_window_seqlens
             };
-            for (s, e) in segments(cu) {
-                let shape = AttnShape {
-                    b: 1,
-                    tq: e - s,
-                    tk: e - s,
-                    h: heads,
-                    h_kv: heads,
-                    d: hd,
-                };
-                attention_forward(
-                    &mut a.attn[s * d..e * d],
-                    &mut a.lse[s * heads..e * heads],
-                    &a.q[s * d..e * d],
-                    &a.k[s * d..e * d],
-                    &a.v[s * d..e * d],
-                    shape,
-                    AttnMask::Full,
-                );
-            }
+            // Segments are independent: run them in parallel (each is often one tile).
+            let (outs, lses) = (
+                split_rows(&mut a.attn, cu, d),
+                split_rows(&mut a.lse, cu, heads),
+            );
+            let (q, k, v) = (&a.q, &a.k, &a.v);
+            outs.into_par_iter()
+                .zip(lses)
+                .zip(segments(cu).collect::<Vec<_>>())
+                .for_each(|((out, lse), (s, e))| {
+                    attention_forward(
+                        out,
+                        lse,
+                        &q[s * d..e * d],
+                        &k[s * d..e * d],
+                        &v[s * d..e * d],
+                        segment_shape(e - s, heads, hd),
+                        AttnMask::Full,
+                    );
+                });
             matmul_forward(
                 &mut a.h,
                 &a.attn,
@@ -949,29 +974,29 @@ impl VisionTower {
             } else {
                 &plan.cu_window_seqlens
             };
-            for (s, e) in segments(cu) {
-                let shape = AttnShape {
-                    b: 1,
-                    tq: e - s,
-                    tk: e - s,
-                    h: heads,
-                    h_kv: heads,
-                    d: hd,
-                };
-                attention_backward(
-                    &mut ws.dq[s * d..e * d],
-                    &mut ws.dk[s * d..e * d],
-                    &mut ws.dv[s * d..e * d],
-                    &ws.dattn[s * d..e * d],
-                    &a.q[s * d..e * d],
-                    &a.k[s * d..e * d],
-                    &a.v[s * d..e * d],
-                    &a.attn[s * d..e * d],
-                    &a.lse[s * heads..e * heads],
-                    shape,
-                    AttnMask::Full,
-                );
-            }
+            let dqs = split_rows(&mut ws.dq, cu, d);
+            let dks = split_rows(&mut ws.dk, cu, d);
+            let dvs = split_rows(&mut ws.dv, cu, d);
+            let dattn = &ws.dattn;
+            dqs.into_par_iter()
+                .zip(dks)
+                .zip(dvs)
+                .zip(segments(cu).collect::<Vec<_>>())
+                .for_each(|(((dq, dk), dv), (s, e))| {
+                    attention_backward(
+                        dq,
+                        dk,
+                        dv,
+                        &dattn[s * d..e * d],
+                        &a.q[s * d..e * d],
+                        &a.k[s * d..e * d],
+                        &a.v[s * d..e * d],
+                        &a.attn[s * d..e * d],
+                        &a.lse[s * heads..e * heads],
+                        segment_shape(e - s, heads, hd),
+                        AttnMask::Full,
+                    );
+                });
             rope_backward_angles(&mut ws.dq, &ws.cos, &ws.sin, heads, hd);
             rope_backward_angles(&mut ws.dk, &ws.cos, &ws.sin, heads, hd);
             for (row, dst) in ws.dqkv.chunks_exact_mut(3 * d).enumerate() {

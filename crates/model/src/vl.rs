@@ -17,6 +17,8 @@
 //! The backward returns ∂L/∂embeddings from the decoder; text rows go to the embedding table,
 //! placeholder rows into the tower's backward. Gradients live in two flat buffers, one per
 //! layout ([`ParamLayout`] for the decoder, [`VisionLayout`] for the tower).
+//! [`Qwen25VL::forward_features`] / [`Qwen25VL::backward_features`] take features encoded earlier
+//! (encode once, reuse for every pass) and return their gradient instead of running the tower.
 //!
 //! Checkpoints: `config.json` of model_type `qwen2_5_vl` (text fields in `text_config` or, as
 //! older checkpoints have them, at the top level; `vision_config`), tensors named `visual.*`,
@@ -436,7 +438,14 @@ impl Qwen25VL {
 
     /// Tower, embeddings with the features in, positions and angles: everything before the
     /// decoder. Leaves ws.embeds, ws.positions, ws.cos, ws.sin filled.
-    fn prepare(&self, ws: &mut VlWorkspace, batch: &VlBatch) -> Result<(), ModelError> {
+    /// With `cached` = Some(features [Σ t·h·w/m², d]) the tower does not run (features encoded
+    /// once and reused); `batch.videos.pixels` is then not read.
+    fn prepare(
+        &self,
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        cached: Option<&[f32]>,
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         let n = batch.b * batch.t;
         if batch.tokens.len() != n || batch.targets.len() != n {
@@ -503,9 +512,19 @@ impl Qwen25VL {
             d,
         );
         if !batch.videos.grids.is_empty() {
-            let features =
-                self.vision
-                    .forward(&mut ws.vision, batch.videos.pixels, batch.videos.grids)?;
+            let features = match cached {
+                Some(f) if f.len() != want * d => {
+                    return Err(ModelError::Invalid(format!(
+                        "cached video features have {} values; the videos need {want}·{d}",
+                        f.len()
+                    )))
+                }
+                Some(f) => f,
+                None => {
+                    self.vision
+                        .forward(&mut ws.vision, batch.videos.pixels, batch.videos.grids)?
+                }
+            };
             let rows = batch
                 .tokens
                 .iter()
@@ -540,7 +559,7 @@ impl Qwen25VL {
         batch: &VlBatch,
         attn: &dyn AttentionOp,
     ) -> Result<LossStats, ModelError> {
-        self.prepare(ws, batch)?;
+        self.prepare(ws, batch, None)?;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
         self.lm.forward_embeds(&mut ws.lm, &eb, attn)
     }
@@ -552,7 +571,7 @@ impl Qwen25VL {
         batch: &VlBatch,
         attn: &dyn AttentionOp,
     ) -> Result<Vec<f32>, ModelError> {
-        self.prepare(ws, batch)?;
+        self.prepare(ws, batch, None)?;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
         self.lm.logits_embeds(&mut ws.lm, &eb, attn)
     }
@@ -569,8 +588,6 @@ impl Qwen25VL {
         loss_scale: f32,
         attn: &dyn AttentionOp,
     ) -> Result<(), ModelError> {
-        let c = &self.config;
-        let d = c.text.hidden_size;
         if vision_grads.len() != self.vision.params.len() {
             return Err(ModelError::Invalid(format!(
                 "vision gradient buffer has {} values, the tower {}",
@@ -578,6 +595,55 @@ impl Qwen25VL {
                 self.vision.params.len()
             )));
         }
+        self.backward_lm(lm_grads, ws, batch, loss_scale, attn)?;
+        if !batch.videos.grids.is_empty() {
+            self.vision
+                .backward(vision_grads, &mut ws.vision, &ws.d_features)?;
+        }
+        Ok(())
+    }
+
+    /// Forward and loss from video features encoded earlier ([`VisionTower::forward`] on the
+    /// same videos): the MR-SP encode-once path. `batch.videos` gives the grids and timing; its
+    /// pixels are not read.
+    pub fn forward_features(
+        &self,
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        features: &[f32],
+        attn: &dyn AttentionOp,
+    ) -> Result<LossStats, ModelError> {
+        self.prepare(ws, batch, Some(features))?;
+        let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
+        self.lm.forward_embeds(&mut ws.lm, &eb, attn)
+    }
+
+    /// Backward of the last [`Qwen25VL::forward_features`]: decoder gradients accumulate into
+    /// `lm_grads`; returns ∂L/∂features (for the tower's backward, summed over every pass that
+    /// used the same features).
+    pub fn backward_features<'w>(
+        &self,
+        lm_grads: &mut [f32],
+        ws: &'w mut VlWorkspace,
+        batch: &VlBatch,
+        loss_scale: f32,
+        attn: &dyn AttentionOp,
+    ) -> Result<&'w [f32], ModelError> {
+        self.backward_lm(lm_grads, ws, batch, loss_scale, attn)?;
+        Ok(&ws.d_features)
+    }
+
+    /// The decoder's backward and the embedding table's; leaves ∂L/∂features in ws.d_features.
+    fn backward_lm(
+        &self,
+        lm_grads: &mut [f32],
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        loss_scale: f32,
+        attn: &dyn AttentionOp,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let d = c.text.hidden_size;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
         let dx = self
             .lm
@@ -599,10 +665,6 @@ impl Qwen25VL {
             batch.tokens,
             d,
         );
-        if !batch.videos.grids.is_empty() {
-            self.vision
-                .backward(vision_grads, &mut ws.vision, &ws.d_features)?;
-        }
         Ok(())
     }
 }

@@ -434,3 +434,51 @@ fn text_only_batch_is_the_plain_decoder() {
         .unwrap();
     assert_eq!(vl, plain);
 }
+
+/// Features encoded once and passed in give the same loss and gradients as the full model:
+/// the decoder's directly, the tower's through its backward on the returned feature gradient.
+#[test]
+fn cached_features_give_the_same_loss_and_gradients() {
+    let model = load_vl_checkpoint(&fixture()).unwrap();
+    let inp = Inputs::from(&golden());
+    let (loss, lm, vision) = grads_of(&model, &inp, CheckpointPolicy::Remat);
+
+    let mut vws = VisionWorkspace::new();
+    let features = model
+        .vision
+        .forward(&mut vws, &inp.pixels, &inp.grids)
+        .unwrap()
+        .to_vec();
+    let no_pixels = Inputs {
+        pixels: Vec::new(),
+        ..Inputs::from(&golden())
+    };
+    let mut ws = model.workspace(CheckpointPolicy::Remat);
+    let stats = model
+        .forward_features(&mut ws, &no_pixels.batch(), &features, &LocalAttention)
+        .unwrap();
+    assert_eq!(stats.mean(), loss);
+    let mut lm2 = vec![0.0f32; lm.len()];
+    let dfeat = model
+        .backward_features(
+            &mut lm2,
+            &mut ws,
+            &no_pixels.batch(),
+            1.0 / stats.n_tokens as f32,
+            &LocalAttention,
+        )
+        .unwrap()
+        .to_vec();
+    assert_eq!(lm2, lm);
+    let mut vision2 = vec![0.0f32; vision.len()];
+    model
+        .vision
+        .backward(&mut vision2, &mut vws, &dfeat)
+        .unwrap();
+    assert_eq!(vision2, vision);
+    // Features of the wrong size are refused.
+    let e = model
+        .forward_features(&mut ws, &no_pixels.batch(), &features[1..], &LocalAttention)
+        .unwrap_err();
+    assert!(e.to_string().contains("cached video features"), "{e}");
+}
