@@ -5,7 +5,7 @@
 `python3 -c 'import torch'` works, passing its shapes, and prints both columns and their ratio. To run
 it by hand in the same session, on the same GPU:
 
-    python3 scripts/bench_gpu_torch.py            # default shapes (the same as reel's), a table
+    python3 scripts/bench_gpu_torch.py            # default shapes (the same as reel's), as text
     python3 scripts/bench_gpu_torch.py --json     # JSON rows
 
 Shapes are nn.Linear GEMMs: inp [m, k], weight [n, k]. "fwd" times out = inp @ weight.T (2mkn FLOPs);
@@ -44,6 +44,10 @@ DEFAULT_SHAPES = [
     ["down", "bwd", 8192, 4864, 896],
     ["square", "fwd", 8192, 8192, 8192],
 ]
+# [B, T, H, H_kv, D, causal], AdamW elements, [rows, D, V]: as reel's bench_gpu.rs.
+DEFAULT_ATTENTION = [[1, t, 32, 8, 128, c] for t in (8192, 32768) for c in (True, False)]
+DEFAULT_ADAMW = 494_032_768
+DEFAULT_CE = [8192, 896, 151936]
 
 
 def time_ms(fn, warmup, iters):
@@ -209,9 +213,9 @@ def main():
         sys.exit(2)
     shapes = json.loads(a.shapes) if a.shapes else DEFAULT_SHAPES
     rows = bench(shapes, a.warmup, a.iters)
-    attn = attention(json.loads(a.attention), 3, 10) if a.attention else []
-    adam = adamw(a.adamw, 3, 10) if a.adamw else None
-    ce = cross_entropy(*json.loads(a.ce), 2, 5) if a.ce else None
+    attn = attention(json.loads(a.attention) if a.attention else DEFAULT_ATTENTION, 3, 10)
+    adam = adamw(a.adamw or DEFAULT_ADAMW, 3, 10)
+    ce = cross_entropy(*(json.loads(a.ce) if a.ce else DEFAULT_CE), 2, 5)
     if a.json:
         print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
                           "attention": attn, "adamw": adam, "ce": ce}))
