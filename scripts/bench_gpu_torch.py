@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""PyTorch's side of `reel bench gpu`: bf16 torch.matmul TFLOP/s at the same shapes, timed the same way.
+"""PyTorch's side of `reel bench gpu`: GEMMs, SDPA attention, AdamW and cross-entropy, timed the same way.
 
 `reel bench gpu` runs this itself (it embeds this file and pipes it to `python3 -`) when
 `python3 -c 'import torch'` works, passing its shapes, and prints both columns and their ratio. To run
 it by hand in the same session, on the same GPU:
 
-    python3 scripts/bench_gpu_torch.py            # default shapes (the same as reel's), a table
+    python3 scripts/bench_gpu_torch.py            # default shapes (the same as reel's), as text
     python3 scripts/bench_gpu_torch.py --json     # JSON rows
 
 Shapes are nn.Linear GEMMs: inp [m, k], weight [n, k]. "fwd" times out = inp @ weight.T (2mkn FLOPs);
@@ -15,6 +15,15 @@ reel accumulates in fp32). Each row: warm-up runs, then CUDA events around each 
 ("ms": what a Python caller gets, host overhead included); and "graph_ms": the same calls captured in
 one CUDA graph and replayed, per call (the GPU's time alone, for small GEMMs where eager PyTorch is
 bound by its host overhead).
+
+Attention (`--attention`, rows [B, T, H, H_kv, D, causal]): F.scaled_dot_product_attention on
+tensors laid out as reel's [B, T, H, D] (transposed views, as transformers passes them), bf16,
+scale 1/sqrt(D), GQA through enable_gqa (or K/V repeated to H heads outside the timed region where
+a backend refuses it, noted), per backend (flash, cudnn, efficient): the forward, and the forward
+with torch.autograd.grad of q, k, v (fwd_bwd). A backend that cannot run a shape reports its error.
+AdamW (`--adamw N`): torch.optim.AdamW(fused=True) on one N-element fp32 parameter. Cross-entropy
+(`--ce [rows, D, V]`): logits = h @ W.T in bf16, F.cross_entropy on them in fp32, forward and
+forward+backward (dh, dW).
 """
 
 import argparse
@@ -35,6 +44,10 @@ DEFAULT_SHAPES = [
     ["down", "bwd", 8192, 4864, 896],
     ["square", "fwd", 8192, 8192, 8192],
 ]
+# [B, T, H, H_kv, D, causal], AdamW elements, [rows, D, V]: as reel's bench_gpu.rs.
+DEFAULT_ATTENTION = [[1, t, 32, 8, 128, c] for t in (8192, 32768) for c in (True, False)]
+DEFAULT_ADAMW = 494_032_768
+DEFAULT_CE = [8192, 896, 151936]
 
 
 def time_ms(fn, warmup, iters):
@@ -109,9 +122,88 @@ def bench(shapes, warmup, iters):
     return rows
 
 
+def attention(rows, warmup, iters):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    out_rows = []
+    for b, t, h, h_kv, d, causal in rows:
+        q = uniform(b, t, h, d).transpose(1, 2).requires_grad_(True)
+        k = uniform(b, t, h_kv, d).transpose(1, 2).requires_grad_(True)
+        v = uniform(b, t, h_kv, d).transpose(1, 2).requires_grad_(True)
+        dout = uniform(b, t, h, d).transpose(1, 2)
+        k_rep = k.detach().repeat_interleave(h // h_kv, dim=1).requires_grad_(True)
+        v_rep = v.detach().repeat_interleave(h // h_kv, dim=1).requires_grad_(True)
+        res = {}
+        for name, backend in backends.items():
+            res[name] = {}
+            for gqa in (True, False):
+                kk, vv = (k, v) if gqa else (k_rep, v_rep)
+
+                def fwd():
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(q, kk, vv, is_causal=bool(causal),
+                                                              enable_gqa=gqa and h != h_kv)
+
+                def fwd_bwd():
+                    o = fwd()
+                    torch.autograd.grad(o, (q, kk, vv), dout)
+
+                try:
+                    with torch.no_grad():
+                        f_ms = time_ms(fwd, warmup, iters)
+                    fb_ms = time_ms(fwd_bwd, warmup, iters)
+                    res[name] = {"fwd_ms": f_ms, "fwd_bwd_ms": fb_ms,
+                                 "note": "" if gqa or h == h_kv else "K/V repeated to H heads"}
+                    break
+                except Exception as e:  # a backend that cannot run this shape
+                    res[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            torch.cuda.empty_cache()
+        out_rows.append({"b": b, "t": t, "h": h, "h_kv": h_kv, "d": d, "causal": bool(causal),
+                         "backends": res})
+        del q, k, v, dout, k_rep, v_rep
+        torch.cuda.empty_cache()
+    return out_rows
+
+
+def adamw(n, warmup, iters):
+    p = torch.nn.Parameter(torch.rand(n, device="cuda") * 2 - 1)
+    p.grad = torch.rand(n, device="cuda") * 2 - 1
+    opt = torch.optim.AdamW([p], lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, fused=True)
+    ms = time_ms(opt.step, warmup, iters)
+    del p, opt
+    torch.cuda.empty_cache()
+    return {"n": n, "ms": ms}
+
+
+def cross_entropy(rows, d, v, warmup, iters):
+    import torch.nn.functional as F
+    h = uniform(rows, d).requires_grad_(True)
+    w = uniform(v, d).requires_grad_(True)
+    targets = (torch.arange(rows, device="cuda") * 7919) % v
+
+    def fwd():
+        return F.cross_entropy((h @ w.t()).float(), targets)
+
+    def fwd_bwd():
+        torch.autograd.grad(fwd(), (h, w))
+
+    with torch.no_grad():
+        f_ms = time_ms(fwd, warmup, iters)
+    fb_ms = time_ms(fwd_bwd, warmup, iters)
+    del h, w
+    torch.cuda.empty_cache()
+    return {"rows": rows, "d": d, "v": v, "fwd_ms": f_ms, "fwd_bwd_ms": fb_ms}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", help="JSON list of [name, kind, m, k, n]")
+    ap.add_argument("--attention", help="JSON list of [B, T, H, H_kv, D, causal]")
+    ap.add_argument("--adamw", type=int, help="AdamW over one tensor of this many fp32 elements")
+    ap.add_argument("--ce", help="JSON [rows, D, V]: LM head + cross-entropy")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", action="store_true")
@@ -121,13 +213,23 @@ def main():
         sys.exit(2)
     shapes = json.loads(a.shapes) if a.shapes else DEFAULT_SHAPES
     rows = bench(shapes, a.warmup, a.iters)
+    attn = attention(json.loads(a.attention) if a.attention else DEFAULT_ATTENTION, 3, 10)
+    adam = adamw(a.adamw or DEFAULT_ADAMW, 3, 10)
+    ce = cross_entropy(*(json.loads(a.ce) if a.ce else DEFAULT_CE), 2, 5)
     if a.json:
-        print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}))
+        print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                          "attention": attn, "adamw": adam, "ce": ce}))
     else:
         print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
         for r in rows:
             print(f"{r['name']:<10} {r['kind']:<4} {r['m']:>6} {r['k']:>6} {r['n']:>7} {r['ms']:>9.3f} ms "
                   f"{r['tflops']:>7.1f} TFLOP/s; in a CUDA graph {r['graph_ms']:>9.3f} ms {r['graph_tflops']:>7.1f} TFLOP/s")
+        for r in attn:
+            print(f"attention b{r['b']} t{r['t']} h{r['h']}/{r['h_kv']} d{r['d']} causal={r['causal']}: {r['backends']}")
+        if adam:
+            print(f"adamw {adam}")
+        if ce:
+            print(f"cross-entropy {ce}")
 
 
 if __name__ == "__main__":

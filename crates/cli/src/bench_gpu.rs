@@ -1,12 +1,22 @@
-//! `reel bench gpu`: cuBLASLt bf16 GEMM TFLOP/s at Qwen2-0.5B's projection shapes (8192 tokens)
-//! and a square 8192³, beside PyTorch's `torch.matmul` on the same GPU in the same run.
+//! `reel bench gpu`: reel's GPU ops beside PyTorch on the same GPU, in the same run.
 //!
-//! reel's side: `Gpu::matmul_forward` (bf16 in and out, fp32 accumulation) and, for the "bwd" rows,
-//! `Gpu::matmul_backward` (dinp and dweight +=, 4mkn FLOPs); 5 warm-up runs, then CUDA events
-//! around each of 20 runs, the median. PyTorch's side: `scripts/bench_gpu_torch.py` (embedded
-//! here), the same shapes and method; run when `python3 -c 'import torch'` works (`REEL_PYTHON`
-//! names another interpreter; `REEL_BENCH_NO_TORCH=1` skips it). To run it by hand in the same
-//! session: `python3 scripts/bench_gpu_torch.py`. Ratios are reel / torch: against eager
+//! - GEMMs: cuBLASLt bf16 TFLOP/s at Qwen2-0.5B's projection shapes (8192 tokens) and a square
+//!   8192³: `Gpu::matmul_forward` (bf16 in and out, fp32 accumulation) and, for the "bwd" rows,
+//!   `Gpu::matmul_backward` (dinp and dweight +=, 4mkn FLOPs), against `torch.matmul`.
+//! - Attention: cuDNN fused attention (`Gpu::attention_forward` / `attention_backward`), bf16,
+//!   B = 1, H = 32, H_kv = 8 (GQA), D = 128, T = 8192 and 32768, causal and full, against PyTorch
+//!   SDPA's flash, cudnn and efficient backends (each, and the best). FLOPs: forward 4·B·H·T²·D,
+//!   backward 2.5× that, causal counted as half. PyTorch's backward is its forward+backward time
+//!   minus its forward time; the ratios are reel / best backend.
+//! - AdamW over one 494M-element fp32 tensor (Qwen2-0.5B's parameter count) against
+//!   `torch.optim.AdamW(fused=True)`, and the LM head + cross-entropy (8192 labelled rows, D 896,
+//!   V 151936, bf16, 32768-column chunks) against `F.cross_entropy` on materialised logits.
+//!
+//! Method on both sides: warm-up runs, then CUDA events around each timed run, the median.
+//! PyTorch's side is `scripts/bench_gpu_torch.py` (embedded here), run when
+//! `python3 -c 'import torch'` works (`REEL_PYTHON` names another interpreter;
+//! `REEL_BENCH_NO_TORCH=1` skips it). To run it by hand in the same session:
+//! `python3 scripts/bench_gpu_torch.py`. GEMM ratios are reel / torch: against eager
 //! `torch.matmul` (host overhead included, what a Python training loop gets) and against the same
 //! calls replayed from one CUDA graph (the GPU's time alone).
 //!
@@ -30,6 +40,23 @@ const SHAPES: &[(&str, &str, usize, usize, usize)] = &[
     ("down", "bwd", 8192, 4864, 896),
     ("square", "fwd", 8192, 8192, 8192),
 ];
+
+/// (B, T, H, H_kv, D, causal): as the `--attention` list reel passes scripts/bench_gpu_torch.py.
+#[cfg(feature = "cuda")]
+const ATTENTION: &[(usize, usize, usize, usize, usize, bool)] = &[
+    (1, 8192, 32, 8, 128, true),
+    (1, 8192, 32, 8, 128, false),
+    (1, 32768, 32, 8, 128, true),
+    (1, 32768, 32, 8, 128, false),
+];
+
+/// AdamW tensor length: Qwen2-0.5B's parameter count.
+#[cfg(feature = "cuda")]
+const ADAMW_N: usize = 494_032_768;
+
+/// LM head + cross-entropy: (rows, D, V, chunk).
+#[cfg(feature = "cuda")]
+const CE: (usize, usize, usize, usize) = (8192, 896, 151_936, 32_768);
 
 #[cfg(feature = "cuda")]
 const WARMUP: usize = 5;
@@ -59,6 +86,7 @@ pub fn run(as_json: bool) -> Result<Value> {
         }
     };
     let info = gpu.info().clone();
+    let cudnn = gpu.cudnn_version();
     if !as_json {
         println!("{info}");
         println!(
@@ -73,6 +101,10 @@ pub fn run(as_json: bool) -> Result<Value> {
             "kernels compiled by NVRTC in {:.2}s (include {:?})",
             info.compile_secs, info.include_dirs
         );
+        match &cudnn {
+            Ok(v) => println!("cuDNN {}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
+            Err(e) => println!("cuDNN unavailable: {e}"),
+        }
     }
     let mut rows = Vec::new();
     for &(name, kind, m, k, n) in SHAPES {
@@ -82,6 +114,25 @@ pub fn run(as_json: bool) -> Result<Value> {
             "reel_ms": ms, "reel_tflops": flops / (ms * 1e-3) / 1e12,
         }));
     }
+    // A failure here is reported in its row and the rest still runs.
+    let mut attn_rows = Vec::new();
+    for &(b, t, h, h_kv, d, causal) in ATTENTION {
+        attn_rows.push(
+            reel_attention(&gpu, b, t, h, h_kv, d, causal).unwrap_or_else(|e| {
+                eprintln!("attention T {t} causal {causal}: {e:#}");
+                json!({"b": b, "t": t, "h": h, "h_kv": h_kv, "d": d, "causal": causal,
+                       "error": format!("{e:#}")})
+            }),
+        );
+    }
+    let adamw_ms = reel_adamw(&gpu, ADAMW_N).unwrap_or_else(|e| {
+        eprintln!("adamw: {e:#}");
+        f64::NAN
+    });
+    let (ce_fwd_ms, ce_bwd_ms) = reel_ce(&gpu, CE).unwrap_or_else(|e| {
+        eprintln!("cross-entropy: {e:#}");
+        (f64::NAN, f64::NAN)
+    });
     drop(gpu);
     let torch = torch_rows();
     let torch_note = match &torch {
@@ -104,6 +155,31 @@ pub fn run(as_json: bool) -> Result<Value> {
                 r["ratio"] = json!(tt.map(|t| reel / t));
                 r["ratio_graph"] = json!(tg.map(|t| reel / t));
             }
+        }
+    }
+    if let Ok(t) = &torch {
+        if let Some(trows) = t["attention"].as_array() {
+            for (r, tr) in attn_rows.iter_mut().zip(trows) {
+                merge_attention_row(r, tr);
+            }
+        }
+    }
+    let adamw_bytes = 28.0 * ADAMW_N as f64;
+    let mut extras = json!({
+        "adamw": {"n": ADAMW_N, "reel_ms": adamw_ms, "reel_gbps": adamw_bytes / (adamw_ms * 1e-3) / 1e9},
+        "ce": {"rows": CE.0, "d": CE.1, "v": CE.2, "chunk": CE.3,
+               "reel_fwd_ms": ce_fwd_ms, "reel_fwd_bwd_ms": ce_fwd_ms + ce_bwd_ms},
+    });
+    if let Ok(t) = &torch {
+        if let Some(ms) = t["adamw"]["ms"].as_f64() {
+            extras["adamw"]["torch_ms"] = json!(ms);
+            extras["adamw"]["ratio"] = json!(ms / adamw_ms);
+        }
+        if let (Some(f), Some(fb)) = (t["ce"]["fwd_ms"].as_f64(), t["ce"]["fwd_bwd_ms"].as_f64()) {
+            extras["ce"]["torch_fwd_ms"] = json!(f);
+            extras["ce"]["torch_fwd_bwd_ms"] = json!(fb);
+            extras["ce"]["ratio_fwd"] = json!(f / ce_fwd_ms);
+            extras["ce"]["ratio_fwd_bwd"] = json!(fb / (ce_fwd_ms + ce_bwd_ms));
         }
     }
     if !as_json {
@@ -149,12 +225,243 @@ pub fn run(as_json: bool) -> Result<Value> {
             );
         }
     }
+    if !as_json {
+        print_attention(&attn_rows);
+        let a = &extras["adamw"];
+        let c = &extras["ce"];
+        let f = |v: &Value, p: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.p$}"));
+        println!(
+            "\nAdamW, {ADAMW_N} fp32 elements: reel {} ms ({} GB/s at 28 B/element), torch fused {} ms; speed-up {}",
+            f(&a["reel_ms"], 2),
+            f(&a["reel_gbps"], 0),
+            f(&a["torch_ms"], 2),
+            f(&a["ratio"], 2)
+        );
+        println!(
+            "LM head + cross-entropy, {} rows, D {}, V {}, bf16: reel fwd {} ms, fwd+bwd {} ms (chunks of {}); \
+             torch (materialised logits) fwd {} ms, fwd+bwd {} ms; speed-up fwd {}, fwd+bwd {}",
+            CE.0,
+            CE.1,
+            CE.2,
+            f(&c["reel_fwd_ms"], 2),
+            f(&c["reel_fwd_bwd_ms"], 2),
+            CE.3,
+            f(&c["torch_fwd_ms"], 2),
+            f(&c["torch_fwd_bwd_ms"], 2),
+            f(&c["ratio_fwd"], 2),
+            f(&c["ratio_fwd_bwd"], 2)
+        );
+    }
     Ok(json!({
         "available": true,
         "device": info.to_string(),
+        "cudnn": cudnn.as_ref().ok(),
         "torch": torch_note,
         "rows": rows,
+        "attention": attn_rows,
+        "adamw": extras["adamw"],
+        "ce": extras["ce"],
     }))
+}
+
+/// Attention FLOPs of the forward (4·B·H·T²·D, causal half); the backward counts 2.5× that.
+#[cfg(feature = "cuda")]
+fn attention_fwd_flops(b: usize, t: usize, h: usize, d: usize, causal: bool) -> f64 {
+    4.0 * (b * h) as f64 * (t as f64).powi(2) * d as f64 * if causal { 0.5 } else { 1.0 }
+}
+
+/// Times reel's attention forward and backward at one shape: a JSON row.
+#[cfg(feature = "cuda")]
+fn reel_attention(
+    gpu: &reel_cuda::Gpu,
+    b: usize,
+    t: usize,
+    h: usize,
+    h_kv: usize,
+    d: usize,
+    causal: bool,
+) -> Result<Value> {
+    use reel_kernels::attention::{AttnMask, AttnShape};
+    use reel_tensor::bf16;
+    let shape = AttnShape {
+        b,
+        tq: t,
+        tk: t,
+        h,
+        h_kv,
+        d,
+    };
+    let mask = if causal {
+        AttnMask::Causal {
+            q_offset: 0,
+            k_offset: 0,
+        }
+    } else {
+        AttnMask::Full
+    };
+    let (nq, nk) = (b * t * h * d, b * t * h_kv * d);
+    let q = gpu.upload(&uniform_bf16(nq, 11))?;
+    let k = gpu.upload(&uniform_bf16(nk, 12))?;
+    let v = gpu.upload(&uniform_bf16(nk, 13))?;
+    let dout = gpu.upload(&uniform_bf16(nq, 14))?;
+    let mut out = gpu.alloc_zeros::<bf16>(nq)?;
+    let mut lse = gpu.alloc_zeros::<f32>(b * t * h)?;
+    let (mut dq, mut dk, mut dv) = (
+        gpu.alloc_zeros::<bf16>(nq)?,
+        gpu.alloc_zeros::<bf16>(nk)?,
+        gpu.alloc_zeros::<bf16>(nk)?,
+    );
+    let (warm, iters) = (3, 10);
+    let fwd = median(gpu.time_ms(warm, iters, || {
+        gpu.attention_forward(&mut out, &mut lse, &q, &k, &v, shape, mask)
+    })?);
+    let bwd = median(gpu.time_ms(warm, iters, || {
+        gpu.attention_backward(
+            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, shape, mask,
+        )
+    })?);
+    let ff = attention_fwd_flops(b, t, h, d, causal);
+    Ok(json!({
+        "b": b, "t": t, "h": h, "h_kv": h_kv, "d": d, "causal": causal,
+        "reel_fwd_ms": fwd, "reel_bwd_ms": bwd,
+        "reel_fwd_tflops": ff / (fwd * 1e-3) / 1e12,
+        "reel_bwd_tflops": 2.5 * ff / (bwd * 1e-3) / 1e12,
+        "reel_fwd_bwd_tflops": 3.5 * ff / ((fwd + bwd) * 1e-3) / 1e12,
+    }))
+}
+
+/// Adds PyTorch's columns (per backend, and the best) and the ratios to a reel attention row.
+#[cfg(feature = "cuda")]
+fn merge_attention_row(r: &mut Value, tr: &Value) {
+    let ff = attention_fwd_flops(
+        r["b"].as_u64().unwrap_or(0) as usize,
+        r["t"].as_u64().unwrap_or(0) as usize,
+        r["h"].as_u64().unwrap_or(0) as usize,
+        r["d"].as_u64().unwrap_or(0) as usize,
+        r["causal"].as_bool().unwrap_or(false),
+    );
+    let mut best: (f64, f64, f64) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let mut backends = serde_json::Map::new();
+    if let Some(bs) = tr["backends"].as_object() {
+        for (name, b) in bs {
+            let (Some(f), Some(fb)) = (b["fwd_ms"].as_f64(), b["fwd_bwd_ms"].as_f64()) else {
+                backends.insert(name.clone(), json!({"error": b["error"].clone()}));
+                continue;
+            };
+            let bw = fb - f;
+            best.0 = best.0.min(f);
+            best.1 = best.1.min(bw);
+            best.2 = best.2.min(fb);
+            backends.insert(
+                name.clone(),
+                json!({
+                    "fwd_ms": f, "bwd_ms": bw, "fwd_bwd_ms": fb,
+                    "fwd_tflops": ff / (f * 1e-3) / 1e12,
+                    "bwd_tflops": 2.5 * ff / (bw * 1e-3) / 1e12,
+                    "note": b["note"].clone(),
+                }),
+            );
+        }
+    }
+    r["torch"] = Value::Object(backends);
+    if best.0.is_finite() {
+        let (rf, rb) = (
+            r["reel_fwd_ms"].as_f64().unwrap_or(f64::NAN),
+            r["reel_bwd_ms"].as_f64().unwrap_or(f64::NAN),
+        );
+        r["torch_best_fwd_tflops"] = json!(ff / (best.0 * 1e-3) / 1e12);
+        r["torch_best_bwd_tflops"] = json!(2.5 * ff / (best.1 * 1e-3) / 1e12);
+        r["ratio_fwd"] = json!(best.0 / rf);
+        r["ratio_bwd"] = json!(best.1 / rb);
+        r["ratio_fwd_bwd"] = json!(best.2 / (rf + rb));
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn print_attention(rows: &[Value]) {
+    println!(
+        "\nattention, bf16 (fp32 softmax), B 1, GQA; reel = cuDNN fused attention; torch = SDPA per backend \
+         (bwd = fwd+bwd − fwd); TFLOP/s with causal counted as half, bwd as 2.5× fwd; ratio = reel / best backend"
+    );
+    let f = |v: &Value, p: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.p$}"));
+    for r in rows {
+        println!(
+            "T {:>5} H {}/{} D {} {:<6}  reel fwd {:>5} bwd {:>5} TF/s | best torch fwd {:>5} bwd {:>5} | ratio fwd {} bwd {} fwd+bwd {}",
+            r["t"],
+            r["h"],
+            r["h_kv"],
+            r["d"],
+            if r["causal"].as_bool() == Some(true) { "causal" } else { "full" },
+            f(&r["reel_fwd_tflops"], 0),
+            f(&r["reel_bwd_tflops"], 0),
+            f(&r["torch_best_fwd_tflops"], 0),
+            f(&r["torch_best_bwd_tflops"], 0),
+            f(&r["ratio_fwd"], 3),
+            f(&r["ratio_bwd"], 3),
+            f(&r["ratio_fwd_bwd"], 3),
+        );
+        if let Some(bs) = r["torch"].as_object() {
+            for (name, b) in bs {
+                if b["error"].is_null() {
+                    println!(
+                        "    torch {name:<9} fwd {:>5} bwd {:>5} TF/s {}",
+                        f(&b["fwd_tflops"], 0),
+                        f(&b["bwd_tflops"], 0),
+                        b["note"].as_str().unwrap_or("")
+                    );
+                } else {
+                    println!("    torch {name:<9} unavailable: {}", b["error"]);
+                }
+            }
+        }
+    }
+}
+
+/// Median milliseconds of one AdamW step over `n` fp32 elements (with decay).
+#[cfg(feature = "cuda")]
+fn reel_adamw(gpu: &reel_cuda::Gpu, n: usize) -> Result<f64> {
+    let widen = |v: Vec<reel_tensor::bf16>| v.into_iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let mut p = gpu.upload(&widen(uniform_bf16(n, 21)))?;
+    let g = gpu.upload(&widen(uniform_bf16(n, 22)))?;
+    let mut m = gpu.alloc_zeros::<f32>(n)?;
+    let mut v = gpu.alloc_zeros::<f32>(n)?;
+    let s = reel_optim::AdamWConfig::default().scalars(10, 1e-4);
+    Ok(median(gpu.time_ms(3, 10, || {
+        gpu.adamw_step(&mut p, &g, &mut m, &mut v, &s, true)
+    })?))
+}
+
+/// Median milliseconds of the LM head + cross-entropy forward and backward (all rows labelled).
+#[cfg(feature = "cuda")]
+fn reel_ce(
+    gpu: &reel_cuda::Gpu,
+    (n, d, v, chunk): (usize, usize, usize, usize),
+) -> Result<(f64, f64)> {
+    use reel_tensor::bf16;
+    let h = gpu.upload(&uniform_bf16(n * d, 31))?;
+    let w = gpu.upload(&uniform_bf16(v * d, 32))?;
+    let targets: Vec<i32> = (0..n).map(|i| ((i * 7919) % v) as i32).collect();
+    let mut losses = gpu.alloc_zeros::<f32>(n)?;
+    let mut lse = gpu.alloc_zeros::<f32>(n)?;
+    let dloss = gpu.upload(&vec![1.0f32 / n as f32; n])?;
+    let mut dh = gpu.alloc_zeros::<bf16>(n * d)?;
+    let mut dw = gpu.alloc_zeros::<bf16>(v * d)?;
+    let fwd = median(gpu.time_ms(2, 5, || {
+        gpu.lm_head_ce_forward(&mut losses, &mut lse, &h, &w, &targets, n, d, v, chunk)
+            .map(|_| ())
+    })?);
+    let bwd = median(gpu.time_ms(2, 5, || {
+        gpu.lm_head_ce_backward(
+            &mut dh, &mut dw, &h, &w, &targets, &lse, &dloss, n, d, v, chunk,
+        )
+    })?);
+    Ok((fwd, bwd))
+}
+
+#[cfg(feature = "cuda")]
+fn median(mut t: Vec<f32>) -> f64 {
+    t.sort_by(f32::total_cmp);
+    t[t.len() / 2] as f64
 }
 
 /// Uniform bf16 in [-1, 1) from a fast LCG (the GEMM's speed must not depend on zeros).
@@ -178,10 +485,6 @@ fn reel_gemm(gpu: &reel_cuda::Gpu, kind: &str, m: usize, k: usize, n: usize) -> 
     use reel_tensor::bf16;
     let inp = gpu.upload(&uniform_bf16(m * k, 1))?;
     let w = gpu.upload(&uniform_bf16(n * k, 2))?;
-    let median = |mut t: Vec<f32>| {
-        t.sort_by(f32::total_cmp);
-        t[t.len() / 2] as f64
-    };
     if kind == "fwd" {
         let mut out = gpu.alloc_zeros::<bf16>(m * n)?;
         let t = gpu.time_ms(WARMUP, ITERS, || {
@@ -229,6 +532,20 @@ fn torch_rows() -> Result<Value, String> {
         .arg("--json")
         .arg("--shapes")
         .arg(Value::Array(shapes).to_string())
+        .arg("--attention")
+        .arg(
+            Value::Array(
+                ATTENTION
+                    .iter()
+                    .map(|&(b, t, h, hk, d, c)| json!([b, t, h, hk, d, c]))
+                    .collect(),
+            )
+            .to_string(),
+        )
+        .arg("--adamw")
+        .arg(ADAMW_N.to_string())
+        .arg("--ce")
+        .arg(json!([CE.0, CE.1, CE.2]).to_string())
         .arg("--warmup")
         .arg(WARMUP.to_string())
         .arg("--iters")

@@ -26,20 +26,23 @@ const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// One GEMM in column-major terms: D (m×n) = α·op(A)·op(B) + β·C, C = D.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Spec {
-    ta: bool,
-    tb: bool,
-    m: u64,
-    n: u64,
-    k: u64,
-    lda: i64,
-    ldb: i64,
-    ldc: i64,
-    ab: sys::cudaDataType,
-    cd: sys::cudaDataType,
-    bias: bool,
-    accumulate: bool,
-    align: [u32; 3],
+pub(crate) struct Spec {
+    pub(crate) ta: bool,
+    pub(crate) tb: bool,
+    pub(crate) m: u64,
+    pub(crate) n: u64,
+    pub(crate) k: u64,
+    pub(crate) lda: i64,
+    pub(crate) ldb: i64,
+    pub(crate) ldc: i64,
+    pub(crate) ab: sys::cudaDataType,
+    pub(crate) cd: sys::cudaDataType,
+    /// Set by [`Blas::gemm`] from its `bias` argument.
+    pub(crate) bias: bool,
+    /// β = 1 (D += …) rather than β = 0.
+    pub(crate) accumulate: bool,
+    /// Set by [`Blas::gemm`] from the addresses.
+    pub(crate) align: [u32; 3],
 }
 
 struct Plan {
@@ -217,7 +220,7 @@ impl Blas {
 
     /// D = α·op(A)·op(B) + β·D (+ bias per row of D), enqueued on the stream.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
+    pub(crate) fn gemm(
         &self,
         mut s: Spec,
         alpha: f32,

@@ -64,6 +64,30 @@ pub struct DView<'a, T> {
     _p: PhantomData<&'a T>,
 }
 
+impl<'a, T> DView<'a, T> {
+    /// Elements `range` of `src` (checked against its length).
+    pub fn of(src: &'a impl DevRead<T>, range: Range<usize>) -> Result<Self> {
+        check_range(&range, src.dlen())?;
+        Ok(DView {
+            ptr: src.dptr() + (range.start * size_of::<T>()) as u64,
+            len: range.len(),
+            _p: PhantomData,
+        })
+    }
+}
+
+impl<'a, T> DViewMut<'a, T> {
+    /// Elements `range` of `dst` (checked against its length).
+    pub fn of(dst: &'a mut impl DevWrite<T>, range: Range<usize>) -> Result<Self> {
+        check_range(&range, dst.dlen())?;
+        Ok(DViewMut {
+            ptr: dst.dptr() + (range.start * size_of::<T>()) as u64,
+            len: range.len(),
+            _p: PhantomData,
+        })
+    }
+}
+
 /// A writable view of device elements.
 pub struct DViewMut<'a, T> {
     ptr: u64,

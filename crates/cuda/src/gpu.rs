@@ -55,7 +55,10 @@ impl std::fmt::Display for DeviceInfo {
 /// enqueued in order on the stream. Methods take `&self`; use one `Gpu` from one thread at a time
 /// (share it behind a `Mutex`).
 pub struct Gpu {
-    // Dropped in this order: cuBLASLt and the module before the stream and context.
+    // Dropped in this order: cuDNN, cuBLASLt and the module before the stream and context.
+    /// cuDNN's handle, plans and buffers, made on first use (feature `cudnn`).
+    #[cfg(feature = "cudnn")]
+    pub(crate) cudnn: std::sync::Mutex<Option<crate::cudnn::Cudnn>>,
     pub(crate) blas: Blas,
     pub(crate) kernels: Kernels,
     pub(crate) stream: Arc<CudaStream>,
@@ -154,6 +157,8 @@ impl Gpu {
             compile_secs,
         };
         Ok(Gpu {
+            #[cfg(feature = "cudnn")]
+            cudnn: std::sync::Mutex::new(None),
             blas,
             kernels,
             stream,

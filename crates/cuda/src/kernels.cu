@@ -17,6 +17,7 @@ __device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, i64 i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ float ninf() { return __int_as_float(0xff800000); }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v) {
@@ -208,6 +209,46 @@ __device__ void rope(T* x, const u32* positions, const float* cos_t, const float
 }
 
 // ---------------------------------------------------------------------------------------------
+// LM head + cross-entropy over vocabulary chunks (reel_kernels::cross_entropy). The host gathers the
+// M labelled rows; cuBLASLt makes each chunk's logits [M, C] in f32; these kernels fold them.
+// ---------------------------------------------------------------------------------------------
+
+// dst[r, :] = src[idx[r], :] (rows of d elements).
+template <typename T>
+__device__ void gather_rows(T* dst, const T* src, const u32* idx, int d) {
+    const i64 r = blockIdx.x;
+    const T* s = src + (i64)idx[r] * d;
+    T* o = dst + r * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = s[j];
+}
+
+// dst[idx[r], :] = src[r, :] (f32 source; dst rows not named keep their value).
+template <typename T>
+__device__ void scatter_rows(T* dst, const float* src, const u32* idx, int d) {
+    const i64 r = blockIdx.x;
+    T* o = dst + (i64)idx[r] * d;
+    const float* s = src + r * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) st(o, j, s[j]);
+}
+
+// dz[r, j] = (e^{z − lse[r]} − 1[j + c0 = tgt[r]])·dloss[r] for one chunk [M, cw] (f32 logits in,
+// the GEMMs' type out). One block per row.
+template <typename T>
+__device__ void ce_bwd_chunk(T* dz, const float* logits, const float* lse, const float* dloss,
+                             const u32* tgt, int cw, u32 c0) {
+    const i64 r = blockIdx.x;
+    const float l = lse[r], gr = dloss[r];
+    const u32 t = tgt[r];
+    const float* z = logits + r * cw;
+    T* o = dz + r * cw;
+    for (int j = threadIdx.x; j < cw; j += blockDim.x) {
+        float x = expf(z[j] - l) * gr;
+        if (c0 + (u32)j == t) x -= gr;
+        st(o, j, x);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points, one per storage type.
 // ---------------------------------------------------------------------------------------------
 #define REEL_ENTRY_POINTS(T, S)                                                                   \
@@ -246,7 +287,158 @@ __device__ void rope(T* x, const u32* positions, const float* cos_t, const float
                                         const float* sin_t, i64 n, int h, int d, u32 max_pos,     \
                                         float sign) {                                             \
         rope<T>(x, positions, cos_t, sin_t, n, h, d, max_pos, sign);                              \
+    }                                                                                             \
+    extern "C" __global__ void gather_rows_##S(T* dst, const T* src, const u32* idx, int d) {    \
+        gather_rows<T>(dst, src, idx, d);                                                         \
+    }                                                                                             \
+    extern "C" __global__ void scatter_rows_##S(T* dst, const float* src, const u32* idx,        \
+                                                int d) {                                          \
+        scatter_rows<T>(dst, src, idx, d);                                                        \
+    }                                                                                             \
+    extern "C" __global__ void ce_bwd_chunk_##S(T* dz, const float* logits, const float* lse,    \
+                                                const float* dloss, const u32* tgt, int cw,       \
+                                                u32 c0) {                                         \
+        ce_bwd_chunk<T>(dz, logits, lse, dloss, tgt, cw, c0);                                     \
     }
 
 REEL_ENTRY_POINTS(float, f32)
 REEL_ENTRY_POINTS(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Kernels with one storage type (f32).
+// ---------------------------------------------------------------------------------------------
+
+// Per-row softmax statistics of one logits chunk [M, cw] (f32), folded into the running
+// (max, sum of e^{z - max}) of each row as an online log-sum-exp; the target's logit is recorded
+// when it falls in the chunk [c0, c0 + cw). One block per row; deterministic.
+extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* target_logit,
+                                        const float* logits, const u32* tgt, int cw, u32 c0) {
+    __shared__ float s_max;
+    const i64 r = blockIdx.x;
+    const float* z = logits + r * cw;
+    float m = ninf();
+    for (int j = threadIdx.x; j < cw; j += blockDim.x) m = fmaxf(m, z[j]);
+    // Block max through the same two-level shuffle as block_sum.
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    {
+        __shared__ float partial[32];
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        if (lane == 0) partial[warp] = m;
+        __syncthreads();
+        if (warp == 0) {
+            const int warps = blockDim.x >> 5;
+            float x = lane < warps ? partial[lane] : ninf();
+            for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+            if (lane == 0) s_max = x;
+        }
+        __syncthreads();
+    }
+    const float cm = s_max;
+    float e = 0.0f;
+    for (int j = threadIdx.x; j < cw; j += blockDim.x) e += expf(z[j] - cm);
+    const float cs = block_sum(e);
+    if (threadIdx.x == 0) {
+        const float m0 = row_max[r], s0 = row_sum[r];
+        const float m1 = fmaxf(m0, cm);
+        if (m1 != ninf()) {
+            row_sum[r] = s0 * expf(m0 - m1) + cs * expf(cm - m1);
+            row_max[r] = m1;
+        }
+        const u32 t = tgt[r];
+        if (t >= c0 && t < c0 + (u32)cw) target_logit[r] = z[t - c0];
+    }
+}
+
+// losses[idx[r]] = lse[idx[r]] - target_logit[r], lse = max + ln(sum); M rows.
+extern "C" __global__ void ce_fwd_finish(float* losses, float* lse, const u32* idx,
+                                         const float* row_max, const float* row_sum,
+                                         const float* target_logit, int m) {
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= m) return;
+    const float l = row_max[r] + logf(row_sum[r]);
+    lse[idx[r]] = l;
+    losses[idx[r]] = l - target_logit[r];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partial-attention merge (reel_kernels::attention::attention_merge), f32: o, o_b [rows, d];
+// lse, lse_b [rows]. lse' = lse − logsigmoid(lse − lse_b); o' = o − sigmoid(lse_b − lse)·(o − o_b);
+// a row with lse_b = −inf is left alone, a row with lse = −inf takes (o_b, lse_b). One warp a row.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ float stable_sigmoid(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    const float e = expf(x);
+    return e / (1.0f + e);
+}
+
+extern "C" __global__ void attention_merge(float* o, float* lse, const float* o_b, const float* lse_b,
+                                           i64 rows, int d) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
+        const float lb = lse_b[r];
+        if (lb == ninf()) continue;
+        const float l = lse[r];
+        float* orow = o + r * d;
+        const float* brow = o_b + r * d;
+        if (l == ninf()) {
+            for (int j = lane; j < d; j += 32) orow[j] = brow[j];
+        } else {
+            const float x = l - lb;
+            const float w = stable_sigmoid(-x);
+            for (int j = lane; j < d; j += 32) {
+                const float a = orow[j];
+                orow[j] = a - w * (a - brow[j]);
+            }
+        }
+        __syncwarp();
+        if (lane == 0) {
+            if (l == ninf()) {
+                lse[r] = lb;
+            } else {
+                const float x = l - lb;
+                // ln σ(x) = −(max(−x, 0) + ln(1 + e^{−|x|}))
+                lse[r] = l + (fmaxf(-x, 0.0f) + log1pf(expf(-fabsf(x))));
+            }
+        }
+    }
+}
+
+// lse [B, T, H] → [B, H, T] (what cuDNN's SDPA backward reads).
+extern "C" __global__ void lse_bth_to_bht(float* dst, const float* src, i64 b, int t, int h) {
+    const i64 total = b * t * h;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (i64)gridDim.x * blockDim.x) {
+        const i64 bi = i / ((i64)t * h);
+        const int rem = (int)(i - bi * t * h);
+        const int ti = rem / h, hh = rem - ti * h;
+        dst[(bi * h + hh) * t + ti] = src[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW (reel_optim::AdamW::step, torch semantics), fp32 params, grads and moments. The scalars
+// come from reel_optim::AdamWConfig::scalars, so the host computes them exactly as the CPU step
+// does; every operation is spelled with an _rn intrinsic in the CPU's order (no FMA contraction
+// except the lerp, which the CPU fuses too), so the result is the CPU's to the bit.
+//   p *= decay_factor (when decay);  m = fma(1−β1, g − m, m);  v = v·β2 + (1−β2)·g·g
+//   p += neg_step · (m / (sqrt(v) / bc2_sqrt + eps))
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, i64 n,
+                                      int decay, float decay_factor, float one_minus_beta1,
+                                      float beta2, float one_minus_beta2, float bc2_sqrt,
+                                      float neg_step, float eps) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (i64)gridDim.x * blockDim.x) {
+        float pi = p[i];
+        if (decay) pi = __fmul_rn(pi, decay_factor);
+        const float gi = g[i];
+        const float mi = __fmaf_rn(one_minus_beta1, __fsub_rn(gi, m[i]), m[i]);
+        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(one_minus_beta2, gi), gi));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+        pi = __fadd_rn(pi, __fmul_rn(neg_step, __fdiv_rn(mi, denom)));
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+    }
+}

@@ -17,15 +17,27 @@
 //!   dimensions; parameter gradients accumulate, activation gradients overwrite; storage f32 or
 //!   bf16, arithmetic f32, reductions deterministic.
 //!
+//! - The fp32 partial-attention merge ([`Gpu::attention_merge`]), the LM head fused with
+//!   cross-entropy over vocabulary chunks ([`Gpu::lm_head_ce_forward`],
+//!   [`Gpu::lm_head_ce_backward`]; logits by cuBLASLt) and AdamW ([`Gpu::adamw_step`], bit-exact
+//!   with `reel_optim::AdamW`), with the CPU references' conventions.
+//! - With the `cudnn` feature: fused attention through cuDNN (`Gpu::attention_forward`,
+//!   `Gpu::attention_backward`; `cudnn.rs`, `csrc/cudnn_attention.cpp`), in reel's layouts.
+//!
 //! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
 //! [`GpuError::Shape`].
 
+mod attention;
 mod blas;
 mod buffer;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 mod gpu;
 pub mod libs;
+mod loss;
 mod ops;
+mod optim;
 
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
 pub use gpu::{DeviceInfo, Gpu};
@@ -54,6 +66,9 @@ pub enum GpuError {
     /// A cuBLASLt call failed.
     #[error("cuBLASLt: {0}")]
     Blas(String),
+    /// cuDNN refused a graph or failed to run one (its message follows).
+    #[error("cuDNN: {0}")]
+    Cudnn(String),
     /// Buffer lengths or dimensions that do not fit the op.
     #[error("{0}")]
     Shape(String),

@@ -289,35 +289,56 @@ fn open_forever(name: &std::ffi::OsStr) -> Result<(), String> {
 }
 
 /// Loads every library of [`LIBS`], once per process, so that cudarc's bare-name `dlopen`s find
-/// them (see the module docs): the loader's own `stem.so.MAJOR` when it has one (a system install
-/// wins), else the file [`find_library`] picks in [`lib_dirs`], by full path.
+/// them (see the module docs), each as [`open_library`] does.
 pub fn preload() -> &'static [Preloaded] {
     static DONE: OnceLock<Vec<Preloaded>> = OnceLock::new();
     DONE.get_or_init(|| {
-        let dirs = lib_dirs();
         LIBS.iter()
-            .map(|&spec| {
-                let bare = format!("{}.so.{}", spec.stem, spec.major);
-                let result = if open_forever(bare.as_ref()).is_ok() {
-                    Ok(PathBuf::from(bare))
-                } else {
-                    match find_library(dirs, spec) {
-                        None => Err(format!(
-                            "{bare} not found by the loader nor in {} library folders",
-                            dirs.len()
-                        )),
-                        Some(path) => open_forever(path.as_os_str())
-                            .map(|_| path.clone())
-                            .map_err(|e| format!("{}: {e}", path.display())),
-                    }
-                };
-                Preloaded {
-                    stem: spec.stem,
-                    result,
-                }
+            .map(|&spec| Preloaded {
+                stem: spec.stem,
+                result: open_library(spec),
             })
             .collect()
     })
+}
+
+/// Loads `spec` for the life of the process: the loader's own `stem.so.MAJOR` when it has one (a
+/// system install wins), else the file [`find_library`] picks in [`lib_dirs`], by full path.
+/// Answers what was opened (the bare name or the path), or why nothing was.
+pub fn open_library(spec: LibSpec) -> Result<PathBuf, String> {
+    open_library_ordered(spec, false)
+}
+
+/// As [`open_library`], but the file [`find_library`] picks in [`lib_dirs`] comes first and the
+/// loader's own search second: for cuDNN, so that reel runs the pip wheel's version (the one
+/// PyTorch on the same machine runs) rather than an older system install.
+pub fn open_library_dirs_first(spec: LibSpec) -> Result<PathBuf, String> {
+    open_library_ordered(spec, true)
+}
+
+fn open_library_ordered(spec: LibSpec, dirs_first: bool) -> Result<PathBuf, String> {
+    let dirs = lib_dirs();
+    let bare = format!("{}.so.{}", spec.stem, spec.major);
+    let found = find_library(dirs, spec);
+    if dirs_first {
+        if let Some(path) = &found {
+            if open_forever(path.as_os_str()).is_ok() {
+                return Ok(path.clone());
+            }
+        }
+    }
+    if open_forever(bare.as_ref()).is_ok() {
+        return Ok(PathBuf::from(bare));
+    }
+    match found {
+        None => Err(format!(
+            "{bare} not found by the loader nor in {} library folders",
+            dirs.len()
+        )),
+        Some(path) => open_forever(path.as_os_str())
+            .map(|_| path.clone())
+            .map_err(|e| format!("{}: {e}", path.display())),
+    }
 }
 
 /// NCCL's version (2, 28, 9) when cudarc can open it under one of its names, which for pip's

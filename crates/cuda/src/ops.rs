@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 use cudarc::nvrtc::{result as nvres, sys as nvsys, Ptx};
 
 use crate::buffer::{DevRead, DevWrite};
@@ -109,6 +109,15 @@ pub(crate) struct Kernels {
     embedding_fwd: PerType,
     embedding_bwd: PerType,
     rope: PerType,
+    pub(crate) gather_rows: PerType,
+    pub(crate) scatter_rows: PerType,
+    pub(crate) ce_bwd_chunk: PerType,
+    pub(crate) ce_fwd_chunk: CudaFunction,
+    pub(crate) ce_fwd_finish: CudaFunction,
+    pub(crate) attention_merge: CudaFunction,
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    pub(crate) lse_bth_to_bht: CudaFunction,
+    pub(crate) adamw_step: CudaFunction,
 }
 
 impl Kernels {
@@ -137,13 +146,21 @@ impl Kernels {
                 embedding_fwd: get("embedding_fwd")?,
                 embedding_bwd: get("embedding_bwd")?,
                 rope: get("rope")?,
+                gather_rows: get("gather_rows")?,
+                scatter_rows: get("scatter_rows")?,
+                ce_bwd_chunk: get("ce_bwd_chunk")?,
+                ce_fwd_chunk: module.load_function("ce_fwd_chunk")?,
+                ce_fwd_finish: module.load_function("ce_fwd_finish")?,
+                attention_merge: module.load_function("attention_merge")?,
+                lse_bth_to_bht: module.load_function("lse_bth_to_bht")?,
+                adamw_step: module.load_function("adamw_step")?,
             },
             secs,
         ))
     }
 }
 
-fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+pub(crate) fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: block,
@@ -152,16 +169,16 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
 }
 
 /// Threads for a row-per-block kernel over `d` columns: a multiple of 32, at most 1024.
-fn row_threads(d: usize) -> u32 {
+pub(crate) fn row_threads(d: usize) -> u32 {
     (d.div_ceil(32) * 32).clamp(32, 256) as u32
 }
 
 /// Blocks for a grid-stride elementwise kernel over `total` items, 256 threads each.
-fn elementwise_grid(total: usize) -> u32 {
+pub(crate) fn elementwise_grid(total: usize) -> u32 {
     total.div_ceil(256).clamp(1, 132 * 32) as u32
 }
 
-fn as_i32(op: &str, what: &str, v: usize) -> Result<i32> {
+pub(crate) fn as_i32(op: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         GpuError::Shape(format!(
             "{op}: {what} = {v} exceeds the kernel's 32-bit limit"
@@ -169,7 +186,7 @@ fn as_i32(op: &str, what: &str, v: usize) -> Result<i32> {
     })
 }
 
-fn check(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn check(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return shape_err(format!("{op}: {what} has {got} elements, expected {want}"));
     }
@@ -178,12 +195,14 @@ fn check(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
 
 macro_rules! launch {
     ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
         let mut b = $gpu.stream.launch_builder($f);
         $( b.arg($arg); )*
         // SAFETY: every pointer argument was checked against the kernel's extent by the caller.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(GpuError::from)
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err($crate::GpuError::from)
     }};
 }
+pub(crate) use launch;
 
 /// cos and sin of every (position, frequency) pair on the device, computed exactly as
 /// `reel_kernels::rope::RopeTable::new` does (f32 `inv_freq`, f32 angle), [max_positions, D/2].
@@ -376,7 +395,7 @@ impl Gpu {
         Ok(())
     }
 
-    fn alloc_scratch_f32(&self, len: usize) -> Result<DeviceBuf<f32>> {
+    pub(crate) fn alloc_scratch_f32(&self, len: usize) -> Result<DeviceBuf<f32>> {
         // SAFETY: scratch written before it is read.
         Ok(DeviceBuf {
             slice: unsafe { self.stream.alloc::<f32>(len.max(1)) }?,

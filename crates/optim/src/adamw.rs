@@ -85,28 +85,54 @@ pub struct AdamWState {
 #[derive(Debug, Clone)]
 pub struct AdamW {
     cfg: AdamWConfig,
-    /// β1, β2, wd as the f64 a Python user would have typed (shortest decimal of the f32).
-    beta1: f64,
-    beta2: f64,
-    weight_decay: f64,
     decay: Vec<bool>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     step: u64,
 }
 
-/// Per-step scalars, already in the f32 the element loop uses.
-#[derive(Clone, Copy)]
-struct StepScalars {
-    /// `1 - lr·wd`, or `None` for parameters without decay.
-    decay_factor: Option<f32>,
-    /// `1 - β1`, the lerp weight.
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bias_correction2_sqrt: f32,
-    neg_step_size: f32,
-    eps: f32,
+/// The scalars of one AdamW step, in the f32 the element-wise update uses (from
+/// [`AdamWConfig::scalars`]). A GPU kernel given these and the module docs' order of operations
+/// reproduces [`AdamW::step`] to the bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 - lr·wd`: parameters with decay are multiplied by it first.
+    pub decay_factor: f32,
+    /// `1 - β1`, the lerp weight of the first moment.
+    pub one_minus_beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// `1 - β2`.
+    pub one_minus_beta2: f32,
+    /// `sqrt(1 - β2^t)`.
+    pub bias_correction2_sqrt: f32,
+    /// `-lr / (1 - β1^t)`.
+    pub neg_step_size: f32,
+    /// eps.
+    pub eps: f32,
+}
+
+impl AdamWConfig {
+    /// The scalars of step `t` (1-based) at learning rate `lr`: bias corrections in f64 from the
+    /// β's as typed (0.9, not 0.8999999761…), like Python, then rounded to f32 once.
+    pub fn scalars(&self, t: u64, lr: f32) -> AdamWScalars {
+        let beta1 = f32_as_typed_f64(self.beta1);
+        let beta2 = f32_as_typed_f64(self.beta2);
+        let weight_decay = f32_as_typed_f64(self.weight_decay);
+        let t = t as f64;
+        let lr64 = lr as f64;
+        let bias_correction1 = 1.0 - beta1.powf(t);
+        let bias_correction2 = 1.0 - beta2.powf(t);
+        AdamWScalars {
+            decay_factor: (1.0 - lr64 * weight_decay) as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: self.beta2,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
+            neg_step_size: -(lr64 / bias_correction1) as f32,
+            eps: self.eps,
+        }
+    }
 }
 
 /// The f64 whose shortest decimal is that of `x` (0.9f32 → 0.9, not 0.89999997615814).
@@ -130,9 +156,6 @@ impl AdamW {
         );
         Self {
             cfg,
-            beta1: f32_as_typed_f64(cfg.beta1),
-            beta2: f32_as_typed_f64(cfg.beta2),
-            weight_decay: f32_as_typed_f64(cfg.weight_decay),
             decay: decay.to_vec(),
             m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
@@ -175,20 +198,7 @@ impl AdamW {
             grads.len()
         );
         self.step += 1;
-        let t = self.step as f64;
-        let lr64 = lr as f64;
-        let bias_correction1 = 1.0 - self.beta1.powf(t);
-        let bias_correction2 = 1.0 - self.beta2.powf(t);
-        let base = StepScalars {
-            decay_factor: None,
-            one_minus_beta1: (1.0 - self.beta1) as f32,
-            beta2: self.cfg.beta2,
-            one_minus_beta2: (1.0 - self.beta2) as f32,
-            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
-            neg_step_size: -(lr64 / bias_correction1) as f32,
-            eps: self.cfg.eps,
-        };
-        let decayed = (1.0 - lr64 * self.weight_decay) as f32;
+        let k = self.cfg.scalars(self.step, lr);
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
             assert!(
@@ -198,18 +208,15 @@ impl AdamW {
                 g.len(),
                 m.len()
             );
-            let k = StepScalars {
-                decay_factor: self.decay[i].then_some(decayed),
-                ..base
-            };
+            let decay = self.decay[i];
             if p.len() >= PAR_CHUNK {
                 p.par_chunks_mut(PAR_CHUNK)
                     .zip(g.par_chunks(PAR_CHUNK))
                     .zip(m.par_chunks_mut(PAR_CHUNK))
                     .zip(v.par_chunks_mut(PAR_CHUNK))
-                    .for_each(|(((p, g), m), v)| update_chunk(p, g, m, v, k));
+                    .for_each(|(((p, g), m), v)| update_chunk(p, g, m, v, k, decay));
             } else {
-                update_chunk(p, g, m, v, k);
+                update_chunk(p, g, m, v, k, decay);
             }
         }
     }
@@ -254,8 +261,16 @@ impl AdamW {
 
 /// The element-wise update of one chunk, in torch's order of operations.
 #[inline]
-fn update_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: StepScalars) {
-    if let Some(f) = k.decay_factor {
+fn update_chunk(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: AdamWScalars,
+    decay: bool,
+) {
+    if decay {
+        let f = k.decay_factor;
         p.iter_mut().for_each(|p| *p *= f);
     }
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {

@@ -11,7 +11,7 @@ mod adamw;
 mod clip;
 mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, AdamWState, OptimError};
+pub use adamw::{AdamW, AdamWConfig, AdamWScalars, AdamWState, OptimError};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use schedule::LrSchedule;
 
