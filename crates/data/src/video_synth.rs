@@ -68,8 +68,14 @@ impl Default for SynthVideoConfig {
 }
 
 impl SynthVideoConfig {
-    fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(DataError::Conversation(format!("synthetic video: {m}")));
+    /// Checks the settings; `out` names the dataset in the error.
+    fn check(&self, out: &Path) -> Result<()> {
+        let bad = |m: String| {
+            Err(DataError::config(
+                out,
+                format!("synthetic video dataset: {m}"),
+            ))
+        };
         if self.frames < 8 {
             return bad(format!("need at least 8 frames, got {}", self.frames));
         }
@@ -695,7 +701,7 @@ pub struct SynthSummary {
 
 /// Writes `out/videos/<id>.avi`, `out/train.jsonl` and `out/heldout.jsonl`.
 pub fn write_synth_dataset(cfg: &SynthVideoConfig, out: &Path) -> Result<SynthSummary> {
-    cfg.check()?;
+    cfg.check(out)?;
     let vdir = out.join("videos");
     std::fs::create_dir_all(&vdir).map_err(|e| DataError::io(&vdir, e))?;
     let (mut train, mut held) = (Vec::new(), Vec::new());

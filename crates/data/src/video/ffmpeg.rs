@@ -4,8 +4,9 @@
 //! - Probe: `ffprobe -count_packets` on the first video stream gives width, height, frame rate
 //!   (`avg_frame_rate`, else `r_frame_rate`) and the exact frame count (packets read; falls back
 //!   to the header's `nb_frames`, then duration × fps).
-//! - Decode: `ffmpeg -vf select=eq(n,i)+… -vsync passthrough -f rawvideo -pix_fmt rgb24 pipe:1`
-//!   decodes the stream once and pipes only the chosen frames, `H·W·3` bytes each, in order.
+//! - Decode: `ffmpeg -vf select=eq(n,i)+… -fps_mode passthrough -f rawvideo -pix_fmt rgb24 pipe:1`
+//!   decodes the stream once and pipes only the chosen frames, `H·W·3` bytes each, in order
+//!   (`-vsync passthrough` for FFmpeg older than 5.1, which lacks `-fps_mode`).
 //!   Rotation metadata is ignored (`-noautorotate`) so frames keep the probed size.
 //!
 //! A missing program is [`VideoError::FfmpegMissing`], whose message says how to install it.
@@ -15,6 +16,35 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use super::{VideoError, VideoFrames, VideoMeta, VideoResult};
+
+/// The option that keeps frames as decoded (no duplicates or drops): `-fps_mode` from FFmpeg 5.1
+/// on, `-vsync` before (read once from `ffmpeg -version`; unknown versions count as new).
+fn passthrough_option() -> &'static str {
+    static OPT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    OPT.get_or_init(|| {
+        let out = Command::new("ffmpeg").arg("-version").output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if ffmpeg_older_than_5_1(&text) {
+            "-vsync"
+        } else {
+            "-fps_mode"
+        }
+    })
+}
+
+/// Parses `ffmpeg version 5.1.9-0+deb12u1 …` / `ffmpeg version n4.4.2 …`.
+fn ffmpeg_older_than_5_1(version_text: &str) -> bool {
+    let Some(v) = version_text.split_whitespace().nth(2) else {
+        return false;
+    };
+    let v = v.trim_start_matches('n');
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let major: Option<u32> = parts.next().and_then(|x| x.parse().ok());
+    let minor: u32 = parts.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    matches!(major, Some(m) if m < 5 || (m == 5 && minor < 1))
+}
 
 /// Whether `ffmpeg` and `ffprobe` both run.
 pub fn ffmpeg_available() -> bool {
@@ -195,7 +225,7 @@ impl FfmpegVideo {
             args.extend(strs(&["-vf", &filter]));
         }
         args.extend(strs(&[
-            "-vsync",
+            passthrough_option(),
             "passthrough",
             "-f",
             "rawvideo",
@@ -225,5 +255,21 @@ impl FfmpegVideo {
             out.push(&res.stdout[k * n..(k + 1) * n]);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_parsing() {
+        use super::ffmpeg_older_than_5_1 as old;
+        assert!(!old(
+            "ffmpeg version 5.1.9-0+deb12u1 Copyright (c) 2000-2025"
+        ));
+        assert!(!old("ffmpeg version 7.1 Copyright"));
+        assert!(!old("ffmpeg version N-112233-gabcdef Copyright"));
+        assert!(old("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright"));
+        assert!(old("ffmpeg version n5.0.1 Copyright"));
+        assert!(!old(""));
     }
 }

@@ -498,6 +498,43 @@ mod tests {
     }
 
     #[test]
+    fn config_from_checkpoint_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            VideoProcessorConfig::from_dir(dir.path()).unwrap(),
+            VideoProcessorConfig::default()
+        );
+        let p = dir.path().join("preprocessor_config.json");
+        std::fs::write(
+            &p,
+            r#"{"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14,
+                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5]}"#,
+        )
+        .unwrap();
+        let c = VideoProcessorConfig::from_dir(dir.path()).unwrap();
+        assert_eq!((c.min_pixels, c.max_pixels), (3136, 12845056));
+        assert_eq!(c.image_mean, [0.5; 3]);
+        assert_eq!(c.image_std, OPENAI_CLIP_STD);
+        // The video file wins over the image one; size.* is read too.
+        std::fs::write(
+            dir.path().join("video_preprocessor_config.json"),
+            r#"{"size": {"shortest_edge": 4096, "longest_edge": 8192}}"#,
+        )
+        .unwrap();
+        let c = VideoProcessorConfig::from_dir(dir.path()).unwrap();
+        assert_eq!((c.min_pixels, c.max_pixels), (4096, 8192));
+        std::fs::write(&p, r#"{"min_pixels": "many"}"#).unwrap();
+        std::fs::remove_file(dir.path().join("video_preprocessor_config.json")).unwrap();
+        let e = VideoProcessorConfig::from_dir(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessor_config.json") && e.contains("min_pixels"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn resize_to_same_size_is_identity_and_constant_stays_constant() {
         let mut f = VideoFrames::new(9, 7);
         let mut rng = 12345u32;
