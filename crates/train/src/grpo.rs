@@ -34,23 +34,23 @@
 use crate::checkpoint::{
     optimizer_state_from_bytes, CheckpointDir, TrainerState, OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
-use crate::config::{apply_override, hash_hex, read_toml, ConfigError, OutputConfig, ParallelConfig};
+use crate::config::{
+    apply_override, hash_hex, read_toml, ConfigError, OutputConfig, ParallelConfig,
+};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::prompts::PromptSet;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use reel_data::{Tokenizer, IGNORE_INDEX};
-use reel_model::{
-    load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, TokenBatch, Workspace,
-};
+use reel_model::generate::SamplingParams;
+use reel_model::{load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, TokenBatch, Workspace};
 use reel_optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use reel_rl::{
     group_advantages, grpo_loss, AccuracyReward, DynamicSampler, FormatReward, GrpoConfig,
     GrpoMetrics, LossScale, PolicyTokens, Reward, RewardInput,
 };
 use reel_rollout::{Engine, EngineConfig, GenerationParams};
-use reel_model::generate::SamplingParams;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -190,7 +190,10 @@ impl GrpoRunConfig {
             .into())
         };
         if self.model.path.as_os_str().is_empty() {
-            return bad("model.path", "required: the checkpoint folder to start from");
+            return bad(
+                "model.path",
+                "required: the checkpoint folder to start from",
+            );
         }
         if self.data.prompts.as_os_str().is_empty() {
             return bad("data.prompts", "required: the prompt JSONL");
@@ -369,7 +372,12 @@ struct Rows {
 impl Rows {
     fn new(samples: &[&Sample], pad: u32) -> Self {
         let b = samples.len();
-        let t = samples.iter().map(|s| s.ids.len() - 1).max().unwrap_or(1).max(1);
+        let t = samples
+            .iter()
+            .map(|s| s.ids.len() - 1)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut r = Rows {
             tokens: vec![pad; b * t],
             targets: vec![IGNORE_INDEX; b * t],
@@ -490,7 +498,10 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     prompts.items.len()
                 );
             }
-            sampler = PromptSampler { order: Vec::new(), ..s };
+            sampler = PromptSampler {
+                order: Vec::new(),
+                ..s
+            };
             sampler.shuffle();
             if st.data["reference"].as_str() != Some(&init_dir.display().to_string()) {
                 tracing::warn!(
@@ -697,20 +708,35 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                 .collect();
             let score = |m: &Qwen2, ws: &mut Workspace, rows: &Rows| -> Result<Vec<f32>> {
                 let mut lp = vec![0.0; rows.b * rows.t];
-                m.token_logprobs(ws, &rows.batch(), &LocalAttention, cfg.grpo.temperature, &mut lp, None)?;
+                m.token_logprobs(
+                    ws,
+                    &rows.batch(),
+                    &LocalAttention,
+                    cfg.grpo.temperature,
+                    &mut lp,
+                    None,
+                )?;
                 Ok(lp)
             };
             let mut refs: Vec<Vec<Vec<f32>>> = Vec::new();
             if let Some(r) = &reference {
                 for mb in &minis {
-                    refs.push(mb.iter().map(|rows| score(r, &mut ws, rows)).collect::<Result<_>>()?);
+                    refs.push(
+                        mb.iter()
+                            .map(|rows| score(r, &mut ws, rows))
+                            .collect::<Result<_>>()?,
+                    );
                 }
                 summary.ref_passes += 1;
             }
             let mut olds: Vec<Vec<Vec<f32>>> = Vec::new();
             if updates > 1 {
                 for mb in &minis {
-                    olds.push(mb.iter().map(|rows| score(&model, &mut ws, rows)).collect::<Result<_>>()?);
+                    olds.push(
+                        mb.iter()
+                            .map(|rows| score(&model, &mut ws, rows))
+                            .collect::<Result<_>>()?,
+                    );
                 }
                 summary.old_passes += 1;
             }
@@ -731,7 +757,15 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                         let tb = rows.batch();
                         let mut lp = vec![0.0; n];
                         let mut ent = vec![0.0; n];
-                        model.token_logprobs(&mut ws, &tb, &LocalAttention, cfg.grpo.temperature, &mut lp, Some(&mut ent))
+                        model
+                            .token_logprobs(
+                                &mut ws,
+                                &tb,
+                                &LocalAttention,
+                                cfg.grpo.temperature,
+                                &mut lp,
+                                Some(&mut ent),
+                            )
                             .with_context(|| format!("{at}: scoring"))?;
                         let old = if updates > 1 { &olds[k][j] } else { &lp };
                         let x = PolicyTokens {
@@ -749,7 +783,8 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                         let (l, m) = grpo_loss(&x, &loss_cfg, scale, &mut dlogp)?;
                         loss += l;
                         m_all.merge(&m);
-                        model.backward_logprobs(&mut grads, &mut ws, &tb, &dlogp, &LocalAttention)
+                        model
+                            .backward_logprobs(&mut grads, &mut ws, &tb, &dlogp, &LocalAttention)
                             .with_context(|| format!("{at}: backward"))?;
                     }
                     if opts.poison_step == Some(done) {
@@ -845,4 +880,3 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     })?;
     Ok(summary)
 }
-

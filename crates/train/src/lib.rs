@@ -24,14 +24,13 @@ pub use checkpoint::{
     CheckpointDir, CheckpointError, TrainerState,
 };
 pub use config::{
-    apply_override, parse_toml, read_toml,
-    ConfigError, DataConfig, InitConfig, ModelConfig, OutputConfig, ParallelConfig, ScheduleKind,
-    SftConfig, SpSchedule, TrainConfig,
+    apply_override, parse_toml, read_toml, ConfigError, DataConfig, InitConfig, ModelConfig,
+    OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule, TrainConfig,
 };
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
-pub use eval::{eval_examples, eval_nll, tokenize_all};
-pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
 pub use accuracy::{eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally};
+pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
 pub use prompts::{PromptItem, PromptSet};
+pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};

@@ -48,8 +48,7 @@ fn plain_record(v: &Value) -> std::result::Result<(Vec<Message>, String, String,
         let p = p.as_str().ok_or("`prompt` must be a string")?;
         vec![Message::user(p)]
     } else if let Some(m) = obj.get("messages") {
-        serde_json::from_value::<Vec<Message>>(m.clone())
-            .map_err(|e| format!("`messages`: {e}"))?
+        serde_json::from_value::<Vec<Message>>(m.clone()).map_err(|e| format!("`messages`: {e}"))?
     } else {
         return Err("needs `problem` (LongVideo-Reason), `prompt` or `messages`".into());
     };
@@ -70,7 +69,12 @@ fn plain_record(v: &Value) -> std::result::Result<(Vec<Message>, String, String,
             Some(_) => Err(format!("`{k}` must be a string")),
         }
     };
-    Ok((messages, answer, field("problem_type")?, field("problem_id")?))
+    Ok((
+        messages,
+        answer,
+        field("problem_type")?,
+        field("problem_id")?,
+    ))
 }
 
 impl PromptSet {
@@ -89,7 +93,8 @@ impl PromptSet {
             let v: Value =
                 serde_json::from_str(line).with_context(|| format!("{}: bad JSON", at()))?;
             let (messages, answer, problem_type, problem_id) = if v.get("problem").is_some() {
-                let r = ReasonRecord::from_json(&v).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+                let r =
+                    ReasonRecord::from_json(&v).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
                 if !r.videos.is_empty() {
                     ignored_videos += 1;
                 }

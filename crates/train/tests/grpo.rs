@@ -86,7 +86,10 @@ fn grpo_steps_write_metrics_and_raise_a_positive_advantage_sample() {
     let s = run_grpo(&cfg, quiet()).unwrap();
     assert_eq!(s.steps, 1);
     assert_eq!(s.ref_passes, 0, "β = 0 runs no reference pass");
-    assert_eq!(s.old_passes, 0, "one update per rollout batch: no old-policy pass");
+    assert_eq!(
+        s.old_passes, 0,
+        "one update per rollout batch: no old-policy pass"
+    );
     let text = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl")).unwrap();
     let rec: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     for k in [
@@ -198,14 +201,22 @@ fn resume_reproduces_the_metrics_curve() {
     assert_eq!(rest.steps, 4);
     let curve = |recs: &[serde_json::Value]| -> Vec<(f64, f64)> {
         recs.iter()
-            .map(|r| (r["reward_mean"].as_f64().unwrap(), r["loss"].as_f64().unwrap()))
+            .map(|r| {
+                (
+                    r["reward_mean"].as_f64().unwrap(),
+                    r["loss"].as_f64().unwrap(),
+                )
+            })
             .collect()
     };
     let mut resumed = curve(&part.records);
     resumed.extend(curve(&rest.records));
     assert_eq!(curve(&full.records), resumed);
     // Rewards vary, so the comparison is not vacuous.
-    assert!(full.records.iter().any(|r| r["reward_std"].as_f64().unwrap() > 0.0));
+    assert!(full
+        .records
+        .iter()
+        .any(|r| r["reward_std"].as_f64().unwrap() > 0.0));
 }
 
 #[test]
