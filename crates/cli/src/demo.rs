@@ -3,10 +3,11 @@
 //! Generates three small string tasks (reverse letters, sort digits, add numbers) as chat SFT
 //! data with a character-level tokenizer, trains a tiny Qwen2 from scratch with the SFT trainer,
 //! and reports held-out exact-match accuracy (greedy decoding with the KV cache) before, during
-//! and after training, with the loss curve. Then GRPO: on training prompts of the task SFT left
-//! weakest, with an exact-match accuracy reward, `--grpo-steps` steps from the SFT model; the
-//! held-out accuracy after SFT and after GRPO (greedy answers from the rollout engine) is printed
-//! side by side, and the GRPO metrics are plotted. The data and tokenizer land in `--out`, the
+//! and after training, with the loss curve. Then GRPO from the SFT model, `--grpo-steps` steps on
+//! fresh prompts (in neither the SFT data nor the held-out set) of the task SFT left weakest,
+//! with an exact-match accuracy reward; the held-out accuracy after SFT and after GRPO (greedy
+//! answers from the rollout engine) is printed side by side, with that task also measured on 300
+//! more unseen prompts, and the GRPO metrics are plotted. The data and tokenizer land in `--out`, the
 //! runs in `--out/sft` and `--out/grpo` (config.toml, metrics.jsonl, metrics.png, checkpoints/
 //! that `reel eval` and `reel generate` read); a new demo replaces the earlier one's runs.
 
@@ -59,7 +60,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// GRPO steps after SFT (0 = no GRPO stage).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 150)]
     grpo_steps: u64,
     /// GRPO learning rate (constant).
     #[arg(long, default_value_t = 1e-4)]
@@ -333,21 +334,55 @@ fn grpo_stage(
         .copied()
         .unwrap_or(SynthKind::Add);
 
-    // Training prompts of that task (none of them held out), with their answers.
-    let prompts_path = out.join("grpo_prompts.jsonl");
-    let mut lines = String::new();
-    for c in train {
-        let p = &c[0].content;
-        if p.starts_with(weakest.name()) {
-            if let Some(a) = solve(p) {
-                lines.push_str(&serde_json::to_string(
-                    &json!({"prompt": p, "answer": a, "problem_type": weakest.name()}),
-                )?);
-                lines.push('\n');
-            }
+    // Fresh prompts of that task, seen neither in SFT nor in the held-out set: the first
+    // `RL_EVAL` measure the task once more (a larger sample than the held-out table's), the rest
+    // are GRPO's training prompts.
+    let seen: HashSet<&str> = train
+        .iter()
+        .map(|c| c[0].content.as_str())
+        .chain(held.items.iter().map(|(_, p, _)| p.as_str()))
+        .collect();
+    let mut fresh: Vec<(String, String)> = Vec::new();
+    let mut taken: HashSet<String> = HashSet::new();
+    for c in synth_examples(task(weakest), 20_000, args.seed * 1000 + 900) {
+        let p = c[0].content.clone();
+        if seen.contains(p.as_str()) || !taken.insert(p.clone()) {
+            continue;
+        }
+        if let Some(a) = solve(&p) {
+            fresh.push((p, a));
         }
     }
+    const RL_EVAL: usize = 300;
+    if fresh.len() < RL_EVAL + 100 {
+        anyhow::bail!(
+            "only {} fresh `{}` prompts for GRPO and its evaluation",
+            fresh.len(),
+            weakest.name()
+        );
+    }
+    let extra: Vec<PromptItem> = fresh[..RL_EVAL]
+        .iter()
+        .map(|(p, a)| {
+            Ok(PromptItem {
+                text: p.clone(),
+                ids: prompt_ids(tok, &[Message::user(p.clone())])?,
+                answer: a.clone(),
+                problem_type: weakest.name().to_string(),
+                problem_id: String::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let prompts_path = out.join("grpo_prompts.jsonl");
+    let mut lines = String::new();
+    for (p, a) in &fresh[RL_EVAL..] {
+        lines.push_str(&serde_json::to_string(
+            &json!({"prompt": p, "answer": a, "problem_type": weakest.name()}),
+        )?);
+        lines.push('\n');
+    }
     reel_train::write_atomic(&prompts_path, lines.as_bytes())?;
+    let extra_sft = held_accuracy(&sft_model, tok, &extra)?.overall.accuracy;
 
     let mut cfg = GrpoRunConfig::default();
     cfg.model.path = sft_dir.to_path_buf();
@@ -386,6 +421,7 @@ fn grpo_stage(
     let summary = run_grpo(&cfg, GrpoOptions::default())?;
     let grpo_model = reel_model::load_checkpoint(&summary.final_model_dir)?;
     let after_grpo = held_accuracy(&grpo_model, tok, &items)?;
+    let extra_grpo = held_accuracy(&grpo_model, tok, &extra)?.overall.accuracy;
     let metrics = cfg.output.dir.join("metrics.jsonl");
     let png = cfg.output.dir.join("metrics.png");
     let keys: Vec<String> = ["reward_mean", "loss", "entropy", "response_len_mean"]
@@ -427,6 +463,12 @@ fn grpo_stage(
         "all",
         format!("{:5.1}%", 100.0 * after_sft.overall.accuracy),
         format!("{:5.1}%", 100.0 * after_grpo.overall.accuracy)
+    );
+    println!(
+        "`{}` on {RL_EVAL} more unseen prompts: {:5.1}% after SFT → {:5.1}% after GRPO",
+        weakest.name(),
+        100.0 * extra_sft,
+        100.0 * extra_grpo
     );
     println!(
         "GRPO stage {:.0} s; metrics {} and plot {}; model {}",

@@ -340,15 +340,7 @@ fn real_main() -> Result<()> {
                 reel_data::prompt_ids(&tok, &[Message::user(prompt)])?
             };
             // Stop at the end of the assistant turn whichever way the checkpoint spells it.
-            let mut stop: Vec<u32> = [
-                tok.eos_token_id(),
-                m.config.eos_token_id,
-                tok.token_to_id("<|im_end|>"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            stop.dedup();
+            let stop = stop_token_ids(&tok, &m);
             let params = SamplingParams {
                 temperature,
                 top_p,
