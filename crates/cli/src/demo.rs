@@ -3,9 +3,13 @@
 //! Generates three small string tasks (reverse letters, sort digits, add numbers) as chat SFT
 //! data with a character-level tokenizer, trains a tiny Qwen2 from scratch with the SFT trainer,
 //! and reports held-out exact-match accuracy (greedy decoding with the KV cache) before, during
-//! and after training, with the loss curve. The data and tokenizer land in `--out`, the run in
-//! `--out/sft` (config.toml, metrics.jsonl, checkpoints/ that `reel eval` and `reel generate`
-//! read); a new demo replaces the earlier one's run.
+//! and after training, with the loss curve. Then GRPO from the SFT model, `--grpo-steps` steps on
+//! fresh prompts (in neither the SFT data nor the held-out set) of the task SFT left weakest,
+//! with an exact-match accuracy reward; the held-out accuracy after SFT and after GRPO (greedy
+//! answers from the rollout engine) is printed side by side, with that task also measured on 300
+//! more unseen prompts, and the GRPO metrics are plotted. The data and tokenizer land in `--out`, the
+//! runs in `--out/sft` and `--out/grpo` (config.toml, metrics.jsonl, metrics.png, checkpoints/
+//! that `reel eval` and `reel generate` read); a new demo replaces the earlier one's runs.
 
 use anyhow::{Context, Result};
 use reel_data::{
@@ -14,7 +18,11 @@ use reel_data::{
 };
 use reel_model::generate::SamplingParams;
 use reel_model::Qwen2;
-use reel_train::{run_sft, InitConfig, RunOptions, SftConfig};
+use reel_rl::AccuracyReward;
+use reel_train::{
+    eval_accuracy, run_grpo, run_sft, stop_token_ids, AccuracyOptions, AccuracyReport, GrpoOptions,
+    GrpoRunConfig, InitConfig, PromptItem, RunOptions, SftConfig,
+};
 use serde_json::json;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -51,6 +59,18 @@ pub struct DemoArgs {
     layers: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// GRPO steps after SFT (0 = no GRPO stage).
+    #[arg(long, default_value_t = 150)]
+    grpo_steps: u64,
+    /// GRPO learning rate (constant).
+    #[arg(long, default_value_t = 1e-4)]
+    grpo_lr: f32,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 8)]
+    grpo_group: usize,
+    /// Prompts per GRPO step.
+    #[arg(long, default_value_t = 16)]
+    grpo_prompts: usize,
 }
 
 const KINDS: [SynthKind; 3] = [SynthKind::Reverse, SynthKind::Sort, SynthKind::Add];
@@ -104,10 +124,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // The demo regenerates everything: an earlier demo's run folder goes.
-    let run_dir = out.join("sft");
-    if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir)
-            .with_context(|| format!("removing the earlier demo run {}", run_dir.display()))?;
+    for run in ["sft", "grpo"] {
+        let run_dir = out.join(run);
+        if run_dir.exists() {
+            std::fs::remove_dir_all(&run_dir)
+                .with_context(|| format!("removing the earlier demo run {}", run_dir.display()))?;
+        }
     }
     println!(
         "reel demo: a tiny Qwen2 learns reverse / sort / add from scratch on {} CPU threads",
@@ -250,6 +272,209 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!(
         "final model: {} (try: reel generate --model {} --prompt \"reverse: hello\")",
         summary.final_model_dir.display(),
+        summary.final_model_dir.display()
+    );
+    if args.grpo_steps > 0 {
+        grpo_stage(&args, &train, &held, &tok, &summary.final_model_dir)?;
+        println!("demo done in {:.0} s", start.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Exact match: numbers must be equal, strings equal after normalisation.
+fn exact() -> AccuracyReward {
+    AccuracyReward {
+        rel_tol: 0.0,
+        abs_tol: 0.0,
+    }
+}
+
+fn held_accuracy(model: &Qwen2, tok: &Tokenizer, items: &[PromptItem]) -> Result<AccuracyReport> {
+    let opts = AccuracyOptions {
+        max_new_tokens: 12,
+        batch: 64,
+        stop_token_ids: stop_token_ids(tok, model),
+        accuracy: exact(),
+    };
+    let decode = |ids: &[u32]| -> Result<String> { Ok(tok.decode(ids, true)?) };
+    eval_accuracy(model, items, &decode, &opts)
+}
+
+/// GRPO on the task the SFT model does worst, then held-out accuracy after SFT and after GRPO.
+fn grpo_stage(
+    args: &DemoArgs,
+    train: &[Vec<Message>],
+    held: &HeldOut,
+    tok: &Tokenizer,
+    sft_dir: &std::path::Path,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let out = &args.out;
+    let items: Vec<PromptItem> = held
+        .items
+        .iter()
+        .map(|(kind, prompt, answer)| {
+            Ok(PromptItem {
+                text: prompt.clone(),
+                ids: prompt_ids(tok, &[Message::user(prompt.clone())])?,
+                answer: answer.clone(),
+                problem_type: kind.name().to_string(),
+                problem_id: String::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let sft_model = reel_model::load_checkpoint(sft_dir)?;
+    let after_sft = held_accuracy(&sft_model, tok, &items)?;
+    let weakest = KINDS
+        .iter()
+        .min_by(|a, b| {
+            let acc = |k: &SynthKind| after_sft.per_type.get(k.name()).map_or(0.0, |t| t.accuracy);
+            acc(a).total_cmp(&acc(b))
+        })
+        .copied()
+        .unwrap_or(SynthKind::Add);
+
+    // Fresh prompts of that task, seen neither in SFT nor in the held-out set: the first
+    // `RL_EVAL` measure the task once more (a larger sample than the held-out table's), the rest
+    // are GRPO's training prompts.
+    let seen: HashSet<&str> = train
+        .iter()
+        .map(|c| c[0].content.as_str())
+        .chain(held.items.iter().map(|(_, p, _)| p.as_str()))
+        .collect();
+    let mut fresh: Vec<(String, String)> = Vec::new();
+    let mut taken: HashSet<String> = HashSet::new();
+    for c in synth_examples(task(weakest), 20_000, args.seed * 1000 + 900) {
+        let p = c[0].content.clone();
+        if seen.contains(p.as_str()) || !taken.insert(p.clone()) {
+            continue;
+        }
+        if let Some(a) = solve(&p) {
+            fresh.push((p, a));
+        }
+    }
+    const RL_EVAL: usize = 300;
+    if fresh.len() < RL_EVAL + 100 {
+        anyhow::bail!(
+            "only {} fresh `{}` prompts for GRPO and its evaluation",
+            fresh.len(),
+            weakest.name()
+        );
+    }
+    let extra: Vec<PromptItem> = fresh[..RL_EVAL]
+        .iter()
+        .map(|(p, a)| {
+            Ok(PromptItem {
+                text: p.clone(),
+                ids: prompt_ids(tok, &[Message::user(p.clone())])?,
+                answer: a.clone(),
+                problem_type: weakest.name().to_string(),
+                problem_id: String::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let prompts_path = out.join("grpo_prompts.jsonl");
+    let mut lines = String::new();
+    for (p, a) in &fresh[RL_EVAL..] {
+        lines.push_str(&serde_json::to_string(
+            &json!({"prompt": p, "answer": a, "problem_type": weakest.name()}),
+        )?);
+        lines.push('\n');
+    }
+    reel_train::write_atomic(&prompts_path, lines.as_bytes())?;
+    let extra_sft = held_accuracy(&sft_model, tok, &extra)?.overall.accuracy;
+
+    let mut cfg = GrpoRunConfig::default();
+    cfg.model.path = sft_dir.to_path_buf();
+    cfg.data.prompts = prompts_path;
+    cfg.data.prompts_per_step = args.grpo_prompts;
+    cfg.data.max_prompt_len = 64;
+    cfg.data.seed = args.seed;
+    cfg.train.steps = args.grpo_steps;
+    cfg.train.micro_batch_seqs = 64;
+    cfg.train.seed = args.seed;
+    cfg.train.checkpoint = reel_model::CheckpointPolicy::None;
+    cfg.grpo.group_size = args.grpo_group;
+    cfg.grpo.max_response_tokens = 12;
+    cfg.grpo.lr = args.grpo_lr;
+    cfg.grpo.kl_coef = 0.0;
+    cfg.grpo.top_p = 1.0;
+    cfg.grpo.dynamic_sampling = true;
+    cfg.grpo.dynamic_sampling_max_rounds = 2;
+    cfg.grpo.reward.accuracy_weight = 1.0;
+    cfg.grpo.reward.format_weight = 0.0;
+    cfg.grpo.reward.number_rel_tol = 0.0;
+    cfg.grpo.reward.number_abs_tol = 0.0;
+    cfg.output.dir = out.join("grpo");
+    cfg.output.save_every = 0;
+    cfg.output.log_every = 5;
+    reel_train::write_atomic(out.join("grpo.toml"), cfg.to_toml().as_bytes())?;
+    println!(
+        "\nGRPO on `{}` (weakest after SFT): {} steps, {} prompts × {} samples, lr {}, \
+         exact-match reward, dynamic sampling",
+        weakest.name(),
+        cfg.train.steps,
+        cfg.data.prompts_per_step,
+        cfg.grpo.group_size,
+        cfg.grpo.lr
+    );
+    let summary = run_grpo(&cfg, GrpoOptions::default())?;
+    let grpo_model = reel_model::load_checkpoint(&summary.final_model_dir)?;
+    let after_grpo = held_accuracy(&grpo_model, tok, &items)?;
+    let extra_grpo = held_accuracy(&grpo_model, tok, &extra)?.overall.accuracy;
+    let metrics = cfg.output.dir.join("metrics.jsonl");
+    let png = cfg.output.dir.join("metrics.png");
+    let keys: Vec<String> = ["reward_mean", "loss", "entropy", "response_len_mean"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    crate::plot::plot(&metrics, &keys, &png, 900, 260 * keys.len() as u32)?;
+
+    let rewards: Vec<f64> = summary
+        .records
+        .iter()
+        .filter_map(|r| r["reward_mean"].as_f64())
+        .collect();
+    let span = (rewards.len() / 4).max(1);
+    let avg = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    println!(
+        "training reward (accuracy of sampled answers): {:.3} over the first {span} steps → \
+         {:.3} over the last {span}",
+        avg(&rewards[..span.min(rewards.len())]),
+        avg(&rewards[rewards.len().saturating_sub(span)..])
+    );
+    println!("held-out accuracy (greedy, exact match):");
+    println!("{:<10} {:>10} {:>10}", "task", "after SFT", "after GRPO");
+    let cell = |r: &AccuracyReport, k: &str| {
+        r.per_type
+            .get(k)
+            .map_or("-".to_string(), |t| format!("{:5.1}%", 100.0 * t.accuracy))
+    };
+    for kind in KINDS {
+        println!(
+            "{:<10} {:>10} {:>10}",
+            kind.name(),
+            cell(&after_sft, kind.name()),
+            cell(&after_grpo, kind.name())
+        );
+    }
+    println!(
+        "{:<10} {:>10} {:>10}",
+        "all",
+        format!("{:5.1}%", 100.0 * after_sft.overall.accuracy),
+        format!("{:5.1}%", 100.0 * after_grpo.overall.accuracy)
+    );
+    println!(
+        "`{}` on {RL_EVAL} more unseen prompts: {:5.1}% after SFT → {:5.1}% after GRPO",
+        weakest.name(),
+        100.0 * extra_sft,
+        100.0 * extra_grpo
+    );
+    println!(
+        "GRPO stage {:.0} s; metrics {} and plot {}; model {}",
+        t0.elapsed().as_secs_f64(),
+        metrics.display(),
+        png.display(),
         summary.final_model_dir.display()
     );
     Ok(())

@@ -1,4 +1,5 @@
-//! `reel`: train long-context transformers. Commands: sft, eval, generate, bench, data, demo.
+//! `reel`: train long-context transformers. Commands: sft, grpo, eval, generate, plot, bench,
+//! data, demo.
 
 mod bench;
 mod bench_data;
@@ -6,13 +7,17 @@ mod bench_rollout;
 mod bench_sp;
 mod data_cmd;
 mod demo;
+mod plot;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use reel_data::{Message, SftFile, Tokenizer};
 use reel_model::generate::SamplingParams;
 use reel_model::load_checkpoint;
-use reel_train::{eval_nll, run_sft, RunOptions, SftConfig};
+use reel_train::{
+    eval_accuracy, eval_nll, run_grpo, run_sft, stop_token_ids, AccuracyOptions, GrpoOptions,
+    GrpoRunConfig, PromptSet, RunOptions, SftConfig,
+};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -52,7 +57,24 @@ enum Command {
         #[arg(long)]
         print_config: bool,
     },
-    /// Mean negative log-likelihood of the assistant tokens of an SFT JSONL file.
+    /// GRPO from an SFT checkpoint on a prompt JSONL (text decoder).
+    Grpo {
+        /// The run's TOML config (`reel grpo --print-config` shows every field and default).
+        #[arg(long, required_unless_present = "print_config")]
+        config: Option<PathBuf>,
+        /// Override a config field, e.g. `--set grpo.lr=1e-5` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue from the newest checkpoint in the output folder.
+        #[arg(long)]
+        resume: bool,
+        /// Print the default config and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Mean NLL of the assistant tokens of an SFT JSONL file; with --accuracy, greedy-answer
+    /// accuracy (overall, per problem_type, and format rate) on a prompt JSONL (LongVideo-Reason
+    /// or {"prompt"|"messages", "answer", "problem_type"}).
     Eval {
         /// HF checkpoint folder (config.json, safetensors, tokenizer.json).
         #[arg(long)]
@@ -67,6 +89,15 @@ enum Command {
         /// are truncated.
         #[arg(long, default_value_t = 4096)]
         max_len: usize,
+        /// Generate greedy answers and report their accuracy instead of the NLL.
+        #[arg(long)]
+        accuracy: bool,
+        /// With --accuracy: most tokens per answer.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// With --accuracy: prompts decoded together.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
     },
     /// Generate a reply with the KV cache (greedy unless --temperature > 0).
     Generate {
@@ -90,6 +121,24 @@ enum Command {
         top_k: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// PNG curves of metrics (one panel per key) against step from a metrics.jsonl.
+    Plot {
+        /// The metrics JSONL (e.g. runs/grpo/metrics.jsonl).
+        metrics: PathBuf,
+        /// Output PNG. Default: beside the metrics file, `metrics.png`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Comma-separated keys. Default: those of loss, reward_mean, accuracy, format_rate, kl,
+        /// entropy, response_len_mean, eval_loss that the file has.
+        #[arg(long, value_delimiter = ',')]
+        keys: Vec<String>,
+        /// Image width in pixels.
+        #[arg(long, default_value_t = 900)]
+        width: u32,
+        /// Image height in pixels. Default: 260 per panel.
+        #[arg(long)]
+        height: Option<u32>,
     },
     /// CPU throughput: GEMM vs the gemm crate alone, attention, training tokens/s per policy.
     Bench {
@@ -171,11 +220,93 @@ fn real_main() -> Result<()> {
                 summary.final_model_dir.display()
             );
         }
+        Command::Grpo {
+            config,
+            overrides,
+            resume,
+            print_config,
+        } => {
+            if print_config {
+                print!("{}", GrpoRunConfig::documented_default());
+                return Ok(());
+            }
+            let path = config.expect("clap requires --config");
+            let mut cfg = GrpoRunConfig::from_file(&path)?;
+            for o in &overrides {
+                cfg.apply_override(o)?;
+            }
+            let summary = run_grpo(
+                &cfg,
+                GrpoOptions {
+                    resume,
+                    ..GrpoOptions::default()
+                },
+            )?;
+            let last = summary.records.last();
+            let get = |k: &str| last.and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
+            println!(
+                "ran {} GRPO steps; last step: reward {:.3}, accuracy {:.3}; model saved to {}",
+                summary.steps,
+                get("reward_mean"),
+                get("accuracy"),
+                summary.final_model_dir.display()
+            );
+        }
+        Command::Eval {
+            model,
+            data,
+            json,
+            max_len: _,
+            accuracy: true,
+            max_new_tokens,
+            batch,
+        } => {
+            let m = load_checkpoint(&model)?;
+            let tok = Tokenizer::from_dir(&model)?;
+            let set = PromptSet::read(&data, &tok, m.config.max_position_embeddings)?;
+            if set.ignored_videos > 0 {
+                eprintln!(
+                    "note: {} records name videos; the text model answers from the question alone",
+                    set.ignored_videos
+                );
+            }
+            let opts = AccuracyOptions {
+                max_new_tokens,
+                batch,
+                stop_token_ids: stop_token_ids(&tok, &m),
+                ..AccuracyOptions::default()
+            };
+            let decode = |ids: &[u32]| -> Result<String> { Ok(tok.decode(ids, true)?) };
+            let report = eval_accuracy(&m, &set.items, &decode, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                let o = &report.overall;
+                println!(
+                    "accuracy {:.1}% ({} / {}), format {:.1}%",
+                    100.0 * o.accuracy,
+                    o.correct,
+                    o.total,
+                    100.0 * o.format_rate
+                );
+                for (ty, t) in &report.per_type {
+                    let name = if ty.is_empty() { "(none)" } else { ty };
+                    println!(
+                        "  {name:<24} {:5.1}% ({} / {}), format {:.1}%",
+                        100.0 * t.accuracy,
+                        t.correct,
+                        t.total,
+                        100.0 * t.format_rate
+                    );
+                }
+            }
+        }
         Command::Eval {
             model,
             data,
             json,
             max_len,
+            ..
         } => {
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
@@ -213,15 +344,7 @@ fn real_main() -> Result<()> {
                 reel_data::prompt_ids(&tok, &[Message::user(prompt)])?
             };
             // Stop at the end of the assistant turn whichever way the checkpoint spells it.
-            let mut stop: Vec<u32> = [
-                tok.eos_token_id(),
-                m.config.eos_token_id,
-                tok.token_to_id("<|im_end|>"),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            stop.dedup();
+            let stop = stop_token_ids(&tok, &m);
             let params = SamplingParams {
                 temperature,
                 top_p,
@@ -230,6 +353,23 @@ fn real_main() -> Result<()> {
             };
             let out = m.generate(&ids, max_new_tokens, &stop, &params)?;
             println!("{}", tok.decode(&out, true)?);
+        }
+        Command::Plot {
+            metrics,
+            out,
+            keys,
+            width,
+            height,
+        } => {
+            let keys = if keys.is_empty() {
+                plot::default_keys(&metrics)?
+            } else {
+                keys
+            };
+            let out = out.unwrap_or_else(|| metrics.with_extension("png"));
+            let height = height.unwrap_or(260 * keys.len() as u32);
+            plot::plot(&metrics, &keys, &out, width, height)?;
+            println!("wrote {} ({})", out.display(), keys.join(", "));
         }
         Command::Bench {
             what,

@@ -191,3 +191,111 @@ fn sft_runs_sequence_parallel_from_the_command_line() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.sp"));
 }
+
+#[test]
+fn grpo_print_config_parses_back_and_a_tiny_run_trains() {
+    let out = reel().args(["grpo", "--print-config"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("[grpo]") && text.contains("group_size"));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("grpo.toml");
+    // The printed defaults are a valid config once the two required paths are set.
+    std::fs::write(&cfg_path, &text).unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"hi\", \"answer\": \"a\", \"problem_type\": \"x\"}\n\
+         {\"problem_id\": \"v1\", \"problem\": \"which? A. a B. b\", \"answer\": \"<answer>A</answer>\", \
+          \"problem_type\": \"mc\", \"data_type\": \"video\", \"videos\": [\"v.avi\"]}\n",
+    )
+    .unwrap();
+    let model = fixtures().join("qwen2-tiny");
+    let run = dir.path().join("run");
+    let out = reel()
+        .args(["grpo", "--config"])
+        .arg(&cfg_path)
+        .arg("--set")
+        .arg(format!("model.path={}", model.display()))
+        .arg("--set")
+        .arg(format!("data.prompts={}", prompts.display()))
+        .arg("--set")
+        .arg(format!("output.dir={}", run.display()))
+        .args([
+            "--set",
+            "train.steps=2",
+            "--set",
+            "data.prompts_per_step=2",
+            "--set",
+            "grpo.group_size=3",
+            "--set",
+            "grpo.max_response_tokens=4",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("videos ignored"), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("ran 2 GRPO steps"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+
+    // Accuracy of the run's model on the same prompts, as JSON, per problem_type.
+    let out = reel()
+        .args([
+            "eval",
+            "--accuracy",
+            "--json",
+            "--max-new-tokens",
+            "4",
+            "--model",
+        ])
+        .arg(run.join("checkpoints/step-2"))
+        .arg("--data")
+        .arg(&prompts)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["overall"]["total"], 2);
+    assert_eq!(v["per_type"]["mc"]["total"], 1);
+    assert_eq!(v["per_type"]["x"]["total"], 1);
+
+    // The metrics as a PNG of the requested size; an unknown key is named.
+    let png = dir.path().join("m.png");
+    let out = reel()
+        .arg("plot")
+        .arg(run.join("metrics.jsonl"))
+        .arg("--out")
+        .arg(&png)
+        .args([
+            "--keys",
+            "loss,reward_mean",
+            "--width",
+            "640",
+            "--height",
+            "480",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (640, 480));
+    let out = reel()
+        .arg("plot")
+        .arg(run.join("metrics.jsonl"))
+        .args(["--keys", "loss,no_such_metric"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`no_such_metric`"));
+}

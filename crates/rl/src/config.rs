@@ -90,6 +90,8 @@ pub struct GrpoConfig {
     /// Nucleus sampling of the rollouts: keep the smallest set of tokens whose probability
     /// reaches top_p. In (0, 1]. Default 0.99.
     pub top_p: f32,
+    /// Top-k sampling of the rollouts: keep the k most likely tokens; 0 = off. Default 0.
+    pub top_k: usize,
     /// DAPO dynamic sampling: drop groups whose rewards are all equal (they have zero advantage
     /// and give no gradient) and roll out more prompts until the batch is full. Default false.
     pub dynamic_sampling: bool,
@@ -116,6 +118,7 @@ impl Default for GrpoConfig {
             grad_clip: 1.0,
             temperature: 1.0,
             top_p: 0.99,
+            top_k: 0,
             dynamic_sampling: false,
             dynamic_sampling_max_rounds: 3,
             reward: RewardConfig::default(),

@@ -482,6 +482,82 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Parses a run config of any trainer from TOML text; `origin` names it in errors (with line and
+/// column).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &Path,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
+        ConfigError::Parse {
+            path: origin.to_path_buf(),
+            line,
+            column,
+            message: e.message().to_string(),
+        }
+    })
+}
+
+/// Reads and parses a run config file of any trainer.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+/// Applies one `section.key=value` override to a run config of any trainer (the value is parsed
+/// as a TOML value, or taken as a string when it is not one). On error the config is unchanged
+/// and the error names the key.
+pub fn apply_override<T: Serialize + serde::de::DeserializeOwned>(
+    cfg: &mut T,
+    spec: &str,
+) -> Result<(), ConfigError> {
+    let err = |key: &str, message: String| ConfigError::Override {
+        key: key.to_string(),
+        message,
+    };
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| err(spec, "expected key=value".into()))?;
+    let (key, raw) = (key.trim(), raw.trim());
+    let parts: Vec<&str> = key.split('.').map(str::trim).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err(key, "empty key segment".into()));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+
+    let mut root = toml::Table::try_from(&*cfg).map_err(|e| err(key, e.to_string()))?;
+    let (last, parents) = parts.split_last().expect("split yields at least one part");
+    let mut table = &mut root;
+    for (depth, part) in parents.iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Table::new().into());
+        table = entry.as_table_mut().ok_or_else(|| {
+            err(
+                key,
+                format!("`{}` is a value, not a section", parts[..=depth].join(".")),
+            )
+        })?;
+    }
+    table.insert(last.to_string(), value);
+    *cfg = root
+        .try_into()
+        .map_err(|e: toml::de::Error| err(key, e.message().to_string()))?;
+    Ok(())
+}
+
+/// 64-bit FNV-1a of a config's TOML, as 16 hex digits.
+pub(crate) fn hash_hex(text: &str) -> String {
+    format!("{:016x}", fnv1a64(text.as_bytes()))
+}
+
 impl SftConfig {
     /// Reads and parses a TOML file; errors name the path and the line and column.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
@@ -495,57 +571,14 @@ impl SftConfig {
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((0, 0), |s| line_column(text, s.start));
-            ConfigError::Parse {
-                path: origin.to_path_buf(),
-                line,
-                column,
-                message: e.message().to_string(),
-            }
-        })
+        parse_toml(text, origin)
     }
 
     /// Applies one `section.key=value` override (`train.lr=3e-4`, `model.init.hidden_size=128`,
     /// `output.dir=runs/x`). The value is parsed as a TOML value, or taken as a string when it is
     /// not one. On error the config is unchanged and the error names the key.
     pub fn apply_override(&mut self, spec: &str) -> Result<(), ConfigError> {
-        let err = |key: &str, message: String| ConfigError::Override {
-            key: key.to_string(),
-            message,
-        };
-        let (key, raw) = spec
-            .split_once('=')
-            .ok_or_else(|| err(spec, "expected key=value".into()))?;
-        let (key, raw) = (key.trim(), raw.trim());
-        let parts: Vec<&str> = key.split('.').map(str::trim).collect();
-        if parts.iter().any(|p| p.is_empty()) {
-            return Err(err(key, "empty key segment".into()));
-        }
-        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-
-        let mut root = toml::Table::try_from(&*self).map_err(|e| err(key, e.to_string()))?;
-        let (last, parents) = parts.split_last().expect("split yields at least one part");
-        let mut table = &mut root;
-        for (depth, part) in parents.iter().enumerate() {
-            let entry = table
-                .entry(part.to_string())
-                .or_insert_with(|| toml::Table::new().into());
-            table = entry.as_table_mut().ok_or_else(|| {
-                err(
-                    key,
-                    format!("`{}` is a value, not a section", parts[..=depth].join(".")),
-                )
-            })?;
-        }
-        table.insert(last.to_string(), value);
-        *self = root
-            .try_into()
-            .map_err(|e: toml::de::Error| err(key, e.message().to_string()))?;
-        Ok(())
+        apply_override(self, spec)
     }
 
     /// Checks what types cannot: required keys, ranges and consistency.

@@ -5,12 +5,18 @@
 //!   trainer's resumable state ([`TrainerState`]) and AdamW state as safetensors bytes.
 //! - [`sft`]: the training loop ([`run_sft`]), single-rank or on `dp × sp` in-process ranks;
 //!   [`eval`]: assistant-token NLL ([`eval_nll`]).
+//! - [`grpo`]: the GRPO loop for the text decoder ([`run_grpo`], [`GrpoRunConfig`]) over
+//!   [`prompts`] ([`PromptSet`]: LongVideo-Reason or plain prompt/answer JSONL);
+//!   [`accuracy`]: greedy-answer accuracy overall and per `problem_type` ([`eval_accuracy`]).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
+pub mod accuracy;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod grpo;
 pub mod metrics;
+pub mod prompts;
 pub mod sft;
 
 pub use checkpoint::{
@@ -18,10 +24,13 @@ pub use checkpoint::{
     CheckpointDir, CheckpointError, TrainerState,
 };
 pub use config::{
-    ConfigError, DataConfig, InitConfig, ModelConfig, OutputConfig, ParallelConfig, ScheduleKind,
-    SftConfig, SpSchedule, TrainConfig,
+    apply_override, parse_toml, read_toml, ConfigError, DataConfig, InitConfig, ModelConfig,
+    OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule, TrainConfig,
 };
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
+pub use accuracy::{eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally};
 pub use eval::{eval_examples, eval_nll, tokenize_all};
+pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
+pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};

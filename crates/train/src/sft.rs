@@ -120,7 +120,7 @@ pub fn init_model(cfg: &SftConfig, tok: &Tokenizer) -> Result<Qwen2> {
 }
 
 /// The files of a checkpoint folder: the HF model folder, the tokenizer, optimizer and state.
-fn checkpoint_files(
+pub(crate) fn checkpoint_files(
     model: &Qwen2,
     tok: &Tokenizer,
     opt: &AdamW,

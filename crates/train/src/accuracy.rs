@@ -1,0 +1,133 @@
+//! Answer accuracy of a model on a prompt set: greedy answers from the rollout engine (many
+//! prompts per batched decoding step), scored with the accuracy reward's comparison (choice
+//! letter, number within tolerance, normalised string; the `<answer>…</answer>` content when the
+//! response has one) and the format check, overall and per `problem_type`.
+
+use crate::prompts::PromptItem;
+use anyhow::Result;
+use reel_model::Qwen2;
+use reel_rl::{AccuracyReward, FormatReward};
+use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Right answers and well-formed responses out of a count.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Tally {
+    pub total: usize,
+    pub correct: usize,
+    pub formatted: usize,
+    /// correct / total (0 when empty).
+    pub accuracy: f64,
+    /// formatted / total (0 when empty).
+    pub format_rate: f64,
+}
+
+impl Tally {
+    fn add(&mut self, correct: bool, formatted: bool) {
+        self.total += 1;
+        self.correct += correct as usize;
+        self.formatted += formatted as usize;
+        let n = self.total as f64;
+        self.accuracy = self.correct as f64 / n;
+        self.format_rate = self.formatted as f64 / n;
+    }
+}
+
+/// What [`eval_accuracy`] measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct AccuracyReport {
+    pub overall: Tally,
+    /// By `problem_type` ("" for records without one).
+    pub per_type: BTreeMap<String, Tally>,
+    /// The greedy responses, in the order of the items.
+    #[serde(skip)]
+    pub responses: Vec<String>,
+}
+
+/// How [`eval_accuracy`] generates.
+#[derive(Clone, Debug)]
+pub struct AccuracyOptions {
+    /// Most tokens per answer. Default 256.
+    pub max_new_tokens: usize,
+    /// Prompts queued in the engine at once. Default 64.
+    pub batch: usize,
+    /// Stop tokens (the tokenizer's EOS, typically).
+    pub stop_token_ids: Vec<u32>,
+    /// The comparison of answers.
+    pub accuracy: AccuracyReward,
+}
+
+impl Default for AccuracyOptions {
+    fn default() -> Self {
+        AccuracyOptions {
+            max_new_tokens: 256,
+            batch: 64,
+            stop_token_ids: Vec::new(),
+            accuracy: AccuracyReward::default(),
+        }
+    }
+}
+
+/// Greedy answers to every item, scored; `decode` turns response ids into text (special
+/// tokens skipped).
+pub fn eval_accuracy(
+    model: &Qwen2,
+    items: &[PromptItem],
+    decode: &dyn Fn(&[u32]) -> Result<String>,
+    opts: &AccuracyOptions,
+) -> Result<AccuracyReport> {
+    let mut report = AccuracyReport::default();
+    let max_ctx = model.config.max_position_embeddings;
+    for chunk in items.chunks(opts.batch.max(1)) {
+        let longest = chunk.iter().map(|i| i.ids.len()).max().unwrap_or(0);
+        let per_seq = (longest + opts.max_new_tokens).min(max_ctx);
+        let block_size = 16;
+        let config = EngineConfig {
+            block_size,
+            num_blocks: chunk.len() * per_seq.div_ceil(block_size) + 8,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(model, config)?;
+        for item in chunk {
+            engine.add_request(
+                item.ids.clone(),
+                GenerationParams {
+                    max_new_tokens: opts.max_new_tokens,
+                    stop_token_ids: opts.stop_token_ids.clone(),
+                    ..GenerationParams::default()
+                },
+            )?;
+        }
+        let outs = engine.run()?;
+        for (item, out) in chunk.iter().zip(&outs) {
+            let text = decode(&out.samples[0].ids)?;
+            let ok = opts.accuracy.is_correct(&text, &item.answer);
+            let formatted = FormatReward::matches(&text);
+            report.overall.add(ok, formatted);
+            report
+                .per_type
+                .entry(item.problem_type.clone())
+                .or_default()
+                .add(ok, formatted);
+            report.responses.push(text);
+        }
+    }
+    Ok(report)
+}
+
+/// The tokens that end an assistant turn, whichever way the checkpoint spells it: the
+/// tokenizer's EOS, the model config's EOS, and `<|im_end|>` when the vocabulary has it.
+pub fn stop_token_ids(tok: &reel_data::Tokenizer, model: &Qwen2) -> Vec<u32> {
+    let mut stop: Vec<u32> = [
+        tok.eos_token_id(),
+        model.config.eos_token_id,
+        tok.token_to_id("<|im_end|>"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    stop.sort_unstable();
+    stop.dedup();
+    stop
+}

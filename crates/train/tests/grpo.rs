@@ -1,0 +1,265 @@
+//! The GRPO loop on the fixture model (fixtures/qwen2-tiny, random weights): a few short steps
+//! with a reward computed by a shell command from the response's length, so groups differ.
+
+use reel_data::Tokenizer;
+use reel_model::{load_checkpoint, LocalAttention, Qwen2, TokenBatch, Workspace};
+use reel_train::{run_grpo, GrpoOptions, GrpoRunConfig, ProgressMode};
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-tiny")
+}
+
+/// Reward: 1 for prompts whose answer is "same" (an all-equal group), else the length of the
+/// JSON line the command reads (so it varies with the response).
+const LEN_REWARD: &str =
+    r#"read l; case "$l" in *'"answer":"same"'*) echo 1;; *) echo ${#l};; esac"#;
+
+fn setup(dir: &Path, steps: u64) -> GrpoRunConfig {
+    std::fs::create_dir_all(dir).unwrap();
+    let prompts = dir.join("prompts.jsonl");
+    let mut lines = String::new();
+    for i in 0..6 {
+        let answer = if i % 3 == 2 { "same" } else { "x" };
+        lines.push_str(&format!(
+            "{{\"prompt\": \"say {i}\", \"answer\": \"{answer}\", \"problem_type\": \"t{}\"}}\n",
+            i % 2
+        ));
+    }
+    std::fs::write(&prompts, lines).unwrap();
+    let mut cfg = GrpoRunConfig::default();
+    cfg.model.path = fixture();
+    cfg.data.prompts = prompts;
+    cfg.data.prompts_per_step = 2;
+    cfg.train.steps = steps;
+    cfg.train.micro_batch_seqs = 3;
+    cfg.grpo.group_size = 4;
+    cfg.grpo.max_response_tokens = 6;
+    cfg.grpo.lr = 1e-3;
+    cfg.grpo.kl_coef = 0.0;
+    cfg.grpo.reward.accuracy_weight = 0.0;
+    cfg.grpo.reward.format_weight = 0.0;
+    cfg.grpo.reward.command = vec!["sh".into(), "-c".into(), LEN_REWARD.into()];
+    cfg.output.dir = dir.join("run");
+    cfg.output.save_every = 1;
+    cfg.output.keep_last = 0;
+    cfg
+}
+
+fn quiet() -> GrpoOptions {
+    GrpoOptions {
+        progress: Some(ProgressMode::Log),
+        ..GrpoOptions::default()
+    }
+}
+
+fn seq_logprob(m: &Qwen2, ids: &[u32], prompt_len: usize) -> f64 {
+    let t = ids.len() - 1;
+    let targets: Vec<i32> = (0..t)
+        .map(|i| {
+            if i + 1 >= prompt_len {
+                ids[i + 1] as i32
+            } else {
+                -1
+            }
+        })
+        .collect();
+    let positions: Vec<u32> = (0..t as u32).collect();
+    let tb = TokenBatch {
+        tokens: &ids[..t],
+        targets: &targets,
+        positions: &positions,
+        b: 1,
+        t,
+    };
+    let mut ws = Workspace::new(&m.config, reel_model::CheckpointPolicy::None);
+    let mut lp = vec![0.0; t];
+    m.token_logprobs(&mut ws, &tb, &LocalAttention, 1.0, &mut lp, None)
+        .unwrap();
+    lp.iter().map(|&x| x as f64).sum()
+}
+
+#[test]
+fn grpo_steps_write_metrics_and_raise_a_positive_advantage_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 1);
+    let s = run_grpo(&cfg, quiet()).unwrap();
+    assert_eq!(s.steps, 1);
+    assert_eq!(s.ref_passes, 0, "β = 0 runs no reference pass");
+    assert_eq!(
+        s.old_passes, 0,
+        "one update per rollout batch: no old-policy pass"
+    );
+    let text = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for k in [
+        "loss",
+        "reward_mean",
+        "reward_std",
+        "accuracy",
+        "format_rate",
+        "entropy",
+        "clip_frac_low",
+        "clip_frac_high",
+        "response_len_mean",
+        "response_len_max",
+        "groups_kept",
+        "rollout_s",
+        "scoring_s",
+        "update_s",
+        "prefill_tokens",
+        "decode_tokens",
+    ] {
+        assert!(!rec[k].is_null(), "metrics lack {k}: {rec}");
+    }
+    // Shared prefixes: each group's prompt is prefilled once, not G times.
+    assert!(rec["prefill_tokens"].as_u64().unwrap() > 0);
+    // The sample with the largest advantage is more likely after the update.
+    let best = s
+        .last_batch
+        .iter()
+        .max_by(|a, b| a.2.total_cmp(&b.2))
+        .unwrap();
+    assert!(best.2 > 0.0);
+    let before = load_checkpoint(&fixture()).unwrap();
+    let after = load_checkpoint(&s.final_model_dir).unwrap();
+    let (lb, la) = (
+        seq_logprob(&before, &best.0, best.1),
+        seq_logprob(&after, &best.0, best.1),
+    );
+    assert!(la > lb, "log π of a positive-advantage sample: {lb} → {la}");
+    let worst = s
+        .last_batch
+        .iter()
+        .min_by(|a, b| a.2.total_cmp(&b.2))
+        .unwrap();
+    let (wb, wa) = (
+        seq_logprob(&before, &worst.0, worst.1),
+        seq_logprob(&after, &worst.0, worst.1),
+    );
+    assert!(wa < wb, "log π of a negative-advantage sample: {wb} → {wa}");
+}
+
+#[test]
+fn kl_runs_one_reference_pass_per_step_and_several_updates_score_the_old_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(dir.path(), 2);
+    cfg.grpo.kl_coef = 0.05;
+    cfg.train.mini_batches = 2;
+    let s = run_grpo(&cfg, quiet()).unwrap();
+    assert_eq!(s.ref_passes, 2);
+    assert_eq!(s.old_passes, 2);
+    // k3 KL is ≥ 0, and small: the reference is the initial weights.
+    let kl = s.records[0]["kl"].as_f64().unwrap();
+    assert!((0.0..0.1).contains(&kl), "{kl}");
+}
+
+#[test]
+fn dynamic_sampling_drops_all_equal_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(dir.path(), 3);
+    cfg.grpo.dynamic_sampling = true;
+    cfg.grpo.dynamic_sampling_max_rounds = 4;
+    let s = run_grpo(&cfg, quiet()).unwrap();
+    let dropped: u64 = s
+        .records
+        .iter()
+        .map(|r| r["groups_dropped"].as_u64().unwrap())
+        .sum();
+    // Prompts 2 and 5 (answer "same") have constant rewards: 6 prompts over 3 steps of 2
+    // groups each, topped up, must meet at least one of them.
+    assert!(dropped >= 1, "{:?}", s.records);
+    for r in &s.records {
+        assert_eq!(r["groups_kept"].as_u64().unwrap(), 2, "{r}");
+        assert!(r["rollout_rounds"].as_u64().unwrap() >= 1);
+    }
+}
+
+#[test]
+fn resume_reproduces_the_metrics_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = setup(&dir.path().join("a"), 4);
+    let cfg = setup(&dir.path().join("b"), 4);
+    let full = run_grpo(&straight, quiet()).unwrap();
+    let part = run_grpo(
+        &cfg,
+        GrpoOptions {
+            stop_after: Some(2),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(part.steps, 2);
+    let rest = run_grpo(
+        &cfg,
+        GrpoOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(rest.steps, 4);
+    let curve = |recs: &[serde_json::Value]| -> Vec<(f64, f64)> {
+        recs.iter()
+            .map(|r| {
+                (
+                    r["reward_mean"].as_f64().unwrap(),
+                    r["loss"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut resumed = curve(&part.records);
+    resumed.extend(curve(&rest.records));
+    assert_eq!(curve(&full.records), resumed);
+    // Rewards vary, so the comparison is not vacuous.
+    assert!(full
+        .records
+        .iter()
+        .any(|r| r["reward_std"].as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn a_failing_reward_command_gives_zero_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(dir.path(), 2);
+    cfg.grpo.reward.command = vec!["sh".into(), "-c".into(), "echo garbage; exit 3".into()];
+    let s = run_grpo(&cfg, quiet()).unwrap();
+    assert_eq!(s.steps, 2);
+    for r in &s.records {
+        assert_eq!(r["reward_mean"].as_f64().unwrap(), 0.0);
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), 3);
+    let e = run_grpo(
+        &cfg,
+        GrpoOptions {
+            poison_step: Some(2),
+            ..quiet()
+        },
+    )
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(msg.contains("step 2") && msg.contains("step-1"), "{msg}");
+    let latest = std::fs::read_to_string(cfg.output.dir.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-1");
+}
+
+#[test]
+fn bad_configs_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(dir.path(), 1);
+    cfg.parallel.sp = 2;
+    let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
+    assert!(e.contains("parallel.sp") && e.contains("one rank"), "{e}");
+    let mut cfg = setup(dir.path(), 1);
+    cfg.apply_override("grpo.group_size=1").unwrap();
+    let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
+    assert!(e.contains("grpo.group_size"), "{e}");
+    assert!(cfg.apply_override("grpo.nope=1").is_err());
+    let _ = Tokenizer::from_dir(&fixture()).unwrap();
+}
