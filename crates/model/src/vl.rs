@@ -31,6 +31,7 @@ use crate::params::ParamLayout;
 use crate::vision::{VideoGrid, VisionConfig, VisionLayout, VisionTower, VisionWorkspace};
 use crate::{CheckpointPolicy, ModelError};
 use reel_kernels::embedding::{embedding_backward, embedding_forward};
+use reel_kernels::rope::RopeTable;
 use reel_tensor::DType;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -384,6 +385,40 @@ pub fn mrope_positions(
     Ok(pos)
 }
 
+/// M-RoPE angles, the one implementation (the training forward here and the incremental
+/// decoding step, [`crate::decode`], both use it): cos/sin [N, D/2] where rotary frequency j of
+/// token k turns by position component `pos(k, axis)`, axis 0 (temporal) for j < sections[0],
+/// 1 (height) for the next sections[1] frequencies, 2 (width) for the rest; the angle of a
+/// component position p is the 1-D table's (`table.row(p)`). Sections must sum to D/2 (the
+/// callers check).
+pub fn mrope_angles(
+    table: &RopeTable,
+    sections: [usize; 3],
+    n: usize,
+    pos: impl Fn(usize, usize) -> u32,
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
+    let half = table.head_dim() / 2;
+    let [s0, s1, _] = sections;
+    cos.resize(n * half, 0.0);
+    sin.resize(n * half, 0.0);
+    for k in 0..n {
+        for j in 0..half {
+            let axis = if j < s0 {
+                0
+            } else if j < s0 + s1 {
+                1
+            } else {
+                2
+            };
+            let (c, s) = table.row(pos(k, axis) as usize);
+            cos[k * half + j] = c[j];
+            sin[k * half + j] = s[j];
+        }
+    }
+}
+
 /// Qwen2.5-VL: the decoder and the vision tower, each with its own flat parameter buffer.
 pub struct Qwen25VL {
     pub config: Qwen25VLConfig,
@@ -414,29 +449,24 @@ impl Qwen25VL {
     /// M-RoPE cos/sin [N, D/2] from positions [3, N].
     fn mrope_angles(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         let n = positions.len() / 3;
-        let half = self.config.text.head_dim / 2;
-        let [s0, s1, _] = self.config.mrope_section;
-        cos.resize(n * half, 0.0);
-        sin.resize(n * half, 0.0);
-        for k in 0..n {
-            for j in 0..half {
-                let axis = if j < s0 {
-                    0
-                } else if j < s0 + s1 {
-                    1
-                } else {
-                    2
-                };
-                let (c, s) = self.lm.rope.row(positions[axis * n + k] as usize);
-                cos[k * half + j] = c[j];
-                sin[k * half + j] = s[j];
-            }
-        }
+        mrope_angles(
+            &self.lm.rope,
+            self.config.mrope_section,
+            n,
+            |k, axis| positions[axis * n + k],
+            cos,
+            sin,
+        );
     }
 
     /// Tower, embeddings with the features in, positions and angles: everything before the
     /// decoder. Leaves ws.embeds, ws.positions, ws.cos, ws.sin filled.
-    fn prepare(&self, ws: &mut VlWorkspace, batch: &VlBatch) -> Result<(), ModelError> {
+    fn prepare(
+        &self,
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        features: Option<&[f32]>,
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         let n = batch.b * batch.t;
         if batch.tokens.len() != n || batch.targets.len() != n {
@@ -502,10 +532,23 @@ impl Qwen25VL {
             &self.lm.params[self.lm.layout.embed.clone()],
             d,
         );
+        if let Some(f) = features {
+            if f.len() != want * d {
+                return Err(ModelError::Invalid(format!(
+                    "video features have {} values; {want} vision tokens of width {d} need {}",
+                    f.len(),
+                    want * d
+                )));
+            }
+        }
         if !batch.videos.grids.is_empty() {
-            let features =
-                self.vision
-                    .forward(&mut ws.vision, batch.videos.pixels, batch.videos.grids)?;
+            let features = match features {
+                Some(f) => f,
+                None => {
+                    self.vision
+                        .forward(&mut ws.vision, batch.videos.pixels, batch.videos.grids)?
+                }
+            };
             let rows = batch
                 .tokens
                 .iter()
@@ -540,9 +583,30 @@ impl Qwen25VL {
         batch: &VlBatch,
         attn: &dyn AttentionOp,
     ) -> Result<LossStats, ModelError> {
-        self.prepare(ws, batch)?;
+        self.prepare(ws, batch, None)?;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
         self.lm.forward_embeds(&mut ws.lm, &eb, attn)
+    }
+
+    /// [`Qwen25VL::forward`] with the videos' merged features [Σ tokens, d] given (from the
+    /// embedding cache or a sequence-parallel encode) instead of running the tower;
+    /// `batch.videos.pixels` is not read.
+    pub fn forward_with_features(
+        &self,
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        features: &[f32],
+        attn: &dyn AttentionOp,
+    ) -> Result<LossStats, ModelError> {
+        self.prepare(ws, batch, Some(features))?;
+        let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
+        self.lm.forward_embeds(&mut ws.lm, &eb, attn)
+    }
+
+    /// Input embeddings [B·T, d] (video rows filled) and M-RoPE cos/sin [B·T, D/2] of the last
+    /// forward.
+    pub fn prepared(ws: &VlWorkspace) -> (&[f32], &[f32], &[f32]) {
+        (&ws.embeds, &ws.cos, &ws.sin)
     }
 
     /// Logits [B·T, V] (tests, small evaluations).
@@ -552,7 +616,7 @@ impl Qwen25VL {
         batch: &VlBatch,
         attn: &dyn AttentionOp,
     ) -> Result<Vec<f32>, ModelError> {
-        self.prepare(ws, batch)?;
+        self.prepare(ws, batch, None)?;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
         self.lm.logits_embeds(&mut ws.lm, &eb, attn)
     }
@@ -569,8 +633,6 @@ impl Qwen25VL {
         loss_scale: f32,
         attn: &dyn AttentionOp,
     ) -> Result<(), ModelError> {
-        let c = &self.config;
-        let d = c.text.hidden_size;
         if vision_grads.len() != self.vision.params.len() {
             return Err(ModelError::Invalid(format!(
                 "vision gradient buffer has {} values, the tower {}",
@@ -578,6 +640,27 @@ impl Qwen25VL {
                 self.vision.params.len()
             )));
         }
+        self.backward_features(lm_grads, ws, batch, loss_scale, attn)?;
+        if !batch.videos.grids.is_empty() {
+            self.vision
+                .backward(vision_grads, &mut ws.vision, &ws.d_features)?;
+        }
+        Ok(())
+    }
+
+    /// The decoder part of [`Qwen25VL::backward`]: decoder gradients accumulate into `lm_grads`
+    /// and ∂L/∂features [Σ tokens, d] (the video rows' input gradients, in order) is returned for
+    /// whoever produced the features (the tower's backward, or nothing when it is frozen).
+    pub fn backward_features<'w>(
+        &self,
+        lm_grads: &mut [f32],
+        ws: &'w mut VlWorkspace,
+        batch: &VlBatch,
+        loss_scale: f32,
+        attn: &dyn AttentionOp,
+    ) -> Result<&'w [f32], ModelError> {
+        let c = &self.config;
+        let d = c.text.hidden_size;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
         let dx = self
             .lm
@@ -599,11 +682,7 @@ impl Qwen25VL {
             batch.tokens,
             d,
         );
-        if !batch.videos.grids.is_empty() {
-            self.vision
-                .backward(vision_grads, &mut ws.vision, &ws.d_features)?;
-        }
-        Ok(())
+        Ok(&ws.d_features)
     }
 }
 
