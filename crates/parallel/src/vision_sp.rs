@@ -199,10 +199,9 @@ impl SpVisionEncoder {
     /// correct rows for its own slices); this rank's rows run through the tower's backward and
     /// its parameter gradients accumulate into `grads`. The sum of `grads` over the ranks is the
     /// single-rank gradient.
-    pub fn backward(
+    pub fn backward<C: Communicator>(
         &self,
-        rank: usize,
-        world: usize,
+        comm: &C,
         tower: &VisionTower,
         ws: &mut VisionWorkspace,
         grads: &mut [f32],
@@ -219,7 +218,7 @@ impl SpVisionEncoder {
                 tokens * d
             )));
         }
-        let plan = local_plan(grids, world, rank);
+        let plan = local_plan(grids, comm.world_size(), comm.rank());
         if plan.grids.is_empty() {
             return Ok(());
         }

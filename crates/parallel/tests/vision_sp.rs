@@ -80,15 +80,7 @@ fn sp_encode_forward_and_backward_equal_one_rank() {
             let mut ws = VisionWorkspace::new();
             let got = enc.encode(&comm, &tower, &mut ws, &px, &grids)?;
             let mut g = vec![0.0f32; tower.params.len()];
-            enc.backward(
-                reel_comm::Communicator::rank(&comm),
-                p,
-                &tower,
-                &mut ws,
-                &mut g,
-                &grids,
-                &dfeat,
-            )?;
+            enc.backward(&comm, &tower, &mut ws, &mut g, &grids, &dfeat)?;
             reel_comm::Communicator::all_reduce_sum(&comm, &mut g)?;
             Ok((got, g))
         });
