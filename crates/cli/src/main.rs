@@ -65,6 +65,9 @@ enum Command {
         /// are truncated.
         #[arg(long, default_value_t = 4096)]
         max_len: usize,
+        /// Frame sampling for a Qwen2.5-VL model's videos: all, uniform:N or fps:F.
+        #[arg(long, default_value = "fps:2")]
+        sample: String,
     },
     /// Generate a reply with the KV cache (greedy unless --temperature > 0).
     Generate {
@@ -105,6 +108,46 @@ enum Command {
     /// The main job on the embedded default: synthetic tasks, a tiny model trained from
     /// scratch, held-out accuracy before and after.
     Demo(demo::DemoArgs),
+}
+
+/// Whether `dir/config.json` names model_type qwen2_5_vl.
+fn is_vl_checkpoint(dir: &std::path::Path) -> Result<bool> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    Ok(v.get("model_type").and_then(|t| t.as_str()) == Some("qwen2_5_vl"))
+}
+
+/// `reel eval` on a Qwen2.5-VL checkpoint and LongVideo-Reason records.
+fn eval_vl(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    sample: &str,
+    json: bool,
+) -> Result<()> {
+    let m = reel_model::load_vl_checkpoint(model)?;
+    let tok = Tokenizer::from_dir(model)?;
+    let settings = reel_data::VideoSettings {
+        sampling: reel_train::parse_sampling(sample)?,
+        processor: reel_data::VideoProcessorConfig::from_dir(model)?,
+    };
+    let (stats, report) = reel_train::eval_vl_nll(&m, &tok, data, &settings)?;
+    let skipped = report.bad_records.len() + report.skipped_videos.len();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"mean_nll": stats.mean(), "tokens": stats.n_tokens,
+                               "skipped_records": skipped})
+        );
+    } else {
+        println!(
+            "mean NLL {:.6} over {} target tokens ({skipped} records skipped)",
+            stats.mean(),
+            stats.n_tokens
+        );
+    }
+    Ok(())
 }
 
 fn main() {
@@ -172,7 +215,11 @@ fn real_main() -> Result<()> {
             data,
             json,
             max_len,
+            sample,
         } => {
+            if is_vl_checkpoint(&model)? {
+                return eval_vl(&model, &data, &sample, json);
+            }
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
             let file = SftFile::read(&data)?;

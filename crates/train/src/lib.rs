@@ -5,6 +5,8 @@
 //!   trainer's resumable state ([`TrainerState`]) and AdamW state as safetensors bytes.
 //! - [`sft`]: the training loop ([`run_sft`]), single-rank or on `dp × sp` in-process ranks;
 //!   [`eval`]: assistant-token NLL ([`eval_nll`]).
+//! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
+//!   ([`eval_vl_nll`]) and CoT-SFT on video ([`run_vl_sft`]) with cached vision embeddings.
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod checkpoint;
@@ -12,6 +14,7 @@ pub mod config;
 pub mod eval;
 pub mod metrics;
 pub mod sft;
+pub mod vl;
 
 pub use checkpoint::{
     checkpoint_step, optimizer_state_from_bytes, optimizer_state_to_bytes, write_atomic,
@@ -25,3 +28,4 @@ pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepRepor
 
 pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
+pub use vl::{eval_vl_nll, parse_sampling, run_vl_sft, VlInputs, VlSftConfig, VlSftSummary};
