@@ -422,3 +422,127 @@ pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
         final_model_dir,
     })
 }
+
+/// Writes a tiny random Qwen2.5-VL folder for demos and tests: config.json and weights (decoder
+/// of `Qwen2Config::tiny`, tower of `VisionConfig::tiny`), a character tokenizer with the vision
+/// special tokens, and a video_preprocessor_config.json that keeps 56×56 frames as they are.
+pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
+    use reel_model::vision::VisionLayout;
+    use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
+    let tok = reel_data::char_tokenizer_with(&reel_data::VISION_SPECIAL_TOKENS);
+    let id = |t: &str| tok.token_to_id(t).context("tokenizer lacks a vision token");
+    let mut text = Qwen2Config::tiny(tok.vocab_size().next_multiple_of(8));
+    text.tie_word_embeddings = false;
+    text.eos_token_id = tok.eos_token_id();
+    let config = Qwen25VLConfig {
+        text: text.clone(),
+        vision: VisionConfig::tiny(),
+        mrope_section: [2, 3, 3],
+        image_token_id: id("<|image_pad|>")?,
+        video_token_id: id("<|video_pad|>")?,
+        vision_start_token_id: id("<|vision_start|>")?,
+        vision_end_token_id: id("<|vision_end|>")?,
+    };
+    let lm = reel_model::Qwen2::new_random(text, seed)?;
+    let layout = VisionLayout::new(&config.vision);
+    let mut rng = reel_tensor::rng(seed ^ 0x5eed);
+    let mut vis = reel_tensor::uniform_vec(&mut rng, layout.total(), 0.05);
+    let norms = layout
+        .blocks
+        .iter()
+        .flat_map(|b| [b.norm1.clone(), b.norm2.clone()])
+        .chain([layout.ln_q.clone()]);
+    for r in norms {
+        vis[r].iter_mut().for_each(|x| *x = 1.0);
+    }
+    let model = Qwen25VL::from_params(config, lm.params, vis)?;
+    save_vl_checkpoint(&model, dir, DType::F32, usize::MAX)?;
+    tok.save(dir)?;
+    let proc = serde_json::json!({
+        "size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    });
+    std::fs::write(
+        dir.join("video_preprocessor_config.json"),
+        serde_json::to_string_pretty(&proc)?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reel_data::{write_synth_dataset, SynthVideoConfig};
+
+    fn setup(tmp: &Path) -> (PathBuf, PathBuf) {
+        let model = tmp.join("model");
+        write_tiny_vl_model(&model, 1).unwrap();
+        let data = tmp.join("data");
+        let cfg = SynthVideoConfig {
+            videos: 6,
+            frames: 8,
+            width: 56,
+            height: 56,
+            held_out: 0.0,
+            ..Default::default()
+        };
+        write_synth_dataset(&cfg, &data).unwrap();
+        (model, data.join("train.jsonl"))
+    }
+
+    #[test]
+    fn cot_sft_on_synthetic_video_lowers_the_loss_and_encodes_each_video_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path());
+        let mut cfg = VlSftConfig::new(model.clone(), data.clone(), tmp.path().join("run"));
+        cfg.steps = 12;
+        cfg.batch = 3;
+        cfg.lr = 3e-3;
+        cfg.sampling = FrameSampling::Uniform { frames: 8 };
+        let before = reel_model::load_vl_checkpoint(&model).unwrap();
+        let s = run_vl_sft(&cfg).unwrap();
+        let first = s.losses[..2].iter().sum::<f64>() / 2.0;
+        let last = s.losses[s.losses.len() - 2..].iter().sum::<f64>() / 2.0;
+        assert!(
+            last < 0.8 * first,
+            "loss {first:.3} → {last:.3}: {:?}",
+            s.losses
+        );
+        // Frozen tower: one tower run per distinct video, every later use is a cache hit.
+        assert_eq!(s.videos, 6);
+        assert_eq!(s.encode.tower_forwards, 6, "{:?}", s.encode);
+        assert_eq!(s.cache.misses, 6);
+        assert_eq!(s.cache.hits, 12 * 3 - 6);
+        // The saved folder evaluates.
+        let m = reel_model::load_vl_checkpoint(&s.final_model_dir).unwrap();
+        assert_eq!(m.vision.params, before.vision.params, "frozen tower moved");
+        assert_ne!(m.lm.params, before.lm.params);
+        let tok = Tokenizer::from_dir(&s.final_model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: cfg.sampling,
+            processor: VideoProcessorConfig::from_dir(&s.final_model_dir).unwrap(),
+        };
+        let (st, _) = eval_vl_nll(&m, &tok, &data, &settings).unwrap();
+        assert!(st.mean() < first, "{} vs {first}", st.mean());
+    }
+
+    #[test]
+    fn a_trained_tower_bypasses_the_cache_and_gets_gradients() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path());
+        let before = reel_model::load_vl_checkpoint(&model).unwrap();
+        let mut cfg = VlSftConfig::new(model, data, tmp.path().join("run"));
+        cfg.steps = 2;
+        cfg.batch = 2;
+        cfg.vision_freeze = false;
+        let s = run_vl_sft(&cfg).unwrap();
+        assert_eq!(s.cache.hits + s.cache.misses, 0);
+        assert_eq!(s.encode.tower_forwards, 4);
+        let after = reel_model::load_vl_checkpoint(&s.final_model_dir).unwrap();
+        assert_ne!(before.vision.params, after.vision.params);
+        // sp > 1 is refused with a clear message.
+        cfg.sp = 2;
+        let e = run_vl_sft(&cfg).unwrap_err().to_string();
+        assert!(e.contains("sp = 2"), "{e}");
+    }
+}
