@@ -34,13 +34,52 @@ struct Cli {
     command: Command,
 }
 
+/// `reel sft` of a Qwen2.5-VL model on LongVideo-Reason records (CoT-SFT on video).
+#[derive(clap::Args)]
+struct VlSftArgs {
+    /// Qwen2.5-VL checkpoint folder to train (instead of --config).
+    #[arg(long, requires = "vl_data")]
+    vl_model: Option<PathBuf>,
+    /// LongVideo-Reason JSONL with reasoning (`reel data synth` writes one).
+    #[arg(long)]
+    vl_data: Option<PathBuf>,
+    /// Write a tiny random Qwen2.5-VL to --vl-model first (demo).
+    #[arg(long)]
+    vl_init_tiny: bool,
+    /// Generate N synthetic 56×56 videos (8 frames) with records first; --vl-data names the
+    /// JSONL written (its folder gets videos/).
+    #[arg(long, value_name = "N")]
+    vl_synth: Option<usize>,
+    /// Output folder (metrics.jsonl, final/).
+    #[arg(long, default_value = "runs/vl-sft")]
+    vl_out: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    vl_steps: usize,
+    /// Examples per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    vl_batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    vl_lr: f32,
+    /// Frame sampling: all, uniform:N or fps:F.
+    #[arg(long, default_value = "uniform:8")]
+    vl_sample: String,
+    /// Train the vision tower too (bypasses the embedding cache).
+    #[arg(long)]
+    vl_train_vision: bool,
+    /// On-disk tier of the vision-embedding cache.
+    #[arg(long)]
+    vl_cache_dir: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Supervised fine-tuning from a TOML config.
     Sft {
         /// The run's TOML config (`reel sft --print-config` shows every field and default).
-        #[arg(long, required_unless_present = "print_config")]
+        #[arg(long, required_unless_present_any = ["print_config", "vl_model"])]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        vl: VlSftArgs,
         /// Override a config field, e.g. `--set train.lr=3e-4` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -98,6 +137,9 @@ enum Command {
         /// With --accuracy: prompts decoded together.
         #[arg(long, default_value_t = 64)]
         batch: usize,
+        /// Frame sampling for a Qwen2.5-VL model's videos: all, uniform:N or fps:F.
+        #[arg(long, default_value = "fps:2")]
+        sample: String,
     },
     /// Generate a reply with the KV cache (greedy unless --temperature > 0).
     Generate {
@@ -160,6 +202,97 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// `reel sft --vl-model DIR --vl-data FILE`: CoT-SFT of a Qwen2.5-VL model.
+fn sft_vl(a: &VlSftArgs, sp: Option<usize>) -> Result<()> {
+    let model = a.vl_model.clone().context("--vl-model is required")?;
+    let data = a.vl_data.clone().context("--vl-data is required")?;
+    let out = a.vl_out.clone();
+    if a.vl_init_tiny {
+        reel_train::vl::write_tiny_vl_model(&model, 0)?;
+    }
+    if let Some(n) = a.vl_synth {
+        let dir = data.parent().unwrap_or(std::path::Path::new("."));
+        let cfg = reel_data::SynthVideoConfig {
+            videos: n,
+            frames: 8,
+            width: 56,
+            height: 56,
+            held_out: 0.0,
+            ..Default::default()
+        };
+        reel_data::write_synth_dataset(&cfg, dir)?;
+        let written = dir.join("train.jsonl");
+        if written != data {
+            std::fs::rename(&written, &data)
+                .with_context(|| format!("moving {} to {}", written.display(), data.display()))?;
+        }
+    }
+    let mut cfg = reel_train::VlSftConfig::new(model, data, out);
+    cfg.steps = a.vl_steps;
+    cfg.batch = a.vl_batch;
+    cfg.lr = a.vl_lr;
+    cfg.sampling = reel_train::parse_sampling(&a.vl_sample)?;
+    cfg.vision_freeze = !a.vl_train_vision;
+    cfg.cache_dir = a.vl_cache_dir.clone();
+    cfg.sp = sp.unwrap_or(1);
+    let s = reel_train::run_vl_sft(&cfg)?;
+    println!(
+        "trained {} steps in {:.1} s; loss {:.4} → {:.4}; {} videos, tower runs {}, cache hits {} \
+         misses {}; {} records skipped; model saved to {}",
+        s.losses.len(),
+        s.wall_secs,
+        s.losses.first().copied().unwrap_or(f64::NAN),
+        s.losses.last().copied().unwrap_or(f64::NAN),
+        s.videos,
+        s.encode.tower_forwards,
+        s.cache.hits + s.cache.disk_hits,
+        s.cache.misses,
+        s.skipped_records,
+        s.final_model_dir.display()
+    );
+    Ok(())
+}
+
+/// Whether `dir/config.json` names model_type qwen2_5_vl.
+fn is_vl_checkpoint(dir: &std::path::Path) -> Result<bool> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+    Ok(v.get("model_type").and_then(|t| t.as_str()) == Some("qwen2_5_vl"))
+}
+
+/// `reel eval` on a Qwen2.5-VL checkpoint and LongVideo-Reason records.
+fn eval_vl(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    sample: &str,
+    json: bool,
+) -> Result<()> {
+    let m = reel_model::load_vl_checkpoint(model)?;
+    let tok = Tokenizer::from_dir(model)?;
+    let settings = reel_data::VideoSettings {
+        sampling: reel_train::parse_sampling(sample)?,
+        processor: reel_data::VideoProcessorConfig::from_dir(model)?,
+    };
+    let (stats, report) = reel_train::eval_vl_nll(&m, &tok, data, &settings)?;
+    let skipped = report.bad_records.len() + report.skipped_videos.len();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"mean_nll": stats.mean(), "tokens": stats.n_tokens,
+                               "skipped_records": skipped})
+        );
+    } else {
+        println!(
+            "mean NLL {:.6} over {} target tokens ({skipped} records skipped)",
+            stats.mean(),
+            stats.n_tokens
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -186,6 +319,7 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Sft {
             config,
+            vl,
             overrides,
             sp,
             dp,
@@ -195,6 +329,9 @@ fn real_main() -> Result<()> {
             if print_config {
                 print!("{}", SftConfig::documented_default());
                 return Ok(());
+            }
+            if vl.vl_model.is_some() {
+                return sft_vl(&vl, sp);
             }
             let path = config.expect("clap requires --config");
             let mut cfg = SftConfig::from_file(&path)?;
@@ -260,6 +397,7 @@ fn real_main() -> Result<()> {
             accuracy: true,
             max_new_tokens,
             batch,
+            sample: _,
         } => {
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
@@ -306,8 +444,12 @@ fn real_main() -> Result<()> {
             data,
             json,
             max_len,
+            sample,
             ..
         } => {
+            if is_vl_checkpoint(&model)? {
+                return eval_vl(&model, &data, &sample, json);
+            }
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
             let file = SftFile::read(&data)?;

@@ -299,3 +299,59 @@ fn grpo_print_config_parses_back_and_a_tiny_run_trains() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("`no_such_metric`"));
 }
+
+/// `reel eval` on a transformers-made Qwen2.5-VL checkpoint and LongVideo-Reason records gives
+/// transformers' mean NLL over the target tokens (fixture: scripts/make_vl_eval_fixture.py); a
+/// record with a missing video and a malformed one are skipped, counted, and the run finishes.
+#[test]
+fn eval_on_a_vlm_checkpoint_matches_transformers() {
+    let dir = fixtures().join("qwen2_5_vl-eval");
+    let run = |data: &Path| {
+        let out = reel()
+            .args(["eval", "--json", "--sample", "all", "--model"])
+            .arg(dir.join("model"))
+            .arg("--data")
+            .arg(data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (got, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (got, _) = run(&dir.join("data.jsonl"));
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(got["tokens"], want["tokens"]);
+    let (a, b) = (
+        got["mean_nll"].as_f64().unwrap(),
+        want["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-4 * b.abs(),
+        "reel {a} vs transformers {b}"
+    );
+    // Same records plus a missing video and a malformed line, in a copy beside the video.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("data.jsonl");
+    let mut text = std::fs::read_to_string(dir.join("data.jsonl"))
+        .unwrap()
+        .replace(
+            "\"video\"",
+            &format!("{:?}", dir.join("video").display().to_string()),
+        );
+    text.push_str(
+        "{\"problem_id\": \"x\", \"problem\": \"Q?\\nA. a\\nB. b\", \"problem_type\": \"t\", \
+         \"reasoning\": \"r\", \"videos\": [\"gone.avi\"], \"answer\": \"<answer>A</answer>\"}\n",
+    );
+    text.push_str("{not json\n");
+    std::fs::write(&copy, text).unwrap();
+    let (got2, stderr) = run(&copy);
+    assert_eq!(got2["skipped_records"], 2);
+    assert_eq!(got2["tokens"], want["tokens"]);
+    assert!(stderr.contains("gone.avi"), "{stderr}");
+    assert!(stderr.contains("data.jsonl:4"), "{stderr}");
+}

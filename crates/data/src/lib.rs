@@ -12,6 +12,8 @@
 //!   ffmpeg), samples frames and preprocesses them into Qwen2-VL's `pixel_values_videos`.
 //! - [`longvideo`] reads and writes LongVideo-Reason JSONL (video questions with reasoning), its
 //!   prompt template and SFT target; [`video_synth`] generates the synthetic long-video dataset.
+//! - [`vl_data`]: a LongVideo-Reason record → token ids with each video's placeholder run expanded
+//!   to its merged vision tokens, an assistant-only loss mask and the processed videos.
 
 pub mod batch;
 pub mod chat;
@@ -21,6 +23,7 @@ pub mod synth;
 pub mod tokenizer;
 pub mod video;
 pub mod video_synth;
+pub mod vl_data;
 
 use std::path::PathBuf;
 
@@ -34,13 +37,19 @@ pub use sft::{
     prompt_ids, read_sft_jsonl, read_sft_jsonl_lenient, tokenize_conversation, SftFile,
     TokenizedExample,
 };
-pub use synth::{char_tokenizer, solve, synth_examples, write_jsonl, SynthKind, SynthTask};
+pub use synth::{
+    char_tokenizer, char_tokenizer_with, solve, synth_examples, write_jsonl, SynthKind, SynthTask,
+};
 pub use tokenizer::Tokenizer;
 pub use video::{
     load_video, video_content_hash, FrameSampling, Video, VideoError, VideoFrames, VideoInputs,
     VideoMeta, VideoProcessor, VideoProcessorConfig,
 };
 pub use video_synth::{write_synth_dataset, SynthVideoConfig};
+pub use vl_data::{
+    load_vl_examples, tokenize_vl_record, VideoSettings, VlExample, VlLoadReport, VlVideo,
+    VIDEO_PAD, VISION_SPECIAL_TOKENS,
+};
 
 /// Everything that can go wrong reading data. Messages name the file (and 1-based line) involved.
 #[derive(Debug, thiserror::Error)]

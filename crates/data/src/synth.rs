@@ -189,6 +189,12 @@ pub const IM_END: &str = "<|im_end|>";
 /// `<|endoftext|>` (96, pad), `<|im_start|>` (97) and `<|im_end|>` (98, EOS); the default Qwen
 /// chat template. Characters outside the vocabulary are dropped when encoding.
 pub fn char_tokenizer() -> Tokenizer {
+    char_tokenizer_with(&[])
+}
+
+/// [`char_tokenizer`] with `extra` special tokens after its own (ids 99, 100, … in order), e.g.
+/// a vision-language model's `<|vision_start|>`, `<|video_pad|>`, `<|vision_end|>`.
+pub fn char_tokenizer_with(extra: &[&str]) -> Tokenizer {
     use tokenizers::decoders::fuse::Fuse;
     use tokenizers::models::bpe::{Vocab, BPE};
     use tokenizers::AddedToken;
@@ -210,6 +216,8 @@ pub fn char_tokenizer() -> Tokenizer {
         AddedToken::from(IM_START, true),
         AddedToken::from(IM_END, true),
     ]);
+    let extra: Vec<AddedToken> = extra.iter().map(|t| AddedToken::from(*t, true)).collect();
+    inner.add_special_tokens(&extra);
     let special = SpecialTokens {
         eos_token: Some(IM_END.into()),
         pad_token: Some(ENDOFTEXT.into()),

@@ -18,11 +18,12 @@
 //! height and width sections, each turned by its own position component).
 
 use crate::model::{Dims, LayerActs, Qwen2};
+use crate::vl::mrope_angles;
 use crate::ModelError;
 use reel_kernels::embedding::embedding_forward;
 use reel_kernels::matmul::matmul_forward;
 use reel_kernels::rmsnorm::rmsnorm_forward;
-use reel_kernels::rope::{rope_forward, RopeTable};
+use reel_kernels::rope::{rope_forward, rope_forward_angles};
 use std::ops::Range;
 
 /// Why a key/value store failed (its capacity was not reserved, a device error, …).
@@ -105,7 +106,8 @@ pub struct DecodeScratch {
     x: [Vec<f32>; 2],
     rows: Vec<Range<usize>>,
     positions: Vec<u32>,
-    rope_tmp: Vec<f32>,
+    rope_cos: Vec<f32>,
+    rope_sin: Vec<f32>,
     last: Vec<f32>,
     last_n: Vec<f32>,
     rstd: Vec<f32>,
@@ -226,7 +228,7 @@ impl Qwen2 {
                 StepPositions::Linear { start } => {
                     sc.positions.extend(start as u32..(start + r.len()) as u32)
                 }
-                // Placeholder; these rows are rotated by `mrope_forward`.
+                // Placeholder; these rows are rotated by M-RoPE angles (`vl::mrope_angles`).
                 StepPositions::MRope { ids, .. } => sc.positions.extend(ids.iter().map(|p| p[0])),
             }
         }
@@ -240,7 +242,13 @@ impl Qwen2 {
             let [x_in, x_out] = &mut sc.x;
             let a = &mut sc.acts;
             self.qkv_project(&w, a, &mut sc.qkv, x_in, &m);
-            self.rope_step(seqs, &sc.rows, &sc.positions, a, &mut sc.rope_tmp);
+            self.rope_step(
+                seqs,
+                &sc.rows,
+                &sc.positions,
+                a,
+                (&mut sc.rope_cos, &mut sc.rope_sin),
+            );
             kv.write(l, &sc.rows, &a.k, &a.v).map_err(ModelError::Kv)?;
             kv.attend(l, &sc.rows, &mut a.attn, &mut a.lse, &a.q, heads)
                 .map_err(ModelError::Kv)?;
@@ -282,14 +290,14 @@ impl Qwen2 {
     }
 
     /// Rotates q and k of every row: runs of 1-D sequences in one kernel call each, M-RoPE
-    /// sequences by [`mrope_forward`].
+    /// sequences by per-token angles from [`crate::vl::mrope_angles`] (the one M-RoPE).
     fn rope_step(
         &self,
         seqs: &[SeqStep],
         rows: &[Range<usize>],
         positions: &[u32],
         a: &mut LayerActs,
-        tmp: &mut Vec<f32>,
+        (cos, sin): (&mut Vec<f32>, &mut Vec<f32>),
     ) {
         let (h, h_kv, hd) = (
             self.config.num_attention_heads,
@@ -314,50 +322,14 @@ impl Qwen2 {
             if let StepPositions::MRope { ids, sections } = seq.positions {
                 flush(a, run_start..r.start);
                 run_start = r.end;
+                mrope_angles(&self.rope, sections, ids.len(), |k, c| ids[k][c], cos, sin);
                 let q = &mut a.q[r.start * h * hd..r.end * h * hd];
-                mrope_forward(q, ids, &self.rope, h, sections, tmp);
+                rope_forward_angles(q, cos, sin, h, hd);
                 let k = &mut a.k[r.start * h_kv * hd..r.end * h_kv * hd];
-                mrope_forward(k, ids, &self.rope, h_kv, sections, tmp);
+                rope_forward_angles(k, cos, sin, h_kv, hd);
             }
         }
         flush(a, run_start..rows.last().map_or(0, |r| r.end));
-    }
-}
-
-/// Multimodal RoPE in place on x [n, heads, D]: rotary frequency j (of D/2, pairing element j
-/// with j + D/2) turns by position component c where j falls in section c of `sections`
-/// (temporal, height, width). Runs the 1-D kernel once per component and keeps each
-/// component's frequencies; `tmp` is scratch.
-pub fn mrope_forward(
-    x: &mut [f32],
-    positions: &[[u32; 3]],
-    table: &RopeTable,
-    n_heads: usize,
-    sections: [usize; 3],
-    tmp: &mut Vec<f32>,
-) {
-    let hd = table.head_dim();
-    let half = hd / 2;
-    assert_eq!(
-        sections.iter().sum::<usize>(),
-        half,
-        "mrope_forward: sections {sections:?} must sum to head_dim / 2"
-    );
-    let orig = x.to_vec();
-    let mut lo = 0;
-    for (c, &width) in sections.iter().enumerate() {
-        if width == 0 {
-            continue;
-        }
-        tmp.clear();
-        tmp.extend_from_slice(&orig);
-        let pos: Vec<u32> = positions.iter().map(|p| p[c]).collect();
-        rope_forward(tmp.as_mut_slice(), &pos, table, n_heads);
-        for (dst, src) in x.chunks_exact_mut(hd).zip(tmp.chunks_exact(hd)) {
-            dst[lo..lo + width].copy_from_slice(&src[lo..lo + width]);
-            dst[half + lo..half + lo + width].copy_from_slice(&src[half + lo..half + lo + width]);
-        }
-        lo += width;
     }
 }
 
@@ -366,6 +338,7 @@ mod tests {
     use super::*;
     use crate::{LocalAttention, Qwen2Config, Workspace};
     use reel_kernels::attention::{attention_forward, AttnMask, AttnShape};
+    use reel_kernels::rope::RopeTable;
     use reel_tensor::{check_close, Tolerance};
 
     /// Each sequence's keys and values in its own growing buffers, [len, H_kv, D] per layer.
@@ -509,6 +482,13 @@ mod tests {
         assert!(model.forward_step(&mut scratch, &far, &mut kv).is_err());
     }
 
+    /// Rotates x [n, heads, D] by the one M-RoPE (angles from `vl::mrope_angles`).
+    fn mrope(x: &mut [f32], ids: &[[u32; 3]], table: &RopeTable, heads: usize, sec: [usize; 3]) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        mrope_angles(table, sec, ids.len(), |k, c| ids[k][c], &mut cos, &mut sin);
+        rope_forward_angles(x, &cos, &sin, heads, table.head_dim());
+    }
+
     #[test]
     fn mrope_with_equal_components_is_rope_and_sections_pick_their_component() {
         let table = RopeTable::new(8, 64, 10000.0);
@@ -520,16 +500,16 @@ mod tests {
         let mut a = x0.clone();
         rope_forward(&mut a, &pos, &table, heads);
         let mut b = x0.clone();
-        mrope_forward(&mut b, &ids, &table, heads, [1, 2, 1], &mut Vec::new());
-        assert_eq!(a, b);
+        mrope(&mut b, &ids, &table, heads, [1, 2, 1]);
+        check_close("mrope = rope", &b, &a, Tolerance::new(1e-6, 1e-6)).unwrap();
 
         // Section 0 (frequency 0) follows component 0, frequencies 1–2 component 1, 3 component 2.
         let ids: Vec<[u32; 3]> = pos.iter().map(|&p| [p, 0, 0]).collect();
         let mut c = x0.clone();
-        mrope_forward(&mut c, &ids, &table, heads, [1, 2, 1], &mut Vec::new());
+        mrope(&mut c, &ids, &table, heads, [1, 2, 1]);
         for (row, (ra, (rc, r0))) in a.chunks(8).zip(c.chunks(8).zip(x0.chunks(8))).enumerate() {
             for j in [0usize, 4] {
-                assert_eq!(rc[j], ra[j], "row {row} element {j}");
+                assert!((rc[j] - ra[j]).abs() < 1e-6, "row {row} element {j}");
             }
             for j in [1usize, 2, 3, 5, 6, 7] {
                 assert_eq!(
@@ -537,6 +517,96 @@ mod tests {
                     "row {row} element {j} (position 0 = identity)"
                 );
             }
+        }
+    }
+
+    /// A VLM prompt (video rows as input embeddings, M-RoPE positions) prefilled through the
+    /// decoding step gives, at its last position, the logits of the training forward
+    /// (`Qwen25VL::logits`) on the golden Qwen2.5-VL fixture.
+    #[test]
+    fn vlm_prefill_through_the_step_matches_the_training_forward() {
+        use crate::vl::{load_vl_checkpoint, VideoBatch, VlBatch};
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2_5_vl-tiny");
+        let model = load_vl_checkpoint(&dir).unwrap();
+        let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let words = |name: &str| -> (Vec<usize>, Vec<[u8; 4]>) {
+            let t = st.tensor(name).unwrap();
+            let w = t.data().chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]);
+            (t.shape().to_vec(), w.collect())
+        };
+        let (shape, ids) = words("input_ids");
+        let tokens: Vec<u32> = ids.iter().map(|w| i32::from_le_bytes(*w) as u32).collect();
+        let (b, t) = (shape[0], shape[1]);
+        let grids: Vec<crate::VideoGrid> = words("video_grid_thw")
+            .1
+            .chunks(3)
+            .map(|x| crate::VideoGrid {
+                t: i32::from_le_bytes(x[0]) as usize,
+                h: i32::from_le_bytes(x[1]) as usize,
+                w: i32::from_le_bytes(x[2]) as usize,
+            })
+            .collect();
+        let f32s = |name: &str| -> Vec<f32> {
+            words(name).1.into_iter().map(f32::from_le_bytes).collect()
+        };
+        let (pixels, seconds) = (f32s("pixel_values_videos"), f32s("second_per_grid_ts"));
+        let targets = vec![-100i32; b * t];
+        let batch = VlBatch {
+            tokens: &tokens,
+            targets: &targets,
+            b,
+            t,
+            videos: VideoBatch {
+                pixels: &pixels,
+                grids: &grids,
+                second_per_grid_ts: &seconds,
+            },
+        };
+        let mut ws = model.workspace(crate::CheckpointPolicy::None);
+        let full = model.logits(&mut ws, &batch, &LocalAttention).unwrap();
+        let (embeds, _, _) = crate::Qwen25VL::prepared(&ws);
+        let positions = ws.positions.clone();
+        let d = model.config.text.hidden_size;
+        let v = model.config.text.vocab_size;
+        let n = b * t;
+        let ids3: Vec<[u32; 3]> = (0..n)
+            .map(|k| [positions[k], positions[n + k], positions[2 * n + k]])
+            .collect();
+        // All B prompts in one step (prefill of each, batched), then each alone.
+        let c = &model.config.text;
+        let mut kv = VecKv {
+            k: vec![vec![Vec::new(); c.num_hidden_layers]; b],
+            v: vec![vec![Vec::new(); c.num_hidden_layers]; b],
+            len: vec![0; b],
+            w: c.num_key_value_heads * c.head_dim,
+        };
+        let seqs: Vec<SeqStep> = (0..b)
+            .map(|r| SeqStep {
+                input: StepInput::Embeddings(&embeds[r * t * d..(r + 1) * t * d]),
+                positions: StepPositions::MRope {
+                    ids: &ids3[r * t..(r + 1) * t],
+                    sections: model.config.mrope_section,
+                },
+                logits: true,
+            })
+            .collect();
+        let mut scratch = DecodeScratch::default();
+        let got = model
+            .lm
+            .forward_step(&mut scratch, &seqs, &mut kv)
+            .unwrap()
+            .to_vec();
+        for r in 0..b {
+            let want = &full[((r + 1) * t - 1) * v..(r + 1) * t * v];
+            check_close(
+                &format!("last logits of sequence {r}"),
+                &got[r * v..(r + 1) * v],
+                want,
+                Tolerance::new(2e-5, 1e-4),
+            )
+            .unwrap();
         }
     }
 }

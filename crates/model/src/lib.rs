@@ -9,12 +9,14 @@
 //! - [`generate`]: single-sequence KV-cached decoding and sampling.
 //! - [`vision`]: the Qwen2.5-VL vision tower (patch embedding, windowed attention, merger).
 //! - [`vl`]: Qwen2.5-VL: the tower feeding the decoder with multimodal RoPE; its checkpoints.
+//! - [`embed_cache`]: content-addressed cache of merged vision embeddings (memory LRU + disk).
 //! - [`logprob`]: per-token log π and entropy at labelled positions, and the backward for
 //!   per-token coefficients ∂L/∂log π (the policy-gradient update).
 
 pub mod attention;
 pub mod config;
 pub mod decode;
+pub mod embed_cache;
 pub mod generate;
 pub mod io;
 pub mod logprob;

@@ -17,8 +17,6 @@
 //! The backward returns ∂L/∂embeddings from the decoder; text rows go to the embedding table,
 //! placeholder rows into the tower's backward. Gradients live in two flat buffers, one per
 //! layout ([`ParamLayout`] for the decoder, [`VisionLayout`] for the tower).
-//! [`Qwen25VL::forward_features`] / [`Qwen25VL::backward_features`] take features encoded earlier
-//! (encode once, reuse for every pass) and return their gradient instead of running the tower.
 //!
 //! Checkpoints: `config.json` of model_type `qwen2_5_vl` (text fields in `text_config` or, as
 //! older checkpoints have them, at the top level; `vision_config`), tensors named `visual.*`,
@@ -33,6 +31,7 @@ use crate::params::ParamLayout;
 use crate::vision::{VideoGrid, VisionConfig, VisionLayout, VisionTower, VisionWorkspace};
 use crate::{CheckpointPolicy, ModelError};
 use reel_kernels::embedding::{embedding_backward, embedding_forward};
+use reel_kernels::rope::RopeTable;
 use reel_tensor::DType;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -386,6 +385,40 @@ pub fn mrope_positions(
     Ok(pos)
 }
 
+/// M-RoPE angles, the one implementation (the training forward here and the incremental
+/// decoding step, [`crate::decode`], both use it): cos/sin [N, D/2] where rotary frequency j of
+/// token k turns by position component `pos(k, axis)`, axis 0 (temporal) for j < sections[0],
+/// 1 (height) for the next sections[1] frequencies, 2 (width) for the rest; the angle of a
+/// component position p is the 1-D table's (`table.row(p)`). Sections must sum to D/2 (the
+/// callers check).
+pub fn mrope_angles(
+    table: &RopeTable,
+    sections: [usize; 3],
+    n: usize,
+    pos: impl Fn(usize, usize) -> u32,
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
+    let half = table.head_dim() / 2;
+    let [s0, s1, _] = sections;
+    cos.resize(n * half, 0.0);
+    sin.resize(n * half, 0.0);
+    for k in 0..n {
+        for j in 0..half {
+            let axis = if j < s0 {
+                0
+            } else if j < s0 + s1 {
+                1
+            } else {
+                2
+            };
+            let (c, s) = table.row(pos(k, axis) as usize);
+            cos[k * half + j] = c[j];
+            sin[k * half + j] = s[j];
+        }
+    }
+}
+
 /// Qwen2.5-VL: the decoder and the vision tower, each with its own flat parameter buffer.
 pub struct Qwen25VL {
     pub config: Qwen25VLConfig,
@@ -416,35 +449,23 @@ impl Qwen25VL {
     /// M-RoPE cos/sin [N, D/2] from positions [3, N].
     fn mrope_angles(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         let n = positions.len() / 3;
-        let half = self.config.text.head_dim / 2;
-        let [s0, s1, _] = self.config.mrope_section;
-        cos.resize(n * half, 0.0);
-        sin.resize(n * half, 0.0);
-        for k in 0..n {
-            for j in 0..half {
-                let axis = if j < s0 {
-                    0
-                } else if j < s0 + s1 {
-                    1
-                } else {
-                    2
-                };
-                let (c, s) = self.lm.rope.row(positions[axis * n + k] as usize);
-                cos[k * half + j] = c[j];
-                sin[k * half + j] = s[j];
-            }
-        }
+        mrope_angles(
+            &self.lm.rope,
+            self.config.mrope_section,
+            n,
+            |k, axis| positions[axis * n + k],
+            cos,
+            sin,
+        );
     }
 
     /// Tower, embeddings with the features in, positions and angles: everything before the
     /// decoder. Leaves ws.embeds, ws.positions, ws.cos, ws.sin filled.
-    /// With `cached` = Some(features [Σ t·h·w/m², d]) the tower does not run (features encoded
-    /// once and reused); `batch.videos.pixels` is then not read.
     fn prepare(
         &self,
         ws: &mut VlWorkspace,
         batch: &VlBatch,
-        cached: Option<&[f32]>,
+        features: Option<&[f32]>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let n = batch.b * batch.t;
@@ -511,14 +532,17 @@ impl Qwen25VL {
             &self.lm.params[self.lm.layout.embed.clone()],
             d,
         );
+        if let Some(f) = features {
+            if f.len() != want * d {
+                return Err(ModelError::Invalid(format!(
+                    "video features have {} values; {want} vision tokens of width {d} need {}",
+                    f.len(),
+                    want * d
+                )));
+            }
+        }
         if !batch.videos.grids.is_empty() {
-            let features = match cached {
-                Some(f) if f.len() != want * d => {
-                    return Err(ModelError::Invalid(format!(
-                        "cached video features have {} values; the videos need {want}·{d}",
-                        f.len()
-                    )))
-                }
+            let features = match features {
                 Some(f) => f,
                 None => {
                     self.vision
@@ -564,6 +588,27 @@ impl Qwen25VL {
         self.lm.forward_embeds(&mut ws.lm, &eb, attn)
     }
 
+    /// [`Qwen25VL::forward`] with the videos' merged features [Σ tokens, d] given (from the
+    /// embedding cache or a sequence-parallel encode) instead of running the tower;
+    /// `batch.videos.pixels` is not read.
+    pub fn forward_with_features(
+        &self,
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        features: &[f32],
+        attn: &dyn AttentionOp,
+    ) -> Result<LossStats, ModelError> {
+        self.prepare(ws, batch, Some(features))?;
+        let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
+        self.lm.forward_embeds(&mut ws.lm, &eb, attn)
+    }
+
+    /// Input embeddings [B·T, d] (video rows filled) and M-RoPE cos/sin [B·T, D/2] of the last
+    /// forward.
+    pub fn prepared(ws: &VlWorkspace) -> (&[f32], &[f32], &[f32]) {
+        (&ws.embeds, &ws.cos, &ws.sin)
+    }
+
     /// Logits [B·T, V] (tests, small evaluations).
     pub fn logits(
         &self,
@@ -595,7 +640,7 @@ impl Qwen25VL {
                 self.vision.params.len()
             )));
         }
-        self.backward_lm(lm_grads, ws, batch, loss_scale, attn)?;
+        self.backward_features(lm_grads, ws, batch, loss_scale, attn)?;
         if !batch.videos.grids.is_empty() {
             self.vision
                 .backward(vision_grads, &mut ws.vision, &ws.d_features)?;
@@ -603,24 +648,9 @@ impl Qwen25VL {
         Ok(())
     }
 
-    /// Forward and loss from video features encoded earlier ([`VisionTower::forward`] on the
-    /// same videos): the MR-SP encode-once path. `batch.videos` gives the grids and timing; its
-    /// pixels are not read.
-    pub fn forward_features(
-        &self,
-        ws: &mut VlWorkspace,
-        batch: &VlBatch,
-        features: &[f32],
-        attn: &dyn AttentionOp,
-    ) -> Result<LossStats, ModelError> {
-        self.prepare(ws, batch, Some(features))?;
-        let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
-        self.lm.forward_embeds(&mut ws.lm, &eb, attn)
-    }
-
-    /// Backward of the last [`Qwen25VL::forward_features`]: decoder gradients accumulate into
-    /// `lm_grads`; returns ∂L/∂features (for the tower's backward, summed over every pass that
-    /// used the same features).
+    /// The decoder part of [`Qwen25VL::backward`]: decoder gradients accumulate into `lm_grads`
+    /// and ∂L/∂features [Σ tokens, d] (the video rows' input gradients, in order) is returned for
+    /// whoever produced the features (the tower's backward, or nothing when it is frozen).
     pub fn backward_features<'w>(
         &self,
         lm_grads: &mut [f32],
@@ -629,19 +659,6 @@ impl Qwen25VL {
         loss_scale: f32,
         attn: &dyn AttentionOp,
     ) -> Result<&'w [f32], ModelError> {
-        self.backward_lm(lm_grads, ws, batch, loss_scale, attn)?;
-        Ok(&ws.d_features)
-    }
-
-    /// The decoder's backward and the embedding table's; leaves ∂L/∂features in ws.d_features.
-    fn backward_lm(
-        &self,
-        lm_grads: &mut [f32],
-        ws: &mut VlWorkspace,
-        batch: &VlBatch,
-        loss_scale: f32,
-        attn: &dyn AttentionOp,
-    ) -> Result<(), ModelError> {
         let c = &self.config;
         let d = c.text.hidden_size;
         let eb = Self::embeds_batch(&ws.embeds, &ws.cos, &ws.sin, batch);
@@ -665,7 +682,7 @@ impl Qwen25VL {
             batch.tokens,
             d,
         );
-        Ok(())
+        Ok(&ws.d_features)
     }
 }
 

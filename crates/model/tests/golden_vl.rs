@@ -455,7 +455,7 @@ fn cached_features_give_the_same_loss_and_gradients() {
     };
     let mut ws = model.workspace(CheckpointPolicy::Remat);
     let stats = model
-        .forward_features(&mut ws, &no_pixels.batch(), &features, &LocalAttention)
+        .forward_with_features(&mut ws, &no_pixels.batch(), &features, &LocalAttention)
         .unwrap();
     assert_eq!(stats.mean(), loss);
     let mut lm2 = vec![0.0f32; lm.len()];
@@ -478,7 +478,7 @@ fn cached_features_give_the_same_loss_and_gradients() {
     assert_eq!(vision2, vision);
     // Features of the wrong size are refused.
     let e = model
-        .forward_features(&mut ws, &no_pixels.batch(), &features[1..], &LocalAttention)
+        .forward_with_features(&mut ws, &no_pixels.batch(), &features[1..], &LocalAttention)
         .unwrap_err();
-    assert!(e.to_string().contains("cached video features"), "{e}");
+    assert!(e.to_string().contains("video features have"), "{e}");
 }

@@ -17,6 +17,9 @@
 //!   replicas on each rank's token shard run unchanged.
 //! - [`ulysses`]: [`UlyssesAttention`], DeepSpeed-Ulysses all-to-all attention over heads and its
 //!   2-D hybrid (u-rank all-to-all groups × a ring over r groups), forward and backward.
+//! - [`vision_sp`]: MR-SP stage 1: a video's temporal patches split across the ranks, each
+//!   encodes its share with the vision tower, embeddings all-gathered in order; encode once per
+//!   video through the content-addressed embedding cache.
 //!
 //! Vocabulary: B batch, T sequence length, H query heads, H_kv KV heads, D head dimension,
 //! P sequence-parallel ranks.
@@ -29,6 +32,7 @@ pub mod schedule;
 pub mod shard;
 pub mod sp_attention;
 pub mod ulysses;
+pub mod vision_sp;
 
 pub use dims::{DimsError, ParallelDims, RankCoords};
 pub use dist_exec::{DistExecError, DistExecutor, ExecStats, Overlap, Pass, Stage, SP_TAG_BASE};
@@ -42,3 +46,4 @@ pub use sp_attention::{SpAttention, SpStats};
 pub use ulysses::{
     Causality, Phase, UlyssesAttention, UlyssesBytes, UlyssesError, UlyssesGrid, UlyssesGroups,
 };
+pub use vision_sp::{temporal_split, EncodeCounters, EncodeStats, SpVisionEncoder, VisionSpError};

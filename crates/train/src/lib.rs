@@ -8,6 +8,8 @@
 //! - [`grpo`]: the GRPO loop for the text decoder ([`run_grpo`], [`GrpoRunConfig`]) over
 //!   [`prompts`] ([`PromptSet`]: LongVideo-Reason or plain prompt/answer JSONL);
 //!   [`accuracy`]: greedy-answer accuracy overall and per `problem_type` ([`eval_accuracy`]).
+//! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
+//!   ([`eval_vl_nll`]) and CoT-SFT on video ([`run_vl_sft`]) with cached vision embeddings.
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod accuracy;
@@ -18,6 +20,7 @@ pub mod grpo;
 pub mod metrics;
 pub mod prompts;
 pub mod sft;
+pub mod vl;
 
 pub use checkpoint::{
     checkpoint_step, optimizer_state_from_bytes, optimizer_state_to_bytes, write_atomic,
@@ -34,3 +37,4 @@ pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
+pub use vl::{eval_vl_nll, parse_sampling, run_vl_sft, VlInputs, VlSftConfig, VlSftSummary};

@@ -1,0 +1,548 @@
+//! The vision-language model in training and evaluation: LongVideo-Reason examples
+//! ([`reel_data::vl_data`]) through Qwen2.5-VL ([`reel_model::Qwen25VL`]), with each video's
+//! merged embeddings from the content-addressed [`EmbedCache`] (encode once, reuse) while the
+//! tower is frozen, and through the tower (forward and backward, cache bypassed) when it trains.
+//!
+//! One example is one sequence (B = 1): tokens [T], next-token targets [T] (−100 off the
+//! assistant turn), the example's videos' pixels [Σ t·h·w, C·T_p·p·p], grids and
+//! second_per_grid_ts. Loss: the global token mean over an optimizer step's examples.
+//!
+//! `reel sft` with a Qwen2.5-VL config (`[vl]` table of [`VlSftConfig`]) runs [`run_vl_sft`]:
+//! AdamW on the decoder (and on the tower when `vision_freeze = false`), warmup + cosine LR,
+//! global-norm clipping, a JSON line per step in `metrics.jsonl` (loss, lr, grad norm, tokens/s,
+//! cache hits/misses/bytes, tower forward runs), and a final HF folder. Sequence parallelism for
+//! the VLM is not wired into this loop: `sp > 1` is refused (the stage-1 encode exists in
+//! `reel_parallel::vision_sp`; the decoder's SP path over input embeddings is the missing piece).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use reel_comm::InProcess;
+use reel_data::{
+    load_vl_examples, FrameSampling, Tokenizer, VideoProcessorConfig, VideoSettings, VlExample,
+    VlLoadReport, IGNORE_INDEX,
+};
+use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, EmbedKey};
+use reel_model::{
+    save_vl_checkpoint, CheckpointPolicy, LocalAttention, LossStats, Qwen25VL, VideoBatch,
+    VideoGrid, VlBatch,
+};
+use reel_optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
+use reel_parallel::{EncodeStats, SpVisionEncoder};
+use reel_tensor::DType;
+
+/// One example as the model takes it.
+pub struct VlInputs {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<i32>,
+    pub pixels: Vec<f32>,
+    pub grids: Vec<VideoGrid>,
+    pub seconds: Vec<f32>,
+    /// Embedding-cache key of each video.
+    pub keys: Vec<EmbedKey>,
+}
+
+impl VlInputs {
+    /// Shifts the loss mask into next-token targets and stacks the videos.
+    pub fn new(ex: &VlExample, settings_key: &str, weights: u64) -> Self {
+        let ids = &ex.tokens.input_ids;
+        let n = ids.len();
+        let targets = (0..n)
+            .map(|i| {
+                if i + 1 < n && ex.tokens.loss_mask[i + 1] {
+                    ids[i + 1] as i32
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        let mut pixels = Vec::new();
+        let (mut grids, mut seconds, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+        for v in &ex.videos {
+            let [t, h, w] = v.inputs.video_grid_thw;
+            pixels.extend_from_slice(&v.inputs.pixel_values_videos);
+            grids.push(VideoGrid { t, h, w });
+            seconds.push(v.inputs.second_per_grid_ts as f32);
+            keys.push(EmbedKey {
+                video: v.content_hash.clone(),
+                settings: settings_key.to_string(),
+                weights,
+            });
+        }
+        VlInputs {
+            tokens: ids.clone(),
+            targets,
+            pixels,
+            grids,
+            seconds,
+            keys,
+        }
+    }
+
+    pub fn batch(&self) -> VlBatch<'_> {
+        VlBatch {
+            tokens: &self.tokens,
+            targets: &self.targets,
+            b: 1,
+            t: self.tokens.len(),
+            videos: VideoBatch {
+                pixels: &self.pixels,
+                grids: &self.grids,
+                second_per_grid_ts: &self.seconds,
+            },
+        }
+    }
+}
+
+/// Frame sampling from a command-line spelling: `all`, `uniform:N` or `fps:F`.
+pub fn parse_sampling(s: &str) -> Result<FrameSampling> {
+    if s == "all" {
+        return Ok(FrameSampling::All);
+    }
+    if let Some(n) = s.strip_prefix("uniform:") {
+        let frames = n
+            .parse()
+            .with_context(|| format!("sampling `{s}`: bad frame count"))?;
+        return Ok(FrameSampling::Uniform { frames });
+    }
+    if let Some(f) = s.strip_prefix("fps:") {
+        let fps: f64 = f
+            .parse()
+            .with_context(|| format!("sampling `{s}`: bad fps"))?;
+        if !(fps.is_finite() && fps > 0.0) {
+            bail!("sampling `{s}`: fps must be positive");
+        }
+        return Ok(FrameSampling::fps(fps));
+    }
+    bail!("sampling `{s}`: expected all, uniform:N or fps:F")
+}
+
+/// Encodes a whole example's videos through the cache (one rank); returns their merged
+/// embeddings [Σ tokens, d] in order.
+fn cached_features(
+    model: &Qwen25VL,
+    enc: &SpVisionEncoder,
+    ws: &mut reel_model::VisionWorkspace,
+    cache: &EmbedCache,
+    inp: &VlInputs,
+) -> Result<Vec<f32>> {
+    let ws = std::sync::Mutex::new(ws);
+    let out = InProcess::spawn(1, std::time::Duration::from_secs(600), |comm| {
+        let mut ws = ws.lock().unwrap_or_else(|e| e.into_inner());
+        enc.encode_cached(
+            &comm,
+            &model.vision,
+            &mut ws,
+            cache,
+            &inp.keys,
+            &inp.pixels,
+            &inp.grids,
+            &inp.seconds,
+        )
+    });
+    let embeds = out
+        .into_iter()
+        .next()
+        .expect("one rank")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(embeds.iter().flat_map(|e| e.data.iter().copied()).collect())
+}
+
+/// Mean NLL of the target tokens of a LongVideo-Reason file under a Qwen2.5-VL model; bad
+/// records and videos are skipped and reported.
+pub fn eval_vl_nll(
+    model: &Qwen25VL,
+    tok: &Tokenizer,
+    data: &Path,
+    settings: &VideoSettings,
+) -> Result<(LossStats, VlLoadReport)> {
+    let (examples, report) = load_vl_examples(data, tok, settings, true)?;
+    if examples.is_empty() {
+        bail!("{}: no usable record", data.display());
+    }
+    let mut ws = model.workspace(CheckpointPolicy::Layer);
+    let mut total = LossStats::default();
+    for ex in &examples {
+        let inp = VlInputs::new(ex, &settings.key_text(), 0);
+        let s = model
+            .forward(&mut ws, &inp.batch(), &LocalAttention)
+            .with_context(|| ex.origin.clone())?;
+        total.loss_sum += s.loss_sum;
+        total.n_tokens += s.n_tokens;
+    }
+    Ok((total, report))
+}
+
+/// Settings of a VLM SFT run (the `[vl]` table; CLI `reel sft --vl`).
+#[derive(Clone, Debug)]
+pub struct VlSftConfig {
+    /// Qwen2.5-VL checkpoint folder (config.json, safetensors, tokenizer, video preprocessor).
+    pub model: PathBuf,
+    /// LongVideo-Reason JSONL with reasoning.
+    pub data: PathBuf,
+    /// Output folder (metrics.jsonl, final model).
+    pub out: PathBuf,
+    /// Frame sampling; default uniform:8.
+    pub sampling: FrameSampling,
+    /// Optimizer steps; default 20.
+    pub steps: usize,
+    /// Examples per optimizer step; default 4.
+    pub batch: usize,
+    /// Peak learning rate; default 1e-3.
+    pub lr: f32,
+    /// Warmup steps; default 2.
+    pub warmup: usize,
+    /// Gradient clipping norm; default 1.0.
+    pub clip: f32,
+    /// Keep the vision tower fixed and serve its embeddings from the cache; default true.
+    pub vision_freeze: bool,
+    /// Memory of the embedding cache in bytes; default 1 GiB.
+    pub cache_bytes: usize,
+    /// Optional folder for the on-disk cache tier; default none.
+    pub cache_dir: Option<PathBuf>,
+    /// Sequence-parallel ranks; default 1 (more is refused, see the module docs).
+    pub sp: usize,
+    /// Shuffle seed; default 0.
+    pub seed: u64,
+}
+
+impl VlSftConfig {
+    pub fn new(model: PathBuf, data: PathBuf, out: PathBuf) -> Self {
+        VlSftConfig {
+            model,
+            data,
+            out,
+            sampling: FrameSampling::Uniform { frames: 8 },
+            steps: 20,
+            batch: 4,
+            lr: 1e-3,
+            warmup: 2,
+            clip: 1.0,
+            vision_freeze: true,
+            cache_bytes: 1 << 30,
+            cache_dir: None,
+            sp: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// What a VLM SFT run did.
+#[derive(Clone, Debug)]
+pub struct VlSftSummary {
+    /// Mean loss of each step.
+    pub losses: Vec<f64>,
+    pub cache: CacheStats,
+    pub encode: EncodeStats,
+    /// Distinct videos of the training set.
+    pub videos: usize,
+    pub skipped_records: usize,
+    pub wall_secs: f64,
+    pub final_model_dir: PathBuf,
+}
+
+/// CoT-SFT of a Qwen2.5-VL model on LongVideo-Reason records (module docs).
+pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
+    if cfg.sp > 1 {
+        bail!(
+            "sequence parallelism (sp = {}) is not available for the vision-language model yet: \
+             the stage-1 encode is implemented (reel_parallel::vision_sp), the decoder's SP path \
+             over input embeddings is not wired into VLM training; run with sp = 1",
+            cfg.sp
+        );
+    }
+    let start = Instant::now();
+    let mut model = reel_model::load_vl_checkpoint(&cfg.model)
+        .with_context(|| format!("loading {}", cfg.model.display()))?;
+    let tok = Tokenizer::from_dir(&cfg.model)?;
+    let settings = VideoSettings {
+        sampling: cfg.sampling,
+        processor: VideoProcessorConfig::from_dir(&cfg.model)?,
+    };
+    let (examples, report) = load_vl_examples(&cfg.data, &tok, &settings, true)?;
+    if examples.is_empty() {
+        bail!("{}: no usable record", cfg.data.display());
+    }
+    let videos = {
+        let mut h: Vec<&str> = examples
+            .iter()
+            .flat_map(|e| e.videos.iter().map(|v| v.content_hash.as_str()))
+            .collect();
+        h.sort_unstable();
+        h.dedup();
+        h.len()
+    };
+    std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
+    let cache = match &cfg.cache_dir {
+        Some(d) => EmbedCache::with_dir(cfg.cache_bytes, d)?,
+        None => EmbedCache::new(cfg.cache_bytes),
+    };
+    let enc = SpVisionEncoder::new();
+    let settings_key = settings.key_text();
+    let mut weights_version = weights_fingerprint(&model.vision.params);
+    let adamw = AdamWConfig {
+        lr: cfg.lr,
+        ..AdamWConfig::default()
+    };
+    let sizes: Vec<usize> = if cfg.vision_freeze {
+        vec![model.lm.params.len()]
+    } else {
+        vec![model.lm.params.len(), model.vision.params.len()]
+    };
+    let mut opt = AdamW::new(&sizes, &vec![true; sizes.len()], adamw);
+    let schedule = LrSchedule::WarmupCosine {
+        warmup_steps: cfg.warmup as u64,
+        total_steps: cfg.steps as u64,
+        min_lr_ratio: 0.1,
+    };
+    let mut lm_grads = vec![0.0f32; model.lm.params.len()];
+    let mut vis_grads = vec![0.0f32; model.vision.params.len()];
+    let mut ws = model.workspace(CheckpointPolicy::Layer);
+    let mut vws = reel_model::VisionWorkspace::new();
+    let mut metrics = std::fs::File::create(cfg.out.join("metrics.jsonl"))?;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut rng = reel_tensor::rng(cfg.seed);
+    let mut cursor = order.len();
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        lm_grads.fill(0.0);
+        vis_grads.fill(0.0);
+        let mut picked = Vec::with_capacity(cfg.batch);
+        for _ in 0..cfg.batch.min(examples.len()) {
+            if cursor == order.len() {
+                use rand::seq::SliceRandom;
+                order.shuffle(&mut rng);
+                cursor = 0;
+            }
+            picked.push(order[cursor]);
+            cursor += 1;
+        }
+        let inputs: Vec<VlInputs> = picked
+            .iter()
+            .map(|&i| VlInputs::new(&examples[i], &settings_key, weights_version))
+            .collect();
+        let total_tokens: usize = inputs
+            .iter()
+            .map(|x| x.targets.iter().filter(|&&t| t >= 0).count())
+            .sum();
+        let scale = 1.0 / total_tokens.max(1) as f32;
+        let mut stats = LossStats::default();
+        for (inp, &i) in inputs.iter().zip(&picked) {
+            let origin = &examples[i].origin;
+            let s = if cfg.vision_freeze {
+                let feats = cached_features(&model, &enc, &mut vws, &cache, inp)?;
+                let s = model
+                    .forward_with_features(&mut ws, &inp.batch(), &feats, &LocalAttention)
+                    .with_context(|| origin.clone())?;
+                model
+                    .backward_features(&mut lm_grads, &mut ws, &inp.batch(), scale, &LocalAttention)
+                    .with_context(|| origin.clone())?;
+                s
+            } else {
+                enc.counters
+                    .tower_forwards
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let s = model
+                    .forward(&mut ws, &inp.batch(), &LocalAttention)
+                    .with_context(|| origin.clone())?;
+                model
+                    .backward(
+                        &mut lm_grads,
+                        &mut vis_grads,
+                        &mut ws,
+                        &inp.batch(),
+                        scale,
+                        &LocalAttention,
+                    )
+                    .with_context(|| origin.clone())?;
+                s
+            };
+            stats.loss_sum += s.loss_sum;
+            stats.n_tokens += s.n_tokens;
+        }
+        let loss = stats.mean();
+        if !loss.is_finite() {
+            bail!("step {step}: loss is not finite ({loss})");
+        }
+        let lr = schedule.lr_at(cfg.lr, step as u64);
+        let grad_norm = if cfg.vision_freeze {
+            let n = clip_grad_norm(&mut [&mut lm_grads[..]], cfg.clip);
+            opt.step(&mut [&mut model.lm.params[..]], &[&lm_grads[..]], lr);
+            n
+        } else {
+            let n = clip_grad_norm(&mut [&mut lm_grads[..], &mut vis_grads[..]], cfg.clip);
+            opt.step(
+                &mut [&mut model.lm.params[..], &mut model.vision.params[..]],
+                &[&lm_grads[..], &vis_grads[..]],
+                lr,
+            );
+            // The tower changed: embeddings of the old weights must not be served.
+            weights_version = weights_version.wrapping_add(1);
+            n
+        };
+        let secs = t0.elapsed().as_secs_f64();
+        let c = cache.stats();
+        let e = enc.counters.snapshot();
+        let line = serde_json::json!({
+            "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_sec": stats.n_tokens as f64 / secs,
+            "cache_hits": c.hits + c.disk_hits, "cache_misses": c.misses,
+            "cache_bytes": c.bytes, "cache_evictions": c.evictions,
+            "tower_forwards": e.tower_forwards,
+        });
+        use std::io::Write;
+        writeln!(metrics, "{line}")?;
+        tracing::info!(
+            "step {:>3}  loss {loss:.4}  lr {lr:.2e}  cache hits {} misses {}  tower runs {}",
+            step + 1,
+            c.hits + c.disk_hits,
+            c.misses,
+            e.tower_forwards
+        );
+        losses.push(loss);
+    }
+    let final_model_dir = cfg.out.join("final");
+    save_vl_checkpoint(&model, &final_model_dir, DType::F32, usize::MAX)?;
+    tok.save(&final_model_dir)?;
+    for f in ["video_preprocessor_config.json", "preprocessor_config.json"] {
+        let src = cfg.model.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, final_model_dir.join(f))?;
+        }
+    }
+    Ok(VlSftSummary {
+        losses,
+        cache: cache.stats(),
+        encode: enc.counters.snapshot(),
+        videos,
+        skipped_records: report.bad_records.len() + report.skipped_videos.len(),
+        wall_secs: start.elapsed().as_secs_f64(),
+        final_model_dir,
+    })
+}
+
+/// Writes a tiny random Qwen2.5-VL folder for demos and tests: config.json and weights (decoder
+/// of `Qwen2Config::tiny`, tower of `VisionConfig::tiny`), a character tokenizer with the vision
+/// special tokens, and a video_preprocessor_config.json that keeps 56×56 frames as they are.
+pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
+    use reel_model::vision::VisionLayout;
+    use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
+    let tok = reel_data::char_tokenizer_with(&reel_data::VISION_SPECIAL_TOKENS);
+    let id = |t: &str| tok.token_to_id(t).context("tokenizer lacks a vision token");
+    let mut text = Qwen2Config::tiny(tok.vocab_size().next_multiple_of(8));
+    text.tie_word_embeddings = false;
+    text.eos_token_id = tok.eos_token_id();
+    let config = Qwen25VLConfig {
+        text: text.clone(),
+        vision: VisionConfig::tiny(),
+        mrope_section: [2, 3, 3],
+        image_token_id: id("<|image_pad|>")?,
+        video_token_id: id("<|video_pad|>")?,
+        vision_start_token_id: id("<|vision_start|>")?,
+        vision_end_token_id: id("<|vision_end|>")?,
+    };
+    let lm = reel_model::Qwen2::new_random(text, seed)?;
+    let layout = VisionLayout::new(&config.vision);
+    let mut rng = reel_tensor::rng(seed ^ 0x5eed);
+    let mut vis = reel_tensor::uniform_vec(&mut rng, layout.total(), 0.05);
+    let norms = layout
+        .blocks
+        .iter()
+        .flat_map(|b| [b.norm1.clone(), b.norm2.clone()])
+        .chain([layout.ln_q.clone()]);
+    for r in norms {
+        vis[r].iter_mut().for_each(|x| *x = 1.0);
+    }
+    let model = Qwen25VL::from_params(config, lm.params, vis)?;
+    save_vl_checkpoint(&model, dir, DType::F32, usize::MAX)?;
+    tok.save(dir)?;
+    let proc = serde_json::json!({
+        "size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    });
+    std::fs::write(
+        dir.join("video_preprocessor_config.json"),
+        serde_json::to_string_pretty(&proc)?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reel_data::{write_synth_dataset, SynthVideoConfig};
+
+    fn setup(tmp: &Path) -> (PathBuf, PathBuf) {
+        let model = tmp.join("model");
+        write_tiny_vl_model(&model, 1).unwrap();
+        let data = tmp.join("data");
+        let cfg = SynthVideoConfig {
+            videos: 6,
+            frames: 8,
+            width: 56,
+            height: 56,
+            held_out: 0.0,
+            ..Default::default()
+        };
+        write_synth_dataset(&cfg, &data).unwrap();
+        (model, data.join("train.jsonl"))
+    }
+
+    #[test]
+    fn cot_sft_on_synthetic_video_lowers_the_loss_and_encodes_each_video_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path());
+        let mut cfg = VlSftConfig::new(model.clone(), data.clone(), tmp.path().join("run"));
+        cfg.steps = 12;
+        cfg.batch = 3;
+        cfg.lr = 3e-3;
+        cfg.sampling = FrameSampling::Uniform { frames: 8 };
+        let before = reel_model::load_vl_checkpoint(&model).unwrap();
+        let s = run_vl_sft(&cfg).unwrap();
+        let first = s.losses[..2].iter().sum::<f64>() / 2.0;
+        let last = s.losses[s.losses.len() - 2..].iter().sum::<f64>() / 2.0;
+        assert!(
+            last < 0.8 * first,
+            "loss {first:.3} → {last:.3}: {:?}",
+            s.losses
+        );
+        // Frozen tower: one tower run per distinct video, every later use is a cache hit.
+        assert_eq!(s.videos, 6);
+        assert_eq!(s.encode.tower_forwards, 6, "{:?}", s.encode);
+        assert_eq!(s.cache.misses, 6);
+        assert_eq!(s.cache.hits, 12 * 3 - 6);
+        // The saved folder evaluates.
+        let m = reel_model::load_vl_checkpoint(&s.final_model_dir).unwrap();
+        assert_eq!(m.vision.params, before.vision.params, "frozen tower moved");
+        assert_ne!(m.lm.params, before.lm.params);
+        let tok = Tokenizer::from_dir(&s.final_model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: cfg.sampling,
+            processor: VideoProcessorConfig::from_dir(&s.final_model_dir).unwrap(),
+        };
+        let (st, _) = eval_vl_nll(&m, &tok, &data, &settings).unwrap();
+        assert!(st.mean() < first, "{} vs {first}", st.mean());
+    }
+
+    #[test]
+    fn a_trained_tower_bypasses_the_cache_and_gets_gradients() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path());
+        let before = reel_model::load_vl_checkpoint(&model).unwrap();
+        let mut cfg = VlSftConfig::new(model, data, tmp.path().join("run"));
+        cfg.steps = 2;
+        cfg.batch = 2;
+        cfg.vision_freeze = false;
+        let s = run_vl_sft(&cfg).unwrap();
+        assert_eq!(s.cache.hits + s.cache.misses, 0);
+        assert_eq!(s.encode.tower_forwards, 4);
+        let after = reel_model::load_vl_checkpoint(&s.final_model_dir).unwrap();
+        assert_ne!(before.vision.params, after.vision.params);
+        // sp > 1 is refused with a clear message.
+        cfg.sp = 2;
+        let e = run_vl_sft(&cfg).unwrap_err().to_string();
+        assert!(e.contains("sp = 2"), "{e}");
+    }
+}
