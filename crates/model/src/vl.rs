@@ -603,6 +603,18 @@ impl Qwen25VL {
         self.lm.forward_embeds(&mut ws.lm, &eb, attn)
     }
 
+    /// Everything before the decoder with the videos' merged features given: fills the
+    /// workspace's input embeddings, 3-D positions and M-RoPE angles (read them with
+    /// [`Qwen25VL::prepared`]), for callers that run the decoder themselves (sequence parallel).
+    pub fn prepare_with_features(
+        &self,
+        ws: &mut VlWorkspace,
+        batch: &VlBatch,
+        features: &[f32],
+    ) -> Result<(), ModelError> {
+        self.prepare(ws, batch, Some(features))
+    }
+
     /// Input embeddings [B·T, d] (video rows filled) and M-RoPE cos/sin [B·T, D/2] of the last
     /// forward.
     pub fn prepared(ws: &VlWorkspace) -> (&[f32], &[f32], &[f32]) {

@@ -10,9 +10,11 @@
 //! `reel sft` with a Qwen2.5-VL config (`[vl]` table of [`VlSftConfig`]) runs [`run_vl_sft`]:
 //! AdamW on the decoder (and on the tower when `vision_freeze = false`), warmup + cosine LR,
 //! global-norm clipping, a JSON line per step in `metrics.jsonl` (loss, lr, grad norm, tokens/s,
-//! cache hits/misses/bytes, tower forward runs), and a final HF folder. Sequence parallelism for
-//! the VLM is not wired into this loop: `sp > 1` is refused (the stage-1 encode exists in
-//! `reel_parallel::vision_sp`; the decoder's SP path over input embeddings is the missing piece).
+//! cache hits/misses/bytes, tower forward runs), and a final HF folder. With `sp > 1` (frozen
+//! tower) each step runs on in-process ranks: MR-SP stage 1 encodes each video's temporal
+//! patches across the ranks ([`SpVisionEncoder`], cache first), every rank takes its token shard
+//! of the input embeddings, M-RoPE angles and targets, and the decoder runs with `SpAttention`
+//! (DistAttn); gradients and loss sums are all-reduced. A trained tower with `sp > 1` is refused.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -201,7 +203,7 @@ pub struct VlSftConfig {
     pub cache_bytes: usize,
     /// Optional folder for the on-disk cache tier; default none.
     pub cache_dir: Option<PathBuf>,
-    /// Sequence-parallel ranks; default 1 (more is refused, see the module docs).
+    /// Sequence-parallel ranks; default 1 (more needs the frozen tower, see the module docs).
     pub sp: usize,
     /// Shuffle seed; default 0.
     pub seed: u64,
@@ -244,11 +246,11 @@ pub struct VlSftSummary {
 
 /// CoT-SFT of a Qwen2.5-VL model on LongVideo-Reason records (module docs).
 pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
-    if cfg.sp > 1 {
+    if cfg.sp > 1 && !cfg.vision_freeze {
         bail!(
-            "sequence parallelism (sp = {}) is not available for the vision-language model yet: \
-             the stage-1 encode is implemented (reel_parallel::vision_sp), the decoder's SP path \
-             over input embeddings is not wired into VLM training; run with sp = 1",
+            "sequence parallelism (sp = {}) for the vision-language model needs the frozen tower \
+             (vision_freeze): the gradient of a sharded encode into a trained tower is not wired \
+             into training yet; run with sp = 1 or a frozen tower",
             cfg.sp
         );
     }
@@ -329,7 +331,10 @@ pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
             .sum();
         let scale = 1.0 / total_tokens.max(1) as f32;
         let mut stats = LossStats::default();
-        for (inp, &i) in inputs.iter().zip(&picked) {
+        if cfg.sp > 1 {
+            stats = sp_step(&model, &enc, &cache, &inputs, scale, cfg.sp, &mut lm_grads)?;
+        }
+        for (inp, &i) in inputs.iter().zip(&picked).filter(|_| cfg.sp == 1) {
             let origin = &examples[i].origin;
             let s = if cfg.vision_freeze {
                 let feats = cached_features(&model, &enc, &mut vws, &cache, inp)?;
@@ -420,6 +425,111 @@ pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
         skipped_records: report.bad_records.len() + report.skipped_videos.len(),
         wall_secs: start.elapsed().as_secs_f64(),
         final_model_dir,
+    })
+}
+
+/// One step's forward and backward on `p` in-process sequence-parallel ranks with the tower
+/// frozen: each example's videos through the stage-1 encode (temporal patches split over the
+/// ranks, embeddings all-gathered, the cache consulted first), then every rank takes its token
+/// shard of the input embeddings, M-RoPE angles and targets and runs the decoder with
+/// `SpAttention` (DistAttn); decoder gradients and loss sums are all-reduced. Adds the summed
+/// decoder gradients to `lm_grads` and returns the step's loss stats.
+fn sp_step(
+    model: &Qwen25VL,
+    enc: &SpVisionEncoder,
+    cache: &EmbedCache,
+    inputs: &[VlInputs],
+    scale: f32,
+    p: usize,
+    lm_grads: &mut [f32],
+) -> Result<LossStats> {
+    use reel_comm::Communicator;
+    use reel_model::{EmbedsBatch, Rotary, Workspace};
+    use reel_parallel::{Overlap, ScheduleKind, SpAttention};
+    let c = &model.config.text;
+    let (d, half) = (c.hidden_size, c.head_dim / 2);
+    let vid = model.config.video_token_id;
+    let results = InProcess::spawn(p, std::time::Duration::from_secs(600), |comm| {
+        let rank = comm.rank();
+        let enc_comm = comm.split(0, rank)?;
+        let schedule = ScheduleKind::DistAttnCausal
+            .build(p)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sp = SpAttention::new(comm, schedule, Overlap::Overlapped)?;
+        let mut vws = reel_model::VisionWorkspace::new();
+        let mut vl_ws = model.workspace(CheckpointPolicy::Layer);
+        let mut ws = Workspace::new(c, CheckpointPolicy::Layer);
+        let mut grads = vec![0.0f32; model.lm.params.len()];
+        let mut sums = [0.0f32; 2];
+        for inp in inputs {
+            let embeds = enc.encode_cached(
+                &enc_comm,
+                &model.vision,
+                &mut vws,
+                cache,
+                &inp.keys,
+                &inp.pixels,
+                &inp.grids,
+                &inp.seconds,
+            )?;
+            let feats: Vec<f32> = embeds.iter().flat_map(|e| e.data.iter().copied()).collect();
+            model.prepare_with_features(&mut vl_ws, &inp.batch(), &feats)?;
+            let (emb, cos, sin) = Qwen25VL::prepared(&vl_ws);
+            let t = inp.tokens.len();
+            let sh = sp.set_seq_len(t)?;
+            let l_emb = sh.shard(emb, 1, d, rank, 0.0)?;
+            let l_cos = sh.shard(cos, 1, half, rank, 1.0)?;
+            let l_sin = sh.shard(sin, 1, half, rank, 0.0)?;
+            let l_tgt = sh.shard(&inp.targets, 1, 1, rank, IGNORE_INDEX)?;
+            // Video rows and padding take no embedding-table gradient (the tower is frozen).
+            let l_tok = sh.shard(&inp.tokens, 1, 1, rank, vid)?;
+            let eb = EmbedsBatch {
+                embeds: &l_emb,
+                targets: &l_tgt,
+                rotary: Rotary::Angles {
+                    cos: &l_cos,
+                    sin: &l_sin,
+                },
+                b: 1,
+                t: sh.local_len(),
+            };
+            let st = model.lm.forward_embeds(&mut ws, &eb, &sp)?;
+            let dx = model
+                .lm
+                .backward_embeds(&mut grads, &mut ws, &eb, scale, &sp)?;
+            let mut dx = dx.to_vec();
+            for (r, &tok) in l_tok.iter().enumerate() {
+                if tok == vid {
+                    dx[r * d..(r + 1) * d].fill(0.0);
+                }
+            }
+            reel_kernels::embedding::embedding_backward(
+                &mut grads[model.lm.layout.embed.clone()],
+                &dx,
+                &l_tok,
+                d,
+            );
+            sums[0] += st.loss_sum as f32;
+            sums[1] += st.n_tokens as f32;
+        }
+        sp.with_comm(|c| -> Result<(), reel_comm::CommError> {
+            c.all_reduce_sum(&mut grads)?;
+            c.all_reduce_sum(&mut sums)
+        })?;
+        Ok::<_, anyhow::Error>((grads, sums))
+    });
+    let mut out = None;
+    for (r, res) in results.into_iter().enumerate() {
+        let (g, sums) = res.with_context(|| format!("sequence-parallel rank {r}"))?;
+        if out.is_none() {
+            out = Some((g, sums));
+        }
+    }
+    let (g, sums) = out.context("no rank ran")?;
+    lm_grads.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+    Ok(LossStats {
+        loss_sum: sums[0] as f64,
+        n_tokens: sums[1].round() as usize,
     })
 }
 
@@ -544,5 +654,36 @@ mod tests {
         cfg.sp = 2;
         let e = run_vl_sft(&cfg).unwrap_err().to_string();
         assert!(e.contains("sp = 2"), "{e}");
+    }
+
+    #[test]
+    fn sequence_parallel_sft_follows_the_single_rank_loss_curve() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path());
+        let run = |sp: usize| {
+            let mut cfg = VlSftConfig::new(
+                model.clone(),
+                data.clone(),
+                tmp.path().join(format!("sp{sp}")),
+            );
+            cfg.steps = 4;
+            cfg.batch = 3;
+            cfg.lr = 3e-3;
+            cfg.sp = sp;
+            run_vl_sft(&cfg).unwrap()
+        };
+        let one = run(1);
+        for sp in [2, 3] {
+            let s = run(sp);
+            for (k, (a, b)) in one.losses.iter().zip(&s.losses).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4 * a.abs(),
+                    "sp {sp} step {k}: {a} vs {b}"
+                );
+            }
+            // The stage-1 encode ran on every rank once per distinct video batch.
+            assert!(s.encode.tower_forwards > 0);
+            assert_eq!(s.cache.misses, (sp * 6) as u64, "{:?}", s.cache);
+        }
     }
 }
