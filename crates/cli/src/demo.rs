@@ -6,7 +6,7 @@
 //! and after training, with the loss curve. Then GRPO from the SFT model, `--grpo-steps` steps on
 //! fresh prompts (in neither the SFT data nor the held-out set) of the task SFT left weakest,
 //! with an exact-match accuracy reward; the held-out accuracy after SFT and after GRPO (greedy
-//! answers from the rollout engine) is printed side by side, with that task also measured on 300
+//! answers from the rollout engine) is printed side by side, with that task also measured on 1000
 //! more unseen prompts, and the GRPO metrics are plotted. The data and tokenizer land in `--out`, the
 //! runs in `--out/sft` and `--out/grpo` (config.toml, metrics.jsonl, metrics.png, checkpoints/
 //! that `reel eval` and `reel generate` read); a new demo replaces the earlier one's runs.
@@ -60,7 +60,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// GRPO steps after SFT (0 = no GRPO stage).
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 300)]
     grpo_steps: u64,
     /// GRPO learning rate (constant).
     #[arg(long, default_value_t = 1e-4)]
@@ -353,7 +353,7 @@ fn grpo_stage(
             fresh.push((p, a));
         }
     }
-    const RL_EVAL: usize = 300;
+    const RL_EVAL: usize = 1000;
     if fresh.len() < RL_EVAL + 100 {
         anyhow::bail!(
             "only {} fresh `{}` prompts for GRPO and its evaluation",
@@ -397,7 +397,8 @@ fn grpo_stage(
     cfg.grpo.group_size = args.grpo_group;
     cfg.grpo.max_response_tokens = 12;
     cfg.grpo.lr = args.grpo_lr;
-    cfg.grpo.kl_coef = 0.0;
+    // A k3 KL to the SFT model keeps the other tasks from drifting.
+    cfg.grpo.kl_coef = 0.05;
     cfg.grpo.top_p = 1.0;
     cfg.grpo.dynamic_sampling = true;
     cfg.grpo.dynamic_sampling_max_rounds = 2;
@@ -411,12 +412,13 @@ fn grpo_stage(
     reel_train::write_atomic(out.join("grpo.toml"), cfg.to_toml().as_bytes())?;
     println!(
         "\nGRPO on `{}` (weakest after SFT): {} steps, {} prompts × {} samples, lr {}, \
-         exact-match reward, dynamic sampling",
+         exact-match reward, KL β {}, dynamic sampling",
         weakest.name(),
         cfg.train.steps,
         cfg.data.prompts_per_step,
         cfg.grpo.group_size,
-        cfg.grpo.lr
+        cfg.grpo.lr,
+        cfg.grpo.kl_coef
     );
     let summary = run_grpo(&cfg, GrpoOptions::default())?;
     let grpo_model = reel_model::load_checkpoint(&summary.final_model_dir)?;
@@ -424,8 +426,10 @@ fn grpo_stage(
     let extra_grpo = held_accuracy(&grpo_model, tok, &extra)?.overall.accuracy;
     let metrics = cfg.output.dir.join("metrics.jsonl");
     let png = cfg.output.dir.join("metrics.png");
-    let keys: Vec<String> = ["reward_mean", "loss", "entropy", "response_len_mean"]
+    // Entropy and KL exist only for steps that kept a group (dynamic sampling may keep none).
+    let keys: Vec<String> = ["reward_mean", "loss", "entropy", "kl", "response_len_mean"]
         .iter()
+        .filter(|k| summary.records.iter().any(|r| r[**k].is_number()))
         .map(|s| s.to_string())
         .collect();
     crate::plot::plot(&metrics, &keys, &png, 900, 260 * keys.len() as u32)?;

@@ -355,3 +355,46 @@ fn eval_on_a_vlm_checkpoint_matches_transformers() {
     assert!(stderr.contains("gone.avi"), "{stderr}");
     assert!(stderr.contains("data.jsonl:4"), "{stderr}");
 }
+
+#[test]
+fn demo_runs_sft_then_grpo_and_prints_both_accuracies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = reel()
+        .args(["demo", "--out"])
+        .arg(dir.path())
+        .args([
+            "--steps",
+            "20",
+            "--train-per-task",
+            "60",
+            "--eval-per-task",
+            "4",
+            "--eval-every",
+            "20",
+            "--hidden",
+            "32",
+            "--layers",
+            "1",
+            "--grpo-steps",
+            "2",
+            "--grpo-prompts",
+            "2",
+            "--grpo-group",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("after SFT") && stdout.contains("after GRPO"),
+        "{stdout}"
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("grpo/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+    assert!(image::open(dir.path().join("grpo/metrics.png")).is_ok());
+}

@@ -742,6 +742,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
             }
             let mut m_all = GrpoMetrics::default();
             let mut loss_sum = 0.0f64;
+            let mut n_updates = 0usize;
             let mut grad_norm = 0.0f32;
             let layout = model.layout.clone();
             for _epoch in 0..cfg.train.ppo_epochs {
@@ -803,6 +804,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                         bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
                     }
                     loss_sum += loss;
+                    n_updates += 1;
                     let mut p = layout.split_mut(&mut model.params);
                     let mut gs = layout.split_mut(&mut grads);
                     let ro: Vec<&[f32]> = gs.iter_mut().map(|s| &**s).collect();
@@ -816,7 +818,8 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                 .collect();
             ran += 1;
             summary.steps = done;
-            let loss = (loss_sum / updates as f64) as f32;
+            // Mean over the updates run (none when no group was kept).
+            let loss = (loss_sum / n_updates.max(1) as f64) as f32;
             recent.push(loss);
             if recent.len() > 100 {
                 recent.remove(0);
@@ -840,6 +843,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                 "rollout_s": rollout_s, "scoring_s": scoring_s, "update_s": update_s,
                 "step_s": step_s, "prefill_tokens": prefill, "decode_tokens": decode,
                 "ref_passes": summary.ref_passes, "old_passes": summary.old_passes,
+                "updates": n_updates,
                 "epoch": sampler.epoch,
             });
             progress.update(&StepReport {
