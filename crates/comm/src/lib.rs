@@ -1,6 +1,7 @@
 //! reel-comm: the communication layer. One [`Communicator`] trait that rank code is written
 //! against once, generic over the backend, and its first backend, [`InProcess`] (one OS thread per
-//! rank, host buffers).
+//! rank, host buffers). Multi-process backends (NCCL, in `reel-cuda`) start from [`bootstrap`] (a TCP
+//! rendezvous) and [`launch`] (one process per GPU).
 //!
 //! # Operations
 //!
@@ -63,8 +64,10 @@
 //!   ring algorithm, which is what NCCL's ring moves), not measured on the wire.
 
 mod algo;
+pub mod bootstrap;
 mod error;
 mod in_process;
+pub mod launch;
 pub mod stats;
 
 pub use error::{CommError, Op};
