@@ -31,6 +31,8 @@ pub struct Launch {
     /// After the first rank fails, how long the others may take to fail by themselves (their
     /// communicator's timeout) before they are killed (default 60 s).
     pub grace: Duration,
+    /// Extra environment variables for every rank (default none).
+    pub env: Vec<(String, String)>,
 }
 
 impl Launch {
@@ -44,6 +46,7 @@ impl Launch {
             world: nproc,
             rendezvous: "127.0.0.1:29533".into(),
             grace: Duration::from_secs(60),
+            env: Vec::new(),
         }
     }
 }
@@ -99,6 +102,7 @@ pub fn run(l: &Launch) -> Result<(), LaunchError> {
             .env(ENV_LOCAL_RANK, local.to_string())
             .env(ENV_WORLD, l.world.to_string())
             .env(ENV_RENDEZVOUS, &l.rendezvous)
+            .envs(l.env.iter().map(|(k, v)| (k, v)))
             .spawn();
         match child {
             Ok(c) => children.push((rank, c)),
