@@ -1,5 +1,5 @@
 //! `reel`: train long-context transformers. Commands: sft, grpo, eval, generate, plot, bench,
-//! data, demo.
+//! data, demo, launch.
 
 mod bench;
 mod bench_data;
@@ -200,6 +200,30 @@ enum Command {
     /// The main job on the embedded default: synthetic tasks, a tiny model trained from
     /// scratch, held-out accuracy before and after.
     Demo(demo::DemoArgs),
+    /// Run a command as N processes on this machine, one per GPU: each gets RANK, LOCAL_RANK,
+    /// WORLD_SIZE and REEL_RENDEZVOUS (`reel launch --nproc 2 -- reel <subcommand…>`; `reel`
+    /// there means this executable). Fails, naming the ranks, when any rank fails.
+    Launch {
+        /// Processes on this machine.
+        #[arg(long)]
+        nproc: usize,
+        /// `host:port` where global rank 0 listens for the others.
+        #[arg(long, default_value = "127.0.0.1:29533")]
+        rendezvous: String,
+        /// Global rank of this machine's first process (other machines: their own launcher).
+        #[arg(long, default_value_t = 0)]
+        base_rank: usize,
+        /// Ranks over all machines (default: --nproc).
+        #[arg(long)]
+        world: Option<usize>,
+        /// Seconds the other ranks may take to fail by themselves after one fails, before they
+        /// are killed.
+        #[arg(long, default_value_t = 60)]
+        grace_secs: u64,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 /// `reel sft --vl-model DIR --vl-data FILE`: CoT-SFT of a Qwen2.5-VL model.
@@ -521,6 +545,28 @@ fn real_main() -> Result<()> {
         } => bench::run(what, seq, reps, json)?,
         Command::Data(args) => data_cmd::run(args)?,
         Command::Demo(args) => demo::run(args)?,
+        Command::Launch {
+            nproc,
+            rendezvous,
+            base_rank,
+            world,
+            grace_secs,
+            command,
+        } => {
+            let mut args = command.into_iter();
+            let first = args.next().context("launch: no command given after --")?;
+            let program = if first == "reel" {
+                std::env::current_exe().context("launch: finding this executable")?
+            } else {
+                PathBuf::from(first)
+            };
+            let mut l = reel_comm::launch::Launch::local(program, args.collect(), nproc);
+            l.rendezvous = rendezvous;
+            l.base_rank = base_rank;
+            l.world = world.unwrap_or(nproc);
+            l.grace = std::time::Duration::from_secs(grace_secs);
+            reel_comm::launch::run(&l)?;
+        }
     }
     Ok(())
 }

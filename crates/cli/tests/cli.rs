@@ -398,3 +398,49 @@ fn demo_runs_sft_then_grpo_and_prints_both_accuracies() {
     assert_eq!(metrics.lines().count(), 2);
     assert!(image::open(dir.path().join("grpo/metrics.png")).is_ok());
 }
+
+#[test]
+fn launch_runs_one_process_per_rank_and_names_failures() {
+    let ok = reel()
+        .args(["launch", "--nproc", "3", "--", "/bin/sh", "-c"])
+        .arg("test \"$WORLD_SIZE\" = 3 && test \"$RANK\" -lt 3 && test -n \"$REEL_RENDEZVOUS\"")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // `reel` after `--` is this executable.
+    let ok = reel()
+        .args(["launch", "--nproc", "2", "--", "reel", "--version"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).matches("reel").count(),
+        2
+    );
+    let bad = reel()
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--grace-secs",
+            "1",
+            "--",
+            "/bin/sh",
+            "-c",
+        ])
+        .arg("exit $((RANK + 4))")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("rank 0 exited with status 4"), "{err}");
+    assert!(err.contains("rank 1 exited with status 5"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! reel-comm: the communication layer. One [`Communicator`] trait that rank code is written
 //! against once, generic over the backend, and its first backend, [`InProcess`] (one OS thread per
-//! rank, host buffers).
+//! rank, host buffers). Multi-process backends (NCCL, in `reel-cuda`) start from [`bootstrap`] (a TCP
+//! rendezvous) and [`launch`] (one process per GPU).
 //!
 //! # Operations
 //!
@@ -50,21 +51,26 @@
 //!   the owned buffer and [`Pending::wait`] returns those. Rank code that is generic over
 //!   `C: Communicator` keeps its shape; the host backend stays as it is (`Buf = [f32]`). bf16
 //!   payloads come the same way, through an element type parameter (sums still accumulate in f32).
-//! - NCCL: one communicator per process and GPU, created from a unique id shared by a bootstrap
-//!   (file or TCP), the launcher passing rank and world size. The collectives map one to one
-//!   (ncclAllReduce, ncclAllGather, ncclReduceScatter, ncclBroadcast; all-to-all as grouped
-//!   ncclSend/ncclRecv; barrier as a one-element all-reduce). `start` is ncclGroupStart, the sends
-//!   and receives, ncclGroupEnd on the communicator's stream, then an event; `wait` polls the event
-//!   and ncclCommGetAsyncError until the deadline and calls ncclCommAbort on timeout or error, which
-//!   is what unblocks the other ranks (they see NCCL errors, reported as `PeerFailed`). NCCL has no
-//!   tags and matches sends and receives per peer in issue order, so the backend keeps one NCCL
-//!   communicator per tag in use (ncclCommSplit with one color, a duplicate). `split` is
-//!   ncclCommSplit. The byte counters keep this crate's convention (computed from sizes and the
-//!   ring algorithm, which is what NCCL's ring moves), not measured on the wire.
+//! - NCCL (implemented: `reel_cuda::NcclComm`, whose module docs are the reference): one
+//!   communicator per process and GPU, created from a unique id that [`bootstrap`] shares over
+//!   TCP, [`launch`] passing rank and world size. The collectives map one to one (ncclAllReduce,
+//!   ncclAllGather, ncclReduceScatter, ncclBroadcast; all-to-all as grouped ncclSend/ncclRecv;
+//!   barrier as a one-element all-reduce). `start` is ncclGroupStart, the sends and receives,
+//!   ncclGroupEnd on the communicator's stream, then an event; `wait` polls the event and
+//!   ncclCommGetAsyncError until the deadline and calls ncclCommAbort on timeout or error. NCCL
+//!   has no tags and matches sends and receives per peer in issue order, and does not buffer
+//!   sends, so that backend asks more of rank code than the trait: messages between two ranks are
+//!   received in the order they were sent whatever their tags, and a send's receive must be
+//!   posted in a batch that runs at the same time. Each message carries a header (tag, length,
+//!   sequence number) that the receiver checks, so breaking the rule is a
+//!   [`CommError::Mismatch`], never wrong data. `split` is ncclCommSplit. The byte counters keep
+//!   this crate's convention ([`stats::convention_bytes`]), not measured on the wire.
 
 mod algo;
+pub mod bootstrap;
 mod error;
 mod in_process;
+pub mod launch;
 pub mod stats;
 
 pub use error::{CommError, Op};

@@ -131,3 +131,49 @@ impl Add for CommStats {
         }
     }
 }
+
+/// `(bytes_sent, bytes_recv)` of one call of `op` on `rank` of `p` ranks under this module's
+/// convention, for backends that do not count on the wire (NCCL): `n` is the element count the
+/// table names (the buffer for `all_reduce_sum`/`broadcast`, the recv length for `all_gather`,
+/// the send length for `reduce_scatter_sum` and `all_to_all`, the payload for `send`/`recv`).
+pub fn convention_bytes(op: Op, n: usize, p: usize, rank: usize, root: usize) -> (u64, u64) {
+    let b = |elems: usize| (elems * 4) as u64;
+    let not_own = |n: usize| b(n - crate::algo::chunk_range(n, p, rank).len());
+    match op {
+        Op::Send => (b(n), 0),
+        Op::Recv => (0, b(n)),
+        Op::AllReduce => {
+            let (sent, recv) = if p <= 1 {
+                (0, 0)
+            } else {
+                let c = |i: usize| b(crate::algo::chunk_range(n, p, i % p).len());
+                let total = b(n);
+                // Reduce-scatter sends every chunk but r and receives every chunk but r−1;
+                // the all-gather sends every chunk but r+1 and receives every chunk but r.
+                let rs_sent = total - c(rank);
+                let rs_recv = total - c(rank + p - 1);
+                let ag_sent = total - c(rank + 1);
+                let ag_recv = total - c(rank);
+                (rs_sent + ag_sent, rs_recv + ag_recv)
+            };
+            (sent, recv)
+        }
+        Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
+            if p <= 1 {
+                (0, 0)
+            } else {
+                (not_own(n), not_own(n))
+            }
+        }
+        Op::Broadcast => {
+            if p <= 1 {
+                (0, 0)
+            } else if rank == root {
+                (b(n) * (p as u64 - 1), 0)
+            } else {
+                (0, b(n))
+            }
+        }
+        Op::Barrier | Op::Split => (0, 0),
+    }
+}

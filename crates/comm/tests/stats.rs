@@ -126,3 +126,52 @@ fn stats_serialise_with_operation_names() {
     assert_eq!(back, stats);
     assert_eq!(stats.total(), op(2, 4, 2));
 }
+
+/// `stats::convention_bytes` (what backends that cannot count on the wire record) agrees with what
+/// the in-process backend counts, uneven all-reduce chunks included.
+#[test]
+fn convention_bytes_match_the_counted_bytes() {
+    use reel_comm::stats::convention_bytes;
+    use reel_comm::Op;
+    for p in [1usize, 2, 3, 4] {
+        for n_ar in [1usize, 7, 12] {
+            let m = 3;
+            let per_rank = all_ok(InProcess::spawn(p, TIMEOUT, |comm| {
+                let mut s = Vec::new();
+                let mut buf = vec![1.0f32; n_ar];
+                comm.all_reduce_sum(&mut buf)?;
+                s.push(comm.stats().all_reduce);
+                let mut g = poisoned(p * m);
+                comm.all_gather(&vec![1.0; m], &mut g)?;
+                s.push(comm.stats().all_gather);
+                let mut c = poisoned(m);
+                comm.reduce_scatter_sum(&vec![1.0; p * m], &mut c)?;
+                s.push(comm.stats().reduce_scatter);
+                let mut a = poisoned(p * m);
+                comm.all_to_all(&vec![1.0; p * m], &mut a)?;
+                s.push(comm.stats().all_to_all);
+                let mut b = vec![1.0f32; 5];
+                comm.broadcast(&mut b, p - 1)?;
+                s.push(comm.stats().broadcast);
+                Ok(s)
+            }));
+            for (r, s) in per_rank.iter().enumerate() {
+                let cases = [
+                    (Op::AllReduce, n_ar),
+                    (Op::AllGather, p * m),
+                    (Op::ReduceScatter, p * m),
+                    (Op::AllToAll, p * m),
+                    (Op::Broadcast, 5),
+                ];
+                for (got, (op, n)) in s.iter().zip(cases) {
+                    let (sent, recv) = convention_bytes(op, n, p, r, p - 1);
+                    assert_eq!(
+                        (got.bytes_sent, got.bytes_recv),
+                        (sent, recv),
+                        "{op} p={p} n={n} rank {r}"
+                    );
+                }
+            }
+        }
+    }
+}

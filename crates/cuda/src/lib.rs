@@ -24,6 +24,9 @@
 //! - With the `cudnn` feature: fused attention through cuDNN (`Gpu::attention_forward`,
 //!   `Gpu::attention_backward`; `cudnn.rs`, `csrc/cudnn_attention.cpp`), in reel's layouts.
 //!
+//! - [`NcclComm`] (`nccl`): NCCL as a `reel_comm::Communicator`, one process per GPU, TCP
+//!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split.
+//!
 //! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
 //! [`GpuError::Shape`].
@@ -36,11 +39,13 @@ mod cudnn;
 mod gpu;
 pub mod libs;
 mod loss;
+pub mod nccl;
 mod ops;
 mod optim;
 
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
 pub use gpu::{DeviceInfo, Gpu};
+pub use nccl::{NcclBatch, NcclComm};
 pub use ops::GpuRopeTable;
 
 use half::bf16;
