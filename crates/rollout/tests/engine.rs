@@ -421,3 +421,33 @@ fn embedding_and_mrope_prompts_are_an_extension_point() {
     assert_eq!(out[1].samples[0].ids, out[0].samples[0].ids);
     assert_ne!(out[2].samples[0].logprobs, out[0].samples[0].logprobs);
 }
+
+#[test]
+fn tied_mqa_model_matches_generate_with_shared_prefixes() {
+    let m = load_checkpoint(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-tiny-tied"),
+    )
+    .unwrap();
+    assert_eq!(m.config.num_key_value_heads, 1);
+    let mut e = Engine::new(&m, small()).unwrap();
+    let small_vocab = |n, seed| -> Vec<u32> { prompt(n, seed).iter().map(|t| t % 96).collect() };
+    let work = [
+        (small_vocab(13, 1), 3, sampled(10, 3)),
+        (small_vocab(6, 2), 2, greedy(12)),
+    ];
+    for (p, g, params) in &work {
+        e.add_group(p.clone(), *g, params.clone()).unwrap();
+    }
+    let out = e.run().unwrap();
+    assert_eq!(e.stats().prefill_tokens, 13 + 6);
+    for (o, (p, _, params)) in out.iter().zip(&work) {
+        for (j, s) in o.samples.iter().enumerate() {
+            assert_eq!(
+                s.ids,
+                reference(&m, p, params, j),
+                "group {} sample {j}",
+                o.id
+            );
+        }
+    }
+}
