@@ -469,8 +469,14 @@ impl Qwen2 {
                 "token id {tok} at position {i} is outside the vocabulary ({v})"
             )));
         }
-        if let Some((i, &tg)) = batch
-            .targets
+        self.check_targets(batch.targets)?;
+        self.check_positions(batch.positions)
+    }
+
+    /// Refuses a target id outside the vocabulary (negative targets mean no loss).
+    fn check_targets(&self, targets: &[i32]) -> Result<(), ModelError> {
+        let v = self.config.vocab_size;
+        if let Some((i, &tg)) = targets
             .iter()
             .enumerate()
             .find(|(_, &x)| x >= 0 && x as usize >= v)
@@ -479,8 +485,13 @@ impl Qwen2 {
                 "target id {tg} at position {i} is outside the vocabulary ({v})"
             )));
         }
+        Ok(())
+    }
+
+    /// Refuses a RoPE position past the table.
+    fn check_positions(&self, positions: &[u32]) -> Result<(), ModelError> {
         let max = self.config.max_position_embeddings;
-        if let Some(&p) = batch.positions.iter().find(|&&p| p as usize >= max) {
+        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max) {
             return Err(ModelError::Invalid(format!(
                 "position {p} exceeds max_position_embeddings ({max})"
             )));
@@ -779,6 +790,21 @@ impl Qwen2 {
         )
     }
 
+    /// Logits [N, V] of the LM head over the final normed states in ws (tests, small evaluations).
+    fn head_logits(&self, ws: &Workspace, m: &Dims) -> Vec<f32> {
+        let mut logits = vec![0.0f32; m.n * m.v];
+        matmul_forward(
+            &mut logits,
+            &ws.xn_f,
+            &self.params[self.layout.lm_head.clone()],
+            None,
+            m.n,
+            m.d,
+            m.v,
+        );
+        logits
+    }
+
     /// The LM head fused with cross-entropy over the final normed states in ws.
     fn head_loss(
         &self,
@@ -983,17 +1009,7 @@ impl Qwen2 {
         self.validate_batch(&batch)?;
         self.forward_layers(ws, &batch, attn)?;
         let m = Dims::new(&self.config, b, t);
-        let mut logits = vec![0.0f32; m.n * m.v];
-        matmul_forward(
-            &mut logits,
-            &ws.xn_f,
-            &self.params[self.layout.lm_head.clone()],
-            None,
-            m.n,
-            m.d,
-            m.v,
-        );
-        Ok(logits)
+        Ok(self.head_logits(ws, &m))
     }
 }
 
@@ -1016,24 +1032,9 @@ impl Qwen2 {
                 m.n
             )));
         }
-        if let Some((i, &tg)) = batch
-            .targets
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x >= 0 && x as usize >= m.v)
-        {
-            return Err(ModelError::Invalid(format!(
-                "target id {tg} at position {i} is outside the vocabulary ({})",
-                m.v
-            )));
-        }
+        self.check_targets(batch.targets)?;
         if let Rotary::Positions(p) = batch.rotary {
-            let max = self.config.max_position_embeddings;
-            if let Some(&p) = p.iter().find(|&&p| p as usize >= max) {
-                return Err(ModelError::Invalid(format!(
-                    "position {p} exceeds max_position_embeddings ({max})"
-                )));
-            }
+            self.check_positions(p)?;
         }
         Ok(m)
     }
@@ -1081,17 +1082,7 @@ impl Qwen2 {
         ws.resize(&m);
         ws.xs[0].copy_from_slice(batch.embeds);
         self.run_layers(ws, batch.rotary, &m, attn)?;
-        let mut logits = vec![0.0f32; m.n * m.v];
-        matmul_forward(
-            &mut logits,
-            &ws.xn_f,
-            &self.params[self.layout.lm_head.clone()],
-            None,
-            m.n,
-            m.d,
-            m.v,
-        );
-        Ok(logits)
+        Ok(self.head_logits(ws, &m))
     }
 }
 
