@@ -513,6 +513,14 @@ impl NcclComm {
             .map_err(|e| self.fail(op, None, Failure::Cuda(format!("upload: {e:?}"))))
     }
 
+    /// A device buffer for a collective's output, which the collective overwrites whole (no
+    /// upload of the host buffer's old contents).
+    fn stage_out(&self, op: Op, len: usize) -> Result<CudaSlice<f32>, CommError> {
+        self.stream
+            .alloc_zeros::<f32>(len)
+            .map_err(|e| self.fail(op, None, Failure::Cuda(format!("alloc: {e:?}"))))
+    }
+
     fn unstage(&self, op: Op, dev: &CudaSlice<f32>, host: &mut [f32]) -> Result<(), CommError> {
         self.stream
             .memcpy_dtoh(dev, host)
@@ -845,7 +853,7 @@ impl Communicator for NcclComm {
         self.bind(Op::AllGather)?;
         if !send.is_empty() {
             let s = self.stage(Op::AllGather, send)?;
-            let r = self.stage(Op::AllGather, recv)?;
+            let r = self.stage_out(Op::AllGather, recv.len())?;
             self.ag_raw(s.raw_ptr(), r.raw_ptr(), send.len())?;
             self.unstage(Op::AllGather, &r, recv)?;
         }
@@ -858,7 +866,7 @@ impl Communicator for NcclComm {
         self.bind(Op::ReduceScatter)?;
         if !recv.is_empty() {
             let s = self.stage(Op::ReduceScatter, send)?;
-            let r = self.stage(Op::ReduceScatter, recv)?;
+            let r = self.stage_out(Op::ReduceScatter, recv.len())?;
             self.rs_raw(s.raw_ptr(), r.raw_ptr(), recv.len())?;
             self.unstage(Op::ReduceScatter, &r, recv)?;
         }
@@ -881,7 +889,7 @@ impl Communicator for NcclComm {
         self.bind(Op::AllToAll)?;
         if !send.is_empty() {
             let s = self.stage(Op::AllToAll, send)?;
-            let r = self.stage(Op::AllToAll, recv)?;
+            let r = self.stage_out(Op::AllToAll, recv.len())?;
             self.a2a_raw(s.raw_ptr(), r.raw_ptr(), send.len() / self.world)?;
             self.unstage(Op::AllToAll, &r, recv)?;
         }
