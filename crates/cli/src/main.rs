@@ -37,7 +37,8 @@ struct Cli {
 /// `reel sft` of a Qwen2.5-VL model on LongVideo-Reason records (CoT-SFT on video).
 #[derive(clap::Args)]
 struct VlSftArgs {
-    /// Qwen2.5-VL checkpoint folder to train (instead of --config).
+    /// Qwen2.5-VL checkpoint folder to train (instead of --config; the --vl-* flags become
+    /// the run config, which --set, --sp, --dp and --resume then apply to).
     #[arg(long, requires = "vl_data")]
     vl_model: Option<PathBuf>,
     /// LongVideo-Reason JSONL with reasoning (`reel data synth` writes one).
@@ -50,7 +51,7 @@ struct VlSftArgs {
     /// JSONL written (its folder gets videos/).
     #[arg(long, value_name = "N")]
     vl_synth: Option<usize>,
-    /// Output folder (metrics.jsonl, final/).
+    /// Output folder (config.toml, metrics.jsonl, checkpoints/).
     #[arg(long, default_value = "runs/vl-sft")]
     vl_out: PathBuf,
     #[arg(long, default_value_t = 20)]
@@ -76,7 +77,7 @@ enum Command {
     /// Supervised fine-tuning from a TOML config.
     Sft {
         /// The run's TOML config (`reel sft --print-config` shows every field and default).
-        #[arg(long, required_unless_present_any = ["print_config", "vl_model"])]
+        #[arg(long, required_unless_present_any = ["print_config", "vl_model"], conflicts_with = "vl_model")]
         config: Option<PathBuf>,
         #[command(flatten)]
         vl: VlSftArgs,
@@ -226,11 +227,11 @@ enum Command {
     },
 }
 
-/// `reel sft --vl-model DIR --vl-data FILE`: CoT-SFT of a Qwen2.5-VL model.
-fn sft_vl(a: &VlSftArgs, sp: Option<usize>) -> Result<()> {
+/// `reel sft --vl-model DIR --vl-data FILE`: the flags as a run config (CoT-SFT of a
+/// Qwen2.5-VL model), after writing the demo model and data they ask for.
+fn vl_flags_config(a: &VlSftArgs) -> Result<SftConfig> {
     let model = a.vl_model.clone().context("--vl-model is required")?;
     let data = a.vl_data.clone().context("--vl-data is required")?;
-    let out = a.vl_out.clone();
     if a.vl_init_tiny {
         reel_train::vl::write_tiny_vl_model(&model, 0)?;
     }
@@ -251,39 +252,14 @@ fn sft_vl(a: &VlSftArgs, sp: Option<usize>) -> Result<()> {
                 .with_context(|| format!("moving {} to {}", written.display(), data.display()))?;
         }
     }
-    let mut cfg = reel_train::VlSftConfig::new(model, data, out);
+    let mut cfg = reel_train::VlSftConfig::new(model, data, a.vl_out.clone());
     cfg.steps = a.vl_steps;
     cfg.batch = a.vl_batch;
     cfg.lr = a.vl_lr;
     cfg.sampling = reel_train::parse_sampling(&a.vl_sample)?;
     cfg.vision_freeze = !a.vl_train_vision;
     cfg.cache_dir = a.vl_cache_dir.clone();
-    cfg.sp = sp.unwrap_or(1);
-    let s = reel_train::run_vl_sft(&cfg)?;
-    println!(
-        "trained {} steps in {:.1} s; loss {:.4} → {:.4}; {} videos, tower runs {}, cache hits {} \
-         misses {}; {} records skipped; model saved to {}",
-        s.losses.len(),
-        s.wall_secs,
-        s.losses.first().copied().unwrap_or(f64::NAN),
-        s.losses.last().copied().unwrap_or(f64::NAN),
-        s.videos,
-        s.encode.tower_forwards,
-        s.cache.hits + s.cache.disk_hits,
-        s.cache.misses,
-        s.skipped_records,
-        s.final_model_dir.display()
-    );
-    Ok(())
-}
-
-/// Whether `dir/config.json` names model_type qwen2_5_vl.
-fn is_vl_checkpoint(dir: &std::path::Path) -> Result<bool> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-    Ok(v.get("model_type").and_then(|t| t.as_str()) == Some("qwen2_5_vl"))
+    Ok(cfg.to_sft_config())
 }
 
 /// `reel eval` on a Qwen2.5-VL checkpoint and LongVideo-Reason records.
@@ -354,11 +330,10 @@ fn real_main() -> Result<()> {
                 print!("{}", SftConfig::documented_default());
                 return Ok(());
             }
-            if vl.vl_model.is_some() {
-                return sft_vl(&vl, sp);
-            }
-            let path = config.expect("clap requires --config");
-            let mut cfg = SftConfig::from_file(&path)?;
+            let mut cfg = match config {
+                Some(path) => SftConfig::from_file(&path)?,
+                None => vl_flags_config(&vl)?,
+            };
             for o in &overrides {
                 cfg.apply_override(o)?;
             }
@@ -380,6 +355,18 @@ fn real_main() -> Result<()> {
                 summary.final_loss,
                 summary.final_model_dir.display()
             );
+            if let Some(v) = &summary.video {
+                println!(
+                    "{} videos; tower runs {}; cache hits {} misses {}; skipped {} malformed \
+                     records, {} records with a bad video",
+                    v.videos,
+                    v.encode.tower_forwards,
+                    v.cache.hits + v.cache.disk_hits,
+                    v.cache.misses,
+                    v.skipped_records,
+                    v.skipped_videos
+                );
+            }
         }
         Command::Grpo {
             config,
@@ -471,7 +458,7 @@ fn real_main() -> Result<()> {
             sample,
             ..
         } => {
-            if is_vl_checkpoint(&model)? {
+            if reel_train::model_kind_of(&model)? == reel_train::ModelKind::Qwen25VL {
                 return eval_vl(&model, &data, &sample, json);
             }
             let m = load_checkpoint(&model)?;

@@ -1,5 +1,5 @@
-//! The SFT run configuration: one TOML file with `[model]`, `[data]`, `[train]`, `[parallel]` and
-//! `[output]` sections, every field optional with the default stated on it, unknown keys refused.
+//! The SFT run configuration: one TOML file with `[model]`, `[data]`, `[train]`, `[parallel]`,
+//! `[output]` and (for a Qwen2.5-VL model) `[video]` sections, every field optional with the default stated on it, unknown keys refused.
 //!
 //! `reel sft --config run.toml --set train.lr=3e-4 --set output.dir=runs/x` is
 //! [`SftConfig::from_file`], then [`SftConfig::apply_override`] per `--set` (the value is parsed as
@@ -55,6 +55,47 @@ pub struct SftConfig {
     pub parallel: ParallelConfig,
     /// Where the run writes checkpoints, metrics and logs, and how often.
     pub output: OutputConfig,
+    /// Video input and the vision tower, read when the model is a Qwen2.5-VL.
+    pub video: VideoConfig,
+}
+
+/// Which model family a run trains, detected from the `model.path` checkpoint's config.json
+/// (`model_type` `qwen2_5_vl` → [`ModelKind::Qwen25VL`]; anything else, or `[model.init]`, →
+/// the text decoder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// The Qwen2 text decoder on chat JSONL.
+    Qwen2,
+    /// Qwen2.5-VL on LongVideo-Reason records (`data.train`, `data.eval`).
+    Qwen25VL,
+}
+
+/// `[video]`: how videos become the vision-language model's input, and whether its tower
+/// trains. Read only when `model.path` is a Qwen2.5-VL checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VideoConfig {
+    /// Frame sampling: "all", "uniform:N" (N frames evenly spread) or "fps:F" (F frames per
+    /// second). Default "uniform:8".
+    pub sampling: String,
+    /// Train the vision tower too (its embeddings are then computed every step, not cached).
+    /// Default false (frozen tower, embeddings from the cache: one tower run per video).
+    pub train_vision: bool,
+    /// Memory of the vision-embedding cache in MiB. Default 1024.
+    pub cache_mb: usize,
+    /// Folder of the cache's on-disk tier (safetensors files, memory-mapped). Default: none.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for VideoConfig {
+    fn default() -> Self {
+        Self {
+            sampling: "uniform:8".to_string(),
+            train_vision: false,
+            cache_mb: 1024,
+            cache_dir: None,
+        }
+    }
 }
 
 /// `[model]`: exactly one of `path` and `init`.
@@ -465,6 +506,21 @@ eval_every = 0
 keep_last = 2
 # Log every this many steps; 0 = never.
 log_every = 1
+
+# Read when model.path is a Qwen2.5-VL checkpoint (config.json model_type "qwen2_5_vl"): then
+# data.train and data.eval are LongVideo-Reason JSONL (reasoning + answer as the target), one
+# record (its videos and tokens, one sequence) per micro-batch; data.tokens_per_batch does not
+# apply and a record longer than data.max_len loses its tail (skipped when a video would be cut).
+[video]
+# Frame sampling: "all", "uniform:N" or "fps:F".
+sampling = "uniform:8"
+# Train the vision tower too (embeddings computed every step); false = frozen tower, embeddings
+# served from the content-addressed cache (one tower run per video).
+train_vision = false
+# Memory of the vision-embedding cache in MiB.
+cache_mb = 1024
+# On-disk tier of the cache.
+# cache_dir = "runs/embed-cache"
 "#;
 
 /// 1-based line and column (in characters) of byte offset `at` in `text`.
@@ -551,6 +607,29 @@ pub fn apply_override<T: Serialize + serde::de::DeserializeOwned>(
         .try_into()
         .map_err(|e: toml::de::Error| err(key, e.message().to_string()))?;
     Ok(())
+}
+
+/// The family of the checkpoint folder `dir`: Qwen2.5-VL when its config.json says
+/// `model_type` = `qwen2_5_vl`, else the text decoder. An unreadable config.json is an error
+/// naming it.
+pub fn model_kind_of(dir: &Path) -> Result<ModelKind, ConfigError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.clone(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    })?;
+    Ok(
+        match v.get("model_type").and_then(serde_json::Value::as_str) {
+            Some("qwen2_5_vl") => ModelKind::Qwen25VL,
+            _ => ModelKind::Qwen2,
+        },
+    )
 }
 
 /// 64-bit FNV-1a of a config's TOML, as 16 hex digits.
@@ -692,7 +771,25 @@ impl SftConfig {
         if self.output.eval_every > 0 && self.data.eval.is_none() {
             return bad("output.eval_every", "needs data.eval");
         }
+        if let Err(e) = crate::vl::parse_sampling(&self.video.sampling) {
+            return Err(ConfigError::Invalid {
+                key: "video.sampling",
+                message: format!("{e:#}"),
+            });
+        }
+        if self.video.cache_mb == 0 {
+            return bad("video.cache_mb", "must be at least 1");
+        }
         Ok(())
+    }
+
+    /// The model family: Qwen2.5-VL when `model.path`'s config.json says `model_type` =
+    /// `qwen2_5_vl`, else the text decoder. An unreadable config.json is an error naming it.
+    pub fn model_kind(&self) -> Result<ModelKind, ConfigError> {
+        match &self.model.path {
+            Some(dir) => model_kind_of(dir),
+            None => Ok(ModelKind::Qwen2),
+        }
     }
 
     /// The tokenizer folder: `model.tokenizer`, else `model.path`.
@@ -708,22 +805,28 @@ impl SftConfig {
         toml::to_string(self).expect("SftConfig always serialises to TOML")
     }
 
-    /// A hash of everything that shapes the run's numbers (`[model]`, `[data]`, `[train]` and
-    /// `parallel.dp`, which sets the micro-batches per step; not `[output]`, nor `sp`, the
-    /// schedule or the timeout, which change only rounding), as 16 hex digits; a resumed run
-    /// compares it with the checkpoint's. With `dp = 1` it is the hash of runs made before
-    /// `[parallel]` existed.
+    /// A hash of everything that shapes the run's numbers (`[model]`, `[data]`, `[train]`,
+    /// `parallel.dp`, which sets the micro-batches per step, and `[video]` but its cache
+    /// settings; not `[output]`, nor `sp`, the schedule or the timeout, which change only
+    /// rounding), as 16 hex digits; a resumed run compares it with the checkpoint's. With
+    /// `dp = 1` and the default video settings it is the hash of runs made before `[parallel]`
+    /// and `[video]` existed.
     pub fn config_hash(&self) -> String {
         #[derive(Serialize)]
         struct Shaping<'a> {
             #[serde(skip_serializing_if = "Option::is_none")]
             dp: Option<usize>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            video: Option<(&'a str, bool)>,
             model: &'a ModelConfig,
             data: &'a DataConfig,
             train: &'a TrainConfig,
         }
         let text = toml::to_string(&Shaping {
             dp: (self.parallel.dp != 1).then_some(self.parallel.dp),
+            video: (self.video.sampling != VideoConfig::default().sampling
+                || self.video.train_vision)
+                .then_some((self.video.sampling.as_str(), self.video.train_vision)),
             model: &self.model,
             data: &self.data,
             train: &self.train,
@@ -897,6 +1000,7 @@ dir = "runs/x"
         full.model.tokenizer = Some("t".into());
         full.model.init = Some(InitConfig::default());
         full.data.eval = Some("e".into());
+        full.video.cache_dir = Some("c".into());
         let table = toml::Table::try_from(&full).unwrap();
         let doc = SftConfig::documented_default();
         fn walk(prefix: &str, t: &toml::Table, doc: &str) {
@@ -988,6 +1092,54 @@ dir = "runs/x"
         assert_eq!(cfg.parallel.schedule, SpSchedule::Ring);
         let dims = cfg.parallel.dims().unwrap();
         assert_eq!((dims.dp(), dims.sp(), dims.world()), (1, 2, 2));
+    }
+
+    #[test]
+    fn video_section_parses_overrides_validates_and_model_kind_is_detected() {
+        let cfg = parse("[video]\nsampling = \"fps:2\"\ntrain_vision = true\n").unwrap();
+        assert_eq!(cfg.video.sampling, "fps:2");
+        assert!(cfg.video.train_vision);
+        let mut cfg = SftConfig::default();
+        cfg.model.path = Some("ckpt".into());
+        cfg.data.train = "t.jsonl".into();
+        cfg.apply_override("video.cache_mb=64").unwrap();
+        cfg.apply_override("video.cache_dir=runs/cache").unwrap();
+        assert_eq!(cfg.video.cache_mb, 64);
+        assert_eq!(cfg.video.cache_dir, Some(PathBuf::from("runs/cache")));
+        cfg.validate().unwrap();
+        cfg.apply_override("video.sampling=sometimes").unwrap();
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Invalid {
+                key: "video.sampling",
+                ..
+            })
+        ));
+        assert!(parse("[video]\nframes = 8\n")
+            .unwrap_err()
+            .to_string()
+            .contains("frames"));
+        // The family comes from the checkpoint's config.json.
+        let dir = tempfile::tempdir().unwrap();
+        cfg.model.path = Some(dir.path().to_path_buf());
+        let err = cfg.model_kind().unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        for (text, kind) in [
+            (r#"{"model_type": "qwen2_5_vl"}"#, ModelKind::Qwen25VL),
+            (r#"{"model_type": "qwen2"}"#, ModelKind::Qwen2),
+        ] {
+            std::fs::write(dir.path().join("config.json"), text).unwrap();
+            assert_eq!(cfg.model_kind().unwrap(), kind);
+        }
+        cfg.model.path = None;
+        assert_eq!(cfg.model_kind().unwrap(), ModelKind::Qwen2);
+        // Frame sampling and the tower shape the numbers; the cache does not.
+        let mut a = SftConfig::default();
+        let h = a.config_hash();
+        a.video.cache_mb = 1;
+        assert_eq!(a.config_hash(), h);
+        a.video.train_vision = true;
+        assert_ne!(a.config_hash(), h);
     }
 
     #[test]

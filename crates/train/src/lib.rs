@@ -3,13 +3,15 @@
 //! - [`config`]: [`SftConfig`], the TOML run configuration with `--set key=value` overrides.
 //! - [`checkpoint`]: atomic checkpoint folders ([`CheckpointDir`], [`write_atomic`]), the
 //!   trainer's resumable state ([`TrainerState`]) and AdamW state as safetensors bytes.
-//! - [`sft`]: the training loop ([`run_sft`]), single-rank or on `dp × sp` in-process ranks;
+//! - [`sft`]: the training loop ([`run_sft`]), single-rank or on `dp × sp` in-process ranks,
+//!   for the text decoder and for Qwen2.5-VL (detected from the checkpoint's config.json);
 //!   [`eval`]: assistant-token NLL ([`eval_nll`]).
 //! - [`grpo`]: the GRPO loop for the text decoder ([`run_grpo`], [`GrpoRunConfig`]) over
 //!   [`prompts`] ([`PromptSet`]: LongVideo-Reason or plain prompt/answer JSONL);
 //!   [`accuracy`]: greedy-answer accuracy overall and per `problem_type` ([`eval_accuracy`]).
 //! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
-//!   ([`eval_vl_nll`]) and CoT-SFT on video ([`run_vl_sft`]) with cached vision embeddings.
+//!   ([`eval_vl_nll`]) and its family of the SFT loop (CoT-SFT on video with cached vision
+//!   embeddings or a trained tower; [`run_vl_sft`], the older flat settings).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod accuracy;
@@ -27,8 +29,9 @@ pub use checkpoint::{
     CheckpointDir, CheckpointError, TrainerState,
 };
 pub use config::{
-    apply_override, parse_toml, read_toml, ConfigError, DataConfig, InitConfig, ModelConfig,
-    OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule, TrainConfig,
+    apply_override, model_kind_of, parse_toml, read_toml, ConfigError, DataConfig, InitConfig,
+    ModelConfig, ModelKind, OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule,
+    TrainConfig, VideoConfig,
 };
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
@@ -37,4 +40,7 @@ pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
-pub use vl::{eval_vl_nll, parse_sampling, run_vl_sft, VlInputs, VlSftConfig, VlSftSummary};
+pub use vl::{
+    eval_vl_examples, eval_vl_nll, parse_sampling, run_vl_sft, sampling_text, VideoRunStats,
+    VlInputs, VlSftConfig, VlSftSummary,
+};

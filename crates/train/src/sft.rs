@@ -21,14 +21,20 @@
 //! Only rank 0 writes metrics, progress and checkpoints. A failure on any rank aborts every
 //! rank; the error is the first failing rank's, naming it and the step. A single-rank run uses
 //! the same step function on this thread, with no communicator.
+//!
+//! The loop is generic over the model family ([`SftTask`]): the text decoder ([`TextTask`],
+//! chat JSONL) and Qwen2.5-VL ([`crate::vl::VlTask`], LongVideo-Reason records with videos)
+//! share all of the above; a task supplies its examples, micro-batches, the forward/backward
+//! of one micro-batch on a rank, its trainable tensors, evaluation and checkpoint files.
 
 use crate::checkpoint::{
     optimizer_state_from_bytes, optimizer_state_to_bytes, CheckpointDir, TrainerState,
     OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
-use crate::config::SftConfig;
+use crate::config::{ModelKind, SftConfig};
 use crate::eval::{eval_examples, tokenize_all};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
+use crate::vl::VideoRunStats;
 use anyhow::{bail, Context, Result};
 use reel_comm::{CommError, Communicator, InProcess};
 use reel_data::{
@@ -87,6 +93,8 @@ pub struct SftSummary {
     /// A checksum of each rank's final parameters, in rank order (one entry for a single-rank
     /// run); `run_sft` has already refused replicas that differ.
     pub param_checksums: Vec<u64>,
+    /// Video counters of a vision-language run (none for the text model).
+    pub video: Option<VideoRunStats>,
 }
 
 /// The starting model of a fresh run: the `[model] path` checkpoint, or `[model.init]` weights.
@@ -119,23 +127,33 @@ pub fn init_model(cfg: &SftConfig, tok: &Tokenizer) -> Result<Qwen2> {
     Ok(Qwen2::new_random(config, init.seed)?)
 }
 
-/// The files of a checkpoint folder: the HF model folder, the tokenizer, optimizer and state.
-pub(crate) fn checkpoint_files(
-    model: &Qwen2,
-    tok: &Tokenizer,
-    opt: &AdamW,
-    state: &TrainerState,
-) -> Result<Vec<(String, Vec<u8>)>> {
+/// The model files of a text checkpoint folder: the HF model folder and the tokenizer.
+fn text_model_files(model: &Qwen2, tok: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
     // Weights stay f32 (the master copy); config.json says so.
     let mut files = model_files(model, DType::F32, usize::MAX)?;
-    // The tokenizer writes a folder; carry its files into the checkpoint.
+    files.extend(tokenizer_files(tok)?);
+    Ok(files)
+}
+
+/// The tokenizer's files (it writes a folder; they are carried into a checkpoint).
+pub(crate) fn tokenizer_files(tok: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
     let tmp = tempfile::tempdir()?;
     tok.save(tmp.path())?;
+    let mut files = Vec::new();
     for entry in std::fs::read_dir(tmp.path())? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         files.push((name, std::fs::read(entry.path())?));
     }
+    Ok(files)
+}
+
+/// The files of a checkpoint folder: the model's files, optimizer and trainer state.
+fn with_trainer_files(
+    mut files: Vec<(String, Vec<u8>)>,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<Vec<(String, Vec<u8>)>> {
     files.push((
         OPTIMIZER_FILE.to_string(),
         optimizer_state_to_bytes(&opt.state())?,
@@ -144,30 +162,250 @@ pub(crate) fn checkpoint_files(
     Ok(files)
 }
 
-struct Resumed {
-    model: Qwen2,
-    opt_state: reel_optim::AdamWState,
-    state: TrainerState,
-    dir: PathBuf,
+/// The files of a text checkpoint folder: the HF model folder, the tokenizer, optimizer and
+/// state.
+pub(crate) fn checkpoint_files(
+    model: &Qwen2,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    with_trainer_files(text_model_files(model, tok)?, opt, state)
 }
 
-fn load_resume(dir: &Path) -> Result<Resumed> {
-    let model =
-        load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
-    let opt_path = dir.join(OPTIMIZER_FILE);
-    let opt_state = optimizer_state_from_bytes(
-        &std::fs::read(&opt_path).with_context(|| format!("reading {}", opt_path.display()))?,
-    )?;
-    let st_path = dir.join(TRAINER_STATE_FILE);
-    let state = TrainerState::from_json_bytes(
-        &std::fs::read(&st_path).with_context(|| format!("reading {}", st_path.display()))?,
-    )?;
-    Ok(Resumed {
-        model,
-        opt_state,
-        state,
-        dir: dir.to_path_buf(),
-    })
+/// What the one SFT loop needs of a model family; everything else (sampler, accumulation,
+/// global token-mean scaling, the gradient all-reduce, clipping, AdamW, schedule, NaN stop,
+/// metrics, evaluation cadence, checkpoints, resume, ranks) is the loop's own. Implemented by
+/// [`TextTask`] (Qwen2 on chat JSONL) and [`crate::vl::VlTask`] (Qwen2.5-VL on
+/// LongVideo-Reason records). A task holds the run's read-only data, shared by every rank.
+pub(crate) trait SftTask: Sync + Sized {
+    /// The model (its weights are the parameters the optimizer updates).
+    type Model: Send + Sync;
+    /// One rank's step buffers.
+    type Ws: Send;
+    /// One micro-batch, ready for [`SftTask::micro_step`].
+    type Micro;
+    /// Whether a single-rank run needs a communicator all the same (it then runs as a world of
+    /// one in-process rank).
+    const NEEDS_COMM: bool;
+
+    /// Reads and prepares the data of `cfg`.
+    fn build(cfg: &SftConfig, tok: &Tokenizer) -> Result<Self>;
+    /// The training data's sampler at step 0.
+    fn sampler(&self, cfg: &SftConfig) -> BucketSampler;
+    /// The starting model of a fresh run.
+    fn init(&self, cfg: &SftConfig, tok: &Tokenizer) -> Result<Self::Model>;
+    /// The model of a checkpoint folder.
+    fn load(&self, dir: &Path) -> Result<Self::Model>;
+    /// Refuses a model that does not fit the tokenizer or the data.
+    fn check(&self, model: &Self::Model, cfg: &SftConfig, tok: &Tokenizer) -> Result<()>;
+    /// A copy of `model` for another rank.
+    fn replica(&self, model: &Self::Model) -> Result<Self::Model>;
+    fn workspace(&self, model: &Self::Model, cfg: &SftConfig) -> Self::Ws;
+    /// (size, weight decay) of every trainable tensor, in the order of
+    /// [`SftTask::params_mut`] and of the flat gradient buffer.
+    fn param_groups(&self, model: &Self::Model) -> Vec<(usize, bool)>;
+    /// The trainable tensors, as [`SftTask::param_groups`] lists them.
+    fn params_mut<'m>(&self, model: &'m mut Self::Model) -> Vec<&'m mut [f32]>;
+    /// [`param_checksum`] of every weight (trained or not).
+    fn checksum(&self, model: &Self::Model) -> u64;
+    /// The micro-batch of training examples `idx`.
+    fn micro(&self, idx: &[usize], cfg: &SftConfig) -> Self::Micro;
+    /// Labelled and total tokens of a micro-batch.
+    fn counts(&self, mb: &Self::Micro) -> (usize, usize);
+    /// Forward and backward of this rank's share of `mb` for the loss
+    /// `scale · Σ token losses`; gradients accumulate into `grads` (the flat trainable layout).
+    fn micro_step<C: Communicator>(
+        &self,
+        model: &Self::Model,
+        ws: &mut Self::Ws,
+        grads: &mut [f32],
+        mb: &Self::Micro,
+        scale: f32,
+        peers: Option<&Peers<'_, C>>,
+    ) -> Result<LossStats>;
+    /// NLL of the held-out set (`data.eval`), if there is one.
+    fn eval(&self, model: &Self::Model) -> Result<Option<LossStats>>;
+    /// The model folder's files (config, weights, tokenizer, preprocessor).
+    fn model_files(&self, model: &Self::Model, tok: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Adds the task's own fields to a step's metrics line.
+    fn step_metrics(&self, _record: &mut serde_json::Value) {}
+    /// The text decoder, for the evaluation hook (none for other families).
+    fn text_model(model: &Self::Model) -> Option<&Qwen2>;
+    /// Video counters of the run, for the summary.
+    fn video_stats(&self) -> Option<VideoRunStats> {
+        None
+    }
+}
+
+/// The text family: Qwen2 on chat JSONL, micro-batches of right-padded sequences.
+pub(crate) struct TextTask {
+    train: Vec<TokenizedExample>,
+    /// The eval set, tokenized once (truncated to `data.max_len`).
+    eval_set: Option<Vec<TokenizedExample>>,
+    pad: u32,
+}
+
+impl SftTask for TextTask {
+    type Model = Qwen2;
+    type Ws = Workspace;
+    type Micro = Batch;
+    const NEEDS_COMM: bool = false;
+
+    fn build(cfg: &SftConfig, tok: &Tokenizer) -> Result<Self> {
+        let train_file = SftFile::read(&cfg.data.train)?;
+        let train = tokenize_all(tok, &train_file, cfg.data.max_len)?;
+        if train.is_empty() {
+            bail!(
+                "{}: no conversation has an assistant token within max_len = {}",
+                cfg.data.train.display(),
+                cfg.data.max_len
+            );
+        }
+        let eval_set = match &cfg.data.eval {
+            Some(p) => {
+                let file = SftFile::read(p)?;
+                let examples = tokenize_all(tok, &file, cfg.data.max_len)?;
+                if examples.is_empty() {
+                    bail!(
+                        "{}: no conversation has an assistant token within max_len = {}",
+                        file.path.display(),
+                        cfg.data.max_len
+                    );
+                }
+                Some(examples)
+            }
+            None => None,
+        };
+        let pad = tok
+            .pad_token_id()
+            .context("the tokenizer has neither a pad nor an eos token")?;
+        Ok(TextTask {
+            train,
+            eval_set,
+            pad,
+        })
+    }
+
+    fn sampler(&self, cfg: &SftConfig) -> BucketSampler {
+        let lengths: Vec<usize> = self.train.iter().map(|e| e.len()).collect();
+        BucketSampler::with_batching(
+            &lengths,
+            cfg.data.tokens_per_batch,
+            cfg.data.seed,
+            cfg.data.batching,
+        )
+    }
+
+    fn init(&self, cfg: &SftConfig, tok: &Tokenizer) -> Result<Qwen2> {
+        init_model(cfg, tok)
+    }
+
+    fn load(&self, dir: &Path) -> Result<Qwen2> {
+        load_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))
+    }
+
+    fn check(&self, model: &Qwen2, cfg: &SftConfig, tok: &Tokenizer) -> Result<()> {
+        if tok.vocab_size() > model.config.vocab_size {
+            bail!(
+                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                tok.vocab_size(),
+                model.config.vocab_size
+            );
+        }
+        if cfg.data.max_len > model.config.max_position_embeddings {
+            bail!(
+                "data.max_len = {} exceeds the model's max_position_embeddings ({})",
+                cfg.data.max_len,
+                model.config.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
+    fn replica(&self, model: &Qwen2) -> Result<Qwen2> {
+        Ok(Qwen2::from_params(
+            model.config.clone(),
+            model.params.clone(),
+        )?)
+    }
+
+    fn workspace(&self, model: &Qwen2, cfg: &SftConfig) -> Workspace {
+        Workspace::new(&model.config, cfg.train.checkpoint)
+    }
+
+    fn param_groups(&self, model: &Qwen2) -> Vec<(usize, bool)> {
+        model
+            .layout
+            .entries
+            .iter()
+            .map(|e| (e.range.len(), e.decay))
+            .collect()
+    }
+
+    fn params_mut<'m>(&self, model: &'m mut Qwen2) -> Vec<&'m mut [f32]> {
+        model.layout.split_mut(&mut model.params)
+    }
+
+    fn checksum(&self, model: &Qwen2) -> u64 {
+        param_checksum(&model.params)
+    }
+
+    fn micro(&self, idx: &[usize], cfg: &SftConfig) -> Batch {
+        let ex: Vec<_> = idx.iter().map(|&i| &self.train[i]).collect();
+        make_batch(&ex, self.pad, cfg.data.max_len)
+    }
+
+    fn counts(&self, b: &Batch) -> (usize, usize) {
+        (b.n_label_tokens(), b.b * b.t)
+    }
+
+    fn micro_step<C: Communicator>(
+        &self,
+        model: &Qwen2,
+        ws: &mut Workspace,
+        grads: &mut [f32],
+        b: &Batch,
+        scale: f32,
+        peers: Option<&Peers<'_, C>>,
+    ) -> Result<LossStats> {
+        let Some((sp, r)) = peers.and_then(|p| p.sp.map(|sp| (sp, p.coords.sp_rank))) else {
+            let tb = token_batch(b);
+            let stats = model.forward(ws, &tb, &LocalAttention)?;
+            model.backward(grads, ws, &tb, scale, &LocalAttention)?;
+            return Ok(stats);
+        };
+        let sh = sp.set_seq_len(b.t)?;
+        let tokens = sh.shard(&b.input_ids, b.b, 1, r, self.pad)?;
+        let targets = sh.shard(&b.targets, b.b, 1, r, IGNORE_INDEX)?;
+        let row = sh.positions(r)?;
+        let positions: Vec<u32> = (0..b.b).flat_map(|_| row.iter().copied()).collect();
+        let tb = TokenBatch {
+            tokens: &tokens,
+            targets: &targets,
+            positions: &positions,
+            b: b.b,
+            t: sh.local_len(),
+        };
+        let stats = model.forward(ws, &tb, sp)?;
+        model.backward(grads, ws, &tb, scale, sp)?;
+        Ok(stats)
+    }
+
+    fn eval(&self, model: &Qwen2) -> Result<Option<LossStats>> {
+        self.eval_set
+            .as_ref()
+            .map(|set| eval_examples(model, set, self.pad))
+            .transpose()
+    }
+
+    fn model_files(&self, model: &Qwen2, tok: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
+        text_model_files(model, tok)
+    }
+
+    fn text_model(model: &Qwen2) -> Option<&Qwen2> {
+        Some(model)
+    }
 }
 
 fn token_batch(b: &Batch) -> TokenBatch<'_> {
@@ -181,23 +419,20 @@ fn token_batch(b: &Batch) -> TokenBatch<'_> {
 }
 
 /// What every rank starts from, read-only: tokenizer, data, optimizer and sampler state.
-struct Shared {
+struct Shared<T> {
     tok: Tokenizer,
     ckpts: CheckpointDir,
-    train: Vec<TokenizedExample>,
-    /// The eval set, tokenized once (truncated to `data.max_len`).
-    eval_set: Option<Vec<TokenizedExample>>,
+    task: T,
     /// The sampler at the run's first step.
     sampler: BucketSampler,
-    pad: u32,
     opt_state: Option<AdamWState>,
     start_step: u64,
     recent_losses: Vec<f32>,
 }
 
-impl Shared {
+impl<T: SftTask> Shared<T> {
     /// Loads everything and the starting model (fresh, or the newest checkpoint's on resume).
-    fn load(cfg: &SftConfig, resume: bool) -> Result<(Self, Qwen2)> {
+    fn load(cfg: &SftConfig, resume: bool) -> Result<(Self, T::Model)> {
         let tok_dir = cfg.tokenizer_dir().context("no tokenizer folder")?;
         let tok = Tokenizer::from_dir(tok_dir)
             .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
@@ -215,82 +450,34 @@ impl Shared {
                 );
             }
         }
-
-        // Data.
-        let train_file = SftFile::read(&cfg.data.train)?;
-        let train = tokenize_all(&tok, &train_file, cfg.data.max_len)?;
-        if train.is_empty() {
-            bail!(
-                "{}: no conversation has an assistant token within max_len = {}",
-                cfg.data.train.display(),
-                cfg.data.max_len
-            );
-        }
-        let eval_set = match &cfg.data.eval {
-            Some(p) => Some(SftFile::read(p)?),
-            None => None,
-        };
-        let lengths: Vec<usize> = train.iter().map(|e| e.len()).collect();
-        let sampler = BucketSampler::with_batching(
-            &lengths,
-            cfg.data.tokens_per_batch,
-            cfg.data.seed,
-            cfg.data.batching,
-        );
-        let pad = tok
-            .pad_token_id()
-            .context("the tokenizer has neither a pad nor an eos token")?;
+        let task = T::build(cfg, &tok)?;
+        let sampler = task.sampler(cfg);
 
         // Model, optimizer state, and where we start.
-        let resumed = if resume {
-            ckpts.latest().map(|d| load_resume(&d)).transpose()?
-        } else {
-            None
-        };
-        let (model, resumed) = match resumed {
-            Some(Resumed {
-                model,
-                opt_state,
-                state,
-                dir,
-            }) => (model, Some((opt_state, state, dir))),
-            None => (init_model(cfg, &tok)?, None),
-        };
-        if tok.vocab_size() > model.config.vocab_size {
-            bail!(
-                "the tokenizer has {} tokens but the model's vocabulary is {}",
-                tok.vocab_size(),
-                model.config.vocab_size
-            );
-        }
-        if cfg.data.max_len > model.config.max_position_embeddings {
-            bail!(
-                "data.max_len = {} exceeds the model's max_position_embeddings ({})",
-                cfg.data.max_len,
-                model.config.max_position_embeddings
-            );
-        }
-        let eval_set = match eval_set {
-            Some(file) => {
-                let examples = tokenize_all(&tok, &file, cfg.data.max_len)?;
-                if examples.is_empty() {
-                    bail!(
-                        "{}: no conversation has an assistant token within max_len = {}",
-                        file.path.display(),
-                        cfg.data.max_len
-                    );
-                }
-                Some(examples)
+        let latest = if resume { ckpts.latest() } else { None };
+        let (model, resumed) = match latest {
+            Some(dir) => {
+                let model = task.load(&dir)?;
+                let opt_path = dir.join(OPTIMIZER_FILE);
+                let opt_state = optimizer_state_from_bytes(
+                    &std::fs::read(&opt_path)
+                        .with_context(|| format!("reading {}", opt_path.display()))?,
+                )?;
+                let st_path = dir.join(TRAINER_STATE_FILE);
+                let state = TrainerState::from_json_bytes(
+                    &std::fs::read(&st_path)
+                        .with_context(|| format!("reading {}", st_path.display()))?,
+                )?;
+                (model, Some((opt_state, state, dir)))
             }
-            None => None,
+            None => (task.init(cfg, &tok)?, None),
         };
+        task.check(&model, cfg, &tok)?;
         let mut shared = Shared {
             tok,
             ckpts,
-            train,
-            eval_set,
+            task,
             sampler,
-            pad,
             opt_state: None,
             start_step: 0,
             recent_losses: Vec::new(),
@@ -323,44 +510,60 @@ impl Shared {
 const STATS: usize = 3;
 
 /// One rank's model replica and everything it updates.
-struct Replica {
-    model: Qwen2,
+struct Replica<T: SftTask> {
+    model: T::Model,
     opt: AdamW,
-    ws: Workspace,
-    /// Parameter gradients (`model.params.len()`), then [`STATS`] slots.
+    ws: T::Ws,
+    /// Sizes of the trainable tensors, in the gradient buffer's order.
+    sizes: Vec<usize>,
+    /// Gradients of the trainable tensors (Σ `sizes`), then [`STATS`] slots.
     grads: Vec<f32>,
     sampler: BucketSampler,
-    /// Token id of padding (batch padding and shard padding).
-    pad: u32,
 }
 
-impl Replica {
-    fn new(model: Qwen2, shared: &Shared, cfg: &SftConfig) -> Result<Self> {
-        let sizes: Vec<usize> = model.layout.entries.iter().map(|e| e.range.len()).collect();
-        let decay: Vec<bool> = model.layout.entries.iter().map(|e| e.decay).collect();
+impl<T: SftTask> Replica<T> {
+    fn new(model: T::Model, shared: &Shared<T>, cfg: &SftConfig) -> Result<Self> {
+        let groups = shared.task.param_groups(&model);
+        let sizes: Vec<usize> = groups.iter().map(|g| g.0).collect();
+        let decay: Vec<bool> = groups.iter().map(|g| g.1).collect();
         let mut opt = AdamW::new(&sizes, &decay, cfg.train.adamw());
         if let Some(state) = &shared.opt_state {
             opt.load_state(state.clone())?;
         }
+        let n: usize = sizes.iter().sum();
         Ok(Replica {
-            ws: Workspace::new(&model.config, cfg.train.checkpoint),
-            grads: vec![0.0; model.params.len() + STATS],
+            ws: shared.task.workspace(&model, cfg),
+            grads: vec![0.0; n + STATS],
+            sizes,
             opt,
             model,
             sampler: shared.sampler.clone(),
-            pad: shared.pad,
         })
     }
 }
 
-/// A rank's place among the others: the world (gradients are all-reduced over all of it) and,
-/// when `sp > 1`, its sequence-parallel attention over its sp group.
-struct Peers<'a, C: Communicator> {
-    rank: usize,
-    dims: ParallelDims,
-    coords: RankCoords,
-    world: &'a C,
-    sp: Option<&'a SpAttention<C>>,
+/// Splits a flat buffer into consecutive slices of `sizes`.
+pub(crate) fn split_sizes<'a>(flat: &'a mut [f32], sizes: &[usize]) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let mut rest = flat;
+    for &n in sizes {
+        let (head, tail) = rest.split_at_mut(n);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+/// A rank's place among the others: the world (gradients are all-reduced over all of it), its
+/// sequence-parallel group (the vision encoder's MR-SP stage 1 runs over it; a group of one
+/// when `sp = 1`) and, when `sp > 1`, its sequence-parallel attention over that group.
+pub(crate) struct Peers<'a, C: Communicator> {
+    pub(crate) rank: usize,
+    pub(crate) dims: ParallelDims,
+    pub(crate) coords: RankCoords,
+    pub(crate) world: &'a C,
+    pub(crate) group: &'a C,
+    pub(crate) sp: Option<&'a SpAttention<C>>,
 }
 
 /// What one optimizer step did (the same on every rank).
@@ -372,63 +575,41 @@ struct StepOut {
     tokens: usize,
 }
 
-/// Forward and backward of one micro-batch (this rank's token shard of it under sequence
-/// parallelism); gradients accumulate into `grads`.
-fn micro_step<C: Communicator>(
-    rep: &mut Replica,
-    b: &Batch,
-    scale: f32,
-    sp: Option<(&SpAttention<C>, usize)>,
-) -> Result<LossStats> {
-    let n = rep.model.params.len();
-    let grads = &mut rep.grads[..n];
-    let Some((sp, r)) = sp else {
-        let tb = token_batch(b);
-        let stats = rep.model.forward(&mut rep.ws, &tb, &LocalAttention)?;
-        rep.model
-            .backward(grads, &mut rep.ws, &tb, scale, &LocalAttention)?;
-        return Ok(stats);
-    };
-    let sh = sp.set_seq_len(b.t)?;
-    let tokens = sh.shard(&b.input_ids, b.b, 1, r, rep.pad)?;
-    let targets = sh.shard(&b.targets, b.b, 1, r, IGNORE_INDEX)?;
-    let row = sh.positions(r)?;
-    let positions: Vec<u32> = (0..b.b).flat_map(|_| row.iter().copied()).collect();
-    let tb = TokenBatch {
-        tokens: &tokens,
-        targets: &targets,
-        positions: &positions,
-        b: b.b,
-        t: sh.local_len(),
-    };
-    let stats = rep.model.forward(&mut rep.ws, &tb, sp)?;
-    rep.model.backward(grads, &mut rep.ws, &tb, scale, sp)?;
-    Ok(stats)
-}
-
 /// One optimizer step over `batches`, all the micro-batches of the step (the same on every
 /// rank): this rank's share forward and backward with the loss scaled by 1 / (labelled tokens of
 /// the whole step), gradients summed over the world, clipped, and AdamW at `lr`. `at` names the
 /// rank and step in errors; `poison` makes the local gradients non-finite (tests).
-fn train_step<C: Communicator>(
-    rep: &mut Replica,
-    batches: &[Batch],
+#[allow(clippy::too_many_arguments)]
+fn train_step<T: SftTask, C: Communicator>(
+    task: &T,
+    rep: &mut Replica<T>,
+    batches: &[T::Micro],
     peers: Option<&Peers<'_, C>>,
     cfg: &SftConfig,
     lr: f32,
     at: &str,
     poison: bool,
 ) -> Result<StepOut> {
-    let labelled: usize = batches.iter().map(Batch::n_label_tokens).sum();
-    let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
+    let (labelled, tokens) = batches
+        .iter()
+        .map(|b| task.counts(b))
+        .fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
     let scale = 1.0 / labelled.max(1) as f32;
-    let n = rep.model.params.len();
+    let n = rep.grads.len() - STATS;
     rep.grads.fill(0.0);
     let (dp, dp_rank) = peers.map_or((1, 0), |p| (p.dims.dp(), p.coords.dp_rank));
-    let sp = peers.and_then(|p| p.sp.map(|sp| (sp, p.coords.sp_rank)));
     let mut local = LossStats::default();
     for b in batches.iter().skip(dp_rank).step_by(dp) {
-        let s = micro_step(rep, b, scale, sp).with_context(|| at.to_string())?;
+        let s = task
+            .micro_step(
+                &rep.model,
+                &mut rep.ws,
+                &mut rep.grads[..n],
+                b,
+                scale,
+                peers,
+            )
+            .with_context(|| at.to_string())?;
         local.loss_sum += s.loss_sum;
         local.n_tokens += s.n_tokens;
     }
@@ -462,10 +643,9 @@ fn train_step<C: Communicator>(
             rep.grads[n] as f64 + rep.grads[n + 1] as f64
         }
     };
-    let layout = rep.model.layout.clone();
     let grads = &mut rep.grads[..n];
     let grad_norm = {
-        let mut g = layout.split_mut(grads);
+        let mut g = split_sizes(grads, &rep.sizes);
         if cfg.train.grad_clip > 0.0 {
             clip_grad_norm(&mut g, cfg.train.grad_clip)
         } else {
@@ -478,9 +658,9 @@ fn train_step<C: Communicator>(
         bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
     }
     {
-        let mut p = layout.split_mut(&mut rep.model.params);
-        let mut g = layout.split_mut(grads);
-        let ro: Vec<&[f32]> = g.iter_mut().map(|s| &**s).collect();
+        let mut p = task.params_mut(&mut rep.model);
+        let g = split_sizes(grads, &rep.sizes);
+        let ro: Vec<&[f32]> = g.iter().map(|s| &**s).collect();
         rep.opt.step(&mut p, &ro, lr);
     }
     Ok(StepOut {
@@ -509,24 +689,33 @@ struct RankOut {
 }
 
 /// FNV-1a over the parameters' bit patterns, a word at a time: equal iff the replicas are
-/// (bit-)identical, up to hash collisions.
-fn param_checksum(params: &[f32]) -> u64 {
-    params.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
+/// (bit-)identical, up to hash collisions. `seed` chains buffers (start from [`FNV_SEED`]).
+pub(crate) fn param_checksum_from(seed: u64, params: &[f32]) -> u64 {
+    params.iter().fold(seed, |h, &x| {
         (h ^ x.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
+/// The FNV-1a offset basis, where [`param_checksum_from`] starts.
+pub(crate) const FNV_SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// [`param_checksum_from`] of one buffer.
+pub(crate) fn param_checksum(params: &[f32]) -> u64 {
+    param_checksum_from(FNV_SEED, params)
+}
+
 /// The training loop of one rank (the only rank when `peers` is `None`). Every rank draws the
 /// same micro-batches from its copy of the sampler, so all stay in step; only the lead writes.
-fn rank_loop<C: Communicator>(
-    model: Qwen2,
-    shared: &Shared,
+fn rank_loop<T: SftTask, C: Communicator>(
+    model: T::Model,
+    shared: &Shared<T>,
     cfg: &SftConfig,
     peers: Option<&Peers<'_, C>>,
     lead: Option<Lead<'_, '_>>,
     stop_after: Option<u64>,
     poison_step: Option<u64>,
 ) -> Result<RankOut> {
+    let task = &shared.task;
     let mut rep = Replica::new(model, shared, cfg)?;
     let schedule = cfg.train.lr_schedule();
     let total = cfg.train.steps;
@@ -554,20 +743,16 @@ fn rank_loop<C: Communicator>(
         }
         let done = step + 1;
         let at = match peers {
-            Some(p) => format!("rank {}, step {done}", p.rank),
-            None => format!("step {done}"),
+            Some(p) if p.dims.world() > 1 => format!("rank {}, step {done}", p.rank),
+            _ => format!("step {done}"),
         };
         let t0 = Instant::now();
-        let batches: Vec<Batch> = (0..micro_batches)
-            .map(|_| {
-                let idx = rep.sampler.next_batch();
-                let ex: Vec<_> = idx.iter().map(|&i| &shared.train[i]).collect();
-                make_batch(&ex, shared.pad, cfg.data.max_len)
-            })
+        let batches: Vec<T::Micro> = (0..micro_batches)
+            .map(|_| task.micro(&rep.sampler.next_batch(), cfg))
             .collect();
         let lr = schedule.lr_at(cfg.train.lr, step);
         let poison = poison_step == Some(done);
-        let out = train_step(&mut rep, &batches, peers, cfg, lr, &at, poison)?;
+        let out = train_step(task, &mut rep, &batches, peers, cfg, lr, &at, poison)?;
         let loss = out.loss;
         ran += 1;
         let secs = t0.elapsed().as_secs_f64();
@@ -585,6 +770,7 @@ fn rank_loop<C: Communicator>(
             "tokens": out.tokens, "label_tokens": out.labelled, "tokens_per_s": tokens_per_s,
             "step_s": secs, "epoch": rep.sampler.epoch(),
         });
+        task.step_metrics(&mut record);
         progress.update(&StepReport {
             step: done,
             loss,
@@ -595,15 +781,16 @@ fn rank_loop<C: Communicator>(
         let last = done == total;
         if (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last {
             let mut parts = Vec::new();
-            if let Some(set) = &shared.eval_set {
-                let s = eval_examples(&rep.model, set, shared.pad)
-                    .with_context(|| format!("{at}: evaluation"))?;
+            if let Some(s) = task
+                .eval(&rep.model)
+                .with_context(|| format!("{at}: evaluation"))?
+            {
                 record["eval_loss"] = json!(s.mean());
                 parts.push(format!("eval loss {:.4}", s.mean()));
             }
-            if let Some(hook) = hook.as_mut() {
-                let extra = hook(done, &rep.model, &shared.tok)
-                    .with_context(|| format!("{at}: evaluation hook"))?;
+            if let (Some(hook), Some(m)) = (hook.as_mut(), T::text_model(&rep.model)) {
+                let extra =
+                    hook(done, m, &shared.tok).with_context(|| format!("{at}: evaluation hook"))?;
                 if let Some(obj) = extra.as_object() {
                     for (k, v) in obj {
                         record[k] = v.clone();
@@ -625,7 +812,8 @@ fn rank_loop<C: Communicator>(
                 losses: recent_losses.clone(),
                 config_hash: cfg.config_hash(),
             };
-            let files = checkpoint_files(&rep.model, &shared.tok, &rep.opt, &state)?;
+            let files =
+                with_trainer_files(task.model_files(&rep.model, &shared.tok)?, &rep.opt, &state)?;
             shared
                 .ckpts
                 .save(done, &files)
@@ -643,7 +831,7 @@ fn rank_loop<C: Communicator>(
             .unwrap_or(f32::NAN),
         losses,
         ran,
-        checksum: param_checksum(&rep.model.params),
+        checksum: task.checksum(&rep.model),
     })
 }
 
@@ -661,22 +849,24 @@ fn is_secondary(e: &anyhow::Error) -> bool {
 /// `dp_rank · sp + sp_rank` takes micro-batches `dp_rank, dp_rank + dp, …` and its token shard
 /// of each; rank 0 writes. The first rank to fail (not one that only saw another fail) gives the
 /// error.
-fn run_ranks(
-    model: &Qwen2,
-    shared: &Shared,
+fn run_ranks<T: SftTask>(
+    model: &T::Model,
+    shared: &Shared<T>,
     cfg: &SftConfig,
     opts: &mut RunOptions,
     dims: ParallelDims,
 ) -> Result<Vec<RankOut>> {
     let par = &cfg.parallel;
-    tracing::info!(
-        "training on {} in-process ranks: dp {} × sp {} ({} attention, overlap {})",
-        dims.world(),
-        dims.dp(),
-        dims.sp(),
-        par.schedule,
-        par.overlap
-    );
+    if dims.world() > 1 {
+        tracing::info!(
+            "training on {} in-process ranks: dp {} × sp {} ({} attention, overlap {})",
+            dims.world(),
+            dims.dp(),
+            dims.sp(),
+            par.schedule,
+            par.overlap
+        );
+    }
     let (stop_after, poison_step, poison_rank, progress) = (
         opts.stop_after,
         opts.poison_step,
@@ -687,13 +877,16 @@ fn run_ranks(
     let results = InProcess::spawn(dims.world(), par.timeout(), |comm| -> Result<RankOut> {
         let rank = comm.rank();
         let coords = dims.coords(rank)?;
+        let group = comm
+            .split(coords.dp_rank, coords.sp_rank)
+            .with_context(|| format!("rank {rank}: forming its sequence-parallel group"))?;
         let sp = if dims.sp() > 1 {
-            let group = comm
+            let attn_group = comm
                 .split(coords.dp_rank, coords.sp_rank)
                 .with_context(|| format!("rank {rank}: forming its sequence-parallel group"))?;
             let schedule = par.schedule.kind().build(dims.sp())?;
             Some(
-                SpAttention::new(group, schedule, par.overlap_mode())
+                SpAttention::new(attn_group, schedule, par.overlap_mode())
                     .with_context(|| format!("rank {rank}: sequence-parallel attention"))?,
             )
         } else {
@@ -704,6 +897,7 @@ fn run_ranks(
             dims,
             coords,
             world: &comm,
+            group: &group,
             sp: sp.as_ref(),
         };
         let lead = (rank == 0).then(|| Lead {
@@ -711,7 +905,7 @@ fn run_ranks(
             progress,
         });
         let poison = poison_step.filter(|_| rank == poison_rank);
-        let replica = Qwen2::from_params(model.config.clone(), model.params.clone())?;
+        let replica = shared.task.replica(model)?;
         rank_loop(replica, shared, cfg, Some(&peers), lead, stop_after, poison)
     });
     let mut outs = Vec::with_capacity(results.len());
@@ -734,18 +928,32 @@ fn run_ranks(
     Ok(outs)
 }
 
-/// Runs (or resumes) an SFT run described by `cfg`: on this thread when `parallel.dp ·
-/// parallel.sp = 1`, else on that many in-process ranks.
-pub fn run_sft(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
+/// Runs (or resumes) an SFT run described by `cfg`: the text decoder or, when `model.path` is a
+/// Qwen2.5-VL checkpoint (config.json `model_type` = `qwen2_5_vl`), the vision-language model
+/// on LongVideo-Reason records ([`crate::vl`]). On this thread when `parallel.dp ·
+/// parallel.sp = 1` (the VLM: one in-process rank), else on that many in-process ranks.
+pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<SftSummary> {
     cfg.validate()?;
+    match cfg.model_kind()? {
+        ModelKind::Qwen2 => run::<TextTask>(cfg, opts),
+        ModelKind::Qwen25VL => {
+            if opts.eval_hook.is_some() {
+                bail!("the evaluation hook takes a text model; this run trains a Qwen2.5-VL");
+            }
+            run::<crate::vl::VlTask>(cfg, opts)
+        }
+    }
+}
+
+fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
     let dims = cfg.parallel.dims()?;
-    let (shared, model) = Shared::load(cfg, opts.resume)?;
-    let outs = if dims.world() == 1 {
+    let (shared, model) = Shared::<T>::load(cfg, opts.resume)?;
+    let outs = if dims.world() == 1 && !T::NEEDS_COMM {
         let lead = Lead {
             hook: opts.eval_hook.as_mut(),
             progress: opts.progress,
         };
-        rank_loop::<InProcess>(
+        rank_loop::<T, InProcess>(
             model,
             &shared,
             cfg,
@@ -773,6 +981,7 @@ pub fn run_sft(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
         losses: lead.losses.clone(),
         final_model_dir: last_good.unwrap_or_else(|| cfg.output.dir.clone()),
         param_checksums: outs.iter().map(|o| o.checksum).collect(),
+        video: shared.task.video_stats(),
     })
 }
 

@@ -7,32 +7,42 @@
 //! assistant turn), the example's videos' pixels [Σ t·h·w, C·T_p·p·p], grids and
 //! second_per_grid_ts. Loss: the global token mean over an optimizer step's examples.
 //!
-//! `reel sft` with a Qwen2.5-VL config (`[vl]` table of [`VlSftConfig`]) runs [`run_vl_sft`]:
-//! AdamW on the decoder (and on the tower when `vision_freeze = false`), warmup + cosine LR,
-//! global-norm clipping, a JSON line per step in `metrics.jsonl` (loss, lr, grad norm, tokens/s,
-//! cache hits/misses/bytes, tower forward runs), and a final HF folder. With `sp > 1` (frozen
-//! tower) each step runs on in-process ranks: MR-SP stage 1 encodes each video's temporal
-//! patches across the ranks ([`SpVisionEncoder`], cache first), every rank takes its token shard
-//! of the input embeddings, M-RoPE angles and targets, and the decoder runs with `SpAttention`
-//! (DistAttn); gradients and loss sums are all-reduced. A trained tower with `sp > 1` is refused.
+//! Training is the one SFT trainer's ([`crate::sft`], `reel sft --config`): [`VlTask`] is the
+//! vision-language family of its loop, chosen when `model.path` is a Qwen2.5-VL checkpoint
+//! (config.json `model_type` = `qwen2_5_vl`), with the `[video]` table of [`SftConfig`]. It runs
+//! on in-process ranks (`[parallel] dp × sp`, a world of one by default): MR-SP stage 1 encodes
+//! each video's temporal patches across the rank's sp group ([`SpVisionEncoder`], cache first
+//! with a frozen tower), every rank takes its token shard of the input embeddings, M-RoPE
+//! angles and targets through the decoder with `SpAttention`, and with a trained tower the
+//! video rows' ∂L/∂features are all-gathered from the shards and each rank runs the tower's
+//! backward of its own frames; the loop's all-reduce sums every gradient. [`run_vl_sft`] is
+//! the same trainer behind the older [`VlSftConfig`] settings (`reel sft --vl-model`).
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use reel_comm::InProcess;
+use reel_comm::Communicator;
 use reel_data::{
-    load_vl_examples, FrameSampling, Tokenizer, VideoProcessorConfig, VideoSettings, VlExample,
-    VlLoadReport, IGNORE_INDEX,
+    load_vl_examples, BucketSampler, FrameSampling, Tokenizer, VideoProcessorConfig, VideoSettings,
+    VlExample, VlLoadReport, IGNORE_INDEX,
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, EmbedKey};
+use reel_model::vl::vl_model_files;
 use reel_model::{
-    save_vl_checkpoint, CheckpointPolicy, LocalAttention, LossStats, Qwen25VL, VideoBatch,
-    VideoGrid, VlBatch,
+    load_vl_checkpoint, save_vl_checkpoint, AttentionOp, CheckpointPolicy, EmbedsBatch,
+    LocalAttention, LossStats, Qwen2, Qwen25VL, Rotary, VideoBatch, VideoGrid, VlBatch,
+    VlWorkspace,
 };
-use reel_optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use reel_parallel::{EncodeStats, SpVisionEncoder};
 use reel_tensor::DType;
+
+use crate::config::{ModelKind, SftConfig, VideoConfig};
+use crate::sft::{
+    param_checksum, param_checksum_from, run_sft, split_sizes, tokenizer_files, Peers, RunOptions,
+    SftTask,
+};
 
 /// One example as the model takes it.
 pub struct VlInputs {
@@ -120,37 +130,6 @@ pub fn parse_sampling(s: &str) -> Result<FrameSampling> {
     bail!("sampling `{s}`: expected all, uniform:N or fps:F")
 }
 
-/// Encodes a whole example's videos through the cache (one rank); returns their merged
-/// embeddings [Σ tokens, d] in order.
-fn cached_features(
-    model: &Qwen25VL,
-    enc: &SpVisionEncoder,
-    ws: &mut reel_model::VisionWorkspace,
-    cache: &EmbedCache,
-    inp: &VlInputs,
-) -> Result<Vec<f32>> {
-    let ws = std::sync::Mutex::new(ws);
-    let out = InProcess::spawn(1, std::time::Duration::from_secs(600), |comm| {
-        let mut ws = ws.lock().unwrap_or_else(|e| e.into_inner());
-        enc.encode_cached(
-            &comm,
-            &model.vision,
-            &mut ws,
-            cache,
-            &inp.keys,
-            &inp.pixels,
-            &inp.grids,
-            &inp.seconds,
-        )
-    });
-    let embeds = out
-        .into_iter()
-        .next()
-        .expect("one rank")
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(embeds.iter().flat_map(|e| e.data.iter().copied()).collect())
-}
-
 /// Mean NLL of the target tokens of a LongVideo-Reason file under a Qwen2.5-VL model; bad
 /// records and videos are skipped and reported.
 pub fn eval_vl_nll(
@@ -163,27 +142,18 @@ pub fn eval_vl_nll(
     if examples.is_empty() {
         bail!("{}: no usable record", data.display());
     }
-    let mut ws = model.workspace(CheckpointPolicy::Layer);
-    let mut total = LossStats::default();
-    for ex in &examples {
-        let inp = VlInputs::new(ex, &settings.key_text(), 0);
-        let s = model
-            .forward(&mut ws, &inp.batch(), &LocalAttention)
-            .with_context(|| ex.origin.clone())?;
-        total.loss_sum += s.loss_sum;
-        total.n_tokens += s.n_tokens;
-    }
-    Ok((total, report))
+    Ok((eval_vl_examples(model, &examples)?, report))
 }
 
-/// Settings of a VLM SFT run (the `[vl]` table; CLI `reel sft --vl`).
+/// Settings of a VLM SFT run in the older flat form (CLI `reel sft --vl-model`), mapped onto an
+/// [`SftConfig`] by [`VlSftConfig::to_sft_config`].
 #[derive(Clone, Debug)]
 pub struct VlSftConfig {
     /// Qwen2.5-VL checkpoint folder (config.json, safetensors, tokenizer, video preprocessor).
     pub model: PathBuf,
     /// LongVideo-Reason JSONL with reasoning.
     pub data: PathBuf,
-    /// Output folder (metrics.jsonl, final model).
+    /// Output folder (config.toml, metrics.jsonl, checkpoints/).
     pub out: PathBuf,
     /// Frame sampling; default uniform:8.
     pub sampling: FrameSampling,
@@ -203,7 +173,7 @@ pub struct VlSftConfig {
     pub cache_bytes: usize,
     /// Optional folder for the on-disk cache tier; default none.
     pub cache_dir: Option<PathBuf>,
-    /// Sequence-parallel ranks; default 1 (more needs the frozen tower, see the module docs).
+    /// Sequence-parallel ranks; default 1.
     pub sp: usize,
     /// Shuffle seed; default 0.
     pub seed: u64,
@@ -239,298 +209,518 @@ pub struct VlSftSummary {
     pub encode: EncodeStats,
     /// Distinct videos of the training set.
     pub videos: usize,
+    /// Records skipped: malformed, or with a missing or undecodable video.
     pub skipped_records: usize,
     pub wall_secs: f64,
+    /// The last checkpoint: a Qwen2.5-VL HF folder with tokenizer and preprocessor config.
     pub final_model_dir: PathBuf,
 }
 
-/// CoT-SFT of a Qwen2.5-VL model on LongVideo-Reason records (module docs).
-pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
-    if cfg.sp > 1 && !cfg.vision_freeze {
-        bail!(
-            "sequence parallelism (sp = {}) for the vision-language model needs the frozen tower \
-             (vision_freeze): the gradient of a sharded encode into a trained tower is not wired \
-             into training yet; run with sp = 1 or a frozen tower",
-            cfg.sp
-        );
-    }
-    let start = Instant::now();
-    let mut model = reel_model::load_vl_checkpoint(&cfg.model)
-        .with_context(|| format!("loading {}", cfg.model.display()))?;
-    let tok = Tokenizer::from_dir(&cfg.model)?;
-    let settings = VideoSettings {
-        sampling: cfg.sampling,
-        processor: VideoProcessorConfig::from_dir(&cfg.model)?,
-    };
-    let (examples, report) = load_vl_examples(&cfg.data, &tok, &settings, true)?;
-    if examples.is_empty() {
-        bail!("{}: no usable record", cfg.data.display());
-    }
-    let videos = {
-        let mut h: Vec<&str> = examples
-            .iter()
-            .flat_map(|e| e.videos.iter().map(|v| v.content_hash.as_str()))
-            .collect();
-        h.sort_unstable();
-        h.dedup();
-        h.len()
-    };
-    std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
-    let cache = match &cfg.cache_dir {
-        Some(d) => EmbedCache::with_dir(cfg.cache_bytes, d)?,
-        None => EmbedCache::new(cfg.cache_bytes),
-    };
-    let enc = SpVisionEncoder::new();
-    let settings_key = settings.key_text();
-    let mut weights_version = weights_fingerprint(&model.vision.params);
-    let adamw = AdamWConfig {
-        lr: cfg.lr,
-        ..AdamWConfig::default()
-    };
-    let sizes: Vec<usize> = if cfg.vision_freeze {
-        vec![model.lm.params.len()]
-    } else {
-        vec![model.lm.params.len(), model.vision.params.len()]
-    };
-    let mut opt = AdamW::new(&sizes, &vec![true; sizes.len()], adamw);
-    let schedule = LrSchedule::WarmupCosine {
-        warmup_steps: cfg.warmup as u64,
-        total_steps: cfg.steps as u64,
-        min_lr_ratio: 0.1,
-    };
-    let mut lm_grads = vec![0.0f32; model.lm.params.len()];
-    let mut vis_grads = vec![0.0f32; model.vision.params.len()];
-    let mut ws = model.workspace(CheckpointPolicy::Layer);
-    let mut vws = reel_model::VisionWorkspace::new();
-    let mut metrics = std::fs::File::create(cfg.out.join("metrics.jsonl"))?;
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    let mut rng = reel_tensor::rng(cfg.seed);
-    let mut cursor = order.len();
-    let mut losses = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
-        let t0 = Instant::now();
-        lm_grads.fill(0.0);
-        vis_grads.fill(0.0);
-        let mut picked = Vec::with_capacity(cfg.batch);
-        for _ in 0..cfg.batch.min(examples.len()) {
-            if cursor == order.len() {
-                use rand::seq::SliceRandom;
-                order.shuffle(&mut rng);
-                cursor = 0;
-            }
-            picked.push(order[cursor]);
-            cursor += 1;
-        }
-        let inputs: Vec<VlInputs> = picked
-            .iter()
-            .map(|&i| VlInputs::new(&examples[i], &settings_key, weights_version))
-            .collect();
-        let total_tokens: usize = inputs
-            .iter()
-            .map(|x| x.targets.iter().filter(|&&t| t >= 0).count())
-            .sum();
-        let scale = 1.0 / total_tokens.max(1) as f32;
-        let mut stats = LossStats::default();
-        if cfg.sp > 1 {
-            stats = sp_step(&model, &enc, &cache, &inputs, scale, cfg.sp, &mut lm_grads)?;
-        }
-        for (inp, &i) in inputs.iter().zip(&picked).filter(|_| cfg.sp == 1) {
-            let origin = &examples[i].origin;
-            let s = if cfg.vision_freeze {
-                let feats = cached_features(&model, &enc, &mut vws, &cache, inp)?;
-                let s = model
-                    .forward_with_features(&mut ws, &inp.batch(), &feats, &LocalAttention)
-                    .with_context(|| origin.clone())?;
-                model
-                    .backward_features(&mut lm_grads, &mut ws, &inp.batch(), scale, &LocalAttention)
-                    .with_context(|| origin.clone())?;
-                s
-            } else {
-                enc.counters
-                    .tower_forwards
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let s = model
-                    .forward(&mut ws, &inp.batch(), &LocalAttention)
-                    .with_context(|| origin.clone())?;
-                model
-                    .backward(
-                        &mut lm_grads,
-                        &mut vis_grads,
-                        &mut ws,
-                        &inp.batch(),
-                        scale,
-                        &LocalAttention,
-                    )
-                    .with_context(|| origin.clone())?;
-                s
-            };
-            stats.loss_sum += s.loss_sum;
-            stats.n_tokens += s.n_tokens;
-        }
-        let loss = stats.mean();
-        if !loss.is_finite() {
-            bail!("step {step}: loss is not finite ({loss})");
-        }
-        let lr = schedule.lr_at(cfg.lr, step as u64);
-        let grad_norm = if cfg.vision_freeze {
-            let n = clip_grad_norm(&mut [&mut lm_grads[..]], cfg.clip);
-            opt.step(&mut [&mut model.lm.params[..]], &[&lm_grads[..]], lr);
-            n
-        } else {
-            let n = clip_grad_norm(&mut [&mut lm_grads[..], &mut vis_grads[..]], cfg.clip);
-            opt.step(
-                &mut [&mut model.lm.params[..], &mut model.vision.params[..]],
-                &[&lm_grads[..], &vis_grads[..]],
-                lr,
-            );
-            // The tower changed: embeddings of the old weights must not be served.
-            weights_version = weights_version.wrapping_add(1);
-            n
+impl VlSftConfig {
+    /// The same run as an [`SftConfig`] (what `run_vl_sft` trains): `batch` records per step
+    /// as `train.grad_accum`, warmup + cosine to 0.1 × `lr`, a checkpoint after the last step.
+    pub fn to_sft_config(&self) -> SftConfig {
+        let mut c = SftConfig::default();
+        c.model.path = Some(self.model.clone());
+        c.data.train = self.data.clone();
+        // Records are never cut short here (one record per micro-batch).
+        c.data.max_len = 1 << 24;
+        c.data.tokens_per_batch = 1 << 24;
+        c.data.seed = self.seed;
+        c.train.steps = self.steps as u64;
+        c.train.grad_accum = self.batch as u32;
+        c.train.lr = self.lr;
+        c.train.warmup_steps = self.warmup as u64;
+        c.train.grad_clip = self.clip;
+        c.parallel.sp = self.sp;
+        c.output.dir = self.out.clone();
+        c.output.save_every = 0;
+        c.video = VideoConfig {
+            sampling: sampling_text(&self.sampling),
+            train_vision: !self.vision_freeze,
+            cache_mb: (self.cache_bytes >> 20).max(1),
+            cache_dir: self.cache_dir.clone(),
         };
-        let secs = t0.elapsed().as_secs_f64();
-        let c = cache.stats();
-        let e = enc.counters.snapshot();
-        let line = serde_json::json!({
-            "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_sec": stats.n_tokens as f64 / secs,
-            "cache_hits": c.hits + c.disk_hits, "cache_misses": c.misses,
-            "cache_bytes": c.bytes, "cache_evictions": c.evictions,
-            "tower_forwards": e.tower_forwards,
-        });
-        use std::io::Write;
-        writeln!(metrics, "{line}")?;
-        tracing::info!(
-            "step {:>3}  loss {loss:.4}  lr {lr:.2e}  cache hits {} misses {}  tower runs {}",
-            step + 1,
-            c.hits + c.disk_hits,
-            c.misses,
-            e.tower_forwards
+        c
+    }
+}
+
+/// The spelling [`parse_sampling`] reads.
+pub fn sampling_text(s: &FrameSampling) -> String {
+    match s {
+        FrameSampling::All => "all".to_string(),
+        FrameSampling::Uniform { frames } => format!("uniform:{frames}"),
+        FrameSampling::Fps { fps, .. } => format!("fps:{fps}"),
+    }
+}
+
+/// CoT-SFT of a Qwen2.5-VL model on LongVideo-Reason records: [`VlSftConfig::to_sft_config`]
+/// trained by [`run_sft`] (checkpoints under `out/checkpoints/`, the last one the final model).
+pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
+    let start = Instant::now();
+    let sft = cfg.to_sft_config();
+    if sft.model_kind()? != ModelKind::Qwen25VL {
+        bail!(
+            "{}: config.json does not name model_type qwen2_5_vl",
+            cfg.model.display()
         );
-        losses.push(loss);
     }
-    let final_model_dir = cfg.out.join("final");
-    save_vl_checkpoint(&model, &final_model_dir, DType::F32, usize::MAX)?;
-    tok.save(&final_model_dir)?;
-    for f in ["video_preprocessor_config.json", "preprocessor_config.json"] {
-        let src = cfg.model.join(f);
-        if src.is_file() {
-            std::fs::copy(&src, final_model_dir.join(f))?;
-        }
-    }
+    let s = run_sft(&sft, RunOptions::default())?;
+    let v = s
+        .video
+        .context("a vision-language run reports video counters")?;
     Ok(VlSftSummary {
-        losses,
-        cache: cache.stats(),
-        encode: enc.counters.snapshot(),
-        videos,
-        skipped_records: report.bad_records.len() + report.skipped_videos.len(),
+        losses: s.losses.iter().map(|&x| x as f64).collect(),
+        cache: v.cache,
+        encode: v.encode,
+        videos: v.videos,
+        skipped_records: v.skipped_records + v.skipped_videos,
         wall_secs: start.elapsed().as_secs_f64(),
-        final_model_dir,
+        final_model_dir: s.final_model_dir,
     })
 }
 
-/// One step's forward and backward on `p` in-process sequence-parallel ranks with the tower
-/// frozen: each example's videos through the stage-1 encode (temporal patches split over the
-/// ranks, embeddings all-gathered, the cache consulted first), then every rank takes its token
-/// shard of the input embeddings, M-RoPE angles and targets and runs the decoder with
-/// `SpAttention` (DistAttn); decoder gradients and loss sums are all-reduced. Adds the summed
-/// decoder gradients to `lm_grads` and returns the step's loss stats.
-fn sp_step(
-    model: &Qwen25VL,
-    enc: &SpVisionEncoder,
-    cache: &EmbedCache,
-    inputs: &[VlInputs],
-    scale: f32,
-    p: usize,
-    lm_grads: &mut [f32],
-) -> Result<LossStats> {
-    use reel_comm::Communicator;
-    use reel_model::{EmbedsBatch, Rotary, Workspace};
-    use reel_parallel::{Overlap, ScheduleKind, SpAttention};
-    let c = &model.config.text;
-    let (d, half) = (c.hidden_size, c.head_dim / 2);
-    let vid = model.config.video_token_id;
-    let results = InProcess::spawn(p, std::time::Duration::from_secs(600), |comm| {
-        let rank = comm.rank();
-        let enc_comm = comm.split(0, rank)?;
-        let schedule = ScheduleKind::DistAttnCausal
-            .build(p)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let sp = SpAttention::new(comm, schedule, Overlap::Overlapped)?;
-        let mut vws = reel_model::VisionWorkspace::new();
-        let mut vl_ws = model.workspace(CheckpointPolicy::Layer);
-        let mut ws = Workspace::new(c, CheckpointPolicy::Layer);
-        let mut grads = vec![0.0f32; model.lm.params.len()];
-        let mut sums = [0.0f32; 2];
-        for inp in inputs {
-            let embeds = enc.encode_cached(
-                &enc_comm,
+/// Video counters of a vision-language SFT run.
+#[derive(Clone, Debug, Default)]
+pub struct VideoRunStats {
+    /// The embedding cache (shared by every rank).
+    pub cache: CacheStats,
+    /// The stage-1 encoder: tower runs, videos encoded and served from the cache.
+    pub encode: EncodeStats,
+    /// Distinct videos of the training set.
+    pub videos: usize,
+    /// Malformed records skipped (training and held-out files).
+    pub skipped_records: usize,
+    /// Records skipped for a missing or undecodable video.
+    pub skipped_videos: usize,
+    /// Records skipped because `data.max_len` would cut a video's tokens or leave no target.
+    pub skipped_long: usize,
+}
+
+/// The vision-language family of the SFT loop ([`crate::sft`]): Qwen2.5-VL on LongVideo-Reason
+/// records, one record per micro-batch (B = 1). Per record on each rank: the videos' merged
+/// embeddings from MR-SP stage 1 over the rank's sequence-parallel group (frozen tower: through
+/// the cache, a video encoded once; trained tower: encoded every time), the input embeddings
+/// and M-RoPE angles, this rank's token shard of them through the decoder (`SpAttention` when
+/// sp > 1), then backward: embedding-table rows for text tokens, and for a trained tower the
+/// video rows' ∂L/∂features gathered from every shard into the tower's backward of this rank's
+/// frames. The loop's world all-reduce sums decoder and tower gradients over ranks.
+pub(crate) struct VlTask {
+    train: Vec<VlExample>,
+    eval_set: Option<Vec<VlExample>>,
+    /// [`VideoSettings::key_text`] (part of the cache key).
+    settings_key: String,
+    train_vision: bool,
+    cache: EmbedCache,
+    enc: SpVisionEncoder,
+    /// Fingerprint of the frozen tower's weights (part of the cache key), taken on first use.
+    weights: OnceLock<u64>,
+    /// The source folder's preprocessor config files, carried into every checkpoint.
+    processor_files: Vec<(String, Vec<u8>)>,
+    stats: VideoRunStats,
+}
+
+/// `ex` cut to `max_len` tokens, or why it cannot be (a video's placeholder run would be cut, or
+/// no target token would remain).
+fn fit_to_len(mut ex: VlExample, max_len: usize, video_token: u32) -> Option<VlExample> {
+    let ids = &ex.tokens.input_ids;
+    if ids.len() <= max_len {
+        return Some(ex);
+    }
+    if ids[max_len..].contains(&video_token) {
+        return None;
+    }
+    ex.tokens.input_ids.truncate(max_len);
+    ex.tokens.loss_mask.truncate(max_len);
+    ex.tokens.loss_mask.iter().skip(1).any(|&m| m).then_some(ex)
+}
+
+impl VlTask {
+    /// Loads a LongVideo-Reason file; bad records and videos are skipped and counted.
+    fn load(
+        path: &Path,
+        tok: &Tokenizer,
+        settings: &VideoSettings,
+        max_len: usize,
+        stats: &mut VideoRunStats,
+    ) -> Result<Vec<VlExample>> {
+        let (examples, report) = load_vl_examples(path, tok, settings, true)?;
+        stats.skipped_records += report.bad_records.len();
+        stats.skipped_videos += report.skipped_videos.len();
+        let video_token = tok
+            .token_to_id(reel_data::VIDEO_PAD)
+            .context("the tokenizer has no <|video_pad|> token")?;
+        let mut out = Vec::with_capacity(examples.len());
+        for ex in examples {
+            let origin = ex.origin.clone();
+            match fit_to_len(ex, max_len, video_token) {
+                Some(ex) => out.push(ex),
+                None => {
+                    tracing::warn!(
+                        "{origin}: skipping the record: data.max_len = {max_len} would cut its \
+                         video tokens or leave no target"
+                    );
+                    stats.skipped_long += 1;
+                }
+            }
+        }
+        if out.is_empty() {
+            bail!("{}: no usable record", path.display());
+        }
+        Ok(out)
+    }
+}
+
+impl SftTask for VlTask {
+    type Model = Qwen25VL;
+    type Ws = VlWorkspace;
+    type Micro = Vec<usize>;
+    const NEEDS_COMM: bool = true;
+
+    fn build(cfg: &SftConfig, tok: &Tokenizer) -> Result<Self> {
+        let dir = cfg
+            .model
+            .path
+            .as_deref()
+            .context("[model] path: a Qwen2.5-VL run starts from a checkpoint folder")?;
+        let settings = VideoSettings {
+            sampling: parse_sampling(&cfg.video.sampling)?,
+            processor: VideoProcessorConfig::from_dir(dir)?,
+        };
+        let mut stats = VideoRunStats::default();
+        let max_len = cfg.data.max_len;
+        let train = Self::load(&cfg.data.train, tok, &settings, max_len, &mut stats)?;
+        let eval_set = cfg
+            .data
+            .eval
+            .as_deref()
+            .map(|p| Self::load(p, tok, &settings, max_len, &mut stats))
+            .transpose()?;
+        stats.videos = {
+            let mut h: Vec<&str> = train
+                .iter()
+                .flat_map(|e| e.videos.iter().map(|v| v.content_hash.as_str()))
+                .collect();
+            h.sort_unstable();
+            h.dedup();
+            h.len()
+        };
+        let bytes = cfg.video.cache_mb << 20;
+        let cache = match &cfg.video.cache_dir {
+            Some(d) => EmbedCache::with_dir(bytes, d)?,
+            None => EmbedCache::new(bytes),
+        };
+        let mut processor_files = Vec::new();
+        for f in ["video_preprocessor_config.json", "preprocessor_config.json"] {
+            let src = dir.join(f);
+            if src.is_file() {
+                let bytes =
+                    std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+                processor_files.push((f.to_string(), bytes));
+            }
+        }
+        Ok(VlTask {
+            train,
+            eval_set,
+            settings_key: settings.key_text(),
+            train_vision: cfg.video.train_vision,
+            cache,
+            enc: SpVisionEncoder::new(),
+            weights: OnceLock::new(),
+            processor_files,
+            stats,
+        })
+    }
+
+    fn sampler(&self, cfg: &SftConfig) -> BucketSampler {
+        // One record per micro-batch: unit lengths under a budget of one.
+        let ones = vec![1; self.train.len()];
+        BucketSampler::with_batching(&ones, 1, cfg.data.seed, cfg.data.batching)
+    }
+
+    fn init(&self, cfg: &SftConfig, _tok: &Tokenizer) -> Result<Qwen25VL> {
+        let dir = cfg.model.path.as_deref().context("[model] path")?;
+        self.load(dir)
+    }
+
+    fn load(&self, dir: &Path) -> Result<Qwen25VL> {
+        load_vl_checkpoint(dir).with_context(|| format!("loading checkpoint {}", dir.display()))
+    }
+
+    fn check(&self, model: &Qwen25VL, _cfg: &SftConfig, tok: &Tokenizer) -> Result<()> {
+        if tok.vocab_size() > model.config.text.vocab_size {
+            bail!(
+                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                tok.vocab_size(),
+                model.config.text.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    fn replica(&self, model: &Qwen25VL) -> Result<Qwen25VL> {
+        Ok(Qwen25VL::from_params(
+            model.config.clone(),
+            model.lm.params.clone(),
+            model.vision.params.clone(),
+        )?)
+    }
+
+    fn workspace(&self, model: &Qwen25VL, cfg: &SftConfig) -> VlWorkspace {
+        model.workspace(cfg.train.checkpoint)
+    }
+
+    fn param_groups(&self, model: &Qwen25VL) -> Vec<(usize, bool)> {
+        let lm = model.lm.layout.entries.iter();
+        let vision = model.vision.layout.entries.iter();
+        lm.chain(vision.filter(|_| self.train_vision))
+            .map(|e| (e.range.len(), e.decay))
+            .collect()
+    }
+
+    fn params_mut<'m>(&self, model: &'m mut Qwen25VL) -> Vec<&'m mut [f32]> {
+        let Qwen25VL { lm, vision, .. } = model;
+        let mut out = lm.layout.split_mut(&mut lm.params);
+        if self.train_vision {
+            let sizes: Vec<usize> = vision
+                .layout
+                .entries
+                .iter()
+                .map(|e| e.range.len())
+                .collect();
+            out.extend(split_sizes(&mut vision.params, &sizes));
+        }
+        out
+    }
+
+    fn checksum(&self, model: &Qwen25VL) -> u64 {
+        param_checksum_from(param_checksum(&model.lm.params), &model.vision.params)
+    }
+
+    fn micro(&self, idx: &[usize], _cfg: &SftConfig) -> Vec<usize> {
+        idx.to_vec()
+    }
+
+    fn counts(&self, mb: &Vec<usize>) -> (usize, usize) {
+        mb.iter().fold((0, 0), |(l, t), &i| {
+            let ex = &self.train[i].tokens;
+            let labelled = ex.loss_mask.iter().skip(1).filter(|&&m| m).count();
+            (l + labelled, t + ex.input_ids.len())
+        })
+    }
+
+    fn micro_step<C: Communicator>(
+        &self,
+        model: &Qwen25VL,
+        ws: &mut VlWorkspace,
+        grads: &mut [f32],
+        mb: &Vec<usize>,
+        scale: f32,
+        peers: Option<&Peers<'_, C>>,
+    ) -> Result<LossStats> {
+        let p = peers.context("the vision-language step runs on a communicator")?;
+        let mut total = LossStats::default();
+        for &i in mb {
+            let ex = &self.train[i];
+            let s = self
+                .record_step(model, ws, grads, ex, scale, p)
+                .with_context(|| ex.origin.clone())?;
+            total.loss_sum += s.loss_sum;
+            total.n_tokens += s.n_tokens;
+        }
+        Ok(total)
+    }
+
+    fn eval(&self, model: &Qwen25VL) -> Result<Option<LossStats>> {
+        self.eval_set
+            .as_ref()
+            .map(|set| eval_vl_examples(model, set))
+            .transpose()
+    }
+
+    fn model_files(&self, model: &Qwen25VL, tok: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
+        // Weights stay f32 (the master copy); config.json says so.
+        let mut files = vl_model_files(model, DType::F32, usize::MAX)?;
+        files.extend(tokenizer_files(tok)?);
+        files.extend(self.processor_files.iter().cloned());
+        Ok(files)
+    }
+
+    fn step_metrics(&self, record: &mut serde_json::Value) {
+        let (c, e, s) = (
+            self.cache.stats(),
+            self.enc.counters.snapshot(),
+            &self.stats,
+        );
+        let fields = serde_json::json!({
+            "cache_hits": c.hits + c.disk_hits, "cache_misses": c.misses,
+            "cache_bytes": c.bytes, "cache_evictions": c.evictions,
+            "tower_forwards": e.tower_forwards, "videos_encoded": e.videos_encoded,
+            "videos_cached": e.videos_cached, "skipped_records": s.skipped_records,
+            "skipped_videos": s.skipped_videos, "skipped_long": s.skipped_long,
+        });
+        if let (Some(r), Some(f)) = (record.as_object_mut(), fields.as_object()) {
+            r.extend(f.clone());
+        }
+    }
+
+    fn text_model(_model: &Qwen25VL) -> Option<&Qwen2> {
+        None
+    }
+
+    fn video_stats(&self) -> Option<VideoRunStats> {
+        Some(VideoRunStats {
+            cache: self.cache.stats(),
+            encode: self.enc.counters.snapshot(),
+            ..self.stats.clone()
+        })
+    }
+}
+
+impl VlTask {
+    /// Forward and backward of one record on this rank (see [`VlTask`]); decoder gradients
+    /// then tower gradients (when trained) accumulate into `grads`.
+    fn record_step<C: Communicator>(
+        &self,
+        model: &Qwen25VL,
+        ws: &mut VlWorkspace,
+        grads: &mut [f32],
+        ex: &VlExample,
+        scale: f32,
+        p: &Peers<'_, C>,
+    ) -> Result<LossStats> {
+        let c = &model.config;
+        let (d, half, vid) = (c.text.hidden_size, c.text.head_dim / 2, c.video_token_id);
+        let weights = *self
+            .weights
+            .get_or_init(|| weights_fingerprint(&model.vision.params));
+        let inp = VlInputs::new(ex, &self.settings_key, weights);
+        let (lm_grads, vision_grads) = grads.split_at_mut(model.lm.params.len());
+
+        // MR-SP stage 1 over the sequence-parallel group.
+        let features = if self.train_vision {
+            self.enc.encode(
+                p.group,
                 &model.vision,
-                &mut vws,
-                cache,
+                &mut ws.vision,
+                &inp.pixels,
+                &inp.grids,
+            )?
+        } else {
+            let embeds = self.enc.encode_cached(
+                p.group,
+                &model.vision,
+                &mut ws.vision,
+                &self.cache,
                 &inp.keys,
                 &inp.pixels,
                 &inp.grids,
                 &inp.seconds,
             )?;
-            let feats: Vec<f32> = embeds.iter().flat_map(|e| e.data.iter().copied()).collect();
-            model.prepare_with_features(&mut vl_ws, &inp.batch(), &feats)?;
-            let (emb, cos, sin) = Qwen25VL::prepared(&vl_ws);
-            let t = inp.tokens.len();
-            let sh = sp.set_seq_len(t)?;
-            let l_emb = sh.shard(emb, 1, d, rank, 0.0)?;
-            let l_cos = sh.shard(cos, 1, half, rank, 1.0)?;
-            let l_sin = sh.shard(sin, 1, half, rank, 0.0)?;
-            let l_tgt = sh.shard(&inp.targets, 1, 1, rank, IGNORE_INDEX)?;
-            // Video rows and padding take no embedding-table gradient (the tower is frozen).
-            let l_tok = sh.shard(&inp.tokens, 1, 1, rank, vid)?;
-            let eb = EmbedsBatch {
-                embeds: &l_emb,
-                targets: &l_tgt,
-                rotary: Rotary::Angles {
-                    cos: &l_cos,
-                    sin: &l_sin,
-                },
-                b: 1,
-                t: sh.local_len(),
-            };
-            let st = model.lm.forward_embeds(&mut ws, &eb, &sp)?;
-            let dx = model
-                .lm
-                .backward_embeds(&mut grads, &mut ws, &eb, scale, &sp)?;
-            let mut dx = dx.to_vec();
-            for (r, &tok) in l_tok.iter().enumerate() {
-                if tok == vid {
-                    dx[r * d..(r + 1) * d].fill(0.0);
+            embeds.iter().flat_map(|e| e.data.iter().copied()).collect()
+        };
+        model.prepare_with_features(ws, &inp.batch(), &features)?;
+
+        // This rank's token shard of the input embeddings, angles, targets and tokens (video
+        // rows and shard padding carry the video token: no embedding-table gradient).
+        let t = inp.tokens.len();
+        let (emb, cos, sin) = Qwen25VL::prepared(ws);
+        let (sharding, attn): (_, &dyn AttentionOp) = match p.sp {
+            Some(sp) => (Some(sp.set_seq_len(t)?), sp),
+            None => (None, &LocalAttention),
+        };
+        let r = p.coords.sp_rank;
+        let (l_emb, l_cos, l_sin, l_tgt, l_tok, local_t) = match &sharding {
+            Some(sh) => (
+                sh.shard(emb, 1, d, r, 0.0)?,
+                sh.shard(cos, 1, half, r, 1.0)?,
+                sh.shard(sin, 1, half, r, 0.0)?,
+                sh.shard(&inp.targets, 1, 1, r, IGNORE_INDEX)?,
+                sh.shard(&inp.tokens, 1, 1, r, vid)?,
+                sh.local_len(),
+            ),
+            None => (
+                emb.to_vec(),
+                cos.to_vec(),
+                sin.to_vec(),
+                inp.targets.clone(),
+                inp.tokens.clone(),
+                t,
+            ),
+        };
+        let eb = EmbedsBatch {
+            embeds: &l_emb,
+            targets: &l_tgt,
+            rotary: Rotary::Angles {
+                cos: &l_cos,
+                sin: &l_sin,
+            },
+            b: 1,
+            t: local_t,
+        };
+        let stats = model.lm.forward_embeds(&mut ws.lm, &eb, attn)?;
+        let mut dx = model
+            .lm
+            .backward_embeds(lm_grads, &mut ws.lm, &eb, scale, attn)?
+            .to_vec();
+
+        if self.train_vision && !inp.grids.is_empty() {
+            // ∂L/∂features of the whole sequence: every rank's shard rows, gathered.
+            let full = match &sharding {
+                Some(sh) => {
+                    let mut all = vec![0.0f32; sh.ranks() * dx.len()];
+                    p.group
+                        .all_gather(&dx, &mut all)
+                        .context("gathering ∂L/∂embeddings")?;
+                    let shards: Vec<&[f32]> = all.chunks_exact(dx.len()).collect();
+                    sh.unshard(&shards, 1, d)?
                 }
+                None => dx.clone(),
+            };
+            let d_features: Vec<f32> = inp
+                .tokens
+                .iter()
+                .zip(full.chunks_exact(d))
+                .filter(|(&tok, _)| tok == vid)
+                .flat_map(|(_, row)| row.iter().copied())
+                .collect();
+            self.enc.backward(
+                p.group,
+                &model.vision,
+                &mut ws.vision,
+                vision_grads,
+                &inp.grids,
+                &d_features,
+            )?;
+        }
+        for (row, &tok) in dx.chunks_exact_mut(d).zip(&l_tok) {
+            if tok == vid {
+                row.fill(0.0);
             }
-            reel_kernels::embedding::embedding_backward(
-                &mut grads[model.lm.layout.embed.clone()],
-                &dx,
-                &l_tok,
-                d,
-            );
-            sums[0] += st.loss_sum as f32;
-            sums[1] += st.n_tokens as f32;
         }
-        sp.with_comm(|c| -> Result<(), reel_comm::CommError> {
-            c.all_reduce_sum(&mut grads)?;
-            c.all_reduce_sum(&mut sums)
-        })?;
-        Ok::<_, anyhow::Error>((grads, sums))
-    });
-    let mut out = None;
-    for (r, res) in results.into_iter().enumerate() {
-        let (g, sums) = res.with_context(|| format!("sequence-parallel rank {r}"))?;
-        if out.is_none() {
-            out = Some((g, sums));
-        }
+        reel_kernels::embedding::embedding_backward(
+            &mut lm_grads[model.lm.layout.embed.clone()],
+            &dx,
+            &l_tok,
+            d,
+        );
+        Ok(stats)
     }
-    let (g, sums) = out.context("no rank ran")?;
-    lm_grads.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-    Ok(LossStats {
-        loss_sum: sums[0] as f64,
-        n_tokens: sums[1].round() as usize,
-    })
+}
+
+/// Sum and count of the target-token NLL of prepared records, the tower run on each.
+pub fn eval_vl_examples(model: &Qwen25VL, examples: &[VlExample]) -> Result<LossStats> {
+    let mut ws = model.workspace(CheckpointPolicy::Layer);
+    let mut total = LossStats::default();
+    for ex in examples {
+        let inp = VlInputs::new(ex, "", 0);
+        let s = model
+            .forward(&mut ws, &inp.batch(), &LocalAttention)
+            .with_context(|| ex.origin.clone())?;
+        total.loss_sum += s.loss_sum;
+        total.n_tokens += s.n_tokens;
+    }
+    Ok(total)
 }
 
 /// Writes a tiny random Qwen2.5-VL folder for demos and tests: config.json and weights (decoder
@@ -650,10 +840,22 @@ mod tests {
         assert_eq!(s.encode.tower_forwards, 4);
         let after = reel_model::load_vl_checkpoint(&s.final_model_dir).unwrap();
         assert_ne!(before.vision.params, after.vision.params);
-        // sp > 1 is refused with a clear message.
-        cfg.sp = 2;
-        let e = run_vl_sft(&cfg).unwrap_err().to_string();
-        assert!(e.contains("sp = 2"), "{e}");
+    }
+
+    #[test]
+    fn flat_settings_map_onto_the_run_config() {
+        let mut v = VlSftConfig::new("m".into(), "d.jsonl".into(), "o".into());
+        v.sampling = FrameSampling::fps(2.0);
+        v.vision_freeze = false;
+        v.batch = 3;
+        v.sp = 2;
+        let c = v.to_sft_config();
+        c.validate().unwrap();
+        assert_eq!(c.video.sampling, "fps:2");
+        assert_eq!(parse_sampling(&c.video.sampling).unwrap(), v.sampling);
+        assert!(c.video.train_vision);
+        assert_eq!((c.train.grad_accum, c.parallel.sp), (3, 2));
+        assert_eq!(c.video.cache_mb, 1024);
     }
 
     #[test]
