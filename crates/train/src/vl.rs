@@ -256,6 +256,8 @@ pub fn sampling_text(s: &FrameSampling) -> String {
 
 /// CoT-SFT of a Qwen2.5-VL model on LongVideo-Reason records: [`VlSftConfig::to_sft_config`]
 /// trained by [`run_sft`] (checkpoints under `out/checkpoints/`, the last one the final model).
+/// As this entry point always did, a fresh run replaces an earlier run's results in `out`
+/// (its `checkpoints/` folder goes, with a warning); resuming is `run_sft`'s.
 pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
     let start = Instant::now();
     let sft = cfg.to_sft_config();
@@ -264,6 +266,14 @@ pub fn run_vl_sft(cfg: &VlSftConfig) -> Result<VlSftSummary> {
             "{}: config.json does not name model_type qwen2_5_vl",
             cfg.model.display()
         );
+    }
+    let old = cfg.out.join("checkpoints");
+    if old.is_dir() {
+        tracing::warn!(
+            "replacing the earlier run's checkpoints in {}",
+            old.display()
+        );
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     let s = run_sft(&sft, RunOptions::default())?;
     let v = s
@@ -840,6 +850,9 @@ mod tests {
         assert_eq!(s.encode.tower_forwards, 4);
         let after = reel_model::load_vl_checkpoint(&s.final_model_dir).unwrap();
         assert_ne!(before.vision.params, after.vision.params);
+        // A second run into the same folder replaces the first, as a fresh run.
+        let again = run_vl_sft(&cfg).unwrap();
+        assert_eq!(again.losses, s.losses);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! checkpoints are Qwen2.5-VL folders that resume onto the same curve, the held-out NLL and the
 //! video counters are in the metrics, `dp × sp` ranks reproduce one rank with the frozen tower
 //! and with a trained tower (frames split over the ranks by MR-SP stage 1), and a corrupt video
-//! and a malformed record are skipped and counted while the run finishes.
+//! and a malformed record are skipped and counted while the run finishes; a non-finite step
+//! stops the run with the last checkpoint intact.
 
 mod common;
 
@@ -298,4 +299,26 @@ fn a_corrupt_video_and_a_malformed_record_are_skipped_and_the_run_finishes() {
     let end = metrics(&cfg).pop().unwrap();
     assert_eq!(end["skipped_videos"], 1);
     assert_eq!(end["skipped_records"], 1);
+}
+
+#[test]
+fn a_non_finite_step_stops_the_vl_run_with_the_last_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 5);
+    let err = run_sft(
+        &cfg,
+        RunOptions {
+            poison_step: Some(3),
+            ..quiet()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("step 3") && err.contains("non-finite") && err.contains("step-2"),
+        "{err}"
+    );
+    let m = load_vl_checkpoint(&cfg.output.dir.join("checkpoints/step-2")).unwrap();
+    assert!(m.lm.params.iter().all(|x| x.is_finite()));
+    assert!(!cfg.output.dir.join("checkpoints/step-3").exists());
 }
