@@ -192,6 +192,84 @@ fn sft_runs_sequence_parallel_from_the_command_line() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.sp"));
 }
 
+/// `reel sft --vl-*` builds a Qwen2.5-VL run config that `--set`, `--sp` and `--dp` apply to
+/// (here a trained tower over 2 sp ranks × 2 replicas); the run's own config.toml then resumes
+/// it through `--config` with more steps.
+#[test]
+fn vl_sft_flags_and_config_train_and_resume_a_qwen2_5_vl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = reel()
+        .current_dir(dir)
+        .args([
+            "sft",
+            "--vl-model",
+            "m",
+            "--vl-data",
+            "d/train.jsonl",
+            "--vl-init-tiny",
+            "--vl-synth",
+            "4",
+            "--vl-steps",
+            "2",
+            "--vl-batch",
+            "1",
+            "--vl-train-vision",
+            "--vl-out",
+            "run",
+            "--sp",
+            "2",
+            "--dp",
+            "2",
+            "--set",
+            "output.save_every=1",
+        ])
+        .env("CI", "true")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("trained 2 steps") && stdout.contains("4 videos"),
+        "{stdout}"
+    );
+    let ckpt = dir.join("run/checkpoints/step-2");
+    let cfg_json = std::fs::read_to_string(ckpt.join("config.json")).unwrap();
+    assert!(cfg_json.contains("qwen2_5_vl"), "{cfg_json}");
+    let toml = std::fs::read_to_string(dir.join("run/config.toml")).unwrap();
+    assert!(
+        toml.contains("train_vision = true") && toml.contains("sp = 2"),
+        "{toml}"
+    );
+
+    let more = reel()
+        .current_dir(dir)
+        .args([
+            "sft",
+            "--config",
+            "run/config.toml",
+            "--set",
+            "train.steps=3",
+            "--resume",
+        ])
+        .env("CI", "true")
+        .output()
+        .unwrap();
+    assert!(
+        more.status.success(),
+        "{}",
+        String::from_utf8_lossy(&more.stderr)
+    );
+    assert!(String::from_utf8_lossy(&more.stdout).contains("trained 3 steps"));
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(metrics.contains("tower_forwards"));
+}
+
 #[test]
 fn grpo_print_config_parses_back_and_a_tiny_run_trains() {
     let out = reel().args(["grpo", "--print-config"]).output().unwrap();

@@ -19,8 +19,9 @@
 //! token counts riding along) are summed over the whole world in one all-reduce, and every rank
 //! then clips and steps identically, so the replicas stay bit-identical (checked at the end).
 //! Only rank 0 writes metrics, progress and checkpoints. A failure on any rank aborts every
-//! rank; the error is the first failing rank's, naming it and the step. A single-rank run uses
-//! the same step function on this thread, with no communicator.
+//! rank; the error is the first failing rank's, naming it and the step. A single-rank text run
+//! uses the same step function on this thread, with no communicator (the VLM, whose vision
+//! encode speaks through one, runs as a world of one in-process rank).
 //!
 //! The loop is generic over the model family ([`SftTask`]): the text decoder ([`TextTask`],
 //! chat JSONL) and Qwen2.5-VL ([`crate::vl::VlTask`], LongVideo-Reason records with videos)
