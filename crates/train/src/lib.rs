@@ -41,6 +41,6 @@ pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
 pub use vl::{
-    eval_vl_examples, eval_vl_nll, parse_sampling, run_vl_sft, sampling_text, VideoRunStats,
-    VlInputs, VlSftConfig, VlSftSummary,
+    eval_vl_examples, eval_vl_nll, parse_sampling, run_vl_sft, sampling_text, video_pixels,
+    VideoRunStats, VlInputs, VlSftConfig, VlSftSummary,
 };

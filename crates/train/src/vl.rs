@@ -18,6 +18,7 @@
 //! backward of its own frames; the loop's all-reduce sums every gradient. [`run_vl_sft`] is
 //! the same trainer behind the older [`VlSftConfig`] settings (`reel sft --vl-model`).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -58,6 +59,15 @@ pub struct VlInputs {
 impl VlInputs {
     /// Shifts the loss mask into next-token targets and stacks the videos.
     pub fn new(ex: &VlExample, settings_key: &str, weights: u64) -> Self {
+        let mut inp = Self::without_pixels(ex, settings_key, weights);
+        inp.pixels = video_pixels(ex).into_owned();
+        inp
+    }
+
+    /// [`VlInputs::new`] but for the pixels, left empty: for passes that take the videos'
+    /// features from elsewhere (the embedding cache, a sequence-parallel encode), which read
+    /// the pixels through [`video_pixels`] when they need them.
+    pub fn without_pixels(ex: &VlExample, settings_key: &str, weights: u64) -> Self {
         let ids = &ex.tokens.input_ids;
         let n = ids.len();
         let targets = (0..n)
@@ -69,11 +79,9 @@ impl VlInputs {
                 }
             })
             .collect();
-        let mut pixels = Vec::new();
         let (mut grids, mut seconds, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         for v in &ex.videos {
             let [t, h, w] = v.inputs.video_grid_thw;
-            pixels.extend_from_slice(&v.inputs.pixel_values_videos);
             grids.push(VideoGrid { t, h, w });
             seconds.push(v.inputs.second_per_grid_ts as f32);
             keys.push(EmbedKey {
@@ -85,7 +93,7 @@ impl VlInputs {
         VlInputs {
             tokens: ids.clone(),
             targets,
-            pixels,
+            pixels: Vec::new(),
             grids,
             seconds,
             keys,
@@ -104,6 +112,19 @@ impl VlInputs {
                 second_per_grid_ts: &self.seconds,
             },
         }
+    }
+}
+
+/// The pixels of an example's videos, one after another [Σ t·h·w, C·T_p·p·p]: borrowed when it
+/// has one video, stacked when it has several.
+pub fn video_pixels(ex: &VlExample) -> Cow<'_, [f32]> {
+    match ex.videos.as_slice() {
+        [v] => Cow::Borrowed(&v.inputs.pixel_values_videos),
+        vs => Cow::Owned(
+            vs.iter()
+                .flat_map(|v| v.inputs.pixel_values_videos.iter().copied())
+                .collect(),
+        ),
     }
 }
 
@@ -604,18 +625,14 @@ impl VlTask {
         let weights = *self
             .weights
             .get_or_init(|| weights_fingerprint(&model.vision.params));
-        let inp = VlInputs::new(ex, &self.settings_key, weights);
+        let inp = VlInputs::without_pixels(ex, &self.settings_key, weights);
+        let pixels = video_pixels(ex);
         let (lm_grads, vision_grads) = grads.split_at_mut(model.lm.params.len());
 
         // MR-SP stage 1 over the sequence-parallel group.
         let features = if self.train_vision {
-            self.enc.encode(
-                p.group,
-                &model.vision,
-                &mut ws.vision,
-                &inp.pixels,
-                &inp.grids,
-            )?
+            self.enc
+                .encode(p.group, &model.vision, &mut ws.vision, &pixels, &inp.grids)?
         } else {
             let embeds = self.enc.encode_cached(
                 p.group,
@@ -623,7 +640,7 @@ impl VlTask {
                 &mut ws.vision,
                 &self.cache,
                 &inp.keys,
-                &inp.pixels,
+                &pixels,
                 &inp.grids,
                 &inp.seconds,
             )?;
