@@ -873,6 +873,29 @@ mod tests {
     }
 
     #[test]
+    fn long_records_lose_their_tail_unless_a_video_or_every_target_would_go() {
+        // Tokens: text, 3 video tokens (99), text, then the target (labelled) from index 6.
+        let ex = |n: usize| VlExample {
+            origin: "f.jsonl:1".into(),
+            problem_id: "p".into(),
+            tokens: reel_data::TokenizedExample {
+                input_ids: (0..n as u32)
+                    .map(|i| if (2..5).contains(&i) { 99 } else { i })
+                    .collect(),
+                loss_mask: (0..n).map(|i| i >= 6).collect(),
+            },
+            videos: Vec::new(),
+        };
+        let fit = |n, max| fit_to_len(ex(n), max, 99).map(|e| e.tokens.input_ids.len());
+        assert_eq!(fit(10, 10), Some(10));
+        assert_eq!(fit(10, 12), Some(10));
+        assert_eq!(fit(10, 8), Some(8));
+        // Cutting at 6 leaves no target; at 4 it would cut the video run.
+        assert_eq!(fit(10, 6), None);
+        assert_eq!(fit(10, 4), None);
+    }
+
+    #[test]
     fn flat_settings_map_onto_the_run_config() {
         let mut v = VlSftConfig::new("m".into(), "d.jsonl".into(), "o".into());
         v.sampling = FrameSampling::fps(2.0);
