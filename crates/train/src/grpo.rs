@@ -55,10 +55,12 @@ use reel_rl::{
     group_advantages, grpo_loss, AccuracyReward, DynamicSampler, FormatReward, GrpoConfig,
     GrpoMetrics, LossScale, PolicyTokens, Reward, RewardInput,
 };
+use reel_rollout::engine::Detokenizer;
 use reel_rollout::{EngineConfig, GenerationParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A whole GRPO run: `[model]`, `[data]`, `[train]`, `[grpo]` (reel-rl's [`GrpoConfig`]),
@@ -74,6 +76,8 @@ pub struct GrpoRunConfig {
     pub train: GrpoTrainConfig,
     /// GRPO: group size, clipping, KL, aggregation, sampling, rewards, learning rate.
     pub grpo: GrpoConfig,
+    /// Rollout: stop strings.
+    pub rollout: GrpoRolloutConfig,
     /// Data-parallel replicas × sequence-parallel ranks (in-process), the sp schedule and the
     /// ranks' timeout. Default dp = sp = 1.
     pub parallel: ParallelConfig,
@@ -88,6 +92,7 @@ impl Default for GrpoRunConfig {
             data: PromptDataConfig::default(),
             train: GrpoTrainConfig::default(),
             grpo: GrpoConfig::default(),
+            rollout: GrpoRolloutConfig::default(),
             parallel: ParallelConfig::default(),
             output: OutputConfig {
                 dir: PathBuf::from("runs/grpo"),
@@ -106,6 +111,15 @@ pub struct GrpoModelConfig {
     pub path: PathBuf,
     /// Folder holding tokenizer.json. Default: `path`.
     pub tokenizer: Option<PathBuf>,
+}
+
+/// `[rollout]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoRolloutConfig {
+    /// Strings that end a response once its decoded text contains one (the response keeps it),
+    /// besides the end-of-sequence tokens, e.g. `["</answer>"]`. Default: none.
+    pub stop: Vec<String>,
 }
 
 /// `[data]`.
@@ -230,6 +244,9 @@ impl GrpoRunConfig {
             return bad("train.eps", "must be a positive number");
         }
         self.grpo.validate()?;
+        if self.rollout.stop.iter().any(String::is_empty) {
+            return bad("rollout.stop", "a stop string must not be empty");
+        }
         self.parallel.dims()?;
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "must not be empty");
@@ -561,6 +578,10 @@ fn grpo_rank<C: Communicator>(
         .pad_token_id()
         .context("the tokenizer has neither a pad nor an eos token")?;
     let stop = crate::accuracy::stop_token_ids(&tok, &model);
+    let detok: Detokenizer = {
+        let tok = tok.clone();
+        Arc::new(move |ids: &[u32]| tok.decode(ids, true).unwrap_or_default())
+    };
     let reward = cfg.grpo.reward.build();
     let acc_check = AccuracyReward {
         rel_tol: cfg.grpo.reward.number_rel_tol,
@@ -646,7 +667,7 @@ fn grpo_rank<C: Communicator>(
                         },
                         max_new_tokens: cfg.grpo.max_response_tokens,
                         stop_token_ids: stop.clone(),
-                        stop_strings: Vec::new(),
+                        stop_strings: cfg.rollout.stop.clone(),
                     };
                     requests.push(dist::Request {
                         ids: &prompts.items[i].ids,
@@ -654,7 +675,8 @@ fn grpo_rank<C: Communicator>(
                         name: &prompts.items[i].problem_id,
                     });
                 }
-                let (outs, pre, dec) = dist::rollout(&model, peers, ecfg, g, &requests, &at)?;
+                let (outs, pre, dec) =
+                    dist::rollout(&model, peers, ecfg, g, &requests, &detok, &at)?;
                 prefill += pre;
                 decode += dec;
                 rollout_s += t0.elapsed().as_secs_f64();

@@ -355,3 +355,44 @@ fn dp_and_sp_ranks_match_one_rank() {
         .unwrap();
     }
 }
+
+#[test]
+fn stop_strings_end_responses_where_they_first_appear() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::from_dir(&fixture()).unwrap();
+    let mut cfg = setup(dir.path(), 1);
+    cfg.grpo.max_response_tokens = 12;
+    cfg.output.dir = dir.path().join("free");
+    let free = run_grpo(&cfg, quiet()).unwrap();
+    let response = |b: &(Vec<u32>, usize, f32)| b.0[b.1..].to_vec();
+    // A stop string: the text of the third token of the first full-length response.
+    let long = free
+        .last_batch
+        .iter()
+        .map(response)
+        .find(|r| r.len() == 12)
+        .expect("a response that ran to max_response_tokens");
+    let stop = tok.decode(&long[2..3], true).unwrap();
+    assert!(!stop.is_empty());
+    cfg.rollout.stop = vec![stop.clone()];
+    cfg.output.dir = dir.path().join("stopped");
+    let stopped = run_grpo(&cfg, quiet()).unwrap();
+    let mut shortened = 0;
+    for (a, b) in stopped.last_batch.iter().zip(&free.last_batch) {
+        let (a, b) = (response(a), response(b));
+        // The same draws up to the stop: a prefix of the free response.
+        assert_eq!(a[..], b[..a.len()], "{a:?} vs {b:?}");
+        let text = tok.decode(&a, true).unwrap();
+        if a.len() < b.len() {
+            shortened += 1;
+            assert!(text.contains(&stop), "{text:?} stopped without {stop:?}");
+        }
+        let before = tok.decode(&a[..a.len() - 1], true).unwrap();
+        assert!(!before.contains(&stop), "{before:?} ran past {stop:?}");
+    }
+    assert!(shortened > 0, "the stop string ended some response");
+    let mut bad = setup(dir.path(), 1);
+    bad.rollout.stop = vec![String::new()];
+    let e = format!("{:#}", run_grpo(&bad, quiet()).unwrap_err());
+    assert!(e.contains("rollout.stop"), "{e}");
+}

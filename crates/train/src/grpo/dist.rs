@@ -26,6 +26,7 @@ use reel_data::IGNORE_INDEX;
 use reel_model::{AttentionOp, LocalAttention, Qwen2};
 use reel_parallel::{ParallelDims, RankCoords, ScheduleKind, SpAttention};
 use reel_rl::GrpoMetrics;
+use reel_rollout::engine::Detokenizer;
 use reel_rollout::{Engine, EngineConfig, GenerationParams, ShardedEngine};
 
 /// A rank's place among the others.
@@ -64,13 +65,15 @@ pub(crate) fn rollout<C: Communicator>(
     ecfg: EngineConfig,
     g: usize,
     requests: &[Request],
+    detok: &Detokenizer,
     at: &str,
 ) -> Result<(Responses, u64, u64)> {
     let (dp, dp_rank) = peers.map_or((1, 0), |p| (p.dims.dp(), p.coords.dp_rank));
     let mine: Vec<&Request> = requests.iter().skip(dp_rank).step_by(dp).collect();
     let (outs, prefill, decode) = match peers.and_then(|p| p.sp_roll.map(|c| (p, c))) {
         Some((p, comm)) => {
-            let mut engine = ShardedEngine::new(model, comm, ecfg, p.schedule)?;
+            let mut engine =
+                ShardedEngine::new(model, comm, ecfg, p.schedule)?.with_detokenizer(detok.clone());
             for r in &mine {
                 engine
                     .add_group(r.ids.to_vec(), g, r.params.clone())
@@ -81,7 +84,7 @@ pub(crate) fn rollout<C: Communicator>(
             (outs, st.prefill_tokens, st.decode_tokens)
         }
         None => {
-            let mut engine = Engine::new(model, ecfg)?;
+            let mut engine = Engine::new(model, ecfg)?.with_detokenizer(detok.clone());
             for r in &mine {
                 engine
                     .add_group(r.ids.to_vec(), g, r.params.clone())
