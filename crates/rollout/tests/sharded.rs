@@ -8,8 +8,8 @@ use reel_model::generate::SamplingParams;
 use reel_model::{load_checkpoint, Qwen2};
 use reel_parallel::ScheduleKind;
 use reel_rollout::{
-    Engine, EngineConfig, GenerationParams, GroupOutput, Prompt, RolloutError, ShardedEngine,
-    ShardedStats,
+    Engine, EngineConfig, GenerationParams, GroupOutput, MRopePrompt, Prompt, RolloutError,
+    ShardedEngine, ShardedStats,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -51,7 +51,10 @@ fn workload() -> Vec<(Vec<u32>, usize, GenerationParams)> {
     ]
 }
 
-fn single(m: &Qwen2, work: &[(Vec<u32>, usize, GenerationParams)]) -> Vec<GroupOutput> {
+fn single(
+    m: &Qwen2,
+    work: &[(impl Into<Prompt> + Clone, usize, GenerationParams)],
+) -> Vec<GroupOutput> {
     let mut e = Engine::new(m, EngineConfig::default()).unwrap();
     for (p, g, par) in work {
         e.add_group(p.clone(), *g, par.clone()).unwrap();
@@ -64,7 +67,7 @@ fn sharded(
     world: usize,
     kind: ScheduleKind,
     config: EngineConfig,
-    work: &[(Vec<u32>, usize, GenerationParams)],
+    work: &[(impl Into<Prompt> + Clone + Sync, usize, GenerationParams)],
 ) -> Vec<(Vec<GroupOutput>, ShardedStats)> {
     let res = InProcess::spawn(world, Duration::from_secs(30), |comm| {
         let mut e = ShardedEngine::new(m, &comm, config, kind)?;
@@ -227,5 +230,47 @@ fn communication_is_counted() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn embedding_and_mrope_prompts_match_the_single_rank_engine() {
+    // A VLM-like prompt: input embeddings (not the ids' rows) and 3-D rotary positions that are
+    // not consecutive; generated tokens continue after the largest component.
+    let m = model();
+    let (d, half) = (m.config.hidden_size, m.config.head_dim / 2);
+    let embed = &m.params[m.layout.embed.clone()];
+    let mk = |n: usize, seed: u64| -> Prompt {
+        let ids = prompt(n, seed);
+        let rows = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &t)| {
+                let r = &embed[t as usize * d..(t as usize + 1) * d];
+                r.iter()
+                    .map(move |&x| x * (1.0 + 0.01 * i as f32))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Prompt {
+            ids,
+            embeddings: Some(rows),
+            mrope: Some(MRopePrompt {
+                positions: (0..n as u32).map(|i| [i / 3 + 2, i % 4, i % 5]).collect(),
+                sections: [half - 3, 2, 1],
+            }),
+        }
+    };
+    let work: Vec<(Prompt, usize, GenerationParams)> = vec![
+        (mk(23, 1), 2, params(8, 1.0, 3)),
+        (mk(10, 2), 1, params(6, 0.0, 0)),
+    ];
+    let want = single(&m, &work);
+    for (world, kind) in [
+        (2, ScheduleKind::ZigzagRingCausal),
+        (3, ScheduleKind::DistAttnCausal),
+    ] {
+        let ranks = sharded(&m, world, kind, EngineConfig::default(), &work);
+        assert_same(&ranks[0].0, &want, &format!("world {world}, {kind:?}"));
     }
 }
