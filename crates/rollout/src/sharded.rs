@@ -29,7 +29,9 @@
 //! A prompt is prefilled in one pass (its per-rank rows are L, whatever `max_step_tokens`).
 //! Communication is counted in [`ShardedStats`] (prefill attention, decode merges, control).
 
-use crate::engine::{check_group, finish_reason, log_prob, Detokenizer, EngineConfig, EngineStats};
+use crate::engine::{
+    check_group, finish_reason, log_prob, Detokenizer, EngineConfig, EngineStats, StepStats,
+};
 use crate::paged_attention::{paged_attention_forward, PagedSeq, PagedShape};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
 use crate::request::{
@@ -279,7 +281,7 @@ impl<'m, 'c, C: Communicator> ShardedEngine<'m, 'c, C> {
     /// Steps until every queued group is finished; returns all finished outputs by group id.
     pub fn run(&mut self) -> Result<Vec<GroupOutput>, RolloutError> {
         while self.has_work() {
-            if !self.step()? {
+            if self.step()?.seqs == 0 {
                 return Err(RolloutError::Invalid(
                     "the scheduler found nothing to run while groups wait".into(),
                 ));
@@ -291,14 +293,16 @@ impl<'m, 'c, C: Communicator> ShardedEngine<'m, 'c, C> {
     }
 
     /// One step: admits and prefills the first waiting group if every rank has room, then
-    /// decodes one token of every running sample. Returns whether it ran anything.
-    pub fn step(&mut self) -> Result<bool, RolloutError> {
-        let mut ran = false;
+    /// decodes one token of every running sample. Returns what it ran (`seqs` counts the
+    /// prefilled prompt and the decoded samples).
+    pub fn step(&mut self) -> Result<StepStats, RolloutError> {
+        let mut st = StepStats::default();
         if let Some(g) = self.groups.iter().position(|g| !g.admitted) {
             if !self.blocked {
                 if self.try_admit(g)? {
                     self.prefill(g)?;
-                    ran = true;
+                    st.seqs += 1;
+                    st.prefill_tokens += self.groups[g].prompt.ids.len();
                 } else {
                     self.blocked = true;
                 }
@@ -319,15 +323,16 @@ impl<'m, 'c, C: Communicator> ShardedEngine<'m, 'c, C> {
             .collect();
         if !units.is_empty() {
             self.decode(&units)?;
-            ran = true;
+            st.seqs += units.len();
+            st.decode_tokens += units.len();
         }
-        if ran {
+        if st.seqs > 0 {
             self.stats.engine.steps += 1;
         }
         let used = self.pool.total_blocks() - self.pool.free_blocks();
         self.stats.peak_blocks = self.stats.peak_blocks.max(used);
         self.collect_finished();
-        Ok(ran)
+        Ok(st)
     }
 
     /// Picks the owners of group g's samples and asks every rank whether the group fits; admits
