@@ -3,14 +3,21 @@
 //! - decode tokens/s at batch sizes 1, 8 and 64 (one request each, greedy), counted over the
 //!   steps that ran no prefill, beside single-sequence `Qwen2::generate` at batch 1;
 //! - prefill of one prompt with G samples: as one group (prefilled once, samples forked) and as
-//!   G independent requests; prefilled tokens and wall time of each.
+//!   G independent requests; prefilled tokens and wall time of each;
+//! - the same group on the sharded engine over 1, 2 and 3 in-process ranks (sequence-parallel
+//!   prefill, KV sharded): wall time, bytes a rank sent in prefill and per decoded token, and the
+//!   most KV blocks one rank held.
 
 use anyhow::Result;
+use reel_comm::InProcess;
 use reel_model::generate::SamplingParams;
 use reel_model::Qwen2;
-use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use reel_parallel::ScheduleKind;
+use reel_rollout::{
+    Engine, EngineConfig, GenerationParams, RolloutError, ShardedEngine, ShardedStats,
+};
 use serde_json::json;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn prompt(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
     let mut rng = reel_tensor::rng(seed);
@@ -47,6 +54,35 @@ fn decode(model: &Qwen2, batch: usize, p: usize, new: usize) -> Result<serde_jso
         "decode_tokens_per_s": decode_tokens as f64 / decode_s.max(1e-9),
         "total_s": total,
         "sampled_tokens": e.stats().sampled_tokens,
+    }))
+}
+
+/// One group of `g` samples of `ids` on the sharded engine over `world` in-process ranks.
+fn sharded(
+    model: &Qwen2,
+    ids: &[u32],
+    g: usize,
+    new: usize,
+    world: usize,
+) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    let res = InProcess::spawn(world, Duration::from_secs(300), |comm| {
+        let config = EngineConfig::default();
+        let mut e = ShardedEngine::new(model, &comm, config, ScheduleKind::ZigzagRingCausal)?;
+        e.add_group(ids.to_vec(), g, greedy(new))?;
+        e.run()?;
+        Ok::<_, RolloutError>(e.stats())
+    });
+    let wall = t.elapsed().as_secs_f64();
+    let st: Vec<ShardedStats> = res.into_iter().collect::<Result<_, _>>()?;
+    let max = |f: &dyn Fn(&ShardedStats) -> u64| st.iter().map(f).max().unwrap_or(0);
+    let decoded = st[0].engine.decode_tokens.max(1);
+    Ok(json!({
+        "world": world,
+        "wall_s": wall,
+        "prefill_bytes_sent_max": max(&|s| s.prefill_comm.bytes_sent),
+        "decode_bytes_sent_per_token": max(&|s| s.decode_comm.bytes_sent) / decoded,
+        "peak_blocks_max": max(&|s| s.peak_blocks as u64),
     }))
 }
 
@@ -87,6 +123,10 @@ pub fn run(model: &Qwen2, as_json: bool) -> Result<serde_json::Value> {
             "wall_s": t.elapsed().as_secs_f64(),
         }));
     }
+    let mut sharded_rows = Vec::new();
+    for world in [1, 2, 3] {
+        sharded_rows.push(sharded(model, &ids, g, sn, world)?);
+    }
     if !as_json {
         println!(
             "\nrollout engine (random Qwen2 d={} L={} V={}, prompt {p}, {new} new tokens, greedy, f32 CPU)",
@@ -111,6 +151,30 @@ pub fn run(model: &Qwen2, as_json: bool) -> Result<serde_json::Value> {
                 r["wall_s"].as_f64().unwrap_or(0.0)
             );
         }
+        println!("sharded engine (zigzag prefill, KV sharded), the same group:");
+        println!(
+            "{:>6} {:>8} {:>22} {:>24} {:>16}",
+            "ranks",
+            "wall s",
+            "prefill bytes sent/rank",
+            "decode bytes sent/token",
+            "peak KV blocks"
+        );
+        for r in &sharded_rows {
+            println!(
+                "{:>6} {:>8.2} {:>22} {:>24} {:>16}",
+                r["world"].as_u64().unwrap_or(0),
+                r["wall_s"].as_f64().unwrap_or(0.0),
+                r["prefill_bytes_sent_max"].as_u64().unwrap_or(0),
+                r["decode_bytes_sent_per_token"].as_u64().unwrap_or(0),
+                r["peak_blocks_max"].as_u64().unwrap_or(0)
+            );
+        }
     }
-    Ok(json!({"decode": rows, "generate_decode_tokens_per_s": gen_tps, "prefix": shared}))
+    Ok(json!({
+        "decode": rows,
+        "generate_decode_tokens_per_s": gen_tps,
+        "prefix": shared,
+        "sharded": sharded_rows,
+    }))
 }

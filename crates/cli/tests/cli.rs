@@ -271,6 +271,45 @@ fn vl_sft_flags_and_config_train_and_resume_a_qwen2_5_vl() {
 }
 
 #[test]
+fn grpo_runs_sequence_parallel_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"hi\", \"answer\": \"a\"}\n{\"prompt\": \"ho\", \"answer\": \"b\"}\n",
+    )
+    .unwrap();
+    let cfg_path = dir.path().join("grpo.toml");
+    let run = dir.path().join("run");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[model]\npath = {:?}\n[data]\nprompts = {:?}\nprompts_per_step = 2\n\
+             [train]\nsteps = 1\n[grpo]\ngroup_size = 3\nmax_response_tokens = 5\n\
+             [output]\ndir = {:?}\n",
+            fixtures().join("qwen2-tiny").display().to_string(),
+            prompts.display().to_string(),
+            run.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = reel()
+        .args(["grpo", "--config"])
+        .arg(&cfg_path)
+        .args(["--set", "parallel.sp=2", "--set", "parallel.dp=1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("ran 1 GRPO steps"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(rec["loss"].as_f64().unwrap().is_finite(), "{rec}");
+    assert!(run.join("checkpoints/step-1/model.safetensors").exists());
+}
+
+#[test]
 fn grpo_print_config_parses_back_and_a_tiny_run_trains() {
     let out = reel().args(["grpo", "--print-config"]).output().unwrap();
     assert!(out.status.success());

@@ -26,7 +26,7 @@ use crate::request::{
 use crate::RolloutError;
 use reel_model::decode::{DecodeScratch, SeqStep, StepInput, StepPositions};
 use reel_model::generate::sample_token;
-use reel_model::Qwen2;
+use reel_model::{Qwen2, Qwen2Config};
 use std::sync::Arc;
 
 /// Engine sizes. Every field has a default ([`EngineConfig::default`]).
@@ -245,72 +245,9 @@ impl<'m> Engine<'m> {
     ) -> Result<GroupId, RolloutError> {
         let prompt = prompt.into();
         let id = GroupId(self.next_id);
-        let bad = |msg: String| RolloutError::Invalid(format!("group {id}: {msg}"));
         let c = &self.model.config;
         let p = prompt.ids.len();
-        if g == 0 {
-            return Err(bad("a group needs at least one sample".into()));
-        }
-        if p == 0 || p > c.max_position_embeddings {
-            return Err(bad(format!(
-                "the prompt has {p} tokens; the model takes 1 to {}",
-                c.max_position_embeddings
-            )));
-        }
-        if let Some(&t) = prompt.ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(bad(format!(
-                "token id {t} is outside the vocabulary ({})",
-                c.vocab_size
-            )));
-        }
-        if let Some(e) = &prompt.embeddings {
-            if e.len() != p * c.hidden_size {
-                return Err(bad(format!(
-                    "prompt embeddings have {} values, [{p}, {}] needs {}",
-                    e.len(),
-                    c.hidden_size,
-                    p * c.hidden_size
-                )));
-            }
-        }
-        if let Some(m) = &prompt.mrope {
-            if m.positions.len() != p {
-                return Err(bad(format!(
-                    "{} M-RoPE positions for {p} prompt tokens",
-                    m.positions.len()
-                )));
-            }
-            if m.sections.iter().sum::<usize>() != c.head_dim / 2 {
-                return Err(bad(format!(
-                    "M-RoPE sections {:?} must sum to head_dim / 2 = {}",
-                    m.sections,
-                    c.head_dim / 2
-                )));
-            }
-        }
-        let pos_base = prompt.next_position();
-        if pos_base > c.max_position_embeddings {
-            return Err(bad(format!(
-                "prompt positions reach {} but max_position_embeddings is {}",
-                pos_base - 1,
-                c.max_position_embeddings
-            )));
-        }
-        let s = &params.sampling;
-        if !(s.temperature.is_finite() && s.temperature >= 0.0 && s.top_p > 0.0 && s.top_p <= 1.0) {
-            return Err(bad(format!(
-                "temperature must be finite and ≥ 0 and top_p in (0, 1]; got {} and {}",
-                s.temperature, s.top_p
-            )));
-        }
-        if !params.stop_strings.is_empty() && self.detokenizer.is_none() {
-            return Err(bad(
-                "stop strings need a detokenizer (Engine::with_detokenizer)".into(),
-            ));
-        }
-        if params.stop_strings.iter().any(String::is_empty) {
-            return Err(bad("an empty stop string".into()));
-        }
+        let pos_base = check_group(c, id, &prompt, g, &params, self.detokenizer.is_some())?;
         if self.pool.blocks_for(p) + 1 > self.pool.total_blocks() {
             return Err(RolloutError::PoolTooSmall {
                 group: id.0,
@@ -699,6 +636,86 @@ impl<'m> Engine<'m> {
     }
 }
 
+/// Checks a group's request against the model before it is queued (sizes, token ids, prompt
+/// embeddings and M-RoPE positions, sampling parameters, stop strings), so a bad request never
+/// fails a later step; returns the position of its first generated token. Shared by [`Engine`]
+/// and [`crate::sharded::ShardedEngine`].
+pub(crate) fn check_group(
+    c: &Qwen2Config,
+    id: GroupId,
+    prompt: &Prompt,
+    g: usize,
+    params: &GenerationParams,
+    has_detokenizer: bool,
+) -> Result<usize, RolloutError> {
+    let bad = |msg: String| RolloutError::Invalid(format!("group {id}: {msg}"));
+    let p = prompt.ids.len();
+    if g == 0 {
+        return Err(bad("a group needs at least one sample".into()));
+    }
+    if p == 0 || p > c.max_position_embeddings {
+        return Err(bad(format!(
+            "the prompt has {p} tokens; the model takes 1 to {}",
+            c.max_position_embeddings
+        )));
+    }
+    if let Some(&t) = prompt.ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(bad(format!(
+            "token id {t} is outside the vocabulary ({})",
+            c.vocab_size
+        )));
+    }
+    if let Some(e) = &prompt.embeddings {
+        if e.len() != p * c.hidden_size {
+            return Err(bad(format!(
+                "prompt embeddings have {} values, [{p}, {}] needs {}",
+                e.len(),
+                c.hidden_size,
+                p * c.hidden_size
+            )));
+        }
+    }
+    if let Some(m) = &prompt.mrope {
+        if m.positions.len() != p {
+            return Err(bad(format!(
+                "{} M-RoPE positions for {p} prompt tokens",
+                m.positions.len()
+            )));
+        }
+        if m.sections.iter().sum::<usize>() != c.head_dim / 2 {
+            return Err(bad(format!(
+                "M-RoPE sections {:?} must sum to head_dim / 2 = {}",
+                m.sections,
+                c.head_dim / 2
+            )));
+        }
+    }
+    let pos_base = prompt.next_position();
+    if pos_base > c.max_position_embeddings {
+        return Err(bad(format!(
+            "prompt positions reach {} but max_position_embeddings is {}",
+            pos_base - 1,
+            c.max_position_embeddings
+        )));
+    }
+    let s = &params.sampling;
+    if !(s.temperature.is_finite() && s.temperature >= 0.0 && s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(bad(format!(
+            "temperature must be finite and ≥ 0 and top_p in (0, 1]; got {} and {}",
+            s.temperature, s.top_p
+        )));
+    }
+    if !params.stop_strings.is_empty() && !has_detokenizer {
+        return Err(bad(
+            "stop strings need a detokenizer (Engine::with_detokenizer)".into(),
+        ));
+    }
+    if params.stop_strings.iter().any(String::is_empty) {
+        return Err(bad("an empty stop string".into()));
+    }
+    Ok(pos_base)
+}
+
 /// Samples sample j's next token from its logits row, records its log-probability and checks
 /// the stop conditions (in order: stop token, stop string, max_new_tokens, context).
 fn sample_next(
@@ -715,24 +732,37 @@ fn sample_next(
     s.logprobs
         .push(log_prob(logits, tok, params.sampling.temperature));
     stats.sampled_tokens += 1;
-    let reason = if params.stop_token_ids.contains(&tok) {
-        Some(FinishReason::StopToken(tok))
-    } else if let Some(i) = stop_string_hit(&s.ids, &params.stop_strings, detok) {
-        Some(FinishReason::StopString(i))
-    } else if s.ids.len() >= params.max_new_tokens {
-        Some(FinishReason::MaxTokens)
-    } else if gr.pos_base + s.ids.len() >= gr.max_pos {
-        Some(FinishReason::ContextFull)
-    } else {
-        None
-    };
-    if let Some(reason) = reason {
+    if let Some(reason) = finish_reason(params, &s.ids, gr.pos_base, gr.max_pos, detok) {
         s.state = SeqState::Finished { reason };
     }
 }
 
+/// Why a sample whose generated ids are `ids` (the newest last) stops now, if it does; checked
+/// in order: stop token, stop string, max_new_tokens, context (`pos_base` is the position of its
+/// first generated token, `max_pos` the model's max_position_embeddings).
+pub(crate) fn finish_reason(
+    params: &GenerationParams,
+    ids: &[u32],
+    pos_base: usize,
+    max_pos: usize,
+    detok: &Option<Detokenizer>,
+) -> Option<FinishReason> {
+    let tok = *ids.last()?;
+    if params.stop_token_ids.contains(&tok) {
+        Some(FinishReason::StopToken(tok))
+    } else if let Some(i) = stop_string_hit(ids, &params.stop_strings, detok) {
+        Some(FinishReason::StopString(i))
+    } else if ids.len() >= params.max_new_tokens {
+        Some(FinishReason::MaxTokens)
+    } else if pos_base + ids.len() >= max_pos {
+        Some(FinishReason::ContextFull)
+    } else {
+        None
+    }
+}
+
 /// `log softmax(logits / T)[tok]` (T = 1 when greedy), in f64.
-fn log_prob(logits: &[f32], tok: u32, temperature: f32) -> f32 {
+pub(crate) fn log_prob(logits: &[f32], tok: u32, temperature: f32) -> f32 {
     let t = if temperature > 0.0 { temperature } else { 1.0 } as f64;
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let sum: f64 = logits.iter().map(|&x| ((x as f64 - max) / t).exp()).sum();

@@ -8,6 +8,9 @@
 //! - [`engine`]: [`Engine`] — groups of G samples that share a prefilled prompt, a scheduler
 //!   that fills each step's token budget with decode tokens and prefill chunks (continuous
 //!   batching, preemption when the pool runs out), sampling with a seed per sample.
+//! - [`sharded`]: [`ShardedEngine`] — the same over sequence-parallel ranks: prompts prefilled
+//!   sequence-parallel, their KV kept sharded over the ranks' pools, decode attention merged
+//!   from per-rank partials.
 //!
 //! The engine borrows the model (`&Qwen2`): it reads the current weights, never copies them.
 
@@ -16,6 +19,7 @@ pub mod kv;
 pub mod paged_attention;
 pub mod pool;
 pub mod request;
+pub mod sharded;
 
 pub use engine::{Engine, EngineConfig, EngineStats, StepStats};
 pub use pool::{BlockPool, BlockTable, KvLayout};
@@ -23,6 +27,7 @@ pub use request::{
     sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, MRopePrompt, Prompt,
     SampleOutput, SeqState,
 };
+pub use sharded::{ShardedEngine, ShardedStats};
 
 /// Errors of the rollout engine; messages name the request, sequence or pool sizes.
 #[derive(Debug, thiserror::Error)]
@@ -44,4 +49,6 @@ pub enum RolloutError {
     Invalid(String),
     #[error(transparent)]
     Model(#[from] reel_model::ModelError),
+    #[error(transparent)]
+    Comm(#[from] reel_comm::CommError),
 }

@@ -27,9 +27,13 @@
 //!    [`grpo_loss`] (token counts global over the mini-batch) → `backward_logprobs`; then the
 //!    gradient is clipped and AdamW steps at `grpo.lr`.
 //!
-//! `[parallel] dp · sp > 1` is refused for GRPO today: the scoring and update passes run on one
-//! rank. Videos in LongVideo-Reason prompt records are ignored (text model; see
-//! [`crate::prompts`]).
+//! `[parallel] dp · sp > 1` runs the same loop on that many in-process ranks ([`dist`]): groups
+//! rolled out per replica (sequence-parallel prefill and sharded KV over the sp ranks), scoring
+//! and update on balanced token shards through `SpAttention`, replicas splitting the
+//! micro-batches, gradients all-reduced, identical AdamW. Videos in LongVideo-Reason prompt
+//! records are ignored (text model; see [`crate::prompts`]).
+
+mod dist;
 
 use crate::checkpoint::{
     optimizer_state_from_bytes, CheckpointDir, TrainerState, OPTIMIZER_FILE, TRAINER_STATE_FILE,
@@ -42,18 +46,21 @@ use crate::prompts::PromptSet;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use reel_comm::{Communicator, InProcess};
 use reel_data::{Tokenizer, IGNORE_INDEX};
 use reel_model::generate::SamplingParams;
-use reel_model::{load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, TokenBatch, Workspace};
+use reel_model::{load_checkpoint, CheckpointPolicy, Qwen2, TokenBatch, Workspace};
 use reel_optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use reel_rl::{
     group_advantages, grpo_loss, AccuracyReward, DynamicSampler, FormatReward, GrpoConfig,
     GrpoMetrics, LossScale, PolicyTokens, Reward, RewardInput,
 };
-use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use reel_rollout::engine::Detokenizer;
+use reel_rollout::{EngineConfig, GenerationParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A whole GRPO run: `[model]`, `[data]`, `[train]`, `[grpo]` (reel-rl's [`GrpoConfig`]),
@@ -69,7 +76,10 @@ pub struct GrpoRunConfig {
     pub train: GrpoTrainConfig,
     /// GRPO: group size, clipping, KL, aggregation, sampling, rewards, learning rate.
     pub grpo: GrpoConfig,
-    /// Must be dp = sp = 1 for GRPO today (refused otherwise).
+    /// Rollout: stop strings.
+    pub rollout: GrpoRolloutConfig,
+    /// Data-parallel replicas × sequence-parallel ranks (in-process), the sp schedule and the
+    /// ranks' timeout. Default dp = sp = 1.
     pub parallel: ParallelConfig,
     /// Run folder and checkpoint cadence. Default dir "runs/grpo".
     pub output: OutputConfig,
@@ -82,6 +92,7 @@ impl Default for GrpoRunConfig {
             data: PromptDataConfig::default(),
             train: GrpoTrainConfig::default(),
             grpo: GrpoConfig::default(),
+            rollout: GrpoRolloutConfig::default(),
             parallel: ParallelConfig::default(),
             output: OutputConfig {
                 dir: PathBuf::from("runs/grpo"),
@@ -100,6 +111,15 @@ pub struct GrpoModelConfig {
     pub path: PathBuf,
     /// Folder holding tokenizer.json. Default: `path`.
     pub tokenizer: Option<PathBuf>,
+}
+
+/// `[rollout]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoRolloutConfig {
+    /// Strings that end a response once its decoded text contains one (the response keeps it),
+    /// besides the end-of-sequence tokens, e.g. `["</answer>"]`. Default: none.
+    pub stop: Vec<String>,
 }
 
 /// `[data]`.
@@ -224,13 +244,10 @@ impl GrpoRunConfig {
             return bad("train.eps", "must be a positive number");
         }
         self.grpo.validate()?;
-        if self.parallel.world() != 1 {
-            return bad(
-                "parallel.sp",
-                "GRPO runs on one rank today: set parallel.dp = parallel.sp = 1 (the SFT \
-                 trainer supports dp × sp > 1)",
-            );
+        if self.rollout.stop.iter().any(String::is_empty) {
+            return bad("rollout.stop", "a stop string must not be empty");
         }
+        self.parallel.dims()?;
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "must not be empty");
         }
@@ -358,7 +375,8 @@ struct Sample {
 }
 
 /// A micro-batch of samples as model rows: `prompt ++ response[..-1]`, targets at response
-/// tokens only, right-padded.
+/// tokens only, right-padded (or one rank's token shard of them, [`dist::shard_rows`]).
+#[derive(Clone)]
 struct Rows {
     tokens: Vec<u32>,
     targets: Vec<i32>,
@@ -367,6 +385,10 @@ struct Rows {
     advantages: Vec<f32>,
     b: usize,
     t: usize,
+    /// T of the whole rows (= t unless sharded).
+    global_t: usize,
+    /// Response tokens of each whole sequence when these rows are a shard; None otherwise.
+    seq_tokens: Option<Vec<usize>>,
 }
 
 impl Rows {
@@ -386,6 +408,8 @@ impl Rows {
             advantages: samples.iter().map(|s| s.advantage).collect(),
             b,
             t,
+            global_t: t,
+            seq_tokens: None,
         };
         for (row, s) in samples.iter().enumerate() {
             let n = s.ids.len() - 1;
@@ -428,14 +452,29 @@ fn mean_std(xs: &[f32]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Runs (or resumes) a GRPO run described by `cfg`.
+/// Runs (or resumes) a GRPO run described by `cfg`: on this thread when `parallel.dp ·
+/// parallel.sp = 1`, else on that many in-process ranks.
 pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     cfg.validate()?;
+    if cfg.parallel.world() > 1 {
+        return dist::run_ranks(cfg, &opts);
+    }
+    Ok(grpo_rank::<InProcess>(cfg, &opts, None)?.0)
+}
+
+/// The GRPO loop of one rank (the only one when `peers` is None); only rank 0 writes. Returns
+/// the summary and the final policy.
+fn grpo_rank<C: Communicator>(
+    cfg: &GrpoRunConfig,
+    opts: &GrpoOptions,
+    peers: Option<&dist::Peers<'_, C>>,
+) -> Result<(GrpoSummary, Qwen2)> {
+    let lead = peers.is_none_or(|p| p.rank == 0);
     let tok_dir = cfg.tokenizer_dir();
     let tok = Tokenizer::from_dir(tok_dir)
         .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
     let prompts = PromptSet::read(&cfg.data.prompts, &tok, cfg.data.max_prompt_len)?;
-    if prompts.ignored_videos > 0 {
+    if prompts.ignored_videos > 0 && lead {
         tracing::warn!(
             "{}: {} records name videos; the text decoder sees only their questions (videos \
              ignored)",
@@ -445,7 +484,9 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     }
     let out = &cfg.output.dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::checkpoint::write_atomic(out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    if lead {
+        crate::checkpoint::write_atomic(out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
     let ckpts = CheckpointDir::open(out, cfg.output.keep_last)?;
     if !opts.resume {
         if let Some(old) = ckpts.latest() {
@@ -537,6 +578,10 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
         .pad_token_id()
         .context("the tokenizer has neither a pad nor an eos token")?;
     let stop = crate::accuracy::stop_token_ids(&tok, &model);
+    let detok: Detokenizer = {
+        let tok = tok.clone();
+        Arc::new(move |ids: &[u32]| tok.decode(ids, true).unwrap_or_default())
+    };
     let reward = cfg.grpo.reward.build();
     let acc_check = AccuracyReward {
         rel_tol: cfg.grpo.reward.number_rel_tol,
@@ -547,11 +592,15 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     let updates = cfg.train.mini_batches * cfg.train.ppo_epochs;
     let mut ws = Workspace::new(&model.config, cfg.train.checkpoint);
     let mut grads = vec![0.0f32; model.params.len()];
-    let mut metrics = MetricsWriter::open(out, start_step + 1)?;
-    let progress = match opts.progress {
+    let mut metrics = if lead {
+        Some(MetricsWriter::open(out, start_step + 1)?)
+    } else {
+        None
+    };
+    let progress = lead.then(|| match opts.progress {
         Some(mode) => Progress::with_mode(mode, cfg.train.steps, start_step, cfg.output.log_every),
         None => Progress::new(cfg.train.steps, start_step, cfg.output.log_every),
-    };
+    });
     let mut summary = GrpoSummary {
         steps: start_step,
         records: Vec::new(),
@@ -607,7 +656,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     num_blocks: drawn.len() * (g + 1) * (per_seq.div_ceil(block_size) + 1) + 8,
                     ..EngineConfig::default()
                 };
-                let mut engine = Engine::new(&model, ecfg)?;
+                let mut requests = Vec::with_capacity(drawn.len());
                 for (k, &i) in drawn.iter().enumerate() {
                     let params = GenerationParams {
                         sampling: SamplingParams {
@@ -618,17 +667,18 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                         },
                         max_new_tokens: cfg.grpo.max_response_tokens,
                         stop_token_ids: stop.clone(),
-                        stop_strings: Vec::new(),
+                        stop_strings: cfg.rollout.stop.clone(),
                     };
-                    engine
-                        .add_group(prompts.items[i].ids.clone(), g, params)
-                        .with_context(|| format!("{at}: prompt {}", prompts.items[i].problem_id))?;
+                    requests.push(dist::Request {
+                        ids: &prompts.items[i].ids,
+                        params,
+                        name: &prompts.items[i].problem_id,
+                    });
                 }
-                let outs = engine.run().with_context(|| format!("{at}: rollout"))?;
-                let st = engine.stats();
-                prefill += st.prefill_tokens;
-                decode += st.decode_tokens;
-                drop(engine);
+                let (outs, pre, dec) =
+                    dist::rollout(&model, peers, ecfg, g, &requests, &detok, &at)?;
+                prefill += pre;
+                decode += dec;
                 rollout_s += t0.elapsed().as_secs_f64();
 
                 let t1 = Instant::now();
@@ -637,23 +687,23 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     let item = &prompts.items[i];
                     let mut samples = Vec::with_capacity(g);
                     let mut rewards = Vec::with_capacity(g);
-                    for s in &out.samples {
-                        let text = tok.decode(&s.ids, true)?;
+                    for s_ids in out {
+                        let text = tok.decode(s_ids, true)?;
                         let r = reward.score(&RewardInput {
                             prompt: &item.text,
                             response: &text,
                             answer: &item.answer,
                             problem_id: &item.problem_id,
                         });
-                        if let Some(w) = &r.warning {
+                        if let Some(w) = r.warning.as_ref().filter(|_| lead) {
                             tracing::warn!("{at}: reward of {}: {w}", item.problem_id);
                         }
                         acc_n += acc_check.is_correct(&text, &item.answer) as usize;
                         fmt_n += FormatReward::matches(&text) as usize;
-                        len_sum += s.ids.len();
-                        len_max = len_max.max(s.ids.len());
+                        len_sum += s_ids.len();
+                        len_max = len_max.max(s_ids.len());
                         let mut ids = item.ids.clone();
-                        ids.extend_from_slice(&s.ids);
+                        ids.extend_from_slice(s_ids);
                         rewards.push(r.value);
                         samples.push(Sample {
                             ids,
@@ -706,12 +756,23 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                         .collect()
                 })
                 .collect();
+            // This rank's micro-batches (every dp-th), each its token shard under sp.
+            let locals: Vec<Vec<Rows>> = minis
+                .iter()
+                .map(|mb| {
+                    mb.iter()
+                        .enumerate()
+                        .filter(|(j, _)| dist::is_mine(*j, peers))
+                        .map(|(_, rows)| dist::shard_rows(rows, peers, pad))
+                        .collect::<Result<_>>()
+                })
+                .collect::<Result<_>>()?;
             let score = |m: &Qwen2, ws: &mut Workspace, rows: &Rows| -> Result<Vec<f32>> {
                 let mut lp = vec![0.0; rows.b * rows.t];
                 m.token_logprobs(
                     ws,
                     &rows.batch(),
-                    &LocalAttention,
+                    dist::attention(rows, peers)?,
                     cfg.grpo.temperature,
                     &mut lp,
                     None,
@@ -720,7 +781,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
             };
             let mut refs: Vec<Vec<Vec<f32>>> = Vec::new();
             if let Some(r) = &reference {
-                for mb in &minis {
+                for mb in &locals {
                     refs.push(
                         mb.iter()
                             .map(|rows| score(r, &mut ws, rows))
@@ -731,7 +792,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
             }
             let mut olds: Vec<Vec<Vec<f32>>> = Vec::new();
             if updates > 1 {
-                for mb in &minis {
+                for mb in &locals {
                     olds.push(
                         mb.iter()
                             .map(|rows| score(&model, &mut ws, rows))
@@ -753,7 +814,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     };
                     grads.fill(0.0);
                     let mut loss = 0.0f64;
-                    for (j, rows) in mb.iter().enumerate() {
+                    for (j, rows) in locals[k].iter().enumerate() {
                         let n = rows.b * rows.t;
                         let tb = rows.batch();
                         let mut lp = vec![0.0; n];
@@ -762,7 +823,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                             .token_logprobs(
                                 &mut ws,
                                 &tb,
-                                &LocalAttention,
+                                dist::attention(rows, peers)?,
                                 cfg.grpo.temperature,
                                 &mut lp,
                                 Some(&mut ent),
@@ -778,19 +839,26 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                             entropy: Some(&ent),
                             mask: &rows.mask,
                             advantages: &rows.advantages,
-                            seq_tokens: None,
+                            seq_tokens: rows.seq_tokens.as_deref(),
                         };
                         let mut dlogp = vec![0.0; n];
                         let (l, m) = grpo_loss(&x, &loss_cfg, scale, &mut dlogp)?;
                         loss += l;
                         m_all.merge(&m);
                         model
-                            .backward_logprobs(&mut grads, &mut ws, &tb, &dlogp, &LocalAttention)
+                            .backward_logprobs(
+                                &mut grads,
+                                &mut ws,
+                                &tb,
+                                &dlogp,
+                                dist::attention(rows, peers)?,
+                            )
                             .with_context(|| format!("{at}: backward"))?;
                     }
                     if opts.poison_step == Some(done) {
                         loss = f64::NAN;
                     }
+                    let loss = dist::reduce_update(peers, &mut grads, loss, &at)?;
                     grad_norm = {
                         let mut gs = layout.split_mut(&mut grads);
                         if cfg.grpo.grad_clip > 0.0 {
@@ -811,6 +879,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     opt.step(&mut p, &ro, cfg.grpo.lr);
                 }
             }
+            let m_all = dist::merge_metrics(peers, m_all, &at)?;
             let update_s = t2.elapsed().as_secs_f64();
             summary.last_batch = samples
                 .iter()
@@ -846,16 +915,20 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                 "updates": n_updates,
                 "epoch": sampler.epoch,
             });
-            progress.update(&StepReport {
-                step: done,
-                loss,
-                lr: cfg.grpo.lr,
-                tokens_per_s: decode as f64 / rollout_s.max(1e-9),
-            });
-            metrics.write(&record)?;
+            if let Some(progress) = &progress {
+                progress.update(&StepReport {
+                    step: done,
+                    loss,
+                    lr: cfg.grpo.lr,
+                    tokens_per_s: decode as f64 / rollout_s.max(1e-9),
+                });
+            }
+            if let Some(metrics) = &mut metrics {
+                metrics.write(&record)?;
+            }
             summary.records.push(record);
             let last = done == cfg.train.steps;
-            if (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last {
+            if lead && ((cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last) {
                 let state = TrainerState {
                     step: done,
                     data: json!({
@@ -874,7 +947,9 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
         }
         Ok(())
     })();
-    progress.finish();
+    if let Some(progress) = &progress {
+        progress.finish();
+    }
     result.map_err(|e| {
         let kept = match ckpts.latest() {
             Some(d) => d.display().to_string(),
@@ -882,5 +957,5 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
         };
         anyhow::anyhow!("{e:#}; stopping with the last good checkpoint intact ({kept})")
     })?;
-    Ok(summary)
+    Ok((summary, model))
 }

@@ -37,7 +37,7 @@ pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepRepor
 
 pub use accuracy::{eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally};
 pub use eval::{eval_examples, eval_nll, tokenize_all};
-pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
+pub use grpo::{run_grpo, GrpoOptions, GrpoRolloutConfig, GrpoRunConfig, GrpoSummary};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
 pub use vl::{

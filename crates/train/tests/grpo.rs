@@ -253,13 +253,146 @@ fn a_non_finite_loss_stops_with_the_last_good_checkpoint() {
 fn bad_configs_are_refused_by_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = setup(dir.path(), 1);
-    cfg.parallel.sp = 2;
+    cfg.parallel.dp = 0;
     let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
-    assert!(e.contains("parallel.sp") && e.contains("one rank"), "{e}");
+    assert!(e.contains("parallel.dp"), "{e}");
     let mut cfg = setup(dir.path(), 1);
     cfg.apply_override("grpo.group_size=1").unwrap();
     let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
     assert!(e.contains("grpo.group_size"), "{e}");
     assert!(cfg.apply_override("grpo.nope=1").is_err());
     let _ = Tokenizer::from_dir(&fixture()).unwrap();
+}
+
+/// The config the parallel runs share: a reference pass (β > 0), two mini-batches (an old-policy
+/// pass), three groups (dp replicas split them unevenly), seq-mean-token-mean (each sequence's
+/// whole response length matters when its response spans token shards).
+fn parallel_setup(dir: &Path, dp: usize, sp: usize, schedule: &str) -> GrpoRunConfig {
+    let mut cfg = setup(dir, 1);
+    // Prompts of 62 tokens: responses of up to 40 span two shards under zigzag (sp 2) and
+    // contiguous (sp 3) layouts.
+    cfg.grpo.max_response_tokens = 40;
+    cfg.apply_override(&format!("parallel.schedule={schedule}"))
+        .unwrap();
+    cfg.data.prompts_per_step = 3;
+    cfg.train.mini_batches = 2;
+    cfg.train.micro_batch_seqs = 3;
+    cfg.grpo.kl_coef = 0.05;
+    cfg.grpo.loss_aggregation = reel_rl::LossAggregation::SeqMeanTokenMean;
+    cfg.parallel.dp = dp;
+    cfg.parallel.sp = sp;
+    cfg.output.dir = dir.join(format!("run-dp{dp}-sp{sp}-{schedule}"));
+    cfg
+}
+
+#[test]
+fn dp_and_sp_ranks_match_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = run_grpo(&parallel_setup(dir.path(), 1, 1, "distattn"), quiet()).unwrap();
+    let r1 = &one.records[0];
+    let m1 = load_checkpoint(&one.final_model_dir).unwrap();
+    let m0 = load_checkpoint(&fixture()).unwrap();
+    assert!(
+        m1.params.iter().zip(&m0.params).any(|(a, b)| a != b),
+        "the step moved the weights"
+    );
+    for (dp, sp, schedule) in [
+        (2, 1, "distattn"),
+        (1, 2, "zigzag"),
+        (2, 2, "zigzag"),
+        (1, 3, "distattn"),
+    ] {
+        let what = format!("dp {dp} × sp {sp} ({schedule})");
+        let s = run_grpo(&parallel_setup(dir.path(), dp, sp, schedule), quiet()).unwrap();
+        let r = &s.records[0];
+        // The same rollouts, rewards and advantages, in the same order.
+        assert_eq!(s.last_batch.len(), one.last_batch.len(), "{what}");
+        for (a, b) in s.last_batch.iter().zip(&one.last_batch) {
+            assert_eq!((&a.0, a.1), (&b.0, b.1), "{what}: samples");
+            assert!(
+                (a.2 - b.2).abs() < 1e-5,
+                "{what}: advantage {} vs {}",
+                a.2,
+                b.2
+            );
+        }
+        for k in [
+            "reward_mean",
+            "prefill_tokens",
+            "decode_tokens",
+            "response_tokens",
+        ] {
+            assert_eq!(r[k], r1[k], "{what}: {k}");
+        }
+        assert_eq!(
+            (s.ref_passes, s.old_passes),
+            (one.ref_passes, one.old_passes)
+        );
+        // Log-probabilities (through the KL to the reference, the ratio to the old policy and
+        // the entropy), the loss and the gradient norm agree.
+        for k in [
+            "loss",
+            "kl",
+            "entropy",
+            "ratio_mean",
+            "ratio_max",
+            "pg_loss",
+            "grad_norm",
+        ] {
+            let (a, b) = (r[k].as_f64().unwrap(), r1[k].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-4 * b.abs(),
+                "{what}: {k} {a} vs {b}"
+            );
+        }
+        let m = load_checkpoint(&s.final_model_dir).unwrap();
+        reel_tensor::check_close(
+            &format!("{what}: parameters after a step"),
+            &m.params,
+            &m1.params,
+            reel_tensor::Tolerance::new(2e-5, 1e-4),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn stop_strings_end_responses_where_they_first_appear() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::from_dir(&fixture()).unwrap();
+    let mut cfg = setup(dir.path(), 1);
+    cfg.grpo.max_response_tokens = 12;
+    cfg.output.dir = dir.path().join("free");
+    let free = run_grpo(&cfg, quiet()).unwrap();
+    let response = |b: &(Vec<u32>, usize, f32)| b.0[b.1..].to_vec();
+    // A stop string: the text of the third token of the first full-length response.
+    let long = free
+        .last_batch
+        .iter()
+        .map(response)
+        .find(|r| r.len() == 12)
+        .expect("a response that ran to max_response_tokens");
+    let stop = tok.decode(&long[2..3], true).unwrap();
+    assert!(!stop.is_empty());
+    cfg.rollout.stop = vec![stop.clone()];
+    cfg.output.dir = dir.path().join("stopped");
+    let stopped = run_grpo(&cfg, quiet()).unwrap();
+    let mut shortened = 0;
+    for (a, b) in stopped.last_batch.iter().zip(&free.last_batch) {
+        let (a, b) = (response(a), response(b));
+        // The same draws up to the stop: a prefix of the free response.
+        assert_eq!(a[..], b[..a.len()], "{a:?} vs {b:?}");
+        let text = tok.decode(&a, true).unwrap();
+        if a.len() < b.len() {
+            shortened += 1;
+            assert!(text.contains(&stop), "{text:?} stopped without {stop:?}");
+        }
+        let before = tok.decode(&a[..a.len() - 1], true).unwrap();
+        assert!(!before.contains(&stop), "{before:?} ran past {stop:?}");
+    }
+    assert!(shortened > 0, "the stop string ended some response");
+    let mut bad = setup(dir.path(), 1);
+    bad.rollout.stop = vec![String::new()];
+    let e = format!("{:#}", run_grpo(&bad, quiet()).unwrap_err());
+    assert!(e.contains("rollout.stop"), "{e}");
 }
