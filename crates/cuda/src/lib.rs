@@ -31,22 +31,31 @@
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
 //! [`GpuError::Shape`].
 
+mod arena;
 mod attention;
 mod blas;
 mod buffer;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod glue;
 mod gpu;
 pub mod libs;
 mod loss;
+#[cfg(feature = "cudnn")]
+mod model;
 pub mod nccl;
 mod ops;
 mod optim;
+mod plan;
 
+pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
 pub use gpu::{DeviceInfo, Gpu};
+#[cfg(feature = "cudnn")]
+pub use model::GpuQwen2;
 pub use nccl::{NcclBatch, NcclComm};
 pub use ops::GpuRopeTable;
+pub use plan::{activation_bytes, ce_chunk};
 
 use half::bf16;
 

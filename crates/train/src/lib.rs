@@ -10,11 +10,14 @@
 //!   [`accuracy`]: greedy-answer accuracy overall and per `problem_type` ([`eval_accuracy`]).
 //! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
 //!   ([`eval_vl_nll`]) and CoT-SFT on video ([`run_vl_sft`]) with cached vision embeddings.
+//! - [`device`]: `train.device` ("auto", "cpu", "cuda") and its resolution; with the `cuda`
+//!   feature the SFT loop trains one rank on the GPU (`reel_cuda::GpuQwen2`).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod accuracy;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod eval;
 pub mod grpo;
 pub mod metrics;
@@ -30,6 +33,7 @@ pub use config::{
     apply_override, parse_toml, read_toml, ConfigError, DataConfig, InitConfig, ModelConfig,
     OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule, TrainConfig,
 };
+pub use device::Device;
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
 pub use accuracy::{eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally};

@@ -27,6 +27,7 @@ use crate::checkpoint::{
     OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
 use crate::config::SftConfig;
+use crate::device::{describe, open_gpu, resolve, Chosen, GpuHandle, GpuModel, BUILT_WITH_CUDA};
 use crate::eval::{eval_examples, tokenize_all};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use anyhow::{bail, Context, Result};
@@ -332,25 +333,94 @@ struct Replica {
     sampler: BucketSampler,
     /// Token id of padding (batch padding and shard padding).
     pad: u32,
+    /// When training on the GPU: the device-resident model, its fp32 master weights and AdamW
+    /// moments. `model.params` and `opt` are then refreshed from it by [`Replica::sync_host`]
+    /// before evaluations, checkpoints and the end of the run.
+    gpu: Option<GpuModel>,
 }
 
 impl Replica {
-    fn new(model: Qwen2, shared: &Shared, cfg: &SftConfig) -> Result<Self> {
+    fn new(model: Qwen2, shared: &Shared, cfg: &SftConfig, gpu: Option<GpuHandle>) -> Result<Self> {
         let sizes: Vec<usize> = model.layout.entries.iter().map(|e| e.range.len()).collect();
         let decay: Vec<bool> = model.layout.entries.iter().map(|e| e.decay).collect();
         let mut opt = AdamW::new(&sizes, &decay, cfg.train.adamw());
         if let Some(state) = &shared.opt_state {
             opt.load_state(state.clone())?;
         }
+        let gpu = match gpu {
+            Some(g) => {
+                let mut gm = GpuModel::new(
+                    g,
+                    model.config.clone(),
+                    &model.params,
+                    cfg.train.checkpoint,
+                    cfg.train.adamw(),
+                )
+                .context("putting the model on the GPU")?;
+                gm.load_opt_state(&opt.state())?;
+                Some(gm)
+            }
+            None => None,
+        };
+        // On the GPU the host keeps no gradients (the workspace allocates only when used).
+        let grads = match gpu {
+            Some(_) => Vec::new(),
+            None => vec![0.0; model.params.len() + STATS],
+        };
         Ok(Replica {
             ws: Workspace::new(&model.config, cfg.train.checkpoint),
-            grads: vec![0.0; model.params.len() + STATS],
+            grads,
             opt,
             model,
             sampler: shared.sampler.clone(),
             pad: shared.pad,
+            gpu,
         })
     }
+
+    /// Copies the GPU's weights and optimizer state into `model.params` and `opt` (no-op on
+    /// the CPU).
+    fn sync_host(&mut self) -> Result<()> {
+        if let Some(gm) = &self.gpu {
+            self.model.params = gm.params_host()?;
+            self.opt.load_state(gm.opt_state()?)?;
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step on the GPU (one rank): every micro-batch forward and backward into the
+/// fp32 gradients (loss scaled by 1 / labelled tokens of the step), clipping and AdamW there.
+fn gpu_train_step(
+    gm: &mut GpuModel,
+    batches: &[Batch],
+    cfg: &SftConfig,
+    lr: f32,
+    at: &str,
+) -> Result<StepOut> {
+    let labelled: usize = batches.iter().map(Batch::n_label_tokens).sum();
+    let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
+    let scale = 1.0 / labelled.max(1) as f32;
+    gm.zero_grads()?;
+    let mut loss_sum = 0.0f64;
+    for b in batches {
+        let tb = token_batch(b);
+        let s = gm.forward(&tb).with_context(|| at.to_string())?;
+        gm.backward(&tb, scale).with_context(|| at.to_string())?;
+        loss_sum += s.loss_sum;
+    }
+    let grad_norm = gm.clip_grad_norm(cfg.train.grad_clip.max(0.0))?;
+    let loss = (loss_sum / labelled.max(1) as f64) as f32;
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
+    }
+    gm.adamw_step(lr)?;
+    Ok(StepOut {
+        loss,
+        grad_norm,
+        labelled,
+        tokens,
+    })
 }
 
 /// A rank's place among the others: the world (gradients are all-reduced over all of it) and,
@@ -419,6 +489,12 @@ fn train_step<C: Communicator>(
     at: &str,
     poison: bool,
 ) -> Result<StepOut> {
+    if let Some(gm) = rep.gpu.as_mut() {
+        if poison {
+            bail!("{at}: non-finite loss (NaN) or gradient norm (NaN) (poisoned step)");
+        }
+        return gpu_train_step(gm, batches, cfg, lr, at);
+    }
     let labelled: usize = batches.iter().map(Batch::n_label_tokens).sum();
     let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
     let scale = 1.0 / labelled.max(1) as f32;
@@ -518,6 +594,8 @@ fn param_checksum(params: &[f32]) -> u64 {
 
 /// The training loop of one rank (the only rank when `peers` is `None`). Every rank draws the
 /// same micro-batches from its copy of the sampler, so all stay in step; only the lead writes.
+/// With `gpu`, the (single) rank trains on that GPU.
+#[allow(clippy::too_many_arguments)]
 fn rank_loop<C: Communicator>(
     model: Qwen2,
     shared: &Shared,
@@ -526,8 +604,9 @@ fn rank_loop<C: Communicator>(
     lead: Option<Lead<'_, '_>>,
     stop_after: Option<u64>,
     poison_step: Option<u64>,
+    gpu: Option<GpuHandle>,
 ) -> Result<RankOut> {
-    let mut rep = Replica::new(model, shared, cfg)?;
+    let mut rep = Replica::new(model, shared, cfg, gpu)?;
     let schedule = cfg.train.lr_schedule();
     let total = cfg.train.steps;
     let start_step = shared.start_step;
@@ -593,7 +672,13 @@ fn rank_loop<C: Communicator>(
         });
 
         let last = done == total;
-        if (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last {
+        let evaluate = (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last;
+        let save = (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last;
+        if evaluate || save {
+            rep.sync_host()
+                .with_context(|| format!("{at}: reading the weights back from the GPU"))?;
+        }
+        if evaluate {
             let mut parts = Vec::new();
             if let Some(set) = &shared.eval_set {
                 let s = eval_examples(&rep.model, set, shared.pad)
@@ -617,7 +702,7 @@ fn rank_loop<C: Communicator>(
         }
         metrics.write(&record)?;
 
-        if (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last {
+        if save {
             let state = TrainerState {
                 step: done,
                 data: serde_json::to_value(rep.sampler.state())?,
@@ -635,6 +720,8 @@ fn rank_loop<C: Communicator>(
     if let Some((_, progress, _)) = &lead {
         progress.finish();
     }
+    rep.sync_host()
+        .context("reading the weights back from the GPU")?;
     Ok(RankOut {
         final_loss: losses
             .last()
@@ -712,7 +799,16 @@ fn run_ranks(
         });
         let poison = poison_step.filter(|_| rank == poison_rank);
         let replica = Qwen2::from_params(model.config.clone(), model.params.clone())?;
-        rank_loop(replica, shared, cfg, Some(&peers), lead, stop_after, poison)
+        rank_loop(
+            replica,
+            shared,
+            cfg,
+            Some(&peers),
+            lead,
+            stop_after,
+            poison,
+            None,
+        )
     });
     let mut outs = Vec::with_capacity(results.len());
     let mut errors = Vec::new();
@@ -739,6 +835,26 @@ fn run_ranks(
 pub fn run_sft(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
     cfg.validate()?;
     let dims = cfg.parallel.dims()?;
+    let gpu = match resolve(
+        cfg.train.device,
+        BUILT_WITH_CUDA,
+        dims.world() > 1,
+        open_gpu,
+    )
+    .map_err(anyhow::Error::msg)?
+    {
+        Chosen::Cuda(g) => {
+            tracing::info!("training on the GPU: {}", describe(&g));
+            Some(g)
+        }
+        Chosen::Cpu { note } => {
+            if let Some(n) = note {
+                tracing::warn!("{n}");
+                eprintln!("{n}");
+            }
+            None
+        }
+    };
     let (shared, model) = Shared::load(cfg, opts.resume)?;
     let outs = if dims.world() == 1 {
         let lead = Lead {
@@ -753,6 +869,7 @@ pub fn run_sft(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
             Some(lead),
             opts.stop_after,
             opts.poison_step,
+            gpu,
         )
         .map(|o| vec![o])
     } else {
