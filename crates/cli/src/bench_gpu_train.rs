@@ -201,17 +201,13 @@ mod imp {
                     eprintln!("reel T {t} {p}: {e:#}");
                     json!({"t": t, "policy": p.to_string(), "error": format!("{e:#}")})
                 });
-                if !as_json {
-                    eprintln!("reel {r}");
-                }
+                eprintln!("reel {r}");
                 rows.push(r);
             }
         }
         // Every device buffer of reel is gone (each model owned its Gpu) before torch starts.
         let torch = super::torch_side(TOKENS, longest_budget_s);
-        if !as_json {
-            eprintln!("torch {torch:?}");
-        }
+        eprintln!("torch {torch:?}");
         let hf_longest = torch
             .as_ref()
             .ok()
@@ -227,9 +223,7 @@ mod imp {
             }
             let (ok, s) = fits(&c, &params, policy, t)?;
             tried.push(json!({"t": t, "fits": ok, "step_s": s}));
-            if !as_json {
-                eprintln!("reel longest: T {t} fits {ok} ({s:.1} s)");
-            }
+            eprintln!("reel longest: T {t} fits {ok} ({s:.1} s)");
             if !ok {
                 break;
             }
