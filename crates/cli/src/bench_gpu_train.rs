@@ -16,7 +16,9 @@
 //! Needs the `cuda` feature.
 
 use anyhow::Result;
-use serde_json::{json, Value};
+#[cfg(feature = "cuda")]
+use serde_json::json;
+use serde_json::Value;
 
 /// Sequence lengths timed.
 #[cfg(feature = "cuda")]

@@ -4,6 +4,7 @@
 //! makes no device allocation; optimizer state and parameters round-trip. Opt-in:
 //!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-cuda --features cudnn --release --test gpu_model -- --nocapture
+#![cfg(feature = "cudnn")]
 
 mod common;
 use common::rel_norm_err;
