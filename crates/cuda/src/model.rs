@@ -639,8 +639,8 @@ impl GpuQwen2 {
         let loss_sum: f64 = losses.iter().map(|&x| x as f64).sum();
         ws.last = Some((batch.b, batch.t));
         if !loss_sum.is_finite() {
-            return Err(GpuError::Shape(format!(
-                "non-finite loss {loss_sum} over {count} tokens"
+            return Err(GpuError::NonFinite(format!(
+                "loss {loss_sum} over {count} tokens"
             )));
         }
         Ok(LossStats {

@@ -849,8 +849,7 @@ pub fn run_sft(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
         }
         Chosen::Cpu { note } => {
             if let Some(n) = note {
-                tracing::warn!("{n}");
-                eprintln!("{n}");
+                tracing::info!("{n}");
             }
             None
         }
