@@ -8,9 +8,13 @@
 //! - `rollout`: the rollout engine's decode tokens/s and prefix sharing (`bench_rollout.rs`).
 //! - `data`: video decode frames/s, preprocessing and the prefetching loader (`bench_data.rs`).
 //! - `gpu` (feature `cuda`): cuBLASLt bf16 GEMMs beside PyTorch on the same GPU (`bench_gpu.rs`).
+//! - `gpu-train` (feature `cuda`): a Qwen2-0.5B-shaped training step beside transformers, and the
+//!   longest trainable sequence (`bench_gpu_train.rs`).
 
 #[path = "bench_gpu.rs"]
 mod bench_gpu;
+#[path = "bench_gpu_train.rs"]
+mod bench_gpu_train;
 
 use anyhow::Result;
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
@@ -214,6 +218,9 @@ pub enum BenchWhat {
     Sp,
     /// cuBLASLt bf16 GEMM TFLOP/s beside torch.matmul on the same GPU (needs the `cuda` feature).
     Gpu,
+    /// A Qwen2-0.5B-shaped training step on the GPU (16k and 32k tokens: tokens/s, MFU) beside
+    /// transformers on the same GPU, and the longest sequence each trains (needs `cuda`).
+    GpuTrain,
     /// Rollout engine: decode tokens/s at batch 1/8/64, prefill with and without prefix sharing.
     Rollout,
     /// Video input: frames decoded per second (native MJPEG, ffmpeg), preprocessing, the loader.
@@ -302,6 +309,9 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
     }
     if what == BenchWhat::Gpu {
         report["gpu"] = bench_gpu::run(as_json)?;
+    }
+    if what == BenchWhat::GpuTrain {
+        report["gpu_train"] = bench_gpu_train::run(as_json)?;
     }
     if what == BenchWhat::Rollout {
         let model = Qwen2::new_random(bench_config(), 0)?;

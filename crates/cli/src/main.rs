@@ -90,6 +90,10 @@ enum Command {
         /// Data-parallel replicas (`--set parallel.dp=M`; applied after --set).
         #[arg(long, value_name = "M")]
         dp: Option<usize>,
+        /// Where to train: auto (the GPU when this build has the `cuda` feature and one opens,
+        /// else the CPU), cpu or cuda (`--set train.device=…`; applied after --set).
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<reel_train::Device>,
         /// Continue from the newest checkpoint in the output folder.
         #[arg(long)]
         resume: bool,
@@ -323,6 +327,7 @@ fn real_main() -> Result<()> {
             overrides,
             sp,
             dp,
+            device,
             resume,
             print_config,
         } => {
@@ -341,6 +346,9 @@ fn real_main() -> Result<()> {
                 if let Some(n) = n {
                     cfg.apply_override(&format!("parallel.{key}={n}"))?;
                 }
+            }
+            if let Some(d) = device {
+                cfg.train.device = d;
             }
             let summary = run_sft(
                 &cfg,

@@ -245,8 +245,10 @@ mod fused {
                 dv.dptr(),
             );
             let src = lse.dptr();
+            // The [B, H, T] copy of lse cuDNN's backward reads, from the scratch pool.
+            let bht_buf = self.scratch::<f32>(b * tq * h)?;
+            let bht = bht_buf.dptr();
             self.with_cudnn(|c| {
-                let bht = c.lse_bht(b * tq * h)?;
                 let b64 = b as i64;
                 launch!(
                     self,

@@ -49,6 +49,28 @@ impl<T: DeviceElem> DeviceBuf<T> {
     }
 }
 
+impl<T: DeviceElem> DeviceBuf<T> {
+    /// Two writable views of disjoint ranges (a weight's and its bias's gradients, say).
+    pub fn views_mut2(
+        &mut self,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> Result<(DViewMut<'_, T>, DViewMut<'_, T>)> {
+        check_range(&a, self.len())?;
+        check_range(&b, self.len())?;
+        if a.start < b.end && b.start < a.end && !a.is_empty() && !b.is_empty() {
+            return shape_err(format!("views {a:?} and {b:?} overlap"));
+        }
+        let base = self.ptr();
+        let mk = |r: &Range<usize>| DViewMut {
+            ptr: base + (r.start * size_of::<T>()) as u64,
+            len: r.len(),
+            _p: PhantomData,
+        };
+        Ok((mk(&a), mk(&b)))
+    }
+}
+
 fn check_range(r: &Range<usize>, len: usize) -> Result<()> {
     if r.start > r.end || r.end > len {
         return shape_err(format!("view {r:?} is outside a buffer of {len} elements"));

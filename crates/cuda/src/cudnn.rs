@@ -135,7 +135,8 @@ pub(crate) struct Cudnn {
     version: i64,
     plans: HashMap<PlanKey, Plan>,
     workspace: Option<CudaSlice<u8>>,
-    lse_bht: Option<CudaSlice<f32>>,
+    /// Device allocations made here (workspace growth), read by `Gpu::alloc_stats`.
+    pub(crate) allocs: u64,
     stream: Arc<CudaStream>,
 }
 
@@ -194,7 +195,7 @@ impl Cudnn {
             version,
             plans: HashMap::new(),
             workspace: None,
-            lse_bht: None,
+            allocs: 0,
             stream: stream.clone(),
         })
     }
@@ -246,22 +247,11 @@ impl Cudnn {
     fn workspace(&mut self, bytes: usize) -> Result<u64> {
         if self.workspace.as_ref().is_none_or(|w| w.len() < bytes) {
             self.workspace = None;
+            self.allocs += 1;
             // SAFETY: scratch that cuDNN writes before it reads.
             self.workspace = Some(unsafe { self.stream.alloc::<u8>(bytes.max(256)) }?);
         }
         let w = self.workspace.as_ref().expect("just made");
-        let (p, _g) = w.device_ptr(&self.stream);
-        Ok(p)
-    }
-
-    /// The reusable [B, H, T] lse buffer, grown to at least `len` elements.
-    pub(crate) fn lse_bht(&mut self, len: usize) -> Result<u64> {
-        if self.lse_bht.as_ref().is_none_or(|w| w.len() < len) {
-            self.lse_bht = None;
-            // SAFETY: written by the transposition kernel before cuDNN reads it.
-            self.lse_bht = Some(unsafe { self.stream.alloc::<f32>(len.max(1)) }?);
-        }
-        let w = self.lse_bht.as_ref().expect("just made");
         let (p, _g) = w.device_ptr(&self.stream);
         Ok(p)
     }

@@ -60,6 +60,10 @@ pub struct Gpu {
     #[cfg(feature = "cudnn")]
     pub(crate) cudnn: std::sync::Mutex<Option<crate::cudnn::Cudnn>>,
     pub(crate) blas: Blas,
+    /// Freed scratch blocks ([`crate::arena`]); dropped before the stream.
+    pub(crate) pool: std::sync::Mutex<crate::arena::SizePool<cudarc::driver::CudaSlice<u8>>>,
+    /// Device allocations made so far ([`Gpu::alloc_stats`]).
+    pub(crate) allocs: std::sync::atomic::AtomicU64,
     pub(crate) kernels: Kernels,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) ctx: Arc<CudaContext>,
@@ -160,6 +164,9 @@ impl Gpu {
             #[cfg(feature = "cudnn")]
             cudnn: std::sync::Mutex::new(None),
             blas,
+            pool: Default::default(),
+            // One so far: the cuBLASLt workspace `Blas::new` made.
+            allocs: std::sync::atomic::AtomicU64::new(1),
             kernels,
             stream,
             ctx,
@@ -183,6 +190,7 @@ impl Gpu {
     /// A new buffer holding `host`.
     pub fn upload<T: DeviceElem>(&self, host: &[T]) -> Result<DeviceBuf<T>> {
         self.bind()?;
+        self.count_alloc();
         Ok(DeviceBuf {
             slice: self.stream.clone_htod(host)?,
         })
@@ -191,6 +199,7 @@ impl Gpu {
     /// A new buffer of `len` zeros.
     pub fn alloc_zeros<T: DeviceElem>(&self, len: usize) -> Result<DeviceBuf<T>> {
         self.bind()?;
+        self.count_alloc();
         Ok(DeviceBuf {
             slice: self.stream.alloc_zeros(len)?,
         })

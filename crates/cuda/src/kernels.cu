@@ -248,6 +248,56 @@ __device__ void ce_bwd_chunk(T* dz, const float* logits, const float* lse, const
     }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Training-step glue (the device-resident model, model.rs): q/k/v split and merge, residual add,
+// fp32 master → storage cast, storage → fp32 gradient accumulation. Grid-stride, elementwise.
+// ---------------------------------------------------------------------------------------------
+#define GRID_STRIDE(i, total)                                                                     \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (total);                         \
+         i += (i64)gridDim.x * blockDim.x)
+
+// qkv [n, qw + 2·kvw] → q [n, qw], k, v [n, kvw].
+template <typename T>
+__device__ void split_qkv(T* q, T* k, T* v, const T* qkv, i64 n, int qw, int kvw) {
+    const int w = qw + 2 * kvw;
+    GRID_STRIDE(i, n * w) {
+        const i64 r = i / w;
+        const int c = (int)(i - r * w);
+        if (c < qw) q[r * qw + c] = qkv[i];
+        else if (c < qw + kvw) k[r * kvw + (c - qw)] = qkv[i];
+        else v[r * kvw + (c - qw - kvw)] = qkv[i];
+    }
+}
+
+// The transpose of split_qkv.
+template <typename T>
+__device__ void merge_qkv(T* qkv, const T* q, const T* k, const T* v, i64 n, int qw, int kvw) {
+    const int w = qw + 2 * kvw;
+    GRID_STRIDE(i, n * w) {
+        const i64 r = i / w;
+        const int c = (int)(i - r * w);
+        if (c < qw) qkv[i] = q[r * qw + c];
+        else if (c < qw + kvw) qkv[i] = k[r * kvw + (c - qw)];
+        else qkv[i] = v[r * kvw + (c - qw - kvw)];
+    }
+}
+
+template <typename T>
+__device__ void add_inplace(T* dst, const T* src, i64 n) {
+    GRID_STRIDE(i, n) st(dst, i, ld(dst, i) + ld(src, i));
+}
+
+template <typename T>
+__device__ void cast_from_f32(T* dst, const float* src, i64 n) {
+    GRID_STRIDE(i, n) st(dst, i, src[i]);
+}
+
+template <typename T>
+__device__ void accum_f32(float* dst, const T* src, i64 n) {
+    GRID_STRIDE(i, n) dst[i] += ld(src, i);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per storage type.
 // ---------------------------------------------------------------------------------------------
@@ -299,6 +349,23 @@ __device__ void ce_bwd_chunk(T* dz, const float* logits, const float* lse, const
                                                 const float* dloss, const u32* tgt, int cw,       \
                                                 u32 c0) {                                         \
         ce_bwd_chunk<T>(dz, logits, lse, dloss, tgt, cw, c0);                                     \
+    }                                                                                             \
+    extern "C" __global__ void split_qkv_##S(T* q, T* k, T* v, const T* qkv, i64 n, int qw,      \
+                                             int kvw) {                                           \
+        split_qkv<T>(q, k, v, qkv, n, qw, kvw);                                                   \
+    }                                                                                             \
+    extern "C" __global__ void merge_qkv_##S(T* qkv, const T* q, const T* k, const T* v, i64 n,  \
+                                             int qw, int kvw) {                                   \
+        merge_qkv<T>(qkv, q, k, v, n, qw, kvw);                                                   \
+    }                                                                                             \
+    extern "C" __global__ void add_inplace_##S(T* dst, const T* src, i64 n) {                    \
+        add_inplace<T>(dst, src, n);                                                              \
+    }                                                                                             \
+    extern "C" __global__ void cast_from_f32_##S(T* dst, const float* src, i64 n) {              \
+        cast_from_f32<T>(dst, src, n);                                                            \
+    }                                                                                             \
+    extern "C" __global__ void accum_f32_##S(float* dst, const T* src, i64 n) {                  \
+        accum_f32<T>(dst, src, n);                                                                \
     }
 
 REEL_ENTRY_POINTS(float, f32)
@@ -441,4 +508,18 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
         v[i] = vi;
         p[i] = pi;
     }
+}
+
+// Σ x² per block of a fixed grid (one partial per block, summed by the host in f64): the global
+// gradient norm, deterministic for a given grid.
+extern "C" __global__ void sumsq_partial(float* partial, const float* x, i64 n) {
+    float acc = 0.0f;
+    GRID_STRIDE(i, n) acc += x[i] * x[i];
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// x *= s (gradient clipping).
+extern "C" __global__ void scale_f32(float* x, i64 n, float s) {
+    GRID_STRIDE(i, n) x[i] *= s;
 }

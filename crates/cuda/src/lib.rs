@@ -24,6 +24,13 @@
 //! - With the `cudnn` feature: fused attention through cuDNN (`Gpu::attention_forward`,
 //!   `Gpu::attention_backward`; `cudnn.rs`, `csrc/cudnn_attention.cpp`), in reel's layouts.
 //!
+//! - The caching scratch pool (`arena`: [`Gpu::scratch`], [`Scratch`], [`SizePool`]) behind every
+//!   op's temporary buffers, and [`Gpu::alloc_stats`] counting real device allocations.
+//! - With the `cudnn` feature, `GpuQwen2` (`model`): the Qwen2 decoder resident on the GPU — fp32
+//!   master weights and AdamW moments in `ParamLayout`, bf16 weights and activations, forward and
+//!   backward under the three checkpoint policies, clipping and AdamW — over the ops above and the
+//!   elementwise glue of `glue` (q/k/v split and merge, residual add, casts, gradient norm).
+//!
 //! - [`NcclComm`] (`nccl`): NCCL as a `reel_comm::Communicator`, one process per GPU, TCP
 //!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split.
 //!
@@ -31,22 +38,31 @@
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
 //! [`GpuError::Shape`].
 
+mod arena;
 mod attention;
 mod blas;
 mod buffer;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod glue;
 mod gpu;
 pub mod libs;
 mod loss;
+#[cfg(feature = "cudnn")]
+mod model;
 pub mod nccl;
 mod ops;
 mod optim;
+mod plan;
 
+pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
 pub use gpu::{DeviceInfo, Gpu};
+#[cfg(feature = "cudnn")]
+pub use model::GpuQwen2;
 pub use nccl::{NcclBatch, NcclComm};
 pub use ops::GpuRopeTable;
+pub use plan::{activation_bytes, ce_chunk};
 
 use half::bf16;
 
@@ -77,6 +93,9 @@ pub enum GpuError {
     /// Buffer lengths or dimensions that do not fit the op.
     #[error("{0}")]
     Shape(String),
+    /// A training step produced a NaN or infinite loss (the message says where).
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
     /// A CUDA library panicked inside cudarc (a missing symbol, say).
     #[error("CUDA library call panicked: {0}")]
     Panic(String),

@@ -11,7 +11,7 @@
 use crate::blas::Spec;
 use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::ops::{as_i32, cfg, check, launch, row_threads};
-use crate::{shape_err, DeviceBuf, Gpu, GpuFloat, Result};
+use crate::{shape_err, Gpu, GpuFloat, Result, Scratch};
 
 /// The labelled rows of `targets`: their indices and targets, or a Shape error naming the row
 /// whose target is ≥ v.
@@ -57,20 +57,17 @@ fn check_common(
 }
 
 impl Gpu {
-    /// Gathers rows `idx` of `src` [*, d] into a new [idx.len(), d] buffer.
+    /// Gathers rows `idx` of `src` [*, d] into a [idx.len(), d] scratch buffer.
     fn gather<T: GpuFloat>(
         &self,
         src: &impl DevRead<T>,
-        idx: &DeviceBuf<u32>,
+        idx: &impl DevRead<u32>,
         d: usize,
-    ) -> Result<DeviceBuf<T>> {
-        let m = idx.len();
-        // SAFETY: every element is written by the kernel below.
-        let dst = DeviceBuf {
-            slice: unsafe { self.stream.alloc::<T>((m * d).max(1)) }?,
-        };
+    ) -> Result<Scratch<'_, T>> {
+        let m = idx.dlen();
+        let dst = self.scratch::<T>(m * d)?;
         if m > 0 && d > 0 {
-            let (o, s, i, d32) = (dst.ptr(), src.dptr(), idx.ptr(), d as i32);
+            let (o, s, i, d32) = (dst.dptr(), src.dptr(), idx.dptr(), d as i32);
             launch!(
                 self,
                 &self.kernels.gather_rows[T::INDEX],
@@ -114,24 +111,24 @@ impl Gpu {
         if m == 0 {
             return Ok(0);
         }
-        let idx_d = self.upload(&idx)?;
-        let tgt_d = self.upload(&tgt)?;
+        let idx_d = self.scratch_from(&idx)?;
+        let tgt_d = self.scratch_from(&tgt)?;
         let hl = self.gather(h, &idx_d, d)?;
-        let row_max = self.upload(&vec![f32::NEG_INFINITY; m])?;
-        let row_sum = self.upload(&vec![0.0f32; m])?;
-        let target_logit = self.upload(&vec![0.0f32; m])?;
-        let mut logits = self.alloc_scratch_f32(m * chunk.min(v))?;
+        let row_max = self.scratch_from(&vec![f32::NEG_INFINITY; m])?;
+        let row_sum = self.scratch_from(&vec![0.0f32; m])?;
+        let target_logit = self.scratch_from(&vec![0.0f32; m])?;
+        let mut logits = self.scratch::<f32>(m * chunk.min(v))?;
         for c0 in (0..v).step_by(chunk) {
             let cw = chunk.min(v - c0);
             let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
-            let mut z = logits.view_mut(0..m * cw)?;
+            let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
             self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
             let (mx, sm, tl, zp, tp) = (
-                row_max.ptr(),
-                row_sum.ptr(),
-                target_logit.ptr(),
+                row_max.dptr(),
+                row_sum.dptr(),
+                target_logit.dptr(),
                 z.dptr(),
-                tgt_d.ptr(),
+                tgt_d.dptr(),
             );
             let (cw32, c0u) = (cw as i32, c0 as u32);
             launch!(
@@ -147,8 +144,13 @@ impl Gpu {
                 &c0u
             )?;
         }
-        let (lp, lsp, ip) = (losses.dptr(), lse.dptr(), idx_d.ptr());
-        let (mx, sm, tl, m32) = (row_max.ptr(), row_sum.ptr(), target_logit.ptr(), m as i32);
+        let (lp, lsp, ip) = (losses.dptr(), lse.dptr(), idx_d.dptr());
+        let (mx, sm, tl, m32) = (
+            row_max.dptr(),
+            row_sum.dptr(),
+            target_logit.dptr(),
+            m as i32,
+        );
         launch!(
             self,
             &self.kernels.ce_fwd_finish,
@@ -196,32 +198,31 @@ impl Gpu {
         if m == 0 || d == 0 {
             return Ok(());
         }
-        let idx_d = self.upload(&idx)?;
-        let tgt_d = self.upload(&tgt)?;
+        let idx_d = self.scratch_from(&idx)?;
+        let tgt_d = self.scratch_from(&tgt)?;
         let hl = self.gather(h, &idx_d, d)?;
         let lse_l = self.gather::<f32>(lse, &idx_d, 1)?;
         let dloss_l = self.gather::<f32>(dloss, &idx_d, 1)?;
-        let dhl = self.alloc_zeros::<f32>(m * d)?;
+        let mut dhl = self.scratch::<f32>(m * d)?;
+        self.zero(&mut dhl)?;
         let cmax = chunk.min(v);
-        let mut logits = self.alloc_scratch_f32(m * cmax)?;
-        // SAFETY: every element of a chunk's part is written by ce_bwd_chunk before it is read.
-        let dz_buf = DeviceBuf::<T> {
-            slice: unsafe { self.stream.alloc::<T>(m * cmax) }?,
-        };
+        let mut logits = self.scratch::<f32>(m * cmax)?;
+        // Every element of a chunk's part is written by ce_bwd_chunk before it is read.
+        let dz_buf = self.scratch::<T>(m * cmax)?;
         let t = T::cuda_type();
         for c0 in (0..v).step_by(chunk) {
             let cw = chunk.min(v - c0);
             let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
             let z = {
-                let mut z = logits.view_mut(0..m * cw)?;
+                let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
                 self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
                 z.dptr()
             };
-            let dz = dz_buf.ptr();
+            let dz = dz_buf.dptr();
             let (lp, gp, tp, cw32, c0u) = (
-                lse_l.ptr(),
-                dloss_l.ptr(),
-                tgt_d.ptr(),
+                lse_l.dptr(),
+                dloss_l.dptr(),
+                tgt_d.dptr(),
                 cw as i32,
                 c0 as u32,
             );
@@ -253,7 +254,7 @@ impl Gpu {
                 accumulate: true,
                 align: [0; 3],
             };
-            self.blas.gemm(s, 1.0, w_c.dptr(), dz, dhl.ptr(), None)?;
+            self.blas.gemm(s, 1.0, w_c.dptr(), dz, dhl.dptr(), None)?;
             // dW_c[cw, D] += dz[M, cw]ᵀ · hl[M, D]  (β = 1).
             let dw_c = DViewMut::of(dweight, c0 * d..(c0 + cw) * d)?;
             let s = Spec {
@@ -271,9 +272,9 @@ impl Gpu {
                 accumulate: true,
                 align: [0; 3],
             };
-            self.blas.gemm(s, 1.0, hl.ptr(), dz, dw_c.dptr(), None)?;
+            self.blas.gemm(s, 1.0, hl.dptr(), dz, dw_c.dptr(), None)?;
         }
-        let (o, s, i, d32) = (dh.dptr(), dhl.ptr(), idx_d.ptr(), d as i32);
+        let (o, s, i, d32) = (dh.dptr(), dhl.dptr(), idx_d.dptr(), d as i32);
         launch!(
             self,
             &self.kernels.scatter_rows[T::INDEX],

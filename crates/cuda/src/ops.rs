@@ -112,6 +112,13 @@ pub(crate) struct Kernels {
     pub(crate) gather_rows: PerType,
     pub(crate) scatter_rows: PerType,
     pub(crate) ce_bwd_chunk: PerType,
+    pub(crate) split_qkv: PerType,
+    pub(crate) merge_qkv: PerType,
+    pub(crate) add_inplace: PerType,
+    pub(crate) cast_from_f32: PerType,
+    pub(crate) accum_f32: PerType,
+    pub(crate) sumsq_partial: CudaFunction,
+    pub(crate) scale_f32: CudaFunction,
     pub(crate) ce_fwd_chunk: CudaFunction,
     pub(crate) ce_fwd_finish: CudaFunction,
     pub(crate) attention_merge: CudaFunction,
@@ -149,6 +156,13 @@ impl Kernels {
                 gather_rows: get("gather_rows")?,
                 scatter_rows: get("scatter_rows")?,
                 ce_bwd_chunk: get("ce_bwd_chunk")?,
+                split_qkv: get("split_qkv")?,
+                merge_qkv: get("merge_qkv")?,
+                add_inplace: get("add_inplace")?,
+                cast_from_f32: get("cast_from_f32")?,
+                accum_f32: get("accum_f32")?,
+                sumsq_partial: module.load_function("sumsq_partial")?,
+                scale_f32: module.load_function("scale_f32")?,
                 ce_fwd_chunk: module.load_function("ce_fwd_chunk")?,
                 ce_fwd_finish: module.load_function("ce_fwd_finish")?,
                 attention_merge: module.load_function("attention_merge")?,
@@ -367,9 +381,9 @@ impl Gpu {
         let chunks32 = as_i32(op, "chunks", chunks)?;
         let rows32 = as_i32(op, "rows per chunk", rows)?;
         let col_blocks = d.div_ceil(32) as u32;
-        // Freed in stream order (after the kernels) when dropped at the end of this function.
-        let partial = self.alloc_scratch_f32(chunks * d)?;
-        let p = partial.ptr();
+        // Back to the pool (stream order: after the kernels) at the end of this function.
+        let partial = self.scratch::<f32>(chunks * d)?;
+        let p = partial.dptr();
         let (x, r) = x_rstd.unwrap_or((0, 0));
         launch!(
             self,
@@ -393,13 +407,6 @@ impl Gpu {
             &d32
         )?;
         Ok(())
-    }
-
-    pub(crate) fn alloc_scratch_f32(&self, len: usize) -> Result<DeviceBuf<f32>> {
-        // SAFETY: scratch written before it is read.
-        Ok(DeviceBuf {
-            slice: unsafe { self.stream.alloc::<f32>(len.max(1)) }?,
-        })
     }
 
     /// SwiGLU forward as `reel_kernels::swiglu::swiglu_forward`: gate_up [n, 2i] → out [n, i].
@@ -553,15 +560,15 @@ impl Gpu {
             }
         }
         offsets.push(n as u32);
-        let order_d = self.upload(&order)?;
-        let uniq_d = self.upload(&uniq)?;
-        let offsets_d = self.upload(&offsets)?;
+        let order_d = self.scratch_from(&order)?;
+        let uniq_d = self.scratch_from(&uniq)?;
+        let offsets_d = self.scratch_from(&offsets)?;
         let (dt, dy, o, u, off) = (
             dtable.dptr(),
             dout.dptr(),
-            order_d.ptr(),
-            uniq_d.ptr(),
-            offsets_d.ptr(),
+            order_d.dptr(),
+            uniq_d.dptr(),
+            offsets_d.dptr(),
         );
         launch!(
             self,

@@ -29,8 +29,8 @@ pub use attention::{AttentionError, AttentionOp, LocalAttention};
 pub use config::Qwen2Config;
 pub use io::{load_checkpoint, save_checkpoint};
 pub use model::{
-    default_positions, CheckpointPolicy, EmbedsBatch, LossStats, Qwen2, Rotary, TokenBatch,
-    Workspace,
+    default_positions, validate_token_batch, CheckpointPolicy, EmbedsBatch, LossStats, Qwen2,
+    Rotary, TokenBatch, Workspace, CE_CHUNK,
 };
 pub use params::ParamLayout;
 pub use vision::{VideoGrid, VisionConfig, VisionTower, VisionWorkspace};

@@ -447,56 +447,17 @@ impl Qwen2 {
 
     /// Checks a batch against the model before any kernel sees it.
     pub fn validate_batch(&self, batch: &TokenBatch) -> Result<(), ModelError> {
-        let n = batch.b * batch.t;
-        if batch.tokens.len() != n || batch.targets.len() != n || batch.positions.len() != n {
-            return Err(ModelError::Invalid(format!(
-                "batch of {}×{} needs {n} tokens, targets and positions; got {}, {}, {}",
-                batch.b,
-                batch.t,
-                batch.tokens.len(),
-                batch.targets.len(),
-                batch.positions.len()
-            )));
-        }
-        let v = self.config.vocab_size;
-        if let Some((i, &tok)) = batch
-            .tokens
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x as usize >= v)
-        {
-            return Err(ModelError::Invalid(format!(
-                "token id {tok} at position {i} is outside the vocabulary ({v})"
-            )));
-        }
-        self.check_targets(batch.targets)?;
-        self.check_positions(batch.positions)
+        validate_token_batch(&self.config, batch)
     }
 
     /// Refuses a target id outside the vocabulary (negative targets mean no loss).
     fn check_targets(&self, targets: &[i32]) -> Result<(), ModelError> {
-        let v = self.config.vocab_size;
-        if let Some((i, &tg)) = targets
-            .iter()
-            .enumerate()
-            .find(|(_, &x)| x >= 0 && x as usize >= v)
-        {
-            return Err(ModelError::Invalid(format!(
-                "target id {tg} at position {i} is outside the vocabulary ({v})"
-            )));
-        }
-        Ok(())
+        check_targets(&self.config, targets)
     }
 
     /// Refuses a RoPE position past the table.
     fn check_positions(&self, positions: &[u32]) -> Result<(), ModelError> {
-        let max = self.config.max_position_embeddings;
-        if let Some(&p) = positions.iter().find(|&&p| p as usize >= max) {
-            return Err(ModelError::Invalid(format!(
-                "position {p} exceeds max_position_embeddings ({max})"
-            )));
-        }
-        Ok(())
+        check_positions(&self.config, positions)
     }
 
     /// Norm, fused q/k/v projection, split and RoPE: fills a.rstd1, a.xn1, a.q, a.k, a.v.
@@ -1110,4 +1071,59 @@ enum AttentionPass {
 /// Positions 0..t for each of b sequences.
 pub fn default_positions(b: usize, t: usize) -> Vec<u32> {
     (0..b).flat_map(|_| 0..t as u32).collect()
+}
+
+/// Checks a batch against a model of `config` before any kernel sees it (the CPU model and the
+/// device-resident one share it).
+pub fn validate_token_batch(config: &Qwen2Config, batch: &TokenBatch) -> Result<(), ModelError> {
+    let n = batch.b * batch.t;
+    if batch.tokens.len() != n || batch.targets.len() != n || batch.positions.len() != n {
+        return Err(ModelError::Invalid(format!(
+            "batch of {}×{} needs {n} tokens, targets and positions; got {}, {}, {}",
+            batch.b,
+            batch.t,
+            batch.tokens.len(),
+            batch.targets.len(),
+            batch.positions.len()
+        )));
+    }
+    let v = config.vocab_size;
+    if let Some((i, &tok)) = batch
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x as usize >= v)
+    {
+        return Err(ModelError::Invalid(format!(
+            "token id {tok} at position {i} is outside the vocabulary ({v})"
+        )));
+    }
+    check_targets(config, batch.targets)?;
+    check_positions(config, batch.positions)
+}
+
+/// Refuses a target id outside the vocabulary (negative targets mean no loss).
+fn check_targets(config: &Qwen2Config, targets: &[i32]) -> Result<(), ModelError> {
+    let v = config.vocab_size;
+    if let Some((i, &tg)) = targets
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x >= 0 && x as usize >= v)
+    {
+        return Err(ModelError::Invalid(format!(
+            "target id {tg} at position {i} is outside the vocabulary ({v})"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a RoPE position past the table.
+fn check_positions(config: &Qwen2Config, positions: &[u32]) -> Result<(), ModelError> {
+    let max = config.max_position_embeddings;
+    if let Some(&p) = positions.iter().find(|&&p| p as usize >= max) {
+        return Err(ModelError::Invalid(format!(
+            "position {p} exceeds max_position_embeddings ({max})"
+        )));
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::device::Device;
 use reel_data::Batching;
 use reel_model::CheckpointPolicy;
 use reel_optim::{AdamWConfig, LrSchedule};
@@ -229,6 +230,11 @@ pub struct TrainConfig {
     pub grad_clip: f32,
     /// Activation checkpointing: "none", "layer" or "remat". Default "remat".
     pub checkpoint: CheckpointPolicy,
+    /// Where to train: "auto" (GPU 0 when this build has the `cuda` feature and a GPU opens,
+    /// else the CPU with a message), "cpu" or "cuda". Default "auto". Not part of the config
+    /// hash while "auto" (it changes rounding, not the run).
+    #[serde(skip_serializing_if = "Device::is_auto")]
+    pub device: Device,
 }
 
 impl Default for TrainConfig {
@@ -247,6 +253,7 @@ impl Default for TrainConfig {
             eps: adamw.eps,
             grad_clip: 1.0,
             checkpoint: CheckpointPolicy::Remat,
+            device: Device::Auto,
         }
     }
 }
@@ -480,6 +487,9 @@ grad_clip = 1.0
 # Activation checkpointing: "none", "layer" (recompute whole layers) or "remat"
 # (keep attention outputs, recompute only the rest).
 checkpoint = "remat"
+# Where to train: "auto" (the GPU when this build has the cuda feature and one opens, else
+# the CPU with a message), "cpu" or "cuda".
+device = "auto"
 
 [parallel]
 # dp data-parallel replicas x sp sequence-parallel ranks (one thread each). Each optimizer step

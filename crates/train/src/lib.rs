@@ -12,11 +12,14 @@
 //! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
 //!   ([`eval_vl_nll`]) and its family of the SFT loop (CoT-SFT on video with cached vision
 //!   embeddings or a trained tower; [`run_vl_sft`], the older flat settings).
+//! - [`device`]: `train.device` ("auto", "cpu", "cuda") and its resolution; with the `cuda`
+//!   feature the SFT loop trains one rank on the GPU (`reel_cuda::GpuQwen2`).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod accuracy;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod eval;
 pub mod grpo;
 pub mod metrics;
@@ -33,6 +36,7 @@ pub use config::{
     ModelConfig, ModelKind, OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule,
     TrainConfig, VideoConfig,
 };
+pub use device::Device;
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
 pub use accuracy::{eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally};

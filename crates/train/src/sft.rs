@@ -33,6 +33,7 @@ use crate::checkpoint::{
     OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
 use crate::config::{ModelKind, SftConfig};
+use crate::device::{describe, open_gpu, resolve, Chosen, GpuHandle, GpuModel, BUILT_WITH_CUDA};
 use crate::eval::{eval_examples, tokenize_all};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::vl::VideoRunStats;
@@ -233,6 +234,10 @@ pub(crate) trait SftTask: Sync + Sized {
     fn step_metrics(&self, _record: &mut serde_json::Value) {}
     /// The text decoder, for the evaluation hook (none for other families).
     fn text_model(model: &Self::Model) -> Option<&Qwen2>;
+    /// The text decoder, mutable (the GPU path writes its weights back into it).
+    fn text_model_mut(model: &mut Self::Model) -> Option<&mut Qwen2>;
+    /// A micro-batch of the text decoder (what the GPU path trains on; none for other families).
+    fn text_batch(mb: &Self::Micro) -> Option<&Batch>;
     /// Video counters of the run, for the summary.
     fn video_stats(&self) -> Option<VideoRunStats> {
         None
@@ -407,6 +412,14 @@ impl SftTask for TextTask {
     fn text_model(model: &Qwen2) -> Option<&Qwen2> {
         Some(model)
     }
+
+    fn text_model_mut(model: &mut Qwen2) -> Option<&mut Qwen2> {
+        Some(model)
+    }
+
+    fn text_batch(mb: &Batch) -> Option<&Batch> {
+        Some(mb)
+    }
 }
 
 fn token_batch(b: &Batch) -> TokenBatch<'_> {
@@ -520,10 +533,19 @@ struct Replica<T: SftTask> {
     /// Gradients of the trainable tensors (Σ `sizes`), then [`STATS`] slots.
     grads: Vec<f32>,
     sampler: BucketSampler,
+    /// When training on the GPU (text decoder, one rank): the device-resident model, its fp32
+    /// master weights and AdamW moments. The host model's weights and `opt` are then refreshed
+    /// from it by [`Replica::sync_host`] before evaluations, checkpoints and the end of the run.
+    gpu: Option<GpuModel>,
 }
 
 impl<T: SftTask> Replica<T> {
-    fn new(model: T::Model, shared: &Shared<T>, cfg: &SftConfig) -> Result<Self> {
+    fn new(
+        model: T::Model,
+        shared: &Shared<T>,
+        cfg: &SftConfig,
+        gpu: Option<GpuHandle>,
+    ) -> Result<Self> {
         let groups = shared.task.param_groups(&model);
         let sizes: Vec<usize> = groups.iter().map(|g| g.0).collect();
         let decay: Vec<bool> = groups.iter().map(|g| g.1).collect();
@@ -531,16 +553,85 @@ impl<T: SftTask> Replica<T> {
         if let Some(state) = &shared.opt_state {
             opt.load_state(state.clone())?;
         }
+        let gpu = match gpu {
+            Some(g) => {
+                let q =
+                    T::text_model(&model).context("this model family has no GPU training path")?;
+                let mut gm = GpuModel::new(
+                    g,
+                    q.config.clone(),
+                    &q.params,
+                    cfg.train.checkpoint,
+                    cfg.train.adamw(),
+                )
+                .context("putting the model on the GPU")?;
+                gm.load_opt_state(&opt.state())?;
+                Some(gm)
+            }
+            None => None,
+        };
         let n: usize = sizes.iter().sum();
+        // On the GPU the host keeps no gradients.
+        let grads = match gpu {
+            Some(_) => Vec::new(),
+            None => vec![0.0; n + STATS],
+        };
         Ok(Replica {
             ws: shared.task.workspace(&model, cfg),
-            grads: vec![0.0; n + STATS],
+            grads,
             sizes,
             opt,
             model,
             sampler: shared.sampler.clone(),
+            gpu,
         })
     }
+
+    /// Copies the GPU's weights and optimizer state into `model.params` and `opt` (no-op on
+    /// the CPU).
+    fn sync_host(&mut self) -> Result<()> {
+        if let Some(gm) = &self.gpu {
+            let q = T::text_model_mut(&mut self.model)
+                .context("this model family has no GPU training path")?;
+            q.params = gm.params_host()?;
+            self.opt.load_state(gm.opt_state()?)?;
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step on the GPU (one rank): every micro-batch forward and backward into the
+/// fp32 gradients (loss scaled by 1 / labelled tokens of the step), clipping and AdamW there.
+fn gpu_train_step(
+    gm: &mut GpuModel,
+    batches: &[&Batch],
+    cfg: &SftConfig,
+    lr: f32,
+    at: &str,
+) -> Result<StepOut> {
+    let labelled: usize = batches.iter().map(|b| b.n_label_tokens()).sum();
+    let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
+    let scale = 1.0 / labelled.max(1) as f32;
+    gm.zero_grads()?;
+    let mut loss_sum = 0.0f64;
+    for b in batches {
+        let tb = token_batch(b);
+        let s = gm.forward(&tb).with_context(|| at.to_string())?;
+        gm.backward(&tb, scale).with_context(|| at.to_string())?;
+        loss_sum += s.loss_sum;
+    }
+    let grad_norm = gm.clip_grad_norm(cfg.train.grad_clip.max(0.0))?;
+    let loss = (loss_sum / labelled.max(1) as f64) as f32;
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
+    }
+    gm.adamw_step(lr)?;
+    Ok(StepOut {
+        loss,
+        grad_norm,
+        labelled,
+        tokens,
+    })
 }
 
 /// Splits a flat buffer into consecutive slices of `sizes`.
@@ -591,6 +682,14 @@ fn train_step<T: SftTask, C: Communicator>(
     at: &str,
     poison: bool,
 ) -> Result<StepOut> {
+    if let Some(gm) = rep.gpu.as_mut() {
+        if poison {
+            bail!("{at}: non-finite loss (NaN) or gradient norm (NaN) (poisoned step)");
+        }
+        let text: Option<Vec<&Batch>> = batches.iter().map(T::text_batch).collect();
+        let text = text.context("this model family has no GPU training path")?;
+        return gpu_train_step(gm, &text, cfg, lr, at);
+    }
     let (labelled, tokens) = batches
         .iter()
         .map(|b| task.counts(b))
@@ -707,6 +806,8 @@ pub(crate) fn param_checksum(params: &[f32]) -> u64 {
 
 /// The training loop of one rank (the only rank when `peers` is `None`). Every rank draws the
 /// same micro-batches from its copy of the sampler, so all stay in step; only the lead writes.
+/// With `gpu`, the (single) rank trains on that GPU.
+#[allow(clippy::too_many_arguments)]
 fn rank_loop<T: SftTask, C: Communicator>(
     model: T::Model,
     shared: &Shared<T>,
@@ -715,9 +816,10 @@ fn rank_loop<T: SftTask, C: Communicator>(
     lead: Option<Lead<'_, '_>>,
     stop_after: Option<u64>,
     poison_step: Option<u64>,
+    gpu: Option<GpuHandle>,
 ) -> Result<RankOut> {
     let task = &shared.task;
-    let mut rep = Replica::new(model, shared, cfg)?;
+    let mut rep = Replica::new(model, shared, cfg, gpu)?;
     let schedule = cfg.train.lr_schedule();
     let total = cfg.train.steps;
     let start_step = shared.start_step;
@@ -780,7 +882,13 @@ fn rank_loop<T: SftTask, C: Communicator>(
         });
 
         let last = done == total;
-        if (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last {
+        let evaluate = (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last;
+        let save = (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last;
+        if evaluate || save {
+            rep.sync_host()
+                .with_context(|| format!("{at}: reading the weights back from the GPU"))?;
+        }
+        if evaluate {
             let mut parts = Vec::new();
             if let Some(s) = task
                 .eval(&rep.model)
@@ -805,7 +913,7 @@ fn rank_loop<T: SftTask, C: Communicator>(
         }
         metrics.write(&record)?;
 
-        if (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last {
+        if save {
             let state = TrainerState {
                 step: done,
                 data: serde_json::to_value(rep.sampler.state())?,
@@ -824,6 +932,8 @@ fn rank_loop<T: SftTask, C: Communicator>(
     if let Some((_, progress, _)) = &lead {
         progress.finish();
     }
+    rep.sync_host()
+        .context("reading the weights back from the GPU")?;
     Ok(RankOut {
         final_loss: losses
             .last()
@@ -907,7 +1017,16 @@ fn run_ranks<T: SftTask>(
         });
         let poison = poison_step.filter(|_| rank == poison_rank);
         let replica = shared.task.replica(model)?;
-        rank_loop(replica, shared, cfg, Some(&peers), lead, stop_after, poison)
+        rank_loop(
+            replica,
+            shared,
+            cfg,
+            Some(&peers),
+            lead,
+            stop_after,
+            poison,
+            None,
+        )
     });
     let mut outs = Vec::with_capacity(results.len());
     let mut errors = Vec::new();
@@ -948,6 +1067,25 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<SftSummary> {
 
 fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
     let dims = cfg.parallel.dims()?;
+    let cpu_only = if dims.world() > 1 || T::NEEDS_COMM {
+        Some("GPU training runs one rank of the text decoder; this run trains on the CPU")
+    } else {
+        None
+    };
+    let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
+        .map_err(anyhow::Error::msg)?
+    {
+        Chosen::Cuda(g) => {
+            tracing::info!("training on the GPU: {}", describe(&g));
+            Some(g)
+        }
+        Chosen::Cpu { note } => {
+            if let Some(n) = note {
+                tracing::info!("{n}");
+            }
+            None
+        }
+    };
     let (shared, model) = Shared::<T>::load(cfg, opts.resume)?;
     let outs = if dims.world() == 1 && !T::NEEDS_COMM {
         let lead = Lead {
@@ -962,6 +1100,7 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
             Some(lead),
             opts.stop_after,
             opts.poison_step,
+            gpu,
         )
         .map(|o| vec![o])
     } else {

@@ -599,6 +599,14 @@ impl SftTask for VlTask {
         None
     }
 
+    fn text_model_mut(_model: &mut Qwen25VL) -> Option<&mut Qwen2> {
+        None
+    }
+
+    fn text_batch(_mb: &Self::Micro) -> Option<&Batch> {
+        None
+    }
+
     fn video_stats(&self) -> Option<VideoRunStats> {
         Some(VideoRunStats {
             cache: self.cache.stats(),

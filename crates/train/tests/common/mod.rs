@@ -4,7 +4,7 @@
 
 use reel_data::{char_tokenizer, synth_examples, write_jsonl, SynthKind, SynthTask};
 use reel_model::load_checkpoint;
-use reel_train::{run_sft, InitConfig, ProgressMode, RunOptions, SftConfig};
+use reel_train::{run_sft, Device, InitConfig, ProgressMode, RunOptions, SftConfig};
 use std::path::Path;
 
 pub fn setup(dir: &Path, steps: u64) -> SftConfig {
@@ -31,6 +31,8 @@ pub fn setup(dir: &Path, steps: u64) -> SftConfig {
     cfg.data.tokens_per_batch = 512;
     cfg.train.steps = steps;
     cfg.train.lr = 3e-3;
+    // The CPU path, whatever the build (its resume tests compare losses to the bit).
+    cfg.train.device = Device::Cpu;
     cfg.train.warmup_steps = 2;
     cfg.output.dir = dir.join("run");
     cfg.output.save_every = 3;

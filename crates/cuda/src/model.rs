@@ -1,0 +1,851 @@
+//! The Qwen2 decoder resident on one GPU: forward, backward under the three checkpoint policies,
+//! gradient clipping and AdamW, the same math as `reel_model::Qwen2` (see its module docs for the
+//! per-layer equations; N = B·T tokens, d hidden, H/H_kv heads of size D, I intermediate, V vocab).
+//!
+//! Precision (mixed, as the GPU design says): fp32 master parameters and AdamW moments in the
+//! flat `ParamLayout` (so loading, saving and the optimizer address tensors by their checkpoint
+//! names, and [`GpuQwen2::params_host`] is the CPU model's buffer); a bf16 copy of the weights
+//! made after each update; bf16 activations; f32 accumulation inside every GEMM and reduction;
+//! f32 RMSNorm statistics, attention lse and cross-entropy. Each micro-batch's parameter
+//! gradients are formed in a bf16 buffer of the same layout (one rounding per tensor) and added
+//! into the step's fp32 gradients, which clipping and AdamW read.
+//!
+//! Kernels: cuBLASLt GEMMs (bias fused into the q/k/v projection), cuDNN fused attention with lse
+//! (causal), and reel's own RMSNorm, RoPE, SwiGLU, embedding, chunked LM head + cross-entropy
+//! (the [N, V] logits never exist) and AdamW.
+//!
+//! Memory: every activation buffer is sized once for the largest batch seen (`capacity` tokens)
+//! and viewed at the batch's size; per-op scratch comes from the Gpu's caching pool
+//! ([`crate::arena`]), so after the first step of the largest shape a training step makes no
+//! device allocation ([`crate::Gpu::alloc_stats`] counts them). Activations kept per policy
+//! ([`crate::activation_bytes`]): `None` every layer's; `Layer` each layer's input; `Remat` each layer's
+//! input, attention output and lse (attention runs forward once per layer per step).
+
+use half::bf16;
+use reel_kernels::attention::{AttnMask, AttnShape};
+use reel_model::params::LayerRanges;
+use reel_model::{
+    validate_token_batch, CheckpointPolicy, LossStats, ParamLayout, Qwen2Config, TokenBatch,
+};
+use reel_optim::{AdamWConfig, AdamWState};
+
+use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
+use crate::plan::ce_chunk;
+use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
+
+/// One layer's activations other than attention's output and lse.
+struct Acts {
+    rstd1: DeviceBuf<f32>,
+    xn1: DeviceBuf<bf16>,
+    q: DeviceBuf<bf16>,
+    k: DeviceBuf<bf16>,
+    v: DeviceBuf<bf16>,
+    h: DeviceBuf<bf16>,
+    rstd2: DeviceBuf<f32>,
+    xn2: DeviceBuf<bf16>,
+    gate_up: DeviceBuf<bf16>,
+    act: DeviceBuf<bf16>,
+}
+
+/// Dimensions of one batch.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    b: usize,
+    t: usize,
+    d: usize,
+    h: usize,
+    h_kv: usize,
+    hd: usize,
+    i: usize,
+    v: usize,
+}
+
+impl Dims {
+    fn new(c: &Qwen2Config, b: usize, t: usize) -> Self {
+        Dims {
+            n: b * t,
+            b,
+            t,
+            d: c.hidden_size,
+            h: c.num_attention_heads,
+            h_kv: c.num_key_value_heads,
+            hd: c.head_dim,
+            i: c.intermediate_size,
+            v: c.vocab_size,
+        }
+    }
+    fn qw(&self) -> usize {
+        self.h * self.hd
+    }
+    fn kvw(&self) -> usize {
+        self.h_kv * self.hd
+    }
+    fn width(&self) -> usize {
+        self.qw() + 2 * self.kvw()
+    }
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            b: self.b,
+            tq: self.t,
+            tk: self.t,
+            h: self.h,
+            h_kv: self.h_kv,
+            d: self.hd,
+        }
+    }
+}
+
+const CAUSAL: AttnMask = AttnMask::Causal {
+    q_offset: 0,
+    k_offset: 0,
+};
+
+fn zeros<T: crate::DeviceElem>(gpu: &Gpu, len: usize) -> Result<DeviceBuf<T>> {
+    gpu.alloc_zeros::<T>(len.max(1))
+}
+
+impl Acts {
+    fn new(gpu: &Gpu, m: &Dims) -> Result<Self> {
+        let n = m.n;
+        Ok(Acts {
+            rstd1: zeros(gpu, n)?,
+            xn1: zeros(gpu, n * m.d)?,
+            q: zeros(gpu, n * m.qw())?,
+            k: zeros(gpu, n * m.kvw())?,
+            v: zeros(gpu, n * m.kvw())?,
+            h: zeros(gpu, n * m.d)?,
+            rstd2: zeros(gpu, n)?,
+            xn2: zeros(gpu, n * m.d)?,
+            gate_up: zeros(gpu, n * 2 * m.i)?,
+            act: zeros(gpu, n * m.i)?,
+        })
+    }
+}
+
+/// Gradient scratch of one layer's backward.
+struct Bw {
+    dact: DeviceBuf<bf16>,
+    dgate_up: DeviceBuf<bf16>,
+    dxn: DeviceBuf<bf16>,
+    dh: DeviceBuf<bf16>,
+    dattn: DeviceBuf<bf16>,
+    dq: DeviceBuf<bf16>,
+    dk: DeviceBuf<bf16>,
+    dv: DeviceBuf<bf16>,
+    dqkv: DeviceBuf<bf16>,
+}
+
+/// Every activation buffer, sized for `cap` tokens.
+struct Ws {
+    cap: usize,
+    xs: Vec<DeviceBuf<bf16>>,
+    acts: Vec<Acts>,
+    attn: Vec<DeviceBuf<bf16>>,
+    lse: Vec<DeviceBuf<f32>>,
+    qkv: DeviceBuf<bf16>,
+    x_tmp: DeviceBuf<bf16>,
+    rstd_f: DeviceBuf<f32>,
+    xn_f: DeviceBuf<bf16>,
+    ce_losses: DeviceBuf<f32>,
+    ce_lse: DeviceBuf<f32>,
+    dloss: DeviceBuf<f32>,
+    dxn_f: DeviceBuf<bf16>,
+    dx: [DeviceBuf<bf16>; 2],
+    bw: Bw,
+    tokens: DeviceBuf<u32>,
+    positions: DeviceBuf<u32>,
+    /// (B, T) of the last forward.
+    last: Option<(usize, usize)>,
+}
+
+impl Ws {
+    fn new(gpu: &Gpu, c: &Qwen2Config, policy: CheckpointPolicy, cap: usize) -> Result<Self> {
+        let m = Dims::new(c, 1, cap);
+        let l = c.num_hidden_layers;
+        let (n_acts, n_attn) = match policy {
+            CheckpointPolicy::None => (l, l),
+            CheckpointPolicy::Layer => (1, 1),
+            CheckpointPolicy::Remat => (1, l),
+        };
+        let nd = cap * m.d;
+        Ok(Ws {
+            cap,
+            xs: (0..=l).map(|_| zeros(gpu, nd)).collect::<Result<_>>()?,
+            acts: (0..n_acts)
+                .map(|_| Acts::new(gpu, &m))
+                .collect::<Result<_>>()?,
+            attn: (0..n_attn)
+                .map(|_| zeros(gpu, cap * m.qw()))
+                .collect::<Result<_>>()?,
+            lse: (0..n_attn)
+                .map(|_| zeros(gpu, cap * m.h))
+                .collect::<Result<_>>()?,
+            qkv: zeros(gpu, cap * m.width())?,
+            x_tmp: zeros(gpu, nd)?,
+            rstd_f: zeros(gpu, cap)?,
+            xn_f: zeros(gpu, nd)?,
+            ce_losses: zeros(gpu, cap)?,
+            ce_lse: zeros(gpu, cap)?,
+            dloss: zeros(gpu, cap)?,
+            dxn_f: zeros(gpu, nd)?,
+            dx: [zeros(gpu, nd)?, zeros(gpu, nd)?],
+            bw: Bw {
+                dact: zeros(gpu, cap * m.i)?,
+                dgate_up: zeros(gpu, cap * 2 * m.i)?,
+                dxn: zeros(gpu, nd)?,
+                dh: zeros(gpu, nd)?,
+                dattn: zeros(gpu, cap * m.qw())?,
+                dq: zeros(gpu, cap * m.qw())?,
+                dk: zeros(gpu, cap * m.kvw())?,
+                dv: zeros(gpu, cap * m.kvw())?,
+                dqkv: zeros(gpu, cap * m.width())?,
+            },
+            tokens: zeros(gpu, cap)?,
+            positions: zeros(gpu, cap)?,
+            last: None,
+        })
+    }
+}
+
+/// First `len` elements, read-only.
+fn r<T: crate::DeviceElem>(b: &DeviceBuf<T>, len: usize) -> Result<DView<'_, T>> {
+    b.view(0..len)
+}
+
+/// First `len` elements, writable.
+fn w<T: crate::DeviceElem>(b: &mut DeviceBuf<T>, len: usize) -> Result<DViewMut<'_, T>> {
+    b.view_mut(0..len)
+}
+
+/// Views of one layer's bf16 weights.
+struct LayerW<'a> {
+    input_norm: DView<'a, bf16>,
+    qkv_w: DView<'a, bf16>,
+    qkv_b: DView<'a, bf16>,
+    o_w: DView<'a, bf16>,
+    post_norm: DView<'a, bf16>,
+    gate_up_w: DView<'a, bf16>,
+    down_w: DView<'a, bf16>,
+}
+
+fn layer_w<'a>(w16: &'a DeviceBuf<bf16>, r: &LayerRanges) -> Result<LayerW<'a>> {
+    Ok(LayerW {
+        input_norm: w16.view(r.input_norm.clone())?,
+        qkv_w: w16.view(r.qkv_w.clone())?,
+        qkv_b: w16.view(r.qkv_b.clone())?,
+        o_w: w16.view(r.o_w.clone())?,
+        post_norm: w16.view(r.post_norm.clone())?,
+        gate_up_w: w16.view(r.gate_up_w.clone())?,
+        down_w: w16.view(r.down_w.clone())?,
+    })
+}
+
+/// Read-only things every layer op needs.
+struct Ctx<'a> {
+    gpu: &'a Gpu,
+    rope: &'a GpuRopeTable,
+    positions: DView<'a, u32>,
+    m: Dims,
+    eps: f32,
+}
+
+/// One layer forward (x_in → x_out); with `run_attn = false`, attn and lse already hold this
+/// layer's attention (Remat's recomputation) and attention does not run.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    cx: &Ctx,
+    wt: &LayerW,
+    a: &mut Acts,
+    attn: &mut DeviceBuf<bf16>,
+    lse: &mut DeviceBuf<f32>,
+    qkv: &mut DeviceBuf<bf16>,
+    x_in: &DeviceBuf<bf16>,
+    x_out: &mut DeviceBuf<bf16>,
+    run_attn: bool,
+) -> Result<()> {
+    let (g, m) = (cx.gpu, cx.m);
+    let (n, d, i) = (m.n, m.d, m.i);
+    let (qw, kvw, width) = (m.qw(), m.kvw(), m.width());
+    let x_in = r(x_in, n * d)?;
+    g.rmsnorm_forward(
+        &mut w(&mut a.xn1, n * d)?,
+        &mut w(&mut a.rstd1, n)?,
+        &x_in,
+        &wt.input_norm,
+        n,
+        d,
+        cx.eps,
+    )?;
+    g.matmul_forward::<bf16, bf16>(
+        &mut w(qkv, n * width)?,
+        &r(&a.xn1, n * d)?,
+        &wt.qkv_w,
+        Some(&wt.qkv_b as &dyn DevRead<bf16>),
+        n,
+        d,
+        width,
+    )?;
+    let (mut q, mut k) = (w(&mut a.q, n * qw)?, w(&mut a.k, n * kvw)?);
+    g.split_qkv(
+        &mut q,
+        &mut k,
+        &mut w(&mut a.v, n * kvw)?,
+        &r(qkv, n * width)?,
+        n,
+        qw,
+        kvw,
+    )?;
+    g.rope_forward(&mut q, &cx.positions, cx.rope, m.h)?;
+    g.rope_forward(&mut k, &cx.positions, cx.rope, m.h_kv)?;
+    if run_attn {
+        g.attention_forward(
+            &mut w(attn, n * qw)?,
+            &mut w(lse, n * m.h)?,
+            &r(&a.q, n * qw)?,
+            &r(&a.k, n * kvw)?,
+            &r(&a.v, n * kvw)?,
+            m.attn_shape(),
+            CAUSAL,
+        )?;
+    }
+    let mut h = w(&mut a.h, n * d)?;
+    g.matmul_forward::<bf16, bf16>(&mut h, &r(attn, n * qw)?, &wt.o_w, None, n, qw, d)?;
+    g.add_inplace(&mut h, &x_in)?;
+    g.rmsnorm_forward(
+        &mut w(&mut a.xn2, n * d)?,
+        &mut w(&mut a.rstd2, n)?,
+        &r(&a.h, n * d)?,
+        &wt.post_norm,
+        n,
+        d,
+        cx.eps,
+    )?;
+    g.matmul_forward::<bf16, bf16>(
+        &mut w(&mut a.gate_up, n * 2 * i)?,
+        &r(&a.xn2, n * d)?,
+        &wt.gate_up_w,
+        None,
+        n,
+        d,
+        2 * i,
+    )?;
+    g.swiglu_forward(&mut w(&mut a.act, n * i)?, &r(&a.gate_up, n * 2 * i)?, n, i)?;
+    let mut xo = w(x_out, n * d)?;
+    g.matmul_forward::<bf16, bf16>(&mut xo, &r(&a.act, n * i)?, &wt.down_w, None, n, i, d)?;
+    g.add_inplace(&mut xo, &r(&a.h, n * d)?)
+}
+
+/// One layer backward: dx_in from dx_out; the layer's parameter gradients accumulate into g16.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(
+    cx: &Ctx,
+    wt: &LayerW,
+    rg: &LayerRanges,
+    a: &Acts,
+    attn: &DeviceBuf<bf16>,
+    lse: &DeviceBuf<f32>,
+    x_in: &DeviceBuf<bf16>,
+    dx_out: &DeviceBuf<bf16>,
+    dx_in: &mut DeviceBuf<bf16>,
+    g16: &mut DeviceBuf<bf16>,
+    bw: &mut Bw,
+) -> Result<()> {
+    let (g, m) = (cx.gpu, cx.m);
+    let (n, d, i) = (m.n, m.d, m.i);
+    let (qw, kvw, width) = (m.qw(), m.kvw(), m.width());
+    let dx_out = r(dx_out, n * d)?;
+    // MLP.
+    let mut dact = w(&mut bw.dact, n * i)?;
+    g.matmul_backward::<bf16>(
+        Some(&mut dact as &mut dyn DevWrite<bf16>),
+        &mut g16.view_mut(rg.down_w.clone())?,
+        None,
+        &dx_out,
+        &r(&a.act, n * i)?,
+        &wt.down_w,
+        n,
+        i,
+        d,
+    )?;
+    g.swiglu_backward(
+        &mut w(&mut bw.dgate_up, n * 2 * i)?,
+        &r(&bw.dact, n * i)?,
+        &r(&a.gate_up, n * 2 * i)?,
+        n,
+        i,
+    )?;
+    let mut dxn = w(&mut bw.dxn, n * d)?;
+    g.matmul_backward::<bf16>(
+        Some(&mut dxn as &mut dyn DevWrite<bf16>),
+        &mut g16.view_mut(rg.gate_up_w.clone())?,
+        None,
+        &r(&bw.dgate_up, n * 2 * i)?,
+        &r(&a.xn2, n * d)?,
+        &wt.gate_up_w,
+        n,
+        d,
+        2 * i,
+    )?;
+    g.rmsnorm_backward(
+        &mut w(&mut bw.dh, n * d)?,
+        &mut g16.view_mut(rg.post_norm.clone())?,
+        &r(&bw.dxn, n * d)?,
+        &r(&a.h, n * d)?,
+        &wt.post_norm,
+        &r(&a.rstd2, n)?,
+        n,
+        d,
+    )?;
+    g.add_inplace(&mut w(&mut bw.dh, n * d)?, &dx_out)?;
+    // Attention.
+    let mut dattn = w(&mut bw.dattn, n * qw)?;
+    g.matmul_backward::<bf16>(
+        Some(&mut dattn as &mut dyn DevWrite<bf16>),
+        &mut g16.view_mut(rg.o_w.clone())?,
+        None,
+        &r(&bw.dh, n * d)?,
+        &r(attn, n * qw)?,
+        &wt.o_w,
+        n,
+        qw,
+        d,
+    )?;
+    g.attention_backward(
+        &mut w(&mut bw.dq, n * qw)?,
+        &mut w(&mut bw.dk, n * kvw)?,
+        &mut w(&mut bw.dv, n * kvw)?,
+        &r(&bw.dattn, n * qw)?,
+        &r(&a.q, n * qw)?,
+        &r(&a.k, n * kvw)?,
+        &r(&a.v, n * kvw)?,
+        &r(attn, n * qw)?,
+        &r(lse, n * m.h)?,
+        m.attn_shape(),
+        CAUSAL,
+    )?;
+    g.rope_backward(&mut w(&mut bw.dq, n * qw)?, &cx.positions, cx.rope, m.h)?;
+    g.rope_backward(&mut w(&mut bw.dk, n * kvw)?, &cx.positions, cx.rope, m.h_kv)?;
+    g.merge_qkv(
+        &mut w(&mut bw.dqkv, n * width)?,
+        &r(&bw.dq, n * qw)?,
+        &r(&bw.dk, n * kvw)?,
+        &r(&bw.dv, n * kvw)?,
+        n,
+        qw,
+        kvw,
+    )?;
+    {
+        let (mut gw, mut gb) = g16.views_mut2(rg.qkv_w.clone(), rg.qkv_b.clone())?;
+        let mut dxn = w(&mut bw.dxn, n * d)?;
+        g.matmul_backward::<bf16>(
+            Some(&mut dxn as &mut dyn DevWrite<bf16>),
+            &mut gw,
+            Some(&mut gb as &mut dyn DevWrite<bf16>),
+            &r(&bw.dqkv, n * width)?,
+            &r(&a.xn1, n * d)?,
+            &wt.qkv_w,
+            n,
+            d,
+            width,
+        )?;
+    }
+    let mut dxi = w(dx_in, n * d)?;
+    g.rmsnorm_backward(
+        &mut dxi,
+        &mut g16.view_mut(rg.input_norm.clone())?,
+        &r(&bw.dxn, n * d)?,
+        &r(x_in, n * d)?,
+        &wt.input_norm,
+        &r(&a.rstd1, n)?,
+        n,
+        d,
+    )?;
+    g.add_inplace(&mut dxi, &r(&bw.dh, n * d)?)
+}
+
+/// A Qwen2 decoder, its optimizer state and its activations, on one GPU.
+pub struct GpuQwen2 {
+    pub config: Qwen2Config,
+    pub layout: ParamLayout,
+    policy: CheckpointPolicy,
+    adamw: AdamWConfig,
+    /// AdamW steps taken.
+    step: u64,
+    ws: Option<Ws>,
+    master: DeviceBuf<f32>,
+    w16: DeviceBuf<bf16>,
+    g16: DeviceBuf<bf16>,
+    grads: DeviceBuf<f32>,
+    m: DeviceBuf<f32>,
+    v: DeviceBuf<f32>,
+    rope: GpuRopeTable,
+    gpu: Gpu,
+}
+
+impl GpuQwen2 {
+    /// Uploads `params` (the CPU model's flat f32 buffer) as the fp32 master copy and makes the
+    /// bf16 copy, zero gradients and zero AdamW moments.
+    pub fn new(
+        gpu: Gpu,
+        config: Qwen2Config,
+        params: &[f32],
+        policy: CheckpointPolicy,
+        adamw: AdamWConfig,
+    ) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|e| GpuError::Shape(format!("config: {e}")))?;
+        let layout = ParamLayout::new(&config);
+        if params.len() != layout.total() {
+            return shape_err(format!(
+                "parameter buffer has {} values, the config needs {}",
+                params.len(),
+                layout.total()
+            ));
+        }
+        let p = params.len();
+        let master = gpu.upload(params)?;
+        let mut w16 = gpu.alloc_zeros::<bf16>(p)?;
+        gpu.cast_from_f32(&mut w16, &master)?;
+        let rope = GpuRopeTable::new(
+            &gpu,
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+        )?;
+        Ok(GpuQwen2 {
+            g16: gpu.alloc_zeros(p)?,
+            grads: gpu.alloc_zeros(p)?,
+            m: gpu.alloc_zeros(p)?,
+            v: gpu.alloc_zeros(p)?,
+            config,
+            layout,
+            policy,
+            adamw,
+            step: 0,
+            ws: None,
+            master,
+            w16,
+            rope,
+            gpu,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn policy(&self) -> CheckpointPolicy {
+        self.policy
+    }
+
+    /// Tokens the activation buffers hold now (they grow to the largest batch seen).
+    pub fn capacity(&self) -> usize {
+        self.ws.as_ref().map_or(0, |w| w.cap)
+    }
+
+    /// Sizes the activation buffers for batches of up to `tokens` tokens now (a warm-up that
+    /// keeps the first step from allocating them).
+    pub fn reserve(&mut self, tokens: usize) -> Result<()> {
+        if self.capacity() < tokens {
+            // Free the old buffers first.
+            self.ws = None;
+            self.gpu.synchronize()?;
+            self.ws = Some(Ws::new(&self.gpu, &self.config, self.policy, tokens)?);
+        }
+        Ok(())
+    }
+
+    fn check(&self, batch: &TokenBatch) -> Result<()> {
+        validate_token_batch(&self.config, batch).map_err(|e| GpuError::Shape(e.to_string()))
+    }
+
+    /// Forward pass and loss (sum over labelled tokens), keeping what the policy says for
+    /// [`GpuQwen2::backward`]. Waits for the GPU (the loss is read back).
+    pub fn forward(&mut self, batch: &TokenBatch) -> Result<LossStats> {
+        self.check(batch)?;
+        let m = Dims::new(&self.config, batch.b, batch.t);
+        let n = m.n;
+        self.reserve(n)?;
+        let GpuQwen2 {
+            config,
+            layout,
+            policy,
+            ws,
+            w16,
+            rope,
+            gpu,
+            ..
+        } = self;
+        let ws = ws.as_mut().expect("reserved");
+        let g: &Gpu = gpu;
+        g.upload_into(&mut w(&mut ws.tokens, n)?, batch.tokens)?;
+        g.upload_into(&mut w(&mut ws.positions, n)?, batch.positions)?;
+        g.embedding_forward(
+            &mut w(&mut ws.xs[0], n * m.d)?,
+            &r(&ws.tokens, n)?,
+            &w16.view(layout.embed.clone())?,
+            m.d,
+        )?;
+        let cx = Ctx {
+            gpu: g,
+            rope,
+            positions: r(&ws.positions, n)?,
+            m,
+            eps: config.rms_norm_eps,
+        };
+        let layers = config.num_hidden_layers;
+        for l in 0..layers {
+            let (before, after) = ws.xs.split_at_mut(l + 1);
+            let (ai, ti) = match policy {
+                CheckpointPolicy::None => (l, l),
+                CheckpointPolicy::Layer => (0, 0),
+                CheckpointPolicy::Remat => (0, l),
+            };
+            layer_forward(
+                &cx,
+                &layer_w(w16, &layout.layers[l])?,
+                &mut ws.acts[ai],
+                &mut ws.attn[ti],
+                &mut ws.lse[ti],
+                &mut ws.qkv,
+                &before[l],
+                &mut after[0],
+                true,
+            )?;
+        }
+        g.rmsnorm_forward(
+            &mut w(&mut ws.xn_f, n * m.d)?,
+            &mut w(&mut ws.rstd_f, n)?,
+            &r(&ws.xs[layers], n * m.d)?,
+            &w16.view(layout.final_norm.clone())?,
+            n,
+            m.d,
+            config.rms_norm_eps,
+        )?;
+        let count = g.lm_head_ce_forward(
+            &mut w(&mut ws.ce_losses, n)?,
+            &mut w(&mut ws.ce_lse, n)?,
+            &r(&ws.xn_f, n * m.d)?,
+            &w16.view(layout.lm_head.clone())?,
+            batch.targets,
+            n,
+            m.d,
+            m.v,
+            ce_chunk(n, m.v),
+        )?;
+        let losses = g.download(&r(&ws.ce_losses, n)?)?;
+        let loss_sum: f64 = losses.iter().map(|&x| x as f64).sum();
+        ws.last = Some((batch.b, batch.t));
+        if !loss_sum.is_finite() {
+            return Err(GpuError::NonFinite(format!(
+                "loss {loss_sum} over {count} tokens"
+            )));
+        }
+        Ok(LossStats {
+            loss_sum,
+            n_tokens: count,
+        })
+    }
+
+    /// Backward of the last [`GpuQwen2::forward`] on the same batch, for the loss
+    /// `loss_scale · Σ token losses`; parameter gradients are added into the fp32 gradients.
+    pub fn backward(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
+        self.check(batch)?;
+        if self.ws.as_ref().and_then(|w| w.last) != Some((batch.b, batch.t)) {
+            return shape_err("backward needs the forward of the same batch first".into());
+        }
+        let m = Dims::new(&self.config, batch.b, batch.t);
+        let n = m.n;
+        let GpuQwen2 {
+            config,
+            layout,
+            policy,
+            ws,
+            w16,
+            g16,
+            grads,
+            rope,
+            gpu,
+            ..
+        } = self;
+        let ws = ws.as_mut().expect("forward ran");
+        let g: &Gpu = gpu;
+        let dloss: Vec<f32> = batch
+            .targets
+            .iter()
+            .map(|&t| if t >= 0 { loss_scale } else { 0.0 })
+            .collect();
+        g.upload_into(&mut w(&mut ws.dloss, n)?, &dloss)?;
+        g.zero(g16)?;
+        g.lm_head_ce_backward(
+            &mut w(&mut ws.dxn_f, n * m.d)?,
+            &mut g16.view_mut(layout.lm_head.clone())?,
+            &r(&ws.xn_f, n * m.d)?,
+            &w16.view(layout.lm_head.clone())?,
+            batch.targets,
+            &r(&ws.ce_lse, n)?,
+            &r(&ws.dloss, n)?,
+            n,
+            m.d,
+            m.v,
+            ce_chunk(n, m.v),
+        )?;
+        let layers = config.num_hidden_layers;
+        let [dx_a, dx_b] = &mut ws.dx;
+        g.rmsnorm_backward(
+            &mut w(dx_a, n * m.d)?,
+            &mut g16.view_mut(layout.final_norm.clone())?,
+            &r(&ws.dxn_f, n * m.d)?,
+            &r(&ws.xs[layers], n * m.d)?,
+            &w16.view(layout.final_norm.clone())?,
+            &r(&ws.rstd_f, n)?,
+            n,
+            m.d,
+        )?;
+        let cx = Ctx {
+            gpu: g,
+            rope,
+            positions: r(&ws.positions, n)?,
+            m,
+            eps: config.rms_norm_eps,
+        };
+        let (mut dx_cur, mut dx_next) = (dx_a, dx_b);
+        for l in (0..layers).rev() {
+            let wt = layer_w(w16, &layout.layers[l])?;
+            let (ai, ti) = match policy {
+                CheckpointPolicy::None => (l, l),
+                CheckpointPolicy::Layer => (0, 0),
+                CheckpointPolicy::Remat => (0, l),
+            };
+            if *policy != CheckpointPolicy::None {
+                layer_forward(
+                    &cx,
+                    &wt,
+                    &mut ws.acts[ai],
+                    &mut ws.attn[ti],
+                    &mut ws.lse[ti],
+                    &mut ws.qkv,
+                    &ws.xs[l],
+                    &mut ws.x_tmp,
+                    *policy == CheckpointPolicy::Layer,
+                )?;
+            }
+            layer_backward(
+                &cx,
+                &wt,
+                &layout.layers[l],
+                &ws.acts[ai],
+                &ws.attn[ti],
+                &ws.lse[ti],
+                &ws.xs[l],
+                &*dx_cur,
+                &mut *dx_next,
+                &mut *g16,
+                &mut ws.bw,
+            )?;
+            std::mem::swap(&mut dx_cur, &mut dx_next);
+        }
+        g.embedding_backward(
+            &mut g16.view_mut(layout.embed.clone())?,
+            &r(&*dx_cur, n * m.d)?,
+            batch.tokens,
+            m.d,
+        )?;
+        g.accum_f32(grads, &*g16)
+    }
+
+    /// Zeroes the fp32 gradients (start of an optimizer step).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.gpu.zero(&mut self.grads)
+    }
+
+    /// The fp32 gradients in the flat layout.
+    pub fn grads_host(&self) -> Result<Vec<f32>> {
+        self.gpu.download(&self.grads)
+    }
+
+    /// The fp32 master parameters in the flat layout.
+    pub fn params_host(&self) -> Result<Vec<f32>> {
+        self.gpu.download(&self.master)
+    }
+
+    /// Global L2 norm of the gradients; when `max_norm > 0` and the norm exceeds it, the
+    /// gradients are scaled by `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`, as
+    /// `reel_optim::clip_grad_norm`). Returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<f32> {
+        let norm = self.gpu.sum_squares(&[&self.grads])?.sqrt() as f32;
+        if max_norm > 0.0 && norm.is_finite() {
+            let scale = max_norm / (norm + 1e-6);
+            if scale < 1.0 {
+                self.gpu.scale_f32(&mut self.grads, scale)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// One AdamW step at `lr` over every tensor (weight decay where the layout says), bit-exact
+    /// with `reel_optim::AdamW`; then the bf16 copy is remade.
+    pub fn adamw_step(&mut self, lr: f32) -> Result<()> {
+        self.step += 1;
+        let k = self.adamw.scalars(self.step, lr);
+        for e in &self.layout.entries {
+            let rg = e.range.clone();
+            self.gpu.adamw_step(
+                &mut self.master.view_mut(rg.clone())?,
+                &self.grads.view(rg.clone())?,
+                &mut self.m.view_mut(rg.clone())?,
+                &mut self.v.view_mut(rg)?,
+                &k,
+                e.decay,
+            )?;
+        }
+        self.gpu.cast_from_f32(&mut self.w16, &self.master)
+    }
+
+    /// The optimizer state in `reel_optim::AdamW`'s form (one vector per layout entry).
+    pub fn opt_state(&self) -> Result<AdamWState> {
+        let (m, v) = (self.gpu.download(&self.m)?, self.gpu.download(&self.v)?);
+        let split = |x: &[f32]| -> Vec<Vec<f32>> {
+            self.layout
+                .entries
+                .iter()
+                .map(|e| x[e.range.clone()].to_vec())
+                .collect()
+        };
+        Ok(AdamWState {
+            step: self.step,
+            m: split(&m),
+            v: split(&v),
+        })
+    }
+
+    /// Replaces the optimizer state (from [`GpuQwen2::opt_state`] or a checkpoint).
+    pub fn load_opt_state(&mut self, s: &AdamWState) -> Result<()> {
+        let n = self.layout.entries.len();
+        if s.m.len() != n || s.v.len() != n {
+            return shape_err(format!(
+                "optimizer state has {} / {} tensors, the model {n}",
+                s.m.len(),
+                s.v.len()
+            ));
+        }
+        let mut m = vec![0.0f32; self.layout.total()];
+        let mut v = vec![0.0f32; self.layout.total()];
+        for (i, e) in self.layout.entries.iter().enumerate() {
+            if s.m[i].len() != e.range.len() || s.v[i].len() != e.range.len() {
+                return shape_err(format!(
+                    "optimizer state for {} has the wrong length",
+                    e.name
+                ));
+            }
+            m[e.range.clone()].copy_from_slice(&s.m[i]);
+            v[e.range.clone()].copy_from_slice(&s.v[i]);
+        }
+        self.gpu.upload_into(&mut self.m, &m)?;
+        self.gpu.upload_into(&mut self.v, &v)?;
+        self.step = s.step;
+        Ok(())
+    }
+}
