@@ -7,7 +7,8 @@
 //!   activation memory each checkpoint policy keeps.
 //! - `rollout`: the rollout engine's decode tokens/s and prefix sharing (`bench_rollout.rs`).
 //! - `data`: video decode frames/s, preprocessing and the prefetching loader (`bench_data.rs`).
-//! - `gpu` (feature `cuda`): cuBLASLt bf16 GEMMs beside PyTorch on the same GPU (`bench_gpu.rs`).
+//! - `gpu` (feature `cuda`): reel's GPU ops beside PyTorch on the same GPU, and DistAttn on
+//!   in-process ranks of one GPU (`bench_gpu.rs`, `bench_gpu_sp.rs`); `--gpu-sections` picks.
 
 #[path = "bench_gpu.rs"]
 mod bench_gpu;
@@ -212,7 +213,8 @@ pub enum BenchWhat {
     Train,
     /// Sequence-parallel attention schedules on in-process ranks.
     Sp,
-    /// cuBLASLt bf16 GEMM TFLOP/s beside torch.matmul on the same GPU (needs the `cuda` feature).
+    /// reel's GPU ops beside PyTorch on the same GPU: GEMMs, attention, AdamW, cross-entropy,
+    /// paged decode attention, DistAttn on in-process ranks (needs the `cuda` feature).
     Gpu,
     /// Rollout engine: decode tokens/s at batch 1/8/64, prefill with and without prefix sharing.
     Rollout,
@@ -220,7 +222,13 @@ pub enum BenchWhat {
     Data,
 }
 
-pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {
+pub fn run(
+    what: BenchWhat,
+    seq: usize,
+    reps: usize,
+    gpu_sections: &str,
+    as_json: bool,
+) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut report = json!({"threads": threads});
     if matches!(what, BenchWhat::All | BenchWhat::Gemm) {
@@ -301,7 +309,7 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
         report["sp"] = crate::bench_sp::run(shape, &[2, 4, 8], as_json)?;
     }
     if what == BenchWhat::Gpu {
-        report["gpu"] = bench_gpu::run(as_json)?;
+        report["gpu"] = bench_gpu::run(as_json, gpu_sections)?;
     }
     if what == BenchWhat::Rollout {
         let model = Qwen2::new_random(bench_config(), 0)?;

@@ -26,6 +26,12 @@
 //!
 //! - [`NcclComm`] (`nccl`): NCCL as a `reel_comm::Communicator`, one process per GPU, TCP
 //!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split.
+//! - Decode attention over a paged KV cache ([`Gpu::paged_attention_forward`], [`GpuPagedBatch`];
+//!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
+//! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceWorld`], [`DeviceComm`],
+//!   [`DeviceRanks`]; each rank its own stream, [`Gpu::open_on_new_stream`]) and, with `cudnn`,
+//!   sequence-parallel attention schedules on them ([`GpuDistAttn`], `dist_attn.rs`), with the
+//!   f32 ⇄ bf16 conversions, accumulation and copies they need (`convert.rs`).
 //!
 //! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
@@ -34,19 +40,28 @@
 mod attention;
 mod blas;
 mod buffer;
+mod convert;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod devcomm;
+#[cfg(feature = "cudnn")]
+mod dist_attn;
 mod gpu;
 pub mod libs;
 mod loss;
 pub mod nccl;
 mod ops;
 mod optim;
+mod paged;
 
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
+pub use devcomm::{DevPart, DeviceComm, DeviceRanks, DeviceWorld, Transfer};
+#[cfg(feature = "cudnn")]
+pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
 pub use nccl::{NcclBatch, NcclComm};
 pub use ops::GpuRopeTable;
+pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 
 use half::bf16;
 
@@ -77,6 +92,10 @@ pub enum GpuError {
     /// Buffer lengths or dimensions that do not fit the op.
     #[error("{0}")]
     Shape(String),
+    /// In-process device communication failed: a peer did not post its side in time, the sizes
+    /// of a send and its receive differ, or another rank aborted the world.
+    #[error("device communicator: {0}")]
+    Comm(String),
     /// A CUDA library panicked inside cudarc (a missing symbol, say).
     #[error("CUDA library call panicked: {0}")]
     Panic(String),
