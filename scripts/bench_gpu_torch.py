@@ -23,7 +23,11 @@ a backend refuses it, noted), per backend (flash, cudnn, efficient): the forward
 with torch.autograd.grad of q, k, v (fwd_bwd). A backend that cannot run a shape reports its error.
 AdamW (`--adamw N`): torch.optim.AdamW(fused=True) on one N-element fp32 parameter. Cross-entropy
 (`--ce [rows, D, V]`): logits = h @ W.T in bf16, F.cross_entropy on them in fp32, forward and
-forward+backward (dh, dW).
+forward+backward (dh, dW). Decode (`--decode`, rows [B, ctx, H, H_kv, D, block]): one new token per
+sequence attending over a paged bf16 KV cache [num_blocks, block, H_kv, D] with shuffled block tables:
+F.scaled_dot_product_attention over K/V gathered through the tables (k_cache[tables], timed with the
+attention), and over K/V already contiguous (the gather left out). `--sections` picks what runs
+(gemm, attention, adamw, ce, decode; default all).
 """
 
 import argparse
@@ -48,6 +52,9 @@ DEFAULT_SHAPES = [
 DEFAULT_ATTENTION = [[1, t, 32, 8, 128, c] for t in (8192, 32768) for c in (True, False)]
 DEFAULT_ADAMW = 494_032_768
 DEFAULT_CE = [8192, 896, 151936]
+# [B, ctx, H, H_kv, D, block]: as DECODE in reel's bench_gpu_sp.rs.
+DEFAULT_DECODE = [[64, 4096, 32, 8, 128, 16], [8, 32768, 32, 8, 128, 16], [1, 131072, 32, 8, 128, 16],
+                  [64, 4096, 14, 2, 64, 16]]
 
 
 def time_ms(fn, warmup, iters):
@@ -168,6 +175,42 @@ def attention(rows, warmup, iters):
     return out_rows
 
 
+def decode(rows, warmup, iters):
+    import torch.nn.functional as F
+
+    out_rows = []
+    for b, ctx, h, h_kv, d, bs in rows:
+        try:
+            nb = b * ctx // bs
+            k_cache = uniform(nb, bs, h_kv, d)
+            v_cache = uniform(nb, bs, h_kv, d)
+            tables = torch.randperm(nb, device="cuda").view(b, ctx // bs)
+            q = uniform(b, 1, h, d).transpose(1, 2)
+            gqa = h != h_kv
+
+            def gathered():
+                k = k_cache[tables].view(b, ctx, h_kv, d).transpose(1, 2)
+                v = v_cache[tables].view(b, ctx, h_kv, d).transpose(1, 2)
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+            k_c = k_cache[tables].view(b, ctx, h_kv, d).transpose(1, 2).contiguous()
+            v_c = v_cache[tables].view(b, ctx, h_kv, d).transpose(1, 2).contiguous()
+
+            def contiguous():
+                return F.scaled_dot_product_attention(q, k_c, v_c, enable_gqa=gqa)
+
+            with torch.no_grad():
+                g_ms = time_ms(gathered, warmup, iters)
+                c_ms = time_ms(contiguous, warmup, iters)
+            out_rows.append({"b": b, "ctx": ctx, "h": h, "h_kv": h_kv, "d": d, "bs": bs,
+                             "gather_sdpa_ms": g_ms, "sdpa_contiguous_ms": c_ms})
+            del k_cache, v_cache, k_c, v_c
+        except Exception as e:
+            out_rows.append({"b": b, "ctx": ctx, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        torch.cuda.empty_cache()
+    return out_rows
+
+
 def adamw(n, warmup, iters):
     p = torch.nn.Parameter(torch.rand(n, device="cuda") * 2 - 1)
     p.grad = torch.rand(n, device="cuda") * 2 - 1
@@ -204,6 +247,8 @@ def main():
     ap.add_argument("--attention", help="JSON list of [B, T, H, H_kv, D, causal]")
     ap.add_argument("--adamw", type=int, help="AdamW over one tensor of this many fp32 elements")
     ap.add_argument("--ce", help="JSON [rows, D, V]: LM head + cross-entropy")
+    ap.add_argument("--decode", help="JSON list of [B, ctx, H, H_kv, D, block]")
+    ap.add_argument("--sections", default="gemm,attention,adamw,ce,decode")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", action="store_true")
@@ -211,14 +256,17 @@ def main():
     if not torch.cuda.is_available():
         print("torch sees no CUDA device", file=sys.stderr)
         sys.exit(2)
+    sections = set(a.sections.split(","))
     shapes = json.loads(a.shapes) if a.shapes else DEFAULT_SHAPES
-    rows = bench(shapes, a.warmup, a.iters)
-    attn = attention(json.loads(a.attention) if a.attention else DEFAULT_ATTENTION, 3, 10)
-    adam = adamw(a.adamw or DEFAULT_ADAMW, 3, 10)
-    ce = cross_entropy(*(json.loads(a.ce) if a.ce else DEFAULT_CE), 2, 5)
+    rows = bench(shapes, a.warmup, a.iters) if "gemm" in sections else []
+    attn = (attention(json.loads(a.attention) if a.attention else DEFAULT_ATTENTION, 3, 10)
+            if "attention" in sections else [])
+    adam = adamw(a.adamw or DEFAULT_ADAMW, 3, 10) if "adamw" in sections else {}
+    ce = cross_entropy(*(json.loads(a.ce) if a.ce else DEFAULT_CE), 2, 5) if "ce" in sections else {}
+    dec = decode(json.loads(a.decode) if a.decode else DEFAULT_DECODE, 5, 20) if "decode" in sections else []
     if a.json:
         print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-                          "attention": attn, "adamw": adam, "ce": ce}))
+                          "attention": attn, "adamw": adam, "ce": ce, "decode": dec}))
     else:
         print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
         for r in rows:
@@ -230,6 +278,8 @@ def main():
             print(f"adamw {adam}")
         if ce:
             print(f"cross-entropy {ce}")
+        for r in dec:
+            print(f"decode {r}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 //!   activation memory each checkpoint policy keeps.
 //! - `rollout`: the rollout engine's decode tokens/s and prefix sharing (`bench_rollout.rs`).
 //! - `data`: video decode frames/s, preprocessing and the prefetching loader (`bench_data.rs`).
-//! - `gpu` (feature `cuda`): cuBLASLt bf16 GEMMs beside PyTorch on the same GPU (`bench_gpu.rs`).
+//! - `gpu` (feature `cuda`): reel's GPU ops beside PyTorch on the same GPU, and DistAttn on
+//!   in-process ranks of one GPU (`bench_gpu.rs`, `bench_gpu_sp.rs`); `--gpu-sections` picks.
 //! - `gpu-train` (feature `cuda`): a Qwen2-0.5B-shaped training step beside transformers, and the
 //!   longest trainable sequence (`bench_gpu_train.rs`).
 
@@ -216,7 +217,8 @@ pub enum BenchWhat {
     Train,
     /// Sequence-parallel attention schedules on in-process ranks.
     Sp,
-    /// cuBLASLt bf16 GEMM TFLOP/s beside torch.matmul on the same GPU (needs the `cuda` feature).
+    /// reel's GPU ops beside PyTorch on the same GPU: GEMMs, attention, AdamW, cross-entropy,
+    /// paged decode attention, DistAttn on in-process ranks (needs the `cuda` feature).
     Gpu,
     /// A Qwen2-0.5B-shaped training step on the GPU (16k and 32k tokens: tokens/s, MFU) beside
     /// transformers on the same GPU, and the longest sequence each trains (needs `cuda`).
@@ -227,7 +229,13 @@ pub enum BenchWhat {
     Data,
 }
 
-pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {
+pub fn run(
+    what: BenchWhat,
+    seq: usize,
+    reps: usize,
+    gpu_sections: &str,
+    as_json: bool,
+) -> Result<()> {
     let threads = rayon::current_num_threads();
     let mut report = json!({"threads": threads});
     if matches!(what, BenchWhat::All | BenchWhat::Gemm) {
@@ -308,7 +316,7 @@ pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()
         report["sp"] = crate::bench_sp::run(shape, &[2, 4, 8], as_json)?;
     }
     if what == BenchWhat::Gpu {
-        report["gpu"] = bench_gpu::run(as_json)?;
+        report["gpu"] = bench_gpu::run(as_json, gpu_sections)?;
     }
     if what == BenchWhat::GpuTrain {
         report["gpu_train"] = bench_gpu_train::run(as_json)?;

@@ -12,6 +12,13 @@
 //!   `torch.optim.AdamW(fused=True)`, and the LM head + cross-entropy (8192 labelled rows, D 896,
 //!   V 151936, bf16, 32768-column chunks) against `F.cross_entropy` on materialised logits.
 //!
+//! - Paged decode attention (`Gpu::paged_attention_forward`, bf16 KV in blocks of 16, shuffled
+//!   block tables): GB/s of K/V read against the H200's 4.8 TB/s, beside PyTorch SDPA over the
+//!   cache gathered through the block tables (and over an already contiguous cache).
+//! - DistAttn on in-process ranks on this one GPU (`GpuDistAttn`, `DeviceRanks`): forward +
+//!   backward step time with communication overlapped and blocking, in the same run
+//!   (`bench_gpu_sp.rs`). `--gpu-sections` picks sections.
+//!
 //! Method on both sides: warm-up runs, then CUDA events around each timed run, the median.
 //! PyTorch's side is `scripts/bench_gpu_torch.py` (embedded here), run when
 //! `python3 -c 'import torch'` works (`REEL_PYTHON` names another interpreter;
@@ -26,6 +33,10 @@
 use anyhow::Result;
 #[cfg(feature = "cuda")]
 use serde_json::json;
+
+#[cfg(feature = "cuda")]
+#[path = "bench_gpu_sp.rs"]
+mod bench_gpu_sp;
 use serde_json::Value;
 
 /// (name, kind, m, k, n): as `DEFAULT_SHAPES` in scripts/bench_gpu_torch.py.
@@ -64,7 +75,7 @@ const WARMUP: usize = 5;
 const ITERS: usize = 20;
 
 #[cfg(not(feature = "cuda"))]
-pub fn run(_as_json: bool) -> Result<Value> {
+pub fn run(_as_json: bool, _sections: &str) -> Result<Value> {
     anyhow::bail!(
         "this reel was built without the `cuda` feature; build it with \
          `cargo build --release -p reel-cli --features cuda` (no CUDA toolkit needed)"
@@ -72,8 +83,18 @@ pub fn run(_as_json: bool) -> Result<Value> {
 }
 
 #[cfg(feature = "cuda")]
-pub fn run(as_json: bool) -> Result<Value> {
+pub fn run(as_json: bool, sections: &str) -> Result<Value> {
     use reel_cuda::Gpu;
+
+    const KNOWN: [&str; 6] = ["gemm", "attention", "adamw", "ce", "decode", "sp"];
+    let picked: Vec<&str> = sections.split(',').map(str::trim).collect();
+    if let Some(bad) = picked.iter().find(|s| **s != "all" && !KNOWN.contains(s)) {
+        anyhow::bail!(
+            "bench gpu: unknown section `{bad}` (known: all, {})",
+            KNOWN.join(", ")
+        );
+    }
+    let want = |s: &str| picked.contains(&"all") || picked.contains(&s);
 
     let gpu = match Gpu::open(0) {
         Ok(g) => g,
@@ -107,7 +128,7 @@ pub fn run(as_json: bool) -> Result<Value> {
         }
     }
     let mut rows = Vec::new();
-    for &(name, kind, m, k, n) in SHAPES {
+    for &(name, kind, m, k, n) in SHAPES.iter().filter(|_| want("gemm")) {
         let (ms, flops) = reel_gemm(&gpu, kind, m, k, n)?;
         rows.push(json!({
             "name": name, "kind": kind, "m": m, "k": k, "n": n,
@@ -116,7 +137,7 @@ pub fn run(as_json: bool) -> Result<Value> {
     }
     // A failure here is reported in its row and the rest still runs.
     let mut attn_rows = Vec::new();
-    for &(b, t, h, h_kv, d, causal) in ATTENTION {
+    for &(b, t, h, h_kv, d, causal) in ATTENTION.iter().filter(|_| want("attention")) {
         attn_rows.push(
             reel_attention(&gpu, b, t, h, h_kv, d, causal).unwrap_or_else(|e| {
                 eprintln!("attention T {t} causal {causal}: {e:#}");
@@ -125,16 +146,50 @@ pub fn run(as_json: bool) -> Result<Value> {
             }),
         );
     }
-    let adamw_ms = reel_adamw(&gpu, ADAMW_N).unwrap_or_else(|e| {
-        eprintln!("adamw: {e:#}");
+    let adamw_ms = if want("adamw") {
+        reel_adamw(&gpu, ADAMW_N).unwrap_or_else(|e| {
+            eprintln!("adamw: {e:#}");
+            f64::NAN
+        })
+    } else {
         f64::NAN
-    });
-    let (ce_fwd_ms, ce_bwd_ms) = reel_ce(&gpu, CE).unwrap_or_else(|e| {
-        eprintln!("cross-entropy: {e:#}");
+    };
+    let (ce_fwd_ms, ce_bwd_ms) = if want("ce") {
+        reel_ce(&gpu, CE).unwrap_or_else(|e| {
+            eprintln!("cross-entropy: {e:#}");
+            (f64::NAN, f64::NAN)
+        })
+    } else {
         (f64::NAN, f64::NAN)
-    });
+    };
+    let mut decode_rows = if want("decode") {
+        bench_gpu_sp::decode_rows(&gpu)
+    } else {
+        Vec::new()
+    };
     drop(gpu);
-    let torch = torch_rows();
+    let sp_rows = if want("sp") {
+        bench_gpu_sp::sp_rows()
+    } else {
+        Vec::new()
+    };
+    let torch_sections: Vec<&str> = KNOWN
+        .iter()
+        .copied()
+        .filter(|s| *s != "sp" && want(s))
+        .collect();
+    let torch = if torch_sections.is_empty() {
+        Err("no section with a PyTorch side".to_string())
+    } else {
+        torch_rows(&torch_sections.join(","))
+    };
+    if let Ok(t) = &torch {
+        if let Some(trows) = t["decode"].as_array() {
+            for (r, tr) in decode_rows.iter_mut().zip(trows) {
+                bench_gpu_sp::merge_decode_row(r, tr);
+            }
+        }
+    }
     let torch_note = match &torch {
         Ok(v) => format!(
             "torch {} on {}",
@@ -182,7 +237,7 @@ pub fn run(as_json: bool) -> Result<Value> {
             extras["ce"]["ratio_fwd_bwd"] = json!(fb / (ce_fwd_ms + ce_bwd_ms));
         }
     }
-    if !as_json {
+    if !as_json && want("gemm") {
         println!(
             "\nbf16 GEMM (fp32 accumulate), nn.Linear layout; median of {ITERS} after {WARMUP} warm-up; {torch_note}"
         );
@@ -226,18 +281,23 @@ pub fn run(as_json: bool) -> Result<Value> {
         }
     }
     if !as_json {
-        print_attention(&attn_rows);
+        if want("attention") {
+            print_attention(&attn_rows);
+        }
         let a = &extras["adamw"];
         let c = &extras["ce"];
         let f = |v: &Value, p: usize| v.as_f64().map_or("-".to_string(), |x| format!("{x:.p$}"));
-        println!(
+        if want("adamw") {
+            println!(
             "\nAdamW, {ADAMW_N} fp32 elements: reel {} ms ({} GB/s at 28 B/element), torch fused {} ms; speed-up {}",
             f(&a["reel_ms"], 2),
             f(&a["reel_gbps"], 0),
             f(&a["torch_ms"], 2),
             f(&a["ratio"], 2)
         );
-        println!(
+        }
+        if want("ce") {
+            println!(
             "LM head + cross-entropy, {} rows, D {}, V {}, bf16: reel fwd {} ms, fwd+bwd {} ms (chunks of {}); \
              torch (materialised logits) fwd {} ms, fwd+bwd {} ms; speed-up fwd {}, fwd+bwd {}",
             CE.0,
@@ -251,6 +311,13 @@ pub fn run(as_json: bool) -> Result<Value> {
             f(&c["ratio_fwd"], 2),
             f(&c["ratio_fwd_bwd"], 2)
         );
+        }
+        if want("decode") {
+            bench_gpu_sp::print_decode(&decode_rows);
+        }
+        if want("sp") {
+            bench_gpu_sp::print_sp(&sp_rows);
+        }
     }
     Ok(json!({
         "available": true,
@@ -261,6 +328,8 @@ pub fn run(as_json: bool) -> Result<Value> {
         "attention": attn_rows,
         "adamw": extras["adamw"],
         "ce": extras["ce"],
+        "decode": decode_rows,
+        "sp": sp_rows,
     }))
 }
 
@@ -504,7 +573,7 @@ fn reel_gemm(gpu: &reel_cuda::Gpu, kind: &str, m: usize, k: usize, n: usize) -> 
 
 /// Runs the embedded scripts/bench_gpu_torch.py with reel's shapes; its JSON answer.
 #[cfg(feature = "cuda")]
-fn torch_rows() -> Result<Value, String> {
+fn torch_rows(sections: &str) -> Result<Value, String> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     if std::env::var("REEL_BENCH_NO_TORCH").as_deref() == Ok("1") {
@@ -546,6 +615,10 @@ fn torch_rows() -> Result<Value, String> {
         .arg(ADAMW_N.to_string())
         .arg("--ce")
         .arg(json!([CE.0, CE.1, CE.2]).to_string())
+        .arg("--decode")
+        .arg(bench_gpu_sp::decode_arg())
+        .arg("--sections")
+        .arg(sections)
         .arg("--warmup")
         .arg(WARMUP.to_string())
         .arg("--iters")

@@ -197,6 +197,10 @@ enum Command {
         /// Timed repetitions (the best is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Sections of `bench gpu`, comma-separated: gemm, attention, adamw, ce, decode, sp
+        /// (DistAttn on in-process ranks), or all.
+        #[arg(long, default_value = "all")]
+        gpu_sections: String,
         #[arg(long)]
         json: bool,
     },
@@ -536,8 +540,9 @@ fn real_main() -> Result<()> {
             what,
             seq,
             reps,
+            gpu_sections,
             json,
-        } => bench::run(what, seq, reps, json)?,
+        } => bench::run(what, seq, reps, &gpu_sections, json)?,
         Command::Data(args) => data_cmd::run(args)?,
         Command::Demo(args) => demo::run(args)?,
         Command::Launch {

@@ -130,7 +130,8 @@ impl Gpu {
         )
     }
 
-    fn elementwise(
+    /// Launches an elementwise kernel `f(dst, src, n)` over `n` elements (none when `n` is 0).
+    pub(crate) fn elementwise(
         &self,
         f: &cudarc::driver::CudaFunction,
         dst: u64,

@@ -92,10 +92,18 @@ impl Gpu {
     /// process) and creates the cuBLASLt handle. Without a driver, a device or a library, answers
     /// a [`GpuError`] saying which; never panics.
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        catch("opening the GPU", || Self::open_inner(ordinal))
+        catch("opening the GPU", || Self::open_inner(ordinal, false))
     }
 
-    fn open_inner(ordinal: usize) -> Result<Gpu> {
+    /// As [`Gpu::open`], but the ops run on a stream of their own (non-blocking) instead of the
+    /// device's default stream, so several `Gpu`s of one device (in-process ranks, each on its
+    /// thread) run concurrently; they share the device's primary context, so their buffers are
+    /// addressable from each other.
+    pub fn open_on_new_stream(ordinal: usize) -> Result<Gpu> {
+        catch("opening the GPU", || Self::open_inner(ordinal, true))
+    }
+
+    fn open_inner(ordinal: usize, own_stream: bool) -> Result<Gpu> {
         libs::preload();
         if !panic_free_present(dsys::is_culib_present) {
             let note = preload_note("libcuda");
@@ -132,7 +140,11 @@ impl Gpu {
         // One stream per Gpu, so cudarc's cross-stream event tracking is not needed.
         // SAFETY: every op of this crate runs on `stream`, in order.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = if own_stream {
+            ctx.new_stream()?
+        } else {
+            ctx.default_stream()
+        };
         let (maj, min) = ctx.compute_capability()?;
         let mut drv = 0i32;
         // SAFETY: plain query into a local.

@@ -298,6 +298,11 @@ __device__ void accum_f32(float* dst, const T* src, i64 n) {
     GRID_STRIDE(i, n) dst[i] += ld(src, i);
 }
 
+template <typename T>
+__device__ void to_f32(float* dst, const T* src, i64 n) {
+    GRID_STRIDE(i, n) dst[i] = ld(src, i);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per storage type.
 // ---------------------------------------------------------------------------------------------
@@ -366,6 +371,9 @@ __device__ void accum_f32(float* dst, const T* src, i64 n) {
     }                                                                                             \
     extern "C" __global__ void accum_f32_##S(float* dst, const T* src, i64 n) {                  \
         accum_f32<T>(dst, src, n);                                                                \
+    }                                                                                             \
+    extern "C" __global__ void to_f32_##S(float* dst, const T* src, i64 n) {                     \
+        to_f32<T>(dst, src, n);                                                                   \
     }
 
 REEL_ENTRY_POINTS(float, f32)
@@ -523,3 +531,241 @@ extern "C" __global__ void sumsq_partial(float* partial, const float* x, i64 n) 
 extern "C" __global__ void scale_f32(float* x, i64 n, float s) {
     GRID_STRIDE(i, n) x[i] *= s;
 }
+
+// dst[i] = v for i < n.
+extern "C" __global__ void fill_f32(float* dst, float v, i64 n) {
+    GRID_STRIDE(i, n) dst[i] = v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention (reel_rollout::paged_attention_forward): q [N, H, D], K/V caches
+// [num_blocks, bs, H_kv, D] (T), query row r sees keys 0 .. row_keys[r] − 1 of its sequence, key p
+// at slot p % bs of block tables[row_table[r] + p / bs]; query head hh reads KV head
+// hh / (H / H_kv). Block (r, y, split) serves the gb query heads y·gb .. y·gb + gb − 1, which share
+// one KV head (GQA: each K/V row is read once for all of them), over keys
+// [split·split_keys, min(row_keys[r], (split + 1)·split_keys)) with an online softmax per head
+// (split-K as flash-decoding); its normalised f32 (o, lse) goes to part_o [splits, N, H, D] /
+// part_lse [splits, N, H] and paged_attn_combine merges the splits in f32 — or, with one split,
+// straight to out / lse. Each lane holds 8 contiguous elements of a key row (one 16-byte load for
+// bf16), D / 8 lanes share a key, each warp loads 2·32 / (D / 8) keys before using them, 4 warps.
+// GB (a power of two ≥ gb, at most 8) sizes the per-head registers.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void load8(const float* p, float* x) {
+    const float4* v = reinterpret_cast<const float4*>(p);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float4 a = __ldg(v + i);
+        x[4 * i] = a.x;
+        x[4 * i + 1] = a.y;
+        x[4 * i + 2] = a.z;
+        x[4 * i + 3] = a.w;
+    }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* x) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+    const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(&a);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(b[j]);
+        x[2 * j] = f.x;
+        x[2 * j + 1] = f.y;
+    }
+}
+
+constexpr int PAGED_WARPS = 4;
+constexpr int PAGED_EPL = 8;
+constexpr int PAGED_UNROLL = 2;
+
+template <typename T, int D, int GB>
+__device__ void paged_attn(float* part_o, float* part_lse, T* out, float* lse_out, const T* q,
+                           const T* kc, const T* vc, const u32* tables, const u32* row_table,
+                           const u32* row_keys, int h, int h_kv, int gb, int bs, int split_keys,
+                           float scale) {
+    constexpr int TG = D / PAGED_EPL;  // lanes per key
+    constexpr int TPW = 32 / TG;       // keys per warp per sub-step
+    constexpr int STEP = PAGED_WARPS * TPW * PAGED_UNROLL;
+    __shared__ float s_m[PAGED_WARPS][GB], s_l[PAGED_WARPS][GB];
+    __shared__ float s_acc[PAGED_WARPS][GB][D];
+    const i64 r = blockIdx.x, n_rows = gridDim.x;
+    const int hb = blockIdx.y * gb;
+    const int split = blockIdx.z, splits = gridDim.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane % TG, tok = lane / TG;
+    const int kh = hb / (h / h_kv);
+    const int keys = (int)row_keys[r];
+    const int k0 = split * split_keys;
+    const int k1 = min(keys, k0 + split_keys);
+    float qv[GB][PAGED_EPL], acc[GB][PAGED_EPL], m[GB], l[GB];
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+        if (j < gb) {
+            load8(q + (r * h + hb + j) * D + g * PAGED_EPL, qv[j]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < PAGED_EPL; ++i) qv[j][i] = 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < PAGED_EPL; ++i) {
+            qv[j][i] *= scale;
+            acc[j][i] = 0.0f;
+        }
+        m[j] = ninf();
+        l[j] = 0.0f;
+    }
+    const u32* table = tables + row_table[r];
+    const i64 kvw = (i64)h_kv * D;
+    const i64 head = (i64)kh * D + g * PAGED_EPL;
+    for (int p0 = k0 + warp * TPW * PAGED_UNROLL; p0 < k1; p0 += STEP) {
+        float kx[PAGED_UNROLL][PAGED_EPL], vx[PAGED_UNROLL][PAGED_EPL];
+        bool valid[PAGED_UNROLL];
+#pragma unroll
+        for (int u = 0; u < PAGED_UNROLL; ++u) {
+            const int p = p0 + u * TPW + tok;
+            valid[u] = p < k1;
+            if (valid[u]) {
+                const i64 at = ((i64)table[p / bs] * bs + p % bs) * kvw + head;
+                load8(kc + at, kx[u]);
+                load8(vc + at, vx[u]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < PAGED_EPL; ++i) kx[u][i] = vx[u][i] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < PAGED_UNROLL; ++u) {
+#pragma unroll
+            for (int j = 0; j < GB; ++j) {
+                if (j >= gb) continue;  // uniform over the block
+                float s = 0.0f;
+#pragma unroll
+                for (int i = 0; i < PAGED_EPL; ++i) s = fmaf(qv[j][i], kx[u][i], s);
+#pragma unroll
+                for (int o = TG / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (valid[u]) {
+                    const float mn = fmaxf(m[j], s);
+                    const float c = expf(m[j] - mn);
+                    const float pw = expf(s - mn);
+                    l[j] = l[j] * c + pw;
+#pragma unroll
+                    for (int i = 0; i < PAGED_EPL; ++i) acc[j][i] = fmaf(pw, vx[u][i], acc[j][i] * c);
+                    m[j] = mn;
+                }
+            }
+        }
+    }
+    // Merge the warp's key groups (lanes g, g + TG, …), then the warps.
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+        if (j >= gb) continue;
+#pragma unroll
+        for (int o = TG; o < 32; o <<= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[j], o);
+            const float l2 = __shfl_xor_sync(0xffffffffu, l[j], o);
+            const float mn = fmaxf(m[j], m2);
+            const float c1 = mn == ninf() ? 0.0f : expf(m[j] - mn);
+            const float c2 = mn == ninf() ? 0.0f : expf(m2 - mn);
+#pragma unroll
+            for (int i = 0; i < PAGED_EPL; ++i) {
+                const float a2 = __shfl_xor_sync(0xffffffffu, acc[j][i], o);
+                acc[j][i] = acc[j][i] * c1 + a2 * c2;
+            }
+            l[j] = l[j] * c1 + l2 * c2;
+            m[j] = mn;
+        }
+        if (tok == 0) {
+#pragma unroll
+            for (int i = 0; i < PAGED_EPL; ++i) s_acc[warp][j][g * PAGED_EPL + i] = acc[j][i];
+            if (g == 0) {
+                s_m[warp][j] = m[j];
+                s_l[warp][j] = l[j];
+            }
+        }
+    }
+    __syncthreads();
+    if (warp != 0 || tok != 0) return;
+#pragma unroll
+    for (int j = 0; j < GB; ++j) {
+        if (j >= gb) continue;
+        float mm = ninf();
+#pragma unroll
+        for (int w = 0; w < PAGED_WARPS; ++w) mm = fmaxf(mm, s_m[w][j]);
+        float ll = 0.0f, o[PAGED_EPL];
+#pragma unroll
+        for (int i = 0; i < PAGED_EPL; ++i) o[i] = 0.0f;
+        if (mm != ninf()) {
+#pragma unroll
+            for (int w = 0; w < PAGED_WARPS; ++w) {
+                const float c = expf(s_m[w][j] - mm);
+                ll += s_l[w][j] * c;
+#pragma unroll
+                for (int i = 0; i < PAGED_EPL; ++i) o[i] += s_acc[w][j][g * PAGED_EPL + i] * c;
+            }
+        }
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        const float lse = ll > 0.0f ? mm + logf(ll) : ninf();
+        const i64 row = r * h + hb + j;
+        if (splits == 1) {
+#pragma unroll
+            for (int i = 0; i < PAGED_EPL; ++i) st(out, row * D + g * PAGED_EPL + i, o[i] * inv);
+            if (g == 0) lse_out[row] = lse;
+        } else {
+            const i64 prow = (i64)split * n_rows * h + row;
+#pragma unroll
+            for (int i = 0; i < PAGED_EPL; ++i) part_o[prow * D + g * PAGED_EPL + i] = o[i] * inv;
+            if (g == 0) part_lse[prow] = lse;
+        }
+    }
+}
+
+// The f32 merge of the splits: out = Σ_s w_s·o_s / Σ_s w_s, lse = M + ln Σ_s w_s with
+// w_s = e^{lse_s − M}, M = max_s lse_s (0 and −inf where no split saw a key). One warp a row.
+template <typename T>
+__device__ void paged_attn_combine(T* out, float* lse, const float* part_o, const float* part_lse,
+                                   i64 rows, int splits, int d) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
+        float mm = ninf();
+        for (int s = 0; s < splits; ++s) mm = fmaxf(mm, part_lse[s * rows + r]);
+        float sum = 0.0f;
+        if (mm != ninf())
+            for (int s = 0; s < splits; ++s) sum += expf(part_lse[s * rows + r] - mm);
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int j = lane; j < d; j += 32) {
+            float a = 0.0f;
+            if (mm != ninf())
+                for (int s = 0; s < splits; ++s)
+                    a += expf(part_lse[s * rows + r] - mm) * part_o[(s * rows + r) * d + j];
+            st(out, r * d + j, a * inv);
+        }
+        if (lane == 0) lse[r] = sum > 0.0f ? mm + logf(sum) : ninf();
+    }
+}
+
+#define REEL_PAGED_ENTRY(T, S, DD, GG)                                                            \
+    extern "C" __global__ void __launch_bounds__(PAGED_WARPS * 32)                                \
+        paged_attn_##S##_d##DD##_g##GG(float* part_o, float* part_lse, T* out, float* lse_out,    \
+                                       const T* q, const T* kc, const T* vc, const u32* tables,   \
+                                       const u32* row_table, const u32* row_keys, int h,          \
+                                       int h_kv, int gb, int bs, int split_keys, float scale) {   \
+        paged_attn<T, DD, GG>(part_o, part_lse, out, lse_out, q, kc, vc, tables, row_table,       \
+                              row_keys, h, h_kv, gb, bs, split_keys, scale);                      \
+    }
+#define REEL_PAGED_ENTRIES_D(T, S, DD)                                                            \
+    REEL_PAGED_ENTRY(T, S, DD, 1)                                                                 \
+    REEL_PAGED_ENTRY(T, S, DD, 2)                                                                 \
+    REEL_PAGED_ENTRY(T, S, DD, 4)                                                                 \
+    REEL_PAGED_ENTRY(T, S, DD, 8)
+#define REEL_PAGED_ENTRIES(T, S)                                                                  \
+    REEL_PAGED_ENTRIES_D(T, S, 32)                                                                \
+    REEL_PAGED_ENTRIES_D(T, S, 64)                                                                \
+    REEL_PAGED_ENTRIES_D(T, S, 128)                                                               \
+    REEL_PAGED_ENTRIES_D(T, S, 256)                                                               \
+    extern "C" __global__ void paged_attn_combine_##S(T* out, float* lse, const float* part_o,    \
+                                                      const float* part_lse, i64 rows,            \
+                                                      int splits, int d) {                        \
+        paged_attn_combine<T>(out, lse, part_o, part_lse, rows, splits, d);                       \
+    }
+
+REEL_PAGED_ENTRIES(float, f32)
+REEL_PAGED_ENTRIES(__nv_bfloat16, bf16)

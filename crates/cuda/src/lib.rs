@@ -33,6 +33,12 @@
 //!
 //! - [`NcclComm`] (`nccl`): NCCL as a `reel_comm::Communicator`, one process per GPU, TCP
 //!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split.
+//! - Decode attention over a paged KV cache ([`Gpu::paged_attention_forward`], [`GpuPagedBatch`];
+//!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
+//! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceWorld`], [`DeviceComm`],
+//!   [`DeviceRanks`]; each rank its own stream, [`Gpu::open_on_new_stream`]) and, with `cudnn`,
+//!   sequence-parallel attention schedules on them ([`GpuDistAttn`], `dist_attn.rs`), with the
+//!   f32 ⇄ bf16 conversions, accumulation and copies they need (`convert.rs`).
 //!
 //! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
@@ -42,8 +48,12 @@ mod arena;
 mod attention;
 mod blas;
 mod buffer;
+mod convert;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod devcomm;
+#[cfg(feature = "cudnn")]
+mod dist_attn;
 mod glue;
 mod gpu;
 pub mod libs;
@@ -53,15 +63,20 @@ mod model;
 pub mod nccl;
 mod ops;
 mod optim;
+mod paged;
 mod plan;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
+pub use devcomm::{DevPart, DeviceComm, DeviceRanks, DeviceWorld, Transfer};
+#[cfg(feature = "cudnn")]
+pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
 #[cfg(feature = "cudnn")]
 pub use model::GpuQwen2;
 pub use nccl::{NcclBatch, NcclComm};
 pub use ops::GpuRopeTable;
+pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
 
 use half::bf16;
@@ -96,6 +111,10 @@ pub enum GpuError {
     /// A training step produced a NaN or infinite loss (the message says where).
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// In-process device communication failed: a peer did not post its side in time, the sizes
+    /// of a send and its receive differ, or another rank aborted the world.
+    #[error("device communicator: {0}")]
+    Comm(String),
     /// A CUDA library panicked inside cudarc (a missing symbol, say).
     #[error("CUDA library call panicked: {0}")]
     Panic(String),

@@ -125,7 +125,18 @@ pub(crate) struct Kernels {
     #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
     pub(crate) lse_bth_to_bht: CudaFunction,
     pub(crate) adamw_step: CudaFunction,
+    pub(crate) to_f32: PerType,
+    pub(crate) fill_f32: CudaFunction,
+    /// Paged decode attention per storage type, head dimension ([`PAGED_HEAD_DIMS`]) and head
+    /// group ([`PAGED_HEAD_GROUPS`]).
+    pub(crate) paged_attn: [[[CudaFunction; 4]; 4]; 2],
+    pub(crate) paged_attn_combine: PerType,
 }
+
+/// Head dimensions the paged decode-attention kernel is built for.
+pub(crate) const PAGED_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+/// Query heads one paged-attention block serves at most (its per-head registers), by variant.
+pub(crate) const PAGED_HEAD_GROUPS: [usize; 4] = [1, 2, 4, 8];
 
 impl Kernels {
     pub(crate) fn load(
@@ -168,6 +179,21 @@ impl Kernels {
                 attention_merge: module.load_function("attention_merge")?,
                 lse_bth_to_bht: module.load_function("lse_bth_to_bht")?,
                 adamw_step: module.load_function("adamw_step")?,
+                to_f32: get("to_f32")?,
+                fill_f32: module.load_function("fill_f32")?,
+                paged_attn: {
+                    let f = |s: &str, d: usize, g: usize| {
+                        module.load_function(&format!("paged_attn_{s}_d{d}_g{g}"))
+                    };
+                    let per_d = |s: &str, d: usize| -> Result<[CudaFunction; 4]> {
+                        Ok([f(s, d, 1)?, f(s, d, 2)?, f(s, d, 4)?, f(s, d, 8)?])
+                    };
+                    let per = |s: &str| -> Result<[[CudaFunction; 4]; 4]> {
+                        Ok([per_d(s, 32)?, per_d(s, 64)?, per_d(s, 128)?, per_d(s, 256)?])
+                    };
+                    [per("f32")?, per("bf16")?]
+                },
+                paged_attn_combine: get("paged_attn_combine")?,
             },
             secs,
         ))

@@ -183,16 +183,23 @@ pub struct DistExecutor {
     overlap: Overlap,
 }
 
-/// This rank's share of a schedule: its messages per step, split into chunks (needed before the
-/// step's compute) and results (merged after it), each with its tag.
-struct Plan {
-    /// `chunks[t]`: `Kv` / `Query` messages of step t to or from this rank.
-    chunks: Vec<Vec<(u64, Message)>>,
-    /// `results[t]`: `Partial` / `KvGrad` messages of step t (`t = steps` is `finish`).
-    results: Vec<Vec<(u64, Message)>>,
+/// One rank's share of a schedule in one pass: its messages per step, split into chunks (needed
+/// before the step's compute) and results (merged after it), each with its tag, and when received
+/// chunks can be freed. Every executor of the schedule (this one on host slices, reel-cuda's on
+/// device buffers) follows the same plan, so tags and timing agree between them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankPlan {
+    /// `chunks[t]`: `Kv` / `Query` messages of step t to or from this rank. Overlapped, they are
+    /// posted during step t − 1 (step 0's before it); blocking, right before step t.
+    pub chunks: Vec<Vec<(u64, Message)>>,
+    /// `results[t]`: `Partial` / `KvGrad` messages of step t (`t = steps` is `finish`), computed
+    /// at step t − 1 (`KvGrad` only in the backward).
+    pub results: Vec<Vec<(u64, Message)>>,
     /// Received chunks to free after step t: (is a query chunk, chunk).
-    drops: Vec<Vec<(bool, usize)>>,
+    pub drops: Vec<Vec<(bool, usize)>>,
 }
+
+type Plan = RankPlan;
 
 impl DistExecutor {
     /// Validates the schedule, that `sharding` is over its ranks and layout, and the per-rank
@@ -393,6 +400,11 @@ impl DistExecutor {
             (Pass::Backward, Payload::Partial { q_chunk, .. }) => bl.rows(q_chunk) * qw,
             (Pass::Forward, Payload::KvGrad { .. }) => 0,
         }
+    }
+
+    /// `rank`'s plan for `pass` under this executor's overlap mode ([`RankPlan`]).
+    pub fn rank_plan(&self, rank: usize, pass: Pass) -> RankPlan {
+        self.plan(rank, pass)
     }
 
     fn plan(&self, rank: usize, pass: Pass) -> Plan {
@@ -1102,5 +1114,66 @@ mod tests {
         assert_eq!(dq_other, dq_exp);
         assert_eq!(dkv_other, dkv_exp);
         assert_ne!(dq_other, dq_ref);
+    }
+
+    /// The per-rank plans other executors follow: every message of the schedule (KvGrad only
+    /// backward) is in exactly its sender's and its receiver's plan, at the same step and tag,
+    /// tags are distinct, and a received chunk is freed once, after its last use on the rank.
+    #[test]
+    fn rank_plans_agree_between_sender_and_receiver() {
+        use crate::schedule::ScheduleKind;
+        for kind in ScheduleKind::ALL {
+            for p in [2, 3, 4, 5] {
+                for overlap in [Overlap::Overlapped, Overlap::Blocking] {
+                    let schedule = kind.build(p).unwrap();
+                    let sh = Sharding::new(13 * p, p, kind.layout()).unwrap();
+                    let l = sh.local_len();
+                    let local = AttnShape {
+                        b: 1,
+                        tq: l,
+                        tk: l,
+                        h: 2,
+                        h_kv: 1,
+                        d: 4,
+                    };
+                    let ex = DistExecutor::new(schedule.clone(), sh, local, overlap).unwrap();
+                    for pass in [Pass::Forward, Pass::Backward] {
+                        let plans: Vec<RankPlan> = (0..p).map(|r| ex.rank_plan(r, pass)).collect();
+                        let mut seen: HashMap<u64, (usize, Message, usize)> = HashMap::new();
+                        for (r, plan) in plans.iter().enumerate() {
+                            let all = plan
+                                .chunks
+                                .iter()
+                                .enumerate()
+                                .chain(plan.results.iter().enumerate());
+                            for (t, msgs) in all {
+                                for &(tag, m) in msgs {
+                                    assert!(m.from == r || m.to == r, "{kind:?} rank {r}: {m:?}");
+                                    let e = seen.entry(tag).or_insert((t, m, 0));
+                                    assert_eq!((e.0, e.1), (t, m), "{kind:?} P {p} tag {tag:#x}");
+                                    e.2 += 1;
+                                }
+                            }
+                            let mut dropped = HashSet::new();
+                            for d in plan.drops.iter().flatten() {
+                                assert!(dropped.insert(*d), "{kind:?} rank {r} frees {d:?} twice");
+                            }
+                        }
+                        assert!(seen.values().all(|e| e.2 == 2), "{kind:?} P {p} {pass}");
+                        let expected = schedule
+                            .steps
+                            .iter()
+                            .flat_map(|s| &s.recv)
+                            .chain(&schedule.finish)
+                            .filter(|m| {
+                                pass == Pass::Backward
+                                    || !matches!(m.payload, Payload::KvGrad { .. })
+                            })
+                            .count();
+                        assert_eq!(seen.len(), expected, "{kind:?} P {p} {pass}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -35,7 +35,9 @@ pub mod ulysses;
 pub mod vision_sp;
 
 pub use dims::{DimsError, ParallelDims, RankCoords};
-pub use dist_exec::{DistExecError, DistExecutor, ExecStats, Overlap, Pass, Stage, SP_TAG_BASE};
+pub use dist_exec::{
+    DistExecError, DistExecutor, ExecStats, Overlap, Pass, RankPlan, Stage, SP_TAG_BASE,
+};
 pub use local_exec::{AttnGrads, ExecError, LocalExecutor};
 pub use schedule::{
     balance, block_counts, distattn_causal, ring_causal, ring_full, zigzag_ring_causal, BlockMask,

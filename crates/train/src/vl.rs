@@ -603,7 +603,7 @@ impl SftTask for VlTask {
         None
     }
 
-    fn text_batch(_mb: &Self::Micro) -> Option<&Batch> {
+    fn text_batch(_mb: &Self::Micro) -> Option<&reel_data::Batch> {
         None
     }
 

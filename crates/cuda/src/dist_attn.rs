@@ -1,0 +1,981 @@
+//! Sequence-parallel attention on device buffers: a `reel_parallel::Schedule` (balanced
+//! DistAttn, ring, zigzag ring) run by in-process ranks on one GPU, each rank a thread with its
+//! own [`Gpu`] stream and a [`DeviceComm`] endpoint (feature `cudnn`).
+//!
+//! The schedule, its validation, the per-rank message plan (steps, tags, when chunks are freed)
+//! and the overlap modes are `reel_parallel::DistExecutor`'s ([`RankPlan`]); this executor only
+//! carries them out on device buffers, in the same order of work (DistExecutor's module docs):
+//! overlapped, step t+1's chunks are posted before step t's compute; blocking, right before
+//! step t's. Blocks run through cuDNN: a `Diagonal` block is causal with equal offsets, every other
+//! block is a full (unmasked) call; partial results merge in f32 (`Gpu::attention_merge`).
+//!
+//! Shapes per rank (L = `Sharding::local_len`, rows in the layout's order): q, out, dout, dq
+//! `[B, L, H, D]` bf16; k, v, dk, dv `[B, L, H_kv, D]` bf16; lse `[B, L, H]` f32. Padded rows get
+//! out = 0, lse = −∞, dq = dk = dv = 0.
+//!
+//! Messages (device buffers, only a chunk's valid rows):
+//! - `Kv { c }`: K ‖ V bf16.
+//! - `Query { c }`: forward Q bf16; backward Q ‖ dO ‖ O bf16 and lse f32 (cuDNN's backward forms
+//!   D = rowsum(dO ∘ O) itself, so a helper gets the global O rows instead of D).
+//! - `Partial { q, kv }`: forward o ‖ lse f32, merged at the owner; backward dQ bf16, added into
+//!   the owner's f32 dQ.
+//! - `KvGrad { c }`: f32 dK ‖ dV, added where it lands.
+//!
+//! Gradients accumulate in f32 (cuDNN's backward overwrites bf16 block gradients, which are
+//! added); outputs are rounded to bf16 once at the end.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use half::bf16;
+use reel_kernels::attention::{AttnMask, AttnShape};
+use reel_parallel::{
+    BlockMask, DistExecutor, Message, Overlap, Pass, Payload, RankPlan, Schedule, Sharding, Work,
+};
+
+use crate::buffer::{DView, DevRead};
+use crate::devcomm::{DevPart, DeviceComm, Transfer};
+use crate::{shape_err, DeviceBuf, Gpu, GpuError, Result};
+
+/// What one pass did on this rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuSpStats {
+    /// Block products computed (empty ones, from all-padding chunks, included).
+    pub blocks: usize,
+    pub messages_sent: usize,
+    pub bytes_sent: u64,
+}
+
+/// A schedule carried out on device buffers (module docs).
+#[derive(Clone, Debug)]
+pub struct GpuDistAttn {
+    exec: DistExecutor,
+}
+
+/// A message's device buffers: bf16 and f32 parts (either may be absent).
+#[derive(Default)]
+struct Msg {
+    bf: Option<DeviceBuf<bf16>>,
+    f: Option<DeviceBuf<f32>>,
+}
+
+impl Msg {
+    fn alloc(gpu: &Gpu, bf: usize, f: usize) -> Result<Msg> {
+        Ok(Msg {
+            bf: if bf > 0 {
+                Some(gpu.alloc_zeros(bf)?)
+            } else {
+                None
+            },
+            f: if f > 0 {
+                Some(gpu.alloc_zeros(f)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn parts(&self) -> Vec<DevPart> {
+        let mut p = Vec::new();
+        if let Some(b) = &self.bf {
+            p.push(DevPart::of(b));
+        }
+        if let Some(f) = &self.f {
+            p.push(DevPart::of(f));
+        }
+        p
+    }
+
+    fn bf(&self) -> &DeviceBuf<bf16> {
+        self.bf.as_ref().expect("non-empty chunk")
+    }
+
+    fn f(&self) -> &DeviceBuf<f32> {
+        self.f.as_ref().expect("non-empty chunk")
+    }
+}
+
+/// Chunk geometry of one rank's shard.
+#[derive(Clone, Copy)]
+struct Geo {
+    sh: Sharding,
+    shape: AttnShape,
+}
+
+impl Geo {
+    fn n(&self, c: usize) -> usize {
+        self.sh.chunk_valid_len(c)
+    }
+    /// Rows B·n of a chunk's tensors.
+    fn rows(&self, c: usize) -> usize {
+        self.shape.b * self.n(c)
+    }
+    fn qw(&self) -> usize {
+        self.shape.h * self.shape.d
+    }
+    fn kw(&self) -> usize {
+        self.shape.h_kv * self.shape.d
+    }
+    fn home(&self, c: usize) -> usize {
+        self.sh.layout().chunk_home(self.sh.ranks(), c)
+    }
+    fn own_chunks(&self, rank: usize) -> Vec<usize> {
+        let l = self.sh.layout();
+        (0..l.chunks_per_rank())
+            .map(|s| l.chunk_at(self.sh.ranks(), rank, s))
+            .collect()
+    }
+    fn block_shape(&self, w: &Work) -> AttnShape {
+        AttnShape {
+            tq: self.n(w.q_chunk),
+            tk: self.n(w.kv_chunk),
+            ..self.shape
+        }
+    }
+    fn mask(&self, w: &Work) -> AttnMask {
+        match w.mask {
+            BlockMask::Diagonal => AttnMask::Causal {
+                q_offset: self.sh.chunk_start(w.q_chunk),
+                k_offset: self.sh.chunk_start(w.kv_chunk),
+            },
+            BlockMask::Full => AttnMask::Full,
+        }
+    }
+    /// For each batch row: (shard element offset, chunk element offset, elements) of `chunk`'s
+    /// valid rows at `width` elements a row.
+    fn spans(&self, chunk: usize, width: usize) -> Vec<(usize, usize, usize)> {
+        let (l, n) = (self.sh.local_len(), self.n(chunk));
+        let row0 = self.sh.layout().slot_of(self.sh.ranks(), chunk) * self.sh.chunk_len();
+        (0..self.shape.b)
+            .map(|bi| ((bi * l + row0) * width, bi * n * width, n * width))
+            .collect()
+    }
+}
+
+/// Copies `chunk`'s rows of `shard` into `dst` at element `at` (`[B, n, width]`).
+fn gather<T: crate::DeviceElem>(
+    gpu: &Gpu,
+    geo: &Geo,
+    dst: &mut DeviceBuf<T>,
+    at: usize,
+    shard: &impl DevRead<T>,
+    width: usize,
+    chunk: usize,
+) -> Result<()> {
+    for (s, c, len) in geo.spans(chunk, width) {
+        let mut d = dst.view_mut(at + c..at + c + len)?;
+        gpu.copy(&mut d, &DView::of(shard, s..s + len)?)?;
+    }
+    Ok(())
+}
+
+/// The transfers of one posting, the buffers they need alive, and the messages received.
+#[derive(Default)]
+struct Posted {
+    sends: Vec<(Transfer, Rc<Msg>)>,
+    recvs: Vec<(Transfer, Message, Msg)>,
+}
+
+/// What a pass does with messages and blocks on one rank (the device twin of DistExecutor's).
+trait RankPass {
+    fn pack(&mut self, p: Payload) -> Result<Rc<Msg>>;
+    fn alloc_recv(&mut self, p: Payload) -> Result<Msg>;
+    fn accept(&mut self, m: &Message, data: Msg) -> Result<()>;
+    fn compute(&mut self, w: &Work) -> Result<()>;
+    fn free(&mut self, chunks: &[(bool, usize)]);
+}
+
+impl GpuDistAttn {
+    /// As [`DistExecutor::new`]: validates the schedule, the sharding and the per-rank shape.
+    pub fn new(
+        schedule: Schedule,
+        sharding: Sharding,
+        local: AttnShape,
+        overlap: Overlap,
+    ) -> Result<Self> {
+        let exec = DistExecutor::new(schedule, sharding, local, overlap)
+            .map_err(|e| GpuError::Shape(e.to_string()))?;
+        Ok(GpuDistAttn { exec })
+    }
+
+    pub fn executor(&self) -> &DistExecutor {
+        &self.exec
+    }
+
+    pub fn set_overlap(&mut self, overlap: Overlap) {
+        self.exec.set_overlap(overlap);
+    }
+
+    fn geo(&self) -> Geo {
+        Geo {
+            sh: self.exec.sharding(),
+            shape: self.exec.local_shape(),
+        }
+    }
+
+    fn lens(&self) -> (usize, usize, usize) {
+        let AttnShape {
+            b, tq, h, h_kv, d, ..
+        } = self.exec.local_shape();
+        (b * tq * h * d, b * tq * h_kv * d, b * tq * h)
+    }
+
+    fn check(&self, comm: &DeviceComm, lens: &[(&str, usize, usize)]) -> Result<usize> {
+        if comm.world_size() != self.exec.schedule().ranks {
+            return shape_err(format!(
+                "device DistAttn: the world has {} ranks, the schedule {}",
+                comm.world_size(),
+                self.exec.schedule().ranks
+            ));
+        }
+        for &(name, got, want) in lens {
+            if got != want {
+                return shape_err(format!(
+                    "device DistAttn on rank {}: {name} has {got} elements, expected {want}",
+                    comm.rank()
+                ));
+            }
+        }
+        Ok(comm.rank())
+    }
+
+    /// This rank's out `[B, L, H, D]` and lse `[B, L, H]` (overwritten) from its q, k, v; every
+    /// rank of the world calls it, each on its thread with its `Gpu`. Returns once the work is
+    /// enqueued on `gpu`'s stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        comm: &DeviceComm,
+        out: &mut DeviceBuf<bf16>,
+        lse: &mut DeviceBuf<f32>,
+        q: &DeviceBuf<bf16>,
+        k: &DeviceBuf<bf16>,
+        v: &DeviceBuf<bf16>,
+    ) -> Result<GpuSpStats> {
+        let (nq, nk, nl) = self.lens();
+        let rank = self.check(
+            comm,
+            &[
+                ("out", out.len(), nq),
+                ("lse", lse.len(), nl),
+                ("q", q.len(), nq),
+                ("k", k.len(), nk),
+                ("v", v.len(), nk),
+            ],
+        )?;
+        let mut st = Fwd::new(gpu, self.geo(), rank, q, k, v)?;
+        let stats = self.run(gpu, comm, Pass::Forward, &mut st)?;
+        st.write(out, lse)?;
+        Ok(stats)
+    }
+
+    /// Gradients of this rank's q, k, v (overwritten) from dout and its rows of the forward's out
+    /// and lse.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        comm: &DeviceComm,
+        dq: &mut DeviceBuf<bf16>,
+        dk: &mut DeviceBuf<bf16>,
+        dv: &mut DeviceBuf<bf16>,
+        dout: &DeviceBuf<bf16>,
+        q: &DeviceBuf<bf16>,
+        k: &DeviceBuf<bf16>,
+        v: &DeviceBuf<bf16>,
+        out: &DeviceBuf<bf16>,
+        lse: &DeviceBuf<f32>,
+    ) -> Result<GpuSpStats> {
+        let (nq, nk, nl) = self.lens();
+        let rank = self.check(
+            comm,
+            &[
+                ("dq", dq.len(), nq),
+                ("dk", dk.len(), nk),
+                ("dv", dv.len(), nk),
+                ("dout", dout.len(), nq),
+                ("q", q.len(), nq),
+                ("k", k.len(), nk),
+                ("v", v.len(), nk),
+                ("out", out.len(), nq),
+                ("lse", lse.len(), nl),
+            ],
+        )?;
+        let mut st = Bwd::new(gpu, self.geo(), rank, [q, k, v, out, dout], lse)?;
+        let stats = self.run(gpu, comm, Pass::Backward, &mut st)?;
+        st.write(dq, dk, dv)?;
+        Ok(stats)
+    }
+
+    /// DistExecutor's step loop over the rank's [`RankPlan`], on the device.
+    fn run<S: RankPass>(
+        &self,
+        gpu: &Gpu,
+        comm: &DeviceComm,
+        pass: Pass,
+        st: &mut S,
+    ) -> Result<GpuSpStats> {
+        let rank = comm.rank();
+        let plan: RankPlan = self.exec.rank_plan(rank, pass);
+        comm.next_epoch();
+        let before = comm.sent();
+        let mut blocks = 0;
+        let steps = &self.exec.schedule().steps;
+        let n = steps.len();
+        let io = Io { gpu, comm, rank };
+        let mut compute = |st: &mut S, t: usize| -> Result<()> {
+            for w in &steps[t].work[rank] {
+                st.compute(w)?;
+                blocks += 1;
+            }
+            Ok(())
+        };
+        let result = (|| -> Result<()> {
+            match self.exec.overlap() {
+                Overlap::Overlapped => {
+                    let mut chunks = io.post(st, &plan.chunks[0])?;
+                    let mut results = io.post(st, &plan.results[0])?;
+                    for t in 0..n {
+                        for (m, data) in io.wait(chunks)? {
+                            st.accept(&m, data)?;
+                        }
+                        chunks = if t + 1 < n {
+                            io.post(st, &plan.chunks[t + 1])?
+                        } else {
+                            Posted::default()
+                        };
+                        compute(st, t)?;
+                        for (m, data) in io.wait(results)? {
+                            st.accept(&m, data)?;
+                        }
+                        results = io.post(st, &plan.results[t + 1])?;
+                        st.free(&plan.drops[t]);
+                    }
+                    for (m, data) in io.wait(results)? {
+                        st.accept(&m, data)?;
+                    }
+                }
+                Overlap::Blocking => {
+                    for t in 0..n {
+                        let msgs = [plan.chunks[t].as_slice(), &plan.results[t]].concat();
+                        let got = io.wait(io.post(st, &msgs)?)?;
+                        let mut results = Vec::new();
+                        for (m, data) in got {
+                            match m.payload {
+                                Payload::Kv { .. } | Payload::Query { .. } => {
+                                    st.accept(&m, data)?
+                                }
+                                _ => results.push((m, data)),
+                            }
+                        }
+                        compute(st, t)?;
+                        for (m, data) in results {
+                            st.accept(&m, data)?;
+                        }
+                        st.free(&plan.drops[t]);
+                    }
+                    for (m, data) in io.wait(io.post(st, &plan.results[n])?)? {
+                        st.accept(&m, data)?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            comm.abort(&e.to_string());
+        }
+        result?;
+        let after = comm.sent();
+        Ok(GpuSpStats {
+            blocks,
+            messages_sent: (after.1 - before.1) as usize,
+            bytes_sent: after.0 - before.0,
+        })
+    }
+}
+
+struct Io<'a> {
+    gpu: &'a Gpu,
+    comm: &'a DeviceComm,
+    rank: usize,
+}
+
+impl Io<'_> {
+    fn post<S: RankPass>(&self, st: &mut S, msgs: &[(u64, Message)]) -> Result<Posted> {
+        let mut p = Posted::default();
+        for &(tag, m) in msgs {
+            if m.from == self.rank {
+                let data = st.pack(m.payload)?;
+                let t = self.comm.send(self.gpu, m.to, tag, &data.parts())?;
+                p.sends.push((t, data));
+            } else {
+                let data = st.alloc_recv(m.payload)?;
+                let t = self.comm.recv(self.gpu, m.from, tag, &data.parts())?;
+                p.recvs.push((t, m, data));
+            }
+        }
+        Ok(p)
+    }
+
+    fn wait(&self, p: Posted) -> Result<Vec<(Message, Msg)>> {
+        for (t, _keep) in p.sends {
+            self.comm.wait(self.gpu, t)?;
+        }
+        let mut got = Vec::with_capacity(p.recvs.len());
+        for (t, m, data) in p.recvs {
+            self.comm.wait(self.gpu, t)?;
+            got.push((m, data));
+        }
+        Ok(got)
+    }
+}
+
+fn held<'m, K: std::hash::Hash + Eq + std::fmt::Debug, V>(
+    m: &'m HashMap<K, V>,
+    key: &K,
+) -> Result<&'m V> {
+    m.get(key)
+        .ok_or_else(|| GpuError::Shape(format!("device DistAttn: {key:?} is not held")))
+}
+
+/// Forward state of one rank.
+struct Fwd<'g> {
+    gpu: &'g Gpu,
+    geo: Geo,
+    rank: usize,
+    q: HashMap<usize, Rc<Msg>>,
+    kv: HashMap<usize, Rc<Msg>>,
+    /// Running f32 o ‖ lse of this rank's own query chunks.
+    acc: HashMap<usize, DeviceBuf<f32>>,
+    /// Partials computed here for other ranks' queries: o ‖ lse f32.
+    partials: HashMap<(usize, usize), Msg>,
+    o_b: DeviceBuf<bf16>,
+    o_f: DeviceBuf<f32>,
+    lse_b: DeviceBuf<f32>,
+}
+
+/// Elements of the largest chunk's rows at `width`.
+fn max_rows(geo: &Geo) -> usize {
+    geo.shape.b * geo.sh.chunk_len()
+}
+
+impl<'g> Fwd<'g> {
+    fn new(
+        gpu: &'g Gpu,
+        geo: Geo,
+        rank: usize,
+        q: &DeviceBuf<bf16>,
+        k: &DeviceBuf<bf16>,
+        v: &DeviceBuf<bf16>,
+    ) -> Result<Self> {
+        let (qw, kw, h) = (geo.qw(), geo.kw(), geo.shape.h);
+        let mr = max_rows(&geo).max(1);
+        let mut st = Fwd {
+            gpu,
+            geo,
+            rank,
+            q: HashMap::new(),
+            kv: HashMap::new(),
+            acc: HashMap::new(),
+            partials: HashMap::new(),
+            o_b: gpu.alloc_zeros(mr * qw)?,
+            o_f: gpu.alloc_zeros(mr * qw)?,
+            lse_b: gpu.alloc_zeros(mr * h)?,
+        };
+        for c in geo.own_chunks(rank) {
+            let rows = geo.rows(c);
+            let mut qm = Msg::alloc(gpu, rows * qw, 0)?;
+            let mut kvm = Msg::alloc(gpu, 2 * rows * kw, 0)?;
+            if let (Some(qb), Some(kvb)) = (qm.bf.as_mut(), kvm.bf.as_mut()) {
+                gather(gpu, &geo, qb, 0, q, qw, c)?;
+                gather(gpu, &geo, kvb, 0, k, kw, c)?;
+                gather(gpu, &geo, kvb, rows * kw, v, kw, c)?;
+            }
+            st.q.insert(c, Rc::new(qm));
+            st.kv.insert(c, Rc::new(kvm));
+            let mut acc = gpu.alloc_zeros::<f32>(rows * (qw + h) + 1)?;
+            let len = acc.len();
+            gpu.fill_f32(&mut acc.view_mut(rows * qw..len)?, f32::NEG_INFINITY)?;
+            st.acc.insert(c, acc);
+        }
+        Ok(st)
+    }
+
+    /// Merges a block's f32 o ‖ lse into its owner's running value.
+    fn merge_into_acc(
+        &mut self,
+        qc: usize,
+        o: &impl DevRead<f32>,
+        l: &impl DevRead<f32>,
+    ) -> Result<()> {
+        let (rows, qw, h, d) = (
+            self.geo.rows(qc),
+            self.geo.qw(),
+            self.geo.shape.h,
+            self.geo.shape.d,
+        );
+        let acc = self
+            .acc
+            .get_mut(&qc)
+            .ok_or_else(|| GpuError::Shape(format!("device DistAttn: own chunk {qc} missing")))?;
+        // The o and lse parts of the one accumulator, held mutably here.
+        let p = acc.dptr();
+        let mut ao = RawMut {
+            ptr: p,
+            len: rows * qw,
+        };
+        let mut al = RawMut {
+            ptr: p + (rows * qw * size_of::<f32>()) as u64,
+            len: rows * h,
+        };
+        self.gpu
+            .attention_merge(&mut ao, &mut al, o, l, rows * h, d)
+    }
+
+    fn write(self, out: &mut DeviceBuf<bf16>, lse: &mut DeviceBuf<f32>) -> Result<()> {
+        let (qw, h) = (self.geo.qw(), self.geo.shape.h);
+        self.gpu.zero(out)?;
+        self.gpu.fill_f32(lse, f32::NEG_INFINITY)?;
+        for (c, acc) in &self.acc {
+            let rows = self.geo.rows(*c);
+            for ((so, co, len), (sl, cl, llen)) in self
+                .geo
+                .spans(*c, qw)
+                .into_iter()
+                .zip(self.geo.spans(*c, h))
+            {
+                if len == 0 {
+                    continue;
+                }
+                self.gpu
+                    .cast_from_f32(&mut out.view_mut(so..so + len)?, &acc.view(co..co + len)?)?;
+                let base = rows * qw;
+                self.gpu.copy(
+                    &mut lse.view_mut(sl..sl + llen)?,
+                    &acc.view(base + cl..base + cl + llen)?,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A writable device range inside a buffer the caller holds mutably.
+struct RawMut {
+    ptr: u64,
+    len: usize,
+}
+impl crate::buffer::DevRead<f32> for RawMut {
+    fn dptr(&self) -> u64 {
+        self.ptr
+    }
+    fn dlen(&self) -> usize {
+        self.len
+    }
+}
+impl crate::buffer::DevWrite<f32> for RawMut {}
+
+impl RankPass for Fwd<'_> {
+    fn pack(&mut self, p: Payload) -> Result<Rc<Msg>> {
+        match p {
+            Payload::Kv { chunk } => Ok(held(&self.kv, &chunk)?.clone()),
+            Payload::Query { chunk } => Ok(held(&self.q, &chunk)?.clone()),
+            Payload::Partial { q_chunk, kv_chunk } => self
+                .partials
+                .remove(&(q_chunk, kv_chunk))
+                .map(Rc::new)
+                .ok_or_else(|| GpuError::Shape(format!("partial {q_chunk},{kv_chunk} not held"))),
+            Payload::KvGrad { .. } => shape_err("the forward sends no dK/dV".into()),
+        }
+    }
+
+    fn alloc_recv(&mut self, p: Payload) -> Result<Msg> {
+        let g = &self.geo;
+        match p {
+            Payload::Kv { chunk } => Msg::alloc(self.gpu, 2 * g.rows(chunk) * g.kw(), 0),
+            Payload::Query { chunk } => Msg::alloc(self.gpu, g.rows(chunk) * g.qw(), 0),
+            Payload::Partial { q_chunk, .. } => {
+                Msg::alloc(self.gpu, 0, g.rows(q_chunk) * (g.qw() + g.shape.h))
+            }
+            Payload::KvGrad { .. } => shape_err("the forward receives no dK/dV".into()),
+        }
+    }
+
+    fn accept(&mut self, m: &Message, data: Msg) -> Result<()> {
+        match m.payload {
+            Payload::Kv { chunk } => {
+                self.kv.insert(chunk, Rc::new(data));
+            }
+            Payload::Query { chunk } => {
+                self.q.insert(chunk, Rc::new(data));
+            }
+            Payload::Partial { q_chunk, kv_chunk } => {
+                let rows = self.geo.rows(q_chunk);
+                if rows == 0 {
+                    return Ok(());
+                }
+                if self.geo.home(q_chunk) == self.rank {
+                    let f = data.f();
+                    let ol = rows * self.geo.qw();
+                    let (o, l) = (f.view(0..ol)?, f.view(ol..f.len())?);
+                    self.merge_into_acc(q_chunk, &o, &l)?;
+                } else {
+                    self.partials.insert((q_chunk, kv_chunk), data);
+                }
+            }
+            Payload::KvGrad { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn compute(&mut self, w: &Work) -> Result<()> {
+        let shape = self.geo.block_shape(w);
+        let (tq, tk) = (shape.tq, shape.tk);
+        let rows = self.geo.rows(w.q_chunk);
+        let (qw, h) = (self.geo.qw(), self.geo.shape.h);
+        let own = self.geo.home(w.q_chunk) == self.rank;
+        if tq == 0 || tk == 0 {
+            if !own {
+                let mut m = Msg::alloc(self.gpu, 0, rows * (qw + h))?;
+                if let Some(f) = m.f.as_mut() {
+                    let len = f.len();
+                    self.gpu
+                        .fill_f32(&mut f.view_mut(rows * qw..len)?, f32::NEG_INFINITY)?;
+                }
+                self.partials.insert((w.q_chunk, w.kv_chunk), m);
+            }
+            return Ok(());
+        }
+        let q = held(&self.q, &w.q_chunk)?.clone();
+        let kv = held(&self.kv, &w.kv_chunk)?.clone();
+        let kl = self.geo.shape.b * tk * self.geo.kw();
+        let (k, v) = (kv.bf().view(0..kl)?, kv.bf().view(kl..2 * kl)?);
+        let (ol, ll) = (rows * qw, rows * h);
+        {
+            let mut o_b = self.o_b.view_mut(0..ol)?;
+            let mut lse_b = self.lse_b.view_mut(0..ll)?;
+            self.gpu.attention_forward(
+                &mut o_b,
+                &mut lse_b,
+                q.bf(),
+                &k,
+                &v,
+                shape,
+                self.geo.mask(w),
+            )?;
+        }
+        self.gpu
+            .to_f32(&mut self.o_f.view_mut(0..ol)?, &self.o_b.view(0..ol)?)?;
+        if own {
+            let (o_f, l_b) = (
+                RawMut {
+                    ptr: self.o_f.dptr(),
+                    len: ol,
+                },
+                RawMut {
+                    ptr: self.lse_b.dptr(),
+                    len: ll,
+                },
+            );
+            self.merge_into_acc(w.q_chunk, &o_f, &l_b)?;
+        } else {
+            let mut m = Msg::alloc(self.gpu, 0, ol + ll)?;
+            let f = m.f.as_mut().expect("non-empty");
+            self.gpu
+                .copy(&mut f.view_mut(0..ol)?, &self.o_f.view(0..ol)?)?;
+            self.gpu
+                .copy(&mut f.view_mut(ol..ol + ll)?, &self.lse_b.view(0..ll)?)?;
+            self.partials.insert((w.q_chunk, w.kv_chunk), m);
+        }
+        Ok(())
+    }
+
+    fn free(&mut self, chunks: &[(bool, usize)]) {
+        for &(is_q, c) in chunks {
+            if is_q {
+                self.q.remove(&c);
+            } else {
+                self.kv.remove(&c);
+            }
+        }
+    }
+}
+
+/// Backward state of one rank.
+struct Bwd<'g> {
+    gpu: &'g Gpu,
+    geo: Geo,
+    rank: usize,
+    /// Query chunks: bf = Q ‖ dO ‖ O, f = lse.
+    q: HashMap<usize, Rc<Msg>>,
+    kv: HashMap<usize, Rc<Msg>>,
+    /// f32 dQ of this rank's own query chunks.
+    dq: HashMap<usize, DeviceBuf<f32>>,
+    /// Helpers' bf16 dQ of one block.
+    dq_part: HashMap<(usize, usize), Msg>,
+    /// f32 dK ‖ dV of own chunks, and of other ranks' chunks accumulated here.
+    dkv: HashMap<usize, DeviceBuf<f32>>,
+    dkv_acc: HashMap<usize, DeviceBuf<f32>>,
+    dq_b: DeviceBuf<bf16>,
+    dk_b: DeviceBuf<bf16>,
+    dv_b: DeviceBuf<bf16>,
+}
+
+impl<'g> Bwd<'g> {
+    /// `bf` = [q, k, v, out, dout] shards.
+    fn new(
+        gpu: &'g Gpu,
+        geo: Geo,
+        rank: usize,
+        bf: [&DeviceBuf<bf16>; 5],
+        lse: &DeviceBuf<f32>,
+    ) -> Result<Self> {
+        let [q, k, v, out, dout] = bf;
+        let (qw, kw, h) = (geo.qw(), geo.kw(), geo.shape.h);
+        let mr = max_rows(&geo).max(1);
+        let mut st = Bwd {
+            gpu,
+            geo,
+            rank,
+            q: HashMap::new(),
+            kv: HashMap::new(),
+            dq: HashMap::new(),
+            dq_part: HashMap::new(),
+            dkv: HashMap::new(),
+            dkv_acc: HashMap::new(),
+            dq_b: gpu.alloc_zeros(mr * qw)?,
+            dk_b: gpu.alloc_zeros(mr * kw)?,
+            dv_b: gpu.alloc_zeros(mr * kw)?,
+        };
+        for c in geo.own_chunks(rank) {
+            let rows = geo.rows(c);
+            let mut qm = Msg::alloc(gpu, 3 * rows * qw, rows * h)?;
+            let mut kvm = Msg::alloc(gpu, 2 * rows * kw, 0)?;
+            if let (Some(qb), Some(lb), Some(kvb)) =
+                (qm.bf.as_mut(), qm.f.as_mut(), kvm.bf.as_mut())
+            {
+                gather(gpu, &geo, qb, 0, q, qw, c)?;
+                gather(gpu, &geo, qb, rows * qw, dout, qw, c)?;
+                gather(gpu, &geo, qb, 2 * rows * qw, out, qw, c)?;
+                gather(gpu, &geo, lb, 0, lse, h, c)?;
+                gather(gpu, &geo, kvb, 0, k, kw, c)?;
+                gather(gpu, &geo, kvb, rows * kw, v, kw, c)?;
+            }
+            st.q.insert(c, Rc::new(qm));
+            st.kv.insert(c, Rc::new(kvm));
+            st.dq.insert(c, gpu.alloc_zeros(rows * qw + 1)?);
+            st.dkv.insert(c, gpu.alloc_zeros(2 * rows * kw + 1)?);
+        }
+        Ok(st)
+    }
+
+    fn take_kv_grad(&mut self, chunk: usize, g: &DeviceBuf<f32>) -> Result<()> {
+        let len = 2 * self.geo.rows(chunk) * self.geo.kw();
+        let gpu = self.gpu;
+        let dst = if self.geo.home(chunk) == self.rank {
+            self.dkv
+                .get_mut(&chunk)
+                .ok_or_else(|| GpuError::Shape(format!("own kv chunk {chunk} missing")))?
+        } else {
+            match self.dkv_acc.entry(chunk) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(gpu.alloc_zeros(len + 1)?),
+            }
+        };
+        gpu.accum_f32(&mut dst.view_mut(0..len)?, &g.view(0..len)?)
+    }
+
+    fn write(
+        self,
+        dq: &mut DeviceBuf<bf16>,
+        dk: &mut DeviceBuf<bf16>,
+        dv: &mut DeviceBuf<bf16>,
+    ) -> Result<()> {
+        let (qw, kw) = (self.geo.qw(), self.geo.kw());
+        let g = self.gpu;
+        g.zero(dq)?;
+        g.zero(dk)?;
+        g.zero(dv)?;
+        for (c, acc) in &self.dq {
+            for (s, o, len) in self.geo.spans(*c, qw) {
+                if len > 0 {
+                    g.cast_from_f32(&mut dq.view_mut(s..s + len)?, &acc.view(o..o + len)?)?;
+                }
+            }
+        }
+        for (c, acc) in &self.dkv {
+            let half = self.geo.rows(*c) * kw;
+            for (s, o, len) in self.geo.spans(*c, kw) {
+                if len > 0 {
+                    g.cast_from_f32(&mut dk.view_mut(s..s + len)?, &acc.view(o..o + len)?)?;
+                    g.cast_from_f32(
+                        &mut dv.view_mut(s..s + len)?,
+                        &acc.view(half + o..half + o + len)?,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RankPass for Bwd<'_> {
+    fn pack(&mut self, p: Payload) -> Result<Rc<Msg>> {
+        match p {
+            Payload::Kv { chunk } => Ok(held(&self.kv, &chunk)?.clone()),
+            Payload::Query { chunk } => Ok(held(&self.q, &chunk)?.clone()),
+            Payload::Partial { q_chunk, kv_chunk } => self
+                .dq_part
+                .remove(&(q_chunk, kv_chunk))
+                .map(Rc::new)
+                .ok_or_else(|| {
+                    GpuError::Shape(format!("dQ partial {q_chunk},{kv_chunk} not held"))
+                }),
+            Payload::KvGrad { chunk } => {
+                let len = 2 * self.geo.rows(chunk) * self.geo.kw();
+                let acc = self
+                    .dkv_acc
+                    .remove(&chunk)
+                    .ok_or_else(|| GpuError::Shape(format!("dK/dV of chunk {chunk} not held")))?;
+                if len == 0 {
+                    return Ok(Rc::new(Msg::default()));
+                }
+                // The accumulator has one spare element; send exactly `len`.
+                let mut m = Msg::alloc(self.gpu, 0, len)?;
+                self.gpu
+                    .copy(m.f.as_mut().expect("len > 0"), &acc.view(0..len)?)?;
+                Ok(Rc::new(m))
+            }
+        }
+    }
+
+    fn alloc_recv(&mut self, p: Payload) -> Result<Msg> {
+        let g = &self.geo;
+        match p {
+            Payload::Kv { chunk } => Msg::alloc(self.gpu, 2 * g.rows(chunk) * g.kw(), 0),
+            Payload::Query { chunk } => Msg::alloc(
+                self.gpu,
+                3 * g.rows(chunk) * g.qw(),
+                g.rows(chunk) * g.shape.h,
+            ),
+            Payload::Partial { q_chunk, .. } => Msg::alloc(self.gpu, g.rows(q_chunk) * g.qw(), 0),
+            Payload::KvGrad { chunk } => Msg::alloc(self.gpu, 0, 2 * g.rows(chunk) * g.kw()),
+        }
+    }
+
+    fn accept(&mut self, m: &Message, data: Msg) -> Result<()> {
+        match m.payload {
+            Payload::Kv { chunk } => {
+                self.kv.insert(chunk, Rc::new(data));
+            }
+            Payload::Query { chunk } => {
+                self.q.insert(chunk, Rc::new(data));
+            }
+            Payload::Partial { q_chunk, kv_chunk } => {
+                let len = self.geo.rows(q_chunk) * self.geo.qw();
+                if len == 0 {
+                    return Ok(());
+                }
+                if self.geo.home(q_chunk) == self.rank {
+                    let dst = self.dq.get_mut(&q_chunk).ok_or_else(|| {
+                        GpuError::Shape(format!("own query chunk {q_chunk} missing"))
+                    })?;
+                    self.gpu.accum_f32(&mut dst.view_mut(0..len)?, data.bf())?;
+                } else {
+                    self.dq_part.insert((q_chunk, kv_chunk), data);
+                }
+            }
+            Payload::KvGrad { chunk } => {
+                if let Some(f) = &data.f {
+                    self.take_kv_grad(chunk, f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn compute(&mut self, w: &Work) -> Result<()> {
+        let shape = self.geo.block_shape(w);
+        let (tq, tk) = (shape.tq, shape.tk);
+        let (qi, ki) = (w.q_chunk, w.kv_chunk);
+        let own_q = w.owner == self.rank;
+        let (qw, kw) = (self.geo.qw(), self.geo.kw());
+        let ql = self.geo.shape.b * tq * qw;
+        let kl = self.geo.shape.b * tk * kw;
+        if tq == 0 || tk == 0 {
+            if !own_q {
+                self.dq_part.insert((qi, ki), Msg::alloc(self.gpu, ql, 0)?);
+            }
+            if self.geo.home(ki) != self.rank && !self.dkv_acc.contains_key(&ki) {
+                self.dkv_acc.insert(ki, self.gpu.alloc_zeros(2 * kl + 1)?);
+            }
+            return Ok(());
+        }
+        let qm = held(&self.q, &qi)?.clone();
+        let kvm = held(&self.kv, &ki)?.clone();
+        let (qb, lse) = (qm.bf(), qm.f());
+        let (q, dout, out) = (
+            qb.view(0..ql)?,
+            qb.view(ql..2 * ql)?,
+            qb.view(2 * ql..3 * ql)?,
+        );
+        let (k, v) = (kvm.bf().view(0..kl)?, kvm.bf().view(kl..2 * kl)?);
+        {
+            let mut dq_b = self.dq_b.view_mut(0..ql)?;
+            let mut dk_b = self.dk_b.view_mut(0..kl)?;
+            let mut dv_b = self.dv_b.view_mut(0..kl)?;
+            self.gpu.attention_backward(
+                &mut dq_b,
+                &mut dk_b,
+                &mut dv_b,
+                &dout,
+                &q,
+                &k,
+                &v,
+                &out,
+                lse,
+                shape,
+                self.geo.mask(w),
+            )?;
+        }
+        if own_q {
+            let dst = self
+                .dq
+                .get_mut(&qi)
+                .ok_or_else(|| GpuError::Shape(format!("own query chunk {qi} missing")))?;
+            self.gpu
+                .accum_f32(&mut dst.view_mut(0..ql)?, &self.dq_b.view(0..ql)?)?;
+        } else {
+            let mut m = Msg::alloc(self.gpu, ql, 0)?;
+            self.gpu
+                .copy(m.bf.as_mut().expect("ql > 0"), &self.dq_b.view(0..ql)?)?;
+            self.dq_part.insert((qi, ki), m);
+        }
+        let gpu = self.gpu;
+        let dst = if self.geo.home(ki) == self.rank {
+            self.dkv
+                .get_mut(&ki)
+                .ok_or_else(|| GpuError::Shape(format!("own kv chunk {ki} missing")))?
+        } else {
+            match self.dkv_acc.entry(ki) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(gpu.alloc_zeros(2 * kl + 1)?)
+                }
+            }
+        };
+        gpu.accum_f32(&mut dst.view_mut(0..kl)?, &self.dk_b.view(0..kl)?)?;
+        gpu.accum_f32(&mut dst.view_mut(kl..2 * kl)?, &self.dv_b.view(0..kl)?)
+    }
+
+    fn free(&mut self, chunks: &[(bool, usize)]) {
+        for &(is_q, c) in chunks {
+            if is_q {
+                self.q.remove(&c);
+            } else {
+                self.kv.remove(&c);
+            }
+        }
+    }
+}
