@@ -496,19 +496,9 @@ fn sp_step(
             let st = model.lm.forward_embeds(&mut ws, &eb, &sp)?;
             let dx = model
                 .lm
-                .backward_embeds(&mut grads, &mut ws, &eb, scale, &sp)?;
-            let mut dx = dx.to_vec();
-            for (r, &tok) in l_tok.iter().enumerate() {
-                if tok == vid {
-                    dx[r * d..(r + 1) * d].fill(0.0);
-                }
-            }
-            reel_kernels::embedding::embedding_backward(
-                &mut grads[model.lm.layout.embed.clone()],
-                &dx,
-                &l_tok,
-                d,
-            );
+                .backward_embeds(&mut grads, &mut ws, &eb, scale, &sp)?
+                .to_vec();
+            model.text_embedding_backward(&mut grads, &dx, &l_tok)?;
             sums[0] += st.loss_sum as f32;
             sums[1] += st.n_tokens as f32;
         }
@@ -537,6 +527,20 @@ fn sp_step(
 /// of `Qwen2Config::tiny`, tower of `VisionConfig::tiny`), a character tokenizer with the vision
 /// special tokens, and a video_preprocessor_config.json that keeps 56×56 frames as they are.
 pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
+    write_tiny_vl_model_with(dir, seed, 1024, 56)
+}
+
+/// [`write_tiny_vl_model`] with the decoder's `max_position_embeddings` and the square frame
+/// side (pixels, a multiple of 28) the preprocessor keeps (long videos make long prompts).
+pub fn write_tiny_vl_model_with(
+    dir: &Path,
+    seed: u64,
+    max_positions: usize,
+    frame_side: usize,
+) -> Result<()> {
+    if frame_side == 0 || !frame_side.is_multiple_of(28) {
+        bail!("frame side {frame_side} must be a positive multiple of 28 (patch 14, merge 2)");
+    }
     use reel_model::vision::VisionLayout;
     use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
     let tok = reel_data::char_tokenizer_with(&reel_data::VISION_SPECIAL_TOKENS);
@@ -544,6 +548,7 @@ pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
     let mut text = Qwen2Config::tiny(tok.vocab_size().next_multiple_of(8));
     text.tie_word_embeddings = false;
     text.eos_token_id = tok.eos_token_id();
+    text.max_position_embeddings = max_positions;
     let config = Qwen25VLConfig {
         text: text.clone(),
         vision: VisionConfig::tiny(),
@@ -569,7 +574,7 @@ pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
     save_vl_checkpoint(&model, dir, DType::F32, usize::MAX)?;
     tok.save(dir)?;
     let proc = serde_json::json!({
-        "size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        "size": {"shortest_edge": frame_side * frame_side, "longest_edge": frame_side * frame_side},
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     });
     std::fs::write(
