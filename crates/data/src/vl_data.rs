@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::longvideo::{ReasonFile, ReasonRecord};
-use crate::sft::{tokenize_conversation, TokenizedExample};
+use crate::sft::{prompt_ids, tokenize_conversation, TokenizedExample};
 use crate::tokenizer::Tokenizer;
 use crate::video::{load_and_process, video_content_hash, FrameSampling, VideoInputs};
 use crate::video::{VideoProcessor, VideoProcessorConfig};
@@ -60,6 +60,9 @@ pub struct VlExample {
     /// `path:line` of the record.
     pub origin: String,
     pub problem_id: String,
+    /// The record's `problem_type` and bare `answer` (the letter), for accuracy.
+    pub problem_type: String,
+    pub answer: String,
     pub tokens: TokenizedExample,
     /// The videos in the order of their placeholder runs.
     pub videos: Vec<VlVideo>,
@@ -76,7 +79,9 @@ pub struct VlLoadReport {
 
 /// Tokenizes `record` with its k-th video placeholder expanded to `video_tokens[k]` copies of
 /// `<|video_pad|>`; with `with_target`, the assistant turn is the SFT target and carries the
-/// loss mask. Errors when the tokenizer does not make each copy one token.
+/// loss mask; without, the ids are the prompt for generation (the chat template's generation
+/// prompt appended, no token labelled). Errors when the tokenizer does not make each copy one
+/// token.
 pub fn tokenize_vl_record(
     tok: &Tokenizer,
     record: &ReasonRecord,
@@ -102,7 +107,16 @@ pub fn tokenize_vl_record(
         expanded.push_str(rest);
     }
     messages[0].content = expanded;
-    let ex = tokenize_conversation(tok, &messages).map_err(|e| e.to_string())?;
+    let ex = if with_target {
+        tokenize_conversation(tok, &messages).map_err(|e| e.to_string())?
+    } else {
+        let input_ids = prompt_ids(tok, &messages).map_err(|e| e.to_string())?;
+        let loss_mask = vec![false; input_ids.len()];
+        TokenizedExample {
+            input_ids,
+            loss_mask,
+        }
+    };
     let want: usize = video_tokens.iter().sum();
     let got = ex.input_ids.iter().filter(|&&t| t == pad).count();
     if got != want {
@@ -114,7 +128,8 @@ pub fn tokenize_vl_record(
     Ok(ex)
 }
 
-/// Reads a LongVideo-Reason file and prepares every good record (module docs): malformed
+/// Reads a LongVideo-Reason file and prepares every good record (module docs; `with_target` as
+/// in [`tokenize_vl_record`]: SFT examples, or prompts for generation): malformed
 /// records and records whose videos fail are skipped, each with a warning on stderr, and listed
 /// in the report.
 pub fn load_vl_examples(
@@ -162,6 +177,8 @@ pub fn load_vl_examples(
             Ok(tokens) => out.push(VlExample {
                 origin,
                 problem_id: record.problem_id.clone(),
+                problem_type: record.problem_type.clone(),
+                answer: record.answer.clone(),
                 tokens,
                 videos,
             }),
@@ -232,6 +249,12 @@ mod tests {
         assert!(tokenize_vl_record(&tok, &record(), &[3, 4], true)
             .unwrap_err()
             .contains("placeholders"));
+        // Without the target: the prompt ends in the generation prompt, nothing labelled.
+        let p = tokenize_vl_record(&tok, &record(), &[6], false).unwrap();
+        assert!(p.loss_mask.iter().all(|&m| !m));
+        let text = tok.decode(&p.input_ids, false).unwrap();
+        assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+        assert_eq!(p.input_ids.iter().filter(|&&t| t == pad).count(), 6);
         // A tokenizer without the token: refused.
         let e = tokenize_vl_record(&crate::synth::char_tokenizer(), &record(), &[6], true);
         assert!(e.unwrap_err().contains("video_pad"));
