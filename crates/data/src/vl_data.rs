@@ -60,6 +60,9 @@ pub struct VlExample {
     /// `path:line` of the record.
     pub origin: String,
     pub problem_id: String,
+    /// The record's `problem_type` and bare `answer` (the letter), for accuracy.
+    pub problem_type: String,
+    pub answer: String,
     pub tokens: TokenizedExample,
     /// The videos in the order of their placeholder runs.
     pub videos: Vec<VlVideo>,
@@ -176,6 +179,8 @@ pub fn prepare_vl_record(
         Ok(tokens) => Ok(VlExample {
             origin,
             problem_id: record.problem_id.clone(),
+            problem_type: record.problem_type.clone(),
+            answer: record.answer.clone(),
             tokens,
             videos,
         }),
@@ -187,7 +192,8 @@ pub fn prepare_vl_record(
     }
 }
 
-/// Reads a LongVideo-Reason file and prepares every good record (module docs): malformed
+/// Reads a LongVideo-Reason file and prepares every good record (module docs; `with_target` as
+/// in [`tokenize_vl_record`]: SFT examples, or prompts for generation): malformed
 /// records and records whose videos fail are skipped, each with a warning on stderr, and listed
 /// in the report.
 pub fn load_vl_examples(

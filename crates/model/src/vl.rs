@@ -616,6 +616,38 @@ impl Qwen25VL {
         self.prepare(ws, batch, Some(features))
     }
 
+    /// The decoder's inputs for one sequence of `tokens` [T] whose videos' merged features
+    /// [Σ tokens, d] come from outside (the embedding cache): input embeddings [T, d] with the
+    /// `<|video_pad|>` rows replaced by the features in order, and the 3-D positions of every
+    /// token ([`mrope_positions`], one `[t, h, w]` per token). What the rollout engine prefills a
+    /// VLM prompt from; the checks are those of the training forward.
+    pub fn sequence_inputs(
+        &self,
+        tokens: &[u32],
+        grids: &[VideoGrid],
+        second_per_grid_ts: &[f32],
+        features: &[f32],
+    ) -> Result<(Vec<f32>, Vec<[u32; 3]>), ModelError> {
+        let t = tokens.len();
+        let targets = vec![-100i32; t];
+        let batch = VlBatch {
+            tokens,
+            targets: &targets,
+            b: 1,
+            t,
+            videos: VideoBatch {
+                pixels: &[],
+                grids,
+                second_per_grid_ts,
+            },
+        };
+        let mut ws = self.workspace(CheckpointPolicy::Layer);
+        self.prepare(&mut ws, &batch, Some(features))?;
+        let p = &ws.positions;
+        let ids = (0..t).map(|k| [p[k], p[t + k], p[2 * t + k]]).collect();
+        Ok((std::mem::take(&mut ws.embeds), ids))
+    }
+
     /// Input embeddings [B·T, d] (video rows filled) and M-RoPE cos/sin [B·T, D/2] of the last
     /// forward.
     pub fn prepared(ws: &VlWorkspace) -> (&[f32], &[f32], &[f32]) {

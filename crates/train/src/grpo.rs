@@ -57,7 +57,7 @@ use reel_rl::{
     group_advantages, grpo_loss, AccuracyReward, DynamicSampler, FormatReward, GrpoConfig,
     GrpoMetrics, LossScale, PolicyTokens, Reward, RewardInput,
 };
-use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use reel_rollout::{Engine, GenerationParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -627,23 +627,6 @@ pub(crate) fn generation_params(
     }
 }
 
-/// An engine pool that holds `seqs` sequences of up to `longest` prompt tokens plus the
-/// response limit (capped at the model's positions).
-pub(crate) fn engine_config(
-    cfg: &GrpoRunConfig,
-    seqs: usize,
-    longest: usize,
-    max_positions: usize,
-) -> EngineConfig {
-    let per_seq = (longest + cfg.grpo.max_response_tokens).min(max_positions);
-    let block_size = 16;
-    EngineConfig {
-        block_size,
-        num_blocks: seqs * (per_seq.div_ceil(block_size) + 1) + 8,
-        ..EngineConfig::default()
-    }
-}
-
 /// Creates the run folder and its config.toml and opens its checkpoints; the newest one to
 /// resume from with `resume`, and a refusal to overwrite an earlier run without it.
 pub(crate) fn open_run(
@@ -1004,10 +987,10 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     .map(|&i| prompts.items[i].ids.len())
                     .max()
                     .unwrap_or(0);
-                let ecfg = engine_config(
-                    cfg,
-                    drawn.len() * (g + 1),
+                let ecfg = crate::accuracy::engine_config(
+                    drawn.len() * (g + 2),
                     longest,
+                    cfg.grpo.max_response_tokens,
                     model.config.max_position_embeddings,
                 );
                 let mut engine = Engine::new(&model, ecfg)?;

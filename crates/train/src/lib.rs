@@ -34,13 +34,15 @@ pub use config::{
 };
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
-pub use accuracy::{eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally};
+pub use accuracy::{
+    engine_config, eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally,
+};
 pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary, VideoRlConfig};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
 pub use vl::{
-    eval_vl_nll, parse_sampling, run_vl_sft, write_tiny_vl_model_with, VlInputs, VlSftConfig,
-    VlSftSummary,
+    eval_vl_accuracy, eval_vl_nll, parse_sampling, run_vl_sft, vl_rollout_prompt,
+    write_tiny_vl_model_with, VlInputs, VlSftConfig, VlSftSummary,
 };
 pub use vl_grpo::{run_vl_grpo, VlGrpoSummary};

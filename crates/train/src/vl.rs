@@ -32,7 +32,10 @@ use reel_model::{
 };
 use reel_optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule};
 use reel_parallel::{EncodeStats, SpVisionEncoder};
+use reel_rollout::{Engine, GenerationParams, Prompt};
 use reel_tensor::DType;
+
+use crate::accuracy::{engine_config, AccuracyOptions, AccuracyReport};
 
 /// One example as the model takes it.
 pub struct VlInputs {
@@ -174,6 +177,73 @@ pub fn eval_vl_nll(
         total.n_tokens += s.n_tokens;
     }
     Ok((total, report))
+}
+
+/// The rollout-engine prompt of a prompt example ([`load_vl_examples`] with
+/// `with_target = false`): its videos' merged embeddings from the content-addressed cache
+/// (a miss runs the tower once per video; `weights` is the tower's version in the cache key,
+/// [`weights_fingerprint`] of its parameters), scattered into the `<|video_pad|>` rows, with the
+/// M-RoPE positions ([`Prompt::vl`]).
+pub fn vl_rollout_prompt(
+    model: &Qwen25VL,
+    cache: &EmbedCache,
+    vws: &mut reel_model::VisionWorkspace,
+    ex: &VlExample,
+    settings_key: &str,
+    weights: u64,
+) -> Result<Prompt> {
+    let inp = VlInputs::new(ex, settings_key, weights);
+    let enc = SpVisionEncoder::new();
+    let features = cached_features(model, &enc, vws, cache, &inp)?;
+    Prompt::vl(model, inp.tokens, &inp.grids, &inp.seconds, &features)
+        .with_context(|| ex.origin.clone())
+}
+
+/// Greedy answers of a Qwen2.5-VL model to the LongVideo-Reason records of `data` through the
+/// rollout engine (prompts prefilled from cached video embeddings, `opts.batch` prompts per
+/// engine run), scored like the accuracy reward: accuracy overall and per `problem_type`, and
+/// the `<think>/<answer>` format rate. Bad records and videos are skipped and reported.
+pub fn eval_vl_accuracy(
+    model: &Qwen25VL,
+    tok: &Tokenizer,
+    data: &Path,
+    settings: &VideoSettings,
+    cache: &EmbedCache,
+    opts: &AccuracyOptions,
+) -> Result<(AccuracyReport, VlLoadReport)> {
+    let (examples, load) = load_vl_examples(data, tok, settings, false)?;
+    if examples.is_empty() {
+        bail!("{}: no usable record", data.display());
+    }
+    let key = settings.key_text();
+    let weights = weights_fingerprint(&model.vision.params);
+    let mut vws = reel_model::VisionWorkspace::new();
+    let mut report = AccuracyReport::default();
+    let max_ctx = model.config.text.max_position_embeddings;
+    for chunk in examples.chunks(opts.batch.max(1)) {
+        let prompts = chunk
+            .iter()
+            .map(|ex| vl_rollout_prompt(model, cache, &mut vws, ex, &key, weights))
+            .collect::<Result<Vec<_>>>()?;
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
+        let mut engine = Engine::new_vl(model, config)?;
+        for p in prompts {
+            engine.add_request(
+                p,
+                GenerationParams {
+                    max_new_tokens: opts.max_new_tokens,
+                    stop_token_ids: opts.stop_token_ids.clone(),
+                    ..GenerationParams::default()
+                },
+            )?;
+        }
+        for (ex, out) in chunk.iter().zip(engine.run()?) {
+            let text = tok.decode(&out.samples[0].ids, true)?;
+            report.add(text, &ex.answer, &ex.problem_type, &opts.accuracy);
+        }
+    }
+    Ok((report, load))
 }
 
 /// Settings of a VLM SFT run (the `[vl]` table; CLI `reel sft --vl`).
@@ -639,6 +709,65 @@ mod tests {
         };
         let (st, _) = eval_vl_nll(&m, &tok, &data, &settings).unwrap();
         assert!(st.mean() < first, "{} vs {first}", st.mean());
+    }
+
+    #[test]
+    fn vl_accuracy_answers_are_greedy_full_recomputation_and_videos_encode_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model_dir, data) = setup(tmp.path());
+        let m = reel_model::load_vl_checkpoint(&model_dir).unwrap();
+        let tok = Tokenizer::from_dir(&model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: FrameSampling::Uniform { frames: 8 },
+            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
+        };
+        let eos = tok.eos_token_id().unwrap();
+        let opts = AccuracyOptions {
+            max_new_tokens: 12,
+            batch: 4,
+            stop_token_ids: vec![eos],
+            ..AccuracyOptions::default()
+        };
+        let cache = EmbedCache::new(1 << 26);
+        let (report, load) = eval_vl_accuracy(&m, &tok, &data, &settings, &cache, &opts).unwrap();
+        assert_eq!(load.bad_records.len() + load.skipped_videos.len(), 0);
+        assert_eq!(report.overall.total, 6);
+        assert_eq!(report.per_type.values().map(|t| t.total).sum::<usize>(), 6);
+        assert_eq!(cache.stats().misses, 6, "one tower run per video");
+        // Each answer is the greedy continuation by full recomputation (tower on the pixels).
+        let (examples, _) = load_vl_examples(&data, &tok, &settings, false).unwrap();
+        let mut ws = m.workspace(CheckpointPolicy::None);
+        let v = m.config.text.vocab_size;
+        let mut want = AccuracyReport::default();
+        for (ex, got) in examples.iter().zip(&report.responses) {
+            let inp = VlInputs::new(ex, "", 0);
+            let mut seq = inp.tokens.clone();
+            for _ in 0..opts.max_new_tokens {
+                let targets = vec![IGNORE_INDEX; seq.len()];
+                let batch = VlBatch {
+                    tokens: &seq,
+                    targets: &targets,
+                    t: seq.len(),
+                    ..inp.batch()
+                };
+                let logits = m.logits(&mut ws, &batch, &LocalAttention).unwrap();
+                let last = &logits[logits.len() - v..];
+                let best = (0..v).fold(0, |b, i| if last[i] > last[b] { i } else { b }) as u32;
+                seq.push(best);
+                if best == eos {
+                    break;
+                }
+            }
+            let text = tok.decode(&seq[inp.tokens.len()..], true).unwrap();
+            assert_eq!(got, &text, "{}", ex.origin);
+            want.add(text, &ex.answer, &ex.problem_type, &opts.accuracy);
+        }
+        assert_eq!(report.overall, want.overall);
+        assert_eq!(report.per_type, want.per_type);
+        // A second evaluation is served from the cache.
+        eval_vl_accuracy(&m, &tok, &data, &settings, &cache, &opts).unwrap();
+        assert_eq!(cache.stats().misses, 6);
+        assert!(cache.stats().hits >= 6);
     }
 
     #[test]

@@ -54,18 +54,19 @@ use reel_data::{
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
 use reel_model::{
-    load_vl_checkpoint, AttentionOp, CheckpointPolicy, EmbedsBatch, LocalAttention, Qwen2,
-    Qwen25VL, Rotary, VideoBatch, VlBatch, Workspace,
+    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
+    Workspace,
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder};
 use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
-use reel_rollout::{sample_seed, Engine, MRopePrompt, Prompt};
+use reel_rollout::{sample_seed, Engine, Prompt};
 use serde_json::json;
 
+use crate::accuracy::engine_config;
 use crate::grpo::{
-    adamw_for, clip_and_step, engine_config, generation_params, grpo_trainer_state,
-    load_resume_state, open_run, step_record, with_last_good, GrpoOptions, GrpoRunConfig,
-    GrpoSummary, PromptSampler, RolledGroup, RoundWork, Sample, Scorer, UpdateOutcome,
+    adamw_for, clip_and_step, generation_params, grpo_trainer_state, load_resume_state, open_run,
+    step_record, with_last_good, GrpoOptions, GrpoRunConfig, GrpoSummary, PromptSampler,
+    RolledGroup, RoundWork, Sample, Scorer, UpdateOutcome,
 };
 use crate::metrics::{MetricsWriter, Progress, StepReport};
 use crate::vl::{parse_sampling, VlInputs};
@@ -91,6 +92,9 @@ struct VlPrompt {
     inputs: VlInputs,
     /// The videos' merged features [Σ tokens, d], in placeholder order.
     features: Vec<f32>,
+    /// The engine's prompt: input embeddings (video rows = `features`) and M-RoPE positions
+    /// ([`Prompt::vl`]).
+    rollout: Prompt,
     /// M-RoPE positions of the prompt tokens, (t, h, w) each.
     positions: Vec<[u32; 3]>,
     /// The first response token's position (one past the largest prompt component).
@@ -241,13 +245,18 @@ impl VlCtx<'_> {
         let mut drawn = Vec::with_capacity(want);
         let mut failures = 0;
         let key_text = self.settings.key_text();
+        let max_prompt = self
+            .cfg
+            .data
+            .max_prompt_len
+            .min(model.config.text.max_position_embeddings.saturating_sub(1));
         while drawn.len() < want {
             let i = sampler.next();
             match prepare_vl_record(self.file, i, self.tok, self.settings, self.processor, false) {
-                Ok(ex) if ex.tokens.input_ids.len() > self.cfg.data.max_prompt_len => {
+                Ok(ex) if ex.tokens.input_ids.len() > max_prompt => {
                     tracing::warn!(
                         "{}: skipping the record: the prompt has {} tokens, more than \
-                         data.max_prompt_len = {}",
+                         data.max_prompt_len = {} or the model's positions allow",
                         ex.origin,
                         ex.tokens.input_ids.len(),
                         self.cfg.data.max_prompt_len
@@ -280,29 +289,22 @@ impl VlCtx<'_> {
         let features = self.encode(model, &refs, self.cfg.video.reuse)?;
         times.encode_s += t1.elapsed().as_secs_f64();
         let mut out = Vec::with_capacity(drawn.len());
-        let mut vws = model.workspace(CheckpointPolicy::Layer);
         for ((i, ex, inputs), features) in drawn.into_iter().zip(features) {
             let ids = inputs.tokens.clone();
-            let no_targets = vec![IGNORE_INDEX; ids.len()];
-            let batch = VlBatch {
-                tokens: &ids,
-                targets: &no_targets,
-                b: 1,
-                t: ids.len(),
-                videos: VideoBatch {
-                    pixels: &[],
-                    grids: &inputs.grids,
-                    second_per_grid_ts: &inputs.seconds,
-                },
-            };
-            model
-                .prepare_with_features(&mut vws, &batch, &features)
-                .with_context(|| ex.origin.clone())?;
-            let n = ids.len();
-            let p3 = &vws.positions;
-            let positions: Vec<[u32; 3]> =
-                (0..n).map(|k| [p3[k], p3[n + k], p3[2 * n + k]]).collect();
-            let next_pos = positions.iter().flatten().max().map_or(0, |&m| m + 1);
+            let rollout = Prompt::vl(
+                model,
+                ids.clone(),
+                &inputs.grids,
+                &inputs.seconds,
+                &features,
+            )
+            .with_context(|| ex.origin.clone())?;
+            let positions = rollout
+                .mrope
+                .as_ref()
+                .map(|m| m.positions.clone())
+                .unwrap_or_default();
+            let next_pos = rollout.next_position() as u32;
             let record = &self.file.records[i];
             out.push((
                 i,
@@ -310,6 +312,7 @@ impl VlCtx<'_> {
                     ids,
                     inputs,
                     features,
+                    rollout,
                     positions,
                     next_pos,
                     text: format!("{}\n{}", record.problem.trim_end(), REASONING_INSTRUCTION),
@@ -398,7 +401,9 @@ impl VlRows {
                 Some(f) => &f[row],
                 None => &prompts[&s.prompt].features,
             };
-            let rows = tokens[row * t..(row + 1) * t]
+            // The prompt's video rows (a placeholder the policy sampled in its response is a
+            // token like any other there, as the engine ran it).
+            let rows = tokens[row * t..row * t + s.prompt_len]
                 .iter()
                 .enumerate()
                 .filter(|(_, &x)| x == vid);
@@ -771,33 +776,20 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 let drawn = ctx.draw(&model, want, sampler, &mut skipped, &mut times)?;
                 let longest = drawn.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
                 let max_pos = model.config.text.max_position_embeddings;
-                let ecfg = engine_config(cfg, drawn.len() * (g + 1), longest, max_pos);
-                let mut engine = Engine::new(&model.lm, ecfg)?;
-                let table = &model.lm.params[model.lm.layout.embed.clone()];
-                let d = model.config.text.hidden_size;
+                let ecfg = engine_config(
+                    drawn.len() * (g + 2),
+                    longest,
+                    cfg.grpo.max_response_tokens,
+                    max_pos,
+                );
+                let mut engine = Engine::new_vl(&model, ecfg)?;
                 let mut extra_encode = 0.0;
                 for (k, (_, pr)) in drawn.iter().enumerate() {
                     let params = generation_params(cfg, done, round, k, &stop);
-                    let prompt_of = |features: &[f32]| {
-                        let mut e = vec![0.0f32; pr.ids.len() * d];
-                        reel_kernels::embedding::embedding_forward(&mut e, &pr.ids, table, d);
-                        let rows = pr.ids.iter().enumerate().filter(|(_, &x)| x == vid);
-                        for ((r, _), f) in rows.zip(features.chunks_exact(d)) {
-                            e[r * d..(r + 1) * d].copy_from_slice(f);
-                        }
-                        Prompt {
-                            ids: pr.ids.clone(),
-                            embeddings: Some(e),
-                            mrope: Some(MRopePrompt {
-                                positions: pr.positions.clone(),
-                                sections: model.config.mrope_section,
-                            }),
-                        }
-                    };
                     let named = || format!("{at}: prompt {}", pr.problem_id);
                     if cfg.video.reuse {
                         engine
-                            .add_group(prompt_of(&pr.features), g, params)
+                            .add_group(pr.rollout.clone(), g, params)
                             .with_context(named)?;
                     } else {
                         // One group per sample (seeded as sample j of the group would be), its
@@ -808,7 +800,9 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                             extra_encode += t0.elapsed().as_secs_f64();
                             let mut p = params.clone();
                             p.sampling.seed = sample_seed(params.sampling.seed, j);
-                            engine.add_group(prompt_of(&f), 1, p).with_context(named)?;
+                            let (grids, secs) = (&pr.inputs.grids, &pr.inputs.seconds);
+                            let prompt = Prompt::vl(&model, pr.ids.clone(), grids, secs, &f)?;
+                            engine.add_group(prompt, 1, p).with_context(named)?;
                         }
                     }
                 }
