@@ -585,6 +585,7 @@ fn real_main() -> Result<()> {
                     response: rl_response,
                     model: rl_model,
                     sp: rl_sp,
+                    reps,
                 };
                 let report = bench_rl::run(&args, json)?;
                 if json {

@@ -14,8 +14,10 @@
 //!    passes.
 //! 2. **Roll out.** The engine runs the decoder with each group's prompt given as input
 //!    embeddings (video rows = the cached features) and M-RoPE positions [P, 3]
-//!    (`mrope_positions`, as transformers' `get_rope_index`); the prompt is prefilled once per
-//!    group and the G samples fork from it.
+//!    ([`Prompt::vl`]: `mrope_positions`, as transformers' `get_rope_index`); the prompt is
+//!    prefilled once per group and the G samples fork from it. A response token the policy
+//!    samples as `<|video_pad|>` is an ordinary token there (table embedding, 1-D position), and
+//!    so it is in scoring; it takes no embedding-table gradient.
 //! 3. **Score.** Rewards and group advantages; rows `prompt ++ response[..-1]` [B, T] as input
 //!    embeddings (table lookup of the current weights, video rows from the cache) with M-RoPE
 //!    angles (response tokens continue 1-D after the prompt's largest position), targets at the
@@ -876,7 +878,9 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 }
                 summary.old_passes += 1;
             }
-            let scoring_s = t2.elapsed().as_secs_f64();
+            // Re-encoding (reuse off) is counted in encode_s, not in the pass it served.
+            let scoring_s = t2.elapsed().as_secs_f64() - encode_s;
+            let encode_before_update = encode_s;
 
             // 4. The updates.
             let t3 = Instant::now();
@@ -917,7 +921,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     n_updates += 1;
                 }
             }
-            let update_s = t3.elapsed().as_secs_f64();
+            let update_s = t3.elapsed().as_secs_f64() - (encode_s - encode_before_update);
             summary.last_batch = samples
                 .iter()
                 .map(|s| (s.ids.clone(), s.prompt_len, s.advantage))
