@@ -86,16 +86,19 @@ pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
             },
             &data,
         )?;
-        let video_tokens = frames.div_ceil(2) * (args.side / 28).pow(2);
+        // The tiny model keeps side×side frames: (side/28)² merged tokens per 2 frames.
+        let expected_tokens = frames.div_ceil(2) * (args.side / 28).pow(2);
         let model = match &args.model {
             Some(m) => m.clone(),
             None => {
                 let m = dir.join("model");
-                let positions = (video_tokens + 1024 + args.response).next_power_of_two();
+                let positions = (expected_tokens + 1024 + args.response).next_power_of_two();
                 reel_train::write_tiny_vl_model_with(&m, 0, positions, args.side)?;
                 m
             }
         };
+        let vid = reel_model::Qwen25VLConfig::from_file(&model.join("config.json"))?.video_token_id;
+        let mut video_tokens = 0;
         let mut modes = Vec::new();
         for reuse in [true, false] {
             let mut best: Option<(serde_json::Value, usize, u64)> = None;
@@ -125,6 +128,11 @@ pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
                 .with_context(|| format!("{frames} frames, reuse {reuse}"))?;
                 let r = s.run.records.last().context("no step ran")?.clone();
                 let prompt = s.run.last_batch.first().map_or(0, |b| b.1);
+                video_tokens = s
+                    .run
+                    .last_batch
+                    .first()
+                    .map_or(0, |b| b.0[..b.1].iter().filter(|&&t| t == vid).count());
                 let faster = best
                     .as_ref()
                     .is_none_or(|(b, _, _)| r["step_s"].as_f64() < b["step_s"].as_f64());

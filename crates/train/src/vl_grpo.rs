@@ -1392,6 +1392,14 @@ mod tests {
         assert_eq!(s.skipped_records, 2);
         assert_eq!(s.run.records[0]["skipped_records"], json!(2));
         assert_eq!(s.run.records[0]["groups_rolled"], json!(4));
+        // β = 0 and one update per batch: no reference model, no old-policy pass.
+        assert_eq!((s.run.ref_passes, s.run.old_passes), (1, 1));
+        cfg.grpo.kl_coef = 0.0;
+        cfg.train.mini_batches = 1;
+        cfg.output.dir = tmp.path().join("beta0");
+        let s = run_vl_grpo(&cfg, quiet()).unwrap();
+        assert_eq!((s.run.ref_passes, s.run.old_passes), (0, 0));
+        assert!(s.run.records[0]["kl"].is_null());
         // Bad configs are refused by key.
         cfg.parallel.dp = 2;
         let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
