@@ -446,8 +446,9 @@ impl Qwen25VL {
         VlWorkspace::new(&self.config, policy)
     }
 
-    /// M-RoPE cos/sin [N, D/2] from positions [3, N].
-    fn mrope_angles(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    /// M-RoPE cos/sin [N, D/2] from positions [3, N] (t row, h row, w row), the angles the
+    /// decoder turns q/k by ([`Rotary::Angles`]).
+    pub fn mrope_angles(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         let n = positions.len() / 3;
         mrope_angles(
             &self.lm.rope,
@@ -615,6 +616,38 @@ impl Qwen25VL {
         self.prepare(ws, batch, Some(features))
     }
 
+    /// The decoder's inputs for one sequence of `tokens` [T] whose videos' merged features
+    /// [Σ tokens, d] come from outside (the embedding cache): input embeddings [T, d] with the
+    /// `<|video_pad|>` rows replaced by the features in order, and the 3-D positions of every
+    /// token ([`mrope_positions`], one `[t, h, w]` per token). What the rollout engine prefills a
+    /// VLM prompt from; the checks are those of the training forward.
+    pub fn sequence_inputs(
+        &self,
+        tokens: &[u32],
+        grids: &[VideoGrid],
+        second_per_grid_ts: &[f32],
+        features: &[f32],
+    ) -> Result<(Vec<f32>, Vec<[u32; 3]>), ModelError> {
+        let t = tokens.len();
+        let targets = vec![-100i32; t];
+        let batch = VlBatch {
+            tokens,
+            targets: &targets,
+            b: 1,
+            t,
+            videos: VideoBatch {
+                pixels: &[],
+                grids,
+                second_per_grid_ts,
+            },
+        };
+        let mut ws = self.workspace(CheckpointPolicy::Layer);
+        self.prepare(&mut ws, &batch, Some(features))?;
+        let p = &ws.positions;
+        let ids = (0..t).map(|k| [p[k], p[t + k], p[2 * t + k]]).collect();
+        Ok((std::mem::take(&mut ws.embeds), ids))
+    }
+
     /// Input embeddings [B·T, d] (video rows filled) and M-RoPE cos/sin [B·T, D/2] of the last
     /// forward.
     pub fn prepared(ws: &VlWorkspace) -> (&[f32], &[f32], &[f32]) {
@@ -695,6 +728,43 @@ impl Qwen25VL {
             d,
         );
         Ok(&ws.d_features)
+    }
+
+    /// Accumulates ∂L/∂embeddings `dx` [N, d] of rows `tokens` [N] into the embedding table's
+    /// gradient (decoder layout), skipping video placeholder rows (their embeddings are vision
+    /// features, not table rows) — the embedding lookup's backward for callers that run the
+    /// decoder on input embeddings themselves (a frozen tower).
+    pub fn text_embedding_backward(
+        &self,
+        lm_grads: &mut [f32],
+        dx: &[f32],
+        tokens: &[u32],
+    ) -> Result<(), ModelError> {
+        let d = self.config.text.hidden_size;
+        if dx.len() != tokens.len() * d || lm_grads.len() != self.lm.params.len() {
+            return Err(ModelError::Invalid(format!(
+                "embedding backward: {} gradient values for {} rows of width {d}, gradient \
+                 buffer {} for {} parameters",
+                dx.len(),
+                tokens.len(),
+                lm_grads.len(),
+                self.lm.params.len()
+            )));
+        }
+        let vid = self.config.video_token_id;
+        let mut text = dx.to_vec();
+        for (r, &tok) in tokens.iter().enumerate() {
+            if tok == vid {
+                text[r * d..(r + 1) * d].fill(0.0);
+            }
+        }
+        embedding_backward(
+            &mut lm_grads[self.lm.layout.embed.clone()],
+            &text,
+            tokens,
+            d,
+        );
+        Ok(())
     }
 }
 

@@ -26,7 +26,7 @@ use crate::request::{
 use crate::RolloutError;
 use reel_model::decode::{DecodeScratch, SeqStep, StepInput, StepPositions};
 use reel_model::generate::sample_token;
-use reel_model::{Qwen2, Qwen2Config};
+use reel_model::{Qwen2, Qwen25VL, Qwen2Config};
 use std::sync::Arc;
 
 /// Engine sizes. Every field has a default ([`EngineConfig::default`]).
@@ -186,6 +186,12 @@ impl<'m> Engine<'m> {
             stats: EngineStats::default(),
             detokenizer: None,
         })
+    }
+
+    /// An engine over a Qwen2.5-VL model's decoder (its weights read in place, the tower
+    /// unused): prompts come from [`Prompt::vl`] with the videos' features already encoded.
+    pub fn new_vl(model: &'m Qwen25VL, config: EngineConfig) -> Result<Self, RolloutError> {
+        Self::new(&model.lm, config)
     }
 
     /// Sets the detokenizer that stop strings are matched with.

@@ -1,7 +1,9 @@
 //! What a caller hands the engine (a [`Prompt`] and [`GenerationParams`] for a group of G
 //! samples) and what it gets back ([`GroupOutput`]); a sample's life is a [`SeqState`].
 
+use crate::RolloutError;
 use reel_model::generate::SamplingParams;
+use reel_model::{Qwen25VL, VideoGrid};
 
 /// Identifies a group (a prompt with its G samples) within one engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -50,6 +52,32 @@ impl From<&[u32]> for Prompt {
 }
 
 impl Prompt {
+    /// A Qwen2.5-VL prompt: token ids [P] with each video's `<|video_pad|>` run, the videos'
+    /// merged features [Σ video tokens, d] from outside (the embedding cache or an SP encode;
+    /// the tower does not run here), their grids and seconds per temporal patch. The prompt
+    /// carries the input embeddings (placeholder rows = the features) and the 3-D M-RoPE
+    /// positions `get_rope_index` gives; generated tokens continue at max(position) + 1 on all
+    /// three components, as transformers' `rope_deltas` make them. Run it with an engine over
+    /// the model's decoder ([`crate::Engine::new_vl`]).
+    pub fn vl(
+        model: &Qwen25VL,
+        ids: Vec<u32>,
+        grids: &[VideoGrid],
+        second_per_grid_ts: &[f32],
+        features: &[f32],
+    ) -> Result<Prompt, RolloutError> {
+        let (embeddings, positions) =
+            model.sequence_inputs(&ids, grids, second_per_grid_ts, features)?;
+        Ok(Prompt {
+            ids,
+            embeddings: Some(embeddings),
+            mrope: Some(MRopePrompt {
+                positions,
+                sections: model.config.mrope_section,
+            }),
+        })
+    }
+
     /// Position of the first generated token: P for 1-D prompts; one past the largest
     /// component with M-RoPE (generated tokens then take equal components, i.e. 1-D RoPE).
     pub fn next_position(&self) -> usize {

@@ -1,7 +1,8 @@
 //! Answer accuracy of a model on a prompt set: greedy answers from the rollout engine (many
 //! prompts per batched decoding step), scored with the accuracy reward's comparison (choice
 //! letter, number within tolerance, normalised string; the `<answer>…</answer>` content when the
-//! response has one) and the format check, overall and per `problem_type`.
+//! response has one) and the format check, overall and per `problem_type`. The same for a
+//! Qwen2.5-VL model on LongVideo-Reason records: [`crate::vl::eval_vl_accuracy`].
 
 use crate::prompts::PromptItem;
 use anyhow::Result;
@@ -69,6 +70,37 @@ impl Default for AccuracyOptions {
     }
 }
 
+impl AccuracyReport {
+    /// Scores one response against its reference answer, under `problem_type`.
+    pub fn add(&mut self, text: String, answer: &str, problem_type: &str, acc: &AccuracyReward) {
+        let ok = acc.is_correct(&text, answer);
+        let formatted = FormatReward::matches(&text);
+        self.overall.add(ok, formatted);
+        self.per_type
+            .entry(problem_type.to_string())
+            .or_default()
+            .add(ok, formatted);
+        self.responses.push(text);
+    }
+}
+
+/// An engine sized for `n` prompts of at most `longest` tokens with `max_new_tokens` each
+/// (within the model's context).
+pub fn engine_config(
+    n: usize,
+    longest: usize,
+    max_new_tokens: usize,
+    max_ctx: usize,
+) -> EngineConfig {
+    let per_seq = (longest + max_new_tokens).min(max_ctx);
+    let block_size = 16;
+    EngineConfig {
+        block_size,
+        num_blocks: n * per_seq.div_ceil(block_size) + 8,
+        ..EngineConfig::default()
+    }
+}
+
 /// Greedy answers to every item, scored; `decode` turns response ids into text (special
 /// tokens skipped).
 pub fn eval_accuracy(
@@ -81,13 +113,7 @@ pub fn eval_accuracy(
     let max_ctx = model.config.max_position_embeddings;
     for chunk in items.chunks(opts.batch.max(1)) {
         let longest = chunk.iter().map(|i| i.ids.len()).max().unwrap_or(0);
-        let per_seq = (longest + opts.max_new_tokens).min(max_ctx);
-        let block_size = 16;
-        let config = EngineConfig {
-            block_size,
-            num_blocks: chunk.len() * per_seq.div_ceil(block_size) + 8,
-            ..EngineConfig::default()
-        };
+        let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
         let mut engine = Engine::new(model, config)?;
         for item in chunk {
             engine.add_request(
@@ -102,15 +128,7 @@ pub fn eval_accuracy(
         let outs = engine.run()?;
         for (item, out) in chunk.iter().zip(&outs) {
             let text = decode(&out.samples[0].ids)?;
-            let ok = opts.accuracy.is_correct(&text, &item.answer);
-            let formatted = FormatReward::matches(&text);
-            report.overall.add(ok, formatted);
-            report
-                .per_type
-                .entry(item.problem_type.clone())
-                .or_default()
-                .add(ok, formatted);
-            report.responses.push(text);
+            report.add(text, &item.answer, &item.problem_type, &opts.accuracy);
         }
     }
     Ok(report)

@@ -175,6 +175,18 @@ pub(crate) fn checkpoint_files(
     with_trainer_files(text_model_files(model, tok)?, opt, state)
 }
 
+/// The files of a checkpoint folder from a model folder's `files`: those, the tokenizer's,
+/// optimizer and trainer state.
+pub(crate) fn checkpoint_files_with(
+    mut files: Vec<(String, Vec<u8>)>,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    files.extend(tokenizer_files(tok)?);
+    with_trainer_files(files, opt, state)
+}
+
 /// What the one SFT loop needs of a model family; everything else (sampler, accumulation,
 /// global token-mean scaling, the gradient all-reduce, clipping, AdamW, schedule, NaN stop,
 /// metrics, evaluation cadence, checkpoints, resume, ranks) is the loop's own. Implemented by

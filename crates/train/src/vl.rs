@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use reel_comm::Communicator;
+use reel_comm::{Communicator, InProcess};
 use reel_data::{
     load_vl_examples, BucketSampler, FrameSampling, Tokenizer, VideoProcessorConfig, VideoSettings,
     VlExample, VlLoadReport, IGNORE_INDEX,
@@ -37,8 +37,10 @@ use reel_model::{
     VlWorkspace,
 };
 use reel_parallel::{EncodeStats, SpVisionEncoder};
+use reel_rollout::{Engine, GenerationParams, Prompt};
 use reel_tensor::DType;
 
+use crate::accuracy::{engine_config, AccuracyOptions, AccuracyReport};
 use crate::config::{ModelKind, SftConfig, VideoConfig};
 use crate::sft::{
     param_checksum, param_checksum_from, run_sft, split_sizes, tokenizer_files, Peers, RunOptions,
@@ -164,6 +166,104 @@ pub fn eval_vl_nll(
         bail!("{}: no usable record", data.display());
     }
     Ok((eval_vl_examples(model, &examples)?, report))
+}
+
+/// Encodes a whole example's videos through the cache (one rank); returns their merged
+/// embeddings [Σ tokens, d] in order.
+fn cached_features(
+    model: &Qwen25VL,
+    enc: &SpVisionEncoder,
+    ws: &mut reel_model::VisionWorkspace,
+    cache: &EmbedCache,
+    inp: &VlInputs,
+) -> Result<Vec<f32>> {
+    let ws = std::sync::Mutex::new(ws);
+    let out = InProcess::spawn(1, std::time::Duration::from_secs(600), |comm| {
+        let mut ws = ws.lock().unwrap_or_else(|e| e.into_inner());
+        enc.encode_cached(
+            &comm,
+            &model.vision,
+            &mut ws,
+            cache,
+            &inp.keys,
+            &inp.pixels,
+            &inp.grids,
+            &inp.seconds,
+        )
+    });
+    let embeds = out
+        .into_iter()
+        .next()
+        .expect("one rank")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(embeds.iter().flat_map(|e| e.data.iter().copied()).collect())
+}
+
+/// The rollout-engine prompt of a prompt example ([`load_vl_examples`] with
+/// `with_target = false`): its videos' merged embeddings from the content-addressed cache
+/// (a miss runs the tower once per video; `weights` is the tower's version in the cache key,
+/// [`weights_fingerprint`] of its parameters), scattered into the `<|video_pad|>` rows, with the
+/// M-RoPE positions ([`Prompt::vl`]).
+pub fn vl_rollout_prompt(
+    model: &Qwen25VL,
+    cache: &EmbedCache,
+    vws: &mut reel_model::VisionWorkspace,
+    ex: &VlExample,
+    settings_key: &str,
+    weights: u64,
+) -> Result<Prompt> {
+    let inp = VlInputs::new(ex, settings_key, weights);
+    let enc = SpVisionEncoder::new();
+    let features = cached_features(model, &enc, vws, cache, &inp)?;
+    Prompt::vl(model, inp.tokens, &inp.grids, &inp.seconds, &features)
+        .with_context(|| ex.origin.clone())
+}
+
+/// Greedy answers of a Qwen2.5-VL model to the LongVideo-Reason records of `data` through the
+/// rollout engine (prompts prefilled from cached video embeddings, `opts.batch` prompts per
+/// engine run), scored like the accuracy reward: accuracy overall and per `problem_type`, and
+/// the `<think>/<answer>` format rate. Bad records and videos are skipped and reported.
+pub fn eval_vl_accuracy(
+    model: &Qwen25VL,
+    tok: &Tokenizer,
+    data: &Path,
+    settings: &VideoSettings,
+    cache: &EmbedCache,
+    opts: &AccuracyOptions,
+) -> Result<(AccuracyReport, VlLoadReport)> {
+    let (examples, load) = load_vl_examples(data, tok, settings, false)?;
+    if examples.is_empty() {
+        bail!("{}: no usable record", data.display());
+    }
+    let key = settings.key_text();
+    let weights = weights_fingerprint(&model.vision.params);
+    let mut vws = reel_model::VisionWorkspace::new();
+    let mut report = AccuracyReport::default();
+    let max_ctx = model.config.text.max_position_embeddings;
+    for chunk in examples.chunks(opts.batch.max(1)) {
+        let prompts = chunk
+            .iter()
+            .map(|ex| vl_rollout_prompt(model, cache, &mut vws, ex, &key, weights))
+            .collect::<Result<Vec<_>>>()?;
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
+        let mut engine = Engine::new_vl(model, config)?;
+        for p in prompts {
+            engine.add_request(
+                p,
+                GenerationParams {
+                    max_new_tokens: opts.max_new_tokens,
+                    stop_token_ids: opts.stop_token_ids.clone(),
+                    ..GenerationParams::default()
+                },
+            )?;
+        }
+        for (ex, out) in chunk.iter().zip(engine.run()?) {
+            let text = tok.decode(&out.samples[0].ids, true)?;
+            report.add(text, &ex.answer, &ex.problem_type, &opts.accuracy);
+        }
+    }
+    Ok((report, load))
 }
 
 /// Settings of a VLM SFT run in the older flat form (CLI `reel sft --vl-model`), mapped onto an
@@ -694,7 +794,7 @@ impl VlTask {
             t: local_t,
         };
         let stats = model.lm.forward_embeds(&mut ws.lm, &eb, attn)?;
-        let mut dx = model
+        let dx = model
             .lm
             .backward_embeds(lm_grads, &mut ws.lm, &eb, scale, attn)?
             .to_vec();
@@ -728,17 +828,7 @@ impl VlTask {
                 &d_features,
             )?;
         }
-        for (row, &tok) in dx.chunks_exact_mut(d).zip(&l_tok) {
-            if tok == vid {
-                row.fill(0.0);
-            }
-        }
-        reel_kernels::embedding::embedding_backward(
-            &mut lm_grads[model.lm.layout.embed.clone()],
-            &dx,
-            &l_tok,
-            d,
-        );
+        model.text_embedding_backward(lm_grads, &dx, &l_tok)?;
         Ok(stats)
     }
 }
@@ -762,6 +852,20 @@ pub fn eval_vl_examples(model: &Qwen25VL, examples: &[VlExample]) -> Result<Loss
 /// of `Qwen2Config::tiny`, tower of `VisionConfig::tiny`), a character tokenizer with the vision
 /// special tokens, and a video_preprocessor_config.json that keeps 56×56 frames as they are.
 pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
+    write_tiny_vl_model_with(dir, seed, 1024, 56)
+}
+
+/// [`write_tiny_vl_model`] with the decoder's `max_position_embeddings` and the square frame
+/// side (pixels, a multiple of 28) the preprocessor keeps (long videos make long prompts).
+pub fn write_tiny_vl_model_with(
+    dir: &Path,
+    seed: u64,
+    max_positions: usize,
+    frame_side: usize,
+) -> Result<()> {
+    if frame_side == 0 || !frame_side.is_multiple_of(28) {
+        bail!("frame side {frame_side} must be a positive multiple of 28 (patch 14, merge 2)");
+    }
     use reel_model::vision::VisionLayout;
     use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
     let tok = reel_data::char_tokenizer_with(&reel_data::VISION_SPECIAL_TOKENS);
@@ -769,6 +873,7 @@ pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
     let mut text = Qwen2Config::tiny(tok.vocab_size().next_multiple_of(8));
     text.tie_word_embeddings = false;
     text.eos_token_id = tok.eos_token_id();
+    text.max_position_embeddings = max_positions;
     let config = Qwen25VLConfig {
         text: text.clone(),
         vision: VisionConfig::tiny(),
@@ -794,7 +899,7 @@ pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
     save_vl_checkpoint(&model, dir, DType::F32, usize::MAX)?;
     tok.save(dir)?;
     let proc = serde_json::json!({
-        "size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        "size": {"shortest_edge": frame_side * frame_side, "longest_edge": frame_side * frame_side},
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     });
     std::fs::write(
@@ -862,6 +967,65 @@ mod tests {
     }
 
     #[test]
+    fn vl_accuracy_answers_are_greedy_full_recomputation_and_videos_encode_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model_dir, data) = setup(tmp.path());
+        let m = reel_model::load_vl_checkpoint(&model_dir).unwrap();
+        let tok = Tokenizer::from_dir(&model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: FrameSampling::Uniform { frames: 8 },
+            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
+        };
+        let eos = tok.eos_token_id().unwrap();
+        let opts = AccuracyOptions {
+            max_new_tokens: 12,
+            batch: 4,
+            stop_token_ids: vec![eos],
+            ..AccuracyOptions::default()
+        };
+        let cache = EmbedCache::new(1 << 26);
+        let (report, load) = eval_vl_accuracy(&m, &tok, &data, &settings, &cache, &opts).unwrap();
+        assert_eq!(load.bad_records.len() + load.skipped_videos.len(), 0);
+        assert_eq!(report.overall.total, 6);
+        assert_eq!(report.per_type.values().map(|t| t.total).sum::<usize>(), 6);
+        assert_eq!(cache.stats().misses, 6, "one tower run per video");
+        // Each answer is the greedy continuation by full recomputation (tower on the pixels).
+        let (examples, _) = load_vl_examples(&data, &tok, &settings, false).unwrap();
+        let mut ws = m.workspace(CheckpointPolicy::None);
+        let v = m.config.text.vocab_size;
+        let mut want = AccuracyReport::default();
+        for (ex, got) in examples.iter().zip(&report.responses) {
+            let inp = VlInputs::new(ex, "", 0);
+            let mut seq = inp.tokens.clone();
+            for _ in 0..opts.max_new_tokens {
+                let targets = vec![IGNORE_INDEX; seq.len()];
+                let batch = VlBatch {
+                    tokens: &seq,
+                    targets: &targets,
+                    t: seq.len(),
+                    ..inp.batch()
+                };
+                let logits = m.logits(&mut ws, &batch, &LocalAttention).unwrap();
+                let last = &logits[logits.len() - v..];
+                let best = (0..v).fold(0, |b, i| if last[i] > last[b] { i } else { b }) as u32;
+                seq.push(best);
+                if best == eos {
+                    break;
+                }
+            }
+            let text = tok.decode(&seq[inp.tokens.len()..], true).unwrap();
+            assert_eq!(got, &text, "{}", ex.origin);
+            want.add(text, &ex.answer, &ex.problem_type, &opts.accuracy);
+        }
+        assert_eq!(report.overall, want.overall);
+        assert_eq!(report.per_type, want.per_type);
+        // A second evaluation is served from the cache.
+        eval_vl_accuracy(&m, &tok, &data, &settings, &cache, &opts).unwrap();
+        assert_eq!(cache.stats().misses, 6);
+        assert!(cache.stats().hits >= 6);
+    }
+
+    #[test]
     fn a_trained_tower_bypasses_the_cache_and_gets_gradients() {
         let tmp = tempfile::tempdir().unwrap();
         let (model, data) = setup(tmp.path());
@@ -886,6 +1050,8 @@ mod tests {
         let ex = |n: usize| VlExample {
             origin: "f.jsonl:1".into(),
             problem_id: "p".into(),
+            problem_type: String::new(),
+            answer: String::new(),
             tokens: reel_data::TokenizedExample {
                 input_ids: (0..n as u32)
                     .map(|i| if (2..5).contains(&i) { 99 } else { i })
