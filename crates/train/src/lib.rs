@@ -39,6 +39,7 @@ pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
+pub use vl::write_vl_model;
 pub use vl::{
     eval_vl_accuracy, eval_vl_nll, parse_sampling, run_vl_sft, vl_rollout_prompt, VlInputs,
     VlSftConfig, VlSftSummary,
