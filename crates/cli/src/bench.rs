@@ -218,6 +218,9 @@ pub enum BenchWhat {
     Rollout,
     /// Video input: frames decoded per second (native MJPEG, ffmpeg), preprocessing, the loader.
     Data,
+    /// A VLM GRPO step at 64/256/1024 frames with MR-SP reuse (encode once, shared-prefix
+    /// prefill) on and off.
+    Rl,
 }
 
 pub fn run(what: BenchWhat, seq: usize, reps: usize, as_json: bool) -> Result<()> {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_data;
+mod bench_rl;
 mod bench_rollout;
 mod bench_sp;
 mod data_cmd;
@@ -97,7 +98,8 @@ enum Command {
         #[arg(long)]
         print_config: bool,
     },
-    /// GRPO from an SFT checkpoint on a prompt JSONL (text decoder).
+    /// GRPO from an SFT checkpoint on a prompt JSONL: a text decoder, or a Qwen2.5-VL model
+    /// (model_type qwen2_5_vl) on LongVideo-Reason records with videos (MR-SP, `parallel.sp`).
     Grpo {
         /// The run's TOML config (`reel grpo --print-config` shows every field and default).
         #[arg(long, required_unless_present = "print_config")]
@@ -198,6 +200,24 @@ enum Command {
         reps: usize,
         #[arg(long)]
         json: bool,
+        /// `bench rl`: frame counts (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+        rl_frames: Vec<usize>,
+        /// `bench rl`: square frame side in pixels (multiple of 28; 448 = full size).
+        #[arg(long, default_value_t = 56)]
+        rl_side: usize,
+        /// `bench rl`: samples per prompt G (the published recipe uses 8).
+        #[arg(long, default_value_t = 4)]
+        rl_group: usize,
+        /// `bench rl`: tokens generated per sample.
+        #[arg(long, default_value_t = 16)]
+        rl_response: usize,
+        /// `bench rl`: a Qwen2.5-VL folder instead of the tiny random model.
+        #[arg(long)]
+        rl_model: Option<PathBuf>,
+        /// `bench rl`: sequence-parallel ranks.
+        #[arg(long, default_value_t = 1)]
+        rl_sp: usize,
     },
     /// Video datasets: generate the synthetic long-video set, validate LongVideo-Reason JSONL.
     Data(data_cmd::DataArgs),
@@ -471,13 +491,21 @@ fn real_main() -> Result<()> {
             for o in &overrides {
                 cfg.apply_override(o)?;
             }
-            let summary = run_grpo(
-                &cfg,
-                GrpoOptions {
-                    resume,
-                    ..GrpoOptions::default()
-                },
-            )?;
+            let opts = GrpoOptions {
+                resume,
+                ..GrpoOptions::default()
+            };
+            let summary = if is_vl_checkpoint(&cfg.model.path)? {
+                let s = reel_train::run_vl_grpo(&cfg, opts)?;
+                println!(
+                    "videos: {} encoded by the tower, {} served from the cache; {} records \
+                     skipped",
+                    s.encode.videos_encoded, s.encode.videos_cached, s.skipped_records
+                );
+                s.run
+            } else {
+                run_grpo(&cfg, opts)?
+            };
             let last = summary.records.last();
             let get = |k: &str| last.and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
             println!(
@@ -602,7 +630,31 @@ fn real_main() -> Result<()> {
             seq,
             reps,
             json,
-        } => bench::run(what, seq, reps, json)?,
+            rl_frames,
+            rl_side,
+            rl_group,
+            rl_response,
+            rl_model,
+            rl_sp,
+        } => {
+            if what == bench::BenchWhat::Rl {
+                let args = bench_rl::RlBenchArgs {
+                    frames: rl_frames,
+                    side: rl_side,
+                    group: rl_group,
+                    response: rl_response,
+                    model: rl_model,
+                    sp: rl_sp,
+                    reps,
+                };
+                let report = bench_rl::run(&args, json)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+            } else {
+                bench::run(what, seq, reps, json)?
+            }
+        }
         Command::Data(args) => data_cmd::run(args)?,
         Command::Demo(args) => demo::run(args)?,
         Command::Launch {

@@ -548,3 +548,48 @@ fn launch_runs_one_process_per_rank_and_names_failures() {
     assert!(err.contains("rank 0 exited with status 4"), "{err}");
     assert!(err.contains("rank 1 exited with status 5"), "{err}");
 }
+
+#[test]
+fn grpo_on_a_vlm_checkpoint_runs_mr_sp_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("vl");
+    reel_train::vl::write_tiny_vl_model(&model, 3).unwrap();
+    let data = dir.path().join("data");
+    let synth = reel_data::SynthVideoConfig {
+        videos: 3,
+        frames: 8,
+        width: 56,
+        height: 56,
+        held_out: 0.0,
+        ..Default::default()
+    };
+    reel_data::write_synth_dataset(&synth, &data).unwrap();
+    let cfg_path = dir.path().join("grpo.toml");
+    let run = dir.path().join("run");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[model]\npath = {:?}\n[data]\nprompts = {:?}\nprompts_per_step = 2\n[train]\n\
+             steps = 1\n[grpo]\ngroup_size = 2\nmax_response_tokens = 3\n[video]\n\
+             sampling = \"uniform:8\"\n[parallel]\nsp = 2\n[output]\ndir = {:?}\n",
+            model.display().to_string(),
+            data.join("train.jsonl").display().to_string(),
+            run.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = reel()
+        .args(["grpo", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("ran 1 GRPO steps"), "{stdout}");
+    assert!(stdout.contains("2 encoded by the tower"), "{stdout}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(r["videos_encoded"], 2);
+    assert!(reel_model::load_vl_checkpoint(&run.join("checkpoints/step-1")).is_ok());
+}

@@ -47,8 +47,8 @@ pub use video::{
 };
 pub use video_synth::{write_synth_dataset, SynthVideoConfig};
 pub use vl_data::{
-    load_vl_examples, tokenize_vl_record, VideoSettings, VlExample, VlLoadReport, VlVideo,
-    VIDEO_PAD, VISION_SPECIAL_TOKENS,
+    load_vl_examples, prepare_vl_record, tokenize_vl_record, VideoSettings, VlExample,
+    VlLoadReport, VlSkip, VlVideo, VIDEO_PAD, VISION_SPECIAL_TOKENS,
 };
 
 /// Everything that can go wrong reading data. Messages name the file (and 1-based line) involved.

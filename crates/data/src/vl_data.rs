@@ -79,9 +79,9 @@ pub struct VlLoadReport {
 
 /// Tokenizes `record` with its k-th video placeholder expanded to `video_tokens[k]` copies of
 /// `<|video_pad|>`; with `with_target`, the assistant turn is the SFT target and carries the
-/// loss mask; without, the ids are the prompt for generation (the chat template's generation
-/// prompt appended, no token labelled). Errors when the tokenizer does not make each copy one
-/// token.
+/// loss mask; without, the result is the prompt for generation (the user turn and the template's
+/// generation prompt, nothing labelled), as RL rolls it out. Errors when the tokenizer does not
+/// make each copy one token.
 pub fn tokenize_vl_record(
     tok: &Tokenizer,
     record: &ReasonRecord,
@@ -111,10 +111,9 @@ pub fn tokenize_vl_record(
         tokenize_conversation(tok, &messages).map_err(|e| e.to_string())?
     } else {
         let input_ids = prompt_ids(tok, &messages).map_err(|e| e.to_string())?;
-        let loss_mask = vec![false; input_ids.len()];
         TokenizedExample {
+            loss_mask: vec![false; input_ids.len()],
             input_ids,
-            loss_mask,
         }
     };
     let want: usize = video_tokens.iter().sum();
@@ -126,6 +125,71 @@ pub fn tokenize_vl_record(
         ));
     }
     Ok(ex)
+}
+
+/// Why one record could not be prepared.
+#[derive(Debug)]
+pub enum VlSkip {
+    /// The record is malformed (`path:line: …`).
+    Record(DataError),
+    /// A video of the record is missing or undecodable: (`path:line`, the video's error).
+    Video(String, String),
+}
+
+impl std::fmt::Display for VlSkip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VlSkip::Record(e) => write!(f, "skipping malformed record: {e}"),
+            VlSkip::Video(origin, e) => write!(f, "{origin}: skipping the record: video {e}"),
+        }
+    }
+}
+
+/// Prepares record `i` of `file`: loads and processes its videos (frame sampling and processor of
+/// `settings`, `processor` built from them) and tokenizes it ([`tokenize_vl_record`]).
+pub fn prepare_vl_record(
+    file: &ReasonFile,
+    i: usize,
+    tok: &Tokenizer,
+    settings: &VideoSettings,
+    processor: &VideoProcessor,
+    with_target: bool,
+) -> std::result::Result<VlExample, VlSkip> {
+    let origin = file.origin(i);
+    let record = &file.records[i];
+    let mut videos = Vec::new();
+    for p in file.video_paths(i) {
+        let loaded = load_and_process(&p, &settings.sampling, processor)
+            .and_then(|v| Ok((video_content_hash(&p)?, v)));
+        match loaded {
+            Ok((hash, v)) => videos.push(VlVideo {
+                path: p,
+                content_hash: hash,
+                inputs: v.inputs,
+            }),
+            Err(e) => return Err(VlSkip::Video(origin, e.to_string())),
+        }
+    }
+    let merge = settings.processor.merge_size;
+    let counts: Vec<usize> = videos
+        .iter()
+        .map(|v| v.inputs.num_video_tokens(merge))
+        .collect();
+    match tokenize_vl_record(tok, record, &counts, with_target) {
+        Ok(tokens) => Ok(VlExample {
+            origin,
+            problem_id: record.problem_id.clone(),
+            problem_type: record.problem_type.clone(),
+            answer: record.answer.clone(),
+            tokens,
+            videos,
+        }),
+        Err(msg) => Err(VlSkip::Record(DataError::Jsonl {
+            path: file.path.clone(),
+            line: file.lines[i],
+            msg,
+        })),
+    }
 }
 
 /// Reads a LongVideo-Reason file and prepares every good record (module docs; `with_target` as
@@ -148,49 +212,16 @@ pub fn load_vl_examples(
     }
     let processor = VideoProcessor::new(settings.processor.clone())
         .map_err(|e| DataError::config(path, e.to_string()))?;
-    let merge = settings.processor.merge_size;
     let mut out = Vec::new();
-    'records: for (i, record) in file.records.iter().enumerate() {
-        let origin = file.origin(i);
-        let mut videos = Vec::new();
-        for p in file.video_paths(i) {
-            let loaded = load_and_process(&p, &settings.sampling, &processor)
-                .and_then(|v| Ok((video_content_hash(&p)?, v)));
-            match loaded {
-                Ok((hash, v)) => videos.push(VlVideo {
-                    path: p,
-                    content_hash: hash,
-                    inputs: v.inputs,
-                }),
-                Err(e) => {
-                    eprintln!("warning: {origin}: skipping the record: video {e}");
-                    report.skipped_videos.push((origin.clone(), e.to_string()));
-                    continue 'records;
+    for i in 0..file.records.len() {
+        match prepare_vl_record(&file, i, tok, settings, &processor, with_target) {
+            Ok(ex) => out.push(ex),
+            Err(skip) => {
+                eprintln!("warning: {skip}");
+                match skip {
+                    VlSkip::Record(e) => report.bad_records.push(e),
+                    VlSkip::Video(origin, e) => report.skipped_videos.push((origin, e)),
                 }
-            }
-        }
-        let counts: Vec<usize> = videos
-            .iter()
-            .map(|v| v.inputs.num_video_tokens(merge))
-            .collect();
-        match tokenize_vl_record(tok, record, &counts, with_target) {
-            Ok(tokens) => out.push(VlExample {
-                origin,
-                problem_id: record.problem_id.clone(),
-                problem_type: record.problem_type.clone(),
-                answer: record.answer.clone(),
-                tokens,
-                videos,
-            }),
-            Err(msg) => {
-                let line = file.lines[i];
-                let e = DataError::Jsonl {
-                    path: path.to_path_buf(),
-                    line,
-                    msg,
-                };
-                eprintln!("warning: skipping malformed record: {e}");
-                report.bad_records.push(e);
             }
         }
     }
@@ -245,16 +276,18 @@ mod tests {
             .iter()
             .zip(&ex.loss_mask)
             .all(|(&t, &m)| !(m && t == pad)));
-        // Wrong number of videos: refused.
-        assert!(tokenize_vl_record(&tok, &record(), &[3, 4], true)
-            .unwrap_err()
-            .contains("placeholders"));
-        // Without the target: the prompt ends in the generation prompt, nothing labelled.
+        // Without the target: the generation prompt, the SFT example's unlabelled prefix.
         let p = tokenize_vl_record(&tok, &record(), &[6], false).unwrap();
         assert!(p.loss_mask.iter().all(|&m| !m));
         let text = tok.decode(&p.input_ids, false).unwrap();
         assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
-        assert_eq!(p.input_ids.iter().filter(|&&t| t == pad).count(), 6);
+        assert!(ex.input_ids.starts_with(&p.input_ids));
+        assert!(ex.loss_mask[..p.input_ids.len()].iter().all(|&m| !m));
+        assert!(ex.loss_mask[p.input_ids.len()]);
+        // Wrong number of videos: refused.
+        assert!(tokenize_vl_record(&tok, &record(), &[3, 4], true)
+            .unwrap_err()
+            .contains("placeholders"));
         // A tokenizer without the token: refused.
         let e = tokenize_vl_record(&crate::synth::char_tokenizer(), &record(), &[6], true);
         assert!(e.unwrap_err().contains("video_pad"));

@@ -258,7 +258,7 @@ pub struct Workspace {
     pub(crate) ce_lse: Vec<f32>,
     pub(crate) dloss: Vec<f32>,
     dxn_f: Vec<f32>,
-    dx: [Vec<f32>; 2],
+    pub(crate) dx: [Vec<f32>; 2],
     bw: BackwardScratch,
     /// Dimensions of the batch the last forward ran on (the backward must see the same batch).
     last: Option<(usize, usize)>,
@@ -726,7 +726,7 @@ impl Qwen2 {
     }
 
     /// Every layer and the final norm from the embeddings in ws.xs[0].
-    fn run_layers(
+    pub(crate) fn run_layers(
         &self,
         ws: &mut Workspace,
         rot: Rotary,
@@ -894,7 +894,7 @@ impl Qwen2 {
 
     /// The backward from the per-token weights in `ws.dloss` to the input of layer 0 (checks
     /// done by the caller); returns which of ws.dx holds ∂L/∂(input embeddings).
-    fn backward_layers(
+    pub(crate) fn backward_layers(
         &self,
         grads: &mut [f32],
         ws: &mut Workspace,
@@ -1015,7 +1015,7 @@ impl Qwen2 {
 
 impl Qwen2 {
     /// Checks an embeddings batch against the model.
-    fn validate_embeds(&self, batch: &EmbedsBatch) -> Result<Dims, ModelError> {
+    pub(crate) fn validate_embeds(&self, batch: &EmbedsBatch) -> Result<Dims, ModelError> {
         let m = Dims::new(&self.config, batch.b, batch.t);
         let half = m.hd / 2;
         let ok_rot = match batch.rotary {
@@ -1039,6 +1039,21 @@ impl Qwen2 {
         Ok(m)
     }
 
+    /// Every layer and the final norm from the batch's input embeddings (checked first); leaves
+    /// the normed last hidden states in ws.xn_f.
+    pub(crate) fn forward_layers_embeds(
+        &self,
+        ws: &mut Workspace,
+        batch: &EmbedsBatch,
+        attn: &dyn AttentionOp,
+    ) -> Result<Dims, ModelError> {
+        let m = self.validate_embeds(batch)?;
+        ws.resize(&m);
+        ws.xs[0].copy_from_slice(batch.embeds);
+        self.run_layers(ws, batch.rotary, &m, attn)?;
+        Ok(m)
+    }
+
     /// Forward pass and loss from input embeddings (see [`Qwen2::forward`]).
     pub fn forward_embeds(
         &self,
@@ -1046,10 +1061,7 @@ impl Qwen2 {
         batch: &EmbedsBatch,
         attn: &dyn AttentionOp,
     ) -> Result<LossStats, ModelError> {
-        let m = self.validate_embeds(batch)?;
-        ws.resize(&m);
-        ws.xs[0].copy_from_slice(batch.embeds);
-        self.run_layers(ws, batch.rotary, &m, attn)?;
+        let m = self.forward_layers_embeds(ws, batch, attn)?;
         self.head_loss(ws, batch.targets, &m)
     }
 
@@ -1078,10 +1090,7 @@ impl Qwen2 {
         batch: &EmbedsBatch,
         attn: &dyn AttentionOp,
     ) -> Result<Vec<f32>, ModelError> {
-        let m = self.validate_embeds(batch)?;
-        ws.resize(&m);
-        ws.xs[0].copy_from_slice(batch.embeds);
-        self.run_layers(ws, batch.rotary, &m, attn)?;
+        let m = self.forward_layers_embeds(ws, batch, attn)?;
         Ok(self.head_logits(ws, &m))
     }
 }

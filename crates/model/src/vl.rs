@@ -446,8 +446,9 @@ impl Qwen25VL {
         VlWorkspace::new(&self.config, policy)
     }
 
-    /// M-RoPE cos/sin [N, D/2] from positions [3, N].
-    fn mrope_angles(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+    /// M-RoPE cos/sin [N, D/2] from positions [3, N] (t row, h row, w row), the angles the
+    /// decoder turns q/k by ([`Rotary::Angles`]).
+    pub fn mrope_angles(&self, positions: &[u32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
         let n = positions.len() / 3;
         mrope_angles(
             &self.lm.rope,
@@ -727,6 +728,43 @@ impl Qwen25VL {
             d,
         );
         Ok(&ws.d_features)
+    }
+
+    /// Accumulates ∂L/∂embeddings `dx` [N, d] of rows `tokens` [N] into the embedding table's
+    /// gradient (decoder layout), skipping video placeholder rows (their embeddings are vision
+    /// features, not table rows) — the embedding lookup's backward for callers that run the
+    /// decoder on input embeddings themselves (a frozen tower).
+    pub fn text_embedding_backward(
+        &self,
+        lm_grads: &mut [f32],
+        dx: &[f32],
+        tokens: &[u32],
+    ) -> Result<(), ModelError> {
+        let d = self.config.text.hidden_size;
+        if dx.len() != tokens.len() * d || lm_grads.len() != self.lm.params.len() {
+            return Err(ModelError::Invalid(format!(
+                "embedding backward: {} gradient values for {} rows of width {d}, gradient \
+                 buffer {} for {} parameters",
+                dx.len(),
+                tokens.len(),
+                lm_grads.len(),
+                self.lm.params.len()
+            )));
+        }
+        let vid = self.config.video_token_id;
+        let mut text = dx.to_vec();
+        for (r, &tok) in tokens.iter().enumerate() {
+            if tok == vid {
+                text[r * d..(r + 1) * d].fill(0.0);
+            }
+        }
+        embedding_backward(
+            &mut lm_grads[self.lm.layout.embed.clone()],
+            &text,
+            tokens,
+            d,
+        );
+        Ok(())
     }
 }
 

@@ -303,3 +303,74 @@ fn bad_buffers_are_refused_with_a_message() {
         .unwrap_err();
     assert!(e.to_string().contains(&format!("dlogp[{at}]")), "{e}");
 }
+
+#[test]
+fn embedding_entry_points_equal_the_token_ones() {
+    // token_logprobs_embeds / backward_logprobs_embeds on the looked-up embeddings, with the
+    // embedding table's gradient added by the caller, are token_logprobs / backward_logprobs.
+    use reel_model::{EmbedsBatch, Rotary};
+    let model = load_checkpoint(&fixture("qwen2-tiny")).unwrap();
+    let d = model.config.hidden_size;
+    let (b, t) = (2, 23);
+    let (tokens, targets, positions) = random_batch(b, t, model.config.vocab_size as u32, 5);
+    let batch = TokenBatch {
+        tokens: &tokens,
+        targets: &targets,
+        positions: &positions,
+        b,
+        t,
+    };
+    let table = &model.params[model.layout.embed.clone()];
+    let embeds: Vec<f32> = tokens
+        .iter()
+        .flat_map(|&x| table[x as usize * d..(x as usize + 1) * d].iter().copied())
+        .collect();
+    let eb = EmbedsBatch {
+        embeds: &embeds,
+        targets: &targets,
+        rotary: Rotary::Positions(&positions),
+        b,
+        t,
+    };
+    let g: Vec<f32> = (0..b * t)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+        .collect();
+    for policy in [CheckpointPolicy::None, CheckpointPolicy::Remat] {
+        let tau = 0.9;
+        let want = grads_of(&model, policy, &batch, Some(&g), 0.0, tau);
+        let mut ws = Workspace::new(&model.config, policy);
+        let mut lp_tok = vec![0.0f32; b * t];
+        model
+            .token_logprobs(&mut ws, &batch, &LocalAttention, tau, &mut lp_tok, None)
+            .unwrap();
+        let (mut lp, mut ent) = (vec![f32::NAN; b * t], vec![f32::NAN; b * t]);
+        let count = model
+            .token_logprobs_embeds(&mut ws, &eb, &LocalAttention, tau, &mut lp, Some(&mut ent))
+            .unwrap();
+        assert_eq!(count, targets.iter().filter(|&&x| x >= 0).count());
+        assert_eq!(lp, lp_tok, "{policy}: log-probabilities differ");
+        assert!(ent.iter().zip(&targets).all(|(&e, &x)| x < 0 || e > 0.0));
+        let mut grads = vec![0.0f32; model.params.len()];
+        let dx = model
+            .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &g, &LocalAttention)
+            .unwrap()
+            .to_vec();
+        let embed = model.layout.embed.clone();
+        assert!(grads[embed.clone()].iter().all(|&x| x == 0.0));
+        reel_kernels::embedding::embedding_backward(&mut grads[embed], &dx, &tokens, d);
+        check_close(
+            &format!("{policy} gradients"),
+            &grads,
+            &want,
+            Tolerance::new(1e-6, 1e-5),
+        )
+        .unwrap();
+    }
+    // Wrong sizes are refused, naming the buffer.
+    let mut ws = Workspace::new(&model.config, CheckpointPolicy::Remat);
+    let mut short = vec![0.0f32; 5];
+    let e = model
+        .token_logprobs_embeds(&mut ws, &eb, &LocalAttention, 1.0, &mut short, None)
+        .unwrap_err();
+    assert!(e.to_string().contains("logp buffer has 5"), "{e}");
+}

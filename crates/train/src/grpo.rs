@@ -21,15 +21,20 @@
 //!    old policy *is* the current one: that pass is skipped and `log π_old` is the update pass's
 //!    own (detached) `log π`. `log π_ref` comes from a frozen copy of the initial weights
 //!    (`model.path`), scored once per step; with β = `grpo.kl_coef` = 0 there is no reference
-//!    model and no reference pass (counted in `ref_passes`).
+//!    model and no reference pass (counted in `ref_passes`). Rewards and these passes are the
+//!    step's `scoring_s`.
 //! 4. **Update.** For each of `ppo_epochs` epochs, for each of `mini_batches` contiguous
 //!    mini-batches: every micro-batch (`train.micro_batch_seqs` rows) runs `token_logprobs` →
 //!    [`grpo_loss`] (token counts global over the mini-batch) → `backward_logprobs`; then the
 //!    gradient is clipped and AdamW steps at `grpo.lr`.
 //!
-//! `[parallel] dp · sp > 1` is refused for GRPO today: the scoring and update passes run on one
-//! rank. Videos in LongVideo-Reason prompt records are ignored (text model; see
-//! [`crate::prompts`]).
+//! `[parallel] dp · sp > 1` is refused for a text model: its scoring and update passes run on
+//! one rank. Videos in LongVideo-Reason prompt records are ignored (text model; see
+//! [`crate::prompts`]). The Qwen2.5-VL trainer ([`crate::vl_grpo`]) runs the same step on video
+//! prompts with MR-SP, through the shared pieces here: the prompt order ([`PromptSampler`]),
+//! rollout rounds with rewards, advantages and dynamic sampling ([`Scorer::collect`]), run
+//! folder and resume ([`open_run`], [`load_resume_state`]), the optimizer step
+//! ([`clip_and_step`]), the metrics record ([`step_record`]) and the trainer state.
 
 use crate::checkpoint::{
     optimizer_state_from_bytes, CheckpointDir, TrainerState, OPTIMIZER_FILE, TRAINER_STATE_FILE,
@@ -44,20 +49,22 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use reel_data::{Tokenizer, IGNORE_INDEX};
 use reel_model::generate::SamplingParams;
-use reel_model::{load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, TokenBatch, Workspace};
+use reel_model::{
+    load_checkpoint, CheckpointPolicy, LocalAttention, ParamLayout, Qwen2, TokenBatch, Workspace,
+};
 use reel_optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWConfig};
 use reel_rl::{
     group_advantages, grpo_loss, AccuracyReward, DynamicSampler, FormatReward, GrpoConfig,
     GrpoMetrics, LossScale, PolicyTokens, Reward, RewardInput,
 };
-use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use reel_rollout::{Engine, GenerationParams};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// A whole GRPO run: `[model]`, `[data]`, `[train]`, `[grpo]` (reel-rl's [`GrpoConfig`]),
-/// `[parallel]` and `[output]` (the SFT trainer's sections).
+/// `[video]` (Qwen2.5-VL runs only), `[parallel]` and `[output]` (the SFT trainer's sections).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpoRunConfig {
@@ -69,7 +76,10 @@ pub struct GrpoRunConfig {
     pub train: GrpoTrainConfig,
     /// GRPO: group size, clipping, KL, aggregation, sampling, rewards, learning rate.
     pub grpo: GrpoConfig,
-    /// Must be dp = sp = 1 for GRPO today (refused otherwise).
+    /// Videos of a Qwen2.5-VL run: frame sampling, the embedding cache (ignored by text runs).
+    pub video: VideoRlConfig,
+    /// dp = sp = 1 for a text model; a Qwen2.5-VL run takes `sp > 1` (MR-SP: encode, scoring
+    /// and update over in-process sequence-parallel ranks), dp = 1.
     pub parallel: ParallelConfig,
     /// Run folder and checkpoint cadence. Default dir "runs/grpo".
     pub output: OutputConfig,
@@ -82,6 +92,7 @@ impl Default for GrpoRunConfig {
             data: PromptDataConfig::default(),
             train: GrpoTrainConfig::default(),
             grpo: GrpoConfig::default(),
+            video: VideoRlConfig::default(),
             parallel: ParallelConfig::default(),
             output: OutputConfig {
                 dir: PathBuf::from("runs/grpo"),
@@ -100,6 +111,33 @@ pub struct GrpoModelConfig {
     pub path: PathBuf,
     /// Folder holding tokenizer.json. Default: `path`.
     pub tokenizer: Option<PathBuf>,
+}
+
+/// `[video]`: how a Qwen2.5-VL run reads and encodes its prompts' videos.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VideoRlConfig {
+    /// Frame sampling: "all", "uniform:N" or "fps:F". Default "uniform:8".
+    pub sampling: String,
+    /// Memory of the vision-embedding cache in bytes. Default 1 GiB.
+    pub cache_bytes: usize,
+    /// Folder of the cache's on-disk tier. Default: none (memory only).
+    pub cache_dir: Option<PathBuf>,
+    /// MR-SP reuse: each video encoded once through the cache and each group's prompt
+    /// prefilled once (samples forked). `false` (for benchmarks) re-encodes the video for every
+    /// sample and every pass and prefills every sample separately. Default true.
+    pub reuse: bool,
+}
+
+impl Default for VideoRlConfig {
+    fn default() -> Self {
+        VideoRlConfig {
+            sampling: "uniform:8".into(),
+            cache_bytes: 1 << 30,
+            cache_dir: None,
+            reuse: true,
+        }
+    }
 }
 
 /// `[data]`.
@@ -180,8 +218,48 @@ impl GrpoRunConfig {
         apply_override(self, spec)
     }
 
-    /// Checks ranges and consistency; errors name the key.
+    /// Checks ranges and consistency for a text-decoder run (one rank); errors name the key.
     pub fn validate(&self) -> Result<()> {
+        self.validate_common()?;
+        if self.parallel.world() != 1 {
+            return Err(ConfigError::Invalid {
+                key: "parallel.sp",
+                message: "GRPO of a text model runs on one rank today: set parallel.dp = \
+                          parallel.sp = 1 (Qwen2.5-VL runs and the SFT trainer take sp > 1)"
+                    .into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and consistency for a Qwen2.5-VL run (`sp ≥ 1`, dp = 1, a valid frame
+    /// sampling); errors name the key.
+    pub fn validate_vl(&self) -> Result<()> {
+        self.validate_common()?;
+        let bad = |key: &'static str, message: String| -> Result<()> {
+            Err(ConfigError::Invalid { key, message }.into())
+        };
+        if self.parallel.dp != 1 {
+            return bad(
+                "parallel.dp",
+                "data parallelism is not wired into VLM GRPO yet: set parallel.dp = 1".into(),
+            );
+        }
+        if self.parallel.sp == 0 {
+            return bad("parallel.sp", "must be at least 1".into());
+        }
+        if let Err(e) = crate::vl::parse_sampling(&self.video.sampling) {
+            return bad("video.sampling", format!("{e:#}"));
+        }
+        if self.video.cache_bytes == 0 {
+            return bad("video.cache_bytes", "must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The checks every run shares.
+    fn validate_common(&self) -> Result<()> {
         let bad = |key: &'static str, message: &str| -> Result<()> {
             Err(ConfigError::Invalid {
                 key,
@@ -224,13 +302,6 @@ impl GrpoRunConfig {
             return bad("train.eps", "must be a positive number");
         }
         self.grpo.validate()?;
-        if self.parallel.world() != 1 {
-            return bad(
-                "parallel.sp",
-                "GRPO runs on one rank today: set parallel.dp = parallel.sp = 1 (the SFT \
-                 trainer supports dp × sp > 1)",
-            );
-        }
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "must not be empty");
         }
@@ -298,17 +369,17 @@ pub struct GrpoSummary {
 
 /// The prompt order: a seeded shuffle per epoch; its state is (epoch, position).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct PromptSampler {
+pub(crate) struct PromptSampler {
     n: usize,
     seed: u64,
-    epoch: u64,
+    pub(crate) epoch: u64,
     pos: usize,
     #[serde(skip)]
     order: Vec<usize>,
 }
 
 impl PromptSampler {
-    fn new(n: usize, seed: u64) -> Self {
+    pub(crate) fn new(n: usize, seed: u64) -> Self {
         let mut s = PromptSampler {
             n,
             seed,
@@ -324,7 +395,7 @@ impl PromptSampler {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mix(self.seed, self.epoch, 0, 0));
         self.order.shuffle(&mut rng);
     }
-    fn next(&mut self) -> usize {
+    pub(crate) fn next(&mut self) -> usize {
         if self.pos == self.n {
             self.epoch += 1;
             self.pos = 0;
@@ -336,7 +407,7 @@ impl PromptSampler {
 }
 
 /// SplitMix64 over the parts: a seed per (run seed, step, round, group).
-fn mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
+pub(crate) fn mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
     let mut x = seed;
     for v in [a, b, c] {
         x = x.wrapping_add(v).wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -350,11 +421,424 @@ fn mix(seed: u64, a: u64, b: u64, c: u64) -> u64 {
 
 /// One rolled-out sample.
 #[derive(Clone, Debug)]
-struct Sample {
+pub(crate) struct Sample {
     /// Prompt then response tokens.
-    ids: Vec<u32>,
-    prompt_len: usize,
-    advantage: f32,
+    pub(crate) ids: Vec<u32>,
+    pub(crate) prompt_len: usize,
+    pub(crate) advantage: f32,
+    /// Which prompt of the step's prompt table it came from.
+    pub(crate) prompt: usize,
+}
+
+/// One prompt's rolled-out responses and what the reward compares them with.
+pub(crate) struct RolledGroup {
+    /// Index of the prompt in the trainer's prompt table (a [`Sample::prompt`]).
+    pub(crate) prompt: usize,
+    pub(crate) prompt_ids: Vec<u32>,
+    /// The question's text (given to reward commands).
+    pub(crate) text: String,
+    pub(crate) answer: String,
+    pub(crate) problem_id: String,
+    /// The G responses' token ids.
+    pub(crate) responses: Vec<Vec<u32>>,
+}
+
+/// One rollout round: its groups and the engine's prefill/decode token counts.
+pub(crate) struct RoundWork {
+    pub(crate) groups: Vec<RolledGroup>,
+    pub(crate) prefill: u64,
+    pub(crate) decode: u64,
+}
+
+/// A step's rollouts after rewards, group advantages and dynamic sampling.
+pub(crate) struct Collected {
+    /// The kept groups' samples, advantages set, group by group.
+    pub(crate) samples: Vec<Sample>,
+    /// Every rolled-out sample's reward (dropped groups included).
+    pub(crate) rewards: Vec<f32>,
+    pub(crate) correct: usize,
+    pub(crate) formatted: usize,
+    pub(crate) len_sum: usize,
+    pub(crate) len_max: usize,
+    pub(crate) groups_rolled: usize,
+    pub(crate) groups_kept: usize,
+    pub(crate) groups_dropped: usize,
+    pub(crate) rounds: usize,
+    /// Seconds inside the rollout callback, and scoring rewards and advantages.
+    pub(crate) rollout_s: f64,
+    pub(crate) scoring_s: f64,
+    pub(crate) prefill: u64,
+    pub(crate) decode: u64,
+}
+
+/// What scores a step's responses.
+pub(crate) struct Scorer<'a> {
+    pub(crate) cfg: &'a GrpoRunConfig,
+    pub(crate) tok: &'a Tokenizer,
+    pub(crate) reward: &'a dyn Reward,
+    pub(crate) accuracy: AccuracyReward,
+}
+
+impl<'a> Scorer<'a> {
+    pub(crate) fn new(cfg: &'a GrpoRunConfig, tok: &'a Tokenizer, reward: &'a dyn Reward) -> Self {
+        Scorer {
+            cfg,
+            tok,
+            reward,
+            accuracy: AccuracyReward {
+                rel_tol: cfg.grpo.reward.number_rel_tol,
+                abs_tol: cfg.grpo.reward.number_abs_tol,
+            },
+        }
+    }
+
+    /// Rolls out rounds (`roll(want, round, sampler)` draws `want` prompts and returns their
+    /// groups) until `data.prompts_per_step` groups are kept (DAPO dynamic sampling) or one
+    /// round without it; rewards every response and sets group-normalised advantages.
+    pub(crate) fn collect(
+        &self,
+        at: &str,
+        sampler: &mut PromptSampler,
+        mut roll: impl FnMut(usize, u64, &mut PromptSampler) -> Result<RoundWork>,
+    ) -> Result<Collected> {
+        let cfg = self.cfg;
+        let g = cfg.grpo.group_size;
+        let max_rounds = if cfg.grpo.dynamic_sampling {
+            cfg.grpo.dynamic_sampling_max_rounds
+        } else {
+            1
+        };
+        let mut dyn_s: Option<DynamicSampler<Vec<Sample>>> = cfg
+            .grpo
+            .dynamic_sampling
+            .then(|| DynamicSampler::new(cfg.data.prompts_per_step, max_rounds));
+        let mut plain: Vec<(Vec<Sample>, Vec<f32>)> = Vec::new();
+        let mut c = Collected {
+            samples: Vec::new(),
+            rewards: Vec::new(),
+            correct: 0,
+            formatted: 0,
+            len_sum: 0,
+            len_max: 0,
+            groups_rolled: 0,
+            groups_kept: 0,
+            groups_dropped: 0,
+            rounds: 0,
+            rollout_s: 0.0,
+            scoring_s: 0.0,
+            prefill: 0,
+            decode: 0,
+        };
+        let mut round = 0u64;
+        loop {
+            let kept = dyn_s.as_ref().map_or(0, |d| d.kept());
+            let want = cfg.data.prompts_per_step - kept.min(cfg.data.prompts_per_step);
+            let t0 = Instant::now();
+            let work = roll(want, round, sampler)?;
+            c.rollout_s += t0.elapsed().as_secs_f64();
+            c.prefill += work.prefill;
+            c.decode += work.decode;
+            let t1 = Instant::now();
+            let mut groups = Vec::new();
+            for grp in work.groups {
+                let mut samples = Vec::with_capacity(g);
+                let mut rewards = Vec::with_capacity(g);
+                for resp in grp.responses {
+                    let text = self.tok.decode(&resp, true)?;
+                    let r = self.reward.score(&RewardInput {
+                        prompt: &grp.text,
+                        response: &text,
+                        answer: &grp.answer,
+                        problem_id: &grp.problem_id,
+                    });
+                    if let Some(w) = &r.warning {
+                        tracing::warn!("{at}: reward of {}: {w}", grp.problem_id);
+                    }
+                    c.correct += self.accuracy.is_correct(&text, &grp.answer) as usize;
+                    c.formatted += FormatReward::matches(&text) as usize;
+                    c.len_sum += resp.len();
+                    c.len_max = c.len_max.max(resp.len());
+                    let mut ids = grp.prompt_ids.clone();
+                    ids.extend_from_slice(&resp);
+                    rewards.push(r.value);
+                    samples.push(Sample {
+                        ids,
+                        prompt_len: grp.prompt_ids.len(),
+                        advantage: 0.0,
+                        prompt: grp.prompt,
+                    });
+                }
+                c.rewards.extend_from_slice(&rewards);
+                groups.push((samples, rewards));
+            }
+            c.groups_rolled += groups.len();
+            match &mut dyn_s {
+                Some(d) => d.add_round(groups),
+                // Every group is kept (an all-equal group has zero advantage).
+                None => plain.extend(groups),
+            }
+            c.scoring_s += t1.elapsed().as_secs_f64();
+            round += 1;
+            if !dyn_s.as_ref().is_some_and(|d| d.needs_more()) {
+                break;
+            }
+        }
+        let (kept, dropped, rounds) = match dyn_s {
+            Some(d) => {
+                let b = d.finish();
+                (b.groups, b.dropped, b.rounds)
+            }
+            None => (plain, 0, 1),
+        };
+        let t1 = Instant::now();
+        c.groups_kept = kept.len();
+        c.groups_dropped = dropped;
+        c.rounds = rounds;
+        for (group, rewards) in kept {
+            let adv = group_advantages(&rewards, g, cfg.grpo.advantage_scaling)?;
+            for (mut s, a) in group.into_iter().zip(adv) {
+                s.advantage = a;
+                c.samples.push(s);
+            }
+        }
+        c.scoring_s += t1.elapsed().as_secs_f64();
+        Ok(c)
+    }
+}
+
+/// The engine's generation settings for group `k` of rollout round `round` of step `done`.
+pub(crate) fn generation_params(
+    cfg: &GrpoRunConfig,
+    done: u64,
+    round: u64,
+    k: usize,
+    stop: &[u32],
+) -> GenerationParams {
+    GenerationParams {
+        sampling: SamplingParams {
+            temperature: cfg.grpo.temperature,
+            top_p: cfg.grpo.top_p,
+            top_k: cfg.grpo.top_k,
+            seed: mix(cfg.train.seed, done, round, k as u64),
+        },
+        max_new_tokens: cfg.grpo.max_response_tokens,
+        stop_token_ids: stop.to_vec(),
+        stop_strings: Vec::new(),
+    }
+}
+
+/// Creates the run folder and its config.toml and opens its checkpoints; the newest one to
+/// resume from with `resume`, and a refusal to overwrite an earlier run without it.
+pub(crate) fn open_run(
+    cfg: &GrpoRunConfig,
+    resume: bool,
+) -> Result<(CheckpointDir, Option<PathBuf>)> {
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::checkpoint::write_atomic(out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let ckpts = CheckpointDir::open(out, cfg.output.keep_last)?;
+    if !resume {
+        if let Some(old) = ckpts.latest() {
+            bail!(
+                "{} holds checkpoints of an earlier run (newest {}); pass --resume to continue \
+                 it, or choose another output.dir",
+                ckpts.root().display(),
+                old.display()
+            );
+        }
+    }
+    let resumed = if resume { ckpts.latest() } else { None };
+    Ok((ckpts, resumed))
+}
+
+/// AdamW over a decoder's parameters (weight decay where its layout says), `[grpo]`/`[train]`
+/// settings.
+pub(crate) fn adamw_for(cfg: &GrpoRunConfig, layout: &ParamLayout) -> AdamW {
+    let sizes: Vec<usize> = layout.entries.iter().map(|e| e.range.len()).collect();
+    let decay: Vec<bool> = layout.entries.iter().map(|e| e.decay).collect();
+    AdamW::new(
+        &sizes,
+        &decay,
+        AdamWConfig {
+            lr: cfg.grpo.lr,
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: cfg.train.eps,
+            weight_decay: cfg.grpo.weight_decay,
+        },
+    )
+}
+
+/// Where a resumed run continues.
+pub(crate) struct ResumePoint {
+    pub(crate) sampler: PromptSampler,
+    pub(crate) step: u64,
+    pub(crate) recent: Vec<f32>,
+    /// The trainer state's `data` object (trainer-specific counters ride along).
+    pub(crate) data: serde_json::Value,
+}
+
+/// Reads checkpoint `dir`'s optimizer state into `opt` and its trainer state (prompt order
+/// over `n_prompts` prompts of `prompts_path`, step, recent losses).
+pub(crate) fn load_resume_state(
+    cfg: &GrpoRunConfig,
+    dir: &Path,
+    opt: &mut AdamW,
+    n_prompts: usize,
+    prompts_path: &Path,
+) -> Result<ResumePoint> {
+    let p = dir.join(OPTIMIZER_FILE);
+    opt.load_state(optimizer_state_from_bytes(
+        &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+    )?)?;
+    let p = dir.join(TRAINER_STATE_FILE);
+    let st = TrainerState::from_json_bytes(
+        &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+    )?;
+    let s: PromptSampler = serde_json::from_value(st.data["prompts"].clone())
+        .with_context(|| format!("{}: bad prompt sampler state", p.display()))?;
+    if s.n != n_prompts {
+        bail!(
+            "{}: the checkpoint was written for {} prompts, {} has {n_prompts}",
+            p.display(),
+            s.n,
+            prompts_path.display(),
+        );
+    }
+    let mut sampler = PromptSampler {
+        order: Vec::new(),
+        ..s
+    };
+    sampler.shuffle();
+    let init_dir = &cfg.model.path;
+    if st.data["reference"].as_str() != Some(&init_dir.display().to_string()) {
+        tracing::warn!(
+            "{} was written with reference {}, resuming with {}",
+            dir.display(),
+            st.data["reference"],
+            init_dir.display()
+        );
+    }
+    if st.config_hash != cfg.config_hash() {
+        tracing::warn!("resuming {} with a different config", dir.display());
+    }
+    tracing::info!("resuming from {} at step {}", dir.display(), st.step);
+    Ok(ResumePoint {
+        sampler,
+        step: st.step,
+        recent: st.losses,
+        data: st.data,
+    })
+}
+
+/// The trainer state of a checkpoint after step `done`: prompt order, reference folder and
+/// `extra` keys in `data`.
+pub(crate) fn grpo_trainer_state(
+    cfg: &GrpoRunConfig,
+    done: u64,
+    sampler: &PromptSampler,
+    recent: &[f32],
+    extra: serde_json::Value,
+) -> TrainerState {
+    let mut data = json!({
+        "prompts": sampler,
+        "reference": cfg.model.path.display().to_string(),
+    });
+    if let (Some(d), serde_json::Value::Object(e)) = (data.as_object_mut(), extra) {
+        d.extend(e);
+    }
+    TrainerState {
+        step: done,
+        data,
+        rng: cfg.train.seed,
+        losses: recent.to_vec(),
+        config_hash: cfg.config_hash(),
+    }
+}
+
+/// Clips the gradient (`grpo.grad_clip`, 0 = off), refuses a non-finite loss or norm, and takes
+/// one AdamW step at `grpo.lr`; returns the norm before clipping.
+pub(crate) fn clip_and_step(
+    cfg: &GrpoRunConfig,
+    layout: &ParamLayout,
+    params: &mut [f32],
+    grads: &mut [f32],
+    opt: &mut AdamW,
+    loss: f64,
+    at: &str,
+) -> Result<f32> {
+    let grad_norm = {
+        let mut gs = layout.split_mut(grads);
+        if cfg.grpo.grad_clip > 0.0 {
+            clip_grad_norm(&mut gs, cfg.grpo.grad_clip)
+        } else {
+            let ro: Vec<&[f32]> = gs.iter().map(|s| &**s).collect();
+            global_grad_norm(&ro)
+        }
+    };
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
+    }
+    let mut p = layout.split_mut(params);
+    let mut gs = layout.split_mut(grads);
+    let ro: Vec<&[f32]> = gs.iter_mut().map(|s| &**s).collect();
+    opt.step(&mut p, &ro, cfg.grpo.lr);
+    Ok(grad_norm)
+}
+
+/// What a step's updates produced.
+pub(crate) struct UpdateOutcome {
+    pub(crate) loss: f32,
+    pub(crate) grad_norm: f32,
+    pub(crate) updates: usize,
+    pub(crate) metrics: GrpoMetrics,
+}
+
+/// The metrics record every GRPO step writes (trainers add their own keys to it).
+pub(crate) fn step_record(
+    cfg: &GrpoRunConfig,
+    done: u64,
+    c: &Collected,
+    u: &UpdateOutcome,
+    summary: &GrpoSummary,
+    times: [(&str, f64); 3],
+    epoch: u64,
+) -> serde_json::Value {
+    let s = u.metrics.summary();
+    let (r_mean, r_std) = mean_std(&c.rewards);
+    let n_samples = c.rewards.len().max(1) as f64;
+    let mut record = json!({
+        "step": done, "loss": u.loss, "lr": cfg.grpo.lr, "grad_norm": u.grad_norm,
+        "reward_mean": r_mean, "reward_std": r_std,
+        "accuracy": c.correct as f64 / n_samples, "format_rate": c.formatted as f64 / n_samples,
+        "pg_loss": s.pg_loss, "kl": s.kl, "entropy": s.entropy,
+        "clip_frac_low": s.clip_frac_low, "clip_frac_high": s.clip_frac_high,
+        "dual_clip_frac": s.dual_clip_frac, "ratio_mean": s.ratio_mean,
+        "ratio_min": s.ratio_min, "ratio_max": s.ratio_max,
+        "response_len_mean": c.len_sum as f64 / n_samples, "response_len_max": c.len_max,
+        "response_tokens": s.tokens,
+        "groups_rolled": c.groups_rolled, "groups_kept": c.groups_kept,
+        "groups_dropped": c.groups_dropped, "rollout_rounds": c.rounds,
+        "prefill_tokens": c.prefill, "decode_tokens": c.decode,
+        "ref_passes": summary.ref_passes, "old_passes": summary.old_passes,
+        "updates": u.updates,
+        "epoch": epoch,
+    });
+    for (k, v) in times {
+        record[k] = json!(v);
+    }
+    record
+}
+
+/// Turns a run's error into one that names the last good checkpoint.
+pub(crate) fn with_last_good(ckpts: &CheckpointDir, result: Result<()>) -> Result<()> {
+    result.map_err(|e| {
+        let kept = match ckpts.latest() {
+            Some(d) => d.display().to_string(),
+            None => format!("none written yet in {}", ckpts.root().display()),
+        };
+        anyhow::anyhow!("{e:#}; stopping with the last good checkpoint intact ({kept})")
+    })
 }
 
 /// A micro-batch of samples as model rows: `prompt ++ response[..-1]`, targets at response
@@ -370,7 +854,7 @@ struct Rows {
 }
 
 impl Rows {
-    fn new(samples: &[&Sample], pad: u32) -> Self {
+    fn new(samples: &[Sample], pad: u32) -> Self {
         let b = samples.len();
         let t = samples
             .iter()
@@ -411,24 +895,14 @@ impl Rows {
     }
 }
 
-fn adamw(cfg: &GrpoRunConfig) -> AdamWConfig {
-    AdamWConfig {
-        lr: cfg.grpo.lr,
-        beta1: cfg.train.beta1,
-        beta2: cfg.train.beta2,
-        eps: cfg.train.eps,
-        weight_decay: cfg.grpo.weight_decay,
-    }
-}
-
-fn mean_std(xs: &[f32]) -> (f64, f64) {
+pub(crate) fn mean_std(xs: &[f32]) -> (f64, f64) {
     let n = xs.len().max(1) as f64;
     let mean = xs.iter().map(|&x| x as f64).sum::<f64>() / n;
     let var = xs.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
     (mean, var.sqrt())
 }
 
-/// Runs (or resumes) a GRPO run described by `cfg`.
+/// Runs (or resumes) a GRPO run of a text decoder described by `cfg`.
 pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     cfg.validate()?;
     let tok_dir = cfg.tokenizer_dir();
@@ -443,20 +917,7 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
             prompts.ignored_videos
         );
     }
-    let out = &cfg.output.dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::checkpoint::write_atomic(out.join("config.toml"), cfg.to_toml().as_bytes())?;
-    let ckpts = CheckpointDir::open(out, cfg.output.keep_last)?;
-    if !opts.resume {
-        if let Some(old) = ckpts.latest() {
-            bail!(
-                "{} holds checkpoints of an earlier run (newest {}); pass --resume to continue \
-                 it, or choose another output.dir",
-                ckpts.root().display(),
-                old.display()
-            );
-        }
-    }
+    let (ckpts, resumed) = open_run(cfg, opts.resume)?;
     let init_dir = &cfg.model.path;
     let load = |d: &Path| load_checkpoint(d).with_context(|| format!("loading {}", d.display()));
     let reference = if cfg.grpo.needs_reference() {
@@ -464,67 +925,18 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     } else {
         None
     };
-    let sizes_of = |m: &Qwen2| -> (Vec<usize>, Vec<bool>) {
-        (
-            m.layout.entries.iter().map(|e| e.range.len()).collect(),
-            m.layout.entries.iter().map(|e| e.decay).collect(),
-        )
-    };
-    let mut sampler = PromptSampler::new(prompts.items.len(), cfg.data.seed);
-    let mut start_step = 0;
-    let mut recent: Vec<f32> = Vec::new();
-    let resumed = if opts.resume { ckpts.latest() } else { None };
-    let (mut model, mut opt) = match &resumed {
+    let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
+    let mut opt = adamw_for(cfg, &model.layout);
+    let (mut sampler, start_step, mut recent) = match &resumed {
         Some(dir) => {
-            let model = load(dir)?;
-            let (sizes, decay) = sizes_of(&model);
-            let mut opt = AdamW::new(&sizes, &decay, adamw(cfg));
-            let p = dir.join(OPTIMIZER_FILE);
-            opt.load_state(optimizer_state_from_bytes(
-                &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-            )?)?;
-            let p = dir.join(TRAINER_STATE_FILE);
-            let st = TrainerState::from_json_bytes(
-                &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-            )?;
-            let s: PromptSampler = serde_json::from_value(st.data["prompts"].clone())
-                .with_context(|| format!("{}: bad prompt sampler state", p.display()))?;
-            if s.n != prompts.items.len() {
-                bail!(
-                    "{}: the checkpoint was written for {} prompts, {} has {}",
-                    p.display(),
-                    s.n,
-                    prompts.path.display(),
-                    prompts.items.len()
-                );
-            }
-            sampler = PromptSampler {
-                order: Vec::new(),
-                ..s
-            };
-            sampler.shuffle();
-            if st.data["reference"].as_str() != Some(&init_dir.display().to_string()) {
-                tracing::warn!(
-                    "{} was written with reference {}, resuming with {}",
-                    dir.display(),
-                    st.data["reference"],
-                    init_dir.display()
-                );
-            }
-            if st.config_hash != cfg.config_hash() {
-                tracing::warn!("resuming {} with a different config", dir.display());
-            }
-            start_step = st.step;
-            recent = st.losses;
-            tracing::info!("resuming from {} at step {start_step}", dir.display());
-            (model, opt)
+            let r = load_resume_state(cfg, dir, &mut opt, prompts.items.len(), &prompts.path)?;
+            (r.sampler, r.step, r.recent)
         }
-        None => {
-            let model = load(init_dir)?;
-            let (sizes, decay) = sizes_of(&model);
-            let opt = AdamW::new(&sizes, &decay, adamw(cfg));
-            (model, opt)
-        }
+        None => (
+            PromptSampler::new(prompts.items.len(), cfg.data.seed),
+            0,
+            Vec::new(),
+        ),
     };
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
@@ -538,16 +950,13 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
         .context("the tokenizer has neither a pad nor an eos token")?;
     let stop = crate::accuracy::stop_token_ids(&tok, &model);
     let reward = cfg.grpo.reward.build();
-    let acc_check = AccuracyReward {
-        rel_tol: cfg.grpo.reward.number_rel_tol,
-        abs_tol: cfg.grpo.reward.number_abs_tol,
-    };
+    let scorer = Scorer::new(cfg, &tok, &reward);
     let g = cfg.grpo.group_size;
     let loss_cfg = cfg.grpo.policy_loss();
     let updates = cfg.train.mini_batches * cfg.train.ppo_epochs;
     let mut ws = Workspace::new(&model.config, cfg.train.checkpoint);
     let mut grads = vec![0.0f32; model.params.len()];
-    let mut metrics = MetricsWriter::open(out, start_step + 1)?;
+    let mut metrics = MetricsWriter::open(&cfg.output.dir, start_step + 1)?;
     let progress = match opts.progress {
         Some(mode) => Progress::with_mode(mode, cfg.train.steps, start_step, cfg.output.log_every),
         None => Progress::new(cfg.train.steps, start_step, cfg.output.log_every),
@@ -570,139 +979,60 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
             let at = format!("step {done}");
             let t_step = Instant::now();
 
-            // 1–2. Rollout and scoring, round by round under dynamic sampling.
-            let mut rollout_s = 0.0;
-            let mut scoring_s = 0.0;
-            let (mut prefill, mut decode) = (0u64, 0u64);
-            let mut all_rewards = Vec::new();
-            let (mut acc_n, mut fmt_n) = (0usize, 0usize);
-            let (mut len_sum, mut len_max) = (0usize, 0usize);
-            let max_rounds = if cfg.grpo.dynamic_sampling {
-                cfg.grpo.dynamic_sampling_max_rounds
-            } else {
-                1
-            };
-            let mut dyn_s: Option<DynamicSampler<Vec<Sample>>> = cfg
-                .grpo
-                .dynamic_sampling
-                .then(|| DynamicSampler::new(cfg.data.prompts_per_step, max_rounds));
-            let mut plain: Vec<(Vec<Sample>, Vec<f32>)> = Vec::new();
-            let mut rolled_groups = 0usize;
-            let mut round = 0u64;
-            loop {
-                let kept = dyn_s.as_ref().map_or(0, |d| d.kept());
-                let want = cfg.data.prompts_per_step - kept.min(cfg.data.prompts_per_step);
+            // 1–2. Rollout and rewards, round by round under dynamic sampling.
+            let c = scorer.collect(&at, &mut sampler, |want, round, sampler| {
                 let drawn: Vec<usize> = (0..want).map(|_| sampler.next()).collect();
-                let t0 = Instant::now();
                 let longest = drawn
                     .iter()
                     .map(|&i| prompts.items[i].ids.len())
                     .max()
                     .unwrap_or(0);
-                let per_seq = (longest + cfg.grpo.max_response_tokens)
-                    .min(model.config.max_position_embeddings);
-                let block_size = 16;
-                let ecfg = EngineConfig {
-                    block_size,
-                    num_blocks: drawn.len() * (g + 1) * (per_seq.div_ceil(block_size) + 1) + 8,
-                    ..EngineConfig::default()
-                };
+                let ecfg = crate::accuracy::engine_config(
+                    drawn.len() * (g + 2),
+                    longest,
+                    cfg.grpo.max_response_tokens,
+                    model.config.max_position_embeddings,
+                );
                 let mut engine = Engine::new(&model, ecfg)?;
                 for (k, &i) in drawn.iter().enumerate() {
-                    let params = GenerationParams {
-                        sampling: SamplingParams {
-                            temperature: cfg.grpo.temperature,
-                            top_p: cfg.grpo.top_p,
-                            top_k: cfg.grpo.top_k,
-                            seed: mix(cfg.train.seed, done, round, k as u64),
-                        },
-                        max_new_tokens: cfg.grpo.max_response_tokens,
-                        stop_token_ids: stop.clone(),
-                        stop_strings: Vec::new(),
-                    };
+                    let params = generation_params(cfg, done, round, k, &stop);
                     engine
                         .add_group(prompts.items[i].ids.clone(), g, params)
                         .with_context(|| format!("{at}: prompt {}", prompts.items[i].problem_id))?;
                 }
                 let outs = engine.run().with_context(|| format!("{at}: rollout"))?;
                 let st = engine.stats();
-                prefill += st.prefill_tokens;
-                decode += st.decode_tokens;
-                drop(engine);
-                rollout_s += t0.elapsed().as_secs_f64();
-
-                let t1 = Instant::now();
-                let mut groups = Vec::new();
-                for (&i, out) in drawn.iter().zip(&outs) {
-                    let item = &prompts.items[i];
-                    let mut samples = Vec::with_capacity(g);
-                    let mut rewards = Vec::with_capacity(g);
-                    for s in &out.samples {
-                        let text = tok.decode(&s.ids, true)?;
-                        let r = reward.score(&RewardInput {
-                            prompt: &item.text,
-                            response: &text,
-                            answer: &item.answer,
-                            problem_id: &item.problem_id,
-                        });
-                        if let Some(w) = &r.warning {
-                            tracing::warn!("{at}: reward of {}: {w}", item.problem_id);
+                let groups = drawn
+                    .iter()
+                    .zip(outs)
+                    .map(|(&i, out)| {
+                        let item = &prompts.items[i];
+                        RolledGroup {
+                            prompt: i,
+                            prompt_ids: item.ids.clone(),
+                            text: item.text.clone(),
+                            answer: item.answer.clone(),
+                            problem_id: item.problem_id.clone(),
+                            responses: out.samples.into_iter().map(|s| s.ids).collect(),
                         }
-                        acc_n += acc_check.is_correct(&text, &item.answer) as usize;
-                        fmt_n += FormatReward::matches(&text) as usize;
-                        len_sum += s.ids.len();
-                        len_max = len_max.max(s.ids.len());
-                        let mut ids = item.ids.clone();
-                        ids.extend_from_slice(&s.ids);
-                        rewards.push(r.value);
-                        samples.push(Sample {
-                            ids,
-                            prompt_len: item.ids.len(),
-                            advantage: 0.0,
-                        });
-                    }
-                    all_rewards.extend_from_slice(&rewards);
-                    groups.push((samples, rewards));
-                }
-                rolled_groups += groups.len();
-                match &mut dyn_s {
-                    Some(d) => d.add_round(groups),
-                    // Every group is kept (an all-equal group has zero advantage).
-                    None => plain.extend(groups),
-                }
-                scoring_s += t1.elapsed().as_secs_f64();
-                round += 1;
-                if !dyn_s.as_ref().is_some_and(|d| d.needs_more()) {
-                    break;
-                }
-            }
-            let (kept, dropped, rounds) = match dyn_s {
-                Some(d) => {
-                    let b = d.finish();
-                    (b.groups, b.dropped, b.rounds)
-                }
-                None => (plain, 0, 1),
-            };
-            let groups_kept = kept.len();
-            let t1 = Instant::now();
-            let mut samples: Vec<Sample> = Vec::new();
-            for (group, rewards) in kept {
-                let adv = group_advantages(&rewards, g, cfg.grpo.advantage_scaling)?;
-                for (mut s, a) in group.into_iter().zip(adv) {
-                    s.advantage = a;
-                    samples.push(s);
-                }
-            }
-            scoring_s += t1.elapsed().as_secs_f64();
+                    })
+                    .collect();
+                Ok(RoundWork {
+                    groups,
+                    prefill: st.prefill_tokens,
+                    decode: st.decode_tokens,
+                })
+            })?;
+            let samples = &c.samples;
 
-            // 3–4. Old/reference log-probabilities, then the updates.
+            // 3. Old/reference log-probabilities.
             let t2 = Instant::now();
             let per_mini = samples.len().div_ceil(cfg.train.mini_batches).max(1);
             let minis: Vec<Vec<Rows>> = samples
                 .chunks(per_mini)
                 .map(|mb| {
                     mb.chunks(cfg.train.micro_batch_seqs)
-                        .map(|c| Rows::new(&c.iter().collect::<Vec<_>>(), pad))
+                        .map(|c| Rows::new(c, pad))
                         .collect()
                 })
                 .collect();
@@ -740,6 +1070,10 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                 }
                 summary.old_passes += 1;
             }
+            let logprob_s = t2.elapsed().as_secs_f64();
+
+            // 4. The updates.
+            let t3 = Instant::now();
             let mut m_all = GrpoMetrics::default();
             let mut loss_sum = 0.0f64;
             let mut n_updates = 0usize;
@@ -791,27 +1125,20 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
                     if opts.poison_step == Some(done) {
                         loss = f64::NAN;
                     }
-                    grad_norm = {
-                        let mut gs = layout.split_mut(&mut grads);
-                        if cfg.grpo.grad_clip > 0.0 {
-                            clip_grad_norm(&mut gs, cfg.grpo.grad_clip)
-                        } else {
-                            let ro: Vec<&[f32]> = gs.iter().map(|s| &**s).collect();
-                            global_grad_norm(&ro)
-                        }
-                    };
-                    if !loss.is_finite() || !grad_norm.is_finite() {
-                        bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
-                    }
+                    grad_norm = clip_and_step(
+                        cfg,
+                        &layout,
+                        &mut model.params,
+                        &mut grads,
+                        &mut opt,
+                        loss,
+                        &at,
+                    )?;
                     loss_sum += loss;
                     n_updates += 1;
-                    let mut p = layout.split_mut(&mut model.params);
-                    let mut gs = layout.split_mut(&mut grads);
-                    let ro: Vec<&[f32]> = gs.iter_mut().map(|s| &**s).collect();
-                    opt.step(&mut p, &ro, cfg.grpo.lr);
                 }
             }
-            let update_s = t2.elapsed().as_secs_f64();
+            let update_s = t3.elapsed().as_secs_f64();
             summary.last_batch = samples
                 .iter()
                 .map(|s| (s.ids.clone(), s.prompt_len, s.advantage))
@@ -819,53 +1146,42 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
             ran += 1;
             summary.steps = done;
             // Mean over the updates run (none when no group was kept).
-            let loss = (loss_sum / n_updates.max(1) as f64) as f32;
-            recent.push(loss);
+            let outcome = UpdateOutcome {
+                loss: (loss_sum / n_updates.max(1) as f64) as f32,
+                grad_norm,
+                updates: n_updates,
+                metrics: m_all,
+            };
+            recent.push(outcome.loss);
             if recent.len() > 100 {
                 recent.remove(0);
             }
-            let s = m_all.summary();
-            let (r_mean, r_std) = mean_std(&all_rewards);
-            let n_samples = all_rewards.len().max(1) as f64;
-            let step_s = t_step.elapsed().as_secs_f64();
-            let record = json!({
-                "step": done, "loss": loss, "lr": cfg.grpo.lr, "grad_norm": grad_norm,
-                "reward_mean": r_mean, "reward_std": r_std,
-                "accuracy": acc_n as f64 / n_samples, "format_rate": fmt_n as f64 / n_samples,
-                "pg_loss": s.pg_loss, "kl": s.kl, "entropy": s.entropy,
-                "clip_frac_low": s.clip_frac_low, "clip_frac_high": s.clip_frac_high,
-                "dual_clip_frac": s.dual_clip_frac, "ratio_mean": s.ratio_mean,
-                "ratio_min": s.ratio_min, "ratio_max": s.ratio_max,
-                "response_len_mean": len_sum as f64 / n_samples, "response_len_max": len_max,
-                "response_tokens": s.tokens,
-                "groups_rolled": rolled_groups, "groups_kept": groups_kept,
-                "groups_dropped": dropped, "rollout_rounds": rounds,
-                "rollout_s": rollout_s, "scoring_s": scoring_s, "update_s": update_s,
-                "step_s": step_s, "prefill_tokens": prefill, "decode_tokens": decode,
-                "ref_passes": summary.ref_passes, "old_passes": summary.old_passes,
-                "updates": n_updates,
-                "epoch": sampler.epoch,
-            });
+            let record = step_record(
+                cfg,
+                done,
+                &c,
+                &outcome,
+                &summary,
+                [
+                    ("rollout_s", c.rollout_s),
+                    ("scoring_s", c.scoring_s + logprob_s),
+                    ("update_s", update_s),
+                ],
+                sampler.epoch,
+            );
+            let mut record = record;
+            record["step_s"] = json!(t_step.elapsed().as_secs_f64());
             progress.update(&StepReport {
                 step: done,
-                loss,
+                loss: outcome.loss,
                 lr: cfg.grpo.lr,
-                tokens_per_s: decode as f64 / rollout_s.max(1e-9),
+                tokens_per_s: c.decode as f64 / c.rollout_s.max(1e-9),
             });
             metrics.write(&record)?;
             summary.records.push(record);
             let last = done == cfg.train.steps;
             if (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last {
-                let state = TrainerState {
-                    step: done,
-                    data: json!({
-                        "prompts": sampler,
-                        "reference": init_dir.display().to_string(),
-                    }),
-                    rng: cfg.train.seed,
-                    losses: recent.clone(),
-                    config_hash: cfg.config_hash(),
-                };
+                let state = grpo_trainer_state(cfg, done, &sampler, &recent, json!({}));
                 let files = crate::sft::checkpoint_files(&model, &tok, &opt, &state)?;
                 summary.final_model_dir = ckpts
                     .save(done, &files)
@@ -875,12 +1191,6 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
         Ok(())
     })();
     progress.finish();
-    result.map_err(|e| {
-        let kept = match ckpts.latest() {
-            Some(d) => d.display().to_string(),
-            None => format!("none written yet in {}", out.display()),
-        };
-        anyhow::anyhow!("{e:#}; stopping with the last good checkpoint intact ({kept})")
-    })?;
+    with_last_good(&ckpts, result)?;
     Ok(summary)
 }

@@ -9,7 +9,8 @@
 //!   [`prompts`] ([`PromptSet`]: LongVideo-Reason or plain prompt/answer JSONL);
 //!   [`accuracy`]: greedy-answer accuracy overall and per `problem_type` ([`eval_accuracy`]).
 //! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
-//!   ([`eval_vl_nll`]) and CoT-SFT on video ([`run_vl_sft`]) with cached vision embeddings.
+//!   ([`eval_vl_nll`]) and CoT-SFT on video ([`run_vl_sft`]) with cached vision embeddings;
+//!   [`vl_grpo`]: GRPO of Qwen2.5-VL on video prompts with MR-SP ([`run_vl_grpo`]).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
 
 pub mod accuracy;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod prompts;
 pub mod sft;
 pub mod vl;
+pub mod vl_grpo;
 
 pub use checkpoint::{
     checkpoint_step, optimizer_state_from_bytes, optimizer_state_to_bytes, write_atomic,
@@ -36,11 +38,12 @@ pub use accuracy::{
     engine_config, eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally,
 };
 pub use eval::{eval_examples, eval_nll, tokenize_all};
-pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary};
+pub use grpo::{run_grpo, GrpoOptions, GrpoRunConfig, GrpoSummary, VideoRlConfig};
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
 pub use vl::write_vl_model;
 pub use vl::{
-    eval_vl_accuracy, eval_vl_nll, parse_sampling, run_vl_sft, vl_rollout_prompt, VlInputs,
-    VlSftConfig, VlSftSummary,
+    eval_vl_accuracy, eval_vl_nll, parse_sampling, run_vl_sft, vl_rollout_prompt,
+    write_tiny_vl_model_with, VlInputs, VlSftConfig, VlSftSummary,
 };
+pub use vl_grpo::{run_vl_grpo, VlGrpoSummary};

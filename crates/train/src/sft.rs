@@ -127,7 +127,18 @@ pub(crate) fn checkpoint_files(
     state: &TrainerState,
 ) -> Result<Vec<(String, Vec<u8>)>> {
     // Weights stay f32 (the master copy); config.json says so.
-    let mut files = model_files(model, DType::F32, usize::MAX)?;
+    let files = model_files(model, DType::F32, usize::MAX)?;
+    checkpoint_files_with(files, tok, opt, state)
+}
+
+/// The files of a checkpoint folder from a model folder's `files`: those, the tokenizer's,
+/// optimizer and trainer state.
+pub(crate) fn checkpoint_files_with(
+    mut files: Vec<(String, Vec<u8>)>,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<Vec<(String, Vec<u8>)>> {
     // The tokenizer writes a folder; carry its files into the checkpoint.
     let tmp = tempfile::tempdir()?;
     tok.save(tmp.path())?;

@@ -566,19 +566,9 @@ fn sp_step(
             let st = model.lm.forward_embeds(&mut ws, &eb, &sp)?;
             let dx = model
                 .lm
-                .backward_embeds(&mut grads, &mut ws, &eb, scale, &sp)?;
-            let mut dx = dx.to_vec();
-            for (r, &tok) in l_tok.iter().enumerate() {
-                if tok == vid {
-                    dx[r * d..(r + 1) * d].fill(0.0);
-                }
-            }
-            reel_kernels::embedding::embedding_backward(
-                &mut grads[model.lm.layout.embed.clone()],
-                &dx,
-                &l_tok,
-                d,
-            );
+                .backward_embeds(&mut grads, &mut ws, &eb, scale, &sp)?
+                .to_vec();
+            model.text_embedding_backward(&mut grads, &dx, &l_tok)?;
             sums[0] += st.loss_sum as f32;
             sums[1] += st.n_tokens as f32;
         }
@@ -607,13 +597,34 @@ fn sp_step(
 /// of `Qwen2Config::tiny`, tower of `VisionConfig::tiny`), a character tokenizer with the vision
 /// special tokens, and a video_preprocessor_config.json that keeps 56×56 frames as they are.
 pub fn write_tiny_vl_model(dir: &Path, seed: u64) -> Result<()> {
-    write_vl_model(dir, seed, 64, 2)
+    write_tiny_vl_model_with(dir, seed, 1024, 56)
 }
 
-/// [`write_tiny_vl_model`] with a decoder of width `hidden` (a multiple of 16: heads of 16,
-/// half as many key/value heads, MLP 11/4 as wide) and `layers` layers; the tower's output
+/// [`write_tiny_vl_model`] with the decoder's `max_position_embeddings` and the square frame
+/// side (pixels, a multiple of 28) the preprocessor keeps (long videos make long prompts).
+pub fn write_tiny_vl_model_with(
+    dir: &Path,
+    seed: u64,
+    max_positions: usize,
+    frame_side: usize,
+) -> Result<()> {
+    write_vl_model(dir, seed, 64, 2, max_positions, frame_side)
+}
+
+/// [`write_tiny_vl_model_with`] with a decoder of width `hidden` (a multiple of 32: heads of
+/// 16, half as many key/value heads, MLP 11/4 as wide) and `layers` layers; the tower's output
 /// width follows `hidden`.
-pub fn write_vl_model(dir: &Path, seed: u64, hidden: usize, layers: usize) -> Result<()> {
+pub fn write_vl_model(
+    dir: &Path,
+    seed: u64,
+    hidden: usize,
+    layers: usize,
+    max_positions: usize,
+    frame_side: usize,
+) -> Result<()> {
+    if frame_side == 0 || !frame_side.is_multiple_of(28) {
+        bail!("frame side {frame_side} must be a positive multiple of 28 (patch 14, merge 2)");
+    }
     use reel_model::vision::VisionLayout;
     use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
     if hidden == 0 || !hidden.is_multiple_of(32) || layers == 0 {
@@ -629,6 +640,7 @@ pub fn write_vl_model(dir: &Path, seed: u64, hidden: usize, layers: usize) -> Re
     text.num_hidden_layers = layers;
     text.tie_word_embeddings = false;
     text.eos_token_id = tok.eos_token_id();
+    text.max_position_embeddings = max_positions;
     let mut vision = VisionConfig::tiny();
     vision.out_hidden_size = hidden;
     let config = Qwen25VLConfig {
@@ -656,7 +668,7 @@ pub fn write_vl_model(dir: &Path, seed: u64, hidden: usize, layers: usize) -> Re
     save_vl_checkpoint(&model, dir, DType::F32, usize::MAX)?;
     tok.save(dir)?;
     let proc = serde_json::json!({
-        "size": {"shortest_edge": 56 * 56, "longest_edge": 56 * 56},
+        "size": {"shortest_edge": frame_side * frame_side, "longest_edge": frame_side * frame_side},
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     });
     std::fs::write(

@@ -1,0 +1,1412 @@
+//! GRPO for Qwen2.5-VL on LongVideo-Reason prompts with MR-SP (LongVILA-R1, "Scaling RL to Long
+//! Videos"; DESIGN.md "MR-SP and the RL step"). The same step as the text trainer
+//! ([`crate::grpo`], whose config, prompt order, rewards, dynamic sampling, optimizer step,
+//! metrics record and checkpoints it shares), with videos:
+//!
+//! 0. **Decode.** The drawn records' videos are read, sampled and preprocessed
+//!    ([`prepare_vl_record`]); a malformed record or a missing/undecodable video is skipped with
+//!    a warning naming it, counted (`skipped_records`), and another prompt is drawn.
+//! 1. **Encode once.** Every video of the round goes through the frozen tower once, through the
+//!    content-addressed [`EmbedCache`] (key: video content hash, sampling settings, weights
+//!    fingerprint); with `parallel.sp = P > 1` its temporal patches are split over P in-process
+//!    ranks and the embeddings all-gathered ([`SpVisionEncoder::encode_cached`]). The features
+//!    [Σ tokens, d] serve every rollout of the group and the old-policy, reference and update
+//!    passes.
+//! 2. **Roll out.** The engine runs the decoder with each group's prompt given as input
+//!    embeddings (video rows = the cached features) and M-RoPE positions [P, 3]
+//!    ([`Prompt::vl`]: `mrope_positions`, as transformers' `get_rope_index`); the prompt is
+//!    prefilled once per group and the G samples fork from it. A response token the policy
+//!    samples as `<|video_pad|>` is an ordinary token there (table embedding, 1-D position), and
+//!    so it is in scoring; it takes no embedding-table gradient.
+//! 3. **Score.** Rewards and group advantages; rows `prompt ++ response[..-1]` [B, T] as input
+//!    embeddings (table lookup of the current weights, video rows from the cache) with M-RoPE
+//!    angles (response tokens continue 1-D after the prompt's largest position), targets at the
+//!    response tokens only; `log π_old` (more than one update per batch) and `log π_ref`
+//!    (β > 0; a frozen copy of the initial decoder, none at β = 0) with
+//!    [`Qwen2::token_logprobs_embeds`] (fused LM head, logits only at labelled rows, chunked).
+//! 4. **Update.** Per mini-batch: `token_logprobs_embeds` → [`grpo_loss`] →
+//!    `backward_logprobs_embeds` → the embedding table's share of ∂L/∂embeddings (video rows
+//!    skipped: the tower is frozen) → clip, AdamW on the decoder.
+//!
+//! With `sp > 1` passes 3 and 4 run on P in-process ranks: every rank takes its token shard of
+//! the rows (the schedule's balanced layout, `parallel.schedule`), runs the decoder with
+//! [`SpAttention`], and the decoder gradients are all-reduced; `seq_tokens` gives the loss the
+//! whole sequences' token counts. Log-probabilities are gathered back to [B, T], so they and the
+//! update match sp = 1 within float tolerance.
+//!
+//! `[video] reuse = false` (benchmarks) turns MR-SP's reuse off: the video is encoded again for
+//! every sample in every pass (cache bypassed) and every sample's prompt is prefilled on its own.
+//! Samples are seeded per sample either way, so the responses are the same.
+//!
+//! Metrics per step add to the text trainer's record: `decode_s`, `encode_s` (and `rollout_s`
+//! without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
+//! the optimizer and trainer state; `--resume` continues the same curve.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use reel_comm::{Communicator, InProcess};
+use reel_data::{
+    prepare_vl_record, ReasonFile, Tokenizer, VideoProcessor, VideoProcessorConfig, VideoSettings,
+    IGNORE_INDEX, REASONING_INSTRUCTION,
+};
+use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
+use reel_model::{
+    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
+    Workspace,
+};
+use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder};
+use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
+use reel_rollout::{sample_seed, Engine, Prompt};
+use serde_json::json;
+
+use crate::accuracy::engine_config;
+use crate::grpo::{
+    adamw_for, clip_and_step, generation_params, grpo_trainer_state, load_resume_state, open_run,
+    step_record, with_last_good, GrpoOptions, GrpoRunConfig, GrpoSummary, PromptSampler,
+    RolledGroup, RoundWork, Sample, Scorer, UpdateOutcome,
+};
+use crate::metrics::{MetricsWriter, Progress, StepReport};
+use crate::vl::{parse_sampling, VlInputs};
+
+/// What a VLM GRPO run did: the text trainer's summary and the video counters.
+#[derive(Clone, Debug)]
+pub struct VlGrpoSummary {
+    pub run: GrpoSummary,
+    /// The embedding cache's counters at the end.
+    pub cache: CacheStats,
+    /// Tower runs (per rank and call), videos encoded and videos served from the cache.
+    pub encode: EncodeStats,
+    /// Records skipped (malformed, or a missing/undecodable video), counting the file's
+    /// malformed lines once and every failed draw.
+    pub skipped_records: usize,
+}
+
+/// A drawn record, decoded and encoded: the prompt as the model takes it.
+struct VlPrompt {
+    /// Prompt tokens [P] (each video's placeholder run expanded), generation prompt included.
+    ids: Vec<u32>,
+    /// Its videos (pixels, grids, seconds, cache keys): re-encoded per sample with `reuse = false`.
+    inputs: VlInputs,
+    /// The videos' merged features [Σ tokens, d], in placeholder order.
+    features: Vec<f32>,
+    /// The engine's prompt: input embeddings (video rows = `features`) and M-RoPE positions
+    /// ([`Prompt::vl`]).
+    rollout: Prompt,
+    /// M-RoPE positions of the prompt tokens, (t, h, w) each.
+    positions: Vec<[u32; 3]>,
+    /// The first response token's position (one past the largest prompt component).
+    next_pos: u32,
+    text: String,
+    answer: String,
+    problem_id: String,
+}
+
+/// What a step's video work cost.
+#[derive(Default)]
+struct VideoTimes {
+    decode_s: f64,
+    encode_s: f64,
+}
+
+/// The run's fixed parts.
+struct VlCtx<'a> {
+    cfg: &'a GrpoRunConfig,
+    tok: &'a Tokenizer,
+    file: &'a ReasonFile,
+    settings: &'a VideoSettings,
+    processor: &'a VideoProcessor,
+    cache: &'a EmbedCache,
+    enc: &'a SpVisionEncoder,
+    weights: u64,
+    sp: usize,
+}
+
+impl VlCtx<'_> {
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.parallel.timeout_s.max(1))
+    }
+
+    /// The merged features of each input's videos [Σ tokens, d]: through the cache (`cached`)
+    /// or straight through the tower, frames split over `sp` ranks.
+    fn encode(
+        &self,
+        model: &Qwen25VL,
+        inputs: &[&VlInputs],
+        cached: bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut keys = Vec::new();
+        let (mut pixels, mut grids, mut seconds) = (Vec::new(), Vec::new(), Vec::new());
+        for inp in inputs {
+            keys.extend(inp.keys.iter().cloned());
+            pixels.extend_from_slice(&inp.pixels);
+            grids.extend_from_slice(&inp.grids);
+            seconds.extend_from_slice(&inp.seconds);
+        }
+        let d = model.config.text.hidden_size;
+        let results = InProcess::spawn(self.sp, self.timeout(), |comm| {
+            let mut vws = reel_model::VisionWorkspace::new();
+            if grids.is_empty() {
+                return Ok::<_, anyhow::Error>(Vec::new());
+            }
+            if cached {
+                let e = self.enc.encode_cached(
+                    &comm,
+                    &model.vision,
+                    &mut vws,
+                    self.cache,
+                    &keys,
+                    &pixels,
+                    &grids,
+                    &seconds,
+                )?;
+                Ok(e)
+            } else {
+                let f = self
+                    .enc
+                    .encode(&comm, &model.vision, &mut vws, &pixels, &grids)?;
+                let u = model.config.vision.merge_unit();
+                let mut off = 0;
+                Ok(grids
+                    .iter()
+                    .zip(&seconds)
+                    .map(|(g, &s)| {
+                        let n = g.patches() / u;
+                        let e = VideoEmbeds {
+                            data: f[off * d..(off + n) * d].to_vec(),
+                            tokens: n,
+                            d,
+                            grid: *g,
+                            second_per_grid_t: s,
+                        };
+                        off += n;
+                        Arc::new(e)
+                    })
+                    .collect())
+            }
+        });
+        let mut first = None;
+        for (r, res) in results.into_iter().enumerate() {
+            let v = res.with_context(|| format!("vision encode, rank {r}"))?;
+            first.get_or_insert(v);
+        }
+        let mut embeds = first.context("no rank ran")?.into_iter();
+        Ok(inputs
+            .iter()
+            .map(|inp| {
+                (0..inp.grids.len())
+                    .flat_map(|_| embeds.next().map(|e| e.data.clone()).unwrap_or_default())
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The rows of a mini-batch's micro-batches under `lm`'s embedding table (the video encoded
+    /// again for each sample when reuse is off, its time added to `encode_s`).
+    fn rows(
+        &self,
+        vlm: &Qwen25VL,
+        lm: &Qwen2,
+        mb: &[Vec<&Sample>],
+        prompts: &HashMap<usize, VlPrompt>,
+        pad: u32,
+        encode_s: &mut f64,
+    ) -> Result<Vec<VlRows>> {
+        mb.iter()
+            .map(|micro| {
+                let feats = if self.cfg.video.reuse {
+                    None
+                } else {
+                    let t0 = Instant::now();
+                    let inputs: Vec<&VlInputs> =
+                        micro.iter().map(|s| &prompts[&s.prompt].inputs).collect();
+                    let f = self.encode(vlm, &inputs, false)?;
+                    *encode_s += t0.elapsed().as_secs_f64();
+                    Some(f)
+                };
+                Ok(VlRows::new(vlm, lm, micro, prompts, feats.as_deref(), pad))
+            })
+            .collect()
+    }
+
+    /// Draws prompts until `want` records are prepared (skipping and counting bad ones) and
+    /// encodes their videos once.
+    fn draw(
+        &self,
+        model: &Qwen25VL,
+        want: usize,
+        sampler: &mut PromptSampler,
+        skipped: &mut usize,
+        times: &mut VideoTimes,
+    ) -> Result<Vec<(usize, VlPrompt)>> {
+        let t0 = Instant::now();
+        let mut drawn = Vec::with_capacity(want);
+        let mut failures = 0;
+        let key_text = self.settings.key_text();
+        let max_prompt = self
+            .cfg
+            .data
+            .max_prompt_len
+            .min(model.config.text.max_position_embeddings.saturating_sub(1));
+        while drawn.len() < want {
+            let i = sampler.next();
+            match prepare_vl_record(self.file, i, self.tok, self.settings, self.processor, false) {
+                Ok(ex) if ex.tokens.input_ids.len() > max_prompt => {
+                    tracing::warn!(
+                        "{}: skipping the record: the prompt has {} tokens, more than \
+                         data.max_prompt_len = {} or the model's positions allow",
+                        ex.origin,
+                        ex.tokens.input_ids.len(),
+                        self.cfg.data.max_prompt_len
+                    );
+                    *skipped += 1;
+                    failures += 1;
+                }
+                Ok(ex) => {
+                    let inputs = VlInputs::new(&ex, &key_text, self.weights);
+                    drawn.push((i, ex, inputs));
+                }
+                Err(skip) => {
+                    tracing::warn!("{skip}");
+                    *skipped += 1;
+                    failures += 1;
+                }
+            }
+            if failures > self.file.records.len() + want {
+                bail!(
+                    "{}: no usable record among {} draws ({} skipped)",
+                    self.file.path.display(),
+                    failures + drawn.len(),
+                    failures
+                );
+            }
+        }
+        times.decode_s += t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let refs: Vec<&VlInputs> = drawn.iter().map(|(_, _, inp)| inp).collect();
+        let features = self.encode(model, &refs, self.cfg.video.reuse)?;
+        times.encode_s += t1.elapsed().as_secs_f64();
+        let mut out = Vec::with_capacity(drawn.len());
+        for ((i, ex, inputs), features) in drawn.into_iter().zip(features) {
+            let ids = inputs.tokens.clone();
+            let rollout = Prompt::vl(
+                model,
+                ids.clone(),
+                &inputs.grids,
+                &inputs.seconds,
+                &features,
+            )
+            .with_context(|| ex.origin.clone())?;
+            let positions = rollout
+                .mrope
+                .as_ref()
+                .map(|m| m.positions.clone())
+                .unwrap_or_default();
+            let next_pos = rollout.next_position() as u32;
+            let record = &self.file.records[i];
+            out.push((
+                i,
+                VlPrompt {
+                    ids,
+                    inputs,
+                    features,
+                    rollout,
+                    positions,
+                    next_pos,
+                    text: format!("{}\n{}", record.problem.trim_end(), REASONING_INSTRUCTION),
+                    answer: record.answer_field(),
+                    problem_id: record.problem_id.clone(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// A micro-batch as the decoder takes it: `prompt ++ response[..-1]` rows [B, T] right-padded,
+/// input embeddings [B·T, d] (current table, video rows = features), M-RoPE angles [B·T, D/2],
+/// targets at response tokens.
+struct VlRows {
+    tokens: Vec<u32>,
+    targets: Vec<i32>,
+    mask: Vec<bool>,
+    advantages: Vec<f32>,
+    /// Response tokens of each row (the whole sequence's, for sharded rows).
+    seq_tokens: Vec<usize>,
+    embeds: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    b: usize,
+    t: usize,
+}
+
+impl VlRows {
+    /// Rows of `samples` with the embedding table of `lm` and each sample's video features
+    /// (`features[k]`, or its prompt's).
+    fn new(
+        vlm: &Qwen25VL,
+        lm: &Qwen2,
+        samples: &[&Sample],
+        prompts: &HashMap<usize, VlPrompt>,
+        features: Option<&[Vec<f32>]>,
+        pad: u32,
+    ) -> Self {
+        let b = samples.len();
+        let t = samples
+            .iter()
+            .map(|s| s.ids.len() - 1)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let d = lm.config.hidden_size;
+        let vid = vlm.config.video_token_id;
+        let mut tokens = vec![pad; b * t];
+        let mut targets = vec![IGNORE_INDEX; b * t];
+        let mut mask = vec![false; b * t];
+        let mut pos = vec![0u32; 3 * b * t];
+        let mut seq_tokens = Vec::with_capacity(b);
+        for (row, s) in samples.iter().enumerate() {
+            let pr = &prompts[&s.prompt];
+            let n = s.ids.len() - 1;
+            tokens[row * t..row * t + n].copy_from_slice(&s.ids[..n]);
+            for i in s.prompt_len.saturating_sub(1)..n {
+                targets[row * t + i] = s.ids[i + 1] as i32;
+                mask[row * t + i] = true;
+            }
+            seq_tokens.push(n + 1 - s.prompt_len);
+            for i in 0..t {
+                let p = if i < s.prompt_len {
+                    pr.positions[i]
+                } else {
+                    // Response (and padding, at the last real position) continue in 1-D.
+                    let k = pr.next_pos + (i.min(n - 1) - s.prompt_len) as u32;
+                    [k; 3]
+                };
+                for (axis, &v) in p.iter().enumerate() {
+                    pos[axis * b * t + row * t + i] = v;
+                }
+            }
+        }
+        let mut embeds = vec![0.0f32; b * t * d];
+        reel_kernels::embedding::embedding_forward(
+            &mut embeds,
+            &tokens,
+            &lm.params[lm.layout.embed.clone()],
+            d,
+        );
+        for (row, s) in samples.iter().enumerate() {
+            let f = match features {
+                Some(f) => &f[row],
+                None => &prompts[&s.prompt].features,
+            };
+            // The prompt's video rows (a placeholder the policy sampled in its response is a
+            // token like any other there, as the engine ran it).
+            let rows = tokens[row * t..row * t + s.prompt_len]
+                .iter()
+                .enumerate()
+                .filter(|(_, &x)| x == vid);
+            for ((i, _), v) in rows.zip(f.chunks_exact(d)) {
+                let r = row * t + i;
+                embeds[r * d..(r + 1) * d].copy_from_slice(v);
+            }
+        }
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        vlm.mrope_angles(&pos, &mut cos, &mut sin);
+        VlRows {
+            tokens,
+            targets,
+            mask,
+            advantages: samples.iter().map(|s| s.advantage).collect(),
+            seq_tokens,
+            embeds,
+            cos,
+            sin,
+            b,
+            t,
+        }
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.mask.iter().filter(|&&m| m).count()
+    }
+}
+
+/// One rank's share of a [`VlRows`] (the whole of it at sp = 1).
+struct LocalRows {
+    tokens: Vec<u32>,
+    targets: Vec<i32>,
+    mask: Vec<bool>,
+    embeds: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+}
+
+/// The rank's attention and, with sp > 1, how rows are cut.
+enum RankAttn<'a> {
+    Local,
+    Sp(&'a SpAttention<InProcess>, usize),
+}
+
+impl RankAttn<'_> {
+    fn rank(&self) -> usize {
+        match self {
+            RankAttn::Local => 0,
+            RankAttn::Sp(_, rank) => *rank,
+        }
+    }
+
+    fn op(&self) -> &dyn AttentionOp {
+        match self {
+            RankAttn::Local => &LocalAttention,
+            RankAttn::Sp(sp, _) => *sp,
+        }
+    }
+
+    /// The rank's rows, and the sharding they were cut with (None at sp = 1).
+    fn local(&self, r: &VlRows, vid: u32) -> Result<(LocalRows, Option<Sharding>)> {
+        match self {
+            RankAttn::Local => Ok((
+                LocalRows {
+                    tokens: r.tokens.clone(),
+                    targets: r.targets.clone(),
+                    mask: r.mask.clone(),
+                    embeds: r.embeds.clone(),
+                    cos: r.cos.clone(),
+                    sin: r.sin.clone(),
+                    t: r.t,
+                },
+                None,
+            )),
+            RankAttn::Sp(sp, rank) => {
+                let rank = *rank;
+                let sh = sp.set_seq_len(r.t)?;
+                let d = r.embeds.len() / (r.b * r.t);
+                let half = r.cos.len() / (r.b * r.t);
+                let b = r.b;
+                Ok((
+                    LocalRows {
+                        // Padding rows take no embedding gradient (marked as video rows).
+                        tokens: sh.shard(&r.tokens, b, 1, rank, vid)?,
+                        targets: sh.shard(&r.targets, b, 1, rank, IGNORE_INDEX)?,
+                        mask: sh.shard(&r.mask, b, 1, rank, false)?,
+                        embeds: sh.shard(&r.embeds, b, d, rank, 0.0)?,
+                        cos: sh.shard(&r.cos, b, half, rank, 1.0)?,
+                        sin: sh.shard(&r.sin, b, half, rank, 0.0)?,
+                        t: sh.local_len(),
+                    },
+                    Some(sh),
+                ))
+            }
+        }
+    }
+}
+
+impl LocalRows {
+    fn batch(&self, b: usize) -> EmbedsBatch<'_> {
+        EmbedsBatch {
+            embeds: &self.embeds,
+            targets: &self.targets,
+            rotary: Rotary::Angles {
+                cos: &self.cos,
+                sin: &self.sin,
+            },
+            b,
+            t: self.t,
+        }
+    }
+}
+
+/// Runs `body(rank attention)` on `sp` in-process ranks (the caller's thread at sp = 1).
+fn on_ranks<T: Send>(
+    cfg: &GrpoRunConfig,
+    body: impl Fn(&RankAttn) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let p = cfg.parallel.sp;
+    if p == 1 {
+        return Ok(vec![body(&RankAttn::Local)?]);
+    }
+    let timeout = Duration::from_secs(cfg.parallel.timeout_s.max(1));
+    let kind = cfg.parallel.schedule.kind();
+    let overlap = if cfg.parallel.overlap {
+        Overlap::Overlapped
+    } else {
+        Overlap::Blocking
+    };
+    let results = InProcess::spawn(p, timeout, |comm| {
+        let rank = comm.rank();
+        let schedule = kind.build(p).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let sp = SpAttention::new(comm, schedule, overlap)?;
+        body(&RankAttn::Sp(&sp, rank))
+    });
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(r, res)| res.with_context(|| format!("sequence-parallel rank {r}")))
+        .collect()
+}
+
+/// `log π(target)` [B·T] of every micro-batch under `lm` (old policy or reference), gathered
+/// from the ranks' shards.
+fn logprob_pass(
+    cfg: &GrpoRunConfig,
+    lm: &Qwen2,
+    rows: &[VlRows],
+    vid: u32,
+) -> Result<Vec<Vec<f32>>> {
+    let per_rank = on_ranks(cfg, |ra| {
+        let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let (loc, sh) = ra.local(r, vid)?;
+            let mut lp = vec![0.0f32; r.b * loc.t];
+            lm.token_logprobs_embeds(
+                &mut ws,
+                &loc.batch(r.b),
+                ra.op(),
+                cfg.grpo.temperature,
+                &mut lp,
+                None,
+            )?;
+            out.push((lp, sh));
+        }
+        Ok(out)
+    })?;
+    let mut gathered = Vec::with_capacity(rows.len());
+    for (j, r) in rows.iter().enumerate() {
+        match per_rank[0][j].1 {
+            None => gathered.push(per_rank[0][j].0.clone()),
+            Some(sh) => {
+                let shards: Vec<&[f32]> = per_rank.iter().map(|v| v[j].0.as_slice()).collect();
+                gathered.push(sh.unshard(&shards, r.b, 1)?);
+            }
+        }
+    }
+    Ok(gathered)
+}
+
+/// One mini-batch's gradient: every rank's micro-batches through `token_logprobs_embeds` →
+/// [`grpo_loss`] → `backward_logprobs_embeds` → the embedding table; gradients, loss and
+/// metrics summed over the ranks. `olds`/`refs` are the gathered [B·T] log-probabilities.
+#[allow(clippy::too_many_arguments)]
+fn minibatch_grads(
+    cfg: &GrpoRunConfig,
+    vlm: &Qwen25VL,
+    rows: &[VlRows],
+    olds: Option<&[Vec<f32>]>,
+    refs: Option<&[Vec<f32>]>,
+    loss_cfg: &PolicyLossConfig,
+    scale: LossScale,
+) -> Result<(Vec<f32>, f64, GrpoMetrics)> {
+    let lm = &vlm.lm;
+    let vid = vlm.config.video_token_id;
+    let sharded = cfg.parallel.sp > 1;
+    let per_rank = on_ranks(cfg, |ra| {
+        let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
+        let mut grads = vec![0.0f32; lm.params.len()];
+        let mut loss = 0.0f64;
+        let mut metrics = GrpoMetrics::default();
+        for (j, r) in rows.iter().enumerate() {
+            let (loc, sh) = ra.local(r, vid)?;
+            let n = r.b * loc.t;
+            let eb = loc.batch(r.b);
+            let (mut lp, mut ent) = (vec![0.0f32; n], vec![0.0f32; n]);
+            lm.token_logprobs_embeds(
+                &mut ws,
+                &eb,
+                ra.op(),
+                cfg.grpo.temperature,
+                &mut lp,
+                Some(&mut ent),
+            )?;
+            let cut = |full: &[f32]| -> Result<Vec<f32>> {
+                Ok(match &sh {
+                    Some(sh) => sh.shard(full, r.b, 1, ra.rank(), 0.0)?,
+                    None => full.to_vec(),
+                })
+            };
+            let old = match olds {
+                Some(o) => cut(&o[j])?,
+                None => lp.clone(),
+            };
+            let rf = refs.map(|r| cut(&r[j])).transpose()?;
+            let x = PolicyTokens {
+                b: r.b,
+                t: loc.t,
+                logp: &lp,
+                old_logp: &old,
+                ref_logp: rf.as_deref(),
+                entropy: Some(&ent),
+                mask: &loc.mask,
+                advantages: &r.advantages,
+                seq_tokens: sharded.then_some(r.seq_tokens.as_slice()),
+            };
+            let mut dlogp = vec![0.0f32; n];
+            let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
+            loss += l;
+            metrics.merge(&m);
+            let dx = lm
+                .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &dlogp, ra.op())?
+                .to_vec();
+            vlm.text_embedding_backward(&mut grads, &dx, &loc.tokens)?;
+        }
+        if let RankAttn::Sp(sp, _) = ra {
+            sp.with_comm(|c| c.all_reduce_sum(&mut grads))?;
+        }
+        Ok((grads, loss, metrics))
+    })?;
+    let mut it = per_rank.into_iter();
+    let (grads, mut loss, mut metrics) = it.next().context("no rank ran")?;
+    for (_, l, m) in it {
+        loss += l;
+        metrics.merge(&m);
+    }
+    Ok((grads, loss, metrics))
+}
+
+/// Runs (or resumes) GRPO of a Qwen2.5-VL checkpoint (`model.path`, model_type `qwen2_5_vl`)
+/// on LongVideo-Reason prompts (`data.prompts`) with MR-SP (module docs).
+pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSummary> {
+    cfg.validate_vl()?;
+    let tok_dir = cfg.tokenizer_dir();
+    let tok = Tokenizer::from_dir(tok_dir)
+        .with_context(|| format!("loading the tokenizer from {}", tok_dir.display()))?;
+    let init_dir = &cfg.model.path;
+    let settings = VideoSettings {
+        sampling: parse_sampling(&cfg.video.sampling)?,
+        processor: VideoProcessorConfig::from_dir(init_dir)?,
+    };
+    let processor = VideoProcessor::new(settings.processor.clone())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", init_dir.display()))?;
+    let (file, bad) = ReasonFile::read_lenient(&cfg.data.prompts)?;
+    for e in &bad {
+        tracing::warn!("skipping malformed record: {e}");
+    }
+    if file.records.is_empty() {
+        bail!(
+            "{}: no usable record ({} malformed)",
+            cfg.data.prompts.display(),
+            bad.len()
+        );
+    }
+    let (ckpts, resumed) = open_run(cfg, opts.resume)?;
+    let load = |d: &Path| load_vl_checkpoint(d).with_context(|| format!("loading {}", d.display()));
+    let reference = if cfg.grpo.needs_reference() {
+        Some(load(init_dir)?.lm)
+    } else {
+        None
+    };
+    let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
+    let mut opt = adamw_for(cfg, &model.lm.layout);
+    let mut skipped = bad.len();
+    let (mut sampler, start_step, mut recent) = match &resumed {
+        Some(dir) => {
+            let r = load_resume_state(cfg, dir, &mut opt, file.records.len(), &file.path)?;
+            skipped = r.data["skipped_records"].as_u64().unwrap_or(0) as usize;
+            (r.sampler, r.step, r.recent)
+        }
+        None => (
+            PromptSampler::new(file.records.len(), cfg.data.seed),
+            0,
+            Vec::new(),
+        ),
+    };
+    if tok.vocab_size() > model.config.text.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model's vocabulary is {}",
+            tok.vocab_size(),
+            model.config.text.vocab_size
+        );
+    }
+    let pad = tok
+        .pad_token_id()
+        .context("the tokenizer has neither a pad nor an eos token")?;
+    let stop = crate::accuracy::stop_token_ids(&tok, &model.lm);
+    let cache = match &cfg.video.cache_dir {
+        Some(d) => EmbedCache::with_dir(cfg.video.cache_bytes, d)?,
+        None => EmbedCache::new(cfg.video.cache_bytes),
+    };
+    let enc = SpVisionEncoder::new();
+    let ctx = VlCtx {
+        cfg,
+        tok: &tok,
+        file: &file,
+        settings: &settings,
+        processor: &processor,
+        cache: &cache,
+        enc: &enc,
+        weights: weights_fingerprint(&model.vision.params),
+        sp: cfg.parallel.sp,
+    };
+    let reward = cfg.grpo.reward.build();
+    let scorer = Scorer::new(cfg, &tok, &reward);
+    let g = cfg.grpo.group_size;
+    let loss_cfg = cfg.grpo.policy_loss();
+    let updates = cfg.train.mini_batches * cfg.train.ppo_epochs;
+    let vid = model.config.video_token_id;
+    let mut metrics = MetricsWriter::open(&cfg.output.dir, start_step + 1)?;
+    let progress = match opts.progress {
+        Some(mode) => Progress::with_mode(mode, cfg.train.steps, start_step, cfg.output.log_every),
+        None => Progress::new(cfg.train.steps, start_step, cfg.output.log_every),
+    };
+    let mut summary = GrpoSummary {
+        steps: start_step,
+        records: Vec::new(),
+        ref_passes: 0,
+        old_passes: 0,
+        final_model_dir: resumed.clone().unwrap_or_else(|| init_dir.clone()),
+        last_batch: Vec::new(),
+    };
+    let mut ran = 0u64;
+    let result: Result<()> = (|| {
+        for step in start_step..cfg.train.steps {
+            if opts.stop_after.is_some_and(|n| ran >= n) {
+                break;
+            }
+            let done = step + 1;
+            let at = format!("step {done}");
+            let t_step = Instant::now();
+            let mut times = VideoTimes::default();
+            let mut prompts: HashMap<usize, VlPrompt> = HashMap::new();
+
+            // 0–2. Decode, encode once, roll out; rewards and advantages.
+            let c = scorer.collect(&at, &mut sampler, |want, round, sampler| {
+                let drawn = ctx.draw(&model, want, sampler, &mut skipped, &mut times)?;
+                let longest = drawn.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
+                let max_pos = model.config.text.max_position_embeddings;
+                let ecfg = engine_config(
+                    drawn.len() * (g + 2),
+                    longest,
+                    cfg.grpo.max_response_tokens,
+                    max_pos,
+                );
+                let mut engine = Engine::new_vl(&model, ecfg)?;
+                let mut extra_encode = 0.0;
+                for (k, (_, pr)) in drawn.iter().enumerate() {
+                    let params = generation_params(cfg, done, round, k, &stop);
+                    let named = || format!("{at}: prompt {}", pr.problem_id);
+                    if cfg.video.reuse {
+                        engine
+                            .add_group(pr.rollout.clone(), g, params)
+                            .with_context(named)?;
+                    } else {
+                        // One group per sample (seeded as sample j of the group would be), its
+                        // video encoded again for it.
+                        for j in 0..g {
+                            let t0 = Instant::now();
+                            let f = ctx.encode(&model, &[&pr.inputs], false)?.remove(0);
+                            extra_encode += t0.elapsed().as_secs_f64();
+                            let mut p = params.clone();
+                            p.sampling.seed = sample_seed(params.sampling.seed, j);
+                            let (grids, secs) = (&pr.inputs.grids, &pr.inputs.seconds);
+                            let prompt = Prompt::vl(&model, pr.ids.clone(), grids, secs, &f)?;
+                            engine.add_group(prompt, 1, p).with_context(named)?;
+                        }
+                    }
+                }
+                times.encode_s += extra_encode;
+                let outs = engine.run().with_context(|| format!("{at}: rollout"))?;
+                let st = engine.stats();
+                let mut groups = Vec::with_capacity(drawn.len());
+                let mut outs = outs.into_iter();
+                for (i, pr) in drawn {
+                    let responses: Vec<Vec<u32>> = if cfg.video.reuse {
+                        let o = outs.next().context("a group without output")?;
+                        o.samples.into_iter().map(|s| s.ids).collect()
+                    } else {
+                        (0..g)
+                            .map(|_| {
+                                let o = outs.next().context("a sample without output")?;
+                                Ok(o.samples.into_iter().next().context("no sample")?.ids)
+                            })
+                            .collect::<Result<_>>()?
+                    };
+                    groups.push(RolledGroup {
+                        prompt: i,
+                        prompt_ids: pr.ids.clone(),
+                        text: pr.text.clone(),
+                        answer: pr.answer.clone(),
+                        problem_id: pr.problem_id.clone(),
+                        responses,
+                    });
+                    prompts.insert(i, pr);
+                }
+                Ok(RoundWork {
+                    groups,
+                    prefill: st.prefill_tokens,
+                    decode: st.decode_tokens,
+                })
+            })?;
+            let rollout_s = c.rollout_s - times.decode_s - times.encode_s;
+            let samples = &c.samples;
+            let per_mini = samples.len().div_ceil(cfg.train.mini_batches).max(1);
+            let minis: Vec<Vec<Vec<&Sample>>> = samples
+                .chunks(per_mini)
+                .map(|mb| {
+                    mb.chunks(cfg.train.micro_batch_seqs)
+                        .map(|c| c.iter().collect())
+                        .collect()
+                })
+                .collect();
+            let mut encode_s = 0.0;
+
+            // 3. Old/reference log-probabilities.
+            let t2 = Instant::now();
+            let mut refs: Vec<Vec<Vec<f32>>> = Vec::new();
+            if let Some(r) = &reference {
+                for mb in &minis {
+                    let rows = ctx.rows(&model, r, mb, &prompts, pad, &mut encode_s)?;
+                    refs.push(
+                        logprob_pass(cfg, r, &rows, vid)
+                            .with_context(|| format!("{at}: reference"))?,
+                    );
+                }
+                summary.ref_passes += 1;
+            }
+            let mut olds: Vec<Vec<Vec<f32>>> = Vec::new();
+            if updates > 1 {
+                for mb in &minis {
+                    let rows = ctx.rows(&model, &model.lm, mb, &prompts, pad, &mut encode_s)?;
+                    olds.push(
+                        logprob_pass(cfg, &model.lm, &rows, vid)
+                            .with_context(|| format!("{at}: old policy"))?,
+                    );
+                }
+                summary.old_passes += 1;
+            }
+            // Re-encoding (reuse off) is counted in encode_s, not in the pass it served.
+            let scoring_s = t2.elapsed().as_secs_f64() - encode_s;
+            let encode_before_update = encode_s;
+
+            // 4. The updates.
+            let t3 = Instant::now();
+            let mut m_all = GrpoMetrics::default();
+            let (mut loss_sum, mut n_updates, mut grad_norm) = (0.0f64, 0usize, 0.0f32);
+            let layout = model.lm.layout.clone();
+            for _epoch in 0..cfg.train.ppo_epochs {
+                for (k, mb) in minis.iter().enumerate() {
+                    let rows = ctx.rows(&model, &model.lm, mb, &prompts, pad, &mut encode_s)?;
+                    let scale = LossScale {
+                        global_tokens: rows.iter().map(VlRows::n_tokens).sum(),
+                        global_seqs: rows.iter().map(|r| r.b).sum(),
+                    };
+                    let (mut grads, mut loss, m) = minibatch_grads(
+                        cfg,
+                        &model,
+                        &rows,
+                        olds.get(k).map(Vec::as_slice),
+                        refs.get(k).map(Vec::as_slice),
+                        &loss_cfg,
+                        scale,
+                    )
+                    .with_context(|| format!("{at}: update"))?;
+                    m_all.merge(&m);
+                    if opts.poison_step == Some(done) {
+                        loss = f64::NAN;
+                    }
+                    grad_norm = clip_and_step(
+                        cfg,
+                        &layout,
+                        &mut model.lm.params,
+                        &mut grads,
+                        &mut opt,
+                        loss,
+                        &at,
+                    )?;
+                    loss_sum += loss;
+                    n_updates += 1;
+                }
+            }
+            let update_s = t3.elapsed().as_secs_f64() - (encode_s - encode_before_update);
+            summary.last_batch = samples
+                .iter()
+                .map(|s| (s.ids.clone(), s.prompt_len, s.advantage))
+                .collect();
+            ran += 1;
+            summary.steps = done;
+            let outcome = UpdateOutcome {
+                loss: (loss_sum / n_updates.max(1) as f64) as f32,
+                grad_norm,
+                updates: n_updates,
+                metrics: m_all,
+            };
+            recent.push(outcome.loss);
+            if recent.len() > 100 {
+                recent.remove(0);
+            }
+            let mut record = step_record(
+                cfg,
+                done,
+                &c,
+                &outcome,
+                &summary,
+                [
+                    ("rollout_s", rollout_s),
+                    ("scoring_s", c.scoring_s + scoring_s),
+                    ("update_s", update_s),
+                ],
+                sampler.epoch,
+            );
+            let cs = cache.stats();
+            let es = enc.counters.snapshot();
+            for (k, v) in [
+                ("decode_s", json!(times.decode_s)),
+                ("encode_s", json!(times.encode_s + encode_s)),
+                ("step_s", json!(t_step.elapsed().as_secs_f64())),
+                ("cache_hits", json!(cs.hits + cs.disk_hits)),
+                ("cache_misses", json!(cs.misses)),
+                ("cache_bytes", json!(cs.bytes)),
+                ("tower_forwards", json!(es.tower_forwards)),
+                ("videos_encoded", json!(es.videos_encoded)),
+                ("skipped_records", json!(skipped)),
+            ] {
+                record[k] = v;
+            }
+            progress.update(&StepReport {
+                step: done,
+                loss: outcome.loss,
+                lr: cfg.grpo.lr,
+                tokens_per_s: c.decode as f64 / rollout_s.max(1e-9),
+            });
+            metrics.write(&record)?;
+            summary.records.push(record);
+            let last = done == cfg.train.steps;
+            if (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last {
+                let state = grpo_trainer_state(
+                    cfg,
+                    done,
+                    &sampler,
+                    &recent,
+                    json!({ "skipped_records": skipped }),
+                );
+                let mut files =
+                    reel_model::vl::vl_model_files(&model, reel_tensor::DType::F32, usize::MAX)?;
+                for f in ["video_preprocessor_config.json", "preprocessor_config.json"] {
+                    let src = init_dir.join(f);
+                    if src.is_file() {
+                        files.push((
+                            f.to_string(),
+                            std::fs::read(&src).with_context(|| src.display().to_string())?,
+                        ));
+                    }
+                }
+                let files = crate::sft::checkpoint_files_with(files, &tok, &opt, &state)?;
+                summary.final_model_dir = ckpts
+                    .save(done, &files)
+                    .with_context(|| format!("{at}: saving the checkpoint"))?;
+            }
+        }
+        Ok(())
+    })();
+    progress.finish();
+    with_last_good(&ckpts, result)?;
+    Ok(VlGrpoSummary {
+        run: summary,
+        cache: cache.stats(),
+        encode: enc.counters.snapshot(),
+        skipped_records: skipped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ProgressMode;
+    use crate::vl::write_tiny_vl_model;
+    use reel_data::{write_synth_dataset, SynthVideoConfig};
+    use std::path::PathBuf;
+
+    /// Reward: the length of the JSON line the command reads (varies with the response).
+    const LEN_REWARD: &str = r#"read l; echo ${#l}"#;
+
+    fn setup(tmp: &Path, videos: usize) -> (PathBuf, PathBuf) {
+        let model = tmp.join("model");
+        if !model.exists() {
+            write_tiny_vl_model(&model, 1).unwrap();
+        }
+        let data = tmp.join("data");
+        let cfg = SynthVideoConfig {
+            videos,
+            frames: 8,
+            width: 56,
+            height: 56,
+            held_out: 0.0,
+            ..Default::default()
+        };
+        write_synth_dataset(&cfg, &data).unwrap();
+        (model, data.join("train.jsonl"))
+    }
+
+    fn config(model: &Path, data: &Path, out: PathBuf) -> GrpoRunConfig {
+        let mut cfg = GrpoRunConfig::default();
+        cfg.model.path = model.to_path_buf();
+        cfg.data.prompts = data.to_path_buf();
+        cfg.data.prompts_per_step = 2;
+        cfg.train.steps = 2;
+        cfg.train.micro_batch_seqs = 3;
+        cfg.train.mini_batches = 2;
+        cfg.grpo.group_size = 3;
+        cfg.grpo.max_response_tokens = 5;
+        cfg.grpo.lr = 1e-3;
+        cfg.grpo.kl_coef = 0.05;
+        cfg.grpo.reward.accuracy_weight = 0.0;
+        cfg.grpo.reward.format_weight = 0.0;
+        cfg.grpo.reward.command = vec!["sh".into(), "-c".into(), LEN_REWARD.into()];
+        cfg.video.sampling = "uniform:8".into();
+        cfg.output.dir = out;
+        cfg.output.save_every = 1;
+        cfg.output.keep_last = 0;
+        cfg
+    }
+
+    fn quiet() -> GrpoOptions {
+        GrpoOptions {
+            progress: Some(ProgressMode::Log),
+            ..GrpoOptions::default()
+        }
+    }
+
+    fn f(r: &serde_json::Value, k: &str) -> f64 {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    }
+
+    #[test]
+    fn vl_grpo_steps_encode_each_video_once_and_match_the_unshared_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path(), 6);
+        let cfg = config(&model, &data, tmp.path().join("on"));
+        let on = run_vl_grpo(&cfg, quiet()).unwrap();
+        assert_eq!(on.run.steps, 2);
+        assert_eq!((on.run.ref_passes, on.run.old_passes), (2, 2));
+        let (p, g, steps) = (2u64, 3u64, 2u64);
+        // Encode once: each drawn video through the tower once (later draws of it are cache
+        // hits), however many samples and passes use it.
+        let drawn = p * steps;
+        assert_eq!(on.encode.videos_encoded + on.encode.videos_cached, drawn);
+        assert_eq!(on.cache.misses, on.encode.videos_encoded);
+        assert!(on.encode.tower_forwards <= steps, "{:?}", on.encode);
+        for (k, r) in on.run.records.iter().enumerate() {
+            for key in [
+                "loss",
+                "reward_mean",
+                "reward_std",
+                "accuracy",
+                "format_rate",
+                "kl",
+                "clip_frac_low",
+                "clip_frac_high",
+                "entropy",
+                "response_len_mean",
+                "decode_s",
+                "encode_s",
+                "rollout_s",
+                "scoring_s",
+                "update_s",
+                "cache_hits",
+                "cache_misses",
+                "tower_forwards",
+                "skipped_records",
+            ] {
+                assert!(
+                    r.get(key).is_some_and(|v| !v.is_null()),
+                    "step {k}: {key} in {r}"
+                );
+            }
+            assert!(f(r, "reward_std") > 0.0, "{r}");
+            assert!(f(r, "kl") >= 0.0 && f(r, "entropy") > 0.0, "{r}");
+            // The prompt was prefilled once per group: prefill work is P·prompt tokens.
+            assert!(f(r, "prefill_tokens") < 2.0 * f(r, "decode_tokens") + 2000.0);
+        }
+        let ckpt = &on.run.final_model_dir;
+        let trained = load_vl_checkpoint(ckpt).unwrap();
+        let init = load_vl_checkpoint(&model).unwrap();
+        assert_ne!(trained.lm.params, init.lm.params);
+        assert_eq!(
+            trained.vision.params, init.vision.params,
+            "the tower is frozen"
+        );
+        assert!(ckpt.join("video_preprocessor_config.json").is_file());
+
+        // Reuse off: the video is encoded again for every sample of every pass and every sample
+        // prefilled alone; the samples and the training are the same.
+        let mut off_cfg = config(&model, &data, tmp.path().join("off"));
+        off_cfg.video.reuse = false;
+        let off = run_vl_grpo(&off_cfg, quiet()).unwrap();
+        // Per step: the draw, the rollout (G), reference, old policy and update passes (G each).
+        assert_eq!(off.encode.videos_encoded, steps * (p + 4 * p * g));
+        assert_eq!(off.cache.hits + off.cache.misses, 0);
+        for (a, b) in on.run.records.iter().zip(&off.run.records) {
+            for key in ["reward_mean", "response_len_mean", "decode_tokens"] {
+                assert_eq!(f(a, key), f(b, key), "{key}: {a} vs {b}");
+            }
+            for key in ["loss", "kl", "entropy"] {
+                assert!(
+                    (f(a, key) - f(b, key)).abs() < 1e-4 * (1.0 + f(a, key).abs()),
+                    "{key}"
+                );
+            }
+            assert!(f(b, "prefill_tokens") > f(a, "prefill_tokens") * (g as f64 - 0.5));
+        }
+    }
+
+    /// Draws the run's first prompts and makes G responses for each of tokens from the vocab.
+    fn fake_samples(
+        ctx: &VlCtx,
+        model: &Qwen25VL,
+        sampler: &mut PromptSampler,
+    ) -> (HashMap<usize, VlPrompt>, Vec<Sample>) {
+        let mut skipped = 0;
+        let drawn = ctx
+            .draw(model, 2, sampler, &mut skipped, &mut VideoTimes::default())
+            .unwrap();
+        let mut prompts = HashMap::new();
+        let mut samples = Vec::new();
+        for (k, (i, pr)) in drawn.into_iter().enumerate() {
+            for j in 0..3 {
+                let mut ids = pr.ids.clone();
+                let n = 3 + (k * 3 + j) % 5;
+                ids.extend((0..n).map(|x| (40 + 7 * x + 3 * j + k) as u32 % 90 + 5));
+                samples.push(Sample {
+                    prompt_len: pr.ids.len(),
+                    ids,
+                    advantage: j as f32 - 1.0 + 0.3 * k as f32,
+                    prompt: i,
+                });
+            }
+            prompts.insert(i, pr);
+        }
+        (prompts, samples)
+    }
+
+    #[test]
+    fn sequence_parallel_scoring_and_update_match_one_rank() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model_dir, data) = setup(tmp.path(), 4);
+        let mut cfg = config(&model_dir, &data, tmp.path().join("x"));
+        let model = load_vl_checkpoint(&model_dir).unwrap();
+        let tok = Tokenizer::from_dir(&model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: parse_sampling("uniform:8").unwrap(),
+            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
+        };
+        let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
+        let file = ReasonFile::read(&data).unwrap();
+        let cache = EmbedCache::new(1 << 26);
+        let enc = SpVisionEncoder::new();
+        let pad = tok.pad_token_id().unwrap();
+        let vid = model.config.video_token_id;
+        let loss_cfg = cfg.grpo.policy_loss();
+        // sp = 1's log-probabilities, loss, gradients and updated parameters.
+        type OneRank = (Vec<Vec<f32>>, f64, Vec<f32>, Vec<f32>);
+        let mut want: Option<OneRank> = None;
+        for sp in [1usize, 2, 3] {
+            cfg.parallel.sp = sp;
+            let ctx = VlCtx {
+                cfg: &cfg,
+                tok: &tok,
+                file: &file,
+                settings: &settings,
+                processor: &processor,
+                cache: &cache,
+                enc: &enc,
+                weights: weights_fingerprint(&model.vision.params),
+                sp,
+            };
+            let mut sampler = PromptSampler::new(file.records.len(), 0);
+            let (prompts, samples) = fake_samples(&ctx, &model, &mut sampler);
+            let refs: Vec<&Sample> = samples.iter().collect();
+            let mb: Vec<Vec<&Sample>> = refs.chunks(4).map(<[_]>::to_vec).collect();
+            let rows = ctx
+                .rows(&model, &model.lm, &mb, &prompts, pad, &mut 0.0)
+                .unwrap();
+            let lp = logprob_pass(&cfg, &model.lm, &rows, vid).unwrap();
+            // Every response token scored, nothing else.
+            for (r, l) in rows.iter().zip(&lp) {
+                assert!(r.mask.iter().zip(l).all(|(&m, &x)| m == (x != 0.0)));
+            }
+            let scale = LossScale {
+                global_tokens: rows.iter().map(VlRows::n_tokens).sum(),
+                global_seqs: samples.len(),
+            };
+            // Old = the scored log-probs perturbed, so ratios and clipping are exercised.
+            let olds: Vec<Vec<f32>> = lp
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .enumerate()
+                        .map(|(i, &x)| x + 0.1 * ((i % 7) as f32 - 3.0) / 3.0)
+                        .collect()
+                })
+                .collect();
+            let (mut grads, loss, m) = minibatch_grads(
+                &cfg,
+                &model,
+                &rows,
+                Some(&olds),
+                Some(&lp),
+                &loss_cfg,
+                scale,
+            )
+            .unwrap();
+            assert_eq!(m.tokens, scale.global_tokens);
+            let raw = grads.clone();
+            let mut params = model.lm.params.clone();
+            let mut opt = adamw_for(&cfg, &model.lm.layout);
+            clip_and_step(
+                &cfg,
+                &model.lm.layout,
+                &mut params,
+                &mut grads,
+                &mut opt,
+                loss,
+                "t",
+            )
+            .unwrap();
+            match &want {
+                None => want = Some((lp, loss, raw, params)),
+                Some((lp1, loss1, g1, p1)) => {
+                    for (a, b) in lp1.iter().zip(&lp) {
+                        reel_tensor::check_close(
+                            &format!("sp {sp} log-probs"),
+                            b,
+                            a,
+                            reel_tensor::Tolerance::new(1e-5, 1e-5),
+                        )
+                        .unwrap();
+                    }
+                    assert!((loss - loss1).abs() < 1e-5 * (1.0 + loss1.abs()), "sp {sp}");
+                    reel_tensor::check_close(
+                        &format!("sp {sp} gradients"),
+                        &raw,
+                        g1,
+                        reel_tensor::Tolerance::new(1e-6, 1e-4),
+                    )
+                    .unwrap();
+                    // AdamW's first step is about lr·g/|g|: where |g| is near its ε, float noise
+                    // of the sum order moves the step by a fraction of lr (1e-3 here).
+                    reel_tensor::check_close(
+                        &format!("sp {sp} parameters after one update"),
+                        &params,
+                        p1,
+                        reel_tensor::Tolerance::new(2e-5, 1e-5),
+                    )
+                    .unwrap();
+                    assert_ne!(&params, &model.lm.params);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_sequence_parallel_run_follows_the_single_rank_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path(), 4);
+        let mut cfg = config(&model, &data, tmp.path().join("sp1"));
+        cfg.train.steps = 1;
+        let one = run_vl_grpo(&cfg, quiet()).unwrap();
+        cfg.parallel.sp = 2;
+        cfg.output.dir = tmp.path().join("sp2");
+        let two = run_vl_grpo(&cfg, quiet()).unwrap();
+        let (a, b) = (&one.run.records[0], &two.run.records[0]);
+        assert_eq!(f(a, "reward_mean"), f(b, "reward_mean"));
+        for key in ["loss", "kl", "entropy", "pg_loss"] {
+            assert!(
+                (f(a, key) - f(b, key)).abs() < 1e-4 * (1.0 + f(a, key).abs()),
+                "{key}: {a} vs {b}"
+            );
+        }
+        // Stage 1 ran on both ranks.
+        assert_eq!(two.encode.tower_forwards, 2 * one.encode.tower_forwards);
+    }
+
+    #[test]
+    fn an_interrupted_and_resumed_run_equals_the_uninterrupted_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path(), 4);
+        let mut cfg = config(&model, &data, tmp.path().join("whole"));
+        cfg.train.steps = 3;
+        let whole = run_vl_grpo(&cfg, quiet()).unwrap();
+        cfg.output.dir = tmp.path().join("parts");
+        let first = run_vl_grpo(
+            &cfg,
+            GrpoOptions {
+                stop_after: Some(2),
+                ..quiet()
+            },
+        )
+        .unwrap();
+        assert_eq!(first.run.steps, 2);
+        // Without --resume an earlier run is not overwritten.
+        let e = run_vl_grpo(&cfg, quiet()).unwrap_err().to_string();
+        assert!(e.contains("--resume"), "{e}");
+        let rest = run_vl_grpo(
+            &cfg,
+            GrpoOptions {
+                resume: true,
+                ..quiet()
+            },
+        )
+        .unwrap();
+        assert_eq!(rest.run.steps, 3);
+        let joined: Vec<_> = first.run.records.iter().chain(&rest.run.records).collect();
+        assert_eq!(joined.len(), whole.run.records.len());
+        for (a, b) in whole.run.records.iter().zip(joined) {
+            for key in [
+                "loss",
+                "reward_mean",
+                "kl",
+                "entropy",
+                "grad_norm",
+                "decode_tokens",
+            ] {
+                assert_eq!(a[key], b[key], "{key}: {a} vs {b}");
+            }
+        }
+        let w = load_vl_checkpoint(&whole.run.final_model_dir).unwrap();
+        let r = load_vl_checkpoint(&rest.run.final_model_dir).unwrap();
+        assert_eq!(w.lm.params, r.lm.params);
+    }
+
+    #[test]
+    fn bad_records_and_missing_videos_are_skipped_and_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path(), 3);
+        let mut text = std::fs::read_to_string(&data).unwrap();
+        text.push_str("{\"problem_id\": 1}\n");
+        let first = text.lines().next().unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(first).unwrap();
+        v["problem_id"] = json!("missing-video");
+        v["videos"] = json!(["videos/nope.avi"]);
+        text.push_str(&format!("{v}\n"));
+        std::fs::write(&data, text).unwrap();
+        let mut cfg = config(&model, &data, tmp.path().join("run"));
+        cfg.data.prompts_per_step = 4;
+        cfg.train.steps = 1;
+        let s = run_vl_grpo(&cfg, quiet()).unwrap();
+        // The malformed line at load, the missing video when drawn; the step still has 4 groups.
+        assert_eq!(s.skipped_records, 2);
+        assert_eq!(s.run.records[0]["skipped_records"], json!(2));
+        assert_eq!(s.run.records[0]["groups_rolled"], json!(4));
+        // β = 0 and one update per batch: no reference model, no old-policy pass.
+        assert_eq!((s.run.ref_passes, s.run.old_passes), (1, 1));
+        cfg.grpo.kl_coef = 0.0;
+        cfg.train.mini_batches = 1;
+        cfg.output.dir = tmp.path().join("beta0");
+        let s = run_vl_grpo(&cfg, quiet()).unwrap();
+        assert_eq!((s.run.ref_passes, s.run.old_passes), (0, 0));
+        assert!(s.run.records[0]["kl"].is_null());
+        // Bad configs are refused by key.
+        cfg.parallel.dp = 2;
+        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
+        assert!(e.contains("parallel.dp"), "{e}");
+        cfg.parallel.dp = 1;
+        cfg.video.sampling = "every:3".into();
+        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
+        assert!(e.contains("video.sampling"), "{e}");
+    }
+}
