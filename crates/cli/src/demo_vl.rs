@@ -13,11 +13,13 @@
 //! 4. CoT-SFT on the training videos ([`reel_train::run_vl_sft`]) with MR-SP over `--sp`
 //!    in-process ranks (each video encoded once, split over the ranks; decoder shards through
 //!    DistAttn), the loss curve printed; held-out accuracy after SFT.
-//! 5. GRPO from the SFT model on the training questions (`--grpo-steps`; 0 skips it), then the
-//!    held-out accuracy after RL.
+//! 5. GRPO from the SFT model (`--grpo-steps`; 0 skips it) on the questions of fresh videos
+//!    (`--rl-videos`, in neither the SFT nor the held-out set; by default of the kind SFT
+//!    learnt to see, `--rl-problem-types`), then the held-out accuracy after RL.
 //!
 //! Accuracies before SFT, after SFT and after GRPO are printed side by side, per problem type,
-//! and the runs' metrics are plotted. Everything lands in `--out` (default `runs/demo`): `data/`,
+//! and the runs' metrics are plotted. Everything lands in `--out` (default `runs/demo`): `data/`
+//! (`rl/` the GRPO questions),
 //! `model/` (the initial VLM), `sft/` (metrics.jsonl, metrics.png, final/), `grpo/`, and
 //! `accuracy.json` with every evaluation.
 
@@ -36,17 +38,17 @@ use std::time::Instant;
 /// [`DemoArgs`].
 #[derive(clap::Args, Debug)]
 pub struct VideoDemoArgs {
-    /// Synthetic videos (one question each; about 1 in 4 held out).
-    #[arg(long, default_value_t = 600)]
+    /// Synthetic videos (one question each) for SFT and the held-out set.
+    #[arg(long, default_value_t = 1600)]
     pub videos: usize,
     /// Frames per video (all of them are sampled).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub frames: usize,
     /// Frame side in pixels (square frames; a multiple of 28).
     #[arg(long, default_value_t = 56)]
     pub side: usize,
     /// Fraction of the videos held out for accuracy.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = 0.2)]
     pub held_out: f64,
     /// Question kinds (problem types), comma-separated: temporal, counting, before_after,
     /// spatial.
@@ -63,7 +65,14 @@ pub struct VideoDemoArgs {
     /// token shards.
     #[arg(long, default_value_t = 2)]
     pub sp: usize,
-    /// Most tokens of a greedy answer.
+    /// Fresh videos (in neither the SFT nor the held-out set) whose questions GRPO trains on.
+    #[arg(long, default_value_t = 600)]
+    pub rl_videos: usize,
+    /// Problem types of the GRPO questions, comma-separated (default: the kind a frozen random
+    /// tower lets a tiny model see after SFT).
+    #[arg(long, value_delimiter = ',', default_value = "counting")]
+    pub rl_problem_types: Vec<String>,
+    /// Most tokens of a greedy answer (and of a GRPO sample).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
 }
@@ -142,6 +151,18 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     };
     let s = reel_data::write_synth_dataset(&synth, &data)
         .with_context(|| format!("writing the synthetic dataset to {}", data.display()))?;
+    // GRPO's questions: fresh videos of another seed, all in one file.
+    let rl = SynthVideoConfig {
+        videos: v.rl_videos,
+        seed: args.seed + 1,
+        held_out: 0.0,
+        problem_types: v.rl_problem_types.clone(),
+        ..synth.clone()
+    };
+    if args.grpo_steps() > 0 {
+        reel_data::write_synth_dataset(&rl, &data.join("rl"))
+            .with_context(|| format!("writing the GRPO questions to {}", data.display()))?;
+    }
     println!(
         "data: {} videos of {} frames at {}×{} ({:.1} MiB), {} train + {} held-out questions \
          ({}) in {}",
@@ -155,6 +176,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         v.problem_types.join(", "),
         data.display()
     );
+    if args.grpo_steps() > 0 {
+        println!(
+            "      {} more videos with {} questions for GRPO in {}",
+            v.rl_videos,
+            v.rl_problem_types.join(", "),
+            data.join("rl").display()
+        );
+    }
 
     // 2. Model.
     let model_dir = out.join("model");
@@ -318,7 +347,7 @@ fn grpo_stage(
     let v = &args.video;
     let mut cfg = GrpoRunConfig::default();
     cfg.model.path = sft_model.to_path_buf();
-    cfg.data.prompts = out.join("data").join("train.jsonl");
+    cfg.data.prompts = out.join("data").join("rl").join("train.jsonl");
     cfg.data.prompts_per_step = args.grpo_prompts();
     cfg.data.seed = args.seed;
     cfg.train.steps = args.grpo_steps();
@@ -327,7 +356,8 @@ fn grpo_stage(
     cfg.grpo.group_size = args.grpo_group();
     cfg.grpo.max_response_tokens = v.max_new_tokens;
     cfg.grpo.lr = args.grpo_lr();
-    cfg.grpo.kl_coef = 0.0;
+    // A k3 KL to the SFT model keeps the question kinds GRPO does not train on from drifting.
+    cfg.grpo.kl_coef = 0.05;
     cfg.grpo.top_p = 1.0;
     cfg.grpo.dynamic_sampling = true;
     cfg.grpo.dynamic_sampling_max_rounds = 2;
@@ -338,8 +368,9 @@ fn grpo_stage(
     cfg.output.log_every = 5;
     reel_train::write_atomic(out.join("grpo.toml"), cfg.to_toml().as_bytes())?;
     println!(
-        "\nGRPO: {} steps, {} questions × {} samples, lr {}, reward {}·accuracy + {}·format, \
-         dynamic sampling, sequence parallel over {} ranks",
+        "\nGRPO on fresh {} questions: {} steps, {} questions × {} samples, lr {}, reward \
+         {}·accuracy + {}·format, dynamic sampling, sequence parallel over {} ranks",
+        v.rl_problem_types.join("/"),
         cfg.train.steps,
         cfg.data.prompts_per_step,
         cfg.grpo.group_size,

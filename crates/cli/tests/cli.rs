@@ -483,6 +483,7 @@ fn video_demo_runs_sft_and_grpo_and_prints_the_accuracies_side_by_side() {
     for f in [
         "data/train.jsonl",
         "data/heldout.jsonl",
+        "data/rl/train.jsonl",
         "model/config.json",
         "sft/final/config.json",
         "sft/metrics.png",
