@@ -1,4 +1,5 @@
-//! `reel demo`: the main job on the embedded default data.
+//! `reel demo --text`: the text demo on the embedded string tasks (`reel demo` without `--text`
+//! is the long-video main job, [`crate::demo_vl`]).
 //!
 //! Generates three small string tasks (reverse letters, sort digits, add numbers) as chat SFT
 //! data with a character-level tokenizer, trains a tiny Qwen2 from scratch with the SFT trainer,
@@ -30,47 +31,89 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Run folder (data, tokenizer, checkpoints, metrics).
-    #[arg(long, default_value = "runs/demo")]
-    out: PathBuf,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 2500)]
-    steps: u64,
-    /// Training conversations per task.
-    #[arg(long, default_value_t = 6000)]
-    train_per_task: usize,
-    /// Held-out conversations per task for accuracy.
-    #[arg(long, default_value_t = 50)]
-    eval_per_task: usize,
-    /// Evaluate accuracy every this many steps.
-    #[arg(long, default_value_t = 500)]
-    eval_every: u64,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    lr: f32,
-    /// Tokens per batch (padded).
-    #[arg(long, default_value_t = 1536)]
-    batch_tokens: usize,
-    /// Width of the model.
-    #[arg(long, default_value_t = 128)]
-    hidden: usize,
-    /// Decoder layers.
-    #[arg(long, default_value_t = 2)]
-    layers: usize,
+    /// The text demo (string tasks on a tiny Qwen2) instead of the long-video one.
+    #[arg(long)]
+    pub text: bool,
+    /// Run folder (data, model, checkpoints, metrics). Default runs/demo (runs/demo-text with
+    /// --text).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// SFT optimizer steps. Default 2500 (--text) / 300 (video).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Peak SFT learning rate. Default 3e-3 (both).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Width of the model (decoder). Default 128 (both).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Decoder layers. Default 2 (both).
+    #[arg(long)]
+    pub layers: Option<usize>,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// GRPO steps after SFT (0 = no GRPO stage).
-    #[arg(long, default_value_t = 300)]
-    grpo_steps: u64,
-    /// GRPO learning rate (constant).
-    #[arg(long, default_value_t = 1e-4)]
-    grpo_lr: f32,
-    /// Samples per prompt.
-    #[arg(long, default_value_t = 8)]
-    grpo_group: usize,
-    /// Prompts per GRPO step.
-    #[arg(long, default_value_t = 16)]
-    grpo_prompts: usize,
+    pub seed: u64,
+    /// GRPO steps after SFT (0 = no GRPO stage). Default 300 (--text) / 40 (video).
+    #[arg(long)]
+    pub grpo_steps: Option<u64>,
+    /// GRPO learning rate (constant). Default 1e-4 (--text) / 3e-4 (video).
+    #[arg(long)]
+    pub grpo_lr: Option<f32>,
+    /// Samples per prompt. Default 8 (both).
+    #[arg(long)]
+    pub grpo_group: Option<usize>,
+    /// Prompts per GRPO step. Default 16 (--text) / 8 (video).
+    #[arg(long)]
+    pub grpo_prompts: Option<usize>,
+    /// (--text) Training conversations per task.
+    #[arg(long, default_value_t = 6000)]
+    pub train_per_task: usize,
+    /// (--text) Held-out conversations per task for accuracy.
+    #[arg(long, default_value_t = 50)]
+    pub eval_per_task: usize,
+    /// (--text) Evaluate accuracy every this many steps.
+    #[arg(long, default_value_t = 500)]
+    pub eval_every: u64,
+    /// (--text) Tokens per batch (padded).
+    #[arg(long, default_value_t = 1536)]
+    pub batch_tokens: usize,
+    #[command(flatten)]
+    pub video: crate::demo_vl::VideoDemoArgs,
+}
+
+impl DemoArgs {
+    pub fn out(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.text {
+                "runs/demo-text"
+            } else {
+                "runs/demo"
+            })
+        })
+    }
+    pub fn steps(&self) -> u64 {
+        self.steps.unwrap_or(if self.text { 2500 } else { 300 })
+    }
+    pub fn lr(&self) -> f32 {
+        self.lr.unwrap_or(3e-3)
+    }
+    pub fn hidden(&self) -> usize {
+        self.hidden.unwrap_or(128)
+    }
+    pub fn layers(&self) -> usize {
+        self.layers.unwrap_or(2)
+    }
+    pub fn grpo_steps(&self) -> u64 {
+        self.grpo_steps.unwrap_or(if self.text { 300 } else { 40 })
+    }
+    pub fn grpo_lr(&self) -> f32 {
+        self.grpo_lr.unwrap_or(if self.text { 1e-4 } else { 3e-4 })
+    }
+    pub fn grpo_group(&self) -> usize {
+        self.grpo_group.unwrap_or(8)
+    }
+    pub fn grpo_prompts(&self) -> usize {
+        self.grpo_prompts.unwrap_or(if self.text { 16 } else { 8 })
+    }
 }
 
 const KINDS: [SynthKind; 3] = [SynthKind::Reverse, SynthKind::Sort, SynthKind::Add];
@@ -120,8 +163,11 @@ fn pct(v: &serde_json::Value, key: &str) -> String {
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
+    if !args.text {
+        return crate::demo_vl::run(&args);
+    }
     let start = Instant::now();
-    let out = &args.out;
+    let out = &args.out();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     // The demo regenerates everything: an earlier demo's run folder goes.
     for run in ["sft", "grpo"] {
@@ -180,11 +226,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     let mut cfg = SftConfig::default();
     cfg.model.init = Some(InitConfig {
-        hidden_size: args.hidden,
-        num_hidden_layers: args.layers,
+        hidden_size: args.hidden(),
+        num_hidden_layers: args.layers(),
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        intermediate_size: args.hidden * 11 / 4,
+        intermediate_size: args.hidden() * 11 / 4,
         rope_theta: 10000.0,
         max_position_embeddings: 128,
         seed: args.seed,
@@ -196,12 +242,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     cfg.data.max_len = 96;
     cfg.data.tokens_per_batch = args.batch_tokens;
     cfg.data.seed = args.seed;
-    cfg.train.steps = args.steps;
-    cfg.train.lr = args.lr;
+    cfg.train.steps = args.steps();
+    cfg.train.lr = args.lr();
     cfg.train.warmup_steps = 30;
     cfg.train.min_lr_ratio = 0.05;
     cfg.output.dir = out.join("sft");
-    cfg.output.save_every = args.steps.div_ceil(2);
+    cfg.output.save_every = args.steps().div_ceil(2);
     cfg.output.eval_every = args.eval_every;
     cfg.output.log_every = 10;
     reel_train::write_atomic(out.join("sft.toml"), cfg.to_toml().as_bytes())?;
@@ -274,7 +320,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         summary.final_model_dir.display(),
         summary.final_model_dir.display()
     );
-    if args.grpo_steps > 0 {
+    if args.grpo_steps() > 0 {
         grpo_stage(&args, &train, &held, &tok, &summary.final_model_dir)?;
         println!("demo done in {:.0} s", start.elapsed().as_secs_f64());
     }
@@ -309,7 +355,7 @@ fn grpo_stage(
     sft_dir: &std::path::Path,
 ) -> Result<()> {
     let t0 = Instant::now();
-    let out = &args.out;
+    let out = &args.out();
     let items: Vec<PromptItem> = held
         .items
         .iter()
@@ -387,16 +433,16 @@ fn grpo_stage(
     let mut cfg = GrpoRunConfig::default();
     cfg.model.path = sft_dir.to_path_buf();
     cfg.data.prompts = prompts_path;
-    cfg.data.prompts_per_step = args.grpo_prompts;
+    cfg.data.prompts_per_step = args.grpo_prompts();
     cfg.data.max_prompt_len = 64;
     cfg.data.seed = args.seed;
-    cfg.train.steps = args.grpo_steps;
+    cfg.train.steps = args.grpo_steps();
     cfg.train.micro_batch_seqs = 64;
     cfg.train.seed = args.seed;
     cfg.train.checkpoint = reel_model::CheckpointPolicy::None;
-    cfg.grpo.group_size = args.grpo_group;
+    cfg.grpo.group_size = args.grpo_group();
     cfg.grpo.max_response_tokens = 12;
-    cfg.grpo.lr = args.grpo_lr;
+    cfg.grpo.lr = args.grpo_lr();
     // A k3 KL to the SFT model keeps the other tasks from drifting.
     cfg.grpo.kl_coef = 0.05;
     cfg.grpo.top_p = 1.0;
@@ -486,7 +532,7 @@ fn grpo_stage(
 
 /// A text chart of the loss curve: the mean loss of each of `cols` equal spans of steps, as
 /// columns `rows` high, on a log scale.
-fn loss_chart(losses: &[f32], cols: usize, rows: usize) -> String {
+pub(crate) fn loss_chart(losses: &[f32], cols: usize, rows: usize) -> String {
     if losses.is_empty() {
         return String::new();
     }

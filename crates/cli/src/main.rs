@@ -8,6 +8,7 @@ mod bench_rollout;
 mod bench_sp;
 mod data_cmd;
 mod demo;
+mod demo_vl;
 mod plot;
 
 use anyhow::{Context, Result};
@@ -16,8 +17,8 @@ use reel_data::{Message, SftFile, Tokenizer};
 use reel_model::generate::SamplingParams;
 use reel_model::load_checkpoint;
 use reel_train::{
-    eval_accuracy, eval_nll, run_grpo, run_sft, stop_token_ids, AccuracyOptions, GrpoOptions,
-    GrpoRunConfig, PromptSet, RunOptions, SftConfig,
+    eval_accuracy, eval_nll, run_grpo, run_sft, stop_token_ids, AccuracyOptions, AccuracyReport,
+    GrpoOptions, GrpoRunConfig, PromptSet, RunOptions, SftConfig,
 };
 use std::path::PathBuf;
 
@@ -147,6 +148,9 @@ enum Command {
         /// Frame sampling for a Qwen2.5-VL model's videos: all, uniform:N or fps:F.
         #[arg(long, default_value = "fps:2")]
         sample: String,
+        /// With --accuracy: also print every greedy response (stderr), one per record.
+        #[arg(long)]
+        show_responses: bool,
     },
     /// Generate a reply with the KV cache (greedy unless --temperature > 0).
     Generate {
@@ -321,6 +325,77 @@ fn eval_vl(
     Ok(())
 }
 
+/// Prints an accuracy report: one JSON object, or overall and per-type lines.
+fn print_accuracy(report: &AccuracyReport, json: bool, skipped: Option<usize>) -> Result<()> {
+    if json {
+        let mut v = serde_json::to_value(report)?;
+        if let Some(n) = skipped {
+            v["skipped_records"] = n.into();
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    let o = &report.overall;
+    println!(
+        "accuracy {:.1}% ({} / {}), format {:.1}%{}",
+        100.0 * o.accuracy,
+        o.correct,
+        o.total,
+        100.0 * o.format_rate,
+        skipped.map_or(String::new(), |n| format!(" ({n} records skipped)"))
+    );
+    for (ty, t) in &report.per_type {
+        let name = if ty.is_empty() { "(none)" } else { ty };
+        println!(
+            "  {name:<24} {:5.1}% ({} / {}), format {:.1}%",
+            100.0 * t.accuracy,
+            t.correct,
+            t.total,
+            100.0 * t.format_rate
+        );
+    }
+    Ok(())
+}
+
+/// With `--show-responses`: every greedy response on stderr, numbered in record order.
+fn show(report: &AccuracyReport, on: bool) -> Result<()> {
+    if on {
+        for (i, r) in report.responses.iter().enumerate() {
+            eprintln!("[{}] {r:?}", i + 1);
+        }
+    }
+    Ok(())
+}
+
+/// `reel eval --accuracy` on a Qwen2.5-VL checkpoint: greedy answers through the rollout engine
+/// from cached video embeddings; returns the report it printed.
+fn eval_vl_accuracy(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    sample: &str,
+    json: bool,
+    max_new_tokens: usize,
+    batch: usize,
+) -> Result<AccuracyReport> {
+    let m = reel_model::load_vl_checkpoint(model)?;
+    let tok = Tokenizer::from_dir(model)?;
+    let settings = reel_data::VideoSettings {
+        sampling: reel_train::parse_sampling(sample)?,
+        processor: reel_data::VideoProcessorConfig::from_dir(model)?,
+    };
+    let opts = AccuracyOptions {
+        max_new_tokens,
+        batch,
+        stop_token_ids: stop_token_ids(&tok, &m.lm),
+        ..AccuracyOptions::default()
+    };
+    let cache = reel_model::embed_cache::EmbedCache::new(1 << 30);
+    let (report, load) = reel_train::eval_vl_accuracy(&m, &tok, data, &settings, &cache, &opts)?;
+    let skipped = load.bad_records.len() + load.skipped_videos.len();
+    print_accuracy(&report, json, Some(skipped))?;
+    Ok(report)
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
@@ -449,8 +524,13 @@ fn real_main() -> Result<()> {
             accuracy: true,
             max_new_tokens,
             batch,
-            sample: _,
+            sample,
+            show_responses,
         } => {
+            if is_vl_checkpoint(&model)? {
+                let report = eval_vl_accuracy(&model, &data, &sample, json, max_new_tokens, batch)?;
+                return show(&report, show_responses);
+            }
             let m = load_checkpoint(&model)?;
             let tok = Tokenizer::from_dir(&model)?;
             let set = PromptSet::read(&data, &tok, m.config.max_position_embeddings)?;
@@ -468,28 +548,8 @@ fn real_main() -> Result<()> {
             };
             let decode = |ids: &[u32]| -> Result<String> { Ok(tok.decode(ids, true)?) };
             let report = eval_accuracy(&m, &set.items, &decode, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                let o = &report.overall;
-                println!(
-                    "accuracy {:.1}% ({} / {}), format {:.1}%",
-                    100.0 * o.accuracy,
-                    o.correct,
-                    o.total,
-                    100.0 * o.format_rate
-                );
-                for (ty, t) in &report.per_type {
-                    let name = if ty.is_empty() { "(none)" } else { ty };
-                    println!(
-                        "  {name:<24} {:5.1}% ({} / {}), format {:.1}%",
-                        100.0 * t.accuracy,
-                        t.correct,
-                        t.total,
-                        100.0 * t.format_rate
-                    );
-                }
-            }
+            print_accuracy(&report, json, None)?;
+            show(&report, show_responses)?;
         }
         Command::Eval {
             model,

@@ -474,10 +474,10 @@ fn eval_on_a_vlm_checkpoint_matches_transformers() {
 }
 
 #[test]
-fn demo_runs_sft_then_grpo_and_prints_both_accuracies() {
+fn text_demo_runs_sft_then_grpo_and_prints_both_accuracies() {
     let dir = tempfile::tempdir().unwrap();
     let out = reel()
-        .args(["demo", "--out"])
+        .args(["demo", "--text", "--out"])
         .arg(dir.path())
         .args([
             "--steps",
@@ -514,6 +514,111 @@ fn demo_runs_sft_then_grpo_and_prints_both_accuracies() {
     let metrics = std::fs::read_to_string(dir.path().join("grpo/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2);
     assert!(image::open(dir.path().join("grpo/metrics.png")).is_ok());
+}
+
+/// `reel eval --accuracy` on a Qwen2.5-VL checkpoint: greedy answers from the rollout engine,
+/// scored per problem type; batching does not change them.
+#[test]
+fn vlm_accuracy_eval_reports_every_record_whatever_the_batch() {
+    let dir = fixtures().join("qwen2_5_vl-eval");
+    let run = |batch: &str| {
+        let out = reel()
+            .args(["eval", "--accuracy", "--json", "--sample", "all"])
+            .args(["--max-new-tokens", "16", "--batch", batch, "--model"])
+            .arg(dir.join("model"))
+            .arg("--data")
+            .arg(dir.join("data.jsonl"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let got = run("1");
+    let records = std::fs::read_to_string(dir.join("data.jsonl")).unwrap();
+    let n = records.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(got["overall"]["total"], n);
+    assert_eq!(got["skipped_records"], 0);
+    let per_type = got["per_type"].as_object().unwrap();
+    let sum: u64 = per_type
+        .values()
+        .map(|t| t["total"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum as usize, n);
+    for line in records.lines().filter(|l| !l.trim().is_empty()) {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(per_type.contains_key(r["problem_type"].as_str().unwrap()));
+    }
+    let rate = got["overall"]["format_rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate));
+    assert_eq!(run("8"), got);
+}
+
+/// The long-video demo, scaled down to seconds: data, tiny VLM, accuracy before and after SFT
+/// (sequence parallel) and after GRPO, side by side, with the metrics plotted.
+#[test]
+fn video_demo_runs_sft_and_grpo_and_prints_the_accuracies_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = reel()
+        .args(["demo", "--out"])
+        .arg(dir.path())
+        .args(["--videos", "12", "--frames", "8", "--held-out", "0.34"])
+        .args([
+            "--steps", "3", "--batch", "2", "--sp", "2", "--hidden", "32",
+        ])
+        .args(["--layers", "1", "--max-new-tokens", "8"])
+        .args([
+            "--grpo-steps",
+            "2",
+            "--grpo-prompts",
+            "2",
+            "--grpo-group",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "before SFT",
+        "after SFT",
+        "after GRPO",
+        "CoT-SFT",
+        "sequence parallel",
+    ] {
+        assert!(stdout.contains(want), "`{want}` missing:\n{stdout}");
+    }
+    let table = stdout.lines().find(|l| l.starts_with("all ")).unwrap();
+    assert_eq!(table.matches('%').count(), 3, "{table}");
+    for f in [
+        "data/train.jsonl",
+        "data/heldout.jsonl",
+        "data/rl/train.jsonl",
+        "model/config.json",
+        "sft/final/config.json",
+        "sft/metrics.png",
+        "grpo/metrics.jsonl",
+        "grpo/metrics.png",
+        "accuracy.json",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} missing");
+    }
+    let acc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("accuracy.json")).unwrap())
+            .unwrap();
+    let n = acc["before_sft"]["overall"]["total"].as_u64().unwrap();
+    assert!(n > 0);
+    assert_eq!(acc["after_sft"]["overall"]["total"], n);
+    assert_eq!(acc["after_grpo"]["overall"]["total"], n);
+    let grpo = std::fs::read_to_string(dir.path().join("grpo/metrics.jsonl")).unwrap();
+    assert_eq!(grpo.lines().count(), 2);
 }
 
 #[test]

@@ -50,6 +50,15 @@ pub struct SynthVideoConfig {
     pub held_out: f64,
     /// JPEG quality of the frames; default 90.
     pub quality: u8,
+    /// Question kinds drawn, by `problem_type` (`temporal`, `counting`, `before_after`,
+    /// `spatial`); default empty = all four.
+    pub problem_types: Vec<String>,
+    /// Reasoning trace of the conclusion only (the trace's last sentence, then the answer)
+    /// instead of the event-by-event walk; default false.
+    pub brief_reasoning: bool,
+    /// Options listed in their pool's order (quadrants, shapes, counts ascending, colours)
+    /// instead of shuffled, so the letter follows from the answer; default false.
+    pub ordered_options: bool,
 }
 
 impl Default for SynthVideoConfig {
@@ -63,6 +72,9 @@ impl Default for SynthVideoConfig {
             seed: 0,
             held_out: 0.125,
             quality: 90,
+            problem_types: Vec::new(),
+            brief_reasoning: false,
+            ordered_options: false,
         }
     }
 }
@@ -88,6 +100,16 @@ impl SynthVideoConfig {
         if !(self.fps.is_finite() && self.fps > 0.0) {
             return bad(format!("fps must be > 0, got {}", self.fps));
         }
+        if let Some(t) = self
+            .problem_types
+            .iter()
+            .find(|t| !PROBLEM_TYPES.contains(&t.as_str()))
+        {
+            return bad(format!(
+                "unknown problem type `{t}` (expected one of {})",
+                PROBLEM_TYPES.join(", ")
+            ));
+        }
         if !(0.0..=1.0).contains(&self.held_out) {
             return bad(format!(
                 "held-out fraction must be in [0, 1], got {}",
@@ -97,6 +119,9 @@ impl SynthVideoConfig {
         Ok(())
     }
 }
+
+/// The question kinds' `problem_type`s.
+pub const PROBLEM_TYPES: [&str; 4] = ["temporal", "counting", "before_after", "spatial"];
 
 /// The shapes, one per object of a video.
 pub const SHAPES: [&str; 4] = ["circle", "square", "triangle", "diamond"];
@@ -218,6 +243,18 @@ pub enum QuestionKind {
     },
     /// The quadrant where `object` was last seen.
     LastQuadrant { object: usize },
+}
+
+impl QuestionKind {
+    /// The `problem_type` of questions of this kind.
+    pub fn problem_type(&self) -> &'static str {
+        match self {
+            QuestionKind::Order { .. } => "temporal",
+            QuestionKind::ColorChanges { .. } | QuestionKind::ObjectCount => "counting",
+            QuestionKind::ColorAtEvent { .. } => "before_after",
+            QuestionKind::LastQuadrant { .. } => "spatial",
+        }
+    }
 }
 
 /// One synthetic video: its objects, event log (time order) and question.
@@ -423,17 +460,25 @@ pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
             reasoning: String::new(),
         },
     };
-    scene.question = ask(&scene, &mut rng);
+    scene.question = ask(&scene, cfg, &mut rng);
     scene
 }
 
 /// Four options: `correct` plus three distinct distractors from `pool`, shuffled.
-fn options(rng: &mut ChaCha8Rng, correct: String, pool: Vec<String>) -> ([String; 4], usize) {
-    let mut others: Vec<String> = pool.into_iter().filter(|p| *p != correct).collect();
+fn options(
+    rng: &mut ChaCha8Rng,
+    correct: String,
+    pool: Vec<String>,
+    ordered: bool,
+) -> ([String; 4], usize) {
+    let mut others: Vec<String> = pool.iter().filter(|p| **p != correct).cloned().collect();
     others.shuffle(rng);
     let mut opts = vec![correct.clone()];
     opts.extend(others.into_iter().take(3));
     opts.shuffle(rng);
+    if ordered {
+        opts.sort_by_key(|o| pool.iter().position(|p| p == o));
+    }
     let answer = opts
         .iter()
         .position(|o| *o == correct)
@@ -443,7 +488,7 @@ fn options(rng: &mut ChaCha8Rng, correct: String, pool: Vec<String>) -> ([String
 }
 
 /// Picks and words the question of `scene`, with its reasoning trace.
-fn ask(s: &Scene, rng: &mut ChaCha8Rng) -> Question {
+fn ask(s: &Scene, cfg: &SynthVideoConfig, rng: &mut ChaCha8Rng) -> Question {
     loop {
         let kind = match rng.random_range(0..5) {
             0 => QuestionKind::Order {
@@ -484,11 +529,15 @@ fn ask(s: &Scene, rng: &mut ChaCha8Rng) -> Question {
                 object: rng.random_range(0..s.objects.len()),
             },
         };
-        return word(s, kind, rng);
+        let allowed = &cfg.problem_types;
+        if !allowed.is_empty() && !allowed.iter().any(|t| t == kind.problem_type()) {
+            continue;
+        }
+        return word(s, kind, cfg, rng);
     }
 }
 
-fn word(s: &Scene, kind: QuestionKind, rng: &mut ChaCha8Rng) -> Question {
+fn word(s: &Scene, kind: QuestionKind, cfg: &SynthVideoConfig, rng: &mut ChaCha8Rng) -> Question {
     let mut why = String::new();
     let shapes = || {
         SHAPES
@@ -653,7 +702,13 @@ fn word(s: &Scene, kind: QuestionKind, rng: &mut ChaCha8Rng) -> Question {
             )
         }
     };
-    let (options, answer) = options(rng, correct, pool);
+    debug_assert_eq!(problem_type, kind.problem_type());
+    if cfg.brief_reasoning {
+        // The conclusion: the last sentence of the walk.
+        let start = why.trim_end().rfind(". ").map_or(0, |i| i + 2);
+        why = why[start..].trim().to_string();
+    }
+    let (options, answer) = options(rng, correct, pool, cfg.ordered_options);
     let _ = write!(why, " The answer is {}.", LETTERS[answer]);
     Question {
         problem_type,
@@ -846,6 +901,72 @@ mod tests {
             types.into_iter().collect::<Vec<_>>(),
             vec!["before_after", "counting", "spatial", "temporal"]
         );
+    }
+
+    #[test]
+    fn problem_types_filter_the_questions_and_brief_traces_keep_the_conclusion() {
+        let base = SynthVideoConfig {
+            videos: 40,
+            frames: 16,
+            width: 56,
+            height: 56,
+            ..Default::default()
+        };
+        let only = SynthVideoConfig {
+            problem_types: vec!["spatial".into(), "temporal".into()],
+            ..base.clone()
+        };
+        let brief = SynthVideoConfig {
+            brief_reasoning: true,
+            ..base.clone()
+        };
+        let ordered = SynthVideoConfig {
+            ordered_options: true,
+            ..base.clone()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..base.videos {
+            let q = synth_scene(&only, i).question;
+            assert!(["spatial", "temporal"].contains(&q.problem_type), "{q:?}");
+            seen.insert(q.problem_type);
+            // The same scene, briefly reasoned: the full trace's last sentence and the answer.
+            let full = synth_scene(&base, i).question;
+            let short = synth_scene(&brief, i).question;
+            assert_eq!((short.answer, &short.options), (full.answer, &full.options));
+            assert!(full.reasoning.ends_with(&short.reasoning), "{short:?}");
+            assert_eq!(
+                short.reasoning.matches(". ").count(),
+                1,
+                "{}",
+                short.reasoning
+            );
+            assert!(short.reasoning.len() < full.reasoning.len());
+            // Ordered options: the same set in pool order (quadrants as listed, counts up).
+            let o = synth_scene(&ordered, i).question;
+            let mut set = full.options.to_vec();
+            set.sort();
+            let mut oset = o.options.to_vec();
+            oset.sort();
+            assert_eq!(set, oset);
+            assert_eq!(o.options[o.answer], full.options[full.answer]);
+            if o.problem_type == "spatial" {
+                assert_eq!(o.options.to_vec(), QUADRANTS.to_vec(), "{o:?}");
+            }
+            if let QuestionKind::ObjectCount = o.kind {
+                let n: Vec<u32> = o.options.iter().map(|x| x.parse().unwrap()).collect();
+                assert!(n.windows(2).all(|w| w[0] < w[1]), "{n:?}");
+            }
+        }
+        assert_eq!(seen.len(), 2);
+        let bad = SynthVideoConfig {
+            problem_types: vec!["colour".into()],
+            ..base
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let e = write_synth_dataset(&bad, tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`colour`"), "{e}");
     }
 
     #[test]

@@ -863,20 +863,44 @@ pub fn write_tiny_vl_model_with(
     max_positions: usize,
     frame_side: usize,
 ) -> Result<()> {
+    write_vl_model(dir, seed, 64, 2, max_positions, frame_side)
+}
+
+/// [`write_tiny_vl_model_with`] with a decoder of width `hidden` (a multiple of 32: heads of
+/// 16, half as many key/value heads, MLP 11/4 as wide) and `layers` layers; the tower's output
+/// width follows `hidden`.
+pub fn write_vl_model(
+    dir: &Path,
+    seed: u64,
+    hidden: usize,
+    layers: usize,
+    max_positions: usize,
+    frame_side: usize,
+) -> Result<()> {
     if frame_side == 0 || !frame_side.is_multiple_of(28) {
         bail!("frame side {frame_side} must be a positive multiple of 28 (patch 14, merge 2)");
     }
     use reel_model::vision::VisionLayout;
     use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
+    if hidden == 0 || !hidden.is_multiple_of(32) || layers == 0 {
+        bail!("a VLM of width {hidden} and {layers} layers: the width must be a positive multiple of 32");
+    }
     let tok = reel_data::char_tokenizer_with(&reel_data::VISION_SPECIAL_TOKENS);
     let id = |t: &str| tok.token_to_id(t).context("tokenizer lacks a vision token");
     let mut text = Qwen2Config::tiny(tok.vocab_size().next_multiple_of(8));
+    text.hidden_size = hidden;
+    text.num_attention_heads = hidden / 16;
+    text.num_key_value_heads = hidden / 32;
+    text.intermediate_size = hidden * 11 / 4;
+    text.num_hidden_layers = layers;
     text.tie_word_embeddings = false;
     text.eos_token_id = tok.eos_token_id();
     text.max_position_embeddings = max_positions;
+    let mut vision = VisionConfig::tiny();
+    vision.out_hidden_size = hidden;
     let config = Qwen25VLConfig {
         text: text.clone(),
-        vision: VisionConfig::tiny(),
+        vision,
         mrope_section: [2, 3, 3],
         image_token_id: id("<|image_pad|>")?,
         video_token_id: id("<|video_pad|>")?,
