@@ -527,7 +527,7 @@ fn real_main() -> Result<()> {
             sample,
             show_responses,
         } => {
-            if is_vl_checkpoint(&model)? {
+            if reel_train::model_kind_of(&model)? == reel_train::ModelKind::Qwen25VL {
                 let report = eval_vl_accuracy(&model, &data, &sample, json, max_new_tokens, batch)?;
                 return show(&report, show_responses);
             }
