@@ -429,7 +429,11 @@ fn a_failing_rank_stops_every_rank() {
                 let res = InProcess::spawn(p, slow, |comm| {
                     let r = comm.rank();
                     let comm = Flaky::new(comm, (r == bad).then_some(fail_at), panic);
-                    rank_pass(&comm, &ex, &inputs[r])
+                    let out = rank_pass(&comm, &ex, &inputs[r])?;
+                    // A collective after the pass, as a training step has: a rank whose pass
+                    // needed nothing of the failed one cannot finish before the failure reaches it.
+                    comm.barrier()?;
+                    Ok(out)
                 });
                 let took = t0.elapsed();
                 assert!(took < slow / 3, "{what}: took {took:?}");
