@@ -20,7 +20,7 @@
 //! Accuracies before SFT, after SFT and after GRPO are printed side by side, per problem type,
 //! and the runs' metrics are plotted. Everything lands in `--out` (default `runs/demo`): `data/`
 //! (`rl/` the GRPO questions),
-//! `model/` (the initial VLM), `sft/` (metrics.jsonl, metrics.png, final/), `grpo/`, and
+//! `model/` (the initial VLM), `sft/` (metrics.jsonl, metrics.png, checkpoints/), `grpo/`, and
 //! `accuracy.json` with every evaluation.
 
 use crate::demo::{loss_chart, DemoArgs};

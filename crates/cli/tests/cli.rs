@@ -602,7 +602,7 @@ fn video_demo_runs_sft_and_grpo_and_prints_the_accuracies_side_by_side() {
         "data/heldout.jsonl",
         "data/rl/train.jsonl",
         "model/config.json",
-        "sft/final/config.json",
+        "sft/checkpoints/latest",
         "sft/metrics.png",
         "grpo/metrics.jsonl",
         "grpo/metrics.png",
@@ -610,6 +610,14 @@ fn video_demo_runs_sft_and_grpo_and_prints_the_accuracies_side_by_side() {
     ] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
     }
+    // The SFT model the GRPO stage starts from is a loadable checkpoint folder.
+    let sft_ckpts = dir.path().join("sft/checkpoints");
+    let latest = std::fs::read_to_string(sft_ckpts.join("latest")).unwrap();
+    assert!(
+        sft_ckpts.join(latest.trim()).join("config.json").is_file(),
+        "sft/checkpoints/{} has no config.json",
+        latest.trim()
+    );
     let acc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("accuracy.json")).unwrap())
             .unwrap();
