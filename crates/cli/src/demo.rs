@@ -52,7 +52,7 @@ pub struct DemoArgs {
     pub layers: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// GRPO steps after SFT (0 = no GRPO stage). Default 300 (--text) / 40 (video).
+    /// GRPO steps after SFT (0 = no GRPO stage). Default 300 (--text) / 120 (video).
     #[arg(long)]
     pub grpo_steps: Option<u64>,
     /// GRPO learning rate (constant). Default 1e-4 (--text) / 3e-4 (video).
@@ -103,7 +103,7 @@ impl DemoArgs {
         self.layers.unwrap_or(2)
     }
     pub fn grpo_steps(&self) -> u64 {
-        self.grpo_steps.unwrap_or(if self.text { 300 } else { 40 })
+        self.grpo_steps.unwrap_or(if self.text { 300 } else { 120 })
     }
     pub fn grpo_lr(&self) -> f32 {
         self.grpo_lr.unwrap_or(if self.text { 1e-4 } else { 3e-4 })
