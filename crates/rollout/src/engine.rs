@@ -286,14 +286,9 @@ impl<'m> Engine<'m> {
             samples,
         };
         // Nothing to generate: finished without running.
-        let reason = if group.params.max_new_tokens == 0 {
-            Some(FinishReason::MaxTokens)
-        } else if pos_base >= c.max_position_embeddings {
-            Some(FinishReason::ContextFull)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
+        if let Some(reason) =
+            finish_before_start(&group.params, pos_base, c.max_position_embeddings)
+        {
             for s in &mut group.samples {
                 s.state = SeqState::Finished {
                     reason: reason.clone(),
@@ -622,15 +617,7 @@ impl<'m> Engine<'m> {
                 .into_iter()
                 .map(|s| {
                     debug_assert!(s.table.is_none());
-                    let SeqState::Finished { reason } = s.state else {
-                        unreachable!("a done group's samples are finished")
-                    };
-                    SampleOutput {
-                        ids: s.ids,
-                        logprobs: s.logprobs,
-                        finish: reason,
-                        seed: s.seed,
-                    }
+                    sample_output(s.ids, s.logprobs, s.state, s.seed)
                 })
                 .collect();
             self.finished.push(GroupOutput {
@@ -740,6 +727,41 @@ fn sample_next(
     stats.sampled_tokens += 1;
     if let Some(reason) = finish_reason(params, &s.ids, gr.pos_base, gr.max_pos, detok) {
         s.state = SeqState::Finished { reason };
+    }
+}
+
+/// Why a group stops before generating anything, if it does: nothing to generate
+/// (`max_new_tokens` 0), or its first generated token would be past the context (`pos_base` is
+/// that token's position, `max_pos` the model's max_position_embeddings).
+pub(crate) fn finish_before_start(
+    params: &GenerationParams,
+    pos_base: usize,
+    max_pos: usize,
+) -> Option<FinishReason> {
+    if params.max_new_tokens == 0 {
+        Some(FinishReason::MaxTokens)
+    } else if pos_base >= max_pos {
+        Some(FinishReason::ContextFull)
+    } else {
+        None
+    }
+}
+
+/// The output of a finished sample (its state must be `Finished`: a done group's samples are).
+pub(crate) fn sample_output(
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+    state: SeqState,
+    seed: u64,
+) -> SampleOutput {
+    let SeqState::Finished { reason } = state else {
+        unreachable!("a done group's samples are finished")
+    };
+    SampleOutput {
+        ids,
+        logprobs,
+        finish: reason,
+        seed,
     }
 }
 

@@ -30,14 +30,12 @@
 //! Communication is counted in [`ShardedStats`] (prefill attention, decode merges, control).
 
 use crate::engine::{
-    check_group, finish_reason, log_prob, Detokenizer, EngineConfig, EngineStats, StepStats,
+    check_group, finish_before_start, finish_reason, log_prob, sample_output, Detokenizer,
+    EngineConfig, EngineStats, StepStats,
 };
 use crate::paged_attention::{paged_attention_forward, PagedSeq, PagedShape};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
-use crate::request::{
-    sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, Prompt, SampleOutput,
-    SeqState,
-};
+use crate::request::{sample_seed, GenerationParams, GroupId, GroupOutput, Prompt, SeqState};
 use crate::RolloutError;
 use reel_comm::{Communicator, OpStats};
 use reel_kernels::attention::{attention_merge, AttnShape};
@@ -254,14 +252,7 @@ impl<'m, 'c, C: Communicator> ShardedEngine<'m, 'c, C> {
             admitted: false,
             samples,
         };
-        let reason = if group.params.max_new_tokens == 0 {
-            Some(FinishReason::MaxTokens)
-        } else if pos_base >= max_pos {
-            Some(FinishReason::ContextFull)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
+        if let Some(reason) = finish_before_start(&group.params, pos_base, max_pos) {
             for s in &mut group.samples {
                 s.state = SeqState::Finished {
                     reason: reason.clone(),
@@ -613,17 +604,7 @@ impl<'m, 'c, C: Communicator> ShardedEngine<'m, 'c, C> {
             let samples = gr
                 .samples
                 .into_iter()
-                .map(|s| {
-                    let SeqState::Finished { reason } = s.state else {
-                        unreachable!("a done group's samples are finished")
-                    };
-                    SampleOutput {
-                        ids: s.ids,
-                        logprobs: s.logprobs,
-                        finish: reason,
-                        seed: s.seed,
-                    }
-                })
+                .map(|s| sample_output(s.ids, s.logprobs, s.state, s.seed))
                 .collect();
             self.finished.push(GroupOutput {
                 id: gr.id,
