@@ -25,7 +25,9 @@ pub mod params;
 pub mod vision;
 pub mod vl;
 
-pub use attention::{AttentionError, AttentionOp, LocalAttention};
+pub use attention::{
+    AttentionError, AttentionOp, LocalAttention, PackedRow, SharedPrefixAttention,
+};
 pub use config::Qwen2Config;
 pub use io::{load_checkpoint, save_checkpoint};
 pub use model::{
