@@ -56,8 +56,8 @@ use reel_data::{
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
 use reel_model::{
-    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
-    Workspace,
+    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, PackedRow, Qwen2, Qwen25VL,
+    Rotary, SharedPrefixAttention, Workspace,
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder};
 use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
@@ -127,6 +127,13 @@ struct VlCtx<'a> {
 }
 
 impl VlCtx<'_> {
+    /// Whether the scoring and update passes pack each group's samples behind one copy of their
+    /// prompt ([`Packed`]): with reuse, at sp = 1 (the sequence-parallel schedules shard plain
+    /// causal rows).
+    fn packs(&self) -> bool {
+        self.cfg.video.reuse && self.sp == 1
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.cfg.parallel.timeout_s.max(1))
     }
@@ -228,7 +235,15 @@ impl VlCtx<'_> {
                     *encode_s += t0.elapsed().as_secs_f64();
                     Some(f)
                 };
-                Ok(VlRows::new(vlm, lm, micro, prompts, feats.as_deref(), pad))
+                Ok(VlRows::new(
+                    vlm,
+                    lm,
+                    micro,
+                    prompts,
+                    feats.as_deref(),
+                    pad,
+                    self.packs(),
+                ))
             })
             .collect()
     }
@@ -342,11 +357,162 @@ struct VlRows {
     sin: Vec<f32>,
     b: usize,
     t: usize,
+    /// The same rows packed by prompt for the model (sp = 1 with reuse); `embeds`, `cos` and
+    /// `sin` are then left empty, the loss still reads the per-sample layout above.
+    packed: Option<Packed>,
+}
+
+/// A micro-batch packed by prompt for [`SharedPrefixAttention`]: one row per run of samples that
+/// share a prompt, `prompt[..P-1] ; (prompt[P-1] ++ response[..-1]) per sample`, right-padded.
+/// Every sample's first target (its first response token) is predicted from the prompt's last
+/// token, so each segment starts with a copy of it; the rest of the prompt, the video rows
+/// included, runs once for the G samples in the scoring and update passes.
+struct Packed {
+    rows: LocalRows,
+    b: usize,
+    /// (per-sample index row·T + i, packed index) of every labelled position.
+    index: Vec<(usize, usize)>,
+    attn: SharedPrefixAttention,
+}
+
+impl Packed {
+    /// Packed values (log-probabilities, entropies) in the per-sample [B·T] layout, 0 elsewhere.
+    fn unpack(&self, packed: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; n];
+        for &(i, j) in &self.index {
+            out[i] = packed[j];
+        }
+        out
+    }
+
+    /// Per-sample values (∂L/∂log π) in the packed layout.
+    fn pack(&self, per_sample: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.b * self.rows.t];
+        for &(i, j) in &self.index {
+            out[j] = per_sample[i];
+        }
+        out
+    }
+
+    fn new(
+        vlm: &Qwen25VL,
+        lm: &Qwen2,
+        samples: &[&Sample],
+        prompts: &HashMap<usize, VlPrompt>,
+        pad: u32,
+        t_rows: usize,
+    ) -> Self {
+        let d = lm.config.hidden_size;
+        let vid = vlm.config.video_token_id;
+        // Runs of consecutive samples with the same prompt.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (k, s) in samples.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if samples[r.start].prompt == s.prompt => r.end = k + 1,
+                _ => runs.push(k..k + 1),
+            }
+        }
+        let layouts: Vec<PackedRow> = runs
+            .iter()
+            .map(|r| {
+                let p = samples[r.start].prompt_len;
+                PackedRow {
+                    prefix: p - 1,
+                    segments: samples[r.clone()].iter().map(|s| s.ids.len() - p).collect(),
+                }
+            })
+            .collect();
+        let b = runs.len();
+        let t = layouts
+            .iter()
+            .map(|l| l.prefix + l.segments.iter().sum::<usize>())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut tokens = vec![pad; b * t];
+        let mut targets = vec![IGNORE_INDEX; b * t];
+        let mut mask = vec![false; b * t];
+        let mut pos = vec![0u32; 3 * b * t];
+        let mut index = Vec::new();
+        // Rows that take a video feature: (packed row, feature row of the prompt's videos).
+        let mut video_rows: Vec<(usize, usize, usize)> = Vec::new();
+        for (row, run) in runs.iter().enumerate() {
+            let first = samples[run.start];
+            let pr = &prompts[&first.prompt];
+            let p = first.prompt_len;
+            let base = row * t;
+            // The feature row of each prompt position that is a video placeholder.
+            let mut feature_of = vec![None; p];
+            let mut f = 0;
+            for (i, &x) in first.ids[..p].iter().enumerate() {
+                if x == vid {
+                    feature_of[i] = Some(f);
+                    f += 1;
+                }
+            }
+            let mut put = |at: usize, i: usize, ids: &[u32], video_rows: &mut Vec<_>| {
+                tokens[at] = ids[i];
+                let q = if i < p {
+                    if let Some(f) = feature_of[i] {
+                        video_rows.push((at, first.prompt, f));
+                    }
+                    pr.positions[i]
+                } else {
+                    [pr.next_pos + (i - p) as u32; 3]
+                };
+                for (axis, &v) in q.iter().enumerate() {
+                    pos[axis * b * t + at] = v;
+                }
+            };
+            for i in 0..p - 1 {
+                put(base + i, i, &first.ids, &mut video_rows);
+            }
+            let mut at = base + p - 1;
+            for (k, s) in samples[run.clone()].iter().enumerate() {
+                let r = run.start + k;
+                for i in p - 1..s.ids.len() - 1 {
+                    put(at, i, &s.ids, &mut video_rows);
+                    targets[at] = s.ids[i + 1] as i32;
+                    mask[at] = true;
+                    index.push((r * t_rows + i, at));
+                    at += 1;
+                }
+            }
+        }
+        let mut embeds = vec![0.0f32; b * t * d];
+        reel_kernels::embedding::embedding_forward(
+            &mut embeds,
+            &tokens,
+            &lm.params[lm.layout.embed.clone()],
+            d,
+        );
+        for (at, prompt, f) in video_rows {
+            let feats = &prompts[&prompt].features;
+            embeds[at * d..(at + 1) * d].copy_from_slice(&feats[f * d..(f + 1) * d]);
+        }
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        vlm.mrope_angles(&pos, &mut cos, &mut sin);
+        Packed {
+            rows: LocalRows {
+                tokens,
+                targets,
+                mask,
+                embeds,
+                cos,
+                sin,
+                t,
+            },
+            b,
+            index,
+            attn: SharedPrefixAttention::new(layouts),
+        }
+    }
 }
 
 impl VlRows {
     /// Rows of `samples` with the embedding table of `lm` and each sample's video features
-    /// (`features[k]`, or its prompt's).
+    /// (`features[k]`, or its prompt's); with `pack`, the model's rows are packed by prompt
+    /// ([`Packed`]).
     fn new(
         vlm: &Qwen25VL,
         lm: &Qwen2,
@@ -354,6 +520,7 @@ impl VlRows {
         prompts: &HashMap<usize, VlPrompt>,
         features: Option<&[Vec<f32>]>,
         pad: u32,
+        pack: bool,
     ) -> Self {
         let b = samples.len();
         let t = rows_len(samples.iter().copied());
@@ -386,6 +553,22 @@ impl VlRows {
                 }
             }
         }
+        let advantages = samples.iter().map(|s| s.advantage).collect();
+        if pack {
+            return VlRows {
+                packed: Some(Packed::new(vlm, lm, samples, prompts, pad, t)),
+                tokens,
+                targets,
+                mask,
+                advantages,
+                seq_tokens,
+                embeds: Vec::new(),
+                cos: Vec::new(),
+                sin: Vec::new(),
+                b,
+                t,
+            };
+        }
         let mut embeds = vec![0.0f32; b * t * d];
         reel_kernels::embedding::embedding_forward(
             &mut embeds,
@@ -415,13 +598,14 @@ impl VlRows {
             tokens,
             targets,
             mask,
-            advantages: samples.iter().map(|s| s.advantage).collect(),
+            advantages,
             seq_tokens,
             embeds,
             cos,
             sin,
             b,
             t,
+            packed: None,
         }
     }
 
@@ -557,6 +741,19 @@ fn logprob_pass(
         let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
+            if let Some(p) = &r.packed {
+                let mut lp = vec![0.0f32; p.b * p.rows.t];
+                lm.token_logprobs_embeds(
+                    &mut ws,
+                    &p.rows.batch(p.b),
+                    &p.attn,
+                    cfg.grpo.temperature,
+                    &mut lp,
+                    None,
+                )?;
+                out.push((p.unpack(&lp, r.b * r.t), None));
+                continue;
+            }
             let (loc, sh) = ra.local(r, vid)?;
             let mut lp = vec![0.0f32; r.b * loc.t];
             lm.token_logprobs_embeds(
@@ -606,18 +803,39 @@ fn minibatch_grads(
         let mut loss = 0.0f64;
         let mut metrics = GrpoMetrics::default();
         for (j, r) in rows.iter().enumerate() {
-            let (loc, sh) = ra.local(r, vid)?;
-            let n = r.b * loc.t;
-            let eb = loc.batch(r.b);
-            let (mut lp, mut ent) = (vec![0.0f32; n], vec![0.0f32; n]);
+            // The model's rows (packed by prompt, or this rank's shard) and the loss's layout.
+            let (loc, sh) = match &r.packed {
+                Some(_) => (None, None),
+                None => {
+                    let (loc, sh) = ra.local(r, vid)?;
+                    (Some(loc), sh)
+                }
+            };
+            let (mrows, mb, op): (&LocalRows, usize, &dyn AttentionOp) = match (&r.packed, &loc) {
+                (Some(p), _) => (&p.rows, p.b, &p.attn),
+                (None, Some(loc)) => (loc, r.b, ra.op()),
+                (None, None) => unreachable!("unpacked rows are cut for the rank"),
+            };
+            let nm = mb * mrows.t;
+            let eb = mrows.batch(mb);
+            let (mut lp, mut ent) = (vec![0.0f32; nm], vec![0.0f32; nm]);
             lm.token_logprobs_embeds(
                 &mut ws,
                 &eb,
-                ra.op(),
+                op,
                 cfg.grpo.temperature,
                 &mut lp,
                 Some(&mut ent),
             )?;
+            let (t, mask) = match &r.packed {
+                Some(p) => {
+                    lp = p.unpack(&lp, r.b * r.t);
+                    ent = p.unpack(&ent, r.b * r.t);
+                    (r.t, &r.mask)
+                }
+                None => (mrows.t, &mrows.mask),
+            };
+            let n = r.b * t;
             let cut = |full: &[f32]| -> Result<Vec<f32>> {
                 Ok(match &sh {
                     Some(sh) => sh.shard(full, r.b, 1, ra.rank(), 0.0)?,
@@ -631,12 +849,12 @@ fn minibatch_grads(
             let rf = refs.map(|r| cut(&r[j])).transpose()?;
             let x = PolicyTokens {
                 b: r.b,
-                t: loc.t,
+                t,
                 logp: &lp,
                 old_logp: &old,
                 ref_logp: rf.as_deref(),
                 entropy: Some(&ent),
-                mask: &loc.mask,
+                mask,
                 advantages: &r.advantages,
                 seq_tokens: sharded.then_some(r.seq_tokens.as_slice()),
             };
@@ -644,10 +862,13 @@ fn minibatch_grads(
             let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
             loss += l;
             metrics.merge(&m);
+            if let Some(p) = &r.packed {
+                dlogp = p.pack(&dlogp);
+            }
             let dx = lm
-                .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &dlogp, ra.op())?
+                .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &dlogp, op)?
                 .to_vec();
-            vlm.text_embedding_backward(&mut grads, &dx, &loc.tokens)?;
+            vlm.text_embedding_backward(&mut grads, &dx, &mrows.tokens)?;
         }
         if let RankAttn::Sp(sp, _) = ra {
             sp.with_comm(|c| c.all_reduce_sum(&mut grads))?;
@@ -1144,8 +1365,11 @@ mod tests {
         (prompts, samples)
     }
 
+    /// sp = 1 with plain rows is the reference; the same rows packed by prompt (sp = 1 with
+    /// reuse) and sharded over 2 and 3 ranks give the same log-probabilities, loss, gradients and
+    /// update.
     #[test]
-    fn sequence_parallel_scoring_and_update_match_one_rank() {
+    fn packed_and_sequence_parallel_scoring_and_update_match_one_rank() {
         let tmp = tempfile::tempdir().unwrap();
         let (model_dir, data) = setup(tmp.path(), 4);
         let mut cfg = config(&model_dir, &data, tmp.path().join("x"));
@@ -1165,8 +1389,9 @@ mod tests {
         // sp = 1's log-probabilities, loss, gradients and updated parameters.
         type OneRank = (Vec<Vec<f32>>, f64, Vec<f32>, Vec<f32>);
         let mut want: Option<OneRank> = None;
-        for sp in [1usize, 2, 3] {
+        for (sp, reuse) in [(1usize, false), (1, true), (2, true), (3, true)] {
             cfg.parallel.sp = sp;
+            cfg.video.reuse = reuse;
             let ctx = VlCtx {
                 cfg: &cfg,
                 tok: &tok,
@@ -1185,6 +1410,18 @@ mod tests {
             let rows = ctx
                 .rows(&model, &model.lm, &mb, &prompts, pad, &mut 0.0)
                 .unwrap();
+            let packed = rows.iter().filter(|r| r.packed.is_some()).count();
+            assert_eq!(packed, if sp == 1 && reuse { rows.len() } else { 0 });
+            if let Some(p) = rows[0].packed.as_ref() {
+                // 4 samples of 2 prompts (3 + 1): two packed rows, each prompt once.
+                assert_eq!(p.b, 2);
+                assert!(
+                    p.b * p.rows.t * 10 < rows[0].b * rows[0].t * 6,
+                    "{} {}",
+                    p.rows.t,
+                    rows[0].t
+                );
+            }
             let lp = logprob_pass(&cfg, &model.lm, &rows, vid).unwrap();
             // Every response token scored, nothing else.
             for (r, l) in rows.iter().zip(&lp) {
@@ -1233,16 +1470,19 @@ mod tests {
                 Some((lp1, loss1, g1, p1)) => {
                     for (a, b) in lp1.iter().zip(&lp) {
                         reel_tensor::check_close(
-                            &format!("sp {sp} log-probs"),
+                            &format!("sp {sp} reuse {reuse} log-probs"),
                             b,
                             a,
                             reel_tensor::Tolerance::new(1e-5, 1e-5),
                         )
                         .unwrap();
                     }
-                    assert!((loss - loss1).abs() < 1e-5 * (1.0 + loss1.abs()), "sp {sp}");
+                    assert!(
+                        (loss - loss1).abs() < 1e-5 * (1.0 + loss1.abs()),
+                        "sp {sp} reuse {reuse}"
+                    );
                     reel_tensor::check_close(
-                        &format!("sp {sp} gradients"),
+                        &format!("sp {sp} reuse {reuse} gradients"),
                         &raw,
                         g1,
                         reel_tensor::Tolerance::new(1e-6, 1e-4),
@@ -1251,7 +1491,7 @@ mod tests {
                     // AdamW's first step is about lr·g/|g|: where |g| is near its ε, float noise
                     // of the sum order moves the step by a fraction of lr (1e-3 here).
                     reel_tensor::check_close(
-                        &format!("sp {sp} parameters after one update"),
+                        &format!("sp {sp} reuse {reuse} parameters after one update"),
                         &params,
                         p1,
                         reel_tensor::Tolerance::new(2e-5, 1e-5),
