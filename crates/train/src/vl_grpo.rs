@@ -28,6 +28,11 @@
 //!    `backward_logprobs_embeds` → the embedding table's share of ∂L/∂embeddings (video rows
 //!    skipped: the tower is frozen) → clip, AdamW on the decoder.
 //!
+//! With reuse at sp = 1, passes 3 and 4 pack each group's samples behind ONE copy of their
+//! prompt ([`Packed`], [`SharedPrefixAttention`]): the video prompt runs once per group instead
+//! of once per sample, so these passes cost P + Σ L_s tokens instead of G·P + Σ L_s; the loss
+//! reads the log-probabilities back in the per-sample layout, so nothing else changes.
+//!
 //! With `sp > 1` passes 3 and 4 run on P in-process ranks: every rank takes its token shard of
 //! the rows (the schedule's balanced layout, `parallel.schedule`), runs the decoder with
 //! [`SpAttention`], and the decoder gradients are all-reduced; `seq_tokens` gives the loss the
@@ -35,7 +40,8 @@
 //! update match sp = 1 within float tolerance.
 //!
 //! `[video] reuse = false` (benchmarks) turns MR-SP's reuse off: the video is encoded again for
-//! every sample in every pass (cache bypassed) and every sample's prompt is prefilled on its own.
+//! every sample in every pass (cache bypassed), every sample's prompt is prefilled on its own and
+//! scored and updated in its own row.
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
 //! Metrics per step add to the text trainer's record: `decode_s`, `encode_s` (and `rollout_s`
