@@ -109,6 +109,91 @@ pub struct PackedRow {
     pub segments: Vec<usize>,
 }
 
+/// Where queries `q` meet keys `k` (global positions of one packed row) under its mask: `Full`,
+/// or `Causal` at the ranges' global starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubBlock {
+    pub q: Range<usize>,
+    pub k: Range<usize>,
+    pub mask: AttnMask,
+}
+
+fn meet(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    a.start.max(b.start)..a.end.min(b.end).max(a.start.max(b.start))
+}
+
+impl PackedRow {
+    /// Positions the prefix and segments take (padding excluded).
+    pub fn used(&self) -> usize {
+        self.prefix + self.segments.iter().sum::<usize>()
+    }
+
+    /// Checks that the row fits a sequence of `t` positions.
+    pub fn check(&self, t: usize) -> Result<(), String> {
+        match self.used() {
+            u if u > t => Err(format!(
+                "the packed row needs {u} positions, the batch has {t}"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The row's causal segments over `0..t` and whether each sees the prefix: the prefix, each
+    /// non-empty segment, then the padding.
+    fn parts(&self, t: usize) -> Vec<(Range<usize>, bool)> {
+        let mut parts = Vec::with_capacity(self.segments.len() + 2);
+        if self.prefix > 0 {
+            parts.push((0..self.prefix, false));
+        }
+        let mut at = self.prefix;
+        for &len in self.segments.iter().filter(|&&l| l > 0) {
+            parts.push((at..at + len, self.prefix > 0));
+            at += len;
+        }
+        if at < t {
+            parts.push((at..t, false));
+        }
+        parts
+    }
+
+    /// The blocks in which queries `q` see keys `k` (global ranges within `0..t`): each part's
+    /// queries with its own keys (causal) and, for segments, with the prefix's keys (full).
+    /// Every allowed pair is in exactly one block, and every pair of a block is allowed under
+    /// its mask, so a sequence-parallel block of a causal schedule refines into these.
+    pub fn sub_blocks(&self, t: usize, q: Range<usize>, k: Range<usize>) -> Vec<SubBlock> {
+        let mut out = Vec::new();
+        for (part, sees_prefix) in self.parts(t) {
+            let qs = meet(&part, &q);
+            if qs.is_empty() {
+                continue;
+            }
+            if sees_prefix {
+                let kp = meet(&(0..self.prefix), &k);
+                if !kp.is_empty() {
+                    out.push(SubBlock {
+                        q: qs.clone(),
+                        k: kp,
+                        mask: AttnMask::Full,
+                    });
+                }
+            }
+            let ks = meet(&part, &k);
+            // Some key at or before the last query.
+            if !ks.is_empty() && ks.start < qs.end {
+                out.push(SubBlock {
+                    mask: AttnMask::Causal {
+                        q_offset: qs.start,
+                        k_offset: ks.start,
+                    },
+                    q: qs,
+                    k: ks,
+                });
+            }
+        }
+        out
+    }
+}
+
 /// Attention over packed rows whose segments share a prefix (module docs). Batch row `b` of the
 /// step follows `rows[b]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -116,20 +201,13 @@ pub struct SharedPrefixAttention {
     pub rows: Vec<PackedRow>,
 }
 
-/// A segment of a packed row: its first row, its length and whether it sees the prefix.
-struct Seg {
-    start: usize,
-    len: usize,
-    sees_prefix: bool,
-}
-
 impl SharedPrefixAttention {
     pub fn new(rows: Vec<PackedRow>) -> Self {
         SharedPrefixAttention { rows }
     }
 
-    /// Checks the layout against the step's shape and lists each row's segments.
-    fn plan(&self, shape: AttnShape) -> Result<Vec<(usize, Vec<Seg>)>, AttentionError> {
+    /// Checks the layout against the step's shape.
+    fn check(&self, shape: AttnShape) -> Result<(), AttentionError> {
         if shape.tq != shape.tk {
             return Err(format!(
                 "shared-prefix attention is self-attention, got {} queries and {} keys",
@@ -145,54 +223,111 @@ impl SharedPrefixAttention {
             )
             .into());
         }
-        self.rows
-            .iter()
-            .enumerate()
-            .map(|(b, row)| {
-                let used = row.prefix + row.segments.iter().sum::<usize>();
-                if used > shape.tq {
-                    return Err(format!(
-                        "packed row {b} needs {used} positions, the batch has {}",
-                        shape.tq
-                    )
-                    .into());
-                }
-                let mut segs = Vec::with_capacity(row.segments.len() + 1);
-                let mut at = row.prefix;
-                for &len in row.segments.iter().filter(|&&l| l > 0) {
-                    segs.push(Seg {
-                        start: at,
-                        len,
-                        sees_prefix: row.prefix > 0,
-                    });
-                    at += len;
-                }
-                if at < shape.tq {
-                    segs.push(Seg {
-                        start: at,
-                        len: shape.tq - at,
-                        sees_prefix: false,
-                    });
-                }
-                Ok((row.prefix, segs))
-            })
-            .collect()
+        for (b, row) in self.rows.iter().enumerate() {
+            row.check(shape.tq)
+                .map_err(|e| format!("packed row {b}: {e}"))?;
+        }
+        Ok(())
     }
 }
 
-/// The [1, n, heads, D] block of rows `start..start + n` of batch row `b` of a [B, T, heads, D]
-/// tensor laid out flat.
-fn rows_of(t: usize, heads: usize, d: usize, b: usize, start: usize, n: usize) -> Range<usize> {
-    let w = heads * d;
-    (b * t + start) * w..(b * t + start + n) * w
+/// The flat range of rows `r` of a [n, heads, D] tensor (one batch row's block).
+fn flat(r: &Range<usize>, heads: usize, d: usize) -> Range<usize> {
+    r.start * heads * d..r.end * heads * d
 }
 
-fn block_shape(shape: AttnShape, tq: usize, tk: usize) -> AttnShape {
+/// [`AttnShape`] of one sub-block of a single batch row.
+fn sub_shape(shape: AttnShape, sb: &SubBlock) -> AttnShape {
     AttnShape {
         b: 1,
-        tq,
-        tk,
+        tq: sb.q.len(),
+        tk: sb.k.len(),
         ..shape
+    }
+}
+
+/// Forward of one batch row's sub-blocks: q `[n_q, H, D]`, k/v `[n_k, H_kv, D]` of the row's
+/// query and key ranges starting at `q0` and `k0` (global); out `[n_q, H, D]` and lse `[n_q, H]`
+/// are overwritten (rows no block reaches stay at (0, −inf)).
+#[allow(clippy::too_many_arguments)]
+pub fn packed_forward(
+    blocks: &[SubBlock],
+    (q0, k0): (usize, usize),
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+) {
+    let (h, h_kv, d) = (shape.h, shape.h_kv, shape.d);
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
+    let (mut o_b, mut l_b) = (Vec::new(), Vec::new());
+    for sb in blocks {
+        let (qs, ks) = (
+            sb.q.start - q0..sb.q.end - q0,
+            sb.k.start - k0..sb.k.end - k0,
+        );
+        o_b.resize(qs.len() * h * d, 0.0);
+        l_b.resize(qs.len() * h, 0.0);
+        attention_forward(
+            &mut o_b,
+            &mut l_b,
+            &q[flat(&qs, h, d)],
+            &k[flat(&ks, h_kv, d)],
+            &v[flat(&ks, h_kv, d)],
+            sub_shape(shape, sb),
+            sb.mask,
+        );
+        attention_merge(
+            &mut out[flat(&qs, h, d)],
+            &mut lse[flat(&qs, h, 1)],
+            &o_b,
+            &l_b,
+            qs.len() * h,
+            d,
+        );
+    }
+}
+
+/// Backward of [`packed_forward`]'s blocks given the GLOBAL lse and D = rowsum(dout ∘ out) of
+/// the query rows: ACCUMULATES into dq `[n_q, H, D]` and dk, dv `[n_k, H_kv, D]`.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_backward(
+    blocks: &[SubBlock],
+    (q0, k0): (usize, usize),
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    delta: &[f32],
+    lse: &[f32],
+    shape: AttnShape,
+) {
+    let (h, h_kv, d) = (shape.h, shape.h_kv, shape.d);
+    for sb in blocks {
+        let (qs, ks) = (
+            sb.q.start - q0..sb.q.end - q0,
+            sb.k.start - k0..sb.k.end - k0,
+        );
+        let (fq, fk) = (flat(&qs, h, d), flat(&ks, h_kv, d));
+        attention_backward_with_delta(
+            &mut dq[fq.clone()],
+            &mut dk[fk.clone()],
+            &mut dv[fk.clone()],
+            &dout[fq.clone()],
+            &q[fq],
+            &k[fk.clone()],
+            &v[fk],
+            &delta[flat(&qs, h, 1)],
+            &lse[flat(&qs, h, 1)],
+            sub_shape(shape, sb),
+            sb.mask,
+        );
     }
 }
 
@@ -206,65 +341,20 @@ impl AttentionOp for SharedPrefixAttention {
         v: &[f32],
         shape: AttnShape,
     ) -> Result<(), AttentionError> {
+        self.check(shape)?;
         let (t, h, h_kv, d) = (shape.tq, shape.h, shape.h_kv, shape.d);
-        let mut o2 = Vec::new();
-        let mut l2 = Vec::new();
-        for (b, (p, segs)) in self.plan(shape)?.into_iter().enumerate() {
-            let (kp, vp) = (
-                &k[rows_of(t, h_kv, d, b, 0, p)],
-                &v[rows_of(t, h_kv, d, b, 0, p)],
+        for (b, row) in self.rows.iter().enumerate() {
+            let all = b * t..(b + 1) * t;
+            packed_forward(
+                &row.sub_blocks(t, 0..t, 0..t),
+                (0, 0),
+                &mut out[flat(&all, h, d)],
+                &mut lse[flat(&all, h, 1)],
+                &q[flat(&all, h, d)],
+                &k[flat(&all, h_kv, d)],
+                &v[flat(&all, h_kv, d)],
+                shape,
             );
-            if p > 0 {
-                let qr = rows_of(t, h, d, b, 0, p);
-                attention_forward(
-                    &mut out[qr.clone()],
-                    &mut lse[rows_of(t, h, 1, b, 0, p)],
-                    &q[qr],
-                    kp,
-                    vp,
-                    block_shape(shape, p, p),
-                    CAUSAL,
-                );
-            }
-            for s in segs {
-                let qr = rows_of(t, h, d, b, s.start, s.len);
-                let lr = rows_of(t, h, 1, b, s.start, s.len);
-                let kr = rows_of(t, h_kv, d, b, s.start, s.len);
-                let own = block_shape(shape, s.len, s.len);
-                if !s.sees_prefix {
-                    attention_forward(
-                        &mut out[qr.clone()],
-                        &mut lse[lr],
-                        &q[qr],
-                        &k[kr.clone()],
-                        &v[kr],
-                        own,
-                        CAUSAL,
-                    );
-                    continue;
-                }
-                attention_forward(
-                    &mut out[qr.clone()],
-                    &mut lse[lr.clone()],
-                    &q[qr.clone()],
-                    kp,
-                    vp,
-                    block_shape(shape, s.len, p),
-                    AttnMask::Full,
-                );
-                o2.resize(qr.len(), 0.0);
-                l2.resize(lr.len(), 0.0);
-                attention_forward(
-                    &mut o2,
-                    &mut l2,
-                    &q[qr.clone()],
-                    &k[kr.clone()],
-                    &v[kr],
-                    own,
-                    CAUSAL,
-                );
-                attention_merge(&mut out[qr], &mut lse[lr], &o2, &l2, s.len * h, d);
-            }
         }
         Ok(())
     }
@@ -282,75 +372,30 @@ impl AttentionOp for SharedPrefixAttention {
         lse: &[f32],
         shape: AttnShape,
     ) -> Result<(), AttentionError> {
-        let plan = self.plan(shape)?;
+        self.check(shape)?;
         dq.fill(0.0);
         dk.fill(0.0);
         dv.fill(0.0);
         let (t, h, h_kv, d) = (shape.tq, shape.h, shape.h_kv, shape.d);
         let mut delta = vec![0.0f32; lse.len()];
         attention_delta(&mut delta, dout, out, shape);
-        for (b, (p, segs)) in plan.into_iter().enumerate() {
-            // dk/dv of this row: the prefix block, then the segments after it.
-            let row = rows_of(t, h_kv, d, b, 0, t);
-            let split = p * h_kv * d;
-            let (dk_p, dk_s) = dk[row.clone()].split_at_mut(split);
-            let (dv_p, dv_s) = dv[row.clone()].split_at_mut(split);
-            let (kp, vp) = (
-                &k[row.start..row.start + split],
-                &v[row.start..row.start + split],
+        for (b, row) in self.rows.iter().enumerate() {
+            let all = b * t..(b + 1) * t;
+            let (fq, fk) = (flat(&all, h, d), flat(&all, h_kv, d));
+            packed_backward(
+                &row.sub_blocks(t, 0..t, 0..t),
+                (0, 0),
+                &mut dq[fq.clone()],
+                &mut dk[fk.clone()],
+                &mut dv[fk.clone()],
+                &dout[fq.clone()],
+                &q[fq],
+                &k[fk.clone()],
+                &v[fk],
+                &delta[flat(&all, h, 1)],
+                &lse[flat(&all, h, 1)],
+                shape,
             );
-            if p > 0 {
-                let qr = rows_of(t, h, d, b, 0, p);
-                let lr = rows_of(t, h, 1, b, 0, p);
-                attention_backward_with_delta(
-                    &mut dq[qr.clone()],
-                    dk_p,
-                    dv_p,
-                    &dout[qr.clone()],
-                    &q[qr],
-                    kp,
-                    vp,
-                    &delta[lr.clone()],
-                    &lse[lr],
-                    block_shape(shape, p, p),
-                    CAUSAL,
-                );
-            }
-            for s in segs {
-                let qr = rows_of(t, h, d, b, s.start, s.len);
-                let lr = rows_of(t, h, 1, b, s.start, s.len);
-                let kr = rows_of(t, h_kv, d, b, s.start, s.len);
-                // The segment's keys within this row's dk_s/dv_s (which start at the prefix's end).
-                let local = (s.start - p) * h_kv * d..(s.start - p + s.len) * h_kv * d;
-                if s.sees_prefix {
-                    attention_backward_with_delta(
-                        &mut dq[qr.clone()],
-                        dk_p,
-                        dv_p,
-                        &dout[qr.clone()],
-                        &q[qr.clone()],
-                        kp,
-                        vp,
-                        &delta[lr.clone()],
-                        &lse[lr.clone()],
-                        block_shape(shape, s.len, p),
-                        AttnMask::Full,
-                    );
-                }
-                attention_backward_with_delta(
-                    &mut dq[qr.clone()],
-                    &mut dk_s[local.clone()],
-                    &mut dv_s[local],
-                    &dout[qr.clone()],
-                    &q[qr],
-                    &k[kr.clone()],
-                    &v[kr],
-                    &delta[lr.clone()],
-                    &lse[lr],
-                    block_shape(shape, s.len, s.len),
-                    CAUSAL,
-                );
-            }
         }
         Ok(())
     }
@@ -522,6 +567,67 @@ mod tests {
                     .forward(&mut o, &mut l, &qs, &ks, &vs, sh)
                     .unwrap();
                 check_close("padding out", &take(&out, wq, pad_rows), &o, tol).unwrap();
+            }
+        }
+    }
+
+    /// Cut into q/k chunks of any size, the sub-blocks cover every allowed (query, key) pair
+    /// exactly once and no other: the mask a sequence-parallel schedule's blocks refine into.
+    #[test]
+    fn sub_blocks_of_any_chunking_cover_exactly_the_mask() {
+        let row = PackedRow {
+            prefix: 4,
+            segments: vec![3, 0, 5, 1],
+        };
+        let t = 16;
+        let seg_of = |i: usize| -> (usize, usize) {
+            // (segment id, start); 0 = prefix, then the segments, then padding.
+            let mut at = row.prefix;
+            if i < at {
+                return (0, 0);
+            }
+            for (s, &l) in row.segments.iter().enumerate() {
+                if i < at + l {
+                    return (s + 1, at);
+                }
+                at += l;
+            }
+            (usize::MAX, at)
+        };
+        let allowed = |i: usize, j: usize| {
+            let (si, _) = seg_of(i);
+            let (sj, _) = seg_of(j);
+            (si == sj && j <= i) || (si != 0 && si != usize::MAX && sj == 0)
+        };
+        for c in [1usize, 3, 4, 7, 16] {
+            let mut seen = vec![0u32; t * t];
+            for q0 in (0..t).step_by(c) {
+                for k0 in (0..t).step_by(c) {
+                    let (q, k) = (q0..(q0 + c).min(t), k0..(k0 + c).min(t));
+                    for sb in row.sub_blocks(t, q.clone(), k.clone()) {
+                        assert!(sb.q.start >= q.start && sb.q.end <= q.end);
+                        assert!(sb.k.start >= k.start && sb.k.end <= k.end);
+                        for i in sb.q.clone() {
+                            for j in sb.k.clone() {
+                                let on = match sb.mask {
+                                    AttnMask::Full => true,
+                                    AttnMask::Causal { q_offset, k_offset } => {
+                                        k_offset + (j - sb.k.start) <= q_offset + (i - sb.q.start)
+                                    }
+                                };
+                                if on {
+                                    seen[i * t + j] += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for i in 0..t {
+                for j in 0..t {
+                    let want = u32::from(allowed(i, j));
+                    assert_eq!(seen[i * t + j], want, "chunk {c}: query {i} key {j}");
+                }
             }
         }
     }

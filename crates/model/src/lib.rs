@@ -26,7 +26,8 @@ pub mod vision;
 pub mod vl;
 
 pub use attention::{
-    AttentionError, AttentionOp, LocalAttention, PackedRow, SharedPrefixAttention,
+    packed_backward, packed_forward, AttentionError, AttentionOp, LocalAttention, PackedRow,
+    SharedPrefixAttention, SubBlock,
 };
 pub use config::Qwen2Config;
 pub use io::{load_checkpoint, save_checkpoint};
