@@ -16,6 +16,11 @@ use reel_kernels::attention::{
     AttnShape,
 };
 
+use std::ops::Range;
+use std::sync::Arc;
+
+use reel_model::{packed_backward, packed_forward, PackedRow};
+
 use crate::schedule::{BlockMask, Work};
 use crate::shard::Sharding;
 
@@ -23,16 +28,30 @@ use crate::shard::Sharding;
 pub(crate) type OutLse = (Vec<f32>, Vec<f32>);
 
 /// Geometry of the blocks of one sharded sequence: the sharding and the head dimensions
-/// (B, H, H_kv, D of `shape`; its lengths are ignored).
-#[derive(Clone, Copy, Debug)]
+/// (B, H, H_kv, D of `shape`; its lengths are ignored), and, for rows packed by prompt, each
+/// batch row's layout: a block of the causal schedule then refines into the row's sub-blocks
+/// ([`PackedRow::sub_blocks`]: segments see the shared prefix and themselves), which the
+/// schedule's causal blocks always contain.
+#[derive(Clone, Debug)]
 pub(crate) struct Blocks {
     pub sharding: Sharding,
     pub shape: AttnShape,
+    pub packed: Option<Arc<[PackedRow]>>,
 }
 
 impl Blocks {
     pub fn new(sharding: Sharding, shape: AttnShape) -> Self {
-        Blocks { sharding, shape }
+        Blocks {
+            sharding,
+            shape,
+            packed: None,
+        }
+    }
+
+    /// Global positions of a chunk's valid rows.
+    fn span(&self, chunk: usize) -> Range<usize> {
+        let start = self.sharding.chunk_start(chunk);
+        start..start + self.sharding.chunk_valid_len(chunk)
     }
 
     /// Row widths of q (H·D) and of k, v (H_kv·D).
@@ -79,7 +98,22 @@ impl Blocks {
         let AttnShape { b, h, d, .. } = self.shape;
         let mut o_b = vec![0.0; b * tq * h * d];
         let mut lse_b = vec![f32::NEG_INFINITY; b * tq * h];
-        if tq > 0 && tk > 0 {
+        if let Some(rows) = &self.packed {
+            let (qs, ks) = (self.span(w.q_chunk), self.span(w.kv_chunk));
+            let kw = self.shape.h_kv * d;
+            for (bi, row) in rows.iter().enumerate() {
+                packed_forward(
+                    &row.sub_blocks(self.sharding.seq_len(), qs.clone(), ks.clone()),
+                    (qs.start, ks.start),
+                    &mut o_b[bi * tq * h * d..(bi + 1) * tq * h * d],
+                    &mut lse_b[bi * tq * h..(bi + 1) * tq * h],
+                    &q[bi * tq * h * d..(bi + 1) * tq * h * d],
+                    &k[bi * tk * kw..(bi + 1) * tk * kw],
+                    &v[bi * tk * kw..(bi + 1) * tk * kw],
+                    self.block_shape(tq, tk),
+                );
+            }
+        } else if tq > 0 && tk > 0 {
             attention_forward(
                 &mut o_b,
                 &mut lse_b,
@@ -123,7 +157,32 @@ impl Blocks {
         lse: &[f32],
     ) {
         let (tq, tk) = self.lens(w);
-        if tq > 0 && tk > 0 {
+        if let Some(rows) = &self.packed {
+            let (qs, ks) = (self.span(w.q_chunk), self.span(w.kv_chunk));
+            let AttnShape { h, h_kv, d, .. } = self.shape;
+            let (qw, kw) = (h * d, h_kv * d);
+            for (bi, row) in rows.iter().enumerate() {
+                let (fq, fk, fl) = (
+                    bi * tq * qw..(bi + 1) * tq * qw,
+                    bi * tk * kw..(bi + 1) * tk * kw,
+                    bi * tq * h..(bi + 1) * tq * h,
+                );
+                packed_backward(
+                    &row.sub_blocks(self.sharding.seq_len(), qs.clone(), ks.clone()),
+                    (qs.start, ks.start),
+                    &mut dq[fq.clone()],
+                    &mut dk[fk.clone()],
+                    &mut dv[fk.clone()],
+                    &dout[fq.clone()],
+                    &q[fq],
+                    &k[fk.clone()],
+                    &v[fk],
+                    &delta[fl.clone()],
+                    &lse[fl],
+                    self.block_shape(tq, tk),
+                );
+            }
+        } else if tq > 0 && tk > 0 {
             attention_backward_with_delta(
                 dq,
                 dk,

@@ -38,10 +38,12 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::ops::Add;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reel_comm::{CommError, Communicator, P2pOp, Pending};
 use reel_kernels::attention::AttnShape;
+use reel_model::PackedRow;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -260,6 +262,27 @@ impl DistExecutor {
 
     pub fn overlap(&self) -> Overlap {
         self.overlap
+    }
+
+    /// Rows packed by prompt: batch row b follows `rows[b]` (segments see the shared prefix
+    /// and themselves, [`PackedRow::sub_blocks`]) instead of plain causal attention; None for
+    /// plain rows. Every rank must set the same layout.
+    pub fn set_packed(&mut self, rows: Option<Arc<[PackedRow]>>) -> Result<(), DistExecError> {
+        if let Some(rows) = &rows {
+            if rows.len() != self.blocks.shape.b {
+                return Err(DistExecError::Shape(format!(
+                    "{} packed rows for a batch of {}",
+                    rows.len(),
+                    self.blocks.shape.b
+                )));
+            }
+            for (b, row) in rows.iter().enumerate() {
+                row.check(self.blocks.sharding.seq_len())
+                    .map_err(|e| DistExecError::Shape(format!("packed row {b}: {e}")))?;
+            }
+        }
+        self.blocks.packed = rows;
+        Ok(())
     }
 
     pub fn set_overlap(&mut self, overlap: Overlap) {

@@ -12,11 +12,11 @@
 //! announces each batch's global length with [`SpAttention::set_seq_len`], which also returns the
 //! [`Sharding`] to cut tokens, targets and positions with. Executors are cached per (T, shape).
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use reel_comm::Communicator;
 use reel_kernels::attention::AttnShape;
-use reel_model::{AttentionError, AttentionOp};
+use reel_model::{AttentionError, AttentionOp, PackedRow};
 
 use crate::dist_exec::{DistExecError, DistExecutor, ExecStats, Overlap};
 use crate::schedule::Schedule;
@@ -34,6 +34,8 @@ pub struct SpStats {
 struct SpState<C> {
     comm: C,
     sharding: Option<Sharding>,
+    /// The announced batch's packed-row layout (None: plain causal rows).
+    packed: Option<Arc<[PackedRow]>>,
     exec: Option<DistExecutor>,
     stats: SpStats,
 }
@@ -68,6 +70,7 @@ impl<C: Communicator> SpAttention<C> {
             state: Mutex::new(SpState {
                 comm,
                 sharding: None,
+                packed: None,
                 exec: None,
                 stats: SpStats::default(),
             }),
@@ -89,8 +92,29 @@ impl<C: Communicator> SpAttention<C> {
     /// tokens).
     pub fn set_seq_len(&self, seq_len: usize) -> Result<Sharding, DistExecError> {
         let sharding = Sharding::new(seq_len, self.schedule.ranks, self.schedule.layout())?;
-        self.lock().sharding = Some(sharding);
+        let mut st = self.lock();
+        st.sharding = Some(sharding);
+        st.packed = None;
         Ok(sharding)
+    }
+
+    /// Announces that the batch of the last [`SpAttention::set_seq_len`] holds rows packed by
+    /// prompt, batch row b laid out as `rows[b]` over its global positions (segments see the
+    /// shared prefix and themselves; `reel_model::SharedPrefixAttention` is the one-rank
+    /// equivalent). The next `set_seq_len` returns to plain causal rows.
+    pub fn set_packed(&self, rows: Vec<PackedRow>) -> Result<(), DistExecError> {
+        let mut st = self.lock();
+        let Some(sharding) = st.sharding else {
+            return Err(DistExecError::Shape(
+                "call SpAttention::set_seq_len before set_packed".into(),
+            ));
+        };
+        for (b, row) in rows.iter().enumerate() {
+            row.check(sharding.seq_len())
+                .map_err(|e| DistExecError::Shape(format!("packed row {b}: {e}")))?;
+        }
+        st.packed = Some(rows.into());
+        Ok(())
     }
 
     /// The sharding of the last [`SpAttention::set_seq_len`].
@@ -124,6 +148,7 @@ impl<C: Communicator> SpAttention<C> {
         &self,
         exec: &'s mut Option<DistExecutor>,
         sharding: Option<Sharding>,
+        packed: &Option<Arc<[PackedRow]>>,
         shape: AttnShape,
     ) -> Result<&'s DistExecutor, DistExecError> {
         let Some(sharding) = sharding else {
@@ -142,7 +167,9 @@ impl<C: Communicator> SpAttention<C> {
                 self.overlap,
             )?);
         }
-        Ok(exec.as_ref().expect("just built"))
+        let e = exec.as_mut().expect("just built");
+        e.set_packed(packed.clone())?;
+        Ok(e)
     }
 }
 
@@ -158,7 +185,7 @@ impl<C: Communicator> AttentionOp for SpAttention<C> {
     ) -> Result<(), AttentionError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let exec = self.executor(&mut st.exec, st.sharding, shape)?;
+        let exec = self.executor(&mut st.exec, st.sharding, &st.packed, shape)?;
         let s = exec.forward(&st.comm, out, lse, q, k, v)?;
         st.stats.forward_calls += 1;
         st.stats.forward = st.stats.forward + s;
@@ -180,7 +207,7 @@ impl<C: Communicator> AttentionOp for SpAttention<C> {
     ) -> Result<(), AttentionError> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let exec = self.executor(&mut st.exec, st.sharding, shape)?;
+        let exec = self.executor(&mut st.exec, st.sharding, &st.packed, shape)?;
         let s = exec.backward(&st.comm, dq, dk, dv, dout, q, k, v, out, lse)?;
         st.stats.backward_calls += 1;
         st.stats.backward = st.stats.backward + s;

@@ -187,6 +187,92 @@ fn check(what: &str, got: &Results, want: &Results) {
     }
 }
 
+/// Rows packed by prompt (segments that see a shared prefix and themselves, each batch row its
+/// own layout, padding after them): every causal schedule at every P matches one
+/// `SharedPrefixAttention` call on the whole sequence, forward and backward.
+#[test]
+fn packed_rows_match_shared_prefix_attention_on_one_rank() {
+    use reel_model::{AttentionOp, PackedRow, SharedPrefixAttention};
+    let (t, h, h_kv, d) = (41, 4, 2, 4);
+    let c = case(2, t, h, h_kv, d, 77);
+    let rows = vec![
+        PackedRow {
+            prefix: 17,
+            segments: vec![6, 1, 9, 4],
+        },
+        PackedRow {
+            prefix: 3,
+            segments: vec![20, 0, 11],
+        },
+    ];
+    let shape = AttnShape {
+        b: c.b,
+        tq: t,
+        tk: t,
+        h,
+        h_kv,
+        d,
+    };
+    let one = SharedPrefixAttention::new(rows.clone());
+    let mut want = Results {
+        out: vec![0.0; c.q.len()],
+        lse: vec![0.0; c.b * t * h],
+        dq: vec![0.0; c.q.len()],
+        dk: vec![0.0; c.k.len()],
+        dv: vec![0.0; c.v.len()],
+    };
+    one.forward(&mut want.out, &mut want.lse, &c.q, &c.k, &c.v, shape)
+        .unwrap();
+    let w = &mut want;
+    one.backward(
+        &mut w.dq, &mut w.dk, &mut w.dv, &c.dout, &c.q, &c.k, &c.v, &w.out, &w.lse, shape,
+    )
+    .unwrap();
+    // The packed mask is not the causal one: the plain causal run differs.
+    assert!(max_diff(&reference(&c, true).out, &want.out) > 1e-2);
+    for kind in ScheduleKind::ALL.into_iter().filter(|k| k.is_causal()) {
+        for p in [1, 2, 3, 4, 8] {
+            let s = kind.build(p).unwrap();
+            let mut ex = executor(&c, &s, Overlap::Overlapped);
+            ex.set_packed(Some(rows.clone().into())).unwrap();
+            let inputs = shards(&c, &ex.sharding());
+            let got: Vec<RankOut> = InProcess::spawn(p, TIMEOUT, |comm| {
+                rank_pass(&comm, &ex, &inputs[comm.rank()])
+            })
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+            check(
+                &format!("packed {kind:?} P={p}"),
+                &unshard(&c, &ex.sharding(), &got),
+                &want,
+            );
+        }
+    }
+    // A layout that does not fit is refused.
+    let mut ex = executor(
+        &c,
+        &ScheduleKind::ALL[0].build(2).unwrap(),
+        Overlap::Blocking,
+    );
+    let long = vec![
+        PackedRow {
+            prefix: 40,
+            segments: vec![2],
+        };
+        2
+    ];
+    assert!(ex.set_packed(Some(long.into())).is_err());
+    assert!(ex.set_packed(Some(rows[..1].to_vec().into())).is_err());
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Every schedule, every P it supports in {1, 2, 3, 4, 6, 8}, GQA ratios 1, 2, 4, B = 2 and
 /// T = 37, 50 (no P > 1 divides both; zigzag at P = 8 has all-padding chunks): out, lse, dq, dk,
 /// dv gathered from the ranks match one whole-sequence call; overlapped and blocking runs are
