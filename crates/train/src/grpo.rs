@@ -144,8 +144,7 @@ pub struct VideoRlConfig {
     /// Folder of the cache's on-disk tier. Default: none (memory only).
     pub cache_dir: Option<PathBuf>,
     /// MR-SP reuse: each video encoded once through the cache, each group's prompt prefilled
-    /// once (samples forked) and, at sp = 1, scored and updated once (samples packed behind
-    /// it). `false` (for benchmarks) re-encodes the video for every sample and every pass and
+    /// once (samples forked) and scored and updated once (samples packed behind it). `false` (for benchmarks) re-encodes the video for every sample and every pass and
     /// prefills, scores and updates every sample separately. Default true.
     pub reuse: bool,
 }

@@ -28,10 +28,11 @@
 //!    `backward_logprobs_embeds` → the embedding table's share of ∂L/∂embeddings (video rows
 //!    skipped: the tower is frozen) → clip, AdamW on the decoder.
 //!
-//! With reuse at sp = 1, passes 3 and 4 pack each group's samples behind ONE copy of their
-//! prompt ([`Packed`], [`SharedPrefixAttention`]): the video prompt runs once per group instead
-//! of once per sample, so these passes cost P + Σ L_s tokens instead of G·P + Σ L_s; the loss
-//! reads the log-probabilities back in the per-sample layout, so nothing else changes.
+//! With reuse, passes 3 and 4 pack each group's samples behind ONE copy of their prompt
+//! ([`Packing`], [`SharedPrefixAttention`]; with sp > 1 the schedule's blocks refine into the
+//! packed rows' sub-blocks, [`SpAttention::set_packed`]): the video prompt runs once per group
+//! instead of once per sample, so these passes cost P + Σ L_s tokens instead of G·P + Σ L_s;
+//! the loss reads the log-probabilities back in the per-sample layout, so nothing else changes.
 //!
 //! With `sp > 1` passes 3 and 4 run on P in-process ranks: every rank takes its token shard of
 //! the rows (the schedule's balanced layout, `parallel.schedule`), runs the decoder with
@@ -49,6 +50,7 @@
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -134,10 +136,9 @@ struct VlCtx<'a> {
 
 impl VlCtx<'_> {
     /// Whether the scoring and update passes pack each group's samples behind one copy of their
-    /// prompt ([`Packed`]): with reuse, at sp = 1 (the sequence-parallel schedules shard plain
-    /// causal rows).
+    /// prompt ([`Packing`]): with reuse.
     fn packs(&self) -> bool {
-        self.cfg.video.reuse && self.sp == 1
+        self.cfg.video.reuse
     }
 
     fn timeout(&self) -> Duration {
@@ -348,58 +349,64 @@ impl VlCtx<'_> {
     }
 }
 
-/// A micro-batch as the decoder takes it: `prompt ++ response[..-1]` rows [B, T] right-padded,
-/// input embeddings [B·T, d] (current table, video rows = features), M-RoPE angles [B·T, D/2],
-/// targets at response tokens.
+/// A micro-batch: the loss's per-sample layout (`prompt ++ response[..-1]` rows [B, T]
+/// right-padded, labelled at response tokens) and the rows the decoder runs ([`LocalRows`]:
+/// tokens, targets, input embeddings (current table, video rows = features) and M-RoPE angles),
+/// either those same rows or, with `packing`, the micro-batch packed by prompt.
 struct VlRows {
-    tokens: Vec<u32>,
-    targets: Vec<i32>,
+    /// The decoder's rows, `model_b` of them.
+    model: LocalRows,
+    model_b: usize,
+    /// How per-sample positions map into `model` when it is packed by prompt.
+    packing: Option<Packing>,
+    /// Per-sample layout [B, T]: labelled positions.
     mask: Vec<bool>,
     advantages: Vec<f32>,
     /// Response tokens of each row (the whole sequence's, for sharded rows).
     seq_tokens: Vec<usize>,
-    embeds: Vec<f32>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
     b: usize,
     t: usize,
-    /// The same rows packed by prompt for the model (sp = 1 with reuse); `embeds`, `cos` and
-    /// `sin` are then left empty, the loss still reads the per-sample layout above.
-    packed: Option<Packed>,
 }
 
 /// A micro-batch packed by prompt for [`SharedPrefixAttention`]: one row per run of samples that
 /// share a prompt, `prompt[..P-1] ; (prompt[P-1] ++ response[..-1]) per sample`, right-padded.
 /// Every sample's first target (its first response token) is predicted from the prompt's last
 /// token, so each segment starts with a copy of it; the rest of the prompt, the video rows
-/// included, runs once for the G samples in the scoring and update passes.
-struct Packed {
-    rows: LocalRows,
-    b: usize,
-    /// (per-sample index row·T + i, packed index) of every labelled position.
+/// included, runs once for the G samples in the scoring and update passes. With sp > 1 the
+/// packed rows are sharded like plain ones and [`SpAttention::set_packed`] gives the schedule
+/// their layout.
+struct Packing {
+    /// (per-sample index row·T + i, packed index row'·T' + j) of every labelled position.
     index: Vec<(usize, usize)>,
+    layout: Vec<PackedRow>,
+    /// The one-rank attention over the packed rows.
     attn: SharedPrefixAttention,
 }
 
-impl Packed {
-    /// Packed values (log-probabilities, entropies) in the per-sample [B·T] layout, 0 elsewhere.
-    fn unpack(&self, packed: &[f32], n: usize) -> Vec<f32> {
-        let mut out = vec![0.0f32; n];
-        for &(i, j) in &self.index {
-            out[i] = packed[j];
+impl Packing {
+    /// The (per-sample index, index in the rank's rows) pairs of the labelled positions the
+    /// rank holds: all of them, unsharded.
+    fn held(&self, sh: Option<&Sharding>, rank: usize, b: usize) -> Result<Vec<(usize, usize)>> {
+        let Some(sh) = sh else {
+            return Ok(self.index.clone());
+        };
+        let global: Vec<usize> = (0..b * sh.seq_len()).collect();
+        let local = sh.shard(&global, b, 1, rank, usize::MAX)?;
+        let mut at = vec![usize::MAX; global.len()];
+        for (l, &g) in local.iter().enumerate() {
+            if g != usize::MAX {
+                at[g] = l;
+            }
         }
-        out
+        Ok(self
+            .index
+            .iter()
+            .filter(|&&(_, j)| at[j] != usize::MAX)
+            .map(|&(i, j)| (i, at[j]))
+            .collect())
     }
 
-    /// Per-sample values (∂L/∂log π) in the packed layout.
-    fn pack(&self, per_sample: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0f32; self.b * self.rows.t];
-        for &(i, j) in &self.index {
-            out[j] = per_sample[i];
-        }
-        out
-    }
-
+    /// Packs `samples` (module docs of [`Packing`]): the decoder's rows and their batch size.
     fn new(
         vlm: &Qwen25VL,
         lm: &Qwen2,
@@ -407,7 +414,7 @@ impl Packed {
         prompts: &HashMap<usize, VlPrompt>,
         pad: u32,
         t_rows: usize,
-    ) -> Self {
+    ) -> (Self, LocalRows, usize) {
         let d = lm.config.hidden_size;
         let vid = vlm.config.video_token_id;
         // Runs of consecutive samples with the same prompt.
@@ -498,27 +505,28 @@ impl Packed {
         }
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         vlm.mrope_angles(&pos, &mut cos, &mut sin);
-        Packed {
-            rows: LocalRows {
-                tokens,
-                targets,
-                mask,
-                embeds,
-                cos,
-                sin,
-                t,
-            },
-            b,
+        let rows = LocalRows {
+            tokens,
+            targets,
+            mask,
+            embeds,
+            cos,
+            sin,
+            t,
+        };
+        let packing = Packing {
             index,
-            attn: SharedPrefixAttention::new(layouts),
-        }
+            attn: SharedPrefixAttention::new(layouts.clone()),
+            layout: layouts,
+        };
+        (packing, rows, b)
     }
 }
 
 impl VlRows {
     /// Rows of `samples` with the embedding table of `lm` and each sample's video features
     /// (`features[k]`, or its prompt's); with `pack`, the model's rows are packed by prompt
-    /// ([`Packed`]).
+    /// ([`Packing`]).
     fn new(
         vlm: &Qwen25VL,
         lm: &Qwen2,
@@ -561,16 +569,14 @@ impl VlRows {
         }
         let advantages = samples.iter().map(|s| s.advantage).collect();
         if pack {
+            let (packing, model, model_b) = Packing::new(vlm, lm, samples, prompts, pad, t);
             return VlRows {
-                packed: Some(Packed::new(vlm, lm, samples, prompts, pad, t)),
-                tokens,
-                targets,
+                model,
+                model_b,
+                packing: Some(packing),
                 mask,
                 advantages,
                 seq_tokens,
-                embeds: Vec::new(),
-                cos: Vec::new(),
-                sin: Vec::new(),
                 b,
                 t,
             };
@@ -601,17 +607,22 @@ impl VlRows {
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         vlm.mrope_angles(&pos, &mut cos, &mut sin);
         VlRows {
-            tokens,
-            targets,
+            model: LocalRows {
+                tokens,
+                targets,
+                mask: mask.clone(),
+                embeds,
+                cos,
+                sin,
+                t,
+            },
+            model_b: b,
+            packing: None,
             mask,
             advantages,
             seq_tokens,
-            embeds,
-            cos,
-            sin,
             b,
             t,
-            packed: None,
         }
     }
 
@@ -620,7 +631,9 @@ impl VlRows {
     }
 }
 
-/// One rank's share of a [`VlRows`] (the whole of it at sp = 1).
+/// Rows as the decoder takes them: [B, T] tokens and targets, input embeddings [B·T, d] and
+/// M-RoPE angles [B·T, D/2]; a [`VlRows`]'s whole, or one rank's shard of it.
+#[derive(Clone)]
 struct LocalRows {
     tokens: Vec<u32>,
     targets: Vec<i32>,
@@ -645,49 +658,42 @@ impl RankAttn<'_> {
         }
     }
 
-    fn op(&self) -> &dyn AttentionOp {
-        match self {
-            RankAttn::Local => &LocalAttention,
-            RankAttn::Sp(sp, _) => *sp,
+    /// The attention the decoder runs `r`'s rows with (the rank's `SpAttention`, told the
+    /// packed layout by [`RankAttn::local`], when sharded).
+    fn op<'a>(&'a self, r: &'a VlRows) -> &'a dyn AttentionOp {
+        match (self, &r.packing) {
+            (RankAttn::Local, Some(p)) => &p.attn,
+            (RankAttn::Local, None) => &LocalAttention,
+            (RankAttn::Sp(sp, _), _) => *sp,
         }
     }
 
-    /// The rank's rows, and the sharding they were cut with (None at sp = 1).
-    fn local(&self, r: &VlRows, vid: u32) -> Result<(LocalRows, Option<Sharding>)> {
-        match self {
-            RankAttn::Local => Ok((
-                LocalRows {
-                    tokens: r.tokens.clone(),
-                    targets: r.targets.clone(),
-                    mask: r.mask.clone(),
-                    embeds: r.embeds.clone(),
-                    cos: r.cos.clone(),
-                    sin: r.sin.clone(),
-                    t: r.t,
-                },
-                None,
-            )),
-            RankAttn::Sp(sp, rank) => {
-                let rank = *rank;
-                let sh = sp.set_seq_len(r.t)?;
-                let d = r.embeds.len() / (r.b * r.t);
-                let half = r.cos.len() / (r.b * r.t);
-                let b = r.b;
-                Ok((
-                    LocalRows {
-                        // Padding rows take no embedding gradient (marked as video rows).
-                        tokens: sh.shard(&r.tokens, b, 1, rank, vid)?,
-                        targets: sh.shard(&r.targets, b, 1, rank, IGNORE_INDEX)?,
-                        mask: sh.shard(&r.mask, b, 1, rank, false)?,
-                        embeds: sh.shard(&r.embeds, b, d, rank, 0.0)?,
-                        cos: sh.shard(&r.cos, b, half, rank, 1.0)?,
-                        sin: sh.shard(&r.sin, b, half, rank, 0.0)?,
-                        t: sh.local_len(),
-                    },
-                    Some(sh),
-                ))
-            }
+    /// The rank's share of `r`'s decoder rows, and the sharding they were cut with (None at
+    /// sp = 1, where the rows are `r.model` itself).
+    fn local<'r>(&self, r: &'r VlRows, vid: u32) -> Result<(Cow<'r, LocalRows>, Option<Sharding>)> {
+        let RankAttn::Sp(sp, rank) = self else {
+            return Ok((Cow::Borrowed(&r.model), None));
+        };
+        let (rank, m, b) = (*rank, &r.model, r.model_b);
+        let sh = sp.set_seq_len(m.t)?;
+        if let Some(p) = &r.packing {
+            sp.set_packed(p.layout.clone())?;
         }
+        let d = m.embeds.len() / (b * m.t);
+        let half = m.cos.len() / (b * m.t);
+        Ok((
+            Cow::Owned(LocalRows {
+                // Padding rows take no embedding gradient (marked as video rows).
+                tokens: sh.shard(&m.tokens, b, 1, rank, vid)?,
+                targets: sh.shard(&m.targets, b, 1, rank, IGNORE_INDEX)?,
+                mask: sh.shard(&m.mask, b, 1, rank, false)?,
+                embeds: sh.shard(&m.embeds, b, d, rank, 0.0)?,
+                cos: sh.shard(&m.cos, b, half, rank, 1.0)?,
+                sin: sh.shard(&m.sin, b, half, rank, 0.0)?,
+                t: sh.local_len(),
+            }),
+            Some(sh),
+        ))
     }
 }
 
@@ -735,8 +741,8 @@ fn on_ranks<T: Send>(
         .collect()
 }
 
-/// `log π(target)` [B·T] of every micro-batch under `lm` (old policy or reference), gathered
-/// from the ranks' shards.
+/// `log π(target)` [B·T] of every micro-batch under `lm` (old policy or reference), in the
+/// per-sample layout, gathered from the ranks' shards.
 fn logprob_pass(
     cfg: &GrpoRunConfig,
     lm: &Qwen2,
@@ -747,25 +753,12 @@ fn logprob_pass(
         let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            if let Some(p) = &r.packed {
-                let mut lp = vec![0.0f32; p.b * p.rows.t];
-                lm.token_logprobs_embeds(
-                    &mut ws,
-                    &p.rows.batch(p.b),
-                    &p.attn,
-                    cfg.grpo.temperature,
-                    &mut lp,
-                    None,
-                )?;
-                out.push((p.unpack(&lp, r.b * r.t), None));
-                continue;
-            }
             let (loc, sh) = ra.local(r, vid)?;
-            let mut lp = vec![0.0f32; r.b * loc.t];
+            let mut lp = vec![0.0f32; r.model_b * loc.t];
             lm.token_logprobs_embeds(
                 &mut ws,
-                &loc.batch(r.b),
-                ra.op(),
+                &loc.batch(r.model_b),
+                ra.op(r),
                 cfg.grpo.temperature,
                 &mut lp,
                 None,
@@ -776,13 +769,23 @@ fn logprob_pass(
     })?;
     let mut gathered = Vec::with_capacity(rows.len());
     for (j, r) in rows.iter().enumerate() {
-        match per_rank[0][j].1 {
-            None => gathered.push(per_rank[0][j].0.clone()),
+        let model = match per_rank[0][j].1 {
+            None => per_rank[0][j].0.clone(),
             Some(sh) => {
                 let shards: Vec<&[f32]> = per_rank.iter().map(|v| v[j].0.as_slice()).collect();
-                gathered.push(sh.unshard(&shards, r.b, 1)?);
+                sh.unshard(&shards, r.model_b, 1)?
             }
-        }
+        };
+        gathered.push(match &r.packing {
+            None => model,
+            Some(p) => {
+                let mut lp = vec![0.0f32; r.b * r.t];
+                for &(i, k) in &p.index {
+                    lp[i] = model[k];
+                }
+                lp
+            }
+        });
     }
     Ok(gathered)
 }
@@ -809,43 +812,42 @@ fn minibatch_grads(
         let mut loss = 0.0f64;
         let mut metrics = GrpoMetrics::default();
         for (j, r) in rows.iter().enumerate() {
-            // The model's rows (packed by prompt, or this rank's shard) and the loss's layout.
-            let (loc, sh) = match &r.packed {
-                Some(_) => (None, None),
-                None => {
-                    let (loc, sh) = ra.local(r, vid)?;
-                    (Some(loc), sh)
-                }
-            };
-            let (mrows, mb, op): (&LocalRows, usize, &dyn AttentionOp) = match (&r.packed, &loc) {
-                (Some(p), _) => (&p.rows, p.b, &p.attn),
-                (None, Some(loc)) => (loc, r.b, ra.op()),
-                (None, None) => unreachable!("unpacked rows are cut for the rank"),
-            };
-            let nm = mb * mrows.t;
-            let eb = mrows.batch(mb);
+            let (loc, sh) = ra.local(r, vid)?;
+            let nm = r.model_b * loc.t;
+            let eb = loc.batch(r.model_b);
             let (mut lp, mut ent) = (vec![0.0f32; nm], vec![0.0f32; nm]);
             lm.token_logprobs_embeds(
                 &mut ws,
                 &eb,
-                op,
+                ra.op(r),
                 cfg.grpo.temperature,
                 &mut lp,
                 Some(&mut ent),
             )?;
-            let (t, mask) = match &r.packed {
-                Some(p) => {
-                    lp = p.unpack(&lp, r.b * r.t);
-                    ent = p.unpack(&ent, r.b * r.t);
-                    (r.t, &r.mask)
-                }
-                None => (mrows.t, &mrows.mask),
+            // The loss reads the rank's labelled positions in a per-sample layout: the rank's
+            // shard of plain rows, or the per-sample [B, T] layout with only the positions the
+            // rank holds of packed rows (whole sequences' token counts in `seq_tokens`).
+            let held = match &r.packing {
+                Some(p) => Some(p.held(sh.as_ref(), ra.rank(), r.model_b)?),
+                None => None,
             };
-            let n = r.b * t;
+            let (t, mask, lp, ent) = match &held {
+                None => (loc.t, loc.mask.clone(), lp, ent),
+                Some(held) => {
+                    let n = r.b * r.t;
+                    let (mut m, mut l, mut e) = (vec![false; n], vec![0.0f32; n], vec![0.0f32; n]);
+                    for &(i, k) in held {
+                        m[i] = true;
+                        l[i] = lp[k];
+                        e[i] = ent[k];
+                    }
+                    (r.t, m, l, e)
+                }
+            };
             let cut = |full: &[f32]| -> Result<Vec<f32>> {
-                Ok(match &sh {
-                    Some(sh) => sh.shard(full, r.b, 1, ra.rank(), 0.0)?,
-                    None => full.to_vec(),
+                Ok(match (&sh, &held) {
+                    (Some(sh), None) => sh.shard(full, r.b, 1, ra.rank(), 0.0)?,
+                    _ => full.to_vec(),
                 })
             };
             let old = match olds {
@@ -860,21 +862,25 @@ fn minibatch_grads(
                 old_logp: &old,
                 ref_logp: rf.as_deref(),
                 entropy: Some(&ent),
-                mask,
+                mask: &mask,
                 advantages: &r.advantages,
                 seq_tokens: sharded.then_some(r.seq_tokens.as_slice()),
             };
-            let mut dlogp = vec![0.0f32; n];
+            let mut dlogp = vec![0.0f32; r.b * t];
             let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
             loss += l;
             metrics.merge(&m);
-            if let Some(p) = &r.packed {
-                dlogp = p.pack(&dlogp);
+            if let Some(held) = &held {
+                let mut dl = vec![0.0f32; nm];
+                for &(i, k) in held {
+                    dl[k] = dlogp[i];
+                }
+                dlogp = dl;
             }
             let dx = lm
-                .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &dlogp, op)?
+                .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &dlogp, ra.op(r))?
                 .to_vec();
-            vlm.text_embedding_backward(&mut grads, &dx, &mrows.tokens)?;
+            vlm.text_embedding_backward(&mut grads, &dx, &loc.tokens)?;
         }
         if let RankAttn::Sp(sp, _) = ra {
             sp.with_comm(|c| c.all_reduce_sum(&mut grads))?;
@@ -1371,9 +1377,9 @@ mod tests {
         (prompts, samples)
     }
 
-    /// sp = 1 with plain rows is the reference; the same rows packed by prompt (sp = 1 with
-    /// reuse) and sharded over 2 and 3 ranks give the same log-probabilities, loss, gradients and
-    /// update.
+    /// sp = 1 with plain rows is the reference; the same rows packed by prompt (reuse), sharded
+    /// over 2 ranks, and packed and sharded over 2 and 3 ranks give the same log-probabilities,
+    /// loss, gradients and update.
     #[test]
     fn packed_and_sequence_parallel_scoring_and_update_match_one_rank() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1395,7 +1401,7 @@ mod tests {
         // sp = 1's log-probabilities, loss, gradients and updated parameters.
         type OneRank = (Vec<Vec<f32>>, f64, Vec<f32>, Vec<f32>);
         let mut want: Option<OneRank> = None;
-        for (sp, reuse) in [(1usize, false), (1, true), (2, true), (3, true)] {
+        for (sp, reuse) in [(1usize, false), (1, true), (2, false), (2, true), (3, true)] {
             cfg.parallel.sp = sp;
             cfg.video.reuse = reuse;
             let ctx = VlCtx {
@@ -1416,16 +1422,17 @@ mod tests {
             let rows = ctx
                 .rows(&model, &model.lm, &mb, &prompts, pad, &mut 0.0)
                 .unwrap();
-            let packed = rows.iter().filter(|r| r.packed.is_some()).count();
-            assert_eq!(packed, if sp == 1 && reuse { rows.len() } else { 0 });
-            if let Some(p) = rows[0].packed.as_ref() {
+            let packed = rows.iter().filter(|r| r.packing.is_some()).count();
+            assert_eq!(packed, if reuse { rows.len() } else { 0 });
+            if reuse {
                 // 4 samples of 2 prompts (3 + 1): two packed rows, each prompt once.
-                assert_eq!(p.b, 2);
+                let r = &rows[0];
+                assert_eq!(r.model_b, 2);
                 assert!(
-                    p.b * p.rows.t * 10 < rows[0].b * rows[0].t * 6,
+                    r.model_b * r.model.t * 10 < r.b * r.t * 6,
                     "{} {}",
-                    p.rows.t,
-                    rows[0].t
+                    r.model.t,
+                    r.t
                 );
             }
             let lp = logprob_pass(&cfg, &model.lm, &rows, vid).unwrap();
