@@ -28,6 +28,10 @@
 //!    [`grpo_loss`] (token counts global over the mini-batch) → `backward_logprobs`; then the
 //!    gradient is clipped and AdamW steps at `grpo.lr`.
 //!
+//! Passes 3 and 4 run each micro-batch packed by prompt (`train.share_prompt`, default on;
+//! [`pack`]): a group's samples sit behind one copy of their prompt, each seeing the prompt and
+//! itself, so the prompt runs once per group; the loss reads the same per-sample layout.
+//!
 //! `[parallel] dp · sp > 1` runs the same loop on that many in-process ranks ([`dist`]): groups
 //! rolled out per replica (sequence-parallel prefill and sharded KV over the sp ranks), scoring
 //! and update on balanced token shards through `SpAttention`, replicas splitting the
@@ -40,6 +44,9 @@
 //! ([`clip_and_step`]), the metrics record ([`step_record`]) and the trainer state.
 
 mod dist;
+mod pack;
+
+pub(crate) use pack::{LossLayout, Packing};
 
 use crate::checkpoint::{
     optimizer_state_from_bytes, CheckpointDir, TrainerState, OPTIMIZER_FILE, TRAINER_STATE_FILE,
@@ -209,6 +216,11 @@ pub struct GrpoTrainConfig {
     pub eps: f32,
     /// Activation checkpointing: "none", "layer" or "remat". Default "remat".
     pub checkpoint: CheckpointPolicy,
+    /// The scoring and update passes pack each group's samples behind one copy of their prompt
+    /// (shared-prefix attention, also under sequence parallelism): the same log-probabilities
+    /// and gradients for P + Σ L_s tokens instead of Σ (P + L_s). `false` runs every sample in
+    /// its own row. A Qwen2.5-VL run packs only with `[video] reuse`. Default true.
+    pub share_prompt: bool,
 }
 
 impl Default for GrpoTrainConfig {
@@ -223,6 +235,7 @@ impl Default for GrpoTrainConfig {
             beta2: 0.999,
             eps: 1e-8,
             checkpoint: CheckpointPolicy::Remat,
+            share_prompt: true,
         }
     }
 }
@@ -988,10 +1001,12 @@ pub(crate) fn with_last_good(ckpts: &CheckpointDir, result: Result<()>) -> Resul
 /// tokens only, right-padded (or one rank's token shard of them, [`dist::shard_rows`]).
 #[derive(Clone)]
 struct Rows {
+    /// The model's rows [b, t] (per sample, or packed by prompt), or this rank's shard of them.
     tokens: Vec<u32>,
     targets: Vec<i32>,
     positions: Vec<u32>,
     mask: Vec<bool>,
+    /// Per sample.
     advantages: Vec<f32>,
     b: usize,
     t: usize,
@@ -999,22 +1014,51 @@ struct Rows {
     global_t: usize,
     /// Response tokens of each whole sequence when these rows are a shard; None otherwise.
     seq_tokens: Option<Vec<usize>>,
+    /// Rows packed by prompt: the packing, and this rank's labelled positions in the loss's
+    /// per-sample layout.
+    packed: Option<(Arc<Packing>, LossLayout)>,
 }
 
 impl Rows {
-    fn new(samples: &[Sample], pad: u32) -> Self {
+    /// The rows of `samples`: one per sample, or with `pack` one per run of samples sharing a
+    /// prompt ([`Packing`]; positions continue each sample's own row).
+    fn new(samples: &[Sample], pad: u32, pack: bool) -> Result<Self> {
         let b = samples.len();
         let t = rows_len(samples);
+        let advantages: Vec<f32> = samples.iter().map(|s| s.advantage).collect();
+        if pack {
+            let refs: Vec<&Sample> = samples.iter().collect();
+            let pk = Packing::new(&refs, t);
+            let (targets, mask) = pk.targets(&refs, t, IGNORE_INDEX);
+            let loss = pk.layout_for(None, 0, b, t)?;
+            return Ok(Rows {
+                tokens: pk.tokens(&refs, pad),
+                targets,
+                positions: pk
+                    .source
+                    .iter()
+                    .map(|s| s.map_or(0, |(_, i)| i as u32))
+                    .collect(),
+                mask,
+                advantages,
+                b: pk.b,
+                t: pk.t,
+                global_t: pk.t,
+                seq_tokens: None,
+                packed: Some((Arc::new(pk), loss)),
+            });
+        }
         let mut r = Rows {
             tokens: vec![pad; b * t],
             targets: vec![IGNORE_INDEX; b * t],
             positions: (0..b).flat_map(|_| 0..t as u32).collect(),
             mask: vec![false; b * t],
-            advantages: samples.iter().map(|s| s.advantage).collect(),
+            advantages,
             b,
             t,
             global_t: t,
             seq_tokens: None,
+            packed: None,
         };
         for (row, s) in samples.iter().enumerate() {
             let n = s.ids.len() - 1;
@@ -1024,7 +1068,7 @@ impl Rows {
                 r.mask[row * t + i] = true;
             }
         }
-        r
+        Ok(r)
     }
     fn batch(&self) -> TokenBatch<'_> {
         TokenBatch {
@@ -1035,8 +1079,30 @@ impl Rows {
             t: self.t,
         }
     }
+    /// Labelled positions of the whole rows (not of a shard).
     fn n_tokens(&self) -> usize {
         self.mask.iter().filter(|&&m| m).count()
+    }
+    /// The loss's layout: (B, T) and labelled positions (per sample).
+    fn loss_rows(&self) -> (usize, usize, &[bool]) {
+        match &self.packed {
+            Some((_, l)) => (l.b, l.t, &l.mask),
+            None => (self.b, self.t, &self.mask),
+        }
+    }
+    /// Model-layout values in the loss's layout.
+    fn to_loss(&self, v: Vec<f32>) -> Vec<f32> {
+        match &self.packed {
+            Some((_, l)) => l.to_samples(&v),
+            None => v,
+        }
+    }
+    /// Loss-layout values (∂L/∂log π) in the model's layout.
+    fn to_model(&self, v: Vec<f32>) -> Vec<f32> {
+        match &self.packed {
+            Some((_, l)) => l.to_model(&v, self.b * self.t),
+            None => v,
+        }
     }
 }
 
@@ -1194,10 +1260,10 @@ fn grpo_rank<C: Communicator>(
                 .chunks(per_mini)
                 .map(|mb| {
                     mb.chunks(cfg.train.micro_batch_seqs)
-                        .map(|c| Rows::new(c, pad))
-                        .collect()
+                        .map(|c| Rows::new(c, pad, cfg.train.share_prompt))
+                        .collect::<Result<Vec<_>>>()
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             // This rank's micro-batches (every dp-th), each its token shard under sp.
             let locals: Vec<Vec<Rows>> = minis
                 .iter()
@@ -1253,7 +1319,7 @@ fn grpo_rank<C: Communicator>(
                 for (k, mb) in minis.iter().enumerate() {
                     let scale = LossScale {
                         global_tokens: mb.iter().map(Rows::n_tokens).sum(),
-                        global_seqs: mb.iter().map(|r| r.b).sum(),
+                        global_seqs: mb.iter().map(|r| r.advantages.len()).sum(),
                     };
                     grads.fill(0.0);
                     let mut loss = 0.0f64;
@@ -1272,22 +1338,32 @@ fn grpo_rank<C: Communicator>(
                                 Some(&mut ent),
                             )
                             .with_context(|| format!("{at}: scoring"))?;
-                        let old = if updates > 1 { &olds[k][j] } else { &lp };
+                        // The loss reads the per-sample layout (packed rows mapped back).
+                        let (lb, lt, mask) = rows.loss_rows();
+                        let lp = rows.to_loss(lp);
+                        let ent = rows.to_loss(ent);
+                        let old = if updates > 1 {
+                            rows.to_loss(olds[k][j].clone())
+                        } else {
+                            lp.clone()
+                        };
+                        let rf = refs.get(k).map(|r| rows.to_loss(r[j].clone()));
                         let x = PolicyTokens {
-                            b: rows.b,
-                            t: rows.t,
+                            b: lb,
+                            t: lt,
                             logp: &lp,
-                            old_logp: old,
-                            ref_logp: refs.get(k).map(|r| r[j].as_slice()),
+                            old_logp: &old,
+                            ref_logp: rf.as_deref(),
                             entropy: Some(&ent),
-                            mask: &rows.mask,
+                            mask,
                             advantages: &rows.advantages,
                             seq_tokens: rows.seq_tokens.as_deref(),
                         };
-                        let mut dlogp = vec![0.0; n];
+                        let mut dlogp = vec![0.0; lb * lt];
                         let (l, m) = grpo_loss(&x, &loss_cfg, scale, &mut dlogp)?;
                         loss += l;
                         tally.metrics.merge(&m);
+                        let dlogp = rows.to_model(dlogp);
                         model
                             .backward_logprobs(
                                 &mut grads,
@@ -1356,4 +1432,55 @@ fn grpo_rank<C: Communicator>(
     }
     with_last_good(&ckpts, result)?;
     Ok((summary, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reel_model::PackedRow;
+
+    /// Packed rows hold each prompt once and label the same targets as one row per sample.
+    #[test]
+    fn packed_rows_hold_each_prompt_once() {
+        let s = |prompt: usize, resp: &[u32]| {
+            let mut ids: Vec<u32> = (1..=6).map(|x| x + 10 * prompt as u32).collect();
+            ids.extend_from_slice(resp);
+            Sample {
+                ids,
+                prompt_len: 6,
+                advantage: prompt as f32,
+                prompt,
+            }
+        };
+        let samples = [
+            s(1, &[7, 8, 9]),
+            s(1, &[5]),
+            s(1, &[4, 4]),
+            s(2, &[3, 3, 3]),
+        ];
+        let plain = Rows::new(&samples, 0, false).unwrap();
+        let packed = Rows::new(&samples, 0, true).unwrap();
+        assert_eq!((plain.b, plain.t), (4, 8));
+        assert_eq!(packed.b, 2);
+        // 19 positions (prompt 1 once: 5 + 3 + 1 + 2; prompt 2: 5 + 3) against 29.
+        let (pk, _) = packed.packed.as_ref().unwrap();
+        let used: usize = pk.layout.iter().map(PackedRow::used).sum();
+        let real: usize = samples.iter().map(|s| s.ids.len() - 1).sum();
+        assert_eq!((used, real), (19, 29));
+        assert_eq!(packed.n_tokens(), plain.n_tokens());
+        let (lb, lt, mask) = packed.loss_rows();
+        assert_eq!((lb, lt, mask), (plain.b, plain.t, plain.mask.as_slice()));
+        // Every labelled position's target and position are its own row's.
+        let targets: Vec<f32> = packed.targets.iter().map(|&x| x as f32).collect();
+        let positions: Vec<f32> = packed.positions.iter().map(|&x| x as f32).collect();
+        for (i, &m) in plain.mask.iter().enumerate() {
+            if m {
+                assert_eq!(packed.to_loss(targets.clone())[i], plain.targets[i] as f32);
+                assert_eq!(
+                    packed.to_loss(positions.clone())[i],
+                    plain.positions[i] as f32
+                );
+            }
+        }
+    }
 }

@@ -29,7 +29,7 @@
 //!    skipped: the tower is frozen) → clip, AdamW on the decoder.
 //!
 //! With reuse, passes 3 and 4 pack each group's samples behind ONE copy of their prompt
-//! ([`Packing`], [`SharedPrefixAttention`]; with sp > 1 the schedule's blocks refine into the
+//! ([`Packing`], `reel_model::SharedPrefixAttention`; with sp > 1 the schedule's blocks refine into the
 //! packed rows' sub-blocks, [`SpAttention::set_packed`]): the video prompt runs once per group
 //! instead of once per sample, so these passes cost P + Σ L_s tokens instead of G·P + Σ L_s;
 //! the loss reads the log-probabilities back in the per-sample layout, so nothing else changes.
@@ -64,8 +64,8 @@ use reel_data::{
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
 use reel_model::{
-    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, PackedRow, Qwen2, Qwen25VL,
-    Rotary, SharedPrefixAttention, Workspace,
+    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
+    Workspace,
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder};
 use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
@@ -76,8 +76,8 @@ use crate::accuracy::engine_config;
 use crate::grpo::{
     adamw_for, clip_and_step, detokenizer, generation_params, grpo_trainer_state, is_save_step,
     load_resume_state, open_run, rows_len, step_record, steps_to_run, with_last_good, GrpoOptions,
-    GrpoRunConfig, GrpoSummary, PromptSampler, Reporter, RolledGroup, RoundWork, Sample, Scorer,
-    UpdateOutcome,
+    GrpoRunConfig, GrpoSummary, Packing, PromptSampler, Reporter, RolledGroup, RoundWork, Sample,
+    Scorer, UpdateOutcome,
 };
 use crate::vl::{parse_sampling, VlInputs};
 
@@ -136,9 +136,9 @@ struct VlCtx<'a> {
 
 impl VlCtx<'_> {
     /// Whether the scoring and update passes pack each group's samples behind one copy of their
-    /// prompt ([`Packing`]): with reuse.
+    /// prompt ([`Packing`]): with reuse and `train.share_prompt`.
     fn packs(&self) -> bool {
-        self.cfg.video.reuse
+        self.cfg.video.reuse && self.cfg.train.share_prompt
     }
 
     fn timeout(&self) -> Duration {
@@ -368,159 +368,79 @@ struct VlRows {
     t: usize,
 }
 
-/// A micro-batch packed by prompt for [`SharedPrefixAttention`]: one row per run of samples that
-/// share a prompt, `prompt[..P-1] ; (prompt[P-1] ++ response[..-1]) per sample`, right-padded.
-/// Every sample's first target (its first response token) is predicted from the prompt's last
-/// token, so each segment starts with a copy of it; the rest of the prompt, the video rows
-/// included, runs once for the G samples in the scoring and update passes. With sp > 1 the
-/// packed rows are sharded like plain ones and [`SpAttention::set_packed`] gives the schedule
-/// their layout.
-struct Packing {
-    /// (per-sample index row·T + i, packed index row'·T' + j) of every labelled position.
-    index: Vec<(usize, usize)>,
-    layout: Vec<PackedRow>,
-    /// The one-rank attention over the packed rows.
-    attn: SharedPrefixAttention,
-}
-
-impl Packing {
-    /// The (per-sample index, index in the rank's rows) pairs of the labelled positions the
-    /// rank holds: all of them, unsharded.
-    fn held(&self, sh: Option<&Sharding>, rank: usize, b: usize) -> Result<Vec<(usize, usize)>> {
-        let Some(sh) = sh else {
-            return Ok(self.index.clone());
-        };
-        let global: Vec<usize> = (0..b * sh.seq_len()).collect();
-        let local = sh.shard(&global, b, 1, rank, usize::MAX)?;
-        let mut at = vec![usize::MAX; global.len()];
-        for (l, &g) in local.iter().enumerate() {
-            if g != usize::MAX {
-                at[g] = l;
+/// The decoder's rows of a micro-batch packed by prompt ([`Packing`], `grpo/pack.rs`): tokens,
+/// targets, M-RoPE positions (the prompt's, then each response continuing in 1-D as in its own
+/// row) and input embeddings (the prompt's video rows = its features), sharing one copy of each
+/// prompt in the scoring and update passes.
+fn packed_rows(
+    vlm: &Qwen25VL,
+    lm: &Qwen2,
+    samples: &[&Sample],
+    prompts: &HashMap<usize, VlPrompt>,
+    pad: u32,
+    t_rows: usize,
+) -> (Packing, LocalRows) {
+    let d = lm.config.hidden_size;
+    let vid = vlm.config.video_token_id;
+    let pk = Packing::new(samples, t_rows);
+    let (b, t) = (pk.b, pk.t);
+    let tokens = pk.tokens(samples, pad);
+    let (targets, mask) = pk.targets(samples, t_rows, IGNORE_INDEX);
+    // The feature row of each prompt position that is a video placeholder, per prompt.
+    let mut features_of: HashMap<usize, Vec<Option<usize>>> = HashMap::new();
+    let mut pos = vec![0u32; 3 * b * t];
+    let mut video_rows: Vec<(usize, usize, usize)> = Vec::new();
+    for (at, src) in pk.source.iter().enumerate() {
+        let Some((k, i)) = *src else { continue };
+        let s = samples[k];
+        let pr = &prompts[&s.prompt];
+        let q = if i < s.prompt_len {
+            let feats = features_of.entry(s.prompt).or_insert_with(|| {
+                let mut f = 0;
+                s.ids[..s.prompt_len]
+                    .iter()
+                    .map(|&x| {
+                        (x == vid).then(|| {
+                            f += 1;
+                            f - 1
+                        })
+                    })
+                    .collect()
+            });
+            if let Some(f) = feats[i] {
+                video_rows.push((at, s.prompt, f));
             }
+            pr.positions[i]
+        } else {
+            [pr.next_pos + (i - s.prompt_len) as u32; 3]
+        };
+        for (axis, &v) in q.iter().enumerate() {
+            pos[axis * b * t + at] = v;
         }
-        Ok(self
-            .index
-            .iter()
-            .filter(|&&(_, j)| at[j] != usize::MAX)
-            .map(|&(i, j)| (i, at[j]))
-            .collect())
     }
-
-    /// Packs `samples` (module docs of [`Packing`]): the decoder's rows and their batch size.
-    fn new(
-        vlm: &Qwen25VL,
-        lm: &Qwen2,
-        samples: &[&Sample],
-        prompts: &HashMap<usize, VlPrompt>,
-        pad: u32,
-        t_rows: usize,
-    ) -> (Self, LocalRows, usize) {
-        let d = lm.config.hidden_size;
-        let vid = vlm.config.video_token_id;
-        // Runs of consecutive samples with the same prompt.
-        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (k, s) in samples.iter().enumerate() {
-            match runs.last_mut() {
-                Some(r) if samples[r.start].prompt == s.prompt => r.end = k + 1,
-                _ => runs.push(k..k + 1),
-            }
-        }
-        let layouts: Vec<PackedRow> = runs
-            .iter()
-            .map(|r| {
-                let p = samples[r.start].prompt_len;
-                PackedRow {
-                    prefix: p - 1,
-                    segments: samples[r.clone()].iter().map(|s| s.ids.len() - p).collect(),
-                }
-            })
-            .collect();
-        let b = runs.len();
-        let t = layouts
-            .iter()
-            .map(|l| l.prefix + l.segments.iter().sum::<usize>())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut tokens = vec![pad; b * t];
-        let mut targets = vec![IGNORE_INDEX; b * t];
-        let mut mask = vec![false; b * t];
-        let mut pos = vec![0u32; 3 * b * t];
-        let mut index = Vec::new();
-        // Rows that take a video feature: (packed row, feature row of the prompt's videos).
-        let mut video_rows: Vec<(usize, usize, usize)> = Vec::new();
-        for (row, run) in runs.iter().enumerate() {
-            let first = samples[run.start];
-            let pr = &prompts[&first.prompt];
-            let p = first.prompt_len;
-            let base = row * t;
-            // The feature row of each prompt position that is a video placeholder.
-            let mut feature_of = vec![None; p];
-            let mut f = 0;
-            for (i, &x) in first.ids[..p].iter().enumerate() {
-                if x == vid {
-                    feature_of[i] = Some(f);
-                    f += 1;
-                }
-            }
-            let mut put = |at: usize, i: usize, ids: &[u32], video_rows: &mut Vec<_>| {
-                tokens[at] = ids[i];
-                let q = if i < p {
-                    if let Some(f) = feature_of[i] {
-                        video_rows.push((at, first.prompt, f));
-                    }
-                    pr.positions[i]
-                } else {
-                    [pr.next_pos + (i - p) as u32; 3]
-                };
-                for (axis, &v) in q.iter().enumerate() {
-                    pos[axis * b * t + at] = v;
-                }
-            };
-            for i in 0..p - 1 {
-                put(base + i, i, &first.ids, &mut video_rows);
-            }
-            let mut at = base + p - 1;
-            for (k, s) in samples[run.clone()].iter().enumerate() {
-                let r = run.start + k;
-                for i in p - 1..s.ids.len() - 1 {
-                    put(at, i, &s.ids, &mut video_rows);
-                    targets[at] = s.ids[i + 1] as i32;
-                    mask[at] = true;
-                    index.push((r * t_rows + i, at));
-                    at += 1;
-                }
-            }
-        }
-        let mut embeds = vec![0.0f32; b * t * d];
-        reel_kernels::embedding::embedding_forward(
-            &mut embeds,
-            &tokens,
-            &lm.params[lm.layout.embed.clone()],
-            d,
-        );
-        for (at, prompt, f) in video_rows {
-            let feats = &prompts[&prompt].features;
-            embeds[at * d..(at + 1) * d].copy_from_slice(&feats[f * d..(f + 1) * d]);
-        }
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        vlm.mrope_angles(&pos, &mut cos, &mut sin);
-        let rows = LocalRows {
-            tokens,
-            targets,
-            mask,
-            embeds,
-            cos,
-            sin,
-            t,
-        };
-        let packing = Packing {
-            index,
-            attn: SharedPrefixAttention::new(layouts.clone()),
-            layout: layouts,
-        };
-        (packing, rows, b)
+    let mut embeds = vec![0.0f32; b * t * d];
+    reel_kernels::embedding::embedding_forward(
+        &mut embeds,
+        &tokens,
+        &lm.params[lm.layout.embed.clone()],
+        d,
+    );
+    for (at, prompt, f) in video_rows {
+        let feats = &prompts[&prompt].features;
+        embeds[at * d..(at + 1) * d].copy_from_slice(&feats[f * d..(f + 1) * d]);
     }
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    vlm.mrope_angles(&pos, &mut cos, &mut sin);
+    let rows = LocalRows {
+        tokens,
+        targets,
+        mask,
+        embeds,
+        cos,
+        sin,
+        t,
+    };
+    (pk, rows)
 }
 
 impl VlRows {
@@ -569,10 +489,10 @@ impl VlRows {
         }
         let advantages = samples.iter().map(|s| s.advantage).collect();
         if pack {
-            let (packing, model, model_b) = Packing::new(vlm, lm, samples, prompts, pad, t);
+            let (packing, model) = packed_rows(vlm, lm, samples, prompts, pad, t);
             return VlRows {
                 model,
-                model_b,
+                model_b: packing.b,
                 packing: Some(packing),
                 mask,
                 advantages,
@@ -778,13 +698,7 @@ fn logprob_pass(
         };
         gathered.push(match &r.packing {
             None => model,
-            Some(p) => {
-                let mut lp = vec![0.0f32; r.b * r.t];
-                for &(i, k) in &p.index {
-                    lp[i] = model[k];
-                }
-                lp
-            }
+            Some(p) => p.layout_for(None, 0, r.b, r.t)?.to_samples(&model),
         });
     }
     Ok(gathered)
@@ -828,21 +742,12 @@ fn minibatch_grads(
             // shard of plain rows, or the per-sample [B, T] layout with only the positions the
             // rank holds of packed rows (whole sequences' token counts in `seq_tokens`).
             let held = match &r.packing {
-                Some(p) => Some(p.held(sh.as_ref(), ra.rank(), r.model_b)?),
+                Some(p) => Some(p.layout_for(sh.as_ref(), ra.rank(), r.b, r.t)?),
                 None => None,
             };
             let (t, mask, lp, ent) = match &held {
                 None => (loc.t, loc.mask.clone(), lp, ent),
-                Some(held) => {
-                    let n = r.b * r.t;
-                    let (mut m, mut l, mut e) = (vec![false; n], vec![0.0f32; n], vec![0.0f32; n]);
-                    for &(i, k) in held {
-                        m[i] = true;
-                        l[i] = lp[k];
-                        e[i] = ent[k];
-                    }
-                    (r.t, m, l, e)
-                }
+                Some(l) => (r.t, l.mask.clone(), l.to_samples(&lp), l.to_samples(&ent)),
             };
             let cut = |full: &[f32]| -> Result<Vec<f32>> {
                 Ok(match (&sh, &held) {
@@ -870,12 +775,8 @@ fn minibatch_grads(
             let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
             loss += l;
             metrics.merge(&m);
-            if let Some(held) = &held {
-                let mut dl = vec![0.0f32; nm];
-                for &(i, k) in held {
-                    dl[k] = dlogp[i];
-                }
-                dlogp = dl;
+            if let Some(l) = &held {
+                dlogp = l.to_model(&dlogp, nm);
             }
             let dx = lm
                 .backward_logprobs_embeds(&mut grads, &mut ws, &eb, &dlogp, ra.op(r))?

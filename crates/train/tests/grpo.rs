@@ -285,10 +285,15 @@ fn parallel_setup(dir: &Path, dp: usize, sp: usize, schedule: &str) -> GrpoRunCo
     cfg
 }
 
+/// One rank with every sample in its own row is the reference; packed by prompt (the default)
+/// on one rank and over dp × sp ranks, and plain rows over sp ranks, give the same step.
 #[test]
 fn dp_and_sp_ranks_match_one_rank() {
     let dir = tempfile::tempdir().unwrap();
-    let one = run_grpo(&parallel_setup(dir.path(), 1, 1, "distattn"), quiet()).unwrap();
+    let mut plain = parallel_setup(dir.path(), 1, 1, "distattn");
+    plain.train.share_prompt = false;
+    plain.output.dir = dir.path().join("plain");
+    let one = run_grpo(&plain, quiet()).unwrap();
     let r1 = &one.records[0];
     let m1 = load_checkpoint(&one.final_model_dir).unwrap();
     let m0 = load_checkpoint(&fixture()).unwrap();
@@ -296,14 +301,19 @@ fn dp_and_sp_ranks_match_one_rank() {
         m1.params.iter().zip(&m0.params).any(|(a, b)| a != b),
         "the step moved the weights"
     );
-    for (dp, sp, schedule) in [
-        (2, 1, "distattn"),
-        (1, 2, "zigzag"),
-        (2, 2, "zigzag"),
-        (1, 3, "distattn"),
+    for (dp, sp, schedule, share) in [
+        (1, 1, "distattn", true),
+        (2, 1, "distattn", true),
+        (1, 2, "zigzag", true),
+        (1, 2, "zigzag", false),
+        (2, 2, "zigzag", true),
+        (1, 3, "distattn", true),
     ] {
-        let what = format!("dp {dp} × sp {sp} ({schedule})");
-        let s = run_grpo(&parallel_setup(dir.path(), dp, sp, schedule), quiet()).unwrap();
+        let what = format!("dp {dp} × sp {sp} ({schedule}, share_prompt {share})");
+        let mut cfg = parallel_setup(dir.path(), dp, sp, schedule);
+        cfg.train.share_prompt = share;
+        cfg.output.dir = dir.path().join(format!("run-{dp}-{sp}-{schedule}-{share}"));
+        let s = run_grpo(&cfg, quiet()).unwrap();
         let r = &s.records[0];
         // The same rollouts, rewards and advantages, in the same order.
         assert_eq!(s.last_batch.len(), one.last_batch.len(), "{what}");

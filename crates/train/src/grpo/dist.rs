@@ -167,7 +167,8 @@ fn gather_groups<C: Communicator>(
 }
 
 /// This rank's rows of a micro-batch: its token shard under sp (positions global, padding
-/// unlabelled, each sequence's whole response length kept for seq-mean-token-mean).
+/// unlabelled, each sequence's whole response length kept for seq-mean-token-mean; packed rows
+/// are cut like plain ones, the rank's labelled positions mapped into the loss's layout).
 pub(crate) fn shard_rows<C: Communicator>(
     rows: &Rows,
     peers: Option<&Peers<'_, C>>,
@@ -178,35 +179,50 @@ pub(crate) fn shard_rows<C: Communicator>(
     };
     let (b, t) = (rows.b, rows.t);
     let sh = sp.set_seq_len(t)?;
-    let row = sh.positions(r)?;
-    let seq_tokens = (0..b)
-        .map(|i| rows.mask[i * t..(i + 1) * t].iter().filter(|&&m| m).count())
+    let (lb, lt, mask) = rows.loss_rows();
+    let seq_tokens = (0..lb)
+        .map(|i| mask[i * lt..(i + 1) * lt].iter().filter(|&&m| m).count())
         .collect();
+    let (positions, packed) = match &rows.packed {
+        Some((pk, _)) => (
+            sh.shard(&rows.positions, b, 1, r, 0)?,
+            Some((pk.clone(), pk.layout_for(Some(&sh), r, lb, lt)?)),
+        ),
+        None => {
+            let row = sh.positions(r)?;
+            ((0..b).flat_map(|_| row.iter().copied()).collect(), None)
+        }
+    };
     Ok(Rows {
         tokens: sh.shard(&rows.tokens, b, 1, r, pad)?,
         targets: sh.shard(&rows.targets, b, 1, r, IGNORE_INDEX)?,
-        positions: (0..b).flat_map(|_| row.iter().copied()).collect(),
+        positions,
         mask: sh.shard(&rows.mask, b, 1, r, false)?,
         advantages: rows.advantages.clone(),
         b,
         t: sh.local_len(),
         global_t: t,
         seq_tokens: Some(seq_tokens),
+        packed,
     })
 }
 
-/// The attention to run `rows` with: `SpAttention` announced the rows' global length, or the
-/// single-rank kernel.
-pub(crate) fn attention<'p, C: Communicator + 'p>(
-    rows: &Rows,
-    peers: Option<&Peers<'p, C>>,
-) -> Result<&'p dyn AttentionOp> {
-    match peers.and_then(|p| p.sp) {
-        Some(sp) => {
+/// The attention to run `rows` with: `SpAttention` announced the rows' global length (and
+/// their packed layout), or the single-rank kernel (the shared-prefix one for packed rows).
+pub(crate) fn attention<'a, 'p: 'a, C: Communicator + 'p>(
+    rows: &'a Rows,
+    peers: Option<&'a Peers<'p, C>>,
+) -> Result<&'a dyn AttentionOp> {
+    match (peers.and_then(|p| p.sp), &rows.packed) {
+        (Some(sp), packed) => {
             sp.set_seq_len(rows.global_t)?;
+            if let Some((pk, _)) = packed {
+                sp.set_packed(pk.layout.clone())?;
+            }
             Ok(sp)
         }
-        None => Ok(&LocalAttention),
+        (None, Some((pk, _))) => Ok(&pk.attn),
+        (None, None) => Ok(&LocalAttention),
     }
 }
 
