@@ -68,13 +68,13 @@ mod plan;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
-pub use devcomm::{DevPart, DeviceComm, DeviceRanks, DeviceWorld, Transfer};
+pub use devcomm::{DevOp, DevPart, DeviceComm, DeviceP2p, DeviceRanks, DeviceWorld, Transfer};
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
 #[cfg(feature = "cudnn")]
 pub use model::GpuQwen2;
-pub use nccl::{NcclBatch, NcclComm};
+pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::GpuRopeTable;
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
