@@ -220,6 +220,10 @@ pub enum BenchWhat {
     /// reel's GPU ops beside PyTorch on the same GPU: GEMMs, attention, AdamW, cross-entropy,
     /// paged decode attention, DistAttn on in-process ranks (needs the `cuda` feature).
     Gpu,
+    /// Sequence-parallel attention across GPUs over NCCL, one process per GPU (run it under
+    /// `reel launch --nproc P -- reel bench sp-nccl`; needs `cuda`): step time per schedule and
+    /// sequence length, overlapped vs blocking, bytes per GPU beside the formula.
+    SpNccl,
     /// A Qwen2-0.5B-shaped training step on the GPU (16k and 32k tokens: tokens/s, MFU) beside
     /// transformers on the same GPU, and the longest sequence each trains (needs `cuda`).
     GpuTrain,
@@ -237,6 +241,7 @@ pub fn run(
     seq: usize,
     reps: usize,
     gpu_sections: &str,
+    sp_seqs: &[usize],
     as_json: bool,
 ) -> Result<()> {
     let threads = rayon::current_num_threads();
@@ -320,6 +325,12 @@ pub fn run(
     }
     if what == BenchWhat::Gpu {
         report["gpu"] = bench_gpu::run(as_json, gpu_sections)?;
+    }
+    if what == BenchWhat::SpNccl {
+        report["sp_nccl"] = bench_gpu::run_sp_nccl(sp_seqs, reps, as_json)?;
+        if report["sp_nccl"].is_null() {
+            return Ok(()); // not rank 0: rank 0 reports
+        }
     }
     if what == BenchWhat::GpuTrain {
         report["gpu_train"] = bench_gpu_train::run(as_json)?;

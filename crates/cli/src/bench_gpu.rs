@@ -18,6 +18,8 @@
 //! - DistAttn on in-process ranks on this one GPU (`GpuDistAttn`, `DeviceRanks`): forward +
 //!   backward step time with communication overlapped and blocking, in the same run
 //!   (`bench_gpu_sp.rs`). `--gpu-sections` picks sections.
+//! - `reel bench sp-nccl` (`bench_gpu_sp_nccl.rs`, under `reel launch`): the same schedules across
+//!   GPUs over NCCL, one process per GPU, at 7B-layer shapes from 32k tokens up.
 //!
 //! Method on both sides: warm-up runs, then CUDA events around each timed run, the median.
 //! PyTorch's side is `scripts/bench_gpu_torch.py` (embedded here), run when
@@ -37,6 +39,9 @@ use serde_json::json;
 #[cfg(feature = "cuda")]
 #[path = "bench_gpu_sp.rs"]
 mod bench_gpu_sp;
+#[cfg(feature = "cuda")]
+#[path = "bench_gpu_sp_nccl.rs"]
+mod bench_gpu_sp_nccl;
 use serde_json::Value;
 
 /// (name, kind, m, k, n): as `DEFAULT_SHAPES` in scripts/bench_gpu_torch.py.
@@ -73,6 +78,18 @@ const CE: (usize, usize, usize, usize) = (8192, 896, 151_936, 32_768);
 const WARMUP: usize = 5;
 #[cfg(feature = "cuda")]
 const ITERS: usize = 20;
+
+/// `reel bench sp-nccl` (`bench_gpu_sp_nccl.rs`): SP attention across GPUs over NCCL, one
+/// process per GPU; rank 0 returns the report, the others `Null`.
+#[cfg(feature = "cuda")]
+pub fn run_sp_nccl(seqs: &[usize], reps: usize, as_json: bool) -> Result<Value> {
+    bench_gpu_sp_nccl::run(seqs, reps, as_json)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run_sp_nccl(_seqs: &[usize], _reps: usize, _as_json: bool) -> Result<Value> {
+    run(false, "")
+}
 
 #[cfg(not(feature = "cuda"))]
 pub fn run(_as_json: bool, _sections: &str) -> Result<Value> {

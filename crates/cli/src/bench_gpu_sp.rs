@@ -186,10 +186,13 @@ pub fn print_decode(rows: &[Value]) {
 
 /// One row per `SP` configuration (an error in its row).
 pub fn sp_rows() -> Vec<Value> {
-    let single = single_gpu_ms().unwrap_or_else(|e| {
-        eprintln!("single-GPU attention: {e:#}");
-        f64::NAN
-    });
+    let single = Gpu::open(0)
+        .map_err(anyhow::Error::from)
+        .and_then(|g| single_gpu_ms(&g, SP_SHAPE, true, 2, 5))
+        .unwrap_or_else(|e| {
+            eprintln!("single-GPU attention: {e:#}");
+            f64::NAN
+        });
     SP.iter()
         .map(|&(kind, p)| {
             sp_row(kind, p, single).unwrap_or_else(|e| {
@@ -200,10 +203,15 @@ pub fn sp_rows() -> Vec<Value> {
         .collect()
 }
 
-/// One unsplit cuDNN forward + backward over the whole sequence, median ms.
-fn single_gpu_ms() -> Result<f64> {
-    let gpu = Gpu::open(0)?;
-    let (b, t, h, h_kv, d) = SP_SHAPE;
+/// One unsplit cuDNN forward + backward over the whole sequence `(B, T, H, H_kv, D)` on `gpu`,
+/// median ms of `iters` after `warm` runs.
+pub(super) fn single_gpu_ms(
+    gpu: &Gpu,
+    (b, t, h, h_kv, d): (usize, usize, usize, usize, usize),
+    causal: bool,
+    warm: usize,
+    iters: usize,
+) -> Result<f64> {
     let shape = AttnShape {
         b,
         tq: t,
@@ -212,9 +220,13 @@ fn single_gpu_ms() -> Result<f64> {
         h_kv,
         d,
     };
-    let mask = AttnMask::Causal {
-        q_offset: 0,
-        k_offset: 0,
+    let mask = if causal {
+        AttnMask::Causal {
+            q_offset: 0,
+            k_offset: 0,
+        }
+    } else {
+        AttnMask::Full
     };
     let (nq, nk) = (b * t * h * d, b * t * h_kv * d);
     let q = gpu.upload(&uniform_bf16(nq, 51))?;
@@ -226,7 +238,7 @@ fn single_gpu_ms() -> Result<f64> {
     let mut dq = gpu.alloc_zeros::<bf16>(nq)?;
     let mut dk = gpu.alloc_zeros::<bf16>(nk)?;
     let mut dv = gpu.alloc_zeros::<bf16>(nk)?;
-    Ok(median(gpu.time_ms(2, 5, || {
+    Ok(median(gpu.time_ms(warm, iters, || {
         gpu.attention_forward(&mut out, &mut lse, &q, &k, &v, shape, mask)?;
         gpu.attention_backward(
             &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, shape, mask,

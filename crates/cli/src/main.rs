@@ -207,6 +207,9 @@ enum Command {
         /// (DistAttn on in-process ranks), or all.
         #[arg(long, default_value = "all")]
         gpu_sections: String,
+        /// `bench sp-nccl`: sequence lengths (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
+        sp_seqs: Vec<usize>,
         #[arg(long)]
         json: bool,
         /// `bench rl`: frame counts (comma-separated).
@@ -630,6 +633,7 @@ fn real_main() -> Result<()> {
             seq,
             reps,
             gpu_sections,
+            sp_seqs,
             json,
             rl_frames,
             rl_side,
@@ -653,7 +657,7 @@ fn real_main() -> Result<()> {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 }
             } else {
-                bench::run(what, seq, reps, &gpu_sections, json)?
+                bench::run(what, seq, reps, &gpu_sections, &sp_seqs, json)?
             }
         }
         Command::Data(args) => data_cmd::run(args)?,

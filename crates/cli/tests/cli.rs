@@ -146,6 +146,23 @@ fn bench_gemm_reports_both_sides() {
     }
 }
 
+/// Outside `reel launch` (or without the `cuda` feature) `bench sp-nccl` says what it needs.
+#[test]
+fn bench_sp_nccl_outside_a_launch_is_a_clear_error() {
+    let out = reel()
+        .args(["bench", "sp-nccl"])
+        .env_remove("RANK")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("reel launch --nproc") || err.contains("without the `cuda` feature"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn sft_runs_sequence_parallel_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();

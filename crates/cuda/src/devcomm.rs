@@ -18,6 +18,11 @@
 //!
 //! Lifetimes: the sender keeps its source alive until its `wait`, the receiver its destination
 //! (allocated on its own stream) until after its `wait`; then both are ordered after "copied".
+//!
+//! [`DeviceP2p`] is what a device schedule needs of any such communicator (`GpuDistAttn` is
+//! generic over it): post a batch of tagged sends and receives of device parts from the caller's
+//! stream, complete it onto the caller's stream, rank and world, abort. Two implementations:
+//! [`DeviceComm`] (in-process ranks, here) and `NcclP2p` (one process per GPU, `nccl.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +49,61 @@ impl DevPart {
             bytes: buf.dlen() * size_of::<T>(),
         }
     }
+}
+
+/// One operation of a batch posted through [`DeviceP2p::post`].
+#[derive(Clone, Copy, Debug)]
+pub enum DevOp<'a> {
+    /// Send `parts` (written by the caller's stream up to the post) to rank `to`.
+    Send {
+        to: usize,
+        tag: u64,
+        parts: &'a [DevPart],
+    },
+    /// Receive rank `from`'s message `tag` into `parts` (sizes equal the sender's, part by part).
+    Recv {
+        from: usize,
+        tag: u64,
+        parts: &'a [DevPart],
+    },
+}
+
+impl DevOp<'_> {
+    pub fn tag(&self) -> u64 {
+        match self {
+            DevOp::Send { tag, .. } | DevOp::Recv { tag, .. } => *tag,
+        }
+    }
+}
+
+/// Point-to-point exchange of device buffers between the ranks of a world, ordered on the
+/// callers' streams (module docs). The rules every implementation keeps:
+///
+/// - Every rank starts each pass with [`DeviceP2p::next_epoch`] and posts its batches in the same
+///   order as its peers (the k-th batch of one rank holding its messages with the k-th batch of
+///   each peer), with tags unique within a pass per ordered pair of ranks.
+/// - [`DeviceP2p::post`] returns without waiting for the peers; the transfers start once the
+///   caller's stream has reached the post (sources written, destinations allocated).
+/// - [`DeviceP2p::complete`] returns once the batch's transfers are done or ordered before
+///   whatever the caller's stream runs next; sources and destinations stay allocated and
+///   untouched until it returns. It fails, instead of hanging, when a peer does not take part
+///   within the communicator's timeout or the world was aborted.
+/// - Byte counters count payload bytes sent to other ranks.
+pub trait DeviceP2p {
+    /// A posted batch, to give back to [`DeviceP2p::complete`].
+    type Posted;
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Starts a new pass; returns its number.
+    fn next_epoch(&self) -> u64;
+    /// (bytes, messages) this rank has sent so far.
+    fn sent(&self) -> (u64, u64);
+    /// Posts `ops` from `gpu`'s stream.
+    fn post(&self, gpu: &Gpu, ops: &[DevOp<'_>]) -> Result<Self::Posted>;
+    /// Completes a posted batch onto `gpu`'s stream.
+    fn complete(&self, gpu: &Gpu, posted: Self::Posted) -> Result<()>;
+    /// Fails this rank's later calls and, as far as the backend can, its peers'.
+    fn abort(&self, why: &str);
 }
 
 type Key = (usize, usize, u64, u64);
@@ -307,6 +367,47 @@ impl DeviceComm {
         gpu.bind()?;
         gpu.stream.wait(&ev)?;
         Ok(())
+    }
+}
+
+impl DeviceP2p for DeviceComm {
+    /// Each operation's transfer, in batch order.
+    type Posted = Vec<Transfer>;
+
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn next_epoch(&self) -> u64 {
+        DeviceComm::next_epoch(self)
+    }
+
+    fn sent(&self) -> (u64, u64) {
+        DeviceComm::sent(self)
+    }
+
+    fn post(&self, gpu: &Gpu, ops: &[DevOp<'_>]) -> Result<Vec<Transfer>> {
+        ops.iter()
+            .map(|op| match *op {
+                DevOp::Send { to, tag, parts } => self.send(gpu, to, tag, parts),
+                DevOp::Recv { from, tag, parts } => self.recv(gpu, from, tag, parts),
+            })
+            .collect()
+    }
+
+    fn complete(&self, gpu: &Gpu, posted: Vec<Transfer>) -> Result<()> {
+        for t in posted {
+            self.wait(gpu, t)?;
+        }
+        Ok(())
+    }
+
+    fn abort(&self, why: &str) {
+        DeviceComm::abort(self, why)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Sequence-parallel attention on device buffers: a `reel_parallel::Schedule` (balanced
-//! DistAttn, ring, zigzag ring) run by in-process ranks on one GPU, each rank a thread with its
-//! own [`Gpu`] stream and a [`DeviceComm`] endpoint (feature `cudnn`).
+//! DistAttn, ring, zigzag ring) run by the ranks of a [`DeviceP2p`] world, each with its own
+//! [`Gpu`] stream (feature `cudnn`): in-process ranks on one GPU ([`crate::DeviceComm`]), or one
+//! process per GPU over NCCL ([`crate::NcclP2p`]: transfers on NCCL's stream, compute on the
+//! rank's, ordered by events).
 //!
 //! The schedule, its validation, the per-rank message plan (steps, tags, when chunks are freed)
 //! and the overlap modes are `reel_parallel::DistExecutor`'s ([`RankPlan`]); this executor only
@@ -34,7 +36,7 @@ use reel_parallel::{
 };
 
 use crate::buffer::{DView, DevRead};
-use crate::devcomm::{DevPart, DeviceComm, Transfer};
+use crate::devcomm::{DevOp, DevPart, DeviceP2p};
 use crate::{shape_err, DeviceBuf, Gpu, GpuError, Result};
 
 /// What one pass did on this rank.
@@ -169,11 +171,21 @@ fn gather<T: crate::DeviceElem>(
     Ok(())
 }
 
-/// The transfers of one posting, the buffers they need alive, and the messages received.
-#[derive(Default)]
-struct Posted {
-    sends: Vec<(Transfer, Rc<Msg>)>,
-    recvs: Vec<(Transfer, Message, Msg)>,
+/// One posted batch, the buffers its sends need alive, and the messages it receives.
+struct Posted<P> {
+    batch: Option<P>,
+    sends: Vec<Rc<Msg>>,
+    recvs: Vec<(Message, Msg)>,
+}
+
+impl<P> Default for Posted<P> {
+    fn default() -> Self {
+        Posted {
+            batch: None,
+            sends: Vec::new(),
+            recvs: Vec::new(),
+        }
+    }
 }
 
 /// What a pass does with messages and blocks on one rank (the device twin of DistExecutor's).
@@ -220,7 +232,28 @@ impl GpuDistAttn {
         (b * tq * h * d, b * tq * h_kv * d, b * tq * h)
     }
 
-    fn check(&self, comm: &DeviceComm, lens: &[(&str, usize, usize)]) -> Result<usize> {
+    /// Payload bytes `rank` sends in one `pass` (bf16 parts 2 bytes an element, f32 parts 4),
+    /// from the rank's plan and the chunk sizes: what [`GpuSpStats::bytes_sent`] measures.
+    pub fn planned_bytes_sent(&self, rank: usize, pass: Pass) -> u64 {
+        let plan = self.exec.rank_plan(rank, pass);
+        let g = self.geo();
+        plan.chunks
+            .iter()
+            .chain(&plan.results)
+            .flatten()
+            .filter(|(_, m)| m.from == rank && m.to != rank)
+            .map(|(_, m)| {
+                let (bf, f) = message_elems(&g, pass, m.payload);
+                (2 * bf + 4 * f) as u64
+            })
+            .sum()
+    }
+
+    fn check<C: DeviceP2p + ?Sized>(
+        &self,
+        comm: &C,
+        lens: &[(&str, usize, usize)],
+    ) -> Result<usize> {
         if comm.world_size() != self.exec.schedule().ranks {
             return shape_err(format!(
                 "device DistAttn: the world has {} ranks, the schedule {}",
@@ -243,10 +276,10 @@ impl GpuDistAttn {
     /// rank of the world calls it, each on its thread with its `Gpu`. Returns once the work is
     /// enqueued on `gpu`'s stream.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub fn forward<C: DeviceP2p + ?Sized>(
         &self,
         gpu: &Gpu,
-        comm: &DeviceComm,
+        comm: &C,
         out: &mut DeviceBuf<bf16>,
         lse: &mut DeviceBuf<f32>,
         q: &DeviceBuf<bf16>,
@@ -273,10 +306,10 @@ impl GpuDistAttn {
     /// Gradients of this rank's q, k, v (overwritten) from dout and its rows of the forward's out
     /// and lse.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward<C: DeviceP2p + ?Sized>(
         &self,
         gpu: &Gpu,
-        comm: &DeviceComm,
+        comm: &C,
         dq: &mut DeviceBuf<bf16>,
         dk: &mut DeviceBuf<bf16>,
         dv: &mut DeviceBuf<bf16>,
@@ -309,10 +342,10 @@ impl GpuDistAttn {
     }
 
     /// DistExecutor's step loop over the rank's [`RankPlan`], on the device.
-    fn run<S: RankPass>(
+    fn run<C: DeviceP2p + ?Sized, S: RankPass>(
         &self,
         gpu: &Gpu,
-        comm: &DeviceComm,
+        comm: &C,
         pass: Pass,
         st: &mut S,
     ) -> Result<GpuSpStats> {
@@ -395,39 +428,72 @@ impl GpuDistAttn {
     }
 }
 
-struct Io<'a> {
+struct Io<'a, C: ?Sized> {
     gpu: &'a Gpu,
-    comm: &'a DeviceComm,
+    comm: &'a C,
     rank: usize,
 }
 
-impl Io<'_> {
-    fn post<S: RankPass>(&self, st: &mut S, msgs: &[(u64, Message)]) -> Result<Posted> {
+impl<C: DeviceP2p + ?Sized> Io<'_, C> {
+    /// Posts `msgs` as one batch: this rank's sends packed, its receive buffers allocated.
+    fn post<S: RankPass>(&self, st: &mut S, msgs: &[(u64, Message)]) -> Result<Posted<C::Posted>> {
         let mut p = Posted::default();
+        let mut ops = Vec::with_capacity(msgs.len());
         for &(tag, m) in msgs {
             if m.from == self.rank {
                 let data = st.pack(m.payload)?;
-                let t = self.comm.send(self.gpu, m.to, tag, &data.parts())?;
-                p.sends.push((t, data));
+                ops.push((true, m, tag, data.parts()));
+                p.sends.push(data);
             } else {
                 let data = st.alloc_recv(m.payload)?;
-                let t = self.comm.recv(self.gpu, m.from, tag, &data.parts())?;
-                p.recvs.push((t, m, data));
+                ops.push((false, m, tag, data.parts()));
+                p.recvs.push((m, data));
             }
+        }
+        let ops: Vec<DevOp<'_>> = ops
+            .iter()
+            .map(|(send, m, tag, parts)| {
+                if *send {
+                    DevOp::Send {
+                        to: m.to,
+                        tag: *tag,
+                        parts,
+                    }
+                } else {
+                    DevOp::Recv {
+                        from: m.from,
+                        tag: *tag,
+                        parts,
+                    }
+                }
+            })
+            .collect();
+        if !ops.is_empty() {
+            p.batch = Some(self.comm.post(self.gpu, &ops)?);
         }
         Ok(p)
     }
 
-    fn wait(&self, p: Posted) -> Result<Vec<(Message, Msg)>> {
-        for (t, _keep) in p.sends {
-            self.comm.wait(self.gpu, t)?;
+    fn wait(&self, p: Posted<C::Posted>) -> Result<Vec<(Message, Msg)>> {
+        if let Some(b) = p.batch {
+            self.comm.complete(self.gpu, b)?;
         }
-        let mut got = Vec::with_capacity(p.recvs.len());
-        for (t, m, data) in p.recvs {
-            self.comm.wait(self.gpu, t)?;
-            got.push((m, data));
-        }
-        Ok(got)
+        drop(p.sends);
+        Ok(p.recvs)
+    }
+}
+
+/// (bf16, f32) elements of a message's parts: the buffers [`RankPass::alloc_recv`] makes.
+fn message_elems(g: &Geo, pass: Pass, p: Payload) -> (usize, usize) {
+    let (qw, kw, h) = (g.qw(), g.kw(), g.shape.h);
+    match (pass, p) {
+        (_, Payload::Kv { chunk }) => (2 * g.rows(chunk) * kw, 0),
+        (Pass::Forward, Payload::Query { chunk }) => (g.rows(chunk) * qw, 0),
+        (Pass::Backward, Payload::Query { chunk }) => (3 * g.rows(chunk) * qw, g.rows(chunk) * h),
+        (Pass::Forward, Payload::Partial { q_chunk, .. }) => (0, g.rows(q_chunk) * (qw + h)),
+        (Pass::Backward, Payload::Partial { q_chunk, .. }) => (g.rows(q_chunk) * qw, 0),
+        (Pass::Forward, Payload::KvGrad { .. }) => (0, 0),
+        (Pass::Backward, Payload::KvGrad { chunk }) => (0, 2 * g.rows(chunk) * kw),
     }
 }
 
@@ -591,15 +657,11 @@ impl RankPass for Fwd<'_> {
     }
 
     fn alloc_recv(&mut self, p: Payload) -> Result<Msg> {
-        let g = &self.geo;
-        match p {
-            Payload::Kv { chunk } => Msg::alloc(self.gpu, 2 * g.rows(chunk) * g.kw(), 0),
-            Payload::Query { chunk } => Msg::alloc(self.gpu, g.rows(chunk) * g.qw(), 0),
-            Payload::Partial { q_chunk, .. } => {
-                Msg::alloc(self.gpu, 0, g.rows(q_chunk) * (g.qw() + g.shape.h))
-            }
-            Payload::KvGrad { .. } => shape_err("the forward receives no dK/dV".into()),
+        if let Payload::KvGrad { .. } = p {
+            return shape_err("the forward receives no dK/dV".into());
         }
+        let (bf, f) = message_elems(&self.geo, Pass::Forward, p);
+        Msg::alloc(self.gpu, bf, f)
     }
 
     fn accept(&mut self, m: &Message, data: Msg) -> Result<()> {
@@ -851,17 +913,8 @@ impl RankPass for Bwd<'_> {
     }
 
     fn alloc_recv(&mut self, p: Payload) -> Result<Msg> {
-        let g = &self.geo;
-        match p {
-            Payload::Kv { chunk } => Msg::alloc(self.gpu, 2 * g.rows(chunk) * g.kw(), 0),
-            Payload::Query { chunk } => Msg::alloc(
-                self.gpu,
-                3 * g.rows(chunk) * g.qw(),
-                g.rows(chunk) * g.shape.h,
-            ),
-            Payload::Partial { q_chunk, .. } => Msg::alloc(self.gpu, g.rows(q_chunk) * g.qw(), 0),
-            Payload::KvGrad { chunk } => Msg::alloc(self.gpu, 0, 2 * g.rows(chunk) * g.kw()),
-        }
+        let (bf, f) = message_elems(&self.geo, Pass::Backward, p);
+        Msg::alloc(self.gpu, bf, f)
     }
 
     fn accept(&mut self, m: &Message, data: Msg) -> Result<()> {

@@ -32,12 +32,14 @@
 //!   elementwise glue of `glue` (q/k/v split and merge, residual add, casts, gradient norm).
 //!
 //! - [`NcclComm`] (`nccl`): NCCL as a `reel_comm::Communicator`, one process per GPU, TCP
-//!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split.
+//!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split; and
+//!   [`NcclP2p`] ([`NcclComm::device_p2p`]), device point-to-point as a [`DeviceP2p`].
 //! - Decode attention over a paged KV cache ([`Gpu::paged_attention_forward`], [`GpuPagedBatch`];
 //!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
-//! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceWorld`], [`DeviceComm`],
-//!   [`DeviceRanks`]; each rank its own stream, [`Gpu::open_on_new_stream`]) and, with `cudnn`,
-//!   sequence-parallel attention schedules on them ([`GpuDistAttn`], `dist_attn.rs`), with the
+//! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceP2p`], the device point-to-point
+//!   trait; [`DeviceWorld`], [`DeviceComm`], [`DeviceRanks`]; each rank its own stream,
+//!   [`Gpu::open_on_new_stream`]) and, with `cudnn`, sequence-parallel attention schedules over
+//!   any [`DeviceP2p`] ([`GpuDistAttn`], `dist_attn.rs`), with the
 //!   f32 ⇄ bf16 conversions, accumulation and copies they need (`convert.rs`).
 //!
 //! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
@@ -68,13 +70,13 @@ mod plan;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
-pub use devcomm::{DevPart, DeviceComm, DeviceRanks, DeviceWorld, Transfer};
+pub use devcomm::{DevOp, DevPart, DeviceComm, DeviceP2p, DeviceRanks, DeviceWorld, Transfer};
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
 #[cfg(feature = "cudnn")]
 pub use model::GpuQwen2;
-pub use nccl::{NcclBatch, NcclComm};
+pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::GpuRopeTable;
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};

@@ -35,6 +35,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,8 @@ use reel_comm::stats::convention_bytes;
 use reel_comm::{bootstrap, CommError, CommStats, Communicator, Op, P2pOp, Pending};
 
 use crate::buffer::DeviceBuf;
-use crate::{catch, libs, GpuError};
+use crate::devcomm::{DevOp, DeviceP2p};
+use crate::{catch, libs, Gpu, GpuError};
 
 /// Words in front of every point-to-point message: tag (2 words), length, sequence number.
 pub const HEADER_WORDS: usize = 4;
@@ -660,15 +662,34 @@ impl NcclComm {
         Ok(())
     }
 
+    /// The steps every `*_dev` collective shares: refuse after a failure, bind, make this
+    /// communicator's stream wait for the buffers' streams, run `call` unless there is nothing
+    /// to move, count `n` values under the byte convention.
+    fn dev_collective(
+        &self,
+        op: Op,
+        bufs: &[&CudaStream],
+        n: usize,
+        root: usize,
+        call: impl FnOnce() -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
+        self.bind(op)?;
+        for s in bufs {
+            self.after(op, s)?;
+        }
+        if n > 0 {
+            call()?;
+        }
+        self.record(op, n, root);
+        Ok(())
+    }
+
     /// [`Communicator::all_reduce_sum`] on a device buffer, no staging.
     pub fn all_reduce_sum_dev(&self, buf: &mut DeviceBuf<f32>) -> Result<(), CommError> {
-        self.bind(Op::AllReduce)?;
-        self.after(Op::AllReduce, buf.slice.stream())?;
-        if !buf.is_empty() {
-            self.ar_raw(buf.ptr(), buf.len())?;
-        }
-        self.record(Op::AllReduce, buf.len(), 0);
-        Ok(())
+        let (ptr, n) = (buf.ptr(), buf.len());
+        self.dev_collective(Op::AllReduce, &[buf.slice.stream()], n, 0, || {
+            self.ar_raw(ptr, n)
+        })
     }
 
     /// [`Communicator::all_gather`] on device buffers.
@@ -678,14 +699,11 @@ impl NcclComm {
         recv: &mut DeviceBuf<f32>,
     ) -> Result<(), CommError> {
         self.check_gather(Op::AllGather, send.len(), recv.len())?;
-        self.bind(Op::AllGather)?;
-        self.after(Op::AllGather, send.slice.stream())?;
-        self.after(Op::AllGather, recv.slice.stream())?;
-        if !send.is_empty() {
-            self.ag_raw(send.ptr(), recv.ptr(), send.len())?;
-        }
-        self.record(Op::AllGather, recv.len(), 0);
-        Ok(())
+        let streams = [send.slice.stream().as_ref(), recv.slice.stream()];
+        let (s, r, m) = (send.ptr(), recv.ptr(), send.len());
+        self.dev_collective(Op::AllGather, &streams, recv.len(), 0, || {
+            self.ag_raw(s, r, m)
+        })
     }
 
     /// [`Communicator::reduce_scatter_sum`] on device buffers.
@@ -695,14 +713,11 @@ impl NcclComm {
         recv: &mut DeviceBuf<f32>,
     ) -> Result<(), CommError> {
         self.check_gather(Op::ReduceScatter, recv.len(), send.len())?;
-        self.bind(Op::ReduceScatter)?;
-        self.after(Op::ReduceScatter, send.slice.stream())?;
-        self.after(Op::ReduceScatter, recv.slice.stream())?;
-        if !recv.is_empty() {
-            self.rs_raw(send.ptr(), recv.ptr(), recv.len())?;
-        }
-        self.record(Op::ReduceScatter, send.len(), 0);
-        Ok(())
+        let streams = [send.slice.stream().as_ref(), recv.slice.stream()];
+        let (s, r, m) = (send.ptr(), recv.ptr(), recv.len());
+        self.dev_collective(Op::ReduceScatter, &streams, send.len(), 0, || {
+            self.rs_raw(s, r, m)
+        })
     }
 
     /// [`Communicator::all_to_all`] on device buffers.
@@ -722,26 +737,206 @@ impl NcclComm {
                 ),
             ));
         }
-        self.bind(Op::AllToAll)?;
-        self.after(Op::AllToAll, send.slice.stream())?;
-        self.after(Op::AllToAll, recv.slice.stream())?;
-        if !send.is_empty() {
-            self.a2a_raw(send.ptr(), recv.ptr(), send.len() / self.world)?;
-        }
-        self.record(Op::AllToAll, send.len(), 0);
-        Ok(())
+        let streams = [send.slice.stream().as_ref(), recv.slice.stream()];
+        let (s, r, n) = (send.ptr(), recv.ptr(), send.len());
+        self.dev_collective(Op::AllToAll, &streams, n, 0, || {
+            self.a2a_raw(s, r, n / self.world)
+        })
     }
 
     /// [`Communicator::broadcast`] on a device buffer.
     pub fn broadcast_dev(&self, buf: &mut DeviceBuf<f32>, root: usize) -> Result<(), CommError> {
         self.check_root(Op::Broadcast, root)?;
-        self.bind(Op::Broadcast)?;
-        self.after(Op::Broadcast, buf.slice.stream())?;
-        if !buf.is_empty() {
-            self.bc_raw(buf.ptr(), buf.len(), root)?;
+        let (ptr, n) = (buf.ptr(), buf.len());
+        self.dev_collective(Op::Broadcast, &[buf.slice.stream()], n, root, || {
+            self.bc_raw(ptr, n, root)
+        })
+    }
+
+    /// Aborts the communicator (ncclCommAbort, once): this rank's later calls fail with `why`,
+    /// and peers blocked on it fail within their timeout.
+    pub fn abort(&self, why: &str) {
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.fail(Op::Send, None, Failure::Cuda(format!("aborted: {why}")));
+    }
+
+    /// This communicator as a [`DeviceP2p`] for `gpu`'s stream (`GpuDistAttn` over NCCL).
+    /// `gpu` must be the same device.
+    pub fn device_p2p(&self, gpu: &Gpu) -> Result<NcclP2p<'_>, GpuError> {
+        let (mine, theirs) = (self.ctx.ordinal(), gpu.ctx.ordinal());
+        if mine != theirs {
+            return Err(GpuError::Comm(format!(
+                "NCCL rank {} is on device {mine}, its Gpu on device {theirs}",
+                self.global_rank()
+            )));
         }
-        self.record(Op::Broadcast, buf.len(), root);
+        Ok(NcclP2p {
+            comm: self,
+            epoch: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        })
+    }
+}
+
+/// An [`NcclComm`] as a [`DeviceP2p`]: each posted batch is one NCCL group of ncclSend/ncclRecv
+/// (one call per device part, bytes as `ncclUint8`) on the communicator's stream, which first
+/// waits for an event of the caller's stream; completing waits (host-side, against the
+/// communicator's deadline, polling NCCL's async error) for the group's event and makes the
+/// caller's stream wait for it. Compute on the caller's stream therefore runs while a batch is
+/// in flight. NCCL matches messages between two ranks in posting order, so a batch's operations
+/// are issued sorted by tag (the peers' batches hold the same messages, so the orders agree).
+/// A timeout or NCCL error aborts the communicator; payloads carry no header (sizes come from
+/// the same plan on both sides).
+pub struct NcclP2p<'c> {
+    comm: &'c NcclComm,
+    epoch: AtomicU64,
+    bytes: AtomicU64,
+    messages: AtomicU64,
+}
+
+/// A posted batch of an [`NcclP2p`].
+pub struct NcclPosted {
+    /// Recorded after the group; `None` when the batch moved no bytes.
+    done: Option<CudaEvent>,
+    deadline: Instant,
+    peer: Option<usize>,
+}
+
+impl NcclP2p<'_> {
+    pub fn comm(&self) -> &NcclComm {
+        self.comm
+    }
+
+    fn err(&self, e: CommError) -> GpuError {
+        GpuError::Comm(e.to_string())
+    }
+
+    fn check_peer(&self, peer: usize) -> Result<(), GpuError> {
+        let c = self.comm;
+        if peer >= c.world || peer == c.rank {
+            return Err(GpuError::Comm(format!(
+                "rank {}: peer {peer} is not another rank of a world of {}",
+                c.rank, c.world
+            )));
+        }
         Ok(())
+    }
+}
+
+impl DeviceP2p for NcclP2p<'_> {
+    type Posted = NcclPosted;
+
+    fn rank(&self) -> usize {
+        self.comm.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world
+    }
+
+    fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn sent(&self) -> (u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.messages.load(Ordering::Relaxed),
+        )
+    }
+
+    fn post(&self, gpu: &Gpu, ops: &[DevOp<'_>]) -> Result<NcclPosted, GpuError> {
+        let c = self.comm;
+        let mut order: Vec<&DevOp<'_>> = ops.iter().collect();
+        order.sort_by_key(|o| o.tag());
+        // (is send, peer, pointer, bytes) in issue order.
+        let mut calls = Vec::new();
+        let (mut bytes, mut messages) = (0u64, 0u64);
+        for op in order {
+            let (send, peer, parts) = match *op {
+                DevOp::Send { to, parts, .. } => (true, to, parts),
+                DevOp::Recv { from, parts, .. } => (false, from, parts),
+            };
+            self.check_peer(peer)?;
+            if send {
+                messages += 1;
+                bytes += parts.iter().map(|p| p.bytes as u64).sum::<u64>();
+            }
+            calls.extend(
+                parts
+                    .iter()
+                    .filter(|p| p.bytes > 0)
+                    .map(|p| (send, peer, p.ptr, p.bytes)),
+            );
+        }
+        let op = Op::Send;
+        c.bind(op).map_err(|e| self.err(e))?;
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.messages.fetch_add(messages, Ordering::Relaxed);
+        let deadline = Instant::now() + c.timeout;
+        let peer = calls.first().map(|x| x.1);
+        if calls.is_empty() {
+            return Ok(NcclPosted {
+                done: None,
+                deadline,
+                peer,
+            });
+        }
+        let cuda = |e: cudarc::driver::DriverError| {
+            self.err(c.fail(op, peer, Failure::Cuda(format!("{e:?}"))))
+        };
+        let ready = gpu.stream.record_event(None).map_err(cuda)?;
+        c.stream.wait(&ready).map_err(cuda)?;
+        let cs = c.stream.cu_stream() as nsys::cudaStream_t;
+        let u8t = nsys::ncclDataType_t::ncclUint8;
+        // SAFETY: every pointer is a live device range of `n` bytes on this device, kept by the
+        // caller until `complete`; the group is closed before returning.
+        let r = unsafe {
+            let mut res = nsys::ncclGroupStart();
+            for &(send, peer, ptr, n) in &calls {
+                if ok_or_progress(res).is_err() {
+                    break;
+                }
+                res = if send {
+                    nsys::ncclSend(ptr as *const c_void, n, u8t, peer as i32, c.comm, cs)
+                } else {
+                    nsys::ncclRecv(ptr as *mut c_void, n, u8t, peer as i32, c.comm, cs)
+                };
+            }
+            let end = nsys::ncclGroupEnd();
+            if ok_or_progress(res).is_err() {
+                res
+            } else {
+                end
+            }
+        };
+        if let Err(e) = ok_or_progress(r) {
+            return Err(self.err(c.fail(op, peer, Failure::Nccl(e, last_error(c.comm)))));
+        }
+        settle(c.comm, deadline).map_err(|f| self.err(c.fail(op, peer, f)))?;
+        let done = c.stream.record_event(None).map_err(cuda)?;
+        Ok(NcclPosted {
+            done: Some(done),
+            deadline,
+            peer,
+        })
+    }
+
+    fn complete(&self, gpu: &Gpu, posted: NcclPosted) -> Result<(), GpuError> {
+        let c = self.comm;
+        let Some(done) = posted.done else {
+            return Ok(());
+        };
+        c.bind(Op::Recv).map_err(|e| self.err(e))?;
+        c.wait_event(Op::Recv, posted.peer, &done, posted.deadline)
+            .map_err(|e| self.err(e))?;
+        gpu.stream.wait(&done)?;
+        Ok(())
+    }
+
+    fn abort(&self, why: &str) {
+        self.comm.abort(why);
     }
 }
 

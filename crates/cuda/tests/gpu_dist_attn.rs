@@ -9,73 +9,15 @@
 #![cfg(feature = "cudnn")]
 
 mod common;
+use common::sp::{check_gathered, check_stats, executor, reference, run_rank, SpInputs};
 use common::*;
 
 use std::time::Duration;
 
-use reel_cuda::{DeviceRanks, Gpu, GpuDistAttn};
-use reel_kernels::attention::{AttnMask, AttnShape};
-use reel_parallel::{Overlap, ScheduleKind, Sharding};
-use reel_tensor::{bf16, rng, uniform_vec, Tolerance};
+use reel_cuda::{DeviceRanks, Gpu};
+use reel_kernels::attention::AttnShape;
+use reel_parallel::{Overlap, ScheduleKind};
 
-fn max_abs(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
-}
-
-struct Full {
-    out: Vec<f32>,
-    lse: Vec<f32>,
-    dq: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-}
-
-/// Single-GPU cuDNN attention over the whole sequence.
-#[allow(clippy::too_many_arguments)]
-fn reference(
-    g: &Gpu,
-    shape: AttnShape,
-    causal: bool,
-    q: &[bf16],
-    k: &[bf16],
-    v: &[bf16],
-    dout: &[bf16],
-) -> Full {
-    let mask = if causal {
-        AttnMask::Causal {
-            q_offset: 0,
-            k_offset: 0,
-        }
-    } else {
-        AttnMask::Full
-    };
-    let (qd, kd, vd, dod) = (
-        g.upload(q).unwrap(),
-        g.upload(k).unwrap(),
-        g.upload(v).unwrap(),
-        g.upload(dout).unwrap(),
-    );
-    let mut out = g.alloc_zeros::<bf16>(q.len()).unwrap();
-    let mut lse = g.alloc_zeros::<f32>(shape.b * shape.tq * shape.h).unwrap();
-    g.attention_forward(&mut out, &mut lse, &qd, &kd, &vd, shape, mask)
-        .unwrap();
-    let mut dq = g.alloc_zeros::<bf16>(q.len()).unwrap();
-    let mut dk = g.alloc_zeros::<bf16>(k.len()).unwrap();
-    let mut dv = g.alloc_zeros::<bf16>(k.len()).unwrap();
-    g.attention_backward(
-        &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse, shape, mask,
-    )
-    .unwrap();
-    Full {
-        out: widen(&g.download(&out).unwrap()),
-        lse: g.download(&lse).unwrap(),
-        dq: widen(&g.download(&dq).unwrap()),
-        dk: widen(&g.download(&dk).unwrap()),
-        dv: widen(&g.download(&dv).unwrap()),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 fn case(
     g: &Gpu,
     ranks: &mut DeviceRanks,
@@ -85,6 +27,15 @@ fn case(
     seed: u64,
 ) {
     let p = ranks.world_size();
+    let x = SpInputs::new(shape, seed);
+    let full = reference(g, shape, kind.is_causal(), &x);
+    let (exec, sh) = executor(kind, p, shape, overlap);
+    let per_rank = ranks
+        .run(|_, rg, comm| run_rank(&exec, &sh, rg, comm, &x))
+        .unwrap_or_else(|e| panic!("{kind:?} P {p}: {e}"));
+    for (rank, (_, fs, bs)) in per_rank.iter().enumerate() {
+        check_stats(&exec, rank, fs, bs);
+    }
     let AttnShape {
         b,
         tq: t,
@@ -93,87 +44,14 @@ fn case(
         d,
         ..
     } = shape;
-    let (qw, kw) = (h * d, h_kv * d);
-    let mut r = rng(seed);
-    let q: Vec<bf16> = to_t(&uniform_vec(&mut r, b * t * qw, 1.5));
-    let k: Vec<bf16> = to_t(&uniform_vec(&mut r, b * t * kw, 1.5));
-    let v: Vec<bf16> = to_t(&uniform_vec(&mut r, b * t * kw, 1.0));
-    let dout: Vec<bf16> = to_t(&uniform_vec(&mut r, b * t * qw, 1.0));
-    let full = reference(g, shape, kind.is_causal(), &q, &k, &v, &dout);
-
-    let sh = Sharding::new(t, p, kind.layout()).unwrap();
-    let l = sh.local_len();
-    let local = AttnShape {
-        tq: l,
-        tk: l,
-        ..shape
-    };
-    let exec = GpuDistAttn::new(kind.build(p).unwrap(), sh, local, overlap).unwrap();
-    let zero = bf16::from_f32(0.0);
-    let shard = |x: &[bf16], w: usize, rank: usize| sh.shard(x, b, w, rank, zero).unwrap();
-    let per_rank = ranks
-        .run(|rank, rg, comm| {
-            let up = |x: &[bf16], w: usize| rg.upload(&shard(x, w, rank));
-            let (qd, kd, vd, dod) = (up(&q, qw)?, up(&k, kw)?, up(&v, kw)?, up(&dout, qw)?);
-            let mut out = rg.upload(&poison::<bf16>(b * l * qw))?;
-            let mut lse = rg.upload(&poison::<f32>(b * l * h))?;
-            let fs = exec.forward(rg, comm, &mut out, &mut lse, &qd, &kd, &vd)?;
-            let mut dq = rg.upload(&poison::<bf16>(b * l * qw))?;
-            let mut dk = rg.upload(&poison::<bf16>(b * l * kw))?;
-            let mut dv = rg.upload(&poison::<bf16>(b * l * kw))?;
-            let bs = exec.backward(
-                rg, comm, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse,
-            )?;
-            Ok((
-                [
-                    widen(&rg.download(&out)?),
-                    rg.download(&lse)?,
-                    widen(&rg.download(&dq)?),
-                    widen(&rg.download(&dk)?),
-                    widen(&rg.download(&dv)?),
-                ],
-                fs,
-                bs,
-            ))
-        })
-        .unwrap_or_else(|e| panic!("{kind:?} P {p}: {e}"));
-    for (rank, (_, fs, bs)) in per_rank.iter().enumerate() {
-        let planned = exec.executor().planned_blocks(rank);
-        assert_eq!(fs.blocks, planned, "rank {rank} forward blocks");
-        assert_eq!(bs.blocks, planned, "rank {rank} backward blocks");
-    }
-    let gather = |i: usize, w: usize| {
-        let parts: Vec<&Vec<f32>> = per_rank.iter().map(|(x, _, _)| &x[i]).collect();
-        sh.unshard(&parts, b, w).unwrap()
-    };
-    let what = format!("{kind:?} P {p} {overlap:?} b{b} T{t} h{h}/{h_kv} d{d}");
-    compare(
-        &format!("{what} out"),
-        &gather(0, qw),
-        &full.out,
-        Tolerance::new(1e-2, 2e-2),
-        1e-2,
+    let outs: Vec<_> = per_rank.iter().map(|(o, _, _)| o).collect();
+    check_gathered(
+        &format!("{kind:?} P {p} {overlap:?} b{b} T{t} h{h}/{h_kv} d{d}"),
+        &sh,
+        shape,
+        &outs,
+        &full,
     );
-    compare(
-        &format!("{what} lse"),
-        &gather(1, h),
-        &full.lse,
-        Tolerance::new(2e-3, 1e-3),
-        1e-3,
-    );
-    for (i, name, w, want) in [
-        (2, "dq", qw, &full.dq),
-        (3, "dk", kw, &full.dk),
-        (4, "dv", kw, &full.dv),
-    ] {
-        compare(
-            &format!("{what} {name}"),
-            &gather(i, w),
-            want,
-            Tolerance::new(0.02 * max_abs(want), 0.02),
-            1.5e-2,
-        );
-    }
 }
 
 #[test]

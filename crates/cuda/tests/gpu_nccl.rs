@@ -8,65 +8,15 @@
 //! `REEL_NCCL_WORLDS` (default `1,2`) lists the world sizes. Without `REEL_GPU_TESTS=1` each test
 //! prints "skipped" and passes.
 
+mod common;
+use common::launch::{launch_or_run, worlds, SCENARIO};
+
 use std::time::{Duration, Instant};
 
 use reel_comm::{CommError, Communicator, Op, P2pOp, Pending};
-use reel_cuda::{libs, NcclComm};
+use reel_cuda::NcclComm;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-const SCENARIO: &str = "REEL_NCCL_SCENARIO";
-
-fn worlds() -> Vec<usize> {
-    std::env::var("REEL_NCCL_WORLDS")
-        .unwrap_or_else(|_| "1,2".into())
-        .split(',')
-        .filter_map(|w| w.trim().parse().ok())
-        .collect()
-}
-
-/// In the launcher: runs `name` at every world size as separate processes and asserts they all
-/// succeed; returns false. In a rank process of `name`: returns true (run the rank code).
-fn launch_or_run(name: &str, port: u16, world_sizes: &[usize]) -> bool {
-    if let Ok(s) = std::env::var(SCENARIO) {
-        return s == name;
-    }
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
-        return false;
-    }
-    let dirs = libs::lib_dirs();
-    let shim = std::env::temp_dir().join(format!("reel-nccl-test-shim-{}", std::process::id()));
-    let shim = libs::make_nccl_shim(dirs, &shim)
-        .ok()
-        .filter(|&m| m)
-        .map(|_| shim);
-    let ld = libs::library_path(
-        shim.as_deref(),
-        dirs,
-        std::env::var("LD_LIBRARY_PATH").ok().as_deref(),
-    );
-    for &w in world_sizes {
-        let exe = std::env::current_exe().unwrap();
-        let args = vec![
-            name.into(),
-            "--exact".into(),
-            "--nocapture".into(),
-            "--test-threads=1".into(),
-        ];
-        let mut l = reel_comm::launch::Launch::local(exe, args, w);
-        l.rendezvous = format!("127.0.0.1:{}", port + w as u16);
-        l.env = vec![
-            (SCENARIO.into(), name.into()),
-            ("LD_LIBRARY_PATH".into(), ld.clone()),
-            (libs::REEXEC_MARK.into(), "1".into()),
-            ("NCCL_NVLS_ENABLE".into(), "0".into()),
-        ];
-        let t = Instant::now();
-        reel_comm::launch::run(&l).unwrap_or_else(|e| panic!("{name} at world {w}: {e}"));
-        eprintln!("{name}: world {w} passed in {:.1?}", t.elapsed());
-    }
-    false
-}
 
 fn comm(timeout: Duration) -> NcclComm {
     NcclComm::from_env(timeout).unwrap_or_else(|e| panic!("NCCL init: {e}"))

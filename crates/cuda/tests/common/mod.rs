@@ -1,7 +1,12 @@
 //! Helpers shared by the opt-in GPU tests: the process's one `Gpu` (only with
 //! `REEL_GPU_TESTS=1`), random and poisoned buffers, and the comparison against a CPU reference
-//! (`check_close` elementwise plus a relative-norm bound, one line printed per case).
+//! (`check_close` elementwise plus a relative-norm bound, one line printed per case); `launch`
+//! (multi-process tests, one GPU per rank) and `sp` (the device SP attention cases).
 #![allow(dead_code)]
+
+pub mod launch;
+#[cfg(feature = "cudnn")]
+pub mod sp;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
 

@@ -1,0 +1,199 @@
+//! What the device sequence-parallel attention tests share (in-process ranks in
+//! `gpu_dist_attn.rs`, NCCL processes in `gpu_nccl_dist_attn.rs`): one case's inputs, single-GPU
+//! cuDNN attention over the whole sequence as the reference, one rank's forward + backward
+//! through `GpuDistAttn` over any `DeviceP2p`, and the comparison of the gathered results.
+
+use reel_cuda::{DeviceP2p, Gpu, GpuDistAttn, GpuSpStats};
+use reel_kernels::attention::{AttnMask, AttnShape};
+use reel_parallel::{Overlap, Pass, ScheduleKind, Sharding};
+use reel_tensor::{bf16, rng, uniform_vec, Tolerance};
+
+use super::{compare, poison, to_t, widen};
+
+/// The whole sequence's q, dout `[B, T, H, D]` and k, v `[B, T, H_kv, D]`.
+pub struct SpInputs {
+    pub q: Vec<bf16>,
+    pub k: Vec<bf16>,
+    pub v: Vec<bf16>,
+    pub dout: Vec<bf16>,
+}
+
+impl SpInputs {
+    pub fn new(shape: AttnShape, seed: u64) -> SpInputs {
+        let AttnShape {
+            b,
+            tq: t,
+            h,
+            h_kv,
+            d,
+            ..
+        } = shape;
+        let mut r = rng(seed);
+        SpInputs {
+            q: to_t(&uniform_vec(&mut r, b * t * h * d, 1.5)),
+            k: to_t(&uniform_vec(&mut r, b * t * h_kv * d, 1.5)),
+            v: to_t(&uniform_vec(&mut r, b * t * h_kv * d, 1.0)),
+            dout: to_t(&uniform_vec(&mut r, b * t * h * d, 1.0)),
+        }
+    }
+}
+
+/// out, lse, dq, dk, dv of the whole sequence (or gathered from the ranks), widened to f32.
+pub type SpOutputs = [Vec<f32>; 5];
+
+/// Single-GPU cuDNN attention over the whole sequence.
+pub fn reference(g: &Gpu, shape: AttnShape, causal: bool, x: &SpInputs) -> SpOutputs {
+    let mask = if causal {
+        AttnMask::Causal {
+            q_offset: 0,
+            k_offset: 0,
+        }
+    } else {
+        AttnMask::Full
+    };
+    let (qd, kd, vd, dod) = (
+        g.upload(&x.q).unwrap(),
+        g.upload(&x.k).unwrap(),
+        g.upload(&x.v).unwrap(),
+        g.upload(&x.dout).unwrap(),
+    );
+    let mut out = g.alloc_zeros::<bf16>(x.q.len()).unwrap();
+    let mut lse = g.alloc_zeros::<f32>(shape.b * shape.tq * shape.h).unwrap();
+    g.attention_forward(&mut out, &mut lse, &qd, &kd, &vd, shape, mask)
+        .unwrap();
+    let mut dq = g.alloc_zeros::<bf16>(x.q.len()).unwrap();
+    let mut dk = g.alloc_zeros::<bf16>(x.k.len()).unwrap();
+    let mut dv = g.alloc_zeros::<bf16>(x.k.len()).unwrap();
+    g.attention_backward(
+        &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse, shape, mask,
+    )
+    .unwrap();
+    [
+        widen(&g.download(&out).unwrap()),
+        g.download(&lse).unwrap(),
+        widen(&g.download(&dq).unwrap()),
+        widen(&g.download(&dk).unwrap()),
+        widen(&g.download(&dv).unwrap()),
+    ]
+}
+
+/// The executor of `kind` over `p` ranks for the whole-sequence `shape`, and its sharding.
+pub fn executor(
+    kind: ScheduleKind,
+    p: usize,
+    shape: AttnShape,
+    overlap: Overlap,
+) -> (GpuDistAttn, Sharding) {
+    let sh = Sharding::new(shape.tq, p, kind.layout()).unwrap();
+    let l = sh.local_len();
+    let local = AttnShape {
+        tq: l,
+        tk: l,
+        ..shape
+    };
+    let exec = GpuDistAttn::new(kind.build(p).unwrap(), sh, local, overlap).unwrap();
+    (exec, sh)
+}
+
+/// Rank `rank`'s forward and backward on its shards of `x` (outputs poisoned first); its
+/// out, lse, dq, dk, dv and the two passes' stats.
+pub fn run_rank<C: DeviceP2p + ?Sized>(
+    exec: &GpuDistAttn,
+    sh: &Sharding,
+    g: &Gpu,
+    comm: &C,
+    x: &SpInputs,
+) -> reel_cuda::Result<(SpOutputs, GpuSpStats, GpuSpStats)> {
+    let rank = comm.rank();
+    let AttnShape { b, h, h_kv, d, .. } = exec.executor().local_shape();
+    let (qw, kw, l) = (h * d, h_kv * d, sh.local_len());
+    let zero = bf16::from_f32(0.0);
+    let up = |v: &[bf16], w: usize| g.upload(&sh.shard(v, b, w, rank, zero).unwrap());
+    let (qd, kd, vd, dod) = (
+        up(&x.q, qw)?,
+        up(&x.k, kw)?,
+        up(&x.v, kw)?,
+        up(&x.dout, qw)?,
+    );
+    let mut out = g.upload(&poison::<bf16>(b * l * qw))?;
+    let mut lse = g.upload(&poison::<f32>(b * l * h))?;
+    let fs = exec.forward(g, comm, &mut out, &mut lse, &qd, &kd, &vd)?;
+    let mut dq = g.upload(&poison::<bf16>(b * l * qw))?;
+    let mut dk = g.upload(&poison::<bf16>(b * l * kw))?;
+    let mut dv = g.upload(&poison::<bf16>(b * l * kw))?;
+    let bs = exec.backward(
+        g, comm, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse,
+    )?;
+    Ok((
+        [
+            widen(&g.download(&out)?),
+            g.download(&lse)?,
+            widen(&g.download(&dq)?),
+            widen(&g.download(&dk)?),
+            widen(&g.download(&dv)?),
+        ],
+        fs,
+        bs,
+    ))
+}
+
+/// Asserts that `rank`'s stats are the plan's: every block computed, every planned byte sent.
+pub fn check_stats(exec: &GpuDistAttn, rank: usize, fs: &GpuSpStats, bs: &GpuSpStats) {
+    let planned = exec.executor().planned_blocks(rank);
+    assert_eq!(fs.blocks, planned, "rank {rank} forward blocks");
+    assert_eq!(bs.blocks, planned, "rank {rank} backward blocks");
+    assert_eq!(
+        fs.bytes_sent,
+        exec.planned_bytes_sent(rank, Pass::Forward),
+        "rank {rank} forward bytes"
+    );
+    assert_eq!(
+        bs.bytes_sent,
+        exec.planned_bytes_sent(rank, Pass::Backward),
+        "rank {rank} backward bytes"
+    );
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// Unshards every rank's outputs and compares them with the reference within bf16 tolerance.
+pub fn check_gathered(
+    what: &str,
+    sh: &Sharding,
+    shape: AttnShape,
+    per_rank: &[&SpOutputs],
+    full: &SpOutputs,
+) {
+    let AttnShape { b, h, h_kv, d, .. } = shape;
+    let (qw, kw) = (h * d, h_kv * d);
+    let gather = |i: usize, w: usize| {
+        let parts: Vec<&Vec<f32>> = per_rank.iter().map(|x| &x[i]).collect();
+        sh.unshard(&parts, b, w).unwrap()
+    };
+    compare(
+        &format!("{what} out"),
+        &gather(0, qw),
+        &full[0],
+        Tolerance::new(1e-2, 2e-2),
+        1e-2,
+    );
+    compare(
+        &format!("{what} lse"),
+        &gather(1, h),
+        &full[1],
+        Tolerance::new(2e-3, 1e-3),
+        1e-3,
+    );
+    for (i, name, w) in [(2, "dq", qw), (3, "dk", kw), (4, "dv", kw)] {
+        let want = &full[i];
+        compare(
+            &format!("{what} {name}"),
+            &gather(i, w),
+            want,
+            Tolerance::new(0.02 * max_abs(want), 0.02),
+            1.5e-2,
+        );
+    }
+}
