@@ -93,7 +93,19 @@ struct RankOut {
     grads: Vec<f32>,
     /// Weights after clipping at 1.0 and one AdamW step.
     stepped: Vec<f32>,
+    /// Median step time over the repeats after the first two (the first builds plans).
     step_s: f64,
+}
+
+/// Median of `times` past the first two (all of them when there are fewer than three).
+fn median_after_warmup(times: &[f64]) -> f64 {
+    let mut t: Vec<f64> = if times.len() > 2 {
+        times[2..].to_vec()
+    } else {
+        times.to_vec()
+    };
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
 }
 
 /// One step of `GpuQwen2` over `p` in-process ranks of one GPU.
@@ -131,8 +143,7 @@ fn sp_step(
                         .shard_tokens(&case.tokens, &case.targets, case.b, r, 0, -100)
                         .unwrap();
                     let tb = shard.batch();
-                    // The first pass of a shape builds plans; the last is timed.
-                    let mut step_s = 0.0;
+                    let mut times = Vec::new();
                     let mut out = None;
                     for _ in 0..repeats {
                         gm.gpu().synchronize()?;
@@ -142,7 +153,7 @@ fn sp_step(
                         gm.backward(&tb, 1.0 / labelled as f32)?;
                         let global = gm.all_reduce_grads(local)?;
                         gm.gpu().synchronize()?;
-                        step_s = t0.elapsed().as_secs_f64();
+                        times.push(t0.elapsed().as_secs_f64());
                         out = Some((local, global));
                     }
                     let (local, global) = out.expect("one repeat at least");
@@ -155,7 +166,7 @@ fn sp_step(
                         local_tokens: local.n_tokens,
                         grads,
                         stepped: gm.params_host()?,
-                        step_s,
+                        step_s: median_after_warmup(&times),
                     })
                 })
             })
@@ -178,6 +189,7 @@ fn one_rank(
     let gpu = Gpu::open(0).expect("REEL_GPU_TESTS=1 but no GPU");
     let mut gm = GpuQwen2::new(gpu, c.clone(), params, policy, AdamWConfig::default()).unwrap();
     let mut res = None;
+    let mut times = Vec::new();
     for _ in 0..repeats {
         gm.gpu().synchronize().unwrap();
         let t0 = Instant::now();
@@ -187,10 +199,11 @@ fn one_rank(
         // Local attention: the statistics come back unchanged.
         assert_eq!(gm.all_reduce_grads(s).unwrap(), s);
         gm.gpu().synchronize().unwrap();
-        res = Some((s.mean(), t0.elapsed().as_secs_f64()));
+        times.push(t0.elapsed().as_secs_f64());
+        res = Some(s.mean());
     }
-    let (loss, secs) = res.unwrap();
-    (loss, gm.grads_host().unwrap(), secs)
+    let loss = res.unwrap();
+    (loss, gm.grads_host().unwrap(), median_after_warmup(&times))
 }
 
 fn cpu_reference(model: &Qwen2, case: &Case) -> (f64, Vec<f32>) {
@@ -324,9 +337,10 @@ fn sp_step_time_on_one_gpu() {
     let model = Qwen2::new_random(c.clone(), 3).unwrap();
     let case = Case::new(5, c.vocab_size, 1, 8192, 7);
     let policy = CheckpointPolicy::Remat;
-    let (l1, _, s1) = one_rank(&c, &model.params, &case, policy, 4);
+    let (l1, _, s1) = one_rank(&c, &model.params, &case, policy, 12);
     eprintln!(
-        "T 8192, d 512, 4 layers, {policy}: one rank {:.1} ms/step (loss {l1:.4})",
+        "T 8192, d 512, 4 layers, {policy}, median of 10 warm steps: one rank {:.1} ms/step \
+         (loss {l1:.4})",
         s1 * 1e3
     );
     for p in [2usize, 3] {
@@ -337,7 +351,7 @@ fn sp_step_time_on_one_gpu() {
             ScheduleKind::DistAttnCausal,
             p,
             policy,
-            4,
+            12,
         );
         let worst = outs.iter().map(|o| o.step_s).fold(0.0, f64::max);
         eprintln!(
