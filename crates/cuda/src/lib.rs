@@ -50,6 +50,7 @@ mod arena;
 mod attention;
 mod blas;
 mod buffer;
+mod collective;
 mod convert;
 #[cfg(feature = "cudnn")]
 mod cudnn;
@@ -67,6 +68,8 @@ mod ops;
 mod optim;
 mod paged;
 mod plan;
+#[cfg(feature = "cudnn")]
+mod sp_attn;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
@@ -75,11 +78,13 @@ pub use devcomm::{DevOp, DevPart, DeviceComm, DeviceP2p, DeviceRanks, DeviceWorl
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
 #[cfg(feature = "cudnn")]
-pub use model::GpuQwen2;
+pub use model::{GpuAttention, GpuQwen2};
 pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::GpuRopeTable;
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
+#[cfg(feature = "cudnn")]
+pub use sp_attn::{GpuSpAttention, GpuSpTotals};
 
 use half::bf16;
 

@@ -14,6 +14,14 @@
 //! (causal), and reel's own RMSNorm, RoPE, SwiGLU, embedding, chunked LM head + cross-entropy
 //! (the [N, V] logits never exist) and AdamW.
 //!
+//! Attention is pluggable ([`GpuAttention`]): cuDNN over the whole local sequence, or, when the
+//! model is one rank of a sequence-parallel group on in-process device ranks, the group's
+//! schedule through `GpuDistAttn` on this rank's token shard (`Sharding::shard_tokens`: the
+//! layout's rows, global RoPE positions, the shard's targets). Each rank then holds its share of
+//! the loss and gradients; [`GpuQwen2::all_reduce_grads`] sums both over the group on the device,
+//! after which every rank clips by the global norm and takes the same AdamW step. Under `Remat`
+//! the kept out and lse let DistAttn's backward run without re-running its forward.
+//!
 //! Memory: every activation buffer is sized once for the largest batch seen (`capacity` tokens)
 //! and viewed at the batch's size; per-op scratch comes from the Gpu's caching pool
 //! ([`crate::arena`]), so after the first step of the largest shape a training step makes no
@@ -31,7 +39,59 @@ use reel_optim::{AdamWConfig, AdamWState};
 
 use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::plan::ce_chunk;
+use crate::sp_attn::GpuSpAttention;
 use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
+
+/// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
+pub enum GpuAttention {
+    /// cuDNN over the whole local sequence (the model holds every token of its batch).
+    Local,
+    /// The model is one rank of a sequence-parallel group and holds its token shard; attention
+    /// runs the group's schedule through [`crate::GpuDistAttn`] ([`GpuSpAttention`]).
+    Sp(Box<GpuSpAttention>),
+}
+
+impl GpuAttention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        g: &Gpu,
+        out: &mut impl DevWrite<bf16>,
+        lse: &mut impl DevWrite<f32>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        match self {
+            GpuAttention::Local => g.attention_forward(out, lse, q, k, v, shape, CAUSAL),
+            GpuAttention::Sp(sp) => sp.forward(g, out, lse, q, k, v, shape),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        g: &Gpu,
+        dq: &mut impl DevWrite<bf16>,
+        dk: &mut impl DevWrite<bf16>,
+        dv: &mut impl DevWrite<bf16>,
+        dout: &impl DevRead<bf16>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
+        out: &impl DevRead<bf16>,
+        lse: &impl DevRead<f32>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        match self {
+            GpuAttention::Local => {
+                g.attention_backward(dq, dk, dv, dout, q, k, v, out, lse, shape, CAUSAL)
+            }
+            GpuAttention::Sp(sp) => sp.backward(g, dq, dk, dv, dout, q, k, v, out, lse, shape),
+        }
+    }
+}
 
 /// One layer's activations other than attention's output and lse.
 struct Acts {
@@ -255,6 +315,7 @@ struct Ctx<'a> {
 #[allow(clippy::too_many_arguments)]
 fn layer_forward(
     cx: &Ctx,
+    at: &mut GpuAttention,
     wt: &LayerW,
     a: &mut Acts,
     attn: &mut DeviceBuf<bf16>,
@@ -299,14 +360,14 @@ fn layer_forward(
     g.rope_forward(&mut q, &cx.positions, cx.rope, m.h)?;
     g.rope_forward(&mut k, &cx.positions, cx.rope, m.h_kv)?;
     if run_attn {
-        g.attention_forward(
+        at.forward(
+            g,
             &mut w(attn, n * qw)?,
             &mut w(lse, n * m.h)?,
             &r(&a.q, n * qw)?,
             &r(&a.k, n * kvw)?,
             &r(&a.v, n * kvw)?,
             m.attn_shape(),
-            CAUSAL,
         )?;
     }
     let mut h = w(&mut a.h, n * d)?;
@@ -340,6 +401,7 @@ fn layer_forward(
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     cx: &Ctx,
+    at: &mut GpuAttention,
     wt: &LayerW,
     rg: &LayerRanges,
     a: &Acts,
@@ -411,7 +473,8 @@ fn layer_backward(
         qw,
         d,
     )?;
-    g.attention_backward(
+    at.backward(
+        g,
         &mut w(&mut bw.dq, n * qw)?,
         &mut w(&mut bw.dk, n * kvw)?,
         &mut w(&mut bw.dv, n * kvw)?,
@@ -422,7 +485,6 @@ fn layer_backward(
         &r(attn, n * qw)?,
         &r(lse, n * m.h)?,
         m.attn_shape(),
-        CAUSAL,
     )?;
     g.rope_backward(&mut w(&mut bw.dq, n * qw)?, &cx.positions, cx.rope, m.h)?;
     g.rope_backward(&mut w(&mut bw.dk, n * kvw)?, &cx.positions, cx.rope, m.h_kv)?;
@@ -480,6 +542,7 @@ pub struct GpuQwen2 {
     m: DeviceBuf<f32>,
     v: DeviceBuf<f32>,
     rope: GpuRopeTable,
+    attn: GpuAttention,
     gpu: Gpu,
 }
 
@@ -528,6 +591,7 @@ impl GpuQwen2 {
             master,
             w16,
             rope,
+            attn: GpuAttention::Local,
             gpu,
         })
     }
@@ -562,8 +626,84 @@ impl GpuQwen2 {
     }
 
     /// Forward pass and loss (sum over labelled tokens), keeping what the policy says for
-    /// [`GpuQwen2::backward`]. Waits for the GPU (the loss is read back).
+    /// [`GpuQwen2::backward`]. Waits for the GPU (the loss is read back). Under sequence
+    /// parallelism `batch` is this rank's shard (`Sharding::shard_tokens` of the sharding
+    /// [`GpuQwen2::set_seq_len`] returned) and the loss is this rank's share; a failure aborts
+    /// the group.
     pub fn forward(&mut self, batch: &TokenBatch) -> Result<LossStats> {
+        let out = self.forward_inner(batch);
+        self.abort_on_err(out)
+    }
+
+    /// Backward of the last [`GpuQwen2::forward`] on the same batch, for the loss
+    /// `loss_scale · Σ token losses`; parameter gradients are added into the fp32 gradients.
+    /// Under sequence parallelism these are this rank's share until
+    /// [`GpuQwen2::all_reduce_grads`].
+    pub fn backward(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
+        let out = self.backward_inner(batch, loss_scale);
+        self.abort_on_err(out)
+    }
+
+    /// Passes `r` on; an error first aborts the sequence-parallel group, so the other ranks
+    /// fail at their next exchange instead of waiting for this one.
+    fn abort_on_err<T>(&self, r: Result<T>) -> Result<T> {
+        if let (Err(e), GpuAttention::Sp(sp)) = (&r, &self.attn) {
+            sp.abort(&e.to_string());
+        }
+        r
+    }
+
+    /// Replaces how attention is computed (module docs of [`GpuAttention`]).
+    pub fn set_attention(&mut self, attn: GpuAttention) {
+        self.attn = attn;
+    }
+
+    pub fn attention(&self) -> &GpuAttention {
+        &self.attn
+    }
+
+    /// Under sequence parallelism: announces the global length T of the coming batch and
+    /// returns the sharding to cut it with (`None` with local attention: the model takes whole
+    /// batches).
+    pub fn set_seq_len(&mut self, seq_len: usize) -> Result<Option<reel_parallel::Sharding>> {
+        match &mut self.attn {
+            GpuAttention::Local => Ok(None),
+            GpuAttention::Sp(sp) => sp.set_seq_len(seq_len).map(Some),
+        }
+    }
+
+    /// Under sequence parallelism: sums the fp32 gradients and `local` (this rank's loss sum
+    /// and labelled-token count) over the group, on the device, so every rank holds the global
+    /// gradients (then identical bit for bit, so clipping sees the global norm and every rank's
+    /// AdamW step is the same) and returns the global loss statistics. With local attention,
+    /// `local` unchanged.
+    pub fn all_reduce_grads(&mut self, local: LossStats) -> Result<LossStats> {
+        let GpuAttention::Sp(sp) = &self.attn else {
+            return Ok(local);
+        };
+        let comm = sp.comm();
+        // The loss sum as two f32s (high part, remainder), as the CPU trainer's all-reduce.
+        let hi = local.loss_sum as f32;
+        let lo = (local.loss_sum - hi as f64) as f32;
+        let mut stats = self.gpu.upload(&[hi, lo, local.n_tokens as f32])?;
+        comm.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
+        comm.all_reduce_sum_dev(&self.gpu, &mut stats)?;
+        let s = self.gpu.download(&stats)?;
+        Ok(LossStats {
+            loss_sum: s[0] as f64 + s[1] as f64,
+            n_tokens: s[2].round() as usize,
+        })
+    }
+
+    /// Aborts the sequence-parallel group (no-op with local attention): every rank's pending
+    /// and later exchanges fail with `why`.
+    pub fn abort_peers(&self, why: &str) {
+        if let GpuAttention::Sp(sp) = &self.attn {
+            sp.abort(why);
+        }
+    }
+
+    fn forward_inner(&mut self, batch: &TokenBatch) -> Result<LossStats> {
         self.check(batch)?;
         let m = Dims::new(&self.config, batch.b, batch.t);
         let n = m.n;
@@ -575,6 +715,7 @@ impl GpuQwen2 {
             ws,
             w16,
             rope,
+            attn,
             gpu,
             ..
         } = self;
@@ -605,6 +746,7 @@ impl GpuQwen2 {
             };
             layer_forward(
                 &cx,
+                attn,
                 &layer_w(w16, &layout.layers[l])?,
                 &mut ws.acts[ai],
                 &mut ws.attn[ti],
@@ -649,9 +791,7 @@ impl GpuQwen2 {
         })
     }
 
-    /// Backward of the last [`GpuQwen2::forward`] on the same batch, for the loss
-    /// `loss_scale · Σ token losses`; parameter gradients are added into the fp32 gradients.
-    pub fn backward(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
+    fn backward_inner(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
         self.check(batch)?;
         if self.ws.as_ref().and_then(|w| w.last) != Some((batch.b, batch.t)) {
             return shape_err("backward needs the forward of the same batch first".into());
@@ -667,6 +807,7 @@ impl GpuQwen2 {
             g16,
             grads,
             rope,
+            attn,
             gpu,
             ..
         } = self;
@@ -722,6 +863,7 @@ impl GpuQwen2 {
             if *policy != CheckpointPolicy::None {
                 layer_forward(
                     &cx,
+                    attn,
                     &wt,
                     &mut ws.acts[ai],
                     &mut ws.attn[ti],
@@ -734,6 +876,7 @@ impl GpuQwen2 {
             }
             layer_backward(
                 &cx,
+                attn,
                 &wt,
                 &layout.layers[l],
                 &ws.acts[ai],

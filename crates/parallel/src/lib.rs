@@ -43,7 +43,7 @@ pub use schedule::{
     balance, block_counts, distattn_causal, ring_causal, ring_full, zigzag_ring_causal, BlockMask,
     Message, Payload, Schedule, ScheduleError, ScheduleKind, Step, Work,
 };
-pub use shard::{shard_positions, Layout, ShardError, Sharding};
+pub use shard::{shard_positions, Layout, ShardError, Sharding, TokenShard};
 pub use sp_attention::{SpAttention, SpStats};
 pub use ulysses::{
     Causality, Phase, UlyssesAttention, UlyssesBytes, UlyssesError, UlyssesGrid, UlyssesGroups,

@@ -316,6 +316,60 @@ impl Sharding {
     }
 }
 
+/// One rank's share of a `[B, T]` token batch under sequence parallelism: what a model replica
+/// on that rank runs its layers on (`t` = [`Sharding::local_len`], rows in the layout's order).
+/// Padded rows hold the pad token and no target, so they add nothing to the loss.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenShard {
+    /// `[B, L]` token ids.
+    pub tokens: Vec<u32>,
+    /// `[B, L]` targets; padded rows get `ignore`.
+    pub targets: Vec<i32>,
+    /// `[B, L]` global RoPE positions ([`Sharding::positions`], the same for every batch row).
+    pub positions: Vec<u32>,
+    pub b: usize,
+    pub t: usize,
+}
+
+impl TokenShard {
+    /// The shard as the model's batch.
+    pub fn batch(&self) -> reel_model::TokenBatch<'_> {
+        reel_model::TokenBatch {
+            tokens: &self.tokens,
+            targets: &self.targets,
+            positions: &self.positions,
+            b: self.b,
+            t: self.t,
+        }
+    }
+}
+
+impl Sharding {
+    /// `rank`'s [`TokenShard`] of `tokens`/`targets` (`[batch, T]` each, T = `seq_len`):
+    /// padding rows get token `pad` and target `ignore`, positions are the global rows'.
+    pub fn shard_tokens(
+        &self,
+        tokens: &[u32],
+        targets: &[i32],
+        batch: usize,
+        rank: usize,
+        pad: u32,
+        ignore: i32,
+    ) -> Result<TokenShard, ShardError> {
+        let tokens = self.shard(tokens, batch, 1, rank, pad)?;
+        let targets = self.shard(targets, batch, 1, rank, ignore)?;
+        let row = self.positions(rank)?;
+        let positions = (0..batch).flat_map(|_| row.iter().copied()).collect();
+        Ok(TokenShard {
+            tokens,
+            targets,
+            positions,
+            b: batch,
+            t: self.local_len(),
+        })
+    }
+}
+
 /// Global RoPE positions of `rank`'s local tokens for a length-`seq_len` sequence over `ranks`
 /// ranks (see [`Sharding::positions`]).
 pub fn shard_positions(
@@ -427,6 +481,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn token_shards_cover_every_target_once_at_its_global_position() {
+        for t in TS {
+            for p in PS {
+                for layout in LAYOUTS {
+                    let s = Sharding::new(t, p, layout).unwrap();
+                    let batch = 2;
+                    // Token and target of global row g in batch row b encode (b, g).
+                    let tokens: Vec<u32> = (0..batch * t).map(|i| 1000 + i as u32).collect();
+                    let targets: Vec<i32> = (0..batch * t)
+                        .map(|i| if i % 3 == 0 { -100 } else { i as i32 })
+                        .collect();
+                    let mut seen = vec![0usize; batch * t];
+                    for r in 0..p {
+                        let sh = s
+                            .shard_tokens(&tokens, &targets, batch, r, 7, -100)
+                            .unwrap();
+                        let l = s.local_len();
+                        assert_eq!((sh.b, sh.t), (batch, l));
+                        assert_eq!(sh.batch().tokens.len(), batch * l);
+                        for b in 0..batch {
+                            for i in 0..l {
+                                let (k, g) = (b * l + i, s.global_row(r, i));
+                                if g < t {
+                                    assert_eq!(sh.tokens[k], 1000 + (b * t + g) as u32);
+                                    assert_eq!(sh.targets[k], targets[b * t + g]);
+                                    assert_eq!(sh.positions[k] as usize, g);
+                                    seen[b * t + g] += 1;
+                                } else {
+                                    assert_eq!((sh.tokens[k], sh.targets[k]), (7, -100));
+                                    assert_eq!(sh.positions[k] as usize, t.saturating_sub(1));
+                                }
+                            }
+                        }
+                    }
+                    assert!(seen.iter().all(|&n| n == 1), "T={t} P={p} {layout:?}");
+                }
+            }
+        }
+        // A batch of the wrong length is refused, naming the tensor.
+        let s = Sharding::new(10, 2, Layout::Zigzag).unwrap();
+        let e = s
+            .shard_tokens(&[0; 9], &[0; 10], 1, 0, 0, -100)
+            .unwrap_err();
+        assert!(matches!(e, ShardError::Length { len: 9, .. }), "{e}");
+        assert!(s.shard_tokens(&[0; 10], &[0; 10], 1, 2, 0, -100).is_err());
     }
 
     #[test]

@@ -6,10 +6,16 @@
 //! start without one (naming what is missing); "cpu" never opens a GPU. The same binary runs on
 //! machines without a GPU: `reel_cuda` opens every CUDA library at run time.
 //!
-//! Without the `cuda` feature, [`GpuHandle`] and [`GpuModel`] are uninhabited, so the CPU-only
-//! build carries the same code paths with no GPU in them.
+//! A run with `parallel.sp > 1` (and dp = 1) on the GPU puts its sp in-process ranks on GPU 0,
+//! each a thread with its own stream ([`GpuSpGroup`], [`GpuPlace::Sp`]): every rank's
+//! [`GpuModel`] holds its token shard and attends through the group's schedule on the device.
+//!
+//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`] and [`GpuModel`] are uninhabited,
+//! so the CPU-only build carries the same code paths with no GPU in them.
 
 use anyhow::Result;
+use reel_model::{CheckpointPolicy, Qwen2Config};
+use reel_optim::AdamWConfig;
 use serde::{Deserialize, Serialize};
 
 /// `train.device`.
@@ -82,8 +88,87 @@ pub fn resolve<G>(
     }
 }
 
+/// Why a run with `dp` data-parallel replicas (of a vision-language model when `vlm`) cannot
+/// train on the GPU yet, for [`resolve`]'s `cpu_only`; `None` when it can: the text decoder
+/// with dp = 1, on one rank or on its sp ranks sharing the GPU.
+pub fn gpu_unsupported(dp: usize, vlm: bool) -> Option<&'static str> {
+    if vlm {
+        Some("GPU training covers the text decoder (Qwen2); this Qwen2.5-VL run trains on the CPU")
+    } else if dp > 1 {
+        Some(
+            "GPU training runs one data-parallel replica (dp = 1; sp ranks share the GPU); this \
+             dp > 1 run trains on the CPU",
+        )
+    } else {
+        None
+    }
+}
+
 /// Whether this binary has the GPU path.
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
+
+/// Where one rank's device model lives.
+pub enum GpuPlace {
+    /// The run's only rank, on the opened GPU.
+    One(Box<GpuHandle>),
+    /// Rank `rank` of a sequence-parallel group of in-process ranks on one GPU.
+    Sp { group: GpuSpGroup, rank: usize },
+}
+
+/// The in-process device ranks of a sequence-parallel run on one GPU: their device world (each
+/// rank's endpoint made on its own thread) and the attention schedule they run.
+#[cfg(feature = "cuda")]
+#[derive(Clone)]
+pub struct GpuSpGroup {
+    world: reel_cuda::DeviceWorld,
+    schedule: reel_parallel::Schedule,
+    overlap: reel_parallel::Overlap,
+}
+
+/// The group of `schedule.ranks` device ranks on the GPU `gpu` was opened on (GPU 0; each rank
+/// opens its own stream, so `gpu` itself is let go); a rank that waits longer than `timeout`
+/// for a peer fails.
+#[cfg(feature = "cuda")]
+pub fn gpu_sp_group(
+    gpu: GpuHandle,
+    schedule: reel_parallel::Schedule,
+    overlap: reel_parallel::Overlap,
+    timeout: std::time::Duration,
+) -> GpuSpGroup {
+    drop(gpu);
+    GpuSpGroup {
+        world: reel_cuda::DeviceWorld::new(schedule.ranks, timeout),
+        schedule,
+        overlap,
+    }
+}
+
+/// The device model of one rank: the model's weights `params` (flat `ParamLayout`) uploaded
+/// where `place` says, with local attention (one rank) or the group's sequence-parallel
+/// attention (its own stream and device endpoint, opened here on the rank's thread).
+#[cfg(feature = "cuda")]
+pub fn gpu_model(
+    place: GpuPlace,
+    config: Qwen2Config,
+    params: &[f32],
+    policy: CheckpointPolicy,
+    adamw: AdamWConfig,
+) -> Result<GpuModel> {
+    use anyhow::Context;
+    match place {
+        GpuPlace::One(g) => Ok(GpuModel::new(*g, config, params, policy, adamw)?),
+        GpuPlace::Sp { group, rank } => {
+            let g = reel_cuda::Gpu::open_on_new_stream(0)
+                .with_context(|| format!("sequence-parallel rank {rank}: opening its stream"))?;
+            let comm = group.world.comm(rank, &g)?;
+            let sp = reel_cuda::GpuSpAttention::new(comm, group.schedule, group.overlap)
+                .with_context(|| format!("sequence-parallel rank {rank}: device attention"))?;
+            let mut m = GpuModel::new(g, config, params, policy, adamw)?;
+            m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+            Ok(m)
+        }
+    }
+}
 
 #[cfg(feature = "cuda")]
 pub use reel_cuda::{Gpu as GpuHandle, GpuQwen2 as GpuModel};
@@ -106,11 +191,35 @@ pub fn open_gpu() -> Result<GpuHandle, String> {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub use cpu_only::{GpuHandle, GpuModel};
+pub use cpu_only::{GpuHandle, GpuModel, GpuSpGroup};
 
 #[cfg(not(feature = "cuda"))]
 pub fn open_gpu() -> Result<GpuHandle, String> {
     Err("built without the `cuda` feature".into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_sp_group(
+    gpu: GpuHandle,
+    _: reel_parallel::Schedule,
+    _: reel_parallel::Overlap,
+    _: std::time::Duration,
+) -> GpuSpGroup {
+    match gpu.never {}
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_model(
+    place: GpuPlace,
+    _: Qwen2Config,
+    _: &[f32],
+    _: CheckpointPolicy,
+    _: AdamWConfig,
+) -> Result<GpuModel> {
+    match place {
+        GpuPlace::One(g) => match g.never {},
+        GpuPlace::Sp { group, .. } => match group.never {},
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -132,6 +241,12 @@ mod cpu_only {
         never: Infallible,
     }
 
+    /// Never made (its field cannot be).
+    #[derive(Clone)]
+    pub struct GpuSpGroup {
+        pub(in crate::device) never: Infallible,
+    }
+
     type R<T> = Result<T, std::convert::Infallible>;
 
     #[allow(clippy::missing_errors_doc)]
@@ -146,6 +261,15 @@ mod cpu_only {
             match g.never {}
         }
         pub fn forward(&mut self, _: &TokenBatch) -> R<LossStats> {
+            match self.never {}
+        }
+        pub fn set_seq_len(&mut self, _: usize) -> R<Option<reel_parallel::Sharding>> {
+            match self.never {}
+        }
+        pub fn all_reduce_grads(&mut self, _: LossStats) -> R<LossStats> {
+            match self.never {}
+        }
+        pub fn abort_peers(&self, _: &str) {
             match self.never {}
         }
         pub fn backward(&mut self, _: &TokenBatch, _: f32) -> R<()> {
@@ -214,6 +338,27 @@ mod tests {
         ));
         assert_eq!("gpu".parse::<Device>(), Ok(Device::Cuda));
         assert!("tpu".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn sequence_parallel_text_runs_go_to_the_gpu_and_dp_or_the_vlm_stay_on_the_cpu() {
+        assert_eq!(
+            gpu_unsupported(1, false),
+            None,
+            "one rank or sp ranks, dp 1"
+        );
+        let dp = gpu_unsupported(2, false).unwrap();
+        assert!(dp.contains("dp > 1"), "{dp}");
+        let vl = gpu_unsupported(1, true).unwrap();
+        assert!(vl.contains("Qwen2.5-VL"), "{vl}");
+        // "cuda" names the reason; "auto" falls back with it.
+        let gpu = || -> Result<u8, String> { Ok(1) };
+        let e = resolve(Device::Cuda, true, gpu_unsupported(4, false), gpu).unwrap_err();
+        assert!(e.contains("dp > 1"), "{e}");
+        assert!(matches!(
+            resolve(Device::Auto, true, gpu_unsupported(1, false), gpu),
+            Ok(Chosen::Cuda(1))
+        ));
     }
 
     #[test]

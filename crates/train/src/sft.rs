@@ -33,7 +33,10 @@ use crate::checkpoint::{
     OPTIMIZER_FILE, TRAINER_STATE_FILE,
 };
 use crate::config::{ModelKind, SftConfig};
-use crate::device::{describe, open_gpu, resolve, Chosen, GpuHandle, GpuModel, BUILT_WITH_CUDA};
+use crate::device::{
+    describe, gpu_model, gpu_sp_group, gpu_unsupported, open_gpu, resolve, Chosen, GpuHandle,
+    GpuModel, GpuPlace, BUILT_WITH_CUDA,
+};
 use crate::eval::{eval_examples, tokenize_all};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::vl::VideoRunStats;
@@ -394,17 +397,8 @@ impl SftTask for TextTask {
             return Ok(stats);
         };
         let sh = sp.set_seq_len(b.t)?;
-        let tokens = sh.shard(&b.input_ids, b.b, 1, r, self.pad)?;
-        let targets = sh.shard(&b.targets, b.b, 1, r, IGNORE_INDEX)?;
-        let row = sh.positions(r)?;
-        let positions: Vec<u32> = (0..b.b).flat_map(|_| row.iter().copied()).collect();
-        let tb = TokenBatch {
-            tokens: &tokens,
-            targets: &targets,
-            positions: &positions,
-            b: b.b,
-            t: sh.local_len(),
-        };
+        let shard = sh.shard_tokens(&b.input_ids, &b.targets, b.b, r, self.pad, IGNORE_INDEX)?;
+        let tb = shard.batch();
         let stats = model.forward(ws, &tb, sp)?;
         model.backward(grads, ws, &tb, scale, sp)?;
         Ok(stats)
@@ -545,9 +539,10 @@ struct Replica<T: SftTask> {
     /// Gradients of the trainable tensors (Σ `sizes`), then [`STATS`] slots.
     grads: Vec<f32>,
     sampler: BucketSampler,
-    /// When training on the GPU (text decoder, one rank): the device-resident model, its fp32
-    /// master weights and AdamW moments. The host model's weights and `opt` are then refreshed
-    /// from it by [`Replica::sync_host`] before evaluations, checkpoints and the end of the run.
+    /// When training on the GPU (text decoder; one rank, or one of the sp ranks sharing GPU 0):
+    /// the device-resident model, its fp32 master weights and AdamW moments. The host model's
+    /// weights and `opt` are then refreshed from it by [`Replica::sync_host`] before
+    /// evaluations, checkpoints and the end of the run.
     gpu: Option<GpuModel>,
 }
 
@@ -556,7 +551,7 @@ impl<T: SftTask> Replica<T> {
         model: T::Model,
         shared: &Shared<T>,
         cfg: &SftConfig,
-        gpu: Option<GpuHandle>,
+        gpu: Option<GpuPlace>,
     ) -> Result<Self> {
         let groups = shared.task.param_groups(&model);
         let sizes: Vec<usize> = groups.iter().map(|g| g.0).collect();
@@ -566,11 +561,11 @@ impl<T: SftTask> Replica<T> {
             opt.load_state(state.clone())?;
         }
         let gpu = match gpu {
-            Some(g) => {
+            Some(place) => {
                 let q =
                     T::text_model(&model).context("this model family has no GPU training path")?;
-                let mut gm = GpuModel::new(
-                    g,
+                let mut gm = gpu_model(
+                    place,
                     q.config.clone(),
                     &q.params,
                     cfg.train.checkpoint,
@@ -612,11 +607,16 @@ impl<T: SftTask> Replica<T> {
     }
 }
 
-/// One optimizer step on the GPU (one rank): every micro-batch forward and backward into the
-/// fp32 gradients (loss scaled by 1 / labelled tokens of the step), clipping and AdamW there.
+/// One optimizer step on the GPU: every micro-batch forward and backward into the fp32
+/// gradients (loss scaled by 1 / labelled tokens of the step), clipping and AdamW there. Under
+/// sequence parallelism (`sp_rank` of the model's group) each micro-batch is cut like the CPU
+/// ranks cut it ([`Sharding::shard_tokens`](reel_parallel::Sharding::shard_tokens)), this rank
+/// runs its shard, and the gradients, loss and token count are summed over the group on the
+/// device before clipping, so every rank clips by the global norm and steps alike.
 fn gpu_train_step(
     gm: &mut GpuModel,
     batches: &[&Batch],
+    sp_rank: usize,
     cfg: &SftConfig,
     lr: f32,
     at: &str,
@@ -625,13 +625,40 @@ fn gpu_train_step(
     let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
     let scale = 1.0 / labelled.max(1) as f32;
     gm.zero_grads()?;
-    let mut loss_sum = 0.0f64;
+    let mut local = LossStats::default();
     for b in batches {
-        let tb = token_batch(b);
-        let s = gm.forward(&tb).with_context(|| at.to_string())?;
-        gm.backward(&tb, scale).with_context(|| at.to_string())?;
-        loss_sum += s.loss_sum;
+        let s = match gm.set_seq_len(b.t).with_context(|| at.to_string())? {
+            None => {
+                let tb = token_batch(b);
+                let s = gm.forward(&tb).with_context(|| at.to_string())?;
+                gm.backward(&tb, scale).with_context(|| at.to_string())?;
+                s
+            }
+            Some(sh) => {
+                // Padded rows sit after every real token, so no real token attends to them and
+                // their targets are ignored: any in-vocabulary id will do.
+                let shard = sh
+                    .shard_tokens(&b.input_ids, &b.targets, b.b, sp_rank, 0, IGNORE_INDEX)
+                    .with_context(|| at.to_string())?;
+                let tb = shard.batch();
+                let s = gm.forward(&tb).with_context(|| at.to_string())?;
+                gm.backward(&tb, scale).with_context(|| at.to_string())?;
+                s
+            }
+        };
+        local.loss_sum += s.loss_sum;
+        local.n_tokens += s.n_tokens;
     }
+    let global = gm
+        .all_reduce_grads(local)
+        .with_context(|| format!("{at}: gradient all-reduce"))?;
+    if global.n_tokens != labelled {
+        bail!(
+            "{at}: the ranks' shards hold {} labelled tokens, the step {labelled}",
+            global.n_tokens
+        );
+    }
+    let loss_sum = global.loss_sum;
     let grad_norm = gm.clip_grad_norm(cfg.train.grad_clip.max(0.0))?;
     let loss = (loss_sum / labelled.max(1) as f64) as f32;
     if !loss.is_finite() || !grad_norm.is_finite() {
@@ -700,7 +727,8 @@ fn train_step<T: SftTask, C: Communicator>(
         }
         let text: Option<Vec<&Batch>> = batches.iter().map(T::text_batch).collect();
         let text = text.context("this model family has no GPU training path")?;
-        return gpu_train_step(gm, &text, cfg, lr, at);
+        let sp_rank = peers.map_or(0, |p| p.coords.sp_rank);
+        return gpu_train_step(gm, &text, sp_rank, cfg, lr, at);
     }
     let (labelled, tokens) = batches
         .iter()
@@ -818,7 +846,7 @@ pub(crate) fn param_checksum(params: &[f32]) -> u64 {
 
 /// The training loop of one rank (the only rank when `peers` is `None`). Every rank draws the
 /// same micro-batches from its copy of the sampler, so all stay in step; only the lead writes.
-/// With `gpu`, the (single) rank trains on that GPU.
+/// With `gpu`, the rank trains on the GPU (the only rank, or one of a sequence-parallel group).
 #[allow(clippy::too_many_arguments)]
 fn rank_loop<T: SftTask, C: Communicator>(
     model: T::Model,
@@ -828,134 +856,148 @@ fn rank_loop<T: SftTask, C: Communicator>(
     lead: Option<Lead<'_, '_>>,
     stop_after: Option<u64>,
     poison_step: Option<u64>,
-    gpu: Option<GpuHandle>,
+    gpu: Option<GpuPlace>,
 ) -> Result<RankOut> {
     let task = &shared.task;
+    let at_rank = peers.map_or(String::new(), |p| format!("rank {}: ", p.rank));
     let mut rep = Replica::new(model, shared, cfg, gpu)?;
-    let schedule = cfg.train.lr_schedule();
-    let total = cfg.train.steps;
-    let start_step = shared.start_step;
-    let dp = peers.map_or(1, |p| p.dims.dp());
-    let micro_batches = dp * cfg.train.grad_accum as usize;
-    let mut lead = match lead {
-        Some(l) => Some((
-            MetricsWriter::open(&cfg.output.dir, start_step + 1)?,
-            match l.progress {
-                Some(mode) => Progress::with_mode(mode, total, start_step, cfg.output.log_every),
-                None => Progress::new(total, start_step, cfg.output.log_every),
-            },
-            l.hook,
-        )),
-        None => None,
-    };
-    let mut losses = Vec::new();
-    let mut recent_losses = shared.recent_losses.clone();
-    let mut ran = 0u64;
-
-    for step in start_step..total {
-        if stop_after.is_some_and(|n| ran >= n) {
-            break;
-        }
-        let done = step + 1;
-        let at = match peers {
-            Some(p) if p.dims.world() > 1 => format!("rank {}, step {done}", p.rank),
-            _ => format!("step {done}"),
+    // A device rank that fails aborts its sequence-parallel group, so the others stop at their
+    // next exchange instead of waiting for it until the timeout.
+    let result = (|| -> Result<RankOut> {
+        let schedule = cfg.train.lr_schedule();
+        let total = cfg.train.steps;
+        let start_step = shared.start_step;
+        let dp = peers.map_or(1, |p| p.dims.dp());
+        let micro_batches = dp * cfg.train.grad_accum as usize;
+        let mut lead = match lead {
+            Some(l) => Some((
+                MetricsWriter::open(&cfg.output.dir, start_step + 1)?,
+                match l.progress {
+                    Some(mode) => {
+                        Progress::with_mode(mode, total, start_step, cfg.output.log_every)
+                    }
+                    None => Progress::new(total, start_step, cfg.output.log_every),
+                },
+                l.hook,
+            )),
+            None => None,
         };
-        let t0 = Instant::now();
-        let batches: Vec<T::Micro> = (0..micro_batches)
-            .map(|_| task.micro(&rep.sampler.next_batch(), cfg))
-            .collect();
-        let lr = schedule.lr_at(cfg.train.lr, step);
-        let poison = poison_step == Some(done);
-        let out = train_step(task, &mut rep, &batches, peers, cfg, lr, &at, poison)?;
-        let loss = out.loss;
-        ran += 1;
-        let secs = t0.elapsed().as_secs_f64();
-        let tokens_per_s = out.tokens as f64 / secs;
-        losses.push(loss);
-        recent_losses.push(loss);
-        if recent_losses.len() > 100 {
-            recent_losses.remove(0);
-        }
-        let Some((metrics, progress, hook)) = lead.as_mut() else {
-            continue;
-        };
-        let mut record = json!({
-            "step": done, "loss": loss, "lr": lr, "grad_norm": out.grad_norm,
-            "tokens": out.tokens, "label_tokens": out.labelled, "tokens_per_s": tokens_per_s,
-            "step_s": secs, "epoch": rep.sampler.epoch(),
-        });
-        task.step_metrics(&mut record);
-        progress.update(&StepReport {
-            step: done,
-            loss,
-            lr,
-            tokens_per_s,
-        });
+        let mut losses = Vec::new();
+        let mut recent_losses = shared.recent_losses.clone();
+        let mut ran = 0u64;
 
-        let last = done == total;
-        let evaluate = (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last;
-        let save = (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last;
-        if evaluate || save {
-            rep.sync_host()
-                .with_context(|| format!("{at}: reading the weights back from the GPU"))?;
-        }
-        if evaluate {
-            let mut parts = Vec::new();
-            if let Some(s) = task
-                .eval(&rep.model)
-                .with_context(|| format!("{at}: evaluation"))?
-            {
-                record["eval_loss"] = json!(s.mean());
-                parts.push(format!("eval loss {:.4}", s.mean()));
+        for step in start_step..total {
+            if stop_after.is_some_and(|n| ran >= n) {
+                break;
             }
-            if let (Some(hook), Some(m)) = (hook.as_mut(), T::text_model(&rep.model)) {
-                let extra =
-                    hook(done, m, &shared.tok).with_context(|| format!("{at}: evaluation hook"))?;
-                if let Some(obj) = extra.as_object() {
-                    for (k, v) in obj {
-                        record[k] = v.clone();
-                        parts.push(format!("{k} {v}"));
+            let done = step + 1;
+            let at = match peers {
+                Some(p) if p.dims.world() > 1 => format!("rank {}, step {done}", p.rank),
+                _ => format!("step {done}"),
+            };
+            let t0 = Instant::now();
+            let batches: Vec<T::Micro> = (0..micro_batches)
+                .map(|_| task.micro(&rep.sampler.next_batch(), cfg))
+                .collect();
+            let lr = schedule.lr_at(cfg.train.lr, step);
+            let poison = poison_step == Some(done);
+            let out = train_step(task, &mut rep, &batches, peers, cfg, lr, &at, poison)?;
+            let loss = out.loss;
+            ran += 1;
+            let secs = t0.elapsed().as_secs_f64();
+            let tokens_per_s = out.tokens as f64 / secs;
+            losses.push(loss);
+            recent_losses.push(loss);
+            if recent_losses.len() > 100 {
+                recent_losses.remove(0);
+            }
+            let Some((metrics, progress, hook)) = lead.as_mut() else {
+                continue;
+            };
+            let mut record = json!({
+                "step": done, "loss": loss, "lr": lr, "grad_norm": out.grad_norm,
+                "tokens": out.tokens, "label_tokens": out.labelled, "tokens_per_s": tokens_per_s,
+                "step_s": secs, "epoch": rep.sampler.epoch(),
+            });
+            task.step_metrics(&mut record);
+            progress.update(&StepReport {
+                step: done,
+                loss,
+                lr,
+                tokens_per_s,
+            });
+
+            let last = done == total;
+            let evaluate = (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last;
+            let save = (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last;
+            if evaluate || save {
+                rep.sync_host()
+                    .with_context(|| format!("{at}: reading the weights back from the GPU"))?;
+            }
+            if evaluate {
+                let mut parts = Vec::new();
+                if let Some(s) = task
+                    .eval(&rep.model)
+                    .with_context(|| format!("{at}: evaluation"))?
+                {
+                    record["eval_loss"] = json!(s.mean());
+                    parts.push(format!("eval loss {:.4}", s.mean()));
+                }
+                if let (Some(hook), Some(m)) = (hook.as_mut(), T::text_model(&rep.model)) {
+                    let extra = hook(done, m, &shared.tok)
+                        .with_context(|| format!("{at}: evaluation hook"))?;
+                    if let Some(obj) = extra.as_object() {
+                        for (k, v) in obj {
+                            record[k] = v.clone();
+                            parts.push(format!("{k} {v}"));
+                        }
                     }
                 }
+                if !parts.is_empty() {
+                    progress.println(format!("step {done}: loss {loss:.4}, {}", parts.join(", ")));
+                }
             }
-            if !parts.is_empty() {
-                progress.println(format!("step {done}: loss {loss:.4}, {}", parts.join(", ")));
-            }
-        }
-        metrics.write(&record)?;
+            metrics.write(&record)?;
 
-        if save {
-            let state = TrainerState {
-                step: done,
-                data: serde_json::to_value(rep.sampler.state())?,
-                rng: cfg.data.seed,
-                losses: recent_losses.clone(),
-                config_hash: cfg.config_hash(),
-            };
-            let files =
-                with_trainer_files(task.model_files(&rep.model, &shared.tok)?, &rep.opt, &state)?;
-            shared
-                .ckpts
-                .save(done, &files)
-                .with_context(|| format!("{at}: saving the checkpoint"))?;
+            if save {
+                let state = TrainerState {
+                    step: done,
+                    data: serde_json::to_value(rep.sampler.state())?,
+                    rng: cfg.data.seed,
+                    losses: recent_losses.clone(),
+                    config_hash: cfg.config_hash(),
+                };
+                let files = with_trainer_files(
+                    task.model_files(&rep.model, &shared.tok)?,
+                    &rep.opt,
+                    &state,
+                )?;
+                shared
+                    .ckpts
+                    .save(done, &files)
+                    .with_context(|| format!("{at}: saving the checkpoint"))?;
+            }
         }
+        if let Some((_, progress, _)) = &lead {
+            progress.finish();
+        }
+        rep.sync_host()
+            .context("reading the weights back from the GPU")?;
+        Ok(RankOut {
+            final_loss: losses
+                .last()
+                .or(recent_losses.last())
+                .copied()
+                .unwrap_or(f32::NAN),
+            losses,
+            ran,
+            checksum: task.checksum(&rep.model),
+        })
+    })();
+    if let (Err(e), Some(gm)) = (&result, &rep.gpu) {
+        gm.abort_peers(&format!("{at_rank}{e:#}"));
     }
-    if let Some((_, progress, _)) = &lead {
-        progress.finish();
-    }
-    rep.sync_host()
-        .context("reading the weights back from the GPU")?;
-    Ok(RankOut {
-        final_loss: losses
-            .last()
-            .or(recent_losses.last())
-            .copied()
-            .unwrap_or(f32::NAN),
-        losses,
-        ran,
-        checksum: task.checksum(&rep.model),
-    })
+    result
 }
 
 /// Whether `e` only reports that another rank failed first.
@@ -965,31 +1007,48 @@ fn is_secondary(e: &anyhow::Error) -> bool {
             c.downcast_ref::<CommError>(),
             Some(CommError::PeerFailed { .. } | CommError::PeerExited { .. })
         )
-    }) || format!("{e:#}").contains("aborted because rank")
+    }) || {
+        let m = format!("{e:#}");
+        // The host communicator's abort, or the device ranks' (`DeviceComm::abort`).
+        m.contains("aborted because rank")
+            || (m.contains("device communicator: rank") && m.contains(" aborted: "))
+    }
 }
 
 /// The ranks of a `dp × sp` run, one thread each: every rank builds the same replica, rank
 /// `dp_rank · sp + sp_rank` takes micro-batches `dp_rank, dp_rank + dp, …` and its token shard
 /// of each; rank 0 writes. The first rank to fail (not one that only saw another fail) gives the
-/// error.
+/// error. With `gpu` (dp = 1), the sp ranks train on that GPU, each on its own stream.
 fn run_ranks<T: SftTask>(
     model: &T::Model,
     shared: &Shared<T>,
     cfg: &SftConfig,
     opts: &mut RunOptions,
     dims: ParallelDims,
+    gpu: Option<GpuHandle>,
 ) -> Result<Vec<RankOut>> {
     let par = &cfg.parallel;
     if dims.world() > 1 {
         tracing::info!(
-            "training on {} in-process ranks: dp {} × sp {} ({} attention, overlap {})",
+            "training on {} in-process ranks{}: dp {} × sp {} ({} attention, overlap {})",
             dims.world(),
+            if gpu.is_some() { " of one GPU" } else { "" },
             dims.dp(),
             dims.sp(),
             par.schedule,
             par.overlap
         );
     }
+    let gpu_group = match gpu {
+        Some(g) if dims.dp() == 1 => Some(gpu_sp_group(
+            g,
+            par.schedule.kind().build(dims.sp())?,
+            par.overlap_mode(),
+            par.timeout(),
+        )),
+        Some(_) => bail!("GPU training takes one data-parallel replica (dp = 1)"),
+        None => None,
+    };
     let (stop_after, poison_step, poison_rank, progress) = (
         opts.stop_after,
         opts.poison_step,
@@ -1029,6 +1088,10 @@ fn run_ranks<T: SftTask>(
         });
         let poison = poison_step.filter(|_| rank == poison_rank);
         let replica = shared.task.replica(model)?;
+        let gpu = gpu_group.clone().map(|group| GpuPlace::Sp {
+            group,
+            rank: coords.sp_rank,
+        });
         rank_loop(
             replica,
             shared,
@@ -1037,7 +1100,7 @@ fn run_ranks<T: SftTask>(
             lead,
             stop_after,
             poison,
-            None,
+            gpu,
         )
     });
     let mut outs = Vec::with_capacity(results.len());
@@ -1079,11 +1142,7 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<SftSummary> {
 
 fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
     let dims = cfg.parallel.dims()?;
-    let cpu_only = if dims.world() > 1 || T::NEEDS_COMM {
-        Some("GPU training runs one rank of the text decoder; this run trains on the CPU")
-    } else {
-        None
-    };
+    let cpu_only = gpu_unsupported(dims.dp(), T::NEEDS_COMM);
     let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
         .map_err(anyhow::Error::msg)?
     {
@@ -1112,11 +1171,11 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
             Some(lead),
             opts.stop_after,
             opts.poison_step,
-            gpu,
+            gpu.map(|g| GpuPlace::One(Box::new(g))),
         )
         .map(|o| vec![o])
     } else {
-        run_ranks(&model, &shared, cfg, &mut opts, dims)
+        run_ranks(&model, &shared, cfg, &mut opts, dims, gpu)
     };
     let last_good = shared.ckpts.latest();
     let outs = outs.map_err(|e| {

@@ -1,0 +1,261 @@
+//! A `GpuQwen2`'s attention when it is one rank of a sequence-parallel group (feature `cudnn`):
+//! the device twin of `reel_parallel::SpAttention`. The rank's model runs its layers on its token
+//! shard (`[B, L]`, rows in the schedule's layout order, RoPE at global positions); attention
+//! goes through [`GpuDistAttn`] over the rank's [`DeviceComm`], so every rank of the group must
+//! make the same calls in the same order.
+//!
+//! As with `SpAttention`, the model's shape does not say how many of the L local rows are
+//! padding, so the caller announces each batch's global length with
+//! [`GpuSpAttention::set_seq_len`], which returns the `Sharding` to cut tokens, targets and
+//! positions with (`Sharding::shard_tokens`).
+//!
+//! Shapes: q, out, dout, dq `[B, L, H, D]` bf16; k, v, dk, dv `[B, L, H_kv, D]` bf16; lse
+//! `[B, L, H]` f32. The executor takes buffers of exactly these lengths while the model's
+//! activation buffers are sized for its largest batch, so each call stages its operands through
+//! exact-size buffers kept here (device-to-device copies; remade only when the local shape
+//! changes).
+
+use half::bf16;
+use reel_kernels::attention::AttnShape;
+use reel_parallel::{Overlap, Schedule, Sharding};
+
+use crate::buffer::{DevRead, DevWrite};
+use crate::devcomm::DeviceComm;
+use crate::{shape_err, DeviceBuf, Gpu, GpuDistAttn, GpuSpStats, Result};
+
+/// Exact-size operands of one local shape.
+struct Stage {
+    shape: AttnShape,
+    q: DeviceBuf<bf16>,
+    k: DeviceBuf<bf16>,
+    v: DeviceBuf<bf16>,
+    out: DeviceBuf<bf16>,
+    lse: DeviceBuf<f32>,
+    dout: DeviceBuf<bf16>,
+    dq: DeviceBuf<bf16>,
+    dk: DeviceBuf<bf16>,
+    dv: DeviceBuf<bf16>,
+}
+
+impl Stage {
+    fn new(gpu: &Gpu, shape: AttnShape) -> Result<Stage> {
+        let AttnShape {
+            b, tq, h, h_kv, d, ..
+        } = shape;
+        let (nq, nk, nl) = (b * tq * h * d, b * tq * h_kv * d, b * tq * h);
+        Ok(Stage {
+            shape,
+            q: gpu.alloc_zeros(nq)?,
+            k: gpu.alloc_zeros(nk)?,
+            v: gpu.alloc_zeros(nk)?,
+            out: gpu.alloc_zeros(nq)?,
+            lse: gpu.alloc_zeros(nl)?,
+            dout: gpu.alloc_zeros(nq)?,
+            dq: gpu.alloc_zeros(nq)?,
+            dk: gpu.alloc_zeros(nk)?,
+            dv: gpu.alloc_zeros(nk)?,
+        })
+    }
+}
+
+/// Totals of this rank's attention calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuSpTotals {
+    pub forward_calls: usize,
+    pub backward_calls: usize,
+    pub forward: GpuSpStats,
+    pub backward: GpuSpStats,
+}
+
+fn add(a: &mut GpuSpStats, b: GpuSpStats) {
+    a.blocks += b.blocks;
+    a.messages_sent += b.messages_sent;
+    a.bytes_sent += b.bytes_sent;
+}
+
+/// One rank's sequence-parallel causal attention on device buffers (module docs).
+pub struct GpuSpAttention {
+    comm: DeviceComm,
+    schedule: Schedule,
+    overlap: Overlap,
+    sharding: Option<Sharding>,
+    /// The executor of the current sharding and local shape.
+    exec: Option<(Sharding, AttnShape, GpuDistAttn)>,
+    stage: Option<Stage>,
+    totals: GpuSpTotals,
+}
+
+impl GpuSpAttention {
+    /// `comm` is this rank's endpoint of the sequence-parallel group; `schedule` must be causal
+    /// (the model's attention is), valid, and over `comm.world_size()` ranks.
+    pub fn new(comm: DeviceComm, schedule: Schedule, overlap: Overlap) -> Result<Self> {
+        schedule
+            .validate()
+            .map_err(|e| crate::GpuError::Shape(format!("sequence-parallel schedule: {e}")))?;
+        if !schedule.causal() {
+            return shape_err(format!(
+                "the model's attention is causal; the {:?} schedule is not",
+                schedule.kind
+            ));
+        }
+        if comm.world_size() != schedule.ranks {
+            return shape_err(format!(
+                "the sequence-parallel group has {} ranks, the schedule {}",
+                comm.world_size(),
+                schedule.ranks
+            ));
+        }
+        Ok(GpuSpAttention {
+            comm,
+            schedule,
+            overlap,
+            sharding: None,
+            exec: None,
+            stage: None,
+            totals: GpuSpTotals::default(),
+        })
+    }
+
+    pub fn comm(&self) -> &DeviceComm {
+        &self.comm
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Announces the global (unpadded) length T of the coming batch's sequences; returns the
+    /// sharding its tokens, targets and positions must be cut with (`local_len()` is the model's
+    /// T on this rank).
+    pub fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding> {
+        let sh = Sharding::new(seq_len, self.schedule.ranks, self.schedule.layout())
+            .map_err(|e| crate::GpuError::Shape(e.to_string()))?;
+        self.sharding = Some(sh);
+        Ok(sh)
+    }
+
+    /// The sharding of the last [`GpuSpAttention::set_seq_len`].
+    pub fn sharding(&self) -> Option<Sharding> {
+        self.sharding
+    }
+
+    /// Calls and traffic since creation.
+    pub fn totals(&self) -> GpuSpTotals {
+        self.totals
+    }
+
+    /// The executor and staging buffers for `shape` under the current sharding.
+    fn prepare(&mut self, gpu: &Gpu, shape: AttnShape) -> Result<()> {
+        let Some(sh) = self.sharding else {
+            return shape_err(
+                "sequence-parallel attention: set_seq_len was not called for this batch".into(),
+            );
+        };
+        if shape.tq != sh.local_len() || shape.tk != sh.local_len() {
+            return shape_err(format!(
+                "sequence-parallel attention: the model's {} local tokens per row are not the \
+                 shard length {} of a length-{} sequence over {} ranks",
+                shape.tq,
+                sh.local_len(),
+                sh.seq_len(),
+                sh.ranks()
+            ));
+        }
+        if !matches!(&self.exec, Some((s, a, _)) if *s == sh && *a == shape) {
+            let exec = GpuDistAttn::new(self.schedule.clone(), sh, shape, self.overlap)?;
+            self.exec = Some((sh, shape, exec));
+        }
+        if self.stage.as_ref().map(|s| s.shape) != Some(shape) {
+            self.stage = None;
+            self.stage = Some(Stage::new(gpu, shape)?);
+        }
+        Ok(())
+    }
+
+    /// This rank's out and lse (overwritten) from its q, k, v.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &mut self,
+        gpu: &Gpu,
+        out: &mut impl DevWrite<bf16>,
+        lse: &mut impl DevWrite<f32>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        self.prepare(gpu, shape)?;
+        let (Some((_, _, exec)), Some(st)) = (&self.exec, self.stage.as_mut()) else {
+            return shape_err("sequence-parallel attention: no executor was prepared".into());
+        };
+        gpu.copy(&mut st.q, q)?;
+        gpu.copy(&mut st.k, k)?;
+        gpu.copy(&mut st.v, v)?;
+        let s = exec.forward(
+            gpu,
+            &self.comm,
+            &mut st.out,
+            &mut st.lse,
+            &st.q,
+            &st.k,
+            &st.v,
+        )?;
+        gpu.copy(out, &st.out)?;
+        gpu.copy(lse, &st.lse)?;
+        self.totals.forward_calls += 1;
+        add(&mut self.totals.forward, s);
+        Ok(())
+    }
+
+    /// Gradients of this rank's q, k, v (overwritten) from dout and its rows of the forward's
+    /// out and lse.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &mut self,
+        gpu: &Gpu,
+        dq: &mut impl DevWrite<bf16>,
+        dk: &mut impl DevWrite<bf16>,
+        dv: &mut impl DevWrite<bf16>,
+        dout: &impl DevRead<bf16>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
+        out: &impl DevRead<bf16>,
+        lse: &impl DevRead<f32>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        self.prepare(gpu, shape)?;
+        let (Some((_, _, exec)), Some(st)) = (&self.exec, self.stage.as_mut()) else {
+            return shape_err("sequence-parallel attention: no executor was prepared".into());
+        };
+        gpu.copy(&mut st.dout, dout)?;
+        gpu.copy(&mut st.q, q)?;
+        gpu.copy(&mut st.k, k)?;
+        gpu.copy(&mut st.v, v)?;
+        gpu.copy(&mut st.out, out)?;
+        gpu.copy(&mut st.lse, lse)?;
+        let s = exec.backward(
+            gpu, &self.comm, &mut st.dq, &mut st.dk, &mut st.dv, &st.dout, &st.q, &st.k, &st.v,
+            &st.out, &st.lse,
+        )?;
+        gpu.copy(dq, &st.dq)?;
+        gpu.copy(dk, &st.dk)?;
+        gpu.copy(dv, &st.dv)?;
+        self.totals.backward_calls += 1;
+        add(&mut self.totals.backward, s);
+        Ok(())
+    }
+
+    /// Fails every rank's pending and later exchanges (a rank that errs outside attention).
+    pub fn abort(&self, why: &str) {
+        self.comm.abort(why);
+    }
+}
