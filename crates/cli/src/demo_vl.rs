@@ -75,6 +75,10 @@ pub struct VideoDemoArgs {
     /// Most tokens of a greedy answer (and of a GRPO sample).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
+    /// Train the vision tower too during CoT-SFT (each video encoded every step, its gradients
+    /// through the tower); GRPO keeps it frozen either way.
+    #[arg(long)]
+    pub train_vision: bool,
 }
 
 /// The held-out evaluation: greedy answers through the engine, videos from one cache.
@@ -236,6 +240,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     sft.warmup = (sft.steps / 20).max(1);
     sft.sp = v.sp;
     sft.seed = args.seed;
+    sft.vision_freeze = !v.train_vision;
     println!(
         "\nCoT-SFT: {} steps × {} videos, lr {}, sequence parallel over {} in-process ranks",
         sft.steps, sft.batch, sft.lr, sft.sp
