@@ -35,6 +35,9 @@
 //!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split.
 //! - Decode attention over a paged KV cache ([`Gpu::paged_attention_forward`], [`GpuPagedBatch`];
 //!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
+//! - The rollout engine's decoding step ([`GpuDecoder`], `decode.rs`): `Qwen2::forward_step` on
+//!   the device over a paged KV cache whose blocks live in device memory (tables on the host),
+//!   a `reel_rollout::StepModel`, so `Engine::with_model` runs on the GPU.
 //! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceWorld`], [`DeviceComm`],
 //!   [`DeviceRanks`]; each rank its own stream, [`Gpu::open_on_new_stream`]) and, with `cudnn`,
 //!   sequence-parallel attention schedules on them ([`GpuDistAttn`], `dist_attn.rs`), with the
@@ -51,6 +54,7 @@ mod buffer;
 mod convert;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod decode;
 mod devcomm;
 #[cfg(feature = "cudnn")]
 mod dist_attn;
@@ -68,6 +72,7 @@ mod plan;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
+pub use decode::GpuDecoder;
 pub use devcomm::{DevPart, DeviceComm, DeviceRanks, DeviceWorld, Transfer};
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};

@@ -162,10 +162,13 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::R
         return argmax();
     }
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if p.top_k > 0 {
+    let desc = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]);
+    if p.top_k > 0 && p.top_k < idx.len() {
+        // The k most likely first (linear selection), then only those sorted.
+        idx.select_nth_unstable_by(p.top_k - 1, desc);
         idx.truncate(p.top_k);
     }
+    idx.sort_unstable_by(desc);
     let max = logits[idx[0]];
     let mut probs: Vec<f64> = idx
         .iter()
