@@ -11,7 +11,8 @@
 //! sampled in steps that prefilled nothing over those steps' time; transformers: G·S·(N − 1)
 //! over the time of `generate` with N new tokens minus that with 1), and reel's split of the
 //! decode steps' time into the device step (`GpuDecoder::step`: kernels and the logits
-//! download) and the host's scheduling and sampling. Needs the `cuda` feature.
+//! download) and the host's scheduling and sampling. `REEL_BENCH_ROLLOUT_CASES=GxSxPxN,…` picks
+//! other cases. Needs the `cuda` feature.
 
 use anyhow::Result;
 use serde_json::Value;
@@ -161,7 +162,28 @@ mod imp {
         }))
     }
 
+    /// The cases: `REEL_BENCH_ROLLOUT_CASES` (`GxSxPxN,…`) or [`CASES`].
+    fn cases() -> Result<Vec<(usize, usize, usize, usize)>> {
+        let Ok(list) = std::env::var("REEL_BENCH_ROLLOUT_CASES") else {
+            return Ok(CASES.to_vec());
+        };
+        list.split(',')
+            .map(|case| {
+                let x: Vec<usize> = case
+                    .split('x')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("REEL_BENCH_ROLLOUT_CASES: bad case {case:?}"))?;
+                match x[..] {
+                    [g, s, p, n] if g * s * p * n > 0 => Ok((g, s, p, n)),
+                    _ => anyhow::bail!("REEL_BENCH_ROLLOUT_CASES: {case:?} is not GxSxPxN"),
+                }
+            })
+            .collect()
+    }
+
     pub fn run(as_json: bool) -> Result<Value> {
+        let cases = cases()?;
         let c = super::super::bench_gpu_train::qwen2_05b(4096);
         let t = Instant::now();
         let model = Qwen2::new_random(c.clone(), 0)?;
@@ -175,13 +197,13 @@ mod imp {
         );
         run_case(&mut dec, (2, 2, 64, 8))?;
         let mut rows = Vec::new();
-        for &case in CASES {
+        for &case in &cases {
             let r = run_case(&mut dec, case)?;
             eprintln!("reel {r}");
             rows.push(r);
         }
         drop(dec);
-        let cases: Vec<String> = CASES
+        let cases: Vec<String> = cases
             .iter()
             .map(|(g, s, p, n)| format!("{g}x{s}x{p}x{n}"))
             .collect();

@@ -20,6 +20,7 @@
 //! any write. 1-D positions only: VLM prompts (input embeddings, M-RoPE) are refused with an
 //! error (the CPU engine runs them).
 
+use cudarc::driver::PinnedHostSlice;
 use half::bf16;
 use reel_model::decode::{SeqStep, StepInput, StepPositions};
 use reel_model::{ParamLayout, Qwen2Config};
@@ -176,7 +177,8 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
     batch: Option<GpuPagedBatch>,
     /// Device logits [rows, V], grown to the most rows that asked for logits in one step.
     dev_logits: Option<DeviceBuf<f32>>,
-    logits: Vec<f32>,
+    /// Their host copy, in page-locked memory (the download runs at the link's full rate).
+    logits: Option<PinnedHostSlice<f32>>,
     gpu: Gpu,
 }
 
@@ -216,7 +218,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
             bufs: None,
             batch: None,
             dev_logits: None,
-            logits: Vec::new(),
+            logits: None,
             gpu,
         })
     }
@@ -369,6 +371,14 @@ impl<T: GpuFloat> GpuDecoder<T> {
         if self.dev_logits.as_ref().is_none_or(|l| l.len() < n_l * v) {
             self.dev_logits = None;
             self.dev_logits = Some(self.gpu.alloc_zeros::<f32>((n_l * v).max(1))?);
+            self.logits = None;
+            // SAFETY: plain page-locked memory (not write-combined: the host reads it); only
+            // the first n_l·V elements are read, after the download below writes them.
+            self.logits = Some(unsafe {
+                self.gpu
+                    .ctx
+                    .alloc_pinned_with_flags::<f32>((n_l * v).max(1), 0)
+            }?);
         }
         let GpuDecoder {
             config: c,
@@ -527,9 +537,9 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 d,
             )?;
         }
-        host_logits.resize(n_l * v, 0.0);
+        let host_logits = host_logits.as_mut().expect("sized above");
         if n_l == 0 {
-            return Ok(&self.logits);
+            return Ok(&[]);
         }
         // The last rows (into xn's first n_l rows), final norm (into qkv's), LM head.
         {
@@ -564,8 +574,9 @@ impl<T: GpuFloat> GpuDecoder<T> {
             d,
             v,
         )?;
-        g.download_into(host_logits, &dev_logits.view(0..n_l * v)?)?;
-        Ok(&self.logits)
+        let host = &mut host_logits.as_mut_slice()?[..n_l * v];
+        g.download_into(host, &dev_logits.view(0..n_l * v)?)?;
+        Ok(host)
     }
 }
 
