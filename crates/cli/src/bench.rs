@@ -11,9 +11,13 @@
 //!   in-process ranks of one GPU (`bench_gpu.rs`, `bench_gpu_sp.rs`); `--gpu-sections` picks.
 //! - `gpu-train` (feature `cuda`): a Qwen2-0.5B-shaped training step beside transformers, and the
 //!   longest trainable sequence (`bench_gpu_train.rs`).
+//! - `gpu-rollout` (feature `cuda`): the rollout engine on the GPU beside transformers' `generate`
+//!   (`bench_gpu_rollout.rs`).
 
 #[path = "bench_gpu.rs"]
 mod bench_gpu;
+#[path = "bench_gpu_rollout.rs"]
+mod bench_gpu_rollout;
 #[path = "bench_gpu_train.rs"]
 mod bench_gpu_train;
 
@@ -227,6 +231,9 @@ pub enum BenchWhat {
     /// A Qwen2-0.5B-shaped training step on the GPU (16k and 32k tokens: tokens/s, MFU) beside
     /// transformers on the same GPU, and the longest sequence each trains (needs `cuda`).
     GpuTrain,
+    /// The rollout engine on the GPU (bf16 `GpuDecoder`) for a Qwen2-0.5B-shaped model: decode
+    /// tokens/s beside transformers' `generate` on the same GPU (needs `cuda`).
+    GpuRollout,
     /// Rollout engine: decode tokens/s at batch 1/8/64, prefill with and without prefix sharing.
     Rollout,
     /// Video input: frames decoded per second (native MJPEG, ffmpeg), preprocessing, the loader.
@@ -334,6 +341,9 @@ pub fn run(
     }
     if what == BenchWhat::GpuTrain {
         report["gpu_train"] = bench_gpu_train::run(as_json)?;
+    }
+    if what == BenchWhat::GpuRollout {
+        report["gpu_rollout"] = bench_gpu_rollout::run(as_json)?;
     }
     if what == BenchWhat::Rollout {
         let model = Qwen2::new_random(bench_config(), 0)?;

@@ -31,7 +31,7 @@ const ITERS: usize = 3;
 const PEAK_TFLOPS: f64 = 989.0;
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-fn qwen2_05b(max_pos: usize) -> reel_model::Qwen2Config {
+pub(crate) fn qwen2_05b(max_pos: usize) -> reel_model::Qwen2Config {
     reel_model::Qwen2Config {
         vocab_size: 151_936,
         hidden_size: 896,
@@ -253,37 +253,51 @@ pub use imp::run;
 /// Runs scripts/bench_train_torch.py (embedded) with `python3` (`REEL_PYTHON` names another).
 #[cfg(feature = "cuda")]
 fn torch_side(tokens: &[usize], limit_s: f64) -> Result<Value, String> {
+    let list: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    const SCRIPT: &str = include_str!("../../../scripts/bench_train_torch.py");
+    let args = [
+        "--longest".to_string(),
+        "--tokens".into(),
+        list.join(","),
+        "--limit-s".into(),
+        limit_s.to_string(),
+    ];
+    run_python("bench_train_torch.py", SCRIPT, &args)
+}
+
+/// Pipes `script` (named `name` in messages) to `python3` (`REEL_PYTHON` names another) with
+/// `args` and parses the JSON of its last stdout line; `REEL_BENCH_NO_TORCH=1` skips it.
+#[cfg(feature = "cuda")]
+pub(crate) fn run_python(name: &str, script: &str, args: &[String]) -> Result<Value, String> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     if std::env::var("REEL_BENCH_NO_TORCH").as_deref() == Ok("1") {
         return Err("REEL_BENCH_NO_TORCH=1".into());
     }
     let py = std::env::var("REEL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let list: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let mut child = Command::new(&py)
-        .args(["-", "--longest", "--tokens", &list.join(",")])
-        .args(["--limit-s", &limit_s.to_string()])
+        .arg("-")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start {py}: {e}"))?;
-    const SCRIPT: &str = include_str!("../../../scripts/bench_train_torch.py");
     child
         .stdin
         .take()
         .ok_or("no stdin")?
-        .write_all(SCRIPT.as_bytes())
+        .write_all(script.as_bytes())
         .map_err(|e| format!("writing the script to {py}: {e}"))?;
     let out = child
         .wait_with_output()
         .map_err(|e| format!("waiting for {py}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("bench_train_torch.py failed ({})", out.status));
+        return Err(format!("{name} failed ({})", out.status));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.lines().last().unwrap_or(""))
-        .map_err(|e| format!("bench_train_torch.py printed no JSON ({e})"))
+        .map_err(|e| format!("{name} printed no JSON ({e})"))
 }
 
 /// The side-by-side table.

@@ -348,6 +348,46 @@ impl crate::Gpu {
         )
     }
 
+    /// `out[m,n] += inp[m,k] · weight[n,k]ᵀ` (β = 1: the residual add fused into the GEMM, one
+    /// rounding of the f32 sum to the output type). Same types as [`crate::Gpu::matmul_forward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_forward_accumulate<I: GpuFloat, O: GpuFloat>(
+        &self,
+        out: &mut impl DevWrite<O>,
+        inp: &impl DevRead<I>,
+        weight: &impl DevRead<I>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let op = "matmul_forward_accumulate";
+        check_types::<I, O>(op)?;
+        check_len(op, "out", out.dlen(), m * n)?;
+        check_len(op, "inp", inp.dlen(), m * k)?;
+        check_len(op, "weight", weight.dlen(), n * k)?;
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let s = Spec {
+            ta: true,
+            tb: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            lda: k as i64,
+            ldb: k as i64,
+            ldc: n as i64,
+            ab: I::cuda_type(),
+            cd: O::cuda_type(),
+            bias: false,
+            accumulate: true,
+            align: [0; 3],
+        };
+        self.blas
+            .gemm(s, 1.0, weight.dptr(), inp.dptr(), out.dptr(), None)
+    }
+
     /// `dinp[m,k] = dout · weight` (overwrites; skipped when `None`), `dweight[n,k] += doutᵀ · inp`,
     /// `dbias[n] +=` column sums of `dout`. All one type; f32 accumulation.
     #[allow(clippy::too_many_arguments)]

@@ -248,6 +248,28 @@ impl Gpu {
         Ok(host)
     }
 
+    /// Waits for the stream and copies `src` into `host` (same length; a reused host buffer).
+    pub fn download_into<T: DeviceElem>(
+        &self,
+        host: &mut [T],
+        src: &impl DevRead<T>,
+    ) -> Result<()> {
+        if host.len() != src.dlen() {
+            return shape_err(format!(
+                "download_into: {} device elements into {} host elements",
+                src.dlen(),
+                host.len()
+            ));
+        }
+        self.bind()?;
+        if !host.is_empty() {
+            // SAFETY: `src` holds host.len() elements of T; synchronised below before use.
+            unsafe { dres::memcpy_dtoh_async(host, src.dptr(), self.cu_stream()) }?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
     /// Sets every byte of `dst` to zero.
     pub fn zero<T: DeviceElem>(&self, dst: &mut impl DevWrite<T>) -> Result<()> {
         self.bind()?;

@@ -769,3 +769,70 @@ __device__ void paged_attn_combine(T* out, float* lse, const float* part_o, cons
 
 REEL_PAGED_ENTRIES(float, f32)
 REEL_PAGED_ENTRIES(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Decode step over a paged KV cache (decode.rs). decode_qkv_store: the fused q/k/v projection's
+// output qkv [N, (H + 2·H_kv)·D] → q [N, H·D] rotated (RoPE, rotate_half as `rope`), and k
+// rotated and v copied into one layer's caches [num_blocks·bs, H_kv·D] at each row's slot
+// (block · bs + offset). One thread per rotation pair (j, j + D/2) of every head.
+// kv_copy_blocks: copies on write of blocks; grid (copies, planes), plane p = one layer's K or V
+// (`plane` elements); copy c moves the first elems[c] elements of block src[c] to block dst[c].
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void decode_qkv_store(T* q, T* kc, T* vc, const T* qkv, const u32* positions,
+                                 const u32* slots, const float* cos_t, const float* sin_t, i64 n,
+                                 int h, int h_kv, int d, u32 max_pos) {
+    const int half = d / 2;
+    const int heads = h + 2 * h_kv;
+    const int pairs = heads * half;
+    const i64 kvw = (i64)h_kv * d;
+    GRID_STRIDE(idx, n * pairs) {
+        const i64 r = idx / pairs;
+        const int c = (int)(idx - r * pairs);
+        const int head = c / half, j = c - head * half;
+        const T* src = qkv + r * heads * d + (i64)head * d;
+        const float x1 = ld(src, j), x2 = ld(src, j + half);
+        if (head >= h + h_kv) {
+            T* o = vc + (i64)slots[r] * kvw + (i64)(head - h - h_kv) * d;
+            st(o, j, x1);
+            st(o, j + half, x2);
+            continue;
+        }
+        const u32 pos = positions[r];
+        float cs = qnan(), sn = qnan();
+        if (pos < max_pos) {
+            cs = cos_t[(i64)pos * half + j];
+            sn = sin_t[(i64)pos * half + j];
+        }
+        T* o = head < h ? q + r * h * d + (i64)head * d
+                        : kc + (i64)slots[r] * kvw + (i64)(head - h) * d;
+        st(o, j, x1 * cs - x2 * sn);
+        st(o, j + half, x2 * cs + x1 * sn);
+    }
+}
+
+template <typename T>
+__device__ void kv_copy_blocks(T* kv, const u32* src, const u32* dst, const u32* elems, i64 plane,
+                               i64 block_elems) {
+    const i64 c = blockIdx.x, p = blockIdx.y;
+    const T* s = kv + p * plane + (i64)src[c] * block_elems;
+    T* o = kv + p * plane + (i64)dst[c] * block_elems;
+    const u32 e = elems[c];
+    for (u32 i = threadIdx.x; i < e; i += blockDim.x) o[i] = s[i];
+}
+
+#define REEL_DECODE_ENTRIES(T, S)                                                                 \
+    extern "C" __global__ void decode_qkv_store_##S(T* q, T* kc, T* vc, const T* qkv,            \
+                                                    const u32* positions, const u32* slots,       \
+                                                    const float* cos_t, const float* sin_t,       \
+                                                    i64 n, int h, int h_kv, int d, u32 max_pos) { \
+        decode_qkv_store<T>(q, kc, vc, qkv, positions, slots, cos_t, sin_t, n, h, h_kv, d,        \
+                            max_pos);                                                             \
+    }                                                                                             \
+    extern "C" __global__ void kv_copy_blocks_##S(T* kv, const u32* src, const u32* dst,         \
+                                                  const u32* elems, i64 plane, i64 block_elems) { \
+        kv_copy_blocks<T>(kv, src, dst, elems, plane, block_elems);                               \
+    }
+
+REEL_DECODE_ENTRIES(float, f32)
+REEL_DECODE_ENTRIES(__nv_bfloat16, bf16)

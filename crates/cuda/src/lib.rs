@@ -36,6 +36,9 @@
 //!   [`NcclP2p`] ([`NcclComm::device_p2p`]), device point-to-point as a [`DeviceP2p`].
 //! - Decode attention over a paged KV cache ([`Gpu::paged_attention_forward`], [`GpuPagedBatch`];
 //!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
+//! - The rollout engine's decoding step ([`GpuDecoder`], `decode.rs`): `Qwen2::forward_step` on
+//!   the device over a paged KV cache whose blocks live in device memory (tables on the host),
+//!   a `reel_rollout::StepModel`, so `Engine::with_model` runs on the GPU.
 //! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceP2p`], the device point-to-point
 //!   trait; [`DeviceWorld`], [`DeviceComm`], [`DeviceRanks`]; each rank its own stream,
 //!   [`Gpu::open_on_new_stream`]) and, with `cudnn`, sequence-parallel attention schedules over
@@ -54,6 +57,7 @@ mod collective;
 mod convert;
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod decode;
 mod devcomm;
 #[cfg(feature = "cudnn")]
 mod dist_attn;
@@ -73,6 +77,7 @@ mod sp_attn;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
+pub use decode::GpuDecoder;
 pub use devcomm::{DevOp, DevPart, DeviceComm, DeviceP2p, DeviceRanks, DeviceWorld, Transfer};
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};

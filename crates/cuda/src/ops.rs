@@ -131,6 +131,10 @@ pub(crate) struct Kernels {
     /// group ([`PAGED_HEAD_GROUPS`]).
     pub(crate) paged_attn: [[[CudaFunction; 4]; 4]; 2],
     pub(crate) paged_attn_combine: PerType,
+    /// The decode step's q/k/v split, RoPE and KV-cache store in one pass (`decode.rs`).
+    pub(crate) decode_qkv_store: PerType,
+    /// Copies on write of paged KV blocks (`decode.rs`).
+    pub(crate) kv_copy_blocks: PerType,
 }
 
 /// Head dimensions the paged decode-attention kernel is built for.
@@ -194,6 +198,8 @@ impl Kernels {
                     [per("f32")?, per("bf16")?]
                 },
                 paged_attn_combine: get("paged_attn_combine")?,
+                decode_qkv_store: get("decode_qkv_store")?,
+                kv_copy_blocks: get("kv_copy_blocks")?,
             },
             secs,
         ))
@@ -249,8 +255,8 @@ pub(crate) use launch;
 pub struct GpuRopeTable {
     head_dim: usize,
     max_positions: usize,
-    cos: DeviceBuf<f32>,
-    sin: DeviceBuf<f32>,
+    pub(crate) cos: DeviceBuf<f32>,
+    pub(crate) sin: DeviceBuf<f32>,
 }
 
 impl GpuRopeTable {

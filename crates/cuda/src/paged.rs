@@ -129,6 +129,28 @@ impl GpuPagedBatch {
         })
     }
 
+    /// Refills the batch with another step's sequences (same block size), reusing its device
+    /// buffers where they are large enough (a decode loop uploads tables every step).
+    pub fn refill(&mut self, gpu: &Gpu, seqs: &[PagedSeq]) -> Result<()> {
+        let t = build_tables(seqs, self.block_size)?;
+        let put = |buf: &mut DeviceBuf<u32>, host: Vec<u32>| -> Result<()> {
+            let host = host.max_len1();
+            if buf.len() < host.len() {
+                *buf = gpu.upload(&host)?;
+                Ok(())
+            } else {
+                gpu.upload_into(&mut buf.view_mut(0..host.len())?, &host)
+            }
+        };
+        self.rows = t.row_keys.len();
+        put(&mut self.tables, t.tables)?;
+        put(&mut self.row_table, t.row_table)?;
+        put(&mut self.row_keys, t.row_keys)?;
+        self.max_keys = t.max_keys;
+        self.max_block = t.max_block;
+        Ok(())
+    }
+
     /// Query rows N.
     pub fn rows(&self) -> usize {
         self.rows

@@ -161,11 +161,13 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::R
     if p.temperature <= 0.0 {
         return argmax();
     }
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if p.top_k > 0 {
-        idx.truncate(p.top_k);
-    }
+    let desc = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]);
+    let mut idx = if p.top_k > 0 && p.top_k < logits.len() {
+        top_k_indices(logits, p.top_k)
+    } else {
+        (0..logits.len()).collect()
+    };
+    idx.sort_unstable_by(desc);
     let max = logits[idx[0]];
     let mut probs: Vec<f64> = idx
         .iter()
@@ -196,6 +198,32 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::R
         r -= q;
     }
     idx[probs.len() - 1] as u32
+}
+
+/// Indices of the `k` largest logits (0 < k < len), in no particular order: one pass that keeps
+/// candidates above a running threshold in a buffer of 4k, cut back to the k largest whenever it
+/// fills (linear time, no vocabulary-sized allocation). Ties at the k-th value are broken
+/// arbitrarily, as a sort would.
+fn top_k_indices(logits: &[f32], k: usize) -> Vec<usize> {
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    let cap = 4 * k;
+    let mut buf: Vec<usize> = Vec::with_capacity(cap + 1);
+    let mut threshold = f32::NEG_INFINITY;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > threshold || buf.len() < k {
+            buf.push(i);
+            if buf.len() > cap {
+                buf.select_nth_unstable_by(k - 1, desc);
+                buf.truncate(k);
+                threshold = buf.iter().map(|&j| logits[j]).fold(f32::INFINITY, f32::min);
+            }
+        }
+    }
+    if buf.len() > k {
+        buf.select_nth_unstable_by(k - 1, desc);
+        buf.truncate(k);
+    }
+    buf
 }
 
 impl Qwen2 {
@@ -270,6 +298,89 @@ impl Qwen2 {
                 return Ok(out);
             }
             logits = self.forward_cached(&mut cache, &[tok])?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampler as it was before the top-k selection: a full sort of the vocabulary.
+    fn sample_by_full_sort(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::Rng) -> u32 {
+        use rand::Rng;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        idx.truncate(p.top_k);
+        let max = logits[idx[0]];
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i] - max) / p.temperature) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= total);
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (j, &q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p as f64 {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            idx.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= total);
+        }
+        let mut r: f64 = rng.random_range(0.0..1.0);
+        for (j, &q) in probs.iter().enumerate() {
+            if r < q {
+                return idx[j] as u32;
+            }
+            r -= q;
+        }
+        idx[probs.len() - 1] as u32
+    }
+
+    #[test]
+    fn top_k_selection_samples_as_the_full_sort_did() {
+        let mut r = reel_tensor::rng(5);
+        for (case, &(v, k, top_p)) in [
+            (1000usize, 50usize, 1.0f32),
+            (1000, 1, 1.0),
+            (97, 96, 0.9),
+            (5000, 7, 0.5),
+            (300, 200, 1.0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for trial in 0..20u64 {
+                let logits = reel_tensor::uniform_vec(&mut r, v, 4.0);
+                let mut want = top_k_indices(&logits, k);
+                want.sort_unstable();
+                let mut all: Vec<usize> = (0..v).collect();
+                all.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+                let mut top: Vec<usize> = all[..k].to_vec();
+                top.sort_unstable();
+                assert_eq!(want, top, "case {case} trial {trial}: the k largest");
+                let p = SamplingParams {
+                    temperature: 0.8,
+                    top_p,
+                    top_k: k,
+                    seed: trial,
+                };
+                let (mut a, mut b) = (reel_tensor::rng(trial), reel_tensor::rng(trial));
+                for _ in 0..5 {
+                    assert_eq!(
+                        sample_token(&logits, &p, &mut a),
+                        sample_by_full_sort(&logits, &p, &mut b),
+                        "case {case} trial {trial}"
+                    );
+                }
+            }
         }
     }
 }

@@ -15,17 +15,20 @@
 //! most recently admitted group is preempted: its blocks go back and it waits to be recomputed
 //! (its prompt prefilled again, its samples' generated tokens re-run; sampled tokens and the
 //! samples' generators are kept, so the outputs do not change). All scheduled tokens then run
-//! as one [`Qwen2::forward_step`]: every GEMM batched over the step's N rows.
+//! as one step of the [`StepModel`] (the CPU model's [`Qwen2::forward_step`], or a GPU decoder):
+//! every GEMM batched over the step's N rows. The logits rows are then sampled in parallel (one
+//! generator per sample, so the outputs do not depend on the thread count).
 
-use crate::kv::PagedKv;
 use crate::pool::{BlockPool, BlockTable, KvLayout};
 use crate::request::{
     sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, Prompt, SampleOutput,
     SeqState,
 };
+use crate::step::{CpuStep, StepModel};
 use crate::RolloutError;
-use reel_model::decode::{DecodeScratch, SeqStep, StepInput, StepPositions};
-use reel_model::generate::sample_token;
+use rayon::prelude::*;
+use reel_model::decode::{SeqStep, StepInput, StepPositions};
+use reel_model::generate::{sample_token, SamplingParams};
 use reel_model::{Qwen2, Qwen25VL, Qwen2Config};
 use std::sync::Arc;
 
@@ -145,10 +148,9 @@ enum Unit {
 
 /// The rollout engine over a borrowed model (module docs).
 pub struct Engine<'m> {
-    model: &'m Qwen2,
+    model: Box<dyn StepModel + 'm>,
     config: EngineConfig,
     pool: BlockPool,
-    scratch: DecodeScratch,
     /// Live groups in arrival order.
     groups: Vec<Group>,
     finished: Vec<GroupOutput>,
@@ -161,24 +163,33 @@ pub struct Engine<'m> {
 impl<'m> Engine<'m> {
     /// An engine reading `model`'s weights in place, with its KV pool allocated up front.
     pub fn new(model: &'m Qwen2, config: EngineConfig) -> Result<Self, RolloutError> {
+        Self::with_model(Box::new(CpuStep::new(model)), config)
+    }
+
+    /// An engine stepping `model` (the CPU model, or a GPU decoder: `Box::new(&mut decoder)`),
+    /// whose KV pool it asks for up front ([`StepModel::new_pool`]).
+    pub fn with_model(
+        mut model: Box<dyn StepModel + 'm>,
+        config: EngineConfig,
+    ) -> Result<Self, RolloutError> {
         if config.max_step_tokens == 0 || config.max_step_seqs == 0 {
             return Err(RolloutError::Config(format!(
                 "max_step_tokens and max_step_seqs must be positive: {config:?}"
             )));
         }
-        let c = &model.config;
-        let pool = BlockPool::new(KvLayout {
+        let c = model.config();
+        let layout = KvLayout {
             layers: c.num_hidden_layers,
             h_kv: c.num_key_value_heads,
             d: c.head_dim,
             block_size: config.block_size,
             num_blocks: config.num_blocks,
-        })?;
+        };
+        let pool = model.new_pool(layout)?;
         Ok(Engine {
             model,
             config,
             pool,
-            scratch: DecodeScratch::default(),
             groups: Vec::new(),
             finished: Vec::new(),
             next_id: 0,
@@ -251,7 +262,7 @@ impl<'m> Engine<'m> {
     ) -> Result<GroupId, RolloutError> {
         let prompt = prompt.into();
         let id = GroupId(self.next_id);
-        let c = &self.model.config;
+        let c = self.model.config();
         let p = prompt.ids.len();
         let pos_base = check_group(c, id, &prompt, g, &params, self.detokenizer.is_some())?;
         if self.pool.blocks_for(p) + 1 > self.pool.total_blocks() {
@@ -494,20 +505,19 @@ impl<'m> Engine<'m> {
         self.stats.preemptions += 1;
     }
 
-    /// Runs the planned units as one batched forward, then samples and forks.
+    /// Runs the planned units as one batched step, then samples (in parallel) and forks.
     fn run_plan(&mut self, plan: &[Unit]) -> Result<(), RolloutError> {
         let Engine {
             model,
             pool,
-            scratch,
             groups,
             stats,
             detokenizer,
             ..
         } = self;
+        let (d, v) = (model.config().hidden_size, model.config().vocab_size);
         let mut steps = Vec::with_capacity(plan.len());
         let mut tables = Vec::with_capacity(plan.len());
-        let d = model.config.hidden_size;
         for u in plan {
             let (step, table) = match *u {
                 Unit::Prompt { g, n } => {
@@ -550,11 +560,12 @@ impl<'m> Engine<'m> {
             steps.push(step);
             tables.push(table);
         }
-        let mut kv = PagedKv { pool, tables };
-        let logits = model.forward_step(scratch, &steps, &mut kv)?;
-        drop(steps);
-        let v = model.config.vocab_size;
-        let mut rows = logits.chunks_exact(v);
+        let logits = model.forward_step(pool, &steps, &tables)?;
+        drop((steps, tables));
+        // Advance the tables; list the draws (group, sample, logits row) in plan order: every
+        // new sample of a finished prompt draws from its last row, a caught-up sample from its.
+        let mut draws: Vec<(usize, usize, usize)> = Vec::new();
+        let mut row = 0;
         for u in plan {
             match *u {
                 Unit::Prompt { g, n } => {
@@ -565,22 +576,12 @@ impl<'m> Engine<'m> {
                     if t.len() < gr.p() {
                         continue;
                     }
-                    let row = rows.next().expect("logits of a finished prompt");
-                    let table = gr.prompt_table.take().expect("prompt table");
-                    for j in 0..gr.samples.len() {
-                        if gr.samples[j].state != SeqState::Running {
-                            continue;
-                        }
-                        if gr.samples[j].ids.is_empty() {
-                            sample_next(gr, j, row, detokenizer, stats);
-                        }
-                        if gr.samples[j].state == SeqState::Running {
-                            gr.samples[j].table = Some(pool.fork(&table));
-                            stats.forks += 1;
+                    for (j, s) in gr.samples.iter().enumerate() {
+                        if s.state == SeqState::Running && s.ids.is_empty() {
+                            draws.push((g, j, row));
                         }
                     }
-                    pool.release(table);
-                    gr.forked = true;
+                    row += 1;
                 }
                 Unit::Sample { g, j, n } => {
                     let gr = &mut groups[g];
@@ -590,8 +591,72 @@ impl<'m> Engine<'m> {
                     if t.len() < gr.p() + gr.samples[j].ids.len() {
                         continue;
                     }
-                    let row = rows.next().expect("logits of a caught-up sample");
-                    sample_next(gr, j, row, detokenizer, stats);
+                    draws.push((g, j, row));
+                    row += 1;
+                }
+            }
+        }
+        if logits.len() != row * v {
+            return Err(RolloutError::Invalid(format!(
+                "the step returned {} logits, {row} rows of {v} expected",
+                logits.len()
+            )));
+        }
+        // Draw in parallel, each sample with its own generator (taken out and put back).
+        let mut jobs: Vec<(reel_tensor::Rng, SamplingParams, usize)> = draws
+            .iter()
+            .map(|&(g, j, row)| {
+                let gr = &mut groups[g];
+                let rng = std::mem::replace(&mut gr.samples[j].rng, reel_tensor::rng(0));
+                (rng, gr.params.sampling, row)
+            })
+            .collect();
+        let picked: Vec<(u32, f32)> = jobs
+            .par_iter_mut()
+            .map(|(rng, p, row)| {
+                let z = &logits[*row * v..(*row + 1) * v];
+                let tok = sample_token(z, p, rng);
+                (tok, log_prob(z, tok, p.temperature))
+            })
+            .collect();
+        for (&(g, j, _), (rng, _, _)) in draws.iter().zip(jobs) {
+            groups[g].samples[j].rng = rng;
+        }
+        let mut picked = picked.into_iter();
+        for u in plan {
+            match *u {
+                Unit::Prompt { g, .. } => {
+                    let gr = &mut groups[g];
+                    let t = gr.prompt_table.as_ref().expect("prompt table");
+                    if t.len() < gr.p() {
+                        continue;
+                    }
+                    let table = gr.prompt_table.take().expect("prompt table");
+                    for j in 0..gr.samples.len() {
+                        if gr.samples[j].state != SeqState::Running {
+                            continue;
+                        }
+                        if gr.samples[j].ids.is_empty() {
+                            let (tok, lp) = picked.next().expect("a draw per new sample");
+                            record_token(gr, j, tok, lp, detokenizer, stats);
+                        }
+                        if gr.samples[j].state == SeqState::Running {
+                            gr.samples[j].table = Some(pool.fork(&table));
+                            stats.forks += 1;
+                        }
+                    }
+                    pool.release(table);
+                    gr.forked = true;
+                }
+                Unit::Sample { g, j, .. } => {
+                    let gr = &mut groups[g];
+                    let s = &gr.samples[j];
+                    let t = s.table.as_ref().expect("sample table");
+                    if t.len() < gr.p() + s.ids.len() {
+                        continue;
+                    }
+                    let (tok, lp) = picked.next().expect("a draw per caught-up sample");
+                    record_token(gr, j, tok, lp, detokenizer, stats);
                     if gr.samples[j].state != SeqState::Running {
                         let t = gr.samples[j].table.take().expect("sample table");
                         pool.release(t);
@@ -709,21 +774,20 @@ pub(crate) fn check_group(
     Ok(pos_base)
 }
 
-/// Samples sample j's next token from its logits row, records its log-probability and checks
-/// the stop conditions (in order: stop token, stop string, max_new_tokens, context).
-fn sample_next(
+/// Records sample j's drawn token and its log-probability and checks the stop conditions (in
+/// order: stop token, stop string, max_new_tokens, context).
+fn record_token(
     gr: &mut Group,
     j: usize,
-    logits: &[f32],
+    tok: u32,
+    logprob: f32,
     detok: &Option<Detokenizer>,
     stats: &mut EngineStats,
 ) {
     let params = &gr.params;
     let s = &mut gr.samples[j];
-    let tok = sample_token(logits, &params.sampling, &mut s.rng);
     s.ids.push(tok);
-    s.logprobs
-        .push(log_prob(logits, tok, params.sampling.temperature));
+    s.logprobs.push(logprob);
     stats.sampled_tokens += 1;
     if let Some(reason) = finish_reason(params, &s.ids, gr.pos_base, gr.max_pos, detok) {
         s.state = SeqState::Finished { reason };
@@ -789,12 +853,50 @@ pub(crate) fn finish_reason(
     }
 }
 
-/// `log softmax(logits / T)[tok]` (T = 1 when greedy), in f64.
+/// `log softmax(logits / T)[tok]` (T = 1 when greedy). The exponentials are f32 ([`exp_nonpos`],
+/// relative error < 1e-6), summed over 16 lanes per block of 1024 and the blocks in f64, so the
+/// pass over the vocabulary vectorises (relative error of the sum ~1e-6).
 pub(crate) fn log_prob(logits: &[f32], tok: u32, temperature: f32) -> f32 {
-    let t = if temperature > 0.0 { temperature } else { 1.0 } as f64;
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let sum: f64 = logits.iter().map(|&x| ((x as f64 - max) / t).exp()).sum();
-    ((logits[tok as usize] as f64 - max) / t - sum.ln()) as f32
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let inv_t = 1.0 / t;
+    let mut sum = 0f64;
+    for block in logits.chunks(1024) {
+        let mut lanes = [0f32; 16];
+        let mut rows = block.chunks_exact(16);
+        for row in &mut rows {
+            for (a, &x) in lanes.iter_mut().zip(row) {
+                *a += exp_nonpos((x - max) * inv_t);
+            }
+        }
+        for (a, &x) in lanes.iter_mut().zip(rows.remainder()) {
+            *a += exp_nonpos((x - max) * inv_t);
+        }
+        sum += lanes.iter().map(|&a| a as f64).sum::<f64>();
+    }
+    (((logits[tok as usize] - max) as f64) / t as f64 - sum.ln()) as f32
+}
+
+/// e^x for x ≤ 0 in f32 (Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ln 2 / 2, a degree-6
+/// polynomial for e^r, 2^n put into the exponent bits; relative error < 1e-6). Below −87 it
+/// returns e^−87 (≈ 1.6e-38, nothing next to the maximum's 1), NaN stays NaN. Branch-free and
+/// free of library calls, so loops over it vectorise.
+#[inline(always)]
+fn exp_nonpos(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // Round to nearest by the 1.5·2^23 trick (|x·log2 e| < 2^22).
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
 /// Index of the first stop string in the text of the last generated tokens. The window holds
@@ -805,4 +907,45 @@ fn stop_string_hit(ids: &[u32], stops: &[String], detok: &Option<Detokenizer>) -
     let longest = stops.iter().map(String::len).max()?;
     let text = f(&ids[ids.len().saturating_sub(longest + 1)..]);
     stops.iter().position(|s| text.contains(s.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_log_prob_matches_f64_within_1e_6() {
+        let mut r = reel_tensor::rng(9);
+        for &(v, scale) in &[
+            (1usize, 1.0f32),
+            (17, 3.0),
+            (1024, 10.0),
+            (151_936, 8.0),
+            (5000, 80.0),
+        ] {
+            let z = reel_tensor::uniform_vec(&mut r, v, scale);
+            for &t in &[0.0f32, 0.3, 1.0, 1.7] {
+                let tt = if t > 0.0 { t } else { 1.0 } as f64;
+                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+                let lse = z
+                    .iter()
+                    .map(|&x| ((x as f64 - max) / tt).exp())
+                    .sum::<f64>()
+                    .ln();
+                for tok in [0, v / 2, v - 1] {
+                    let want = (z[tok] as f64 - max) / tt - lse;
+                    let got = log_prob(&z, tok as u32, t) as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "V {v} scale {scale} T {t} token {tok}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        for x in [0.0f32, -1e-8, -0.5, -1.0, -10.0, -50.0, -86.9] {
+            let rel = ((exp_nonpos(x) as f64) / (x as f64).exp() - 1.0).abs();
+            assert!(rel < 1e-6, "e^{x}: relative error {rel}");
+        }
+        assert!(exp_nonpos(-1000.0) < 1e-37 && exp_nonpos(f32::NAN).is_nan());
+    }
 }

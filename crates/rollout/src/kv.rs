@@ -15,6 +15,11 @@ pub struct PagedKv<'a> {
 
 impl PagedKv<'_> {
     fn check(&self, rows: &[Range<usize>]) -> Result<(), KvError> {
+        if self.pool.is_device() {
+            return Err(
+                "the CPU decoder was given a device pool (its blocks live on the GPU)".into(),
+            );
+        }
         if rows.len() != self.tables.len() {
             return Err(format!(
                 "the step has {} sequences but {} block tables",

@@ -8,11 +8,14 @@
 //! - [`engine`]: [`Engine`] — groups of G samples that share a prefilled prompt, a scheduler
 //!   that fills each step's token budget with decode tokens and prefill chunks (continuous
 //!   batching, preemption when the pool runs out), sampling with a seed per sample.
+//! - [`step`]: [`StepModel`], what the engine runs each step — [`CpuStep`] (the CPU model over
+//!   a host pool) or reel-cuda's `GpuDecoder` (the same step on a GPU, block data on the device).
 //! - [`sharded`]: [`ShardedEngine`] — the same over sequence-parallel ranks: prompts prefilled
 //!   sequence-parallel, their KV kept sharded over the ranks' pools, decode attention merged
 //!   from per-rank partials.
 //!
-//! The engine borrows the model (`&Qwen2`): it reads the current weights, never copies them.
+//! The engine borrows the model (`&Qwen2`): it reads the current weights, never copies them
+//! (a GPU decoder holds its own bf16 copy, made once).
 
 pub mod engine;
 pub mod kv;
@@ -20,14 +23,16 @@ pub mod paged_attention;
 pub mod pool;
 pub mod request;
 pub mod sharded;
+pub mod step;
 
 pub use engine::{Engine, EngineConfig, EngineStats, StepStats};
-pub use pool::{BlockPool, BlockTable, KvLayout};
+pub use pool::{BlockCopy, BlockPool, BlockTable, KvLayout};
 pub use request::{
     sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, MRopePrompt, Prompt,
     SampleOutput, SeqState,
 };
 pub use sharded::{ShardedEngine, ShardedStats};
+pub use step::{CpuStep, StepModel};
 
 /// Errors of the rollout engine; messages name the request, sequence or pool sizes.
 #[derive(Debug, thiserror::Error)]
@@ -51,4 +56,7 @@ pub enum RolloutError {
     Model(#[from] reel_model::ModelError),
     #[error(transparent)]
     Comm(#[from] reel_comm::CommError),
+    /// The device that runs the step failed (a GPU decoder's error, say).
+    #[error("decode step on the device: {0}")]
+    Device(String),
 }

@@ -7,6 +7,11 @@
 //! `p % bs`. Blocks a table shares with others are never written: [`BlockPool::reserve`] copies a
 //! shared, partially filled last block before the first append (copy on write); full shared
 //! blocks stay shared, since appends only write past a table's length.
+//!
+//! A pool made by [`BlockPool::new_device`] keeps only the tables, reference counts and free list:
+//! the block data lives elsewhere (a GPU decoder's device memory, the same layout), so its copies
+//! on write are queued as [`BlockCopy`]s for the owner of the data to carry out before the next
+//! step writes ([`BlockPool::take_copies`]).
 
 use crate::RolloutError;
 
@@ -61,20 +66,45 @@ impl BlockTable {
     }
 }
 
+/// A copy on write of a pool whose block data lives elsewhere: the first `tokens` slots of block
+/// `src` go to block `dst`, in every layer, keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u32,
+    pub dst: u32,
+    pub tokens: usize,
+}
+
 /// Fixed-size KV blocks with reference counts and a free list.
 pub struct BlockPool {
     layout: KvLayout,
-    /// Per layer, [num_blocks, block_size, H_kv, D].
+    /// Per layer, [num_blocks, block_size, H_kv, D]; empty for a device pool.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// Whether the block data lives elsewhere ([`BlockPool::new_device`]).
+    device: bool,
+    /// Copies on write not yet carried out (device pools only).
+    pending: Vec<BlockCopy>,
     refs: Vec<u32>,
     free: Vec<u32>,
     cow_copies: u64,
 }
 
 impl BlockPool {
-    /// Allocates the whole pool up front.
+    /// Allocates the whole pool up front (f32 block data on the host).
     pub fn new(layout: KvLayout) -> Result<Self, RolloutError> {
+        let mut pool = Self::new_device(layout)?;
+        let per_layer = layout.num_blocks * layout.block_size * layout.h_kv * layout.d;
+        pool.k = (0..layout.layers).map(|_| vec![0.0; per_layer]).collect();
+        pool.v = (0..layout.layers).map(|_| vec![0.0; per_layer]).collect();
+        pool.device = false;
+        Ok(pool)
+    }
+
+    /// A pool of tables only: the block data, in the same layout, is kept by someone else (a GPU
+    /// decoder), who carries out the queued copies on write ([`BlockPool::take_copies`]) and the
+    /// writes. [`BlockPool::write`], [`BlockPool::layer`] and [`BlockPool::gather`] refuse it.
+    pub fn new_device(layout: KvLayout) -> Result<Self, RolloutError> {
         let KvLayout {
             layers,
             h_kv,
@@ -93,13 +123,15 @@ impl BlockPool {
                 u32::MAX
             )));
         }
-        let per_layer = num_blocks
-            .checked_mul(block_size * h_kv * d)
+        num_blocks
+            .checked_mul(block_size * h_kv * d * layers)
             .ok_or_else(|| RolloutError::Config(format!("KV pool too large: {layout:?}")))?;
         Ok(BlockPool {
             layout,
-            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            k: Vec::new(),
+            v: Vec::new(),
+            device: true,
+            pending: Vec::new(),
             refs: vec![0; num_blocks],
             free: (0..num_blocks as u32).rev().collect(),
             cow_copies: 0,
@@ -125,6 +157,17 @@ impl BlockPool {
     /// Shared partial blocks copied so far.
     pub fn cow_copies(&self) -> u64 {
         self.cow_copies
+    }
+
+    /// Whether the block data lives elsewhere ([`BlockPool::new_device`]).
+    pub fn is_device(&self) -> bool {
+        self.device
+    }
+
+    /// The copies on write queued since the last call, in order (always none for a host pool,
+    /// which copies at once). Carry them out before the next write into the pool's blocks.
+    pub fn take_copies(&mut self) -> Vec<BlockCopy> {
+        std::mem::take(&mut self.pending)
     }
 
     /// References held on a block (tests, diagnostics).
@@ -193,11 +236,19 @@ impl BlockPool {
             let i = table.len / bs;
             let old = table.blocks[i];
             let new = self.alloc();
-            let w = self.layout.h_kv * self.layout.d;
-            let used = (table.len % bs) * w;
-            let (src, dst) = (old as usize * bs * w, new as usize * bs * w);
-            for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-                layer.copy_within(src..src + used, dst);
+            if self.device {
+                self.pending.push(BlockCopy {
+                    src: old,
+                    dst: new,
+                    tokens: table.len % bs,
+                });
+            } else {
+                let w = self.layout.h_kv * self.layout.d;
+                let used = (table.len % bs) * w;
+                let (src, dst) = (old as usize * bs * w, new as usize * bs * w);
+                for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+                    layer.copy_within(src..src + used, dst);
+                }
             }
             self.decref(old);
             table.blocks[i] = new;
@@ -251,6 +302,11 @@ impl BlockPool {
         k: &[f32],
         v: &[f32],
     ) -> Result<(), RolloutError> {
+        if self.device {
+            return Err(RolloutError::Invalid(
+                "KV write into a device pool: its blocks live on the device".into(),
+            ));
+        }
         let (bs, w) = (self.layout.block_size, self.layout.h_kv * self.layout.d);
         let n = k.len() / w;
         if k.len() != v.len() || !k.len().is_multiple_of(w) {
@@ -278,14 +334,21 @@ impl BlockPool {
         Ok(())
     }
 
-    /// Layer `layer`'s key and value storage, [num_blocks, block_size, H_kv, D] each.
+    /// Layer `layer`'s key and value storage, [num_blocks, block_size, H_kv, D] each (empty for a
+    /// device pool, whose data lives elsewhere).
     pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        if self.device {
+            return (&[], &[]);
+        }
         (&self.k[layer], &self.v[layer])
     }
 
     /// Keys and values of the table's first `n` tokens of layer `layer`, gathered contiguously
-    /// ([n, H_kv, D] each; tests and diagnostics).
+    /// ([n, H_kv, D] each; tests and diagnostics). Empty for a device pool.
     pub fn gather(&self, table: &BlockTable, layer: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        if self.device {
+            return (Vec::new(), Vec::new());
+        }
         let (bs, w) = (self.layout.block_size, self.layout.h_kv * self.layout.d);
         let mut k = Vec::with_capacity(n * w);
         let mut v = Vec::with_capacity(n * w);
@@ -354,6 +417,46 @@ mod tests {
         p.release(a);
         p.release(b);
         assert_eq!(p.free_blocks(), 8, "every block returns");
+    }
+
+    #[test]
+    fn a_device_pool_queues_its_copies_on_write_and_refuses_host_access() {
+        let layout = KvLayout {
+            layers: 2,
+            h_kv: 1,
+            d: 2,
+            block_size: 3,
+            num_blocks: 8,
+        };
+        let mut p = BlockPool::new_device(layout).unwrap();
+        assert!(p.is_device() && !pool(3, 8).is_device());
+        let mut prompt = p.new_table();
+        p.reserve(&mut prompt, 4).unwrap();
+        p.advance(&mut prompt, 4); // blocks: full, partial (1 token)
+        let mut a = p.fork(&prompt);
+        let mut b = p.fork(&prompt);
+        p.release(prompt);
+        assert!(p.take_copies().is_empty());
+        p.reserve(&mut a, 1).unwrap();
+        let copies = p.take_copies();
+        assert_eq!(
+            copies,
+            vec![BlockCopy {
+                src: b.block_ids()[1],
+                dst: a.block_ids()[1],
+                tokens: 1
+            }]
+        );
+        assert!(p.take_copies().is_empty(), "taken once");
+        // b alone holds the old partial block now: no copy.
+        p.reserve(&mut b, 1).unwrap();
+        assert!(p.take_copies().is_empty());
+        assert_eq!(p.cow_copies(), 1);
+        assert!(p.write(&a, 0, 4, &[1.0, 2.0], &[1.0, 2.0]).is_err());
+        assert!(p.layer(0).0.is_empty() && p.gather(&a, 0, 4).0.is_empty());
+        p.release(a);
+        p.release(b);
+        assert_eq!(p.free_blocks(), 8);
     }
 
     #[test]

@@ -1,0 +1,687 @@
+//! The rollout engine's decoding step on one GPU: `reel_model::Qwen2::forward_step` (continuous
+//! batching over a paged KV cache; see its module docs for the equations) with the weights, the
+//! KV blocks and the activations on the device.
+//!
+//! One step runs, for each sequence s, n_s new tokens (a prompt chunk or one decoded token)
+//! after what its block table holds, stacked into N = Σ n_s rows:
+//!
+//!   x [N, d] = embed(tokens)
+//!   per layer: qkv [N, (H + 2·H_kv)·D] = rmsnorm(x)·W_qkvᵀ + b      (cuBLASLt, bias fused)
+//!              q rotated; k rotated and v stored at each row's slot   (`decode_qkv_store`)
+//!              attn [N, H·D] = paged attention over each table       (`paged_attention_forward`)
+//!              x += attn·W_oᵀ; x += swiglu(rmsnorm(x)·W_guᵀ)·W_dᵀ     (β = 1 GEMMs)
+//!   logits [S_l, V] f32 = rmsnorm(x[last rows])·W_lmᵀ, downloaded.
+//!
+//! Storage T is bf16 (the speed path) or f32 (exact comparison with the CPU); arithmetic is f32
+//! in every GEMM, norm and softmax. The KV cache is one device buffer of 2·L planes (layer l's K
+//! is plane 2l, its V plane 2l + 1), each `BlockPool`'s [num_blocks, block_size, H_kv, D]. The
+//! block tables and reference counts stay on the host in a `BlockPool::new_device` pool; the
+//! copies on write it queues are carried out on the device at the start of the next step, before
+//! any write. 1-D positions only: VLM prompts (input embeddings, M-RoPE) are refused with an
+//! error (the CPU engine runs them).
+
+use cudarc::driver::PinnedHostSlice;
+use half::bf16;
+use reel_model::decode::{SeqStep, StepInput, StepPositions};
+use reel_model::{ParamLayout, Qwen2Config};
+use reel_rollout::paged_attention::{PagedSeq, PagedShape};
+use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel};
+
+use crate::buffer::{DView, DViewMut, DevRead};
+use crate::ops::{as_i32, cfg, elementwise_grid, launch, row_threads};
+use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuFloat, GpuPagedBatch, GpuRopeTable, Result};
+
+/// The KV blocks of a pool on the device: 2·L planes of [num_blocks, block_size, H_kv, D].
+struct DeviceKv<T: GpuFloat> {
+    layout: KvLayout,
+    data: DeviceBuf<T>,
+}
+
+impl<T: GpuFloat> DeviceKv<T> {
+    fn plane(&self) -> usize {
+        let l = &self.layout;
+        l.num_blocks * l.block_size * l.h_kv * l.d
+    }
+}
+
+/// Step buffers, sized for `cap` rows.
+struct StepBufs<T: GpuFloat> {
+    cap: usize,
+    x: DeviceBuf<T>,
+    xn: DeviceBuf<T>,
+    rstd: DeviceBuf<f32>,
+    qkv: DeviceBuf<T>,
+    q: DeviceBuf<T>,
+    attn: DeviceBuf<T>,
+    lse: DeviceBuf<f32>,
+    gate_up: DeviceBuf<T>,
+    act: DeviceBuf<T>,
+}
+
+impl<T: GpuFloat> StepBufs<T> {
+    fn new(gpu: &Gpu, c: &Qwen2Config, cap: usize) -> Result<Self> {
+        let (d, qw) = (c.hidden_size, c.num_attention_heads * c.head_dim);
+        let width = qw + 2 * c.num_key_value_heads * c.head_dim;
+        let z = |n: usize| gpu.alloc_zeros::<T>(n.max(1));
+        Ok(StepBufs {
+            cap,
+            x: z(cap * d)?,
+            xn: z(cap * d)?,
+            rstd: gpu.alloc_zeros(cap)?,
+            qkv: z(cap * width)?,
+            q: z(cap * qw)?,
+            attn: z(cap * qw)?,
+            lse: gpu.alloc_zeros(cap * c.num_attention_heads)?,
+            gate_up: z(cap * 2 * c.intermediate_size)?,
+            act: z(cap * c.intermediate_size)?,
+        })
+    }
+}
+
+/// Rows of one step as the kernels read them (built and checked on the host).
+struct StepRows {
+    /// Per row: token id, position, cache slot (block · block_size + offset).
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    /// Rows whose logits are wanted (each such sequence's last row), in step order.
+    last: Vec<u32>,
+    /// Each sequence's rows.
+    rows: Vec<std::ops::Range<usize>>,
+}
+
+/// Checks the step against the model and the tables and lays out its rows.
+fn plan_rows(
+    c: &Qwen2Config,
+    steps: &[SeqStep],
+    tables: &[&BlockTable],
+    bs: usize,
+) -> Result<StepRows> {
+    if steps.len() != tables.len() {
+        return shape_err(format!(
+            "decode step: {} sequences but {} block tables",
+            steps.len(),
+            tables.len()
+        ));
+    }
+    let mut r = StepRows {
+        tokens: Vec::new(),
+        positions: Vec::new(),
+        slots: Vec::new(),
+        last: Vec::new(),
+        rows: Vec::with_capacity(steps.len()),
+    };
+    for (s, (step, table)) in steps.iter().zip(tables).enumerate() {
+        let StepInput::Tokens(ids) = step.input else {
+            return shape_err(format!(
+                "decode step: sequence {s} feeds input embeddings; the GPU decoder takes \
+                 token ids (run VLM prompts on the CPU engine)"
+            ));
+        };
+        let StepPositions::Linear { start } = step.positions else {
+            return shape_err(format!(
+                "decode step: sequence {s} has M-RoPE positions; the GPU decoder takes 1-D \
+                 positions (run VLM prompts on the CPU engine)"
+            ));
+        };
+        let n = ids.len();
+        if n == 0 {
+            return shape_err(format!("decode step: sequence {s} has no new tokens"));
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return shape_err(format!(
+                "decode step: sequence {s}: token id {t} is outside the vocabulary ({})",
+                c.vocab_size
+            ));
+        }
+        if start + n > c.max_position_embeddings {
+            return shape_err(format!(
+                "decode step: sequence {s} reaches position {} but max_position_embeddings \
+                 is {}",
+                start + n - 1,
+                c.max_position_embeddings
+            ));
+        }
+        let past = table.len();
+        let blocks = table.block_ids();
+        if (past + n).div_ceil(bs) > blocks.len() {
+            return shape_err(format!(
+                "decode step: sequence {s} needs room for {} tokens, its table has {} blocks \
+                 of {bs}",
+                past + n,
+                blocks.len()
+            ));
+        }
+        let at = r.tokens.len();
+        r.tokens.extend_from_slice(ids);
+        r.positions.extend(start as u32..(start + n) as u32);
+        r.slots
+            .extend((past..past + n).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32));
+        if step.logits {
+            r.last.push((at + n - 1) as u32);
+        }
+        r.rows.push(at..at + n);
+    }
+    Ok(r)
+}
+
+/// A Qwen2 decoder for the rollout engine on one GPU (module docs): weights in T, the KV blocks
+/// of the pool it made ([`StepModel::new_pool`]) on the device.
+pub struct GpuDecoder<T: GpuFloat = bf16> {
+    config: Qwen2Config,
+    layout: ParamLayout,
+    weights: DeviceBuf<T>,
+    rope: GpuRopeTable,
+    kv: Option<DeviceKv<T>>,
+    bufs: Option<StepBufs<T>>,
+    batch: Option<GpuPagedBatch>,
+    /// Device logits [rows, V], grown to the most rows that asked for logits in one step.
+    dev_logits: Option<DeviceBuf<f32>>,
+    /// Their host copy, in page-locked memory (the download runs at the link's full rate).
+    logits: Option<PinnedHostSlice<f32>>,
+    gpu: Gpu,
+}
+
+impl<T: GpuFloat> GpuDecoder<T> {
+    /// Uploads `params` (the CPU model's flat f32 buffer in `ParamLayout`) as T weights.
+    pub fn new(gpu: Gpu, config: Qwen2Config, params: &[f32]) -> Result<Self> {
+        config
+            .validate()
+            .map_err(|e| GpuError::Shape(format!("config: {e}")))?;
+        let layout = ParamLayout::new(&config);
+        if params.len() != layout.total() {
+            return shape_err(format!(
+                "parameter buffer has {} values, the config needs {}",
+                params.len(),
+                layout.total()
+            ));
+        }
+        let weights = {
+            let master = gpu.upload(params)?;
+            let mut w = gpu.alloc_zeros::<T>(params.len())?;
+            gpu.cast_from_f32(&mut w, &master)?;
+            gpu.synchronize()?;
+            w
+        };
+        let rope = GpuRopeTable::new(
+            &gpu,
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+        )?;
+        Ok(GpuDecoder {
+            config,
+            layout,
+            weights,
+            rope,
+            kv: None,
+            bufs: None,
+            batch: None,
+            dev_logits: None,
+            logits: None,
+            gpu,
+        })
+    }
+
+    /// The decoder of a CPU model (its weights uploaded once).
+    pub fn from_model(gpu: Gpu, model: &reel_model::Qwen2) -> Result<Self> {
+        Self::new(gpu, model.config.clone(), &model.params)
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Replaces the weights (after an optimizer step) from the flat f32 buffer.
+    pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
+        if params.len() != self.layout.total() {
+            return shape_err(format!(
+                "parameter buffer has {} values, the config needs {}",
+                params.len(),
+                self.layout.total()
+            ));
+        }
+        let master = self.gpu.upload(params)?;
+        self.gpu.cast_from_f32(&mut self.weights, &master)?;
+        self.gpu.synchronize()
+    }
+
+    /// Allocates the device KV blocks for `layout` (replacing any earlier pool's) and returns
+    /// the host pool of tables that indexes them.
+    pub fn make_pool(&mut self, layout: KvLayout) -> Result<BlockPool> {
+        let c = &self.config;
+        if (layout.layers, layout.h_kv, layout.d)
+            != (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        {
+            return shape_err(format!(
+                "KV layout {layout:?} does not fit the model (L {}, H_kv {}, D {})",
+                c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+            ));
+        }
+        let pool =
+            BlockPool::new_device(layout).map_err(|e| GpuError::Shape(format!("KV pool: {e}")))?;
+        self.kv = None;
+        self.batch = None;
+        let per_plane = layout.num_blocks * layout.block_size * layout.h_kv * layout.d;
+        let data = self.gpu.alloc_zeros::<T>(2 * layout.layers * per_plane)?;
+        self.kv = Some(DeviceKv { layout, data });
+        Ok(pool)
+    }
+
+    /// Sizes the step buffers for steps of up to `rows` rows now (else the first larger step
+    /// grows them).
+    pub fn reserve(&mut self, rows: usize) -> Result<()> {
+        if self.bufs.as_ref().is_none_or(|b| b.cap < rows) {
+            self.bufs = None;
+            self.gpu.synchronize()?;
+            self.bufs = Some(StepBufs::new(&self.gpu, &self.config, rows)?);
+        }
+        Ok(())
+    }
+
+    /// Carries out the pool's queued copies on write.
+    fn copy_blocks(&mut self, copies: &[BlockCopy]) -> Result<()> {
+        let Some(kv) = self.kv.as_mut() else {
+            return shape_err("decode step: no KV pool (make_pool first)".into());
+        };
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let l = kv.layout;
+        let w = l.h_kv * l.d;
+        let mut host = Vec::with_capacity(3 * copies.len());
+        for c in copies {
+            if c.src as usize >= l.num_blocks
+                || c.dst as usize >= l.num_blocks
+                || c.tokens > l.block_size
+            {
+                return shape_err(format!("KV copy {c:?} outside the pool {l:?}"));
+            }
+        }
+        host.extend(copies.iter().map(|c| c.src));
+        host.extend(copies.iter().map(|c| c.dst));
+        host.extend(copies.iter().map(|c| (c.tokens * w) as u32));
+        let g = &self.gpu;
+        let dev = g.scratch_from(&host)?;
+        let n = copies.len();
+        let (src, dst, elems) = (
+            dev.dptr(),
+            dev.dptr() + 4 * n as u64,
+            dev.dptr() + 8 * n as u64,
+        );
+        let (plane, block_elems) = (kv.plane() as i64, (l.block_size * w) as i64);
+        let planes = 2 * l.layers;
+        if n > i32::MAX as usize || planes > 65_535 {
+            return shape_err(format!(
+                "{n} KV copies over {planes} planes exceed the grid"
+            ));
+        }
+        let data = kv.data.dptr();
+        g.bind()?;
+        launch!(
+            g,
+            &g.kernels.kv_copy_blocks[T::INDEX],
+            cfg((n as u32, planes as u32, 1), (256, 1, 1)),
+            &data,
+            &src,
+            &dst,
+            &elems,
+            &plane,
+            &block_elems
+        )
+    }
+
+    /// One step (module docs); the logits [S_l, V] of the sequences that ask for them.
+    pub fn step(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+    ) -> Result<&[f32]> {
+        let layout = match &self.kv {
+            Some(kv) if pool.is_device() && pool.layout() == kv.layout => kv.layout,
+            _ => {
+                return shape_err(
+                    "decode step: the pool was not made by this decoder (make_pool)".into(),
+                )
+            }
+        };
+        let bs = layout.block_size;
+        let rows = plan_rows(&self.config, steps, tables, bs)?;
+        let n = rows.tokens.len();
+        if n == 0 {
+            return shape_err("decode step: no sequences".into());
+        }
+        self.copy_blocks(&pool.take_copies())?;
+        self.reserve(n)?;
+        let seqs: Vec<PagedSeq> = tables
+            .iter()
+            .zip(&rows.rows)
+            .map(|(t, r)| PagedSeq {
+                block_table: t.block_ids(),
+                past: t.len(),
+                rows: r.clone(),
+            })
+            .collect();
+        match self.batch.as_mut() {
+            Some(b) => b.refill(&self.gpu, &seqs)?,
+            None => self.batch = Some(GpuPagedBatch::new(&self.gpu, &seqs, bs)?),
+        }
+        let (n_l, v) = (rows.last.len(), self.config.vocab_size);
+        if self.dev_logits.as_ref().is_none_or(|l| l.len() < n_l * v) {
+            self.dev_logits = None;
+            self.dev_logits = Some(self.gpu.alloc_zeros::<f32>((n_l * v).max(1))?);
+            self.logits = None;
+            // SAFETY: plain page-locked memory (not write-combined: the host reads it); only
+            // the first n_l·V elements are read, after the download below writes them.
+            self.logits = Some(unsafe {
+                self.gpu
+                    .ctx
+                    .alloc_pinned_with_flags::<f32>((n_l * v).max(1), 0)
+            }?);
+        }
+        let GpuDecoder {
+            config: c,
+            layout: pl,
+            weights,
+            rope,
+            kv,
+            bufs,
+            batch,
+            dev_logits,
+            logits: host_logits,
+            gpu: g,
+        } = self;
+        let kv = kv.as_mut().expect("checked above");
+        let b = bufs.as_mut().expect("reserved");
+        let batch = batch.as_ref().expect("filled");
+        let (d, h, h_kv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let (qw, kvw, i) = (h * hd, h_kv * hd, c.intermediate_size);
+        let width = qw + 2 * kvw;
+        let dev_logits = dev_logits.as_mut().expect("sized above");
+        // Row data in one upload: tokens, positions, slots, last rows.
+        let mut host = Vec::with_capacity(3 * n + n_l);
+        host.extend_from_slice(&rows.tokens);
+        host.extend_from_slice(&rows.positions);
+        host.extend_from_slice(&rows.slots);
+        host.extend_from_slice(&rows.last);
+        let dev = g.scratch_from(&host)?;
+        let tokens = DView::of(&dev, 0..n)?;
+        let (positions, slots) = (dev.dptr() + 4 * n as u64, dev.dptr() + 8 * n as u64);
+        let last = DView::of(&dev, 3 * n..3 * n + n_l)?;
+        let wv = |r: std::ops::Range<usize>| weights.view(r);
+        g.embedding_forward(
+            &mut b.x.view_mut(0..n * d)?,
+            &tokens,
+            &wv(pl.embed.clone())?,
+            d,
+        )?;
+        let shape = PagedShape {
+            h,
+            h_kv,
+            d: hd,
+            block_size: bs,
+        };
+        let plane = kv.plane();
+        let (n64, h32, hkv32, hd32) = (
+            n as i64,
+            as_i32("decode", "H", h)?,
+            as_i32("decode", "H_kv", h_kv)?,
+            as_i32("decode", "D", hd)?,
+        );
+        let max_pos = u32::try_from(rope.max_positions()).unwrap_or(u32::MAX);
+        let eps = c.rms_norm_eps;
+        for (l, lw) in pl.layers.iter().enumerate() {
+            let (kc, vc) = (
+                DView::of(&kv.data, 2 * l * plane..(2 * l + 1) * plane)?,
+                DView::of(&kv.data, (2 * l + 1) * plane..(2 * l + 2) * plane)?,
+            );
+            g.rmsnorm_forward(
+                &mut b.xn.view_mut(0..n * d)?,
+                &mut b.rstd.view_mut(0..n)?,
+                &b.x.view(0..n * d)?,
+                &wv(lw.input_norm.clone())?,
+                n,
+                d,
+                eps,
+            )?;
+            let bias = wv(lw.qkv_b.clone())?;
+            g.matmul_forward::<T, T>(
+                &mut b.qkv.view_mut(0..n * width)?,
+                &b.xn.view(0..n * d)?,
+                &wv(lw.qkv_w.clone())?,
+                Some(&bias as &dyn DevRead<T>),
+                n,
+                d,
+                width,
+            )?;
+            {
+                let (qp, kp, vp, src) = (b.q.dptr(), kc.dptr(), vc.dptr(), b.qkv.dptr());
+                let (cs, sn) = (rope.cos.dptr(), rope.sin.dptr());
+                g.bind()?;
+                launch!(
+                    g,
+                    &g.kernels.decode_qkv_store[T::INDEX],
+                    cfg(
+                        (elementwise_grid(n * (h + 2 * h_kv) * hd / 2), 1, 1),
+                        (256, 1, 1)
+                    ),
+                    &qp,
+                    &kp,
+                    &vp,
+                    &src,
+                    &positions,
+                    &slots,
+                    &cs,
+                    &sn,
+                    &n64,
+                    &h32,
+                    &hkv32,
+                    &hd32,
+                    &max_pos
+                )?;
+            }
+            g.paged_attention_forward(
+                &mut b.attn.view_mut(0..n * qw)?,
+                &mut b.lse.view_mut(0..n * h)?,
+                &b.q.view(0..n * qw)?,
+                &kc,
+                &vc,
+                batch,
+                shape,
+                None,
+            )?;
+            g.matmul_forward_accumulate::<T, T>(
+                &mut b.x.view_mut(0..n * d)?,
+                &b.attn.view(0..n * qw)?,
+                &wv(lw.o_w.clone())?,
+                n,
+                qw,
+                d,
+            )?;
+            g.rmsnorm_forward(
+                &mut b.xn.view_mut(0..n * d)?,
+                &mut b.rstd.view_mut(0..n)?,
+                &b.x.view(0..n * d)?,
+                &wv(lw.post_norm.clone())?,
+                n,
+                d,
+                eps,
+            )?;
+            g.matmul_forward::<T, T>(
+                &mut b.gate_up.view_mut(0..n * 2 * i)?,
+                &b.xn.view(0..n * d)?,
+                &wv(lw.gate_up_w.clone())?,
+                None,
+                n,
+                d,
+                2 * i,
+            )?;
+            g.swiglu_forward(
+                &mut b.act.view_mut(0..n * i)?,
+                &b.gate_up.view(0..n * 2 * i)?,
+                n,
+                i,
+            )?;
+            g.matmul_forward_accumulate::<T, T>(
+                &mut b.x.view_mut(0..n * d)?,
+                &b.act.view(0..n * i)?,
+                &wv(lw.down_w.clone())?,
+                n,
+                i,
+                d,
+            )?;
+        }
+        let host_logits = host_logits.as_mut().expect("sized above");
+        if n_l == 0 {
+            return Ok(&[]);
+        }
+        // The last rows (into xn's first n_l rows), final norm (into qkv's), LM head.
+        {
+            let (dst, src, idx, d32) = (b.xn.dptr(), b.x.dptr(), last.dptr(), as_i32("", "d", d)?);
+            g.bind()?;
+            launch!(
+                g,
+                &g.kernels.gather_rows[T::INDEX],
+                cfg((n_l as u32, 1, 1), (row_threads(d), 1, 1)),
+                &dst,
+                &src,
+                &idx,
+                &d32
+            )?;
+        }
+        let mut normed: DViewMut<T> = b.qkv.view_mut(0..n_l * d)?;
+        g.rmsnorm_forward(
+            &mut normed,
+            &mut b.rstd.view_mut(0..n_l)?,
+            &b.xn.view(0..n_l * d)?,
+            &wv(pl.final_norm.clone())?,
+            n_l,
+            d,
+            eps,
+        )?;
+        g.matmul_forward::<T, f32>(
+            &mut dev_logits.view_mut(0..n_l * v)?,
+            &b.qkv.view(0..n_l * d)?,
+            &wv(pl.lm_head.clone())?,
+            None,
+            n_l,
+            d,
+            v,
+        )?;
+        let host = &mut host_logits.as_mut_slice()?[..n_l * v];
+        g.download_into(host, &dev_logits.view(0..n_l * v)?)?;
+        Ok(host)
+    }
+}
+
+impl<T: GpuFloat> StepModel for GpuDecoder<T> {
+    fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    fn new_pool(&mut self, layout: KvLayout) -> Result<BlockPool, RolloutError> {
+        self.make_pool(layout)
+            .map_err(|e| RolloutError::Device(e.to_string()))
+    }
+
+    fn forward_step(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+    ) -> Result<&[f32], RolloutError> {
+        self.step(pool, steps, tables)
+            .map_err(|e| RolloutError::Device(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_slots_and_last_rows_follow_the_tables() {
+        // The plan needs no device: check it through a pool of tables.
+        let c = Qwen2Config {
+            head_dim: 32,
+            hidden_size: 128,
+            ..Qwen2Config::tiny(50)
+        };
+        let layout = KvLayout {
+            layers: c.num_hidden_layers,
+            h_kv: c.num_key_value_heads,
+            d: c.head_dim,
+            block_size: 4,
+            num_blocks: 8,
+        };
+        let mut pool = BlockPool::new_device(layout).unwrap();
+        let mut a = pool.new_table();
+        pool.reserve(&mut a, 6).unwrap();
+        pool.advance(&mut a, 5);
+        let mut b = pool.new_table();
+        pool.reserve(&mut b, 3).unwrap();
+        let steps = [
+            SeqStep {
+                input: StepInput::Tokens(&[7]),
+                positions: StepPositions::Linear { start: 5 },
+                logits: true,
+            },
+            SeqStep {
+                input: StepInput::Tokens(&[1, 2, 3]),
+                positions: StepPositions::Linear { start: 0 },
+                logits: false,
+            },
+        ];
+        let r = plan_rows(&c, &steps, &[&a, &b], 4).unwrap();
+        let (ba, bb) = (a.block_ids(), b.block_ids());
+        assert_eq!(r.tokens, vec![7, 1, 2, 3]);
+        assert_eq!(r.positions, vec![5, 0, 1, 2]);
+        assert_eq!(
+            r.slots,
+            vec![ba[1] * 4 + 1, bb[0] * 4, bb[0] * 4 + 1, bb[0] * 4 + 2]
+        );
+        assert_eq!(r.last, vec![0]);
+        // Too little room, embeddings, M-RoPE and bad ids are refused, naming the sequence.
+        let long = [SeqStep {
+            input: StepInput::Tokens(&[1, 2, 3, 4, 5]),
+            positions: StepPositions::Linear { start: 0 },
+            logits: true,
+        }];
+        let e = plan_rows(&c, &long, &[&b], 4).err().unwrap().to_string();
+        assert!(e.contains("sequence 0 needs room for 5 tokens"), "{e}");
+        let emb = [0.0f32; 128];
+        let bad = [SeqStep {
+            input: StepInput::Embeddings(&emb),
+            positions: StepPositions::Linear { start: 0 },
+            logits: true,
+        }];
+        let e = plan_rows(&c, &bad, &[&b], 4).err().unwrap().to_string();
+        assert!(e.contains("input embeddings"), "{e}");
+        let ids = [[0u32; 3]];
+        let bad = [SeqStep {
+            input: StepInput::Tokens(&[1]),
+            positions: StepPositions::MRope {
+                ids: &ids,
+                sections: [4, 6, 6],
+            },
+            logits: true,
+        }];
+        let e = plan_rows(&c, &bad, &[&b], 4).err().unwrap().to_string();
+        assert!(e.contains("M-RoPE"), "{e}");
+        let bad = [SeqStep {
+            input: StepInput::Tokens(&[50]),
+            positions: StepPositions::Linear { start: 0 },
+            logits: true,
+        }];
+        let e = plan_rows(&c, &bad, &[&b], 4).err().unwrap().to_string();
+        assert!(e.contains("token id 50"), "{e}");
+        pool.release(a);
+        pool.release(b);
+    }
+}

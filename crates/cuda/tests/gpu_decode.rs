@@ -1,0 +1,208 @@
+//! The rollout engine's decoding step on the GPU (`GpuDecoder`) against the CPU model's
+//! `Qwen2::forward_step` over a host pool (`CpuStep`), on a tiny random Qwen2 (D = 32: the paged
+//! kernel's smallest head dimension). Opt-in:
+//!
+//!     REEL_GPU_TESTS=1 cargo test -p reel-cuda --release --test gpu_decode -- --nocapture
+//!
+//! - one step's logits (prefill chunks of several lengths, the last without logits, then decode
+//!   tokens and a chunk, in one batch) within bf16 tolerance, and within f32 rounding for an f32
+//!   decoder;
+//! - whole engines, CPU and GPU, on several groups of several samples with shared prefixes
+//!   (prompts that end inside a block, so forks copy on write on the device), greedy and sampled,
+//!   in a pool small enough to preempt: the f32 decoder gives the same tokens, the same
+//!   scheduling counters and log-probabilities within 1e-4; the bf16 decoder's agreement is
+//!   printed and its counters must match (no stop tokens, so the schedule does not depend on the
+//!   tokens).
+
+mod common;
+use common::*;
+
+use reel_cuda::{Gpu, GpuDecoder, GpuFloat};
+use reel_model::decode::{SeqStep, StepInput, StepPositions};
+use reel_model::generate::SamplingParams;
+use reel_model::{Qwen2, Qwen2Config};
+use reel_rollout::{
+    CpuStep, Engine, EngineConfig, GenerationParams, GroupOutput, KvLayout, StepModel,
+};
+use reel_tensor::{bf16, Tolerance};
+
+fn config() -> Qwen2Config {
+    Qwen2Config {
+        vocab_size: 300,
+        hidden_size: 128,
+        intermediate_size: 200,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+        ..Qwen2Config::tiny(300)
+    }
+}
+
+/// A decoder's own device handle (the shared one from `gpu()` only serialises the tests).
+fn open() -> Gpu {
+    Gpu::open(0).expect("REEL_GPU_TESTS=1 but no GPU")
+}
+
+fn tokens(n: usize, seed: u64, vocab: u32) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((i * 37 + seed * 11 + i * i * seed) % vocab as u64) as u32)
+        .collect()
+}
+
+/// Two steps over three sequences through `m`'s own pool; the logits of each step.
+fn two_steps(m: &mut dyn StepModel, c: &Qwen2Config) -> Vec<Vec<f32>> {
+    let layout = KvLayout {
+        layers: c.num_hidden_layers,
+        h_kv: c.num_key_value_heads,
+        d: c.head_dim,
+        block_size: 5,
+        num_blocks: 32,
+    };
+    let mut pool = m.new_pool(layout).unwrap();
+    let seqs: Vec<Vec<u32>> = [23usize, 9, 40]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| tokens(n, s as u64 + 1, c.vocab_size as u32))
+        .collect();
+    // Step 1: chunks of 17, 8 and 39 tokens (the first without logits); step 2: the rest.
+    let cuts = [[17usize, 23], [8, 9], [39, 40]];
+    let mut tables: Vec<_> = (0..3).map(|_| pool.new_table()).collect();
+    let mut out = Vec::new();
+    for step in 0..2 {
+        let mut steps = Vec::new();
+        for s in 0..3 {
+            let lo = if step == 0 { 0 } else { cuts[s][0] };
+            let hi = cuts[s][step];
+            pool.reserve(&mut tables[s], hi - lo).unwrap();
+            steps.push(SeqStep {
+                input: StepInput::Tokens(&seqs[s][lo..hi]),
+                positions: StepPositions::Linear { start: lo },
+                logits: step == 1 || s > 0,
+            });
+        }
+        let refs: Vec<_> = tables.iter().collect();
+        out.push(m.forward_step(&mut pool, &steps, &refs).unwrap().to_vec());
+        drop(refs);
+        for (s, t) in tables.iter_mut().enumerate() {
+            let lo = if step == 0 { 0 } else { cuts[s][0] };
+            pool.advance(t, cuts[s][step] - lo);
+        }
+    }
+    out
+}
+
+fn check_step<T: GpuFloat>(what: &str, tol: Tolerance, max_rel: f64) {
+    let Some(_lock) = gpu() else { return };
+    let c = config();
+    let model = Qwen2::new_random(c.clone(), 7).unwrap();
+    let want = two_steps(&mut CpuStep::new(&model), &c);
+    let mut dec = GpuDecoder::<T>::from_model(open(), &model).unwrap();
+    let got = two_steps(&mut dec, &c);
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(a.len(), b.len(), "step {i}: rows of logits");
+        compare(&format!("{what} step {i} logits"), a, b, tol, max_rel);
+    }
+}
+
+#[test]
+fn step_logits_match_the_cpu_step_in_bf16() {
+    check_step::<bf16>("bf16", Tolerance::new(1e-2, 2e-2), 2e-2);
+}
+
+#[test]
+fn step_logits_match_the_cpu_step_in_f32() {
+    check_step::<f32>("f32", Tolerance::new(1e-4, 1e-4), 1e-5);
+}
+
+fn sampled(max_new: usize, seed: u64) -> GenerationParams {
+    GenerationParams {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 40,
+            seed,
+        },
+        max_new_tokens: max_new,
+        ..GenerationParams::default()
+    }
+}
+
+fn greedy(max_new: usize) -> GenerationParams {
+    GenerationParams {
+        max_new_tokens: max_new,
+        ..GenerationParams::default()
+    }
+}
+
+/// Groups with shared prefixes, in a pool that holds each alone but not all together.
+fn run_engine(mut e: Engine) -> (Vec<GroupOutput>, reel_rollout::EngineStats) {
+    let v = 300;
+    let work: Vec<(Vec<u32>, usize, GenerationParams)> = vec![
+        (tokens(14, 1, v), 3, greedy(24)),
+        (tokens(9, 2, v), 4, sampled(24, 2)),
+        (tokens(21, 3, v), 2, greedy(24)),
+        (tokens(6, 4, v), 3, sampled(24, 4)),
+        (tokens(30, 5, v), 1, greedy(24)),
+    ];
+    for (p, g, params) in &work {
+        e.add_group(p.clone(), *g, params.clone()).unwrap();
+    }
+    let out = e.run().unwrap();
+    assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+    (out, e.stats())
+}
+
+#[test]
+fn gpu_engine_matches_the_cpu_engine_with_shared_prefixes_and_preemption() {
+    let Some(_lock) = gpu() else { return };
+    let c = config();
+    let model = Qwen2::new_random(c.clone(), 11).unwrap();
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 40,
+        max_step_tokens: 48,
+        max_step_seqs: 32,
+    };
+    let (want, want_stats) = run_engine(Engine::new(&model, cfg).unwrap());
+    assert!(want_stats.preemptions > 0, "{want_stats:?}");
+    assert!(want_stats.cow_copies > 0, "{want_stats:?}");
+
+    let mut dec = GpuDecoder::<f32>::from_model(open(), &model).unwrap();
+    let (got, stats) = run_engine(Engine::with_model(Box::new(&mut dec), cfg).unwrap());
+    assert_eq!(
+        stats, want_stats,
+        "same schedule, forks, copies and preemptions"
+    );
+    for (o, w) in got.iter().zip(&want) {
+        for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
+            assert_eq!(s.ids, t.ids, "f32: group {} sample {j}", o.id);
+            reel_tensor::check_close(
+                &format!("f32 log-probs, group {} sample {j}", o.id),
+                &s.logprobs,
+                &t.logprobs,
+                Tolerance::new(1e-4, 1e-4),
+            )
+            .unwrap();
+        }
+    }
+    eprintln!("f32 decoder: every token equal; {stats:?}");
+
+    let mut dec = GpuDecoder::<bf16>::from_model(open(), &model).unwrap();
+    let (got, stats) = run_engine(Engine::with_model(Box::new(&mut dec), cfg).unwrap());
+    assert_eq!(stats, want_stats, "bf16: same schedule (no stop tokens)");
+    let (mut same, mut total, mut prefix) = (0, 0, 0);
+    for (o, w) in got.iter().zip(&want) {
+        for (s, t) in o.samples.iter().zip(&w.samples) {
+            total += s.ids.len();
+            same += s.ids.iter().zip(&t.ids).filter(|(a, b)| a == b).count();
+            prefix += s.ids.iter().zip(&t.ids).take_while(|(a, b)| a == b).count();
+        }
+    }
+    eprintln!(
+        "bf16 decoder: {same}/{total} tokens equal to the CPU's ({prefix} before the first \
+         divergence of each sample)"
+    );
+}
