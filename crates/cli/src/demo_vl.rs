@@ -213,11 +213,16 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let m0 = reel_model::load_vl_checkpoint(&model_dir)?;
     println!(
         "model: Qwen2.5-VL, decoder {} wide × {} layers ({:.2} M parameters), vision tower {:.2} M \
-         (random, frozen)",
+         (random, {})",
         args.hidden(),
         args.layers(),
         m0.lm.params.len() as f64 / 1e6,
-        m0.vision.params.len() as f64 / 1e6
+        m0.vision.params.len() as f64 / 1e6,
+        if v.train_vision {
+            "trained in SFT, frozen in GRPO"
+        } else {
+            "frozen"
+        }
     );
     drop(m0);
 
