@@ -487,41 +487,16 @@ mod tests {
                     .backward(&mut gq, &mut gk, &mut gv, &ds, &qs, &ks, &vs, &o, &l, sh)
                     .unwrap();
                 let what = |x: &str| format!("prefix {prefix} segment {s}: {x}");
-                check_close(
-                    &what("out"),
-                    &take(&out, wq, seg.clone()),
-                    &o[prefix * wq..],
-                    tol,
-                )
-                .unwrap();
-                check_close(
-                    &what("lse"),
-                    &take(&lse, h, seg.clone()),
-                    &l[prefix * h..],
-                    tol,
-                )
-                .unwrap();
-                check_close(
-                    &what("dq"),
-                    &take(&dq, wq, seg.clone()),
-                    &gq[prefix * wq..],
-                    tol,
-                )
-                .unwrap();
-                check_close(
-                    &what("dk"),
-                    &take(&dk, wk, seg.clone()),
-                    &gk[prefix * wk..],
-                    tol,
-                )
-                .unwrap();
-                check_close(
-                    &what("dv"),
-                    &take(&dv, wk, seg.clone()),
-                    &gv[prefix * wk..],
-                    tol,
-                )
-                .unwrap();
+                for (name, packed, alone, w) in [
+                    ("out", &out, &o, wq),
+                    ("lse", &lse, &l, h),
+                    ("dq", &dq, &gq, wq),
+                    ("dk", &dk, &gk, wk),
+                    ("dv", &dv, &gv, wk),
+                ] {
+                    let got = take(packed, w, seg.clone());
+                    check_close(&what(name), &got, &alone[prefix * w..], tol).unwrap();
+                }
                 if s == 0 {
                     check_close(
                         &what("prefix out"),
