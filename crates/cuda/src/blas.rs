@@ -289,6 +289,26 @@ fn check_types<I: GpuFloat, O: GpuFloat>(op: &str) -> Result<()> {
     Ok(())
 }
 
+/// The GEMM of `out[m,n] (+)= inp[m,k] · weight[n,k]ᵀ` in cuBLASLt's column-major terms:
+/// `outᵀ[n,m] = weight[n,k] · inpᵀ[k,m]`, accumulating into `out` (β = 1) or overwriting it.
+fn linear_spec<I: GpuFloat, O: GpuFloat>(m: usize, k: usize, n: usize, accumulate: bool) -> Spec {
+    Spec {
+        ta: true,
+        tb: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        lda: k as i64,
+        ldb: k as i64,
+        ldc: n as i64,
+        ab: I::cuda_type(),
+        cd: O::cuda_type(),
+        bias: false,
+        accumulate,
+        align: [0; 3],
+    }
+}
+
 impl crate::Gpu {
     /// `out[m,n] = inp[m,k] · weight[n,k]ᵀ (+ bias[n])`, overwriting `out`; f32 accumulation.
     /// Inputs bf16 with a bf16 or f32 output, or f32 throughout; the bias has the output's type.
@@ -323,21 +343,7 @@ impl crate::Gpu {
             return self.zero(out);
         }
         self.bind()?;
-        let s = Spec {
-            ta: true,
-            tb: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            lda: k as i64,
-            ldb: k as i64,
-            ldc: n as i64,
-            ab: I::cuda_type(),
-            cd: O::cuda_type(),
-            bias: false,
-            accumulate: false,
-            align: [0; 3],
-        };
+        let s = linear_spec::<I, O>(m, k, n, false);
         self.blas.gemm(
             s,
             1.0,
@@ -369,21 +375,7 @@ impl crate::Gpu {
             return Ok(());
         }
         self.bind()?;
-        let s = Spec {
-            ta: true,
-            tb: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            lda: k as i64,
-            ldb: k as i64,
-            ldc: n as i64,
-            ab: I::cuda_type(),
-            cd: O::cuda_type(),
-            bias: false,
-            accumulate: true,
-            align: [0; 3],
-        };
+        let s = linear_spec::<I, O>(m, k, n, true);
         self.blas
             .gemm(s, 1.0, weight.dptr(), inp.dptr(), out.dptr(), None)
     }

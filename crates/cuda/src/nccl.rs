@@ -200,6 +200,38 @@ fn ok_or_progress(r: nsys::ncclResult_t) -> Result<(), nsys::ncclResult_t> {
 
 const F32: nsys::ncclDataType_t = nsys::ncclDataType_t::ncclFloat32;
 
+/// One NCCL group of sends and receives `(is_send, peer, device pointer, count)` of `dtype` on
+/// `stream`: the first failing call's result, else `ncclGroupEnd`'s. The group is closed
+/// before returning.
+///
+/// # Safety
+/// Every pointer is a live device range of `count` elements of `dtype` on the communicator's
+/// device, kept until the group's work has completed on `stream`.
+unsafe fn grouped_p2p(
+    calls: &[(bool, usize, u64, usize)],
+    dtype: nsys::ncclDataType_t,
+    comm: nsys::ncclComm_t,
+    stream: nsys::cudaStream_t,
+) -> nsys::ncclResult_t {
+    let mut res = nsys::ncclGroupStart();
+    for &(send, peer, ptr, n) in calls {
+        if ok_or_progress(res).is_err() {
+            break;
+        }
+        res = if send {
+            nsys::ncclSend(ptr as *const c_void, n, dtype, peer as i32, comm, stream)
+        } else {
+            nsys::ncclRecv(ptr as *mut c_void, n, dtype, peer as i32, comm, stream)
+        };
+    }
+    let end = nsys::ncclGroupEnd();
+    if ok_or_progress(res).is_err() {
+        res
+    } else {
+        end
+    }
+}
+
 /// One rank's NCCL communicator on one GPU (see the module docs).
 pub struct NcclComm {
     comm: nsys::ncclComm_t,
@@ -891,26 +923,8 @@ impl DeviceP2p for NcclP2p<'_> {
         let cs = c.stream.cu_stream() as nsys::cudaStream_t;
         let u8t = nsys::ncclDataType_t::ncclUint8;
         // SAFETY: every pointer is a live device range of `n` bytes on this device, kept by the
-        // caller until `complete`; the group is closed before returning.
-        let r = unsafe {
-            let mut res = nsys::ncclGroupStart();
-            for &(send, peer, ptr, n) in &calls {
-                if ok_or_progress(res).is_err() {
-                    break;
-                }
-                res = if send {
-                    nsys::ncclSend(ptr as *const c_void, n, u8t, peer as i32, c.comm, cs)
-                } else {
-                    nsys::ncclRecv(ptr as *mut c_void, n, u8t, peer as i32, c.comm, cs)
-                };
-            }
-            let end = nsys::ncclGroupEnd();
-            if ok_or_progress(res).is_err() {
-                res
-            } else {
-                end
-            }
-        };
+        // caller until `complete`.
+        let r = unsafe { grouped_p2p(&calls, u8t, c.comm, cs) };
         if let Err(e) = ok_or_progress(r) {
             return Err(self.err(c.fail(op, peer, Failure::Nccl(e, last_error(c.comm)))));
         }
@@ -1174,25 +1188,7 @@ impl Communicator for NcclComm {
         let deadline = Instant::now() + self.timeout;
         let cs = self.stream.cu_stream() as nsys::cudaStream_t;
         // SAFETY: every pointer is a live device buffer of `words` f32 kept by the batch.
-        let r = unsafe {
-            let mut res = nsys::ncclGroupStart();
-            for &(is_send, peer, ptr, words) in &plan {
-                if ok_or_progress(res).is_err() {
-                    break;
-                }
-                res = if is_send {
-                    nsys::ncclSend(ptr as *const c_void, words, F32, peer as i32, self.comm, cs)
-                } else {
-                    nsys::ncclRecv(ptr as *mut c_void, words, F32, peer as i32, self.comm, cs)
-                };
-            }
-            let end = nsys::ncclGroupEnd();
-            if ok_or_progress(res).is_err() {
-                res
-            } else {
-                end
-            }
-        };
+        let r = unsafe { grouped_p2p(&plan, F32, self.comm, cs) };
         if let Err(e) = ok_or_progress(r) {
             return Err(self.fail(
                 Op::Send,
