@@ -64,6 +64,9 @@ pub struct DemoArgs {
     /// Prompts per GRPO step. Default 16 (--text) / 8 (video).
     #[arg(long)]
     pub grpo_prompts: Option<usize>,
+    /// KL coefficient β to the SFT model (k3 estimator). Default 0.05 (both).
+    #[arg(long)]
+    pub grpo_kl: Option<f32>,
     /// (--text) Training conversations per task.
     #[arg(long, default_value_t = 6000)]
     pub train_per_task: usize,
@@ -444,7 +447,7 @@ fn grpo_stage(
     cfg.grpo.max_response_tokens = 12;
     cfg.grpo.lr = args.grpo_lr();
     // A k3 KL to the SFT model keeps the other tasks from drifting.
-    cfg.grpo.kl_coef = 0.05;
+    cfg.grpo.kl_coef = args.grpo_kl.unwrap_or(0.05);
     cfg.grpo.top_p = 1.0;
     cfg.grpo.dynamic_sampling = true;
     cfg.grpo.dynamic_sampling_max_rounds = 2;

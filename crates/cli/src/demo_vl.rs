@@ -367,7 +367,7 @@ fn grpo_stage(
     cfg.grpo.max_response_tokens = v.max_new_tokens;
     cfg.grpo.lr = args.grpo_lr();
     // A k3 KL to the SFT model keeps the question kinds GRPO does not train on from drifting.
-    cfg.grpo.kl_coef = 0.05;
+    cfg.grpo.kl_coef = args.grpo_kl.unwrap_or(0.05);
     cfg.grpo.top_p = 1.0;
     cfg.grpo.dynamic_sampling = true;
     cfg.grpo.dynamic_sampling_max_rounds = 2;
