@@ -1272,7 +1272,7 @@ fn run_process<T: SftTask>(
         par.overlap,
         proc.describe()
     );
-    let lead = (l.rank == 0).then(|| Lead {
+    let lead = (l.rank == 0).then_some(Lead {
         hook: opts.eval_hook.as_mut(),
         progress: opts.progress,
     });
