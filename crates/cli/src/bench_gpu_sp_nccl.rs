@@ -118,7 +118,7 @@ fn max_over_ranks(comm: &NcclComm, x: f64) -> Result<f64> {
 #[allow(clippy::too_many_arguments)]
 fn row(
     comm: &NcclComm,
-    p2p: &reel_cuda::NcclP2p<'_>,
+    p2p: &reel_cuda::NcclP2p<&NcclComm>,
     gpu: &Gpu,
     kind: ScheduleKind,
     t: usize,

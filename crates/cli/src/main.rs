@@ -452,6 +452,16 @@ fn real_main() -> Result<()> {
             if let Some(d) = device {
                 cfg.train.device = d;
             }
+            // Under `reel launch` every process is one rank of the run (one GPU each, NCCL);
+            // only rank 0 reports.
+            let rank = std::env::var(reel_comm::launch::ENV_RANK).ok();
+            #[cfg(feature = "cuda")]
+            if rank.is_some() {
+                // NCCL is opened by the name libnccl.so: make pip's libnccl.so.2 reachable under it.
+                if let Err(e) = reel_cuda::libs::reexec_with_library_path() {
+                    eprintln!("sft: {e}");
+                }
+            }
             let summary = run_sft(
                 &cfg,
                 RunOptions {
@@ -459,6 +469,9 @@ fn real_main() -> Result<()> {
                     ..RunOptions::default()
                 },
             )?;
+            if rank.as_deref().is_some_and(|r| r != "0") {
+                return Ok(());
+            }
             println!(
                 "trained {} steps; final loss {:.4}; model saved to {}",
                 summary.steps,

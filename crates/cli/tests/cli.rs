@@ -209,6 +209,74 @@ fn sft_runs_sequence_parallel_from_the_command_line() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("parallel.sp"));
 }
 
+/// `reel sft` under `reel launch` trains one process per GPU: on the CPU, with sp not the world
+/// size, or with more processes than GPUs, every rank stops at once with an error saying what to
+/// change (before any rendezvous, so nothing waits for a timeout).
+#[test]
+fn sft_under_launch_without_a_gpu_per_process_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    reel_data::char_tokenizer().save(&dir.join("tok")).unwrap();
+    let convs = reel_data::synth_examples(
+        reel_data::SynthTask::new(reel_data::SynthKind::Reverse),
+        10,
+        3,
+    );
+    reel_data::write_jsonl(&dir.join("train.jsonl"), &convs).unwrap();
+    let cfg = format!(
+        "[model]\ntokenizer = {tok:?}\n[model.init]\nhidden_size = 32\nintermediate_size = 64\n\
+         max_position_embeddings = 128\n[data]\ntrain = {train:?}\nmax_len = 64\n\
+         tokens_per_batch = 512\n[train]\nsteps = 2\n[output]\ndir = {out:?}\n",
+        tok = dir.join("tok"),
+        train = dir.join("train.jsonl"),
+        out = dir.join("run"),
+    );
+    std::fs::write(dir.join("run.toml"), cfg).unwrap();
+    let launch = |extra: &[&str]| {
+        let out = reel()
+            .args([
+                "launch",
+                "--nproc",
+                "2",
+                "--grace-secs",
+                "5",
+                "--",
+                "reel",
+                "sft",
+            ])
+            .args(extra)
+            .arg("--config")
+            .arg(dir.join("run.toml"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.contains("rank 0 exited with status 1"), "{err}");
+        assert!(err.contains("rank 1 exited with status 1"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let err = launch(&["--sp", "2", "--device", "cpu"]);
+    assert!(
+        err.contains("train.device = \"cpu\" has no multi-process path"),
+        "{err}"
+    );
+    let err = launch(&["--sp", "1", "--device", "cuda"]);
+    assert!(
+        err.contains("parallel.sp must be 2") || err.contains("without the `cuda` feature"),
+        "{err}"
+    );
+    // Without a GPU (CI), or on a machine with fewer GPUs than processes: named.
+    if std::env::var("REEL_GPU_TESTS").is_err() {
+        let err = launch(&["--sp", "2", "--device", "cuda"]);
+        assert!(
+            err.contains("no usable GPU") || err.contains("without the `cuda` feature"),
+            "{err}"
+        );
+    }
+    assert!(!dir.join("run/checkpoints/step-1").exists());
+}
+
 /// `reel sft --vl-*` builds a Qwen2.5-VL run config that `--set`, `--sp` and `--dp` apply to
 /// (here a trained tower over 2 sp ranks × 2 replicas); the run's own config.toml then resumes
 /// it through `--config` with more steps.

@@ -1,5 +1,6 @@
 //! Starting a world of processes on one machine, one per GPU (`reel launch --nproc N -- …`, the
-//! multi-process tests): each child gets `RANK`, `LOCAL_RANK`, `WORLD_SIZE` and `REEL_RENDEZVOUS`
+//! multi-process tests): each child gets `RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`
+//! (the processes on its machine) and `REEL_RENDEZVOUS`
 //! (`host:port` of rank 0's [`crate::bootstrap`]) in its environment, the rest inherited. Across
 //! nodes, run one launcher per node with `base_rank`/`world` set and the same rendezvous.
 
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 pub const ENV_RANK: &str = "RANK";
 pub const ENV_LOCAL_RANK: &str = "LOCAL_RANK";
 pub const ENV_WORLD: &str = "WORLD_SIZE";
+/// Processes the launcher started on this machine (local ranks `0..LOCAL_WORLD_SIZE`).
+pub const ENV_LOCAL_WORLD: &str = "LOCAL_WORLD_SIZE";
 pub const ENV_RENDEZVOUS: &str = "REEL_RENDEZVOUS";
 
 /// What to start.
@@ -101,6 +104,7 @@ pub fn run(l: &Launch) -> Result<(), LaunchError> {
             .env(ENV_RANK, rank.to_string())
             .env(ENV_LOCAL_RANK, local.to_string())
             .env(ENV_WORLD, l.world.to_string())
+            .env(ENV_LOCAL_WORLD, l.nproc.to_string())
             .env(ENV_RENDEZVOUS, &l.rendezvous)
             .envs(l.env.iter().map(|(k, v)| (k, v)))
             .spawn();
@@ -194,7 +198,7 @@ mod tests {
 
     #[test]
     fn every_rank_sees_its_environment() {
-        let script = "test \"$WORLD_SIZE\" = 3 && test \"$RANK\" = \"$LOCAL_RANK\" && test \"$REEL_RENDEZVOUS\" = 127.0.0.1:29533 && test \"$RANK\" -lt 3";
+        let script = "test \"$WORLD_SIZE\" = 3 && test \"$LOCAL_WORLD_SIZE\" = 3 && test \"$RANK\" = \"$LOCAL_RANK\" && test \"$REEL_RENDEZVOUS\" = 127.0.0.1:29533 && test \"$RANK\" -lt 3";
         run(&sh(script, 3)).unwrap();
     }
 

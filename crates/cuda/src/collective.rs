@@ -11,7 +11,7 @@
 //! 2·(P − 1)/P · 4n.
 
 use crate::buffer::DView;
-use crate::devcomm::{DevPart, DeviceComm};
+use crate::devcomm::{DevPart, DeviceComm, DeviceGroup};
 use crate::{DeviceBuf, Gpu, Result};
 
 /// Tag of step `s` of phase `phase` (0 reduce-scatter, 1 all-gather).
@@ -76,6 +76,12 @@ impl DeviceComm {
             self.abort(&format!("all-reduce: {e}"));
         }
         result
+    }
+}
+
+impl DeviceGroup for DeviceComm {
+    fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()> {
+        DeviceComm::all_reduce_sum_dev(self, gpu, buf)
     }
 }
 

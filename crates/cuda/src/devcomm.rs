@@ -23,6 +23,9 @@
 //! generic over it): post a batch of tagged sends and receives of device parts from the caller's
 //! stream, complete it onto the caller's stream, rank and world, abort. Two implementations:
 //! [`DeviceComm`] (in-process ranks, here) and `NcclP2p` (one process per GPU, `nccl.rs`).
+//! [`DeviceGroup`] adds the sum all-reduce of a device buffer, what a sequence-parallel
+//! `GpuQwen2` rank needs besides attention (its gradients): `DeviceComm`'s ring over its own
+//! transfers (`collective.rs`), or ncclAllReduce for `NcclP2p`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +107,17 @@ pub trait DeviceP2p {
     fn complete(&self, gpu: &Gpu, posted: Self::Posted) -> Result<()>;
     /// Fails this rank's later calls and, as far as the backend can, its peers'.
     fn abort(&self, why: &str);
+}
+
+/// A [`DeviceP2p`] world that can also sum a device buffer over its ranks: what a
+/// sequence-parallel `GpuQwen2` rank runs over (attention through `GpuDistAttn`, gradients
+/// through [`DeviceGroup::all_reduce_sum_dev`]).
+pub trait DeviceGroup: DeviceP2p {
+    /// Sums `buf` over every rank, in place; every rank calls it with its `Gpu` in the same order
+    /// as its other calls, and every rank ends with bit-identical values. Ordered after the work
+    /// `gpu`'s stream holds; the result is ready for whatever `gpu`'s stream runs next. A failure
+    /// aborts the world.
+    fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut crate::DeviceBuf<f32>) -> Result<()>;
 }
 
 type Key = (usize, usize, u64, u64);

@@ -103,6 +103,23 @@ impl Gpu {
         catch("opening the GPU", || Self::open_inner(ordinal, true))
     }
 
+    /// How many CUDA devices the driver sees (an error when there is no driver).
+    pub fn device_count() -> Result<usize> {
+        catch("counting the GPUs", || {
+            libs::preload();
+            if !panic_free_present(dsys::is_culib_present) {
+                return Err(GpuError::NoDriver(preload_note("libcuda")));
+            }
+            dres::init()
+                .and_then(|_| dres::device::get_count())
+                .map(|c| c.max(0) as usize)
+                .map_err(|e| GpuError::NoDevice {
+                    ordinal: 0,
+                    detail: format!("the driver reports {e:?}"),
+                })
+        })
+    }
+
     fn open_inner(ordinal: usize, own_stream: bool) -> Result<Gpu> {
         libs::preload();
         if !panic_free_present(dsys::is_culib_present) {

@@ -33,14 +33,16 @@
 //!
 //! - [`NcclComm`] (`nccl`): NCCL as a `reel_comm::Communicator`, one process per GPU, TCP
 //!   rendezvous, host-staged and device-buffer collectives, tagged point-to-point, split; and
-//!   [`NcclP2p`] ([`NcclComm::device_p2p`]), device point-to-point as a [`DeviceP2p`].
+//!   [`NcclP2p`] ([`NcclComm::device_p2p`] borrowing it, [`NcclComm::into_device_p2p`] owning
+//!   it), device point-to-point as a [`DeviceP2p`] and [`DeviceGroup`].
 //! - Decode attention over a paged KV cache ([`Gpu::paged_attention_forward`], [`GpuPagedBatch`];
 //!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
 //! - The rollout engine's decoding step ([`GpuDecoder`], `decode.rs`): `Qwen2::forward_step` on
 //!   the device over a paged KV cache whose blocks live in device memory (tables on the host),
 //!   a `reel_rollout::StepModel`, so `Engine::with_model` runs on the GPU.
 //! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceP2p`], the device point-to-point
-//!   trait; [`DeviceWorld`], [`DeviceComm`], [`DeviceRanks`]; each rank its own stream,
+//!   trait, and [`DeviceGroup`], the same plus a sum all-reduce; [`DeviceWorld`], [`DeviceComm`],
+//!   [`DeviceRanks`]; each rank its own stream,
 //!   [`Gpu::open_on_new_stream`]) and, with `cudnn`, sequence-parallel attention schedules over
 //!   any [`DeviceP2p`] ([`GpuDistAttn`], `dist_attn.rs`), with the
 //!   f32 ⇄ bf16 conversions, accumulation and copies they need (`convert.rs`).
@@ -78,7 +80,9 @@ mod sp_attn;
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
 pub use decode::GpuDecoder;
-pub use devcomm::{DevOp, DevPart, DeviceComm, DeviceP2p, DeviceRanks, DeviceWorld, Transfer};
+pub use devcomm::{
+    DevOp, DevPart, DeviceComm, DeviceGroup, DeviceP2p, DeviceRanks, DeviceWorld, Transfer,
+};
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
@@ -89,7 +93,7 @@ pub use ops::GpuRopeTable;
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
 #[cfg(feature = "cudnn")]
-pub use sp_attn::{GpuSpAttention, GpuSpTotals};
+pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};
 
 use half::bf16;
 

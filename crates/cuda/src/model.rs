@@ -39,7 +39,7 @@ use reel_optim::{AdamWConfig, AdamWState};
 
 use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::plan::ce_chunk;
-use crate::sp_attn::GpuSpAttention;
+use crate::sp_attn::GpuSpRank;
 use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
 
 /// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
@@ -47,8 +47,9 @@ pub enum GpuAttention {
     /// cuDNN over the whole local sequence (the model holds every token of its batch).
     Local,
     /// The model is one rank of a sequence-parallel group and holds its token shard; attention
-    /// runs the group's schedule through [`crate::GpuDistAttn`] ([`GpuSpAttention`]).
-    Sp(Box<GpuSpAttention>),
+    /// runs the group's schedule through [`crate::GpuDistAttn`] (a [`crate::GpuSpAttention`]
+    /// over in-process ranks or NCCL), and the gradients are summed over the same group.
+    Sp(Box<dyn GpuSpRank>),
 }
 
 impl GpuAttention {
@@ -56,11 +57,11 @@ impl GpuAttention {
     fn forward(
         &mut self,
         g: &Gpu,
-        out: &mut impl DevWrite<bf16>,
-        lse: &mut impl DevWrite<f32>,
-        q: &impl DevRead<bf16>,
-        k: &impl DevRead<bf16>,
-        v: &impl DevRead<bf16>,
+        out: &mut DViewMut<'_, bf16>,
+        lse: &mut DViewMut<'_, f32>,
+        q: &DView<'_, bf16>,
+        k: &DView<'_, bf16>,
+        v: &DView<'_, bf16>,
         shape: AttnShape,
     ) -> Result<()> {
         match self {
@@ -73,15 +74,15 @@ impl GpuAttention {
     fn backward(
         &mut self,
         g: &Gpu,
-        dq: &mut impl DevWrite<bf16>,
-        dk: &mut impl DevWrite<bf16>,
-        dv: &mut impl DevWrite<bf16>,
-        dout: &impl DevRead<bf16>,
-        q: &impl DevRead<bf16>,
-        k: &impl DevRead<bf16>,
-        v: &impl DevRead<bf16>,
-        out: &impl DevRead<bf16>,
-        lse: &impl DevRead<f32>,
+        dq: &mut DViewMut<'_, bf16>,
+        dk: &mut DViewMut<'_, bf16>,
+        dv: &mut DViewMut<'_, bf16>,
+        dout: &DView<'_, bf16>,
+        q: &DView<'_, bf16>,
+        k: &DView<'_, bf16>,
+        v: &DView<'_, bf16>,
+        out: &DView<'_, bf16>,
+        lse: &DView<'_, f32>,
         shape: AttnShape,
     ) -> Result<()> {
         match self {
@@ -681,18 +682,47 @@ impl GpuQwen2 {
         let GpuAttention::Sp(sp) = &self.attn else {
             return Ok(local);
         };
-        let comm = sp.comm();
         // The loss sum as two f32s (high part, remainder), as the CPU trainer's all-reduce.
         let hi = local.loss_sum as f32;
         let lo = (local.loss_sum - hi as f64) as f32;
         let mut stats = self.gpu.upload(&[hi, lo, local.n_tokens as f32])?;
-        comm.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
-        comm.all_reduce_sum_dev(&self.gpu, &mut stats)?;
+        sp.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
+        sp.all_reduce_sum_dev(&self.gpu, &mut stats)?;
         let s = self.gpu.download(&stats)?;
         Ok(LossStats {
             loss_sum: s[0] as f64 + s[1] as f64,
             n_tokens: s[2].round() as usize,
         })
+    }
+
+    /// This rank's place in its sequence-parallel group (0 with local attention): the shard of
+    /// each batch it trains on.
+    pub fn sp_rank(&self) -> usize {
+        match &self.attn {
+            GpuAttention::Local => 0,
+            GpuAttention::Sp(sp) => sp.rank(),
+        }
+    }
+
+    /// Every rank's `x`, in rank order, gathered over the sequence-parallel group (`[x]` with
+    /// local attention): an all-reduce of a `[P, 8]` buffer in which each rank writes the bytes
+    /// of its value in its own row (exact in f32). Used to compare the replicas' checksums.
+    pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
+        let GpuAttention::Sp(sp) = &self.attn else {
+            return Ok(vec![x]);
+        };
+        let (p, r) = (sp.world_size(), sp.rank());
+        let mut host = vec![0f32; p * 8];
+        for (i, b) in x.to_le_bytes().iter().enumerate() {
+            host[r * 8 + i] = f32::from(*b);
+        }
+        let mut buf = self.gpu.upload(&host)?;
+        sp.all_reduce_sum_dev(&self.gpu, &mut buf)?;
+        let all = self.gpu.download(&buf)?;
+        Ok(all
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(std::array::from_fn(|i| c[i].round() as u8)))
+            .collect())
     }
 
     /// Aborts the sequence-parallel group (no-op with local attention): every rank's pending

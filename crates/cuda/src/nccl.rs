@@ -33,6 +33,7 @@
 //! through [`crate::libs::reexec_with_library_path`] (its shim links the name). Where no driver,
 //! device or NCCL is found, [`NcclComm::init`] returns [`CommError::Backend`] saying which.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +46,7 @@ use reel_comm::stats::convention_bytes;
 use reel_comm::{bootstrap, CommError, CommStats, Communicator, Op, P2pOp, Pending};
 
 use crate::buffer::DeviceBuf;
-use crate::devcomm::{DevOp, DeviceP2p};
+use crate::devcomm::{DevOp, DeviceGroup, DeviceP2p};
 use crate::{catch, libs, Gpu, GpuError};
 
 /// Words in front of every point-to-point message: tag (2 words), length, sequence number.
@@ -792,26 +793,21 @@ impl NcclComm {
         let _ = self.fail(Op::Send, None, Failure::Cuda(format!("aborted: {why}")));
     }
 
-    /// This communicator as a [`DeviceP2p`] for `gpu`'s stream (`GpuDistAttn` over NCCL).
-    /// `gpu` must be the same device.
-    pub fn device_p2p(&self, gpu: &Gpu) -> Result<NcclP2p<'_>, GpuError> {
-        let (mine, theirs) = (self.ctx.ordinal(), gpu.ctx.ordinal());
-        if mine != theirs {
-            return Err(GpuError::Comm(format!(
-                "NCCL rank {} is on device {mine}, its Gpu on device {theirs}",
-                self.global_rank()
-            )));
-        }
-        Ok(NcclP2p {
-            comm: self,
-            epoch: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            messages: AtomicU64::new(0),
-        })
+    /// This communicator as a [`DeviceP2p`] for `gpu`'s stream (`GpuDistAttn` over NCCL),
+    /// borrowed. `gpu` must be the same device.
+    pub fn device_p2p(&self, gpu: &Gpu) -> Result<NcclP2p<&NcclComm>, GpuError> {
+        NcclP2p::new(self, gpu)
+    }
+
+    /// [`NcclComm::device_p2p`] owning the communicator: what a sequence-parallel `GpuQwen2`
+    /// rank keeps for its attention and gradient all-reduce (`GpuSpAttention`).
+    pub fn into_device_p2p(self, gpu: &Gpu) -> Result<NcclP2p<NcclComm>, GpuError> {
+        NcclP2p::new(self, gpu)
     }
 }
 
-/// An [`NcclComm`] as a [`DeviceP2p`]: each posted batch is one NCCL group of ncclSend/ncclRecv
+/// An [`NcclComm`] (borrowed or owned: `C` is `&NcclComm` or `NcclComm`) as a [`DeviceP2p`]:
+/// each posted batch is one NCCL group of ncclSend/ncclRecv
 /// (one call per device part, bytes as `ncclUint8`) on the communicator's stream, which first
 /// waits for an event of the caller's stream; completing waits (host-side, against the
 /// communicator's deadline, polling NCCL's async error) for the group's event and makes the
@@ -819,9 +815,10 @@ impl NcclComm {
 /// in flight. NCCL matches messages between two ranks in posting order, so a batch's operations
 /// are issued sorted by tag (the peers' batches hold the same messages, so the orders agree).
 /// A timeout or NCCL error aborts the communicator; payloads carry no header (sizes come from
-/// the same plan on both sides).
-pub struct NcclP2p<'c> {
-    comm: &'c NcclComm,
+/// the same plan on both sides). As a [`DeviceGroup`], its all-reduce is
+/// [`NcclComm::all_reduce_sum_dev`].
+pub struct NcclP2p<C: Borrow<NcclComm>> {
+    comm: C,
     epoch: AtomicU64,
     bytes: AtomicU64,
     messages: AtomicU64,
@@ -835,9 +832,26 @@ pub struct NcclPosted {
     peer: Option<usize>,
 }
 
-impl NcclP2p<'_> {
+impl<C: Borrow<NcclComm>> NcclP2p<C> {
+    fn new(comm: C, gpu: &Gpu) -> Result<Self, GpuError> {
+        let c: &NcclComm = comm.borrow();
+        let (mine, theirs) = (c.ctx.ordinal(), gpu.ctx.ordinal());
+        if mine != theirs {
+            return Err(GpuError::Comm(format!(
+                "NCCL rank {} is on device {mine}, its Gpu on device {theirs}",
+                c.global_rank()
+            )));
+        }
+        Ok(NcclP2p {
+            comm,
+            epoch: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        })
+    }
+
     pub fn comm(&self) -> &NcclComm {
-        self.comm
+        self.comm.borrow()
     }
 
     fn err(&self, e: CommError) -> GpuError {
@@ -845,7 +859,7 @@ impl NcclP2p<'_> {
     }
 
     fn check_peer(&self, peer: usize) -> Result<(), GpuError> {
-        let c = self.comm;
+        let c = self.comm();
         if peer >= c.world || peer == c.rank {
             return Err(GpuError::Comm(format!(
                 "rank {}: peer {peer} is not another rank of a world of {}",
@@ -856,15 +870,22 @@ impl NcclP2p<'_> {
     }
 }
 
-impl DeviceP2p for NcclP2p<'_> {
+impl<C: Borrow<NcclComm>> DeviceGroup for NcclP2p<C> {
+    fn all_reduce_sum_dev(&self, _gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<(), GpuError> {
+        // NCCL's stream waits for the buffer's stream; the call returns once the sum is done.
+        self.comm().all_reduce_sum_dev(buf).map_err(|e| self.err(e))
+    }
+}
+
+impl<C: Borrow<NcclComm>> DeviceP2p for NcclP2p<C> {
     type Posted = NcclPosted;
 
     fn rank(&self) -> usize {
-        self.comm.rank
+        self.comm().rank
     }
 
     fn world_size(&self) -> usize {
-        self.comm.world
+        self.comm().world
     }
 
     fn next_epoch(&self) -> u64 {
@@ -879,7 +900,7 @@ impl DeviceP2p for NcclP2p<'_> {
     }
 
     fn post(&self, gpu: &Gpu, ops: &[DevOp<'_>]) -> Result<NcclPosted, GpuError> {
-        let c = self.comm;
+        let c = self.comm();
         let mut order: Vec<&DevOp<'_>> = ops.iter().collect();
         order.sort_by_key(|o| o.tag());
         // (is send, peer, pointer, bytes) in issue order.
@@ -938,7 +959,7 @@ impl DeviceP2p for NcclP2p<'_> {
     }
 
     fn complete(&self, gpu: &Gpu, posted: NcclPosted) -> Result<(), GpuError> {
-        let c = self.comm;
+        let c = self.comm();
         let Some(done) = posted.done else {
             return Ok(());
         };
@@ -950,7 +971,7 @@ impl DeviceP2p for NcclP2p<'_> {
     }
 
     fn abort(&self, why: &str) {
-        self.comm.abort(why);
+        self.comm().abort(why);
     }
 }
 

@@ -1,8 +1,12 @@
 //! A `GpuQwen2`'s attention when it is one rank of a sequence-parallel group (feature `cudnn`):
 //! the device twin of `reel_parallel::SpAttention`. The rank's model runs its layers on its token
 //! shard (`[B, L]`, rows in the schedule's layout order, RoPE at global positions); attention
-//! goes through [`GpuDistAttn`] over the rank's [`DeviceComm`], so every rank of the group must
-//! make the same calls in the same order.
+//! goes through [`GpuDistAttn`] over the rank's device communicator, so every rank of the group
+//! must make the same calls in the same order. The communicator is any [`DeviceGroup`]:
+//! [`DeviceComm`] (in-process ranks sharing one GPU) or `NcclP2p` owning its `NcclComm` (one
+//! process per GPU); it also carries the group's gradient all-reduce
+//! ([`DeviceGroup::all_reduce_sum_dev`]). The model holds its rank as a [`GpuSpRank`], the
+//! object-safe face of [`GpuSpAttention`] over either communicator.
 //!
 //! As with `SpAttention`, the model's shape does not say how many of the L local rows are
 //! padding, so the caller announces each batch's global length with
@@ -19,8 +23,8 @@ use half::bf16;
 use reel_kernels::attention::AttnShape;
 use reel_parallel::{Overlap, Schedule, Sharding};
 
-use crate::buffer::{DevRead, DevWrite};
-use crate::devcomm::DeviceComm;
+use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
+use crate::devcomm::{DeviceComm, DeviceGroup};
 use crate::{shape_err, DeviceBuf, Gpu, GpuDistAttn, GpuSpStats, Result};
 
 /// Exact-size operands of one local shape.
@@ -73,9 +77,10 @@ fn add(a: &mut GpuSpStats, b: GpuSpStats) {
     a.bytes_sent += b.bytes_sent;
 }
 
-/// One rank's sequence-parallel causal attention on device buffers (module docs).
-pub struct GpuSpAttention {
-    comm: DeviceComm,
+/// One rank's sequence-parallel causal attention on device buffers (module docs), over the
+/// device communicator `C`.
+pub struct GpuSpAttention<C: DeviceGroup = DeviceComm> {
+    comm: C,
     schedule: Schedule,
     overlap: Overlap,
     sharding: Option<Sharding>,
@@ -85,10 +90,10 @@ pub struct GpuSpAttention {
     totals: GpuSpTotals,
 }
 
-impl GpuSpAttention {
+impl<C: DeviceGroup> GpuSpAttention<C> {
     /// `comm` is this rank's endpoint of the sequence-parallel group; `schedule` must be causal
     /// (the model's attention is), valid, and over `comm.world_size()` ranks.
-    pub fn new(comm: DeviceComm, schedule: Schedule, overlap: Overlap) -> Result<Self> {
+    pub fn new(comm: C, schedule: Schedule, overlap: Overlap) -> Result<Self> {
         schedule
             .validate()
             .map_err(|e| crate::GpuError::Shape(format!("sequence-parallel schedule: {e}")))?;
@@ -116,7 +121,7 @@ impl GpuSpAttention {
         })
     }
 
-    pub fn comm(&self) -> &DeviceComm {
+    pub fn comm(&self) -> &C {
         &self.comm
     }
 
@@ -257,5 +262,111 @@ impl GpuSpAttention {
     /// Fails every rank's pending and later exchanges (a rank that errs outside attention).
     pub fn abort(&self, why: &str) {
         self.comm.abort(why);
+    }
+}
+
+/// What a `GpuQwen2` asks of its sequence-parallel attention rank, whatever the device
+/// communicator under it (object safe: `GpuAttention::Sp` holds a `Box<dyn GpuSpRank>`).
+/// Implemented by every [`GpuSpAttention`].
+pub trait GpuSpRank: Send {
+    /// This rank's place in its group.
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    fn schedule(&self) -> &Schedule;
+    /// [`GpuSpAttention::set_seq_len`].
+    fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding>;
+    /// [`GpuSpAttention::totals`].
+    fn totals(&self) -> GpuSpTotals;
+    /// This rank's out and lse (overwritten) from its q, k, v.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        gpu: &Gpu,
+        out: &mut DViewMut<'_, bf16>,
+        lse: &mut DViewMut<'_, f32>,
+        q: &DView<'_, bf16>,
+        k: &DView<'_, bf16>,
+        v: &DView<'_, bf16>,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// Gradients of this rank's q, k, v (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &mut self,
+        gpu: &Gpu,
+        dq: &mut DViewMut<'_, bf16>,
+        dk: &mut DViewMut<'_, bf16>,
+        dv: &mut DViewMut<'_, bf16>,
+        dout: &DView<'_, bf16>,
+        q: &DView<'_, bf16>,
+        k: &DView<'_, bf16>,
+        v: &DView<'_, bf16>,
+        out: &DView<'_, bf16>,
+        lse: &DView<'_, f32>,
+        shape: AttnShape,
+    ) -> Result<()>;
+    /// Sums `buf` over the group, in place (the gradients; [`DeviceGroup::all_reduce_sum_dev`]).
+    fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()>;
+    /// [`GpuSpAttention::abort`].
+    fn abort(&self, why: &str);
+}
+
+impl<C: DeviceGroup + Send> GpuSpRank for GpuSpAttention<C> {
+    fn rank(&self) -> usize {
+        GpuSpAttention::rank(self)
+    }
+
+    fn world_size(&self) -> usize {
+        GpuSpAttention::world_size(self)
+    }
+
+    fn schedule(&self) -> &Schedule {
+        GpuSpAttention::schedule(self)
+    }
+
+    fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding> {
+        GpuSpAttention::set_seq_len(self, seq_len)
+    }
+
+    fn totals(&self) -> GpuSpTotals {
+        GpuSpAttention::totals(self)
+    }
+
+    fn forward(
+        &mut self,
+        gpu: &Gpu,
+        out: &mut DViewMut<'_, bf16>,
+        lse: &mut DViewMut<'_, f32>,
+        q: &DView<'_, bf16>,
+        k: &DView<'_, bf16>,
+        v: &DView<'_, bf16>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        GpuSpAttention::forward(self, gpu, out, lse, q, k, v, shape)
+    }
+
+    fn backward(
+        &mut self,
+        gpu: &Gpu,
+        dq: &mut DViewMut<'_, bf16>,
+        dk: &mut DViewMut<'_, bf16>,
+        dv: &mut DViewMut<'_, bf16>,
+        dout: &DView<'_, bf16>,
+        q: &DView<'_, bf16>,
+        k: &DView<'_, bf16>,
+        v: &DView<'_, bf16>,
+        out: &DView<'_, bf16>,
+        lse: &DView<'_, f32>,
+        shape: AttnShape,
+    ) -> Result<()> {
+        GpuSpAttention::backward(self, gpu, dq, dk, dv, dout, q, k, v, out, lse, shape)
+    }
+
+    fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()> {
+        self.comm.all_reduce_sum_dev(gpu, buf)
+    }
+
+    fn abort(&self, why: &str) {
+        GpuSpAttention::abort(self, why)
     }
 }

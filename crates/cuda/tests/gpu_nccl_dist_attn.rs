@@ -76,7 +76,7 @@ fn nccl_sp_attention_matches_single_gpu_attention() {
 #[allow(clippy::too_many_arguments)]
 fn nccl_case(
     c: &NcclComm,
-    p2p: &NcclP2p<'_>,
+    p2p: &NcclP2p<&NcclComm>,
     g: &Gpu,
     kind: ScheduleKind,
     overlap: Overlap,
@@ -109,12 +109,12 @@ fn nccl_case(
 
 /// An `NcclP2p` whose process exits (as if killed) at its `posts`-th post.
 struct DiesAt<'c> {
-    inner: NcclP2p<'c>,
+    inner: NcclP2p<&'c NcclComm>,
     posts: Cell<usize>,
 }
 
 impl DeviceP2p for DiesAt<'_> {
-    type Posted = <NcclP2p<'static> as DeviceP2p>::Posted;
+    type Posted = <NcclP2p<NcclComm> as DeviceP2p>::Posted;
     fn rank(&self) -> usize {
         self.inner.rank()
     }

@@ -132,7 +132,11 @@ impl CheckpointDir {
             } else {
                 fs::remove_file(&path)
             };
-            removed.map_err(io_err("remove", &path))?;
+            match removed {
+                // Another process of the same run (`reel launch`) removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r.map_err(io_err("remove", &path))?,
+            }
         }
         Ok(())
     }

@@ -10,8 +10,14 @@
 //! each a thread with its own stream ([`GpuSpGroup`], [`GpuPlace::Sp`]): every rank's
 //! [`GpuModel`] holds its token shard and attends through the group's schedule on the device.
 //!
-//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`] and [`GpuModel`] are uninhabited,
-//! so the CPU-only build carries the same code paths with no GPU in them.
+//! Under `reel launch` (one process per GPU, [`Launched`]) a run with `parallel.sp` = the world
+//! size trains one sequence-parallel rank per process: [`process_gpu`] checks the run fits (text
+//! decoder, dp = 1, enough GPUs on the machine) and names the process's GPU (its local rank), and
+//! [`gpu_proc`] opens it and joins the world's NCCL communicator ([`GpuPlace::Proc`]): attention
+//! through the device DistAttn executor over NCCL point-to-point, gradients all-reduced by NCCL.
+//!
+//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`] and [`GpuModel`] are
+//! uninhabited, so the CPU-only build carries the same code paths with no GPU in them.
 
 use anyhow::Result;
 use reel_model::{CheckpointPolicy, Qwen2Config};
@@ -107,12 +113,166 @@ pub fn gpu_unsupported(dp: usize, vlm: bool) -> Option<&'static str> {
 /// Whether this binary has the GPU path.
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
 
+/// This process's place in a world started by `reel launch` (see `reel_comm::launch`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launched {
+    /// `RANK`: the process's rank in the world (its sequence-parallel rank).
+    pub rank: usize,
+    /// `WORLD_SIZE`.
+    pub world: usize,
+    /// `LOCAL_RANK`: its rank on this machine, the ordinal of its GPU (default `rank`).
+    pub local_rank: usize,
+    /// `LOCAL_WORLD_SIZE`: the processes on this machine (default `world`).
+    pub local_world: usize,
+    /// `REEL_RENDEZVOUS`: `host:port` of rank 0's rendezvous.
+    pub rendezvous: String,
+}
+
+impl Launched {
+    /// The launcher's environment, or `None` when this process was not launched (no `RANK`).
+    /// A malformed variable is an error naming it.
+    pub fn from_env() -> Result<Option<Launched>, String> {
+        use reel_comm::launch::{from_env, ENV_LOCAL_RANK, ENV_LOCAL_WORLD};
+        let Some((rank, world, rendezvous)) = from_env()? else {
+            return Ok(None);
+        };
+        let num = |name: &str, default: usize| match std::env::var(name) {
+            Err(_) => Ok(default),
+            Ok(v) => v
+                .parse::<usize>()
+                .map_err(|_| format!("{name}={v:?} is not a number")),
+        };
+        Ok(Some(Launched {
+            rank,
+            world,
+            local_rank: num(ENV_LOCAL_RANK, rank)?,
+            local_world: num(ENV_LOCAL_WORLD, world)?,
+            rendezvous,
+        }))
+    }
+}
+
+/// Checks that the launched process `l` can train its share of a run with `dims` on one GPU of
+/// its own (one process per GPU): the run trains on the GPU (`device` not "cpu", `cuda` built
+/// in), the text decoder (`vlm` false), dp = 1 and sp = the world size, and this machine has a
+/// GPU for every process the launcher started on it (`gpus` counts them). Returns the process's
+/// GPU ordinal, its local rank; the error says what to change.
+pub fn process_gpu(
+    l: &Launched,
+    dims: reel_parallel::ParallelDims,
+    device: Device,
+    vlm: bool,
+    built_with_cuda: bool,
+    gpus: impl FnOnce() -> Result<usize, String>,
+) -> Result<usize, String> {
+    let w = l.world;
+    let under = format!("under `reel launch` (WORLD_SIZE = {w}), sft trains one process per GPU");
+    if device == Device::Cpu {
+        return Err(format!(
+            "{under}; train.device = \"cpu\" has no multi-process path: run it without `reel \
+             launch` (`--sp {w}` trains {w} in-process ranks on the CPU)"
+        ));
+    }
+    if !built_with_cuda {
+        return Err(format!(
+            "{under}, and this reel was built without the `cuda` feature (cargo build --release \
+             -p reel-cli --features cuda)"
+        ));
+    }
+    if vlm {
+        return Err(format!(
+            "{under} for the text decoder (Qwen2); a Qwen2.5-VL run trains in one process: run it \
+             without `reel launch`"
+        ));
+    }
+    if dims.dp() != 1 || dims.sp() != w {
+        return Err(format!(
+            "{under}, each one sequence-parallel rank: parallel.sp must be {w} and parallel.dp 1 \
+             (--sp {w}); this run has sp = {} and dp = {}",
+            dims.sp(),
+            dims.dp()
+        ));
+    }
+    if l.local_rank >= l.local_world {
+        return Err(format!(
+            "LOCAL_RANK = {} is outside LOCAL_WORLD_SIZE = {}",
+            l.local_rank, l.local_world
+        ));
+    }
+    let n = gpus().map_err(|e| format!("rank {}: no usable GPU: {e}", l.rank))?;
+    if n < l.local_world {
+        return Err(format!(
+            "rank {}: `reel launch` started {} processes on this machine, which has {n} GPU(s); \
+             sft needs one GPU per process (at most --nproc {n} here)",
+            l.rank, l.local_world
+        ));
+    }
+    Ok(l.local_rank)
+}
+
 /// Where one rank's device model lives.
 pub enum GpuPlace {
     /// The run's only rank, on the opened GPU.
     One(Box<GpuHandle>),
     /// Rank `rank` of a sequence-parallel group of in-process ranks on one GPU.
     Sp { group: GpuSpGroup, rank: usize },
+    /// This process's rank of a sequence-parallel group of processes, one per GPU: its GPU and
+    /// its NCCL communicator ([`gpu_proc`]).
+    Proc(Box<GpuProc>),
+}
+
+impl GpuPlace {
+    /// The rank of a [`GpuPlace::Proc`] in its world of processes.
+    pub fn process_rank(&self) -> Option<usize> {
+        match self {
+            GpuPlace::Proc(p) => Some(p.rank()),
+            _ => None,
+        }
+    }
+}
+
+/// One process's GPU and NCCL communicator in a launched sequence-parallel run, and the
+/// attention schedule the ranks run.
+#[cfg(feature = "cuda")]
+pub struct GpuProc {
+    gpu: reel_cuda::Gpu,
+    comm: reel_cuda::NcclComm,
+    schedule: reel_parallel::Schedule,
+    overlap: reel_parallel::Overlap,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuProc {
+    pub fn rank(&self) -> usize {
+        reel_comm::Communicator::rank(&self.comm)
+    }
+
+    pub fn describe(&self) -> String {
+        self.gpu.info().to_string()
+    }
+}
+
+/// Opens GPU `ordinal` (its own stream) and joins the launched world `l` over NCCL (rendezvous,
+/// init and every later wait bounded by `timeout`).
+#[cfg(feature = "cuda")]
+pub fn gpu_proc(
+    l: &Launched,
+    ordinal: usize,
+    schedule: reel_parallel::Schedule,
+    overlap: reel_parallel::Overlap,
+    timeout: std::time::Duration,
+) -> Result<GpuProc> {
+    use anyhow::Context;
+    let gpu = reel_cuda::Gpu::open_on_new_stream(ordinal)
+        .with_context(|| format!("rank {}: opening GPU {ordinal}", l.rank))?;
+    let comm = reel_cuda::NcclComm::init(l.rank, l.world, &l.rendezvous, ordinal, timeout)
+        .with_context(|| format!("rank {}: joining the NCCL world", l.rank))?;
+    Ok(GpuProc {
+        gpu,
+        comm,
+        schedule,
+        overlap,
+    })
 }
 
 /// The in-process device ranks of a sequence-parallel run on one GPU: their device world (each
@@ -167,6 +327,21 @@ pub fn gpu_model(
             m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
             Ok(m)
         }
+        GpuPlace::Proc(p) => {
+            let GpuProc {
+                gpu,
+                comm,
+                schedule,
+                overlap,
+            } = *p;
+            let rank = reel_comm::Communicator::rank(&comm);
+            let p2p = comm.into_device_p2p(&gpu)?;
+            let sp = reel_cuda::GpuSpAttention::new(p2p, schedule, overlap)
+                .with_context(|| format!("sequence-parallel rank {rank}: device attention"))?;
+            let mut m = GpuModel::new(gpu, config, params, policy, adamw)?;
+            m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+            Ok(m)
+        }
     }
 }
 
@@ -190,8 +365,30 @@ pub fn open_gpu() -> Result<GpuHandle, String> {
     reel_cuda::Gpu::open(0).map_err(|e| e.to_string())
 }
 
+/// How many GPUs this machine has (or why none can be counted).
+#[cfg(feature = "cuda")]
+pub fn gpu_count() -> Result<usize, String> {
+    reel_cuda::Gpu::device_count().map_err(|e| e.to_string())
+}
+
 #[cfg(not(feature = "cuda"))]
-pub use cpu_only::{GpuHandle, GpuModel, GpuSpGroup};
+pub fn gpu_count() -> Result<usize, String> {
+    Err("built without the `cuda` feature".into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub use cpu_only::{GpuHandle, GpuModel, GpuProc, GpuSpGroup};
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_proc(
+    _: &Launched,
+    _: usize,
+    _: reel_parallel::Schedule,
+    _: reel_parallel::Overlap,
+    _: std::time::Duration,
+) -> Result<GpuProc> {
+    anyhow::bail!("one process per GPU needs the `cuda` feature")
+}
 
 #[cfg(not(feature = "cuda"))]
 pub fn open_gpu() -> Result<GpuHandle, String> {
@@ -219,6 +416,7 @@ pub fn gpu_model(
     match place {
         GpuPlace::One(g) => match g.never {},
         GpuPlace::Sp { group, .. } => match group.never {},
+        GpuPlace::Proc(p) => match p.never {},
     }
 }
 
@@ -247,6 +445,20 @@ mod cpu_only {
         pub(in crate::device) never: Infallible,
     }
 
+    /// Never made (its field cannot be).
+    pub struct GpuProc {
+        pub(in crate::device) never: Infallible,
+    }
+
+    impl GpuProc {
+        pub fn rank(&self) -> usize {
+            match self.never {}
+        }
+        pub fn describe(&self) -> String {
+            match self.never {}
+        }
+    }
+
     type R<T> = Result<T, std::convert::Infallible>;
 
     #[allow(clippy::missing_errors_doc)]
@@ -270,6 +482,12 @@ mod cpu_only {
             match self.never {}
         }
         pub fn abort_peers(&self, _: &str) {
+            match self.never {}
+        }
+        pub fn sp_rank(&self) -> usize {
+            match self.never {}
+        }
+        pub fn all_gather_u64(&self, _: u64) -> R<Vec<u64>> {
             match self.never {}
         }
         pub fn backward(&mut self, _: &TokenBatch, _: f32) -> R<()> {
@@ -359,6 +577,77 @@ mod tests {
             resolve(Device::Auto, true, gpu_unsupported(1, false), gpu),
             Ok(Chosen::Cuda(1))
         ));
+    }
+
+    #[test]
+    fn a_launched_process_takes_the_gpu_of_its_local_rank_or_says_what_to_change() {
+        let l = |rank: usize, world: usize, local_world: usize| Launched {
+            rank,
+            world,
+            local_rank: rank % local_world,
+            local_world,
+            rendezvous: "127.0.0.1:29533".into(),
+        };
+        let dims =
+            |sp: usize, dp: usize| reel_parallel::ParallelDims::new(dp, sp, dp * sp).unwrap();
+        let two = || -> Result<usize, String> { Ok(2) };
+        let plan = |l: &Launched, d, dev, vlm, built, gpus: Result<usize, String>| {
+            process_gpu(l, d, dev, vlm, built, || gpus)
+        };
+        // Two processes, two GPUs: each its local rank.
+        assert_eq!(
+            process_gpu(&l(0, 2, 2), dims(2, 1), Device::Cuda, false, true, two),
+            Ok(0)
+        );
+        assert_eq!(
+            process_gpu(&l(1, 2, 2), dims(2, 1), Device::Auto, false, true, two),
+            Ok(1)
+        );
+        // Two nodes of 2 processes: global rank 3 is local rank 1.
+        assert_eq!(
+            plan(&l(3, 4, 2), dims(4, 1), Device::Cuda, false, true, Ok(2)),
+            Ok(1)
+        );
+        // Fewer GPUs than processes on this machine: named, with the --nproc that fits.
+        let e = plan(&l(0, 4, 4), dims(4, 1), Device::Cuda, false, true, Ok(2)).unwrap_err();
+        assert!(
+            e.contains("started 4 processes") && e.contains("2 GPU(s)"),
+            "{e}"
+        );
+        assert!(e.contains("--nproc 2"), "{e}");
+        let e = plan(
+            &l(1, 2, 2),
+            dims(2, 1),
+            Device::Cuda,
+            false,
+            true,
+            Err("no driver".into()),
+        )
+        .unwrap_err();
+        assert!(e.contains("rank 1") && e.contains("no driver"), "{e}");
+        // sp must be the world size, dp 1.
+        let e = plan(&l(0, 2, 2), dims(1, 1), Device::Cuda, false, true, Ok(2)).unwrap_err();
+        assert!(
+            e.contains("parallel.sp must be 2") && e.contains("--sp 2"),
+            "{e}"
+        );
+        let e = plan(&l(0, 4, 4), dims(2, 2), Device::Cuda, false, true, Ok(4)).unwrap_err();
+        assert!(e.contains("dp = 2"), "{e}");
+        // The CPU, a build without CUDA and the VLM have no multi-process path.
+        let e = plan(&l(0, 2, 2), dims(2, 1), Device::Cpu, false, true, Ok(2)).unwrap_err();
+        assert!(
+            e.contains("\"cpu\"") && e.contains("without `reel launch`"),
+            "{e}"
+        );
+        let e = plan(&l(0, 2, 2), dims(2, 1), Device::Auto, false, false, Ok(2)).unwrap_err();
+        assert!(e.contains("`cuda` feature"), "{e}");
+        let e = plan(&l(0, 2, 2), dims(2, 1), Device::Cuda, true, true, Ok(2)).unwrap_err();
+        assert!(e.contains("Qwen2.5-VL"), "{e}");
+        // A local rank outside the machine's processes.
+        let mut odd = l(0, 2, 2);
+        odd.local_rank = 2;
+        let e = plan(&odd, dims(2, 1), Device::Cuda, false, true, Ok(8)).unwrap_err();
+        assert!(e.contains("LOCAL_RANK = 2"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,15 @@
 //! uses the same step function on this thread, with no communicator (the VLM, whose vision
 //! encode speaks through one, runs as a world of one in-process rank).
 //!
+//! Under `reel launch` (one process per GPU, `parallel.sp` = the world size, dp = 1) each process
+//! is one sequence-parallel rank on its own GPU (its local rank), joined to the others by NCCL
+//! (`device::gpu_proc`): the same step as the in-process GPU ranks, with attention's messages
+//! and the gradient all-reduce going over NCCL instead of between streams of one GPU. Every
+//! process loads the run (data, tokenizer, checkpoint on resume) itself; rank 0 alone writes
+//! metrics and checkpoints (weights and moments copied back from its GPU), and at the end the
+//! replicas' checksums are compared over NCCL. A process that dies makes the others fail within
+//! `parallel.timeout_s` (NCCL's waits are bounded), leaving the last checkpoint intact.
+//!
 //! The loop is generic over the model family ([`SftTask`]): the text decoder ([`TextTask`],
 //! chat JSONL) and Qwen2.5-VL ([`crate::vl::VlTask`], LongVideo-Reason records with videos)
 //! share all of the above; a task supplies its examples, micro-batches, the forward/backward
@@ -34,8 +43,8 @@ use crate::checkpoint::{
 };
 use crate::config::{ModelKind, SftConfig};
 use crate::device::{
-    describe, gpu_model, gpu_sp_group, gpu_unsupported, open_gpu, resolve, Chosen, GpuHandle,
-    GpuModel, GpuPlace, BUILT_WITH_CUDA,
+    describe, gpu_count, gpu_model, gpu_proc, gpu_sp_group, gpu_unsupported, open_gpu, process_gpu,
+    resolve, Chosen, GpuHandle, GpuModel, GpuPlace, Launched, BUILT_WITH_CUDA,
 };
 use crate::eval::{eval_examples, tokenize_all};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
@@ -65,6 +74,11 @@ use std::time::Instant;
 pub type EvalHook<'a> =
     Box<dyn FnMut(u64, &Qwen2, &Tokenizer) -> Result<serde_json::Value> + Send + 'a>;
 
+/// Test hook called in the middle of every optimizer step (after the first micro-batch's forward
+/// pass) with the step number (1-based); a fault test kills its process there.
+#[doc(hidden)]
+pub type MidStepHook<'a> = Box<dyn FnMut(u64) + Send + 'a>;
+
 /// How a run is driven (beyond its config).
 #[derive(Default)]
 pub struct RunOptions<'a> {
@@ -82,6 +96,9 @@ pub struct RunOptions<'a> {
     /// Test hook: the rank whose gradients `poison_step` poisons (default 0).
     #[doc(hidden)]
     pub poison_rank: usize,
+    /// Test hook: see [`MidStepHook`] (single-rank and one-process-per-GPU runs).
+    #[doc(hidden)]
+    pub mid_step_hook: Option<MidStepHook<'a>>,
 }
 
 /// What a run did.
@@ -609,28 +626,32 @@ impl<T: SftTask> Replica<T> {
 
 /// One optimizer step on the GPU: every micro-batch forward and backward into the fp32
 /// gradients (loss scaled by 1 / labelled tokens of the step), clipping and AdamW there. Under
-/// sequence parallelism (`sp_rank` of the model's group) each micro-batch is cut like the CPU
+/// sequence parallelism (the model's rank of its group) each micro-batch is cut like the CPU
 /// ranks cut it ([`Sharding::shard_tokens`](reel_parallel::Sharding::shard_tokens)), this rank
 /// runs its shard, and the gradients, loss and token count are summed over the group on the
 /// device before clipping, so every rank clips by the global norm and steps alike.
 fn gpu_train_step(
     gm: &mut GpuModel,
     batches: &[&Batch],
-    sp_rank: usize,
     cfg: &SftConfig,
     lr: f32,
     at: &str,
+    mid: &mut dyn FnMut(),
 ) -> Result<StepOut> {
+    let sp_rank = gm.sp_rank();
     let labelled: usize = batches.iter().map(|b| b.n_label_tokens()).sum();
     let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
     let scale = 1.0 / labelled.max(1) as f32;
     gm.zero_grads()?;
     let mut local = LossStats::default();
-    for b in batches {
+    for (i, b) in batches.iter().enumerate() {
         let s = match gm.set_seq_len(b.t).with_context(|| at.to_string())? {
             None => {
                 let tb = token_batch(b);
                 let s = gm.forward(&tb).with_context(|| at.to_string())?;
+                if i == 0 {
+                    mid();
+                }
                 gm.backward(&tb, scale).with_context(|| at.to_string())?;
                 s
             }
@@ -642,6 +663,9 @@ fn gpu_train_step(
                     .with_context(|| at.to_string())?;
                 let tb = shard.batch();
                 let s = gm.forward(&tb).with_context(|| at.to_string())?;
+                if i == 0 {
+                    mid();
+                }
                 gm.backward(&tb, scale).with_context(|| at.to_string())?;
                 s
             }
@@ -709,7 +733,8 @@ struct StepOut {
 /// One optimizer step over `batches`, all the micro-batches of the step (the same on every
 /// rank): this rank's share forward and backward with the loss scaled by 1 / (labelled tokens of
 /// the whole step), gradients summed over the world, clipped, and AdamW at `lr`. `at` names the
-/// rank and step in errors; `poison` makes the local gradients non-finite (tests).
+/// rank and step in errors; `poison` makes the local gradients non-finite (tests); `mid` runs
+/// after the first micro-batch's forward pass (tests).
 #[allow(clippy::too_many_arguments)]
 fn train_step<T: SftTask, C: Communicator>(
     task: &T,
@@ -720,6 +745,7 @@ fn train_step<T: SftTask, C: Communicator>(
     lr: f32,
     at: &str,
     poison: bool,
+    mid: &mut dyn FnMut(),
 ) -> Result<StepOut> {
     if let Some(gm) = rep.gpu.as_mut() {
         if poison {
@@ -727,8 +753,7 @@ fn train_step<T: SftTask, C: Communicator>(
         }
         let text: Option<Vec<&Batch>> = batches.iter().map(T::text_batch).collect();
         let text = text.context("this model family has no GPU training path")?;
-        let sp_rank = peers.map_or(0, |p| p.coords.sp_rank);
-        return gpu_train_step(gm, &text, sp_rank, cfg, lr, at);
+        return gpu_train_step(gm, &text, cfg, lr, at, mid);
     }
     let (labelled, tokens) = batches
         .iter()
@@ -739,7 +764,7 @@ fn train_step<T: SftTask, C: Communicator>(
     rep.grads.fill(0.0);
     let (dp, dp_rank) = peers.map_or((1, 0), |p| (p.dims.dp(), p.coords.dp_rank));
     let mut local = LossStats::default();
-    for b in batches.iter().skip(dp_rank).step_by(dp) {
+    for (i, b) in batches.iter().skip(dp_rank).step_by(dp).enumerate() {
         let s = task
             .micro_step(
                 &rep.model,
@@ -750,6 +775,9 @@ fn train_step<T: SftTask, C: Communicator>(
                 peers,
             )
             .with_context(|| at.to_string())?;
+        if i == 0 {
+            mid();
+        }
         local.loss_sum += s.loss_sum;
         local.n_tokens += s.n_tokens;
     }
@@ -826,6 +854,9 @@ struct RankOut {
     ran: u64,
     /// [`param_checksum`] of the final weights.
     checksum: u64,
+    /// Every process's `checksum`, in rank order, when the rank is one process of a launched
+    /// world (gathered over NCCL).
+    world_checksums: Option<Vec<u64>>,
 }
 
 /// FNV-1a over the parameters' bit patterns, a word at a time: equal iff the replicas are
@@ -846,7 +877,9 @@ pub(crate) fn param_checksum(params: &[f32]) -> u64 {
 
 /// The training loop of one rank (the only rank when `peers` is `None`). Every rank draws the
 /// same micro-batches from its copy of the sampler, so all stay in step; only the lead writes.
-/// With `gpu`, the rank trains on the GPU (the only rank, or one of a sequence-parallel group).
+/// With `gpu`, the rank trains on the GPU (the only rank, one of a sequence-parallel group of
+/// in-process ranks, or this process's rank of a launched world). `mid_step` is the test hook
+/// of [`MidStepHook`].
 #[allow(clippy::too_many_arguments)]
 fn rank_loop<T: SftTask, C: Communicator>(
     model: T::Model,
@@ -857,9 +890,12 @@ fn rank_loop<T: SftTask, C: Communicator>(
     stop_after: Option<u64>,
     poison_step: Option<u64>,
     gpu: Option<GpuPlace>,
+    mut mid_step: Option<&mut MidStepHook<'_>>,
 ) -> Result<RankOut> {
     let task = &shared.task;
-    let at_rank = peers.map_or(String::new(), |p| format!("rank {}: ", p.rank));
+    let proc_rank = gpu.as_ref().and_then(GpuPlace::process_rank);
+    let world_rank = peers.map(|p| p.rank).or(proc_rank);
+    let at_rank = world_rank.map_or(String::new(), |r| format!("rank {r}: "));
     let mut rep = Replica::new(model, shared, cfg, gpu)?;
     // A device rank that fails aborts its sequence-parallel group, so the others stop at their
     // next exchange instead of waiting for it until the timeout.
@@ -891,8 +927,9 @@ fn rank_loop<T: SftTask, C: Communicator>(
                 break;
             }
             let done = step + 1;
-            let at = match peers {
-                Some(p) if p.dims.world() > 1 => format!("rank {}, step {done}", p.rank),
+            let at = match (peers, proc_rank) {
+                (Some(p), _) if p.dims.world() > 1 => format!("rank {}, step {done}", p.rank),
+                (_, Some(r)) => format!("rank {r}, step {done}"),
                 _ => format!("step {done}"),
             };
             let t0 = Instant::now();
@@ -901,7 +938,14 @@ fn rank_loop<T: SftTask, C: Communicator>(
                 .collect();
             let lr = schedule.lr_at(cfg.train.lr, step);
             let poison = poison_step == Some(done);
-            let out = train_step(task, &mut rep, &batches, peers, cfg, lr, &at, poison)?;
+            let mut mid = || {
+                if let Some(h) = mid_step.as_mut() {
+                    h(done)
+                }
+            };
+            let out = train_step(
+                task, &mut rep, &batches, peers, cfg, lr, &at, poison, &mut mid,
+            )?;
             let loss = out.loss;
             ran += 1;
             let secs = t0.elapsed().as_secs_f64();
@@ -983,6 +1027,14 @@ fn rank_loop<T: SftTask, C: Communicator>(
         }
         rep.sync_host()
             .context("reading the weights back from the GPU")?;
+        let checksum = task.checksum(&rep.model);
+        let world_checksums = match (&rep.gpu, proc_rank) {
+            (Some(gm), Some(_)) => Some(
+                gm.all_gather_u64(checksum)
+                    .context("comparing the replicas' checksums")?,
+            ),
+            _ => None,
+        };
         Ok(RankOut {
             final_loss: losses
                 .last()
@@ -991,7 +1043,8 @@ fn rank_loop<T: SftTask, C: Communicator>(
                 .unwrap_or(f32::NAN),
             losses,
             ran,
-            checksum: task.checksum(&rep.model),
+            checksum,
+            world_checksums,
         })
     })();
     if let (Err(e), Some(gm)) = (&result, &rep.gpu) {
@@ -1101,6 +1154,7 @@ fn run_ranks<T: SftTask>(
             stop_after,
             poison,
             gpu,
+            None,
         )
     });
     let mut outs = Vec::with_capacity(results.len());
@@ -1142,6 +1196,12 @@ pub fn run_sft(cfg: &SftConfig, opts: RunOptions) -> Result<SftSummary> {
 
 fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> {
     let dims = cfg.parallel.dims()?;
+    if let Some(l) = Launched::from_env()
+        .map_err(anyhow::Error::msg)?
+        .filter(|l| l.world > 1)
+    {
+        return run_process::<T>(cfg, opts, dims, &l);
+    }
     let cpu_only = gpu_unsupported(dims.dp(), T::NEEDS_COMM);
     let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
         .map_err(anyhow::Error::msg)?
@@ -1172,11 +1232,86 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
             opts.stop_after,
             opts.poison_step,
             gpu.map(|g| GpuPlace::One(Box::new(g))),
+            opts.mid_step_hook.as_mut(),
         )
         .map(|o| vec![o])
     } else {
         run_ranks(&model, &shared, cfg, &mut opts, dims, gpu)
     };
+    summarize(cfg, &shared, outs)
+}
+
+/// This process's rank of a world started by `reel launch`: one sequence-parallel rank on GPU
+/// `LOCAL_RANK`, joined to the others over NCCL (module docs). Rank 0 writes; every process
+/// returns the run's summary.
+fn run_process<T: SftTask>(
+    cfg: &SftConfig,
+    mut opts: RunOptions,
+    dims: ParallelDims,
+    l: &Launched,
+) -> Result<SftSummary> {
+    let ordinal = process_gpu(
+        l,
+        dims,
+        cfg.train.device,
+        T::NEEDS_COMM,
+        BUILT_WITH_CUDA,
+        gpu_count,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let par = &cfg.parallel;
+    let (shared, model) = Shared::<T>::load(cfg, opts.resume)?;
+    let schedule = par.schedule.kind().build(dims.sp())?;
+    let proc = gpu_proc(l, ordinal, schedule, par.overlap_mode(), par.timeout())?;
+    tracing::info!(
+        "rank {} of {} processes, one GPU each over NCCL: sp {} ({} attention, overlap {}) on {}",
+        l.rank,
+        l.world,
+        dims.sp(),
+        par.schedule,
+        par.overlap,
+        proc.describe()
+    );
+    let lead = (l.rank == 0).then_some(Lead {
+        hook: opts.eval_hook.as_mut(),
+        progress: opts.progress,
+    });
+    let poison = opts.poison_step.filter(|_| l.rank == opts.poison_rank);
+    let out = rank_loop::<T, InProcess>(
+        model,
+        &shared,
+        cfg,
+        None,
+        lead,
+        opts.stop_after,
+        poison,
+        Some(GpuPlace::Proc(Box::new(proc))),
+        opts.mid_step_hook.as_mut(),
+    )
+    .with_context(|| format!("rank {} of {}", l.rank, l.world));
+    let out = out.and_then(|o| {
+        let all = o
+            .world_checksums
+            .clone()
+            .unwrap_or_else(|| vec![o.checksum]);
+        if let Some(r) = all.iter().position(|&c| c != all[0]) {
+            bail!(
+                "rank {r}'s parameters differ from rank 0's at the end of the run (replicas \
+                 diverged)"
+            );
+        }
+        Ok(vec![o])
+    });
+    summarize(cfg, &shared, out)
+}
+
+/// The summary of a run from its ranks' results (the first is rank 0's), or its error with the
+/// last good checkpoint named.
+fn summarize<T: SftTask>(
+    cfg: &SftConfig,
+    shared: &Shared<T>,
+    outs: Result<Vec<RankOut>>,
+) -> Result<SftSummary> {
     let last_good = shared.ckpts.latest();
     let outs = outs.map_err(|e| {
         let kept = match &last_good {
@@ -1191,7 +1326,10 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
         final_loss: lead.final_loss,
         losses: lead.losses.clone(),
         final_model_dir: last_good.unwrap_or_else(|| cfg.output.dir.clone()),
-        param_checksums: outs.iter().map(|o| o.checksum).collect(),
+        param_checksums: match &lead.world_checksums {
+            Some(all) => all.clone(),
+            None => outs.iter().map(|o| o.checksum).collect(),
+        },
         video: shared.task.video_stats(),
     })
 }
