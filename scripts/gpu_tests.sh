@@ -7,14 +7,17 @@
 # Usage: scripts/gpu_tests.sh [DIR (default .gpu)] [LOGS]
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-DIR="${1:-$ROOT/.gpu}"
+DIR="$(cd "${1:-$ROOT/.gpu}" && pwd)"
 LOGS="${2:-$ROOT/gpu-test-logs}"
 mkdir -p "$LOGS"
 BUILT_AT="$(cat "$DIR/BUILT_AT")"
 if [ "$BUILT_AT" != "$ROOT" ] && [ ! -e "$BUILT_AT" ]; then
   mkdir -p "$(dirname "$BUILT_AT")" && ln -s "$ROOT" "$BUILT_AT"
 fi
-export REEL_GPU_TESTS=1 NCCL_NVLS_ENABLE=0
+# NVLink multicast stays off (a program using it can take the host's GPUs out of service).
+export REEL_GPU_TESTS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# The end-to-end `reel launch -- reel sft` case of gpu_nccl_sft runs this binary.
+export REEL_BIN="$DIR/reel"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 worlds=1
 for w in 2 4 8; do
