@@ -5,7 +5,7 @@
 //! One step runs, for each sequence s, n_s new tokens (a prompt chunk or one decoded token)
 //! after what its block table holds, stacked into N = Σ n_s rows:
 //!
-//!   x [N, d] = embed(tokens)
+//!   x [N, d] = embed(tokens), or the sequence's input-embedding rows where given (VLM prompts)
 //!   per layer: qkv [N, (H + 2·H_kv)·D] = rmsnorm(x)·W_qkvᵀ + b      (cuBLASLt, bias fused)
 //!              q rotated; k rotated and v stored at each row's slot   (`decode_qkv_store`)
 //!              attn [N, H·D] = paged attention over each table       (`paged_attention_forward`)
@@ -17,12 +17,16 @@
 //! is plane 2l, its V plane 2l + 1), each `BlockPool`'s [num_blocks, block_size, H_kv, D]. The
 //! block tables and reference counts stay on the host in a `BlockPool::new_device` pool; the
 //! copies on write it queues are carried out on the device at the start of the next step, before
-//! any write. 1-D positions only: VLM prompts (input embeddings, M-RoPE) are refused with an
-//! error (the CPU engine runs them).
+//! any write. Rotations: 1-D positions read the device RoPE table; M-RoPE rows (Qwen2.5-VL's
+//! 3-D positions) turn by per-row angles computed on the host by `reel_model::vl::mrope_angles`
+//! (the CPU step's function) and uploaded with the step. Any mix of token/embedding inputs and
+//! 1-D/M-RoPE positions may share a step.
 
 use cudarc::driver::PinnedHostSlice;
 use half::bf16;
+use reel_kernels::rope::RopeTable;
 use reel_model::decode::{SeqStep, StepInput, StepPositions};
+use reel_model::vl::mrope_angles;
 use reel_model::{ParamLayout, Qwen2Config};
 use reel_rollout::paged_attention::{PagedSeq, PagedShape};
 use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel};
@@ -80,7 +84,9 @@ impl<T: GpuFloat> StepBufs<T> {
 
 /// Rows of one step as the kernels read them (built and checked on the host).
 struct StepRows {
-    /// Per row: token id, position, cache slot (block · block_size + offset).
+    /// Per row: token id (0 for rows given as embeddings), rotary row, cache slot
+    /// (block · block_size + offset). The rotary row is the 1-D position p (< max_pos) of the
+    /// shared table, or max_pos + k for row k of the step's M-RoPE angles.
     tokens: Vec<u32>,
     positions: Vec<u32>,
     slots: Vec<u32>,
@@ -88,14 +94,21 @@ struct StepRows {
     last: Vec<u32>,
     /// Each sequence's rows.
     rows: Vec<std::ops::Range<usize>>,
+    /// Sequences given as input embeddings: (their rows, the sequence's index).
+    embedded: Vec<(std::ops::Range<usize>, usize)>,
+    /// The M-RoPE rows' angles, cos then sin, each [rows, D/2] (`vl::mrope_angles`).
+    mrope_cos: Vec<f32>,
+    mrope_sin: Vec<f32>,
 }
 
-/// Checks the step against the model and the tables and lays out its rows.
+/// Checks the step against the model and the tables and lays out its rows; M-RoPE angles come
+/// from `rope` (the 1-D table of the model's head_dim, max_position_embeddings and theta).
 fn plan_rows(
     c: &Qwen2Config,
     steps: &[SeqStep],
     tables: &[&BlockTable],
     bs: usize,
+    rope: &mut Option<RopeTable>,
 ) -> Result<StepRows> {
     if steps.len() != tables.len() {
         return shape_err(format!(
@@ -104,43 +117,96 @@ fn plan_rows(
             tables.len()
         ));
     }
+    let (d, max_pos) = (c.hidden_size, c.max_position_embeddings);
     let mut r = StepRows {
         tokens: Vec::new(),
         positions: Vec::new(),
         slots: Vec::new(),
         last: Vec::new(),
         rows: Vec::with_capacity(steps.len()),
+        embedded: Vec::new(),
+        mrope_cos: Vec::new(),
+        mrope_sin: Vec::new(),
     };
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
     for (s, (step, table)) in steps.iter().zip(tables).enumerate() {
-        let StepInput::Tokens(ids) = step.input else {
-            return shape_err(format!(
-                "decode step: sequence {s} feeds input embeddings; the GPU decoder takes \
-                 token ids (run VLM prompts on the CPU engine)"
-            ));
+        let at = r.tokens.len();
+        let n = match step.input {
+            StepInput::Tokens(ids) => {
+                if let Some(&t) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+                    return shape_err(format!(
+                        "decode step: sequence {s}: token id {t} is outside the vocabulary ({})",
+                        c.vocab_size
+                    ));
+                }
+                r.tokens.extend_from_slice(ids);
+                ids.len()
+            }
+            StepInput::Embeddings(e) => {
+                if !e.len().is_multiple_of(d) {
+                    return shape_err(format!(
+                        "decode step: sequence {s}: {} input-embedding values are not rows of \
+                         hidden_size {d}",
+                        e.len()
+                    ));
+                }
+                let n = e.len() / d;
+                r.tokens.extend(std::iter::repeat_n(0, n));
+                if n > 0 {
+                    r.embedded.push((at..at + n, s));
+                }
+                n
+            }
         };
-        let StepPositions::Linear { start } = step.positions else {
-            return shape_err(format!(
-                "decode step: sequence {s} has M-RoPE positions; the GPU decoder takes 1-D \
-                 positions (run VLM prompts on the CPU engine)"
-            ));
-        };
-        let n = ids.len();
         if n == 0 {
             return shape_err(format!("decode step: sequence {s} has no new tokens"));
         }
-        if let Some(&t) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return shape_err(format!(
-                "decode step: sequence {s}: token id {t} is outside the vocabulary ({})",
-                c.vocab_size
-            ));
-        }
-        if start + n > c.max_position_embeddings {
-            return shape_err(format!(
-                "decode step: sequence {s} reaches position {} but max_position_embeddings \
-                 is {}",
-                start + n - 1,
-                c.max_position_embeddings
-            ));
+        match step.positions {
+            StepPositions::Linear { start } => {
+                if start + n > max_pos {
+                    return shape_err(format!(
+                        "decode step: sequence {s} reaches position {} but \
+                         max_position_embeddings is {max_pos}",
+                        start + n - 1
+                    ));
+                }
+                r.positions.extend(start as u32..(start + n) as u32);
+            }
+            StepPositions::MRope { ids, sections } => {
+                if ids.len() != n {
+                    return shape_err(format!(
+                        "decode step: sequence {s} has {n} new tokens but {} M-RoPE positions",
+                        ids.len()
+                    ));
+                }
+                if sections.iter().sum::<usize>() != c.head_dim / 2 {
+                    return shape_err(format!(
+                        "decode step: sequence {s}: M-RoPE sections {sections:?} must sum to \
+                         head_dim / 2 = {}",
+                        c.head_dim / 2
+                    ));
+                }
+                if let Some(p) = ids.iter().flatten().find(|&&p| p as usize >= max_pos) {
+                    return shape_err(format!(
+                        "decode step: sequence {s}: M-RoPE position {p} exceeds \
+                         max_position_embeddings ({max_pos})"
+                    ));
+                }
+                let k0 = r.mrope_cos.len() / (c.head_dim / 2).max(1);
+                if max_pos + k0 + n > u32::MAX as usize {
+                    return shape_err(format!(
+                        "decode step: {} M-RoPE rows overflow the row index",
+                        k0 + n
+                    ));
+                }
+                let table =
+                    rope.get_or_insert_with(|| RopeTable::new(c.head_dim, max_pos, c.rope_theta));
+                mrope_angles(table, sections, n, |k, a| ids[k][a], &mut cos, &mut sin);
+                r.mrope_cos.extend_from_slice(&cos);
+                r.mrope_sin.extend_from_slice(&sin);
+                r.positions
+                    .extend((max_pos + k0) as u32..(max_pos + k0 + n) as u32);
+            }
         }
         let past = table.len();
         let blocks = table.block_ids();
@@ -152,9 +218,6 @@ fn plan_rows(
                 blocks.len()
             ));
         }
-        let at = r.tokens.len();
-        r.tokens.extend_from_slice(ids);
-        r.positions.extend(start as u32..(start + n) as u32);
         r.slots
             .extend((past..past + n).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32));
         if step.logits {
@@ -172,6 +235,9 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
     layout: ParamLayout,
     weights: DeviceBuf<T>,
     rope: GpuRopeTable,
+    /// The same table on the host, made on the first M-RoPE step (its angles are computed
+    /// there, as the CPU step does).
+    host_rope: Option<RopeTable>,
     kv: Option<DeviceKv<T>>,
     bufs: Option<StepBufs<T>>,
     batch: Option<GpuPagedBatch>,
@@ -214,6 +280,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
             layout,
             weights,
             rope,
+            host_rope: None,
             kv: None,
             bufs: None,
             batch: None,
@@ -347,7 +414,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
             }
         };
         let bs = layout.block_size;
-        let rows = plan_rows(&self.config, steps, tables, bs)?;
+        let rows = plan_rows(&self.config, steps, tables, bs, &mut self.host_rope)?;
         let n = rows.tokens.len();
         if n == 0 {
             return shape_err("decode step: no sequences".into());
@@ -385,6 +452,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
             layout: pl,
             weights,
             rope,
+            host_rope: _,
             kv,
             bufs,
             batch,
@@ -421,6 +489,29 @@ impl<T: GpuFloat> GpuDecoder<T> {
             &wv(pl.embed.clone())?,
             d,
         )?;
+        // Rows given as input embeddings replace their (token 0) lookups.
+        for (r, s) in &rows.embedded {
+            let StepInput::Embeddings(e) = steps[*s].input else {
+                unreachable!("planned as embeddings")
+            };
+            let up = g.scratch_from(e)?;
+            g.cast_from_f32(&mut b.x.view_mut(r.start * d..r.end * d)?, &up)?;
+        }
+        // The M-RoPE rows' angles, cos then sin (rotary rows max_pos + k).
+        let n_mrope = rows.mrope_cos.len() / (hd / 2);
+        let mrope = if n_mrope > 0 {
+            let mut host = Vec::with_capacity(2 * rows.mrope_cos.len());
+            host.extend_from_slice(&rows.mrope_cos);
+            host.extend_from_slice(&rows.mrope_sin);
+            Some(g.scratch_from(&host)?)
+        } else {
+            None
+        };
+        let (xcos, xsin) = match &mrope {
+            Some(m) => (m.dptr(), m.dptr() + 4 * rows.mrope_cos.len() as u64),
+            None => (rope.cos.dptr(), rope.sin.dptr()),
+        };
+        let n_extra = n_mrope as u32;
         let shape = PagedShape {
             h,
             h_kv,
@@ -479,6 +570,9 @@ impl<T: GpuFloat> GpuDecoder<T> {
                     &slots,
                     &cs,
                     &sn,
+                    &xcos,
+                    &xsin,
+                    &n_extra,
                     &n64,
                     &h32,
                     &hkv32,
@@ -638,7 +732,8 @@ mod tests {
                 logits: false,
             },
         ];
-        let r = plan_rows(&c, &steps, &[&a, &b], 4).unwrap();
+        let mut rope = None;
+        let r = plan_rows(&c, &steps, &[&a, &b], 4, &mut rope).unwrap();
         let (ba, bb) = (a.block_ids(), b.block_ids());
         assert_eq!(r.tokens, vec![7, 1, 2, 3]);
         assert_eq!(r.positions, vec![5, 0, 1, 2]);
@@ -647,39 +742,92 @@ mod tests {
             vec![ba[1] * 4 + 1, bb[0] * 4, bb[0] * 4 + 1, bb[0] * 4 + 2]
         );
         assert_eq!(r.last, vec![0]);
-        // Too little room, embeddings, M-RoPE and bad ids are refused, naming the sequence.
+        assert!(r.embedded.is_empty() && r.mrope_cos.is_empty() && rope.is_none());
+        // Embedding rows with M-RoPE beside token rows: token 0, rotary rows max_pos + k, the
+        // angles of `mrope_angles`, the embedded rows and their sequence.
+        let emb = [0.5f32; 2 * 128];
+        let ids = [[3u32, 4, 5], [3, 6, 7]];
+        let sections = [4, 6, 6];
+        let mixed = [
+            SeqStep {
+                input: StepInput::Tokens(&[9]),
+                positions: StepPositions::MRope {
+                    ids: &ids[..1],
+                    sections,
+                },
+                logits: false,
+            },
+            SeqStep {
+                input: StepInput::Embeddings(&emb),
+                positions: StepPositions::MRope {
+                    ids: &ids,
+                    sections,
+                },
+                logits: true,
+            },
+        ];
+        let r = plan_rows(&c, &mixed, &[&a, &b], 4, &mut rope).unwrap();
+        let mp = c.max_position_embeddings as u32;
+        assert_eq!(r.tokens, vec![9, 0, 0]);
+        assert_eq!(r.positions, vec![mp, mp + 1, mp + 2]);
+        assert_eq!(r.embedded, vec![(1..3, 1)]);
+        assert_eq!(r.last, vec![2]);
+        let table = RopeTable::new(c.head_dim, c.max_position_embeddings, c.rope_theta);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        let all = [ids[0], ids[0], ids[1]];
+        mrope_angles(&table, sections, 3, |k, x| all[k][x], &mut cos, &mut sin);
+        assert_eq!((r.mrope_cos, r.mrope_sin), (cos, sin));
+        // Too little room, ragged embeddings, bad M-RoPE and bad ids are refused, naming the
+        // sequence.
         let long = [SeqStep {
             input: StepInput::Tokens(&[1, 2, 3, 4, 5]),
             positions: StepPositions::Linear { start: 0 },
             logits: true,
         }];
-        let e = plan_rows(&c, &long, &[&b], 4).err().unwrap().to_string();
+        let e = plan_rows(&c, &long, &[&b], 4, &mut rope)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("sequence 0 needs room for 5 tokens"), "{e}");
-        let emb = [0.0f32; 128];
         let bad = [SeqStep {
-            input: StepInput::Embeddings(&emb),
+            input: StepInput::Embeddings(&emb[..100]),
             positions: StepPositions::Linear { start: 0 },
             logits: true,
         }];
-        let e = plan_rows(&c, &bad, &[&b], 4).err().unwrap().to_string();
-        assert!(e.contains("input embeddings"), "{e}");
-        let ids = [[0u32; 3]];
-        let bad = [SeqStep {
-            input: StepInput::Tokens(&[1]),
-            positions: StepPositions::MRope {
-                ids: &ids,
-                sections: [4, 6, 6],
-            },
-            logits: true,
-        }];
-        let e = plan_rows(&c, &bad, &[&b], 4).err().unwrap().to_string();
-        assert!(e.contains("M-RoPE"), "{e}");
+        let e = plan_rows(&c, &bad, &[&b], 4, &mut rope)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("100 input-embedding values"), "{e}");
+        for (sec, ids, want) in [
+            ([4, 6, 5], &ids[..1], "must sum to head_dim / 2 = 16"),
+            ([4, 6, 6], &ids[..], "1 new tokens but 2 M-RoPE positions"),
+            (
+                [4, 6, 6],
+                &[[0, mp, 0]][..],
+                "exceeds max_position_embeddings",
+            ),
+        ] {
+            let bad = [SeqStep {
+                input: StepInput::Tokens(&[1]),
+                positions: StepPositions::MRope { ids, sections: sec },
+                logits: true,
+            }];
+            let e = plan_rows(&c, &bad, &[&b], 4, &mut rope)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(want), "{e}");
+        }
         let bad = [SeqStep {
             input: StepInput::Tokens(&[50]),
             positions: StepPositions::Linear { start: 0 },
             logits: true,
         }];
-        let e = plan_rows(&c, &bad, &[&b], 4).err().unwrap().to_string();
+        let e = plan_rows(&c, &bad, &[&b], 4, &mut rope)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("token id 50"), "{e}");
         pool.release(a);
         pool.release(b);

@@ -774,14 +774,17 @@ REEL_PAGED_ENTRIES(__nv_bfloat16, bf16)
 // Decode step over a paged KV cache (decode.rs). decode_qkv_store: the fused q/k/v projection's
 // output qkv [N, (H + 2·H_kv)·D] → q [N, H·D] rotated (RoPE, rotate_half as `rope`), and k
 // rotated and v copied into one layer's caches [num_blocks·bs, H_kv·D] at each row's slot
-// (block · bs + offset). One thread per rotation pair (j, j + D/2) of every head.
+// (block · bs + offset). One thread per rotation pair (j, j + D/2) of every head. A row's
+// rotary row p < max_pos reads the 1-D table (cos_t/sin_t [max_pos, D/2]); p = max_pos + k reads
+// row k of the step's own angles (xcos/xsin [n_extra, D/2]: M-RoPE rows); any other p gives NaN.
 // kv_copy_blocks: copies on write of blocks; grid (copies, planes), plane p = one layer's K or V
 // (`plane` elements); copy c moves the first elems[c] elements of block src[c] to block dst[c].
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __device__ void decode_qkv_store(T* q, T* kc, T* vc, const T* qkv, const u32* positions,
-                                 const u32* slots, const float* cos_t, const float* sin_t, i64 n,
-                                 int h, int h_kv, int d, u32 max_pos) {
+                                 const u32* slots, const float* cos_t, const float* sin_t,
+                                 const float* xcos, const float* xsin, u32 n_extra, i64 n, int h,
+                                 int h_kv, int d, u32 max_pos) {
     const int half = d / 2;
     const int heads = h + 2 * h_kv;
     const int pairs = heads * half;
@@ -803,6 +806,9 @@ __device__ void decode_qkv_store(T* q, T* kc, T* vc, const T* qkv, const u32* po
         if (pos < max_pos) {
             cs = cos_t[(i64)pos * half + j];
             sn = sin_t[(i64)pos * half + j];
+        } else if (pos - max_pos < n_extra) {
+            cs = xcos[(i64)(pos - max_pos) * half + j];
+            sn = xsin[(i64)(pos - max_pos) * half + j];
         }
         T* o = head < h ? q + r * h * d + (i64)head * d
                         : kc + (i64)slots[r] * kvw + (i64)(head - h) * d;
@@ -825,9 +831,11 @@ __device__ void kv_copy_blocks(T* kv, const u32* src, const u32* dst, const u32*
     extern "C" __global__ void decode_qkv_store_##S(T* q, T* kc, T* vc, const T* qkv,            \
                                                     const u32* positions, const u32* slots,       \
                                                     const float* cos_t, const float* sin_t,       \
-                                                    i64 n, int h, int h_kv, int d, u32 max_pos) { \
-        decode_qkv_store<T>(q, kc, vc, qkv, positions, slots, cos_t, sin_t, n, h, h_kv, d,        \
-                            max_pos);                                                             \
+                                                    const float* xcos, const float* xsin,         \
+                                                    u32 n_extra, i64 n, int h, int h_kv, int d,   \
+                                                    u32 max_pos) {                                \
+        decode_qkv_store<T>(q, kc, vc, qkv, positions, slots, cos_t, sin_t, xcos, xsin, n_extra,  \
+                            n, h, h_kv, d, max_pos);                                              \
     }                                                                                             \
     extern "C" __global__ void kv_copy_blocks_##S(T* kv, const u32* src, const u32* dst,         \
                                                   const u32* elems, i64 plane, i64 block_elems) { \

@@ -12,7 +12,12 @@
 //!   in a pool small enough to preempt: the f32 decoder gives the same tokens, the same
 //!   scheduling counters and log-probabilities within 1e-4; the bf16 decoder's agreement is
 //!   printed and its counters must match (no stop tokens, so the schedule does not depend on the
-//!   tokens).
+//!   tokens);
+//! - VLM steps: input-embedding rows and M-RoPE positions mixed with token rows and 1-D positions
+//!   in one step, against the CPU step in f32 (rel-norm 1e-4) and bf16 (5e-2), on a model sharp
+//!   enough that 1-D positions in place of the 3-D ones move the CPU logits by > 0.3 (rel-norm);
+//! - a whole Qwen2.5-VL engine (`Prompt::vl` prompts with video features, groups, greedy) with
+//!   the f32 decoder gives the CPU VLM engine's tokens and log-probabilities within 1e-3.
 
 mod common;
 use common::*;
@@ -204,5 +209,238 @@ fn gpu_engine_matches_the_cpu_engine_with_shared_prefixes_and_preemption() {
     eprintln!(
         "bf16 decoder: {same}/{total} tokens equal to the CPU's ({prefix} before the first \
          divergence of each sample)"
+    );
+}
+
+/// M-RoPE sections of the VLM tests (D/2 = 16 rotary frequencies).
+const SECTIONS: [usize; 3] = [4, 6, 6];
+
+/// `config()`'s model with its matrices scaled up (std ≈ 0.16: attention far from uniform, so
+/// positions and inputs show in the logits).
+fn sharp_model(seed: u64) -> Qwen2 {
+    let mut m = Qwen2::new_random(config(), seed).unwrap();
+    for e in m.layout.entries.clone() {
+        if e.shape.len() >= 2 {
+            m.params[e.range].iter_mut().for_each(|x| *x *= 8.0);
+        }
+    }
+    m
+}
+
+/// M-RoPE positions ids[start..], or 1-D positions from `start` when `mrope` is false.
+fn vl_positions(ids: &[[u32; 3]], start: usize, mrope: bool) -> StepPositions<'_> {
+    if mrope {
+        StepPositions::MRope {
+            ids: &ids[start..],
+            sections: SECTIONS,
+        }
+    } else {
+        StepPositions::Linear { start }
+    }
+}
+
+/// Two steps over three sequences mixing input embeddings, token ids, M-RoPE and 1-D positions
+/// in each step; the logits of each step. `mrope: false` feeds the M-RoPE sequences 1-D
+/// positions instead (the test's proof that the 3-D positions matter).
+fn two_vl_steps(m: &mut dyn StepModel, c: &Qwen2Config, mrope: bool) -> Vec<Vec<f32>> {
+    let layout = KvLayout {
+        layers: c.num_hidden_layers,
+        h_kv: c.num_key_value_heads,
+        d: c.head_dim,
+        block_size: 4,
+        num_blocks: 32,
+    };
+    let d = c.hidden_size;
+    let mut pool = m.new_pool(layout).unwrap();
+    let mut rng = reel_tensor::rng(5);
+    // A: 13 embedding rows with video-like 3-D positions, then one token (equal components).
+    let emb_a = reel_tensor::uniform_vec(&mut rng, 13 * d, 0.5);
+    let ids_a: Vec<[u32; 3]> = (0..13u32)
+        .map(|k| {
+            if k < 2 {
+                [k; 3]
+            } else {
+                [2 + (k - 2) / 6, 2 + (k - 2) % 6 / 3, 2 + k % 3]
+            }
+        })
+        .chain(std::iter::once([9; 3]))
+        .collect();
+    // B: 9 tokens (1-D), then 3 embedding rows (1-D).
+    let tok_b = tokens(9, 2, c.vocab_size as u32);
+    let emb_b = reel_tensor::uniform_vec(&mut rng, 3 * d, 0.5);
+    // C: 6 tokens with M-RoPE positions, then one token (1-D).
+    let tok_c = tokens(7, 3, c.vocab_size as u32);
+    let ids_c: Vec<[u32; 3]> = (0..6u32).map(|k| [k, k / 2, 5 - k]).collect();
+    let pos = |ids, start| vl_positions(ids, start, mrope);
+    let mut tables: Vec<_> = (0..3).map(|_| pool.new_table()).collect();
+    let mut out = Vec::new();
+    for step in 0..2 {
+        let steps = if step == 0 {
+            vec![
+                SeqStep {
+                    input: StepInput::Embeddings(&emb_a),
+                    positions: pos(&ids_a[..13], 0),
+                    logits: true,
+                },
+                SeqStep {
+                    input: StepInput::Tokens(&tok_b),
+                    positions: StepPositions::Linear { start: 0 },
+                    logits: false,
+                },
+                SeqStep {
+                    input: StepInput::Tokens(&tok_c[..6]),
+                    positions: pos(&ids_c, 0),
+                    logits: true,
+                },
+            ]
+        } else {
+            vec![
+                SeqStep {
+                    input: StepInput::Tokens(&[17]),
+                    positions: pos(&ids_a, 13),
+                    logits: true,
+                },
+                SeqStep {
+                    input: StepInput::Embeddings(&emb_b),
+                    positions: StepPositions::Linear { start: 9 },
+                    logits: true,
+                },
+                SeqStep {
+                    input: StepInput::Tokens(&tok_c[6..]),
+                    positions: StepPositions::Linear { start: 6 },
+                    logits: true,
+                },
+            ]
+        };
+        let lens: Vec<usize> = steps
+            .iter()
+            .map(|s| match s.input {
+                StepInput::Tokens(t) => t.len(),
+                StepInput::Embeddings(e) => e.len() / d,
+            })
+            .collect();
+        for (t, &n) in tables.iter_mut().zip(&lens) {
+            pool.reserve(t, n).unwrap();
+        }
+        let refs: Vec<_> = tables.iter().collect();
+        out.push(m.forward_step(&mut pool, &steps, &refs).unwrap().to_vec());
+        drop(refs);
+        for (t, &n) in tables.iter_mut().zip(&lens) {
+            pool.advance(t, n);
+        }
+    }
+    out
+}
+
+fn check_vl_step<T: GpuFloat>(what: &str, tol: Tolerance, max_rel: f64) {
+    let Some(_lock) = gpu() else { return };
+    let c = config();
+    let model = sharp_model(13);
+    let want = two_vl_steps(&mut CpuStep::new(&model), &c, true);
+    let flat = two_vl_steps(&mut CpuStep::new(&model), &c, false);
+    let mut dec = GpuDecoder::<T>::from_model(open(), &model).unwrap();
+    let got = two_vl_steps(&mut dec, &c, true);
+    for (i, ((a, b), f)) in got.iter().zip(&want).zip(&flat).enumerate() {
+        assert_eq!(a.len(), b.len(), "step {i}: rows of logits");
+        let moved = rel_norm_err(f, b);
+        assert!(
+            moved > 0.3,
+            "step {i}: 1-D positions move the CPU logits by only {moved:.2e}"
+        );
+        compare(&format!("{what} VLM step {i} logits"), a, b, tol, max_rel);
+    }
+}
+
+#[test]
+fn vl_step_logits_match_the_cpu_step_in_bf16() {
+    // bf16 rounding through the sharp model's weights: measured on an H200, step 0 rel-norm
+    // 2.1e-2 and max |diff| 0.135 (a logit near 0).
+    check_vl_step::<bf16>("bf16", Tolerance::new(0.3, 5e-2), 5e-2);
+}
+
+#[test]
+fn vl_step_logits_match_the_cpu_step_in_f32() {
+    check_vl_step::<f32>("f32", Tolerance::new(1e-3, 1e-3), 1e-4);
+}
+
+/// A tiny random Qwen2.5-VL whose decoder is `sharp_model` (the tower is not run: prompts take
+/// random video features).
+fn vl_model(seed: u64) -> reel_model::Qwen25VL {
+    use reel_model::vision::{VisionConfig, VisionLayout};
+    let lm = sharp_model(seed);
+    let config = reel_model::Qwen25VLConfig {
+        text: lm.config.clone(),
+        vision: VisionConfig {
+            out_hidden_size: lm.config.hidden_size,
+            ..VisionConfig::tiny()
+        },
+        mrope_section: SECTIONS,
+        image_token_id: 293,
+        video_token_id: 290,
+        vision_start_token_id: 291,
+        vision_end_token_id: 292,
+    };
+    let vis = vec![0.0; VisionLayout::new(&config.vision).total()];
+    reel_model::Qwen25VL::from_params(config, lm.params, vis).unwrap()
+}
+
+/// Greedy groups of VLM prompts (text, one video's features, text) through an engine.
+fn run_vl_engine(m: &reel_model::Qwen25VL, mut e: Engine) -> Vec<GroupOutput> {
+    use reel_model::VideoGrid;
+    let d = m.config.text.hidden_size;
+    let grids = [
+        VideoGrid { t: 2, h: 4, w: 4 },
+        VideoGrid { t: 3, h: 2, w: 6 },
+        VideoGrid { t: 1, h: 6, w: 4 },
+    ];
+    for (k, g) in grids.iter().enumerate() {
+        let n_video = g.t * g.h * g.w / 4;
+        let mut ids = tokens(5 + k, k as u64 + 1, 280);
+        ids.push(291);
+        ids.extend(std::iter::repeat_n(290, n_video));
+        ids.push(292);
+        ids.extend(tokens(4, k as u64 + 7, 280));
+        let mut rng = reel_tensor::rng(100 + k as u64);
+        let features = reel_tensor::uniform_vec(&mut rng, n_video * d, 0.5);
+        let p = reel_rollout::Prompt::vl(m, ids, &[*g], &[1.0], &features).unwrap();
+        e.add_group(p, 2, greedy(20)).unwrap();
+    }
+    let out = e.run().unwrap();
+    assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+    out
+}
+
+#[test]
+fn gpu_vl_engine_matches_the_cpu_vl_engine() {
+    let Some(_lock) = gpu() else { return };
+    let m = vl_model(17);
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_step_tokens: 19,
+        max_step_seqs: 32,
+    };
+    let want = run_vl_engine(&m, Engine::new_vl(&m, cfg).unwrap());
+    let mut dec = GpuDecoder::<f32>::from_model(open(), &m.lm).unwrap();
+    let got = run_vl_engine(&m, Engine::with_model(Box::new(&mut dec), cfg).unwrap());
+    let mut distinct = std::collections::BTreeSet::new();
+    for (o, w) in got.iter().zip(&want) {
+        for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
+            assert_eq!(s.ids, t.ids, "f32: group {} sample {j}", o.id);
+            reel_tensor::check_close(
+                &format!("f32 log-probs, group {} sample {j}", o.id),
+                &s.logprobs,
+                &t.logprobs,
+                Tolerance::new(1e-3, 1e-3),
+            )
+            .unwrap();
+            distinct.extend(s.ids.iter().copied());
+        }
+    }
+    // Greedy text that is not one repeated token (a degenerate model would prove little).
+    assert!(distinct.len() > 3, "generated tokens {distinct:?}");
+    eprintln!(
+        "f32 VLM decoder: every token equal ({} distinct)",
+        distinct.len()
     );
 }

@@ -201,6 +201,8 @@ impl<'m> Engine<'m> {
 
     /// An engine over a Qwen2.5-VL model's decoder (its weights read in place, the tower
     /// unused): prompts come from [`Prompt::vl`] with the videos' features already encoded.
+    /// On a GPU: `Engine::with_model(Box::new(&mut decoder), config)` with a decoder of
+    /// `model.lm` (`reel_cuda::GpuDecoder::from_model`), which takes the same prompts.
     pub fn new_vl(model: &'m Qwen25VL, config: EngineConfig) -> Result<Self, RolloutError> {
         Self::new(&model.lm, config)
     }
