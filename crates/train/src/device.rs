@@ -123,6 +123,24 @@ pub fn gpu_rollout_unsupported(dims: reel_parallel::ParallelDims) -> Option<&'st
     )
 }
 
+/// Why `config`'s model cannot roll out on the GPU decoder (its paged attention is built for
+/// the head dimensions `dims`), or `None` when it can.
+pub fn rollout_model_unfit(config: &Qwen2Config, dims: &[usize]) -> Option<String> {
+    (!dims.contains(&config.head_dim)).then(|| {
+        format!(
+            "the GPU decoder's paged attention takes head dimensions {dims:?}; this model's is \
+             {}, so it rolls out with the CPU engine",
+            config.head_dim
+        )
+    })
+}
+
+/// The head dimensions the GPU rollout decoder takes (none without the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub const ROLLOUT_HEAD_DIMS: &[usize] = &reel_cuda::PAGED_HEAD_DIMS;
+#[cfg(not(feature = "cuda"))]
+pub const ROLLOUT_HEAD_DIMS: &[usize] = &[];
+
 /// Whether this binary has the GPU path.
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
 
@@ -694,6 +712,20 @@ mod tests {
         assert!(
             e.contains("train.device") && e.contains("dp = sp = 1"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_head_dimension_the_decoder_lacks_rolls_out_on_the_cpu() {
+        let mut c = Qwen2Config::tiny(64);
+        let dims = [32, 64, 128, 256];
+        c.head_dim = 64;
+        assert_eq!(rollout_model_unfit(&c, &dims), None);
+        c.head_dim = 16;
+        let why = rollout_model_unfit(&c, &dims).unwrap();
+        assert!(
+            why.contains("head dimensions") && why.contains("is 16"),
+            "{why}"
         );
     }
 

@@ -55,8 +55,8 @@ use crate::config::{
     apply_override, hash_hex, read_toml, ConfigError, OutputConfig, ParallelConfig,
 };
 use crate::device::{
-    gpu_rollout_unsupported, open_gpu, resolve, Chosen, Device, GpuHandle, RolloutDecoder,
-    BUILT_WITH_CUDA,
+    gpu_rollout_unsupported, open_gpu, resolve, rollout_model_unfit, Chosen, Device, GpuHandle,
+    RolloutDecoder, BUILT_WITH_CUDA, ROLLOUT_HEAD_DIMS,
 };
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::prompts::PromptSet;
@@ -232,7 +232,8 @@ pub struct GrpoTrainConfig {
     pub share_prompt: bool,
     /// Where a text run's rollouts decode: "auto" (one GPU decoder, kept for the run, when this
     /// build has the `cuda` feature, a GPU opens and dp = sp = 1; else the CPU engine with a
-    /// message saying why), "cpu", or "cuda" (an error naming what is missing). The GPU
+    /// message saying why; also for a head dimension the decoder's paged attention lacks),
+    /// "cpu", or "cuda" (an error naming what is missing). The GPU
     /// decoder's weights are refreshed from the CPU policy after each step's updates; scoring
     /// and the update run on the CPU either way. Not part of the config hash while "auto".
     /// Default "auto".
@@ -1194,6 +1195,16 @@ fn grpo_rank<C: Communicator>(
     };
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
     // The rollouts' GPU decoder, kept for the run (weights refreshed after each step).
+    let gpu = match (gpu, rollout_model_unfit(&model.config, ROLLOUT_HEAD_DIMS)) {
+        (Some(_), Some(why)) if cfg.train.device == Device::Cuda => {
+            bail!("train.device = \"cuda\": {why}")
+        }
+        (Some(_), Some(why)) => {
+            tracing::info!("GRPO rollouts with the CPU engine ({why})");
+            None
+        }
+        (gpu, _) => gpu,
+    };
     let mut decoder = gpu
         .map(|g| RolloutDecoder::new(g, &model, cfg.rollout.gpu_f32))
         .transpose()

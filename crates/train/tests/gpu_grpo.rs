@@ -1,5 +1,6 @@
-//! `reel grpo` with its rollouts on the GPU against the same run on the CPU engine: the fixture
-//! model (fixtures/qwen2-tiny), three steps at a learning rate that moves the policy, so steps 2
+//! `reel grpo` with its rollouts on the GPU against the same run on the CPU engine: a random
+//! model of the fixture's shape (fixtures/qwen2-tiny) with head dimension 32 (the paged
+//! attention kernel's smallest), three steps at a learning rate that moves the policy, so steps 2
 //! and 3 roll out with refreshed weights. With the f32 decoder (`rollout.gpu_f32`) every step's
 //! rewards, response lengths and last batch (ids and advantages) are the CPU run's and the loss
 //! agrees within 1e-5 relative; the bf16 decoder's run completes with finite metrics. Needs the
@@ -8,7 +9,11 @@
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_grpo -- --nocapture
 #![cfg(feature = "cuda")]
 
-use reel_train::{run_grpo, Device, GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode};
+use reel_data::Tokenizer;
+use reel_model::{Qwen2, Qwen2Config};
+use reel_train::{
+    run_grpo, save_model_folder, Device, GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode,
+};
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -18,7 +23,20 @@ fn fixture() -> PathBuf {
 /// Reward: the length of the JSON line the command reads (it varies with the response).
 const LEN_REWARD: &str = r#"read l; echo ${#l}"#;
 
-fn setup(dir: &Path, device: Device, f32: bool) -> GrpoRunConfig {
+/// The fixture's model with 2 query heads, 1 KV head, head dimension 32, random weights.
+fn model(dir: &Path) -> PathBuf {
+    let mut c = Qwen2Config::from_file(&fixture().join("config.json")).unwrap();
+    c.num_attention_heads = 2;
+    c.num_key_value_heads = 1;
+    c.head_dim = 32;
+    let m = Qwen2::new_random(c, 5).unwrap();
+    let tok = Tokenizer::from_dir(&fixture()).unwrap();
+    let out = dir.join("model");
+    save_model_folder(&m, &tok, &out).unwrap();
+    out
+}
+
+fn setup(dir: &Path, model: &Path, device: Device, f32: bool) -> GrpoRunConfig {
     std::fs::create_dir_all(dir).unwrap();
     let prompts = dir.join("prompts.jsonl");
     let lines: String = (0..6)
@@ -26,7 +44,7 @@ fn setup(dir: &Path, device: Device, f32: bool) -> GrpoRunConfig {
         .collect();
     std::fs::write(&prompts, lines).unwrap();
     let mut cfg = GrpoRunConfig::default();
-    cfg.model.path = fixture();
+    cfg.model.path = model.to_path_buf();
     cfg.data.prompts = prompts;
     cfg.data.prompts_per_step = 2;
     cfg.train.steps = 3;
@@ -45,12 +63,12 @@ fn setup(dir: &Path, device: Device, f32: bool) -> GrpoRunConfig {
     cfg
 }
 
-fn run(dir: &Path, device: Device, f32: bool) -> GrpoSummary {
+fn run(dir: &Path, model: &Path, device: Device, f32: bool) -> GrpoSummary {
     let opts = GrpoOptions {
         progress: Some(ProgressMode::Log),
         ..GrpoOptions::default()
     };
-    run_grpo(&setup(dir, device, f32), opts).unwrap()
+    run_grpo(&setup(dir, model, device, f32), opts).unwrap()
 }
 
 #[test]
@@ -60,8 +78,9 @@ fn gpu_rollouts_give_the_cpu_runs_samples_and_loss() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cpu = run(&dir.path().join("cpu"), Device::Cpu, false);
-    let gpu = run(&dir.path().join("f32"), Device::Cuda, true);
+    let m = model(dir.path());
+    let cpu = run(&dir.path().join("cpu"), &m, Device::Cpu, false);
+    let gpu = run(&dir.path().join("f32"), &m, Device::Cuda, true);
     assert_eq!(cpu.records.len(), 3);
     assert_eq!(gpu.records.len(), 3);
     for (c, g) in cpu.records.iter().zip(&gpu.records) {
@@ -92,7 +111,12 @@ fn gpu_rollouts_give_the_cpu_runs_samples_and_loss() {
         (0..3).map(|i| len(&cpu, i)).collect::<Vec<_>>()
     );
 
-    let bf16 = run(&dir.path().join("bf16"), Device::Cuda, false);
+    let bf16 = run(&dir.path().join("bf16"), &m, Device::Cuda, false);
+    // The fixture itself (head dimension 16) has no GPU decoder: "cuda" says so.
+    let mut tiny = setup(&dir.path().join("d16"), &fixture(), Device::Cuda, false);
+    tiny.train.steps = 1;
+    let e = format!("{:#}", run_grpo(&tiny, GrpoOptions::default()).unwrap_err());
+    assert!(e.contains("head dimensions"), "{e}");
     assert_eq!(bf16.records.len(), 3);
     for r in &bf16.records {
         assert_eq!(r["rollout_device"], "cuda-bf16");
