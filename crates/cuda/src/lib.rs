@@ -89,7 +89,7 @@ pub use gpu::{DeviceInfo, Gpu};
 #[cfg(feature = "cudnn")]
 pub use model::{GpuAttention, GpuQwen2};
 pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
-pub use ops::GpuRopeTable;
+pub use ops::{GpuRopeTable, PAGED_HEAD_DIMS};
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
 #[cfg(feature = "cudnn")]

@@ -138,7 +138,7 @@ pub(crate) struct Kernels {
 }
 
 /// Head dimensions the paged decode-attention kernel is built for.
-pub(crate) const PAGED_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+pub const PAGED_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
 /// Query heads one paged-attention block serves at most (its per-head registers), by variant.
 pub(crate) const PAGED_HEAD_GROUPS: [usize; 4] = [1, 2, 4, 8];
 

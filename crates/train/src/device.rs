@@ -16,8 +16,12 @@
 //! [`gpu_proc`] opens it and joins the world's NCCL communicator ([`GpuPlace::Proc`]): attention
 //! through the device DistAttn executor over NCCL point-to-point, gradients all-reduced by NCCL.
 //!
-//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`] and [`GpuModel`] are
-//! uninhabited, so the CPU-only build carries the same code paths with no GPU in them.
+//! A text GRPO run resolves the same setting for its rollouts ([`gpu_rollout_unsupported`]):
+//! one [`RolloutDecoder`] on GPU 0 when dp = sp = 1, scoring and update on the CPU.
+//!
+//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`], [`GpuModel`] and
+//! [`RolloutDecoder`] are uninhabited, so the CPU-only build carries the same code paths with no
+//! GPU in them.
 
 use anyhow::Result;
 use reel_model::{CheckpointPolicy, Qwen2Config};
@@ -109,6 +113,33 @@ pub fn gpu_unsupported(dp: usize, vlm: bool) -> Option<&'static str> {
         None
     }
 }
+
+/// Why a text GRPO run with `dims` rolls out with the CPU engine, for [`resolve`]'s `cpu_only`;
+/// `None` when one GPU decoder rolls it out (dp = sp = 1).
+pub fn gpu_rollout_unsupported(dims: reel_parallel::ParallelDims) -> Option<&'static str> {
+    (dims.world() > 1).then_some(
+        "GPU rollouts run on one rank (dp = sp = 1); this dp × sp run rolls out with the CPU \
+         engine",
+    )
+}
+
+/// Why `config`'s model cannot roll out on the GPU decoder (its paged attention is built for
+/// the head dimensions `dims`), or `None` when it can.
+pub fn rollout_model_unfit(config: &Qwen2Config, dims: &[usize]) -> Option<String> {
+    (!dims.contains(&config.head_dim)).then(|| {
+        format!(
+            "the GPU decoder's paged attention takes head dimensions {dims:?}; this model's is \
+             {}, so it rolls out with the CPU engine",
+            config.head_dim
+        )
+    })
+}
+
+/// The head dimensions the GPU rollout decoder takes (none without the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub const ROLLOUT_HEAD_DIMS: &[usize] = &reel_cuda::PAGED_HEAD_DIMS;
+#[cfg(not(feature = "cuda"))]
+pub const ROLLOUT_HEAD_DIMS: &[usize] = &[];
 
 /// Whether this binary has the GPU path.
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
@@ -348,6 +379,62 @@ pub fn gpu_model(
 #[cfg(feature = "cuda")]
 pub use reel_cuda::{Gpu as GpuHandle, GpuQwen2 as GpuModel};
 
+/// A GRPO run's rollout decoder on one GPU, kept for the whole run: weights and KV cache in
+/// bf16 (the speed path) or f32 (`rollout.gpu_f32`); the engine steps it through
+/// [`RolloutDecoder::step_model`], and [`RolloutDecoder::load_params`] refreshes its weights
+/// from the CPU policy.
+#[cfg(feature = "cuda")]
+pub enum RolloutDecoder {
+    Bf16(reel_cuda::GpuDecoder),
+    F32(reel_cuda::GpuDecoder<f32>),
+}
+
+#[cfg(feature = "cuda")]
+impl RolloutDecoder {
+    /// Uploads `model`'s weights to `gpu` (f32 storage when `f32`, else bf16).
+    pub fn new(gpu: GpuHandle, model: &reel_model::Qwen2, f32: bool) -> Result<Self> {
+        Ok(if f32 {
+            RolloutDecoder::F32(reel_cuda::GpuDecoder::from_model(gpu, model)?)
+        } else {
+            RolloutDecoder::Bf16(reel_cuda::GpuDecoder::from_model(gpu, model)?)
+        })
+    }
+
+    /// Replaces the weights with `params` (the policy's flat f32 buffer in `ParamLayout`).
+    pub fn load_params(&mut self, params: &[f32]) -> Result<()> {
+        match self {
+            RolloutDecoder::Bf16(d) => d.load_params(params)?,
+            RolloutDecoder::F32(d) => d.load_params(params)?,
+        }
+        Ok(())
+    }
+
+    /// The decoder as the rollout engine's step model (borrowed for one engine's life).
+    pub fn step_model(&mut self) -> Box<dyn reel_rollout::StepModel + '_> {
+        match self {
+            RolloutDecoder::Bf16(d) => Box::new(d),
+            RolloutDecoder::F32(d) => Box::new(d),
+        }
+    }
+
+    /// The metrics' name of the rollout device: "cuda-bf16" or "cuda-f32".
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutDecoder::Bf16(_) => "cuda-bf16",
+            RolloutDecoder::F32(_) => "cuda-f32",
+        }
+    }
+
+    /// One line: the storage type and the GPU.
+    pub fn describe(&self) -> String {
+        let gpu = match self {
+            RolloutDecoder::Bf16(d) => d.gpu(),
+            RolloutDecoder::F32(d) => d.gpu(),
+        };
+        format!("{} decoder on {}", self.name(), gpu.info())
+    }
+}
+
 /// One line naming the device.
 #[cfg(feature = "cuda")]
 pub fn describe(g: &GpuHandle) -> String {
@@ -377,7 +464,7 @@ pub fn gpu_count() -> Result<usize, String> {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub use cpu_only::{GpuHandle, GpuModel, GpuProc, GpuSpGroup};
+pub use cpu_only::{GpuHandle, GpuModel, GpuProc, GpuSpGroup, RolloutDecoder};
 
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_proc(
@@ -443,6 +530,29 @@ mod cpu_only {
     #[derive(Clone)]
     pub struct GpuSpGroup {
         pub(in crate::device) never: Infallible,
+    }
+
+    /// Never made (its field cannot be).
+    pub struct RolloutDecoder {
+        never: Infallible,
+    }
+
+    impl RolloutDecoder {
+        pub fn new(g: GpuHandle, _: &reel_model::Qwen2, _: bool) -> anyhow::Result<Self> {
+            match g.never {}
+        }
+        pub fn load_params(&mut self, _: &[f32]) -> anyhow::Result<()> {
+            match self.never {}
+        }
+        pub fn step_model(&mut self) -> Box<dyn reel_rollout::StepModel + '_> {
+            match self.never {}
+        }
+        pub fn name(&self) -> &'static str {
+            match self.never {}
+        }
+        pub fn describe(&self) -> String {
+            match self.never {}
+        }
     }
 
     /// Never made (its field cannot be).
@@ -577,6 +687,46 @@ mod tests {
             resolve(Device::Auto, true, gpu_unsupported(1, false), gpu),
             Ok(Chosen::Cuda(1))
         ));
+    }
+
+    #[test]
+    fn grpo_rolls_out_on_the_gpu_with_one_rank_only() {
+        let dims =
+            |dp: usize, sp: usize| reel_parallel::ParallelDims::new(dp, sp, dp * sp).unwrap();
+        assert_eq!(gpu_rollout_unsupported(dims(1, 1)), None);
+        for (dp, sp) in [(2, 1), (1, 2), (2, 2)] {
+            let why = gpu_rollout_unsupported(dims(dp, sp)).unwrap();
+            assert!(why.contains("dp = sp = 1"), "{why}");
+        }
+        let gpu = || -> Result<u8, String> { Ok(3) };
+        assert!(matches!(
+            resolve(Device::Auto, true, gpu_rollout_unsupported(dims(1, 1)), gpu),
+            Ok(Chosen::Cuda(3))
+        ));
+        // "auto" falls back with the reason; "cuda" refuses with it.
+        match resolve(Device::Auto, true, gpu_rollout_unsupported(dims(1, 2)), gpu) {
+            Ok(Chosen::Cpu { note: Some(n) }) => assert!(n.contains("CPU engine"), "{n}"),
+            other => panic!("expected the CPU with a note, got {other:?}"),
+        }
+        let e = resolve(Device::Cuda, true, gpu_rollout_unsupported(dims(2, 1)), gpu).unwrap_err();
+        assert!(
+            e.contains("train.device") && e.contains("dp = sp = 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_head_dimension_the_decoder_lacks_rolls_out_on_the_cpu() {
+        let mut c = Qwen2Config::tiny(64);
+        let dims = [32, 64, 128, 256];
+        c.head_dim = 64;
+        assert_eq!(rollout_model_unfit(&c, &dims), None);
+        c.head_dim = 16;
+        let why = rollout_model_unfit(&c, &dims).unwrap();
+        assert!(
+            why.contains("head dimensions") && why.contains("is 16"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -54,6 +54,10 @@ use crate::checkpoint::{
 use crate::config::{
     apply_override, hash_hex, read_toml, ConfigError, OutputConfig, ParallelConfig,
 };
+use crate::device::{
+    gpu_rollout_unsupported, open_gpu, resolve, rollout_model_unfit, Chosen, Device, GpuHandle,
+    RolloutDecoder, BUILT_WITH_CUDA, ROLLOUT_HEAD_DIMS,
+};
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::prompts::PromptSet;
 use anyhow::{bail, Context, Result};
@@ -138,6 +142,11 @@ pub struct GrpoRolloutConfig {
     /// Strings that end a response once its decoded text contains one (the response keeps it),
     /// besides the end-of-sequence tokens, e.g. `["</answer>"]`. Default: none.
     pub stop: Vec<String>,
+    /// GPU rollouts (`train.device`) keep the decoder's weights and KV cache in f32 instead of
+    /// bf16: the CPU engine's samples up to f32 rounding, at a slower speed (for comparisons).
+    /// Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gpu_f32: bool,
 }
 
 /// `[video]`: how a Qwen2.5-VL run reads and encodes its prompts' videos.
@@ -221,6 +230,15 @@ pub struct GrpoTrainConfig {
     /// and gradients for P + Σ L_s tokens instead of Σ (P + L_s). `false` runs every sample in
     /// its own row. A Qwen2.5-VL run packs only with `[video] reuse`. Default true.
     pub share_prompt: bool,
+    /// Where a text run's rollouts decode: "auto" (one GPU decoder, kept for the run, when this
+    /// build has the `cuda` feature, a GPU opens and dp = sp = 1; else the CPU engine with a
+    /// message saying why; also for a head dimension the decoder's paged attention lacks),
+    /// "cpu", or "cuda" (an error naming what is missing). The GPU
+    /// decoder's weights are refreshed from the CPU policy after each step's updates; scoring
+    /// and the update run on the CPU either way. Not part of the config hash while "auto".
+    /// Default "auto".
+    #[serde(skip_serializing_if = "Device::is_auto")]
+    pub device: Device,
 }
 
 impl Default for GrpoTrainConfig {
@@ -236,6 +254,7 @@ impl Default for GrpoTrainConfig {
             eps: 1e-8,
             checkpoint: CheckpointPolicy::Remat,
             share_prompt: true,
+            device: Device::Auto,
         }
     }
 }
@@ -1127,18 +1146,31 @@ pub(crate) fn mean_std(xs: &[f32]) -> (f64, f64) {
 /// `parallel.dp · parallel.sp = 1`, else on that many in-process ranks.
 pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     cfg.validate()?;
+    let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
+    let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
+        .map_err(anyhow::Error::msg)?
+    {
+        Chosen::Cuda(g) => Some(g),
+        Chosen::Cpu { note } => {
+            if let Some(n) = note {
+                tracing::info!("GRPO rollouts with the CPU engine ({n})");
+            }
+            None
+        }
+    };
     if cfg.parallel.world() > 1 {
         return dist::run_ranks(cfg, &opts);
     }
-    Ok(grpo_rank::<InProcess>(cfg, &opts, None)?.0)
+    Ok(grpo_rank::<InProcess>(cfg, &opts, None, gpu)?.0)
 }
 
-/// The GRPO loop of one rank (the only one when `peers` is None); only rank 0 writes. Returns
-/// the summary and the final policy.
+/// The GRPO loop of one rank (the only one when `peers` is None); only rank 0 writes. With
+/// `gpu` (one rank only) the rollouts decode there. Returns the summary and the final policy.
 fn grpo_rank<C: Communicator>(
     cfg: &GrpoRunConfig,
     opts: &GrpoOptions,
     peers: Option<&dist::Peers<'_, C>>,
+    gpu: Option<GpuHandle>,
 ) -> Result<(GrpoSummary, Qwen2)> {
     let lead = peers.is_none_or(|p| p.rank == 0);
     let tok_dir = cfg.tokenizer_dir();
@@ -1162,6 +1194,25 @@ fn grpo_rank<C: Communicator>(
         None
     };
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
+    // The rollouts' GPU decoder, kept for the run (weights refreshed after each step).
+    let gpu = match (gpu, rollout_model_unfit(&model.config, ROLLOUT_HEAD_DIMS)) {
+        (Some(_), Some(why)) if cfg.train.device == Device::Cuda => {
+            bail!("train.device = \"cuda\": {why}")
+        }
+        (Some(_), Some(why)) => {
+            tracing::info!("GRPO rollouts with the CPU engine ({why})");
+            None
+        }
+        (gpu, _) => gpu,
+    };
+    let mut decoder = gpu
+        .map(|g| RolloutDecoder::new(g, &model, cfg.rollout.gpu_f32))
+        .transpose()
+        .context("the GPU rollout decoder")?;
+    let rollout_device = decoder.as_ref().map_or("cpu", RolloutDecoder::name);
+    if let Some(d) = &decoder {
+        tracing::info!("GRPO rollouts on the GPU: {}", d.describe());
+    }
     let mut opt = adamw_for(cfg, &model.layout);
     let (mut sampler, start_step, mut recent) = match &resumed {
         Some(dir) => {
@@ -1228,8 +1279,16 @@ fn grpo_rank<C: Communicator>(
                         name: &prompts.items[i].problem_id,
                     })
                     .collect();
-                let (outs, prefill, decode) =
-                    dist::rollout(&model, peers, ecfg, g, &requests, &detok, &at)?;
+                let (outs, prefill, decode) = dist::rollout(
+                    &model,
+                    decoder.as_mut(),
+                    peers,
+                    ecfg,
+                    g,
+                    &requests,
+                    &detok,
+                    &at,
+                )?;
                 let groups = drawn
                     .iter()
                     .zip(outs)
@@ -1391,6 +1450,10 @@ fn grpo_rank<C: Communicator>(
                 }
             }
             tally.metrics = dist::merge_metrics(peers, std::mem::take(&mut tally.metrics), &at)?;
+            if let Some(d) = decoder.as_mut() {
+                d.load_params(&model.params)
+                    .with_context(|| format!("{at}: refreshing the GPU decoder's weights"))?;
+            }
             let update_s = t3.elapsed().as_secs_f64();
             let outcome = summary.close_step(done, samples, &mut recent, tally);
             let record = step_record(
@@ -1408,6 +1471,7 @@ fn grpo_rank<C: Communicator>(
             );
             let mut record = record;
             record["step_s"] = json!(t_step.elapsed().as_secs_f64());
+            record["rollout_device"] = json!(rollout_device);
             if let Some(r) = &mut reporter {
                 r.step(
                     cfg,

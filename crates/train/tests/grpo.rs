@@ -3,7 +3,7 @@
 
 use reel_data::Tokenizer;
 use reel_model::{load_checkpoint, LocalAttention, Qwen2, TokenBatch, Workspace};
-use reel_train::{run_grpo, GrpoOptions, GrpoRunConfig, ProgressMode};
+use reel_train::{run_grpo, Device, GrpoOptions, GrpoRunConfig, ProgressMode};
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -43,6 +43,8 @@ fn setup(dir: &Path, steps: u64) -> GrpoRunConfig {
     cfg.output.dir = dir.join("run");
     cfg.output.save_every = 1;
     cfg.output.keep_last = 0;
+    // The CPU engine, also in a build with the `cuda` feature on a machine with a GPU.
+    cfg.train.device = Device::Cpu;
     cfg
 }
 
@@ -262,6 +264,47 @@ fn bad_configs_are_refused_by_key() {
     assert!(e.contains("grpo.group_size"), "{e}");
     assert!(cfg.apply_override("grpo.nope=1").is_err());
     let _ = Tokenizer::from_dir(&fixture()).unwrap();
+}
+
+/// `train.device` for the rollouts, resolved as SFT's: "cuda" is refused (naming why) with
+/// dp × sp > 1 or without the `cuda` feature; "auto" then rolls out with the CPU engine and says
+/// so in the metrics; "auto" stays out of the config.
+#[test]
+fn the_rollout_device_falls_back_to_the_cpu_or_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = setup(&dir.path().join("dp2"), 1);
+    cfg.parallel.dp = 2;
+    cfg.train.device = Device::Cuda;
+    let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
+    // A build with the `cuda` feature names dp × sp; one without names the feature first.
+    let why = if cfg!(feature = "cuda") {
+        "dp = sp = 1"
+    } else {
+        "`cuda` feature"
+    };
+    assert!(e.contains("train.device") && e.contains(why), "{e}");
+    cfg.train.device = Device::Auto;
+    let s = run_grpo(&cfg, quiet()).unwrap();
+    assert_eq!(s.records[0]["rollout_device"], "cpu");
+    if !cfg!(feature = "cuda") {
+        let mut cfg = setup(&dir.path().join("one"), 1);
+        cfg.apply_override("train.device=cuda").unwrap();
+        let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
+        assert!(e.contains("`cuda` feature"), "{e}");
+        cfg.apply_override("train.device=auto").unwrap();
+        let s = run_grpo(&cfg, quiet()).unwrap();
+        assert_eq!(s.records[0]["rollout_device"], "cpu");
+    }
+    let mut cfg = GrpoRunConfig::default();
+    assert!(!cfg.to_toml().contains("device"), "auto is not written");
+    cfg.apply_override("train.device=cuda").unwrap();
+    cfg.apply_override("rollout.gpu_f32=true").unwrap();
+    let toml = cfg.to_toml();
+    assert!(
+        toml.contains("device = \"cuda\"") && toml.contains("gpu_f32 = true"),
+        "{toml}"
+    );
+    assert!(cfg.apply_override("train.device=tpu").is_err());
 }
 
 /// The config the parallel runs share: a reference pass (β > 0), two mini-batches (an old-policy

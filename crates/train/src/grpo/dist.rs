@@ -20,6 +20,7 @@
 //!   Only rank 0 writes metrics, progress, `config.toml` and checkpoints.
 
 use super::{grpo_rank, GrpoOptions, GrpoRunConfig, GrpoSummary, Rows};
+use crate::device::RolloutDecoder;
 use anyhow::{bail, Context, Result};
 use reel_comm::{CommError, Communicator, InProcess};
 use reel_data::IGNORE_INDEX;
@@ -27,7 +28,7 @@ use reel_model::{AttentionOp, LocalAttention, Qwen2};
 use reel_parallel::{ParallelDims, RankCoords, ScheduleKind, SpAttention};
 use reel_rl::GrpoMetrics;
 use reel_rollout::engine::Detokenizer;
-use reel_rollout::{Engine, EngineConfig, GenerationParams, ShardedEngine};
+use reel_rollout::{CpuStep, Engine, EngineConfig, GenerationParams, ShardedEngine, StepModel};
 
 /// A rank's place among the others.
 pub(crate) struct Peers<'a, C: Communicator> {
@@ -56,11 +57,14 @@ pub(crate) struct Request<'a> {
     pub name: &'a str,
 }
 
-/// Rolls out every request's `g` samples (this replica's share under dp, gathered); returns the
+/// Rolls out every request's `g` samples (this replica's share under dp, gathered), with `gpu`'s
+/// decoder when given (one rank only) else the CPU model; returns the
 /// responses' ids per group and sample, in request order, and the prefill and decode tokens run
 /// (summed over replicas).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rollout<C: Communicator>(
     model: &Qwen2,
+    gpu: Option<&mut RolloutDecoder>,
     peers: Option<&Peers<'_, C>>,
     ecfg: EngineConfig,
     g: usize,
@@ -84,7 +88,11 @@ pub(crate) fn rollout<C: Communicator>(
             (outs, st.prefill_tokens, st.decode_tokens)
         }
         None => {
-            let mut engine = Engine::new(model, ecfg)?.with_detokenizer(detok.clone());
+            let step: Box<dyn StepModel + '_> = match gpu {
+                Some(d) => d.step_model(),
+                None => Box::new(CpuStep::new(model)),
+            };
+            let mut engine = Engine::with_model(step, ecfg)?.with_detokenizer(detok.clone());
             for r in &mine {
                 engine
                     .add_group(r.ids.to_vec(), g, r.params.clone())
@@ -377,7 +385,7 @@ pub(crate) fn run_ranks(cfg: &GrpoRunConfig, opts: &GrpoOptions) -> Result<GrpoS
             sp: sp.as_ref(),
             schedule,
         };
-        grpo_rank(cfg, opts, Some(&peers)).with_context(|| format!("rank {rank}"))
+        grpo_rank(cfg, opts, Some(&peers), None).with_context(|| format!("rank {rank}"))
     });
     let mut outs = Vec::with_capacity(results.len());
     let mut errors = Vec::new();
