@@ -11,63 +11,17 @@
 #![cfg(feature = "cudnn")]
 
 mod common;
+use common::model::{enabled, Case};
 use common::rel_norm_err;
 
 use std::time::{Duration, Instant};
 
-use rand::Rng as _;
 use reel_cuda::{DeviceWorld, Gpu, GpuAttention, GpuQwen2, GpuSpAttention};
-use reel_model::{CheckpointPolicy, LocalAttention, Qwen2, Qwen2Config, TokenBatch, Workspace};
+use reel_model::{CheckpointPolicy, LocalAttention, Qwen2, Qwen2Config, Workspace};
 use reel_optim::AdamWConfig;
 use reel_parallel::{Overlap, ScheduleKind};
 
-fn enabled() -> bool {
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
-        return false;
-    }
-    true
-}
-
-struct Case {
-    tokens: Vec<u32>,
-    targets: Vec<i32>,
-    positions: Vec<u32>,
-    b: usize,
-    t: usize,
-}
-
 impl Case {
-    fn new(seed: u64, vocab: usize, b: usize, t: usize, unlabelled_every: usize) -> Self {
-        let mut r = reel_tensor::rng(seed);
-        let n = b * t;
-        let tokens: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
-        let targets: Vec<i32> = (0..n)
-            .map(|i| {
-                if i % unlabelled_every == 0 {
-                    -100
-                } else {
-                    r.random_range(0..vocab as i32)
-                }
-            })
-            .collect();
-        Case {
-            tokens,
-            targets,
-            positions: reel_model::default_positions(b, t),
-            b,
-            t,
-        }
-    }
-    fn batch(&self) -> TokenBatch<'_> {
-        TokenBatch {
-            tokens: &self.tokens,
-            targets: &self.targets,
-            positions: &self.positions,
-            b: self.b,
-            t: self.t,
-        }
-    }
     fn labelled(&self) -> usize {
         self.targets.iter().filter(|&&t| t >= 0).count()
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod launch;
+pub mod model;
 #[cfg(feature = "cudnn")]
 pub mod sp;
 
