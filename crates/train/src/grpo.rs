@@ -1041,7 +1041,7 @@ struct Rows {
 impl Rows {
     /// The rows of `samples`: one per sample, or with `pack` one per run of samples sharing a
     /// prompt ([`Packing`]; positions continue each sample's own row).
-    fn new(samples: &[Sample], pad: u32, pack: bool) -> Result<Self> {
+    fn new(samples: &[Sample], pad: u32, pack: bool) -> Self {
         let b = samples.len();
         let t = rows_len(samples);
         let advantages: Vec<f32> = samples.iter().map(|s| s.advantage).collect();
@@ -1049,8 +1049,8 @@ impl Rows {
             let refs: Vec<&Sample> = samples.iter().collect();
             let pk = Packing::new(&refs, t);
             let (targets, mask) = pk.targets(&refs, t, IGNORE_INDEX);
-            let loss = pk.layout_for(None, 0, b, t)?;
-            return Ok(Rows {
+            let loss = pk.whole(b, t);
+            return Rows {
                 tokens: pk.tokens(&refs, pad),
                 targets,
                 positions: pk
@@ -1065,7 +1065,7 @@ impl Rows {
                 global_t: pk.t,
                 seq_tokens: None,
                 packed: Some((Arc::new(pk), loss)),
-            });
+            };
         }
         let mut r = Rows {
             tokens: vec![pad; b * t],
@@ -1087,7 +1087,7 @@ impl Rows {
                 r.mask[row * t + i] = true;
             }
         }
-        Ok(r)
+        r
     }
     fn batch(&self) -> TokenBatch<'_> {
         TokenBatch {
@@ -1320,9 +1320,9 @@ fn grpo_rank<C: Communicator>(
                 .map(|mb| {
                     mb.chunks(cfg.train.micro_batch_seqs)
                         .map(|c| Rows::new(c, pad, cfg.train.share_prompt))
-                        .collect::<Result<Vec<_>>>()
+                        .collect()
                 })
-                .collect::<Result<_>>()?;
+                .collect();
             // This rank's micro-batches (every dp-th), each its token shard under sp.
             let locals: Vec<Vec<Rows>> = minis
                 .iter()
@@ -1522,8 +1522,8 @@ mod tests {
             s(1, &[4, 4]),
             s(2, &[3, 3, 3]),
         ];
-        let plain = Rows::new(&samples, 0, false).unwrap();
-        let packed = Rows::new(&samples, 0, true).unwrap();
+        let plain = Rows::new(&samples, 0, false);
+        let packed = Rows::new(&samples, 0, true);
         assert_eq!((plain.b, plain.t), (4, 8));
         assert_eq!(packed.b, 2);
         // 19 positions (prompt 1 once: 5 + 3 + 1 + 2; prompt 2: 5 + 3) against 29.

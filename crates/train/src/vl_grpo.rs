@@ -460,11 +460,26 @@ impl VlRows {
         let t = rows_len(samples.iter().copied());
         let d = lm.config.hidden_size;
         let vid = vlm.config.video_token_id;
+        let advantages = samples.iter().map(|s| s.advantage).collect();
+        // Response tokens of each sample: `prompt_len - 1 ..= ids.len() - 2` are labelled.
+        let seq_tokens = samples.iter().map(|s| s.ids.len() - s.prompt_len).collect();
+        if pack {
+            let (packing, model) = packed_rows(vlm, lm, samples, prompts, pad, t);
+            return VlRows {
+                model,
+                model_b: packing.b,
+                mask: packing.whole(b, t).mask,
+                packing: Some(packing),
+                advantages,
+                seq_tokens,
+                b,
+                t,
+            };
+        }
         let mut tokens = vec![pad; b * t];
         let mut targets = vec![IGNORE_INDEX; b * t];
         let mut mask = vec![false; b * t];
         let mut pos = vec![0u32; 3 * b * t];
-        let mut seq_tokens = Vec::with_capacity(b);
         for (row, s) in samples.iter().enumerate() {
             let pr = &prompts[&s.prompt];
             let n = s.ids.len() - 1;
@@ -473,7 +488,6 @@ impl VlRows {
                 targets[row * t + i] = s.ids[i + 1] as i32;
                 mask[row * t + i] = true;
             }
-            seq_tokens.push(n + 1 - s.prompt_len);
             for i in 0..t {
                 let p = if i < s.prompt_len {
                     pr.positions[i]
@@ -486,20 +500,6 @@ impl VlRows {
                     pos[axis * b * t + row * t + i] = v;
                 }
             }
-        }
-        let advantages = samples.iter().map(|s| s.advantage).collect();
-        if pack {
-            let (packing, model) = packed_rows(vlm, lm, samples, prompts, pad, t);
-            return VlRows {
-                model,
-                model_b: packing.b,
-                packing: Some(packing),
-                mask,
-                advantages,
-                seq_tokens,
-                b,
-                t,
-            };
         }
         let mut embeds = vec![0.0f32; b * t * d];
         reel_kernels::embedding::embedding_forward(
@@ -698,7 +698,7 @@ fn logprob_pass(
         };
         gathered.push(match &r.packing {
             None => model,
-            Some(p) => p.layout_for(None, 0, r.b, r.t)?.to_samples(&model),
+            Some(p) => p.whole(r.b, r.t).to_samples(&model),
         });
     }
     Ok(gathered)
@@ -746,8 +746,13 @@ fn minibatch_grads(
                 None => None,
             };
             let (t, mask, lp, ent) = match &held {
-                None => (loc.t, loc.mask.clone(), lp, ent),
-                Some(l) => (r.t, l.mask.clone(), l.to_samples(&lp), l.to_samples(&ent)),
+                None => (loc.t, loc.mask.as_slice(), lp, ent),
+                Some(l) => (
+                    r.t,
+                    l.mask.as_slice(),
+                    l.to_samples(&lp),
+                    l.to_samples(&ent),
+                ),
             };
             let cut = |full: &[f32]| -> Result<Vec<f32>> {
                 Ok(match (&sh, &held) {
@@ -767,7 +772,7 @@ fn minibatch_grads(
                 old_logp: &old,
                 ref_logp: rf.as_deref(),
                 entropy: Some(&ent),
-                mask: &mask,
+                mask,
                 advantages: &r.advantages,
                 seq_tokens: sharded.then_some(r.seq_tokens.as_slice()),
             };

@@ -110,6 +110,11 @@ impl Packing {
         (targets, mask)
     }
 
+    /// Every labelled position, for the whole (unsharded) packed rows.
+    pub fn whole(&self, samples: usize, t_rows: usize) -> LossLayout {
+        LossLayout::new(samples, t_rows, self.index.clone())
+    }
+
     /// The rank's view of the labelled positions: with `sh`, the positions its shard of the
     /// packed rows holds (at their index in the shard); unsharded, all of them.
     pub fn layout_for(
@@ -120,7 +125,7 @@ impl Packing {
         t_rows: usize,
     ) -> Result<LossLayout> {
         let held = match sh {
-            None => self.index.clone(),
+            None => return Ok(self.whole(samples, t_rows)),
             Some(sh) => {
                 let global: Vec<usize> = (0..self.b * sh.seq_len()).collect();
                 let local = sh.shard(&global, self.b, 1, rank, usize::MAX)?;
@@ -231,7 +236,7 @@ mod tests {
         // is predicted at its index 2, packed position 4.
         assert!(p.index.contains(&(t_rows + 2, 4)));
         // Round trip through the loss layout.
-        let all = p.layout_for(None, 0, 4, t_rows).unwrap();
+        let all = p.whole(4, t_rows);
         let model: Vec<f32> = (0..10).map(|x| x as f32 + 0.5).collect();
         let per_sample = all.to_samples(&model);
         assert_eq!(per_sample.iter().filter(|&&x| x != 0.0).count(), 6);
