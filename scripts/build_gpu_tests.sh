@@ -30,7 +30,7 @@ cargo test --release --no-run -p reel-train --features cuda >/dev/null
   esac
 done
 cargo build --release -p reel-cli --features cuda
-strip -o "$OUT/reel" target/release/reel
+strip -o "$OUT/reel" "${CARGO_TARGET_DIR:-target}/release/reel"
 # The tests read fixtures through the path they were built at.
 echo "$ROOT" >"$OUT/BUILT_AT"
 ls -la "$OUT"
