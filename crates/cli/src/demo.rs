@@ -344,6 +344,7 @@ fn held_accuracy(model: &Qwen2, tok: &Tokenizer, items: &[PromptItem]) -> Result
         batch: 64,
         stop_token_ids: stop_token_ids(tok, model),
         accuracy: exact(),
+        ..AccuracyOptions::default()
     };
     let decode = |ids: &[u32]| -> Result<String> { Ok(tok.decode(ids, true)?) };
     eval_accuracy(model, items, &decode, &opts)

@@ -98,6 +98,9 @@ impl Judge {
             max_new_tokens: self.max_new_tokens,
             batch: 64,
             stop_token_ids: stop_token_ids(&self.tok, &m.lm),
+            // The GPU decoder when this build and machine have one (f32: the CPU's answers).
+            device: reel_train::Device::Auto,
+            gpu_f32: true,
             ..AccuracyOptions::default()
         };
         let (report, _) = eval_vl_accuracy(

@@ -151,6 +151,15 @@ enum Command {
         /// With --accuracy: also print every greedy response (stderr), one per record.
         #[arg(long)]
         show_responses: bool,
+        /// With --accuracy: where the answers are generated: auto (the GPU decoder when this
+        /// build has the `cuda` feature, a GPU opens and the model's head dimension fits, else
+        /// the CPU, saying why), cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: reel_train::Device,
+        /// With --accuracy on the GPU: f32 weights and KV cache (the CPU's answers) instead of
+        /// bf16.
+        #[arg(long)]
+        gpu_f32: bool,
     },
     /// Generate a reply with the KV cache (greedy unless --temperature > 0).
     Generate {
@@ -340,12 +349,13 @@ fn print_accuracy(report: &AccuracyReport, json: bool, skipped: Option<usize>) -
     }
     let o = &report.overall;
     println!(
-        "accuracy {:.1}% ({} / {}), format {:.1}%{}",
+        "accuracy {:.1}% ({} / {}), format {:.1}%{}; answers decoded on {}",
         100.0 * o.accuracy,
         o.correct,
         o.total,
         100.0 * o.format_rate,
-        skipped.map_or(String::new(), |n| format!(" ({n} records skipped)"))
+        skipped.map_or(String::new(), |n| format!(" ({n} records skipped)")),
+        report.device
     );
     for (ty, t) in &report.per_type {
         let name = if ty.is_empty() { "(none)" } else { ty };
@@ -371,14 +381,14 @@ fn show(report: &AccuracyReport, on: bool) -> Result<()> {
 }
 
 /// `reel eval --accuracy` on a Qwen2.5-VL checkpoint: greedy answers through the rollout engine
-/// from cached video embeddings; returns the report it printed.
+/// from cached video embeddings (`opts` given the checkpoint's stop tokens); returns the report
+/// it printed.
 fn eval_vl_accuracy(
     model: &std::path::Path,
     data: &std::path::Path,
     sample: &str,
     json: bool,
-    max_new_tokens: usize,
-    batch: usize,
+    opts: impl FnOnce(Vec<u32>) -> AccuracyOptions,
 ) -> Result<AccuracyReport> {
     let m = reel_model::load_vl_checkpoint(model)?;
     let tok = Tokenizer::from_dir(model)?;
@@ -386,12 +396,7 @@ fn eval_vl_accuracy(
         sampling: reel_train::parse_sampling(sample)?,
         processor: reel_data::VideoProcessorConfig::from_dir(model)?,
     };
-    let opts = AccuracyOptions {
-        max_new_tokens,
-        batch,
-        stop_token_ids: stop_token_ids(&tok, &m.lm),
-        ..AccuracyOptions::default()
-    };
+    let opts = opts(stop_token_ids(&tok, &m.lm));
     let cache = reel_model::embed_cache::EmbedCache::new(1 << 30);
     let (report, load) = reel_train::eval_vl_accuracy(&m, &tok, data, &settings, &cache, &opts)?;
     let skipped = load.bad_records.len() + load.skipped_videos.len();
@@ -542,9 +547,19 @@ fn real_main() -> Result<()> {
             batch,
             sample,
             show_responses,
+            device,
+            gpu_f32,
         } => {
+            let opts = |stop_token_ids| AccuracyOptions {
+                max_new_tokens,
+                batch,
+                stop_token_ids,
+                device,
+                gpu_f32,
+                ..AccuracyOptions::default()
+            };
             if reel_train::model_kind_of(&model)? == reel_train::ModelKind::Qwen25VL {
-                let report = eval_vl_accuracy(&model, &data, &sample, json, max_new_tokens, batch)?;
+                let report = eval_vl_accuracy(&model, &data, &sample, json, opts)?;
                 return show(&report, show_responses);
             }
             let m = load_checkpoint(&model)?;
@@ -556,12 +571,7 @@ fn real_main() -> Result<()> {
                     set.ignored_videos
                 );
             }
-            let opts = AccuracyOptions {
-                max_new_tokens,
-                batch,
-                stop_token_ids: stop_token_ids(&tok, &m),
-                ..AccuracyOptions::default()
-            };
+            let opts = opts(stop_token_ids(&tok, &m));
             let decode = |ids: &[u32]| -> Result<String> { Ok(tok.decode(ids, true)?) };
             let report = eval_accuracy(&m, &set.items, &decode, &opts)?;
             print_accuracy(&report, json, None)?;

@@ -467,6 +467,27 @@ fn grpo_print_config_parses_back_and_a_tiny_run_trains() {
     assert_eq!(v["overall"]["total"], 2);
     assert_eq!(v["per_type"]["mc"]["total"], 1);
     assert_eq!(v["per_type"]["x"]["total"], 1);
+    // `--device cpu` decodes on the CPU; "cuda" without a usable GPU decoder is an error naming
+    // the setting and the reason (the fixture's head dimension, or no `cuda` feature/GPU).
+    let eval_on = |device: &str| {
+        reel()
+            .args(["eval", "--accuracy", "--json", "--max-new-tokens", "4"])
+            .args(["--device", device, "--model"])
+            .arg(run.join("checkpoints/step-2"))
+            .arg("--data")
+            .arg(&prompts)
+            .output()
+            .unwrap()
+    };
+    let out = eval_on("cpu");
+    assert!(out.status.success());
+    let cpu: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cpu["device"], "cpu");
+    assert_eq!(cpu["overall"], v["overall"]);
+    let out = eval_on("cuda");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("device = \"cuda\""), "{stderr}");
 
     // The metrics as a PNG of the requested size; an unknown key is named.
     let png = dir.path().join("m.png");

@@ -2,8 +2,13 @@
 //! prompts per batched decoding step), scored with the accuracy reward's comparison (choice
 //! letter, number within tolerance, normalised string; the `<answer>…</answer>` content when the
 //! response has one) and the format check, overall and per `problem_type`. The same for a
-//! Qwen2.5-VL model on LongVideo-Reason records: [`crate::vl::eval_vl_accuracy`].
+//! Qwen2.5-VL model on LongVideo-Reason records: [`crate::vl::eval_vl_accuracy`]. Both decode
+//! on the CPU or, with [`AccuracyOptions::device`], through the GPU rollout decoder
+//! ([`crate::device::RolloutDecoder`], bf16 or f32) the GRPO trainers roll out with.
 
+use crate::device::{
+    rollout_decoder, rollout_device, rollout_gpu, step_model, Device, RolloutDecoder,
+};
 use crate::prompts::PromptItem;
 use anyhow::Result;
 use reel_model::Qwen2;
@@ -44,6 +49,8 @@ pub struct AccuracyReport {
     /// The greedy responses, in the order of the items.
     #[serde(skip)]
     pub responses: Vec<String>,
+    /// Where they were generated: "cpu", "cuda-bf16" or "cuda-f32" (empty until a run).
+    pub device: String,
 }
 
 /// How [`eval_accuracy`] generates.
@@ -57,6 +64,14 @@ pub struct AccuracyOptions {
     pub stop_token_ids: Vec<u32>,
     /// The comparison of answers.
     pub accuracy: AccuracyReward,
+    /// Where the answers are generated (`reel eval --device`): "cpu" (the default here), "auto"
+    /// (the GPU decoder when this build has the `cuda` feature, a GPU opens and the model's head
+    /// dimension fits it, else the CPU with a log line saying why) or "cuda" (an error when it
+    /// cannot). The engine, its scheduler and greedy choice are the same either way.
+    pub device: Device,
+    /// On the GPU, keep the decoder's weights and KV cache in f32 (the CPU's answers up to
+    /// float rounding) instead of bf16. Default false.
+    pub gpu_f32: bool,
 }
 
 impl Default for AccuracyOptions {
@@ -66,9 +81,23 @@ impl Default for AccuracyOptions {
             batch: 64,
             stop_token_ids: Vec::new(),
             accuracy: AccuracyReward::default(),
+            device: Device::Cpu,
+            gpu_f32: false,
         }
     }
 }
+
+impl AccuracyOptions {
+    /// The decoder these options ask for on `model` (the language model of a VLM), or `None`
+    /// for the CPU (see [`AccuracyOptions::device`]).
+    pub fn decoder(&self, model: &Qwen2) -> Result<Option<RolloutDecoder>> {
+        let gpu = rollout_gpu(self.device, None, "device", GREEDY)?;
+        rollout_decoder(gpu, self.device, model, self.gpu_f32, "device", GREEDY)
+    }
+}
+
+/// What the device messages call the evaluation's decoding.
+const GREEDY: &str = "greedy answers";
 
 impl AccuracyReport {
     /// Scores one response against its reference answer, under `problem_type`.
@@ -109,12 +138,16 @@ pub fn eval_accuracy(
     decode: &dyn Fn(&[u32]) -> Result<String>,
     opts: &AccuracyOptions,
 ) -> Result<AccuracyReport> {
-    let mut report = AccuracyReport::default();
+    let mut decoder = opts.decoder(model)?;
+    let mut report = AccuracyReport {
+        device: rollout_device(decoder.as_ref()).into(),
+        ..AccuracyReport::default()
+    };
     let max_ctx = model.config.max_position_embeddings;
     for chunk in items.chunks(opts.batch.max(1)) {
         let longest = chunk.iter().map(|i| i.ids.len()).max().unwrap_or(0);
         let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
-        let mut engine = Engine::new(model, config)?;
+        let mut engine = Engine::with_model(step_model(decoder.as_mut(), model), config)?;
         for item in chunk {
             engine.add_request(
                 item.ids.clone(),

@@ -16,8 +16,10 @@
 //! [`gpu_proc`] opens it and joins the world's NCCL communicator ([`GpuPlace::Proc`]): attention
 //! through the device DistAttn executor over NCCL point-to-point, gradients all-reduced by NCCL.
 //!
-//! A text GRPO run resolves the same setting for its rollouts ([`gpu_rollout_unsupported`]):
-//! one [`RolloutDecoder`] on GPU 0 when dp = sp = 1, scoring and update on the CPU.
+//! A GRPO run (text or Qwen2.5-VL) resolves the same setting for its rollouts
+//! ([`gpu_rollout_unsupported`], [`rollout_gpu`], [`rollout_decoder`]): one [`RolloutDecoder`] on
+//! GPU 0 when dp = sp = 1, scoring and update on the CPU. Greedy accuracy evaluation
+//! (`reel eval --accuracy --device`) decodes through the same decoder ([`step_model`]).
 //!
 //! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`], [`GpuModel`] and
 //! [`RolloutDecoder`] are uninhabited, so the CPU-only build carries the same code paths with no
@@ -133,6 +135,72 @@ pub fn rollout_model_unfit(config: &Qwen2Config, dims: &[usize]) -> Option<Strin
             config.head_dim
         )
     })
+}
+
+/// Resolves `want` (the `setting` the user set, named in errors) for rollouts or greedy answers
+/// (`what`, named in the log): GPU 0 when [`resolve`] picks it, else `None` after logging why
+/// "auto" fell back. `cpu_only` as for [`resolve`] (e.g. [`gpu_rollout_unsupported`]). An
+/// explicit "cuda" that cannot be met is an error naming `setting` and the reason.
+pub fn rollout_gpu(
+    want: Device,
+    cpu_only: Option<&str>,
+    setting: &str,
+    what: &str,
+) -> Result<Option<GpuHandle>> {
+    match resolve(want, BUILT_WITH_CUDA, cpu_only, open_gpu) {
+        Ok(Chosen::Cuda(g)) => Ok(Some(g)),
+        Ok(Chosen::Cpu { note }) => {
+            if let Some(n) = note {
+                tracing::info!("{what} with the CPU engine ({n})");
+            }
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::anyhow!(e.replacen("train.device", setting, 1))),
+    }
+}
+
+/// The rollout decoder of `model` on `gpu` (from [`rollout_gpu`]; f32 weights and KV cache when
+/// `f32`, else bf16), or `None` without a GPU or when the model does not fit the decoder
+/// ([`rollout_model_unfit`]: "auto" logs why and decodes on the CPU, an explicit "cuda" in `want`
+/// is an error naming `setting`). Logs the decoder it made for `what`.
+pub fn rollout_decoder(
+    gpu: Option<GpuHandle>,
+    want: Device,
+    model: &reel_model::Qwen2,
+    f32: bool,
+    setting: &str,
+    what: &str,
+) -> Result<Option<RolloutDecoder>> {
+    use anyhow::Context;
+    let Some(gpu) = gpu else { return Ok(None) };
+    if let Some(why) = rollout_model_unfit(&model.config, ROLLOUT_HEAD_DIMS) {
+        if want == Device::Cuda {
+            anyhow::bail!("{setting} = \"cuda\": {why}");
+        }
+        tracing::info!("{what} with the CPU engine ({why})");
+        return Ok(None);
+    }
+    let d = RolloutDecoder::new(gpu, model, f32).context("the GPU rollout decoder")?;
+    tracing::info!("{what} on the GPU: {}", d.describe());
+    Ok(Some(d))
+}
+
+/// The step model an engine decodes with: `gpu`'s decoder when there is one, else `cpu` (the
+/// CPU reference). The one switch between the two for every rollout and greedy evaluation.
+pub fn step_model<'a>(
+    gpu: Option<&'a mut RolloutDecoder>,
+    cpu: &'a reel_model::Qwen2,
+) -> Box<dyn reel_rollout::StepModel + 'a> {
+    match gpu {
+        Some(d) => d.step_model(),
+        None => Box::new(reel_rollout::CpuStep::new(cpu)),
+    }
+}
+
+/// The metrics' name of where an engine decodes: the decoder's ([`RolloutDecoder::name`]) or
+/// "cpu".
+pub fn rollout_device(gpu: Option<&RolloutDecoder>) -> &'static str {
+    gpu.map_or("cpu", RolloutDecoder::name)
 }
 
 /// The head dimensions the GPU rollout decoder takes (none without the `cuda` feature).
@@ -713,6 +781,37 @@ mod tests {
             e.contains("train.device") && e.contains("dp = sp = 1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rollout_gpu_names_the_setting_and_a_missing_gpu_leaves_the_cpu_engine() {
+        assert!(rollout_gpu(Device::Cpu, None, "--device", "answers")
+            .unwrap()
+            .is_none());
+        // An explicit "cuda" that cannot be met names the caller's setting and the reason.
+        let e = rollout_gpu(Device::Cuda, Some("one rank only"), "--device", "answers")
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--device = \"cuda\": "), "{e}");
+        let why = if BUILT_WITH_CUDA {
+            "one rank only"
+        } else {
+            "`cuda` feature"
+        };
+        assert!(e.contains(why), "{e}");
+        // "auto" with a reason to stay on the CPU falls back.
+        assert!(
+            rollout_gpu(Device::Auto, Some("one rank only"), "--device", "answers")
+                .unwrap()
+                .is_none()
+        );
+        // No GPU: no decoder, and the engine steps the CPU model.
+        let m = reel_model::Qwen2::new_random(Qwen2Config::tiny(32), 1).unwrap();
+        let d = rollout_decoder(None, Device::Cuda, &m, true, "--device", "answers").unwrap();
+        assert!(d.is_none());
+        assert_eq!(rollout_device(d.as_ref()), "cpu");
+        assert_eq!(step_model(None, &m).config().vocab_size, 32);
     }
 
     #[test]

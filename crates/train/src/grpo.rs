@@ -55,8 +55,7 @@ use crate::config::{
     apply_override, hash_hex, read_toml, ConfigError, OutputConfig, ParallelConfig,
 };
 use crate::device::{
-    gpu_rollout_unsupported, open_gpu, resolve, rollout_model_unfit, Chosen, Device, GpuHandle,
-    RolloutDecoder, BUILT_WITH_CUDA, ROLLOUT_HEAD_DIMS,
+    gpu_rollout_unsupported, rollout_decoder, rollout_device, rollout_gpu, Device, GpuHandle,
 };
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::prompts::PromptSet;
@@ -1142,22 +1141,15 @@ pub(crate) fn mean_std(xs: &[f32]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// What the GRPO trainers' rollout device messages call the rollouts.
+pub(crate) const ROLLOUTS: &str = "GRPO rollouts";
+
 /// Runs (or resumes) a GRPO run of a text decoder described by `cfg`: on this thread when
 /// `parallel.dp · parallel.sp = 1`, else on that many in-process ranks.
 pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     cfg.validate()?;
     let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
-    let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
-        .map_err(anyhow::Error::msg)?
-    {
-        Chosen::Cuda(g) => Some(g),
-        Chosen::Cpu { note } => {
-            if let Some(n) = note {
-                tracing::info!("GRPO rollouts with the CPU engine ({n})");
-            }
-            None
-        }
-    };
+    let gpu = rollout_gpu(cfg.train.device, cpu_only, "train.device", ROLLOUTS)?;
     if cfg.parallel.world() > 1 {
         return dist::run_ranks(cfg, &opts);
     }
@@ -1195,24 +1187,15 @@ fn grpo_rank<C: Communicator>(
     };
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
     // The rollouts' GPU decoder, kept for the run (weights refreshed after each step).
-    let gpu = match (gpu, rollout_model_unfit(&model.config, ROLLOUT_HEAD_DIMS)) {
-        (Some(_), Some(why)) if cfg.train.device == Device::Cuda => {
-            bail!("train.device = \"cuda\": {why}")
-        }
-        (Some(_), Some(why)) => {
-            tracing::info!("GRPO rollouts with the CPU engine ({why})");
-            None
-        }
-        (gpu, _) => gpu,
-    };
-    let mut decoder = gpu
-        .map(|g| RolloutDecoder::new(g, &model, cfg.rollout.gpu_f32))
-        .transpose()
-        .context("the GPU rollout decoder")?;
-    let rollout_device = decoder.as_ref().map_or("cpu", RolloutDecoder::name);
-    if let Some(d) = &decoder {
-        tracing::info!("GRPO rollouts on the GPU: {}", d.describe());
-    }
+    let mut decoder = rollout_decoder(
+        gpu,
+        cfg.train.device,
+        &model,
+        cfg.rollout.gpu_f32,
+        "train.device",
+        ROLLOUTS,
+    )?;
+    let rollout_device = rollout_device(decoder.as_ref());
     let mut opt = adamw_for(cfg, &model.layout);
     let (mut sampler, start_step, mut recent) = match &resumed {
         Some(dir) => {

@@ -222,7 +222,8 @@ pub fn vl_rollout_prompt(
 /// Greedy answers of a Qwen2.5-VL model to the LongVideo-Reason records of `data` through the
 /// rollout engine (prompts prefilled from cached video embeddings, `opts.batch` prompts per
 /// engine run), scored like the accuracy reward: accuracy overall and per `problem_type`, and
-/// the `<think>/<answer>` format rate. Bad records and videos are skipped and reported.
+/// the `<think>/<answer>` format rate. Bad records and videos are skipped and reported. The
+/// language model decodes where `opts.device` says (the tower runs on the CPU either way).
 pub fn eval_vl_accuracy(
     model: &Qwen25VL,
     tok: &Tokenizer,
@@ -238,7 +239,11 @@ pub fn eval_vl_accuracy(
     let key = settings.key_text();
     let weights = weights_fingerprint(&model.vision.params);
     let mut vws = reel_model::VisionWorkspace::new();
-    let mut report = AccuracyReport::default();
+    let mut decoder = opts.decoder(&model.lm)?;
+    let mut report = AccuracyReport {
+        device: crate::device::rollout_device(decoder.as_ref()).into(),
+        ..AccuracyReport::default()
+    };
     let max_ctx = model.config.text.max_position_embeddings;
     for chunk in examples.chunks(opts.batch.max(1)) {
         let prompts = chunk
@@ -247,7 +252,8 @@ pub fn eval_vl_accuracy(
             .collect::<Result<Vec<_>>>()?;
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
-        let mut engine = Engine::new_vl(model, config)?;
+        let step = crate::device::step_model(decoder.as_mut(), &model.lm);
+        let mut engine = Engine::with_model(step, config)?;
         for p in prompts {
             engine.add_request(
                 p,
@@ -1029,6 +1035,7 @@ mod tests {
         let cache = EmbedCache::new(1 << 26);
         let (report, load) = eval_vl_accuracy(&m, &tok, &data, &settings, &cache, &opts).unwrap();
         assert_eq!(load.bad_records.len() + load.skipped_videos.len(), 0);
+        assert_eq!(report.device, "cpu");
         assert_eq!(report.overall.total, 6);
         assert_eq!(report.per_type.values().map(|t| t.total).sum::<usize>(), 6);
         assert_eq!(cache.stats().misses, 6, "one tower run per video");

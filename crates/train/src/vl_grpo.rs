@@ -17,7 +17,11 @@
 //!    ([`Prompt::vl`]: `mrope_positions`, as transformers' `get_rope_index`); the prompt is
 //!    prefilled once per group and the G samples fork from it. A response token the policy
 //!    samples as `<|video_pad|>` is an ordinary token there (table embedding, 1-D position), and
-//!    so it is in scoring; it takes no embedding-table gradient.
+//!    so it is in scoring; it takes no embedding-table gradient. With `train.device` on a GPU
+//!    (sp = 1, as the text trainer resolves it: [`crate::device::rollout_gpu`]) the engine steps
+//!    one [`crate::device::RolloutDecoder`] of the language model (bf16, or f32 with
+//!    `rollout.gpu_f32`) kept for the run, its weights refreshed after each step's updates; the
+//!    tower, scoring and update stay on the CPU. sp > 1 rolls out with the CPU engine.
 //! 3. **Score.** Rewards and group advantages; rows `prompt ++ response[..-1]` [B, T] as input
 //!    embeddings (table lookup of the current weights, video rows from the cache) with M-RoPE
 //!    angles (response tokens continue 1-D after the prompt's largest position), targets at the
@@ -45,8 +49,8 @@
 //! scored and updated in its own row.
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
-//! Metrics per step add to the text trainer's record: `decode_s`, `encode_s` (and `rollout_s`
-//! without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! Metrics per step add to the text trainer's record: `rollout_device` (`cpu`, `cuda-bf16`,
+//! `cuda-f32`), `decode_s`, `encode_s` (and `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
@@ -73,11 +77,14 @@ use reel_rollout::{sample_seed, Engine, Prompt};
 use serde_json::json;
 
 use crate::accuracy::engine_config;
+use crate::device::{
+    gpu_rollout_unsupported, rollout_decoder, rollout_device, rollout_gpu, step_model,
+};
 use crate::grpo::{
     adamw_for, clip_and_step, detokenizer, generation_params, grpo_trainer_state, is_save_step,
     load_resume_state, open_run, rows_len, step_record, steps_to_run, with_last_good, GrpoOptions,
     GrpoRunConfig, GrpoSummary, Packing, PromptSampler, Reporter, RolledGroup, RoundWork, Sample,
-    Scorer, UpdateOutcome,
+    Scorer, UpdateOutcome, ROLLOUTS,
 };
 use crate::vl::{parse_sampling, VlInputs};
 
@@ -835,6 +842,19 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         None
     };
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
+    // The rollouts' GPU decoder of the language model, kept for the run (weights refreshed
+    // after each step); sp > 1 keeps the CPU engine beside its CPU ranks.
+    let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
+    let gpu = rollout_gpu(cfg.train.device, cpu_only, "train.device", ROLLOUTS)?;
+    let mut decoder = rollout_decoder(
+        gpu,
+        cfg.train.device,
+        &model.lm,
+        cfg.rollout.gpu_f32,
+        "train.device",
+        ROLLOUTS,
+    )?;
+    let rollout_device = rollout_device(decoder.as_ref());
     let mut opt = adamw_for(cfg, &model.lm.layout);
     let mut skipped = bad.len();
     let (mut sampler, start_step, mut recent) = match &resumed {
@@ -903,7 +923,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     cfg.grpo.max_response_tokens,
                     max_pos,
                 );
-                let mut engine = Engine::new_vl(&model, ecfg)?.with_detokenizer(detok.clone());
+                let step = step_model(decoder.as_mut(), &model.lm);
+                let mut engine = Engine::with_model(step, ecfg)?.with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
                 for (k, (_, pr)) in drawn.iter().enumerate() {
                     let params = generation_params(cfg, done, round, k, &stop);
@@ -1038,6 +1059,10 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     tally.add(loss, grad_norm);
                 }
             }
+            if let Some(d) = decoder.as_mut() {
+                d.load_params(&model.lm.params)
+                    .with_context(|| format!("{at}: refreshing the GPU decoder's weights"))?;
+            }
             let update_s = t3.elapsed().as_secs_f64() - (encode_s - encode_before_update);
             let outcome = summary.close_step(done, samples, &mut recent, tally);
             let mut record = step_record(
@@ -1059,6 +1084,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 ("decode_s", json!(times.decode_s)),
                 ("encode_s", json!(times.encode_s + encode_s)),
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
+                ("rollout_device", json!(rollout_device)),
                 ("cache_hits", json!(cs.hits + cs.disk_hits)),
                 ("cache_misses", json!(cs.misses)),
                 ("cache_bytes", json!(cs.bytes)),
@@ -1219,6 +1245,8 @@ mod tests {
             }
             assert!(f(r, "reward_std") > 0.0, "{r}");
             assert!(f(r, "kl") >= 0.0 && f(r, "entropy") > 0.0, "{r}");
+            // Head dimension 16 has no GPU decoder: "auto" rolls out with the CPU engine.
+            assert_eq!(r["rollout_device"], "cpu");
             // The prompt was prefilled once per group: prefill work is P·prompt tokens.
             assert!(f(r, "prefill_tokens") < 2.0 * f(r, "decode_tokens") + 2000.0);
         }
@@ -1567,5 +1595,34 @@ mod tests {
             assert!(!before.contains(&stop), "{before:?} ran past {stop:?}");
         }
         assert!(shortened > 0, "the stop string ended some response");
+    }
+
+    #[test]
+    fn cuda_rollouts_of_a_sequence_parallel_or_gpu_less_run_are_refused_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model, data) = setup(tmp.path(), 2);
+        let mut cfg = config(&model, &data, tmp.path().join("run"));
+        cfg.train.device = crate::Device::Cuda;
+        cfg.parallel.sp = 2;
+        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
+        let why = if crate::device::BUILT_WITH_CUDA {
+            "dp = sp = 1"
+        } else {
+            "`cuda` feature"
+        };
+        assert!(
+            e.contains("train.device = \"cuda\"") && e.contains(why),
+            "{e}"
+        );
+        // One rank: the head dimension (16) the GPU decoder lacks, or no GPU, is named.
+        cfg.parallel.sp = 1;
+        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
+        assert!(e.contains("train.device = \"cuda\""), "{e}");
+        let why = if crate::device::BUILT_WITH_CUDA {
+            "head dimensions"
+        } else {
+            "`cuda` feature"
+        };
+        assert!(e.contains(why), "{e}");
     }
 }

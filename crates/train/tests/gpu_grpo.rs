@@ -3,7 +3,8 @@
 //! attention kernel's smallest), three steps at a learning rate that moves the policy, so steps 2
 //! and 3 roll out with refreshed weights. With the f32 decoder (`rollout.gpu_f32`) every step's
 //! rewards, response lengths and last batch (ids and advantages) are the CPU run's and the loss
-//! agrees within 1e-5 relative; the bf16 decoder's run completes with finite metrics. Needs the
+//! agrees within 1e-5 relative; the bf16 decoder's run completes with finite metrics. Greedy
+//! accuracy (`eval_accuracy`) with `device = cuda` in f32 gives the CPU's answers. Needs the
 //! `cuda` feature and a GPU; opt-in:
 //!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_grpo -- --nocapture
@@ -12,7 +13,8 @@
 use reel_data::Tokenizer;
 use reel_model::{Qwen2, Qwen2Config};
 use reel_train::{
-    run_grpo, save_model_folder, Device, GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode,
+    eval_accuracy, run_grpo, save_model_folder, stop_token_ids, AccuracyOptions, Device,
+    GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode, PromptSet,
 };
 use std::path::{Path, PathBuf};
 
@@ -128,4 +130,51 @@ fn gpu_rollouts_give_the_cpu_runs_samples_and_loss() {
     }
     let m = reel_model::load_checkpoint(&bf16.final_model_dir).unwrap();
     assert!(m.params.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn gpu_greedy_accuracy_gives_the_cpu_answers_in_f32() {
+    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path());
+    let cfg = setup(&dir.path().join("p"), &m, Device::Cpu, false);
+    let policy = reel_model::load_checkpoint(&m).unwrap();
+    let tok = Tokenizer::from_dir(&m).unwrap();
+    let set = PromptSet::read(&cfg.data.prompts, &tok, 256).unwrap();
+    let decode = |ids: &[u32]| -> anyhow::Result<String> { Ok(tok.decode(ids, true)?) };
+    let eval = |device: Device, gpu_f32: bool| {
+        let opts = AccuracyOptions {
+            max_new_tokens: 24,
+            batch: 4,
+            stop_token_ids: stop_token_ids(&tok, &policy),
+            device,
+            gpu_f32,
+            ..AccuracyOptions::default()
+        };
+        eval_accuracy(&policy, &set.items, &decode, &opts).unwrap()
+    };
+    let cpu = eval(Device::Cpu, false);
+    let f32 = eval(Device::Cuda, true);
+    assert_eq!(
+        (cpu.device.as_str(), f32.device.as_str()),
+        ("cpu", "cuda-f32")
+    );
+    assert_eq!(cpu.overall.total, 6);
+    assert_eq!(f32.responses, cpu.responses, "f32 GPU greedy answers");
+    assert_eq!(f32.overall, cpu.overall);
+    let bf16 = eval(Device::Auto, false);
+    assert_eq!(bf16.device, "cuda-bf16");
+    let same = bf16
+        .responses
+        .iter()
+        .zip(&cpu.responses)
+        .filter(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "greedy answers: f32 GPU 6 of 6 equal to the CPU's, bf16 {same} of 6; e.g. {:?}",
+        cpu.responses.first()
+    );
 }

@@ -1,0 +1,232 @@
+//! Qwen2.5-VL GRPO with its rollouts on the GPU, and greedy VLM accuracy on the GPU, against the
+//! same work on the CPU: a tiny random Qwen2.5-VL (`write_tiny_vl_model`, re-headed to head
+//! dimension 32, the paged decode kernel's smallest, M-RoPE sections [4, 6, 6]) on synthetic
+//! videos (`write_synth_dataset`).
+//!
+//! - Three GRPO steps at a learning rate that moves the policy (so steps 2 and 3 roll out with
+//!   refreshed weights; two mini-batches, so the old-policy pass runs; β > 0, so the reference
+//!   pass runs): with the f32 decoder (`rollout.gpu_f32`) every step's rewards, response lengths,
+//!   decode tokens and last batch (ids and advantages) are the CPU run's, and so are the losses,
+//!   KL, gradient norms and final weights, bit for bit (scoring and update run on the CPU from
+//!   the same samples);
+//!   the bf16 decoder's run completes with finite metrics; `parallel.sp = 2` with
+//!   `train.device = "cuda"` is refused with the reason.
+//! - `eval_vl_accuracy` with `device = cuda`, f32: every greedy response and the report equal the
+//!   CPU's; bf16 answers every record.
+//!
+//! Needs the `cuda` feature and a GPU; opt-in:
+//!
+//!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_vl_grpo -- --nocapture
+#![cfg(feature = "cuda")]
+
+use reel_data::{
+    write_synth_dataset, FrameSampling, SynthVideoConfig, Tokenizer, VideoProcessorConfig,
+    VideoSettings,
+};
+use reel_model::embed_cache::EmbedCache;
+use reel_model::{load_vl_checkpoint, save_vl_checkpoint, Qwen25VL};
+use reel_train::vl::write_tiny_vl_model;
+use reel_train::{
+    eval_vl_accuracy, run_vl_grpo, stop_token_ids, AccuracyOptions, Device, GrpoOptions,
+    GrpoRunConfig, ProgressMode, VlGrpoSummary,
+};
+use std::path::{Path, PathBuf};
+
+/// Reward: the length of the JSON line the command reads (it varies with the response).
+const LEN_REWARD: &str = r#"read l; echo ${#l}"#;
+
+fn enabled() -> bool {
+    let on = std::env::var("REEL_GPU_TESTS").as_deref() == Ok("1");
+    if !on {
+        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+    }
+    on
+}
+
+/// The tiny VLM (width 64) with 2 query heads and 1 KV head of dimension 32 (the same weight
+/// shapes as its 4 × 16 / 2 × 16 heads), and 8 synthetic videos' records.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    write_tiny_vl_model(&model, 3).unwrap();
+    let m = load_vl_checkpoint(&model).unwrap();
+    let mut config = m.config.clone();
+    config.text.num_attention_heads = 2;
+    config.text.num_key_value_heads = 1;
+    config.text.head_dim = 32;
+    config.mrope_section = [4, 6, 6];
+    let m = Qwen25VL::from_params(config, m.lm.params, m.vision.params).unwrap();
+    save_vl_checkpoint(&m, &model, reel_tensor::DType::F32, usize::MAX).unwrap();
+    assert_eq!(load_vl_checkpoint(&model).unwrap().lm.config.head_dim, 32);
+    let data = dir.join("data");
+    let cfg = SynthVideoConfig {
+        videos: 8,
+        frames: 8,
+        width: 56,
+        height: 56,
+        held_out: 0.0,
+        ..Default::default()
+    };
+    write_synth_dataset(&cfg, &data).unwrap();
+    (model, data.join("train.jsonl"))
+}
+
+fn config(model: &Path, data: &Path, out: PathBuf, device: Device, f32: bool) -> GrpoRunConfig {
+    let mut cfg = GrpoRunConfig::default();
+    cfg.model.path = model.to_path_buf();
+    cfg.data.prompts = data.to_path_buf();
+    cfg.data.prompts_per_step = 2;
+    cfg.train.steps = 3;
+    cfg.train.micro_batch_seqs = 4;
+    cfg.train.mini_batches = 2;
+    cfg.train.device = device;
+    cfg.rollout.gpu_f32 = f32;
+    cfg.grpo.group_size = 4;
+    cfg.grpo.max_response_tokens = 12;
+    cfg.grpo.lr = 2e-2;
+    cfg.grpo.kl_coef = 0.05;
+    cfg.grpo.reward.accuracy_weight = 0.0;
+    cfg.grpo.reward.format_weight = 0.0;
+    cfg.grpo.reward.command = vec!["sh".into(), "-c".into(), LEN_REWARD.into()];
+    cfg.video.sampling = "uniform:8".into();
+    cfg.output.dir = out;
+    cfg.output.save_every = 0;
+    cfg
+}
+
+fn run(cfg: &GrpoRunConfig) -> VlGrpoSummary {
+    let opts = GrpoOptions {
+        progress: Some(ProgressMode::Log),
+        ..GrpoOptions::default()
+    };
+    run_vl_grpo(cfg, opts).unwrap()
+}
+
+#[test]
+fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, data) = setup(dir.path());
+    let at = |name: &str| dir.path().join(name);
+    let cpu = run(&config(&m, &data, at("cpu"), Device::Cpu, false));
+    let gpu = run(&config(&m, &data, at("f32"), Device::Cuda, true));
+    assert_eq!(cpu.run.records.len(), 3);
+    assert_eq!(gpu.run.records.len(), 3);
+    for (c, g) in cpu.run.records.iter().zip(&gpu.run.records) {
+        assert_eq!(c["rollout_device"], "cpu");
+        assert_eq!(g["rollout_device"], "cuda-f32");
+        for k in [
+            "reward_mean",
+            "reward_std",
+            "response_len_mean",
+            "response_len_max",
+            "decode_tokens",
+            "prefill_tokens",
+            "videos_encoded",
+        ] {
+            assert_eq!(c[k], g[k], "step {}: {k}", c["step"]);
+        }
+        // Scoring and update run on the CPU from the same samples: the same bits.
+        for k in ["loss", "grad_norm", "kl"] {
+            assert_eq!(c[k], g[k], "step {}: {k}", c["step"]);
+        }
+        eprintln!(
+            "step {}: reward_mean {} loss CPU {} GPU {}; rollout_s CPU {:.3} GPU {:.3}",
+            c["step"], c["reward_mean"], c["loss"], g["loss"], c["rollout_s"], g["rollout_s"]
+        );
+    }
+    assert_eq!(cpu.run.last_batch, gpu.run.last_batch, "step 3's samples");
+    let (wc, wg) = (
+        load_vl_checkpoint(&cpu.run.final_model_dir).unwrap(),
+        load_vl_checkpoint(&gpu.run.final_model_dir).unwrap(),
+    );
+    assert!(wc.lm.params == wg.lm.params, "final weights");
+    let len = |s: &VlGrpoSummary, i: usize| s.run.records[i]["response_len_mean"].as_f64().unwrap();
+    eprintln!(
+        "response_len_mean by step: {:?}",
+        (0..3).map(|i| len(&cpu, i)).collect::<Vec<_>>()
+    );
+
+    let bf16 = run(&config(&m, &data, at("bf16"), Device::Cuda, false));
+    assert_eq!(bf16.run.records.len(), 3);
+    for r in &bf16.run.records {
+        assert_eq!(r["rollout_device"], "cuda-bf16");
+        for k in ["loss", "reward_mean", "grad_norm", "rollout_s"] {
+            let x = r[k].as_f64().unwrap();
+            assert!(x.is_finite(), "bf16 step {}: {k} = {x}", r["step"]);
+        }
+        assert!(r["decode_tokens"].as_u64().unwrap() > 0);
+    }
+    let w = load_vl_checkpoint(&bf16.run.final_model_dir).unwrap();
+    assert!(w.lm.params.iter().all(|x| x.is_finite()));
+
+    // Sequence parallelism keeps the CPU engine: "cuda" refuses with the reason, "auto" falls
+    // back and says where it rolled out.
+    let mut sp = config(&m, &data, at("sp"), Device::Cuda, true);
+    sp.parallel.sp = 2;
+    sp.train.steps = 1;
+    let e = format!(
+        "{:#}",
+        run_vl_grpo(&sp, GrpoOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("dp = sp = 1") && e.contains("train.device"),
+        "{e}"
+    );
+    sp.train.device = Device::Auto;
+    let s = run(&sp);
+    assert_eq!(s.run.records[0]["rollout_device"], "cpu");
+}
+
+#[test]
+fn gpu_greedy_vl_accuracy_gives_the_cpu_answers_in_f32() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, data) = setup(dir.path());
+    let model = load_vl_checkpoint(&m).unwrap();
+    let tok = Tokenizer::from_dir(&m).unwrap();
+    let settings = VideoSettings {
+        sampling: FrameSampling::Uniform { frames: 8 },
+        processor: VideoProcessorConfig::from_dir(&m).unwrap(),
+    };
+    let cache = EmbedCache::new(1 << 26);
+    let eval = |device: Device, gpu_f32: bool| {
+        let opts = AccuracyOptions {
+            max_new_tokens: 24,
+            batch: 3,
+            stop_token_ids: stop_token_ids(&tok, &model.lm),
+            device,
+            gpu_f32,
+            ..AccuracyOptions::default()
+        };
+        eval_vl_accuracy(&model, &tok, &data, &settings, &cache, &opts)
+            .unwrap()
+            .0
+    };
+    let cpu = eval(Device::Cpu, false);
+    let f32 = eval(Device::Cuda, true);
+    assert_eq!(cpu.device, "cpu");
+    assert_eq!(f32.device, "cuda-f32");
+    assert_eq!(cpu.overall.total, 8);
+    assert_eq!(f32.responses, cpu.responses, "f32 GPU greedy answers");
+    assert_eq!((&f32.overall, &f32.per_type), (&cpu.overall, &cpu.per_type));
+    let chars: std::collections::BTreeSet<char> =
+        cpu.responses.iter().flat_map(|r| r.chars()).collect();
+    assert!(chars.len() > 3, "degenerate answers {:?}", cpu.responses);
+    let bf16 = eval(Device::Auto, false);
+    assert_eq!(bf16.device, "cuda-bf16");
+    assert_eq!(bf16.overall.total, 8);
+    let same = bf16
+        .responses
+        .iter()
+        .zip(&cpu.responses)
+        .filter(|(a, b)| a == b)
+        .count();
+    eprintln!(
+        "VLM greedy accuracy: CPU {:.3}, GPU f32 {:.3} (8 of 8 answers equal), GPU bf16 {:.3} ({same} of 8 equal)",
+        cpu.overall.accuracy, f32.overall.accuracy, bf16.overall.accuracy
+    );
+}
