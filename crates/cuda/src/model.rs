@@ -14,6 +14,15 @@
 //! (causal), and reel's own RMSNorm, RoPE, SwiGLU, embedding, chunked LM head + cross-entropy
 //! (the [N, V] logits never exist) and AdamW.
 //!
+//! Input: token ids ([`GpuQwen2::forward`], RoPE by position) or, for the vision-language
+//! decoder, input-embedding rows with per-token rotary angles ([`GpuQwen2::forward_embeds`],
+//! [`GpuEmbedsBatch`]): text rows are looked up in the device embedding table, the rows of the
+//! feature token (`<|video_pad|>`) take the given merged vision features, and q/k turn by the
+//! batch's M-RoPE angles [N, D/2] (`reel_model::vl::mrope_angles`), loaded into a per-batch
+//! rotary table whose row k is token k. Its backward ([`GpuQwen2::backward_embeds`]) is the CPU
+//! `Qwen2::backward_embeds` plus `Qwen25VL::text_embedding_backward`: decoder gradients, the
+//! embedding table's text rows, and optionally ∂L/∂embeddings [N, d] for the vision tower.
+//!
 //! Attention is pluggable ([`GpuAttention`]): cuDNN over the whole local sequence, or, when the
 //! model is one rank of a sequence-parallel group on in-process device ranks, the group's
 //! schedule through `GpuDistAttn` on this rank's token shard (`Sharding::shard_tokens`: the
@@ -41,6 +50,74 @@ use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::plan::ce_chunk;
 use crate::sp_attn::GpuSpRank;
 use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
+
+/// One micro-batch as input-embedding rows (module docs): B sequences of T rows, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuEmbedsBatch<'a> {
+    /// Token id of every row [B·T]: rows whose id is not `feature_token` take (and give their
+    /// gradient to) that embedding-table row.
+    pub tokens: &'a [u32],
+    /// Next-token targets per row; negative = no loss.
+    pub targets: &'a [i32],
+    /// The id whose rows take `features` instead of a table row (`<|video_pad|>`).
+    pub feature_token: u32,
+    /// The feature rows [R, d], R = the rows of `feature_token`, in row order (the merged vision
+    /// features; zeros for sequence-parallel padding rows).
+    pub features: &'a [f32],
+    /// Per-row rotary angles cos, sin [B·T, D/2] (M-RoPE).
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub b: usize,
+    pub t: usize,
+}
+
+impl GpuEmbedsBatch<'_> {
+    /// Row ranges of the `feature_token` runs.
+    fn feature_runs(&self) -> Vec<std::ops::Range<usize>> {
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, &t) in self.tokens.iter().enumerate() {
+            if t != self.feature_token {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        runs
+    }
+}
+
+/// What a forward or backward pass reads: token ids with RoPE positions, or embedding rows.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Tokens(&'a TokenBatch<'a>),
+    Embeds(&'a GpuEmbedsBatch<'a>),
+}
+
+impl<'a> Input<'a> {
+    fn tokens(&self) -> &'a [u32] {
+        match self {
+            Input::Tokens(b) => b.tokens,
+            Input::Embeds(e) => e.tokens,
+        }
+    }
+    fn targets(&self) -> &'a [i32] {
+        match self {
+            Input::Tokens(b) => b.targets,
+            Input::Embeds(e) => e.targets,
+        }
+    }
+    fn bt(&self) -> (usize, usize) {
+        match self {
+            Input::Tokens(b) => (b.b, b.t),
+            Input::Embeds(e) => (e.b, e.t),
+        }
+    }
+    fn is_embeds(&self) -> bool {
+        matches!(self, Input::Embeds(_))
+    }
+}
 
 /// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
 pub enum GpuAttention {
@@ -216,8 +293,10 @@ struct Ws {
     bw: Bw,
     tokens: DeviceBuf<u32>,
     positions: DeviceBuf<u32>,
-    /// (B, T) of the last forward.
-    last: Option<(usize, usize)>,
+    /// The per-token rotary angles of an embeddings batch, row k for token k.
+    angles: GpuRopeTable,
+    /// (B, T) of the last forward and whether it took embeddings.
+    last: Option<(usize, usize, bool)>,
 }
 
 impl Ws {
@@ -264,6 +343,7 @@ impl Ws {
             },
             tokens: zeros(gpu, cap)?,
             positions: zeros(gpu, cap)?,
+            angles: GpuRopeTable::zeroed(gpu, c.head_dim, cap)?,
             last: None,
         })
     }
@@ -622,8 +702,57 @@ impl GpuQwen2 {
         Ok(())
     }
 
-    fn check(&self, batch: &TokenBatch) -> Result<()> {
-        validate_token_batch(&self.config, batch).map_err(|e| GpuError::Shape(e.to_string()))
+    fn check(&self, input: Input) -> Result<()> {
+        let e = match input {
+            Input::Tokens(b) => {
+                return validate_token_batch(&self.config, b)
+                    .map_err(|e| GpuError::Shape(e.to_string()))
+            }
+            Input::Embeds(e) => e,
+        };
+        let c = &self.config;
+        let (n, d, half) = (e.b * e.t, c.hidden_size, c.head_dim / 2);
+        if n == 0 || e.tokens.len() != n || e.targets.len() != n {
+            return shape_err(format!(
+                "embeddings batch of {}×{} needs {n} > 0 tokens and targets; got {}, {}",
+                e.b,
+                e.t,
+                e.tokens.len(),
+                e.targets.len()
+            ));
+        }
+        if e.cos.len() != n * half || e.sin.len() != n * half {
+            return shape_err(format!(
+                "embeddings batch: rotary angles cos {} and sin {} values, expected {n} × {half}",
+                e.cos.len(),
+                e.sin.len()
+            ));
+        }
+        let rows = e.tokens.iter().filter(|&&t| t == e.feature_token).count();
+        if e.features.len() != rows * d {
+            return shape_err(format!(
+                "embeddings batch: {} feature values for {rows} rows of token {} (width {d})",
+                e.features.len(),
+                e.feature_token
+            ));
+        }
+        let v = c.vocab_size;
+        if let Some((i, t)) = e.tokens.iter().enumerate().find(|(_, &t)| t as usize >= v) {
+            return shape_err(format!(
+                "embeddings batch: token id {t} at index {i} is outside the vocabulary of {v}"
+            ));
+        }
+        if let Some((i, t)) = e
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as i64 >= v as i64)
+        {
+            return shape_err(format!(
+                "embeddings batch: target {t} at index {i} is outside the vocabulary of {v}"
+            ));
+        }
+        Ok(())
     }
 
     /// Forward pass and loss (sum over labelled tokens), keeping what the policy says for
@@ -632,7 +761,15 @@ impl GpuQwen2 {
     /// [`GpuQwen2::set_seq_len`] returned) and the loss is this rank's share; a failure aborts
     /// the group.
     pub fn forward(&mut self, batch: &TokenBatch) -> Result<LossStats> {
-        let out = self.forward_inner(batch);
+        let out = self.forward_inner(Input::Tokens(batch));
+        self.abort_on_err(out)
+    }
+
+    /// [`GpuQwen2::forward`] of a batch given as input-embedding rows with per-token rotary
+    /// angles (module docs; under sequence parallelism this rank's shard of rows, angles and
+    /// targets, cut like the CPU ranks cut them).
+    pub fn forward_embeds(&mut self, batch: &GpuEmbedsBatch) -> Result<LossStats> {
+        let out = self.forward_inner(Input::Embeds(batch));
         self.abort_on_err(out)
     }
 
@@ -641,7 +778,22 @@ impl GpuQwen2 {
     /// Under sequence parallelism these are this rank's share until
     /// [`GpuQwen2::all_reduce_grads`].
     pub fn backward(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
-        let out = self.backward_inner(batch, loss_scale);
+        let out = self.backward_inner(Input::Tokens(batch), loss_scale, false);
+        self.abort_on_err(out).map(|_| ())
+    }
+
+    /// Backward of the last [`GpuQwen2::forward_embeds`] on the same batch: decoder gradients
+    /// added into the fp32 gradients, the embedding table's share from the rows that are not
+    /// `feature_token` (as `Qwen25VL::text_embedding_backward`); with `d_embeds`, also returns
+    /// ∂L/∂embeddings [B·T, d] of every row (the feature rows' share is what the vision
+    /// tower's backward takes).
+    pub fn backward_embeds(
+        &mut self,
+        batch: &GpuEmbedsBatch,
+        loss_scale: f32,
+        d_embeds: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        let out = self.backward_inner(Input::Embeds(batch), loss_scale, d_embeds);
         self.abort_on_err(out)
     }
 
@@ -733,9 +885,10 @@ impl GpuQwen2 {
         }
     }
 
-    fn forward_inner(&mut self, batch: &TokenBatch) -> Result<LossStats> {
-        self.check(batch)?;
-        let m = Dims::new(&self.config, batch.b, batch.t);
+    fn forward_inner(&mut self, input: Input) -> Result<LossStats> {
+        self.check(input)?;
+        let (b, t) = input.bt();
+        let m = Dims::new(&self.config, b, t);
         let n = m.n;
         self.reserve(n)?;
         let GpuQwen2 {
@@ -751,14 +904,33 @@ impl GpuQwen2 {
         } = self;
         let ws = ws.as_mut().expect("reserved");
         let g: &Gpu = gpu;
-        g.upload_into(&mut w(&mut ws.tokens, n)?, batch.tokens)?;
-        g.upload_into(&mut w(&mut ws.positions, n)?, batch.positions)?;
+        g.upload_into(&mut w(&mut ws.tokens, n)?, input.tokens())?;
+        match input {
+            Input::Tokens(b) => g.upload_into(&mut w(&mut ws.positions, n)?, b.positions)?,
+            Input::Embeds(e) => {
+                // Position k reads row k of the batch's own angle table.
+                let iota: Vec<u32> = (0..n as u32).collect();
+                g.upload_into(&mut w(&mut ws.positions, n)?, &iota)?;
+                ws.angles.load_angles(g, e.cos, e.sin)?;
+            }
+        }
         g.embedding_forward(
             &mut w(&mut ws.xs[0], n * m.d)?,
             &r(&ws.tokens, n)?,
             &w16.view(layout.embed.clone())?,
             m.d,
         )?;
+        if let Input::Embeds(e) = input {
+            // The feature rows replace the table rows, one copy per run.
+            let f16: Vec<bf16> = e.features.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut k = 0;
+            for run in e.feature_runs() {
+                let (a, z) = (run.start * m.d, run.end * m.d);
+                g.upload_into(&mut ws.xs[0].view_mut(a..z)?, &f16[k..k + z - a])?;
+                k += z - a;
+            }
+        }
+        let rope: &GpuRopeTable = if input.is_embeds() { &ws.angles } else { rope };
         let cx = Ctx {
             gpu: g,
             rope,
@@ -801,7 +973,7 @@ impl GpuQwen2 {
             &mut w(&mut ws.ce_lse, n)?,
             &r(&ws.xn_f, n * m.d)?,
             &w16.view(layout.lm_head.clone())?,
-            batch.targets,
+            input.targets(),
             n,
             m.d,
             m.v,
@@ -809,7 +981,7 @@ impl GpuQwen2 {
         )?;
         let losses = g.download(&r(&ws.ce_losses, n)?)?;
         let loss_sum: f64 = losses.iter().map(|&x| x as f64).sum();
-        ws.last = Some((batch.b, batch.t));
+        ws.last = Some((b, t, input.is_embeds()));
         if !loss_sum.is_finite() {
             return Err(GpuError::NonFinite(format!(
                 "loss {loss_sum} over {count} tokens"
@@ -821,12 +993,18 @@ impl GpuQwen2 {
         })
     }
 
-    fn backward_inner(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
-        self.check(batch)?;
-        if self.ws.as_ref().and_then(|w| w.last) != Some((batch.b, batch.t)) {
+    fn backward_inner(
+        &mut self,
+        input: Input,
+        loss_scale: f32,
+        d_embeds: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        self.check(input)?;
+        let (b, t) = input.bt();
+        if self.ws.as_ref().and_then(|w| w.last) != Some((b, t, input.is_embeds())) {
             return shape_err("backward needs the forward of the same batch first".into());
         }
-        let m = Dims::new(&self.config, batch.b, batch.t);
+        let m = Dims::new(&self.config, b, t);
         let n = m.n;
         let GpuQwen2 {
             config,
@@ -843,8 +1021,8 @@ impl GpuQwen2 {
         } = self;
         let ws = ws.as_mut().expect("forward ran");
         let g: &Gpu = gpu;
-        let dloss: Vec<f32> = batch
-            .targets
+        let targets = input.targets();
+        let dloss: Vec<f32> = targets
             .iter()
             .map(|&t| if t >= 0 { loss_scale } else { 0.0 })
             .collect();
@@ -855,7 +1033,7 @@ impl GpuQwen2 {
             &mut g16.view_mut(layout.lm_head.clone())?,
             &r(&ws.xn_f, n * m.d)?,
             &w16.view(layout.lm_head.clone())?,
-            batch.targets,
+            targets,
             &r(&ws.ce_lse, n)?,
             &r(&ws.dloss, n)?,
             n,
@@ -875,6 +1053,7 @@ impl GpuQwen2 {
             n,
             m.d,
         )?;
+        let rope: &GpuRopeTable = if input.is_embeds() { &ws.angles } else { rope };
         let cx = Ctx {
             gpu: g,
             rope,
@@ -920,13 +1099,25 @@ impl GpuQwen2 {
             )?;
             std::mem::swap(&mut dx_cur, &mut dx_next);
         }
+        let mut d_rows = None;
+        if let Input::Embeds(e) = input {
+            if d_embeds {
+                let dx: Vec<bf16> = g.download(&r(&*dx_cur, n * m.d)?)?;
+                d_rows = Some(dx.iter().map(|x| x.to_f32()).collect());
+            }
+            // The feature rows give the table nothing.
+            for run in e.feature_runs() {
+                g.zero(&mut dx_cur.view_mut(run.start * m.d..run.end * m.d)?)?;
+            }
+        }
         g.embedding_backward(
             &mut g16.view_mut(layout.embed.clone())?,
             &r(&*dx_cur, n * m.d)?,
-            batch.tokens,
+            input.tokens(),
             m.d,
         )?;
-        g.accum_f32(grads, &*g16)
+        g.accum_f32(grads, &*g16)?;
+        Ok(d_rows)
     }
 
     /// Zeroes the fp32 gradients (start of an optimizer step).

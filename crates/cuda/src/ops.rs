@@ -287,6 +287,40 @@ impl GpuRopeTable {
         })
     }
 
+    /// A table of `rows` zero rows, to be filled with per-token angles by
+    /// [`GpuRopeTable::load_angles`] (row k turns the token at position k).
+    pub fn zeroed(gpu: &Gpu, head_dim: usize, rows: usize) -> Result<Self> {
+        let half = head_dim / 2;
+        Ok(GpuRopeTable {
+            head_dim,
+            max_positions: rows,
+            cos: gpu.alloc_zeros((rows * half).max(1))?,
+            sin: gpu.alloc_zeros((rows * half).max(1))?,
+        })
+    }
+
+    /// Writes per-token angles cos, sin [N, D/2] (N ≤ the table's rows) into the table's first
+    /// N rows, so that positions 0..N turn the N tokens by their own angles (M-RoPE).
+    pub fn load_angles(&mut self, gpu: &Gpu, cos: &[f32], sin: &[f32]) -> Result<()> {
+        let half = self.head_dim / 2;
+        if cos.len() != sin.len() || !cos.len().is_multiple_of(half.max(1)) {
+            return shape_err(format!(
+                "rotary angles: cos has {} values and sin {}, both must be N × {half}",
+                cos.len(),
+                sin.len()
+            ));
+        }
+        if cos.len() > self.max_positions * half {
+            return shape_err(format!(
+                "rotary angles: {} rows for a table of {}",
+                cos.len() / half.max(1),
+                self.max_positions
+            ));
+        }
+        gpu.upload_into(&mut self.cos.view_mut(0..cos.len())?, cos)?;
+        gpu.upload_into(&mut self.sin.view_mut(0..sin.len())?, sin)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }

@@ -6,6 +6,12 @@
 //! start without one (naming what is missing); "cpu" never opens a GPU. The same binary runs on
 //! machines without a GPU: `reel_cuda` opens every CUDA library at run time.
 //!
+//! A Qwen2.5-VL run trains its decoder on the GPU the same way ([`GpuModel::forward_embeds`]:
+//! input-embedding rows — text rows from the device embedding table, video rows the merged
+//! vision features — and per-token M-RoPE angles), the vision tower frozen on the CPU, its
+//! features served from the embedding cache; a run that trains the tower stays on the CPU
+//! ([`gpu_unsupported`]).
+//!
 //! A run with `parallel.sp > 1` (and dp = 1) on the GPU puts its sp in-process ranks on GPU 0,
 //! each a thread with its own stream ([`GpuSpGroup`], [`GpuPlace::Sp`]): every rank's
 //! [`GpuModel`] holds its token shard and attends through the group's schedule on the device.
@@ -100,12 +106,16 @@ pub fn resolve<G>(
     }
 }
 
-/// Why a run with `dp` data-parallel replicas (of a vision-language model when `vlm`) cannot
-/// train on the GPU yet, for [`resolve`]'s `cpu_only`; `None` when it can: the text decoder
-/// with dp = 1, on one rank or on its sp ranks sharing the GPU.
-pub fn gpu_unsupported(dp: usize, vlm: bool) -> Option<&'static str> {
-    if vlm {
-        Some("GPU training covers the text decoder (Qwen2); this Qwen2.5-VL run trains on the CPU")
+/// Why a run with `dp` data-parallel replicas (training a Qwen2.5-VL's vision tower too when
+/// `trained_tower`) cannot train on the GPU yet, for [`resolve`]'s `cpu_only`; `None` when it
+/// can: the decoder (Qwen2, or Qwen2.5-VL's with a frozen tower) with dp = 1, on one rank or on
+/// its sp ranks sharing the GPU.
+pub fn gpu_unsupported(dp: usize, trained_tower: bool) -> Option<&'static str> {
+    if trained_tower {
+        Some(
+            "GPU training takes Qwen2.5-VL with a frozen vision tower (video.train_vision = \
+             false); this run trains the tower, so it trains on the CPU",
+        )
     } else if dp > 1 {
         Some(
             "GPU training runs one data-parallel replica (dp = 1; sp ranks share the GPU); this \
@@ -445,7 +455,7 @@ pub fn gpu_model(
 }
 
 #[cfg(feature = "cuda")]
-pub use reel_cuda::{Gpu as GpuHandle, GpuQwen2 as GpuModel};
+pub use reel_cuda::{Gpu as GpuHandle, GpuEmbedsBatch, GpuQwen2 as GpuModel};
 
 /// A GRPO run's rollout decoder on one GPU, kept for the whole run: weights and KV cache in
 /// bf16 (the speed path) or f32 (`rollout.gpu_f32`); the engine steps it through
@@ -532,7 +542,7 @@ pub fn gpu_count() -> Result<usize, String> {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub use cpu_only::{GpuHandle, GpuModel, GpuProc, GpuSpGroup, RolloutDecoder};
+pub use cpu_only::{GpuEmbedsBatch, GpuHandle, GpuModel, GpuProc, GpuSpGroup, RolloutDecoder};
 
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_proc(
@@ -592,6 +602,19 @@ mod cpu_only {
     /// Never made (its field cannot be).
     pub struct GpuModel {
         never: Infallible,
+    }
+
+    /// `reel_cuda::GpuEmbedsBatch`'s fields: a micro-batch as input-embedding rows.
+    #[derive(Clone, Copy, Debug)]
+    pub struct GpuEmbedsBatch<'a> {
+        pub tokens: &'a [u32],
+        pub targets: &'a [i32],
+        pub feature_token: u32,
+        pub features: &'a [f32],
+        pub cos: &'a [f32],
+        pub sin: &'a [f32],
+        pub b: usize,
+        pub t: usize,
     }
 
     /// Never made (its field cannot be).
@@ -671,6 +694,17 @@ mod cpu_only {
         pub fn backward(&mut self, _: &TokenBatch, _: f32) -> R<()> {
             match self.never {}
         }
+        pub fn forward_embeds(&mut self, _: &GpuEmbedsBatch) -> R<LossStats> {
+            match self.never {}
+        }
+        pub fn backward_embeds(
+            &mut self,
+            _: &GpuEmbedsBatch,
+            _: f32,
+            _: bool,
+        ) -> R<Option<Vec<f32>>> {
+            match self.never {}
+        }
         pub fn zero_grads(&mut self) -> R<()> {
             match self.never {}
         }
@@ -737,16 +771,39 @@ mod tests {
     }
 
     #[test]
-    fn sequence_parallel_text_runs_go_to_the_gpu_and_dp_or_the_vlm_stay_on_the_cpu() {
+    fn sp_runs_and_a_frozen_tower_go_to_the_gpu_and_dp_or_a_trained_tower_stay_on_the_cpu() {
         assert_eq!(
             gpu_unsupported(1, false),
             None,
-            "one rank or sp ranks, dp 1"
+            "one rank or sp ranks, dp 1, text or a frozen tower"
         );
         let dp = gpu_unsupported(2, false).unwrap();
         assert!(dp.contains("dp > 1"), "{dp}");
         let vl = gpu_unsupported(1, true).unwrap();
-        assert!(vl.contains("Qwen2.5-VL"), "{vl}");
+        assert!(
+            vl.contains("Qwen2.5-VL") && vl.contains("video.train_vision = false"),
+            "{vl}"
+        );
+        // A trained tower: "auto" trains on the CPU saying why, "cuda" refuses with it.
+        match resolve(Device::Auto, true, gpu_unsupported(1, true), || {
+            Ok::<u8, String>(1)
+        }) {
+            Ok(Chosen::Cpu { note: Some(n) }) => {
+                assert!(
+                    n.starts_with("training on the CPU: ") && n.contains("tower"),
+                    "{n}"
+                )
+            }
+            other => panic!("expected the CPU with a note, got {other:?}"),
+        }
+        let e = resolve(Device::Cuda, true, gpu_unsupported(1, true), || {
+            Ok::<u8, String>(1)
+        })
+        .unwrap_err();
+        assert!(
+            e.contains("train.device") && e.contains("trains the tower"),
+            "{e}"
+        );
         // "cuda" names the reason; "auto" falls back with it.
         let gpu = || -> Result<u8, String> { Ok(1) };
         let e = resolve(Device::Cuda, true, gpu_unsupported(4, false), gpu).unwrap_err();

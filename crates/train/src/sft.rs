@@ -266,10 +266,24 @@ pub(crate) trait SftTask: Sync + Sized {
     fn step_metrics(&self, _record: &mut serde_json::Value) {}
     /// The text decoder, for the evaluation hook (none for other families).
     fn text_model(model: &Self::Model) -> Option<&Qwen2>;
-    /// The text decoder, mutable (the GPU path writes its weights back into it).
-    fn text_model_mut(model: &mut Self::Model) -> Option<&mut Qwen2>;
-    /// A micro-batch of the text decoder (what the GPU path trains on; none for other families).
-    fn text_batch(mb: &Self::Micro) -> Option<&Batch>;
+    /// The decoder the GPU path trains (the whole model, or Qwen2.5-VL's language model).
+    fn decoder(model: &Self::Model) -> &Qwen2;
+    /// [`SftTask::decoder`], mutable (the GPU path writes its weights back into it).
+    fn decoder_mut(model: &mut Self::Model) -> &mut Qwen2;
+    /// [`SftTask::micro_step`] with the decoder on the GPU (`gm`, this rank's device model):
+    /// forward and backward of this rank's share of `mb`, gradients added into the device's;
+    /// `mid` runs once, after the first forward pass (tests).
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_micro_step<C: Communicator>(
+        &self,
+        model: &Self::Model,
+        ws: &mut Self::Ws,
+        gm: &mut GpuModel,
+        mb: &Self::Micro,
+        scale: f32,
+        peers: Option<&Peers<'_, C>>,
+        mid: &mut dyn FnMut(),
+    ) -> Result<LossStats>;
     /// Video counters of the run, for the summary.
     fn video_stats(&self) -> Option<VideoRunStats> {
         None
@@ -436,12 +450,46 @@ impl SftTask for TextTask {
         Some(model)
     }
 
-    fn text_model_mut(model: &mut Qwen2) -> Option<&mut Qwen2> {
-        Some(model)
+    fn decoder(model: &Qwen2) -> &Qwen2 {
+        model
     }
 
-    fn text_batch(mb: &Batch) -> Option<&Batch> {
-        Some(mb)
+    fn decoder_mut(model: &mut Qwen2) -> &mut Qwen2 {
+        model
+    }
+
+    fn gpu_micro_step<C: Communicator>(
+        &self,
+        _model: &Qwen2,
+        _ws: &mut Workspace,
+        gm: &mut GpuModel,
+        b: &Batch,
+        scale: f32,
+        _peers: Option<&Peers<'_, C>>,
+        mid: &mut dyn FnMut(),
+    ) -> Result<LossStats> {
+        let sp_rank = gm.sp_rank();
+        let s = match gm.set_seq_len(b.t)? {
+            None => {
+                let tb = token_batch(b);
+                let s = gm.forward(&tb)?;
+                mid();
+                gm.backward(&tb, scale)?;
+                s
+            }
+            Some(sh) => {
+                // Padded rows sit after every real token, so no real token attends to them and
+                // their targets are ignored: any in-vocabulary id will do.
+                let shard =
+                    sh.shard_tokens(&b.input_ids, &b.targets, b.b, sp_rank, 0, IGNORE_INDEX)?;
+                let tb = shard.batch();
+                let s = gm.forward(&tb)?;
+                mid();
+                gm.backward(&tb, scale)?;
+                s
+            }
+        };
+        Ok(s)
     }
 }
 
@@ -556,8 +604,8 @@ struct Replica<T: SftTask> {
     /// Gradients of the trainable tensors (Σ `sizes`), then [`STATS`] slots.
     grads: Vec<f32>,
     sampler: BucketSampler,
-    /// When training on the GPU (text decoder; one rank, or one of the sp ranks sharing GPU 0):
-    /// the device-resident model, its fp32 master weights and AdamW moments. The host model's
+    /// When training on the GPU (the decoder, [`SftTask::decoder`]; one rank, or one of the sp
+    /// ranks sharing GPU 0): the device-resident model, its fp32 master weights and AdamW moments. The host model's
     /// weights and `opt` are then refreshed from it by [`Replica::sync_host`] before
     /// evaluations, checkpoints and the end of the run.
     gpu: Option<GpuModel>,
@@ -579,8 +627,7 @@ impl<T: SftTask> Replica<T> {
         }
         let gpu = match gpu {
             Some(place) => {
-                let q =
-                    T::text_model(&model).context("this model family has no GPU training path")?;
+                let q = T::decoder(&model);
                 let mut gm = gpu_model(
                     place,
                     q.config.clone(),
@@ -615,8 +662,7 @@ impl<T: SftTask> Replica<T> {
     /// the CPU).
     fn sync_host(&mut self) -> Result<()> {
         if let Some(gm) = &self.gpu {
-            let q = T::text_model_mut(&mut self.model)
-                .context("this model family has no GPU training path")?;
+            let q = T::decoder_mut(&mut self.model);
             q.params = gm.params_host()?;
             self.opt.load_state(gm.opt_state()?)?;
         }
@@ -625,51 +671,38 @@ impl<T: SftTask> Replica<T> {
 }
 
 /// One optimizer step on the GPU: every micro-batch forward and backward into the fp32
-/// gradients (loss scaled by 1 / labelled tokens of the step), clipping and AdamW there. Under
-/// sequence parallelism (the model's rank of its group) each micro-batch is cut like the CPU
-/// ranks cut it ([`Sharding::shard_tokens`](reel_parallel::Sharding::shard_tokens)), this rank
-/// runs its shard, and the gradients, loss and token count are summed over the group on the
-/// device before clipping, so every rank clips by the global norm and steps alike.
-fn gpu_train_step(
-    gm: &mut GpuModel,
-    batches: &[&Batch],
+/// gradients (loss scaled by 1 / labelled tokens of the step; [`SftTask::gpu_micro_step`]),
+/// clipping and AdamW there. Under sequence parallelism (the model's rank of its group) each
+/// micro-batch is cut like the CPU ranks cut it
+/// ([`Sharding::shard_tokens`](reel_parallel::Sharding::shard_tokens)), this rank runs its
+/// shard, and the gradients, loss and token count are summed over the group on the device
+/// before clipping, so every rank clips by the global norm and steps alike.
+#[allow(clippy::too_many_arguments)]
+fn gpu_train_step<T: SftTask, C: Communicator>(
+    task: &T,
+    rep: &mut Replica<T>,
+    batches: &[T::Micro],
+    peers: Option<&Peers<'_, C>>,
     cfg: &SftConfig,
     lr: f32,
     at: &str,
     mid: &mut dyn FnMut(),
 ) -> Result<StepOut> {
-    let sp_rank = gm.sp_rank();
-    let labelled: usize = batches.iter().map(|b| b.n_label_tokens()).sum();
-    let tokens: usize = batches.iter().map(|b| b.b * b.t).sum();
+    let Replica { model, ws, gpu, .. } = rep;
+    let gm = gpu.as_mut().context("the GPU step needs a device model")?;
+    let (labelled, tokens) = batches
+        .iter()
+        .map(|b| task.counts(b))
+        .fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
     let scale = 1.0 / labelled.max(1) as f32;
     gm.zero_grads()?;
     let mut local = LossStats::default();
+    let mut nop = || {};
     for (i, b) in batches.iter().enumerate() {
-        let s = match gm.set_seq_len(b.t).with_context(|| at.to_string())? {
-            None => {
-                let tb = token_batch(b);
-                let s = gm.forward(&tb).with_context(|| at.to_string())?;
-                if i == 0 {
-                    mid();
-                }
-                gm.backward(&tb, scale).with_context(|| at.to_string())?;
-                s
-            }
-            Some(sh) => {
-                // Padded rows sit after every real token, so no real token attends to them and
-                // their targets are ignored: any in-vocabulary id will do.
-                let shard = sh
-                    .shard_tokens(&b.input_ids, &b.targets, b.b, sp_rank, 0, IGNORE_INDEX)
-                    .with_context(|| at.to_string())?;
-                let tb = shard.batch();
-                let s = gm.forward(&tb).with_context(|| at.to_string())?;
-                if i == 0 {
-                    mid();
-                }
-                gm.backward(&tb, scale).with_context(|| at.to_string())?;
-                s
-            }
-        };
+        let m: &mut dyn FnMut() = if i == 0 { &mut *mid } else { &mut nop };
+        let s = task
+            .gpu_micro_step(model, ws, gm, b, scale, peers, m)
+            .with_context(|| at.to_string())?;
         local.loss_sum += s.loss_sum;
         local.n_tokens += s.n_tokens;
     }
@@ -747,13 +780,11 @@ fn train_step<T: SftTask, C: Communicator>(
     poison: bool,
     mid: &mut dyn FnMut(),
 ) -> Result<StepOut> {
-    if let Some(gm) = rep.gpu.as_mut() {
+    if rep.gpu.is_some() {
         if poison {
             bail!("{at}: non-finite loss (NaN) or gradient norm (NaN) (poisoned step)");
         }
-        let text: Option<Vec<&Batch>> = batches.iter().map(T::text_batch).collect();
-        let text = text.context("this model family has no GPU training path")?;
-        return gpu_train_step(gm, &text, cfg, lr, at, mid);
+        return gpu_train_step(task, rep, batches, peers, cfg, lr, at, mid);
     }
     let (labelled, tokens) = batches
         .iter()
@@ -1092,7 +1123,13 @@ fn run_ranks<T: SftTask>(
             par.overlap
         );
     }
+    // A world of one (the VLM's single rank) takes the GPU itself; sp ranks share it.
+    let gpu_one = Mutex::new(None);
     let gpu_group = match gpu {
+        Some(g) if dims.world() == 1 => {
+            *gpu_one.lock().unwrap_or_else(|e| e.into_inner()) = Some(g);
+            None
+        }
         Some(g) if dims.dp() == 1 => Some(gpu_sp_group(
             g,
             par.schedule.kind().build(dims.sp())?,
@@ -1141,10 +1178,17 @@ fn run_ranks<T: SftTask>(
         });
         let poison = poison_step.filter(|_| rank == poison_rank);
         let replica = shared.task.replica(model)?;
-        let gpu = gpu_group.clone().map(|group| GpuPlace::Sp {
-            group,
-            rank: coords.sp_rank,
-        });
+        let gpu = match gpu_group.clone() {
+            Some(group) => Some(GpuPlace::Sp {
+                group,
+                rank: coords.sp_rank,
+            }),
+            None => gpu_one
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .map(|g| GpuPlace::One(Box::new(g))),
+        };
         rank_loop(
             replica,
             shared,
@@ -1202,7 +1246,8 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
     {
         return run_process::<T>(cfg, opts, dims, &l);
     }
-    let cpu_only = gpu_unsupported(dims.dp(), T::NEEDS_COMM);
+    let trained_tower = cfg.model_kind()? == ModelKind::Qwen25VL && cfg.video.train_vision;
+    let cpu_only = gpu_unsupported(dims.dp(), trained_tower);
     let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
         .map_err(anyhow::Error::msg)?
     {

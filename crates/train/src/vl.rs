@@ -17,6 +17,12 @@
 //! video rows' ∂L/∂features are all-gathered from the shards and each rank runs the tower's
 //! backward of its own frames; the loop's all-reduce sums every gradient. [`run_vl_sft`] is
 //! the same trainer behind the older [`VlSftConfig`] settings (`reel sft --vl-model`).
+//!
+//! On the GPU (`train.device`, frozen tower only) the decoder lives on the device
+//! ([`crate::device::GpuModel`]): per record the features still come from the cache on the CPU,
+//! the input embeddings and M-RoPE angles are prepared and sharded on the host as above, and the
+//! rank's shard goes through `forward_embeds`/`backward_embeds` (text rows from the device's
+//! embedding table, which also takes their gradient there).
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -42,6 +48,7 @@ use reel_tensor::DType;
 
 use crate::accuracy::{engine_config, AccuracyOptions, AccuracyReport};
 use crate::config::{ModelKind, SftConfig, VideoConfig};
+use crate::device::{GpuEmbedsBatch, GpuModel};
 use crate::sft::{
     param_checksum, param_checksum_from, run_sft, split_sizes, tokenizer_files, Peers, RunOptions,
     SftTask,
@@ -705,12 +712,37 @@ impl SftTask for VlTask {
         None
     }
 
-    fn text_model_mut(_model: &mut Qwen25VL) -> Option<&mut Qwen2> {
-        None
+    fn decoder(model: &Qwen25VL) -> &Qwen2 {
+        &model.lm
     }
 
-    fn text_batch(_mb: &Self::Micro) -> Option<&reel_data::Batch> {
-        None
+    fn decoder_mut(model: &mut Qwen25VL) -> &mut Qwen2 {
+        &mut model.lm
+    }
+
+    fn gpu_micro_step<C: Communicator>(
+        &self,
+        model: &Qwen25VL,
+        ws: &mut VlWorkspace,
+        gm: &mut GpuModel,
+        mb: &Vec<usize>,
+        scale: f32,
+        peers: Option<&Peers<'_, C>>,
+        mid: &mut dyn FnMut(),
+    ) -> Result<LossStats> {
+        let p = peers.context("the vision-language step runs on a communicator")?;
+        let mut total = LossStats::default();
+        let mut nop = || {};
+        for (k, &i) in mb.iter().enumerate() {
+            let ex = &self.train[i];
+            let m: &mut dyn FnMut() = if k == 0 { &mut *mid } else { &mut nop };
+            let s = self
+                .gpu_record_step(model, ws, gm, ex, scale, p, m)
+                .with_context(|| ex.origin.clone())?;
+            total.loss_sum += s.loss_sum;
+            total.n_tokens += s.n_tokens;
+        }
+        Ok(total)
     }
 
     fn video_stats(&self) -> Option<VideoRunStats> {
@@ -722,7 +754,92 @@ impl SftTask for VlTask {
     }
 }
 
+/// This rank's share of a prepared record (the whole record without sequence parallelism): input
+/// embeddings [T_l, d], M-RoPE cos/sin [T_l, D/2], targets and tokens [T_l] (shard padding
+/// carries the video token: no embedding-table gradient).
+struct LocalInputs {
+    emb: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    targets: Vec<i32>,
+    tokens: Vec<u32>,
+    t: usize,
+}
+
+impl LocalInputs {
+    /// Cuts the prepared inputs in `ws` with `sharding` for rank `r`.
+    fn new(
+        model: &Qwen25VL,
+        ws: &VlWorkspace,
+        inp: &VlInputs,
+        sharding: Option<&reel_parallel::Sharding>,
+        r: usize,
+    ) -> Result<Self> {
+        let c = &model.config;
+        let (d, half, vid) = (c.text.hidden_size, c.text.head_dim / 2, c.video_token_id);
+        let (emb, cos, sin) = Qwen25VL::prepared(ws);
+        Ok(match sharding {
+            Some(sh) => LocalInputs {
+                emb: sh.shard(emb, 1, d, r, 0.0)?,
+                cos: sh.shard(cos, 1, half, r, 1.0)?,
+                sin: sh.shard(sin, 1, half, r, 0.0)?,
+                targets: sh.shard(&inp.targets, 1, 1, r, IGNORE_INDEX)?,
+                tokens: sh.shard(&inp.tokens, 1, 1, r, vid)?,
+                t: sh.local_len(),
+            },
+            None => LocalInputs {
+                emb: emb.to_vec(),
+                cos: cos.to_vec(),
+                sin: sin.to_vec(),
+                targets: inp.targets.clone(),
+                tokens: inp.tokens.clone(),
+                t: inp.tokens.len(),
+            },
+        })
+    }
+}
+
 impl VlTask {
+    /// The videos' merged features [Σ tokens, d] of `inp` through MR-SP stage 1 over `group`:
+    /// from the cache (a video encoded once) with a frozen tower, encoded every time when the
+    /// tower trains.
+    fn features<C: Communicator>(
+        &self,
+        model: &Qwen25VL,
+        ws: &mut VlWorkspace,
+        group: &C,
+        inp: &VlInputs,
+        pixels: &[f32],
+    ) -> Result<Vec<f32>> {
+        Ok(if self.train_vision {
+            self.enc
+                .encode(group, &model.vision, &mut ws.vision, pixels, &inp.grids)?
+        } else {
+            let embeds = self.enc.encode_cached(
+                group,
+                &model.vision,
+                &mut ws.vision,
+                &self.cache,
+                &inp.keys,
+                pixels,
+                &inp.grids,
+                &inp.seconds,
+            )?;
+            embeds.iter().flat_map(|e| e.data.iter().copied()).collect()
+        })
+    }
+
+    /// The model inputs of `ex` (cache key with the frozen tower's fingerprint) and its pixels.
+    fn inputs<'e>(&self, model: &Qwen25VL, ex: &'e VlExample) -> (VlInputs, Cow<'e, [f32]>) {
+        let weights = *self
+            .weights
+            .get_or_init(|| weights_fingerprint(&model.vision.params));
+        (
+            VlInputs::without_pixels(ex, &self.settings_key, weights),
+            video_pixels(ex),
+        )
+    }
+
     /// Forward and backward of one record on this rank (see [`VlTask`]); decoder gradients
     /// then tower gradients (when trained) accumulate into `grads`.
     fn record_step<C: Communicator>(
@@ -735,69 +852,30 @@ impl VlTask {
         p: &Peers<'_, C>,
     ) -> Result<LossStats> {
         let c = &model.config;
-        let (d, half, vid) = (c.text.hidden_size, c.text.head_dim / 2, c.video_token_id);
-        let weights = *self
-            .weights
-            .get_or_init(|| weights_fingerprint(&model.vision.params));
-        let inp = VlInputs::without_pixels(ex, &self.settings_key, weights);
-        let pixels = video_pixels(ex);
+        let (d, vid) = (c.text.hidden_size, c.video_token_id);
+        let (inp, pixels) = self.inputs(model, ex);
         let (lm_grads, vision_grads) = grads.split_at_mut(model.lm.params.len());
 
         // MR-SP stage 1 over the sequence-parallel group.
-        let features = if self.train_vision {
-            self.enc
-                .encode(p.group, &model.vision, &mut ws.vision, &pixels, &inp.grids)?
-        } else {
-            let embeds = self.enc.encode_cached(
-                p.group,
-                &model.vision,
-                &mut ws.vision,
-                &self.cache,
-                &inp.keys,
-                &pixels,
-                &inp.grids,
-                &inp.seconds,
-            )?;
-            embeds.iter().flat_map(|e| e.data.iter().copied()).collect()
-        };
+        let features = self.features(model, ws, p.group, &inp, &pixels)?;
         model.prepare_with_features(ws, &inp.batch(), &features)?;
 
-        // This rank's token shard of the input embeddings, angles, targets and tokens (video
-        // rows and shard padding carry the video token: no embedding-table gradient).
+        // This rank's token shard of the input embeddings, angles, targets and tokens.
         let t = inp.tokens.len();
-        let (emb, cos, sin) = Qwen25VL::prepared(ws);
         let (sharding, attn): (_, &dyn AttentionOp) = match p.sp {
             Some(sp) => (Some(sp.set_seq_len(t)?), sp),
             None => (None, &LocalAttention),
         };
-        let r = p.coords.sp_rank;
-        let (l_emb, l_cos, l_sin, l_tgt, l_tok, local_t) = match &sharding {
-            Some(sh) => (
-                sh.shard(emb, 1, d, r, 0.0)?,
-                sh.shard(cos, 1, half, r, 1.0)?,
-                sh.shard(sin, 1, half, r, 0.0)?,
-                sh.shard(&inp.targets, 1, 1, r, IGNORE_INDEX)?,
-                sh.shard(&inp.tokens, 1, 1, r, vid)?,
-                sh.local_len(),
-            ),
-            None => (
-                emb.to_vec(),
-                cos.to_vec(),
-                sin.to_vec(),
-                inp.targets.clone(),
-                inp.tokens.clone(),
-                t,
-            ),
-        };
+        let l = LocalInputs::new(model, ws, &inp, sharding.as_ref(), p.coords.sp_rank)?;
         let eb = EmbedsBatch {
-            embeds: &l_emb,
-            targets: &l_tgt,
+            embeds: &l.emb,
+            targets: &l.targets,
             rotary: Rotary::Angles {
-                cos: &l_cos,
-                sin: &l_sin,
+                cos: &l.cos,
+                sin: &l.sin,
             },
             b: 1,
-            t: local_t,
+            t: l.t,
         };
         let stats = model.lm.forward_embeds(&mut ws.lm, &eb, attn)?;
         let dx = model
@@ -834,7 +912,59 @@ impl VlTask {
                 &d_features,
             )?;
         }
-        model.text_embedding_backward(lm_grads, &dx, &l_tok)?;
+        model.text_embedding_backward(lm_grads, &dx, &l.tokens)?;
+        Ok(stats)
+    }
+
+    /// [`VlTask::record_step`] with the decoder on the GPU (`gm`; the tower frozen on the CPU,
+    /// [`crate::device::gpu_unsupported`]): the videos' features from the cache as on the CPU,
+    /// the M-RoPE angles from the host, this rank's shard of rows (text rows looked up in the
+    /// device's embedding table, the video rows' features uploaded) through
+    /// [`GpuModel::forward_embeds`] and its backward, which also gives the table's text rows
+    /// their gradient on the device.
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_record_step<C: Communicator>(
+        &self,
+        model: &Qwen25VL,
+        ws: &mut VlWorkspace,
+        gm: &mut GpuModel,
+        ex: &VlExample,
+        scale: f32,
+        p: &Peers<'_, C>,
+        mid: &mut dyn FnMut(),
+    ) -> Result<LossStats> {
+        if self.train_vision {
+            bail!("the GPU step keeps the vision tower frozen (video.train_vision = false)");
+        }
+        let c = &model.config;
+        let (d, vid) = (c.text.hidden_size, c.video_token_id);
+        let (inp, pixels) = self.inputs(model, ex);
+        let features = self.features(model, ws, p.group, &inp, &pixels)?;
+        // The host's text rows are stale (the weights live on the GPU); only the video rows and
+        // the angles are read from here.
+        model.prepare_with_features(ws, &inp.batch(), &features)?;
+        let sharding = gm.set_seq_len(inp.tokens.len())?;
+        let l = LocalInputs::new(model, ws, &inp, sharding.as_ref(), gm.sp_rank())?;
+        let rows: Vec<f32> = l
+            .tokens
+            .iter()
+            .zip(l.emb.chunks_exact(d))
+            .filter(|(&tok, _)| tok == vid)
+            .flat_map(|(_, row)| row.iter().copied())
+            .collect();
+        let eb = GpuEmbedsBatch {
+            tokens: &l.tokens,
+            targets: &l.targets,
+            feature_token: vid,
+            features: &rows,
+            cos: &l.cos,
+            sin: &l.sin,
+            b: 1,
+            t: l.t,
+        };
+        let stats = gm.forward_embeds(&eb)?;
+        mid();
+        gm.backward_embeds(&eb, scale, false)?;
         Ok(stats)
     }
 }

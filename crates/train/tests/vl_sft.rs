@@ -43,6 +43,8 @@ fn setup(dir: &Path, steps: u64) -> SftConfig {
     cfg.train.grad_accum = 2;
     cfg.train.lr = 3e-3;
     cfg.train.warmup_steps = 1;
+    // The CPU path, whatever the build (its resume and rank tests compare losses closely).
+    cfg.train.device = reel_train::Device::Cpu;
     cfg.output.dir = dir.join("run");
     cfg.output.save_every = 2;
     cfg.output.keep_last = 0;
