@@ -3,9 +3,11 @@
 //! ([`crate::grpo`], whose config, prompt order, rewards, dynamic sampling, optimizer step,
 //! metrics record and checkpoints it shares), with videos:
 //!
-//! 0. **Decode.** The drawn records' videos are read, sampled and preprocessed
-//!    ([`prepare_vl_record`]); a malformed record or a missing/undecodable video is skipped with
-//!    a warning naming it, counted (`skipped_records`), and another prompt is drawn.
+//! 0. **Decode.** The drawn records are planned and their videos read, sampled and preprocessed
+//!    ahead of the step, in the prompt order, on `[video] prefetch_workers` threads at most
+//!    `prefetch_depth` prompts ahead ([`PromptFeed`]; a video whose embeddings are cached is not
+//!    decoded); a malformed record or a missing/undecodable video is skipped with a warning
+//!    naming it, counted (`skipped_records`), and another prompt is drawn.
 //! 1. **Encode once.** Every video of the round goes through the frozen tower once, through the
 //!    content-addressed [`EmbedCache`] (key: video content hash, sampling settings, weights
 //!    fingerprint); with `parallel.sp = P > 1` its temporal patches are split over P in-process
@@ -45,8 +47,9 @@
 //! scored and updated in its own row.
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
-//! Metrics per step add to the text trainer's record: `decode_s`, `encode_s` (and `rollout_s`
-//! without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! Metrics per step add to the text trainer's record: `decode_s` (drawing the records),
+//! `data_wait_s` (of that, waiting for prefetched videos), `videos_decoded`,
+//! `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
