@@ -124,6 +124,7 @@ fn print_config_parses_back() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("[train]") && text.contains("checkpoint"));
+    assert!(text.contains("prefetch_workers = 2") && text.contains("prefetch_depth = 4"));
 }
 
 #[test]
@@ -400,6 +401,7 @@ fn grpo_print_config_parses_back_and_a_tiny_run_trains() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("[grpo]") && text.contains("group_size"));
+    assert!(text.contains("prefetch_workers = 2") && text.contains("prefetch_depth = 8"));
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("grpo.toml");
     // The printed defaults are a valid config once the two required paths are set.

@@ -42,13 +42,14 @@ pub use synth::{
 };
 pub use tokenizer::Tokenizer;
 pub use video::{
-    load_video, video_content_hash, FrameSampling, Video, VideoError, VideoFrames, VideoInputs,
-    VideoMeta, VideoProcessor, VideoProcessorConfig,
+    load_video, plan_video, video_content_hash, FrameSampling, Video, VideoError, VideoFrames,
+    VideoInputs, VideoMeta, VideoPlan, VideoProcessor, VideoProcessorConfig,
 };
 pub use video_synth::{write_synth_dataset, SynthVideoConfig};
 pub use vl_data::{
-    load_vl_examples, prepare_vl_record, tokenize_vl_record, VideoSettings, VlExample,
-    VlLoadReport, VlSkip, VlVideo, VIDEO_PAD, VISION_SPECIAL_TOKENS,
+    load_vl_examples, load_vl_plans, plan_vl_record, prepare_vl_record, tokenize_vl_record,
+    VideoSettings, VlExample, VlLoadReport, VlRecordPlan, VlSkip, VlVideo, VlVideoPlan, VIDEO_PAD,
+    VISION_SPECIAL_TOKENS,
 };
 
 /// Everything that can go wrong reading data. Messages name the file (and 1-based line) involved.

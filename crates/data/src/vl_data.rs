@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use crate::longvideo::{ReasonFile, ReasonRecord};
 use crate::sft::{prompt_ids, tokenize_conversation, TokenizedExample};
 use crate::tokenizer::Tokenizer;
-use crate::video::{load_and_process, video_content_hash, FrameSampling, VideoInputs};
+use crate::video::{
+    load_and_process, plan_video, video_content_hash, FrameSampling, VideoInputs, VideoPlan,
+};
 use crate::video::{VideoProcessor, VideoProcessorConfig};
 use crate::{DataError, Result};
 
@@ -156,7 +158,6 @@ pub fn prepare_vl_record(
     with_target: bool,
 ) -> std::result::Result<VlExample, VlSkip> {
     let origin = file.origin(i);
-    let record = &file.records[i];
     let mut videos = Vec::new();
     for p in file.video_paths(i) {
         let loaded = load_and_process(&p, &settings.sampling, processor)
@@ -175,21 +176,91 @@ pub fn prepare_vl_record(
         .iter()
         .map(|v| v.inputs.num_video_tokens(merge))
         .collect();
-    match tokenize_vl_record(tok, record, &counts, with_target) {
-        Ok(tokens) => Ok(VlExample {
-            origin,
-            problem_id: record.problem_id.clone(),
-            problem_type: record.problem_type.clone(),
-            answer: record.answer.clone(),
-            tokens,
-            videos,
-        }),
-        Err(msg) => Err(VlSkip::Record(DataError::Jsonl {
+    let tokens = tokenize_record(file, i, tok, &counts, with_target)?;
+    let record = &file.records[i];
+    Ok(VlExample {
+        origin,
+        problem_id: record.problem_id.clone(),
+        problem_type: record.problem_type.clone(),
+        answer: record.answer.clone(),
+        tokens,
+        videos,
+    })
+}
+
+/// Record `i` of `file` tokenized with `counts[k]` tokens for its k-th video, or why not.
+fn tokenize_record(
+    file: &ReasonFile,
+    i: usize,
+    tok: &Tokenizer,
+    counts: &[usize],
+    with_target: bool,
+) -> std::result::Result<TokenizedExample, VlSkip> {
+    tokenize_vl_record(tok, &file.records[i], counts, with_target).map_err(|msg| {
+        VlSkip::Record(DataError::Jsonl {
             path: file.path.clone(),
             line: file.lines[i],
             msg,
-        })),
+        })
+    })
+}
+
+/// One video of a [`VlRecordPlan`]: its path and what it will decode to ([`plan_video`]).
+#[derive(Clone, Debug)]
+pub struct VlVideoPlan {
+    pub path: PathBuf,
+    pub plan: VideoPlan,
+}
+
+/// A record ready for the model but for its videos' pixels ([`plan_vl_record`]): what a
+/// trainer keeps per record when it decodes videos only as its batches need them.
+#[derive(Clone, Debug)]
+pub struct VlRecordPlan {
+    /// `path:line` of the record.
+    pub origin: String,
+    pub problem_id: String,
+    pub problem_type: String,
+    pub answer: String,
+    pub tokens: TokenizedExample,
+    /// The videos in the order of their placeholder runs.
+    pub videos: Vec<VlVideoPlan>,
+}
+
+/// [`prepare_vl_record`] without decoding: each video's header is read for its grid
+/// ([`plan_video`]), and the record tokenized with those token counts. A missing video or an
+/// unreadable container skips the record here; a frame that does not decode shows only when
+/// the video is decoded.
+pub fn plan_vl_record(
+    file: &ReasonFile,
+    i: usize,
+    tok: &Tokenizer,
+    settings: &VideoSettings,
+    processor: &VideoProcessor,
+    with_target: bool,
+) -> std::result::Result<VlRecordPlan, VlSkip> {
+    let origin = file.origin(i);
+    let mut videos = Vec::new();
+    for path in file.video_paths(i) {
+        match plan_video(&path, &settings.sampling, processor) {
+            Ok(plan) => videos.push(VlVideoPlan { path, plan }),
+            Err(e) => return Err(VlSkip::Video(origin, e.to_string())),
+        }
     }
+    let merge = settings.processor.merge_size;
+    let counts: Vec<usize> = videos
+        .iter()
+        .map(|v| v.plan.num_video_tokens(merge))
+        .collect();
+    let tokens = tokenize_record(file, i, tok, &counts, with_target)?;
+    let record = &file.records[i];
+    Ok(VlRecordPlan {
+        origin,
+        problem_id: record.problem_id.clone(),
+        problem_type: record.problem_type.clone(),
+        answer: record.answer.clone(),
+        tokens,
+        videos,
+    })
 }
 
 /// Reads a LongVideo-Reason file and prepares every good record (module docs; `with_target` as
@@ -202,6 +273,30 @@ pub fn load_vl_examples(
     settings: &VideoSettings,
     with_target: bool,
 ) -> Result<(Vec<VlExample>, VlLoadReport)> {
+    load_records(path, settings, |file, i, processor| {
+        prepare_vl_record(file, i, tok, settings, processor, with_target)
+    })
+}
+
+/// [`load_vl_examples`] with [`plan_vl_record`]: every good record's tokens and video plans,
+/// no pixels (bad records and videos whose header fails are skipped and reported alike).
+pub fn load_vl_plans(
+    path: &Path,
+    tok: &Tokenizer,
+    settings: &VideoSettings,
+    with_target: bool,
+) -> Result<(Vec<VlRecordPlan>, VlLoadReport)> {
+    load_records(path, settings, |file, i, processor| {
+        plan_vl_record(file, i, tok, settings, processor, with_target)
+    })
+}
+
+/// Every record of `path` through `prepare`, the skipped ones warned about and reported.
+fn load_records<T>(
+    path: &Path,
+    settings: &VideoSettings,
+    prepare: impl Fn(&ReasonFile, usize, &VideoProcessor) -> std::result::Result<T, VlSkip>,
+) -> Result<(Vec<T>, VlLoadReport)> {
     let (file, bad) = ReasonFile::read_lenient(path)?;
     let mut report = VlLoadReport {
         bad_records: bad,
@@ -214,7 +309,7 @@ pub fn load_vl_examples(
         .map_err(|e| DataError::config(path, e.to_string()))?;
     let mut out = Vec::new();
     for i in 0..file.records.len() {
-        match prepare_vl_record(&file, i, tok, settings, &processor, with_target) {
+        match prepare(&file, i, &processor) {
             Ok(ex) => out.push(ex),
             Err(skip) => {
                 eprintln!("warning: {skip}");

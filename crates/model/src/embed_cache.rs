@@ -203,6 +203,13 @@ impl EmbedCache {
         Ok(None)
     }
 
+    /// Whether `key` is held (in memory, or as a file of the disk folder), without counting a
+    /// lookup or refreshing its recency: a data loader asks this to skip decoding a video whose
+    /// embeddings are already there (the entry may still be evicted before it is read).
+    pub fn contains(&self, key: &EmbedKey) -> bool {
+        self.lock().map.contains_key(key) || self.file(key).is_some_and(|p| p.is_file())
+    }
+
     /// Stores `value` under `key` (memory, and disk when the cache has a folder).
     pub fn insert(
         &self,
@@ -396,7 +403,14 @@ mod tests {
         c.insert(key("a", 0), embeds(0.0, 3)).unwrap();
         c.insert(key("b", 0), embeds(1.0, 3)).unwrap();
         c.get(&key("a", 0)).unwrap(); // a is now the most recent
+        let before = c.stats();
+        assert!(
+            c.contains(&key("b", 0)),
+            "contains neither counts nor refreshes b"
+        );
+        assert_eq!(c.stats(), before);
         c.insert(key("c", 0), embeds(2.0, 3)).unwrap(); // evicts b
+        assert!(!c.contains(&key("b", 0)));
         assert!(c.get(&key("a", 0)).unwrap().is_some());
         assert!(c.get(&key("b", 0)).unwrap().is_none());
         assert!(c.get(&key("c", 0)).unwrap().is_some());
@@ -416,6 +430,9 @@ mod tests {
         let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(files.len(), 1, "one file, no temp file left");
         let fresh = EmbedCache::with_dir(1 << 20, &dir).unwrap();
+        // `contains` sees the disk tier and counts nothing.
+        assert!(fresh.contains(&key("a", 7)) && !fresh.contains(&key("a", 8)));
+        assert_eq!(fresh.stats(), CacheStats::default());
         let got = fresh.get(&key("a", 7)).unwrap().unwrap();
         assert_eq!(*got, embeds(3.0, 5));
         assert!(fresh.get(&key("a", 7)).unwrap().is_some());

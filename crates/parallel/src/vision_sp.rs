@@ -26,6 +26,7 @@
 //! to the largest one. Several videos are encoded in one tower call per rank (each rank's slices
 //! of every video, as separate grids).
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +44,10 @@ pub enum VisionSpError {
     Comm(#[from] CommError),
     #[error("vision encode: {0}")]
     Invalid(String),
+    /// The pixels of a video to encode could not be had ([`SpVisionEncoder::encode_cached_with`]'s
+    /// source failed: a video that does not decode).
+    #[error("{0}")]
+    Pixels(String),
 }
 
 /// Temporal slices [start, end) of a video of `t` slices for each of `p` ranks: contiguous,
@@ -251,6 +256,59 @@ impl SpVisionEncoder {
         grids: &[VideoGrid],
         seconds: &[f32],
     ) -> Result<Vec<Arc<VideoEmbeds>>, VisionSpError> {
+        let kk = tower.config.patch_len();
+        let mut starts = Vec::with_capacity(grids.len());
+        let mut at = 0;
+        for g in grids {
+            starts.push(at);
+            at += g.patches();
+        }
+        let stack = |todo: &[usize]| {
+            if pixels.len() != at * kk {
+                return Err(VisionSpError::Invalid(format!(
+                    "pixel_values_videos has {} values; the grids need {at} patches of {kk}",
+                    pixels.len()
+                )));
+            }
+            Ok(match todo {
+                [k] => {
+                    Cow::Borrowed(&pixels[starts[*k] * kk..(starts[*k] + grids[*k].patches()) * kk])
+                }
+                _ => Cow::Owned(
+                    todo.iter()
+                        .flat_map(|&k| {
+                            &pixels[starts[k] * kk..(starts[k] + grids[k].patches()) * kk]
+                        })
+                        .copied()
+                        .collect(),
+                ),
+            })
+        };
+        self.encode_cached_with(comm, tower, ws, cache, keys, grids, seconds, stack)
+    }
+
+    /// [`Self::encode_cached`] with the pixels asked for only when some video misses:
+    /// `pixels(todo)` gives the stacked pixels of videos `todo` (indices into `keys`, in order),
+    /// called on every rank with the same `todo`; an error from it (say, a video that does not
+    /// decode) returns before any collective of the encode, on every rank that gets it. A loader
+    /// that skipped decoding a cached video passes its pixels here for the case where the entry
+    /// was evicted meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_cached_with<'p, C, P>(
+        &self,
+        comm: &C,
+        tower: &VisionTower,
+        ws: &mut VisionWorkspace,
+        cache: &EmbedCache,
+        keys: &[EmbedKey],
+        grids: &[VideoGrid],
+        seconds: &[f32],
+        pixels: P,
+    ) -> Result<Vec<Arc<VideoEmbeds>>, VisionSpError>
+    where
+        C: Communicator,
+        P: FnOnce(&[usize]) -> Result<Cow<'p, [f32]>, VisionSpError>,
+    {
         if keys.len() != grids.len() || seconds.len() != grids.len() {
             return Err(VisionSpError::Invalid(format!(
                 "{} keys and {} seconds for {} videos",
@@ -277,25 +335,15 @@ impl SpVisionEncoder {
                 .fetch_add((keys.len() - todo.len()) as u64, Ordering::Relaxed);
         }
         if !todo.is_empty() {
-            let mut starts = Vec::with_capacity(grids.len());
-            let mut at = 0;
-            for g in grids {
-                starts.push(at);
-                at += g.patches();
-            }
-            if pixels.len() != at * kk {
+            let px = pixels(&todo)?;
+            let want: usize = todo.iter().map(|&k| grids[k].patches() * kk).sum();
+            if px.len() != want {
                 return Err(VisionSpError::Invalid(format!(
-                    "pixel_values_videos has {} values; the grids need {at} patches of {kk}",
-                    pixels.len()
+                    "{} pixel values for the missing videos; their grids need {want}",
+                    px.len()
                 )));
             }
-            let mut px = Vec::new();
             let sub: Vec<VideoGrid> = todo.iter().map(|&k| grids[k]).collect();
-            for &k in &todo {
-                px.extend_from_slice(
-                    &pixels[starts[k] * kk..(starts[k] + grids[k].patches()) * kk],
-                );
-            }
             let feats = self.encode(comm, tower, ws, &px, &sub)?;
             let (u, d) = (tower.config.merge_unit(), tower.config.out_hidden_size);
             let mut off = 0;

@@ -183,6 +183,86 @@ fn cache_makes_the_tower_run_once_per_video_and_is_keyed_by_content() {
     }
 }
 
+/// `encode_cached_with` asks for pixels only of the videos that miss (on every rank, the same
+/// ones), not at all when all hit, and an error from the pixel source comes back before any
+/// encode, on every rank.
+#[test]
+fn lazy_pixels_are_asked_for_only_for_the_missing_videos() {
+    use std::borrow::Cow;
+    use std::sync::Mutex;
+    let tower = tower();
+    let grids = [
+        VideoGrid { t: 2, h: 4, w: 4 },
+        VideoGrid { t: 3, h: 4, w: 4 },
+    ];
+    let videos: Vec<Vec<f32>> = (0..2)
+        .map(|k| pixels(&tower, &grids[k..k + 1], 7 + k as u64))
+        .collect();
+    for p in [1usize, 2] {
+        let cache = EmbedCache::new(1 << 24);
+        let enc = SpVisionEncoder::new();
+        let asked = Mutex::new(Vec::new());
+        let keys = [key("lazy-0"), key("lazy-1")];
+        let secs = [0.5f32; 2];
+        let res = InProcess::spawn(p, TIMEOUT, |comm| -> Result<_, VisionSpError> {
+            let mut ws = VisionWorkspace::new();
+            let source = |todo: &[usize]| {
+                asked.lock().unwrap().push(todo.to_vec());
+                let px: Vec<f32> = todo.iter().flat_map(|&k| videos[k].clone()).collect();
+                Ok(Cow::Owned(px))
+            };
+            // Video 1 cached first; then both: only video 0 is asked for; then both hit.
+            let first = |_: &[usize]| Ok(Cow::Borrowed(videos[1].as_slice()));
+            let one = enc.encode_cached_with(
+                &comm,
+                &tower,
+                &mut ws,
+                &cache,
+                &keys[1..],
+                &grids[1..],
+                &secs[1..],
+                first,
+            )?;
+            let both = enc
+                .encode_cached_with(&comm, &tower, &mut ws, &cache, &keys, &grids, &secs, source)?;
+            let again = enc
+                .encode_cached_with(&comm, &tower, &mut ws, &cache, &keys, &grids, &secs, source)?;
+            assert_eq!(both[1].data, one[0].data);
+            assert_eq!(again[0].data, both[0].data);
+            // A failing source: an error on every rank, nothing encoded.
+            let e = enc
+                .encode_cached_with(
+                    &comm,
+                    &tower,
+                    &mut ws,
+                    &cache,
+                    &[key("lazy-bad")],
+                    &grids[..1],
+                    &secs[..1],
+                    |_: &[usize]| Err(VisionSpError::Pixels("bad.avi: frame 2".into())),
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains("bad.avi"), "{e}");
+            Ok(both)
+        });
+        for out in res {
+            let both = out.unwrap();
+            let mut ws = VisionWorkspace::new();
+            let want = tower.forward(&mut ws, &videos[0], &grids[..1]).unwrap();
+            check_close(
+                "lazily encoded video 0",
+                &both[0].data,
+                want,
+                Tolerance::new(1e-5 * max_abs(want), 1e-4),
+            )
+            .unwrap();
+        }
+        let asked = asked.into_inner().unwrap();
+        assert_eq!(asked, vec![vec![0usize]; p], "P {p}");
+        assert_eq!(enc.counters.snapshot().videos_encoded, 2, "P {p}");
+    }
+}
+
 #[test]
 fn a_new_weights_version_misses() {
     let tower = tower();

@@ -86,6 +86,13 @@ pub struct VideoConfig {
     pub cache_mb: usize,
     /// Folder of the cache's on-disk tier (safetensors files, memory-mapped). Default: none.
     pub cache_dir: Option<PathBuf>,
+    /// Threads per data-parallel replica that decode and preprocess the coming records' videos
+    /// (in the sampler's order) while the step computes; 0 decodes each on the step's thread
+    /// when it is needed. Either way the numbers are the same. Default 2.
+    pub prefetch_workers: usize,
+    /// Records (one micro-batch each) decoded or being decoded ahead of the step, per
+    /// replica: the bound on the videos held in memory besides the one in use. ≥ 1. Default 4.
+    pub prefetch_depth: usize,
 }
 
 impl Default for VideoConfig {
@@ -95,6 +102,8 @@ impl Default for VideoConfig {
             train_vision: false,
             cache_mb: 1024,
             cache_dir: None,
+            prefetch_workers: 2,
+            prefetch_depth: 4,
         }
     }
 }
@@ -532,6 +541,11 @@ train_vision = false
 cache_mb = 1024
 # On-disk tier of the cache.
 # cache_dir = "runs/embed-cache"
+# Threads per data-parallel replica decoding the coming records' videos (sampler order) while
+# the step computes; 0 = decode on the step's thread when needed (same numbers either way).
+prefetch_workers = 2
+# Records decoded or being decoded ahead of the step, per replica (bounds the videos in memory).
+prefetch_depth = 4
 "#;
 
 /// 1-based line and column (in characters) of byte offset `at` in `text`.
@@ -790,6 +804,9 @@ impl SftConfig {
         }
         if self.video.cache_mb == 0 {
             return bad("video.cache_mb", "must be at least 1");
+        }
+        if self.video.prefetch_depth == 0 {
+            return bad("video.prefetch_depth", "must be at least 1");
         }
         Ok(())
     }

@@ -162,6 +162,14 @@ pub struct VideoRlConfig {
     /// once (samples forked) and scored and updated once (samples packed behind it). `false` (for benchmarks) re-encodes the video for every sample and every pass and
     /// prefills, scores and updates every sample separately. Default true.
     pub reuse: bool,
+    /// Threads that decode and preprocess the videos of the prompts coming next in the prompt
+    /// order while the step rolls out and updates; 0 decodes each when it is drawn, on the
+    /// step's thread. The numbers are the same either way. Default 2.
+    pub prefetch_workers: usize,
+    /// Prompts decoded or being decoded ahead of the step (the bound on prefetched videos in
+    /// memory); at least `data.prompts_per_step` to have a whole next step ready. ≥ 1.
+    /// Default 8.
+    pub prefetch_depth: usize,
 }
 
 impl Default for VideoRlConfig {
@@ -171,6 +179,8 @@ impl Default for VideoRlConfig {
             cache_bytes: 1 << 30,
             cache_dir: None,
             reuse: true,
+            prefetch_workers: 2,
+            prefetch_depth: 8,
         }
     }
 }
@@ -302,6 +312,9 @@ impl GrpoRunConfig {
         if self.video.cache_bytes == 0 {
             return bad("video.cache_bytes", "must be positive".into());
         }
+        if self.video.prefetch_depth == 0 {
+            return bad("video.prefetch_depth", "must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -372,6 +385,9 @@ impl GrpoRunConfig {
     pub fn config_hash(&self) -> String {
         let mut c = self.clone();
         c.output = OutputConfig::default();
+        // Prefetching changes when videos are decoded, not the numbers.
+        let d = VideoRlConfig::default();
+        (c.video.prefetch_workers, c.video.prefetch_depth) = (d.prefetch_workers, d.prefetch_depth);
         hash_hex(&c.to_toml())
     }
 

@@ -29,6 +29,7 @@ pub mod prompts;
 pub mod sft;
 pub mod vl;
 pub mod vl_grpo;
+pub mod vl_prefetch;
 
 pub use checkpoint::{
     checkpoint_step, optimizer_state_from_bytes, optimizer_state_to_bytes, write_atomic,

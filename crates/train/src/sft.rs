@@ -288,6 +288,24 @@ pub(crate) trait SftTask: Sync + Sized {
     fn video_stats(&self) -> Option<VideoRunStats> {
         None
     }
+    /// Called once before the first step with the sampler where the run starts (after a
+    /// resume's restore) and the steps left: a task that loads its data ahead follows the
+    /// batches this sampler will give.
+    fn follow_sampler(
+        &self,
+        _sampler: &BucketSampler,
+        _model: &Self::Model,
+        _cfg: &SftConfig,
+        _steps: u64,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Labelled tokens of `mb` that this rank's [`SftTask::micro_step`] dropped (a record whose
+    /// video failed to decode when the step reached it), counted by one rank per replica; the
+    /// step's loss is then the token mean over the tokens that remained.
+    fn dropped_labels(&self, _mb: &Self::Micro) -> usize {
+        0
+    }
 }
 
 /// The text family: Qwen2 on chat JSONL, micro-batches of right-padded sequences.
@@ -586,13 +604,18 @@ impl<T: SftTask> Shared<T> {
                 shared.start_step
             );
         }
+        let steps = cfg.train.steps.saturating_sub(shared.start_step);
+        shared
+            .task
+            .follow_sampler(&shared.sampler, &model, cfg, steps)?;
         Ok((shared, model))
     }
 }
 
 /// Trailing slots of the gradient buffer that ride along its all-reduce: this rank's loss sum
-/// (as two f32, high and low part) and its labelled-token count.
-const STATS: usize = 3;
+/// (as two f32, high and low part), its labelled-token count and the labelled tokens it dropped
+/// ([`SftTask::dropped_labels`]).
+const STATS: usize = 4;
 
 /// One rank's model replica and everything it updates.
 struct Replica<T: SftTask> {
@@ -795,6 +818,7 @@ fn train_step<T: SftTask, C: Communicator>(
     rep.grads.fill(0.0);
     let (dp, dp_rank) = peers.map_or((1, 0), |p| (p.dims.dp(), p.coords.dp_rank));
     let mut local = LossStats::default();
+    let mut dropped = 0;
     for (i, b) in batches.iter().skip(dp_rank).step_by(dp).enumerate() {
         let s = task
             .micro_step(
@@ -811,6 +835,7 @@ fn train_step<T: SftTask, C: Communicator>(
         }
         local.loss_sum += s.loss_sum;
         local.n_tokens += s.n_tokens;
+        dropped += task.dropped_labels(b);
     }
     if poison {
         rep.grads[0] = f32::NAN;
@@ -829,19 +854,30 @@ fn train_step<T: SftTask, C: Communicator>(
             rep.grads[n] = hi;
             rep.grads[n + 1] = (local.loss_sum - hi as f64) as f32;
             rep.grads[n + 2] = local.n_tokens as f32;
+            rep.grads[n + 3] = dropped as f32;
             p.world
                 .all_reduce_sum(&mut rep.grads)
                 .with_context(|| format!("{at}: gradient all-reduce"))?;
             let counted = rep.grads[n + 2] as f64;
+            dropped = rep.grads[n + 3] as usize;
             // Exact below 2^24; a mismatch means the shards lost or duplicated tokens.
-            if counted < (1u64 << 24) as f64 && counted as usize != labelled {
+            if counted < (1u64 << 24) as f64 && counted as usize + dropped != labelled {
                 bail!(
-                    "{at}: the ranks' shards hold {counted} labelled tokens, the step {labelled}"
+                    "{at}: the ranks' shards hold {counted} labelled tokens ({dropped} dropped), \
+                     the step {labelled}"
                 );
             }
             rep.grads[n] as f64 + rep.grads[n + 1] as f64
         }
     };
+    // Records dropped mid-step: the loss is the mean over the tokens that remained, so the
+    // gradients (scaled by 1 / all the step's tokens) are rescaled to 1 / the kept ones.
+    let kept = labelled - dropped.min(labelled);
+    if dropped > 0 && kept > 0 {
+        let r = labelled as f32 / kept as f32;
+        rep.grads[..n].iter_mut().for_each(|g| *g *= r);
+    }
+    let labelled = kept;
     let grads = &mut rep.grads[..n];
     let grad_norm = {
         let mut g = split_sizes(grads, &rep.sizes);

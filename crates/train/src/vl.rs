@@ -25,15 +25,18 @@
 //! embedding table, which also takes their gradient there).
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use reel_comm::{Communicator, InProcess};
+use reel_data::video::Prefetcher;
 use reel_data::{
-    load_vl_examples, BucketSampler, FrameSampling, Tokenizer, VideoProcessorConfig, VideoSettings,
-    VlExample, VlLoadReport, IGNORE_INDEX,
+    load_vl_examples, load_vl_plans, BucketSampler, FrameSampling, TokenizedExample, Tokenizer,
+    VideoProcessor, VideoProcessorConfig, VideoSettings, VlExample, VlLoadReport, VlRecordPlan,
+    IGNORE_INDEX,
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, EmbedKey};
 use reel_model::vl::vl_model_files;
@@ -42,7 +45,7 @@ use reel_model::{
     LocalAttention, LossStats, Qwen2, Qwen25VL, Rotary, VideoBatch, VideoGrid, VlBatch,
     VlWorkspace,
 };
-use reel_parallel::{EncodeStats, SpVisionEncoder};
+use reel_parallel::{EncodeStats, SpVisionEncoder, VisionSpError};
 use reel_rollout::{Engine, GenerationParams, Prompt};
 use reel_tensor::DType;
 
@@ -52,6 +55,10 @@ use crate::device::{GpuEmbedsBatch, GpuModel};
 use crate::sft::{
     param_checksum, param_checksum_from, run_sft, split_sizes, tokenizer_files, Peers, RunOptions,
     SftTask,
+};
+use crate::vl_prefetch::{
+    record_prefetcher, DecodeCtx, FailedRecords, FeedStats, FetchedRecord, ReplicaFeed,
+    ReplicaOrder,
 };
 
 /// One example as the model takes it.
@@ -78,16 +85,7 @@ impl VlInputs {
     /// the pixels through [`video_pixels`] when they need them.
     pub fn without_pixels(ex: &VlExample, settings_key: &str, weights: u64) -> Self {
         let ids = &ex.tokens.input_ids;
-        let n = ids.len();
-        let targets = (0..n)
-            .map(|i| {
-                if i + 1 < n && ex.tokens.loss_mask[i + 1] {
-                    ids[i + 1] as i32
-                } else {
-                    IGNORE_INDEX
-                }
-            })
-            .collect();
+        let targets = next_token_targets(&ex.tokens);
         let (mut grids, mut seconds, mut keys) = (Vec::new(), Vec::new(), Vec::new());
         for v in &ex.videos {
             let [t, h, w] = v.inputs.video_grid_thw;
@@ -109,6 +107,27 @@ impl VlInputs {
         }
     }
 
+    /// A planned record's inputs ([`VlRecordPlan`]: tokens, grids, seconds) with the pixels and
+    /// cache keys of its fetched videos.
+    pub(crate) fn from_plan(plan: &VlRecordPlan, pixels: Vec<f32>, keys: Vec<EmbedKey>) -> Self {
+        let (grids, seconds) = plan
+            .videos
+            .iter()
+            .map(|v| {
+                let [t, h, w] = v.plan.video_grid_thw;
+                (VideoGrid { t, h, w }, v.plan.second_per_grid_ts as f32)
+            })
+            .unzip();
+        VlInputs {
+            tokens: plan.tokens.input_ids.clone(),
+            targets: next_token_targets(&plan.tokens),
+            pixels,
+            grids,
+            seconds,
+            keys,
+        }
+    }
+
     pub fn batch(&self) -> VlBatch<'_> {
         VlBatch {
             tokens: &self.tokens,
@@ -122,6 +141,20 @@ impl VlInputs {
             },
         }
     }
+}
+
+/// The loss mask shifted into next-token targets (−100 where the next token is unlabelled).
+fn next_token_targets(ex: &TokenizedExample) -> Vec<i32> {
+    let (ids, n) = (&ex.input_ids, ex.input_ids.len());
+    (0..n)
+        .map(|i| {
+            if i + 1 < n && ex.loss_mask[i + 1] {
+                ids[i + 1] as i32
+            } else {
+                IGNORE_INDEX
+            }
+        })
+        .collect()
 }
 
 /// The pixels of an example's videos, one after another [Σ t·h·w, C·T_p·p·p]: borrowed when it
@@ -374,6 +407,7 @@ impl VlSftConfig {
             train_vision: !self.vision_freeze,
             cache_mb: (self.cache_bytes >> 20).max(1),
             cache_dir: self.cache_dir.clone(),
+            ..VideoConfig::default()
         };
         c
     }
@@ -431,14 +465,19 @@ pub struct VideoRunStats {
     pub cache: CacheStats,
     /// The stage-1 encoder: tower runs, videos encoded and served from the cache.
     pub encode: EncodeStats,
-    /// Distinct videos of the training set.
+    /// Distinct videos (paths) of the training set.
     pub videos: usize,
     /// Malformed records skipped (training and held-out files).
     pub skipped_records: usize,
-    /// Records skipped for a missing or undecodable video.
+    /// Records skipped for a missing or undecodable video: at load (the file missing or its
+    /// container unreadable), or when first decoded (a frame that does not decode), each
+    /// record counted once.
     pub skipped_videos: usize,
     /// Records skipped because `data.max_len` would cut a video's tokens or leave no target.
     pub skipped_long: usize,
+    /// The video feed: videos decoded, cache hits not decoded, the most held at once, the lead
+    /// rank's wait for data.
+    pub prefetch: FeedStats,
 }
 
 /// The vision-language family of the SFT loop ([`crate::sft`]): Qwen2.5-VL on LongVideo-Reason
@@ -449,63 +488,82 @@ pub struct VideoRunStats {
 /// sp > 1), then backward: embedding-table rows for text tokens, and for a trained tower the
 /// video rows' ∂L/∂features gathered from every shard into the tower's backward of this rank's
 /// frames. The loop's world all-reduce sums decoder and tower gradients over ranks.
+///
+/// Records hold tokens and video plans only; pixels come from each data-parallel replica's
+/// [`ReplicaFeed`] ([`crate::vl_prefetch`]), decoded `video.prefetch_workers` threads ahead in
+/// the sampler's order (a cached video not decoded at all), shared by the replica's sp ranks.
+/// A record whose video fails to decode there is dropped from its step (warned about and
+/// counted once; the step's loss is the mean over the other records' tokens).
 pub(crate) struct VlTask {
-    train: Vec<VlExample>,
-    eval_set: Option<Vec<VlExample>>,
-    /// [`VideoSettings::key_text`] (part of the cache key).
-    settings_key: String,
+    train: Arc<Vec<VlRecordPlan>>,
+    eval_set: Option<Vec<VlRecordPlan>>,
+    settings: VideoSettings,
     train_vision: bool,
-    cache: EmbedCache,
+    cache: Arc<EmbedCache>,
     enc: SpVisionEncoder,
     /// Fingerprint of the frozen tower's weights (part of the cache key), taken on first use.
     weights: OnceLock<u64>,
+    /// `video.prefetch_workers`, `video.prefetch_depth`.
+    prefetch: (usize, usize),
+    /// The decoder shared by the feeds and evaluation, and one feed per data-parallel replica;
+    /// made by [`SftTask::follow_sampler`].
+    decode: OnceLock<Arc<DecodeCtx>>,
+    feeds: OnceLock<Vec<ReplicaFeed>>,
+    /// Records skipped when their video failed to decode (training and eval).
+    failed: FailedRecords,
     /// The source folder's preprocessor config files, carried into every checkpoint.
     processor_files: Vec<(String, Vec<u8>)>,
     stats: VideoRunStats,
 }
 
-/// `ex` cut to `max_len` tokens, or why it cannot be (a video's placeholder run would be cut, or
-/// no target token would remain).
-fn fit_to_len(mut ex: VlExample, max_len: usize, video_token: u32) -> Option<VlExample> {
-    let ids = &ex.tokens.input_ids;
+/// One micro-batch: its records, and the labelled tokens this rank dropped from it.
+pub(crate) struct VlMicro {
+    records: Vec<usize>,
+    dropped: Cell<usize>,
+}
+
+/// `tokens` cut to `max_len`, or false when it cannot be (a video's placeholder run would be
+/// cut, or no target token would remain).
+fn fit_to_len(tokens: &mut TokenizedExample, max_len: usize, video_token: u32) -> bool {
+    let ids = &tokens.input_ids;
     if ids.len() <= max_len {
-        return Some(ex);
+        return true;
     }
     if ids[max_len..].contains(&video_token) {
-        return None;
+        return false;
     }
-    ex.tokens.input_ids.truncate(max_len);
-    ex.tokens.loss_mask.truncate(max_len);
-    ex.tokens.loss_mask.iter().skip(1).any(|&m| m).then_some(ex)
+    tokens.input_ids.truncate(max_len);
+    tokens.loss_mask.truncate(max_len);
+    tokens.loss_mask.iter().skip(1).any(|&m| m)
 }
 
 impl VlTask {
-    /// Loads a LongVideo-Reason file; bad records and videos are skipped and counted.
+    /// Reads a LongVideo-Reason file and plans its records (tokens, video headers; nothing
+    /// decoded); bad records and videos are skipped and counted.
     fn load(
         path: &Path,
         tok: &Tokenizer,
         settings: &VideoSettings,
         max_len: usize,
         stats: &mut VideoRunStats,
-    ) -> Result<Vec<VlExample>> {
-        let (examples, report) = load_vl_examples(path, tok, settings, true)?;
+    ) -> Result<Vec<VlRecordPlan>> {
+        let (records, report) = load_vl_plans(path, tok, settings, true)?;
         stats.skipped_records += report.bad_records.len();
         stats.skipped_videos += report.skipped_videos.len();
         let video_token = tok
             .token_to_id(reel_data::VIDEO_PAD)
             .context("the tokenizer has no <|video_pad|> token")?;
-        let mut out = Vec::with_capacity(examples.len());
-        for ex in examples {
-            let origin = ex.origin.clone();
-            match fit_to_len(ex, max_len, video_token) {
-                Some(ex) => out.push(ex),
-                None => {
-                    tracing::warn!(
-                        "{origin}: skipping the record: data.max_len = {max_len} would cut its \
-                         video tokens or leave no target"
-                    );
-                    stats.skipped_long += 1;
-                }
+        let mut out = Vec::with_capacity(records.len());
+        for mut r in records {
+            if fit_to_len(&mut r.tokens, max_len, video_token) {
+                out.push(r);
+            } else {
+                tracing::warn!(
+                    "{}: skipping the record: data.max_len = {max_len} would cut its video \
+                     tokens or leave no target",
+                    r.origin
+                );
+                stats.skipped_long += 1;
             }
         }
         if out.is_empty() {
@@ -513,12 +571,34 @@ impl VlTask {
         }
         Ok(out)
     }
+
+    /// The decoder of [`SftTask::follow_sampler`] (or a fresh one when the loop never called
+    /// it, for evaluation).
+    fn decoder(&self, model: &Qwen25VL) -> Result<Arc<DecodeCtx>> {
+        if let Some(d) = self.decode.get() {
+            return Ok(d.clone());
+        }
+        let weights = *self
+            .weights
+            .get_or_init(|| weights_fingerprint(&model.vision.params));
+        let processor = VideoProcessor::new(self.settings.processor.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cache = (!self.train_vision).then(|| self.cache.clone());
+        let ctx = Arc::new(DecodeCtx::new(
+            self.settings.sampling,
+            processor,
+            self.settings.key_text(),
+            weights,
+            cache,
+        ));
+        Ok(self.decode.get_or_init(|| ctx).clone())
+    }
 }
 
 impl SftTask for VlTask {
     type Model = Qwen25VL;
     type Ws = VlWorkspace;
-    type Micro = Vec<usize>;
+    type Micro = VlMicro;
     const NEEDS_COMM: bool = true;
 
     fn build(cfg: &SftConfig, tok: &Tokenizer) -> Result<Self> {
@@ -541,9 +621,9 @@ impl SftTask for VlTask {
             .map(|p| Self::load(p, tok, &settings, max_len, &mut stats))
             .transpose()?;
         stats.videos = {
-            let mut h: Vec<&str> = train
+            let mut h: Vec<&Path> = train
                 .iter()
-                .flat_map(|e| e.videos.iter().map(|v| v.content_hash.as_str()))
+                .flat_map(|e| e.videos.iter().map(|v| v.path.as_path()))
                 .collect();
             h.sort_unstable();
             h.dedup();
@@ -564,13 +644,17 @@ impl SftTask for VlTask {
             }
         }
         Ok(VlTask {
-            train,
+            train: Arc::new(train),
             eval_set,
-            settings_key: settings.key_text(),
+            settings,
             train_vision: cfg.video.train_vision,
-            cache,
+            cache: Arc::new(cache),
             enc: SpVisionEncoder::new(),
             weights: OnceLock::new(),
+            prefetch: (cfg.video.prefetch_workers, cfg.video.prefetch_depth.max(1)),
+            decode: OnceLock::new(),
+            feeds: OnceLock::new(),
+            failed: FailedRecords::default(),
             processor_files,
             stats,
         })
@@ -580,6 +664,30 @@ impl SftTask for VlTask {
         // One record per micro-batch: unit lengths under a budget of one.
         let ones = vec![1; self.train.len()];
         BucketSampler::with_batching(&ones, 1, cfg.data.seed, cfg.data.batching)
+    }
+
+    fn follow_sampler(
+        &self,
+        sampler: &BucketSampler,
+        model: &Qwen25VL,
+        cfg: &SftConfig,
+        steps: u64,
+    ) -> Result<()> {
+        let ctx = self.decoder(model)?;
+        let (workers, depth) = self.prefetch;
+        let dp = cfg.parallel.dp.max(1);
+        let feeds = (0..dp)
+            .map(|d| {
+                let order =
+                    ReplicaOrder::new(sampler.clone(), dp, d, cfg.train.grad_accum as usize, steps);
+                let pf = record_prefetcher(order, self.train.clone(), ctx.clone(), workers, depth);
+                ReplicaFeed::new(pf, cfg.parallel.sp.max(1))
+            })
+            .collect();
+        if self.feeds.set(feeds).is_err() {
+            bail!("the video feeds were already started");
+        }
+        Ok(())
     }
 
     fn init(&self, cfg: &SftConfig, _tok: &Tokenizer) -> Result<Qwen25VL> {
@@ -641,16 +749,22 @@ impl SftTask for VlTask {
         param_checksum_from(param_checksum(&model.lm.params), &model.vision.params)
     }
 
-    fn micro(&self, idx: &[usize], _cfg: &SftConfig) -> Vec<usize> {
-        idx.to_vec()
+    fn micro(&self, idx: &[usize], _cfg: &SftConfig) -> VlMicro {
+        VlMicro {
+            records: idx.to_vec(),
+            dropped: Cell::new(0),
+        }
     }
 
-    fn counts(&self, mb: &Vec<usize>) -> (usize, usize) {
-        mb.iter().fold((0, 0), |(l, t), &i| {
+    fn counts(&self, mb: &VlMicro) -> (usize, usize) {
+        mb.records.iter().fold((0, 0), |(l, t), &i| {
             let ex = &self.train[i].tokens;
-            let labelled = ex.loss_mask.iter().skip(1).filter(|&&m| m).count();
-            (l + labelled, t + ex.input_ids.len())
+            (l + labelled(ex), t + ex.input_ids.len())
         })
+    }
+
+    fn dropped_labels(&self, mb: &VlMicro) -> usize {
+        mb.dropped.get()
     }
 
     fn micro_step<C: Communicator>(
@@ -658,28 +772,66 @@ impl SftTask for VlTask {
         model: &Qwen25VL,
         ws: &mut VlWorkspace,
         grads: &mut [f32],
-        mb: &Vec<usize>,
+        mb: &VlMicro,
         scale: f32,
         peers: Option<&Peers<'_, C>>,
     ) -> Result<LossStats> {
         let p = peers.context("the vision-language step runs on a communicator")?;
-        let mut total = LossStats::default();
-        for &i in mb {
-            let ex = &self.train[i];
-            let s = self
-                .record_step(model, ws, grads, ex, scale, p)
-                .with_context(|| ex.origin.clone())?;
-            total.loss_sum += s.loss_sum;
-            total.n_tokens += s.n_tokens;
-        }
-        Ok(total)
+        self.each_record(model, mb, p, |_, ex, fetched, ctx| {
+            self.record_step(model, ws, grads, ex, fetched, ctx, scale, p)
+        })
     }
 
     fn eval(&self, model: &Qwen25VL) -> Result<Option<LossStats>> {
-        self.eval_set
-            .as_ref()
-            .map(|set| eval_vl_examples(model, set))
-            .transpose()
+        let Some(set) = &self.eval_set else {
+            return Ok(None);
+        };
+        // Decoded ahead like the training records, the tower run on each (no cache).
+        let ctx = self.decoder(model)?;
+        let (workers, depth) = self.prefetch;
+        let plans = Arc::new(set.clone());
+        let jobs = {
+            let (ctx, plans) = (ctx.clone(), plans.clone());
+            Prefetcher::new(
+                (0..set.len()).collect(),
+                workers,
+                depth,
+                move |&i: &usize| {
+                    let plan = &plans[i];
+                    let mut pixels = Vec::new();
+                    for v in &plan.videos {
+                        let px = ctx
+                            .decode(v)
+                            .map_err(|msg| reel_data::VideoError::Corrupt {
+                                path: v.path.clone(),
+                                msg,
+                            })?;
+                        pixels.extend_from_slice(&px.data);
+                    }
+                    Ok(VlInputs::from_plan(plan, pixels, Vec::new()))
+                },
+            )
+        };
+        let mut ws = model.workspace(CheckpointPolicy::Layer);
+        let mut total = LossStats::default();
+        let mut jobs = jobs;
+        while let Some((i, inp)) = jobs.next_result() {
+            let inp = match inp {
+                Ok(inp) => inp,
+                Err(e) => {
+                    if self.failed.first(true, i) {
+                        tracing::warn!("{}: skipping the record: video {e}", set[i].origin);
+                    }
+                    continue;
+                }
+            };
+            let s = model
+                .forward(&mut ws, &inp.batch(), &LocalAttention)
+                .with_context(|| set[i].origin.clone())?;
+            total.loss_sum += s.loss_sum;
+            total.n_tokens += s.n_tokens;
+        }
+        Ok(Some(total))
     }
 
     fn model_files(&self, model: &Qwen25VL, tok: &Tokenizer) -> Result<Vec<(String, Vec<u8>)>> {
@@ -691,17 +843,18 @@ impl SftTask for VlTask {
     }
 
     fn step_metrics(&self, record: &mut serde_json::Value) {
-        let (c, e, s) = (
-            self.cache.stats(),
-            self.enc.counters.snapshot(),
-            &self.stats,
-        );
+        let s = self.video_stats().unwrap_or_default();
+        let (c, e, f) = (s.cache, s.encode, s.prefetch);
+        let wait = self.decode.get().map_or(0.0, |d| d.counters.take_wait());
         let fields = serde_json::json!({
             "cache_hits": c.hits + c.disk_hits, "cache_misses": c.misses,
             "cache_bytes": c.bytes, "cache_evictions": c.evictions,
             "tower_forwards": e.tower_forwards, "videos_encoded": e.videos_encoded,
             "videos_cached": e.videos_cached, "skipped_records": s.skipped_records,
             "skipped_videos": s.skipped_videos, "skipped_long": s.skipped_long,
+            "data_wait_s": wait, "videos_decoded": f.videos_decoded,
+            "decode_cache_skips": f.cache_skips,
+            "videos_in_memory_peak": f.peak_videos_in_memory,
         });
         if let (Some(r), Some(f)) = (record.as_object_mut(), fields.as_object()) {
             r.extend(f.clone());
@@ -725,30 +878,29 @@ impl SftTask for VlTask {
         model: &Qwen25VL,
         ws: &mut VlWorkspace,
         gm: &mut GpuModel,
-        mb: &Vec<usize>,
+        mb: &VlMicro,
         scale: f32,
         peers: Option<&Peers<'_, C>>,
         mid: &mut dyn FnMut(),
     ) -> Result<LossStats> {
         let p = peers.context("the vision-language step runs on a communicator")?;
-        let mut total = LossStats::default();
         let mut nop = || {};
-        for (k, &i) in mb.iter().enumerate() {
-            let ex = &self.train[i];
+        self.each_record(model, mb, p, |k, ex, fetched, ctx| {
             let m: &mut dyn FnMut() = if k == 0 { &mut *mid } else { &mut nop };
-            let s = self
-                .gpu_record_step(model, ws, gm, ex, scale, p, m)
-                .with_context(|| ex.origin.clone())?;
-            total.loss_sum += s.loss_sum;
-            total.n_tokens += s.n_tokens;
-        }
-        Ok(total)
+            self.gpu_record_step(model, ws, gm, ex, fetched, ctx, scale, p, m)
+        })
     }
 
     fn video_stats(&self) -> Option<VideoRunStats> {
         Some(VideoRunStats {
             cache: self.cache.stats(),
             encode: self.enc.counters.snapshot(),
+            skipped_videos: self.stats.skipped_videos + self.failed.count(),
+            prefetch: self
+                .decode
+                .get()
+                .map(|d| d.counters.snapshot())
+                .unwrap_or_default(),
             ..self.stats.clone()
         })
     }
@@ -799,65 +951,144 @@ impl LocalInputs {
     }
 }
 
+/// Labelled tokens of an example (targets of positions 0..T−1).
+fn labelled(ex: &TokenizedExample) -> usize {
+    ex.loss_mask.iter().skip(1).filter(|&&m| m).count()
+}
+
 impl VlTask {
+    /// Runs `step` (k-th record, its plan, its prefetched videos) on each record of `mb` in the
+    /// sampler's order, taking the records from this replica's video feed; sums the losses. A
+    /// record whose video does not decode is skipped with a warning (counted once, its labelled
+    /// tokens reported as dropped), and the step goes on.
+    fn each_record<C: Communicator>(
+        &self,
+        model: &Qwen25VL,
+        mb: &VlMicro,
+        p: &Peers<'_, C>,
+        mut step: impl FnMut(
+            usize,
+            &VlRecordPlan,
+            &FetchedRecord,
+            &DecodeCtx,
+        ) -> Result<std::result::Result<LossStats, String>>,
+    ) -> Result<LossStats> {
+        let feed = self
+            .feeds
+            .get()
+            .and_then(|f| f.get(p.coords.dp_rank))
+            .context("the video feed was not started (SftTask::follow_sampler)")?;
+        let ctx = self.decoder(model)?;
+        let mut total = LossStats::default();
+        for (k, &i) in mb.records.iter().enumerate() {
+            let ex = &self.train[i];
+            let (item, waited) = feed.take(p.coords.sp_rank)?;
+            if p.rank == 0 {
+                ctx.counters.add_wait(waited);
+            }
+            if item.record != i {
+                bail!(
+                    "{}: the video feed is out of step with the sampler (it holds record {})",
+                    ex.origin,
+                    item.record
+                );
+            }
+            let stepped = match &item.result {
+                Ok(fetched) => step(k, ex, fetched, &ctx).with_context(|| ex.origin.clone())?,
+                Err(e) => Err(e.clone()),
+            };
+            match stepped {
+                Ok(s) => {
+                    total.loss_sum += s.loss_sum;
+                    total.n_tokens += s.n_tokens;
+                }
+                Err(e) => {
+                    // Every sp rank of the replica sees the same failure; one counts it.
+                    if self.failed.first(false, i) {
+                        tracing::warn!("{}: skipping the record: video {e}", ex.origin);
+                    }
+                    if p.coords.sp_rank == 0 {
+                        mb.dropped.set(mb.dropped.get() + labelled(&ex.tokens));
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// The videos' merged features [Σ tokens, d] of `inp` through MR-SP stage 1 over `group`:
-    /// from the cache (a video encoded once) with a frozen tower, encoded every time when the
-    /// tower trains.
+    /// from the cache (a video encoded once; pixels asked of `fetched` only for the videos the
+    /// cache lacks) with a frozen tower, encoded every time when the tower trains. `Ok(Err(why))`
+    /// when a video the step had to decode itself does not decode.
     fn features<C: Communicator>(
         &self,
         model: &Qwen25VL,
         ws: &mut VlWorkspace,
         group: &C,
         inp: &VlInputs,
-        pixels: &[f32],
-    ) -> Result<Vec<f32>> {
-        Ok(if self.train_vision {
-            self.enc
-                .encode(group, &model.vision, &mut ws.vision, pixels, &inp.grids)?
-        } else {
-            let embeds = self.enc.encode_cached(
+        fetched: &FetchedRecord,
+        ctx: &DecodeCtx,
+    ) -> Result<std::result::Result<Vec<f32>, String>> {
+        if self.train_vision {
+            let all: Vec<usize> = (0..fetched.videos.len()).collect();
+            let pixels = match fetched.stacked(&all, ctx) {
+                Ok(px) => px,
+                Err(e) => return Ok(Err(e)),
+            };
+            return Ok(Ok(self.enc.encode(
                 group,
                 &model.vision,
                 &mut ws.vision,
-                &self.cache,
-                &inp.keys,
-                pixels,
+                &pixels,
                 &inp.grids,
-                &inp.seconds,
-            )?;
-            embeds.iter().flat_map(|e| e.data.iter().copied()).collect()
-        })
-    }
-
-    /// The model inputs of `ex` (cache key with the frozen tower's fingerprint) and its pixels.
-    fn inputs<'e>(&self, model: &Qwen25VL, ex: &'e VlExample) -> (VlInputs, Cow<'e, [f32]>) {
-        let weights = *self
-            .weights
-            .get_or_init(|| weights_fingerprint(&model.vision.params));
-        (
-            VlInputs::without_pixels(ex, &self.settings_key, weights),
-            video_pixels(ex),
-        )
+            )?));
+        }
+        let encoded = self.enc.encode_cached_with(
+            group,
+            &model.vision,
+            &mut ws.vision,
+            &self.cache,
+            &inp.keys,
+            &inp.grids,
+            &inp.seconds,
+            |todo| fetched.stacked(todo, ctx).map_err(VisionSpError::Pixels),
+        );
+        match encoded {
+            Ok(embeds) => Ok(Ok(embeds
+                .iter()
+                .flat_map(|e| e.data.iter().copied())
+                .collect())),
+            Err(VisionSpError::Pixels(e)) => Ok(Err(e)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Forward and backward of one record on this rank (see [`VlTask`]); decoder gradients
-    /// then tower gradients (when trained) accumulate into `grads`.
+    /// then tower gradients (when trained) accumulate into `grads`. `Ok(Err(why))` when a
+    /// video the step had to decode itself (its cache entry evicted since the prefetch) does
+    /// not decode: nothing was computed, on any rank of the group.
+    #[allow(clippy::too_many_arguments)]
     fn record_step<C: Communicator>(
         &self,
         model: &Qwen25VL,
         ws: &mut VlWorkspace,
         grads: &mut [f32],
-        ex: &VlExample,
+        ex: &VlRecordPlan,
+        fetched: &FetchedRecord,
+        ctx: &DecodeCtx,
         scale: f32,
         p: &Peers<'_, C>,
-    ) -> Result<LossStats> {
+    ) -> Result<std::result::Result<LossStats, String>> {
         let c = &model.config;
         let (d, vid) = (c.text.hidden_size, c.video_token_id);
-        let (inp, pixels) = self.inputs(model, ex);
+        let inp = VlInputs::from_plan(ex, Vec::new(), fetched.keys());
         let (lm_grads, vision_grads) = grads.split_at_mut(model.lm.params.len());
 
         // MR-SP stage 1 over the sequence-parallel group.
-        let features = self.features(model, ws, p.group, &inp, &pixels)?;
+        let features = match self.features(model, ws, p.group, &inp, fetched, ctx)? {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
         model.prepare_with_features(ws, &inp.batch(), &features)?;
 
         // This rank's token shard of the input embeddings, angles, targets and tokens.
@@ -913,7 +1144,7 @@ impl VlTask {
             )?;
         }
         model.text_embedding_backward(lm_grads, &dx, &l.tokens)?;
-        Ok(stats)
+        Ok(Ok(stats))
     }
 
     /// [`VlTask::record_step`] with the decoder on the GPU (`gm`; the tower frozen on the CPU,
@@ -928,18 +1159,23 @@ impl VlTask {
         model: &Qwen25VL,
         ws: &mut VlWorkspace,
         gm: &mut GpuModel,
-        ex: &VlExample,
+        ex: &VlRecordPlan,
+        fetched: &FetchedRecord,
+        ctx: &DecodeCtx,
         scale: f32,
         p: &Peers<'_, C>,
         mid: &mut dyn FnMut(),
-    ) -> Result<LossStats> {
+    ) -> Result<std::result::Result<LossStats, String>> {
         if self.train_vision {
             bail!("the GPU step keeps the vision tower frozen (video.train_vision = false)");
         }
         let c = &model.config;
         let (d, vid) = (c.text.hidden_size, c.video_token_id);
-        let (inp, pixels) = self.inputs(model, ex);
-        let features = self.features(model, ws, p.group, &inp, &pixels)?;
+        let inp = VlInputs::from_plan(ex, Vec::new(), fetched.keys());
+        let features = match self.features(model, ws, p.group, &inp, fetched, ctx)? {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
         // The host's text rows are stale (the weights live on the GPU); only the video rows and
         // the angles are read from here.
         model.prepare_with_features(ws, &inp.batch(), &features)?;
@@ -965,7 +1201,7 @@ impl VlTask {
         let stats = gm.forward_embeds(&eb)?;
         mid();
         gm.backward_embeds(&eb, scale, false)?;
-        Ok(stats)
+        Ok(Ok(stats))
     }
 }
 
@@ -1227,20 +1463,16 @@ mod tests {
     #[test]
     fn long_records_lose_their_tail_unless_a_video_or_every_target_would_go() {
         // Tokens: text, 3 video tokens (99), text, then the target (labelled) from index 6.
-        let ex = |n: usize| VlExample {
-            origin: "f.jsonl:1".into(),
-            problem_id: "p".into(),
-            problem_type: String::new(),
-            answer: String::new(),
-            tokens: reel_data::TokenizedExample {
-                input_ids: (0..n as u32)
-                    .map(|i| if (2..5).contains(&i) { 99 } else { i })
-                    .collect(),
-                loss_mask: (0..n).map(|i| i >= 6).collect(),
-            },
-            videos: Vec::new(),
+        let ex = |n: usize| reel_data::TokenizedExample {
+            input_ids: (0..n as u32)
+                .map(|i| if (2..5).contains(&i) { 99 } else { i })
+                .collect(),
+            loss_mask: (0..n).map(|i| i >= 6).collect(),
         };
-        let fit = |n, max| fit_to_len(ex(n), max, 99).map(|e| e.tokens.input_ids.len());
+        let fit = |n, max| {
+            let mut t = ex(n);
+            fit_to_len(&mut t, max, 99).then_some(t.input_ids.len())
+        };
         assert_eq!(fit(10, 10), Some(10));
         assert_eq!(fit(10, 12), Some(10));
         assert_eq!(fit(10, 8), Some(8));

@@ -3,9 +3,11 @@
 //! ([`crate::grpo`], whose config, prompt order, rewards, dynamic sampling, optimizer step,
 //! metrics record and checkpoints it shares), with videos:
 //!
-//! 0. **Decode.** The drawn records' videos are read, sampled and preprocessed
-//!    ([`prepare_vl_record`]); a malformed record or a missing/undecodable video is skipped with
-//!    a warning naming it, counted (`skipped_records`), and another prompt is drawn.
+//! 0. **Decode.** The drawn records are planned and their videos read, sampled and preprocessed
+//!    ahead of the step, in the prompt order, on `[video] prefetch_workers` threads at most
+//!    `prefetch_depth` prompts ahead ([`PromptFeed`]; a video whose embeddings are cached is not
+//!    decoded); a malformed record or a missing/undecodable video is skipped with a warning
+//!    naming it, counted (`skipped_records`), and another prompt is drawn.
 //! 1. **Encode once.** Every video of the round goes through the frozen tower once, through the
 //!    content-addressed [`EmbedCache`] (key: video content hash, sampling settings, weights
 //!    fingerprint); with `parallel.sp = P > 1` its temporal patches are split over P in-process
@@ -50,20 +52,22 @@
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
 //! Metrics per step add to the text trainer's record: `rollout_device` (`cpu`, `cuda-bf16`,
-//! `cuda-f32`), `decode_s`, `encode_s` (and `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! `cuda-f32`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
+//! videos), `videos_decoded`, `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and
+//! `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use reel_comm::{Communicator, InProcess};
 use reel_data::{
-    prepare_vl_record, ReasonFile, Tokenizer, VideoProcessor, VideoProcessorConfig, VideoSettings,
+    ReasonFile, Tokenizer, VideoProcessor, VideoProcessorConfig, VideoSettings, VlSkip,
     IGNORE_INDEX, REASONING_INSTRUCTION,
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
@@ -71,7 +75,7 @@ use reel_model::{
     load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
     Workspace,
 };
-use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder};
+use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder, VisionSpError};
 use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
 use reel_rollout::{sample_seed, Engine, Prompt};
 use serde_json::json;
@@ -87,6 +91,7 @@ use crate::grpo::{
     Scorer, UpdateOutcome, ROLLOUTS,
 };
 use crate::vl::{parse_sampling, VlInputs};
+use crate::vl_prefetch::{DecodeCtx, FeedStats, FetchedRecord, PromptFeed};
 
 /// What a VLM GRPO run did: the text trainer's summary and the video counters.
 #[derive(Clone, Debug)]
@@ -99,6 +104,9 @@ pub struct VlGrpoSummary {
     /// Records skipped (malformed, or a missing/undecodable video), counting the file's
     /// malformed lines once and every failed draw.
     pub skipped_records: usize,
+    /// The prompt feed: videos decoded, cache hits not decoded, the most held at once, the
+    /// step's wait for decoded videos.
+    pub prefetch: FeedStats,
 }
 
 /// A drawn record, decoded and encoded: the prompt as the model takes it.
@@ -124,24 +132,30 @@ struct VlPrompt {
 /// What a step's video work cost.
 #[derive(Default)]
 struct VideoTimes {
+    /// Stage 0: drawing records (their videos decoded ahead by the prompt feed).
     decode_s: f64,
+    /// Of that, waiting for the feed's decoded videos.
+    wait_s: f64,
     encode_s: f64,
 }
 
 /// The run's fixed parts.
 struct VlCtx<'a> {
     cfg: &'a GrpoRunConfig,
-    tok: &'a Tokenizer,
     file: &'a ReasonFile,
-    settings: &'a VideoSettings,
-    processor: &'a VideoProcessor,
+    /// The drawn records, planned and decoded ahead in the prompt order.
+    feed: Mutex<PromptFeed>,
     cache: &'a EmbedCache,
     enc: &'a SpVisionEncoder,
-    weights: u64,
     sp: usize,
 }
 
 impl VlCtx<'_> {
+    fn feed_stats(&self) -> FeedStats {
+        let feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        feed.ctx().counters.snapshot()
+    }
+
     /// Whether the scoring and update passes pack each group's samples behind one copy of their
     /// prompt ([`Packing`]): with reuse and `train.share_prompt`.
     fn packs(&self) -> bool {
@@ -152,13 +166,14 @@ impl VlCtx<'_> {
         Duration::from_secs(self.cfg.parallel.timeout_s.max(1))
     }
 
-    /// The merged features of each input's videos [Σ tokens, d]: through the cache (`cached`)
-    /// or straight through the tower, frames split over `sp` ranks.
+    /// The merged features of each input's videos [Σ tokens, d]: through the cache, the pixels
+    /// of missing videos taken from their fetched records (`cached`: one per input), or
+    /// straight through the tower from the inputs' pixels; frames split over `sp` ranks.
     fn encode(
         &self,
         model: &Qwen25VL,
         inputs: &[&VlInputs],
-        cached: bool,
+        cached: Option<(&[&FetchedRecord], &DecodeCtx)>,
     ) -> Result<Vec<Vec<f32>>> {
         let mut keys = Vec::new();
         let (mut pixels, mut grids, mut seconds) = (Vec::new(), Vec::new(), Vec::new());
@@ -168,22 +183,37 @@ impl VlCtx<'_> {
             grids.extend_from_slice(&inp.grids);
             seconds.extend_from_slice(&inp.seconds);
         }
+        // (input, video) of each video, in order.
+        let at: Vec<(usize, usize)> = inputs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, inp)| (0..inp.grids.len()).map(move |k| (j, k)))
+            .collect();
         let d = model.config.text.hidden_size;
         let results = InProcess::spawn(self.sp, self.timeout(), |comm| {
             let mut vws = reel_model::VisionWorkspace::new();
             if grids.is_empty() {
                 return Ok::<_, anyhow::Error>(Vec::new());
             }
-            if cached {
-                let e = self.enc.encode_cached(
+            if let Some((fetched, dec)) = cached {
+                let lazy = |todo: &[usize]| {
+                    let mut px = Vec::new();
+                    for &v in todo {
+                        let (j, k) = at[v];
+                        let p = fetched[j].videos[k].pixels(dec);
+                        px.extend_from_slice(p.map_err(VisionSpError::Pixels)?);
+                    }
+                    Ok(Cow::Owned(px))
+                };
+                let e = self.enc.encode_cached_with(
                     &comm,
                     &model.vision,
                     &mut vws,
                     self.cache,
                     &keys,
-                    &pixels,
                     &grids,
                     &seconds,
+                    lazy,
                 )?;
                 Ok(e)
             } else {
@@ -245,7 +275,7 @@ impl VlCtx<'_> {
                     let t0 = Instant::now();
                     let inputs: Vec<&VlInputs> =
                         micro.iter().map(|s| &prompts[&s.prompt].inputs).collect();
-                    let f = self.encode(vlm, &inputs, false)?;
+                    let f = self.encode(vlm, &inputs, None)?;
                     *encode_s += t0.elapsed().as_secs_f64();
                     Some(f)
                 };
@@ -263,7 +293,8 @@ impl VlCtx<'_> {
     }
 
     /// Draws prompts until `want` records are prepared (skipping and counting bad ones) and
-    /// encodes their videos once.
+    /// encodes their videos once. The records come from the prompt feed, decoded ahead on its
+    /// workers (a video whose embeddings are cached is not decoded).
     fn draw(
         &self,
         model: &Qwen25VL,
@@ -275,29 +306,52 @@ impl VlCtx<'_> {
         let t0 = Instant::now();
         let mut drawn = Vec::with_capacity(want);
         let mut failures = 0;
-        let key_text = self.settings.key_text();
         let max_prompt = self
             .cfg
             .data
             .max_prompt_len
             .min(model.config.text.max_position_embeddings.saturating_sub(1));
+        let mut feed = self.feed.lock().unwrap_or_else(|e| e.into_inner());
+        let dec = feed.ctx().clone();
         while drawn.len() < want {
             let i = sampler.next();
-            match prepare_vl_record(self.file, i, self.tok, self.settings, self.processor, false) {
-                Ok(ex) if ex.tokens.input_ids.len() > max_prompt => {
+            let (draw, waited) = feed.next(i)?;
+            times.wait_s += waited;
+            let draw = draw.and_then(|(plan, fetched)| {
+                // A cached video evicted since it was prefetched is decoded now.
+                for v in &fetched.videos {
+                    if v.key.as_ref().is_some_and(|k| !self.cache.contains(k)) {
+                        v.pixels(&dec)
+                            .map_err(|e| VlSkip::Video(plan.origin.clone(), e).to_string())?;
+                    }
+                }
+                Ok((plan, fetched))
+            });
+            match draw {
+                Ok((plan, _)) if plan.tokens.input_ids.len() > max_prompt => {
                     tracing::warn!(
                         "{}: skipping the record: the prompt has {} tokens, more than \
                          data.max_prompt_len = {} or the model's positions allow",
-                        ex.origin,
-                        ex.tokens.input_ids.len(),
+                        plan.origin,
+                        plan.tokens.input_ids.len(),
                         self.cfg.data.max_prompt_len
                     );
                     *skipped += 1;
                     failures += 1;
                 }
-                Ok(ex) => {
-                    let inputs = VlInputs::new(&ex, &key_text, self.weights);
-                    drawn.push((i, ex, inputs));
+                Ok((plan, fetched)) => {
+                    // Without reuse every pass re-encodes from the pixels, so they are kept.
+                    let pixels = if self.cfg.video.reuse {
+                        Vec::new()
+                    } else {
+                        let all: Vec<usize> = (0..fetched.videos.len()).collect();
+                        fetched
+                            .stacked(&all, &dec)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", plan.origin))?
+                            .into_owned()
+                    };
+                    let inputs = VlInputs::from_plan(&plan, pixels, fetched.keys());
+                    drawn.push((i, plan, inputs, fetched));
                 }
                 Err(skip) => {
                     tracing::warn!("{skip}");
@@ -314,13 +368,16 @@ impl VlCtx<'_> {
                 );
             }
         }
+        drop(feed);
         times.decode_s += t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let refs: Vec<&VlInputs> = drawn.iter().map(|(_, _, inp)| inp).collect();
-        let features = self.encode(model, &refs, self.cfg.video.reuse)?;
+        let refs: Vec<&VlInputs> = drawn.iter().map(|(_, _, inp, _)| inp).collect();
+        let fetched: Vec<&FetchedRecord> = drawn.iter().map(|(_, _, _, f)| f).collect();
+        let cached = self.cfg.video.reuse.then_some((fetched.as_slice(), &*dec));
+        let features = self.encode(model, &refs, cached)?;
         times.encode_s += t1.elapsed().as_secs_f64();
         let mut out = Vec::with_capacity(drawn.len());
-        for ((i, ex, inputs), features) in drawn.into_iter().zip(features) {
+        for ((i, ex, inputs, _), features) in drawn.into_iter().zip(features) {
             let ids = inputs.tokens.clone();
             let rollout = Prompt::vl(
                 model,
@@ -881,20 +938,21 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         .context("the tokenizer has neither a pad nor an eos token")?;
     let stop = crate::accuracy::stop_token_ids(&tok, &model.lm);
     let detok = detokenizer(&tok);
-    let cache = match &cfg.video.cache_dir {
+    let cache = Arc::new(match &cfg.video.cache_dir {
         Some(d) => EmbedCache::with_dir(cfg.video.cache_bytes, d)?,
         None => EmbedCache::new(cfg.video.cache_bytes),
-    };
+    });
     let enc = SpVisionEncoder::new();
+    let weights = weights_fingerprint(&model.vision.params);
+    let feed = prompt_feed(
+        cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
+    );
     let ctx = VlCtx {
         cfg,
-        tok: &tok,
         file: &file,
-        settings: &settings,
-        processor: &processor,
+        feed: Mutex::new(feed),
         cache: &cache,
         enc: &enc,
-        weights: weights_fingerprint(&model.vision.params),
         sp: cfg.parallel.sp,
     };
     let reward = cfg.grpo.reward.build();
@@ -938,7 +996,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                         // video encoded again for it.
                         for j in 0..g {
                             let t0 = Instant::now();
-                            let f = ctx.encode(&model, &[&pr.inputs], false)?.remove(0);
+                            let f = ctx.encode(&model, &[&pr.inputs], None)?.remove(0);
                             extra_encode += t0.elapsed().as_secs_f64();
                             let mut p = params.clone();
                             p.sampling.seed = sample_seed(params.sampling.seed, j);
@@ -1080,8 +1138,13 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             );
             let cs = cache.stats();
             let es = enc.counters.snapshot();
+            let fs = ctx.feed_stats();
             for (k, v) in [
                 ("decode_s", json!(times.decode_s)),
+                ("data_wait_s", json!(times.wait_s)),
+                ("videos_decoded", json!(fs.videos_decoded)),
+                ("decode_cache_skips", json!(fs.cache_skips)),
+                ("videos_in_memory_peak", json!(fs.peak_videos_in_memory)),
                 ("encode_s", json!(times.encode_s + encode_s)),
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
                 ("rollout_device", json!(rollout_device)),
@@ -1135,7 +1198,41 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         cache: cache.stats(),
         encode: enc.counters.snapshot(),
         skipped_records: skipped,
+        prefetch: ctx.feed_stats(),
     })
+}
+
+/// The run's prompt feed: a copy of `sampler` (where the run starts) gives the order; videos
+/// decoded `video.prefetch_workers` threads, `video.prefetch_depth` prompts ahead (a video whose
+/// embeddings `cache` holds is not decoded while MR-SP reuse is on).
+#[allow(clippy::too_many_arguments)]
+fn prompt_feed(
+    cfg: &GrpoRunConfig,
+    file: &ReasonFile,
+    tok: &Tokenizer,
+    settings: &VideoSettings,
+    processor: VideoProcessor,
+    cache: &Arc<EmbedCache>,
+    weights: u64,
+    sampler: &PromptSampler,
+) -> PromptFeed {
+    let dec = DecodeCtx::new(
+        settings.sampling,
+        processor,
+        settings.key_text(),
+        weights,
+        cfg.video.reuse.then(|| cache.clone()),
+    );
+    let mut order = sampler.clone();
+    PromptFeed::new(
+        std::iter::from_fn(move || Some(order.next())),
+        Arc::new(file.clone()),
+        Arc::new(tok.clone()),
+        Arc::new(settings.clone()),
+        Arc::new(dec),
+        cfg.video.prefetch_workers,
+        cfg.video.prefetch_depth.max(1),
+    )
 }
 
 #[cfg(test)]
@@ -1325,9 +1422,8 @@ mod tests {
             sampling: parse_sampling("uniform:8").unwrap(),
             processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
         };
-        let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
         let file = ReasonFile::read(&data).unwrap();
-        let cache = EmbedCache::new(1 << 26);
+        let cache = Arc::new(EmbedCache::new(1 << 26));
         let enc = SpVisionEncoder::new();
         let pad = tok.pad_token_id().unwrap();
         let vid = model.config.video_token_id;
@@ -1338,18 +1434,20 @@ mod tests {
         for (sp, reuse) in [(1usize, false), (1, true), (2, false), (2, true), (3, true)] {
             cfg.parallel.sp = sp;
             cfg.video.reuse = reuse;
+            let mut sampler = PromptSampler::new(file.records.len(), 0);
+            let weights = weights_fingerprint(&model.vision.params);
+            let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
+            let feed = prompt_feed(
+                &cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
+            );
             let ctx = VlCtx {
                 cfg: &cfg,
-                tok: &tok,
                 file: &file,
-                settings: &settings,
-                processor: &processor,
+                feed: Mutex::new(feed),
                 cache: &cache,
                 enc: &enc,
-                weights: weights_fingerprint(&model.vision.params),
                 sp,
             };
-            let mut sampler = PromptSampler::new(file.records.len(), 0);
             let (prompts, samples) = fake_samples(&ctx, &model, &mut sampler);
             let refs: Vec<&Sample> = samples.iter().collect();
             let mb: Vec<Vec<&Sample>> = refs.chunks(4).map(<[_]>::to_vec).collect();

@@ -11,8 +11,9 @@
 //! Frames are `[N, H, W, 3]` RGB u8 ([`VideoFrames`]). [`sample`] picks frame indices (uniform N
 //! or frames per second with a cap), [`process`] resizes, normalises and patchifies them into
 //! `[grid_t·grid_h·grid_w, 3·T_p·P·P]` rows, [`prefetch`] decodes on worker threads ahead of
-//! compute. [`video_content_hash`] is the content key of a video (file bytes, or a folder's frame
-//! names and bytes).
+//! compute ([`plan_video`]: a video's grid from its header alone, before decoding).
+//! [`video_content_hash`] is the content key of a video (file bytes, or a folder's frame names
+//! and bytes): known without decoding.
 
 pub mod avi;
 pub mod ffmpeg;
@@ -26,7 +27,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub use prefetch::{load_and_process, LoadedVideo, PrefetchStats, Prefetcher};
+pub use prefetch::{
+    load_and_process, plan_video, LoadedVideo, PrefetchStats, Prefetcher, VideoPlan,
+};
 pub use process::{smart_resize, VideoInputs, VideoProcessor, VideoProcessorConfig};
 pub use sample::{sample_indices, FrameSampling};
 
@@ -268,8 +271,13 @@ impl SampledVideo {
     /// Frames per second of the sampled frames, as transformers' `VideoMetadata.sampled_fps`:
     /// `len(indices) / num_frames · fps`.
     pub fn sampled_fps(&self) -> f64 {
-        self.indices.len() as f64 / self.meta.num_frames as f64 * self.meta.fps
+        sampled_fps(&self.meta, self.indices.len())
     }
+}
+
+/// Frames per second of `n` frames sampled from a video of `meta`: `n / num_frames · fps`.
+pub fn sampled_fps(meta: &VideoMeta, n: usize) -> f64 {
+    n as f64 / meta.num_frames as f64 * meta.fps
 }
 
 /// Opens, samples and decodes `path` in one call.

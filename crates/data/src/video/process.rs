@@ -246,6 +246,15 @@ impl VideoProcessor {
         smart_resize(height, width, c.factor(), c.min_pixels, c.max_pixels)
     }
 
+    /// `[grid_t, grid_h, grid_w]` of `n_frames` frames of `height × width`: the resized size
+    /// in patches, the frame count padded to a multiple of T_p in temporal patches.
+    pub fn grid(&self, height: usize, width: usize, n_frames: usize) -> Result<[usize; 3], String> {
+        let c = &self.config;
+        let (rh, rw) = self.target_size(height, width)?;
+        let tp = c.temporal_patch_size;
+        Ok([n_frames.div_ceil(tp), rh / c.patch_size, rw / c.patch_size])
+    }
+
     /// Preprocesses sampled frames (their `sampled_fps` gives `second_per_grid_ts`).
     pub fn process_sampled(&self, video: &SampledVideo, path: &Path) -> VideoResult<VideoInputs> {
         self.process(&video.frames, video.sampled_fps(), path)
@@ -280,8 +289,12 @@ impl VideoProcessor {
             &resized
         };
         let (p, tp, m) = (c.patch_size, c.temporal_patch_size, c.merge_size);
-        let n_padded = n.div_ceil(tp) * tp;
-        let (gt, gh, gw) = (n_padded / tp, rh / p, rw / p);
+        let [gt, gh, gw] =
+            self.grid(frames.height, frames.width, n)
+                .map_err(|msg| VideoError::Unsupported {
+                    path: path.to_path_buf(),
+                    msg,
+                })?;
         let patch_dim = c.patch_dim();
 
         // Fused rescale + normalise, as transformers: (x - mean/r) / (std/r) in f32.

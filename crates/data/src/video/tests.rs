@@ -403,6 +403,109 @@ fn prefetcher_skips_bad_videos_and_keeps_order() {
     drop(pf);
 }
 
+/// `path` with the JPEG start marker of frame `k` overwritten: the container still parses, that
+/// frame no longer decodes.
+fn corrupt_frame(path: &Path, k: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = bytes
+        .windows(3)
+        .enumerate()
+        .filter(|(_, w)| *w == [0xff, 0xd8, 0xff])
+        .map(|(i, _)| i)
+        .nth(k)
+        .expect("frame k exists");
+    bytes[at..at + 3].copy_from_slice(&[0, 0, 0]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_plan_from_the_header_is_what_decoding_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = VideoProcessor::new(VideoProcessorConfig {
+        min_pixels: 28 * 28,
+        max_pixels: 56 * 84,
+        ..Default::default()
+    })
+    .unwrap();
+    // Odd sizes (resized), frame counts that need temporal padding, every sampling mode.
+    for (n, w, h, fps) in [(5, 30, 22, 4.0), (9, 70, 44, 25.0), (2, 28, 28, 1.0)] {
+        let p = dir.path().join(format!("v{n}.avi"));
+        write_mjpeg_avi(&p, &smooth_frames(n, w, h), fps, 90).unwrap();
+        for sampling in [
+            FrameSampling::All,
+            FrameSampling::Uniform { frames: 3 },
+            FrameSampling::fps(2.0),
+        ] {
+            let plan = plan_video(&p, &sampling, &proc).unwrap();
+            let got = load_and_process(&p, &sampling, &proc).unwrap();
+            assert_eq!(plan.indices, got.indices, "{n} frames, {sampling:?}");
+            assert_eq!(plan.video_grid_thw, got.inputs.video_grid_thw);
+            assert_eq!(plan.second_per_grid_ts, got.inputs.second_per_grid_ts);
+            assert_eq!(plan.num_video_tokens(2), got.inputs.num_video_tokens(2));
+        }
+    }
+    // A missing file or a damaged container fails the plan, naming it; a frame that does not
+    // decode passes the plan (headers only) and fails the decode.
+    let bad = dir.path().join("bad.avi");
+    std::fs::write(&bad, b"RIFF garbage").unwrap();
+    let e = plan_video(&bad, &FrameSampling::All, &proc).unwrap_err();
+    assert!(e.to_string().contains("bad.avi"), "{e}");
+    assert!(plan_video(&dir.path().join("nope.avi"), &FrameSampling::All, &proc).is_err());
+    let frame = dir.path().join("frame.avi");
+    write_mjpeg_avi(&frame, &smooth_frames(4, 28, 28), 4.0, 90).unwrap();
+    corrupt_frame(&frame, 2);
+    plan_video(&frame, &FrameSampling::All, &proc).unwrap();
+    let e = load_and_process(&frame, &FrameSampling::All, &proc).unwrap_err();
+    assert!(e.to_string().contains("frame.avi"), "{e}");
+}
+
+#[test]
+fn prefetcher_over_an_endless_sequence_stays_bounded_and_inline_gives_the_same() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for (workers, capacity) in [(0, 1), (1, 1), (2, 3), (4, 2)] {
+        // Jobs started so far: never more than `capacity` ahead of what was taken.
+        let started = Arc::new(AtomicUsize::new(0));
+        let s = started.clone();
+        let mut pf = Prefetcher::from_iter(0usize.., workers, capacity, move |&i: &usize| {
+            s.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            if i % 4 == 3 {
+                Err(VideoError::Config(format!("item {i} is bad")))
+            } else {
+                Ok(i * i)
+            }
+        });
+        for taken in 0..12 {
+            let (i, out) = pf.next_result().unwrap();
+            assert_eq!(i, taken);
+            match out {
+                Ok(v) => assert_eq!(v, i * i),
+                Err(e) => assert!(i % 4 == 3 && e.to_string().contains("is bad"), "{e}"),
+            }
+            let ahead = started.load(Ordering::SeqCst) - (taken + 1);
+            assert!(
+                ahead <= capacity,
+                "{workers} workers: {ahead} ahead of {taken}"
+            );
+        }
+        let st = pf.stats();
+        assert_eq!((st.ok, st.skipped), (9, 3), "{workers} workers");
+        if workers == 0 {
+            // Inline: nothing runs ahead, and the wait is the jobs' own time.
+            assert_eq!(started.load(Ordering::SeqCst), 12);
+            assert!(st.wait_secs >= 0.012, "{st:?}");
+        }
+        drop(pf);
+    }
+    // A finite sequence ends, inline or not.
+    for workers in [0, 2] {
+        let mut pf = Prefetcher::from_iter(0..3usize, workers, 2, |&i: &usize| Ok(i));
+        assert_eq!(pf.by_ref().map(|(_, v)| v).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(pf.next_result().is_none());
+    }
+}
+
 // ---- Golden fixture: transformers' Qwen2VLVideoProcessor (scripts/make_video_fixture.py) ----
 
 fn fixture_dir() -> PathBuf {
