@@ -9,15 +9,18 @@
 //! sequence on one GPU; bytes each GPU sends per step (measured by the communicator's counters,
 //! the plan's count, and the ring formula 16·N·d_kv·(P−1)/P: K‖V bf16 to every other rank in
 //! the forward and again in the backward, dK‖dV f32 back); and the longest sequence that ran.
+//! Then the same for `GpuUlysses`: pure Ulysses (all-to-all over heads, causal and full) where
+//! P divides H_kv, and the hybrid u × r (Ulysses groups × balanced DistAttn over the groups) for
+//! the largest u with 1 < u < P dividing both P and H_kv.
 //! A failing row (out of memory, say) ends the run: the ranks' communicator is aborted.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use reel_comm::Communicator;
-use reel_cuda::{Gpu, GpuDistAttn, NcclComm};
+use reel_cuda::{Gpu, GpuDistAttn, GpuSpStats, GpuUlysses, NcclComm, NcclP2p};
 use reel_kernels::attention::AttnShape;
-use reel_parallel::{Overlap, Pass, ScheduleKind, Sharding};
+use reel_parallel::{Overlap, Pass, ScheduleKind, Sharding, UlyssesGrid};
 use reel_tensor::bf16;
 use serde_json::{json, Value};
 
@@ -65,18 +68,17 @@ pub fn run(seqs: &[usize], reps: usize, as_json: bool) -> Result<Value> {
         let single_causal = single_gpu_ms(&gpu, (1, t, h, h_kv, d), true, 1, iters).ok();
         let single_full = single_gpu_ms(&gpu, (1, t, h, h_kv, d), false, 1, iters).ok();
         comm.barrier()?;
-        for kind in ScheduleKind::ALL {
+        for (name, kind, grid) in variants(p, h_kv) {
             let single = if kind.is_causal() {
                 single_causal
             } else {
                 single_full
             };
-            match row(&comm, &p2p, &gpu, kind, t, iters, single) {
+            match row(&comm, &p2p, &gpu, (&name, kind, grid), t, iters, single) {
                 Ok(r) => {
                     if lead && !as_json {
                         print_row(&r);
                     }
-                    let name = format!("{kind:?}");
                     match longest.iter_mut().find(|(k, _)| *k == name) {
                         Some(e) => e.1 = t,
                         None => longest.push((name, t)),
@@ -86,9 +88,9 @@ pub fn run(seqs: &[usize], reps: usize, as_json: bool) -> Result<Value> {
                 Err(e) => {
                     let msg = format!("{e:#}");
                     if lead {
-                        eprintln!("{kind:?} T {t}: {msg} (the run stops here)");
+                        eprintln!("{name} T {t}: {msg} (the run stops here)");
                     }
-                    rows.push(json!({"schedule": format!("{kind:?}"), "ranks": p, "t": t,
+                    rows.push(json!({"schedule": name, "ranks": p, "t": t,
                                      "error": msg}));
                     break 'seqs;
                 }
@@ -108,6 +110,65 @@ pub fn run(seqs: &[usize], reps: usize, as_json: bool) -> Result<Value> {
     })
 }
 
+/// (row name, schedule, Ulysses grid) of every row: the DistAttn-family schedules, then pure
+/// Ulysses where P | H_kv and the hybrid with the largest u, 1 < u < P, dividing P and H_kv.
+fn variants(p: usize, h_kv: usize) -> Vec<(String, ScheduleKind, Option<UlyssesGrid>)> {
+    let mut v: Vec<_> = ScheduleKind::ALL
+        .iter()
+        .map(|&k| (format!("{k:?}"), k, None))
+        .collect();
+    if h_kv.is_multiple_of(p) && p > 1 {
+        let g = UlyssesGrid::new(p, 1).ok();
+        v.push(("UlyssesCausal".into(), ScheduleKind::RingCausal, g));
+        v.push(("UlyssesFull".into(), ScheduleKind::RingFull, g));
+    }
+    if let Some(u) = (2..p)
+        .rev()
+        .find(|&u| p.is_multiple_of(u) && h_kv.is_multiple_of(u))
+    {
+        let g = UlyssesGrid::new(u, p / u).ok();
+        let name = format!("Hybrid{u}x{}DistAttn", p / u);
+        v.push((name, ScheduleKind::DistAttnCausal, g));
+    }
+    v
+}
+
+/// The attention a row times.
+enum Sp {
+    Dist(GpuDistAttn),
+    Ulysses(GpuUlysses),
+}
+
+impl Sp {
+    fn planned(&self, rank: usize, pass: Pass) -> u64 {
+        match self {
+            Sp::Dist(e) => e.planned_bytes_sent(rank, pass),
+            Sp::Ulysses(e) => e.planned_bytes_sent(rank, pass),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        gpu: &Gpu,
+        p2p: &NcclP2p<&NcclComm>,
+        [out, dq, dk, dv]: [&mut reel_cuda::DeviceBuf<bf16>; 4],
+        lse: &mut reel_cuda::DeviceBuf<f32>,
+        [q, k, v, dout]: [&reel_cuda::DeviceBuf<bf16>; 4],
+    ) -> reel_cuda::Result<(GpuSpStats, GpuSpStats)> {
+        Ok(match self {
+            Sp::Dist(e) => (
+                e.forward(gpu, p2p, out, lse, q, k, v)?,
+                e.backward(gpu, p2p, dq, dk, dv, dout, q, k, v, out, lse)?,
+            ),
+            Sp::Ulysses(e) => (
+                e.forward(gpu, p2p, out, lse, q, k, v)?,
+                e.backward(gpu, p2p, dq, dk, dv, dout, q, k, v, out, lse)?,
+            ),
+        })
+    }
+}
+
 /// The largest value of `x` over the ranks.
 fn max_over_ranks(comm: &NcclComm, x: f64) -> Result<f64> {
     let mut all = vec![0f32; comm.world_size()];
@@ -118,24 +179,41 @@ fn max_over_ranks(comm: &NcclComm, x: f64) -> Result<f64> {
 #[allow(clippy::too_many_arguments)]
 fn row(
     comm: &NcclComm,
-    p2p: &reel_cuda::NcclP2p<&NcclComm>,
+    p2p: &NcclP2p<&NcclComm>,
     gpu: &Gpu,
-    kind: ScheduleKind,
+    (name, kind, grid): (&str, ScheduleKind, Option<UlyssesGrid>),
     t: usize,
     iters: usize,
     single_ms: Option<f64>,
 ) -> Result<Value> {
     let (p, rank) = (comm.world_size(), comm.rank());
     let (h, h_kv, d) = HEADS;
-    let sh = Sharding::new(t, p, kind.layout())?;
-    let l = sh.local_len();
-    let local = AttnShape {
+    let whole = AttnShape {
         b: 1,
-        tq: l,
-        tk: l,
+        tq: t,
+        tk: t,
         h,
         h_kv,
         d,
+    };
+    let make = |overlap| -> Result<Sp> {
+        Ok(match grid {
+            Some(g) => Sp::Ulysses(GpuUlysses::new(g, whole, kind, overlap)?),
+            None => {
+                let sh = Sharding::new(t, p, kind.layout())?;
+                let l = sh.local_len();
+                let local = AttnShape {
+                    tq: l,
+                    tk: l,
+                    ..whole
+                };
+                Sp::Dist(GpuDistAttn::new(kind.build(p)?, sh, local, overlap)?)
+            }
+        })
+    };
+    let l = match grid {
+        Some(g) => reel_cuda::UlyssesLayout::new(g, whole, kind)?.local_len(),
+        None => Sharding::new(t, p, kind.layout())?.local_len(),
     };
     let (nq, nk, nl) = (l * h * d, l * h_kv * d, l * h);
     let r = rank as u64;
@@ -148,21 +226,28 @@ fn row(
     let mut dq = gpu.alloc_zeros::<bf16>(nq)?;
     let mut dk = gpu.alloc_zeros::<bf16>(nk)?;
     let mut dv = gpu.alloc_zeros::<bf16>(nk)?;
-    let mut exec = GpuDistAttn::new(kind.build(p)?, sh, local, Overlap::Overlapped)?;
-    let planned = exec.planned_bytes_sent(rank, Pass::Forward)
-        + exec.planned_bytes_sent(rank, Pass::Backward);
-    let mut res = json!({"schedule": format!("{kind:?}"), "ranks": p, "t": t, "h": h,
+    let exec = make(Overlap::Overlapped)?;
+    let planned = exec.planned(rank, Pass::Forward) + exec.planned(rank, Pass::Backward);
+    let mut res = json!({"schedule": name, "ranks": p, "t": t, "h": h,
                          "h_kv": h_kv, "d": d, "single_gpu_ms": single_ms});
-    for mode in [Overlap::Overlapped, Overlap::Blocking] {
-        exec.set_overlap(mode);
+    // Pure Ulysses has no ring to overlap: it runs once, as "overlapped" and "blocking" alike.
+    let modes: &[Overlap] = match grid {
+        Some(g) if g.ring() == 1 => &[Overlap::Overlapped],
+        _ => &[Overlap::Overlapped, Overlap::Blocking],
+    };
+    for &mode in modes {
+        let exec = make(mode)?;
         let mut times = Vec::with_capacity(iters);
         let mut bytes = 0u64;
         for it in 0..1 + iters {
             comm.barrier()?;
             let t0 = Instant::now();
-            let fs = exec.forward(gpu, p2p, &mut out, &mut lse, &q, &k, &v)?;
-            let bs = exec.backward(
-                gpu, p2p, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse,
+            let (fs, bs) = exec.step(
+                gpu,
+                p2p,
+                [&mut out, &mut dq, &mut dk, &mut dv],
+                &mut lse,
+                [&q, &k, &v, &dout],
             )?;
             gpu.synchronize()?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -176,7 +261,10 @@ fn row(
             Overlap::Overlapped => "overlapped",
             Overlap::Blocking => "blocking",
         };
-        res[format!("{key}_ms")] = json!(median(times));
+        res[format!("{key}_ms")] = json!(median(times.clone()));
+        if modes.len() == 1 {
+            res["blocking_ms"] = json!(median(times));
+        }
         res["bytes_sent_per_gpu"] = json!(max_over_ranks(comm, bytes as f64)?);
     }
     let n = t as f64;

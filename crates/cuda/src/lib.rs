@@ -44,8 +44,9 @@
 //!   trait, and [`DeviceGroup`], the same plus a sum all-reduce; [`DeviceWorld`], [`DeviceComm`],
 //!   [`DeviceRanks`]; each rank its own stream,
 //!   [`Gpu::open_on_new_stream`]) and, with `cudnn`, sequence-parallel attention schedules over
-//!   any [`DeviceP2p`] ([`GpuDistAttn`], `dist_attn.rs`), with the
-//!   f32 ⇄ bf16 conversions, accumulation and copies they need (`convert.rs`).
+//!   any [`DeviceP2p`] ([`GpuDistAttn`], `dist_attn.rs`; Ulysses and its hybrid with a ring,
+//!   `GpuUlysses` over [`UlyssesLayout`] and [`SubP2p`], `ulysses.rs`), with the f32 ⇄ bf16
+//!   conversions, accumulation, copies and strided copies they need (`convert.rs`).
 //!
 //! Every op is enqueued on the device's stream and returns at once; [`Gpu::download`] and
 //! [`Gpu::synchronize`] wait. Shapes are checked before launch and refused with
@@ -76,6 +77,7 @@ mod paged;
 mod plan;
 #[cfg(feature = "cudnn")]
 mod sp_attn;
+mod ulysses;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
@@ -94,6 +96,9 @@ pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
 #[cfg(feature = "cudnn")]
 pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};
+#[cfg(feature = "cudnn")]
+pub use ulysses::GpuUlysses;
+pub use ulysses::{SubP2p, UlyssesLayout};
 
 use half::bf16;
 

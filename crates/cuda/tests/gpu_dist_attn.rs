@@ -5,11 +5,18 @@
 //! cuDNN attention over the whole sequence within bf16 tolerance. Lengths are not multiples of
 //! the world (padded chunks), GQA, D 64 and 128, B 1 and 2. Opt-in:
 //!
+//!
+//! `GpuUlysses` the same way: pure Ulysses (all-to-all over heads, one cuDNN call on the gathered
+//! sequence) and the hybrid (Ulysses groups × a ring schedule over the groups) at every grid of
+//! world 2–4, causal and full, GQA.
+//!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-cuda --features cudnn --release --test gpu_dist_attn -- --nocapture
 #![cfg(feature = "cudnn")]
 
 mod common;
-use common::sp::{check_gathered, check_stats, executor, reference, run_rank, SpInputs};
+use common::sp::{
+    check_gathered, check_stats, executor, reference, run_rank, ulysses, ulysses_cases, SpInputs,
+};
 use common::*;
 
 use std::time::Duration;
@@ -83,6 +90,50 @@ fn device_sp_attention_matches_single_gpu_attention() {
                     // A failed rank aborts its world: start a fresh one for the next case.
                     ranks = DeviceRanks::open(0, p, Duration::from_secs(60)).unwrap();
                 }
+            }
+        }
+    }
+    assert!(failed.is_empty(), "failing cases: {failed:?}");
+}
+
+#[test]
+fn device_ulysses_matches_single_gpu_attention() {
+    let Some(g) = gpu() else { return };
+    let mut failed = Vec::new();
+    let mut seed = 100;
+    for p in [2usize, 3, 4] {
+        let mut ranks = DeviceRanks::open(0, p, Duration::from_secs(60)).unwrap();
+        for (grid, kind, shape, overlap) in ulysses_cases(p) {
+            seed += 1;
+            let AttnShape {
+                b,
+                tq: t,
+                h,
+                h_kv,
+                d,
+                ..
+            } = shape;
+            let what = format!(
+                "Ulysses {}x{} {kind:?} {overlap:?} b{b} T{t} h{h}/{h_kv} d{d}",
+                grid.ulysses(),
+                grid.ring()
+            );
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let x = SpInputs::new(shape, seed);
+                let full = reference(&g, shape, kind.is_causal(), &x);
+                let (att, sh) = ulysses(grid, kind, shape, overlap);
+                let per_rank = ranks
+                    .run(|_, rg, comm| run_rank(&att, &sh, rg, comm, &x))
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                for (rank, (_, fs, bs)) in per_rank.iter().enumerate() {
+                    check_stats(&att, rank, fs, bs);
+                }
+                let outs: Vec<_> = per_rank.iter().map(|(o, _, _)| o).collect();
+                check_gathered(&what, &sh, shape, &outs, &full);
+            }));
+            if r.is_err() {
+                failed.push(what);
+                ranks = DeviceRanks::open(0, p, Duration::from_secs(60)).unwrap();
             }
         }
     }

@@ -5,7 +5,9 @@
 //! chunks), GQA, D 64 and 128, B 1 and 2: every rank's out, lse, dq, dk, dv, gathered over NCCL,
 //! match single-GPU cuDNN attention over the whole sequence within bf16 tolerance, and each
 //! rank's blocks and bytes sent are its plan's. A second test kills one rank in the middle of a
-//! pass: the other fails with an error within the communicator's timeout. Opt-in:
+//! pass: the other fails with an error within the communicator's timeout. A third runs
+//! `GpuUlysses` (pure Ulysses and every hybrid grid of the world, causal and full, GQA) over NCCL
+//! against the same reference. Opt-in:
 //!
 //!     REEL_GPU_TESTS=1 NCCL_NVLS_ENABLE=0 cargo test -p reel-cuda --features cudnn --release --test gpu_nccl_dist_attn -- --test-threads=1 --nocapture
 //!
@@ -15,7 +17,10 @@
 
 mod common;
 use common::launch::{launch_or_run, local_rank, worlds};
-use common::sp::{check_gathered, check_stats, executor, reference, run_rank, SpInputs, SpOutputs};
+use common::sp::{
+    check_gathered, check_stats, executor, reference, run_rank, ulysses, ulysses_cases, DeviceSp,
+    SpInputs, SpOutputs,
+};
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -84,13 +89,31 @@ fn nccl_case(
     seed: u64,
     what: &str,
 ) {
-    let (p, rank) = (c.world_size(), c.rank());
+    let p = c.world_size();
     let x = SpInputs::new(shape, seed);
     let full = reference(g, shape, kind.is_causal(), &x);
     let (exec, sh) = executor(kind, p, shape, overlap);
+    run_and_gather(c, p2p, g, &exec, &sh, shape, &x, &full, what);
+}
+
+/// Runs this rank's forward and backward, gathers every rank's outputs over NCCL and compares
+/// them with `full`.
+#[allow(clippy::too_many_arguments)]
+fn run_and_gather<E: DeviceSp>(
+    c: &NcclComm,
+    p2p: &NcclP2p<&NcclComm>,
+    g: &Gpu,
+    exec: &E,
+    sh: &reel_parallel::Sharding,
+    shape: AttnShape,
+    x: &SpInputs,
+    full: &SpOutputs,
+    what: &str,
+) {
+    let (p, rank) = (c.world_size(), c.rank());
     let (mine, fs, bs) =
-        run_rank(&exec, &sh, g, p2p, &x).unwrap_or_else(|e| panic!("{what}: rank {rank}: {e}"));
-    check_stats(&exec, rank, &fs, &bs);
+        run_rank(exec, sh, g, p2p, x).unwrap_or_else(|e| panic!("{what}: rank {rank}: {e}"));
+    check_stats(exec, rank, &fs, &bs);
     // Every rank's outputs, gathered over NCCL (rank-major, equal lengths).
     let gathered: Vec<Vec<Vec<f32>>> = mine
         .iter()
@@ -104,7 +127,47 @@ fn nccl_case(
         .map(|r| std::array::from_fn(|i| gathered[i].get(r).cloned().unwrap_or_default()))
         .collect();
     let refs: Vec<&SpOutputs> = per_rank.iter().collect();
-    check_gathered(what, &sh, shape, &refs, &full);
+    check_gathered(what, sh, shape, &refs, full);
+}
+
+#[test]
+fn nccl_ulysses_matches_single_gpu_attention() {
+    if !launch_or_run(
+        "nccl_ulysses_matches_single_gpu_attention",
+        29750,
+        &worlds(),
+    ) {
+        return;
+    }
+    let (c, g) = open(Duration::from_secs(120));
+    let p2p = c.device_p2p(&g).unwrap();
+    let (p, rank) = (c.world_size(), c.rank());
+    let mut failed = Vec::new();
+    for (seed, (grid, kind, shape, overlap)) in (101..).zip(ulysses_cases(p)) {
+        let AttnShape {
+            b,
+            tq: t,
+            h,
+            h_kv,
+            d,
+            ..
+        } = shape;
+        let what = format!(
+            "NCCL Ulysses {}x{} {kind:?} {overlap:?} b{b} T{t} h{h}/{h_kv} d{d}",
+            grid.ulysses(),
+            grid.ring()
+        );
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let x = SpInputs::new(shape, seed);
+            let full = reference(&g, shape, kind.is_causal(), &x);
+            let (att, sh) = ulysses(grid, kind, shape, overlap);
+            run_and_gather(&c, &p2p, &g, &att, &sh, shape, &x, &full, &what);
+        }));
+        if r.is_err() {
+            failed.push(what);
+        }
+    }
+    assert!(failed.is_empty(), "rank {rank}: failing cases: {failed:?}");
 }
 
 /// An `NcclP2p` whose process exits (as if killed) at its `posts`-th post.

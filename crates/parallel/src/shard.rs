@@ -7,6 +7,9 @@
 //! - zigzag: 2P chunks of `c = T_pad / 2P`, rank r holds chunk r then chunk `2P−1−r`, so every rank
 //!   holds as much early (cheap under a causal mask) as late (expensive) work.
 //!
+//! [`Sharding::with_chunk_multiple`] rounds the chunk length up to a multiple of m (more padding at
+//! the end): the device Ulysses hybrid cuts each ring chunk evenly over its u group members.
+//!
 //! Global rows `≥ T` are padding. Because padding sits at the end of the sequence, within a chunk
 //! the valid tokens are always a prefix (`chunk_valid_len`); a causal query never sees a padded key,
 //! and executors hand the kernels only the valid prefix of each chunk. Tensors are `[B, T, W]`
@@ -93,6 +96,13 @@ pub struct Sharding {
     seq_len: usize,
     ranks: usize,
     layout: Layout,
+    /// Chunk lengths are a multiple of this (default 1: no extra padding).
+    #[serde(skip_serializing_if = "is_one")]
+    chunk_multiple: usize,
+}
+
+fn is_one(m: &usize) -> bool {
+    *m == 1
 }
 
 impl Sharding {
@@ -104,7 +114,22 @@ impl Sharding {
             seq_len,
             ranks,
             layout,
+            chunk_multiple: 1,
         })
+    }
+
+    /// The same sharding with every chunk's length rounded up to a multiple of `m` (padding at
+    /// the end of the sequence, as always); `m = 0` is treated as 1.
+    pub fn with_chunk_multiple(self, m: usize) -> Self {
+        Sharding {
+            chunk_multiple: m.max(1),
+            ..self
+        }
+    }
+
+    /// What chunk lengths are a multiple of (1 unless [`Sharding::with_chunk_multiple`]).
+    pub fn chunk_multiple(&self) -> usize {
+        self.chunk_multiple
     }
 
     /// T, the unpadded length.
@@ -124,9 +149,10 @@ impl Sharding {
         self.layout.num_chunks(self.ranks)
     }
 
-    /// T rounded up to a multiple of the chunk count.
+    /// T rounded up to a multiple of the chunk count (times the chunk multiple).
     pub fn padded_len(&self) -> usize {
-        self.seq_len.div_ceil(self.num_chunks()) * self.num_chunks()
+        let n = self.num_chunks() * self.chunk_multiple;
+        self.seq_len.div_ceil(n) * n
     }
 
     /// L: rows each rank holds, padding included.
@@ -388,6 +414,35 @@ mod tests {
     const TS: [usize; 6] = [0, 1, 5, 16, 17, 100];
     const PS: [usize; 6] = [1, 2, 3, 4, 6, 8];
     const LAYOUTS: [Layout; 2] = [Layout::Contiguous, Layout::Zigzag];
+
+    #[test]
+    fn chunk_multiple_pads_each_chunk_to_a_multiple() {
+        // T = 10 over 2 ranks, chunks a multiple of 3: chunk 6, padded 12.
+        let s = Sharding::new(10, 2, Layout::Contiguous)
+            .unwrap()
+            .with_chunk_multiple(3);
+        assert_eq!((s.padded_len(), s.local_len(), s.chunk_len()), (12, 6, 6));
+        assert_eq!((s.chunk_valid_len(0), s.chunk_valid_len(1)), (6, 4));
+        // Equal to the contiguous sharding over 2 × 3 = 6 ranks, grouped by 3.
+        let fine = Sharding::new(10, 6, Layout::Contiguous).unwrap();
+        for t in TS {
+            for (r, u) in [(1, 2), (2, 2), (3, 4), (2, 3)] {
+                let g = Sharding::new(t, r, Layout::Contiguous)
+                    .unwrap()
+                    .with_chunk_multiple(u);
+                let f = Sharding::new(t, r * u, Layout::Contiguous).unwrap();
+                assert_eq!(g.local_len(), u * f.local_len(), "T {t} r {r} u {u}");
+                assert_eq!(g.padded_len(), f.padded_len(), "T {t} r {r} u {u}");
+            }
+        }
+        assert_eq!(fine.local_len() * 3, s.local_len());
+        assert_eq!(
+            Sharding::new(10, 2, Layout::Zigzag)
+                .unwrap()
+                .chunk_multiple(),
+            1
+        );
+    }
 
     #[test]
     fn geometry_of_small_cases() {

@@ -1,11 +1,12 @@
 //! What the device sequence-parallel attention tests share (in-process ranks in
 //! `gpu_dist_attn.rs`, NCCL processes in `gpu_nccl_dist_attn.rs`): one case's inputs, single-GPU
 //! cuDNN attention over the whole sequence as the reference, one rank's forward + backward
-//! through `GpuDistAttn` over any `DeviceP2p`, and the comparison of the gathered results.
+//! through `GpuDistAttn` or `GpuUlysses` ([`DeviceSp`]) over any `DeviceP2p`, and the comparison
+//! of the gathered results.
 
-use reel_cuda::{DeviceP2p, Gpu, GpuDistAttn, GpuSpStats};
+use reel_cuda::{DeviceP2p, Gpu, GpuDistAttn, GpuSpStats, GpuUlysses};
 use reel_kernels::attention::{AttnMask, AttnShape};
-use reel_parallel::{Overlap, Pass, ScheduleKind, Sharding};
+use reel_parallel::{Overlap, Pass, ScheduleKind, Sharding, UlyssesGrid};
 use reel_tensor::{bf16, rng, uniform_vec, Tolerance};
 
 use super::{compare, poison, to_t, widen};
@@ -95,17 +96,119 @@ pub fn executor(
     (exec, sh)
 }
 
+/// A device sequence-parallel attention: `GpuDistAttn` or `GpuUlysses`.
+pub trait DeviceSp {
+    /// The per-rank shape.
+    fn local(&self) -> AttnShape;
+    fn blocks(&self, rank: usize) -> usize;
+    fn bytes(&self, rank: usize, pass: Pass) -> u64;
+    #[allow(clippy::too_many_arguments)]
+    fn fwd<C: DeviceP2p + ?Sized>(
+        &self,
+        g: &Gpu,
+        comm: &C,
+        out: &mut reel_cuda::DeviceBuf<bf16>,
+        lse: &mut reel_cuda::DeviceBuf<f32>,
+        q: &reel_cuda::DeviceBuf<bf16>,
+        k: &reel_cuda::DeviceBuf<bf16>,
+        v: &reel_cuda::DeviceBuf<bf16>,
+    ) -> reel_cuda::Result<GpuSpStats>;
+    #[allow(clippy::too_many_arguments)]
+    fn bwd<C: DeviceP2p + ?Sized>(
+        &self,
+        g: &Gpu,
+        comm: &C,
+        dq: &mut reel_cuda::DeviceBuf<bf16>,
+        dk: &mut reel_cuda::DeviceBuf<bf16>,
+        dv: &mut reel_cuda::DeviceBuf<bf16>,
+        dout: &reel_cuda::DeviceBuf<bf16>,
+        q: &reel_cuda::DeviceBuf<bf16>,
+        k: &reel_cuda::DeviceBuf<bf16>,
+        v: &reel_cuda::DeviceBuf<bf16>,
+        out: &reel_cuda::DeviceBuf<bf16>,
+        lse: &reel_cuda::DeviceBuf<f32>,
+    ) -> reel_cuda::Result<GpuSpStats>;
+}
+
+macro_rules! device_sp {
+    ($t:ty, $local:expr, $blocks:expr) => {
+        impl DeviceSp for $t {
+            fn local(&self) -> AttnShape {
+                $local(self)
+            }
+            fn blocks(&self, rank: usize) -> usize {
+                $blocks(self, rank)
+            }
+            fn bytes(&self, rank: usize, pass: Pass) -> u64 {
+                self.planned_bytes_sent(rank, pass)
+            }
+            fn fwd<C: DeviceP2p + ?Sized>(
+                &self,
+                g: &Gpu,
+                comm: &C,
+                out: &mut reel_cuda::DeviceBuf<bf16>,
+                lse: &mut reel_cuda::DeviceBuf<f32>,
+                q: &reel_cuda::DeviceBuf<bf16>,
+                k: &reel_cuda::DeviceBuf<bf16>,
+                v: &reel_cuda::DeviceBuf<bf16>,
+            ) -> reel_cuda::Result<GpuSpStats> {
+                self.forward(g, comm, out, lse, q, k, v)
+            }
+            fn bwd<C: DeviceP2p + ?Sized>(
+                &self,
+                g: &Gpu,
+                comm: &C,
+                dq: &mut reel_cuda::DeviceBuf<bf16>,
+                dk: &mut reel_cuda::DeviceBuf<bf16>,
+                dv: &mut reel_cuda::DeviceBuf<bf16>,
+                dout: &reel_cuda::DeviceBuf<bf16>,
+                q: &reel_cuda::DeviceBuf<bf16>,
+                k: &reel_cuda::DeviceBuf<bf16>,
+                v: &reel_cuda::DeviceBuf<bf16>,
+                out: &reel_cuda::DeviceBuf<bf16>,
+                lse: &reel_cuda::DeviceBuf<f32>,
+            ) -> reel_cuda::Result<GpuSpStats> {
+                self.backward(g, comm, dq, dk, dv, dout, q, k, v, out, lse)
+            }
+        }
+    };
+}
+
+device_sp!(
+    GpuDistAttn,
+    |e: &GpuDistAttn| e.executor().local_shape(),
+    |e: &GpuDistAttn, r| e.executor().planned_blocks(r)
+);
+device_sp!(
+    GpuUlysses,
+    |e: &GpuUlysses| e.layout().local_shape(),
+    |e: &GpuUlysses, r| e.planned_blocks(r)
+);
+
+/// Ulysses over `grid` for the whole-sequence `shape` (`kind`: the ring's schedule, or the
+/// causality when r = 1), and its token sharding.
+pub fn ulysses(
+    grid: UlyssesGrid,
+    kind: ScheduleKind,
+    shape: AttnShape,
+    overlap: Overlap,
+) -> (GpuUlysses, Sharding) {
+    let u = GpuUlysses::new(grid, shape, kind, overlap).unwrap();
+    let sh = u.layout().sharding();
+    (u, sh)
+}
+
 /// Rank `rank`'s forward and backward on its shards of `x` (outputs poisoned first); its
 /// out, lse, dq, dk, dv and the two passes' stats.
-pub fn run_rank<C: DeviceP2p + ?Sized>(
-    exec: &GpuDistAttn,
+pub fn run_rank<E: DeviceSp, C: DeviceP2p + ?Sized>(
+    exec: &E,
     sh: &Sharding,
     g: &Gpu,
     comm: &C,
     x: &SpInputs,
 ) -> reel_cuda::Result<(SpOutputs, GpuSpStats, GpuSpStats)> {
     let rank = comm.rank();
-    let AttnShape { b, h, h_kv, d, .. } = exec.executor().local_shape();
+    let AttnShape { b, h, h_kv, d, .. } = exec.local();
     let (qw, kw, l) = (h * d, h_kv * d, sh.local_len());
     let zero = bf16::from_f32(0.0);
     let up = |v: &[bf16], w: usize| g.upload(&sh.shard(v, b, w, rank, zero).unwrap());
@@ -117,11 +220,11 @@ pub fn run_rank<C: DeviceP2p + ?Sized>(
     );
     let mut out = g.upload(&poison::<bf16>(b * l * qw))?;
     let mut lse = g.upload(&poison::<f32>(b * l * h))?;
-    let fs = exec.forward(g, comm, &mut out, &mut lse, &qd, &kd, &vd)?;
+    let fs = exec.fwd(g, comm, &mut out, &mut lse, &qd, &kd, &vd)?;
     let mut dq = g.upload(&poison::<bf16>(b * l * qw))?;
     let mut dk = g.upload(&poison::<bf16>(b * l * kw))?;
     let mut dv = g.upload(&poison::<bf16>(b * l * kw))?;
-    let bs = exec.backward(
+    let bs = exec.bwd(
         g, comm, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse,
     )?;
     Ok((
@@ -138,18 +241,18 @@ pub fn run_rank<C: DeviceP2p + ?Sized>(
 }
 
 /// Asserts that `rank`'s stats are the plan's: every block computed, every planned byte sent.
-pub fn check_stats(exec: &GpuDistAttn, rank: usize, fs: &GpuSpStats, bs: &GpuSpStats) {
-    let planned = exec.executor().planned_blocks(rank);
+pub fn check_stats<E: DeviceSp>(exec: &E, rank: usize, fs: &GpuSpStats, bs: &GpuSpStats) {
+    let planned = exec.blocks(rank);
     assert_eq!(fs.blocks, planned, "rank {rank} forward blocks");
     assert_eq!(bs.blocks, planned, "rank {rank} backward blocks");
     assert_eq!(
         fs.bytes_sent,
-        exec.planned_bytes_sent(rank, Pass::Forward),
+        exec.bytes(rank, Pass::Forward),
         "rank {rank} forward bytes"
     );
     assert_eq!(
         bs.bytes_sent,
-        exec.planned_bytes_sent(rank, Pass::Backward),
+        exec.bytes(rank, Pass::Backward),
         "rank {rank} backward bytes"
     );
 }
@@ -196,4 +299,41 @@ pub fn check_gathered(
             1.5e-2,
         );
     }
+}
+
+/// The Ulysses grids, ring schedules and shapes a world of `p` ranks runs: pure Ulysses
+/// (causal and full), every factorisation u × r with r > 1 (the hybrid: balanced DistAttn, ring
+/// causal and full; u = 1 is the plain ring through the same code), each on a GQA shape with an
+/// odd length (padding) and D 128, and a B 2, D 64 shape without GQA.
+pub fn ulysses_cases(p: usize) -> Vec<(UlyssesGrid, ScheduleKind, AttnShape, Overlap)> {
+    let mut cases = Vec::new();
+    for u in (1..=p).filter(|u| p.is_multiple_of(*u)) {
+        let grid = UlyssesGrid::new(u, p / u).unwrap();
+        let kinds: &[ScheduleKind] = if p / u == 1 {
+            &[ScheduleKind::RingCausal, ScheduleKind::RingFull]
+        } else {
+            &[
+                ScheduleKind::DistAttnCausal,
+                ScheduleKind::RingCausal,
+                ScheduleKind::RingFull,
+            ]
+        };
+        for &kind in kinds {
+            for (b, t, h, h_kv, d, overlap) in [
+                (1, 1000 + p, 4 * u, u, 128, Overlap::Overlapped),
+                (2, 333, 2 * u, 2 * u, 64, Overlap::Blocking),
+            ] {
+                let shape = AttnShape {
+                    b,
+                    tq: t,
+                    tk: t,
+                    h,
+                    h_kv,
+                    d,
+                };
+                cases.push((grid, kind, shape, overlap));
+            }
+        }
+    }
+    cases
 }
