@@ -18,7 +18,9 @@
 //!    learnt to see, `--rl-problem-types`), then the held-out accuracy after RL.
 //!
 //! Accuracies before SFT, after SFT and after GRPO are printed side by side, per problem type,
-//! and the runs' metrics are plotted. Everything lands in `--out` (default `runs/demo`): `data/`
+//! with a control: the same questions each asked of another held-out video (`other video`; a
+//! model that reads the video loses accuracy there, one that answers from the question alone
+//! does not), and the runs' metrics are plotted. Everything lands in `--out` (default `runs/demo`): `data/`
 //! (`rl/` the GRPO questions),
 //! `model/` (the initial VLM), `sft/` (metrics.jsonl, metrics.png, checkpoints/), `grpo/`, and
 //! `accuracy.json` with every evaluation.
@@ -86,12 +88,24 @@ struct Judge {
     tok: Tokenizer,
     settings: VideoSettings,
     heldout: std::path::PathBuf,
+    /// The held-out questions, each with the next record's video (the control: what accuracy
+    /// owes to the video).
+    swapped: std::path::PathBuf,
     cache: EmbedCache,
     max_new_tokens: usize,
 }
 
 impl Judge {
     fn accuracy(&self, model_dir: &Path) -> Result<AccuracyReport> {
+        self.accuracy_on(model_dir, &self.heldout)
+    }
+
+    /// Accuracy on the held-out questions asked of other videos ([`swap_videos`]).
+    fn swapped_accuracy(&self, model_dir: &Path) -> Result<AccuracyReport> {
+        self.accuracy_on(model_dir, &self.swapped)
+    }
+
+    fn accuracy_on(&self, model_dir: &Path, questions: &Path) -> Result<AccuracyReport> {
         let m = reel_model::load_vl_checkpoint(model_dir)
             .with_context(|| format!("loading {}", model_dir.display()))?;
         let opts = AccuracyOptions {
@@ -103,16 +117,36 @@ impl Judge {
             gpu_f32: true,
             ..AccuracyOptions::default()
         };
-        let (report, _) = eval_vl_accuracy(
-            &m,
-            &self.tok,
-            &self.heldout,
-            &self.settings,
-            &self.cache,
-            &opts,
-        )?;
+        let (report, _) =
+            eval_vl_accuracy(&m, &self.tok, questions, &self.settings, &self.cache, &opts)?;
         Ok(report)
     }
+}
+
+/// Writes `to`: the records of `from` with each record's videos replaced by the next record's
+/// (the last takes the first's), in the same folder so the relative video paths still resolve.
+/// A model that reads the video loses accuracy on it; one that answers from the question alone
+/// scores the same.
+fn swap_videos(from: &Path, to: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
+    let mut records: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing {}", from.display()))?;
+    let videos: Vec<serde_json::Value> = records.iter().map(|r| r["videos"].clone()).collect();
+    for (i, r) in records.iter_mut().enumerate() {
+        r["videos"] = videos[(i + 1) % videos.len()].clone();
+    }
+    let mut out = String::new();
+    for r in &records {
+        out.push_str(&serde_json::to_string(r)?);
+        out.push('\n');
+    }
+    reel_train::write_atomic(to, out.as_bytes())?;
+    Ok(())
 }
 
 fn pct(r: &AccuracyReport, ty: Option<&str>) -> String {
@@ -210,9 +244,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             processor: VideoProcessorConfig::from_dir(&model_dir)?,
         },
         heldout: data.join("heldout.jsonl"),
+        swapped: data.join("heldout-swapped.jsonl"),
         cache: EmbedCache::new(1 << 30),
         max_new_tokens: v.max_new_tokens,
     };
+    swap_videos(&judge.heldout, &judge.swapped)?;
     let m0 = reel_model::load_vl_checkpoint(&model_dir)?;
     println!(
         "model: Qwen2.5-VL, decoder {} wide × {} layers ({:.2} M parameters), vision tower {:.2} M \
@@ -277,14 +313,21 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         520,
     )?;
     let after_sft = judge.accuracy(&summary.final_model_dir)?;
+    let sft_swapped = judge.swapped_accuracy(&summary.final_model_dir)?;
     println!(
-        "held-out accuracy after SFT: {} (format {:.0}%)",
+        "held-out accuracy after SFT: {} (format {:.0}%); {} with each question asked of another \
+         video",
         pct(&after_sft, None),
-        100.0 * after_sft.overall.format_rate
+        100.0 * after_sft.overall.format_rate,
+        pct(&sft_swapped, None)
     );
 
     // 5. GRPO.
-    let after_grpo = grpo_stage(args, &out, &summary.final_model_dir, &judge)?;
+    let (after_grpo, grpo_swapped) = match grpo_stage(args, &out, &summary.final_model_dir, &judge)?
+    {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
 
     // Side by side.
     let mut types: Vec<&str> = after_sft.per_type.keys().map(String::as_str).collect();
@@ -322,10 +365,23 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         fmt(&after_sft),
         after_grpo.as_ref().map_or("-".into(), fmt)
     );
+    println!(
+        "{:<14} {:>10} {:>10} {:>10}",
+        "other video",
+        "-",
+        pct(&sft_swapped, None),
+        grpo_swapped.as_ref().map_or("-".into(), |r| pct(r, None))
+    );
+    println!(
+        "(\"other video\": every held-out question asked of the next question's video; the gap to \
+         \"all\" is what the answers owe to the video)"
+    );
     let record = serde_json::json!({
         "before_sft": before,
         "after_sft": after_sft,
         "after_grpo": after_grpo,
+        "after_sft_other_video": sft_swapped,
+        "after_grpo_other_video": grpo_swapped,
     });
     reel_train::write_atomic(
         out.join("accuracy.json"),
@@ -352,7 +408,7 @@ fn grpo_stage(
     out: &Path,
     sft_model: &Path,
     judge: &Judge,
-) -> Result<Option<AccuracyReport>> {
+) -> Result<Option<(AccuracyReport, AccuracyReport)>> {
     if args.grpo_steps() == 0 {
         println!("\nGRPO stage skipped (--grpo-steps 0)");
         return Ok(None);
@@ -427,10 +483,13 @@ fn grpo_stage(
         260 * keys.len() as u32,
     )?;
     let report = judge.accuracy(&s.run.final_model_dir)?;
+    let swapped = judge.swapped_accuracy(&s.run.final_model_dir)?;
     println!(
-        "held-out accuracy after GRPO: {} (format {:.0}%)",
+        "held-out accuracy after GRPO: {} (format {:.0}%); {} with each question asked of another \
+         video",
         pct(&report, None),
-        100.0 * report.overall.format_rate
+        100.0 * report.overall.format_rate,
+        pct(&swapped, None)
     );
-    Ok(Some(report))
+    Ok(Some((report, swapped)))
 }

@@ -1539,7 +1539,10 @@ mod tests {
                     // to the step's float noise.
                     let tiny = |i: usize| g1[i].abs() < 1e-6;
                     let pick = |x: &[f32], keep: bool| -> Vec<f32> {
-                        (0..x.len()).filter(|&i| tiny(i) != keep).map(|i| x[i]).collect()
+                        (0..x.len())
+                            .filter(|&i| tiny(i) != keep)
+                            .map(|i| x[i])
+                            .collect()
                     };
                     reel_tensor::check_close(
                         &format!("sp {sp} reuse {reuse} parameters after one update"),
