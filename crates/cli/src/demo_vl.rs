@@ -14,8 +14,8 @@
 //!    in-process ranks (each video encoded once, split over the ranks; decoder shards through
 //!    DistAttn), the loss curve printed; held-out accuracy after SFT.
 //! 5. GRPO from the SFT model (`--grpo-steps`; 0 skips it) on the questions of fresh videos
-//!    (`--rl-videos`, in neither the SFT nor the held-out set; by default of the kind SFT
-//!    learnt to see, `--rl-problem-types`), then the held-out accuracy after RL.
+//!    (`--rl-videos`, in neither the SFT nor the held-out set; by default of the held-out
+//!    kinds, `--rl-problem-types`), then the held-out accuracy after RL.
 //!
 //! Accuracies before SFT, after SFT and after GRPO are printed side by side, per problem type,
 //! with a control: the same questions each asked of another held-out video (`other video`; a
@@ -70,9 +70,13 @@ pub struct VideoDemoArgs {
     /// Fresh videos (in neither the SFT nor the held-out set) whose questions GRPO trains on.
     #[arg(long, default_value_t = 600)]
     pub rl_videos: usize,
-    /// Problem types of the GRPO questions, comma-separated (default: the kind a frozen random
-    /// tower lets a tiny model see after SFT).
-    #[arg(long, value_delimiter = ',', default_value = "counting")]
+    /// Problem types of the GRPO questions, comma-separated (default: the held-out kinds; a
+    /// kind left out of GRPO drifts, and loses its format, under the updates of the others).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "temporal,counting,spatial"
+    )]
     pub rl_problem_types: Vec<String>,
     /// Most tokens of a greedy answer (and of a GRPO sample).
     #[arg(long, default_value_t = 128)]
