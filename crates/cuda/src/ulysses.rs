@@ -336,6 +336,22 @@ mod exec {
     }
 
     impl Parts {
+        /// Zeroed buffers of the same lengths (a receive for these parts).
+        fn zeros_like(&self, gpu: &Gpu) -> Result<Parts> {
+            Ok(Parts {
+                bf: self
+                    .bf
+                    .iter()
+                    .map(|x| gpu.alloc_zeros(x.len()))
+                    .collect::<Result<_>>()?,
+                f: self
+                    .f
+                    .iter()
+                    .map(|x| gpu.alloc_zeros(x.len()))
+                    .collect::<Result<_>>()?,
+            })
+        }
+
         fn parts(&self) -> Vec<DevPart> {
             let mut p: Vec<DevPart> = self.bf.iter().map(DevPart::of).collect();
             p.extend(self.f.iter().map(DevPart::of));
@@ -708,17 +724,7 @@ mod exec {
                 let r = if j == me {
                     Parts::default()
                 } else {
-                    Parts {
-                        bf: p
-                            .bf
-                            .iter()
-                            .map(|x| gpu.alloc_zeros(x.len()))
-                            .collect::<Result<_>>()?,
-                        f: p.f
-                            .iter()
-                            .map(|x| gpu.alloc_zeros(x.len()))
-                            .collect::<Result<_>>()?,
-                    }
+                    p.zeros_like(gpu)?
                 };
                 sends.push(p);
                 recvs.push(r);
@@ -831,17 +837,7 @@ mod exec {
                 let r = if j == me {
                     Parts::default()
                 } else {
-                    Parts {
-                        bf: p
-                            .bf
-                            .iter()
-                            .map(|x| gpu.alloc_zeros(x.len()))
-                            .collect::<Result<_>>()?,
-                        f: p.f
-                            .iter()
-                            .map(|x| gpu.alloc_zeros(x.len()))
-                            .collect::<Result<_>>()?,
-                    }
+                    p.zeros_like(gpu)?
                 };
                 sends.push(p);
                 recvs.push(r);
