@@ -47,9 +47,9 @@ pub use video::{
 };
 pub use video_synth::{write_synth_dataset, SynthVideoConfig};
 pub use vl_data::{
-    load_vl_examples, load_vl_plans, plan_vl_record, prepare_vl_record, tokenize_vl_record,
-    VideoSettings, VlExample, VlLoadReport, VlRecordPlan, VlSkip, VlVideo, VlVideoPlan, VIDEO_PAD,
-    VISION_SPECIAL_TOKENS,
+    load_vl_examples, load_vl_plans, plan_vl_record, prepare_vl_record, stream_vl_examples,
+    tokenize_vl_record, VideoSettings, VlExample, VlLoadReport, VlRecordPlan, VlSkip, VlVideo,
+    VlVideoPlan, VIDEO_PAD, VISION_SPECIAL_TOKENS,
 };
 
 /// Everything that can go wrong reading data. Messages name the file (and 1-based line) involved.

@@ -273,9 +273,33 @@ pub fn load_vl_examples(
     settings: &VideoSettings,
     with_target: bool,
 ) -> Result<(Vec<VlExample>, VlLoadReport)> {
-    load_records(path, settings, |file, i, processor| {
-        prepare_vl_record(file, i, tok, settings, processor, with_target)
-    })
+    collect(|f| stream_vl_examples(path, tok, settings, with_target, 0, 1, f))
+}
+
+/// [`load_vl_examples`] that hands each good record to `f` in file order as soon as it is ready
+/// instead of holding them all: records are prepared (videos decoded and processed) on `workers`
+/// threads (0: on the caller's), at most `depth` ahead of `f`, so about `depth + workers`
+/// records' pixels at most are in memory at once. Skips are warned about and reported as there;
+/// an error from `f` stops the stream and is returned.
+pub fn stream_vl_examples<E: From<DataError>>(
+    path: &Path,
+    tok: &Tokenizer,
+    settings: &VideoSettings,
+    with_target: bool,
+    workers: usize,
+    depth: usize,
+    f: impl FnMut(VlExample) -> std::result::Result<(), E>,
+) -> std::result::Result<VlLoadReport, E> {
+    stream_records(
+        path,
+        tok,
+        settings,
+        (workers, depth),
+        move |file, i, tok, settings, processor| {
+            prepare_vl_record(file, i, tok, settings, processor, with_target)
+        },
+        f,
+    )
 }
 
 /// [`load_vl_examples`] with [`plan_vl_record`]: every good record's tokens and video plans,
@@ -286,17 +310,52 @@ pub fn load_vl_plans(
     settings: &VideoSettings,
     with_target: bool,
 ) -> Result<(Vec<VlRecordPlan>, VlLoadReport)> {
-    load_records(path, settings, |file, i, processor| {
-        plan_vl_record(file, i, tok, settings, processor, with_target)
+    collect(|f| {
+        stream_records(
+            path,
+            tok,
+            settings,
+            (0, 1),
+            move |file, i, tok, settings, processor| {
+                plan_vl_record(file, i, tok, settings, processor, with_target)
+            },
+            f,
+        )
     })
 }
 
-/// Every record of `path` through `prepare`, the skipped ones warned about and reported.
-fn load_records<T>(
-    path: &Path,
-    settings: &VideoSettings,
-    prepare: impl Fn(&ReasonFile, usize, &VideoProcessor) -> std::result::Result<T, VlSkip>,
+/// Every item a stream hands out, in order, with its report.
+fn collect<T>(
+    stream: impl FnOnce(&mut dyn FnMut(T) -> Result<()>) -> Result<VlLoadReport>,
 ) -> Result<(Vec<T>, VlLoadReport)> {
+    let mut out = Vec::new();
+    let report = stream(&mut |x| {
+        out.push(x);
+        Ok(())
+    })?;
+    Ok((out, report))
+}
+
+/// Every record of `path` through `prepare` on `workers` threads, at most `depth` ahead (see
+/// [`stream_vl_examples`]), handed to `f` in file order; the skipped ones warned about and
+/// reported.
+fn stream_records<T: Send + 'static, E: From<DataError>>(
+    path: &Path,
+    tok: &Tokenizer,
+    settings: &VideoSettings,
+    (workers, depth): (usize, usize),
+    prepare: impl Fn(
+            &ReasonFile,
+            usize,
+            &Tokenizer,
+            &VideoSettings,
+            &VideoProcessor,
+        ) -> std::result::Result<T, VlSkip>
+        + Send
+        + Sync
+        + 'static,
+    mut f: impl FnMut(T) -> std::result::Result<(), E>,
+) -> std::result::Result<VlLoadReport, E> {
     let (file, bad) = ReasonFile::read_lenient(path)?;
     let mut report = VlLoadReport {
         bad_records: bad,
@@ -307,10 +366,17 @@ fn load_records<T>(
     }
     let processor = VideoProcessor::new(settings.processor.clone())
         .map_err(|e| DataError::config(path, e.to_string()))?;
-    let mut out = Vec::new();
-    for i in 0..file.records.len() {
-        match prepare(&file, i, &processor) {
-            Ok(ex) => out.push(ex),
+    let file = std::sync::Arc::new(file);
+    let n = file.records.len();
+    let (origins, tok, settings) = (file.clone(), tok.clone(), settings.clone());
+    let mut jobs = crate::video::Prefetcher::new((0..n).collect(), workers, depth, move |&i| {
+        Ok(prepare(&file, i, &tok, &settings, &processor))
+    });
+    while let Some((i, prepared)) = jobs.next_result() {
+        // A skip is the job's value; an error here is the job failing outright (a panic).
+        let prepared = prepared.map_err(|e| VlSkip::Video(origins.origin(i), e.to_string()));
+        match prepared.and_then(|p| p) {
+            Ok(x) => f(x)?,
             Err(skip) => {
                 eprintln!("warning: {skip}");
                 match skip {
@@ -320,7 +386,7 @@ fn load_records<T>(
             }
         }
     }
-    Ok((out, report))
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -433,6 +499,43 @@ mod tests {
             assert_eq!(v.video_grid_thw[0], 2);
             assert!(v.second_per_grid_ts > 0.0);
             assert_eq!(e.videos[0].content_hash.len(), 64);
+        }
+        // Streamed on worker threads: the same records in the same order, the same report, and
+        // an error from the consumer stops the stream.
+        for (workers, depth) in [(0, 1), (2, 1), (3, 2)] {
+            let mut got = Vec::new();
+            let rep = stream_vl_examples::<DataError>(
+                &jsonl,
+                &tok(),
+                &settings,
+                true,
+                workers,
+                depth,
+                |e| {
+                    got.push(e);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(got.len(), ex.len(), "workers {workers}");
+            for (a, b) in got.iter().zip(&ex) {
+                assert_eq!(a.problem_id, b.problem_id);
+                assert_eq!(a.tokens.input_ids, b.tokens.input_ids);
+                assert_eq!(
+                    a.videos[0].inputs.pixel_values_videos,
+                    b.videos[0].inputs.pixel_values_videos
+                );
+            }
+            assert_eq!(rep.bad_records.len(), 1);
+            assert_eq!(rep.skipped_videos, report.skipped_videos);
+            let mut calls = 0;
+            let stopped =
+                stream_vl_examples(&jsonl, &tok(), &settings, true, workers, depth, |_| {
+                    calls += 1;
+                    Err(DataError::config(&jsonl, "stop".to_string()))
+                });
+            assert!(stopped.unwrap_err().to_string().contains("stop"));
+            assert_eq!(calls, 1);
         }
     }
 }

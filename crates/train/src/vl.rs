@@ -34,7 +34,7 @@ use anyhow::{bail, Context, Result};
 use reel_comm::{Communicator, InProcess};
 use reel_data::video::Prefetcher;
 use reel_data::{
-    load_vl_examples, load_vl_plans, BucketSampler, FrameSampling, TokenizedExample, Tokenizer,
+    load_vl_plans, stream_vl_examples, BucketSampler, FrameSampling, TokenizedExample, Tokenizer,
     VideoProcessor, VideoProcessorConfig, VideoSettings, VlExample, VlLoadReport, VlRecordPlan,
     IGNORE_INDEX,
 };
@@ -201,11 +201,33 @@ pub fn eval_vl_nll(
     data: &Path,
     settings: &VideoSettings,
 ) -> Result<(LossStats, VlLoadReport)> {
-    let (examples, report) = load_vl_examples(data, tok, settings, true)?;
-    if examples.is_empty() {
+    // Records decoded ahead on worker threads, a few at a time: the set need not fit in memory.
+    let mut ws = model.workspace(CheckpointPolicy::Layer);
+    let mut total = LossStats::default();
+    let mut seen = 0usize;
+    let report =
+        stream_vl_examples::<anyhow::Error>(data, tok, settings, true, EVAL_WORKERS, 4, |ex| {
+            seen += 1;
+            let s = eval_one(model, &mut ws, &ex)?;
+            total.loss_sum += s.loss_sum;
+            total.n_tokens += s.n_tokens;
+            Ok(())
+        })?;
+    if seen == 0 {
         bail!("{}: no usable record", data.display());
     }
-    Ok((eval_vl_examples(model, &examples)?, report))
+    Ok((total, report))
+}
+
+/// Worker threads that decode an evaluation's videos ahead of the model.
+const EVAL_WORKERS: usize = 2;
+
+/// Target NLL (sum and count) of one prepared record, the tower run on its videos.
+fn eval_one(model: &Qwen25VL, ws: &mut VlWorkspace, ex: &VlExample) -> Result<LossStats> {
+    let inp = VlInputs::new(ex, "", 0);
+    model
+        .forward(ws, &inp.batch(), &LocalAttention)
+        .with_context(|| ex.origin.clone())
 }
 
 /// Encodes a whole example's videos through the cache (one rank); returns their merged
@@ -272,10 +294,6 @@ pub fn eval_vl_accuracy(
     cache: &EmbedCache,
     opts: &AccuracyOptions,
 ) -> Result<(AccuracyReport, VlLoadReport)> {
-    let (examples, load) = load_vl_examples(data, tok, settings, false)?;
-    if examples.is_empty() {
-        bail!("{}: no usable record", data.display());
-    }
     let key = settings.key_text();
     let weights = weights_fingerprint(&model.vision.params);
     let mut vws = reel_model::VisionWorkspace::new();
@@ -285,7 +303,11 @@ pub fn eval_vl_accuracy(
         ..AccuracyReport::default()
     };
     let max_ctx = model.config.text.max_position_embeddings;
-    for chunk in examples.chunks(opts.batch.max(1)) {
+    // Records decoded ahead on worker threads; one engine run per `opts.batch` of them.
+    let batch = opts.batch.max(1);
+    let mut chunk: Vec<VlExample> = Vec::with_capacity(batch);
+    let mut seen = 0usize;
+    let mut run = |chunk: &mut Vec<VlExample>, report: &mut AccuracyReport| -> Result<()> {
         let prompts = chunk
             .iter()
             .map(|ex| vl_rollout_prompt(model, cache, &mut vws, ex, &key, weights))
@@ -308,6 +330,30 @@ pub fn eval_vl_accuracy(
             let text = tok.decode(&out.samples[0].ids, true)?;
             report.add(text, &ex.answer, &ex.problem_type, &opts.accuracy);
         }
+        chunk.clear();
+        Ok(())
+    };
+    let load = stream_vl_examples::<anyhow::Error>(
+        data,
+        tok,
+        settings,
+        false,
+        EVAL_WORKERS,
+        batch,
+        |ex| {
+            seen += 1;
+            chunk.push(ex);
+            if chunk.len() == batch {
+                run(&mut chunk, &mut report)?;
+            }
+            Ok(())
+        },
+    )?;
+    if !chunk.is_empty() {
+        run(&mut chunk, &mut report)?;
+    }
+    if seen == 0 {
+        bail!("{}: no usable record", data.display());
     }
     Ok((report, load))
 }
@@ -1210,10 +1256,7 @@ pub fn eval_vl_examples(model: &Qwen25VL, examples: &[VlExample]) -> Result<Loss
     let mut ws = model.workspace(CheckpointPolicy::Layer);
     let mut total = LossStats::default();
     for ex in examples {
-        let inp = VlInputs::new(ex, "", 0);
-        let s = model
-            .forward(&mut ws, &inp.batch(), &LocalAttention)
-            .with_context(|| ex.origin.clone())?;
+        let s = eval_one(model, &mut ws, ex)?;
         total.loss_sum += s.loss_sum;
         total.n_tokens += s.n_tokens;
     }
@@ -1406,7 +1449,7 @@ mod tests {
         assert_eq!(report.per_type.values().map(|t| t.total).sum::<usize>(), 6);
         assert_eq!(cache.stats().misses, 6, "one tower run per video");
         // Each answer is the greedy continuation by full recomputation (tower on the pixels).
-        let (examples, _) = load_vl_examples(&data, &tok, &settings, false).unwrap();
+        let (examples, _) = reel_data::load_vl_examples(&data, &tok, &settings, false).unwrap();
         let mut ws = m.workspace(CheckpointPolicy::None);
         let v = m.config.text.vocab_size;
         let mut want = AccuracyReport::default();
