@@ -19,7 +19,6 @@ mod common;
 
 use rand::Rng as _;
 use reel_cuda::{Gpu, GpuEmbedsBatch, GpuQwen2};
-use reel_data::{write_synth_dataset, SynthVideoConfig};
 use reel_model::{
     load_vl_checkpoint, CheckpointPolicy, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
     VideoBatch, VideoGrid, VlBatch,
@@ -27,7 +26,6 @@ use reel_model::{
 use reel_optim::AdamWConfig;
 use reel_train::vl::write_tiny_vl_model;
 use reel_train::{run_sft, Device, RunOptions, SftConfig};
-use std::path::Path;
 
 fn enabled() -> bool {
     if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
@@ -261,41 +259,6 @@ fn the_vlm_decoder_on_the_gpu_matches_the_cpu_loss_gradients_and_embedding_gradi
     }
 }
 
-/// A tiny Qwen2.5-VL, 6 synthetic videos with records and a held-out file of 2 of them; a run of
-/// `steps` steps of 2 records into `dir/run`.
-fn setup(dir: &Path, steps: u64) -> SftConfig {
-    let model = dir.join("model");
-    write_tiny_vl_model(&model, 1).unwrap();
-    let data = dir.join("data");
-    let synth = SynthVideoConfig {
-        videos: 6,
-        frames: 8,
-        width: 56,
-        height: 56,
-        held_out: 0.0,
-        ..Default::default()
-    };
-    write_synth_dataset(&synth, &data).unwrap();
-    let train = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
-    let eval: Vec<&str> = train.lines().take(2).collect();
-    std::fs::write(data.join("eval.jsonl"), eval.join("\n") + "\n").unwrap();
-    let mut cfg = SftConfig::default();
-    cfg.model.path = Some(model);
-    cfg.data.train = data.join("train.jsonl");
-    cfg.data.eval = Some(data.join("eval.jsonl"));
-    cfg.data.max_len = 1024;
-    cfg.data.tokens_per_batch = 1024;
-    cfg.train.steps = steps;
-    cfg.train.grad_accum = 2;
-    cfg.train.lr = 3e-3;
-    cfg.train.warmup_steps = 1;
-    cfg.train.device = Device::Cpu;
-    cfg.output.dir = dir.join("run");
-    cfg.output.save_every = 2;
-    cfg.output.keep_last = 0;
-    cfg
-}
-
 fn eval_losses(cfg: &SftConfig) -> Vec<f64> {
     std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
         .unwrap()
@@ -322,7 +285,7 @@ fn vl_sft_on_the_gpu_follows_the_cpu_loss_curve_checkpoints_and_resumes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cpu_cfg = setup(dir.path(), 6);
+    let mut cpu_cfg = common::vl_setup(dir.path(), 6);
     cpu_cfg.output.dir = dir.path().join("cpu");
     let cpu = run_sft(&cpu_cfg, common::quiet()).unwrap();
     let before = load_vl_checkpoint(cpu_cfg.model.path.as_deref().unwrap()).unwrap();

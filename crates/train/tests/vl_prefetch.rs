@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::quiet;
+use common::{metrics, quiet};
 use reel_data::{write_synth_dataset, SynthVideoConfig};
 use reel_train::vl::write_tiny_vl_model;
 use reel_train::{
@@ -70,14 +70,6 @@ fn sft_config(model: &Path, train: &Path, out: PathBuf, steps: u64) -> SftConfig
     cfg.output.save_every = 0;
     cfg.output.keep_last = 0;
     cfg
-}
-
-fn metrics(cfg: &SftConfig) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn run(cfg: &SftConfig, workers: usize, depth: usize, name: &str) -> SftSummary {

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use reel_data::{char_tokenizer, synth_examples, write_jsonl, SynthKind, SynthTask};
+use reel_data::{write_synth_dataset, SynthVideoConfig};
 use reel_model::load_checkpoint;
+use reel_train::vl::write_tiny_vl_model;
 use reel_train::{run_sft, Device, InitConfig, ProgressMode, RunOptions, SftConfig};
 use std::path::Path;
 
@@ -89,4 +91,49 @@ pub fn assert_resume_continues(
     let a = load_checkpoint(&full.final_model_dir).unwrap();
     let b = load_checkpoint(&resumed.final_model_dir).unwrap();
     assert_eq!(a.params, b.params);
+}
+
+/// A tiny Qwen2.5-VL, 6 synthetic videos with records (`data/train.jsonl`) and a held-out file
+/// of 2 of them; a config training it for `steps` steps of 2 records into `dir/run`.
+pub fn vl_setup(dir: &Path, steps: u64) -> SftConfig {
+    let model = dir.join("model");
+    write_tiny_vl_model(&model, 1).unwrap();
+    let data = dir.join("data");
+    let synth = SynthVideoConfig {
+        videos: 6,
+        frames: 8,
+        width: 56,
+        height: 56,
+        held_out: 0.0,
+        ..Default::default()
+    };
+    write_synth_dataset(&synth, &data).unwrap();
+    let train = std::fs::read_to_string(data.join("train.jsonl")).unwrap();
+    let eval: Vec<&str> = train.lines().take(2).collect();
+    std::fs::write(data.join("eval.jsonl"), eval.join("\n") + "\n").unwrap();
+    let mut cfg = SftConfig::default();
+    cfg.model.path = Some(model);
+    cfg.data.train = data.join("train.jsonl");
+    cfg.data.eval = Some(data.join("eval.jsonl"));
+    cfg.data.max_len = 1024;
+    cfg.data.tokens_per_batch = 1024;
+    cfg.train.steps = steps;
+    cfg.train.grad_accum = 2;
+    cfg.train.lr = 3e-3;
+    cfg.train.warmup_steps = 1;
+    // The CPU path, whatever the build (its resume and rank tests compare losses closely).
+    cfg.train.device = Device::Cpu;
+    cfg.output.dir = dir.join("run");
+    cfg.output.save_every = 2;
+    cfg.output.keep_last = 0;
+    cfg
+}
+
+/// Every record of a run's metrics.jsonl.
+pub fn metrics(cfg: &SftConfig) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
