@@ -77,9 +77,10 @@ pub enum Chosen<G> {
 /// Chooses the device for `want`: `built_with_cuda` says whether this binary has the GPU path,
 /// `open` tries to open GPU 0 (called only when needed), `cpu_only` says why this run has no GPU
 /// path (more than one rank, or a model family the GPU path does not train yet). Errors only for
-/// an explicit "cuda".
+/// an explicit "cuda", naming `setting` (the option the user set it with, e.g. `train.device`).
 pub fn resolve<G>(
     want: Device,
+    setting: &str,
     built_with_cuda: bool,
     cpu_only: Option<&str>,
     open: impl FnOnce() -> Result<G, String>,
@@ -99,7 +100,7 @@ pub fn resolve<G>(
         }
     };
     match want {
-        Device::Cuda => Err(format!("train.device = \"cuda\": {why_not}")),
+        Device::Cuda => Err(format!("{setting} = \"cuda\": {why_not}")),
         _ => Ok(Chosen::Cpu {
             note: Some(format!("training on the CPU: {why_not}")),
         }),
@@ -157,7 +158,7 @@ pub fn rollout_gpu(
     setting: &str,
     what: &str,
 ) -> Result<Option<GpuHandle>> {
-    match resolve(want, BUILT_WITH_CUDA, cpu_only, open_gpu) {
+    match resolve(want, setting, BUILT_WITH_CUDA, cpu_only, open_gpu) {
         Ok(Chosen::Cuda(g)) => Ok(Some(g)),
         Ok(Chosen::Cpu { note }) => {
             if let Some(n) = note {
@@ -165,7 +166,7 @@ pub fn rollout_gpu(
             }
             Ok(None)
         }
-        Err(e) => Err(anyhow::anyhow!(e.replacen("train.device", setting, 1))),
+        Err(e) => Err(anyhow::anyhow!(e)),
     }
 }
 
@@ -739,31 +740,45 @@ mod tests {
             Chosen::Cuda(_) => panic!("expected the CPU"),
         };
         // "cpu" never opens anything.
-        let r = resolve(Device::Cpu, true, None, || -> Result<u8, String> {
-            panic!("opened a GPU for device = cpu")
-        });
+        let r = resolve(
+            Device::Cpu,
+            "train.device",
+            true,
+            None,
+            || -> Result<u8, String> { panic!("opened a GPU for device = cpu") },
+        );
         assert_eq!(note(r.unwrap()), None);
         // "auto": the GPU when it opens, else the CPU and why.
         assert!(matches!(
-            resolve(Device::Auto, true, None, gpu),
+            resolve(Device::Auto, "train.device", true, None, gpu),
             Ok(Chosen::Cuda(7))
         ));
-        let n = note(resolve(Device::Auto, true, None, no_gpu).unwrap()).unwrap();
+        let n = note(resolve(Device::Auto, "train.device", true, None, no_gpu).unwrap()).unwrap();
         assert!(n.contains("no NVIDIA driver"), "{n}");
-        let n = note(resolve(Device::Auto, false, None, gpu).unwrap()).unwrap();
+        let n = note(resolve(Device::Auto, "train.device", false, None, gpu).unwrap()).unwrap();
         assert!(n.contains("without the `cuda` feature"), "{n}");
-        let n = note(resolve(Device::Auto, true, Some("one rank only"), gpu).unwrap()).unwrap();
+        let n = note(
+            resolve(
+                Device::Auto,
+                "train.device",
+                true,
+                Some("one rank only"),
+                gpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
         assert!(n.contains("one rank"), "{n}");
         // "cuda": an error naming the reason.
-        let e = resolve(Device::Cuda, true, None, no_gpu).unwrap_err();
+        let e = resolve(Device::Cuda, "train.device", true, None, no_gpu).unwrap_err();
         assert!(
             e.contains("train.device") && e.contains("no NVIDIA driver"),
             "{e}"
         );
-        let e = resolve(Device::Cuda, false, None, gpu).unwrap_err();
+        let e = resolve(Device::Cuda, "train.device", false, None, gpu).unwrap_err();
         assert!(e.contains("cuda` feature"), "{e}");
         assert!(matches!(
-            resolve(Device::Cuda, true, None, gpu),
+            resolve(Device::Cuda, "train.device", true, None, gpu),
             Ok(Chosen::Cuda(7))
         ));
         assert_eq!("gpu".parse::<Device>(), Ok(Device::Cuda));
@@ -785,9 +800,13 @@ mod tests {
             "{vl}"
         );
         // A trained tower: "auto" trains on the CPU saying why, "cuda" refuses with it.
-        match resolve(Device::Auto, true, gpu_unsupported(1, true), || {
-            Ok::<u8, String>(1)
-        }) {
+        match resolve(
+            Device::Auto,
+            "train.device",
+            true,
+            gpu_unsupported(1, true),
+            || Ok::<u8, String>(1),
+        ) {
             Ok(Chosen::Cpu { note: Some(n) }) => {
                 assert!(
                     n.starts_with("training on the CPU: ") && n.contains("tower"),
@@ -796,9 +815,13 @@ mod tests {
             }
             other => panic!("expected the CPU with a note, got {other:?}"),
         }
-        let e = resolve(Device::Cuda, true, gpu_unsupported(1, true), || {
-            Ok::<u8, String>(1)
-        })
+        let e = resolve(
+            Device::Cuda,
+            "train.device",
+            true,
+            gpu_unsupported(1, true),
+            || Ok::<u8, String>(1),
+        )
         .unwrap_err();
         assert!(
             e.contains("train.device") && e.contains("trains the tower"),
@@ -806,10 +829,23 @@ mod tests {
         );
         // "cuda" names the reason; "auto" falls back with it.
         let gpu = || -> Result<u8, String> { Ok(1) };
-        let e = resolve(Device::Cuda, true, gpu_unsupported(4, false), gpu).unwrap_err();
+        let e = resolve(
+            Device::Cuda,
+            "train.device",
+            true,
+            gpu_unsupported(4, false),
+            gpu,
+        )
+        .unwrap_err();
         assert!(e.contains("dp > 1"), "{e}");
         assert!(matches!(
-            resolve(Device::Auto, true, gpu_unsupported(1, false), gpu),
+            resolve(
+                Device::Auto,
+                "train.device",
+                true,
+                gpu_unsupported(1, false),
+                gpu
+            ),
             Ok(Chosen::Cuda(1))
         ));
     }
@@ -825,15 +861,34 @@ mod tests {
         }
         let gpu = || -> Result<u8, String> { Ok(3) };
         assert!(matches!(
-            resolve(Device::Auto, true, gpu_rollout_unsupported(dims(1, 1)), gpu),
+            resolve(
+                Device::Auto,
+                "train.device",
+                true,
+                gpu_rollout_unsupported(dims(1, 1)),
+                gpu
+            ),
             Ok(Chosen::Cuda(3))
         ));
         // "auto" falls back with the reason; "cuda" refuses with it.
-        match resolve(Device::Auto, true, gpu_rollout_unsupported(dims(1, 2)), gpu) {
+        match resolve(
+            Device::Auto,
+            "train.device",
+            true,
+            gpu_rollout_unsupported(dims(1, 2)),
+            gpu,
+        ) {
             Ok(Chosen::Cpu { note: Some(n) }) => assert!(n.contains("CPU engine"), "{n}"),
             other => panic!("expected the CPU with a note, got {other:?}"),
         }
-        let e = resolve(Device::Cuda, true, gpu_rollout_unsupported(dims(2, 1)), gpu).unwrap_err();
+        let e = resolve(
+            Device::Cuda,
+            "train.device",
+            true,
+            gpu_rollout_unsupported(dims(2, 1)),
+            gpu,
+        )
+        .unwrap_err();
         assert!(
             e.contains("train.device") && e.contains("dp = sp = 1"),
             "{e}"
@@ -958,7 +1013,13 @@ mod tests {
 
     #[test]
     fn this_build_opens_a_gpu_or_says_why() {
-        match resolve(Device::Auto, BUILT_WITH_CUDA, None, open_gpu) {
+        match resolve(
+            Device::Auto,
+            "train.device",
+            BUILT_WITH_CUDA,
+            None,
+            open_gpu,
+        ) {
             Ok(Chosen::Cuda(g)) => assert!(!describe(&g).is_empty(), "the GPU is named"),
             Ok(Chosen::Cpu { note }) => {
                 let n = note.expect("auto explains a fallback");

@@ -1284,8 +1284,14 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
     }
     let trained_tower = cfg.model_kind()? == ModelKind::Qwen25VL && cfg.video.train_vision;
     let cpu_only = gpu_unsupported(dims.dp(), trained_tower);
-    let gpu = match resolve(cfg.train.device, BUILT_WITH_CUDA, cpu_only, open_gpu)
-        .map_err(anyhow::Error::msg)?
+    let gpu = match resolve(
+        cfg.train.device,
+        "train.device",
+        BUILT_WITH_CUDA,
+        cpu_only,
+        open_gpu,
+    )
+    .map_err(anyhow::Error::msg)?
     {
         Chosen::Cuda(g) => {
             tracing::info!("training on the GPU: {}", describe(&g));
