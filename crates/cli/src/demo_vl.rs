@@ -101,17 +101,25 @@ struct Judge {
 
 impl Judge {
     fn accuracy(&self, model_dir: &Path) -> Result<AccuracyReport> {
-        self.accuracy_on(model_dir, &self.heldout)
+        self.accuracy_on(&Self::load(model_dir)?, &self.heldout)
     }
 
-    /// Accuracy on the held-out questions asked of other videos ([`swap_videos`]).
-    fn swapped_accuracy(&self, model_dir: &Path) -> Result<AccuracyReport> {
-        self.accuracy_on(model_dir, &self.swapped)
+    /// [`Judge::accuracy`] and, of the same model, the accuracy on the held-out questions asked
+    /// of other videos ([`swap_videos`]).
+    fn with_control(&self, model_dir: &Path) -> Result<(AccuracyReport, AccuracyReport)> {
+        let m = Self::load(model_dir)?;
+        Ok((
+            self.accuracy_on(&m, &self.heldout)?,
+            self.accuracy_on(&m, &self.swapped)?,
+        ))
     }
 
-    fn accuracy_on(&self, model_dir: &Path, questions: &Path) -> Result<AccuracyReport> {
-        let m = reel_model::load_vl_checkpoint(model_dir)
-            .with_context(|| format!("loading {}", model_dir.display()))?;
+    fn load(model_dir: &Path) -> Result<reel_model::Qwen25VL> {
+        reel_model::load_vl_checkpoint(model_dir)
+            .with_context(|| format!("loading {}", model_dir.display()))
+    }
+
+    fn accuracy_on(&self, m: &reel_model::Qwen25VL, questions: &Path) -> Result<AccuracyReport> {
         let opts = AccuracyOptions {
             max_new_tokens: self.max_new_tokens,
             batch: 64,
@@ -122,7 +130,7 @@ impl Judge {
             ..AccuracyOptions::default()
         };
         let (report, _) =
-            eval_vl_accuracy(&m, &self.tok, questions, &self.settings, &self.cache, &opts)?;
+            eval_vl_accuracy(m, &self.tok, questions, &self.settings, &self.cache, &opts)?;
         Ok(report)
     }
 }
@@ -316,8 +324,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         900,
         520,
     )?;
-    let after_sft = judge.accuracy(&summary.final_model_dir)?;
-    let sft_swapped = judge.swapped_accuracy(&summary.final_model_dir)?;
+    let (after_sft, sft_swapped) = judge.with_control(&summary.final_model_dir)?;
     println!(
         "held-out accuracy after SFT: {} (format {:.0}%); {} with each question asked of another \
          video",
@@ -486,8 +493,7 @@ fn grpo_stage(
         900,
         260 * keys.len() as u32,
     )?;
-    let report = judge.accuracy(&s.run.final_model_dir)?;
-    let swapped = judge.swapped_accuracy(&s.run.final_model_dir)?;
+    let (report, swapped) = judge.with_control(&s.run.final_model_dir)?;
     println!(
         "held-out accuracy after GRPO: {} (format {:.0}%); {} with each question asked of another \
          video",
