@@ -26,7 +26,7 @@ enum DataCommand {
         /// Output folder: videos/, train.jsonl, heldout.jsonl.
         #[arg(long)]
         out: PathBuf,
-        /// Videos (one question each).
+        /// Videos (`--questions-per-video` questions each).
         #[arg(long, default_value_t = 64)]
         videos: usize,
         /// Frames per video (at least 8).
@@ -43,6 +43,13 @@ enum DataCommand {
         /// Fraction of records written to heldout.jsonl (by a seeded hash of problem_id).
         #[arg(long, default_value_t = 0.125)]
         held_out: f64,
+        /// Objects keep one colour each and are named by it ("the red shape"); no colour-change
+        /// questions.
+        #[arg(long)]
+        colour_names: bool,
+        /// Questions per video, each its own record sharing the video (1–8).
+        #[arg(long, default_value_t = 1)]
+        questions_per_video: usize,
     },
     /// Check every record of a LongVideo-Reason JSONL file; exit status 1 if any is bad.
     Validate {
@@ -78,6 +85,8 @@ pub fn run(args: DataArgs) -> Result<()> {
             fps,
             seed,
             held_out,
+            colour_names,
+            questions_per_video,
         } => {
             let cfg = SynthVideoConfig {
                 videos,
@@ -87,6 +96,8 @@ pub fn run(args: DataArgs) -> Result<()> {
                 fps,
                 seed,
                 held_out,
+                colour_names,
+                questions_per_video,
                 ..SynthVideoConfig::default()
             };
             let t = std::time::Instant::now();

@@ -40,7 +40,7 @@ use std::time::Instant;
 /// [`DemoArgs`].
 #[derive(clap::Args, Debug)]
 pub struct VideoDemoArgs {
-    /// Synthetic videos (one question each) for SFT and the held-out set.
+    /// Synthetic videos (`--questions-per-video` questions each) for SFT and the held-out set.
     #[arg(long, default_value_t = 1600)]
     pub videos: usize,
     /// Frames per video (all of them are sampled).
@@ -85,6 +85,14 @@ pub struct VideoDemoArgs {
     /// through the tower); GRPO keeps it frozen either way.
     #[arg(long)]
     pub train_vision: bool,
+    /// Objects keep one colour each and questions name them by it ("the red shape"), instead of
+    /// by shape with colours that change (`reel data synth --colour-names`).
+    #[arg(long)]
+    pub colour_names: bool,
+    /// Questions asked of each video (each its own record; the split keeps a video's questions
+    /// together).
+    #[arg(long, default_value_t = 1)]
+    pub questions_per_video: usize,
 }
 
 /// The held-out evaluation: greedy answers through the engine, videos from one cache.
@@ -135,8 +143,8 @@ impl Judge {
     }
 }
 
-/// Writes `to`: the records of `from` with each record's videos replaced by the next record's
-/// (the last takes the first's), in the same folder so the relative video paths still resolve.
+/// Writes `to`: the records of `from` with each record's videos replaced by the next different
+/// record's (the last takes the first's), in the same folder so the relative video paths still resolve.
 /// A model that reads the video loses accuracy on it; one that answers from the question alone
 /// scores the same.
 fn swap_videos(from: &Path, to: &Path) -> Result<()> {
@@ -148,9 +156,17 @@ fn swap_videos(from: &Path, to: &Path) -> Result<()> {
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .with_context(|| format!("parsing {}", from.display()))?;
-    let videos: Vec<serde_json::Value> = records.iter().map(|r| r["videos"].clone()).collect();
-    for (i, r) in records.iter_mut().enumerate() {
-        r["videos"] = videos[(i + 1) % videos.len()].clone();
+    // The distinct video lists in order (a video may carry several questions); each record
+    // takes the one after its own.
+    let mut videos: Vec<serde_json::Value> = Vec::new();
+    for r in &records {
+        if !videos.contains(&r["videos"]) {
+            videos.push(r["videos"].clone());
+        }
+    }
+    for r in records.iter_mut() {
+        let own = videos.iter().position(|v| *v == r["videos"]).unwrap_or(0);
+        r["videos"] = videos[(own + 1) % videos.len()].clone();
     }
     let mut out = String::new();
     for r in &records {
@@ -200,6 +216,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         problem_types: v.problem_types.clone(),
         brief_reasoning: true,
         ordered_options: true,
+        colour_names: v.colour_names,
+        questions_per_video: v.questions_per_video,
         ..SynthVideoConfig::default()
     };
     let s = reel_data::write_synth_dataset(&synth, &data)
@@ -502,4 +520,37 @@ fn grpo_stage(
         pct(&swapped, None)
     );
     Ok(Some((report, swapped)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_gives_every_question_another_video() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (from, to) = (tmp.path().join("h.jsonl"), tmp.path().join("s.jsonl"));
+        // Videos a, a, b, c, c, c: questions of one video sit next to each other.
+        let vids = ["a", "a", "b", "c", "c", "c"];
+        let text: String = vids
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{{\"problem_id\":\"p{i}\",\"videos\":[\"{v}.avi\"]}}\n"))
+            .collect();
+        std::fs::write(&from, text).unwrap();
+        swap_videos(&from, &to).unwrap();
+        let got: Vec<String> = std::fs::read_to_string(&to)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let r: serde_json::Value = serde_json::from_str(l).unwrap();
+                r["videos"][0]
+                    .as_str()
+                    .unwrap()
+                    .trim_end_matches(".avi")
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(got, ["b", "b", "c", "a", "a", "a"]);
+    }
 }

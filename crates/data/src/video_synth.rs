@@ -59,6 +59,15 @@ pub struct SynthVideoConfig {
     /// Options listed in their pool's order (quadrants, shapes, counts ascending, colours)
     /// instead of shuffled, so the letter follows from the answer; default false.
     pub ordered_options: bool,
+    /// Every object keeps one colour of its own for its whole life (no colour changes) and is
+    /// named by it ("the red shape"), so the cue a question names is one a patch's mean colour
+    /// carries; questions are then about order, count and place (`before_after` and colour-change
+    /// counting need colour changes and are not asked); default false.
+    pub colour_names: bool,
+    /// Questions asked of each video (1–8), distinct where the scene allows; each is its own
+    /// record (`<id>`, `<id>-q1`, …) sharing the video file, and all of a video's records fall on
+    /// the same side of the held-out split; default 1.
+    pub questions_per_video: usize,
 }
 
 impl Default for SynthVideoConfig {
@@ -75,6 +84,8 @@ impl Default for SynthVideoConfig {
             problem_types: Vec::new(),
             brief_reasoning: false,
             ordered_options: false,
+            colour_names: false,
+            questions_per_video: 1,
         }
     }
 }
@@ -109,6 +120,19 @@ impl SynthVideoConfig {
                 "unknown problem type `{t}` (expected one of {})",
                 PROBLEM_TYPES.join(", ")
             ));
+        }
+        if !(1..=8).contains(&self.questions_per_video) {
+            return bad(format!(
+                "questions per video must be 1..=8, got {}",
+                self.questions_per_video
+            ));
+        }
+        if self.colour_names && self.problem_types.iter().any(|t| t == "before_after") {
+            return bad(
+                "`before_after` questions ask about colour changes, which objects named by \
+                 colour do not have"
+                    .into(),
+            );
         }
         if !(0.0..=1.0).contains(&self.held_out) {
             return bad(format!(
@@ -257,16 +281,19 @@ impl QuestionKind {
     }
 }
 
-/// One synthetic video: its objects, event log (time order) and question.
+/// One synthetic video: its objects, event log (time order) and questions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scene {
     pub width: usize,
     pub height: usize,
     pub frames: usize,
     pub fps: f64,
+    /// Objects are named by their (one) colour, not their shape.
+    pub colour_names: bool,
     pub objects: Vec<Track>,
     pub events: Vec<Event>,
-    pub question: Question,
+    /// `SynthVideoConfig::questions_per_video` questions (at least one).
+    pub questions: Vec<Question>,
 }
 
 /// Quadrant index (`2·bottom + right`) of a point.
@@ -325,8 +352,24 @@ impl Scene {
         img
     }
 
-    fn name(&self, o: usize) -> &'static str {
-        SHAPES[self.objects[o].shape]
+    /// How questions and traces name object `o`: its shape, or `<colour> shape`.
+    fn name(&self, o: usize) -> String {
+        let t = &self.objects[o];
+        if self.colour_names {
+            format!("{} shape", COLORS[t.colors[0].1].0)
+        } else {
+            SHAPES[t.shape].to_string()
+        }
+    }
+
+    /// The attribute `name` leaves out: the first colour, or the shape.
+    fn other_attribute(&self, o: usize) -> &'static str {
+        let t = &self.objects[o];
+        if self.colour_names {
+            SHAPES[t.shape]
+        } else {
+            COLORS[t.colors[0].1].0
+        }
     }
 
     fn t(&self, frame: usize) -> String {
@@ -343,6 +386,12 @@ pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
     let k = rng.random_range(2..=4usize);
     let mut shapes: Vec<usize> = (0..SHAPES.len()).collect();
     shapes.shuffle(&mut rng);
+    // Named by colour: one colour each, all different (drawn only then, so the default streams
+    // stay as they were).
+    let mut palette: Vec<usize> = (0..COLORS.len()).collect();
+    if cfg.colour_names {
+        palette.shuffle(&mut rng);
+    }
     // Distinct appear frames in the first half, distinct disappear frames after a third of the
     // video has passed for each object.
     let mut appears: Vec<usize> = (0..nf / 2).collect();
@@ -355,7 +404,7 @@ pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
             rng.random_range(r..h as f64 - r),
         )
     };
-    for &shape in shapes.iter().take(k) {
+    for (j, &shape) in shapes.iter().take(k).enumerate() {
         let appear = appears
             .pop()
             .expect("nf/2 ≥ 4 frames for at most 4 objects");
@@ -390,7 +439,11 @@ pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
         );
         let path = [rand_pos(&mut rng), rand_pos(&mut rng), end];
         // Colour changes at frames in (appear, disappear - 1), at least 2 frames apart.
-        let n_changes = rng.random_range(0..=3usize);
+        let n_changes = if cfg.colour_names {
+            0
+        } else {
+            rng.random_range(0..=3usize)
+        };
         let mut frames_at: Vec<usize> = Vec::new();
         for _ in 0..20 {
             if frames_at.len() == n_changes || appear + 2 >= disappear - 1 {
@@ -402,7 +455,11 @@ pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
             }
         }
         frames_at.sort_unstable();
-        let mut color = rng.random_range(0..COLORS.len());
+        let mut color = if cfg.colour_names {
+            palette[j]
+        } else {
+            rng.random_range(0..COLORS.len())
+        };
         let mut colors = vec![(appear, color)];
         for f in frames_at {
             let next = (color + rng.random_range(1..COLORS.len())) % COLORS.len();
@@ -449,18 +506,24 @@ pub fn synth_scene(cfg: &SynthVideoConfig, index: usize) -> Scene {
         height: h,
         frames: nf,
         fps: cfg.fps,
+        colour_names: cfg.colour_names,
         objects,
         events,
-        question: Question {
-            problem_type: "",
-            kind: QuestionKind::ObjectCount,
-            text: String::new(),
-            options: Default::default(),
-            answer: 0,
-            reasoning: String::new(),
-        },
+        questions: Vec::new(),
     };
-    scene.question = ask(&scene, cfg, &mut rng);
+    let first = ask(&scene, cfg, &mut rng);
+    scene.questions.push(first);
+    // Further questions: redrawn (a few times at most) while they repeat one already asked.
+    for _ in 1..cfg.questions_per_video {
+        let mut q = ask(&scene, cfg, &mut rng);
+        for _ in 0..16 {
+            if scene.questions.iter().all(|o| o.text != q.text) {
+                break;
+            }
+            q = ask(&scene, cfg, &mut rng);
+        }
+        scene.questions.push(q);
+    }
     scene
 }
 
@@ -491,6 +554,8 @@ fn options(
 fn ask(s: &Scene, cfg: &SynthVideoConfig, rng: &mut ChaCha8Rng) -> Question {
     loop {
         let kind = match rng.random_range(0..5) {
+            // Objects named by colour never change it.
+            1 | 3 if s.colour_names => continue,
             0 => QuestionKind::Order {
                 first: rng.random_bool(0.5),
             },
@@ -539,11 +604,18 @@ fn ask(s: &Scene, cfg: &SynthVideoConfig, rng: &mut ChaCha8Rng) -> Question {
 
 fn word(s: &Scene, kind: QuestionKind, cfg: &SynthVideoConfig, rng: &mut ChaCha8Rng) -> Question {
     let mut why = String::new();
-    let shapes = || {
-        SHAPES
-            .iter()
-            .map(|x| format!("the {x}"))
-            .collect::<Vec<_>>()
+    let names = || {
+        if s.colour_names {
+            COLORS
+                .iter()
+                .map(|c| format!("the {} shape", c.0))
+                .collect::<Vec<_>>()
+        } else {
+            SHAPES
+                .iter()
+                .map(|x| format!("the {x}"))
+                .collect::<Vec<_>>()
+        }
     };
     let (problem_type, text, correct, pool) = match kind {
         QuestionKind::Order { first } => {
@@ -556,7 +628,7 @@ fn word(s: &Scene, kind: QuestionKind, cfg: &SynthVideoConfig, rng: &mut ChaCha8
                     "The {} appears at {} ({}). ",
                     s.name(o),
                     s.t(t.appear),
-                    COLORS[t.colors[0].1].0
+                    s.other_attribute(o)
                 );
             }
             let pick = if first {
@@ -570,7 +642,7 @@ fn word(s: &Scene, kind: QuestionKind, cfg: &SynthVideoConfig, rng: &mut ChaCha8
                 "temporal",
                 format!("Which shape appeared {word} in the video?"),
                 format!("the {}", s.name(pick)),
-                shapes(),
+                names(),
             )
         }
         QuestionKind::ColorChanges { object } => {
@@ -725,9 +797,19 @@ pub fn synth_problem_id(cfg: &SynthVideoConfig, index: usize) -> String {
     format!("synth-s{}-{index:05}", cfg.seed)
 }
 
-/// The LongVideo-Reason record of `scene` (video at `video_path`, relative to the JSONL folder).
-pub fn synth_record(scene: &Scene, problem_id: String, video_path: String) -> ReasonRecord {
-    let q = &scene.question;
+/// The problem id of question `j` of video `index`: the video's id, then `-q<j>` from the second.
+pub fn synth_question_id(cfg: &SynthVideoConfig, index: usize, j: usize) -> String {
+    let id = synth_problem_id(cfg, index);
+    if j == 0 {
+        id
+    } else {
+        format!("{id}-q{j}")
+    }
+}
+
+/// The LongVideo-Reason record of question `q` (video at `video_path`, relative to the JSONL
+/// folder).
+pub fn synth_record(q: &Question, problem_id: String, video_path: String) -> ReasonRecord {
     let mut problem = q.text.clone();
     for (l, o) in LETTERS.iter().zip(&q.options) {
         let _ = write!(problem, "\n{l}. {o}");
@@ -780,11 +862,14 @@ pub fn write_synth_dataset(cfg: &SynthVideoConfig, out: &Path) -> Result<SynthSu
         summary.video_bytes += std::fs::metadata(&path)
             .map_err(|e| DataError::io(&path, e))?
             .len();
-        let rec = synth_record(&scene, id, rel);
-        if is_held_out(&rec.problem_id, cfg.held_out, cfg.seed) {
-            held.push(rec);
+        // The split follows the video, so no held-out question's video is trained on.
+        let side = if is_held_out(&id, cfg.held_out, cfg.seed) {
+            &mut held
         } else {
-            train.push(rec);
+            &mut train
+        };
+        for (j, q) in scene.questions.iter().enumerate() {
+            side.push(synth_record(q, synth_question_id(cfg, i, j), rel.clone()));
         }
     }
     write_reason_jsonl(&out.join("train.jsonl"), &train)?;
@@ -801,9 +886,9 @@ mod tests {
     use crate::video::Video;
 
     /// The right option's text, recomputed from the event log alone.
-    fn answer_from_events(s: &Scene) -> String {
+    fn answer_from_events(s: &Scene, q: &Question) -> String {
         let ev = &s.events;
-        let name = |o: usize| SHAPES[s.objects[o].shape];
+        let name = |o: usize| s.name(o);
         let appear_of = |o: usize| {
             ev.iter()
                 .find(|e| e.object == o && e.kind == EventKind::Appear)
@@ -814,7 +899,7 @@ mod tests {
                 .find(|e| e.object == o && e.kind == EventKind::Disappear)
                 .unwrap()
         };
-        match s.question.kind {
+        match q.kind {
             QuestionKind::Order { first } => {
                 let appears = ev.iter().filter(|e| e.kind == EventKind::Appear);
                 let e = if first {
@@ -873,10 +958,10 @@ mod tests {
             };
             for i in 0..150 {
                 let s = synth_scene(&cfg, i);
-                let q = &s.question;
+                let q = &s.questions[0];
                 assert_eq!(
                     q.options[q.answer],
-                    answer_from_events(&s),
+                    answer_from_events(&s, q),
                     "scene {i}: {q:?}"
                 );
                 let mut opts = q.options.to_vec();
@@ -889,7 +974,7 @@ mod tests {
                 // Events are in time order and inside the video.
                 assert!(s.events.windows(2).all(|p| p[0].frame <= p[1].frame));
                 assert!(s.events.iter().all(|e| e.frame < frames));
-                let rec = synth_record(&s, synth_problem_id(&cfg, i), "v.avi".into());
+                let rec = synth_record(q, synth_problem_id(&cfg, i), "v.avi".into());
                 assert_eq!(rec.answer, LETTERS[q.answer].to_string());
                 let back =
                     ReasonRecord::from_json(&serde_json::from_str(&rec.to_json_line()).unwrap());
@@ -926,12 +1011,12 @@ mod tests {
         };
         let mut seen = std::collections::BTreeSet::new();
         for i in 0..base.videos {
-            let q = synth_scene(&only, i).question;
+            let q = synth_scene(&only, i).questions.remove(0);
             assert!(["spatial", "temporal"].contains(&q.problem_type), "{q:?}");
             seen.insert(q.problem_type);
             // The same scene, briefly reasoned: the full trace's last sentence and the answer.
-            let full = synth_scene(&base, i).question;
-            let short = synth_scene(&brief, i).question;
+            let full = synth_scene(&base, i).questions.remove(0);
+            let short = synth_scene(&brief, i).questions.remove(0);
             assert_eq!((short.answer, &short.options), (full.answer, &full.options));
             assert!(full.reasoning.ends_with(&short.reasoning), "{short:?}");
             assert_eq!(
@@ -942,7 +1027,7 @@ mod tests {
             );
             assert!(short.reasoning.len() < full.reasoning.len());
             // Ordered options: the same set in pool order (quadrants as listed, counts up).
-            let o = synth_scene(&ordered, i).question;
+            let o = synth_scene(&ordered, i).questions.remove(0);
             let mut set = full.options.to_vec();
             set.sort();
             let mut oset = o.options.to_vec();
@@ -967,6 +1052,106 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`colour`"), "{e}");
+    }
+
+    #[test]
+    fn colour_names_keep_one_colour_per_object_and_several_questions_share_a_video() {
+        let base = SynthVideoConfig {
+            videos: 60,
+            frames: 16,
+            width: 56,
+            height: 56,
+            seed: 5,
+            held_out: 0.3,
+            ..Default::default()
+        };
+        let cfg = SynthVideoConfig {
+            colour_names: true,
+            questions_per_video: 3,
+            ..base.clone()
+        };
+        let mut types = std::collections::BTreeSet::new();
+        for i in 0..cfg.videos {
+            let s = synth_scene(&cfg, i);
+            // One colour each, all different, and never a colour change.
+            let mut firsts: Vec<usize> = s.objects.iter().map(|t| t.colors[0].1).collect();
+            assert!(s.objects.iter().all(|t| t.colors.len() == 1), "{s:?}");
+            firsts.sort_unstable();
+            firsts.dedup();
+            assert_eq!(firsts.len(), s.objects.len());
+            assert_eq!(s.questions.len(), 3);
+            for q in &s.questions {
+                assert_eq!(q.options[q.answer], answer_from_events(&s, q), "{q:?}");
+                assert!(
+                    !matches!(
+                        q.kind,
+                        QuestionKind::ColorChanges { .. } | QuestionKind::ColorAtEvent { .. }
+                    ),
+                    "{q:?}"
+                );
+                // Named by colour, never by shape.
+                assert!(SHAPES.iter().all(|x| !q.text.contains(x)), "{}", q.text);
+                types.insert(q.problem_type);
+            }
+            if let QuestionKind::Order { .. } = s.questions[0].kind {
+                assert!(s.questions[0].options.iter().all(|o| o.ends_with(" shape")));
+            }
+        }
+        assert_eq!(
+            types.into_iter().collect::<Vec<_>>(),
+            vec!["counting", "spatial", "temporal"]
+        );
+        // More questions leave the scene and its first question as one question draws them.
+        let three = SynthVideoConfig {
+            questions_per_video: 3,
+            ..base.clone()
+        };
+        for i in 0..10 {
+            let (a, b) = (synth_scene(&base, i), synth_scene(&three, i));
+            assert_eq!((&a.objects, &a.events), (&b.objects, &b.events));
+            assert_eq!(a.questions[0], b.questions[0]);
+        }
+
+        // Files: three records per video, ids <id>, <id>-q1, <id>-q2, one video each, and a
+        // video's records all on one side of the split.
+        let tmp = tempfile::tempdir().unwrap();
+        let sum = write_synth_dataset(&cfg, tmp.path()).unwrap();
+        assert_eq!(sum.train + sum.held_out, 3 * cfg.videos);
+        assert!(sum.held_out > 0 && sum.train > 0);
+        let mut side = std::collections::HashMap::new();
+        for (f, held) in [("train.jsonl", false), ("heldout.jsonl", true)] {
+            let recs = ReasonFile::read(&tmp.path().join(f)).unwrap().records;
+            for r in recs {
+                let video = r.videos[0].clone();
+                let base_id = r.problem_id.split("-q").next().unwrap().to_string();
+                assert_eq!(video, format!("videos/{base_id}.avi"));
+                assert_eq!(*side.entry(video).or_insert(held), held);
+            }
+        }
+        assert_eq!(side.len(), cfg.videos);
+        // Refused: colour-change questions of objects that keep their colour; 0 or 9 questions.
+        for bad in [
+            SynthVideoConfig {
+                problem_types: vec!["before_after".into()],
+                ..cfg.clone()
+            },
+            SynthVideoConfig {
+                questions_per_video: 0,
+                ..cfg.clone()
+            },
+            SynthVideoConfig {
+                questions_per_video: 9,
+                ..cfg.clone()
+            },
+        ] {
+            let e = write_synth_dataset(&bad, tmp.path())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("before_after") || e.contains("questions per video"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
