@@ -302,7 +302,8 @@ impl OpCase {
 #[test]
 fn ulysses_op_matches_local_attention() {
     // (H, H_kv, [(u, r)], T)
-    let cases: [(usize, usize, &[(usize, usize)], usize); 5] = [
+    type Grids = &'static [(usize, usize)];
+    let cases: [(usize, usize, Grids, usize); 5] = [
         (4, 4, &[(2, 1), (4, 1), (2, 2)], 23),
         (8, 4, &[(2, 1), (1, 3), (2, 3), (4, 1)], 19),
         (6, 3, &[(3, 1), (3, 2)], 29),
