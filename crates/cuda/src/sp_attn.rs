@@ -1,8 +1,10 @@
 //! A `GpuQwen2`'s attention when it is one rank of a sequence-parallel group (feature `cudnn`):
 //! the device twin of `reel_parallel::SpAttention`. The rank's model runs its layers on its token
 //! shard (`[B, L]`, rows in the schedule's layout order, RoPE at global positions); attention
-//! goes through [`GpuDistAttn`] over the rank's device communicator, so every rank of the group
-//! must make the same calls in the same order. The communicator is any [`DeviceGroup`]:
+//! goes through [`GpuDistAttn`] (a ring-family `Schedule`) or [`GpuUlysses`] (Ulysses and its
+//! 2-D hybrid: contiguous token shards, u | H_kv; the hybrid's ring over the r groups runs
+//! balanced DistAttn) over the rank's device communicator, as `SpMethod` says, so every rank of
+//! the group must make the same calls in the same order. The communicator is any [`DeviceGroup`]:
 //! [`DeviceComm`] (in-process ranks sharing one GPU) or `NcclP2p` owning its `NcclComm` (one
 //! process per GPU); it also carries the group's gradient all-reduce
 //! ([`DeviceGroup::all_reduce_sum_dev`]). The model holds its rank as a [`GpuSpRank`], the
@@ -21,11 +23,17 @@
 
 use half::bf16;
 use reel_kernels::attention::AttnShape;
-use reel_parallel::{Overlap, Schedule, Sharding};
+use reel_parallel::{Overlap, Schedule, ScheduleKind, Sharding, SpMethod};
 
 use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::devcomm::{DeviceComm, DeviceGroup};
-use crate::{shape_err, DeviceBuf, Gpu, GpuDistAttn, GpuSpStats, Result};
+use crate::{shape_err, DeviceBuf, Gpu, GpuDistAttn, GpuSpStats, GpuUlysses, Result};
+
+/// The device executor of the method for one sharding and local shape.
+enum Exec {
+    Dist(GpuDistAttn),
+    Ulysses(GpuUlysses),
+}
 
 /// Exact-size operands of one local shape.
 struct Stage {
@@ -81,11 +89,11 @@ fn add(a: &mut GpuSpStats, b: GpuSpStats) {
 /// device communicator `C`.
 pub struct GpuSpAttention<C: DeviceGroup = DeviceComm> {
     comm: C,
-    schedule: Schedule,
+    method: SpMethod,
     overlap: Overlap,
     sharding: Option<Sharding>,
     /// The executor of the current sharding and local shape.
-    exec: Option<(Sharding, AttnShape, GpuDistAttn)>,
+    exec: Option<(Sharding, AttnShape, Exec)>,
     stage: Option<Stage>,
     totals: GpuSpTotals,
 }
@@ -94,25 +102,38 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
     /// `comm` is this rank's endpoint of the sequence-parallel group; `schedule` must be causal
     /// (the model's attention is), valid, and over `comm.world_size()` ranks.
     pub fn new(comm: C, schedule: Schedule, overlap: Overlap) -> Result<Self> {
-        schedule
-            .validate()
-            .map_err(|e| crate::GpuError::Shape(format!("sequence-parallel schedule: {e}")))?;
-        if !schedule.causal() {
-            return shape_err(format!(
-                "the model's attention is causal; the {:?} schedule is not",
-                schedule.kind
-            ));
+        Self::with_method(comm, SpMethod::Schedule(schedule), overlap)
+    }
+
+    /// `comm` is this rank's endpoint of a group of `method.ranks()` ranks; a schedule must be
+    /// causal and valid; a Ulysses grid's heads are checked against the model's on the first
+    /// call (u | H_kv). `overlap` is the ring-family executor's (the hybrid's ring too).
+    pub fn with_method(comm: C, method: SpMethod, overlap: Overlap) -> Result<Self> {
+        if let SpMethod::Schedule(schedule) = &method {
+            schedule
+                .validate()
+                .map_err(|e| crate::GpuError::Shape(format!("sequence-parallel schedule: {e}")))?;
+            if !schedule.causal() {
+                return shape_err(format!(
+                    "the model's attention is causal; the {:?} schedule is not",
+                    schedule.kind
+                ));
+            }
         }
-        if comm.world_size() != schedule.ranks {
+        if comm.world_size() != method.ranks() {
             return shape_err(format!(
-                "the sequence-parallel group has {} ranks, the schedule {}",
+                "the sequence-parallel group has {} ranks, the {} {}",
                 comm.world_size(),
-                schedule.ranks
+                match method {
+                    SpMethod::Schedule(_) => "schedule",
+                    SpMethod::Ulysses(_) => "Ulysses grid",
+                },
+                method.ranks()
             ));
         }
         Ok(GpuSpAttention {
             comm,
-            schedule,
+            method,
             overlap,
             sharding: None,
             exec: None,
@@ -133,15 +154,17 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
         self.comm.world_size()
     }
 
-    pub fn schedule(&self) -> &Schedule {
-        &self.schedule
+    pub fn method(&self) -> &SpMethod {
+        &self.method
     }
 
     /// Announces the global (unpadded) length T of the coming batch's sequences; returns the
     /// sharding its tokens, targets and positions must be cut with (`local_len()` is the model's
     /// T on this rank).
     pub fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding> {
-        let sh = Sharding::new(seq_len, self.schedule.ranks, self.schedule.layout())
+        let sh = self
+            .method
+            .sharding(seq_len)
             .map_err(|e| crate::GpuError::Shape(e.to_string()))?;
         self.sharding = Some(sh);
         Ok(sh)
@@ -175,7 +198,24 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
             ));
         }
         if !matches!(&self.exec, Some((s, a, _)) if *s == sh && *a == shape) {
-            let exec = GpuDistAttn::new(self.schedule.clone(), sh, shape, self.overlap)?;
+            let exec = match &self.method {
+                SpMethod::Schedule(schedule) => {
+                    Exec::Dist(GpuDistAttn::new(schedule.clone(), sh, shape, self.overlap)?)
+                }
+                SpMethod::Ulysses(grid) => {
+                    let global = AttnShape {
+                        tq: sh.seq_len(),
+                        tk: sh.seq_len(),
+                        ..shape
+                    };
+                    Exec::Ulysses(GpuUlysses::new(
+                        *grid,
+                        global,
+                        ScheduleKind::DistAttnCausal,
+                        self.overlap,
+                    )?)
+                }
+            };
             self.exec = Some((sh, shape, exec));
         }
         if self.stage.as_ref().map(|s| s.shape) != Some(shape) {
@@ -204,15 +244,11 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
         gpu.copy(&mut st.q, q)?;
         gpu.copy(&mut st.k, k)?;
         gpu.copy(&mut st.v, v)?;
-        let s = exec.forward(
-            gpu,
-            &self.comm,
-            &mut st.out,
-            &mut st.lse,
-            &st.q,
-            &st.k,
-            &st.v,
-        )?;
+        let c = &self.comm;
+        let s = match exec {
+            Exec::Dist(e) => e.forward(gpu, c, &mut st.out, &mut st.lse, &st.q, &st.k, &st.v)?,
+            Exec::Ulysses(e) => e.forward(gpu, c, &mut st.out, &mut st.lse, &st.q, &st.k, &st.v)?,
+        };
         gpu.copy(out, &st.out)?;
         gpu.copy(lse, &st.lse)?;
         self.totals.forward_calls += 1;
@@ -247,10 +283,17 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
         gpu.copy(&mut st.v, v)?;
         gpu.copy(&mut st.out, out)?;
         gpu.copy(&mut st.lse, lse)?;
-        let s = exec.backward(
-            gpu, &self.comm, &mut st.dq, &mut st.dk, &mut st.dv, &st.dout, &st.q, &st.k, &st.v,
-            &st.out, &st.lse,
-        )?;
+        let c = &self.comm;
+        let s = match exec {
+            Exec::Dist(e) => e.backward(
+                gpu, c, &mut st.dq, &mut st.dk, &mut st.dv, &st.dout, &st.q, &st.k, &st.v, &st.out,
+                &st.lse,
+            )?,
+            Exec::Ulysses(e) => e.backward(
+                gpu, c, &mut st.dq, &mut st.dk, &mut st.dv, &st.dout, &st.q, &st.k, &st.v, &st.out,
+                &st.lse,
+            )?,
+        };
         gpu.copy(dq, &st.dq)?;
         gpu.copy(dk, &st.dk)?;
         gpu.copy(dv, &st.dv)?;
@@ -272,7 +315,8 @@ pub trait GpuSpRank: Send {
     /// This rank's place in its group.
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    fn schedule(&self) -> &Schedule;
+    /// The ring-family schedule or Ulysses grid the group runs.
+    fn method(&self) -> &SpMethod;
     /// [`GpuSpAttention::set_seq_len`].
     fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding>;
     /// [`GpuSpAttention::totals`].
@@ -320,8 +364,8 @@ impl<C: DeviceGroup + Send> GpuSpRank for GpuSpAttention<C> {
         GpuSpAttention::world_size(self)
     }
 
-    fn schedule(&self) -> &Schedule {
-        GpuSpAttention::schedule(self)
+    fn method(&self) -> &SpMethod {
+        GpuSpAttention::method(self)
     }
 
     fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding> {

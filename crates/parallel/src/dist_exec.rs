@@ -118,7 +118,9 @@ pub enum DistExecError {
         len: usize,
         expected: usize,
     },
-    #[error("distributed attention: the communicator has {size} ranks, the schedule {ranks}")]
+    #[error(
+        "distributed attention: the communicator has {size} ranks, the schedule or grid {ranks}"
+    )]
     WorldSize { size: usize, ranks: usize },
     /// A message of the schedule could not be posted or did not arrive (a peer failed, timed out
     /// or exited); the communicator's world is aborted.
@@ -133,6 +135,9 @@ pub enum DistExecError {
     /// A communication failure outside the executor (e.g. `InProcess::spawn` reporting a panic).
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// Ulysses attention behind `SpAttention` refused or failed.
+    #[error(transparent)]
+    Ulysses(#[from] crate::ulysses::UlyssesError),
 }
 
 impl DistExecError {
@@ -140,6 +145,10 @@ impl DistExecError {
     pub fn comm_error(&self) -> Option<&CommError> {
         match self {
             DistExecError::CommAt { source, .. } | DistExecError::Comm(source) => Some(source),
+            DistExecError::Ulysses(
+                crate::ulysses::UlyssesError::CommAt { source, .. }
+                | crate::ulysses::UlyssesError::Comm(source),
+            ) => Some(source),
             _ => None,
         }
     }

@@ -13,8 +13,8 @@
 //!   exists.
 //! - [`dist_exec`]: [`DistExecutor`] runs a schedule over a `Communicator`, each rank holding only
 //!   its shard, with communication overlapped with compute (or blocking, to compare).
-//! - [`sp_attention`]: [`SpAttention`], the model's `AttentionOp` over a `DistExecutor`, so model
-//!   replicas on each rank's token shard run unchanged.
+//! - [`sp_attention`]: [`SpAttention`], the model's `AttentionOp` over a `DistExecutor` or
+//!   `UlyssesAttention` ([`SpMethod`]), so model replicas on each rank's token shard run unchanged.
 //! - [`ulysses`]: [`UlyssesAttention`], DeepSpeed-Ulysses all-to-all attention over heads and its
 //!   2-D hybrid (u-rank all-to-all groups × a ring over r groups), forward and backward.
 //! - [`vision_sp`]: MR-SP stage 1: a video's temporal patches split across the ranks, each
@@ -44,7 +44,7 @@ pub use schedule::{
     Message, Payload, Schedule, ScheduleError, ScheduleKind, Step, Work,
 };
 pub use shard::{shard_positions, Layout, ShardError, Sharding, TokenShard};
-pub use sp_attention::{SpAttention, SpStats};
+pub use sp_attention::{SpAttention, SpMethod, SpStats};
 pub use ulysses::{
     Causality, Phase, UlyssesAttention, UlyssesBytes, UlyssesError, UlyssesGrid, UlyssesGroups,
 };

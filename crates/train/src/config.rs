@@ -14,7 +14,9 @@ use crate::device::Device;
 use reel_data::Batching;
 use reel_model::CheckpointPolicy;
 use reel_optim::{AdamWConfig, LrSchedule};
-use reel_parallel::{Overlap, ParallelDims, ScheduleKind as AttnScheduleKind};
+use reel_parallel::{
+    Overlap, ParallelDims, ScheduleKind as AttnScheduleKind, SpMethod, UlyssesError, UlyssesGrid,
+};
 use serde::{Deserialize, Serialize};
 
 /// Errors from reading, overriding or validating a config.
@@ -311,6 +313,12 @@ pub enum SpSchedule {
     Ring,
     /// Zigzag ring; rank r holds chunks r and 2P−1−r, which balances the causal work.
     Zigzag,
+    /// DeepSpeed-Ulysses: all-to-all over heads across all sp ranks (u = sp), then attention of
+    /// whole sequences on H/sp heads each; needs sp | H_kv. Contiguous shards.
+    Ulysses,
+    /// Ulysses groups of `parallel.ulysses_degree` ranks × a ring over the sp / u groups (USP's
+    /// 2-D attention); needs u | H_kv. Contiguous shards.
+    Hybrid,
 }
 
 impl std::fmt::Display for SpSchedule {
@@ -319,18 +327,27 @@ impl std::fmt::Display for SpSchedule {
             SpSchedule::Distattn => "distattn",
             SpSchedule::Ring => "ring",
             SpSchedule::Zigzag => "zigzag",
+            SpSchedule::Ulysses => "ulysses",
+            SpSchedule::Hybrid => "hybrid",
         })
     }
 }
 
 impl SpSchedule {
-    /// The schedule family it names (its sharding layout follows from it).
-    pub fn kind(self) -> AttnScheduleKind {
+    /// The ring-family schedule it names (its sharding layout follows from it); `None` for
+    /// Ulysses and the hybrid.
+    pub fn kind(self) -> Option<AttnScheduleKind> {
         match self {
-            SpSchedule::Distattn => AttnScheduleKind::DistAttnCausal,
-            SpSchedule::Ring => AttnScheduleKind::RingCausal,
-            SpSchedule::Zigzag => AttnScheduleKind::ZigzagRingCausal,
+            SpSchedule::Distattn => Some(AttnScheduleKind::DistAttnCausal),
+            SpSchedule::Ring => Some(AttnScheduleKind::RingCausal),
+            SpSchedule::Zigzag => Some(AttnScheduleKind::ZigzagRingCausal),
+            SpSchedule::Ulysses | SpSchedule::Hybrid => None,
         }
+    }
+
+    /// Ulysses or the hybrid.
+    pub fn is_ulysses(self) -> bool {
+        self.kind().is_none()
     }
 }
 
@@ -345,8 +362,14 @@ pub struct ParallelConfig {
     pub sp: usize,
     /// Data-parallel replicas. Default 1.
     pub dp: usize,
-    /// Attention schedule across the sp ranks: "distattn", "ring" or "zigzag". Default "distattn".
+    /// Attention across the sp ranks: "distattn", "ring", "zigzag" (ring-family schedules),
+    /// "ulysses" (all-to-all over heads, u = sp; needs sp | H_kv) or "hybrid" (Ulysses groups of
+    /// `ulysses_degree` ranks × a ring over the groups). Default "distattn".
     pub schedule: SpSchedule,
+    /// u, the ranks of each Ulysses all-to-all group under `schedule = "hybrid"` (r = sp / u
+    /// groups form the ring); must divide sp and the model's H_kv. 0 picks the largest u that
+    /// divides both sp and H_kv. Only "hybrid" reads it. Default 0.
+    pub ulysses_degree: usize,
     /// Overlap the KV/query exchange of the next schedule step with this step's compute.
     /// Default true.
     pub overlap: bool,
@@ -362,6 +385,7 @@ impl Default for ParallelConfig {
             sp: 1,
             dp: 1,
             schedule: SpSchedule::Distattn,
+            ulysses_degree: 0,
             overlap: true,
             timeout_s: 60,
         }
@@ -390,6 +414,97 @@ impl ParallelConfig {
         })
     }
 
+    /// Checks `schedule` and `ulysses_degree` against sp (the model's heads are checked by
+    /// [`ParallelConfig::sp_method`]); errors name the key.
+    pub fn check_schedule(&self) -> Result<(), ConfigError> {
+        let bad = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let sp = self.sp;
+        match self.schedule.kind() {
+            Some(kind) => {
+                if let Err(e) = kind.build(sp) {
+                    return bad("parallel.schedule", e.to_string());
+                }
+                if self.ulysses_degree != 0 {
+                    return bad(
+                        "parallel.ulysses_degree",
+                        format!(
+                            "is read by schedule = \"hybrid\" only, not \"{}\"; remove it or \
+                             set parallel.schedule = \"hybrid\"",
+                            self.schedule
+                        ),
+                    );
+                }
+            }
+            None if self.schedule == SpSchedule::Ulysses && self.ulysses_degree != 0 => {
+                return bad(
+                    "parallel.ulysses_degree",
+                    format!(
+                        "pure Ulysses all-to-alls over all sp = {sp} ranks; to choose u = {}, \
+                         set parallel.schedule = \"hybrid\"",
+                        self.ulysses_degree
+                    ),
+                );
+            }
+            None => {
+                let u = self.ulysses_degree;
+                if u != 0 && !sp.is_multiple_of(u) {
+                    return bad(
+                        "parallel.ulysses_degree",
+                        format!("u = {u} must divide parallel.sp = {sp} (r = sp / u groups)"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The attention method of the sp ranks for a decoder with `h` query and `h_kv` KV heads:
+    /// the ring-family schedule, or the Ulysses grid (u = sp for "ulysses"; `ulysses_degree`, or
+    /// the largest u dividing sp and H_kv, for "hybrid"). Refuses u ∤ H_kv naming the key and
+    /// the u that would work.
+    pub fn sp_method(&self, h: usize, h_kv: usize) -> Result<SpMethod, ConfigError> {
+        self.check_schedule()?;
+        let sp = self.sp.max(1);
+        let invalid = |key, message| ConfigError::Invalid { key, message };
+        if let Some(kind) = self.schedule.kind() {
+            let s = kind
+                .build(sp)
+                .map_err(|e| invalid("parallel.schedule", e.to_string()))?;
+            return Ok(SpMethod::Schedule(s));
+        }
+        let (key, u) = match (self.schedule, self.ulysses_degree) {
+            (SpSchedule::Ulysses, _) => ("parallel.schedule", sp),
+            (_, 0) => ("parallel.ulysses_degree", gcd(sp, h_kv.max(1))),
+            (_, u) => ("parallel.ulysses_degree", u),
+        };
+        let grid = UlyssesGrid::new(u, sp / u).map_err(|e| invalid(key, e.to_string()))?;
+        match grid.check_heads(h, h_kv) {
+            Ok(()) => Ok(SpMethod::Ulysses(grid)),
+            Err(e @ UlyssesError::KvHeads { .. }) => {
+                let best = gcd(sp, h_kv.max(1));
+                Err(invalid(
+                    key,
+                    format!(
+                        "u = {u} ranks per all-to-all group must divide the model's H_kv = \
+                         {h_kv} KV heads ({e}); set parallel.schedule = \"hybrid\" with \
+                         parallel.ulysses_degree = {best} (r = {} groups in the ring), or a \
+                         ring-family schedule",
+                        sp / best
+                    ),
+                ))
+            }
+            Err(e) => Err(invalid(key, e.to_string())),
+        }
+    }
+
+    /// The ring-family schedule the sharded rollout's prefill runs: this one, or balanced
+    /// DistAttn under Ulysses and the hybrid (the rollout engine's KV stays sharded by tokens).
+    pub fn rollout_schedule(&self) -> AttnScheduleKind {
+        self.schedule
+            .kind()
+            .unwrap_or(AttnScheduleKind::DistAttnCausal)
+    }
+
     /// The communicator's timeout.
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_s)
@@ -402,6 +517,14 @@ impl ParallelConfig {
         } else {
             Overlap::Blocking
         }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -507,8 +630,13 @@ device = "auto"
 # a replica each take their shard of the tokens of the same micro-batch.
 sp = 1
 dp = 1
-# Attention across the sp ranks: "distattn" (LightSeq's balanced schedule), "ring" or "zigzag".
+# Attention across the sp ranks: "distattn" (LightSeq's balanced schedule), "ring", "zigzag",
+# "ulysses" (all-to-all over heads; sp must divide the model's KV heads) or "hybrid" (Ulysses
+# groups of ulysses_degree ranks x a ring over the sp / ulysses_degree groups).
 schedule = "distattn"
+# Ranks per Ulysses group under schedule = "hybrid"; must divide sp and the KV heads. 0 = the
+# largest that divides both.
+ulysses_degree = 0
 # Overlap the next schedule step's messages with this step's compute.
 overlap = true
 # Seconds a rank waits on another before the run fails; must exceed the longest gap between
@@ -781,12 +909,7 @@ impl SftConfig {
         }
         let p = &self.parallel;
         p.dims()?;
-        if let Err(e) = p.schedule.kind().build(p.sp) {
-            return Err(ConfigError::Invalid {
-                key: "parallel.schedule",
-                message: e.to_string(),
-            });
-        }
+        p.check_schedule()?;
         if p.timeout_s == 0 {
             return bad("parallel.timeout_s", "must be at least 1");
         }
@@ -1090,6 +1213,68 @@ dir = "runs/x"
         assert_eq!(key(&cfg), "parallel.timeout_s");
     }
 
+    /// "ulysses" and "hybrid" parse into Ulysses grids for the model's heads; u ∤ H_kv is refused
+    /// naming the key and suggesting the hybrid's u; `ulysses_degree` is checked against sp and
+    /// refused where it is not read.
+    #[test]
+    fn ulysses_and_hybrid_schedules() {
+        let grid = |u, r| SpMethod::Ulysses(UlyssesGrid::new(u, r).unwrap());
+        let cfg = parse("[parallel]\nsp = 4\nschedule = \"ulysses\"\n").unwrap();
+        assert_eq!(cfg.parallel.schedule, SpSchedule::Ulysses);
+        assert!(cfg.parallel.schedule.is_ulysses() && cfg.parallel.schedule.kind().is_none());
+        assert_eq!(cfg.parallel.sp_method(8, 4).unwrap(), grid(4, 1));
+        assert_eq!(
+            cfg.parallel.rollout_schedule(),
+            AttnScheduleKind::DistAttnCausal
+        );
+        let e = cfg.parallel.sp_method(12, 6).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "parallel.schedule",
+                    ..
+                }
+            ) && m.contains("H_kv = 6")
+                && m.contains("\"hybrid\" with parallel.ulysses_degree = 2")
+                && m.contains("r = 2 groups"),
+            "{m}"
+        );
+        // The hybrid: u given, or the largest dividing sp and H_kv.
+        let cfg = parse("[parallel]\nsp = 4\nschedule = \"hybrid\"\nulysses_degree = 2\n").unwrap();
+        assert_eq!(cfg.parallel.sp_method(12, 6).unwrap(), grid(2, 2));
+        let e = cfg.parallel.sp_method(3, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("parallel.ulysses_degree") && e.contains("ulysses_degree = 1"),
+            "{e}"
+        );
+        let mut cfg = SftConfig::default();
+        cfg.apply_override("parallel.sp=6").unwrap();
+        cfg.apply_override("parallel.schedule=hybrid").unwrap();
+        cfg.parallel.check_schedule().unwrap();
+        assert_eq!(cfg.parallel.sp_method(8, 4).unwrap(), grid(2, 3));
+        assert_eq!(cfg.parallel.sp_method(12, 6).unwrap(), grid(6, 1));
+        cfg.apply_override("parallel.ulysses_degree=4").unwrap();
+        let key = |c: &SftConfig| match c.parallel.check_schedule() {
+            Err(ConfigError::Invalid { key, message }) => format!("{key}: {message}"),
+            other => panic!("{other:?}"),
+        };
+        assert!(key(&cfg).starts_with("parallel.ulysses_degree: u = 4 must divide parallel.sp = 6"));
+        cfg.parallel.schedule = SpSchedule::Ring;
+        assert!(key(&cfg).contains("\"hybrid\" only"), "{}", key(&cfg));
+        cfg.parallel.schedule = SpSchedule::Ulysses;
+        assert!(key(&cfg).contains("set parallel.schedule = \"hybrid\""));
+        cfg.parallel.ulysses_degree = 0;
+        cfg.parallel.check_schedule().unwrap();
+        // The ring family still maps to its schedules.
+        cfg.parallel.schedule = SpSchedule::Zigzag;
+        assert!(matches!(
+            cfg.parallel.sp_method(4, 2).unwrap(),
+            SpMethod::Schedule(s) if s.kind == AttnScheduleKind::ZigzagRingCausal && s.ranks == 6
+        ));
+    }
+
     #[test]
     fn parallel_section_parses_and_overrides() {
         let cfg =
@@ -1098,7 +1283,7 @@ dir = "runs/x"
         assert_eq!(cfg.parallel.world(), 8);
         assert_eq!(
             cfg.parallel.schedule.kind(),
-            AttnScheduleKind::ZigzagRingCausal
+            Some(AttnScheduleKind::ZigzagRingCausal)
         );
         assert_eq!(cfg.parallel.overlap_mode(), Overlap::Blocking);
         assert_eq!(cfg.parallel.timeout(), Duration::from_secs(60));
@@ -1109,10 +1294,10 @@ dir = "runs/x"
             err.contains("tp") && err.starts_with("run.toml:3:1:"),
             "{err}"
         );
-        let err = parse("[parallel]\nschedule = \"ulysses\"\n")
+        let err = parse("[parallel]\nschedule = \"ulysses2\"\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("ulysses"), "{err}");
+        assert!(err.contains("ulysses2"), "{err}");
         let mut cfg = SftConfig::default();
         cfg.apply_override("parallel.sp=2").unwrap();
         cfg.apply_override("parallel.schedule=ring").unwrap();

@@ -342,12 +342,12 @@ impl GpuPlace {
 }
 
 /// One process's GPU and NCCL communicator in a launched sequence-parallel run, and the
-/// attention schedule the ranks run.
+/// attention method the ranks run (a ring-family schedule, or Ulysses / the hybrid).
 #[cfg(feature = "cuda")]
 pub struct GpuProc {
     gpu: reel_cuda::Gpu,
     comm: reel_cuda::NcclComm,
-    schedule: reel_parallel::Schedule,
+    method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
 }
 
@@ -368,7 +368,7 @@ impl GpuProc {
 pub fn gpu_proc(
     l: &Launched,
     ordinal: usize,
-    schedule: reel_parallel::Schedule,
+    method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
     timeout: std::time::Duration,
 ) -> Result<GpuProc> {
@@ -380,35 +380,35 @@ pub fn gpu_proc(
     Ok(GpuProc {
         gpu,
         comm,
-        schedule,
+        method,
         overlap,
     })
 }
 
 /// The in-process device ranks of a sequence-parallel run on one GPU: their device world (each
-/// rank's endpoint made on its own thread) and the attention schedule they run.
+/// rank's endpoint made on its own thread) and the attention method they run.
 #[cfg(feature = "cuda")]
 #[derive(Clone)]
 pub struct GpuSpGroup {
     world: reel_cuda::DeviceWorld,
-    schedule: reel_parallel::Schedule,
+    method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
 }
 
-/// The group of `schedule.ranks` device ranks on the GPU `gpu` was opened on (GPU 0; each rank
+/// The group of `method.ranks()` device ranks on the GPU `gpu` was opened on (GPU 0; each rank
 /// opens its own stream, so `gpu` itself is let go); a rank that waits longer than `timeout`
 /// for a peer fails.
 #[cfg(feature = "cuda")]
 pub fn gpu_sp_group(
     gpu: GpuHandle,
-    schedule: reel_parallel::Schedule,
+    method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
     timeout: std::time::Duration,
 ) -> GpuSpGroup {
     drop(gpu);
     GpuSpGroup {
-        world: reel_cuda::DeviceWorld::new(schedule.ranks, timeout),
-        schedule,
+        world: reel_cuda::DeviceWorld::new(method.ranks(), timeout),
+        method,
         overlap,
     }
 }
@@ -431,7 +431,7 @@ pub fn gpu_model(
             let g = reel_cuda::Gpu::open_on_new_stream(0)
                 .with_context(|| format!("sequence-parallel rank {rank}: opening its stream"))?;
             let comm = group.world.comm(rank, &g)?;
-            let sp = reel_cuda::GpuSpAttention::new(comm, group.schedule, group.overlap)
+            let sp = reel_cuda::GpuSpAttention::with_method(comm, group.method, group.overlap)
                 .with_context(|| format!("sequence-parallel rank {rank}: device attention"))?;
             let mut m = GpuModel::new(g, config, params, policy, adamw)?;
             m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
@@ -441,12 +441,12 @@ pub fn gpu_model(
             let GpuProc {
                 gpu,
                 comm,
-                schedule,
+                method,
                 overlap,
             } = *p;
             let rank = reel_comm::Communicator::rank(&comm);
             let p2p = comm.into_device_p2p(&gpu)?;
-            let sp = reel_cuda::GpuSpAttention::new(p2p, schedule, overlap)
+            let sp = reel_cuda::GpuSpAttention::with_method(p2p, method, overlap)
                 .with_context(|| format!("sequence-parallel rank {rank}: device attention"))?;
             let mut m = GpuModel::new(gpu, config, params, policy, adamw)?;
             m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
@@ -549,7 +549,7 @@ pub use cpu_only::{GpuEmbedsBatch, GpuHandle, GpuModel, GpuProc, GpuSpGroup, Rol
 pub fn gpu_proc(
     _: &Launched,
     _: usize,
-    _: reel_parallel::Schedule,
+    _: reel_parallel::SpMethod,
     _: reel_parallel::Overlap,
     _: std::time::Duration,
 ) -> Result<GpuProc> {
@@ -564,7 +564,7 @@ pub fn open_gpu() -> Result<GpuHandle, String> {
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_sp_group(
     gpu: GpuHandle,
-    _: reel_parallel::Schedule,
+    _: reel_parallel::SpMethod,
     _: reel_parallel::Overlap,
     _: std::time::Duration,
 ) -> GpuSpGroup {

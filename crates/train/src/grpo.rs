@@ -284,6 +284,25 @@ impl GrpoRunConfig {
     pub fn validate(&self) -> Result<()> {
         self.validate_common()?;
         self.parallel.dims()?;
+        self.check_packing(self.train.share_prompt)
+    }
+
+    /// Packed rows (one copy of each prompt) run through ring-family schedules only: under
+    /// Ulysses or the hybrid with sp > 1 a packing run is refused, naming the key.
+    fn check_packing(&self, packs: bool) -> Result<()> {
+        let p = &self.parallel;
+        if packs && p.sp > 1 && p.schedule.is_ulysses() {
+            return Err(ConfigError::Invalid {
+                key: "train.share_prompt",
+                message: format!(
+                    "rows packed by prompt run through ring-family schedules only; with \
+                     parallel.schedule = \"{}\" set train.share_prompt = false, or choose \
+                     \"distattn\", \"ring\" or \"zigzag\"",
+                    p.schedule
+                ),
+            }
+            .into());
+        }
         Ok(())
     }
 
@@ -315,7 +334,7 @@ impl GrpoRunConfig {
         if self.video.prefetch_depth == 0 {
             return bad("video.prefetch_depth", "must be at least 1".into());
         }
-        Ok(())
+        self.check_packing(self.video.reuse && self.train.share_prompt)
     }
 
     /// The checks every run shares.
@@ -368,6 +387,7 @@ impl GrpoRunConfig {
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "must not be empty");
         }
+        self.parallel.check_schedule()?;
         Ok(())
     }
 

@@ -61,7 +61,7 @@ use reel_model::{
     Workspace,
 };
 use reel_optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWState};
-use reel_parallel::{ParallelDims, RankCoords, SpAttention};
+use reel_parallel::{ParallelDims, RankCoords, SpAttention, SpMethod};
 use reel_tensor::DType;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -1135,6 +1135,15 @@ fn is_secondary(e: &anyhow::Error) -> bool {
     }
 }
 
+/// The sp ranks' attention method for `model`'s decoder heads (`parallel.schedule`; Ulysses
+/// needs u | H_kv, refused naming the key).
+fn sp_method<T: SftTask>(cfg: &SftConfig, model: &T::Model) -> Result<SpMethod> {
+    let c = &T::decoder(model).config;
+    Ok(cfg
+        .parallel
+        .sp_method(c.num_attention_heads, c.num_key_value_heads)?)
+}
+
 /// The ranks of a `dp × sp` run, one thread each: every rank builds the same replica, rank
 /// `dp_rank · sp + sp_rank` takes micro-batches `dp_rank, dp_rank + dp, …` and its token shard
 /// of each; rank 0 writes. The first rank to fail (not one that only saw another fail) gives the
@@ -1168,7 +1177,7 @@ fn run_ranks<T: SftTask>(
         }
         Some(g) if dims.dp() == 1 => Some(gpu_sp_group(
             g,
-            par.schedule.kind().build(dims.sp())?,
+            sp_method::<T>(cfg, model)?,
             par.overlap_mode(),
             par.timeout(),
         )),
@@ -1182,6 +1191,7 @@ fn run_ranks<T: SftTask>(
         opts.progress,
     );
     let hook = Mutex::new(opts.eval_hook.as_mut());
+    let method = sp_method::<T>(cfg, model)?;
     let results = InProcess::spawn(dims.world(), par.timeout(), |comm| -> Result<RankOut> {
         let rank = comm.rank();
         let coords = dims.coords(rank)?;
@@ -1192,9 +1202,8 @@ fn run_ranks<T: SftTask>(
             let attn_group = comm
                 .split(coords.dp_rank, coords.sp_rank)
                 .with_context(|| format!("rank {rank}: forming its sequence-parallel group"))?;
-            let schedule = par.schedule.kind().build(dims.sp())?;
             Some(
-                SpAttention::new(attn_group, schedule, par.overlap_mode())
+                SpAttention::with_method(attn_group, method.clone(), par.overlap_mode())
                     .with_context(|| format!("rank {rank}: sequence-parallel attention"))?,
             )
         } else {
@@ -1348,8 +1357,8 @@ fn run_process<T: SftTask>(
     .map_err(anyhow::Error::msg)?;
     let par = &cfg.parallel;
     let (shared, model) = Shared::<T>::load(cfg, opts.resume)?;
-    let schedule = par.schedule.kind().build(dims.sp())?;
-    let proc = gpu_proc(l, ordinal, schedule, par.overlap_mode(), par.timeout())?;
+    let method = sp_method::<T>(cfg, &model)?;
+    let proc = gpu_proc(l, ordinal, method, par.overlap_mode(), par.timeout())?;
     tracing::info!(
         "rank {} of {} processes, one GPU each over NCCL: sp {} ({} attention, overlap {}) on {}",
         l.rank,

@@ -72,8 +72,8 @@ use reel_data::{
 };
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
 use reel_model::{
-    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Rotary,
-    Workspace,
+    load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Qwen2Config,
+    Rotary, Workspace,
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder, VisionSpError};
 use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
@@ -699,6 +699,7 @@ impl LocalRows {
 /// Runs `body(rank attention)` on `sp` in-process ranks (the caller's thread at sp = 1).
 fn on_ranks<T: Send>(
     cfg: &GrpoRunConfig,
+    lm: &Qwen2Config,
     body: impl Fn(&RankAttn) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     let p = cfg.parallel.sp;
@@ -706,7 +707,9 @@ fn on_ranks<T: Send>(
         return Ok(vec![body(&RankAttn::Local)?]);
     }
     let timeout = Duration::from_secs(cfg.parallel.timeout_s.max(1));
-    let kind = cfg.parallel.schedule.kind();
+    let method = cfg
+        .parallel
+        .sp_method(lm.num_attention_heads, lm.num_key_value_heads)?;
     let overlap = if cfg.parallel.overlap {
         Overlap::Overlapped
     } else {
@@ -714,8 +717,7 @@ fn on_ranks<T: Send>(
     };
     let results = InProcess::spawn(p, timeout, |comm| {
         let rank = comm.rank();
-        let schedule = kind.build(p).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let sp = SpAttention::new(comm, schedule, overlap)?;
+        let sp = SpAttention::with_method(comm, method.clone(), overlap)?;
         body(&RankAttn::Sp(&sp, rank))
     });
     results
@@ -733,7 +735,7 @@ fn logprob_pass(
     rows: &[VlRows],
     vid: u32,
 ) -> Result<Vec<Vec<f32>>> {
-    let per_rank = on_ranks(cfg, |ra| {
+    let per_rank = on_ranks(cfg, &lm.config, |ra| {
         let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -784,7 +786,7 @@ fn minibatch_grads(
     let lm = &vlm.lm;
     let vid = vlm.config.video_token_id;
     let sharded = cfg.parallel.sp > 1;
-    let per_rank = on_ranks(cfg, |ra| {
+    let per_rank = on_ranks(cfg, &lm.config, |ra| {
         let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
         let mut grads = vec![0.0f32; lm.params.len()];
         let mut loss = 0.0f64;

@@ -5,7 +5,7 @@
 //!
 //! - `nccl_sp_sft_loss_curve_matches_one_gpu`: for each world size of `REEL_NCCL_WORLDS` (≥ 2;
 //!   default `2`) and each case (DistAttn with every activation kept, zigzag under remat,
-//!   DistAttn under remat), every step's loss of the multi-process run matches the single-GPU
+//!   DistAttn under remat, the Ulysses hybrid under remat with u = gcd(world, H_kv)), every step's loss of the multi-process run matches the single-GPU
 //!   one-rank run of the same policy within bf16 tolerance, the replicas end identical (checked
 //!   over NCCL by the run), and rank 0's checkpoint loads.
 //! - `nccl_sp_sft_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes`: rank 1 exits
@@ -191,6 +191,8 @@ fn nccl_sp_sft_loss_curve_matches_one_gpu() {
         (CheckpointPolicy::None, SpSchedule::Distattn),
         (CheckpointPolicy::Remat, SpSchedule::Zigzag),
         (CheckpointPolicy::Remat, SpSchedule::Distattn),
+        // u = gcd(world, H_kv = 2): pure Ulysses at world 2, 2 × 2 at world 4.
+        (CheckpointPolicy::Remat, SpSchedule::Hybrid),
     ];
     let mut reference = std::collections::HashMap::new();
     for (i, &w) in worlds().iter().enumerate() {

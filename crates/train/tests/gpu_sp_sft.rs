@@ -1,7 +1,8 @@
 //! `reel sft` with `parallel.sp > 1` on the GPU (in-process ranks on one GPU, each its own
-//! stream and token shard, attention through the device DistAttn executor, gradients all-reduced
-//! on the device) against the CPU run with sp = 1 on the same data: every step's loss agrees
-//! within bf16 tolerance under each checkpoint policy and schedule, the replicas end identical,
+//! stream and token shard, attention through the device DistAttn executor or device Ulysses,
+//! gradients all-reduced on the device) against the CPU run with sp = 1 on the same data: every
+//! step's loss agrees within bf16 tolerance under each checkpoint policy and schedule (ring
+//! family, Ulysses at sp = 2, the hybrid u = 2 × r = 2 at sp = 4), the replicas end identical,
 //! the loss falls, the checkpoint loads, and an interrupted sp run resumes on the GPU. Needs the
 //! `cuda` feature and a GPU; opt-in:
 //!
@@ -61,6 +62,8 @@ fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
         (2, CheckpointPolicy::Layer, SpSchedule::Ring),
         (2, CheckpointPolicy::Remat, SpSchedule::Zigzag),
         (3, CheckpointPolicy::Remat, SpSchedule::Distattn),
+        (2, CheckpointPolicy::Layer, SpSchedule::Ulysses),
+        (4, CheckpointPolicy::Remat, SpSchedule::Hybrid),
     ] {
         let what = format!("sp {sp} {policy} {schedule}");
         let mut cfg = cpu_cfg.clone();
@@ -68,7 +71,7 @@ fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
         cfg.train.checkpoint = policy;
         cfg.parallel.sp = sp;
         cfg.parallel.schedule = schedule;
-        cfg.output.dir = dir.path().join(format!("gpu-sp{sp}-{policy}"));
+        cfg.output.dir = dir.path().join(format!("gpu-sp{sp}-{policy}-{schedule}"));
         let t0 = Instant::now();
         let gpu = run_sft(&cfg, common::quiet()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
         let secs = t0.elapsed().as_secs_f64();

@@ -329,7 +329,8 @@ fn parallel_setup(dir: &Path, dp: usize, sp: usize, schedule: &str) -> GrpoRunCo
 }
 
 /// One rank with every sample in its own row is the reference; packed by prompt (the default)
-/// on one rank and over dp × sp ranks, and plain rows over sp ranks, give the same step.
+/// on one rank and over dp × sp ranks, and plain rows over sp ranks (ring-family schedules,
+/// Ulysses and the hybrid), give the same step.
 #[test]
 fn dp_and_sp_ranks_match_one_rank() {
     let dir = tempfile::tempdir().unwrap();
@@ -351,6 +352,8 @@ fn dp_and_sp_ranks_match_one_rank() {
         (1, 2, "zigzag", false),
         (2, 2, "zigzag", true),
         (1, 3, "distattn", true),
+        (1, 2, "ulysses", false),
+        (2, 2, "hybrid", false),
     ] {
         let what = format!("dp {dp} × sp {sp} ({schedule}, share_prompt {share})");
         let mut cfg = parallel_setup(dir.path(), dp, sp, schedule);
@@ -407,6 +410,19 @@ fn dp_and_sp_ranks_match_one_rank() {
         )
         .unwrap();
     }
+}
+
+/// Ulysses takes plain rows: packing by prompt under it is refused, naming the key.
+#[test]
+fn ulysses_refuses_packed_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = parallel_setup(dir.path(), 1, 2, "ulysses");
+    assert!(cfg.train.share_prompt, "packing is the default");
+    let e = format!("{:#}", run_grpo(&cfg, quiet()).unwrap_err());
+    assert!(
+        e.contains("train.share_prompt") && e.contains("ring-family"),
+        "{e}"
+    );
 }
 
 #[test]

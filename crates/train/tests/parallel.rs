@@ -1,8 +1,9 @@
 //! Sequence- and data-parallel SFT on in-process ranks reproduces the single-rank run of the same
 //! data: the same global batch per step (a single rank accumulating `dp × grad_accum`
 //! micro-batches) gives the same loss and gradient-norm curves under every schedule and
-//! checkpoint policy; the replicas stay bit-identical; a resumed sp run continues its curve; a
-//! non-finite gradient on one rank stops every rank with an error naming that rank and step.
+//! checkpoint policy (ring-family, Ulysses and the hybrid, whose final weights match too); the
+//! replicas stay bit-identical; a resumed sp run continues its curve; a non-finite gradient on
+//! one rank stops every rank with an error naming that rank and step.
 
 mod common;
 
@@ -56,6 +57,7 @@ fn matches_one_rank(root: &Path, name: &str, cfg: SftConfig) {
     one.output.dir = root.join(format!("{name}-single"));
     one.parallel.sp = 1;
     one.parallel.dp = 1;
+    one.parallel.ulysses_degree = 0;
     one.train.grad_accum = cfg.train.grad_accum * cfg.parallel.dp as u32;
     let want = run_sft(&one, quiet()).unwrap();
     let got = run_sft(&cfg, quiet()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -121,6 +123,58 @@ fn ring_and_zigzag_match_at_sp2() {
         cfg.parallel.overlap = schedule == SpSchedule::Ring;
         matches_one_rank(root, &name, cfg);
     }
+}
+
+/// Ulysses at sp = 2 and 3 (H_kv = 6 splits over both), the hybrid at sp = 4 (u = 2 × r = 2,
+/// and u = 1 × r = 4) and at sp = 3 with dp = 2: the single-rank loss and gradient-norm curves,
+/// and the single-rank final weights; pure Ulysses at sp = 4 is refused (4 ∤ 6) with the
+/// hybrid's u suggested.
+#[test]
+fn ulysses_and_hybrid_match_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let gqa = |cfg: &mut SftConfig| {
+        let init = cfg.model.init.as_mut().unwrap();
+        init.hidden_size = 48;
+        init.num_attention_heads = 12;
+        init.num_key_value_heads = 6;
+    };
+    let runs = [
+        (2, 1, SpSchedule::Ulysses, 0, CheckpointPolicy::Remat),
+        (3, 1, SpSchedule::Ulysses, 0, CheckpointPolicy::Layer),
+        (4, 1, SpSchedule::Hybrid, 0, CheckpointPolicy::Remat),
+        (4, 1, SpSchedule::Hybrid, 1, CheckpointPolicy::None),
+        (3, 2, SpSchedule::Hybrid, 3, CheckpointPolicy::Remat),
+    ];
+    for (sp, dp, schedule, u, policy) in runs {
+        let name = format!("sp{sp}-dp{dp}-{schedule}-u{u}-{policy}");
+        let mut cfg = config(&root.join(&name), 4, sp, dp);
+        gqa(&mut cfg);
+        cfg.parallel.schedule = schedule;
+        cfg.parallel.ulysses_degree = u;
+        cfg.train.checkpoint = policy;
+        matches_one_rank(root, &name, cfg.clone());
+        let got = load_checkpoint(&cfg.output.dir.join("checkpoints/step-4")).unwrap();
+        let want =
+            load_checkpoint(&root.join(format!("{name}-single/checkpoints/step-4"))).unwrap();
+        reel_tensor::check_close(
+            &format!("{name}: final weights"),
+            &got.params,
+            &want.params,
+            reel_tensor::Tolerance::new(1e-5, 1e-3),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let mut cfg = config(&root.join("refused"), 1, 4, 1);
+    gqa(&mut cfg);
+    cfg.parallel.schedule = SpSchedule::Ulysses;
+    let e = format!("{:#}", run_sft(&cfg, quiet()).unwrap_err());
+    assert!(
+        e.contains("parallel.schedule")
+            && e.contains("H_kv = 6")
+            && e.contains("\"hybrid\" with parallel.ulysses_degree = 2"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -24,8 +24,8 @@ use crate::device::{step_model, RolloutDecoder};
 use anyhow::{bail, Context, Result};
 use reel_comm::{CommError, Communicator, InProcess};
 use reel_data::IGNORE_INDEX;
-use reel_model::{AttentionOp, LocalAttention, Qwen2};
-use reel_parallel::{ParallelDims, RankCoords, ScheduleKind, SpAttention};
+use reel_model::{AttentionOp, LocalAttention, Qwen2, Qwen2Config};
+use reel_parallel::{ParallelDims, RankCoords, ScheduleKind, SpAttention, SpMethod};
 use reel_rl::GrpoMetrics;
 use reel_rollout::engine::Detokenizer;
 use reel_rollout::{Engine, EngineConfig, GenerationParams, ShardedEngine};
@@ -43,7 +43,7 @@ pub(crate) struct Peers<'a, C: Communicator> {
     pub sp_roll: Option<&'a C>,
     /// Sequence-parallel attention over the sp group for scoring and update (sp > 1).
     pub sp: Option<&'a SpAttention<C>>,
-    /// The sp attention schedule.
+    /// The ring-family schedule of the sharded rollout's prefill (`ParallelConfig::rollout_schedule`).
     pub schedule: ScheduleKind,
 }
 
@@ -352,7 +352,14 @@ pub(crate) fn run_ranks(cfg: &GrpoRunConfig, opts: &GrpoOptions) -> Result<GrpoS
         dims.sp(),
         par.schedule
     );
-    let schedule = par.schedule.kind();
+    let schedule = par.rollout_schedule();
+    let method = if dims.sp() > 1 {
+        let path = cfg.model.path.join("config.json");
+        let c = Qwen2Config::from_file(&path)?;
+        par.sp_method(c.num_attention_heads, c.num_key_value_heads)?
+    } else {
+        SpMethod::Schedule(schedule.build(1)?)
+    };
     let results = InProcess::spawn(dims.world(), par.timeout(), |comm| -> Result<_> {
         let rank = comm.rank();
         let coords = dims.coords(rank)?;
@@ -366,7 +373,7 @@ pub(crate) fn run_ranks(cfg: &GrpoRunConfig, opts: &GrpoOptions) -> Result<GrpoS
             let group = comm
                 .split(coords.dp_rank, coords.sp_rank)
                 .with_context(|| format!("rank {rank}: forming its sequence-parallel group"))?;
-            let attn = SpAttention::new(group, schedule.build(dims.sp())?, par.overlap_mode())
+            let attn = SpAttention::with_method(group, method.clone(), par.overlap_mode())
                 .with_context(|| format!("rank {rank}: sequence-parallel attention"))?;
             (Some(roll), Some(attn))
         } else {
