@@ -54,14 +54,18 @@ use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
 /// One micro-batch as input-embedding rows (module docs): B sequences of T rows, row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuEmbedsBatch<'a> {
-    /// Token id of every row [B·T]: rows whose id is not `feature_token` take (and give their
+    /// Token id of every row [B·T]: rows that are not feature rows (below) take (and give their
     /// gradient to) that embedding-table row.
     pub tokens: &'a [u32],
     /// Next-token targets per row; negative = no loss.
     pub targets: &'a [i32],
     /// The id whose rows take `features` instead of a table row (`<|video_pad|>`).
     pub feature_token: u32,
-    /// The feature rows [R, d], R = the rows of `feature_token`, in row order (the merged vision
+    /// Which rows take `features` when not every row of `feature_token` does ([B·T]; each such
+    /// row must hold `feature_token`): a sampled response may hold the video token as an
+    /// ordinary token, which takes its table row. `None`: every row of `feature_token`.
+    pub feature_rows: Option<&'a [bool]>,
+    /// The feature rows [R, d], R = the feature rows, in row order (the merged vision
     /// features; zeros for sequence-parallel padding rows).
     pub features: &'a [f32],
     /// Per-row rotary angles cos, sin [B·T, D/2] (M-RoPE).
@@ -72,11 +76,16 @@ pub struct GpuEmbedsBatch<'a> {
 }
 
 impl GpuEmbedsBatch<'_> {
-    /// Row ranges of the `feature_token` runs.
+    /// Whether row `i` takes a feature row.
+    fn is_feature(&self, i: usize) -> bool {
+        self.tokens[i] == self.feature_token && self.feature_rows.is_none_or(|f| f[i])
+    }
+
+    /// Row ranges of the feature runs.
     fn feature_runs(&self) -> Vec<std::ops::Range<usize>> {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, &t) in self.tokens.iter().enumerate() {
-            if t != self.feature_token {
+        for i in 0..self.tokens.len() {
+            if !self.is_feature(i) {
                 continue;
             }
             match runs.last_mut() {
@@ -794,7 +803,21 @@ impl GpuQwen2 {
                 e.sin.len()
             ));
         }
-        let rows = e.tokens.iter().filter(|&&t| t == e.feature_token).count();
+        if let Some(f) = e.feature_rows {
+            if f.len() != n {
+                return shape_err(format!(
+                    "embeddings batch: feature_rows has {} values, expected {n}",
+                    f.len()
+                ));
+            }
+            if let Some(i) = (0..n).find(|&i| f[i] && e.tokens[i] != e.feature_token) {
+                return shape_err(format!(
+                    "embeddings batch: feature row {i} holds token {}, not {}",
+                    e.tokens[i], e.feature_token
+                ));
+            }
+        }
+        let rows = (0..n).filter(|&i| e.is_feature(i)).count();
         if e.features.len() != rows * d {
             return shape_err(format!(
                 "embeddings batch: {} feature values for {rows} rows of token {} (width {d})",

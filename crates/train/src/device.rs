@@ -24,7 +24,7 @@
 //!
 //! A GRPO run (text or Qwen2.5-VL) resolves the same setting for its rollouts
 //! ([`gpu_rollout_unsupported`], [`rollout_gpu`], [`rollout_decoder`]): one [`RolloutDecoder`] on
-//! GPU 0 when dp = sp = 1. The text trainer then also scores (old policy, reference) and updates
+//! GPU 0 when dp = sp = 1. Both trainers then also score (old policy, reference) and update
 //! there ([`grpo_policy_gpu`]: a [`GpuModel`] holding the policy, its AdamW state and the bf16
 //! reference weights; the decoder takes the updated weights device to device,
 //! [`RolloutDecoder::load_from_policy`]). Greedy accuracy evaluation
@@ -199,7 +199,7 @@ pub fn rollout_decoder(
     Ok(Some(d))
 }
 
-/// A text GRPO run's policy on the GPU for the scoring passes and the update (dp = sp = 1, after
+/// A GRPO run's policy (a text decoder, or a Qwen2.5-VL's) on the GPU for the scoring passes and the update (dp = sp = 1, after
 /// [`rollout_gpu`] chose the GPU: `have_gpu`): `model`'s weights and `opt`'s state (a resumed
 /// run's) uploaded to a [`GpuModel`] on its own handle of GPU 0, `reference`'s weights as its
 /// frozen reference copy. `None` when `gpu_update` is off or there is no GPU; when the model
@@ -692,6 +692,7 @@ mod cpu_only {
         pub tokens: &'a [u32],
         pub targets: &'a [i32],
         pub feature_token: u32,
+        pub feature_rows: Option<&'a [bool]>,
         pub features: &'a [f32],
         pub cos: &'a [f32],
         pub sin: &'a [f32],
@@ -814,6 +815,24 @@ mod cpu_only {
             match self.never {}
         }
         pub fn backward_logprobs(&mut self, _: &TokenBatch, _: &[f32]) -> R<()> {
+            match self.never {}
+        }
+        pub fn token_logprobs_embeds(
+            &mut self,
+            _: &GpuEmbedsBatch,
+            _: Weights,
+            _: f32,
+            _: &mut [f32],
+            _: Option<&mut [f32]>,
+        ) -> R<usize> {
+            match self.never {}
+        }
+        pub fn backward_logprobs_embeds(
+            &mut self,
+            _: &GpuEmbedsBatch,
+            _: &[f32],
+            _: bool,
+        ) -> R<Option<Vec<f32>>> {
             match self.never {}
         }
         pub fn clip_grad_norm(&mut self, _: f32) -> R<f32> {

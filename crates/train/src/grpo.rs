@@ -250,8 +250,8 @@ pub struct GrpoTrainConfig {
     /// Where a text run's rollouts decode: "auto" (one GPU decoder, kept for the run, when this
     /// build has the `cuda` feature, a GPU opens and dp = sp = 1; else the CPU engine with a
     /// message saying why; also for a head dimension the decoder's paged attention lacks),
-    /// "cpu", or "cuda" (an error naming what is missing). On the GPU a text run also scores
-    /// and updates there (`gpu_update`). Not part of the config hash while "auto".
+    /// "cpu", or "cuda" (an error naming what is missing). On the GPU a run also scores and
+    /// updates there (`gpu_update`). Not part of the config hash while "auto".
     /// Default "auto".
     #[serde(skip_serializing_if = "Device::is_auto")]
     pub device: Device,
@@ -261,8 +261,8 @@ pub struct GrpoTrainConfig {
     /// row (no prompt packing), the decoder's weights refreshed device to device after each
     /// step's updates, host weights and optimizer state copied back for checkpoints. `false`
     /// keeps scoring and the update on the CPU (f32; the decoder's weights uploaded from the
-    /// host policy). Qwen2.5-VL runs score and update on the CPU either way. Not part of the
-    /// config hash while true. Default true.
+    /// host policy). Qwen2.5-VL runs take the decoder's policy there the same way (the tower
+    /// stays on the CPU). Not part of the config hash while true. Default true.
     #[serde(skip_serializing_if = "is_true")]
     pub gpu_update: bool,
 }
@@ -1596,7 +1596,12 @@ fn grpo_rank<C: Communicator>(
 
 /// [`clip_and_step`] on the GPU policy: the norm (clipped at `grpo.grad_clip`, 0 = off), a
 /// non-finite loss or norm refused before the step, AdamW at `grpo.lr` on the device.
-fn gpu_clip_and_step(cfg: &GrpoRunConfig, g: &mut GpuModel, loss: f64, at: &str) -> Result<f32> {
+pub(crate) fn gpu_clip_and_step(
+    cfg: &GrpoRunConfig,
+    g: &mut GpuModel,
+    loss: f64,
+    at: &str,
+) -> Result<f32> {
     let grad_norm = g.clip_grad_norm(cfg.grpo.grad_clip.max(0.0))?;
     if !loss.is_finite() || !grad_norm.is_finite() {
         bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
@@ -1607,7 +1612,7 @@ fn gpu_clip_and_step(cfg: &GrpoRunConfig, g: &mut GpuModel, loss: f64, at: &str)
 
 /// Copies the GPU policy's weights and AdamW state into the host model and optimizer (no-op
 /// without one): before checkpoints and at the end of a run.
-fn sync_host(gm: Option<&GpuModel>, model: &mut Qwen2, opt: &mut AdamW) -> Result<()> {
+pub(crate) fn sync_host(gm: Option<&GpuModel>, model: &mut Qwen2, opt: &mut AdamW) -> Result<()> {
     if let Some(g) = gm {
         model.params = g.params_host()?;
         opt.load_state(g.opt_state()?)?;

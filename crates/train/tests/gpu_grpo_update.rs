@@ -268,18 +268,22 @@ fn gpu_logprobs_from_embeddings_and_their_gradients_match_the_cpu() {
                 *x = feature + 1;
             }
         }
+        let mut is_feature = vec![false; n];
         for row in 0..b {
             for i in 3 + row..12 + row {
                 case.tokens[row * t + i] = feature;
+                is_feature[row * t + i] = true;
             }
+            // The feature token sampled in a response: an ordinary table row.
+            case.tokens[row * t + t - 4] = feature;
         }
-        let rows = case.tokens.iter().filter(|&&x| x == feature).count();
+        let rows = is_feature.iter().filter(|&&f| f).count();
         let features: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-0.5..0.5)).collect();
         let table = &model.params[model.layout.embed.clone()];
         let mut embeds = vec![0.0f32; n * d];
         let mut k = 0;
         for (i, &tok) in case.tokens.iter().enumerate() {
-            let src = if tok == feature {
+            let src = if is_feature[i] {
                 k += 1;
                 &features[(k - 1) * d..k * d]
             } else {
@@ -316,7 +320,7 @@ fn gpu_logprobs_from_embeddings_and_their_gradients_match_the_cpu() {
         // The text rows' share goes into the embedding table (as the VLM's lookup backward).
         let e0 = model.layout.embed.start;
         for (i, &tok) in case.tokens.iter().enumerate() {
-            if tok != feature {
+            if !is_feature[i] {
                 let at = e0 + tok as usize * d;
                 for j in 0..d {
                     g_c[at + j] += dx_c[i * d + j];
@@ -329,6 +333,7 @@ fn gpu_logprobs_from_embeddings_and_their_gradients_match_the_cpu() {
             tokens: &case.tokens,
             targets: &case.targets,
             feature_token: feature,
+            feature_rows: Some(&is_feature),
             features: &features,
             cos: &cos,
             sin: &sin,
@@ -349,6 +354,18 @@ fn gpu_logprobs_from_embeddings_and_their_gradients_match_the_cpu() {
         assert!(rel <= 3e-2, "∂L/∂embeddings off by {rel:.3e}");
         let g_g = gm.grads_host().unwrap();
         check_grads("gradient", &model, &g_g, &g_c, 3e-2);
+        // A feature row must hold the feature token.
+        let mut wrong = is_feature.clone();
+        wrong[0] = true;
+        let bad = GpuEmbedsBatch {
+            feature_rows: Some(&wrong),
+            ..gb
+        };
+        let e = gm
+            .token_logprobs_embeds(&bad, Weights::Policy, tau, &mut lp_g, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("feature row 0"), "{e}");
     }
 }
 
