@@ -313,6 +313,22 @@ impl<T: GpuFloat> GpuDecoder<T> {
         self.gpu.synchronize()
     }
 
+    /// Replaces the weights from fp32 parameters already on this device (a `GpuQwen2`'s master
+    /// copy after its optimizer step, `GpuQwen2::params_device`): one cast on the device, no
+    /// host copy. The source must live on the same device (its context is the device's primary
+    /// one) and be complete: the caller synchronises the stream that wrote it first.
+    pub fn load_params_device(&mut self, params: &impl DevRead<f32>) -> Result<()> {
+        if params.dlen() != self.layout.total() {
+            return shape_err(format!(
+                "device parameter buffer has {} values, the config needs {}",
+                params.dlen(),
+                self.layout.total()
+            ));
+        }
+        self.gpu.cast_from_f32(&mut self.weights, params)?;
+        self.gpu.synchronize()
+    }
+
     /// Allocates the device KV blocks for `layout` (replacing any earlier pool's) and returns
     /// the host pool of tables that indexes them.
     pub fn make_pool(&mut self, layout: KvLayout) -> Result<BlockPool> {

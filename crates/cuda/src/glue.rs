@@ -178,6 +178,25 @@ impl Gpu {
             .sum())
     }
 
+    /// `x *= s` in f32 arithmetic, rounded to the storage type (the LM head's 1/temperature on
+    /// the final normed rows and their gradient).
+    pub fn scale_inplace<T: GpuFloat>(&self, x: &mut impl DevWrite<T>, s: f32) -> Result<()> {
+        let n = x.dlen();
+        if n == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let (xp, n64) = (x.dptr(), n as i64);
+        launch!(
+            self,
+            &self.kernels.scale_inplace[T::INDEX],
+            cfg((elementwise_grid(n), 1, 1), (256, 1, 1)),
+            &xp,
+            &n64,
+            &s
+        )
+    }
+
     /// `x *= s` (f32).
     pub fn scale_f32(&self, x: &mut impl DevWrite<f32>, s: f32) -> Result<()> {
         let n = x.dlen();

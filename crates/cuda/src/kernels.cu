@@ -289,6 +289,11 @@ __device__ void add_inplace(T* dst, const T* src, i64 n) {
 }
 
 template <typename T>
+__device__ void scale_inplace(T* x, i64 n, float s) {
+    GRID_STRIDE(i, n) st(x, i, ld(x, i) * s);
+}
+
+template <typename T>
 __device__ void cast_from_f32(T* dst, const float* src, i64 n) {
     GRID_STRIDE(i, n) st(dst, i, src[i]);
 }
@@ -366,6 +371,9 @@ __device__ void to_f32(float* dst, const T* src, i64 n) {
     extern "C" __global__ void add_inplace_##S(T* dst, const T* src, i64 n) {                    \
         add_inplace<T>(dst, src, n);                                                              \
     }                                                                                             \
+    extern "C" __global__ void scale_inplace_##S(T* x, i64 n, float s) {                         \
+        scale_inplace<T>(x, n, s);                                                                \
+    }                                                                                             \
     extern "C" __global__ void cast_from_f32_##S(T* dst, const float* src, i64 n) {              \
         cast_from_f32<T>(dst, src, n);                                                            \
     }                                                                                             \
@@ -385,9 +393,12 @@ REEL_ENTRY_POINTS(__nv_bfloat16, bf16)
 
 // Per-row softmax statistics of one logits chunk [M, cw] (f32), folded into the running
 // (max, sum of e^{z - max}) of each row as an online log-sum-exp; the target's logit is recorded
-// when it falls in the chunk [c0, c0 + cw). One block per row; deterministic.
-extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* target_logit,
-                                        const float* logits, const u32* tgt, int cw, u32 c0) {
+// when it falls in the chunk [c0, c0 + cw). `row_ent` carries Σ e^{z - max}(z - max) relative to
+// the same running max (the CPU kernel's entropy fold: entropy = ln sum − ent / sum, without
+// cancellation). One block per row; deterministic.
+extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* row_ent,
+                                        float* target_logit, const float* logits, const u32* tgt,
+                                        int cw, u32 c0) {
     __shared__ float s_max;
     const i64 r = blockIdx.x;
     const float* z = logits + r * cw;
@@ -409,13 +420,22 @@ extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* t
         __syncthreads();
     }
     const float cm = s_max;
-    float e = 0.0f;
-    for (int j = threadIdx.x; j < cw; j += blockDim.x) e += expf(z[j] - cm);
+    float e = 0.0f, w = 0.0f;
+    for (int j = threadIdx.x; j < cw; j += blockDim.x) {
+        const float p = expf(z[j] - cm);
+        e += p;
+        w += p * (z[j] - cm);
+    }
     const float cs = block_sum(e);
+    const float ce = block_sum(w);
     if (threadIdx.x == 0) {
-        const float m0 = row_max[r], s0 = row_sum[r];
+        const float m0 = row_max[r], s0 = row_sum[r], e0 = row_ent[r];
         const float m1 = fmaxf(m0, cm);
         if (m1 != ninf()) {
+            // Σ e^{z−m1}(z−m1) of a partial (m, s, e) = e^{m−m1}(e + (m − m1)s); 0 when s = 0.
+            const float a = s0 == 0.0f ? 0.0f : expf(m0 - m1) * (e0 + (m0 - m1) * s0);
+            const float b = cs == 0.0f ? 0.0f : expf(cm - m1) * (ce + (cm - m1) * cs);
+            row_ent[r] = a + b;
             row_sum[r] = s0 * expf(m0 - m1) + cs * expf(cm - m1);
             row_max[r] = m1;
         }
@@ -424,15 +444,18 @@ extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* t
     }
 }
 
-// losses[idx[r]] = lse[idx[r]] - target_logit[r], lse = max + ln(sum); M rows.
-extern "C" __global__ void ce_fwd_finish(float* losses, float* lse, const u32* idx,
+// losses[idx[r]] = lse[idx[r]] - target_logit[r], lse = max + ln(sum), and
+// entropy[idx[r]] = ln(sum) − ent / sum; M rows.
+extern "C" __global__ void ce_fwd_finish(float* losses, float* lse, float* entropy, const u32* idx,
                                          const float* row_max, const float* row_sum,
-                                         const float* target_logit, int m) {
+                                         const float* row_ent, const float* target_logit, int m) {
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= m) return;
-    const float l = row_max[r] + logf(row_sum[r]);
+    const float ls = logf(row_sum[r]);
+    const float l = row_max[r] + ls;
     lse[idx[r]] = l;
     losses[idx[r]] = l - target_logit[r];
+    entropy[idx[r]] = ls - row_ent[r] / row_sum[r];
 }
 
 // ---------------------------------------------------------------------------------------------

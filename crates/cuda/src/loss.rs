@@ -4,7 +4,9 @@
 //! For the M labelled rows (gathered into hl [M, D]), the logits are made `chunk` vocabulary
 //! columns at a time by cuBLASLt (`z_c = hl·W_cᵀ`, f32 out) and folded into each row's running
 //! (max, Σe^{z−max}) by `ce_fwd_chunk` (an online log-sum-exp), so [N, V] never exists;
-//! `loss = lse − z_target`. The backward recomputes each chunk's logits, forms
+//! `loss = lse − z_target`; the same fold carries Σ e^{z−max}(z−max), so the entropy of each
+//! labelled row's distribution comes out too ([`Gpu::lm_head_ce_entropy_forward`], as the CPU
+//! kernel's). The backward recomputes each chunk's logits, forms
 //! `dz = (e^{z−lse} − 1[target])·dloss` in the GEMMs' type, and accumulates `dhl += dz·W_c` (f32)
 //! and `dW_c += dzᵀ·hl` with cuBLASLt (β = 1); dh rows are then written (0 on unlabelled rows).
 
@@ -100,13 +102,69 @@ impl Gpu {
         chunk: usize,
     ) -> Result<usize> {
         let op = "lm_head_ce_forward";
+        check(op, "losses", losses.dlen(), n)?;
+        let mut entropy = self.scratch::<f32>(n.max(1))?;
+        let mut entropy = DViewMut::of(&mut entropy, 0..n)?;
+        self.ce_forward(
+            op,
+            losses,
+            lse,
+            &mut entropy,
+            h,
+            weight,
+            targets,
+            n,
+            d,
+            v,
+            chunk,
+        )
+    }
+
+    /// [`Gpu::lm_head_ce_forward`] that also writes `entropy[n]`, −Σ_c p_c ln p_c of each
+    /// labelled row's softmax (0 on unlabelled rows), from the same vocabulary chunks
+    /// (`reel_kernels::cross_entropy::lm_head_ce_entropy_forward`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lm_head_ce_entropy_forward<T: GpuFloat>(
+        &self,
+        losses: &mut impl DevWrite<f32>,
+        lse: &mut impl DevWrite<f32>,
+        entropy: &mut impl DevWrite<f32>,
+        h: &impl DevRead<T>,
+        weight: &impl DevRead<T>,
+        targets: &[i32],
+        n: usize,
+        d: usize,
+        v: usize,
+        chunk: usize,
+    ) -> Result<usize> {
+        let op = "lm_head_ce_entropy_forward";
+        self.ce_forward(op, losses, lse, entropy, h, weight, targets, n, d, v, chunk)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ce_forward<T: GpuFloat>(
+        &self,
+        op: &str,
+        losses: &mut impl DevWrite<f32>,
+        lse: &mut impl DevWrite<f32>,
+        entropy: &mut impl DevWrite<f32>,
+        h: &impl DevRead<T>,
+        weight: &impl DevRead<T>,
+        targets: &[i32],
+        n: usize,
+        d: usize,
+        v: usize,
+        chunk: usize,
+    ) -> Result<usize> {
         check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
         check(op, "losses", losses.dlen(), n)?;
         check(op, "lse", lse.dlen(), n)?;
+        check(op, "entropy", entropy.dlen(), n)?;
         let (idx, tgt) = labelled(op, targets, v)?;
         self.bind()?;
         self.zero(losses)?;
         self.zero(lse)?;
+        self.zero(entropy)?;
         let m = idx.len();
         if m == 0 {
             return Ok(0);
@@ -116,6 +174,7 @@ impl Gpu {
         let hl = self.gather(h, &idx_d, d)?;
         let row_max = self.scratch_from(&vec![f32::NEG_INFINITY; m])?;
         let row_sum = self.scratch_from(&vec![0.0f32; m])?;
+        let row_ent = self.scratch_from(&vec![0.0f32; m])?;
         let target_logit = self.scratch_from(&vec![0.0f32; m])?;
         let mut logits = self.scratch::<f32>(m * chunk.min(v))?;
         for c0 in (0..v).step_by(chunk) {
@@ -123,9 +182,10 @@ impl Gpu {
             let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
             let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
             self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
-            let (mx, sm, tl, zp, tp) = (
+            let (mx, sm, en, tl, zp, tp) = (
                 row_max.dptr(),
                 row_sum.dptr(),
+                row_ent.dptr(),
                 target_logit.dptr(),
                 z.dptr(),
                 tgt_d.dptr(),
@@ -137,6 +197,7 @@ impl Gpu {
                 cfg((m as u32, 1, 1), (row_threads(cw), 1, 1)),
                 &mx,
                 &sm,
+                &en,
                 &tl,
                 &zp,
                 &tp,
@@ -144,10 +205,11 @@ impl Gpu {
                 &c0u
             )?;
         }
-        let (lp, lsp, ip) = (losses.dptr(), lse.dptr(), idx_d.dptr());
-        let (mx, sm, tl, m32) = (
+        let (lp, lsp, ep, ip) = (losses.dptr(), lse.dptr(), entropy.dptr(), idx_d.dptr());
+        let (mx, sm, en, tl, m32) = (
             row_max.dptr(),
             row_sum.dptr(),
+            row_ent.dptr(),
             target_logit.dptr(),
             m as i32,
         );
@@ -157,9 +219,11 @@ impl Gpu {
             cfg((m.div_ceil(256) as u32, 1, 1), (256, 1, 1)),
             &lp,
             &lsp,
+            &ep,
             &ip,
             &mx,
             &sm,
+            &en,
             &tl,
             &m32
         )?;

@@ -54,14 +54,18 @@ use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
 /// One micro-batch as input-embedding rows (module docs): B sequences of T rows, row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct GpuEmbedsBatch<'a> {
-    /// Token id of every row [B·T]: rows whose id is not `feature_token` take (and give their
+    /// Token id of every row [B·T]: rows that are not feature rows (below) take (and give their
     /// gradient to) that embedding-table row.
     pub tokens: &'a [u32],
     /// Next-token targets per row; negative = no loss.
     pub targets: &'a [i32],
     /// The id whose rows take `features` instead of a table row (`<|video_pad|>`).
     pub feature_token: u32,
-    /// The feature rows [R, d], R = the rows of `feature_token`, in row order (the merged vision
+    /// Which rows take `features` when not every row of `feature_token` does ([B·T]; each such
+    /// row must hold `feature_token`): a sampled response may hold the video token as an
+    /// ordinary token, which takes its table row. `None`: every row of `feature_token`.
+    pub feature_rows: Option<&'a [bool]>,
+    /// The feature rows [R, d], R = the feature rows, in row order (the merged vision
     /// features; zeros for sequence-parallel padding rows).
     pub features: &'a [f32],
     /// Per-row rotary angles cos, sin [B·T, D/2] (M-RoPE).
@@ -72,11 +76,16 @@ pub struct GpuEmbedsBatch<'a> {
 }
 
 impl GpuEmbedsBatch<'_> {
-    /// Row ranges of the `feature_token` runs.
+    /// Whether row `i` takes a feature row.
+    fn is_feature(&self, i: usize) -> bool {
+        self.tokens[i] == self.feature_token && self.feature_rows.is_none_or(|f| f[i])
+    }
+
+    /// Row ranges of the feature runs.
     fn feature_runs(&self) -> Vec<std::ops::Range<usize>> {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, &t) in self.tokens.iter().enumerate() {
-            if t != self.feature_token {
+        for i in 0..self.tokens.len() {
+            if !self.is_feature(i) {
                 continue;
             }
             match runs.last_mut() {
@@ -118,6 +127,28 @@ impl<'a> Input<'a> {
         matches!(self, Input::Embeds(_))
     }
 }
+
+/// Which weights a scoring forward runs: the trained policy's, or the frozen reference copy
+/// ([`GpuQwen2::set_reference`]; GRPO's KL anchor). Only a policy forward has a backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Weights {
+    Policy,
+    Reference,
+}
+
+/// What the LM head computes after the final norm: the cross-entropy loss (τ = 1, no entropy),
+/// or log-probabilities of softmax(z/τ) — `z/τ = (h/τ)·Wᵀ`, so the final normed rows are scaled
+/// by 1/τ and so is their gradient — with the entropy when asked.
+#[derive(Clone, Copy)]
+struct Head {
+    temperature: f32,
+    entropy: bool,
+}
+
+const CE_HEAD: Head = Head {
+    temperature: 1.0,
+    entropy: false,
+};
 
 /// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
 pub enum GpuAttention {
@@ -287,6 +318,7 @@ struct Ws {
     xn_f: DeviceBuf<bf16>,
     ce_losses: DeviceBuf<f32>,
     ce_lse: DeviceBuf<f32>,
+    ce_entropy: DeviceBuf<f32>,
     dloss: DeviceBuf<f32>,
     dxn_f: DeviceBuf<bf16>,
     dx: [DeviceBuf<bf16>; 2],
@@ -295,8 +327,10 @@ struct Ws {
     positions: DeviceBuf<u32>,
     /// The per-token rotary angles of an embeddings batch, row k for token k.
     angles: GpuRopeTable,
-    /// (B, T) of the last forward and whether it took embeddings.
-    last: Option<(usize, usize, bool)>,
+    /// The last forward: (B, T), whether it took embeddings, and which weights it ran.
+    last: Option<(usize, usize, bool, Weights)>,
+    /// 1/temperature the last forward scaled the final normed rows by (1 for the CE loss).
+    head_scale: f32,
 }
 
 impl Ws {
@@ -327,6 +361,7 @@ impl Ws {
             xn_f: zeros(gpu, nd)?,
             ce_losses: zeros(gpu, cap)?,
             ce_lse: zeros(gpu, cap)?,
+            ce_entropy: zeros(gpu, cap)?,
             dloss: zeros(gpu, cap)?,
             dxn_f: zeros(gpu, nd)?,
             dx: [zeros(gpu, nd)?, zeros(gpu, nd)?],
@@ -345,6 +380,7 @@ impl Ws {
             positions: zeros(gpu, cap)?,
             angles: GpuRopeTable::zeroed(gpu, c.head_dim, cap)?,
             last: None,
+            head_scale: 1.0,
         })
     }
 }
@@ -607,6 +643,42 @@ fn layer_backward(
     g.add_inplace(&mut dxi, &r(&bw.dh, n * d)?)
 }
 
+/// The per-row weights of the LM head's backward.
+#[derive(Clone, Copy)]
+enum Dloss<'a> {
+    /// The loss `scale · Σ token losses` (cross-entropy).
+    Scale(f32),
+    /// `∂L/∂log π` per row (a policy-gradient loss): `dloss = −dlogp` on labelled rows.
+    Logprob(&'a [f32]),
+}
+
+impl Dloss<'_> {
+    /// The [N] weights (0 on unlabelled rows); refuses a wrong length or a non-finite
+    /// coefficient on a labelled row.
+    fn per_row(self, targets: &[i32]) -> Result<Vec<f32>> {
+        let n = targets.len();
+        match self {
+            Dloss::Scale(s) => Ok(targets
+                .iter()
+                .map(|&t| if t >= 0 { s } else { 0.0 })
+                .collect()),
+            Dloss::Logprob(g) => {
+                if g.len() != n {
+                    return shape_err(format!("dlogp has {} values, the batch needs {n}", g.len()));
+                }
+                if let Some(i) = (0..n).find(|&i| targets[i] >= 0 && !g[i].is_finite()) {
+                    return Err(GpuError::NonFinite(format!("dlogp[{i}] is {}", g[i])));
+                }
+                Ok(targets
+                    .iter()
+                    .zip(g)
+                    .map(|(&t, &x)| if t >= 0 { -x } else { 0.0 })
+                    .collect())
+            }
+        }
+    }
+}
+
 /// A Qwen2 decoder, its optimizer state and its activations, on one GPU.
 pub struct GpuQwen2 {
     pub config: Qwen2Config,
@@ -618,6 +690,8 @@ pub struct GpuQwen2 {
     ws: Option<Ws>,
     master: DeviceBuf<f32>,
     w16: DeviceBuf<bf16>,
+    /// The frozen reference weights (bf16, as the policy computes), when set.
+    ref16: Option<DeviceBuf<bf16>>,
     g16: DeviceBuf<bf16>,
     grads: DeviceBuf<f32>,
     m: DeviceBuf<f32>,
@@ -671,6 +745,7 @@ impl GpuQwen2 {
             ws: None,
             master,
             w16,
+            ref16: None,
             rope,
             attn: GpuAttention::Local,
             gpu,
@@ -728,7 +803,21 @@ impl GpuQwen2 {
                 e.sin.len()
             ));
         }
-        let rows = e.tokens.iter().filter(|&&t| t == e.feature_token).count();
+        if let Some(f) = e.feature_rows {
+            if f.len() != n {
+                return shape_err(format!(
+                    "embeddings batch: feature_rows has {} values, expected {n}",
+                    f.len()
+                ));
+            }
+            if let Some(i) = (0..n).find(|&i| f[i] && e.tokens[i] != e.feature_token) {
+                return shape_err(format!(
+                    "embeddings batch: feature row {i} holds token {}, not {}",
+                    e.tokens[i], e.feature_token
+                ));
+            }
+        }
+        let rows = (0..n).filter(|&i| e.is_feature(i)).count();
         if e.features.len() != rows * d {
             return shape_err(format!(
                 "embeddings batch: {} feature values for {rows} rows of token {} (width {d})",
@@ -761,7 +850,7 @@ impl GpuQwen2 {
     /// [`GpuQwen2::set_seq_len`] returned) and the loss is this rank's share; a failure aborts
     /// the group.
     pub fn forward(&mut self, batch: &TokenBatch) -> Result<LossStats> {
-        let out = self.forward_inner(Input::Tokens(batch));
+        let out = self.forward_inner(Input::Tokens(batch), CE_HEAD, Weights::Policy);
         self.abort_on_err(out)
     }
 
@@ -769,7 +858,7 @@ impl GpuQwen2 {
     /// angles (module docs; under sequence parallelism this rank's shard of rows, angles and
     /// targets, cut like the CPU ranks cut them).
     pub fn forward_embeds(&mut self, batch: &GpuEmbedsBatch) -> Result<LossStats> {
-        let out = self.forward_inner(Input::Embeds(batch));
+        let out = self.forward_inner(Input::Embeds(batch), CE_HEAD, Weights::Policy);
         self.abort_on_err(out)
     }
 
@@ -778,7 +867,7 @@ impl GpuQwen2 {
     /// Under sequence parallelism these are this rank's share until
     /// [`GpuQwen2::all_reduce_grads`].
     pub fn backward(&mut self, batch: &TokenBatch, loss_scale: f32) -> Result<()> {
-        let out = self.backward_inner(Input::Tokens(batch), loss_scale, false);
+        let out = self.backward_inner(Input::Tokens(batch), Dloss::Scale(loss_scale), false);
         self.abort_on_err(out).map(|_| ())
     }
 
@@ -793,8 +882,125 @@ impl GpuQwen2 {
         loss_scale: f32,
         d_embeds: bool,
     ) -> Result<Option<Vec<f32>>> {
-        let out = self.backward_inner(Input::Embeds(batch), loss_scale, d_embeds);
+        let out = self.backward_inner(Input::Embeds(batch), Dloss::Scale(loss_scale), d_embeds);
         self.abort_on_err(out)
+    }
+
+    /// Uploads `params` (flat `ParamLayout`, f32) as the frozen reference weights (kept in bf16,
+    /// the precision the policy's forward computes in) for [`Weights::Reference`] scoring.
+    pub fn set_reference(&mut self, params: &[f32]) -> Result<()> {
+        if params.len() != self.layout.total() {
+            return shape_err(format!(
+                "reference parameters: {} values, the config needs {}",
+                params.len(),
+                self.layout.total()
+            ));
+        }
+        let master = self.gpu.upload(params)?;
+        let mut r = match self.ref16.take() {
+            Some(r) => r,
+            None => self.gpu.alloc_zeros::<bf16>(params.len())?,
+        };
+        self.gpu.cast_from_f32(&mut r, &master)?;
+        self.gpu.synchronize()?;
+        self.ref16 = Some(r);
+        Ok(())
+    }
+
+    /// Forward of `batch` through `weights`, then `logp[i] = log π(targets[i] | tokens ≤ i)` at
+    /// every labelled position (0 elsewhere), π = softmax(logits / temperature), and, if given,
+    /// `entropy[i]` of that distribution (an output only); both [B·T], as the CPU
+    /// `Qwen2::token_logprobs` (the same fused, vocabulary-chunked LM head as the loss). A
+    /// policy forward keeps what the checkpoint policy keeps for
+    /// [`GpuQwen2::backward_logprobs`]. Returns the number of labelled positions.
+    pub fn token_logprobs(
+        &mut self,
+        batch: &TokenBatch,
+        weights: Weights,
+        temperature: f32,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+    ) -> Result<usize> {
+        let out = self.logprobs_inner(Input::Tokens(batch), weights, temperature, logp, entropy);
+        self.abort_on_err(out)
+    }
+
+    /// [`GpuQwen2::token_logprobs`] of a batch of input-embedding rows with per-token rotary
+    /// angles (as `Qwen2::token_logprobs_embeds`); [`GpuQwen2::backward_logprobs_embeds`]
+    /// follows.
+    pub fn token_logprobs_embeds(
+        &mut self,
+        batch: &GpuEmbedsBatch,
+        weights: Weights,
+        temperature: f32,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+    ) -> Result<usize> {
+        let out = self.logprobs_inner(Input::Embeds(batch), weights, temperature, logp, entropy);
+        self.abort_on_err(out)
+    }
+
+    /// Backward of the last policy [`GpuQwen2::token_logprobs`] on the same batch for a loss L
+    /// with `dlogp[i] = ∂L/∂log π(targets[i])` ([B·T]; ignored where unlabelled): the LM head
+    /// takes per-row `dloss = −dlogp` (`Qwen2::backward_logprobs`); parameter gradients are
+    /// added into the fp32 gradients.
+    pub fn backward_logprobs(&mut self, batch: &TokenBatch, dlogp: &[f32]) -> Result<()> {
+        let out = self.backward_inner(Input::Tokens(batch), Dloss::Logprob(dlogp), false);
+        self.abort_on_err(out).map(|_| ())
+    }
+
+    /// [`GpuQwen2::backward_logprobs`] after [`GpuQwen2::token_logprobs_embeds`]: decoder and
+    /// embedding-table (text rows) gradients, and with `d_embeds` ∂L/∂embeddings [B·T, d] (as
+    /// [`GpuQwen2::backward_embeds`]).
+    pub fn backward_logprobs_embeds(
+        &mut self,
+        batch: &GpuEmbedsBatch,
+        dlogp: &[f32],
+        d_embeds: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        let out = self.backward_inner(Input::Embeds(batch), Dloss::Logprob(dlogp), d_embeds);
+        self.abort_on_err(out)
+    }
+
+    fn logprobs_inner(
+        &mut self,
+        input: Input,
+        weights: Weights,
+        temperature: f32,
+        logp: &mut [f32],
+        entropy: Option<&mut [f32]>,
+    ) -> Result<usize> {
+        let (b, t) = input.bt();
+        let n = b * t;
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return shape_err(format!(
+                "temperature {temperature} must be a finite number > 0"
+            ));
+        }
+        for (name, len) in [
+            ("logp", Some(logp.len())),
+            ("entropy", entropy.as_deref().map(<[f32]>::len)),
+        ] {
+            if let Some(len) = len.filter(|&l| l != n) {
+                return shape_err(format!(
+                    "{name} buffer has {len} values, the batch needs {n}"
+                ));
+            }
+        }
+        let head = Head {
+            temperature,
+            entropy: entropy.is_some(),
+        };
+        let stats = self.forward_inner(input, head, weights)?;
+        let ws = self.ws.as_ref().expect("forward ran");
+        let losses = self.gpu.download(&r(&ws.ce_losses, n)?)?;
+        for (lp, l) in logp.iter_mut().zip(losses) {
+            *lp = -l;
+        }
+        if let Some(e) = entropy {
+            self.gpu.download_into(e, &r(&ws.ce_entropy, n)?)?;
+        }
+        Ok(stats.n_tokens)
     }
 
     /// Passes `r` on; an error first aborts the sequence-parallel group, so the other ranks
@@ -885,8 +1091,11 @@ impl GpuQwen2 {
         }
     }
 
-    fn forward_inner(&mut self, input: Input) -> Result<LossStats> {
+    fn forward_inner(&mut self, input: Input, head: Head, weights: Weights) -> Result<LossStats> {
         self.check(input)?;
+        if weights == Weights::Reference && self.ref16.is_none() {
+            return shape_err("a reference forward needs set_reference first".into());
+        }
         let (b, t) = input.bt();
         let m = Dims::new(&self.config, b, t);
         let n = m.n;
@@ -897,11 +1106,16 @@ impl GpuQwen2 {
             policy,
             ws,
             w16,
+            ref16,
             rope,
             attn,
             gpu,
             ..
         } = self;
+        let w16: &DeviceBuf<bf16> = match weights {
+            Weights::Policy => w16,
+            Weights::Reference => ref16.as_ref().expect("checked above"),
+        };
         let ws = ws.as_mut().expect("reserved");
         let g: &Gpu = gpu;
         g.upload_into(&mut w(&mut ws.tokens, n)?, input.tokens())?;
@@ -968,20 +1182,40 @@ impl GpuQwen2 {
             m.d,
             config.rms_norm_eps,
         )?;
-        let count = g.lm_head_ce_forward(
-            &mut w(&mut ws.ce_losses, n)?,
-            &mut w(&mut ws.ce_lse, n)?,
-            &r(&ws.xn_f, n * m.d)?,
-            &w16.view(layout.lm_head.clone())?,
-            input.targets(),
-            n,
-            m.d,
-            m.v,
-            ce_chunk(n, m.v),
-        )?;
+        ws.head_scale = 1.0 / head.temperature;
+        if head.temperature != 1.0 {
+            g.scale_inplace(&mut w(&mut ws.xn_f, n * m.d)?, ws.head_scale)?;
+        }
+        let head_w = w16.view(layout.lm_head.clone())?;
+        let count = if head.entropy {
+            g.lm_head_ce_entropy_forward(
+                &mut w(&mut ws.ce_losses, n)?,
+                &mut w(&mut ws.ce_lse, n)?,
+                &mut w(&mut ws.ce_entropy, n)?,
+                &r(&ws.xn_f, n * m.d)?,
+                &head_w,
+                input.targets(),
+                n,
+                m.d,
+                m.v,
+                ce_chunk(n, m.v),
+            )?
+        } else {
+            g.lm_head_ce_forward(
+                &mut w(&mut ws.ce_losses, n)?,
+                &mut w(&mut ws.ce_lse, n)?,
+                &r(&ws.xn_f, n * m.d)?,
+                &head_w,
+                input.targets(),
+                n,
+                m.d,
+                m.v,
+                ce_chunk(n, m.v),
+            )?
+        };
         let losses = g.download(&r(&ws.ce_losses, n)?)?;
         let loss_sum: f64 = losses.iter().map(|&x| x as f64).sum();
-        ws.last = Some((b, t, input.is_embeds()));
+        ws.last = Some((b, t, input.is_embeds(), weights));
         if !loss_sum.is_finite() {
             return Err(GpuError::NonFinite(format!(
                 "loss {loss_sum} over {count} tokens"
@@ -996,13 +1230,14 @@ impl GpuQwen2 {
     fn backward_inner(
         &mut self,
         input: Input,
-        loss_scale: f32,
+        dloss: Dloss,
         d_embeds: bool,
     ) -> Result<Option<Vec<f32>>> {
         self.check(input)?;
         let (b, t) = input.bt();
-        if self.ws.as_ref().and_then(|w| w.last) != Some((b, t, input.is_embeds())) {
-            return shape_err("backward needs the forward of the same batch first".into());
+        let last = (b, t, input.is_embeds(), Weights::Policy);
+        if self.ws.as_ref().and_then(|w| w.last) != Some(last) {
+            return shape_err("backward needs the policy forward of the same batch first".into());
         }
         let m = Dims::new(&self.config, b, t);
         let n = m.n;
@@ -1022,10 +1257,7 @@ impl GpuQwen2 {
         let ws = ws.as_mut().expect("forward ran");
         let g: &Gpu = gpu;
         let targets = input.targets();
-        let dloss: Vec<f32> = targets
-            .iter()
-            .map(|&t| if t >= 0 { loss_scale } else { 0.0 })
-            .collect();
+        let dloss = dloss.per_row(targets)?;
         g.upload_into(&mut w(&mut ws.dloss, n)?, &dloss)?;
         g.zero(g16)?;
         g.lm_head_ce_backward(
@@ -1041,6 +1273,10 @@ impl GpuQwen2 {
             m.v,
             ce_chunk(n, m.v),
         )?;
+        if ws.head_scale != 1.0 {
+            // ∂L/∂xn = (1/τ)·∂L/∂(xn/τ).
+            g.scale_inplace(&mut w(&mut ws.dxn_f, n * m.d)?, ws.head_scale)?;
+        }
         let layers = config.num_hidden_layers;
         let [dx_a, dx_b] = &mut ws.dx;
         g.rmsnorm_backward(
@@ -1128,6 +1364,12 @@ impl GpuQwen2 {
     /// The fp32 gradients in the flat layout.
     pub fn grads_host(&self) -> Result<Vec<f32>> {
         self.gpu.download(&self.grads)
+    }
+
+    /// The fp32 master parameters on the device (flat layout), e.g. for a rollout decoder on
+    /// the same device to take its weights from without a host copy.
+    pub fn params_device(&self) -> &DeviceBuf<f32> {
+        &self.master
     }
 
     /// The fp32 master parameters in the flat layout.

@@ -10,7 +10,9 @@ use common::*;
 
 use reel_cuda::{Gpu, GpuError, GpuFloat};
 use reel_kernels::attention::attention_merge;
-use reel_kernels::cross_entropy::{lm_head_ce_backward, lm_head_ce_forward, IGNORE_INDEX};
+use reel_kernels::cross_entropy::{
+    lm_head_ce_backward, lm_head_ce_entropy_forward, lm_head_ce_forward, IGNORE_INDEX,
+};
 use reel_optim::{AdamW, AdamWConfig, LrSchedule};
 use reel_tensor::{bf16, rng, uniform_vec, Rng, Tolerance};
 
@@ -151,6 +153,51 @@ fn ce_case<T: GpuFloat>(g: &Gpu, r: &mut Rng, n: usize, d: usize, v: usize, chun
     assert!(
         (sum_g - sum_c).abs() <= 1e-4 * sum_c.abs().max(1.0),
         "{s}: loss sum {sum_g} vs {sum_c}"
+    );
+    // The entropy from the same chunk fold (0 on unlabelled rows), with the same losses.
+    let (mut l2_c, mut lse2_c, mut ent_c) = (vec![0.0; n], vec![0.0; n], vec![f32::NAN; n]);
+    lm_head_ce_entropy_forward(
+        &mut l2_c,
+        &mut lse2_c,
+        &mut ent_c,
+        &h,
+        &w,
+        &tg,
+        n,
+        d,
+        v,
+        chunk,
+    );
+    let mut loss2_g = g.upload(&vec![f32::NAN; n]).unwrap();
+    let mut ent_g = g.upload(&vec![f32::NAN; n]).unwrap();
+    let count2 = g
+        .lm_head_ce_entropy_forward(
+            &mut loss2_g,
+            &mut lse_g,
+            &mut ent_g,
+            &h_g,
+            &w_g,
+            &tg,
+            n,
+            d,
+            v,
+            chunk,
+        )
+        .unwrap();
+    assert_eq!(count2, count_c, "{s}: labelled rows (entropy)");
+    compare(
+        &format!("ce entropy {s}"),
+        &g.download(&ent_g).unwrap(),
+        &ent_c,
+        lt,
+        1e-5,
+    );
+    compare(
+        &format!("ce losses with entropy {s}"),
+        &g.download(&loss2_g).unwrap(),
+        &loss_c,
+        lt,
+        1e-5,
     );
     let (rt, rn) = if T::INDEX == 0 {
         (1e-4, 1e-4)

@@ -24,7 +24,10 @@
 //!
 //! A GRPO run (text or Qwen2.5-VL) resolves the same setting for its rollouts
 //! ([`gpu_rollout_unsupported`], [`rollout_gpu`], [`rollout_decoder`]): one [`RolloutDecoder`] on
-//! GPU 0 when dp = sp = 1, scoring and update on the CPU. Greedy accuracy evaluation
+//! GPU 0 when dp = sp = 1. Both trainers then also score (old policy, reference) and update
+//! there ([`grpo_policy_gpu`]: a [`GpuModel`] holding the policy, its AdamW state and the bf16
+//! reference weights; the decoder takes the updated weights device to device,
+//! [`RolloutDecoder::load_from_policy`]). Greedy accuracy evaluation
 //! (`reel eval --accuracy --device`) decodes through the same decoder ([`step_model`]).
 //!
 //! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`], [`GpuModel`] and
@@ -194,6 +197,71 @@ pub fn rollout_decoder(
     let d = RolloutDecoder::new(gpu, model, f32).context("the GPU rollout decoder")?;
     tracing::info!("{what} on the GPU: {}", d.describe());
     Ok(Some(d))
+}
+
+/// A GRPO run's policy (a text decoder, or a Qwen2.5-VL's) on the GPU for the scoring passes and the update (dp = sp = 1, after
+/// [`rollout_gpu`] chose the GPU: `have_gpu`): `model`'s weights and `opt`'s state (a resumed
+/// run's) uploaded to a [`GpuModel`] on its own handle of GPU 0, `reference`'s weights as its
+/// frozen reference copy. `None` when `gpu_update` is off or there is no GPU; when the model
+/// cannot be put there, "auto" logs why and keeps scoring and the update on the CPU, an
+/// explicit "cuda" in `want` is an error naming `setting`.
+#[allow(clippy::too_many_arguments)]
+pub fn grpo_policy_gpu(
+    have_gpu: bool,
+    gpu_update: bool,
+    want: Device,
+    model: &reel_model::Qwen2,
+    reference: Option<&reel_model::Qwen2>,
+    policy: CheckpointPolicy,
+    opt: &reel_optim::AdamW,
+    setting: &str,
+) -> Result<Option<GpuModel>> {
+    if !have_gpu {
+        return Ok(None);
+    }
+    if !gpu_update {
+        tracing::info!("GRPO scoring and update on the CPU (train.gpu_update = false)");
+        return Ok(None);
+    }
+    let made = (|| -> Result<GpuModel> {
+        let g = open_gpu().map_err(|e| anyhow::anyhow!(e))?;
+        let mut gm = GpuModel::new(
+            g,
+            model.config.clone(),
+            &model.params,
+            policy,
+            *opt.config(),
+        )?;
+        gm.load_opt_state(&opt.state())?;
+        if let Some(r) = reference {
+            gm.set_reference(&r.params)?;
+        }
+        Ok(gm)
+    })();
+    match made {
+        Ok(gm) => {
+            tracing::info!(
+                "GRPO scoring and update on the GPU (bf16 compute, fp32 master weights)"
+            );
+            Ok(Some(gm))
+        }
+        Err(e) if want == Device::Cuda => {
+            anyhow::bail!("{setting} = \"cuda\": putting the policy on the GPU: {e:#}")
+        }
+        Err(e) => {
+            tracing::info!("GRPO scoring and update on the CPU (the policy on the GPU: {e:#})");
+            Ok(None)
+        }
+    }
+}
+
+/// The metrics' name of where GRPO scores and updates: "cuda-bf16" on the GPU, else "cpu".
+pub fn update_device(gpu: Option<&GpuModel>) -> &'static str {
+    if gpu.is_some() {
+        "cuda-bf16"
+    } else {
+        "cpu"
+    }
 }
 
 /// The step model an engine decodes with: `gpu`'s decoder when there is one, else `cpu` (the
@@ -456,7 +524,7 @@ pub fn gpu_model(
 }
 
 #[cfg(feature = "cuda")]
-pub use reel_cuda::{Gpu as GpuHandle, GpuEmbedsBatch, GpuQwen2 as GpuModel};
+pub use reel_cuda::{Gpu as GpuHandle, GpuEmbedsBatch, GpuQwen2 as GpuModel, Weights};
 
 /// A GRPO run's rollout decoder on one GPU, kept for the whole run: weights and KV cache in
 /// bf16 (the speed path) or f32 (`rollout.gpu_f32`); the engine steps it through
@@ -484,6 +552,17 @@ impl RolloutDecoder {
         match self {
             RolloutDecoder::Bf16(d) => d.load_params(params)?,
             RolloutDecoder::F32(d) => d.load_params(params)?,
+        }
+        Ok(())
+    }
+
+    /// Replaces the weights with `policy`'s fp32 master weights, device to device (no host
+    /// copy; both on GPU 0).
+    pub fn load_from_policy(&mut self, policy: &GpuModel) -> Result<()> {
+        policy.gpu().synchronize()?;
+        match self {
+            RolloutDecoder::Bf16(d) => d.load_params_device(policy.params_device())?,
+            RolloutDecoder::F32(d) => d.load_params_device(policy.params_device())?,
         }
         Ok(())
     }
@@ -543,7 +622,9 @@ pub fn gpu_count() -> Result<usize, String> {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub use cpu_only::{GpuEmbedsBatch, GpuHandle, GpuModel, GpuProc, GpuSpGroup, RolloutDecoder};
+pub use cpu_only::{
+    GpuEmbedsBatch, GpuHandle, GpuModel, GpuProc, GpuSpGroup, RolloutDecoder, Weights,
+};
 
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_proc(
@@ -611,6 +692,7 @@ mod cpu_only {
         pub tokens: &'a [u32],
         pub targets: &'a [i32],
         pub feature_token: u32,
+        pub feature_rows: Option<&'a [bool]>,
         pub features: &'a [f32],
         pub cos: &'a [f32],
         pub sin: &'a [f32],
@@ -636,6 +718,9 @@ mod cpu_only {
         pub fn load_params(&mut self, _: &[f32]) -> anyhow::Result<()> {
             match self.never {}
         }
+        pub fn load_from_policy(&mut self, _: &GpuModel) -> anyhow::Result<()> {
+            match self.never {}
+        }
         pub fn step_model(&mut self) -> Box<dyn reel_rollout::StepModel + '_> {
             match self.never {}
         }
@@ -645,6 +730,13 @@ mod cpu_only {
         pub fn describe(&self) -> String {
             match self.never {}
         }
+    }
+
+    /// `reel_cuda::Weights`: which weights a scoring forward runs.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Weights {
+        Policy,
+        Reference,
     }
 
     /// Never made (its field cannot be).
@@ -707,6 +799,40 @@ mod cpu_only {
             match self.never {}
         }
         pub fn zero_grads(&mut self) -> R<()> {
+            match self.never {}
+        }
+        pub fn set_reference(&mut self, _: &[f32]) -> R<()> {
+            match self.never {}
+        }
+        pub fn token_logprobs(
+            &mut self,
+            _: &TokenBatch,
+            _: Weights,
+            _: f32,
+            _: &mut [f32],
+            _: Option<&mut [f32]>,
+        ) -> R<usize> {
+            match self.never {}
+        }
+        pub fn backward_logprobs(&mut self, _: &TokenBatch, _: &[f32]) -> R<()> {
+            match self.never {}
+        }
+        pub fn token_logprobs_embeds(
+            &mut self,
+            _: &GpuEmbedsBatch,
+            _: Weights,
+            _: f32,
+            _: &mut [f32],
+            _: Option<&mut [f32]>,
+        ) -> R<usize> {
+            match self.never {}
+        }
+        pub fn backward_logprobs_embeds(
+            &mut self,
+            _: &GpuEmbedsBatch,
+            _: &[f32],
+            _: bool,
+        ) -> R<Option<Vec<f32>>> {
             match self.never {}
         }
         pub fn clip_grad_norm(&mut self, _: f32) -> R<f32> {

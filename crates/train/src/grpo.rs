@@ -32,6 +32,12 @@
 //! [`pack`]): a group's samples sit behind one copy of their prompt, each seeing the prompt and
 //! itself, so the prompt runs once per group; the loss reads the same per-sample layout.
 //!
+//! On one GPU (`train.device`, dp = sp = 1, `train.gpu_update`) passes 3 and 4 run on the device
+//! policy ([`GpuModel`]: `token_logprobs` with the policy's or the reference's weights,
+//! `backward_logprobs`, clipping and AdamW there), each sample its own row; the rollout decoder
+//! takes the updated weights device to device and the host model and optimizer are refreshed
+//! before checkpoints ([`sync_host`]), so checkpoints and resume are the CPU run's.
+//!
 //! `[parallel] dp · sp > 1` runs the same loop on that many in-process ranks ([`dist`]): groups
 //! rolled out per replica (sequence-parallel prefill and sharded KV over the sp ranks), scoring
 //! and update on balanced token shards through `SpAttention`, replicas splitting the
@@ -55,7 +61,8 @@ use crate::config::{
     apply_override, hash_hex, read_toml, ConfigError, OutputConfig, ParallelConfig,
 };
 use crate::device::{
-    gpu_rollout_unsupported, rollout_decoder, rollout_device, rollout_gpu, Device, GpuHandle,
+    gpu_rollout_unsupported, grpo_policy_gpu, rollout_decoder, rollout_device, rollout_gpu,
+    update_device, Device, GpuHandle, GpuModel, Weights,
 };
 use crate::metrics::{MetricsWriter, Progress, ProgressMode, StepReport};
 use crate::prompts::PromptSet;
@@ -237,17 +244,31 @@ pub struct GrpoTrainConfig {
     /// The scoring and update passes pack each group's samples behind one copy of their prompt
     /// (shared-prefix attention, also under sequence parallelism): the same log-probabilities
     /// and gradients for P + Σ L_s tokens instead of Σ (P + L_s). `false` runs every sample in
-    /// its own row. A Qwen2.5-VL run packs only with `[video] reuse`. Default true.
+    /// its own row. A Qwen2.5-VL run packs only with `[video] reuse`; scoring and update on the
+    /// GPU (`gpu_update`) do not pack. Default true.
     pub share_prompt: bool,
     /// Where a text run's rollouts decode: "auto" (one GPU decoder, kept for the run, when this
     /// build has the `cuda` feature, a GPU opens and dp = sp = 1; else the CPU engine with a
     /// message saying why; also for a head dimension the decoder's paged attention lacks),
-    /// "cpu", or "cuda" (an error naming what is missing). The GPU
-    /// decoder's weights are refreshed from the CPU policy after each step's updates; scoring
-    /// and the update run on the CPU either way. Not part of the config hash while "auto".
+    /// "cpu", or "cuda" (an error naming what is missing). On the GPU a run also scores and
+    /// updates there (`gpu_update`). Not part of the config hash while "auto".
     /// Default "auto".
     #[serde(skip_serializing_if = "Device::is_auto")]
     pub device: Device,
+    /// When `device` resolves to the GPU (a text run): the old-policy and reference scoring and
+    /// the update run there too — the policy on the device (bf16 compute, fp32 master weights,
+    /// clipping and AdamW there, the reference's weights in bf16 beside it), each sample its own
+    /// row (no prompt packing), the decoder's weights refreshed device to device after each
+    /// step's updates, host weights and optimizer state copied back for checkpoints. `false`
+    /// keeps scoring and the update on the CPU (f32; the decoder's weights uploaded from the
+    /// host policy). Qwen2.5-VL runs take the decoder's policy there the same way (the tower
+    /// stays on the CPU). Not part of the config hash while true. Default true.
+    #[serde(skip_serializing_if = "is_true")]
+    pub gpu_update: bool,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl Default for GrpoTrainConfig {
@@ -264,6 +285,7 @@ impl Default for GrpoTrainConfig {
             checkpoint: CheckpointPolicy::Remat,
             share_prompt: true,
             device: Device::Auto,
+            gpu_update: true,
         }
     }
 }
@@ -1216,12 +1238,13 @@ fn grpo_rank<C: Communicator>(
     let (ckpts, resumed) = open_run(cfg, opts.resume, lead)?;
     let init_dir = &cfg.model.path;
     let load = |d: &Path| load_checkpoint(d).with_context(|| format!("loading {}", d.display()));
-    let reference = if cfg.grpo.needs_reference() {
+    let mut reference = if cfg.grpo.needs_reference() {
         Some(load(init_dir)?)
     } else {
         None
     };
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
+    let have_gpu = gpu.is_some();
     // The rollouts' GPU decoder, kept for the run (weights refreshed after each step).
     let mut decoder = rollout_decoder(
         gpu,
@@ -1244,6 +1267,23 @@ fn grpo_rank<C: Communicator>(
             Vec::new(),
         ),
     };
+    // Scoring and the update on the GPU (one rank): the policy, its optimizer state and the
+    // reference weights on the device; the host copies are refreshed for checkpoints.
+    let mut gm: Option<GpuModel> = grpo_policy_gpu(
+        have_gpu,
+        cfg.train.gpu_update,
+        cfg.train.device,
+        &model,
+        reference.as_ref(),
+        cfg.train.checkpoint,
+        &opt,
+        "train.device",
+    )?;
+    if gm.is_some() {
+        // The reference lives on the device now.
+        reference = None;
+    }
+    let update_device = update_device(gm.as_ref());
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
             "the tokenizer has {} tokens but the model's vocabulary is {}",
@@ -1265,7 +1305,14 @@ fn grpo_rank<C: Communicator>(
     let loss_cfg = cfg.grpo.policy_loss();
     let updates = cfg.train.mini_batches * cfg.train.ppo_epochs;
     let mut ws = Workspace::new(&model.config, cfg.train.checkpoint);
-    let mut grads = vec![0.0f32; model.params.len()];
+    // On the GPU the host keeps no gradients.
+    let mut grads = match gm {
+        Some(_) => Vec::new(),
+        None => vec![0.0f32; model.params.len()],
+    };
+    // Packing by prompt needs the CPU's shared-prefix attention: on the GPU each sample is
+    // its own row.
+    let pack = cfg.train.share_prompt && gm.is_none();
     let mut reporter = lead
         .then(|| Reporter::open(cfg, opts, start_step))
         .transpose()?;
@@ -1338,7 +1385,7 @@ fn grpo_rank<C: Communicator>(
                 .chunks(per_mini)
                 .map(|mb| {
                     mb.chunks(cfg.train.micro_batch_seqs)
-                        .map(|c| Rows::new(c, pad, cfg.train.share_prompt))
+                        .map(|c| Rows::new(c, pad, pack))
                         .collect()
                 })
                 .collect();
@@ -1365,13 +1412,24 @@ fn grpo_rank<C: Communicator>(
                 )?;
                 Ok(lp)
             };
+            // The same pass on the GPU policy (or its reference weights).
+            let score_gpu = |g: &mut GpuModel, w: Weights, rows: &Rows| -> Result<Vec<f32>> {
+                let mut lp = vec![0.0; rows.b * rows.t];
+                g.token_logprobs(&rows.batch(), w, cfg.grpo.temperature, &mut lp, None)?;
+                Ok(lp)
+            };
             let mut refs: Vec<Vec<Vec<f32>>> = Vec::new();
-            if let Some(r) = &reference {
+            if cfg.grpo.needs_reference() {
                 for mb in &locals {
                     refs.push(
                         mb.iter()
-                            .map(|rows| score(r, &mut ws, rows))
-                            .collect::<Result<_>>()?,
+                            .map(|rows| match (gm.as_mut(), &reference) {
+                                (Some(g), _) => score_gpu(g, Weights::Reference, rows),
+                                (None, Some(r)) => score(r, &mut ws, rows),
+                                (None, None) => unreachable!("the reference is loaded"),
+                            })
+                            .collect::<Result<_>>()
+                            .with_context(|| format!("{at}: reference scoring"))?,
                     );
                 }
                 summary.ref_passes += 1;
@@ -1381,8 +1439,12 @@ fn grpo_rank<C: Communicator>(
                 for mb in &locals {
                     olds.push(
                         mb.iter()
-                            .map(|rows| score(&model, &mut ws, rows))
-                            .collect::<Result<_>>()?,
+                            .map(|rows| match gm.as_mut() {
+                                Some(g) => score_gpu(g, Weights::Policy, rows),
+                                None => score(&model, &mut ws, rows),
+                            })
+                            .collect::<Result<_>>()
+                            .with_context(|| format!("{at}: old-policy scoring"))?,
                     );
                 }
                 summary.old_passes += 1;
@@ -1400,22 +1462,34 @@ fn grpo_rank<C: Communicator>(
                         global_seqs: mb.iter().map(|r| r.advantages.len()).sum(),
                     };
                     grads.fill(0.0);
+                    if let Some(g) = gm.as_mut() {
+                        g.zero_grads()?;
+                    }
                     let mut loss = 0.0f64;
                     for (j, rows) in locals[k].iter().enumerate() {
                         let n = rows.b * rows.t;
                         let tb = rows.batch();
                         let mut lp = vec![0.0; n];
                         let mut ent = vec![0.0; n];
-                        model
-                            .token_logprobs(
-                                &mut ws,
-                                &tb,
-                                dist::attention(rows, peers)?,
-                                cfg.grpo.temperature,
-                                &mut lp,
-                                Some(&mut ent),
-                            )
-                            .with_context(|| format!("{at}: scoring"))?;
+                        let t = cfg.grpo.temperature;
+                        match gm.as_mut() {
+                            Some(g) => g
+                                .token_logprobs(&tb, Weights::Policy, t, &mut lp, Some(&mut ent))
+                                .map(|_| ())
+                                .map_err(anyhow::Error::from),
+                            None => model
+                                .token_logprobs(
+                                    &mut ws,
+                                    &tb,
+                                    dist::attention(rows, peers)?,
+                                    t,
+                                    &mut lp,
+                                    Some(&mut ent),
+                                )
+                                .map(|_| ())
+                                .map_err(anyhow::Error::from),
+                        }
+                        .with_context(|| format!("{at}: scoring"))?;
                         // The loss reads the per-sample layout (packed rows mapped back).
                         let (lb, lt, mask) = rows.loss_rows();
                         let lp = rows.to_loss(lp);
@@ -1442,37 +1516,55 @@ fn grpo_rank<C: Communicator>(
                         loss += l;
                         tally.metrics.merge(&m);
                         let dlogp = rows.to_model(dlogp);
-                        model
-                            .backward_logprobs(
-                                &mut grads,
-                                &mut ws,
-                                &tb,
-                                &dlogp,
-                                dist::attention(rows, peers)?,
-                            )
-                            .with_context(|| format!("{at}: backward"))?;
+                        match gm.as_mut() {
+                            Some(g) => g
+                                .backward_logprobs(&tb, &dlogp)
+                                .map_err(anyhow::Error::from),
+                            None => model
+                                .backward_logprobs(
+                                    &mut grads,
+                                    &mut ws,
+                                    &tb,
+                                    &dlogp,
+                                    dist::attention(rows, peers)?,
+                                )
+                                .map_err(anyhow::Error::from),
+                        }
+                        .with_context(|| format!("{at}: backward"))?;
                     }
                     if opts.poison_step == Some(done) {
                         loss = f64::NAN;
                     }
-                    let loss = dist::reduce_update(peers, &mut grads, loss, &at)?;
-                    let grad_norm = clip_and_step(
-                        cfg,
-                        &layout,
-                        &mut model.params,
-                        &mut grads,
-                        &mut opt,
-                        loss,
-                        &at,
-                    )?;
+                    let grad_norm = match gm.as_mut() {
+                        Some(g) => gpu_clip_and_step(cfg, g, loss, &at)?,
+                        None => {
+                            loss = dist::reduce_update(peers, &mut grads, loss, &at)?;
+                            clip_and_step(
+                                cfg,
+                                &layout,
+                                &mut model.params,
+                                &mut grads,
+                                &mut opt,
+                                loss,
+                                &at,
+                            )?
+                        }
+                    };
                     tally.add(loss, grad_norm);
                 }
             }
             tally.metrics = dist::merge_metrics(peers, std::mem::take(&mut tally.metrics), &at)?;
-            if let Some(d) = decoder.as_mut() {
-                d.load_params(&model.params)
-                    .with_context(|| format!("{at}: refreshing the GPU decoder's weights"))?;
+            match (decoder.as_mut(), gm.as_ref()) {
+                (Some(d), Some(g)) => d.load_from_policy(g),
+                (Some(d), None) => d.load_params(&model.params),
+                // The CPU engine rolls out from the host weights.
+                (None, Some(g)) => g
+                    .params_host()
+                    .map(|p| model.params = p)
+                    .map_err(anyhow::Error::from),
+                (None, None) => Ok(()),
             }
+            .with_context(|| format!("{at}: refreshing the rollout weights"))?;
             let update_s = t3.elapsed().as_secs_f64();
             let outcome = summary.close_step(done, samples, &mut recent, tally);
             let record = step_record(
@@ -1491,6 +1583,7 @@ fn grpo_rank<C: Communicator>(
             let mut record = record;
             record["step_s"] = json!(t_step.elapsed().as_secs_f64());
             record["rollout_device"] = json!(rollout_device);
+            record["update_device"] = json!(update_device);
             if let Some(r) = &mut reporter {
                 r.step(
                     cfg,
@@ -1501,6 +1594,8 @@ fn grpo_rank<C: Communicator>(
             }
             summary.records.push(record);
             if lead && is_save_step(cfg, done) {
+                sync_host(gm.as_ref(), &mut model, &mut opt)
+                    .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
                 let state = grpo_trainer_state(cfg, done, &sampler, &recent, json!({}));
                 let files = crate::sft::checkpoint_files(&model, &tok, &opt, &state)?;
                 summary.final_model_dir = ckpts
@@ -1514,7 +1609,35 @@ fn grpo_rank<C: Communicator>(
         r.finish();
     }
     with_last_good(&ckpts, result)?;
+    sync_host(gm.as_ref(), &mut model, &mut opt)
+        .context("copying the GPU policy to the host at the end of the run")?;
     Ok((summary, model))
+}
+
+/// [`clip_and_step`] on the GPU policy: the norm (clipped at `grpo.grad_clip`, 0 = off), a
+/// non-finite loss or norm refused before the step, AdamW at `grpo.lr` on the device.
+pub(crate) fn gpu_clip_and_step(
+    cfg: &GrpoRunConfig,
+    g: &mut GpuModel,
+    loss: f64,
+    at: &str,
+) -> Result<f32> {
+    let grad_norm = g.clip_grad_norm(cfg.grpo.grad_clip.max(0.0))?;
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        bail!("{at}: non-finite loss ({loss}) or gradient norm ({grad_norm})");
+    }
+    g.adamw_step(cfg.grpo.lr)?;
+    Ok(grad_norm)
+}
+
+/// Copies the GPU policy's weights and AdamW state into the host model and optimizer (no-op
+/// without one): before checkpoints and at the end of a run.
+pub(crate) fn sync_host(gm: Option<&GpuModel>, model: &mut Qwen2, opt: &mut AdamW) -> Result<()> {
+    if let Some(g) = gm {
+        model.params = g.params_host()?;
+        opt.load_state(g.opt_state()?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1238,6 +1238,7 @@ impl VlTask {
             tokens: &l.tokens,
             targets: &l.targets,
             feature_token: vid,
+            feature_rows: None,
             features: &rows,
             cos: &l.cos,
             sin: &l.sin,

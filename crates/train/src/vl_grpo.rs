@@ -23,7 +23,7 @@
 //!    (sp = 1, as the text trainer resolves it: [`crate::device::rollout_gpu`]) the engine steps
 //!    one [`crate::device::RolloutDecoder`] of the language model (bf16, or f32 with
 //!    `rollout.gpu_f32`) kept for the run, its weights refreshed after each step's updates; the
-//!    tower, scoring and update stay on the CPU. sp > 1 rolls out with the CPU engine.
+//!    tower stays on the CPU. sp > 1 rolls out with the CPU engine.
 //! 3. **Score.** Rewards and group advantages; rows `prompt ++ response[..-1]` [B, T] as input
 //!    embeddings (table lookup of the current weights, video rows from the cache) with M-RoPE
 //!    angles (response tokens continue 1-D after the prompt's largest position), targets at the
@@ -46,13 +46,21 @@
 //! whole sequences' token counts. Log-probabilities are gathered back to [B, T], so they and the
 //! update match sp = 1 within float tolerance.
 //!
+//! On one GPU (sp = 1, `train.device` resolved to it, `train.gpu_update`) passes 3 and 4 run on
+//! the device policy ([`GpuModel`]: `token_logprobs_embeds` with the policy's or the reference's
+//! weights, `backward_logprobs_embeds` — the embedding table's text rows on the device too —,
+//! clipping and AdamW there), each sample its own row (the feature rows marked, so a video token
+//! the policy sampled in a response stays a table row). The decoder takes the new weights device
+//! to device; the host copy is refreshed after each step as well (prompt embedding rows for the
+//! rollouts are formed on the host from its table) and the optimizer state before checkpoints.
+//!
 //! `[video] reuse = false` (benchmarks) turns MR-SP's reuse off: the video is encoded again for
 //! every sample in every pass (cache bypassed), every sample's prompt is prefilled on its own and
 //! scored and updated in its own row.
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
 //! Metrics per step add to the text trainer's record: `rollout_device` (`cpu`, `cuda-bf16`,
-//! `cuda-f32`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
+//! `cuda-f32`), `update_device` (`cpu`, `cuda-bf16`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
 //! videos), `videos_decoded`, `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and
 //! `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
@@ -82,13 +90,14 @@ use serde_json::json;
 
 use crate::accuracy::engine_config;
 use crate::device::{
-    gpu_rollout_unsupported, rollout_decoder, rollout_device, rollout_gpu, step_model,
+    gpu_rollout_unsupported, grpo_policy_gpu, rollout_decoder, rollout_device, rollout_gpu,
+    step_model, update_device, GpuEmbedsBatch, GpuModel, Weights,
 };
 use crate::grpo::{
-    adamw_for, clip_and_step, detokenizer, generation_params, grpo_trainer_state, is_save_step,
-    load_resume_state, open_run, rows_len, step_record, steps_to_run, with_last_good, GrpoOptions,
-    GrpoRunConfig, GrpoSummary, Packing, PromptSampler, Reporter, RolledGroup, RoundWork, Sample,
-    Scorer, UpdateOutcome, ROLLOUTS,
+    adamw_for, clip_and_step, detokenizer, generation_params, gpu_clip_and_step,
+    grpo_trainer_state, is_save_step, load_resume_state, open_run, rows_len, step_record,
+    steps_to_run, sync_host, with_last_good, GrpoOptions, GrpoRunConfig, GrpoSummary, Packing,
+    PromptSampler, Reporter, RolledGroup, RoundWork, Sample, Scorer, UpdateOutcome, ROLLOUTS,
 };
 use crate::vl::{parse_sampling, VlInputs};
 use crate::vl_prefetch::{DecodeCtx, FeedStats, FetchedRecord, PromptFeed};
@@ -148,6 +157,8 @@ struct VlCtx<'a> {
     cache: &'a EmbedCache,
     enc: &'a SpVisionEncoder,
     sp: usize,
+    /// Scoring and update run on the GPU policy (rows unpacked).
+    gpu: bool,
 }
 
 impl VlCtx<'_> {
@@ -159,7 +170,7 @@ impl VlCtx<'_> {
     /// Whether the scoring and update passes pack each group's samples behind one copy of their
     /// prompt ([`Packing`]): with reuse and `train.share_prompt`.
     fn packs(&self) -> bool {
-        self.cfg.video.reuse && self.cfg.train.share_prompt
+        self.cfg.video.reuse && self.cfg.train.share_prompt && !self.gpu
     }
 
     fn timeout(&self) -> Duration {
@@ -868,6 +879,126 @@ fn minibatch_grads(
     Ok((grads, loss, metrics))
 }
 
+/// A micro-batch's unpacked rows as the GPU policy takes them: the feature rows (a sample's
+/// prompt rows holding the video token; a response's video token is an ordinary table row) and
+/// their features, copied out of the rows' input embeddings.
+fn gpu_features(r: &VlRows, micro: &[&Sample], vid: u32) -> (Vec<bool>, Vec<f32>) {
+    let (m, t) = (&r.model, r.model.t);
+    let d = m.embeds.len() / m.tokens.len().max(1);
+    let mut rows = vec![false; m.tokens.len()];
+    let mut feats = Vec::new();
+    for (k, s) in micro.iter().enumerate() {
+        for i in 0..s.prompt_len.min(t) {
+            let at = k * t + i;
+            if m.tokens[at] == vid {
+                rows[at] = true;
+                feats.extend_from_slice(&m.embeds[at * d..(at + 1) * d]);
+            }
+        }
+    }
+    (rows, feats)
+}
+
+/// `r`'s rows as a [`GpuEmbedsBatch`] over `rows`/`feats` from [`gpu_features`].
+fn gpu_batch<'a>(
+    r: &'a VlRows,
+    vid: u32,
+    rows: &'a [bool],
+    feats: &'a [f32],
+) -> GpuEmbedsBatch<'a> {
+    GpuEmbedsBatch {
+        tokens: &r.model.tokens,
+        targets: &r.model.targets,
+        feature_token: vid,
+        feature_rows: Some(rows),
+        features: feats,
+        cos: &r.model.cos,
+        sin: &r.model.sin,
+        b: r.model_b,
+        t: r.model.t,
+    }
+}
+
+/// [`logprob_pass`] on the GPU policy: `log π(target)` [B·T] of every micro-batch with
+/// `weights` (the policy's, or the reference's).
+fn gpu_logprob_pass(
+    cfg: &GrpoRunConfig,
+    g: &mut GpuModel,
+    weights: Weights,
+    rows: &[VlRows],
+    micros: &[Vec<&Sample>],
+    vid: u32,
+) -> Result<Vec<Vec<f32>>> {
+    rows.iter()
+        .zip(micros)
+        .map(|(r, micro)| {
+            let (fr, feats) = gpu_features(r, micro, vid);
+            let mut lp = vec![0.0f32; r.b * r.t];
+            g.token_logprobs_embeds(
+                &gpu_batch(r, vid, &fr, &feats),
+                weights,
+                cfg.grpo.temperature,
+                &mut lp,
+                None,
+            )?;
+            Ok(lp)
+        })
+        .collect()
+}
+
+/// [`minibatch_grads`] on the GPU policy: every micro-batch's `token_logprobs_embeds` →
+/// [`grpo_loss`] → `backward_logprobs_embeds` (decoder and embedding-table gradients added on
+/// the device); returns the loss and metrics.
+#[allow(clippy::too_many_arguments)]
+fn gpu_minibatch(
+    cfg: &GrpoRunConfig,
+    g: &mut GpuModel,
+    rows: &[VlRows],
+    micros: &[Vec<&Sample>],
+    olds: Option<&[Vec<f32>]>,
+    refs: Option<&[Vec<f32>]>,
+    loss_cfg: &PolicyLossConfig,
+    scale: LossScale,
+    vid: u32,
+) -> Result<(f64, GrpoMetrics)> {
+    let mut loss = 0.0f64;
+    let mut metrics = GrpoMetrics::default();
+    for (j, (r, micro)) in rows.iter().zip(micros).enumerate() {
+        let (fr, feats) = gpu_features(r, micro, vid);
+        let eb = gpu_batch(r, vid, &fr, &feats);
+        let n = r.b * r.t;
+        let (mut lp, mut ent) = (vec![0.0f32; n], vec![0.0f32; n]);
+        g.token_logprobs_embeds(
+            &eb,
+            Weights::Policy,
+            cfg.grpo.temperature,
+            &mut lp,
+            Some(&mut ent),
+        )?;
+        let old = match olds {
+            Some(o) => o[j].clone(),
+            None => lp.clone(),
+        };
+        let x = PolicyTokens {
+            b: r.b,
+            t: r.t,
+            logp: &lp,
+            old_logp: &old,
+            ref_logp: refs.map(|x| x[j].as_slice()),
+            entropy: Some(&ent),
+            mask: &r.mask,
+            advantages: &r.advantages,
+            seq_tokens: None,
+        };
+        let mut dlogp = vec![0.0f32; n];
+        let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
+        loss += l;
+        metrics.merge(&m);
+        g.backward_logprobs_embeds(&eb, &dlogp, false)?;
+    }
+    Ok((loss, metrics))
+}
+
 /// Runs (or resumes) GRPO of a Qwen2.5-VL checkpoint (`model.path`, model_type `qwen2_5_vl`)
 /// on LongVideo-Reason prompts (`data.prompts`) with MR-SP (module docs).
 pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSummary> {
@@ -895,7 +1026,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
     }
     let (ckpts, resumed) = open_run(cfg, opts.resume, true)?;
     let load = |d: &Path| load_vl_checkpoint(d).with_context(|| format!("loading {}", d.display()));
-    let reference = if cfg.grpo.needs_reference() {
+    let mut reference = if cfg.grpo.needs_reference() {
         Some(load(init_dir)?.lm)
     } else {
         None
@@ -905,6 +1036,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
     // after each step); sp > 1 keeps the CPU engine beside its CPU ranks.
     let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
     let gpu = rollout_gpu(cfg.train.device, cpu_only, "train.device", ROLLOUTS)?;
+    let have_gpu = gpu.is_some();
     let mut decoder = rollout_decoder(
         gpu,
         cfg.train.device,
@@ -928,6 +1060,22 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             Vec::new(),
         ),
     };
+    // Scoring and the update on the GPU (sp = 1): the decoder's policy, its optimizer state and
+    // the reference weights on the device.
+    let mut gm: Option<GpuModel> = grpo_policy_gpu(
+        have_gpu,
+        cfg.train.gpu_update,
+        cfg.train.device,
+        &model.lm,
+        reference.as_ref(),
+        cfg.train.checkpoint,
+        &opt,
+        "train.device",
+    )?;
+    if gm.is_some() {
+        reference = None;
+    }
+    let update_device = update_device(gm.as_ref());
     if tok.vocab_size() > model.config.text.vocab_size {
         bail!(
             "the tokenizer has {} tokens but the model's vocabulary is {}",
@@ -956,6 +1104,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         cache: &cache,
         enc: &enc,
         sp: cfg.parallel.sp,
+        gpu: gm.is_some(),
     };
     let reward = cfg.grpo.reward.build();
     let scorer = Scorer::new(cfg, &tok, &reward);
@@ -1057,13 +1206,21 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             // 3. Old/reference log-probabilities.
             let t2 = Instant::now();
             let mut refs: Vec<Vec<Vec<f32>>> = Vec::new();
-            if let Some(r) = &reference {
+            if cfg.grpo.needs_reference() {
                 for mb in &minis {
-                    let rows = ctx.rows(&model, r, mb, &prompts, pad, &mut encode_s)?;
-                    refs.push(
-                        logprob_pass(cfg, r, &rows, vid)
-                            .with_context(|| format!("{at}: reference"))?,
-                    );
+                    let lp = match (gm.as_mut(), &reference) {
+                        (Some(g), _) => {
+                            let rows =
+                                ctx.rows(&model, &model.lm, mb, &prompts, pad, &mut encode_s)?;
+                            gpu_logprob_pass(cfg, g, Weights::Reference, &rows, mb, vid)
+                        }
+                        (None, Some(r)) => {
+                            let rows = ctx.rows(&model, r, mb, &prompts, pad, &mut encode_s)?;
+                            logprob_pass(cfg, r, &rows, vid)
+                        }
+                        (None, None) => unreachable!("the reference is loaded"),
+                    };
+                    refs.push(lp.with_context(|| format!("{at}: reference"))?);
                 }
                 summary.ref_passes += 1;
             }
@@ -1071,10 +1228,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             if updates > 1 {
                 for mb in &minis {
                     let rows = ctx.rows(&model, &model.lm, mb, &prompts, pad, &mut encode_s)?;
-                    olds.push(
-                        logprob_pass(cfg, &model.lm, &rows, vid)
-                            .with_context(|| format!("{at}: old policy"))?,
-                    );
+                    let lp = match gm.as_mut() {
+                        Some(g) => gpu_logprob_pass(cfg, g, Weights::Policy, &rows, mb, vid),
+                        None => logprob_pass(cfg, &model.lm, &rows, vid),
+                    };
+                    olds.push(lp.with_context(|| format!("{at}: old policy"))?);
                 }
                 summary.old_passes += 1;
             }
@@ -1093,36 +1251,56 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                         global_tokens: rows.iter().map(VlRows::n_tokens).sum(),
                         global_seqs: rows.iter().map(|r| r.b).sum(),
                     };
-                    let (mut grads, mut loss, m) = minibatch_grads(
-                        cfg,
-                        &model,
-                        &rows,
+                    let (olds_k, refs_k) = (
                         olds.get(k).map(Vec::as_slice),
                         refs.get(k).map(Vec::as_slice),
-                        &loss_cfg,
-                        scale,
-                    )
-                    .with_context(|| format!("{at}: update"))?;
-                    tally.metrics.merge(&m);
-                    if opts.poison_step == Some(done) {
-                        loss = f64::NAN;
-                    }
-                    let grad_norm = clip_and_step(
-                        cfg,
-                        &layout,
-                        &mut model.lm.params,
-                        &mut grads,
-                        &mut opt,
-                        loss,
-                        &at,
-                    )?;
+                    );
+                    let poison = opts.poison_step == Some(done);
+                    let (loss, grad_norm) = match gm.as_mut() {
+                        Some(g) => {
+                            g.zero_grads()?;
+                            let (loss, m) = gpu_minibatch(
+                                cfg, g, &rows, mb, olds_k, refs_k, &loss_cfg, scale, vid,
+                            )
+                            .with_context(|| format!("{at}: update"))?;
+                            tally.metrics.merge(&m);
+                            let loss = if poison { f64::NAN } else { loss };
+                            (loss, gpu_clip_and_step(cfg, g, loss, &at)?)
+                        }
+                        None => {
+                            let (mut grads, loss, m) = minibatch_grads(
+                                cfg, &model, &rows, olds_k, refs_k, &loss_cfg, scale,
+                            )
+                            .with_context(|| format!("{at}: update"))?;
+                            tally.metrics.merge(&m);
+                            let loss = if poison { f64::NAN } else { loss };
+                            let n = clip_and_step(
+                                cfg,
+                                &layout,
+                                &mut model.lm.params,
+                                &mut grads,
+                                &mut opt,
+                                loss,
+                                &at,
+                            )?;
+                            (loss, n)
+                        }
+                    };
                     tally.add(loss, grad_norm);
                 }
             }
-            if let Some(d) = decoder.as_mut() {
-                d.load_params(&model.lm.params)
-                    .with_context(|| format!("{at}: refreshing the GPU decoder's weights"))?;
+            // The host weights: the prompts' embedding rows are formed from its table.
+            if let Some(g) = gm.as_ref() {
+                model.lm.params = g
+                    .params_host()
+                    .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
             }
+            match (decoder.as_mut(), gm.as_ref()) {
+                (Some(d), Some(g)) => d.load_from_policy(g),
+                (Some(d), None) => d.load_params(&model.lm.params),
+                (None, _) => Ok(()),
+            }
+            .with_context(|| format!("{at}: refreshing the GPU decoder's weights"))?;
             let update_s = t3.elapsed().as_secs_f64() - (encode_s - encode_before_update);
             let outcome = summary.close_step(done, samples, &mut recent, tally);
             let mut record = step_record(
@@ -1150,6 +1328,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 ("encode_s", json!(times.encode_s + encode_s)),
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
                 ("rollout_device", json!(rollout_device)),
+                ("update_device", json!(update_device)),
                 ("cache_hits", json!(cs.hits + cs.disk_hits)),
                 ("cache_misses", json!(cs.misses)),
                 ("cache_bytes", json!(cs.bytes)),
@@ -1167,6 +1346,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             )?;
             summary.records.push(record);
             if is_save_step(cfg, done) {
+                sync_host(gm.as_ref(), &mut model.lm, &mut opt)
+                    .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
                 let state = grpo_trainer_state(
                     cfg,
                     done,
@@ -1449,6 +1630,7 @@ mod tests {
                 cache: &cache,
                 enc: &enc,
                 sp,
+                gpu: false,
             };
             let (prompts, samples) = fake_samples(&ctx, &model, &mut sampler);
             let refs: Vec<&Sample> = samples.iter().collect();

@@ -1,9 +1,11 @@
 //! `reel grpo` with its rollouts on the GPU against the same run on the CPU engine: a random
 //! model of the fixture's shape (fixtures/qwen2-tiny) with head dimension 32 (the paged
 //! attention kernel's smallest), three steps at a learning rate that moves the policy, so steps 2
-//! and 3 roll out with refreshed weights. With the f32 decoder (`rollout.gpu_f32`) every step's
-//! rewards, response lengths and last batch (ids and advantages) are the CPU run's and the loss
-//! agrees within 1e-5 relative; the bf16 decoder's run completes with finite metrics. Greedy
+//! and 3 roll out with refreshed weights. With the f32 decoder (`rollout.gpu_f32`) and scoring
+//! and update kept on the CPU (`train.gpu_update = false`) every step's rewards, response lengths
+//! and last batch (ids and advantages) are the CPU run's and the loss agrees within 1e-5
+//! relative; the bf16 decoder's run (scoring and update on the GPU) completes with finite
+//! metrics (`gpu_grpo_update.rs` compares the GPU update with the CPU's). Greedy
 //! accuracy (`eval_accuracy`) with `device = cuda` in f32 gives the CPU's answers. Needs the
 //! `cuda` feature and a GPU; opt-in:
 //!
@@ -70,7 +72,10 @@ fn run(dir: &Path, model: &Path, device: Device, f32: bool) -> GrpoSummary {
         progress: Some(ProgressMode::Log),
         ..GrpoOptions::default()
     };
-    run_grpo(&setup(dir, model, device, f32), opts).unwrap()
+    let mut cfg = setup(dir, model, device, f32);
+    // The f32 comparison keeps scoring and the update on the CPU (f32, as the CPU run).
+    cfg.train.gpu_update = !f32;
+    run_grpo(&cfg, opts).unwrap()
 }
 
 #[test]
@@ -88,6 +93,7 @@ fn gpu_rollouts_give_the_cpu_runs_samples_and_loss() {
     for (c, g) in cpu.records.iter().zip(&gpu.records) {
         assert_eq!(c["rollout_device"], "cpu");
         assert_eq!(g["rollout_device"], "cuda-f32");
+        assert_eq!(g["update_device"], "cpu");
         for k in [
             "reward_mean",
             "reward_std",
@@ -122,6 +128,7 @@ fn gpu_rollouts_give_the_cpu_runs_samples_and_loss() {
     assert_eq!(bf16.records.len(), 3);
     for r in &bf16.records {
         assert_eq!(r["rollout_device"], "cuda-bf16");
+        assert_eq!(r["update_device"], "cuda-bf16");
         for k in ["loss", "reward_mean", "grad_norm", "rollout_s"] {
             let x = r[k].as_f64().unwrap();
             assert!(x.is_finite(), "bf16 step {}: {k} = {x}", r["step"]);

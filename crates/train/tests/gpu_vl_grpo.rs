@@ -7,10 +7,14 @@
 //!   refreshed weights; two mini-batches, so the old-policy pass runs; β > 0, so the reference
 //!   pass runs): with the f32 decoder (`rollout.gpu_f32`) every step's rewards, response lengths,
 //!   decode tokens and last batch (ids and advantages) are the CPU run's, and so are the losses,
-//!   KL, gradient norms and final weights, bit for bit (scoring and update run on the CPU from
-//!   the same samples);
-//!   the bf16 decoder's run completes with finite metrics; `parallel.sp = 2` with
-//!   `train.device = "cuda"` is refused with the reason.
+//!   KL, gradient norms and final weights, bit for bit (`train.gpu_update = false`: scoring and
+//!   update run on the CPU from the same samples);
+//!   the bf16 decoder's run (scoring and update on the GPU) completes with finite metrics;
+//!   `parallel.sp = 2` with `train.device = "cuda"` is refused with the reason.
+//! - Scoring and update on the GPU (`train.gpu_update`, the default): with f32 rollouts, step 1
+//!   (the same samples) has the CPU run's loss, KL, gradient norm and entropy within bf16
+//!   tolerance (the CPU packing rows by prompt, the GPU one row per sample); a run stopped after
+//!   step 1 and resumed gives the uninterrupted run's step 2.
 //! - `eval_vl_accuracy` with `device = cuda`, f32: every greedy response and the report equal the
 //!   CPU's; bf16 answers every record.
 //!
@@ -90,6 +94,8 @@ fn config(model: &Path, data: &Path, out: PathBuf, device: Device, f32: bool) ->
     cfg.video.sampling = "uniform:8".into();
     cfg.output.dir = out;
     cfg.output.save_every = 0;
+    // The f32 comparison keeps scoring and the update on the CPU (f32, as the CPU run).
+    cfg.train.gpu_update = !f32;
     cfg
 }
 
@@ -116,6 +122,7 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     for (c, g) in cpu.run.records.iter().zip(&gpu.run.records) {
         assert_eq!(c["rollout_device"], "cpu");
         assert_eq!(g["rollout_device"], "cuda-f32");
+        assert_eq!(g["update_device"], "cpu");
         for k in [
             "reward_mean",
             "reward_std",
@@ -152,7 +159,15 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     assert_eq!(bf16.run.records.len(), 3);
     for r in &bf16.run.records {
         assert_eq!(r["rollout_device"], "cuda-bf16");
-        for k in ["loss", "reward_mean", "grad_norm", "rollout_s"] {
+        assert_eq!(r["update_device"], "cuda-bf16");
+        for k in [
+            "loss",
+            "reward_mean",
+            "grad_norm",
+            "rollout_s",
+            "kl",
+            "entropy",
+        ] {
             let x = r[k].as_f64().unwrap();
             assert!(x.is_finite(), "bf16 step {}: {k} = {x}", r["step"]);
         }
@@ -177,6 +192,92 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     sp.train.device = Device::Auto;
     let s = run(&sp);
     assert_eq!(s.run.records[0]["rollout_device"], "cpu");
+}
+
+fn num(r: &serde_json::Value, k: &str) -> f64 {
+    r[k].as_f64()
+        .unwrap_or_else(|| panic!("step {}: {k} = {}", r["step"], r[k]))
+}
+
+#[test]
+fn gpu_vl_scoring_and_update_match_the_cpu_run() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, data) = setup(dir.path());
+    let at = |name: &str| dir.path().join(name);
+    let setup = |name: &str, device: Device| {
+        let mut cfg = config(&m, &data, at(name), device, true);
+        cfg.train.gpu_update = true;
+        cfg.train.steps = 2;
+        cfg.grpo.lr = 1e-3;
+        cfg.grpo.temperature = 0.9;
+        cfg.output.save_every = 1;
+        cfg
+    };
+    let cpu = run(&setup("cpu", Device::Cpu));
+    let gcfg = setup("gpu", Device::Cuda);
+    let gpu = run(&gcfg);
+    assert_eq!((cpu.run.ref_passes, gpu.run.ref_passes), (2, 2));
+    assert_eq!((cpu.run.old_passes, gpu.run.old_passes), (2, 2));
+    for (c, g) in cpu.run.records.iter().zip(&gpu.run.records) {
+        assert_eq!(c["update_device"], "cpu");
+        assert_eq!(g["update_device"], "cuda-bf16");
+        let same = ["reward_mean", "decode_tokens", "response_len_max"]
+            .iter()
+            .all(|k| c[k] == g[k]);
+        let step = num(c, "step");
+        assert!(same || step > 1.0, "step 1 rolls out from the same weights");
+        let (lc, lg) = (num(c, "loss"), num(g, "loss"));
+        let (kc, kg) = (num(c, "kl"), num(g, "kl"));
+        let (nc, ng) = (num(c, "grad_norm"), num(g, "grad_norm"));
+        let (ec, eg) = (num(c, "entropy"), num(g, "entropy"));
+        eprintln!(
+            "VLM step {step}: same samples {same}; loss CPU {lc:.6} GPU {lg:.6}; kl CPU {kc:.3e} \
+             GPU {kg:.3e}; grad_norm CPU {nc:.5} GPU {ng:.5}; entropy CPU {ec:.4} GPU {eg:.4}; \
+             update_s CPU {:.3} GPU {:.3}",
+            num(c, "update_s"),
+            num(g, "update_s")
+        );
+        if same {
+            assert!(
+                (lc - lg).abs() <= 2e-3 + 2e-2 * lc.abs(),
+                "step {step}: loss"
+            );
+            assert!((kc - kg).abs() <= 1e-4 + 0.3 * kc.abs(), "step {step}: kl");
+            assert!((nc - ng).abs() <= 5e-2 * nc, "step {step}: grad_norm");
+            assert!((ec - eg).abs() <= 2e-2 * ec.abs(), "step {step}: entropy");
+        }
+    }
+    // Stopped after step 1 and resumed: step 2 as the uninterrupted run's.
+    let rcfg = setup("resumed", Device::Cuda);
+    let opts = |resume: bool, stop_after: Option<u64>| GrpoOptions {
+        progress: Some(ProgressMode::Log),
+        resume,
+        stop_after,
+        ..GrpoOptions::default()
+    };
+    let first = run_vl_grpo(&rcfg, opts(false, Some(1))).unwrap();
+    assert_eq!(first.run.records.len(), 1);
+    let resumed = run_vl_grpo(&rcfg, opts(true, None)).unwrap();
+    assert_eq!(resumed.run.records.len(), 1);
+    let (a, b) = (&gpu.run.records[1], &resumed.run.records[0]);
+    eprintln!(
+        "VLM resumed step 2: loss {} vs uninterrupted {} (bit-identical: {})",
+        b["loss"],
+        a["loss"],
+        a["loss"] == b["loss"]
+    );
+    assert_eq!(
+        a["reward_mean"], b["reward_mean"],
+        "resumed step 2's samples"
+    );
+    let (la, lb) = (num(a, "loss"), num(b, "loss"));
+    assert!(
+        (la - lb).abs() <= 1e-4 + 1e-3 * la.abs(),
+        "resumed step 2's loss"
+    );
 }
 
 #[test]

@@ -197,6 +197,7 @@ fn the_vlm_decoder_on_the_gpu_matches_the_cpu_loss_gradients_and_embedding_gradi
                 tokens: &rec.tokens,
                 targets: &rec.targets,
                 feature_token: c.video_token_id,
+                feature_rows: None,
                 features: &rec.features,
                 cos: &cos,
                 sin: &sin,

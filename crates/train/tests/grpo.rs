@@ -266,9 +266,10 @@ fn bad_configs_are_refused_by_key() {
     let _ = Tokenizer::from_dir(&fixture()).unwrap();
 }
 
-/// `train.device` for the rollouts, resolved as SFT's: "cuda" is refused (naming why) with
-/// dp × sp > 1 or without the `cuda` feature; "auto" then rolls out with the CPU engine and says
-/// so in the metrics; "auto" stays out of the config.
+/// `train.device` for the rollouts, scoring and update, resolved as SFT's: "cuda" is refused
+/// (naming why) with dp × sp > 1 or without the `cuda` feature; "auto" then rolls out, scores and
+/// updates on the CPU and says so in the metrics; "auto" and `gpu_update = true` stay out of the
+/// config.
 #[test]
 fn the_rollout_device_falls_back_to_the_cpu_or_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,6 +287,7 @@ fn the_rollout_device_falls_back_to_the_cpu_or_is_refused_with_the_reason() {
     cfg.train.device = Device::Auto;
     let s = run_grpo(&cfg, quiet()).unwrap();
     assert_eq!(s.records[0]["rollout_device"], "cpu");
+    assert_eq!(s.records[0]["update_device"], "cpu");
     if !cfg!(feature = "cuda") {
         let mut cfg = setup(&dir.path().join("one"), 1);
         cfg.apply_override("train.device=cuda").unwrap();
@@ -294,9 +296,21 @@ fn the_rollout_device_falls_back_to_the_cpu_or_is_refused_with_the_reason() {
         cfg.apply_override("train.device=auto").unwrap();
         let s = run_grpo(&cfg, quiet()).unwrap();
         assert_eq!(s.records[0]["rollout_device"], "cpu");
+        assert_eq!(s.records[0]["update_device"], "cpu");
     }
     let mut cfg = GrpoRunConfig::default();
-    assert!(!cfg.to_toml().contains("device"), "auto is not written");
+    assert!(cfg.train.gpu_update);
+    let toml = cfg.to_toml();
+    assert!(
+        !toml.contains("device") && !toml.contains("gpu_update"),
+        "{toml}"
+    );
+    let hash = cfg.config_hash();
+    cfg.apply_override("train.gpu_update=false").unwrap();
+    assert!(cfg.to_toml().contains("gpu_update = false"));
+    assert_ne!(cfg.config_hash(), hash);
+    cfg.apply_override("train.gpu_update=true").unwrap();
+    assert_eq!(cfg.config_hash(), hash);
     cfg.apply_override("train.device=cuda").unwrap();
     cfg.apply_override("rollout.gpu_f32=true").unwrap();
     let toml = cfg.to_toml();
