@@ -12,60 +12,15 @@
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_grpo -- --nocapture
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::text_grpo::{fixture, model, setup};
 use reel_data::Tokenizer;
-use reel_model::{Qwen2, Qwen2Config};
 use reel_train::{
-    eval_accuracy, run_grpo, save_model_folder, stop_token_ids, AccuracyOptions, Device,
-    GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode, PromptSet,
+    eval_accuracy, run_grpo, stop_token_ids, AccuracyOptions, Device, GrpoOptions, GrpoSummary,
+    ProgressMode, PromptSet,
 };
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-tiny")
-}
-
-/// Reward: the length of the JSON line the command reads (it varies with the response).
-const LEN_REWARD: &str = r#"read l; echo ${#l}"#;
-
-/// The fixture's model with 2 query heads, 1 KV head, head dimension 32, random weights.
-fn model(dir: &Path) -> PathBuf {
-    let mut c = Qwen2Config::from_file(&fixture().join("config.json")).unwrap();
-    c.num_attention_heads = 2;
-    c.num_key_value_heads = 1;
-    c.head_dim = 32;
-    let m = Qwen2::new_random(c, 5).unwrap();
-    let tok = Tokenizer::from_dir(&fixture()).unwrap();
-    let out = dir.join("model");
-    save_model_folder(&m, &tok, &out).unwrap();
-    out
-}
-
-fn setup(dir: &Path, model: &Path, device: Device, f32: bool) -> GrpoRunConfig {
-    std::fs::create_dir_all(dir).unwrap();
-    let prompts = dir.join("prompts.jsonl");
-    let lines: String = (0..6)
-        .map(|i| format!("{{\"prompt\": \"say {i}\", \"answer\": \"x\"}}\n"))
-        .collect();
-    std::fs::write(&prompts, lines).unwrap();
-    let mut cfg = GrpoRunConfig::default();
-    cfg.model.path = model.to_path_buf();
-    cfg.data.prompts = prompts;
-    cfg.data.prompts_per_step = 2;
-    cfg.train.steps = 3;
-    cfg.train.micro_batch_seqs = 4;
-    cfg.train.device = device;
-    cfg.rollout.gpu_f32 = f32;
-    cfg.grpo.group_size = 4;
-    cfg.grpo.max_response_tokens = 12;
-    cfg.grpo.lr = 2e-2;
-    cfg.grpo.kl_coef = 0.0;
-    cfg.grpo.reward.accuracy_weight = 0.0;
-    cfg.grpo.reward.format_weight = 0.0;
-    cfg.grpo.reward.command = vec!["sh".into(), "-c".into(), LEN_REWARD.into()];
-    cfg.output.dir = dir.join("run");
-    cfg.output.save_every = 0;
-    cfg
-}
+use std::path::Path;
 
 fn run(dir: &Path, model: &Path, device: Device, f32: bool) -> GrpoSummary {
     let opts = GrpoOptions {

@@ -11,36 +11,20 @@
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_grpo_update -- --nocapture
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::text_grpo::model as run_model;
+use common::{gpu_tests_enabled as enabled, metric as num, rel_norm_err};
+
 use rand::{Rng, SeedableRng};
 use reel_cuda::{Gpu, GpuEmbedsBatch, GpuQwen2, Weights};
-use reel_data::Tokenizer;
 use reel_model::{
     CheckpointPolicy, EmbedsBatch, LocalAttention, Qwen2, Qwen2Config, Rotary, TokenBatch,
     Workspace,
 };
 use reel_optim::AdamWConfig;
-use reel_train::{
-    run_grpo, save_model_folder, Device, GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode,
-};
-use std::path::{Path, PathBuf};
-
-fn enabled() -> bool {
-    let on = std::env::var("REEL_GPU_TESTS").as_deref() == Ok("1");
-    if !on {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
-    }
-    on
-}
-
-fn rel_norm_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
+use reel_train::{run_grpo, Device, GrpoOptions, GrpoRunConfig, GrpoSummary, ProgressMode};
+use std::path::Path;
 
 fn config(tied: bool) -> Qwen2Config {
     let mut c = Qwen2Config::tiny(211);
@@ -369,52 +353,16 @@ fn gpu_logprobs_from_embeddings_and_their_gradients_match_the_cpu() {
     }
 }
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qwen2-tiny")
-}
-
-/// Reward: the length of the JSON line the command reads (it varies with the response).
-const LEN_REWARD: &str = r#"read l; echo ${#l}"#;
-
-/// The fixture's model with 2 query heads, 1 KV head, head dimension 32, random weights.
-fn run_model(dir: &Path) -> PathBuf {
-    let mut c = Qwen2Config::from_file(&fixture().join("config.json")).unwrap();
-    c.num_attention_heads = 2;
-    c.num_key_value_heads = 1;
-    c.head_dim = 32;
-    let m = Qwen2::new_random(c, 5).unwrap();
-    let tok = Tokenizer::from_dir(&fixture()).unwrap();
-    let out = dir.join("model");
-    save_model_folder(&m, &tok, &out).unwrap();
-    out
-}
-
+/// The common run with two mini-batches of two PPO epochs, a KL term, τ = 0.9 and a checkpoint
+/// every step (for the resume check).
 fn setup(dir: &Path, model: &Path, device: Device, f32: bool) -> GrpoRunConfig {
-    std::fs::create_dir_all(dir).unwrap();
-    let prompts = dir.join("prompts.jsonl");
-    let lines: String = (0..6)
-        .map(|i| format!("{{\"prompt\": \"say {i}\", \"answer\": \"x\"}}\n"))
-        .collect();
-    std::fs::write(&prompts, lines).unwrap();
-    let mut cfg = GrpoRunConfig::default();
-    cfg.model.path = model.to_path_buf();
-    cfg.data.prompts = prompts;
-    cfg.data.prompts_per_step = 2;
-    cfg.train.steps = 3;
+    let mut cfg = common::text_grpo::setup(dir, model, device, f32);
     cfg.train.micro_batch_seqs = 3;
     cfg.train.mini_batches = 2;
     cfg.train.ppo_epochs = 2;
-    cfg.train.device = device;
-    cfg.rollout.gpu_f32 = f32;
-    cfg.grpo.group_size = 4;
-    cfg.grpo.max_response_tokens = 12;
     cfg.grpo.lr = 1e-3;
     cfg.grpo.kl_coef = 0.05;
     cfg.grpo.temperature = 0.9;
-    cfg.grpo.reward.accuracy_weight = 0.0;
-    cfg.grpo.reward.format_weight = 0.0;
-    cfg.grpo.reward.command = vec!["sh".into(), "-c".into(), LEN_REWARD.into()];
-    cfg.output.dir = dir.join("run");
     cfg.output.save_every = 1;
     cfg.output.keep_last = 0;
     cfg
@@ -428,11 +376,6 @@ fn run(cfg: &GrpoRunConfig, resume: bool, stop_after: Option<u64>) -> GrpoSummar
         ..GrpoOptions::default()
     };
     run_grpo(cfg, opts).unwrap()
-}
-
-fn num(r: &serde_json::Value, k: &str) -> f64 {
-    r[k].as_f64()
-        .unwrap_or_else(|| panic!("step {}: {k} = {}", r["step"], r[k]))
 }
 
 #[test]

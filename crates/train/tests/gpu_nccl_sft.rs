@@ -20,6 +20,8 @@
 
 mod common;
 
+use common::gpu_tests_enabled as enabled;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,14 +42,6 @@ const RESUME: &str = "REEL_SFT_TEST_RESUME";
 const KILL_STEP: u64 = 5;
 /// `parallel.timeout_s` of the fault test.
 const TIMEOUT_S: u64 = 10;
-
-fn enabled() -> bool {
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
-        return false;
-    }
-    true
-}
 
 /// World sizes from `REEL_NCCL_WORLDS` (comma-separated) of at least 2 ranks; default `2`.
 fn worlds() -> Vec<usize> {

@@ -23,6 +23,10 @@
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_vl_grpo -- --nocapture
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::{gpu_tests_enabled as enabled, metric as num};
+
 use reel_data::{
     write_synth_dataset, FrameSampling, SynthVideoConfig, Tokenizer, VideoProcessorConfig,
     VideoSettings,
@@ -38,14 +42,6 @@ use std::path::{Path, PathBuf};
 
 /// Reward: the length of the JSON line the command reads (it varies with the response).
 const LEN_REWARD: &str = r#"read l; echo ${#l}"#;
-
-fn enabled() -> bool {
-    let on = std::env::var("REEL_GPU_TESTS").as_deref() == Ok("1");
-    if !on {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
-    }
-    on
-}
 
 /// The tiny VLM (width 64) with 2 query heads and 1 KV head of dimension 32 (the same weight
 /// shapes as its 4 × 16 / 2 × 16 heads), and 8 synthetic videos' records.
@@ -192,11 +188,6 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     sp.train.device = Device::Auto;
     let s = run(&sp);
     assert_eq!(s.run.records[0]["rollout_device"], "cpu");
-}
-
-fn num(r: &serde_json::Value, k: &str) -> f64 {
-    r[k].as_f64()
-        .unwrap_or_else(|| panic!("step {}: {k} = {}", r["step"], r[k]))
 }
 
 #[test]

@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::{gpu_tests_enabled as enabled, rel_norm_err};
+
 use rand::Rng as _;
 use reel_cuda::{Gpu, GpuEmbedsBatch, GpuQwen2};
 use reel_model::{
@@ -26,29 +28,6 @@ use reel_model::{
 use reel_optim::AdamWConfig;
 use reel_train::vl::write_tiny_vl_model;
 use reel_train::{run_sft, Device, RunOptions, SftConfig};
-
-fn enabled() -> bool {
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
-        return false;
-    }
-    true
-}
-
-/// ‖a − b‖ / ‖b‖ (‖a − b‖ when b is zero).
-fn rel_norm_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += ((x - y) as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
 
 /// One sequence: `head` text tokens, a video of grid 2×4×4 (8 rows), text, a video of grid
 /// 1×2×6 (3 rows), then `tail` text tokens; targets on about half of the text rows.

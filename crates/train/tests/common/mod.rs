@@ -137,3 +137,35 @@ pub fn metrics(cfg: &SftConfig) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+pub mod text_grpo;
+
+/// Whether the opt-in GPU tests run (`REEL_GPU_TESTS=1`); says how to turn them on when not.
+pub fn gpu_tests_enabled() -> bool {
+    let on = std::env::var("REEL_GPU_TESTS").as_deref() == Ok("1");
+    if !on {
+        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+    }
+    on
+}
+
+/// ‖a − b‖ / ‖b‖ (‖a − b‖ when b is zero).
+pub fn rel_norm_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += ((x - y) as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Metric `k` of a metrics record, as a number (a panic naming the step and key otherwise).
+pub fn metric(r: &serde_json::Value, k: &str) -> f64 {
+    r[k].as_f64()
+        .unwrap_or_else(|| panic!("step {}: {k} = {}", r["step"], r[k]))
+}
