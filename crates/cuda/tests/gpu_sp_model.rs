@@ -350,7 +350,6 @@ fn warm_sp_steps_allocate_nothing() {
     // H_kv 6: Ulysses over 2 and 3 ranks (u | H_kv).
     c.num_attention_heads = 12;
     c.num_key_value_heads = 6;
-    c.head_dim = 16;
     let model = Qwen2::new_random(c.clone(), 9).unwrap();
     let case = Case::new(17, c.vocab_size, 2, 203, 5);
     let sched = |k: ScheduleKind, p: usize| (p, SpMethod::Schedule(k.build(p).unwrap()));
