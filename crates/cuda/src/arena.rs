@@ -15,10 +15,11 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::ops::Range;
 
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-use crate::buffer::{DevRead, DevWrite};
+use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::{DeviceElem, Gpu, GpuError, Result};
 
 /// The size class (bytes) a request of `bytes` is served from.
@@ -89,6 +90,13 @@ impl<B> SizePool<B> {
         self.free.entry(class).or_default().push(block);
     }
 
+    /// Every cached block, with its class.
+    pub fn cached(&self) -> impl Iterator<Item = (usize, &B)> {
+        self.free
+            .iter()
+            .flat_map(|(&c, v)| v.iter().map(move |b| (c, b)))
+    }
+
     /// Drops every cached block (their memory goes back to the device); returns the bytes freed.
     pub fn release(&mut self) -> usize {
         let freed = self.bytes_cached;
@@ -137,6 +145,16 @@ impl<T: DeviceElem> Scratch<'_, T> {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Elements `range` as a read-only view.
+    pub fn view(&self, range: Range<usize>) -> Result<DView<'_, T>> {
+        DView::of(self, range)
+    }
+
+    /// Elements `range` as a writable view.
+    pub fn view_mut(&mut self, range: Range<usize>) -> Result<DViewMut<'_, T>> {
+        DViewMut::of(self, range)
     }
 }
 
@@ -205,6 +223,25 @@ impl Gpu {
             .lock()
             .map_err(|_| GpuError::Driver("scratch pool poisoned".into()))?;
         Ok(pool.release())
+    }
+
+    /// Fills every cached scratch block with `byte`, in stream order; returns how many. A
+    /// debugging aid: a buffer that is read before it is written then shows (`0xFF` is NaN in
+    /// bf16 and f32).
+    pub fn scribble_cached(&self, byte: u8) -> Result<usize> {
+        self.bind()?;
+        let pool = self
+            .pool
+            .lock()
+            .map_err(|_| GpuError::Driver("scratch pool poisoned".into()))?;
+        let mut n = 0;
+        for (class, block) in pool.cached() {
+            let (p, _g) = block.device_ptr(&self.stream);
+            // SAFETY: writes exactly the block's `class` bytes; no one holds a cached block.
+            unsafe { cudarc::driver::result::memset_d8_async(p, byte, class, self.cu_stream()) }?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Device allocations so far (see [`AllocStats`]).
@@ -293,6 +330,7 @@ mod tests {
         step(&mut pool, &[(1 << 20) - 100, 2900, 6 << 20]);
         assert_eq!((pool.misses, pool.hits), (3, 6));
         assert_eq!(pool.bytes_cached, pool.bytes_made);
+        assert_eq!(pool.cached().count(), 3, "every block back in the pool");
         // A request more than twice smaller than every cached block does not take one.
         let (_, b) = pool.take(1000);
         assert!(b.is_none());

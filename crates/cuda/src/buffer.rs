@@ -87,6 +87,15 @@ pub struct DView<'a, T> {
 }
 
 impl<'a, T> DView<'a, T> {
+    /// All of `src`.
+    pub fn all(src: &'a impl DevRead<T>) -> Self {
+        DView {
+            ptr: src.dptr(),
+            len: src.dlen(),
+            _p: PhantomData,
+        }
+    }
+
     /// Elements `range` of `src` (checked against its length).
     pub fn of(src: &'a impl DevRead<T>, range: Range<usize>) -> Result<Self> {
         check_range(&range, src.dlen())?;
@@ -99,6 +108,15 @@ impl<'a, T> DView<'a, T> {
 }
 
 impl<'a, T> DViewMut<'a, T> {
+    /// All of `dst`.
+    pub fn all(dst: &'a mut impl DevWrite<T>) -> Self {
+        DViewMut {
+            ptr: dst.dptr(),
+            len: dst.dlen(),
+            _p: PhantomData,
+        }
+    }
+
     /// Elements `range` of `dst` (checked against its length).
     pub fn of(dst: &'a mut impl DevWrite<T>, range: Range<usize>) -> Result<Self> {
         check_range(&range, dst.dlen())?;

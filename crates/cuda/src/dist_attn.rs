@@ -25,6 +25,13 @@
 //!
 //! Gradients accumulate in f32 (cuDNN's backward overwrites bf16 block gradients, which are
 //! added); outputs are rounded to bf16 once at the end.
+//!
+//! Every buffer of a pass (chunks, messages sent and received, accumulators, block outputs) is
+//! lent by the rank's scratch pool (`Gpu::scratch`) and given back when the pass lets go of it:
+//! a receive buffer only after `DeviceP2p::complete` has ordered the rank's stream after the
+//! copy into it, a send's after the copy out of it, so the pool's stream-order rule holds across
+//! the ranks' streams and a warm pass makes no device allocation. Buffers that must start at
+//! zero (accumulators, a helper's empty partials) are zeroed explicitly.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -35,9 +42,9 @@ use reel_parallel::{
     BlockMask, DistExecutor, Message, Overlap, Pass, Payload, RankPlan, Schedule, Sharding, Work,
 };
 
-use crate::buffer::{DView, DevRead};
+use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::devcomm::{DevOp, DevPart, DeviceP2p};
-use crate::{shape_err, DeviceBuf, Gpu, GpuError, Result};
+use crate::{shape_err, Gpu, GpuError, Result, Scratch};
 
 /// What one pass did on this rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,27 +61,33 @@ pub struct GpuDistAttn {
     exec: DistExecutor,
 }
 
-/// A message's device buffers: bf16 and f32 parts (either may be absent).
+/// A message's device buffers: bf16 and f32 parts (either may be absent), lent by the rank's
+/// scratch pool.
 #[derive(Default)]
-struct Msg {
-    bf: Option<DeviceBuf<bf16>>,
-    f: Option<DeviceBuf<f32>>,
+struct Msg<'g> {
+    bf: Option<Scratch<'g, bf16>>,
+    f: Option<Scratch<'g, f32>>,
 }
 
-impl Msg {
-    fn alloc(gpu: &Gpu, bf: usize, f: usize) -> Result<Msg> {
+impl<'g> Msg<'g> {
+    /// Parts of `bf` and `f` elements, contents undefined (a receive, or a buffer written whole).
+    fn alloc(gpu: &'g Gpu, bf: usize, f: usize) -> Result<Msg<'g>> {
         Ok(Msg {
-            bf: if bf > 0 {
-                Some(gpu.alloc_zeros(bf)?)
-            } else {
-                None
-            },
-            f: if f > 0 {
-                Some(gpu.alloc_zeros(f)?)
-            } else {
-                None
-            },
+            bf: if bf > 0 { Some(gpu.scratch(bf)?) } else { None },
+            f: if f > 0 { Some(gpu.scratch(f)?) } else { None },
         })
+    }
+
+    /// [`Msg::alloc`] zeroed.
+    fn zeros(gpu: &'g Gpu, bf: usize, f: usize) -> Result<Msg<'g>> {
+        let mut m = Msg::alloc(gpu, bf, f)?;
+        if let Some(b) = m.bf.as_mut() {
+            gpu.zero(b)?;
+        }
+        if let Some(x) = m.f.as_mut() {
+            gpu.zero(x)?;
+        }
+        Ok(m)
     }
 
     fn parts(&self) -> Vec<DevPart> {
@@ -88,11 +101,11 @@ impl Msg {
         p
     }
 
-    fn bf(&self) -> &DeviceBuf<bf16> {
+    fn bf(&self) -> &Scratch<'g, bf16> {
         self.bf.as_ref().expect("non-empty chunk")
     }
 
-    fn f(&self) -> &DeviceBuf<f32> {
+    fn f(&self) -> &Scratch<'g, f32> {
         self.f.as_ref().expect("non-empty chunk")
     }
 }
@@ -158,27 +171,27 @@ impl Geo {
 fn gather<T: crate::DeviceElem>(
     gpu: &Gpu,
     geo: &Geo,
-    dst: &mut DeviceBuf<T>,
+    dst: &mut impl DevWrite<T>,
     at: usize,
     shard: &impl DevRead<T>,
     width: usize,
     chunk: usize,
 ) -> Result<()> {
     for (s, c, len) in geo.spans(chunk, width) {
-        let mut d = dst.view_mut(at + c..at + c + len)?;
+        let mut d = DViewMut::of(dst, at + c..at + c + len)?;
         gpu.copy(&mut d, &DView::of(shard, s..s + len)?)?;
     }
     Ok(())
 }
 
 /// One posted batch, the buffers its sends need alive, and the messages it receives.
-struct Posted<P> {
+struct Posted<'g, P> {
     batch: Option<P>,
-    sends: Vec<Rc<Msg>>,
-    recvs: Vec<(Message, Msg)>,
+    sends: Vec<Rc<Msg<'g>>>,
+    recvs: Vec<(Message, Msg<'g>)>,
 }
 
-impl<P> Default for Posted<P> {
+impl<P> Default for Posted<'_, P> {
     fn default() -> Self {
         Posted {
             batch: None,
@@ -189,10 +202,10 @@ impl<P> Default for Posted<P> {
 }
 
 /// What a pass does with messages and blocks on one rank (the device twin of DistExecutor's).
-trait RankPass {
-    fn pack(&mut self, p: Payload) -> Result<Rc<Msg>>;
-    fn alloc_recv(&mut self, p: Payload) -> Result<Msg>;
-    fn accept(&mut self, m: &Message, data: Msg) -> Result<()>;
+trait RankPass<'g> {
+    fn pack(&mut self, p: Payload) -> Result<Rc<Msg<'g>>>;
+    fn alloc_recv(&mut self, p: Payload) -> Result<Msg<'g>>;
+    fn accept(&mut self, m: &Message, data: Msg<'g>) -> Result<()>;
     fn compute(&mut self, w: &Work) -> Result<()>;
     fn free(&mut self, chunks: &[(bool, usize)]);
 }
@@ -272,29 +285,30 @@ impl GpuDistAttn {
         Ok(comm.rank())
     }
 
-    /// This rank's out `[B, L, H, D]` and lse `[B, L, H]` (overwritten) from its q, k, v; every
-    /// rank of the world calls it, each on its thread with its `Gpu`. Returns once the work is
-    /// enqueued on `gpu`'s stream.
+    /// This rank's out `[B, L, H, D]` and lse `[B, L, H]` (overwritten) from its q, k, v
+    /// (device buffers or views of exactly these lengths); every rank of the world calls it,
+    /// each on its thread with its `Gpu`. Returns once the work is enqueued on `gpu`'s stream.
+    /// Every working buffer comes from `gpu`'s scratch pool, so a warm pass allocates nothing.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<C: DeviceP2p + ?Sized>(
         &self,
         gpu: &Gpu,
         comm: &C,
-        out: &mut DeviceBuf<bf16>,
-        lse: &mut DeviceBuf<f32>,
-        q: &DeviceBuf<bf16>,
-        k: &DeviceBuf<bf16>,
-        v: &DeviceBuf<bf16>,
+        out: &mut impl DevWrite<bf16>,
+        lse: &mut impl DevWrite<f32>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
     ) -> Result<GpuSpStats> {
         let (nq, nk, nl) = self.lens();
         let rank = self.check(
             comm,
             &[
-                ("out", out.len(), nq),
-                ("lse", lse.len(), nl),
-                ("q", q.len(), nq),
-                ("k", k.len(), nk),
-                ("v", v.len(), nk),
+                ("out", out.dlen(), nq),
+                ("lse", lse.dlen(), nl),
+                ("q", q.dlen(), nq),
+                ("k", k.dlen(), nk),
+                ("v", v.dlen(), nk),
             ],
         )?;
         let mut st = Fwd::new(gpu, self.geo(), rank, q, k, v)?;
@@ -310,41 +324,48 @@ impl GpuDistAttn {
         &self,
         gpu: &Gpu,
         comm: &C,
-        dq: &mut DeviceBuf<bf16>,
-        dk: &mut DeviceBuf<bf16>,
-        dv: &mut DeviceBuf<bf16>,
-        dout: &DeviceBuf<bf16>,
-        q: &DeviceBuf<bf16>,
-        k: &DeviceBuf<bf16>,
-        v: &DeviceBuf<bf16>,
-        out: &DeviceBuf<bf16>,
-        lse: &DeviceBuf<f32>,
+        dq: &mut impl DevWrite<bf16>,
+        dk: &mut impl DevWrite<bf16>,
+        dv: &mut impl DevWrite<bf16>,
+        dout: &impl DevRead<bf16>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
+        out: &impl DevRead<bf16>,
+        lse: &impl DevRead<f32>,
     ) -> Result<GpuSpStats> {
         let (nq, nk, nl) = self.lens();
         let rank = self.check(
             comm,
             &[
-                ("dq", dq.len(), nq),
-                ("dk", dk.len(), nk),
-                ("dv", dv.len(), nk),
-                ("dout", dout.len(), nq),
-                ("q", q.len(), nq),
-                ("k", k.len(), nk),
-                ("v", v.len(), nk),
-                ("out", out.len(), nq),
-                ("lse", lse.len(), nl),
+                ("dq", dq.dlen(), nq),
+                ("dk", dk.dlen(), nk),
+                ("dv", dv.dlen(), nk),
+                ("dout", dout.dlen(), nq),
+                ("q", q.dlen(), nq),
+                ("k", k.dlen(), nk),
+                ("v", v.dlen(), nk),
+                ("out", out.dlen(), nq),
+                ("lse", lse.dlen(), nl),
             ],
         )?;
-        let mut st = Bwd::new(gpu, self.geo(), rank, [q, k, v, out, dout], lse)?;
+        let bf = [
+            DView::all(q),
+            DView::all(k),
+            DView::all(v),
+            DView::all(out),
+            DView::all(dout),
+        ];
+        let mut st = Bwd::new(gpu, self.geo(), rank, bf, &DView::all(lse))?;
         let stats = self.run(gpu, comm, Pass::Backward, &mut st)?;
         st.write(dq, dk, dv)?;
         Ok(stats)
     }
 
     /// DistExecutor's step loop over the rank's [`RankPlan`], on the device.
-    fn run<C: DeviceP2p + ?Sized, S: RankPass>(
+    fn run<'g, C: DeviceP2p + ?Sized, S: RankPass<'g>>(
         &self,
-        gpu: &Gpu,
+        gpu: &'g Gpu,
         comm: &C,
         pass: Pass,
         st: &mut S,
@@ -434,9 +455,17 @@ struct Io<'a, C: ?Sized> {
     rank: usize,
 }
 
+/// Buffer lifetimes across streams: a receive buffer is lent by the receiving rank's pool and
+/// handed to the pass only after `complete` has ordered its stream after the transfer, a send's
+/// buffer is held until then; a block given back is therefore reused only by work that the
+/// rank's stream runs after the copy into or out of it (the pool's stream-order rule).
 impl<C: DeviceP2p + ?Sized> Io<'_, C> {
-    /// Posts `msgs` as one batch: this rank's sends packed, its receive buffers allocated.
-    fn post<S: RankPass>(&self, st: &mut S, msgs: &[(u64, Message)]) -> Result<Posted<C::Posted>> {
+    /// Posts `msgs` as one batch: this rank's sends packed, its receive buffers lent.
+    fn post<'g, S: RankPass<'g>>(
+        &self,
+        st: &mut S,
+        msgs: &[(u64, Message)],
+    ) -> Result<Posted<'g, C::Posted>> {
         let mut p = Posted::default();
         let mut ops = Vec::with_capacity(msgs.len());
         for &(tag, m) in msgs {
@@ -474,7 +503,7 @@ impl<C: DeviceP2p + ?Sized> Io<'_, C> {
         Ok(p)
     }
 
-    fn wait(&self, p: Posted<C::Posted>) -> Result<Vec<(Message, Msg)>> {
+    fn wait<'g>(&self, p: Posted<'g, C::Posted>) -> Result<Vec<(Message, Msg<'g>)>> {
         if let Some(b) = p.batch {
             self.comm.complete(self.gpu, b)?;
         }
@@ -510,15 +539,15 @@ struct Fwd<'g> {
     gpu: &'g Gpu,
     geo: Geo,
     rank: usize,
-    q: HashMap<usize, Rc<Msg>>,
-    kv: HashMap<usize, Rc<Msg>>,
+    q: HashMap<usize, Rc<Msg<'g>>>,
+    kv: HashMap<usize, Rc<Msg<'g>>>,
     /// Running f32 o ‖ lse of this rank's own query chunks.
-    acc: HashMap<usize, DeviceBuf<f32>>,
+    acc: HashMap<usize, Scratch<'g, f32>>,
     /// Partials computed here for other ranks' queries: o ‖ lse f32.
-    partials: HashMap<(usize, usize), Msg>,
-    o_b: DeviceBuf<bf16>,
-    o_f: DeviceBuf<f32>,
-    lse_b: DeviceBuf<f32>,
+    partials: HashMap<(usize, usize), Msg<'g>>,
+    o_b: Scratch<'g, bf16>,
+    o_f: Scratch<'g, f32>,
+    lse_b: Scratch<'g, f32>,
 }
 
 /// Elements of the largest chunk's rows at `width`.
@@ -526,14 +555,21 @@ fn max_rows(geo: &Geo) -> usize {
     geo.shape.b * geo.sh.chunk_len()
 }
 
+/// An f32 o ‖ lse buffer of `rows` query rows in its "nothing seen yet" state: o = 0, lse = −∞.
+fn empty_partial(gpu: &Gpu, buf: &mut Scratch<'_, f32>, rows: usize, qw: usize) -> Result<()> {
+    let len = buf.len();
+    gpu.zero(&mut buf.view_mut(0..rows * qw)?)?;
+    gpu.fill_f32(&mut buf.view_mut(rows * qw..len)?, f32::NEG_INFINITY)
+}
+
 impl<'g> Fwd<'g> {
     fn new(
         gpu: &'g Gpu,
         geo: Geo,
         rank: usize,
-        q: &DeviceBuf<bf16>,
-        k: &DeviceBuf<bf16>,
-        v: &DeviceBuf<bf16>,
+        q: &impl DevRead<bf16>,
+        k: &impl DevRead<bf16>,
+        v: &impl DevRead<bf16>,
     ) -> Result<Self> {
         let (qw, kw, h) = (geo.qw(), geo.kw(), geo.shape.h);
         let mr = max_rows(&geo).max(1);
@@ -545,9 +581,9 @@ impl<'g> Fwd<'g> {
             kv: HashMap::new(),
             acc: HashMap::new(),
             partials: HashMap::new(),
-            o_b: gpu.alloc_zeros(mr * qw)?,
-            o_f: gpu.alloc_zeros(mr * qw)?,
-            lse_b: gpu.alloc_zeros(mr * h)?,
+            o_b: gpu.scratch(mr * qw)?,
+            o_f: gpu.scratch(mr * qw)?,
+            lse_b: gpu.scratch(mr * h)?,
         };
         for c in geo.own_chunks(rank) {
             let rows = geo.rows(c);
@@ -560,9 +596,8 @@ impl<'g> Fwd<'g> {
             }
             st.q.insert(c, Rc::new(qm));
             st.kv.insert(c, Rc::new(kvm));
-            let mut acc = gpu.alloc_zeros::<f32>(rows * (qw + h) + 1)?;
-            let len = acc.len();
-            gpu.fill_f32(&mut acc.view_mut(rows * qw..len)?, f32::NEG_INFINITY)?;
+            let mut acc = gpu.scratch::<f32>(rows * (qw + h))?;
+            empty_partial(gpu, &mut acc, rows, qw)?;
             st.acc.insert(c, acc);
         }
         Ok(st)
@@ -599,7 +634,7 @@ impl<'g> Fwd<'g> {
             .attention_merge(&mut ao, &mut al, o, l, rows * h, d)
     }
 
-    fn write(self, out: &mut DeviceBuf<bf16>, lse: &mut DeviceBuf<f32>) -> Result<()> {
+    fn write(self, out: &mut impl DevWrite<bf16>, lse: &mut impl DevWrite<f32>) -> Result<()> {
         let (qw, h) = (self.geo.qw(), self.geo.shape.h);
         self.gpu.zero(out)?;
         self.gpu.fill_f32(lse, f32::NEG_INFINITY)?;
@@ -614,11 +649,13 @@ impl<'g> Fwd<'g> {
                 if len == 0 {
                     continue;
                 }
-                self.gpu
-                    .cast_from_f32(&mut out.view_mut(so..so + len)?, &acc.view(co..co + len)?)?;
+                self.gpu.cast_from_f32(
+                    &mut DViewMut::of(out, so..so + len)?,
+                    &acc.view(co..co + len)?,
+                )?;
                 let base = rows * qw;
                 self.gpu.copy(
-                    &mut lse.view_mut(sl..sl + llen)?,
+                    &mut DViewMut::of(lse, sl..sl + llen)?,
                     &acc.view(base + cl..base + cl + llen)?,
                 )?;
             }
@@ -642,8 +679,8 @@ impl crate::buffer::DevRead<f32> for RawMut {
 }
 impl crate::buffer::DevWrite<f32> for RawMut {}
 
-impl RankPass for Fwd<'_> {
-    fn pack(&mut self, p: Payload) -> Result<Rc<Msg>> {
+impl<'g> RankPass<'g> for Fwd<'g> {
+    fn pack(&mut self, p: Payload) -> Result<Rc<Msg<'g>>> {
         match p {
             Payload::Kv { chunk } => Ok(held(&self.kv, &chunk)?.clone()),
             Payload::Query { chunk } => Ok(held(&self.q, &chunk)?.clone()),
@@ -656,7 +693,7 @@ impl RankPass for Fwd<'_> {
         }
     }
 
-    fn alloc_recv(&mut self, p: Payload) -> Result<Msg> {
+    fn alloc_recv(&mut self, p: Payload) -> Result<Msg<'g>> {
         if let Payload::KvGrad { .. } = p {
             return shape_err("the forward receives no dK/dV".into());
         }
@@ -664,7 +701,7 @@ impl RankPass for Fwd<'_> {
         Msg::alloc(self.gpu, bf, f)
     }
 
-    fn accept(&mut self, m: &Message, data: Msg) -> Result<()> {
+    fn accept(&mut self, m: &Message, data: Msg<'g>) -> Result<()> {
         match m.payload {
             Payload::Kv { chunk } => {
                 self.kv.insert(chunk, Rc::new(data));
@@ -701,9 +738,7 @@ impl RankPass for Fwd<'_> {
             if !own {
                 let mut m = Msg::alloc(self.gpu, 0, rows * (qw + h))?;
                 if let Some(f) = m.f.as_mut() {
-                    let len = f.len();
-                    self.gpu
-                        .fill_f32(&mut f.view_mut(rows * qw..len)?, f32::NEG_INFINITY)?;
+                    empty_partial(self.gpu, f, rows, qw)?;
                 }
                 self.partials.insert((w.q_chunk, w.kv_chunk), m);
             }
@@ -714,22 +749,22 @@ impl RankPass for Fwd<'_> {
         let kl = self.geo.shape.b * tk * self.geo.kw();
         let (k, v) = (kv.bf().view(0..kl)?, kv.bf().view(kl..2 * kl)?);
         let (ol, ll) = (rows * qw, rows * h);
-        {
-            let mut o_b = self.o_b.view_mut(0..ol)?;
-            let mut lse_b = self.lse_b.view_mut(0..ll)?;
-            self.gpu.attention_forward(
-                &mut o_b,
-                &mut lse_b,
-                q.bf(),
-                &k,
-                &v,
-                shape,
-                self.geo.mask(w),
-            )?;
-        }
-        self.gpu
-            .to_f32(&mut self.o_f.view_mut(0..ol)?, &self.o_b.view(0..ol)?)?;
         if own {
+            {
+                let mut o_b = self.o_b.view_mut(0..ol)?;
+                let mut lse_b = self.lse_b.view_mut(0..ll)?;
+                self.gpu.attention_forward(
+                    &mut o_b,
+                    &mut lse_b,
+                    q.bf(),
+                    &k,
+                    &v,
+                    shape,
+                    self.geo.mask(w),
+                )?;
+            }
+            self.gpu
+                .to_f32(&mut self.o_f.view_mut(0..ol)?, &self.o_b.view(0..ol)?)?;
             let (o_f, l_b) = (
                 RawMut {
                     ptr: self.o_f.dptr(),
@@ -742,12 +777,24 @@ impl RankPass for Fwd<'_> {
             );
             self.merge_into_acc(w.q_chunk, &o_f, &l_b)?;
         } else {
+            // The partial for the owner: lse straight into the message, o widened into it.
             let mut m = Msg::alloc(self.gpu, 0, ol + ll)?;
             let f = m.f.as_mut().expect("non-empty");
+            {
+                let mut o_b = self.o_b.view_mut(0..ol)?;
+                let mut lse_m = f.view_mut(ol..ol + ll)?;
+                self.gpu.attention_forward(
+                    &mut o_b,
+                    &mut lse_m,
+                    q.bf(),
+                    &k,
+                    &v,
+                    shape,
+                    self.geo.mask(w),
+                )?;
+            }
             self.gpu
-                .copy(&mut f.view_mut(0..ol)?, &self.o_f.view(0..ol)?)?;
-            self.gpu
-                .copy(&mut f.view_mut(ol..ol + ll)?, &self.lse_b.view(0..ll)?)?;
+                .to_f32(&mut f.view_mut(0..ol)?, &self.o_b.view(0..ol)?)?;
             self.partials.insert((w.q_chunk, w.kv_chunk), m);
         }
         Ok(())
@@ -770,18 +817,26 @@ struct Bwd<'g> {
     geo: Geo,
     rank: usize,
     /// Query chunks: bf = Q ‖ dO ‖ O, f = lse.
-    q: HashMap<usize, Rc<Msg>>,
-    kv: HashMap<usize, Rc<Msg>>,
+    q: HashMap<usize, Rc<Msg<'g>>>,
+    kv: HashMap<usize, Rc<Msg<'g>>>,
     /// f32 dQ of this rank's own query chunks.
-    dq: HashMap<usize, DeviceBuf<f32>>,
+    dq: HashMap<usize, Scratch<'g, f32>>,
     /// Helpers' bf16 dQ of one block.
-    dq_part: HashMap<(usize, usize), Msg>,
-    /// f32 dK ‖ dV of own chunks, and of other ranks' chunks accumulated here.
-    dkv: HashMap<usize, DeviceBuf<f32>>,
-    dkv_acc: HashMap<usize, DeviceBuf<f32>>,
-    dq_b: DeviceBuf<bf16>,
-    dk_b: DeviceBuf<bf16>,
-    dv_b: DeviceBuf<bf16>,
+    dq_part: HashMap<(usize, usize), Msg<'g>>,
+    /// f32 dK ‖ dV of own chunks, and of other ranks' chunks accumulated here (sent as they
+    /// are: exactly the message's length).
+    dkv: HashMap<usize, Scratch<'g, f32>>,
+    dkv_acc: HashMap<usize, Scratch<'g, f32>>,
+    dq_b: Scratch<'g, bf16>,
+    dk_b: Scratch<'g, bf16>,
+    dv_b: Scratch<'g, bf16>,
+}
+
+/// A zeroed f32 accumulator of `len` elements from the pool.
+fn zeroed(gpu: &Gpu, len: usize) -> Result<Scratch<'_, f32>> {
+    let mut s = gpu.scratch::<f32>(len)?;
+    gpu.zero(&mut s)?;
+    Ok(s)
 }
 
 impl<'g> Bwd<'g> {
@@ -790,8 +845,8 @@ impl<'g> Bwd<'g> {
         gpu: &'g Gpu,
         geo: Geo,
         rank: usize,
-        bf: [&DeviceBuf<bf16>; 5],
-        lse: &DeviceBuf<f32>,
+        bf: [DView<'_, bf16>; 5],
+        lse: &DView<'_, f32>,
     ) -> Result<Self> {
         let [q, k, v, out, dout] = bf;
         let (qw, kw, h) = (geo.qw(), geo.kw(), geo.shape.h);
@@ -806,9 +861,9 @@ impl<'g> Bwd<'g> {
             dq_part: HashMap::new(),
             dkv: HashMap::new(),
             dkv_acc: HashMap::new(),
-            dq_b: gpu.alloc_zeros(mr * qw)?,
-            dk_b: gpu.alloc_zeros(mr * kw)?,
-            dv_b: gpu.alloc_zeros(mr * kw)?,
+            dq_b: gpu.scratch(mr * qw)?,
+            dk_b: gpu.scratch(mr * kw)?,
+            dv_b: gpu.scratch(mr * kw)?,
         };
         for c in geo.own_chunks(rank) {
             let rows = geo.rows(c);
@@ -817,42 +872,42 @@ impl<'g> Bwd<'g> {
             if let (Some(qb), Some(lb), Some(kvb)) =
                 (qm.bf.as_mut(), qm.f.as_mut(), kvm.bf.as_mut())
             {
-                gather(gpu, &geo, qb, 0, q, qw, c)?;
-                gather(gpu, &geo, qb, rows * qw, dout, qw, c)?;
-                gather(gpu, &geo, qb, 2 * rows * qw, out, qw, c)?;
+                gather(gpu, &geo, qb, 0, &q, qw, c)?;
+                gather(gpu, &geo, qb, rows * qw, &dout, qw, c)?;
+                gather(gpu, &geo, qb, 2 * rows * qw, &out, qw, c)?;
                 gather(gpu, &geo, lb, 0, lse, h, c)?;
-                gather(gpu, &geo, kvb, 0, k, kw, c)?;
-                gather(gpu, &geo, kvb, rows * kw, v, kw, c)?;
+                gather(gpu, &geo, kvb, 0, &k, kw, c)?;
+                gather(gpu, &geo, kvb, rows * kw, &v, kw, c)?;
             }
             st.q.insert(c, Rc::new(qm));
             st.kv.insert(c, Rc::new(kvm));
-            st.dq.insert(c, gpu.alloc_zeros(rows * qw + 1)?);
-            st.dkv.insert(c, gpu.alloc_zeros(2 * rows * kw + 1)?);
+            st.dq.insert(c, zeroed(gpu, rows * qw)?);
+            st.dkv.insert(c, zeroed(gpu, 2 * rows * kw)?);
         }
         Ok(st)
     }
 
-    fn take_kv_grad(&mut self, chunk: usize, g: &DeviceBuf<f32>) -> Result<()> {
-        let len = 2 * self.geo.rows(chunk) * self.geo.kw();
+    /// The f32 dK ‖ dV accumulator of `chunk` (`len` elements): the rank's own, or one for
+    /// another rank's chunk (zeroed on first use).
+    fn kv_grad_dst(&mut self, chunk: usize, len: usize) -> Result<&mut Scratch<'g, f32>> {
         let gpu = self.gpu;
-        let dst = if self.geo.home(chunk) == self.rank {
+        if self.geo.home(chunk) == self.rank {
             self.dkv
                 .get_mut(&chunk)
-                .ok_or_else(|| GpuError::Shape(format!("own kv chunk {chunk} missing")))?
+                .ok_or_else(|| GpuError::Shape(format!("own kv chunk {chunk} missing")))
         } else {
             match self.dkv_acc.entry(chunk) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(gpu.alloc_zeros(len + 1)?),
+                std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+                std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(zeroed(gpu, len)?)),
             }
-        };
-        gpu.accum_f32(&mut dst.view_mut(0..len)?, &g.view(0..len)?)
+        }
     }
 
     fn write(
         self,
-        dq: &mut DeviceBuf<bf16>,
-        dk: &mut DeviceBuf<bf16>,
-        dv: &mut DeviceBuf<bf16>,
+        dq: &mut impl DevWrite<bf16>,
+        dk: &mut impl DevWrite<bf16>,
+        dv: &mut impl DevWrite<bf16>,
     ) -> Result<()> {
         let (qw, kw) = (self.geo.qw(), self.geo.kw());
         let g = self.gpu;
@@ -862,7 +917,7 @@ impl<'g> Bwd<'g> {
         for (c, acc) in &self.dq {
             for (s, o, len) in self.geo.spans(*c, qw) {
                 if len > 0 {
-                    g.cast_from_f32(&mut dq.view_mut(s..s + len)?, &acc.view(o..o + len)?)?;
+                    g.cast_from_f32(&mut DViewMut::of(dq, s..s + len)?, &acc.view(o..o + len)?)?;
                 }
             }
         }
@@ -870,9 +925,9 @@ impl<'g> Bwd<'g> {
             let half = self.geo.rows(*c) * kw;
             for (s, o, len) in self.geo.spans(*c, kw) {
                 if len > 0 {
-                    g.cast_from_f32(&mut dk.view_mut(s..s + len)?, &acc.view(o..o + len)?)?;
+                    g.cast_from_f32(&mut DViewMut::of(dk, s..s + len)?, &acc.view(o..o + len)?)?;
                     g.cast_from_f32(
-                        &mut dv.view_mut(s..s + len)?,
+                        &mut DViewMut::of(dv, s..s + len)?,
                         &acc.view(half + o..half + o + len)?,
                     )?;
                 }
@@ -882,8 +937,8 @@ impl<'g> Bwd<'g> {
     }
 }
 
-impl RankPass for Bwd<'_> {
-    fn pack(&mut self, p: Payload) -> Result<Rc<Msg>> {
+impl<'g> RankPass<'g> for Bwd<'g> {
+    fn pack(&mut self, p: Payload) -> Result<Rc<Msg<'g>>> {
         match p {
             Payload::Kv { chunk } => Ok(held(&self.kv, &chunk)?.clone()),
             Payload::Query { chunk } => Ok(held(&self.q, &chunk)?.clone()),
@@ -900,24 +955,21 @@ impl RankPass for Bwd<'_> {
                     .dkv_acc
                     .remove(&chunk)
                     .ok_or_else(|| GpuError::Shape(format!("dK/dV of chunk {chunk} not held")))?;
-                if len == 0 {
-                    return Ok(Rc::new(Msg::default()));
-                }
-                // The accumulator has one spare element; send exactly `len`.
-                let mut m = Msg::alloc(self.gpu, 0, len)?;
-                self.gpu
-                    .copy(m.f.as_mut().expect("len > 0"), &acc.view(0..len)?)?;
-                Ok(Rc::new(m))
+                // The accumulator is the message: exactly `len` elements.
+                Ok(Rc::new(Msg {
+                    bf: None,
+                    f: (len > 0).then_some(acc),
+                }))
             }
         }
     }
 
-    fn alloc_recv(&mut self, p: Payload) -> Result<Msg> {
+    fn alloc_recv(&mut self, p: Payload) -> Result<Msg<'g>> {
         let (bf, f) = message_elems(&self.geo, Pass::Backward, p);
         Msg::alloc(self.gpu, bf, f)
     }
 
-    fn accept(&mut self, m: &Message, data: Msg) -> Result<()> {
+    fn accept(&mut self, m: &Message, data: Msg<'g>) -> Result<()> {
         match m.payload {
             Payload::Kv { chunk } => {
                 self.kv.insert(chunk, Rc::new(data));
@@ -934,14 +986,17 @@ impl RankPass for Bwd<'_> {
                     let dst = self.dq.get_mut(&q_chunk).ok_or_else(|| {
                         GpuError::Shape(format!("own query chunk {q_chunk} missing"))
                     })?;
-                    self.gpu.accum_f32(&mut dst.view_mut(0..len)?, data.bf())?;
+                    self.gpu.accum_f32(dst, data.bf())?;
                 } else {
                     self.dq_part.insert((q_chunk, kv_chunk), data);
                 }
             }
             Payload::KvGrad { chunk } => {
                 if let Some(f) = &data.f {
-                    self.take_kv_grad(chunk, f)?;
+                    let len = 2 * self.geo.rows(chunk) * self.geo.kw();
+                    let gpu = self.gpu;
+                    let dst = self.kv_grad_dst(chunk, len)?;
+                    gpu.accum_f32(dst, &f.view(0..len)?)?;
                 }
             }
         }
@@ -958,10 +1013,10 @@ impl RankPass for Bwd<'_> {
         let kl = self.geo.shape.b * tk * kw;
         if tq == 0 || tk == 0 {
             if !own_q {
-                self.dq_part.insert((qi, ki), Msg::alloc(self.gpu, ql, 0)?);
+                self.dq_part.insert((qi, ki), Msg::zeros(self.gpu, ql, 0)?);
             }
-            if self.geo.home(ki) != self.rank && !self.dkv_acc.contains_key(&ki) {
-                self.dkv_acc.insert(ki, self.gpu.alloc_zeros(2 * kl + 1)?);
+            if self.geo.home(ki) != self.rank {
+                self.kv_grad_dst(ki, 2 * kl)?;
             }
             return Ok(());
         }
@@ -974,8 +1029,17 @@ impl RankPass for Bwd<'_> {
             qb.view(2 * ql..3 * ql)?,
         );
         let (k, v) = (kvm.bf().view(0..kl)?, kvm.bf().view(kl..2 * kl)?);
+        // A helper's dQ goes straight into the message for the owner.
+        let mut part = if own_q {
+            None
+        } else {
+            Some(Msg::alloc(self.gpu, ql, 0)?)
+        };
         {
-            let mut dq_b = self.dq_b.view_mut(0..ql)?;
+            let mut dq_b = match part.as_mut().and_then(|m| m.bf.as_mut()) {
+                Some(b) => b.view_mut(0..ql)?,
+                None => self.dq_b.view_mut(0..ql)?,
+            };
             let mut dk_b = self.dk_b.view_mut(0..kl)?;
             let mut dv_b = self.dv_b.view_mut(0..kl)?;
             self.gpu.attention_backward(
@@ -992,34 +1056,33 @@ impl RankPass for Bwd<'_> {
                 self.geo.mask(w),
             )?;
         }
-        if own_q {
-            let dst = self
-                .dq
-                .get_mut(&qi)
-                .ok_or_else(|| GpuError::Shape(format!("own query chunk {qi} missing")))?;
-            self.gpu
-                .accum_f32(&mut dst.view_mut(0..ql)?, &self.dq_b.view(0..ql)?)?;
-        } else {
-            let mut m = Msg::alloc(self.gpu, ql, 0)?;
-            self.gpu
-                .copy(m.bf.as_mut().expect("ql > 0"), &self.dq_b.view(0..ql)?)?;
-            self.dq_part.insert((qi, ki), m);
+        match part {
+            Some(m) => {
+                self.dq_part.insert((qi, ki), m);
+            }
+            None => {
+                let dst = self
+                    .dq
+                    .get_mut(&qi)
+                    .ok_or_else(|| GpuError::Shape(format!("own query chunk {qi} missing")))?;
+                self.gpu
+                    .accum_f32(&mut dst.view_mut(0..ql)?, &self.dq_b.view(0..ql)?)?;
+            }
         }
         let gpu = self.gpu;
-        let dst = if self.geo.home(ki) == self.rank {
-            self.dkv
-                .get_mut(&ki)
-                .ok_or_else(|| GpuError::Shape(format!("own kv chunk {ki} missing")))?
-        } else {
-            match self.dkv_acc.entry(ki) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(gpu.alloc_zeros(2 * kl + 1)?)
-                }
-            }
-        };
-        gpu.accum_f32(&mut dst.view_mut(0..kl)?, &self.dk_b.view(0..kl)?)?;
-        gpu.accum_f32(&mut dst.view_mut(kl..2 * kl)?, &self.dv_b.view(0..kl)?)
+        let (dk_b, dv_b) = (
+            RawRead {
+                ptr: self.dk_b.dptr(),
+                len: kl,
+            },
+            RawRead {
+                ptr: self.dv_b.dptr(),
+                len: kl,
+            },
+        );
+        let dst = self.kv_grad_dst(ki, 2 * kl)?;
+        gpu.accum_f32(&mut dst.view_mut(0..kl)?, &dk_b)?;
+        gpu.accum_f32(&mut dst.view_mut(kl..2 * kl)?, &dv_b)
     }
 
     fn free(&mut self, chunks: &[(bool, usize)]) {
@@ -1030,5 +1093,19 @@ impl RankPass for Bwd<'_> {
                 self.kv.remove(&c);
             }
         }
+    }
+}
+
+/// A read-only device range of a buffer held elsewhere in the same state.
+struct RawRead {
+    ptr: u64,
+    len: usize,
+}
+impl DevRead<bf16> for RawRead {
+    fn dptr(&self) -> u64 {
+        self.ptr
+    }
+    fn dlen(&self) -> usize {
+        self.len
     }
 }

@@ -698,6 +698,9 @@ pub struct GpuQwen2 {
     v: DeviceBuf<f32>,
     rope: GpuRopeTable,
     attn: GpuAttention,
+    /// The loss statistics summed over a sequence-parallel group each step: (loss sum's high
+    /// part, its remainder, labelled tokens).
+    loss_stats: DeviceBuf<f32>,
     gpu: Gpu,
 }
 
@@ -748,6 +751,7 @@ impl GpuQwen2 {
             ref16: None,
             rope,
             attn: GpuAttention::Local,
+            loss_stats: gpu.alloc_zeros(3)?,
             gpu,
         })
     }
@@ -1043,10 +1047,12 @@ impl GpuQwen2 {
         // The loss sum as two f32s (high part, remainder), as the CPU trainer's all-reduce.
         let hi = local.loss_sum as f32;
         let lo = (local.loss_sum - hi as f64) as f32;
-        let mut stats = self.gpu.upload(&[hi, lo, local.n_tokens as f32])?;
+        let stats = &mut self.loss_stats;
+        self.gpu
+            .upload_into(stats, &[hi, lo, local.n_tokens as f32])?;
         sp.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
-        sp.all_reduce_sum_dev(&self.gpu, &mut stats)?;
-        let s = self.gpu.download(&stats)?;
+        sp.all_reduce_sum_dev(&self.gpu, stats)?;
+        let s = self.gpu.download(stats)?;
         Ok(LossStats {
             loss_sum: s[0] as f64 + s[1] as f64,
             n_tokens: s[2].round() as usize,

@@ -16,10 +16,9 @@
 //! positions with (`Sharding::shard_tokens`).
 //!
 //! Shapes: q, out, dout, dq `[B, L, H, D]` bf16; k, v, dk, dv `[B, L, H_kv, D]` bf16; lse
-//! `[B, L, H]` f32. The executor takes buffers of exactly these lengths while the model's
-//! activation buffers are sized for its largest batch, so each call stages its operands through
-//! exact-size buffers kept here (device-to-device copies; remade only when the local shape
-//! changes).
+//! `[B, L, H]` f32. The model's operands (views of activation buffers sized for its largest
+//! batch) are handed to the executor as views of exactly these lengths, no copy; the executors
+//! take every working buffer from the rank's scratch pool, so a warm step allocates nothing.
 
 use half::bf16;
 use reel_kernels::attention::AttnShape;
@@ -35,39 +34,12 @@ enum Exec {
     Ulysses(GpuUlysses),
 }
 
-/// Exact-size operands of one local shape.
-struct Stage {
-    shape: AttnShape,
-    q: DeviceBuf<bf16>,
-    k: DeviceBuf<bf16>,
-    v: DeviceBuf<bf16>,
-    out: DeviceBuf<bf16>,
-    lse: DeviceBuf<f32>,
-    dout: DeviceBuf<bf16>,
-    dq: DeviceBuf<bf16>,
-    dk: DeviceBuf<bf16>,
-    dv: DeviceBuf<bf16>,
-}
-
-impl Stage {
-    fn new(gpu: &Gpu, shape: AttnShape) -> Result<Stage> {
-        let AttnShape {
-            b, tq, h, h_kv, d, ..
-        } = shape;
-        let (nq, nk, nl) = (b * tq * h * d, b * tq * h_kv * d, b * tq * h);
-        Ok(Stage {
-            shape,
-            q: gpu.alloc_zeros(nq)?,
-            k: gpu.alloc_zeros(nk)?,
-            v: gpu.alloc_zeros(nk)?,
-            out: gpu.alloc_zeros(nq)?,
-            lse: gpu.alloc_zeros(nl)?,
-            dout: gpu.alloc_zeros(nq)?,
-            dq: gpu.alloc_zeros(nq)?,
-            dk: gpu.alloc_zeros(nk)?,
-            dv: gpu.alloc_zeros(nk)?,
-        })
-    }
+/// Elements of (q, k, lse) of a local shape.
+fn lens(shape: AttnShape) -> (usize, usize, usize) {
+    let AttnShape {
+        b, tq, h, h_kv, d, ..
+    } = shape;
+    (b * tq * h * d, b * tq * h_kv * d, b * tq * h)
 }
 
 /// Totals of this rank's attention calls.
@@ -94,7 +66,6 @@ pub struct GpuSpAttention<C: DeviceGroup = DeviceComm> {
     sharding: Option<Sharding>,
     /// The executor of the current sharding and local shape.
     exec: Option<(Sharding, AttnShape, Exec)>,
-    stage: Option<Stage>,
     totals: GpuSpTotals,
 }
 
@@ -137,7 +108,6 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
             overlap,
             sharding: None,
             exec: None,
-            stage: None,
             totals: GpuSpTotals::default(),
         })
     }
@@ -180,8 +150,8 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
         self.totals
     }
 
-    /// The executor and staging buffers for `shape` under the current sharding.
-    fn prepare(&mut self, gpu: &Gpu, shape: AttnShape) -> Result<()> {
+    /// The executor for `shape` under the current sharding.
+    fn prepare(&mut self, shape: AttnShape) -> Result<()> {
         let Some(sh) = self.sharding else {
             return shape_err(
                 "sequence-parallel attention: set_seq_len was not called for this batch".into(),
@@ -218,10 +188,6 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
             };
             self.exec = Some((sh, shape, exec));
         }
-        if self.stage.as_ref().map(|s| s.shape) != Some(shape) {
-            self.stage = None;
-            self.stage = Some(Stage::new(gpu, shape)?);
-        }
         Ok(())
     }
 
@@ -237,20 +203,22 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
         v: &impl DevRead<bf16>,
         shape: AttnShape,
     ) -> Result<()> {
-        self.prepare(gpu, shape)?;
-        let (Some((_, _, exec)), Some(st)) = (&self.exec, self.stage.as_mut()) else {
+        let (nq, nk, nl) = lens(shape);
+        let (mut out, mut lse) = (DViewMut::of(out, 0..nq)?, DViewMut::of(lse, 0..nl)?);
+        let (q, k, v) = (
+            DView::of(q, 0..nq)?,
+            DView::of(k, 0..nk)?,
+            DView::of(v, 0..nk)?,
+        );
+        self.prepare(shape)?;
+        let Some((_, _, exec)) = &self.exec else {
             return shape_err("sequence-parallel attention: no executor was prepared".into());
         };
-        gpu.copy(&mut st.q, q)?;
-        gpu.copy(&mut st.k, k)?;
-        gpu.copy(&mut st.v, v)?;
         let c = &self.comm;
         let s = match exec {
-            Exec::Dist(e) => e.forward(gpu, c, &mut st.out, &mut st.lse, &st.q, &st.k, &st.v)?,
-            Exec::Ulysses(e) => e.forward(gpu, c, &mut st.out, &mut st.lse, &st.q, &st.k, &st.v)?,
+            Exec::Dist(e) => e.forward(gpu, c, &mut out, &mut lse, &q, &k, &v)?,
+            Exec::Ulysses(e) => e.forward(gpu, c, &mut out, &mut lse, &q, &k, &v)?,
         };
-        gpu.copy(out, &st.out)?;
-        gpu.copy(lse, &st.lse)?;
         self.totals.forward_calls += 1;
         add(&mut self.totals.forward, s);
         Ok(())
@@ -273,30 +241,33 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
         lse: &impl DevRead<f32>,
         shape: AttnShape,
     ) -> Result<()> {
-        self.prepare(gpu, shape)?;
-        let (Some((_, _, exec)), Some(st)) = (&self.exec, self.stage.as_mut()) else {
+        let (nq, nk, nl) = lens(shape);
+        let (mut dq, mut dk, mut dv) = (
+            DViewMut::of(dq, 0..nq)?,
+            DViewMut::of(dk, 0..nk)?,
+            DViewMut::of(dv, 0..nk)?,
+        );
+        let (dout, q, k, v, out, lse) = (
+            DView::of(dout, 0..nq)?,
+            DView::of(q, 0..nq)?,
+            DView::of(k, 0..nk)?,
+            DView::of(v, 0..nk)?,
+            DView::of(out, 0..nq)?,
+            DView::of(lse, 0..nl)?,
+        );
+        self.prepare(shape)?;
+        let Some((_, _, exec)) = &self.exec else {
             return shape_err("sequence-parallel attention: no executor was prepared".into());
         };
-        gpu.copy(&mut st.dout, dout)?;
-        gpu.copy(&mut st.q, q)?;
-        gpu.copy(&mut st.k, k)?;
-        gpu.copy(&mut st.v, v)?;
-        gpu.copy(&mut st.out, out)?;
-        gpu.copy(&mut st.lse, lse)?;
         let c = &self.comm;
         let s = match exec {
             Exec::Dist(e) => e.backward(
-                gpu, c, &mut st.dq, &mut st.dk, &mut st.dv, &st.dout, &st.q, &st.k, &st.v, &st.out,
-                &st.lse,
+                gpu, c, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse,
             )?,
             Exec::Ulysses(e) => e.backward(
-                gpu, c, &mut st.dq, &mut st.dk, &mut st.dv, &st.dout, &st.q, &st.k, &st.v, &st.out,
-                &st.lse,
+                gpu, c, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse,
             )?,
         };
-        gpu.copy(dq, &st.dq)?;
-        gpu.copy(dk, &st.dk)?;
-        gpu.copy(dv, &st.dv)?;
         self.totals.backward_calls += 1;
         add(&mut self.totals.backward, s);
         Ok(())

@@ -34,6 +34,9 @@
 //! forward `(u−1)·B·L·(2·(2·H·D + 2·H_kv·D) + 4·H) / u`, backward
 //! `(u−1)·B·L·(2·(4·H·D + 4·H_kv·D) + 4·H) / u`; the hybrid adds its ring's messages
 //! (`GpuDistAttn::planned_bytes_sent` over the head shards).
+//!
+//! Packed slices, receive buffers, head shards and the attention's outputs are lent by the rank's
+//! scratch pool, as in `GpuDistAttn`: a warm pass makes no device allocation.
 
 use std::ops::Range;
 
@@ -313,8 +316,9 @@ mod exec {
     use reel_parallel::{Overlap, Pass, UlyssesGrid};
 
     use super::{SubP2p, UlyssesLayout};
+    use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
     use crate::devcomm::{DevOp, DevPart, DeviceP2p};
-    use crate::{DeviceBuf, Gpu, GpuDistAttn, GpuError, GpuSpStats, Result};
+    use crate::{Gpu, GpuDistAttn, GpuError, GpuSpStats, Result, Scratch};
 
     /// Tags of the all-to-alls (outside `reel_parallel::SP_TAG_BASE`'s range).
     const TAG_IN: u64 = 0x554c_5953_0000_0000;
@@ -328,26 +332,28 @@ mod exec {
         ring: Option<GpuDistAttn>,
     }
 
-    /// One all-to-all message: bf16 and f32 tensors' slices.
+    /// One all-to-all message: bf16 and f32 tensors' slices, lent by the rank's scratch pool
+    /// (a receive buffer is handed on only after `complete` ordered the rank's stream after the
+    /// transfer, so a block goes back to the pool only once the copy into it is done).
     #[derive(Default)]
-    struct Parts {
-        bf: Vec<DeviceBuf<bf16>>,
-        f: Vec<DeviceBuf<f32>>,
+    struct Parts<'g> {
+        bf: Vec<Scratch<'g, bf16>>,
+        f: Vec<Scratch<'g, f32>>,
     }
 
-    impl Parts {
-        /// Zeroed buffers of the same lengths (a receive for these parts).
-        fn zeros_like(&self, gpu: &Gpu) -> Result<Parts> {
+    impl<'g> Parts<'g> {
+        /// Buffers of the same lengths, contents undefined (a receive for these parts).
+        fn like(&self, gpu: &'g Gpu) -> Result<Parts<'g>> {
             Ok(Parts {
                 bf: self
                     .bf
                     .iter()
-                    .map(|x| gpu.alloc_zeros(x.len()))
+                    .map(|x| gpu.scratch(x.len()))
                     .collect::<Result<_>>()?,
                 f: self
                     .f
                     .iter()
-                    .map(|x| gpu.alloc_zeros(x.len()))
+                    .map(|x| gpu.scratch(x.len()))
                     .collect::<Result<_>>()?,
             })
         }
@@ -360,7 +366,7 @@ mod exec {
     }
 
     /// A tensor moved by an all-to-all: its buffer, heads (all of them) and elements a head.
-    type Col<'a, T> = (&'a DeviceBuf<T>, usize, usize);
+    type Col<'a, T> = (DView<'a, T>, usize, usize);
 
     impl GpuUlysses {
         /// `shape` is the global shape; `kind` the ring's schedule (r > 1) or just the
@@ -477,29 +483,30 @@ mod exec {
             })
         }
 
-        /// This rank's out `[B, L, H, D]` and lse `[B, L, H]` (overwritten) from its q, k, v;
-        /// every rank of the world calls it, each with its `Gpu`. Returns once the work is
-        /// enqueued on `gpu`'s stream.
+        /// This rank's out `[B, L, H, D]` and lse `[B, L, H]` (overwritten) from its q, k, v
+        /// (device buffers or views of exactly these lengths); every rank of the world calls it,
+        /// each with its `Gpu`. Returns once the work is enqueued on `gpu`'s stream. Every
+        /// working buffer comes from `gpu`'s scratch pool, so a warm pass allocates nothing.
         #[allow(clippy::too_many_arguments)]
         pub fn forward<C: DeviceP2p + ?Sized>(
             &self,
             gpu: &Gpu,
             comm: &C,
-            out: &mut DeviceBuf<bf16>,
-            lse: &mut DeviceBuf<f32>,
-            q: &DeviceBuf<bf16>,
-            k: &DeviceBuf<bf16>,
-            v: &DeviceBuf<bf16>,
+            out: &mut impl DevWrite<bf16>,
+            lse: &mut impl DevWrite<f32>,
+            q: &impl DevRead<bf16>,
+            k: &impl DevRead<bf16>,
+            v: &impl DevRead<bf16>,
         ) -> Result<GpuSpStats> {
             let (nq, nk, nl) = self.lens();
             let rank = self.check(
                 comm,
                 &[
-                    ("out", out.len(), nq),
-                    ("lse", lse.len(), nl),
-                    ("q", q.len(), nq),
-                    ("k", k.len(), nk),
-                    ("v", v.len(), nk),
+                    ("out", out.dlen(), nq),
+                    ("lse", lse.dlen(), nl),
+                    ("q", q.dlen(), nq),
+                    ("k", k.dlen(), nk),
+                    ("v", v.dlen(), nk),
                 ],
             )?;
             let AttnShape { h, h_kv, d, .. } = self.lay.shape();
@@ -509,14 +516,19 @@ mod exec {
                     gpu,
                     comm,
                     rank,
-                    &[(q, h, d), (k, h_kv, d), (v, h_kv, d)],
+                    &[
+                        (DView::all(q), h, d),
+                        (DView::all(k), h_kv, d),
+                        (DView::all(v), h_kv, d),
+                    ],
                     &[],
                 )?;
                 let mut bf = bf.into_iter();
                 let mut next = || bf.next().expect("one gathered buffer a tensor");
                 let (qg, kg, vg) = (next(), next(), next());
-                let mut og = gpu.alloc_zeros::<bf16>(qg.len())?;
-                let mut lg = gpu.alloc_zeros::<f32>(hs.b * hs.tq * hs.h)?;
+                // Written whole by the attention (padded rows included).
+                let mut og = gpu.scratch::<bf16>(qg.len())?;
+                let mut lg = gpu.scratch::<f32>(hs.b * hs.tq * hs.h)?;
                 let blocks = match &self.ring {
                     None => {
                         if hs.tq > 0 {
@@ -542,10 +554,10 @@ mod exec {
                     gpu,
                     comm,
                     rank,
-                    &[(&og, h, d)],
-                    &[(&lg, h, 1, f32::NEG_INFINITY)],
-                    &mut [out],
-                    &mut [lse],
+                    &[(DView::all(&og), h, d)],
+                    &[(DView::all(&lg), h, 1, f32::NEG_INFINITY)],
+                    &mut [DViewMut::all(out)],
+                    &mut [DViewMut::all(lse)],
                 )?;
                 Ok(blocks)
             })
@@ -558,29 +570,29 @@ mod exec {
             &self,
             gpu: &Gpu,
             comm: &C,
-            dq: &mut DeviceBuf<bf16>,
-            dk: &mut DeviceBuf<bf16>,
-            dv: &mut DeviceBuf<bf16>,
-            dout: &DeviceBuf<bf16>,
-            q: &DeviceBuf<bf16>,
-            k: &DeviceBuf<bf16>,
-            v: &DeviceBuf<bf16>,
-            out: &DeviceBuf<bf16>,
-            lse: &DeviceBuf<f32>,
+            dq: &mut impl DevWrite<bf16>,
+            dk: &mut impl DevWrite<bf16>,
+            dv: &mut impl DevWrite<bf16>,
+            dout: &impl DevRead<bf16>,
+            q: &impl DevRead<bf16>,
+            k: &impl DevRead<bf16>,
+            v: &impl DevRead<bf16>,
+            out: &impl DevRead<bf16>,
+            lse: &impl DevRead<f32>,
         ) -> Result<GpuSpStats> {
             let (nq, nk, nl) = self.lens();
             let rank = self.check(
                 comm,
                 &[
-                    ("dq", dq.len(), nq),
-                    ("dk", dk.len(), nk),
-                    ("dv", dv.len(), nk),
-                    ("dout", dout.len(), nq),
-                    ("q", q.len(), nq),
-                    ("k", k.len(), nk),
-                    ("v", v.len(), nk),
-                    ("out", out.len(), nq),
-                    ("lse", lse.len(), nl),
+                    ("dq", dq.dlen(), nq),
+                    ("dk", dk.dlen(), nk),
+                    ("dv", dv.dlen(), nk),
+                    ("dout", dout.dlen(), nq),
+                    ("q", q.dlen(), nq),
+                    ("k", k.dlen(), nk),
+                    ("v", v.dlen(), nk),
+                    ("out", out.dlen(), nq),
+                    ("lse", lse.dlen(), nl),
                 ],
             )?;
             let AttnShape { h, h_kv, d, .. } = self.lay.shape();
@@ -591,21 +603,22 @@ mod exec {
                     comm,
                     rank,
                     &[
-                        (q, h, d),
-                        (k, h_kv, d),
-                        (v, h_kv, d),
-                        (out, h, d),
-                        (dout, h, d),
+                        (DView::all(q), h, d),
+                        (DView::all(k), h_kv, d),
+                        (DView::all(v), h_kv, d),
+                        (DView::all(out), h, d),
+                        (DView::all(dout), h, d),
                     ],
-                    &[(lse, h, 1)],
+                    &[(DView::all(lse), h, 1)],
                 )?;
                 let mut bf = bf.into_iter();
                 let mut next = || bf.next().expect("one gathered buffer a tensor");
                 let (qg, kg, vg, og, dog) = (next(), next(), next(), next(), next());
                 let lg = &f[0];
-                let mut dqg = gpu.alloc_zeros::<bf16>(qg.len())?;
-                let mut dkg = gpu.alloc_zeros::<bf16>(kg.len())?;
-                let mut dvg = gpu.alloc_zeros::<bf16>(kg.len())?;
+                // Written whole by the attention's backward.
+                let mut dqg = gpu.scratch::<bf16>(qg.len())?;
+                let mut dkg = gpu.scratch::<bf16>(kg.len())?;
+                let mut dvg = gpu.scratch::<bf16>(kg.len())?;
                 let blocks = match &self.ring {
                     None => {
                         if hs.tq > 0 {
@@ -637,9 +650,13 @@ mod exec {
                     gpu,
                     comm,
                     rank,
-                    &[(&dqg, h, d), (&dkg, h_kv, d), (&dvg, h_kv, d)],
+                    &[
+                        (DView::all(&dqg), h, d),
+                        (DView::all(&dkg), h_kv, d),
+                        (DView::all(&dvg), h_kv, d),
+                    ],
                     &[],
-                    &mut [dq, dk, dv],
+                    &mut [DViewMut::all(dq), DViewMut::all(dk), DViewMut::all(dv)],
                     &mut [],
                 )?;
                 Ok(blocks)
@@ -654,8 +671,8 @@ mod exec {
             comm: &C,
             rank: usize,
             tag: u64,
-            sends: &[Parts],
-            recvs: &[Parts],
+            sends: &[Parts<'_>],
+            recvs: &[Parts<'_>],
         ) -> Result<()> {
             let members = self.lay.group_members(rank);
             let parts: Vec<(usize, Vec<DevPart>, Vec<DevPart>)> = members
@@ -685,28 +702,28 @@ mod exec {
         }
 
         /// Token shards `[B, L, heads·w]` → head shards `[B, n, heads/u·w]` (module docs, 1).
-        fn tokens_to_heads<C: DeviceP2p + ?Sized>(
+        fn tokens_to_heads<'g, C: DeviceP2p + ?Sized>(
             &self,
-            gpu: &Gpu,
+            gpu: &'g Gpu,
             comm: &C,
             rank: usize,
             bf: &[Col<'_, bf16>],
             f: &[Col<'_, f32>],
-        ) -> Result<Parts> {
+        ) -> Result<Parts<'g>> {
             let u = self.lay.grid().ulysses();
             let (_, me) = self.lay.grid().coords(rank);
             let rows = self.lay.shape().b * self.lay.local_len();
             // Member j's slice of every tensor, packed `[B·L, heads/u·w]`.
-            fn slice<T: crate::DeviceElem>(
-                gpu: &Gpu,
+            fn slice<'g, T: crate::DeviceElem>(
+                gpu: &'g Gpu,
                 (src, heads, w): Col<'_, T>,
                 u: usize,
                 j: usize,
                 rows: usize,
-            ) -> Result<DeviceBuf<T>> {
+            ) -> Result<Scratch<'g, T>> {
                 let (all, mine) = (heads * w, heads / u * w);
-                let mut dst = gpu.alloc_zeros::<T>(rows * mine)?;
-                gpu.copy_2d(&mut dst, 0, mine, src, j * mine, all, mine, rows)?;
+                let mut dst = gpu.scratch::<T>(rows * mine)?;
+                gpu.copy_2d(&mut dst, 0, mine, &src, j * mine, all, mine, rows)?;
                 Ok(dst)
             }
             let mut sends = Vec::with_capacity(u);
@@ -724,7 +741,7 @@ mod exec {
                 let r = if j == me {
                     Parts::default()
                 } else {
-                    p.zeros_like(gpu)?
+                    p.like(gpu)?
                 };
                 sends.push(p);
                 recvs.push(r);
@@ -734,16 +751,17 @@ mod exec {
             recvs[me] = std::mem::take(&mut sends[me]);
             let (b, n) = (self.lay.shape().b, self.lay.gathered_len());
             let l = self.lay.local_len();
-            fn place<T: crate::DeviceElem>(
-                gpu: &Gpu,
+            // The members' rows tile [0, n) (u·L ≥ n), so `dst` is written whole.
+            fn place<'g, T: crate::DeviceElem>(
+                gpu: &'g Gpu,
                 lay: &UlyssesLayout,
-                msgs: &[&DeviceBuf<T>],
+                msgs: &[&Scratch<'g, T>],
                 w: usize,
                 b: usize,
                 n: usize,
                 l: usize,
-            ) -> Result<DeviceBuf<T>> {
-                let mut dst = gpu.alloc_zeros::<T>(b * n * w)?;
+            ) -> Result<Scratch<'g, T>> {
+                let mut dst = gpu.scratch::<T>(b * n * w)?;
                 for (j, m) in msgs.iter().enumerate() {
                     let rs = lay.rows_of(j);
                     gpu.copy_2d(&mut dst, rs.start * w, n * w, *m, 0, l * w, rs.len() * w, b)?;
@@ -778,9 +796,9 @@ mod exec {
             comm: &C,
             rank: usize,
             bf: &[Col<'_, bf16>],
-            f: &[(&DeviceBuf<f32>, usize, usize, f32)],
-            dst_bf: &mut [&mut DeviceBuf<bf16>],
-            dst_f: &mut [&mut DeviceBuf<f32>],
+            f: &[(DView<'_, f32>, usize, usize, f32)],
+            dst_bf: &mut [DViewMut<'_, bf16>],
+            dst_f: &mut [DViewMut<'_, f32>],
         ) -> Result<()> {
             let u = self.lay.grid().ulysses();
             let (_, me) = self.lay.grid().coords(rank);
@@ -790,15 +808,15 @@ mod exec {
                 self.lay.local_len(),
             );
             // Member j's rows of a head shard into `dst` `[B, L, heads/u·w]` (rows past n kept).
-            fn rows_for<T: crate::DeviceElem>(
+            fn rows_for<'g, T: crate::DeviceElem>(
                 gpu: &Gpu,
                 lay: &UlyssesLayout,
-                mut dst: DeviceBuf<T>,
-                src: &DeviceBuf<T>,
+                mut dst: Scratch<'g, T>,
+                src: &DView<'_, T>,
                 w: usize,
                 j: usize,
                 (b, n, l): (usize, usize, usize),
-            ) -> Result<DeviceBuf<T>> {
+            ) -> Result<Scratch<'g, T>> {
                 let rs = lay.rows_of(j);
                 gpu.copy_2d(
                     &mut dst,
@@ -821,23 +839,29 @@ mod exec {
                         .iter()
                         .map(|&(s, heads, w)| {
                             let w = heads / u * w;
-                            let dst = gpu.alloc_zeros::<bf16>(b * l * w)?;
-                            rows_for(gpu, &self.lay, dst, s, w, j, geo)
+                            let mut dst = gpu.scratch::<bf16>(b * l * w)?;
+                            if self.lay.rows_of(j).len() < l {
+                                // Rows past n (padding) are sent as zeros.
+                                gpu.zero(&mut dst)?;
+                            }
+                            rows_for(gpu, &self.lay, dst, &s, w, j, geo)
                         })
                         .collect::<Result<_>>()?,
                     f: f.iter()
                         .map(|&(s, heads, w, pad)| {
                             let w = heads / u * w;
-                            let mut dst = gpu.alloc_zeros::<f32>(b * l * w)?;
-                            gpu.fill_f32(&mut dst, pad)?;
-                            rows_for(gpu, &self.lay, dst, s, w, j, geo)
+                            let mut dst = gpu.scratch::<f32>(b * l * w)?;
+                            if self.lay.rows_of(j).len() < l {
+                                gpu.fill_f32(&mut dst, pad)?;
+                            }
+                            rows_for(gpu, &self.lay, dst, &s, w, j, geo)
                         })
                         .collect::<Result<_>>()?,
                 };
                 let r = if j == me {
                     Parts::default()
                 } else {
-                    p.zeros_like(gpu)?
+                    p.like(gpu)?
                 };
                 sends.push(p);
                 recvs.push(r);
@@ -848,20 +872,11 @@ mod exec {
             for (j, r) in recvs.iter().enumerate() {
                 for (t, &(_, heads, w)) in bf.iter().enumerate() {
                     let (all, mine) = (heads * w, heads / u * w);
-                    gpu.copy_2d(
-                        &mut *dst_bf[t],
-                        j * mine,
-                        all,
-                        &r.bf[t],
-                        0,
-                        mine,
-                        mine,
-                        rows,
-                    )?;
+                    gpu.copy_2d(&mut dst_bf[t], j * mine, all, &r.bf[t], 0, mine, mine, rows)?;
                 }
                 for (t, &(_, heads, w, _)) in f.iter().enumerate() {
                     let (all, mine) = (heads * w, heads / u * w);
-                    gpu.copy_2d(&mut *dst_f[t], j * mine, all, &r.f[t], 0, mine, mine, rows)?;
+                    gpu.copy_2d(&mut dst_f[t], j * mine, all, &r.f[t], 0, mine, mine, rows)?;
                 }
             }
             Ok(())

@@ -10,12 +10,18 @@
 //! sequence) and the hybrid (Ulysses groups × a ring schedule over the groups) at every grid of
 //! world 2–4, causal and full, GQA.
 //!
+//! Warm passes allocate nothing: after one cold pass, a second and third forward + backward of
+//! a ring-family schedule, balanced DistAttn, pure Ulysses and the hybrid (sp 2, 3 and 4) make no
+//! device allocation on any rank (every buffer from the rank's scratch pool, the pool's cached
+//! blocks filled with NaN before each warm pass), and still match single-GPU attention.
+//!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-cuda --features cudnn --release --test gpu_dist_attn -- --nocapture
 #![cfg(feature = "cudnn")]
 
 mod common;
 use common::sp::{
-    check_gathered, check_stats, executor, reference, run_rank, ulysses, ulysses_cases, SpInputs,
+    check_gathered, check_stats, executor, reference, run_rank, run_rank_warm, ulysses,
+    ulysses_cases, DeviceSp, SpInputs, WarmCounts,
 };
 use common::*;
 
@@ -23,7 +29,7 @@ use std::time::Duration;
 
 use reel_cuda::{DeviceRanks, Gpu};
 use reel_kernels::attention::AttnShape;
-use reel_parallel::{Overlap, ScheduleKind};
+use reel_parallel::{Overlap, ScheduleKind, Sharding, UlyssesGrid};
 
 fn case(
     g: &Gpu,
@@ -134,6 +140,119 @@ fn device_ulysses_matches_single_gpu_attention() {
             if r.is_err() {
                 failed.push(what);
                 ranks = DeviceRanks::open(0, p, Duration::from_secs(60)).unwrap();
+            }
+        }
+    }
+    assert!(failed.is_empty(), "failing cases: {failed:?}");
+}
+
+/// One warm-pass case on `ranks`: the last pass's gathered outputs against the reference, and
+/// each rank's counts (a failure message when a warm pass allocated).
+#[allow(clippy::too_many_arguments)]
+fn warm_case<E: DeviceSp + Sync>(
+    g: &Gpu,
+    ranks: &mut DeviceRanks,
+    what: &str,
+    exec: &E,
+    sh: &Sharding,
+    causal: bool,
+    shape: AttnShape,
+    seed: u64,
+) -> Result<(), String> {
+    let x = SpInputs::new(shape, seed);
+    let full = reference(g, shape, causal, &x);
+    let per_rank = ranks
+        .run(|_, rg, comm| run_rank_warm(exec, sh, rg, comm, &x, 3))
+        .map_err(|e| format!("{what}: {e}"))?;
+    let counts: Vec<WarmCounts> = per_rank.iter().map(|(_, c)| *c).collect();
+    eprintln!("{what}: per rank {counts:?}");
+    let outs: Vec<_> = per_rank.iter().map(|(o, _)| o).collect();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_gathered(what, sh, shape, &outs, &full)
+    }))
+    .map_err(|_| format!("{what}: the warm passes' results differ from the reference"))?;
+    if counts.iter().any(|c| c.warm_allocs != 0) {
+        return Err(format!("{what}: warm passes allocated: {counts:?}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn warm_device_sp_passes_allocate_nothing() {
+    let Some(g) = gpu() else { return };
+    let mut failed = Vec::new();
+    let mut seed = 500;
+    let shapes = |p: usize, u: usize| {
+        [
+            (1, 600 + p, 4 * u, u, 128, Overlap::Overlapped),
+            (2, 203, 2 * u, 2 * u, 64, Overlap::Blocking),
+        ]
+    };
+    let mk = |(b, t, h, h_kv, d, o): (usize, usize, usize, usize, usize, Overlap)| {
+        (
+            AttnShape {
+                b,
+                tq: t,
+                tk: t,
+                h,
+                h_kv,
+                d,
+            },
+            o,
+        )
+    };
+    for p in [2usize, 3, 4] {
+        let mut ranks = DeviceRanks::open(0, p, Duration::from_secs(60)).unwrap();
+        let mut record = |r: Result<(), String>, ranks: &mut DeviceRanks| {
+            if let Err(e) = r {
+                failed.push(e);
+                *ranks = DeviceRanks::open(0, p, Duration::from_secs(60)).unwrap();
+            }
+        };
+        if p < 4 {
+            for kind in [
+                ScheduleKind::RingCausal,
+                ScheduleKind::DistAttnCausal,
+                ScheduleKind::ZigzagRingCausal,
+            ] {
+                for sh in shapes(p, 1) {
+                    let (shape, overlap) = mk(sh);
+                    seed += 1;
+                    let (exec, shd) = executor(kind, p, shape, overlap);
+                    let what = format!("{kind:?} P {p} {overlap:?} T {}", shape.tq);
+                    let r = warm_case(&g, &mut ranks, &what, &exec, &shd, true, shape, seed);
+                    record(r, &mut ranks);
+                }
+            }
+        }
+        // Pure Ulysses (u = p) and the hybrid (2 × 2 at P 4, 1 × p: the ring through the same
+        // code).
+        let grids: Vec<UlyssesGrid> = if p == 4 {
+            vec![UlyssesGrid::new(2, 2).unwrap()]
+        } else {
+            vec![
+                UlyssesGrid::new(p, 1).unwrap(),
+                UlyssesGrid::new(1, p).unwrap(),
+            ]
+        };
+        for grid in grids {
+            let kind = if grid.ring() == 1 {
+                ScheduleKind::RingCausal
+            } else {
+                ScheduleKind::DistAttnCausal
+            };
+            for sh in shapes(p, grid.ulysses()) {
+                let (shape, overlap) = mk(sh);
+                seed += 1;
+                let (att, shd) = ulysses(grid, kind, shape, overlap);
+                let what = format!(
+                    "Ulysses {}x{} {kind:?} {overlap:?} T {}",
+                    grid.ulysses(),
+                    grid.ring(),
+                    shape.tq
+                );
+                let r = warm_case(&g, &mut ranks, &what, &att, &shd, true, shape, seed);
+                record(r, &mut ranks);
             }
         }
     }

@@ -7,7 +7,9 @@
 //! rank's blocks and bytes sent are its plan's. A second test kills one rank in the middle of a
 //! pass: the other fails with an error within the communicator's timeout. A third runs
 //! `GpuUlysses` (pure Ulysses and every hybrid grid of the world, causal and full, GQA) over NCCL
-//! against the same reference. Opt-in:
+//! against the same reference. A fourth checks that warm passes allocate nothing over NCCL: after
+//! one cold pass, a second and third forward + backward (ring, balanced DistAttn, pure Ulysses
+//! where u | H_kv) make no device allocation on any rank and still match the reference. Opt-in:
 //!
 //!     REEL_GPU_TESTS=1 NCCL_NVLS_ENABLE=0 cargo test -p reel-cuda --features cudnn --release --test gpu_nccl_dist_attn -- --test-threads=1 --nocapture
 //!
@@ -18,8 +20,8 @@
 mod common;
 use common::launch::{launch_or_run, local_rank, worlds};
 use common::sp::{
-    check_gathered, check_stats, executor, reference, run_rank, ulysses, ulysses_cases, DeviceSp,
-    SpInputs, SpOutputs,
+    check_gathered, check_stats, executor, reference, run_rank, run_rank_warm, ulysses,
+    ulysses_cases, DeviceSp, SpInputs, SpOutputs,
 };
 
 use std::cell::Cell;
@@ -28,7 +30,7 @@ use std::time::{Duration, Instant};
 use reel_comm::{CommError, Communicator};
 use reel_cuda::{DevOp, DeviceP2p, Gpu, GpuError, NcclComm, NcclP2p};
 use reel_kernels::attention::AttnShape;
-use reel_parallel::{Overlap, ScheduleKind};
+use reel_parallel::{Overlap, ScheduleKind, UlyssesGrid};
 
 fn open(timeout: Duration) -> (NcclComm, Gpu) {
     let c = NcclComm::from_env(timeout).unwrap_or_else(|e| panic!("NCCL init: {e}"));
@@ -110,10 +112,23 @@ fn run_and_gather<E: DeviceSp>(
     full: &SpOutputs,
     what: &str,
 ) {
-    let (p, rank) = (c.world_size(), c.rank());
+    let rank = c.rank();
     let (mine, fs, bs) =
         run_rank(exec, sh, g, p2p, x).unwrap_or_else(|e| panic!("{what}: rank {rank}: {e}"));
     check_stats(exec, rank, &fs, &bs);
+    gather_and_check(c, sh, shape, &mine, full, what);
+}
+
+/// Gathers every rank's outputs over NCCL and compares them with `full`.
+fn gather_and_check(
+    c: &NcclComm,
+    sh: &reel_parallel::Sharding,
+    shape: AttnShape,
+    mine: &SpOutputs,
+    full: &SpOutputs,
+    what: &str,
+) {
+    let p = c.world_size();
     // Every rank's outputs, gathered over NCCL (rank-major, equal lengths).
     let gathered: Vec<Vec<Vec<f32>>> = mine
         .iter()
@@ -165,6 +180,52 @@ fn nccl_ulysses_matches_single_gpu_attention() {
         }));
         if r.is_err() {
             failed.push(what);
+        }
+    }
+    assert!(failed.is_empty(), "rank {rank}: failing cases: {failed:?}");
+}
+
+#[test]
+fn nccl_warm_sp_passes_allocate_nothing() {
+    if !launch_or_run("nccl_warm_sp_passes_allocate_nothing", 29770, &worlds()) {
+        return;
+    }
+    let (c, g) = open(Duration::from_secs(120));
+    let p2p = c.device_p2p(&g).unwrap();
+    let (p, rank) = (c.world_size(), c.rank());
+    let shape = AttnShape {
+        b: 2,
+        tq: 203 + p,
+        tk: 203 + p,
+        h: 4 * p,
+        h_kv: 2 * p,
+        d: 64,
+    };
+    let mut failed = Vec::new();
+    for (seed, case) in (300..).zip(0..3) {
+        let x = SpInputs::new(shape, seed);
+        let full = reference(&g, shape, true, &x);
+        let (what, r) = match case {
+            0 | 1 => {
+                let kind = [ScheduleKind::RingCausal, ScheduleKind::DistAttnCausal][case];
+                let (exec, sh) = executor(kind, p, shape, Overlap::Overlapped);
+                let r = run_rank_warm(&exec, &sh, &g, &p2p, &x, 3);
+                (format!("NCCL warm {kind:?} P {p}"), r.map(|o| (o, sh)))
+            }
+            _ => {
+                let grid = UlyssesGrid::new(p, 1).unwrap();
+                let (att, sh) = ulysses(grid, ScheduleKind::RingCausal, shape, Overlap::Blocking);
+                let r = run_rank_warm(&att, &sh, &g, &p2p, &x, 3);
+                (format!("NCCL warm Ulysses {p}x1 P {p}"), r.map(|o| (o, sh)))
+            }
+        };
+        let ((mine, counts), sh) = r.unwrap_or_else(|e| panic!("{what}: rank {rank}: {e}"));
+        eprintln!("{what}: rank {rank} {counts:?}");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            gather_and_check(&c, &sh, shape, &mine, &full, &what)
+        }));
+        if r.is_err() || counts.warm_allocs != 0 {
+            failed.push(format!("{what}: {counts:?}"));
         }
     }
     assert!(failed.is_empty(), "rank {rank}: failing cases: {failed:?}");

@@ -5,7 +5,9 @@
 //! parameter tensor, by checkpoint name, under each checkpoint policy and each causal schedule
 //! (balanced DistAttn, ring, zigzag ring); every rank ends with bit-identical gradients, and after
 //! clipping and AdamW with identical weights. The sequence length is no multiple of the ranks
-//! (padded shards). Opt-in:
+//! (padded shards). Warm steps allocate nothing: after one step, a second and third step of every
+//! rank (ring, balanced DistAttn, Ulysses and the hybrid; sp 2, 3 and 4) make no device
+//! allocation, and their loss and gradients still match one rank's. Opt-in:
 //!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-cuda --features cudnn --release --test gpu_sp_model -- --nocapture
 #![cfg(feature = "cudnn")]
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use reel_cuda::{DeviceWorld, Gpu, GpuAttention, GpuQwen2, GpuSpAttention};
 use reel_model::{CheckpointPolicy, LocalAttention, Qwen2, Qwen2Config, Workspace};
 use reel_optim::AdamWConfig;
-use reel_parallel::{Overlap, ScheduleKind};
+use reel_parallel::{Overlap, ScheduleKind, SpMethod, UlyssesGrid};
 
 impl Case {
     fn labelled(&self) -> usize {
@@ -49,6 +51,9 @@ struct RankOut {
     stepped: Vec<f32>,
     /// Median step time over the repeats after the first two (the first builds plans).
     step_s: f64,
+    /// Device allocations of the first step, and of all later ones.
+    cold_allocs: u64,
+    warm_allocs: u64,
 }
 
 /// Median of `times` past the first two (all of them when there are fewer than three).
@@ -62,23 +67,26 @@ fn median_after_warmup(times: &[f64]) -> f64 {
     t[t.len() / 2]
 }
 
-/// One step of `GpuQwen2` over `p` in-process ranks of one GPU.
+/// `repeats` steps (the same batch, no update between them; the cached scratch blocks filled
+/// with NaN before every step after the first) of `GpuQwen2` over `p` in-process ranks of one
+/// GPU, attention by `method`.
 fn sp_step(
     c: &Qwen2Config,
     params: &[f32],
     case: &Case,
-    kind: ScheduleKind,
+    method: SpMethod,
     p: usize,
     policy: CheckpointPolicy,
     repeats: usize,
 ) -> Vec<RankOut> {
+    let what = format!("{method:?}");
     let world = DeviceWorld::new(p, Duration::from_secs(60));
     let mut models: Vec<GpuQwen2> = (0..p)
         .map(|r| {
             let gpu = Gpu::open_on_new_stream(0).unwrap();
             let comm = world.comm(r, &gpu).unwrap();
             let sp =
-                GpuSpAttention::new(comm, kind.build(p).unwrap(), Overlap::Overlapped).unwrap();
+                GpuSpAttention::with_method(comm, method.clone(), Overlap::Overlapped).unwrap();
             let mut gm =
                 GpuQwen2::new(gpu, c.clone(), params, policy, AdamWConfig::default()).unwrap();
             gm.set_attention(GpuAttention::Sp(Box::new(sp)));
@@ -99,8 +107,14 @@ fn sp_step(
                     let tb = shard.batch();
                     let mut times = Vec::new();
                     let mut out = None;
-                    for _ in 0..repeats {
+                    let (mut cold_allocs, mut warm_allocs) = (0, 0);
+                    for i in 0..repeats {
+                        if i > 0 {
+                            // A buffer read before it is written would now read NaN.
+                            gm.gpu().scribble_cached(0xFF)?;
+                        }
                         gm.gpu().synchronize()?;
+                        let before = gm.gpu().alloc_stats().device_allocs;
                         let t0 = Instant::now();
                         gm.zero_grads()?;
                         let local = gm.forward(&tb)?;
@@ -108,6 +122,12 @@ fn sp_step(
                         let global = gm.all_reduce_grads(local)?;
                         gm.gpu().synchronize()?;
                         times.push(t0.elapsed().as_secs_f64());
+                        let made = gm.gpu().alloc_stats().device_allocs - before;
+                        if i == 0 {
+                            cold_allocs = made;
+                        } else {
+                            warm_allocs += made;
+                        }
                         out = Some((local, global));
                     }
                     let (local, global) = out.expect("one repeat at least");
@@ -121,6 +141,8 @@ fn sp_step(
                         grads,
                         stepped: gm.params_host()?,
                         step_s: median_after_warmup(&times),
+                        cold_allocs,
+                        warm_allocs,
                     })
                 })
             })
@@ -129,7 +151,7 @@ fn sp_step(
     });
     outs.into_iter()
         .enumerate()
-        .map(|(r, o)| o.unwrap_or_else(|e| panic!("{kind:?} P {p} {policy} rank {r}: {e}")))
+        .map(|(r, o)| o.unwrap_or_else(|e| panic!("{what} P {p} {policy} rank {r}: {e}")))
         .collect()
 }
 
@@ -222,7 +244,8 @@ fn sp_ranks_match_one_rank_and_the_cpu_model_under_each_policy_and_schedule() {
         for p in [2usize, 3] {
             for kind in kinds {
                 let what = format!("{kind:?} P {p} {policy}");
-                let outs = sp_step(&c, &model.params, &case, kind, p, policy, 1);
+                let method = SpMethod::Schedule(kind.build(p).unwrap());
+                let outs = sp_step(&c, &model.params, &case, method, p, policy, 1);
                 let loss = outs[0].loss_mean;
                 eprintln!("{what}: loss SP {loss:.6} one rank {one_loss:.6} CPU {cpu_loss:.6}");
                 assert_eq!(outs[0].n_tokens, case.labelled(), "{what}: global count");
@@ -298,23 +321,87 @@ fn sp_step_time_on_one_gpu() {
         s1 * 1e3
     );
     for p in [2usize, 3] {
-        let outs = sp_step(
-            &c,
-            &model.params,
-            &case,
-            ScheduleKind::DistAttnCausal,
-            p,
-            policy,
-            12,
-        );
+        let method = SpMethod::Schedule(ScheduleKind::DistAttnCausal.build(p).unwrap());
+        let outs = sp_step(&c, &model.params, &case, method, p, policy, 12);
         let worst = outs.iter().map(|o| o.step_s).fold(0.0, f64::max);
         eprintln!(
-            "  sp {p} (DistAttn, {p} ranks on one GPU): {:.1} ms/step (loss {:.4})",
+            "  sp {p} (DistAttn, {p} ranks on one GPU): {:.1} ms/step (loss {:.4}; device \
+             allocations: first step {}, the 11 after it {})",
             worst * 1e3,
-            outs[0].loss_mean
+            outs[0].loss_mean,
+            outs[0].cold_allocs,
+            outs[0].warm_allocs
         );
         assert!((outs[0].loss_mean - l1).abs() <= 1e-2 * l1.abs());
     }
+}
+
+/// After one step, two more steps of every rank allocate no device memory, under a ring-family
+/// schedule, balanced DistAttn, pure Ulysses (u = P) and the hybrid (2 × 2), with and without
+/// recomputation; the last step's loss and gradients match one rank's (every cached scratch
+/// block is filled with NaN before each later step, so a buffer read before it is written would
+/// show).
+#[test]
+fn warm_sp_steps_allocate_nothing() {
+    if !enabled() {
+        return;
+    }
+    let mut c = config();
+    // H_kv 6: Ulysses over 2 and 3 ranks (u | H_kv).
+    c.num_attention_heads = 12;
+    c.num_key_value_heads = 6;
+    let model = Qwen2::new_random(c.clone(), 9).unwrap();
+    let case = Case::new(17, c.vocab_size, 2, 203, 5);
+    let sched = |k: ScheduleKind, p: usize| (p, SpMethod::Schedule(k.build(p).unwrap()));
+    let uly = |u: usize, r: usize| (u * r, SpMethod::Ulysses(UlyssesGrid::new(u, r).unwrap()));
+    let methods = [
+        sched(ScheduleKind::RingCausal, 2),
+        sched(ScheduleKind::RingCausal, 3),
+        sched(ScheduleKind::DistAttnCausal, 2),
+        sched(ScheduleKind::DistAttnCausal, 3),
+        sched(ScheduleKind::ZigzagRingCausal, 3),
+        uly(2, 1),
+        uly(3, 1),
+        uly(2, 2),
+    ];
+    let mut failed = Vec::new();
+    for policy in [CheckpointPolicy::None, CheckpointPolicy::Remat] {
+        let (one_loss, one_g, _) = one_rank(&c, &model.params, &case, policy, 1);
+        for (p, method) in &methods {
+            let what = format!("{method:?} P {p} {policy}");
+            let outs = sp_step(&c, &model.params, &case, method.clone(), *p, policy, 3);
+            let counts: Vec<(u64, u64)> = outs
+                .iter()
+                .map(|o| (o.cold_allocs, o.warm_allocs))
+                .collect();
+            let loss = outs[0].loss_mean;
+            eprintln!(
+                "{what}: (first step, steps 2-3) device allocations per rank {counts:?}; loss \
+                 {loss:.6} one rank {one_loss:.6}"
+            );
+            if counts.iter().any(|&(_, w)| w != 0) {
+                failed.push(format!("{what}: warm steps allocated {counts:?}"));
+            }
+            assert!(
+                (loss - one_loss).abs() <= 1e-2 * one_loss.abs(),
+                "{what}: loss {loss} vs one rank {one_loss}"
+            );
+            for (r, o) in outs.iter().enumerate() {
+                assert!(
+                    o.grads == outs[0].grads,
+                    "{what}: rank {r}'s gradients differ"
+                );
+            }
+            check_grads(
+                &format!("{what} vs one rank"),
+                &model,
+                &outs[0].grads,
+                &one_g,
+                3e-2,
+            );
+        }
+    }
+    assert!(failed.is_empty(), "warm steps allocated: {failed:?}");
 }
 
 /// A rank whose batch does not fit the announced sharding fails with a shape error and aborts

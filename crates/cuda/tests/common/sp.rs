@@ -337,3 +337,84 @@ pub fn ulysses_cases(p: usize) -> Vec<(UlyssesGrid, ScheduleKind, AttnShape, Ove
     }
     cases
 }
+
+/// What a rank's `Gpu` did over the warm passes of [`run_rank_warm`].
+#[derive(Clone, Copy, Debug)]
+pub struct WarmCounts {
+    /// Device allocations of the first (cold) pass.
+    pub cold_allocs: u64,
+    /// Device allocations of the later passes (a warm pass must make none).
+    pub warm_allocs: u64,
+    /// Scratch requests served by the pool per warm pass: the buffers a pass takes.
+    pub hits_per_pass: u64,
+}
+
+/// Rank `rank`'s forward and backward `passes` (≥ 2) times on the same device buffers (inputs
+/// uploaded and outputs made once, outputs poisoned before every pass, and every cached scratch
+/// block filled with NaN before every warm pass, so a buffer read before it is written shows);
+/// its outputs of the last pass and the device allocations of the cold and the warm passes.
+pub fn run_rank_warm<E: DeviceSp, C: DeviceP2p + ?Sized>(
+    exec: &E,
+    sh: &Sharding,
+    g: &Gpu,
+    comm: &C,
+    x: &SpInputs,
+    passes: usize,
+) -> reel_cuda::Result<(SpOutputs, WarmCounts)> {
+    assert!(passes >= 2);
+    let rank = comm.rank();
+    let AttnShape { b, h, h_kv, d, .. } = exec.local();
+    let (qw, kw, l) = (h * d, h_kv * d, sh.local_len());
+    let zero = bf16::from_f32(0.0);
+    let up = |v: &[bf16], w: usize| g.upload(&sh.shard(v, b, w, rank, zero).unwrap());
+    let (qd, kd, vd, dod) = (
+        up(&x.q, qw)?,
+        up(&x.k, kw)?,
+        up(&x.v, kw)?,
+        up(&x.dout, qw)?,
+    );
+    let mut out = g.alloc_zeros::<bf16>(b * l * qw)?;
+    let mut lse = g.alloc_zeros::<f32>(b * l * h)?;
+    let mut dq = g.alloc_zeros::<bf16>(b * l * qw)?;
+    let mut dk = g.alloc_zeros::<bf16>(b * l * kw)?;
+    let mut dv = g.alloc_zeros::<bf16>(b * l * kw)?;
+    let mut counts = WarmCounts {
+        cold_allocs: 0,
+        warm_allocs: 0,
+        hits_per_pass: 0,
+    };
+    for pass in 0..passes {
+        g.upload_into(&mut out, &poison::<bf16>(b * l * qw))?;
+        g.upload_into(&mut lse, &poison::<f32>(b * l * h))?;
+        g.upload_into(&mut dq, &poison::<bf16>(b * l * qw))?;
+        g.upload_into(&mut dk, &poison::<bf16>(b * l * kw))?;
+        g.upload_into(&mut dv, &poison::<bf16>(b * l * kw))?;
+        if pass > 0 {
+            g.scribble_cached(0xFF)?;
+        }
+        let before = g.alloc_stats();
+        exec.fwd(g, comm, &mut out, &mut lse, &qd, &kd, &vd)?;
+        exec.bwd(
+            g, comm, &mut dq, &mut dk, &mut dv, &dod, &qd, &kd, &vd, &out, &lse,
+        )?;
+        g.synchronize()?;
+        let after = g.alloc_stats();
+        let made = after.device_allocs - before.device_allocs;
+        if pass == 0 {
+            counts.cold_allocs = made;
+        } else {
+            counts.warm_allocs += made;
+            counts.hits_per_pass = after.pool_hits - before.pool_hits;
+        }
+    }
+    Ok((
+        [
+            widen(&g.download(&out)?),
+            g.download(&lse)?,
+            widen(&g.download(&dq)?),
+            widen(&g.download(&dk)?),
+            widen(&g.download(&dv)?),
+        ],
+        counts,
+    ))
+}
