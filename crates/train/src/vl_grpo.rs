@@ -52,7 +52,8 @@
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
 //! Metrics per step add to the text trainer's record: `rollout_device` (`cpu`, `cuda-bf16`,
-//! `cuda-f32`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
+//! `cuda-f32`), `tower_device` (the same names: with the rollouts on the GPU the frozen tower
+//! encodes there too, `video.gpu_tower`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
 //! videos), `videos_decoded`, `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and
 //! `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
@@ -148,6 +149,9 @@ struct VlCtx<'a> {
     cache: &'a EmbedCache,
     enc: &'a SpVisionEncoder,
     sp: usize,
+    /// The frozen tower's GPU copy when the rollouts decode on the GPU (`video.gpu_tower`);
+    /// `None`: the CPU tower.
+    gpu_tower: Option<&'a crate::device::GpuTower>,
 }
 
 impl VlCtx<'_> {
@@ -195,6 +199,21 @@ impl VlCtx<'_> {
             if grids.is_empty() {
                 return Ok::<_, anyhow::Error>(Vec::new());
             }
+            // The frozen tower: its GPU copy when the rollouts are on the GPU, else the CPU's.
+            let (mut boxed, mut cpu);
+            let tower: &mut dyn reel_model::TowerForward = match self.gpu_tower {
+                Some(t) => {
+                    boxed = t.forward();
+                    &mut *boxed
+                }
+                None => {
+                    cpu = reel_model::CpuTower {
+                        tower: &model.vision,
+                        ws: &mut vws,
+                    };
+                    &mut cpu
+                }
+            };
             if let Some((fetched, dec)) = cached {
                 let lazy = |todo: &[usize]| {
                     let mut px = Vec::new();
@@ -205,21 +224,12 @@ impl VlCtx<'_> {
                     }
                     Ok(Cow::Owned(px))
                 };
-                let e = self.enc.encode_cached_with(
-                    &comm,
-                    &model.vision,
-                    &mut vws,
-                    self.cache,
-                    &keys,
-                    &grids,
-                    &seconds,
-                    lazy,
+                let e = self.enc.encode_cached_with_on(
+                    &comm, tower, self.cache, &keys, &grids, &seconds, lazy,
                 )?;
                 Ok(e)
             } else {
-                let f = self
-                    .enc
-                    .encode(&comm, &model.vision, &mut vws, &pixels, &grids)?;
+                let f = self.enc.encode_on(&comm, tower, &pixels, &grids)?;
                 let u = model.config.vision.merge_unit();
                 let mut off = 0;
                 Ok(grids
@@ -912,6 +922,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         ROLLOUTS,
     )?;
     let rollout_device = rollout_device(decoder.as_ref());
+    // With the rollouts on the GPU, the frozen tower encodes there too.
+    let gpu_tower = decoder
+        .as_ref()
+        .and_then(|_| crate::device::gpu_tower(cfg.video.gpu_tower, &model.vision, ROLLOUTS));
+    let tower_device = crate::device::tower_device(gpu_tower.as_ref());
     let mut opt = adamw_for(cfg, &model.lm.layout);
     let mut skipped = bad.len();
     let (mut sampler, start_step, mut recent) = match &resumed {
@@ -954,6 +969,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         cache: &cache,
         enc: &enc,
         sp: cfg.parallel.sp,
+        gpu_tower: gpu_tower.as_ref(),
     };
     let reward = cfg.grpo.reward.build();
     let scorer = Scorer::new(cfg, &tok, &reward);
@@ -1148,6 +1164,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 ("encode_s", json!(times.encode_s + encode_s)),
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
                 ("rollout_device", json!(rollout_device)),
+                ("tower_device", json!(tower_device)),
                 ("cache_hits", json!(cs.hits + cs.disk_hits)),
                 ("cache_misses", json!(cs.misses)),
                 ("cache_bytes", json!(cs.bytes)),
@@ -1447,6 +1464,7 @@ mod tests {
                 cache: &cache,
                 enc: &enc,
                 sp,
+                gpu_tower: None,
             };
             let (prompts, samples) = fake_samples(&ctx, &model, &mut sampler);
             let refs: Vec<&Sample> = samples.iter().collect();
