@@ -9,7 +9,8 @@
 //!   decode tokens and last batch (ids and advantages) are the CPU run's, and so are the losses,
 //!   KL, gradient norms and final weights, bit for bit (scoring and update run on the CPU from
 //!   the same samples);
-//!   the bf16 decoder's run completes with finite metrics; `parallel.sp = 2` with
+//!   the CPU tower encodes for that comparison (`video.gpu_tower = "off"`); the bf16 decoder's
+//!   run, its videos encoded by the bf16 GPU tower, completes with finite metrics; `parallel.sp = 2` with
 //!   `train.device = "cuda"` is refused with the reason.
 //! - `eval_vl_accuracy` with `device = cuda`, f32: every greedy response and the report equal the
 //!   CPU's; bf16 answers every record.
@@ -27,8 +28,8 @@ use reel_model::embed_cache::EmbedCache;
 use reel_model::{load_vl_checkpoint, save_vl_checkpoint, Qwen25VL};
 use reel_train::vl::write_tiny_vl_model;
 use reel_train::{
-    eval_vl_accuracy, run_vl_grpo, stop_token_ids, AccuracyOptions, Device, GrpoOptions,
-    GrpoRunConfig, ProgressMode, VlGrpoSummary,
+    eval_vl_accuracy, run_vl_grpo, stop_token_ids, AccuracyOptions, Device, GpuTowerMode,
+    GrpoOptions, GrpoRunConfig, ProgressMode, VlGrpoSummary,
 };
 use std::path::{Path, PathBuf};
 
@@ -80,6 +81,13 @@ fn config(model: &Path, data: &Path, out: PathBuf, device: Device, f32: bool) ->
     cfg.train.mini_batches = 2;
     cfg.train.device = device;
     cfg.rollout.gpu_f32 = f32;
+    // The bit-for-bit comparison with the CPU run needs the CPU tower's features (the GPU
+    // tower's differ by float rounding, and scoring reads them); the bf16 run encodes on the GPU.
+    cfg.video.gpu_tower = if f32 {
+        GpuTowerMode::Off
+    } else {
+        GpuTowerMode::Bf16
+    };
     cfg.grpo.group_size = 4;
     cfg.grpo.max_response_tokens = 12;
     cfg.grpo.lr = 2e-2;
@@ -152,6 +160,7 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     assert_eq!(bf16.run.records.len(), 3);
     for r in &bf16.run.records {
         assert_eq!(r["rollout_device"], "cuda-bf16");
+        assert_eq!(r["tower_device"], "cuda-bf16");
         for k in ["loss", "reward_mean", "grad_norm", "rollout_s"] {
             let x = r[k].as_f64().unwrap();
             assert!(x.is_finite(), "bf16 step {}: {k} = {x}", r["step"]);
