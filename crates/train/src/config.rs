@@ -1176,7 +1176,9 @@ dir = "runs/x"
         let mut o = SftConfig::default();
         o.apply_override("video.gpu_tower=off").unwrap();
         assert_eq!(o.video.gpu_tower, GpuTowerMode::Off);
-        let e = parse("[video]\ngpu_tower = \"fp8\"\n").unwrap_err().to_string();
+        let e = parse("[video]\ngpu_tower = \"fp8\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fp8"), "{e}");
         // The family comes from the checkpoint's config.json.
         let dir = tempfile::tempdir().unwrap();
