@@ -17,7 +17,10 @@
 //!   cache gathered through the block tables (and over an already contiguous cache).
 //! - DistAttn on in-process ranks on this one GPU (`GpuDistAttn`, `DeviceRanks`): forward +
 //!   backward step time with communication overlapped and blocking, in the same run
-//!   (`bench_gpu_sp.rs`). `--gpu-sections` picks sections.
+//!   (`bench_gpu_sp.rs`).
+//! - The frozen vision tower at the 3B/7B tower's shape on 448×448 frames: frames/s of
+//!   `GpuVisionTower` (bf16, f32) beside the CPU `VisionTower` (`bench_gpu_vision.rs`; no
+//!   PyTorch side). `--gpu-sections` picks sections.
 //! - `reel bench sp-nccl` (`bench_gpu_sp_nccl.rs`, under `reel launch`): the same schedules across
 //!   GPUs over NCCL, one process per GPU, at 7B-layer shapes from 32k tokens up.
 //!
@@ -42,6 +45,9 @@ mod bench_gpu_sp;
 #[cfg(feature = "cuda")]
 #[path = "bench_gpu_sp_nccl.rs"]
 mod bench_gpu_sp_nccl;
+#[cfg(feature = "cuda")]
+#[path = "bench_gpu_vision.rs"]
+mod bench_gpu_vision;
 use serde_json::Value;
 
 /// (name, kind, m, k, n): as `DEFAULT_SHAPES` in scripts/bench_gpu_torch.py.
@@ -103,7 +109,7 @@ pub fn run(_as_json: bool, _sections: &str) -> Result<Value> {
 pub fn run(as_json: bool, sections: &str) -> Result<Value> {
     use reel_cuda::Gpu;
 
-    const KNOWN: [&str; 6] = ["gemm", "attention", "adamw", "ce", "decode", "sp"];
+    const KNOWN: [&str; 7] = ["gemm", "attention", "adamw", "ce", "decode", "sp", "vision"];
     let picked: Vec<&str> = sections.split(',').map(str::trim).collect();
     if let Some(bad) = picked.iter().find(|s| **s != "all" && !KNOWN.contains(s)) {
         anyhow::bail!(
@@ -190,10 +196,15 @@ pub fn run(as_json: bool, sections: &str) -> Result<Value> {
     } else {
         Vec::new()
     };
+    let vision_rows = if want("vision") {
+        bench_gpu_vision::vision_rows()
+    } else {
+        Vec::new()
+    };
     let torch_sections: Vec<&str> = KNOWN
         .iter()
         .copied()
-        .filter(|s| *s != "sp" && want(s))
+        .filter(|s| *s != "sp" && *s != "vision" && want(s))
         .collect();
     let torch = if torch_sections.is_empty() {
         Err("no section with a PyTorch side".to_string())
@@ -335,6 +346,9 @@ pub fn run(as_json: bool, sections: &str) -> Result<Value> {
         if want("sp") {
             bench_gpu_sp::print_sp(&sp_rows);
         }
+        if want("vision") {
+            bench_gpu_vision::print_vision(&vision_rows);
+        }
     }
     Ok(json!({
         "available": true,
@@ -347,6 +361,7 @@ pub fn run(as_json: bool, sections: &str) -> Result<Value> {
         "ce": extras["ce"],
         "decode": decode_rows,
         "sp": sp_rows,
+        "vision": vision_rows,
     }))
 }
 

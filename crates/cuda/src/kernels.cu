@@ -867,3 +867,105 @@ __device__ void kv_copy_blocks(T* kv, const u32* src, const u32* dst, const u32*
 
 REEL_DECODE_ENTRIES(float, f32)
 REEL_DECODE_ENTRIES(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Vision tower (vision.rs): exact GELU, and bidirectional attention within segments.
+// ---------------------------------------------------------------------------------------------
+
+// out = x · Φ(x) = ½·x·(1 + erf(x/√2)) (torch's exact nn.GELU), elementwise, as ½·x·erfc(−x/√2):
+// the same function without 1 + erf's cancellation for negative x (f32 erfc keeps the small
+// values' relative accuracy).
+template <typename T>
+__device__ void gelu_fwd(T* out, const T* inp, i64 n) {
+    GRID_STRIDE(i, n) {
+        const float x = ld(inp, i);
+        st(out, i, 0.5f * x * erfcf(-x * 0.70710678118654752f));
+    }
+}
+
+// Bidirectional attention inside segments of rows (windows, frames): row i of segment [s, e)
+// attends to rows s..e of every head; q, k, v, out [N, H, D], lse [N, H] (natural log), scale
+// 1/√D. `tiles` [n_tiles, 3]: (first query row, segment start, segment end), each tile at most
+// SEG_WARPS query rows of one segment; grid (n_tiles, H), one warp per query row. Keys go
+// through shared memory SEG_KEYS at a time (f32); lane j scores key j of a chunk, the output
+// dims are spread over the lanes (dim lane + 32·c), the softmax is online in f32.
+#define SEG_WARPS 8
+#define SEG_KEYS 32
+#define SEG_MAX_D 128
+template <typename T>
+__device__ void seg_attn_fwd(T* out, float* lse, const T* q, const T* k, const T* v,
+                             const u32* tiles, int h, int d, float scale) {
+    __shared__ float ks[SEG_KEYS][SEG_MAX_D + 1];
+    __shared__ float vs[SEG_KEYS][SEG_MAX_D + 1];
+    __shared__ float qs[SEG_WARPS][SEG_MAX_D];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 q0 = tiles[3 * blockIdx.x], s = tiles[3 * blockIdx.x + 1], e = tiles[3 * blockIdx.x + 2];
+    const int head = blockIdx.y;
+    const i64 row = (i64)q0 + warp;
+    const bool active = row < (i64)e;
+    const i64 stride = (i64)h * d;
+    if (active)
+        for (int j = lane; j < d; j += 32) qs[warp][j] = ld(q, row * stride + (i64)head * d + j);
+    float m = ninf(), l = 0.0f;
+    float o[SEG_MAX_D / 32];
+#pragma unroll
+    for (int c = 0; c < SEG_MAX_D / 32; ++c) o[c] = 0.0f;
+    for (u32 k0 = s; k0 < e; k0 += SEG_KEYS) {
+        const int nk = min((u32)SEG_KEYS, e - k0);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < nk * d; idx += blockDim.x) {
+            const int j = idx / d, c = idx - j * d;
+            const i64 at = (i64)(k0 + j) * stride + (i64)head * d + c;
+            ks[j][c] = ld(k, at);
+            vs[j][c] = ld(v, at);
+        }
+        __syncthreads();
+        if (!active) continue;
+        float sc = ninf();
+        if (lane < nk) {
+            float acc = 0.0f;
+            for (int c = 0; c < d; ++c) acc += qs[warp][c] * ks[lane][c];
+            sc = acc * scale;
+        }
+        float mx = sc;
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_new = fmaxf(m, mx);
+        const float p = lane < nk ? expf(sc - m_new) : 0.0f;
+        float ps = p;
+        for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
+        const float corr = expf(m - m_new);
+        l = l * corr + ps;
+        m = m_new;
+#pragma unroll
+        for (int c = 0; c < SEG_MAX_D / 32; ++c) o[c] *= corr;
+        for (int j = 0; j < nk; ++j) {
+            const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+            for (int c = 0; c < SEG_MAX_D / 32; ++c) {
+                const int dd = lane + 32 * c;
+                if (dd < d) o[c] += pj * vs[j][dd];
+            }
+        }
+    }
+    if (!active) return;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int c = 0; c < SEG_MAX_D / 32; ++c) {
+        const int dd = lane + 32 * c;
+        if (dd < d) st(out, row * stride + (i64)head * d + dd, o[c] * inv);
+    }
+    if (lane == 0) lse[row * h + head] = m + logf(l);
+}
+
+#define REEL_VISION_ENTRIES(T, S)                                                                 \
+    extern "C" __global__ void gelu_fwd_##S(T* out, const T* inp, i64 n) {                       \
+        gelu_fwd<T>(out, inp, n);                                                                 \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(SEG_WARPS * 32)                                  \
+        seg_attn_fwd_##S(T* out, float* lse, const T* q, const T* k, const T* v,                 \
+                         const u32* tiles, int h, int d, float scale) {                           \
+        seg_attn_fwd<T>(out, lse, q, k, v, tiles, h, d, scale);                                   \
+    }
+
+REEL_VISION_ENTRIES(float, f32)
+REEL_VISION_ENTRIES(__nv_bfloat16, bf16)

@@ -40,6 +40,10 @@
 //! - The rollout engine's decoding step ([`GpuDecoder`], `decode.rs`): `Qwen2::forward_step` on
 //!   the device over a paged KV cache whose blocks live in device memory (tables on the host),
 //!   a `reel_rollout::StepModel`, so `Engine::with_model` runs on the GPU.
+//! - The frozen Qwen2.5-VL vision tower's forward ([`GpuVisionTower`], `vision.rs`; bf16 or
+//!   f32), a `reel_model::TowerForward` the MR-SP encoder runs, with its exact GELU
+//!   ([`Gpu::gelu_forward`]) and bidirectional attention within segments
+//!   ([`Gpu::segment_attention_forward`], [`GpuSegments`]).
 //! - In-process ranks on device buffers (`devcomm.rs`: [`DeviceP2p`], the device point-to-point
 //!   trait, and [`DeviceGroup`], the same plus a sum all-reduce; [`DeviceWorld`], [`DeviceComm`],
 //!   [`DeviceRanks`]; each rank its own stream,
@@ -78,6 +82,7 @@ mod plan;
 #[cfg(feature = "cudnn")]
 mod sp_attn;
 mod ulysses;
+mod vision;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
@@ -99,6 +104,7 @@ pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};
 #[cfg(feature = "cudnn")]
 pub use ulysses::GpuUlysses;
 pub use ulysses::{SubP2p, UlyssesLayout};
+pub use vision::{GpuSegments, GpuVisionTower, DEFAULT_CHUNK_PATCHES, SEG_MAX_HEAD_DIM};
 
 use half::bf16;
 

@@ -136,6 +136,9 @@ pub(crate) struct Kernels {
     pub(crate) decode_qkv_store: PerType,
     /// Copies on write of paged KV blocks (`decode.rs`).
     pub(crate) kv_copy_blocks: PerType,
+    /// The vision tower's exact GELU and segment attention (`vision.rs`).
+    pub(crate) gelu_fwd: PerType,
+    pub(crate) seg_attn_fwd: PerType,
 }
 
 /// Head dimensions the paged decode-attention kernel is built for.
@@ -202,6 +205,8 @@ impl Kernels {
                 paged_attn_combine: get("paged_attn_combine")?,
                 decode_qkv_store: get("decode_qkv_store")?,
                 kv_copy_blocks: get("kv_copy_blocks")?,
+                gelu_fwd: get("gelu_fwd")?,
+                seg_attn_fwd: get("seg_attn_fwd")?,
             },
             secs,
         ))

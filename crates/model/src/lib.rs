@@ -36,7 +36,7 @@ pub use model::{
     Rotary, TokenBatch, Workspace, CE_CHUNK,
 };
 pub use params::ParamLayout;
-pub use vision::{VideoGrid, VisionConfig, VisionTower, VisionWorkspace};
+pub use vision::{CpuTower, TowerForward, VideoGrid, VisionConfig, VisionTower, VisionWorkspace};
 pub use vl::{
     load_vl_checkpoint, save_vl_checkpoint, Qwen25VL, Qwen25VLConfig, VideoBatch, VlBatch,
     VlWorkspace,

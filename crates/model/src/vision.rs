@@ -428,9 +428,86 @@ impl VisionPlan {
         Ok(plan)
     }
 
-    /// Input patch row of permuted row r.
-    fn source_row(&self, r: usize, u: usize) -> usize {
+    /// Input patch row of permuted row r (u patches per merge unit).
+    pub fn source_row(&self, r: usize, u: usize) -> usize {
         self.window_index[r / u] * u + r % u
+    }
+
+    /// The tower's inputs in window order: `px` [P, K] the rows of `pixels` [P, K] permuted, and
+    /// each permuted row's 2-D RoPE angles `cos`, `sin` [P, D/2] (dims [0, D/4) from its row,
+    /// [D/4, D/2) from its column, out of `rope`, a table of D/2 dims). Overwrites all three.
+    pub fn window_inputs(
+        &self,
+        c: &VisionConfig,
+        rope: &RopeTable,
+        pixels: &[f32],
+        px: &mut Vec<f32>,
+        cos: &mut Vec<f32>,
+        sin: &mut Vec<f32>,
+    ) {
+        let (n, kk, u, hd) = (self.patches, c.patch_len(), c.merge_unit(), c.head_dim());
+        let q4 = hd / 4;
+        px.resize(n * kk, 0.0);
+        cos.resize(n * hd / 2, 0.0);
+        sin.resize(n * hd / 2, 0.0);
+        for r in 0..n {
+            let src = self.source_row(r, u);
+            px[r * kk..(r + 1) * kk].copy_from_slice(&pixels[src * kk..(src + 1) * kk]);
+            let (y, x) = self.pos_hw[src];
+            let (cy, sy) = rope.row(y as usize);
+            let (cx, sx) = rope.row(x as usize);
+            let cr = &mut cos[r * hd / 2..(r + 1) * hd / 2];
+            cr[..q4].copy_from_slice(cy);
+            cr[q4..].copy_from_slice(cx);
+            let sr = &mut sin[r * hd / 2..(r + 1) * hd / 2];
+            sr[..q4].copy_from_slice(sy);
+            sr[q4..].copy_from_slice(sx);
+        }
+    }
+
+    /// Undoes the window permutation of merged rows: `out` [P/u, d_out] in input order from
+    /// `perm` [P/u, d_out] in window order. Overwrites `out`.
+    pub fn unpermute(&self, perm: &[f32], d_out: usize, out: &mut Vec<f32>) {
+        out.resize(self.window_index.len() * d_out, 0.0);
+        for (i, &src) in self.window_index.iter().enumerate() {
+            out[src * d_out..(src + 1) * d_out].copy_from_slice(&perm[i * d_out..(i + 1) * d_out]);
+        }
+    }
+}
+
+/// The frozen tower's forward as the MR-SP encoder runs it: the merged features [P/u, d_out]
+/// (input order) of pixels [P, C·T_p·p·p] laid out by `grids`. Implemented by the CPU tower with
+/// its workspace ([`CpuTower`]) and by reel-cuda's device copy of the weights (`GpuVisionTower`);
+/// both give the same numbers within their storage type's rounding.
+pub trait TowerForward {
+    /// The tower's hyper-parameters.
+    fn config(&self) -> &VisionConfig;
+    /// Merged features [P/u, d_out] of `pixels` for `grids`.
+    fn forward_features(
+        &mut self,
+        pixels: &[f32],
+        grids: &[VideoGrid],
+    ) -> Result<Vec<f32>, ModelError>;
+}
+
+/// The CPU tower as a [`TowerForward`]: `ws` keeps the activations, so a trained tower's
+/// backward can follow.
+pub struct CpuTower<'a> {
+    pub tower: &'a VisionTower,
+    pub ws: &'a mut VisionWorkspace,
+}
+
+impl TowerForward for CpuTower<'_> {
+    fn config(&self) -> &VisionConfig {
+        &self.tower.config
+    }
+
+    fn forward_features(
+        &mut self,
+        pixels: &[f32],
+        grids: &[VideoGrid],
+    ) -> Result<Vec<f32>, ModelError> {
+        Ok(self.tower.forward(self.ws, pixels, grids)?.to_vec())
     }
 }
 
@@ -608,25 +685,17 @@ impl VisionTower {
             )));
         }
         let (hd, i_w, d_out) = (c.head_dim(), c.intermediate_size, c.out_hidden_size);
-        let (heads, q4) = (c.num_heads, hd / 4);
+        let heads = c.num_heads;
         let p = &self.params;
         // Patches and angles in window order.
-        ws.pixels.resize(n * kk, 0.0);
-        ws.cos.resize(n * hd / 2, 0.0);
-        ws.sin.resize(n * hd / 2, 0.0);
-        for r in 0..n {
-            let src = plan.source_row(r, u);
-            ws.pixels[r * kk..(r + 1) * kk].copy_from_slice(&pixels[src * kk..(src + 1) * kk]);
-            let (y, x) = plan.pos_hw[src];
-            let (cy, sy) = self.rope.row(y as usize);
-            let (cx, sx) = self.rope.row(x as usize);
-            let cos = &mut ws.cos[r * hd / 2..(r + 1) * hd / 2];
-            cos[..q4].copy_from_slice(cy);
-            cos[q4..].copy_from_slice(cx);
-            let sin = &mut ws.sin[r * hd / 2..(r + 1) * hd / 2];
-            sin[..q4].copy_from_slice(sy);
-            sin[q4..].copy_from_slice(sx);
-        }
+        plan.window_inputs(
+            c,
+            &self.rope,
+            pixels,
+            &mut ws.pixels,
+            &mut ws.cos,
+            &mut ws.sin,
+        );
         ws.blocks.resize_with(c.depth, BlockActs::default);
         ws.qkv.resize(n * 3 * d, 0.0);
         let mut x = std::mem::take(&mut ws.x_last);
@@ -757,7 +826,6 @@ impl VisionTower {
         ws.h0.resize(nu * ud, 0.0);
         ws.g0.resize(nu * ud, 0.0);
         ws.out_perm.resize(nu * d_out, 0.0);
-        ws.out.resize(nu * d_out, 0.0);
         rmsnorm_forward(
             &mut ws.xn_m,
             &mut ws.rstd_m,
@@ -786,10 +854,7 @@ impl VisionTower {
             ud,
             d_out,
         );
-        for (i, &src) in plan.window_index.iter().enumerate() {
-            ws.out[src * d_out..(src + 1) * d_out]
-                .copy_from_slice(&ws.out_perm[i * d_out..(i + 1) * d_out]);
-        }
+        plan.unpermute(&ws.out_perm, d_out, &mut ws.out);
         ws.x_last = x;
         ws.plan = Some(plan);
         Ok(&ws.out)

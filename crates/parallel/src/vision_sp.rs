@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use reel_comm::{CommError, Communicator};
 use reel_model::embed_cache::{EmbedCache, EmbedKey, VideoEmbeds};
-use reel_model::{ModelError, VideoGrid, VisionTower, VisionWorkspace};
+use reel_model::{CpuTower, ModelError, TowerForward, VideoGrid, VisionTower, VisionWorkspace};
 
 /// Errors of the sequence-parallel encode.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,20 @@ impl SpVisionEncoder {
         pixels: &[f32],
         grids: &[VideoGrid],
     ) -> Result<Vec<f32>, VisionSpError> {
-        let c = &tower.config;
+        self.encode_on(comm, &mut CpuTower { tower, ws }, pixels, grids)
+    }
+
+    /// [`Self::encode`] with the tower's forward on any [`TowerForward`] (the CPU tower, or a
+    /// frozen tower's device copy); no backward follows unless it is a [`CpuTower`].
+    pub fn encode_on<C: Communicator>(
+        &self,
+        comm: &C,
+        tower: &mut dyn TowerForward,
+        pixels: &[f32],
+        grids: &[VideoGrid],
+    ) -> Result<Vec<f32>, VisionSpError> {
+        let c = tower.config().clone();
+        let c = &c;
         reel_model::vision::check_grids(c, grids)?;
         let (kk, u, d) = (c.patch_len(), c.merge_unit(), c.out_hidden_size);
         let total: usize = grids.iter().map(VideoGrid::patches).sum();
@@ -163,7 +176,7 @@ impl SpVisionEncoder {
             Vec::new()
         } else {
             self.counters.tower_forwards.fetch_add(1, Ordering::Relaxed);
-            tower.forward(ws, &local_pixels, &plan.grids)?.to_vec()
+            tower.forward_features(&local_pixels, &plan.grids)?
         };
         if rank == 0 {
             self.counters
@@ -256,7 +269,24 @@ impl SpVisionEncoder {
         grids: &[VideoGrid],
         seconds: &[f32],
     ) -> Result<Vec<Arc<VideoEmbeds>>, VisionSpError> {
-        let kk = tower.config.patch_len();
+        let mut cpu = CpuTower { tower, ws };
+        self.encode_cached_on(comm, &mut cpu, cache, keys, pixels, grids, seconds)
+    }
+
+    /// [`Self::encode_cached`] with the tower's forward on any [`TowerForward`] (see
+    /// [`Self::encode_cached_with_on`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_cached_on<C: Communicator>(
+        &self,
+        comm: &C,
+        tower: &mut dyn TowerForward,
+        cache: &EmbedCache,
+        keys: &[EmbedKey],
+        pixels: &[f32],
+        grids: &[VideoGrid],
+        seconds: &[f32],
+    ) -> Result<Vec<Arc<VideoEmbeds>>, VisionSpError> {
+        let kk = tower.config().patch_len();
         let mut starts = Vec::with_capacity(grids.len());
         let mut at = 0;
         for g in grids {
@@ -284,7 +314,7 @@ impl SpVisionEncoder {
                 ),
             })
         };
-        self.encode_cached_with(comm, tower, ws, cache, keys, grids, seconds, stack)
+        self.encode_cached_with_on(comm, tower, cache, keys, grids, seconds, stack)
     }
 
     /// [`Self::encode_cached`] with the pixels asked for only when some video misses:
@@ -309,6 +339,28 @@ impl SpVisionEncoder {
         C: Communicator,
         P: FnOnce(&[usize]) -> Result<Cow<'p, [f32]>, VisionSpError>,
     {
+        let mut cpu = CpuTower { tower, ws };
+        self.encode_cached_with_on(comm, &mut cpu, cache, keys, grids, seconds, pixels)
+    }
+
+    /// [`Self::encode_cached_with`] with the tower's forward on any [`TowerForward`]: a frozen
+    /// tower's device copy gives the same cache entries (same keys: its weights are the CPU
+    /// tower's) within its storage type's rounding.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_cached_with_on<'p, C, P>(
+        &self,
+        comm: &C,
+        tower: &mut dyn TowerForward,
+        cache: &EmbedCache,
+        keys: &[EmbedKey],
+        grids: &[VideoGrid],
+        seconds: &[f32],
+        pixels: P,
+    ) -> Result<Vec<Arc<VideoEmbeds>>, VisionSpError>
+    where
+        C: Communicator,
+        P: FnOnce(&[usize]) -> Result<Cow<'p, [f32]>, VisionSpError>,
+    {
         if keys.len() != grids.len() || seconds.len() != grids.len() {
             return Err(VisionSpError::Invalid(format!(
                 "{} keys and {} seconds for {} videos",
@@ -317,7 +369,7 @@ impl SpVisionEncoder {
                 grids.len()
             )));
         }
-        let kk = tower.config.patch_len();
+        let kk = tower.config().patch_len();
         let mut found = Vec::with_capacity(keys.len());
         let mut missing = vec![0.0f32; keys.len()];
         for (k, key) in keys.iter().enumerate() {
@@ -344,8 +396,8 @@ impl SpVisionEncoder {
                 )));
             }
             let sub: Vec<VideoGrid> = todo.iter().map(|&k| grids[k]).collect();
-            let feats = self.encode(comm, tower, ws, &px, &sub)?;
-            let (u, d) = (tower.config.merge_unit(), tower.config.out_hidden_size);
+            let feats = self.encode_on(comm, tower, &px, &sub)?;
+            let (u, d) = (tower.config().merge_unit(), tower.config().out_hidden_size);
             let mut off = 0;
             for &k in &todo {
                 let n = grids[k].patches() / u;

@@ -1,7 +1,7 @@
 //! MR-SP stage 1 against one rank: at P = 1…4 the gathered embeddings equal the single-rank
 //! tower's, the ranks' parameter gradients sum to the single-rank backward, and with the
 //! embedding cache the tower runs once per video however many passes reuse it; the cache is
-//! keyed by content, never by row position.
+//! keyed by content, never by row position; the `_on` forms run whatever tower they are given.
 
 use std::time::Duration;
 
@@ -281,4 +281,80 @@ fn a_new_weights_version_misses() {
     });
     res.into_iter().for_each(|r| r.unwrap());
     assert_eq!(enc.counters.snapshot().tower_forwards, 2);
+}
+
+/// A tower that records the grids of each forward it runs and hands back the CPU tower's
+/// features plus an offset (as a device copy of the weights would, with its own rounding).
+struct Recording<'a> {
+    tower: &'a VisionTower,
+    calls: &'a std::sync::Mutex<Vec<Vec<VideoGrid>>>,
+}
+
+impl reel_model::TowerForward for Recording<'_> {
+    fn config(&self) -> &VisionConfig {
+        &self.tower.config
+    }
+
+    fn forward_features(
+        &mut self,
+        pixels: &[f32],
+        grids: &[VideoGrid],
+    ) -> Result<Vec<f32>, reel_model::ModelError> {
+        self.calls.lock().unwrap().push(grids.to_vec());
+        let mut ws = VisionWorkspace::new();
+        let f = self.tower.forward(&mut ws, pixels, grids)?;
+        Ok(f.iter().map(|x| x + 1000.0).collect())
+    }
+}
+
+/// The `_on` forms run the tower they are given (each rank its share, the cache filled with its
+/// features under the same keys), so a GPU copy of a frozen tower slots in for the CPU one.
+#[test]
+fn the_on_forms_encode_with_the_given_tower() {
+    let tower = tower();
+    let grids = [
+        VideoGrid { t: 3, h: 4, w: 4 },
+        VideoGrid { t: 1, h: 2, w: 4 },
+    ];
+    let px = pixels(&tower, &grids, 5);
+    let mut ws = VisionWorkspace::new();
+    let want: Vec<f32> = tower
+        .forward(&mut ws, &px, &grids)
+        .unwrap()
+        .iter()
+        .map(|x| x + 1000.0)
+        .collect();
+    for p in [1usize, 2] {
+        let cache = EmbedCache::new(1 << 24);
+        let enc = SpVisionEncoder::new();
+        let calls = std::sync::Mutex::new(Vec::new());
+        let keys = [key("a"), key("b")];
+        let res = InProcess::spawn(p, TIMEOUT, |comm| {
+            let mut t = Recording {
+                tower: &tower,
+                calls: &calls,
+            };
+            let a = enc.encode_cached_on(&comm, &mut t, &cache, &keys, &px, &grids, &[1.0, 2.0])?;
+            // The second pass is served by the cache: no forward.
+            let b = enc.encode_cached_on(&comm, &mut t, &cache, &keys, &px, &grids, &[1.0, 2.0])?;
+            Ok::<_, VisionSpError>((a, b))
+        });
+        for r in res {
+            let (a, b) = r.unwrap();
+            let got: Vec<f32> = a.iter().flat_map(|e| e.data.iter().copied()).collect();
+            check_close("on-form features", &got, &want, Tolerance::new(1e-3, 1e-5)).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!(
+                    std::sync::Arc::ptr_eq(x, y),
+                    "P {p}: the cache serves the second pass"
+                );
+            }
+        }
+        let calls = calls.into_inner().unwrap();
+        // One forward per rank with work, each on its temporal share of both videos.
+        assert_eq!(calls.len(), p, "P {p}: {calls:?}");
+        let slices: usize = calls.iter().flatten().map(|g| g.t).sum();
+        assert_eq!(slices, 4, "P {p}: {calls:?}");
+        assert_eq!(enc.counters.snapshot().tower_forwards, p as u64);
+    }
 }

@@ -95,6 +95,25 @@ pub struct VideoConfig {
     /// Records (one micro-batch each) decoded or being decoded ahead of the step, per
     /// replica: the bound on the videos held in memory besides the one in use. ≥ 1. Default 4.
     pub prefetch_depth: usize,
+    /// Where a GPU run's frozen tower encodes the videos ([`GpuTowerMode`]). Default "bf16".
+    pub gpu_tower: GpuTowerMode,
+}
+
+/// `video.gpu_tower`: where the frozen vision tower runs when the run's model is on the GPU
+/// (SFT's decoder, GRPO's rollout decoder, greedy accuracy's decoder). A trained tower
+/// (`video.train_vision`) and a CPU run keep the CPU tower whatever this says; the cache key's
+/// weights version is the same for all three (the weights are), so entries made by one serve
+/// the others.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuTowerMode {
+    /// The GPU, bf16 storage with f32 accumulation (`reel_cuda::GpuVisionTower`). The default.
+    #[default]
+    Bf16,
+    /// The GPU, f32 storage: the CPU tower's features to f32 rounding.
+    F32,
+    /// The CPU tower.
+    Off,
 }
 
 impl Default for VideoConfig {
@@ -106,6 +125,7 @@ impl Default for VideoConfig {
             cache_dir: None,
             prefetch_workers: 2,
             prefetch_depth: 4,
+            gpu_tower: GpuTowerMode::Bf16,
         }
     }
 }
@@ -674,6 +694,8 @@ cache_mb = 1024
 prefetch_workers = 2
 # Records decoded or being decoded ahead of the step, per replica (bounds the videos in memory).
 prefetch_depth = 4
+# On a GPU run with a frozen tower: encode videos on the GPU ("bf16", "f32") or the CPU ("off").
+gpu_tower = "bf16"
 "#;
 
 /// 1-based line and column (in characters) of byte offset `at` in `text`.
@@ -1332,6 +1354,17 @@ dir = "runs/x"
             .unwrap_err()
             .to_string()
             .contains("frames"));
+        // Where a GPU run's frozen tower encodes: bf16 by default, f32, off; nothing else.
+        assert_eq!(SftConfig::default().video.gpu_tower, GpuTowerMode::Bf16);
+        let t = parse("[video]\ngpu_tower = \"f32\"\n").unwrap();
+        assert_eq!(t.video.gpu_tower, GpuTowerMode::F32);
+        let mut o = SftConfig::default();
+        o.apply_override("video.gpu_tower=off").unwrap();
+        assert_eq!(o.video.gpu_tower, GpuTowerMode::Off);
+        let e = parse("[video]\ngpu_tower = \"fp8\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fp8"), "{e}");
         // The family comes from the checkpoint's config.json.
         let dir = tempfile::tempdir().unwrap();
         cfg.model.path = Some(dir.path().to_path_buf());

@@ -8,8 +8,9 @@
 //!
 //! A Qwen2.5-VL run trains its decoder on the GPU the same way ([`GpuModel::forward_embeds`]:
 //! input-embedding rows — text rows from the device embedding table, video rows the merged
-//! vision features — and per-token M-RoPE angles), the vision tower frozen on the CPU, its
-//! features served from the embedding cache; a run that trains the tower stays on the CPU
+//! vision features — and per-token M-RoPE angles), the frozen vision tower encoding on the GPU
+//! too ([`GpuTower`], [`gpu_tower`]: `video.gpu_tower`, bf16 or f32, or "off" for the CPU tower),
+//! its features served from the embedding cache; a run that trains the tower stays on the CPU
 //! ([`gpu_unsupported`]).
 //!
 //! A run with `parallel.sp > 1` (and dp = 1) on the GPU puts its sp in-process ranks on GPU 0,
@@ -30,9 +31,9 @@
 //! [`RolloutDecoder::load_from_policy`]). Greedy accuracy evaluation
 //! (`reel eval --accuracy --device`) decodes through the same decoder ([`step_model`]).
 //!
-//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`], [`GpuModel`] and
-//! [`RolloutDecoder`] are uninhabited, so the CPU-only build carries the same code paths with no
-//! GPU in them.
+//! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`], [`GpuModel`],
+//! [`GpuTower`] and [`RolloutDecoder`] are uninhabited, so the CPU-only build carries the same
+//! code paths with no GPU in them.
 
 use anyhow::Result;
 use reel_model::{CheckpointPolicy, Qwen2Config};
@@ -593,6 +594,79 @@ impl RolloutDecoder {
     }
 }
 
+/// The frozen vision tower's device copy a run on the GPU encodes its videos with
+/// (`video.gpu_tower`): bf16 or f32 storage on GPU 0 (its own stream), kept for the run and shared
+/// by the run's in-process ranks.
+#[cfg(feature = "cuda")]
+pub enum GpuTower {
+    Bf16(reel_cuda::GpuVisionTower),
+    F32(reel_cuda::GpuVisionTower<f32>),
+}
+
+#[cfg(feature = "cuda")]
+impl GpuTower {
+    /// Uploads `tower`'s weights to GPU 0 (f32 storage when `f32`, else bf16).
+    pub fn new(tower: &reel_model::VisionTower, f32: bool) -> Result<Self> {
+        let gpu = reel_cuda::Gpu::open_on_new_stream(0)?;
+        Ok(if f32 {
+            GpuTower::F32(reel_cuda::GpuVisionTower::new(gpu, tower)?)
+        } else {
+            GpuTower::Bf16(reel_cuda::GpuVisionTower::new(gpu, tower)?)
+        })
+    }
+
+    /// The tower as the MR-SP encoder's forward (`SpVisionEncoder::encode_cached_on`).
+    pub fn forward(&self) -> Box<dyn reel_model::TowerForward + Send + '_> {
+        match self {
+            GpuTower::Bf16(t) => Box::new(t),
+            GpuTower::F32(t) => Box::new(t),
+        }
+    }
+
+    /// "cuda-bf16" or "cuda-f32".
+    pub fn name(&self) -> &'static str {
+        match self {
+            GpuTower::Bf16(_) => "cuda-bf16",
+            GpuTower::F32(_) => "cuda-f32",
+        }
+    }
+}
+
+/// The GPU tower of a run whose model is on the GPU and whose tower is frozen, per `mode`
+/// (`video.gpu_tower`): `None` for "off"; when the tower cannot be put on the GPU (no device
+/// memory, a head size the attention kernel lacks) the CPU tower encodes, with a warning naming
+/// why. Logs the tower it made for `what`.
+pub fn gpu_tower(
+    mode: crate::config::GpuTowerMode,
+    tower: &reel_model::VisionTower,
+    what: &str,
+) -> Option<GpuTower> {
+    use crate::config::GpuTowerMode;
+    let f32 = match mode {
+        GpuTowerMode::Off => return None,
+        GpuTowerMode::Bf16 => false,
+        GpuTowerMode::F32 => true,
+    };
+    match GpuTower::new(tower, f32) {
+        Ok(t) => {
+            tracing::info!(
+                "{what}: the frozen vision tower encodes on the GPU ({})",
+                t.name()
+            );
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!("{what}: the vision tower stays on the CPU: {e:#}");
+            None
+        }
+    }
+}
+
+/// The name of where videos are encoded: the GPU tower's ([`GpuTower::name`]) or "cpu".
+pub fn tower_device(t: Option<&GpuTower>) -> &'static str {
+    t.map_or("cpu", GpuTower::name)
+}
+
 /// One line naming the device.
 #[cfg(feature = "cuda")]
 pub fn describe(g: &GpuHandle) -> String {
@@ -623,7 +697,7 @@ pub fn gpu_count() -> Result<usize, String> {
 
 #[cfg(not(feature = "cuda"))]
 pub use cpu_only::{
-    GpuEmbedsBatch, GpuHandle, GpuModel, GpuProc, GpuSpGroup, RolloutDecoder, Weights,
+    GpuEmbedsBatch, GpuHandle, GpuModel, GpuProc, GpuSpGroup, GpuTower, RolloutDecoder, Weights,
 };
 
 #[cfg(not(feature = "cuda"))]
@@ -737,6 +811,23 @@ mod cpu_only {
     pub enum Weights {
         Policy,
         Reference,
+    }
+
+    /// Never made (its field cannot be).
+    pub struct GpuTower {
+        never: Infallible,
+    }
+
+    impl GpuTower {
+        pub fn new(_: &reel_model::VisionTower, _: bool) -> anyhow::Result<Self> {
+            anyhow::bail!("the GPU vision tower needs the `cuda` feature")
+        }
+        pub fn forward(&self) -> Box<dyn reel_model::TowerForward + Send + '_> {
+            match self.never {}
+        }
+        pub fn name(&self) -> &'static str {
+            match self.never {}
+        }
     }
 
     /// Never made (its field cannot be).

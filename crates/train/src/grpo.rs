@@ -177,6 +177,9 @@ pub struct VideoRlConfig {
     /// memory); at least `data.prompts_per_step` to have a whole next step ready. ≥ 1.
     /// Default 8.
     pub prefetch_depth: usize,
+    /// Where the frozen tower encodes the videos when the rollouts decode on the GPU
+    /// ([`crate::config::GpuTowerMode`]: "bf16", "f32" or "off" for the CPU). Default "bf16".
+    pub gpu_tower: crate::config::GpuTowerMode,
 }
 
 impl Default for VideoRlConfig {
@@ -188,6 +191,7 @@ impl Default for VideoRlConfig {
             reuse: true,
             prefetch_workers: 2,
             prefetch_depth: 8,
+            gpu_tower: crate::config::GpuTowerMode::Bf16,
         }
     }
 }
@@ -427,9 +431,11 @@ impl GrpoRunConfig {
     pub fn config_hash(&self) -> String {
         let mut c = self.clone();
         c.output = OutputConfig::default();
-        // Prefetching changes when videos are decoded, not the numbers.
+        // Prefetching changes when videos are decoded, not the numbers; the tower's device is
+        // a device choice, as the rollout's is (its features differ by storage rounding only).
         let d = VideoRlConfig::default();
         (c.video.prefetch_workers, c.video.prefetch_depth) = (d.prefetch_workers, d.prefetch_depth);
+        c.video.gpu_tower = d.gpu_tower;
         hash_hex(&c.to_toml())
     }
 

@@ -36,9 +36,9 @@ pub use checkpoint::{
     CheckpointDir, CheckpointError, TrainerState,
 };
 pub use config::{
-    apply_override, model_kind_of, parse_toml, read_toml, ConfigError, DataConfig, InitConfig,
-    ModelConfig, ModelKind, OutputConfig, ParallelConfig, ScheduleKind, SftConfig, SpSchedule,
-    TrainConfig, VideoConfig,
+    apply_override, model_kind_of, parse_toml, read_toml, ConfigError, DataConfig, GpuTowerMode,
+    InitConfig, ModelConfig, ModelKind, OutputConfig, ParallelConfig, ScheduleKind, SftConfig,
+    SpSchedule, TrainConfig, VideoConfig,
 };
 pub use device::Device;
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};

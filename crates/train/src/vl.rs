@@ -41,9 +41,9 @@ use reel_data::{
 use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, EmbedKey};
 use reel_model::vl::vl_model_files;
 use reel_model::{
-    load_vl_checkpoint, save_vl_checkpoint, AttentionOp, CheckpointPolicy, EmbedsBatch,
-    LocalAttention, LossStats, Qwen2, Qwen25VL, Rotary, VideoBatch, VideoGrid, VlBatch,
-    VlWorkspace,
+    load_vl_checkpoint, save_vl_checkpoint, AttentionOp, CheckpointPolicy, CpuTower, EmbedsBatch,
+    LocalAttention, LossStats, Qwen2, Qwen25VL, Rotary, TowerForward, VideoBatch, VideoGrid,
+    VlBatch, VlWorkspace,
 };
 use reel_parallel::{EncodeStats, SpVisionEncoder, VisionSpError};
 use reel_rollout::{Engine, GenerationParams, Prompt};
@@ -219,6 +219,9 @@ pub fn eval_vl_nll(
     Ok((total, report))
 }
 
+/// What the device messages call greedy VLM evaluation.
+const GREEDY_VL: &str = "greedy answers";
+
 /// Worker threads that decode an evaluation's videos ahead of the model.
 const EVAL_WORKERS: usize = 2;
 
@@ -230,22 +233,20 @@ fn eval_one(model: &Qwen25VL, ws: &mut VlWorkspace, ex: &VlExample) -> Result<Lo
         .with_context(|| ex.origin.clone())
 }
 
-/// Encodes a whole example's videos through the cache (one rank); returns their merged
-/// embeddings [Σ tokens, d] in order.
+/// Encodes a whole example's videos through the cache (one rank, `tower`: the CPU tower or its
+/// GPU copy); returns their merged embeddings [Σ tokens, d] in order.
 fn cached_features(
-    model: &Qwen25VL,
+    tower: &mut (dyn TowerForward + Send),
     enc: &SpVisionEncoder,
-    ws: &mut reel_model::VisionWorkspace,
     cache: &EmbedCache,
     inp: &VlInputs,
 ) -> Result<Vec<f32>> {
-    let ws = std::sync::Mutex::new(ws);
+    let tower = std::sync::Mutex::new(tower);
     let out = InProcess::spawn(1, std::time::Duration::from_secs(600), |comm| {
-        let mut ws = ws.lock().unwrap_or_else(|e| e.into_inner());
-        enc.encode_cached(
+        let mut tower = tower.lock().unwrap_or_else(|e| e.into_inner());
+        enc.encode_cached_on(
             &comm,
-            &model.vision,
-            &mut ws,
+            &mut **tower,
             cache,
             &inp.keys,
             &inp.pixels,
@@ -263,20 +264,21 @@ fn cached_features(
 
 /// The rollout-engine prompt of a prompt example ([`load_vl_examples`] with
 /// `with_target = false`): its videos' merged embeddings from the content-addressed cache
-/// (a miss runs the tower once per video; `weights` is the tower's version in the cache key,
+/// (a miss runs `tower` once per video: `model.vision` as a [`CpuTower`], or its GPU copy;
+/// `weights` is the tower's version in the cache key,
 /// [`weights_fingerprint`] of its parameters), scattered into the `<|video_pad|>` rows, with the
 /// M-RoPE positions ([`Prompt::vl`]).
 pub fn vl_rollout_prompt(
     model: &Qwen25VL,
     cache: &EmbedCache,
-    vws: &mut reel_model::VisionWorkspace,
+    tower: &mut (dyn TowerForward + Send),
     ex: &VlExample,
     settings_key: &str,
     weights: u64,
 ) -> Result<Prompt> {
     let inp = VlInputs::new(ex, settings_key, weights);
     let enc = SpVisionEncoder::new();
-    let features = cached_features(model, &enc, vws, cache, &inp)?;
+    let features = cached_features(tower, &enc, cache, &inp)?;
     Prompt::vl(model, inp.tokens, &inp.grids, &inp.seconds, &features)
         .with_context(|| ex.origin.clone())
 }
@@ -285,7 +287,8 @@ pub fn vl_rollout_prompt(
 /// rollout engine (prompts prefilled from cached video embeddings, `opts.batch` prompts per
 /// engine run), scored like the accuracy reward: accuracy overall and per `problem_type`, and
 /// the `<think>/<answer>` format rate. Bad records and videos are skipped and reported. The
-/// language model decodes where `opts.device` says (the tower runs on the CPU either way).
+/// language model decodes where `opts.device` says; with the decoder on the GPU the tower
+/// encodes there too (bf16, or f32 with `opts.gpu_f32`), else on the CPU.
 pub fn eval_vl_accuracy(
     model: &Qwen25VL,
     tok: &Tokenizer,
@@ -298,6 +301,14 @@ pub fn eval_vl_accuracy(
     let weights = weights_fingerprint(&model.vision.params);
     let mut vws = reel_model::VisionWorkspace::new();
     let mut decoder = opts.decoder(&model.lm)?;
+    let gpu_tower = decoder.as_ref().and_then(|_| {
+        let mode = if opts.gpu_f32 {
+            crate::config::GpuTowerMode::F32
+        } else {
+            crate::config::GpuTowerMode::Bf16
+        };
+        crate::device::gpu_tower(mode, &model.vision, GREEDY_VL)
+    });
     let mut report = AccuracyReport {
         device: crate::device::rollout_device(decoder.as_ref()).into(),
         ..AccuracyReport::default()
@@ -310,7 +321,23 @@ pub fn eval_vl_accuracy(
     let mut run = |chunk: &mut Vec<VlExample>, report: &mut AccuracyReport| -> Result<()> {
         let prompts = chunk
             .iter()
-            .map(|ex| vl_rollout_prompt(model, cache, &mut vws, ex, &key, weights))
+            .map(|ex| {
+                let (mut boxed, mut cpu);
+                let tower: &mut (dyn TowerForward + Send) = match &gpu_tower {
+                    Some(t) => {
+                        boxed = t.forward();
+                        &mut *boxed
+                    }
+                    None => {
+                        cpu = CpuTower {
+                            tower: &model.vision,
+                            ws: &mut vws,
+                        };
+                        &mut cpu
+                    }
+                };
+                vl_rollout_prompt(model, cache, tower, ex, &key, weights)
+            })
             .collect::<Result<Vec<_>>>()?;
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
@@ -560,6 +587,10 @@ pub(crate) struct VlTask {
     /// The source folder's preprocessor config files, carried into every checkpoint.
     processor_files: Vec<(String, Vec<u8>)>,
     stats: VideoRunStats,
+    /// `video.gpu_tower`, and the frozen tower's device copy, made by the first GPU step (shared
+    /// by the run's ranks; `None`: the CPU tower encodes).
+    gpu_tower_mode: crate::config::GpuTowerMode,
+    gpu_tower: OnceLock<Option<crate::device::GpuTower>>,
 }
 
 /// One micro-batch: its records, and the labelled tokens this rank dropped from it.
@@ -703,6 +734,8 @@ impl SftTask for VlTask {
             failed: FailedRecords::default(),
             processor_files,
             stats,
+            gpu_tower_mode: cfg.video.gpu_tower,
+            gpu_tower: OnceLock::new(),
         })
     }
 
@@ -901,6 +934,7 @@ impl SftTask for VlTask {
             "data_wait_s": wait, "videos_decoded": f.videos_decoded,
             "decode_cache_skips": f.cache_skips,
             "videos_in_memory_peak": f.peak_videos_in_memory,
+            "tower_device": crate::device::tower_device(self.gpu_tower.get().and_then(Option::as_ref)),
         });
         if let (Some(r), Some(f)) = (record.as_object_mut(), fields.as_object()) {
             r.extend(f.clone());
@@ -1066,6 +1100,7 @@ impl VlTask {
     /// from the cache (a video encoded once; pixels asked of `fetched` only for the videos the
     /// cache lacks) with a frozen tower, encoded every time when the tower trains. `Ok(Err(why))`
     /// when a video the step had to decode itself does not decode.
+    #[allow(clippy::too_many_arguments)]
     fn features<C: Communicator>(
         &self,
         model: &Qwen25VL,
@@ -1074,6 +1109,7 @@ impl VlTask {
         inp: &VlInputs,
         fetched: &FetchedRecord,
         ctx: &DecodeCtx,
+        gpu: Option<&crate::device::GpuTower>,
     ) -> Result<std::result::Result<Vec<f32>, String>> {
         if self.train_vision {
             let all: Vec<usize> = (0..fetched.videos.len()).collect();
@@ -1089,10 +1125,24 @@ impl VlTask {
                 &inp.grids,
             )?));
         }
-        let encoded = self.enc.encode_cached_with(
+        // The frozen tower: on the GPU when the run's model is there (`video.gpu_tower`).
+        let (mut boxed, mut cpu);
+        let tower: &mut dyn TowerForward = match gpu {
+            Some(t) => {
+                boxed = t.forward();
+                &mut *boxed
+            }
+            None => {
+                cpu = CpuTower {
+                    tower: &model.vision,
+                    ws: &mut ws.vision,
+                };
+                &mut cpu
+            }
+        };
+        let encoded = self.enc.encode_cached_with_on(
             group,
-            &model.vision,
-            &mut ws.vision,
+            tower,
             &self.cache,
             &inp.keys,
             &inp.grids,
@@ -1131,7 +1181,7 @@ impl VlTask {
         let (lm_grads, vision_grads) = grads.split_at_mut(model.lm.params.len());
 
         // MR-SP stage 1 over the sequence-parallel group.
-        let features = match self.features(model, ws, p.group, &inp, fetched, ctx)? {
+        let features = match self.features(model, ws, p.group, &inp, fetched, ctx, None)? {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };
@@ -1218,7 +1268,11 @@ impl VlTask {
         let c = &model.config;
         let (d, vid) = (c.text.hidden_size, c.video_token_id);
         let inp = VlInputs::from_plan(ex, Vec::new(), fetched.keys());
-        let features = match self.features(model, ws, p.group, &inp, fetched, ctx)? {
+        let tower = self
+            .gpu_tower
+            .get_or_init(|| crate::device::gpu_tower(self.gpu_tower_mode, &model.vision, "SFT"))
+            .as_ref();
+        let features = match self.features(model, ws, p.group, &inp, fetched, ctx, tower)? {
             Ok(f) => f,
             Err(e) => return Ok(Err(e)),
         };

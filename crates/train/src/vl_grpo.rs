@@ -60,7 +60,8 @@
 //! Samples are seeded per sample either way, so the responses are the same.
 //!
 //! Metrics per step add to the text trainer's record: `rollout_device` (`cpu`, `cuda-bf16`,
-//! `cuda-f32`), `update_device` (`cpu`, `cuda-bf16`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
+//! `cuda-f32`), `update_device` (`cpu`, `cuda-bf16`), `tower_device` (the same names: with the
+//! rollouts on the GPU the frozen tower encodes there too, `video.gpu_tower`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
 //! videos), `videos_decoded`, `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and
 //! `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
@@ -159,6 +160,9 @@ struct VlCtx<'a> {
     sp: usize,
     /// Scoring and update run on the GPU policy (rows unpacked).
     gpu: bool,
+    /// The frozen tower's GPU copy when the rollouts decode on the GPU (`video.gpu_tower`);
+    /// `None`: the CPU tower.
+    gpu_tower: Option<&'a crate::device::GpuTower>,
 }
 
 impl VlCtx<'_> {
@@ -206,6 +210,21 @@ impl VlCtx<'_> {
             if grids.is_empty() {
                 return Ok::<_, anyhow::Error>(Vec::new());
             }
+            // The frozen tower: its GPU copy when the rollouts are on the GPU, else the CPU's.
+            let (mut boxed, mut cpu);
+            let tower: &mut dyn reel_model::TowerForward = match self.gpu_tower {
+                Some(t) => {
+                    boxed = t.forward();
+                    &mut *boxed
+                }
+                None => {
+                    cpu = reel_model::CpuTower {
+                        tower: &model.vision,
+                        ws: &mut vws,
+                    };
+                    &mut cpu
+                }
+            };
             if let Some((fetched, dec)) = cached {
                 let lazy = |todo: &[usize]| {
                     let mut px = Vec::new();
@@ -216,21 +235,12 @@ impl VlCtx<'_> {
                     }
                     Ok(Cow::Owned(px))
                 };
-                let e = self.enc.encode_cached_with(
-                    &comm,
-                    &model.vision,
-                    &mut vws,
-                    self.cache,
-                    &keys,
-                    &grids,
-                    &seconds,
-                    lazy,
+                let e = self.enc.encode_cached_with_on(
+                    &comm, tower, self.cache, &keys, &grids, &seconds, lazy,
                 )?;
                 Ok(e)
             } else {
-                let f = self
-                    .enc
-                    .encode(&comm, &model.vision, &mut vws, &pixels, &grids)?;
+                let f = self.enc.encode_on(&comm, tower, &pixels, &grids)?;
                 let u = model.config.vision.merge_unit();
                 let mut off = 0;
                 Ok(grids
@@ -1046,6 +1056,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         ROLLOUTS,
     )?;
     let rollout_device = rollout_device(decoder.as_ref());
+    // With the rollouts on the GPU, the frozen tower encodes there too.
+    let gpu_tower = decoder
+        .as_ref()
+        .and_then(|_| crate::device::gpu_tower(cfg.video.gpu_tower, &model.vision, ROLLOUTS));
+    let tower_device = crate::device::tower_device(gpu_tower.as_ref());
     let mut opt = adamw_for(cfg, &model.lm.layout);
     let mut skipped = bad.len();
     let (mut sampler, start_step, mut recent) = match &resumed {
@@ -1105,6 +1120,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         enc: &enc,
         sp: cfg.parallel.sp,
         gpu: gm.is_some(),
+        gpu_tower: gpu_tower.as_ref(),
     };
     let reward = cfg.grpo.reward.build();
     let scorer = Scorer::new(cfg, &tok, &reward);
@@ -1329,6 +1345,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
                 ("rollout_device", json!(rollout_device)),
                 ("update_device", json!(update_device)),
+                ("tower_device", json!(tower_device)),
                 ("cache_hits", json!(cs.hits + cs.disk_hits)),
                 ("cache_misses", json!(cs.misses)),
                 ("cache_bytes", json!(cs.bytes)),
@@ -1631,6 +1648,7 @@ mod tests {
                 enc: &enc,
                 sp,
                 gpu: false,
+                gpu_tower: None,
             };
             let (prompts, samples) = fake_samples(&ctx, &model, &mut sampler);
             let refs: Vec<&Sample> = samples.iter().collect();

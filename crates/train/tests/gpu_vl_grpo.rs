@@ -8,9 +8,10 @@
 //!   pass runs): with the f32 decoder (`rollout.gpu_f32`) every step's rewards, response lengths,
 //!   decode tokens and last batch (ids and advantages) are the CPU run's, and so are the losses,
 //!   KL, gradient norms and final weights, bit for bit (`train.gpu_update = false`: scoring and
-//!   update run on the CPU from the same samples);
-//!   the bf16 decoder's run (scoring and update on the GPU) completes with finite metrics;
-//!   `parallel.sp = 2` with `train.device = "cuda"` is refused with the reason.
+//!   update run on the CPU from the same samples; `video.gpu_tower = "off"`: the CPU tower
+//!   encodes); the bf16 decoder's run (its videos encoded by the bf16 GPU tower, scoring and
+//!   update on the GPU) completes with finite metrics; `parallel.sp = 2` with
+//!   `train.device = "cuda"` is refused with the reason.
 //! - Scoring and update on the GPU (`train.gpu_update`, the default): with f32 rollouts, step 1
 //!   (the same samples) has the CPU run's loss, KL, gradient norm and entropy within bf16
 //!   tolerance (the CPU packing rows by prompt, the GPU one row per sample); a run stopped after
@@ -35,8 +36,8 @@ use reel_model::embed_cache::EmbedCache;
 use reel_model::{load_vl_checkpoint, save_vl_checkpoint, Qwen25VL};
 use reel_train::vl::write_tiny_vl_model;
 use reel_train::{
-    eval_vl_accuracy, run_vl_grpo, stop_token_ids, AccuracyOptions, Device, GrpoOptions,
-    GrpoRunConfig, ProgressMode, VlGrpoSummary,
+    eval_vl_accuracy, run_vl_grpo, stop_token_ids, AccuracyOptions, Device, GpuTowerMode,
+    GrpoOptions, GrpoRunConfig, ProgressMode, VlGrpoSummary,
 };
 use std::path::{Path, PathBuf};
 
@@ -80,6 +81,13 @@ fn config(model: &Path, data: &Path, out: PathBuf, device: Device, f32: bool) ->
     cfg.train.mini_batches = 2;
     cfg.train.device = device;
     cfg.rollout.gpu_f32 = f32;
+    // The bit-for-bit comparison with the CPU run needs the CPU tower's features (the GPU
+    // tower's differ by float rounding, and scoring reads them); the bf16 run encodes on the GPU.
+    cfg.video.gpu_tower = if f32 {
+        GpuTowerMode::Off
+    } else {
+        GpuTowerMode::Bf16
+    };
     cfg.grpo.group_size = 4;
     cfg.grpo.max_response_tokens = 12;
     cfg.grpo.lr = 2e-2;
@@ -156,6 +164,7 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     for r in &bf16.run.records {
         assert_eq!(r["rollout_device"], "cuda-bf16");
         assert_eq!(r["update_device"], "cuda-bf16");
+        assert_eq!(r["tower_device"], "cuda-bf16");
         for k in [
             "loss",
             "reward_mean",

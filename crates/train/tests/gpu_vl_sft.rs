@@ -9,6 +9,10 @@
 //! (one rank; sp = 2 in-process ranks sharing the GPU): every step's loss and the held-out loss
 //! agree within bf16 tolerance, the frozen tower stays put, the checkpoint loads, an interrupted
 //! GPU run resumes onto its own curve, and a trained tower is refused on "cuda".
+//! (c) The same GPU run with its videos encoded by the frozen tower on the GPU
+//! (`video.gpu_tower` "f32", "bf16"; one rank and sp = 2 ranks sharing the tower) against the CPU
+//! tower ("off"): the same loss curve (f32: to float rounding; bf16: within bf16 tolerance), the
+//! same cache traffic, and the metrics name where the tower ran.
 //!
 //! Needs the `cuda` feature and a GPU; opt-in:
 //!
@@ -27,7 +31,7 @@ use reel_model::{
 };
 use reel_optim::AdamWConfig;
 use reel_train::vl::write_tiny_vl_model;
-use reel_train::{run_sft, Device, RunOptions, SftConfig};
+use reel_train::{run_sft, Device, GpuTowerMode, RunOptions, SftConfig};
 
 /// One sequence: `head` text tokens, a video of grid 2×4×4 (8 rows), text, a video of grid
 /// 1×2×6 (3 rows), then `tail` text tokens; targets on about half of the text rows.
@@ -341,4 +345,56 @@ fn vl_sft_on_the_gpu_follows_the_cpu_loss_curve_checkpoints_and_resumes() {
         e.contains("train.device") && e.contains("video.train_vision"),
         "{e}"
     );
+}
+
+#[test]
+fn vl_sft_with_the_tower_on_the_gpu_follows_the_cpu_tower() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = common::vl_setup(dir.path(), 6);
+    base.train.device = Device::Cuda;
+    let run = |mode: GpuTowerMode, sp: usize| {
+        let mut cfg = base.clone();
+        cfg.video.gpu_tower = mode;
+        cfg.parallel.sp = sp;
+        cfg.output.dir = dir.path().join(format!("{mode:?}-sp{sp}"));
+        let s = run_sft(&cfg, common::quiet()).unwrap();
+        let m = common::metrics(&cfg);
+        let devices: Vec<String> = m
+            .iter()
+            .filter_map(|r| r["tower_device"].as_str().map(str::to_string))
+            .collect();
+        (s, devices, eval_losses(&cfg))
+    };
+    let (cpu, cpu_dev, cpu_eval) = run(GpuTowerMode::Off, 1);
+    assert!(
+        !cpu_dev.is_empty() && cpu_dev.iter().all(|d| d == "cpu"),
+        "{cpu_dev:?}"
+    );
+    for (mode, sp, name, rtol) in [
+        (GpuTowerMode::F32, 1, "cuda-f32", 2e-3),
+        (GpuTowerMode::Bf16, 1, "cuda-bf16", 2e-2),
+        (GpuTowerMode::Bf16, 2, "cuda-bf16", 2e-2),
+    ] {
+        let (gpu, dev, ev) = run(mode, sp);
+        eprintln!(
+            "{name} sp {sp}: losses {:?}\n  CPU tower {:?}\n  eval {ev:?} vs {cpu_eval:?}",
+            gpu.losses, cpu.losses
+        );
+        assert!(!dev.is_empty() && dev.iter().all(|d| d == name), "{dev:?}");
+        assert_close(&format!("{name} sp {sp}"), &gpu.losses, &cpu.losses, rtol);
+        assert_eq!(ev.len(), cpu_eval.len());
+        for (g, c) in ev.iter().zip(&cpu_eval) {
+            assert!(
+                (g - c).abs() <= rtol as f64 * c.abs(),
+                "eval loss {g} vs {c}"
+            );
+        }
+        let (v, c) = (gpu.video.as_ref().unwrap(), cpu.video.as_ref().unwrap());
+        assert_eq!(v.cache.misses as usize, 6 * sp, "{:?}", v.cache);
+        assert_eq!(v.encode.videos_encoded, c.encode.videos_encoded);
+        assert_eq!(v.encode.videos_cached, c.encode.videos_cached);
+    }
 }
