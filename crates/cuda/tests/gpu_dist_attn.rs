@@ -10,7 +10,7 @@
 //! sequence) and the hybrid (Ulysses groups × a ring schedule over the groups) at every grid of
 //! world 2–4, causal and full, GQA.
 //!
-//! Warm passes allocate nothing: after one cold pass, a second and third forward + backward of
+//! Warm passes allocate nothing: after two warm-up passes, a third and fourth forward + backward of
 //! a ring-family schedule, balanced DistAttn, pure Ulysses and the hybrid (sp 2, 3 and 4) make no
 //! device allocation on any rank (every buffer from the rank's scratch pool, the pool's cached
 //! blocks filled with NaN before each warm pass), and still match single-GPU attention.
@@ -162,7 +162,7 @@ fn warm_case<E: DeviceSp + Sync>(
     let x = SpInputs::new(shape, seed);
     let full = reference(g, shape, causal, &x);
     let per_rank = ranks
-        .run(|_, rg, comm| run_rank_warm(exec, sh, rg, comm, &x, 3))
+        .run(|_, rg, comm| run_rank_warm(exec, sh, rg, comm, &x, 4))
         .map_err(|e| format!("{what}: {e}"))?;
     let counts: Vec<WarmCounts> = per_rank.iter().map(|(_, c)| *c).collect();
     eprintln!("{what}: per rank {counts:?}");

@@ -8,7 +8,7 @@
 //! pass: the other fails with an error within the communicator's timeout. A third runs
 //! `GpuUlysses` (pure Ulysses and every hybrid grid of the world, causal and full, GQA) over NCCL
 //! against the same reference. A fourth checks that warm passes allocate nothing over NCCL: after
-//! one cold pass, a second and third forward + backward (ring, balanced DistAttn, pure Ulysses
+//! two warm-up passes, a third and fourth forward + backward (ring, balanced DistAttn, pure Ulysses
 //! where u | H_kv) make no device allocation on any rank and still match the reference. Opt-in:
 //!
 //!     REEL_GPU_TESTS=1 NCCL_NVLS_ENABLE=0 cargo test -p reel-cuda --features cudnn --release --test gpu_nccl_dist_attn -- --test-threads=1 --nocapture
@@ -209,13 +209,13 @@ fn nccl_warm_sp_passes_allocate_nothing() {
             0 | 1 => {
                 let kind = [ScheduleKind::RingCausal, ScheduleKind::DistAttnCausal][case];
                 let (exec, sh) = executor(kind, p, shape, Overlap::Overlapped);
-                let r = run_rank_warm(&exec, &sh, &g, &p2p, &x, 3);
+                let r = run_rank_warm(&exec, &sh, &g, &p2p, &x, 4);
                 (format!("NCCL warm {kind:?} P {p}"), r.map(|o| (o, sh)))
             }
             _ => {
                 let grid = UlyssesGrid::new(p, 1).unwrap();
                 let (att, sh) = ulysses(grid, ScheduleKind::RingCausal, shape, Overlap::Blocking);
-                let r = run_rank_warm(&att, &sh, &g, &p2p, &x, 3);
+                let r = run_rank_warm(&att, &sh, &g, &p2p, &x, 4);
                 (format!("NCCL warm Ulysses {p}x1 P {p}"), r.map(|o| (o, sh)))
             }
         };

@@ -338,10 +338,14 @@ pub fn ulysses_cases(p: usize) -> Vec<(UlyssesGrid, ScheduleKind, AttnShape, Ove
     cases
 }
 
+/// Passes [`run_rank_warm`] counts as warm-up: the pool serves a request from a cached block up
+/// to twice its size, so which block each buffer lands in settles over two passes, not one.
+pub const WARMUP_PASSES: usize = 2;
+
 /// What a rank's `Gpu` did over the warm passes of [`run_rank_warm`].
 #[derive(Clone, Copy, Debug)]
 pub struct WarmCounts {
-    /// Device allocations of the first (cold) pass.
+    /// Device allocations of the warm-up passes ([`WARMUP_PASSES`]); of them the first.
     pub cold_allocs: u64,
     /// Device allocations of the later passes (a warm pass must make none).
     pub warm_allocs: u64,
@@ -349,10 +353,10 @@ pub struct WarmCounts {
     pub hits_per_pass: u64,
 }
 
-/// Rank `rank`'s forward and backward `passes` (≥ 2) times on the same device buffers (inputs
+/// Rank `rank`'s forward and backward `passes` (> [`WARMUP_PASSES`]) times on the same device buffers (inputs
 /// uploaded and outputs made once, outputs poisoned before every pass, and every cached scratch
 /// block filled with NaN before every warm pass, so a buffer read before it is written shows);
-/// its outputs of the last pass and the device allocations of the cold and the warm passes.
+/// its outputs of the last pass and the device allocations of the warm-up and the warm passes.
 pub fn run_rank_warm<E: DeviceSp, C: DeviceP2p + ?Sized>(
     exec: &E,
     sh: &Sharding,
@@ -361,7 +365,7 @@ pub fn run_rank_warm<E: DeviceSp, C: DeviceP2p + ?Sized>(
     x: &SpInputs,
     passes: usize,
 ) -> reel_cuda::Result<(SpOutputs, WarmCounts)> {
-    assert!(passes >= 2);
+    assert!(passes > WARMUP_PASSES);
     let rank = comm.rank();
     let AttnShape { b, h, h_kv, d, .. } = exec.local();
     let (qw, kw, l) = (h * d, h_kv * d, sh.local_len());
@@ -389,7 +393,7 @@ pub fn run_rank_warm<E: DeviceSp, C: DeviceP2p + ?Sized>(
         g.upload_into(&mut dq, &poison::<bf16>(b * l * qw))?;
         g.upload_into(&mut dk, &poison::<bf16>(b * l * kw))?;
         g.upload_into(&mut dv, &poison::<bf16>(b * l * kw))?;
-        if pass > 0 {
+        if pass >= WARMUP_PASSES {
             g.scribble_cached(0xFF)?;
         }
         let before = g.alloc_stats();
@@ -400,8 +404,8 @@ pub fn run_rank_warm<E: DeviceSp, C: DeviceP2p + ?Sized>(
         g.synchronize()?;
         let after = g.alloc_stats();
         let made = after.device_allocs - before.device_allocs;
-        if pass == 0 {
-            counts.cold_allocs = made;
+        if pass < WARMUP_PASSES {
+            counts.cold_allocs += made;
         } else {
             counts.warm_allocs += made;
             counts.hits_per_pass = after.pool_hits - before.pool_hits;
