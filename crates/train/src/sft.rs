@@ -1308,7 +1308,7 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
         }
         Chosen::Cpu { note } => {
             if let Some(n) = note {
-                tracing::info!("{n}");
+                tracing::info!("training on the CPU: {n}");
             }
             None
         }
