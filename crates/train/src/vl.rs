@@ -1279,12 +1279,16 @@ pub fn write_tiny_vl_model_with(
     max_positions: usize,
     frame_side: usize,
 ) -> Result<()> {
-    write_vl_model(dir, seed, 64, 2, max_positions, frame_side)
+    write_vl_model(dir, seed, 64, 2, max_positions, frame_side, 10000.0)
 }
 
 /// [`write_tiny_vl_model_with`] with a decoder of width `hidden` (a multiple of 32: heads of
-/// 16, half as many key/value heads, MLP 11/4 as wide) and `layers` layers; the tower's output
-/// width follows `hidden`.
+/// 16, half as many key/value heads, MLP 11/4 as wide), `layers` layers and the decoder's
+/// `rope_theta` (M-RoPE sections [2, 3, 3] of the 8 frequencies of a head of 16: the height axis
+/// turns with frequencies θ^(-2/8), θ^(-3/8), θ^(-4/8), the width axis with the three slowest,
+/// down to θ^(-7/8) — at θ = 10⁴ that is 3·10⁻⁴ rad per grid column, a video token's column is
+/// then all but invisible to the decoder; at θ = 10 it is 0.13 rad); the tower's output width
+/// follows `hidden`.
 pub fn write_vl_model(
     dir: &Path,
     seed: u64,
@@ -1292,6 +1296,7 @@ pub fn write_vl_model(
     layers: usize,
     max_positions: usize,
     frame_side: usize,
+    rope_theta: f32,
 ) -> Result<()> {
     if frame_side == 0 || !frame_side.is_multiple_of(28) {
         bail!("frame side {frame_side} must be a positive multiple of 28 (patch 14, merge 2)");
@@ -1299,6 +1304,9 @@ pub fn write_vl_model(
     use reel_model::{Qwen25VLConfig, Qwen2Config, VisionConfig};
     if hidden == 0 || !hidden.is_multiple_of(32) || layers == 0 {
         bail!("a VLM of width {hidden} and {layers} layers: the width must be a positive multiple of 32");
+    }
+    if !(rope_theta.is_finite() && rope_theta > 1.0) {
+        bail!("rope_theta {rope_theta} must be a finite number above 1");
     }
     let tok = reel_data::char_tokenizer_with(&reel_data::VISION_SPECIAL_TOKENS);
     let id = |t: &str| tok.token_to_id(t).context("tokenizer lacks a vision token");
@@ -1311,6 +1319,7 @@ pub fn write_vl_model(
     text.tie_word_embeddings = false;
     text.eos_token_id = tok.eos_token_id();
     text.max_position_embeddings = max_positions;
+    text.rope_theta = rope_theta;
     let mut vision = VisionConfig::tiny();
     vision.out_hidden_size = hidden;
     let config = Qwen25VLConfig {
@@ -1387,6 +1396,39 @@ mod tests {
         };
         write_synth_dataset(&cfg, &data).unwrap();
         (model, data.join("train.jsonl"))
+    }
+
+    #[test]
+    fn rope_theta_sets_how_far_a_grid_column_turns_the_width_bands() {
+        // Two tokens one grid column apart (same t and h): the width axis's rotary bands (the
+        // last 3 of 8 at heads of 16) turn by θ^(-j/8) rad, j = 5..7.
+        let tmp = tempfile::tempdir().unwrap();
+        let column_turns = |theta: f32| -> Vec<f32> {
+            let dir = tmp.path().join(format!("m{theta}"));
+            write_vl_model(&dir, 1, 64, 1, 64, 28, theta).unwrap();
+            let m = reel_model::load_vl_checkpoint(&dir).unwrap();
+            assert_eq!(m.config.text.rope_theta, theta);
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            // [3, 2]: t row, h row, w row.
+            m.mrope_angles(&[5, 5, 5, 5, 5, 6], &mut cos, &mut sin);
+            let half = cos.len() / 2;
+            (half - 3..half)
+                .map(|j| {
+                    let a = |k: usize| sin[k * half + j].atan2(cos[k * half + j]);
+                    (a(1) - a(0)).abs()
+                })
+                .collect()
+        };
+        let slow = column_turns(10000.0);
+        let fast = column_turns(10.0);
+        for (j, (&s, &f)) in (5..8).zip(slow.iter().zip(&fast)) {
+            let want = |t: f32| t.powf(-(j as f32) / 8.0);
+            assert!((s - want(10000.0)).abs() < 1e-4, "band {j} at 1e4: {s}");
+            assert!((f - want(10.0)).abs() < 1e-4, "band {j} at 10: {f}");
+            assert!(s < 4e-3 && f > 0.1, "band {j}: {s} vs {f}");
+        }
+        let err = write_vl_model(&tmp.path().join("bad"), 1, 64, 1, 64, 28, 0.5).unwrap_err();
+        assert!(err.to_string().contains("rope_theta"), "{err}");
     }
 
     #[test]
