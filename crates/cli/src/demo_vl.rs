@@ -6,7 +6,9 @@
 //!    `heldout.jsonl` by a seeded hash of the problem id. The demo asks for brief reasoning
 //!    traces (the conclusion, then the answer) and options in a fixed order (the letter follows
 //!    from the answer), so that a tiny model can learn the task in minutes.
-//! 2. Writes a tiny random Qwen2.5-VL (`--hidden`, `--layers`; the vision tower stays frozen).
+//! 2. Writes a tiny random Qwen2.5-VL (`--hidden`, `--layers`; the vision tower stays frozen),
+//!    its decoder's `rope_theta` [`DEMO_ROPE_THETA`] and its merged features centred on 64
+//!    training videos ([`reel_train::centre_vl_merger`]; `--uncentred` keeps them as drawn).
 //! 3. Held-out accuracy of the untrained model: greedy answers through the rollout engine from
 //!    the embedding cache, scored by the accuracy reward's answer extraction (per `problem_type`,
 //!    with the `<think>/<answer>` format rate).
@@ -102,6 +104,11 @@ pub struct VideoDemoArgs {
     /// together).
     #[arg(long, default_value_t = 1)]
     pub questions_per_video: usize,
+    /// Keep the random tower's merged features as drawn instead of centring them on the first
+    /// 64 training videos ([`reel_train::centre_vl_merger`]; uncentred, their mean is 97% of a
+    /// feature's norm and a small shape barely moves what the decoder's RMSNorm passes on).
+    #[arg(long)]
+    pub uncentred: bool,
 }
 
 /// The held-out evaluation: greedy answers through the engine, videos from one cache.
@@ -277,6 +284,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         DEMO_ROPE_THETA,
     )?;
     let sampling = FrameSampling::Uniform { frames: v.frames };
+    let centred = if v.uncentred {
+        None
+    } else {
+        let train = data.join("train.jsonl");
+        Some(
+            reel_train::centre_vl_merger(&model_dir, &train, sampling, 64)
+                .with_context(|| format!("centring the tower's merger on {}", train.display()))?,
+        )
+    };
     let judge = Judge {
         tok: Tokenizer::from_dir(&model_dir)?,
         settings: VideoSettings {
@@ -292,7 +308,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let m0 = reel_model::load_vl_checkpoint(&model_dir)?;
     println!(
         "model: Qwen2.5-VL, decoder {} wide × {} layers ({:.2} M parameters), vision tower {:.2} M \
-         (random, {})",
+         (random, {}; {})",
         args.hidden(),
         args.layers(),
         m0.lm.params.len() as f64 / 1e6,
@@ -301,7 +317,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             "trained in SFT, frozen in GRPO"
         } else {
             "frozen"
-        }
+        },
+        centred.map_or("merged features as drawn".to_string(), |r| format!(
+            "merged features centred on 64 training videos: their mean was {:.0}% of a feature's norm",
+            100.0 * r
+        ))
     );
     drop(m0);
 
