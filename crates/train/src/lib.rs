@@ -52,7 +52,7 @@ pub use grpo::{
 };
 pub use prompts::{PromptItem, PromptSet};
 pub use sft::{run_sft, save_model_folder, EvalHook, RunOptions, SftSummary};
-pub use vl::write_vl_model;
+pub use vl::{centre_vl_merger, write_vl_model};
 pub use vl::{
     eval_vl_accuracy, eval_vl_examples, eval_vl_nll, parse_sampling, run_vl_sft, sampling_text,
     video_pixels, vl_rollout_prompt, write_tiny_vl_model_with, VideoRunStats, VlInputs,
