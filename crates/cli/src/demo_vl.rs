@@ -1,9 +1,10 @@
 //! `reel demo`: the long-video main job on the embedded default data, end to end on CPU.
 //!
 //! 1. Generates the synthetic long-video reasoning dataset ([`reel_data::write_synth_dataset`],
-//!    as `reel data synth` does): Motion-JPEG videos of shapes that appear, move, change colour
-//!    and disappear, one four-option question each, split into `train.jsonl` and a held-out
-//!    `heldout.jsonl` by a seeded hash of the problem id. The demo asks for brief reasoning
+//!    as `reel data synth` does): Motion-JPEG videos of shapes that appear, move and disappear,
+//!    each keeping one colour that names it (`--names colour`, the default; `--names shape`: named
+//!    by shape, colours that change), one four-option question each, split into `train.jsonl`
+//!    and a held-out `heldout.jsonl` by a seeded hash of the problem id. The demo asks for brief reasoning
 //!    traces (the conclusion, then the answer) and options in a fixed order (the letter follows
 //!    from the answer), so that a tiny model can learn the task in minutes.
 //! 2. Writes a tiny random Qwen2.5-VL (`--hidden`, `--layers`; the vision tower stays frozen),
@@ -54,8 +55,10 @@ pub struct VideoDemoArgs {
     /// Synthetic videos (`--questions-per-video` questions each) for SFT and the held-out set.
     #[arg(long, default_value_t = 1600)]
     pub videos: usize,
-    /// Frames per video (all of them are sampled).
-    #[arg(long, default_value_t = 8)]
+    /// Frames per video (all of them are sampled). 16 gives 8 temporal patches, so objects that
+    /// appear in the first half mostly fall in different ones and "which appeared first" can be
+    /// read.
+    #[arg(long, default_value_t = 16)]
     pub frames: usize,
     /// Frame side in pixels (square frames; a multiple of 28).
     #[arg(long, default_value_t = 56)]
@@ -96,10 +99,12 @@ pub struct VideoDemoArgs {
     /// through the tower); GRPO keeps it frozen either way.
     #[arg(long)]
     pub train_vision: bool,
-    /// Objects keep one colour each and questions name them by it ("the red shape"), instead of
-    /// by shape with colours that change (`reel data synth --colour-names`).
-    #[arg(long)]
-    pub colour_names: bool,
+    /// How questions name the objects: `colour` (each object keeps one colour and is named by it,
+    /// "the red shape", `reel data synth --colour-names`; a patch's mean colour carries it, so the
+    /// tiny model can read it) or `shape` (named by shape, colours that change, and the
+    /// `before_after` kind possible; this random tower barely shows an 11-pixel object's shape).
+    #[arg(long, value_enum, default_value_t = ObjectNames::Colour)]
+    pub names: ObjectNames,
     /// Questions asked of each video (each its own record; the split keeps a video's questions
     /// together).
     #[arg(long, default_value_t = 1)]
@@ -109,6 +114,13 @@ pub struct VideoDemoArgs {
     /// feature's norm and a small shape barely moves what the decoder's RMSNorm passes on).
     #[arg(long)]
     pub uncentred: bool,
+}
+
+/// How the demo's questions name objects ([`VideoDemoArgs::names`]).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectNames {
+    Colour,
+    Shape,
 }
 
 /// The held-out evaluation: greedy answers through the engine, videos from one cache.
@@ -232,7 +244,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         problem_types: v.problem_types.clone(),
         brief_reasoning: true,
         ordered_options: true,
-        colour_names: v.colour_names,
+        colour_names: v.names == ObjectNames::Colour,
         questions_per_video: v.questions_per_video,
         ..SynthVideoConfig::default()
     };
