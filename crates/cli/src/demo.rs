@@ -38,7 +38,7 @@ pub struct DemoArgs {
     /// --text).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// SFT optimizer steps. Default 2500 (--text) / 300 (video).
+    /// SFT optimizer steps. Default 2500 (--text) / 900 (video).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Peak SFT learning rate. Default 3e-3 (both).
@@ -55,7 +55,7 @@ pub struct DemoArgs {
     /// GRPO steps after SFT (0 = no GRPO stage). Default 300 (--text) / 120 (video).
     #[arg(long)]
     pub grpo_steps: Option<u64>,
-    /// GRPO learning rate (constant). Default 1e-4 (--text) / 3e-4 (video).
+    /// GRPO learning rate (constant). Default 1e-4 (both).
     #[arg(long)]
     pub grpo_lr: Option<f32>,
     /// Samples per prompt. Default 8 (both).
@@ -94,7 +94,7 @@ impl DemoArgs {
         })
     }
     pub fn steps(&self) -> u64 {
-        self.steps.unwrap_or(if self.text { 2500 } else { 300 })
+        self.steps.unwrap_or(if self.text { 2500 } else { 900 })
     }
     pub fn lr(&self) -> f32 {
         self.lr.unwrap_or(3e-3)
@@ -109,7 +109,7 @@ impl DemoArgs {
         self.grpo_steps.unwrap_or(if self.text { 300 } else { 120 })
     }
     pub fn grpo_lr(&self) -> f32 {
-        self.grpo_lr.unwrap_or(if self.text { 1e-4 } else { 3e-4 })
+        self.grpo_lr.unwrap_or(1e-4)
     }
     pub fn grpo_group(&self) -> usize {
         self.grpo_group.unwrap_or(8)
