@@ -395,7 +395,8 @@ REEL_ENTRY_POINTS(__nv_bfloat16, bf16)
 // (max, sum of e^{z - max}) of each row as an online log-sum-exp; the target's logit is recorded
 // when it falls in the chunk [c0, c0 + cw). `row_ent` carries Σ e^{z - max}(z - max) relative to
 // the same running max (the CPU kernel's entropy fold: entropy = ln sum − ent / sum, without
-// cancellation). One block per row; deterministic.
+// cancellation); a null `row_ent` skips the fold (plain cross-entropy). One block per row;
+// deterministic.
 extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* row_ent,
                                         float* target_logit, const float* logits, const u32* tgt,
                                         int cw, u32 c0) {
@@ -420,22 +421,31 @@ extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* r
         __syncthreads();
     }
     const float cm = s_max;
+    // Uniform over the block, so block_sum's barriers stay matched.
+    const bool fold_ent = row_ent != nullptr;
     float e = 0.0f, w = 0.0f;
-    for (int j = threadIdx.x; j < cw; j += blockDim.x) {
-        const float p = expf(z[j] - cm);
-        e += p;
-        w += p * (z[j] - cm);
+    if (fold_ent) {
+        for (int j = threadIdx.x; j < cw; j += blockDim.x) {
+            const float p = expf(z[j] - cm);
+            e += p;
+            w += p * (z[j] - cm);
+        }
+    } else {
+        for (int j = threadIdx.x; j < cw; j += blockDim.x) e += expf(z[j] - cm);
     }
     const float cs = block_sum(e);
-    const float ce = block_sum(w);
+    const float ce = fold_ent ? block_sum(w) : 0.0f;
     if (threadIdx.x == 0) {
-        const float m0 = row_max[r], s0 = row_sum[r], e0 = row_ent[r];
+        const float m0 = row_max[r], s0 = row_sum[r];
         const float m1 = fmaxf(m0, cm);
         if (m1 != ninf()) {
-            // Σ e^{z−m1}(z−m1) of a partial (m, s, e) = e^{m−m1}(e + (m − m1)s); 0 when s = 0.
-            const float a = s0 == 0.0f ? 0.0f : expf(m0 - m1) * (e0 + (m0 - m1) * s0);
-            const float b = cs == 0.0f ? 0.0f : expf(cm - m1) * (ce + (cm - m1) * cs);
-            row_ent[r] = a + b;
+            if (fold_ent) {
+                // Σ e^{z−m1}(z−m1) of a partial (m, s, e) = e^{m−m1}(e + (m − m1)s); 0 when s = 0.
+                const float e0 = row_ent[r];
+                const float a = s0 == 0.0f ? 0.0f : expf(m0 - m1) * (e0 + (m0 - m1) * s0);
+                const float b = cs == 0.0f ? 0.0f : expf(cm - m1) * (ce + (cm - m1) * cs);
+                row_ent[r] = a + b;
+            }
             row_sum[r] = s0 * expf(m0 - m1) + cs * expf(cm - m1);
             row_max[r] = m1;
         }
@@ -445,7 +455,7 @@ extern "C" __global__ void ce_fwd_chunk(float* row_max, float* row_sum, float* r
 }
 
 // losses[idx[r]] = lse[idx[r]] - target_logit[r], lse = max + ln(sum), and
-// entropy[idx[r]] = ln(sum) − ent / sum; M rows.
+// entropy[idx[r]] = ln(sum) − ent / sum (skipped when `entropy` is null); M rows.
 extern "C" __global__ void ce_fwd_finish(float* losses, float* lse, float* entropy, const u32* idx,
                                          const float* row_max, const float* row_sum,
                                          const float* row_ent, const float* target_logit, int m) {
@@ -455,7 +465,7 @@ extern "C" __global__ void ce_fwd_finish(float* losses, float* lse, float* entro
     const float l = row_max[r] + ls;
     lse[idx[r]] = l;
     losses[idx[r]] = l - target_logit[r];
-    entropy[idx[r]] = ls - row_ent[r] / row_sum[r];
+    if (entropy != nullptr) entropy[idx[r]] = ls - row_ent[r] / row_sum[r];
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@
 //! and `dW_c += dzᵀ·hl` with cuBLASLt (β = 1); dh rows are then written (0 on unlabelled rows).
 
 use crate::blas::Spec;
-use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
+use crate::buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
 use crate::ops::{as_i32, cfg, check, launch, row_threads};
 use crate::{shape_err, Gpu, GpuFloat, Result, Scratch};
 
@@ -102,14 +102,11 @@ impl Gpu {
         chunk: usize,
     ) -> Result<usize> {
         let op = "lm_head_ce_forward";
-        check(op, "losses", losses.dlen(), n)?;
-        let mut entropy = self.scratch::<f32>(n.max(1))?;
-        let mut entropy = DViewMut::of(&mut entropy, 0..n)?;
         self.ce_forward(
             op,
             losses,
             lse,
-            &mut entropy,
+            None::<&mut DeviceBuf<f32>>,
             h,
             weight,
             targets,
@@ -138,7 +135,19 @@ impl Gpu {
         chunk: usize,
     ) -> Result<usize> {
         let op = "lm_head_ce_entropy_forward";
-        self.ce_forward(op, losses, lse, entropy, h, weight, targets, n, d, v, chunk)
+        self.ce_forward(
+            op,
+            losses,
+            lse,
+            Some(entropy),
+            h,
+            weight,
+            targets,
+            n,
+            d,
+            v,
+            chunk,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -147,7 +156,7 @@ impl Gpu {
         op: &str,
         losses: &mut impl DevWrite<f32>,
         lse: &mut impl DevWrite<f32>,
-        entropy: &mut impl DevWrite<f32>,
+        mut entropy: Option<&mut impl DevWrite<f32>>,
         h: &impl DevRead<T>,
         weight: &impl DevRead<T>,
         targets: &[i32],
@@ -159,12 +168,16 @@ impl Gpu {
         check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
         check(op, "losses", losses.dlen(), n)?;
         check(op, "lse", lse.dlen(), n)?;
-        check(op, "entropy", entropy.dlen(), n)?;
+        if let Some(e) = &entropy {
+            check(op, "entropy", e.dlen(), n)?;
+        }
         let (idx, tgt) = labelled(op, targets, v)?;
         self.bind()?;
         self.zero(losses)?;
         self.zero(lse)?;
-        self.zero(entropy)?;
+        if let Some(e) = entropy.as_deref_mut() {
+            self.zero(e)?;
+        }
         let m = idx.len();
         if m == 0 {
             return Ok(0);
@@ -174,7 +187,12 @@ impl Gpu {
         let hl = self.gather(h, &idx_d, d)?;
         let row_max = self.scratch_from(&vec![f32::NEG_INFINITY; m])?;
         let row_sum = self.scratch_from(&vec![0.0f32; m])?;
-        let row_ent = self.scratch_from(&vec![0.0f32; m])?;
+        // Null when no entropy is asked for: the kernels then skip its fold.
+        let row_ent = match entropy {
+            Some(_) => Some(self.scratch_from(&vec![0.0f32; m])?),
+            None => None,
+        };
+        let ent_ptr = row_ent.as_ref().map_or(0, |e| e.dptr());
         let target_logit = self.scratch_from(&vec![0.0f32; m])?;
         let mut logits = self.scratch::<f32>(m * chunk.min(v))?;
         for c0 in (0..v).step_by(chunk) {
@@ -185,7 +203,7 @@ impl Gpu {
             let (mx, sm, en, tl, zp, tp) = (
                 row_max.dptr(),
                 row_sum.dptr(),
-                row_ent.dptr(),
+                ent_ptr,
                 target_logit.dptr(),
                 z.dptr(),
                 tgt_d.dptr(),
@@ -205,11 +223,12 @@ impl Gpu {
                 &c0u
             )?;
         }
-        let (lp, lsp, ep, ip) = (losses.dptr(), lse.dptr(), entropy.dptr(), idx_d.dptr());
+        let ep = entropy.as_ref().map_or(0, |e| e.dptr());
+        let (lp, lsp, ip) = (losses.dptr(), lse.dptr(), idx_d.dptr());
         let (mx, sm, en, tl, m32) = (
             row_max.dptr(),
             row_sum.dptr(),
-            row_ent.dptr(),
+            ent_ptr,
             target_logit.dptr(),
             m as i32,
         );

@@ -204,7 +204,8 @@ pub fn rollout_decoder(
 /// A GRPO run's policy (a text decoder, or a Qwen2.5-VL's) on the GPU for the scoring passes and the update (dp = sp = 1, after
 /// [`rollout_gpu`] chose the GPU: `have_gpu`): `model`'s weights and `opt`'s state (a resumed
 /// run's) uploaded to a [`GpuModel`] on its own handle of GPU 0, `reference`'s weights as its
-/// frozen reference copy. `None` when `gpu_update` is off or there is no GPU; when the model
+/// frozen reference copy (the host copy is then dropped: `reference` becomes `None`). `None`
+/// when `gpu_update` is off or there is no GPU; when the model
 /// cannot be put there, "auto" logs why and keeps scoring and the update on the CPU, an
 /// explicit "cuda" in `want` is an error naming `setting`.
 #[allow(clippy::too_many_arguments)]
@@ -213,7 +214,7 @@ pub fn grpo_policy_gpu(
     gpu_update: bool,
     want: Device,
     model: &reel_model::Qwen2,
-    reference: Option<&reel_model::Qwen2>,
+    reference: &mut Option<reel_model::Qwen2>,
     policy: CheckpointPolicy,
     opt: &reel_optim::AdamW,
     setting: &str,
@@ -235,13 +236,15 @@ pub fn grpo_policy_gpu(
             *opt.config(),
         )?;
         gm.load_opt_state(&opt.state())?;
-        if let Some(r) = reference {
+        if let Some(r) = reference.as_ref() {
             gm.set_reference(&r.params)?;
         }
         Ok(gm)
     })();
     match made {
         Ok(gm) => {
+            // The reference lives on the device now.
+            *reference = None;
             tracing::info!(
                 "GRPO scoring and update on the GPU (bf16 compute, fp32 master weights)"
             );

@@ -1280,15 +1280,11 @@ fn grpo_rank<C: Communicator>(
         cfg.train.gpu_update,
         cfg.train.device,
         &model,
-        reference.as_ref(),
+        &mut reference,
         cfg.train.checkpoint,
         &opt,
         "train.device",
     )?;
-    if gm.is_some() {
-        // The reference lives on the device now.
-        reference = None;
-    }
     let update_device = update_device(gm.as_ref());
     if tok.vocab_size() > model.config.vocab_size {
         bail!(

@@ -1433,14 +1433,26 @@ pub fn centre_vl_merger(
     let d = m.config.vision.out_hidden_size;
     let (mut sum, mut tokens, mut norms, mut seen) = (vec![0f64; d], 0usize, 0f64, 0usize);
     let mut ws = reel_model::VisionWorkspace::new();
-    let stop = "enough videos";
+    // The stream stops through its callback's error; `Enough` is the wanted stop, not a failure.
+    enum Stop {
+        Enough,
+        Failed(anyhow::Error),
+    }
+    impl From<reel_data::DataError> for Stop {
+        fn from(e: reel_data::DataError) -> Self {
+            Stop::Failed(e.into())
+        }
+    }
     let r = reel_data::stream_vl_examples(data, &tok, &settings, false, 0, 1, |e| {
         if seen == videos {
-            return Err(anyhow::anyhow!(stop));
+            return Err(Stop::Enough);
         }
         seen += 1;
         let inp = VlInputs::new(&e, "", 0);
-        let f = m.vision.forward(&mut ws, &inp.pixels, &inp.grids)?;
+        let f = m
+            .vision
+            .forward(&mut ws, &inp.pixels, &inp.grids)
+            .map_err(|e| Stop::Failed(e.into()))?;
         for row in f.chunks_exact(d) {
             for (s, &x) in sum.iter_mut().zip(row) {
                 *s += x as f64;
@@ -1448,13 +1460,10 @@ pub fn centre_vl_merger(
             norms += row.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
             tokens += 1;
         }
-        Ok::<(), anyhow::Error>(())
+        Ok(())
     });
-    match r {
-        Err(e) if e.to_string() != stop => {
-            return Err(e.context(format!("encoding the videos of {}", data.display())))
-        }
-        _ => {}
+    if let Err(Stop::Failed(e)) = r {
+        return Err(e.context(format!("encoding the videos of {}", data.display())));
     }
     if tokens == 0 {
         bail!(

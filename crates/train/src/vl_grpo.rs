@@ -1082,14 +1082,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         cfg.train.gpu_update,
         cfg.train.device,
         &model.lm,
-        reference.as_ref(),
+        &mut reference,
         cfg.train.checkpoint,
         &opt,
         "train.device",
     )?;
-    if gm.is_some() {
-        reference = None;
-    }
     let update_device = update_device(gm.as_ref());
     if tok.vocab_size() > model.config.text.vocab_size {
         bail!(
