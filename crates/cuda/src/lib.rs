@@ -94,7 +94,7 @@ pub use devcomm::{
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
 pub use gpu::{DeviceInfo, Gpu};
 #[cfg(feature = "cudnn")]
-pub use model::{GpuAttention, GpuEmbedsBatch, GpuQwen2, Weights};
+pub use model::{GpuAttention, GpuDpGroup, GpuEmbedsBatch, GpuQwen2, Weights};
 pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::{GpuRopeTable, PAGED_HEAD_DIMS};
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};

@@ -160,6 +160,39 @@ pub enum GpuAttention {
     Sp(Box<dyn GpuSpRank>),
 }
 
+/// The data-parallel group of a [`GpuQwen2`] replica: the ranks holding the same token shard
+/// (the same sequence-parallel rank) of different replicas, each training on its own
+/// micro-batches. [`GpuQwen2::all_reduce_grads`] sums the gradients and loss statistics over it
+/// after the sequence-parallel group's sum, so every rank of the world steps alike. Any
+/// [`DeviceGroup`](crate::DeviceGroup) is one: in-process ranks of one GPU
+/// ([`DeviceComm`](crate::DeviceComm)) or one process per GPU ([`NcclP2p`](crate::NcclP2p)).
+pub trait GpuDpGroup: Send {
+    fn dp_rank(&self) -> usize;
+    fn dp_size(&self) -> usize;
+    /// Sums `buf` over the group, in place.
+    fn dp_all_reduce(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()>;
+    /// Fails this rank's later exchanges and, as far as the backend can, its peers'.
+    fn dp_abort(&self, why: &str);
+}
+
+impl<C: crate::DeviceGroup + Send> GpuDpGroup for C {
+    fn dp_rank(&self) -> usize {
+        crate::DeviceP2p::rank(self)
+    }
+
+    fn dp_size(&self) -> usize {
+        crate::DeviceP2p::world_size(self)
+    }
+
+    fn dp_all_reduce(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()> {
+        self.all_reduce_sum_dev(gpu, buf)
+    }
+
+    fn dp_abort(&self, why: &str) {
+        crate::DeviceP2p::abort(self, why)
+    }
+}
+
 impl GpuAttention {
     #[allow(clippy::too_many_arguments)]
     fn forward(
@@ -698,8 +731,11 @@ pub struct GpuQwen2 {
     v: DeviceBuf<f32>,
     rope: GpuRopeTable,
     attn: GpuAttention,
-    /// The loss statistics summed over a sequence-parallel group each step: (loss sum's high
-    /// part, its remainder, labelled tokens).
+    /// The data-parallel group this replica's gradients are also summed over (none: one
+    /// replica).
+    dp: Option<Box<dyn GpuDpGroup>>,
+    /// The loss statistics summed over the sequence-parallel and data-parallel groups each
+    /// step: (loss sum's high part, its remainder, labelled tokens).
     loss_stats: DeviceBuf<f32>,
     gpu: Gpu,
 }
@@ -751,6 +787,7 @@ impl GpuQwen2 {
             ref16: None,
             rope,
             attn: GpuAttention::Local,
+            dp: None,
             loss_stats: gpu.alloc_zeros(3)?,
             gpu,
         })
@@ -1010,8 +1047,8 @@ impl GpuQwen2 {
     /// Passes `r` on; an error first aborts the sequence-parallel group, so the other ranks
     /// fail at their next exchange instead of waiting for this one.
     fn abort_on_err<T>(&self, r: Result<T>) -> Result<T> {
-        if let (Err(e), GpuAttention::Sp(sp)) = (&r, &self.attn) {
-            sp.abort(&e.to_string());
+        if let Err(e) = &r {
+            self.abort_peers(&e.to_string());
         }
         r
     }
@@ -1035,23 +1072,46 @@ impl GpuQwen2 {
         }
     }
 
-    /// Under sequence parallelism: sums the fp32 gradients and `local` (this rank's loss sum
-    /// and labelled-token count) over the group, on the device, so every rank holds the global
-    /// gradients (then identical bit for bit, so clipping sees the global norm and every rank's
-    /// AdamW step is the same) and returns the global loss statistics. With local attention,
-    /// `local` unchanged.
+    /// Makes this model one replica of a data-parallel group (module docs of [`GpuDpGroup`]).
+    pub fn set_dp_group(&mut self, dp: Box<dyn GpuDpGroup>) {
+        self.dp = Some(dp);
+    }
+
+    /// (this replica's index, replicas): (0, 1) without a data-parallel group. Replica `r`
+    /// trains micro-batches r, r + dp, … of each step.
+    pub fn dp_coords(&self) -> (usize, usize) {
+        self.dp
+            .as_ref()
+            .map_or((0, 1), |d| (d.dp_rank(), d.dp_size()))
+    }
+
+    /// Sums the fp32 gradients and `local` (this rank's loss sum and labelled-token count) over
+    /// the sequence-parallel group and then the data-parallel group, on the device, so every
+    /// rank of the world holds the global gradients (then identical bit for bit, so clipping
+    /// sees the global norm and every rank's AdamW step is the same) and returns the global loss
+    /// statistics. With local attention and one replica, `local` unchanged.
     pub fn all_reduce_grads(&mut self, local: LossStats) -> Result<LossStats> {
-        let GpuAttention::Sp(sp) = &self.attn else {
-            return Ok(local);
+        let sp = match &self.attn {
+            GpuAttention::Sp(sp) => Some(sp),
+            GpuAttention::Local => None,
         };
+        if sp.is_none() && self.dp.is_none() {
+            return Ok(local);
+        }
         // The loss sum as two f32s (high part, remainder), as the CPU trainer's all-reduce.
         let hi = local.loss_sum as f32;
         let lo = (local.loss_sum - hi as f64) as f32;
         let stats = &mut self.loss_stats;
         self.gpu
             .upload_into(stats, &[hi, lo, local.n_tokens as f32])?;
-        sp.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
-        sp.all_reduce_sum_dev(&self.gpu, stats)?;
+        if let Some(sp) = sp {
+            sp.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
+            sp.all_reduce_sum_dev(&self.gpu, stats)?;
+        }
+        if let Some(dp) = &self.dp {
+            dp.dp_all_reduce(&self.gpu, &mut self.grads)?;
+            dp.dp_all_reduce(&self.gpu, stats)?;
+        }
         let s = self.gpu.download(stats)?;
         Ok(LossStats {
             loss_sum: s[0] as f64 + s[1] as f64,
@@ -1068,20 +1128,40 @@ impl GpuQwen2 {
         }
     }
 
-    /// Every rank's `x`, in rank order, gathered over the sequence-parallel group (`[x]` with
-    /// local attention): an all-reduce of a `[P, 8]` buffer in which each rank writes the bytes
-    /// of its value in its own row (exact in f32). Used to compare the replicas' checksums.
+    /// Every rank's `x`, gathered over the sequence-parallel group and then the data-parallel
+    /// group (`[x]` with neither), in world order (replica-major: rank dp_rank · sp + sp_rank).
+    /// Each level is an all-reduce of a `[P, 8·n]` buffer in which each rank writes the bytes of
+    /// its values in its own row (exact in f32). Used to compare the replicas' checksums.
     pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
-        let GpuAttention::Sp(sp) = &self.attn else {
-            return Ok(vec![x]);
-        };
-        let (p, r) = (sp.world_size(), sp.rank());
-        let mut host = vec![0f32; p * 8];
-        for (i, b) in x.to_le_bytes().iter().enumerate() {
-            host[r * 8 + i] = f32::from(*b);
+        let mut all = vec![x];
+        if let GpuAttention::Sp(sp) = &self.attn {
+            all = self.gather_level(&all, sp.rank(), sp.world_size(), |g, b| {
+                sp.all_reduce_sum_dev(g, b)
+            })?;
+        }
+        if let Some(dp) = &self.dp {
+            all = self.gather_level(&all, dp.dp_rank(), dp.dp_size(), |g, b| {
+                dp.dp_all_reduce(g, b)
+            })?;
+        }
+        Ok(all)
+    }
+
+    /// One level of [`GpuQwen2::all_gather_u64`]: `xs` of rank `r` of `p`, summed by `reduce`.
+    fn gather_level(
+        &self,
+        xs: &[u64],
+        r: usize,
+        p: usize,
+        reduce: impl Fn(&Gpu, &mut DeviceBuf<f32>) -> Result<()>,
+    ) -> Result<Vec<u64>> {
+        let row = xs.len() * 8;
+        let mut host = vec![0f32; p * row];
+        for (i, b) in xs.iter().flat_map(|x| x.to_le_bytes()).enumerate() {
+            host[r * row + i] = f32::from(b);
         }
         let mut buf = self.gpu.upload(&host)?;
-        sp.all_reduce_sum_dev(&self.gpu, &mut buf)?;
+        reduce(&self.gpu, &mut buf)?;
         let all = self.gpu.download(&buf)?;
         Ok(all
             .chunks(8)
@@ -1089,11 +1169,14 @@ impl GpuQwen2 {
             .collect())
     }
 
-    /// Aborts the sequence-parallel group (no-op with local attention): every rank's pending
-    /// and later exchanges fail with `why`.
+    /// Aborts the sequence-parallel and data-parallel groups (no-op with neither): every rank's
+    /// pending and later exchanges fail with `why`.
     pub fn abort_peers(&self, why: &str) {
         if let GpuAttention::Sp(sp) = &self.attn {
             sp.abort(why);
+        }
+        if let Some(dp) = &self.dp {
+            dp.dp_abort(why);
         }
     }
 

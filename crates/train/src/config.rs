@@ -262,9 +262,10 @@ pub struct TrainConfig {
     /// Activation checkpointing: "none", "layer" or "remat". Default "remat".
     pub checkpoint: CheckpointPolicy,
     /// Where to train: "auto" (GPU 0 when this build has the `cuda` feature and a GPU opens,
-    /// else the CPU with a message), "cpu" or "cuda". Default "auto". On the GPU, `parallel.sp
-    /// = N` (dp = 1) runs N in-process ranks sharing GPU 0; dp > 1 and Qwen2.5-VL runs train
-    /// on the CPU. Not part of the config hash while "auto" (it changes rounding, not the run).
+    /// else the CPU with a message), "cpu" or "cuda". Default "auto". On the GPU, `parallel.dp
+    /// = M`, `parallel.sp = N` runs M·N in-process ranks sharing GPU 0 (under `reel launch`:
+    /// one process per GPU); a Qwen2.5-VL run that trains its tower trains on the CPU. Not part
+    /// of the config hash while "auto" (it changes rounding, not the run).
     #[serde(skip_serializing_if = "Device::is_auto")]
     pub device: Device,
 }

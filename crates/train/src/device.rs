@@ -112,24 +112,14 @@ pub fn resolve<G>(
     }
 }
 
-/// Why a run with `dp` data-parallel replicas (training a Qwen2.5-VL's vision tower too when
-/// `trained_tower`) cannot train on the GPU yet, for [`resolve`]'s `cpu_only`; `None` when it
-/// can: the decoder (Qwen2, or Qwen2.5-VL's with a frozen tower) with dp = 1, on one rank or on
-/// its sp ranks sharing the GPU.
-pub fn gpu_unsupported(dp: usize, trained_tower: bool) -> Option<&'static str> {
-    if trained_tower {
-        Some(
-            "GPU training takes Qwen2.5-VL with a frozen vision tower (video.train_vision = \
-             false); this run trains the tower, so it trains on the CPU",
-        )
-    } else if dp > 1 {
-        Some(
-            "GPU training runs one data-parallel replica (dp = 1; sp ranks share the GPU); this \
-             dp > 1 run trains on the CPU",
-        )
-    } else {
-        None
-    }
+/// Why a run (training a Qwen2.5-VL's vision tower too when `trained_tower`) cannot train on
+/// the GPU yet, for [`resolve`]'s `cpu_only`; `None` when it can: the decoder (Qwen2, or
+/// Qwen2.5-VL's with a frozen tower), on one rank or on its dp × sp ranks sharing the GPU.
+pub fn gpu_unsupported(trained_tower: bool) -> Option<&'static str> {
+    trained_tower.then_some(
+        "GPU training takes Qwen2.5-VL with a frozen vision tower (video.train_vision = false); \
+         this run trains the tower, so it trains on the CPU",
+    )
 }
 
 /// Why a text GRPO run with `dims` rolls out with the CPU engine, for [`resolve`]'s `cpu_only`;
@@ -337,7 +327,7 @@ impl Launched {
 
 /// Checks that the launched process `l` can train its share of a run with `dims` on one GPU of
 /// its own (one process per GPU): the run trains on the GPU (`device` not "cpu", `cuda` built
-/// in), the text decoder (`vlm` false), dp = 1 and sp = the world size, and this machine has a
+/// in), the text decoder (`vlm` false), dp · sp = the world size, and this machine has a
 /// GPU for every process the launcher started on it (`gpus` counts them). Returns the process's
 /// GPU ordinal, its local rank; the error says what to change.
 pub fn process_gpu(
@@ -368,12 +358,12 @@ pub fn process_gpu(
              without `reel launch`"
         ));
     }
-    if dims.dp() != 1 || dims.sp() != w {
+    if dims.world() != w {
         return Err(format!(
-            "{under}, each one sequence-parallel rank: parallel.sp must be {w} and parallel.dp 1 \
-             (--sp {w}); this run has sp = {} and dp = {}",
-            dims.sp(),
-            dims.dp()
+            "{under}, each one rank of the dp × sp grid: parallel.dp · parallel.sp must be {w} \
+             (e.g. --sp {w}, or --dp {w}); this run has dp = {} and sp = {}",
+            dims.dp(),
+            dims.sp()
         ));
     }
     if l.local_rank >= l.local_world {
@@ -397,10 +387,14 @@ pub fn process_gpu(
 pub enum GpuPlace {
     /// The run's only rank, on the opened GPU.
     One(Box<GpuHandle>),
-    /// Rank `rank` of a sequence-parallel group of in-process ranks on one GPU.
-    Sp { group: GpuSpGroup, rank: usize },
-    /// This process's rank of a sequence-parallel group of processes, one per GPU: its GPU and
-    /// its NCCL communicator ([`gpu_proc`]).
+    /// Rank (`dp_rank`, `sp_rank`) of a dp × sp grid of in-process ranks on one GPU.
+    Sp {
+        group: GpuSpGroup,
+        dp_rank: usize,
+        sp_rank: usize,
+    },
+    /// This process's rank of a dp × sp grid of processes, one per GPU: its GPU and its NCCL
+    /// communicators ([`gpu_proc`]).
     Proc(Box<GpuProc>),
 }
 
@@ -414,12 +408,16 @@ impl GpuPlace {
     }
 }
 
-/// One process's GPU and NCCL communicator in a launched sequence-parallel run, and the
-/// attention method the ranks run (a ring-family schedule, or Ulysses / the hybrid).
+/// One process's GPU and NCCL communicators in a launched dp × sp run, and the attention
+/// method the ranks run (a ring-family schedule, or Ulysses / the hybrid): its sequence-parallel
+/// group (the ranks of its replica; none when sp = 1) and its data-parallel group (the ranks
+/// with its token shard in the other replicas; none when dp = 1).
 #[cfg(feature = "cuda")]
 pub struct GpuProc {
     gpu: reel_cuda::Gpu,
-    comm: reel_cuda::NcclComm,
+    rank: usize,
+    sp: Option<reel_cuda::NcclComm>,
+    dp: Option<reel_cuda::NcclComm>,
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
 }
@@ -427,7 +425,7 @@ pub struct GpuProc {
 #[cfg(feature = "cuda")]
 impl GpuProc {
     pub fn rank(&self) -> usize {
-        reel_comm::Communicator::rank(&self.comm)
+        self.rank
     }
 
     pub fn describe(&self) -> String {
@@ -436,51 +434,87 @@ impl GpuProc {
 }
 
 /// Opens GPU `ordinal` (its own stream) and joins the launched world `l` over NCCL (rendezvous,
-/// init and every later wait bounded by `timeout`).
+/// init and every later wait bounded by `timeout`), split into the dp × sp grid `dims`
+/// (rank = dp_rank · sp + sp_rank: a replica's sequence-parallel ranks are consecutive, so they
+/// share a node where they can).
 #[cfg(feature = "cuda")]
 pub fn gpu_proc(
     l: &Launched,
+    dims: reel_parallel::ParallelDims,
     ordinal: usize,
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
     timeout: std::time::Duration,
 ) -> Result<GpuProc> {
     use anyhow::Context;
+    use reel_comm::Communicator;
     let gpu = reel_cuda::Gpu::open_on_new_stream(ordinal)
         .with_context(|| format!("rank {}: opening GPU {ordinal}", l.rank))?;
-    let comm = reel_cuda::NcclComm::init(l.rank, l.world, &l.rendezvous, ordinal, timeout)
+    let world = reel_cuda::NcclComm::init(l.rank, l.world, &l.rendezvous, ordinal, timeout)
         .with_context(|| format!("rank {}: joining the NCCL world", l.rank))?;
+    let c = dims.coords(l.rank)?;
+    let (sp, dp) = match (dims.dp() > 1, dims.sp() > 1) {
+        (false, _) => (Some(world), None),
+        (true, false) => (None, Some(world)),
+        (true, true) => {
+            let split = |color, key, what| {
+                world
+                    .split(color, key)
+                    .with_context(|| format!("rank {}: forming its {what} group", l.rank))
+            };
+            let sp = split(c.dp_rank, c.sp_rank, "sequence-parallel")?;
+            let dp = split(c.sp_rank, c.dp_rank, "data-parallel")?;
+            (Some(sp), Some(dp))
+        }
+    };
     Ok(GpuProc {
         gpu,
-        comm,
+        rank: l.rank,
+        sp: sp.filter(|_| dims.sp() > 1),
+        dp,
         method,
         overlap,
     })
 }
 
-/// The in-process device ranks of a sequence-parallel run on one GPU: their device world (each
-/// rank's endpoint made on its own thread) and the attention method they run.
+/// The in-process device ranks of a dp × sp run on one GPU: a device world per replica (its sp
+/// ranks) and per token shard (the dp replicas' ranks holding it), each rank's endpoints made
+/// on its own thread, and the attention method they run.
 #[cfg(feature = "cuda")]
 #[derive(Clone)]
 pub struct GpuSpGroup {
-    world: reel_cuda::DeviceWorld,
+    /// `sp_worlds[dp_rank]`: that replica's sequence-parallel ranks (empty when sp = 1).
+    sp_worlds: Vec<reel_cuda::DeviceWorld>,
+    /// `dp_worlds[sp_rank]`: the replicas' ranks holding that shard (empty when dp = 1).
+    dp_worlds: Vec<reel_cuda::DeviceWorld>,
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
 }
 
-/// The group of `method.ranks()` device ranks on the GPU `gpu` was opened on (GPU 0; each rank
-/// opens its own stream, so `gpu` itself is let go); a rank that waits longer than `timeout`
-/// for a peer fails.
+/// The `dims.dp()` × `method.ranks()` device ranks on the GPU `gpu` was opened on (GPU 0; each
+/// rank opens its own stream, so `gpu` itself is let go); a rank that waits longer than
+/// `timeout` for a peer fails.
 #[cfg(feature = "cuda")]
 pub fn gpu_sp_group(
     gpu: GpuHandle,
+    dims: reel_parallel::ParallelDims,
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
     timeout: std::time::Duration,
 ) -> GpuSpGroup {
     drop(gpu);
+    let worlds = |n: usize, size: usize| -> Vec<reel_cuda::DeviceWorld> {
+        if size > 1 {
+            (0..n)
+                .map(|_| reel_cuda::DeviceWorld::new(size, timeout))
+                .collect()
+        } else {
+            Vec::new()
+        }
+    };
     GpuSpGroup {
-        world: reel_cuda::DeviceWorld::new(method.ranks(), timeout),
+        sp_worlds: worlds(dims.dp(), dims.sp()),
+        dp_worlds: worlds(dims.sp(), dims.dp()),
         method,
         overlap,
     }
@@ -500,29 +534,69 @@ pub fn gpu_model(
     use anyhow::Context;
     match place {
         GpuPlace::One(g) => Ok(GpuModel::new(*g, config, params, policy, adamw)?),
-        GpuPlace::Sp { group, rank } => {
+        GpuPlace::Sp {
+            group,
+            dp_rank,
+            sp_rank,
+        } => {
+            let at = format!("rank (dp {dp_rank}, sp {sp_rank})");
             let g = reel_cuda::Gpu::open_on_new_stream(0)
-                .with_context(|| format!("sequence-parallel rank {rank}: opening its stream"))?;
-            let comm = group.world.comm(rank, &g)?;
-            let sp = reel_cuda::GpuSpAttention::with_method(comm, group.method, group.overlap)
-                .with_context(|| format!("sequence-parallel rank {rank}: device attention"))?;
+                .with_context(|| format!("{at}: opening its stream"))?;
+            let sp = match group.sp_worlds.get(dp_rank) {
+                Some(w) => Some(
+                    reel_cuda::GpuSpAttention::with_method(
+                        w.comm(sp_rank, &g)?,
+                        group.method,
+                        group.overlap,
+                    )
+                    .with_context(|| format!("{at}: device attention"))?,
+                ),
+                None => None,
+            };
+            let dp = match group.dp_worlds.get(sp_rank) {
+                Some(w) => Some(w.comm(dp_rank, &g)?),
+                None => None,
+            };
             let mut m = GpuModel::new(g, config, params, policy, adamw)?;
-            m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+            if let Some(sp) = sp {
+                m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+            }
+            if let Some(dp) = dp {
+                m.set_dp_group(Box::new(dp));
+            }
             Ok(m)
         }
         GpuPlace::Proc(p) => {
             let GpuProc {
                 gpu,
-                comm,
+                rank,
+                sp,
+                dp,
                 method,
                 overlap,
             } = *p;
-            let rank = reel_comm::Communicator::rank(&comm);
-            let p2p = comm.into_device_p2p(&gpu)?;
-            let sp = reel_cuda::GpuSpAttention::with_method(p2p, method, overlap)
-                .with_context(|| format!("sequence-parallel rank {rank}: device attention"))?;
+            let sp = match sp {
+                Some(c) => Some(
+                    reel_cuda::GpuSpAttention::with_method(
+                        c.into_device_p2p(&gpu)?,
+                        method,
+                        overlap,
+                    )
+                    .with_context(|| format!("rank {rank}: device attention"))?,
+                ),
+                None => None,
+            };
+            let dp = match dp {
+                Some(c) => Some(c.into_device_p2p(&gpu)?),
+                None => None,
+            };
             let mut m = GpuModel::new(gpu, config, params, policy, adamw)?;
-            m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+            if let Some(sp) = sp {
+                m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+            }
+            if let Some(dp) = dp {
+                m.set_dp_group(Box::new(dp));
+            }
             Ok(m)
         }
     }
@@ -707,6 +781,7 @@ pub use cpu_only::{
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_proc(
     _: &Launched,
+    _: reel_parallel::ParallelDims,
     _: usize,
     _: reel_parallel::SpMethod,
     _: reel_parallel::Overlap,
@@ -723,6 +798,7 @@ pub fn open_gpu() -> Result<GpuHandle, String> {
 #[cfg(not(feature = "cuda"))]
 pub fn gpu_sp_group(
     gpu: GpuHandle,
+    _: reel_parallel::ParallelDims,
     _: reel_parallel::SpMethod,
     _: reel_parallel::Overlap,
     _: std::time::Duration,
@@ -876,6 +952,9 @@ mod cpu_only {
         pub fn sp_rank(&self) -> usize {
             match self.never {}
         }
+        pub fn dp_coords(&self) -> (usize, usize) {
+            match self.never {}
+        }
         pub fn all_gather_u64(&self, _: u64) -> R<Vec<u64>> {
             match self.never {}
         }
@@ -1007,15 +1086,13 @@ mod tests {
     }
 
     #[test]
-    fn sp_runs_and_a_frozen_tower_go_to_the_gpu_and_dp_or_a_trained_tower_stay_on_the_cpu() {
+    fn dp_and_sp_runs_and_a_frozen_tower_go_to_the_gpu_and_a_trained_tower_stays_on_the_cpu() {
         assert_eq!(
-            gpu_unsupported(1, false),
+            gpu_unsupported(false),
             None,
-            "one rank or sp ranks, dp 1, text or a frozen tower"
+            "one rank or dp × sp ranks, text or a frozen tower"
         );
-        let dp = gpu_unsupported(2, false).unwrap();
-        assert!(dp.contains("dp > 1"), "{dp}");
-        let vl = gpu_unsupported(1, true).unwrap();
+        let vl = gpu_unsupported(true).unwrap();
         assert!(
             vl.contains("Qwen2.5-VL") && vl.contains("video.train_vision = false"),
             "{vl}"
@@ -1025,7 +1102,7 @@ mod tests {
             Device::Auto,
             "train.device",
             true,
-            gpu_unsupported(1, true),
+            gpu_unsupported(true),
             || Ok::<u8, String>(1),
         ) {
             Ok(Chosen::Cpu { note: Some(n) }) => {
@@ -1037,7 +1114,7 @@ mod tests {
             Device::Cuda,
             "train.device",
             true,
-            gpu_unsupported(1, true),
+            gpu_unsupported(true),
             || Ok::<u8, String>(1),
         )
         .unwrap_err();
@@ -1045,23 +1122,13 @@ mod tests {
             e.contains("train.device") && e.contains("trains the tower"),
             "{e}"
         );
-        // "cuda" names the reason; "auto" falls back with it.
         let gpu = || -> Result<u8, String> { Ok(1) };
-        let e = resolve(
-            Device::Cuda,
-            "train.device",
-            true,
-            gpu_unsupported(4, false),
-            gpu,
-        )
-        .unwrap_err();
-        assert!(e.contains("dp > 1"), "{e}");
         assert!(matches!(
             resolve(
                 Device::Auto,
                 "train.device",
                 true,
-                gpu_unsupported(1, false),
+                gpu_unsupported(false),
                 gpu
             ),
             Ok(Chosen::Cuda(1))
@@ -1204,14 +1271,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("rank 1") && e.contains("no driver"), "{e}");
-        // sp must be the world size, dp 1.
+        // dp · sp must be the world size: dp × sp grids of 4 processes fit, 2 × 1 does not.
+        for (sp, dp) in [(4, 1), (2, 2), (1, 4)] {
+            assert_eq!(
+                plan(&l(3, 4, 4), dims(sp, dp), Device::Cuda, false, true, Ok(4)),
+                Ok(3),
+                "sp {sp} × dp {dp}"
+            );
+        }
         let e = plan(&l(0, 2, 2), dims(1, 1), Device::Cuda, false, true, Ok(2)).unwrap_err();
         assert!(
-            e.contains("parallel.sp must be 2") && e.contains("--sp 2"),
+            e.contains("parallel.dp · parallel.sp must be 2") && e.contains("--sp 2"),
             "{e}"
         );
-        let e = plan(&l(0, 4, 4), dims(2, 2), Device::Cuda, false, true, Ok(4)).unwrap_err();
-        assert!(e.contains("dp = 2"), "{e}");
+        let e = plan(&l(0, 4, 4), dims(2, 1), Device::Cuda, false, true, Ok(4)).unwrap_err();
+        assert!(e.contains("dp = 1 and sp = 2"), "{e}");
         // The CPU, a build without CUDA and the VLM have no multi-process path.
         let e = plan(&l(0, 2, 2), dims(2, 1), Device::Cpu, false, true, Ok(2)).unwrap_err();
         assert!(

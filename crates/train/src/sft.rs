@@ -23,10 +23,12 @@
 //! uses the same step function on this thread, with no communicator (the VLM, whose vision
 //! encode speaks through one, runs as a world of one in-process rank).
 //!
-//! Under `reel launch` (one process per GPU, `parallel.sp` = the world size, dp = 1) each process
-//! is one sequence-parallel rank on its own GPU (its local rank), joined to the others by NCCL
-//! (`device::gpu_proc`): the same step as the in-process GPU ranks, with attention's messages
-//! and the gradient all-reduce going over NCCL instead of between streams of one GPU. Every
+//! Under `reel launch` (one process per GPU, `parallel.dp · parallel.sp` = the world size) each
+//! process is one rank of the dp × sp grid on its own GPU (its local rank), joined to the others
+//! by NCCL (`device::gpu_proc`: the world split into its replica's sequence-parallel group and
+//! its shard's data-parallel group): the same step as the in-process GPU ranks, with attention's
+//! messages and the gradient all-reduces going over NCCL instead of between streams of one GPU.
+//! Every
 //! process loads the run (data, tokenizer, checkpoint on resume) itself; rank 0 alone writes
 //! metrics and checkpoints (weights and moments copied back from its GPU), and at the end the
 //! replicas' checksums are compared over NCCL. A process that dies makes the others fail within
@@ -693,13 +695,15 @@ impl<T: SftTask> Replica<T> {
     }
 }
 
-/// One optimizer step on the GPU: every micro-batch forward and backward into the fp32
-/// gradients (loss scaled by 1 / labelled tokens of the step; [`SftTask::gpu_micro_step`]),
-/// clipping and AdamW there. Under sequence parallelism (the model's rank of its group) each
-/// micro-batch is cut like the CPU ranks cut it
-/// ([`Sharding::shard_tokens`](reel_parallel::Sharding::shard_tokens)), this rank runs its
-/// shard, and the gradients, loss and token count are summed over the group on the device
-/// before clipping, so every rank clips by the global norm and steps alike.
+/// One optimizer step on the GPU: every micro-batch of this replica (r, r + dp, … for replica
+/// r of dp, as the CPU ranks take them) forward and backward into the fp32 gradients (loss
+/// scaled by 1 / labelled tokens of the whole step; [`SftTask::gpu_micro_step`]), clipping and
+/// AdamW there. Under sequence parallelism (the model's rank of its group) each micro-batch is
+/// cut like the CPU ranks cut it
+/// ([`Sharding::shard_tokens`](reel_parallel::Sharding::shard_tokens)) and this rank runs its
+/// shard. The gradients, loss and token count are summed over the sequence-parallel group and
+/// then the data-parallel group on the device before clipping, so every rank clips by the
+/// global norm and steps alike.
 #[allow(clippy::too_many_arguments)]
 fn gpu_train_step<T: SftTask, C: Communicator>(
     task: &T,
@@ -721,7 +725,8 @@ fn gpu_train_step<T: SftTask, C: Communicator>(
     gm.zero_grads()?;
     let mut local = LossStats::default();
     let mut nop = || {};
-    for (i, b) in batches.iter().enumerate() {
+    let (dp_rank, dp) = gm.dp_coords();
+    for (i, b) in batches.iter().skip(dp_rank).step_by(dp).enumerate() {
         let m: &mut dyn FnMut() = if i == 0 { &mut *mid } else { &mut nop };
         let s = task
             .gpu_micro_step(model, ws, gm, b, scale, peers, m)
@@ -1147,7 +1152,7 @@ fn sp_method<T: SftTask>(cfg: &SftConfig, model: &T::Model) -> Result<SpMethod> 
 /// The ranks of a `dp × sp` run, one thread each: every rank builds the same replica, rank
 /// `dp_rank · sp + sp_rank` takes micro-batches `dp_rank, dp_rank + dp, …` and its token shard
 /// of each; rank 0 writes. The first rank to fail (not one that only saw another fail) gives the
-/// error. With `gpu` (dp = 1), the sp ranks train on that GPU, each on its own stream.
+/// error. With `gpu`, the dp × sp ranks train on that GPU, each on its own stream.
 fn run_ranks<T: SftTask>(
     model: &T::Model,
     shared: &Shared<T>,
@@ -1175,13 +1180,13 @@ fn run_ranks<T: SftTask>(
             *gpu_one.lock().unwrap_or_else(|e| e.into_inner()) = Some(g);
             None
         }
-        Some(g) if dims.dp() == 1 => Some(gpu_sp_group(
+        Some(g) => Some(gpu_sp_group(
             g,
+            dims,
             sp_method::<T>(cfg, model)?,
             par.overlap_mode(),
             par.timeout(),
         )),
-        Some(_) => bail!("GPU training takes one data-parallel replica (dp = 1)"),
         None => None,
     };
     let (stop_after, poison_step, poison_rank, progress) = (
@@ -1226,7 +1231,8 @@ fn run_ranks<T: SftTask>(
         let gpu = match gpu_group.clone() {
             Some(group) => Some(GpuPlace::Sp {
                 group,
-                rank: coords.sp_rank,
+                dp_rank: coords.dp_rank,
+                sp_rank: coords.sp_rank,
             }),
             None => gpu_one
                 .lock()
@@ -1292,7 +1298,7 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
         return run_process::<T>(cfg, opts, dims, &l);
     }
     let trained_tower = cfg.model_kind()? == ModelKind::Qwen25VL && cfg.video.train_vision;
-    let cpu_only = gpu_unsupported(dims.dp(), trained_tower);
+    let cpu_only = gpu_unsupported(trained_tower);
     let gpu = match resolve(
         cfg.train.device,
         "train.device",
@@ -1358,11 +1364,13 @@ fn run_process<T: SftTask>(
     let par = &cfg.parallel;
     let (shared, model) = Shared::<T>::load(cfg, opts.resume)?;
     let method = sp_method::<T>(cfg, &model)?;
-    let proc = gpu_proc(l, ordinal, method, par.overlap_mode(), par.timeout())?;
+    let proc = gpu_proc(l, dims, ordinal, method, par.overlap_mode(), par.timeout())?;
     tracing::info!(
-        "rank {} of {} processes, one GPU each over NCCL: sp {} ({} attention, overlap {}) on {}",
+        "rank {} of {} processes, one GPU each over NCCL: dp {} × sp {} ({} attention, overlap \
+         {}) on {}",
         l.rank,
         l.world,
+        dims.dp(),
         dims.sp(),
         par.schedule,
         par.overlap,

@@ -5,9 +5,11 @@
 //!
 //! - `nccl_sp_sft_loss_curve_matches_one_gpu`: for each world size of `REEL_NCCL_WORLDS` (≥ 2;
 //!   default `2`) and each case (DistAttn with every activation kept, zigzag under remat,
-//!   DistAttn under remat, the Ulysses hybrid under remat with u = gcd(world, H_kv)), every step's loss of the multi-process run matches the single-GPU
-//!   one-rank run of the same policy within bf16 tolerance, the replicas end identical (checked
-//!   over NCCL by the run), and rank 0's checkpoint loads.
+//!   DistAttn under remat, the Ulysses hybrid under remat with u = gcd(world, H_kv); then data
+//!   parallelism: dp = world × sp 1, and dp 2 × sp world/2 from 4 processes), every step's loss
+//!   of the multi-process run matches the single-GPU one-rank run of the same policy (with dp ×
+//!   the gradient accumulation) within bf16 tolerance, the replicas end identical (checked over
+//!   NCCL by the run), and rank 0's checkpoint loads.
 //! - `nccl_sp_sft_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes`: rank 1 exits
 //!   in the middle of step 5 (after its first forward pass); rank 0 fails with an error within
 //!   the configured timeout (10 s) naming the last good checkpoint, step 3, which loads; a
@@ -144,8 +146,12 @@ fn close_to(what: &str, got: &[(u64, f32)], want: &[f32]) -> f32 {
     worst
 }
 
+/// The one-rank run of `cfg` on GPU 0 (dp = sp = 1; a dp > 1 config takes dp × its gradient
+/// accumulation: the same micro-batches per step).
 fn one_gpu(cfg: &SftConfig, out: PathBuf) -> SftSummary {
     let mut c = cfg.clone();
+    c.train.grad_accum *= c.parallel.dp as u32;
+    c.parallel.dp = 1;
     c.parallel.sp = 1;
     c.output.dir = out;
     let t = Instant::now();
@@ -167,7 +173,7 @@ fn nccl_sp_sft_loss_curve_matches_one_gpu() {
         Some(true) => {
             let cfg = rank_config();
             let s = run_sft(&cfg, common::quiet()).unwrap_or_else(|e| panic!("{e:#}"));
-            let world = cfg.parallel.sp;
+            let world = cfg.parallel.dp * cfg.parallel.sp;
             assert_eq!(s.param_checksums.len(), world);
             assert!(s.param_checksums.iter().all(|&c| c == s.param_checksums[0]));
             assert_eq!(s.steps, cfg.train.steps);
@@ -181,30 +187,38 @@ fn nccl_sp_sft_loss_curve_matches_one_gpu() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let base = base_config(dir);
-    let cases = [
-        (CheckpointPolicy::None, SpSchedule::Distattn),
-        (CheckpointPolicy::Remat, SpSchedule::Zigzag),
-        (CheckpointPolicy::Remat, SpSchedule::Distattn),
-        // u = gcd(world, H_kv = 2): pure Ulysses at world 2, 2 × 2 at world 4.
-        (CheckpointPolicy::Remat, SpSchedule::Hybrid),
-    ];
     let mut reference = std::collections::HashMap::new();
     for (i, &w) in worlds().iter().enumerate() {
-        for (j, &(policy, schedule)) in cases.iter().enumerate() {
-            let what = format!("world {w} {policy} {schedule}");
+        // (policy, schedule, dp); sp = w / dp.
+        let mut cases = vec![
+            (CheckpointPolicy::None, SpSchedule::Distattn, 1),
+            (CheckpointPolicy::Remat, SpSchedule::Zigzag, 1),
+            (CheckpointPolicy::Remat, SpSchedule::Distattn, 1),
+            // u = gcd(world, H_kv = 2): pure Ulysses at world 2, 2 × 2 at world 4.
+            (CheckpointPolicy::Remat, SpSchedule::Hybrid, 1),
+            // Data parallelism: one replica per GPU, then replicas of sp groups.
+            (CheckpointPolicy::Remat, SpSchedule::Distattn, w),
+        ];
+        if w >= 4 && w % 2 == 0 {
+            cases.push((CheckpointPolicy::Layer, SpSchedule::Zigzag, 2));
+        }
+        for (j, &(policy, schedule, dp)) in cases.iter().enumerate() {
+            let sp = w / dp;
+            let what = format!("world {w} dp {dp} × sp {sp} {policy} {schedule}");
             let mut cfg = base.clone();
             cfg.train.checkpoint = policy;
+            cfg.parallel.dp = dp;
             let want = reference
-                .entry(policy.to_string())
-                .or_insert_with(|| one_gpu(&cfg, dir.join(format!("one-{policy}"))).losses)
+                .entry(format!("{policy}-dp{dp}"))
+                .or_insert_with(|| one_gpu(&cfg, dir.join(format!("one-{policy}-dp{dp}"))).losses)
                 .clone();
-            cfg.parallel.sp = w;
+            cfg.parallel.sp = sp;
             cfg.parallel.schedule = schedule;
-            cfg.output.dir = dir.join(format!("nccl-w{w}-{policy}-{schedule}"));
+            cfg.output.dir = dir.join(format!("nccl-w{w}-dp{dp}-{policy}-{schedule}"));
             let path = dir.join(format!("w{w}-{j}.toml"));
             write_config(&cfg, &path);
             let t = Instant::now();
-            let port = 29800 + (i * cases.len() + j) as u16 * 3;
+            let port = 29800 + (i * 8 + j) as u16 * 3;
             launch(NAME, w, port, &[(CONFIG, path.display().to_string())])
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
             let secs = t.elapsed().as_secs_f64();

@@ -3,8 +3,10 @@
 //! gradients all-reduced on the device) against the CPU run with sp = 1 on the same data: every
 //! step's loss agrees within bf16 tolerance under each checkpoint policy and schedule (ring
 //! family, Ulysses at sp = 2, the hybrid u = 2 × r = 2 at sp = 4), the replicas end identical,
-//! the loss falls, the checkpoint loads, and an interrupted sp run resumes on the GPU. Needs the
-//! `cuda` feature and a GPU; opt-in:
+//! the loss falls, the checkpoint loads, and an interrupted sp run resumes on the GPU. Data
+//! parallelism on the same GPU (dp 2 × sp 1 and dp 2 × sp 2: replicas taking alternate
+//! micro-batches, gradients summed over the replicas on the device) follows the CPU run with
+//! twice the gradient accumulation. Needs the `cuda` feature and a GPU; opt-in:
 //!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_sp_sft -- --nocapture
 #![cfg(feature = "cuda")]
@@ -116,4 +118,55 @@ fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
     let tail = &cpu.losses[3..];
     close_to_cpu("resumed sp 2", &resumed.losses, tail);
     same_replicas("resumed sp 2", &resumed, 2);
+}
+
+#[test]
+fn gpu_dp_loss_curve_matches_the_cpu_run_with_the_same_micro_batches() {
+    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cpu_cfg = common::setup(dir.path(), 8);
+    if let Some(init) = cpu_cfg.model.init.as_mut() {
+        init.hidden_size = 64;
+        init.intermediate_size = 128;
+    }
+    // dp replicas take dp × grad_accum micro-batches a step: one CPU rank with twice the
+    // accumulation runs the same step.
+    let dp = 2;
+    cpu_cfg.train.grad_accum *= dp as u32;
+    cpu_cfg.output.dir = dir.path().join("cpu");
+    let cpu = run_sft(&cpu_cfg, common::quiet()).unwrap();
+    eprintln!(
+        "CPU, grad_accum {}: losses {:?}",
+        cpu_cfg.train.grad_accum, cpu.losses
+    );
+    for (sp, policy, schedule) in [
+        (1, CheckpointPolicy::Remat, SpSchedule::Distattn),
+        (2, CheckpointPolicy::Layer, SpSchedule::Zigzag),
+    ] {
+        let what = format!("dp {dp} × sp {sp} {policy} {schedule}");
+        let mut cfg = cpu_cfg.clone();
+        cfg.train.grad_accum /= dp as u32;
+        cfg.train.device = Device::Cuda;
+        cfg.train.checkpoint = policy;
+        cfg.parallel.dp = dp;
+        cfg.parallel.sp = sp;
+        cfg.parallel.schedule = schedule;
+        cfg.output.dir = dir.path().join(format!("gpu-dp{dp}-sp{sp}"));
+        let t0 = Instant::now();
+        let gpu = run_sft(&cfg, common::quiet()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let secs = t0.elapsed().as_secs_f64();
+        let worst = close_to_cpu(&what, &gpu.losses, &cpu.losses);
+        same_replicas(&what, &gpu, dp * sp);
+        eprintln!(
+            "{what}: {secs:.2} s, GPU losses {:?}, worst relative difference {worst:.2e}",
+            gpu.losses
+        );
+        assert!(
+            gpu.losses.last() < gpu.losses.first(),
+            "{what}: the run learns"
+        );
+    }
 }
