@@ -6,7 +6,8 @@
 //! M-RoPE angles; the loss, every decoder gradient tensor (the embedding table's text rows
 //! included) and ∂L/∂embeddings of every row agree within bf16 tolerance.
 //! (b) `run_sft` on a tiny Qwen2.5-VL and synthetic video records, once on the CPU and on the GPU
-//! (one rank; sp = 2 in-process ranks sharing the GPU): every step's loss and the held-out loss
+//! (one rank; sp = 2 in-process ranks sharing the GPU; dp = 2 replicas sharing it, against the
+//! CPU run with dp = 2): every step's loss and the held-out loss
 //! agree within bf16 tolerance, the frozen tower stays put, the checkpoint loads, an interrupted
 //! GPU run resumes onto its own curve, and a trained tower is refused on "cuda".
 //! (c) The same GPU run with its videos encoded by the frozen tower on the GPU
@@ -304,6 +305,27 @@ fn vl_sft_on_the_gpu_follows_the_cpu_loss_curve_checkpoints_and_resumes() {
             "the frozen tower moved"
         );
     }
+
+    // Two data-parallel replicas sharing the GPU, each taking every other record: the CPU run
+    // with the same replicas.
+    let mut dp_cpu = cpu_cfg.clone();
+    dp_cpu.parallel.dp = 2;
+    dp_cpu.output.dir = dir.path().join("cpu-dp2");
+    let want = run_sft(&dp_cpu, common::quiet()).unwrap();
+    let mut cfg = dp_cpu.clone();
+    cfg.train.device = Device::Cuda;
+    cfg.output.dir = dir.path().join("gpu-dp2");
+    let gpu = run_sft(&cfg, common::quiet()).unwrap();
+    eprintln!(
+        "dp 2: GPU losses {:?}\n  CPU losses {:?}",
+        gpu.losses, want.losses
+    );
+    assert_close("dp 2", &gpu.losses, &want.losses, 2e-2);
+    assert_eq!(gpu.param_checksums.len(), 2);
+    assert_eq!(
+        gpu.param_checksums[0], gpu.param_checksums[1],
+        "replicas differ"
+    );
 
     // Interrupted after 3 steps and resumed from the step-2 checkpoint: the same curve.
     let mut cfg = cpu_cfg.clone();
