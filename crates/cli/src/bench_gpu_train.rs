@@ -7,7 +7,10 @@
 //! transformers: `scripts/bench_train_torch.py` (fp32 weights under bf16 autocast, SDPA, gradient
 //! checkpointing, fused AdamW, clipping), as its Trainer runs with `bf16=True`.
 //!
-//! Median of `ITERS` steps after one warm-up. MFU = model FLOPs / (step time · peak), model FLOPs
+//! Median of `ITERS` steps after one warm-up; then one more step profiled by kind of op
+//! (`reel_cuda`'s profile: GEMMs, attention, LM head + cross-entropy, other kernels, optimizer),
+//! its device time beside the timed step (idle = the rest) and the MFU the device time alone
+//! would give. MFU = model FLOPs / (step time · peak), model FLOPs
 //! (recomputation not counted) = 6·N·P_matmul (P_matmul: every projection and the LM head,
 //! 494M) + 6·L·H·D·T² (causal attention, forward + backward = 3× forward). Peak: the H100/H200
 //! SXM datasheet's dense bf16 989 TFLOP/s. Longest sequence: transformers by doubling from 32k and
@@ -155,11 +158,24 @@ mod imp {
         times.sort_by(f64::total_cmp);
         let s = times[times.len() / 2];
         let tflops = step_flops(c, t) / s / 1e12;
+        // One more step with every op timed by kind (reel_cuda's profile): where the step's
+        // milliseconds go, and what the device time alone would give.
+        gm.gpu().profile_begin();
+        step(&mut gm, c, t)?;
+        let prof = gm.gpu().profile_end()?;
+        let busy_ms: f64 = prof.iter().map(|r| r.ms).sum();
+        let profile: serde_json::Map<String, Value> = prof
+            .iter()
+            .map(|r| (r.category.to_string(), json!(r.ms)))
+            .collect();
         Ok(json!({
             "t": t, "policy": policy.to_string(), "step_s": s, "tokens_per_s": t as f64 / s,
             "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "loss": loss,
             "allocs_in_timed_steps": after.device_allocs - before.device_allocs,
             "activation_gib": reel_cuda::activation_bytes(c, policy, t) as f64 / (1u64 << 30) as f64,
+            "profile_ms": profile, "device_busy_ms": busy_ms,
+            "idle_ms": s * 1e3 - busy_ms,
+            "mfu_if_never_idle": step_flops(c, t) / (busy_ms * 1e-3) / 1e12 / PEAK_TFLOPS,
         }))
     }
 
@@ -339,6 +355,32 @@ fn print(r: &Value) {
             tt,
             100.0 * tm,
             rt / tt
+        );
+    }
+    println!(
+        "where reel's step goes (ms of device time by kind of op, one profiled step; idle = the \
+         timed step minus them)"
+    );
+    let cats = ["gemm", "attention", "lm_head_ce", "kernels", "optimizer"];
+    print!("{:>7} {:<6} {:>8}", "T", "policy", "step ms");
+    for c in cats {
+        print!(" {c:>10}");
+    }
+    println!(" {:>8} {:>9}", "idle", "MFU busy");
+    for row in r["reel"].as_array().into_iter().flatten() {
+        print!(
+            "{:>7} {:<6} {:>8.1}",
+            row["t"],
+            row["policy"].as_str().unwrap_or(""),
+            1e3 * f(&row["step_s"])
+        );
+        for c in cats {
+            print!(" {:>10.1}", f(&row["profile_ms"][c]));
+        }
+        println!(
+            " {:>8.1} {:>8.1}%",
+            f(&row["idle_ms"]),
+            100.0 * f(&row["mfu_if_never_idle"])
         );
     }
     println!(

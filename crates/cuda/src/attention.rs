@@ -168,24 +168,26 @@ mod fused {
             shape: AttnShape,
             mask: AttnMask,
         ) -> Result<()> {
-            let key = plan_key(
-                "attention_forward",
-                shape,
-                mask,
-                false,
-                &[("q", q.dlen(), q.dptr()), ("out", out.dlen(), out.dptr())],
-                &[("k", k.dlen(), k.dptr()), ("v", v.dlen(), v.dptr())],
-                ("lse", lse.dlen()),
-            )?;
-            if shape.b * shape.tq * shape.h == 0 {
-                return Ok(());
-            }
-            if shape.tk == 0 {
-                return shape_err("attention_forward: no keys (Tk = 0)".into());
-            }
-            self.bind()?;
-            let (qp, kp, vp, op, lp) = (q.dptr(), k.dptr(), v.dptr(), out.dptr(), lse.dptr());
-            self.with_cudnn(|c| c.forward(key, qp, kp, vp, op, lp))
+            self.timed("attention", || {
+                let key = plan_key(
+                    "attention_forward",
+                    shape,
+                    mask,
+                    false,
+                    &[("q", q.dlen(), q.dptr()), ("out", out.dlen(), out.dptr())],
+                    &[("k", k.dlen(), k.dptr()), ("v", v.dlen(), v.dptr())],
+                    ("lse", lse.dlen()),
+                )?;
+                if shape.b * shape.tq * shape.h == 0 {
+                    return Ok(());
+                }
+                if shape.tk == 0 {
+                    return shape_err("attention_forward: no keys (Tk = 0)".into());
+                }
+                self.bind()?;
+                let (qp, kp, vp, op, lp) = (q.dptr(), k.dptr(), v.dptr(), out.dptr(), lse.dptr());
+                self.with_cudnn(|c| c.forward(key, qp, kp, vp, op, lp))
+            })
         }
 
         /// Attention backward through cuDNN: dq [B, Tq, H, D], dk, dv [B, Tk, H_kv, D]
@@ -206,62 +208,64 @@ mod fused {
             shape: AttnShape,
             mask: AttnMask,
         ) -> Result<()> {
-            let key = plan_key(
-                "attention_backward",
-                shape,
-                mask,
-                true,
-                &[
-                    ("dq", dq.dlen(), dq.dptr()),
-                    ("dout", dout.dlen(), dout.dptr()),
-                    ("q", q.dlen(), q.dptr()),
-                    ("out", out.dlen(), out.dptr()),
-                ],
-                &[
-                    ("dk", dk.dlen(), dk.dptr()),
-                    ("dv", dv.dlen(), dv.dptr()),
-                    ("k", k.dlen(), k.dptr()),
-                    ("v", v.dlen(), v.dptr()),
-                ],
-                ("lse", lse.dlen()),
-            )?;
-            let AttnShape { b, tq, tk, h, .. } = shape;
-            if b * tq * h == 0 || tk == 0 {
-                self.zero(dq)?;
-                self.zero(dk)?;
-                return self.zero(dv);
-            }
-            let t32 = crate::ops::as_i32("attention_backward", "Tq", tq)?;
-            let h32 = crate::ops::as_i32("attention_backward", "H", h)?;
-            self.bind()?;
-            let ptrs = (
-                q.dptr(),
-                k.dptr(),
-                v.dptr(),
-                out.dptr(),
-                dout.dptr(),
-                dq.dptr(),
-                dk.dptr(),
-                dv.dptr(),
-            );
-            let src = lse.dptr();
-            // The [B, H, T] copy of lse cuDNN's backward reads, from the scratch pool.
-            let bht_buf = self.scratch::<f32>(b * tq * h)?;
-            let bht = bht_buf.dptr();
-            self.with_cudnn(|c| {
-                let b64 = b as i64;
-                launch!(
-                    self,
-                    &self.kernels.lse_bth_to_bht,
-                    cfg((elementwise_grid(b * tq * h), 1, 1), (256, 1, 1)),
-                    &bht,
-                    &src,
-                    &b64,
-                    &t32,
-                    &h32
+            self.timed("attention", || {
+                let key = plan_key(
+                    "attention_backward",
+                    shape,
+                    mask,
+                    true,
+                    &[
+                        ("dq", dq.dlen(), dq.dptr()),
+                        ("dout", dout.dlen(), dout.dptr()),
+                        ("q", q.dlen(), q.dptr()),
+                        ("out", out.dlen(), out.dptr()),
+                    ],
+                    &[
+                        ("dk", dk.dlen(), dk.dptr()),
+                        ("dv", dv.dlen(), dv.dptr()),
+                        ("k", k.dlen(), k.dptr()),
+                        ("v", v.dlen(), v.dptr()),
+                    ],
+                    ("lse", lse.dlen()),
                 )?;
-                let (qp, kp, vp, op, dop, dqp, dkp, dvp) = ptrs;
-                c.backward(key, qp, kp, vp, op, dop, bht, dqp, dkp, dvp)
+                let AttnShape { b, tq, tk, h, .. } = shape;
+                if b * tq * h == 0 || tk == 0 {
+                    self.zero(dq)?;
+                    self.zero(dk)?;
+                    return self.zero(dv);
+                }
+                let t32 = crate::ops::as_i32("attention_backward", "Tq", tq)?;
+                let h32 = crate::ops::as_i32("attention_backward", "H", h)?;
+                self.bind()?;
+                let ptrs = (
+                    q.dptr(),
+                    k.dptr(),
+                    v.dptr(),
+                    out.dptr(),
+                    dout.dptr(),
+                    dq.dptr(),
+                    dk.dptr(),
+                    dv.dptr(),
+                );
+                let src = lse.dptr();
+                // The [B, H, T] copy of lse cuDNN's backward reads, from the scratch pool.
+                let bht_buf = self.scratch::<f32>(b * tq * h)?;
+                let bht = bht_buf.dptr();
+                self.with_cudnn(|c| {
+                    let b64 = b as i64;
+                    launch!(
+                        self,
+                        &self.kernels.lse_bth_to_bht,
+                        cfg((elementwise_grid(b * tq * h), 1, 1), (256, 1, 1)),
+                        &bht,
+                        &src,
+                        &b64,
+                        &t32,
+                        &h32
+                    )?;
+                    let (qp, kp, vp, op, dop, dqp, dkp, dvp) = ptrs;
+                    c.backward(key, qp, kp, vp, op, dop, bht, dqp, dkp, dvp)
+                })
             })
         }
     }

@@ -323,35 +323,37 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let op = "matmul_forward";
-        check_types::<I, O>(op)?;
-        check_len(op, "out", out.dlen(), m * n)?;
-        check_len(op, "inp", inp.dlen(), m * k)?;
-        check_len(op, "weight", weight.dlen(), n * k)?;
-        if let Some(b) = bias {
-            check_len(op, "bias", b.dlen(), n)?;
-        }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if k == 0 {
-            if bias.is_some() {
-                return shape_err(format!(
-                    "{op}: k = 0 with a bias is not supported on the GPU"
-                ));
+        self.timed("gemm", || {
+            let op = "matmul_forward";
+            check_types::<I, O>(op)?;
+            check_len(op, "out", out.dlen(), m * n)?;
+            check_len(op, "inp", inp.dlen(), m * k)?;
+            check_len(op, "weight", weight.dlen(), n * k)?;
+            if let Some(b) = bias {
+                check_len(op, "bias", b.dlen(), n)?;
             }
-            return self.zero(out);
-        }
-        self.bind()?;
-        let s = linear_spec::<I, O>(m, k, n, false);
-        self.blas.gemm(
-            s,
-            1.0,
-            weight.dptr(),
-            inp.dptr(),
-            out.dptr(),
-            bias.map(|b| b.dptr()),
-        )
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            if k == 0 {
+                if bias.is_some() {
+                    return shape_err(format!(
+                        "{op}: k = 0 with a bias is not supported on the GPU"
+                    ));
+                }
+                return self.zero(out);
+            }
+            self.bind()?;
+            let s = linear_spec::<I, O>(m, k, n, false);
+            self.blas.gemm(
+                s,
+                1.0,
+                weight.dptr(),
+                inp.dptr(),
+                out.dptr(),
+                bias.map(|b| b.dptr()),
+            )
+        })
     }
 
     /// `out[m,n] += inp[m,k] · weight[n,k]ᵀ` (β = 1: the residual add fused into the GEMM, one
@@ -366,18 +368,20 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let op = "matmul_forward_accumulate";
-        check_types::<I, O>(op)?;
-        check_len(op, "out", out.dlen(), m * n)?;
-        check_len(op, "inp", inp.dlen(), m * k)?;
-        check_len(op, "weight", weight.dlen(), n * k)?;
-        if m == 0 || n == 0 || k == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        let s = linear_spec::<I, O>(m, k, n, true);
-        self.blas
-            .gemm(s, 1.0, weight.dptr(), inp.dptr(), out.dptr(), None)
+        self.timed("gemm", || {
+            let op = "matmul_forward_accumulate";
+            check_types::<I, O>(op)?;
+            check_len(op, "out", out.dlen(), m * n)?;
+            check_len(op, "inp", inp.dlen(), m * k)?;
+            check_len(op, "weight", weight.dlen(), n * k)?;
+            if m == 0 || n == 0 || k == 0 {
+                return Ok(());
+            }
+            self.bind()?;
+            let s = linear_spec::<I, O>(m, k, n, true);
+            self.blas
+                .gemm(s, 1.0, weight.dptr(), inp.dptr(), out.dptr(), None)
+        })
     }
 
     /// `dinp[m,k] = dout · weight` (overwrites; skipped when `None`), `dweight[n,k] += doutᵀ · inp`,
@@ -395,67 +399,69 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let op = "matmul_backward";
-        check_len(op, "dout", dout.dlen(), m * n)?;
-        check_len(op, "inp", inp.dlen(), m * k)?;
-        check_len(op, "weight", weight.dlen(), n * k)?;
-        check_len(op, "dweight", dweight.dlen(), n * k)?;
-        if let Some(d) = &dinp {
-            check_len(op, "dinp", d.dlen(), m * k)?;
-        }
-        if let Some(d) = &dbias {
-            check_len(op, "dbias", d.dlen(), n)?;
-        }
-        self.bind()?;
-        let t = T::cuda_type();
-        if let Some(dinp) = dinp {
-            if n == 0 {
-                self.zero_dyn::<T>(dinp.dptr(), dinp.dlen())?;
-            } else if m > 0 && k > 0 {
+        self.timed("gemm", || {
+            let op = "matmul_backward";
+            check_len(op, "dout", dout.dlen(), m * n)?;
+            check_len(op, "inp", inp.dlen(), m * k)?;
+            check_len(op, "weight", weight.dlen(), n * k)?;
+            check_len(op, "dweight", dweight.dlen(), n * k)?;
+            if let Some(d) = &dinp {
+                check_len(op, "dinp", d.dlen(), m * k)?;
+            }
+            if let Some(d) = &dbias {
+                check_len(op, "dbias", d.dlen(), n)?;
+            }
+            self.bind()?;
+            let t = T::cuda_type();
+            if let Some(dinp) = dinp {
+                if n == 0 {
+                    self.zero_dyn::<T>(dinp.dptr(), dinp.dlen())?;
+                } else if m > 0 && k > 0 {
+                    let s = Spec {
+                        ta: false,
+                        tb: false,
+                        m: k as u64,
+                        n: m as u64,
+                        k: n as u64,
+                        lda: k as i64,
+                        ldb: n as i64,
+                        ldc: k as i64,
+                        ab: t,
+                        cd: t,
+                        bias: false,
+                        accumulate: false,
+                        align: [0; 3],
+                    };
+                    self.blas
+                        .gemm(s, 1.0, weight.dptr(), dout.dptr(), dinp.dptr(), None)?;
+                }
+            }
+            if m > 0 && n > 0 && k > 0 {
                 let s = Spec {
                     ta: false,
-                    tb: false,
+                    tb: true,
                     m: k as u64,
-                    n: m as u64,
-                    k: n as u64,
+                    n: n as u64,
+                    k: m as u64,
                     lda: k as i64,
                     ldb: n as i64,
                     ldc: k as i64,
                     ab: t,
                     cd: t,
                     bias: false,
-                    accumulate: false,
+                    accumulate: true,
                     align: [0; 3],
                 };
                 self.blas
-                    .gemm(s, 1.0, weight.dptr(), dout.dptr(), dinp.dptr(), None)?;
+                    .gemm(s, 1.0, inp.dptr(), dout.dptr(), dweight.dptr(), None)?;
             }
-        }
-        if m > 0 && n > 0 && k > 0 {
-            let s = Spec {
-                ta: false,
-                tb: true,
-                m: k as u64,
-                n: n as u64,
-                k: m as u64,
-                lda: k as i64,
-                ldb: n as i64,
-                ldc: k as i64,
-                ab: t,
-                cd: t,
-                bias: false,
-                accumulate: true,
-                align: [0; 3],
-            };
-            self.blas
-                .gemm(s, 1.0, inp.dptr(), dout.dptr(), dweight.dptr(), None)?;
-        }
-        if let Some(dbias) = dbias {
-            if m > 0 && n > 0 {
-                self.colsum::<T>(dbias.dptr(), dout.dptr(), None, m, n)?;
+            if let Some(dbias) = dbias {
+                if m > 0 && n > 0 {
+                    self.colsum::<T>(dbias.dptr(), dout.dptr(), None, m, n)?;
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn zero_dyn<T>(&self, ptr: u64, len: usize) -> Result<()> {

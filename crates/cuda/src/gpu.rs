@@ -65,6 +65,8 @@ pub struct Gpu {
     /// Device allocations made so far ([`Gpu::alloc_stats`]).
     pub(crate) allocs: std::sync::atomic::AtomicU64,
     pub(crate) kernels: Kernels,
+    /// Device time by kind of op, when on ([`crate::profile`]).
+    pub(crate) prof: crate::profile::Profiler,
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) ctx: Arc<CudaContext>,
     info: DeviceInfo,
@@ -197,6 +199,7 @@ impl Gpu {
             // One so far: the cuBLASLt workspace `Blas::new` made.
             allocs: std::sync::atomic::AtomicU64::new(1),
             kernels,
+            prof: Default::default(),
             stream,
             ctx,
             info,
@@ -289,14 +292,21 @@ impl Gpu {
 
     /// Sets every byte of `dst` to zero.
     pub fn zero<T: DeviceElem>(&self, dst: &mut impl DevWrite<T>) -> Result<()> {
-        self.bind()?;
-        if dst.dlen() > 0 {
-            // SAFETY: writes exactly dst's bytes.
-            unsafe {
-                dres::memset_d8_async(dst.dptr(), 0, dst.dlen() * size_of::<T>(), self.cu_stream())
-            }?;
-        }
-        Ok(())
+        self.timed("kernels", || {
+            self.bind()?;
+            if dst.dlen() > 0 {
+                // SAFETY: writes exactly dst's bytes.
+                unsafe {
+                    dres::memset_d8_async(
+                        dst.dptr(),
+                        0,
+                        dst.dlen() * size_of::<T>(),
+                        self.cu_stream(),
+                    )
+                }?;
+            }
+            Ok(())
+        })
     }
 
     /// Waits until every enqueued op has finished; reports a failed kernel.

@@ -79,6 +79,7 @@ mod ops;
 mod optim;
 mod paged;
 mod plan;
+mod profile;
 #[cfg(feature = "cudnn")]
 mod sp_attn;
 mod ulysses;
@@ -99,6 +100,7 @@ pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::{GpuRopeTable, PAGED_HEAD_DIMS};
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
 pub use plan::{activation_bytes, ce_chunk};
+pub use profile::{sum_by_category, ProfileRow};
 #[cfg(feature = "cudnn")]
 pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};
 #[cfg(feature = "cudnn")]

@@ -165,88 +165,90 @@ impl Gpu {
         v: usize,
         chunk: usize,
     ) -> Result<usize> {
-        check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
-        check(op, "losses", losses.dlen(), n)?;
-        check(op, "lse", lse.dlen(), n)?;
-        if let Some(e) = &entropy {
-            check(op, "entropy", e.dlen(), n)?;
-        }
-        let (idx, tgt) = labelled(op, targets, v)?;
-        self.bind()?;
-        self.zero(losses)?;
-        self.zero(lse)?;
-        if let Some(e) = entropy.as_deref_mut() {
-            self.zero(e)?;
-        }
-        let m = idx.len();
-        if m == 0 {
-            return Ok(0);
-        }
-        let idx_d = self.scratch_from(&idx)?;
-        let tgt_d = self.scratch_from(&tgt)?;
-        let hl = self.gather(h, &idx_d, d)?;
-        let row_max = self.scratch_from(&vec![f32::NEG_INFINITY; m])?;
-        let row_sum = self.scratch_from(&vec![0.0f32; m])?;
-        // Null when no entropy is asked for: the kernels then skip its fold.
-        let row_ent = match entropy {
-            Some(_) => Some(self.scratch_from(&vec![0.0f32; m])?),
-            None => None,
-        };
-        let ent_ptr = row_ent.as_ref().map_or(0, |e| e.dptr());
-        let target_logit = self.scratch_from(&vec![0.0f32; m])?;
-        let mut logits = self.scratch::<f32>(m * chunk.min(v))?;
-        for c0 in (0..v).step_by(chunk) {
-            let cw = chunk.min(v - c0);
-            let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
-            let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
-            self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
-            let (mx, sm, en, tl, zp, tp) = (
+        self.timed("lm_head_ce", || {
+            check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
+            check(op, "losses", losses.dlen(), n)?;
+            check(op, "lse", lse.dlen(), n)?;
+            if let Some(e) = &entropy {
+                check(op, "entropy", e.dlen(), n)?;
+            }
+            let (idx, tgt) = labelled(op, targets, v)?;
+            self.bind()?;
+            self.zero(losses)?;
+            self.zero(lse)?;
+            if let Some(e) = entropy.as_deref_mut() {
+                self.zero(e)?;
+            }
+            let m = idx.len();
+            if m == 0 {
+                return Ok(0);
+            }
+            let idx_d = self.scratch_from(&idx)?;
+            let tgt_d = self.scratch_from(&tgt)?;
+            let hl = self.gather(h, &idx_d, d)?;
+            let row_max = self.scratch_from(&vec![f32::NEG_INFINITY; m])?;
+            let row_sum = self.scratch_from(&vec![0.0f32; m])?;
+            // Null when no entropy is asked for: the kernels then skip its fold.
+            let row_ent = match entropy {
+                Some(_) => Some(self.scratch_from(&vec![0.0f32; m])?),
+                None => None,
+            };
+            let ent_ptr = row_ent.as_ref().map_or(0, |e| e.dptr());
+            let target_logit = self.scratch_from(&vec![0.0f32; m])?;
+            let mut logits = self.scratch::<f32>(m * chunk.min(v))?;
+            for c0 in (0..v).step_by(chunk) {
+                let cw = chunk.min(v - c0);
+                let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
+                let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
+                self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
+                let (mx, sm, en, tl, zp, tp) = (
+                    row_max.dptr(),
+                    row_sum.dptr(),
+                    ent_ptr,
+                    target_logit.dptr(),
+                    z.dptr(),
+                    tgt_d.dptr(),
+                );
+                let (cw32, c0u) = (cw as i32, c0 as u32);
+                launch!(
+                    self,
+                    &self.kernels.ce_fwd_chunk,
+                    cfg((m as u32, 1, 1), (row_threads(cw), 1, 1)),
+                    &mx,
+                    &sm,
+                    &en,
+                    &tl,
+                    &zp,
+                    &tp,
+                    &cw32,
+                    &c0u
+                )?;
+            }
+            let ep = entropy.as_ref().map_or(0, |e| e.dptr());
+            let (lp, lsp, ip) = (losses.dptr(), lse.dptr(), idx_d.dptr());
+            let (mx, sm, en, tl, m32) = (
                 row_max.dptr(),
                 row_sum.dptr(),
                 ent_ptr,
                 target_logit.dptr(),
-                z.dptr(),
-                tgt_d.dptr(),
+                m as i32,
             );
-            let (cw32, c0u) = (cw as i32, c0 as u32);
             launch!(
                 self,
-                &self.kernels.ce_fwd_chunk,
-                cfg((m as u32, 1, 1), (row_threads(cw), 1, 1)),
+                &self.kernels.ce_fwd_finish,
+                cfg((m.div_ceil(256) as u32, 1, 1), (256, 1, 1)),
+                &lp,
+                &lsp,
+                &ep,
+                &ip,
                 &mx,
                 &sm,
                 &en,
                 &tl,
-                &zp,
-                &tp,
-                &cw32,
-                &c0u
+                &m32
             )?;
-        }
-        let ep = entropy.as_ref().map_or(0, |e| e.dptr());
-        let (lp, lsp, ip) = (losses.dptr(), lse.dptr(), idx_d.dptr());
-        let (mx, sm, en, tl, m32) = (
-            row_max.dptr(),
-            row_sum.dptr(),
-            ent_ptr,
-            target_logit.dptr(),
-            m as i32,
-        );
-        launch!(
-            self,
-            &self.kernels.ce_fwd_finish,
-            cfg((m.div_ceil(256) as u32, 1, 1), (256, 1, 1)),
-            &lp,
-            &lsp,
-            &ep,
-            &ip,
-            &mx,
-            &sm,
-            &en,
-            &tl,
-            &m32
-        )?;
-        Ok(m)
+            Ok(m)
+        })
     }
 
     /// LM head + cross-entropy backward as `reel_kernels::cross_entropy::lm_head_ce_backward`:
@@ -268,105 +270,107 @@ impl Gpu {
         v: usize,
         chunk: usize,
     ) -> Result<()> {
-        let op = "lm_head_ce_backward";
-        check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
-        check(op, "dh", dh.dlen(), n * d)?;
-        check(op, "dweight", dweight.dlen(), v * d)?;
-        check(op, "lse", lse.dlen(), n)?;
-        check(op, "dloss", dloss.dlen(), n)?;
-        let (idx, tgt) = labelled(op, targets, v)?;
-        self.bind()?;
-        self.zero(dh)?;
-        let m = idx.len();
-        if m == 0 || d == 0 {
-            return Ok(());
-        }
-        let idx_d = self.scratch_from(&idx)?;
-        let tgt_d = self.scratch_from(&tgt)?;
-        let hl = self.gather(h, &idx_d, d)?;
-        let lse_l = self.gather::<f32>(lse, &idx_d, 1)?;
-        let dloss_l = self.gather::<f32>(dloss, &idx_d, 1)?;
-        let mut dhl = self.scratch::<f32>(m * d)?;
-        self.zero(&mut dhl)?;
-        let cmax = chunk.min(v);
-        let mut logits = self.scratch::<f32>(m * cmax)?;
-        // Every element of a chunk's part is written by ce_bwd_chunk before it is read.
-        let dz_buf = self.scratch::<T>(m * cmax)?;
-        let t = T::cuda_type();
-        for c0 in (0..v).step_by(chunk) {
-            let cw = chunk.min(v - c0);
-            let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
-            let z = {
-                let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
-                self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
-                z.dptr()
-            };
-            let dz = dz_buf.dptr();
-            let (lp, gp, tp, cw32, c0u) = (
-                lse_l.dptr(),
-                dloss_l.dptr(),
-                tgt_d.dptr(),
-                cw as i32,
-                c0 as u32,
-            );
+        self.timed("lm_head_ce", || {
+            let op = "lm_head_ce_backward";
+            check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
+            check(op, "dh", dh.dlen(), n * d)?;
+            check(op, "dweight", dweight.dlen(), v * d)?;
+            check(op, "lse", lse.dlen(), n)?;
+            check(op, "dloss", dloss.dlen(), n)?;
+            let (idx, tgt) = labelled(op, targets, v)?;
+            self.bind()?;
+            self.zero(dh)?;
+            let m = idx.len();
+            if m == 0 || d == 0 {
+                return Ok(());
+            }
+            let idx_d = self.scratch_from(&idx)?;
+            let tgt_d = self.scratch_from(&tgt)?;
+            let hl = self.gather(h, &idx_d, d)?;
+            let lse_l = self.gather::<f32>(lse, &idx_d, 1)?;
+            let dloss_l = self.gather::<f32>(dloss, &idx_d, 1)?;
+            let mut dhl = self.scratch::<f32>(m * d)?;
+            self.zero(&mut dhl)?;
+            let cmax = chunk.min(v);
+            let mut logits = self.scratch::<f32>(m * cmax)?;
+            // Every element of a chunk's part is written by ce_bwd_chunk before it is read.
+            let dz_buf = self.scratch::<T>(m * cmax)?;
+            let t = T::cuda_type();
+            for c0 in (0..v).step_by(chunk) {
+                let cw = chunk.min(v - c0);
+                let w_c = DView::of(weight, c0 * d..(c0 + cw) * d)?;
+                let z = {
+                    let mut z = DViewMut::of(&mut logits, 0..m * cw)?;
+                    self.matmul_forward::<T, f32>(&mut z, &hl, &w_c, None, m, d, cw)?;
+                    z.dptr()
+                };
+                let dz = dz_buf.dptr();
+                let (lp, gp, tp, cw32, c0u) = (
+                    lse_l.dptr(),
+                    dloss_l.dptr(),
+                    tgt_d.dptr(),
+                    cw as i32,
+                    c0 as u32,
+                );
+                launch!(
+                    self,
+                    &self.kernels.ce_bwd_chunk[T::INDEX],
+                    cfg((m as u32, 1, 1), (row_threads(cw), 1, 1)),
+                    &dz,
+                    &z,
+                    &lp,
+                    &gp,
+                    &tp,
+                    &cw32,
+                    &c0u
+                )?;
+                // dhl[M, D] += dz[M, cw] · W_c[cw, D]  (f32 out, β = 1).
+                let s = Spec {
+                    ta: false,
+                    tb: false,
+                    m: d as u64,
+                    n: m as u64,
+                    k: cw as u64,
+                    lda: d as i64,
+                    ldb: cw as i64,
+                    ldc: d as i64,
+                    ab: t,
+                    cd: f32::cuda_type(),
+                    bias: false,
+                    accumulate: true,
+                    align: [0; 3],
+                };
+                self.blas.gemm(s, 1.0, w_c.dptr(), dz, dhl.dptr(), None)?;
+                // dW_c[cw, D] += dz[M, cw]ᵀ · hl[M, D]  (β = 1).
+                let dw_c = DViewMut::of(dweight, c0 * d..(c0 + cw) * d)?;
+                let s = Spec {
+                    ta: false,
+                    tb: true,
+                    m: d as u64,
+                    n: cw as u64,
+                    k: m as u64,
+                    lda: d as i64,
+                    ldb: cw as i64,
+                    ldc: d as i64,
+                    ab: t,
+                    cd: t,
+                    bias: false,
+                    accumulate: true,
+                    align: [0; 3],
+                };
+                self.blas.gemm(s, 1.0, hl.dptr(), dz, dw_c.dptr(), None)?;
+            }
+            let (o, s, i, d32) = (dh.dptr(), dhl.dptr(), idx_d.dptr(), d as i32);
             launch!(
                 self,
-                &self.kernels.ce_bwd_chunk[T::INDEX],
-                cfg((m as u32, 1, 1), (row_threads(cw), 1, 1)),
-                &dz,
-                &z,
-                &lp,
-                &gp,
-                &tp,
-                &cw32,
-                &c0u
+                &self.kernels.scatter_rows[T::INDEX],
+                cfg((m as u32, 1, 1), (row_threads(d), 1, 1)),
+                &o,
+                &s,
+                &i,
+                &d32
             )?;
-            // dhl[M, D] += dz[M, cw] · W_c[cw, D]  (f32 out, β = 1).
-            let s = Spec {
-                ta: false,
-                tb: false,
-                m: d as u64,
-                n: m as u64,
-                k: cw as u64,
-                lda: d as i64,
-                ldb: cw as i64,
-                ldc: d as i64,
-                ab: t,
-                cd: f32::cuda_type(),
-                bias: false,
-                accumulate: true,
-                align: [0; 3],
-            };
-            self.blas.gemm(s, 1.0, w_c.dptr(), dz, dhl.dptr(), None)?;
-            // dW_c[cw, D] += dz[M, cw]ᵀ · hl[M, D]  (β = 1).
-            let dw_c = DViewMut::of(dweight, c0 * d..(c0 + cw) * d)?;
-            let s = Spec {
-                ta: false,
-                tb: true,
-                m: d as u64,
-                n: cw as u64,
-                k: m as u64,
-                lda: d as i64,
-                ldb: cw as i64,
-                ldc: d as i64,
-                ab: t,
-                cd: t,
-                bias: false,
-                accumulate: true,
-                align: [0; 3],
-            };
-            self.blas.gemm(s, 1.0, hl.dptr(), dz, dw_c.dptr(), None)?;
-        }
-        let (o, s, i, d32) = (dh.dptr(), dhl.dptr(), idx_d.dptr(), d as i32);
-        launch!(
-            self,
-            &self.kernels.scatter_rows[T::INDEX],
-            cfg((m as u32, 1, 1), (row_threads(d), 1, 1)),
-            &o,
-            &s,
-            &i,
-            &d32
-        )?;
-        Ok(())
+            Ok(())
+        })
     }
 }

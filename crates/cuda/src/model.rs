@@ -1470,14 +1470,17 @@ impl GpuQwen2 {
     /// gradients are scaled by `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`, as
     /// `reel_optim::clip_grad_norm`). Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<f32> {
-        let norm = self.gpu.sum_squares(&[&self.grads])?.sqrt() as f32;
-        if max_norm > 0.0 && norm.is_finite() {
-            let scale = max_norm / (norm + 1e-6);
-            if scale < 1.0 {
-                self.gpu.scale_f32(&mut self.grads, scale)?;
+        let (gpu, grads) = (&self.gpu, &mut self.grads);
+        gpu.timed("optimizer", || {
+            let norm = gpu.sum_squares(&[&*grads])?.sqrt() as f32;
+            if max_norm > 0.0 && norm.is_finite() {
+                let scale = max_norm / (norm + 1e-6);
+                if scale < 1.0 {
+                    gpu.scale_f32(grads, scale)?;
+                }
             }
-        }
-        Ok(norm)
+            Ok(norm)
+        })
     }
 
     /// One AdamW step at `lr` over every tensor (weight decay where the layout says), bit-exact

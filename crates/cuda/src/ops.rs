@@ -249,10 +249,14 @@ pub(crate) fn check(op: &str, what: &str, got: usize, want: usize) -> Result<()>
 macro_rules! launch {
     ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
-        let mut b = $gpu.stream.launch_builder($f);
-        $( b.arg($arg); )*
-        // SAFETY: every pointer argument was checked against the kernel's extent by the caller.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err($crate::GpuError::from)
+        let gpu: &$crate::Gpu = &$gpu;
+        gpu.timed("kernels", || {
+            let mut b = gpu.stream.launch_builder($f);
+            $( b.arg($arg); )*
+            // SAFETY: every pointer argument was checked against the kernel's extent by the
+            // caller.
+            unsafe { b.launch($cfg) }.map(|_| ()).map_err($crate::GpuError::from)
+        })
     }};
 }
 pub(crate) use launch;

@@ -23,41 +23,43 @@ impl Gpu {
         scalars: &AdamWScalars,
         decay: bool,
     ) -> Result<()> {
-        let op = "adamw_step";
-        let n = param.dlen();
-        check(op, "grad", grad.dlen(), n)?;
-        check(op, "m", m.dlen(), n)?;
-        check(op, "v", v.dlen(), n)?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.bind()?;
-        let k = scalars;
-        let (p, g, mp, vp, n64, dec) = (
-            param.dptr(),
-            grad.dptr(),
-            m.dptr(),
-            v.dptr(),
-            n as i64,
-            decay as i32,
-        );
-        launch!(
-            self,
-            &self.kernels.adamw_step,
-            cfg((elementwise_grid(n), 1, 1), (256, 1, 1)),
-            &p,
-            &g,
-            &mp,
-            &vp,
-            &n64,
-            &dec,
-            &k.decay_factor,
-            &k.one_minus_beta1,
-            &k.beta2,
-            &k.one_minus_beta2,
-            &k.bias_correction2_sqrt,
-            &k.neg_step_size,
-            &k.eps
-        )
+        self.timed("optimizer", || {
+            let op = "adamw_step";
+            let n = param.dlen();
+            check(op, "grad", grad.dlen(), n)?;
+            check(op, "m", m.dlen(), n)?;
+            check(op, "v", v.dlen(), n)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.bind()?;
+            let k = scalars;
+            let (p, g, mp, vp, n64, dec) = (
+                param.dptr(),
+                grad.dptr(),
+                m.dptr(),
+                v.dptr(),
+                n as i64,
+                decay as i32,
+            );
+            launch!(
+                self,
+                &self.kernels.adamw_step,
+                cfg((elementwise_grid(n), 1, 1), (256, 1, 1)),
+                &p,
+                &g,
+                &mp,
+                &vp,
+                &n64,
+                &dec,
+                &k.decay_factor,
+                &k.one_minus_beta1,
+                &k.beta2,
+                &k.one_minus_beta2,
+                &k.bias_correction2_sqrt,
+                &k.neg_step_size,
+                &k.eps
+            )
+        })
     }
 }

@@ -151,9 +151,31 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
         "the pool served the scratch"
     );
 
+    // A profiled step: every kind of op a step runs shows up, each with device time, and
+    // together they fit inside the step's wall time; off again, nothing is recorded.
+    let case = Case::new(7, c.vocab_size, 2, 128, 1000);
+    gm.gpu().profile_begin();
+    let t0 = std::time::Instant::now();
+    step(&mut gm, &case);
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let rows = gm.gpu().profile_end().unwrap();
+    eprintln!("profiled step ({wall_ms:.2} ms wall): {rows:?}");
+    for cat in ["gemm", "attention", "lm_head_ce", "optimizer", "kernels"] {
+        let r = rows.iter().find(|r| r.category == cat);
+        assert!(
+            r.is_some_and(|r| r.ops > 0 && r.ms > 0.0),
+            "{cat} missing from {rows:?}"
+        );
+    }
+    let total: f64 = rows.iter().map(|r| r.ms).sum();
+    assert!(total <= wall_ms, "{total} ms of ops in a {wall_ms} ms step");
+    step(&mut gm, &case);
+    gm.gpu().profile_begin();
+    assert!(gm.gpu().profile_end().unwrap().is_empty());
+
     // The GPU's AdamW state is reel-optim's layout: load it into a CPU AdamW and back.
     let st = gm.opt_state().unwrap();
-    assert_eq!(st.step, 9);
+    assert_eq!(st.step, 11);
     let sizes: Vec<usize> = model.layout.entries.iter().map(|e| e.range.len()).collect();
     let decay: Vec<bool> = model.layout.entries.iter().map(|e| e.decay).collect();
     let mut cpu_opt = AdamW::new(&sizes, &decay, opt_cfg);
