@@ -975,7 +975,13 @@ fn rank_loop<T: SftTask, C: Communicator>(
         let schedule = cfg.train.lr_schedule();
         let total = cfg.train.steps;
         let start_step = shared.start_step;
-        let dp = peers.map_or(1, |p| p.dims.dp());
+        // Replicas: the in-process grid's, else (one process of a launched grid) the device
+        // model's data-parallel group's.
+        let dp = match (peers, &rep.gpu) {
+            (Some(p), _) => p.dims.dp(),
+            (None, Some(gm)) => gm.dp_coords().1,
+            (None, None) => 1,
+        };
         let micro_batches = dp * cfg.train.grad_accum as usize;
         let mut lead = match lead {
             Some(l) => Some((
