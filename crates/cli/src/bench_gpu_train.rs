@@ -163,17 +163,24 @@ mod imp {
         gm.gpu().profile_begin();
         step(&mut gm, c, t)?;
         let prof = gm.gpu().profile_end()?;
-        let busy_ms: f64 = prof.iter().map(|r| r.ms).sum();
+        let busy_ms = prof.total_ms();
         let profile: serde_json::Map<String, Value> = prof
+            .by_category
             .iter()
             .map(|r| (r.category.to_string(), json!(r.ms)))
+            .collect();
+        let top_ops: Vec<Value> = prof
+            .by_op
+            .iter()
+            .take(16)
+            .map(|r| json!({"op": r.category, "ms": r.ms, "calls": r.ops}))
             .collect();
         Ok(json!({
             "t": t, "policy": policy.to_string(), "step_s": s, "tokens_per_s": t as f64 / s,
             "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "loss": loss,
             "allocs_in_timed_steps": after.device_allocs - before.device_allocs,
             "activation_gib": reel_cuda::activation_bytes(c, policy, t) as f64 / (1u64 << 30) as f64,
-            "profile_ms": profile, "device_busy_ms": busy_ms,
+            "profile_ms": profile, "top_ops": top_ops, "device_busy_ms": busy_ms,
             "idle_ms": s * 1e3 - busy_ms,
             "mfu_if_never_idle": step_flops(c, t) / (busy_ms * 1e-3) / 1e12 / PEAK_TFLOPS,
         }))
@@ -382,6 +389,14 @@ fn print(r: &Value) {
             f(&row["idle_ms"]),
             100.0 * f(&row["mfu_if_never_idle"])
         );
+        let ops: Vec<String> = row["top_ops"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(10)
+            .map(|o| format!("{} {:.1}", o["op"].as_str().unwrap_or(""), f(&o["ms"])))
+            .collect();
+        println!("{:>15} ops: {}", "", ops.join(", "));
     }
     println!(
         "longest trainable sequence: reel ≥ {} tokens ({}), transformers {} (first OOM {})",

@@ -168,7 +168,7 @@ mod fused {
             shape: AttnShape,
             mask: AttnMask,
         ) -> Result<()> {
-            self.timed("attention", || {
+            self.timed("attention", "attention_forward", || {
                 let key = plan_key(
                     "attention_forward",
                     shape,
@@ -208,7 +208,7 @@ mod fused {
             shape: AttnShape,
             mask: AttnMask,
         ) -> Result<()> {
-            self.timed("attention", || {
+            self.timed("attention", "attention_backward", || {
                 let key = plan_key(
                     "attention_backward",
                     shape,

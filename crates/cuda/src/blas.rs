@@ -323,7 +323,7 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        self.timed("gemm", || {
+        self.timed("gemm", "matmul_forward", || {
             let op = "matmul_forward";
             check_types::<I, O>(op)?;
             check_len(op, "out", out.dlen(), m * n)?;
@@ -368,7 +368,7 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        self.timed("gemm", || {
+        self.timed("gemm", "matmul_forward_accumulate", || {
             let op = "matmul_forward_accumulate";
             check_types::<I, O>(op)?;
             check_len(op, "out", out.dlen(), m * n)?;
@@ -399,7 +399,7 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        self.timed("gemm", || {
+        self.timed("gemm", "matmul_backward", || {
             let op = "matmul_backward";
             check_len(op, "dout", dout.dlen(), m * n)?;
             check_len(op, "inp", inp.dlen(), m * k)?;

@@ -292,7 +292,7 @@ impl Gpu {
 
     /// Sets every byte of `dst` to zero.
     pub fn zero<T: DeviceElem>(&self, dst: &mut impl DevWrite<T>) -> Result<()> {
-        self.timed("kernels", || {
+        self.timed("kernels", "memset", || {
             self.bind()?;
             if dst.dlen() > 0 {
                 // SAFETY: writes exactly dst's bytes.

@@ -165,7 +165,7 @@ impl Gpu {
         v: usize,
         chunk: usize,
     ) -> Result<usize> {
-        self.timed("lm_head_ce", || {
+        self.timed("lm_head_ce", "lm_head_ce_forward", || {
             check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
             check(op, "losses", losses.dlen(), n)?;
             check(op, "lse", lse.dlen(), n)?;
@@ -270,7 +270,7 @@ impl Gpu {
         v: usize,
         chunk: usize,
     ) -> Result<()> {
-        self.timed("lm_head_ce", || {
+        self.timed("lm_head_ce", "lm_head_ce_backward", || {
             let op = "lm_head_ce_backward";
             check_common(op, h.dlen(), weight.dlen(), targets.len(), n, d, v, chunk)?;
             check(op, "dh", dh.dlen(), n * d)?;

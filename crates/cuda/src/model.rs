@@ -1471,7 +1471,7 @@ impl GpuQwen2 {
     /// `reel_optim::clip_grad_norm`). Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<f32> {
         let (gpu, grads) = (&self.gpu, &mut self.grads);
-        gpu.timed("optimizer", || {
+        gpu.timed("optimizer", "clip_grad_norm", || {
             let norm = gpu.sum_squares(&[&*grads])?.sqrt() as f32;
             if max_norm > 0.0 && norm.is_finite() {
                 let scale = max_norm / (norm + 1e-6);

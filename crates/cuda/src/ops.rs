@@ -250,7 +250,7 @@ macro_rules! launch {
     ($gpu:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
         let gpu: &$crate::Gpu = &$gpu;
-        gpu.timed("kernels", || {
+        gpu.timed("kernels", stringify!($f), || {
             let mut b = gpu.stream.launch_builder($f);
             $( b.arg($arg); )*
             // SAFETY: every pointer argument was checked against the kernel's extent by the

@@ -23,7 +23,7 @@ impl Gpu {
         scalars: &AdamWScalars,
         decay: bool,
     ) -> Result<()> {
-        self.timed("optimizer", || {
+        self.timed("optimizer", "adamw_step", || {
             let op = "adamw_step";
             let n = param.dlen();
             check(op, "grad", grad.dlen(), n)?;

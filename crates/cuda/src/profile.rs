@@ -12,8 +12,9 @@
 //! - `kernels`: every other kernel (embedding, RMSNorm, RoPE, SwiGLU, residual adds, casts,
 //!   gathers, attention merges) and memsets.
 //!
-//! Nested ops count once, under the outermost (a GEMM inside the LM head counts as
-//! `lm_head_ce`). The events measure each op's own time on the device, so what a wall-clock step
+//! Each op also has a name (the function, or the kernel for `kernels`), so a profile lists the
+//! ops by time too. Nested ops count once, under the outermost (a GEMM inside the LM head counts
+//! as `lm_head_ce`). The events measure each op's own time on the device, so what a wall-clock step
 //! has beyond the categories' sum is time the device spent idle (host work, synchronisation,
 //! launch gaps) or in untimed copies. Profiling adds two event records per op; leave it off for
 //! timing runs. Off, it costs one relaxed atomic load per op.
@@ -26,7 +27,22 @@ use cudarc::driver::{sys as dsys, CudaEvent};
 
 use crate::{Gpu, Result};
 
-/// One category's device time over a profiled span.
+/// A profiled span's device time, by category and by op (largest first).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Profile {
+    pub by_category: Vec<ProfileRow>,
+    /// Keyed by op name: the function (`matmul_backward`) or the kernel (`swiglu_bwd`).
+    pub by_op: Vec<ProfileRow>,
+}
+
+impl Profile {
+    /// Total device time (ms).
+    pub fn total_ms(&self) -> f64 {
+        self.by_category.iter().map(|r| r.ms).sum()
+    }
+}
+
+/// One category's (or op's) device time over a profiled span.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProfileRow {
     pub category: &'static str,
@@ -42,7 +58,23 @@ pub(crate) struct Profiler {
     on: AtomicBool,
     /// Nesting depth of timed ops on this `Gpu` (used from one thread at a time).
     depth: AtomicUsize,
-    spans: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>>,
+    spans: Mutex<Vec<Span>>,
+}
+
+/// (category, op name, start, end).
+type Span = (&'static str, &'static str, CudaEvent, CudaEvent);
+
+/// The kernel's name in a `launch!` function expression (`&self.kernels.swiglu_fwd[T::INDEX]`
+/// → `swiglu_fwd`); other names unchanged.
+pub fn kernel_name(expr: &'static str) -> &'static str {
+    let tail = match expr.rfind("kernels.") {
+        Some(i) => &expr[i + "kernels.".len()..],
+        None => return expr,
+    };
+    let end = tail
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(tail.len());
+    &tail[..end]
 }
 
 /// Sums `(category, ms)` pairs per category, largest first (ties by name).
@@ -72,24 +104,31 @@ impl Gpu {
         self.prof.on.store(true, Ordering::Relaxed);
     }
 
-    /// Stops timing, waits for the stream, and returns each category's device time since
-    /// [`Gpu::profile_begin`], largest first.
-    pub fn profile_end(&self) -> Result<Vec<ProfileRow>> {
+    /// Stops timing, waits for the stream, and returns the device time since
+    /// [`Gpu::profile_begin`] by category and by op.
+    pub fn profile_end(&self) -> Result<Profile> {
         self.prof.on.store(false, Ordering::Relaxed);
         self.synchronize()?;
         let spans = std::mem::take(&mut *self.prof.spans.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut ms = Vec::with_capacity(spans.len());
-        for (c, a, b) in &spans {
-            ms.push((*c, a.elapsed_ms(b)? as f64));
+        let mut cats = Vec::with_capacity(spans.len());
+        let mut ops = Vec::with_capacity(spans.len());
+        for (c, name, a, b) in &spans {
+            let ms = a.elapsed_ms(b)? as f64;
+            cats.push((*c, ms));
+            ops.push((kernel_name(name), ms));
         }
-        Ok(sum_by_category(&ms))
+        Ok(Profile {
+            by_category: sum_by_category(&cats),
+            by_op: sum_by_category(&ops),
+        })
     }
 
-    /// Runs `f` (which enqueues ops on this `Gpu`'s stream) as one op of `category` while
-    /// profiling is on and no timed op encloses it; otherwise just runs it.
+    /// Runs `f` (which enqueues ops on this `Gpu`'s stream) as one op `name` of `category`
+    /// while profiling is on and no timed op encloses it; otherwise just runs it.
     pub(crate) fn timed<R>(
         &self,
         category: &'static str,
+        name: &'static str,
         f: impl FnOnce() -> Result<R>,
     ) -> Result<R> {
         if !self.prof.on.load(Ordering::Relaxed) {
@@ -109,7 +148,7 @@ impl Gpu {
                     .spans
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push((category, a, b));
+                    .push((category, name, a, b));
             }
         }
         r
@@ -147,5 +186,27 @@ mod tests {
             ]
         );
         assert!(sum_by_category(&[]).is_empty());
+    }
+
+    #[test]
+    fn kernel_names_come_from_the_launch_expression() {
+        assert_eq!(
+            kernel_name("&self.kernels.swiglu_fwd[T::INDEX]"),
+            "swiglu_fwd"
+        );
+        assert_eq!(kernel_name("& g.kernels.adamw_step"), "adamw_step");
+        assert_eq!(kernel_name("matmul_backward"), "matmul_backward");
+        assert_eq!(kernel_name("&f"), "&f");
+        // What `launch!` hands over: an `expr` fragment, stringified.
+        macro_rules! as_launch {
+            ($f:expr) => {
+                stringify!($f)
+            };
+        }
+        assert_eq!(
+            kernel_name(as_launch!(&self.kernels.rmsnorm_bwd_dinp[T::INDEX])),
+            "rmsnorm_bwd_dinp"
+        );
+        assert_eq!(kernel_name(as_launch!(&g.kernels.adamw_step)), "adamw_step");
     }
 }

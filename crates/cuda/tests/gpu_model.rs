@@ -10,7 +10,7 @@ mod common;
 use common::model::{enabled, Case};
 use common::rel_norm_err;
 
-use reel_cuda::{Gpu, GpuQwen2};
+use reel_cuda::{Gpu, GpuQwen2, Profile};
 use reel_model::{CheckpointPolicy, LocalAttention, Qwen2, Qwen2Config, Workspace};
 use reel_optim::{AdamW, AdamWConfig};
 
@@ -158,8 +158,25 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
     let t0 = std::time::Instant::now();
     step(&mut gm, &case);
     let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let rows = gm.gpu().profile_end().unwrap();
-    eprintln!("profiled step ({wall_ms:.2} ms wall): {rows:?}");
+    let prof = gm.gpu().profile_end().unwrap();
+    let rows = &prof.by_category;
+    eprintln!(
+        "profiled step ({wall_ms:.2} ms wall): {rows:?}\n  by op: {:?}",
+        prof.by_op
+    );
+    for op in [
+        "matmul_backward",
+        "attention_forward",
+        "swiglu_fwd",
+        "rmsnorm_bwd",
+    ] {
+        assert!(
+            prof.by_op.iter().any(|r| r.category.starts_with(op)),
+            "{op} missing from {:?}",
+            prof.by_op
+        );
+    }
+    assert!((prof.by_op.iter().map(|r| r.ms).sum::<f64>() - prof.total_ms()).abs() < 1e-6);
     for cat in ["gemm", "attention", "lm_head_ce", "optimizer", "kernels"] {
         let r = rows.iter().find(|r| r.category == cat);
         assert!(
@@ -171,7 +188,7 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
     assert!(total <= wall_ms, "{total} ms of ops in a {wall_ms} ms step");
     step(&mut gm, &case);
     gm.gpu().profile_begin();
-    assert!(gm.gpu().profile_end().unwrap().is_empty());
+    assert_eq!(gm.gpu().profile_end().unwrap(), Profile::default());
 
     // The GPU's AdamW state is reel-optim's layout: load it into a CPU AdamW and back.
     let st = gm.opt_state().unwrap();
