@@ -332,21 +332,13 @@ impl GrpoRunConfig {
         Ok(())
     }
 
-    /// Checks ranges and consistency for a Qwen2.5-VL run (`sp ≥ 1`, dp = 1, a valid frame
+    /// Checks ranges and consistency for a Qwen2.5-VL run (`dp, sp ≥ 1`, a valid frame
     /// sampling); errors name the key.
     pub fn validate_vl(&self) -> Result<()> {
         self.validate_common()?;
         let bad = |key: &'static str, message: String| -> Result<()> {
             Err(ConfigError::Invalid { key, message }.into())
         };
-        if self.parallel.dp != 1 {
-            return bad(
-                "parallel.dp",
-                "data parallelism is not wired into VLM GRPO yet: set parallel.dp = 1 \
-                 (parallel.sp > 1 is supported; text runs take dp × sp)"
-                    .into(),
-            );
-        }
         if self.parallel.sp == 0 {
             return bad("parallel.sp", "must be at least 1".into());
         }

@@ -717,15 +717,17 @@ impl LocalRows {
     }
 }
 
-/// Runs `body(rank attention)` on `sp` in-process ranks (the caller's thread at sp = 1).
+/// Runs `body(replica, rank attention)` on `dp × sp` in-process ranks (the caller's thread when
+/// both are 1): rank `replica · sp + sp_rank`, each replica's sp ranks a sequence-parallel group
+/// of their own. Results in that (world) order.
 fn on_ranks<T: Send>(
     cfg: &GrpoRunConfig,
     lm: &Qwen2Config,
-    body: impl Fn(&RankAttn) -> Result<T> + Sync,
+    body: impl Fn(usize, &RankAttn) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    let p = cfg.parallel.sp;
-    if p == 1 {
-        return Ok(vec![body(&RankAttn::Local)?]);
+    let (dp, p) = (cfg.parallel.dp.max(1), cfg.parallel.sp.max(1));
+    if dp * p == 1 {
+        return Ok(vec![body(0, &RankAttn::Local)?]);
     }
     let timeout = Duration::from_secs(cfg.parallel.timeout_s.max(1));
     let method = cfg
@@ -736,30 +738,53 @@ fn on_ranks<T: Send>(
     } else {
         Overlap::Blocking
     };
-    let results = InProcess::spawn(p, timeout, |comm| {
-        let rank = comm.rank();
-        let sp = SpAttention::with_method(comm, method.clone(), overlap)?;
-        body(&RankAttn::Sp(&sp, rank))
+    let results = InProcess::spawn(dp * p, timeout, |comm| {
+        let (replica, rank) = (comm.rank() / p, comm.rank() % p);
+        if p == 1 {
+            return body(replica, &RankAttn::Local);
+        }
+        let group = comm.split(replica, rank)?;
+        let sp = SpAttention::with_method(group, method.clone(), overlap)?;
+        body(replica, &RankAttn::Sp(&sp, rank))
     });
     results
         .into_iter()
         .enumerate()
-        .map(|(r, res)| res.with_context(|| format!("sequence-parallel rank {r}")))
+        .map(|(r, res)| {
+            res.with_context(|| {
+                format!(
+                    "rank {r} (replica {}, sequence-parallel rank {})",
+                    r / p,
+                    r % p
+                )
+            })
+        })
         .collect()
 }
 
+/// The micro-batches replica `replica` of `dp` takes: `replica, replica + dp, …`, with their
+/// indices.
+fn replica_rows(
+    rows: &[VlRows],
+    replica: usize,
+    dp: usize,
+) -> impl Iterator<Item = (usize, &VlRows)> {
+    rows.iter().enumerate().skip(replica).step_by(dp.max(1))
+}
+
 /// `log π(target)` [B·T] of every micro-batch under `lm` (old policy or reference), in the
-/// per-sample layout, gathered from the ranks' shards.
+/// per-sample layout, gathered from the shards of the replica that scored it.
 fn logprob_pass(
     cfg: &GrpoRunConfig,
     lm: &Qwen2,
     rows: &[VlRows],
     vid: u32,
 ) -> Result<Vec<Vec<f32>>> {
-    let per_rank = on_ranks(cfg, &lm.config, |ra| {
+    let (dp, p) = (cfg.parallel.dp.max(1), cfg.parallel.sp.max(1));
+    let per_rank = on_ranks(cfg, &lm.config, |replica, ra| {
         let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
         let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
+        for (_, r) in replica_rows(rows, replica, dp) {
             let (loc, sh) = ra.local(r, vid)?;
             let mut lp = vec![0.0f32; r.model_b * loc.t];
             lm.token_logprobs_embeds(
@@ -776,10 +801,12 @@ fn logprob_pass(
     })?;
     let mut gathered = Vec::with_capacity(rows.len());
     for (j, r) in rows.iter().enumerate() {
-        let model = match per_rank[0][j].1 {
-            None => per_rank[0][j].0.clone(),
+        // Row j is the (j / dp)-th of replica j mod dp, whose ranks hold its shards.
+        let (ranks, k) = (&per_rank[(j % dp) * p..(j % dp + 1) * p], j / dp);
+        let model = match ranks[0][k].1 {
+            None => ranks[0][k].0.clone(),
             Some(sh) => {
-                let shards: Vec<&[f32]> = per_rank.iter().map(|v| v[j].0.as_slice()).collect();
+                let shards: Vec<&[f32]> = ranks.iter().map(|v| v[k].0.as_slice()).collect();
                 sh.unshard(&shards, r.model_b, 1)?
             }
         };
@@ -791,9 +818,10 @@ fn logprob_pass(
     Ok(gathered)
 }
 
-/// One mini-batch's gradient: every rank's micro-batches through `token_logprobs_embeds` →
-/// [`grpo_loss`] → `backward_logprobs_embeds` → the embedding table; gradients, loss and
-/// metrics summed over the ranks. `olds`/`refs` are the gathered [B·T] log-probabilities.
+/// One mini-batch's gradient: every rank's micro-batches (its replica's, sharded over the
+/// replica's sp ranks) through `token_logprobs_embeds` → [`grpo_loss`] →
+/// `backward_logprobs_embeds` → the embedding table; gradients summed over each replica's ranks
+/// and then over the replicas, loss and metrics over every rank. `olds`/`refs` are the gathered [B·T] log-probabilities.
 #[allow(clippy::too_many_arguments)]
 fn minibatch_grads(
     cfg: &GrpoRunConfig,
@@ -807,12 +835,13 @@ fn minibatch_grads(
     let lm = &vlm.lm;
     let vid = vlm.config.video_token_id;
     let sharded = cfg.parallel.sp > 1;
-    let per_rank = on_ranks(cfg, &lm.config, |ra| {
+    let (dp, p) = (cfg.parallel.dp.max(1), cfg.parallel.sp.max(1));
+    let per_rank = on_ranks(cfg, &lm.config, |replica, ra| {
         let mut ws = Workspace::new(&lm.config, cfg.train.checkpoint);
         let mut grads = vec![0.0f32; lm.params.len()];
         let mut loss = 0.0f64;
         let mut metrics = GrpoMetrics::default();
-        for (j, r) in rows.iter().enumerate() {
+        for (j, r) in replica_rows(rows, replica, dp) {
             let (loc, sh) = ra.local(r, vid)?;
             let nm = r.model_b * loc.t;
             let eb = loc.batch(r.model_b);
@@ -880,9 +909,13 @@ fn minibatch_grads(
         }
         Ok((grads, loss, metrics))
     })?;
-    let mut it = per_rank.into_iter();
-    let (grads, mut loss, mut metrics) = it.next().context("no rank ran")?;
-    for (_, l, m) in it {
+    // Every rank of a replica holds its replica's sum; the first rank of each is added in.
+    let mut it = per_rank.into_iter().enumerate();
+    let (_, (mut grads, mut loss, mut metrics)) = it.next().context("no rank ran")?;
+    for (rank, (g, l, m)) in it {
+        if rank % p == 0 {
+            grads.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        }
         loss += l;
         metrics.merge(&m);
     }
@@ -1628,7 +1661,16 @@ mod tests {
         // sp = 1's log-probabilities, loss, gradients and updated parameters.
         type OneRank = (Vec<Vec<f32>>, f64, Vec<f32>, Vec<f32>);
         let mut want: Option<OneRank> = None;
-        for (sp, reuse) in [(1usize, false), (1, true), (2, false), (2, true), (3, true)] {
+        for (dp, sp, reuse) in [
+            (1usize, 1usize, false),
+            (1, 1, true),
+            (1, 2, false),
+            (1, 2, true),
+            (1, 3, true),
+            (2, 1, false),
+            (2, 2, true),
+        ] {
+            cfg.parallel.dp = dp;
             cfg.parallel.sp = sp;
             cfg.video.reuse = reuse;
             let mut sampler = PromptSampler::new(file.records.len(), 0);
@@ -1714,7 +1756,7 @@ mod tests {
                 Some((lp1, loss1, g1, p1)) => {
                     for (a, b) in lp1.iter().zip(&lp) {
                         reel_tensor::check_close(
-                            &format!("sp {sp} reuse {reuse} log-probs"),
+                            &format!("dp {dp} sp {sp} reuse {reuse} log-probs"),
                             b,
                             a,
                             reel_tensor::Tolerance::new(1e-5, 1e-5),
@@ -1723,10 +1765,10 @@ mod tests {
                     }
                     assert!(
                         (loss - loss1).abs() < 1e-5 * (1.0 + loss1.abs()),
-                        "sp {sp} reuse {reuse}"
+                        "dp {dp} sp {sp} reuse {reuse}"
                     );
                     reel_tensor::check_close(
-                        &format!("sp {sp} reuse {reuse} gradients"),
+                        &format!("dp {dp} sp {sp} reuse {reuse} gradients"),
                         &raw,
                         g1,
                         reel_tensor::Tolerance::new(1e-6, 1e-4),
@@ -1744,14 +1786,14 @@ mod tests {
                             .collect()
                     };
                     reel_tensor::check_close(
-                        &format!("sp {sp} reuse {reuse} parameters after one update"),
+                        &format!("dp {dp} sp {sp} reuse {reuse} parameters after one update"),
                         &pick(&params, true),
                         &pick(p1, true),
                         reel_tensor::Tolerance::new(2e-5, 1e-5),
                     )
                     .unwrap();
                     reel_tensor::check_close(
-                        &format!("sp {sp} reuse {reuse} parameters of tiny gradients"),
+                        &format!("dp {dp} sp {sp} reuse {reuse} parameters of tiny gradients"),
                         &pick(&params, false),
                         &pick(p1, false),
                         reel_tensor::Tolerance::new(cfg.grpo.lr, 0.0),
@@ -1764,7 +1806,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sequence_parallel_run_follows_the_single_rank_run() {
+    fn sequence_and_data_parallel_runs_follow_the_single_rank_run() {
         let tmp = tempfile::tempdir().unwrap();
         let (model, data) = setup(tmp.path(), 4);
         let mut cfg = config(&model, &data, tmp.path().join("sp1"));
@@ -1783,6 +1825,23 @@ mod tests {
         }
         // Stage 1 ran on both ranks.
         assert_eq!(two.encode.tower_forwards, 2 * one.encode.tower_forwards);
+        // Two data-parallel replicas split the scoring and update passes: the same step.
+        cfg.parallel.sp = 1;
+        cfg.parallel.dp = 2;
+        cfg.train.micro_batch_seqs = 2;
+        cfg.output.dir = tmp.path().join("dp2");
+        let dp2 = run_vl_grpo(&cfg, quiet()).unwrap();
+        cfg.parallel.dp = 1;
+        cfg.output.dir = tmp.path().join("dp1");
+        let dp1 = run_vl_grpo(&cfg, quiet()).unwrap();
+        let (a, b) = (&dp1.run.records[0], &dp2.run.records[0]);
+        assert_eq!(f(a, "reward_mean"), f(b, "reward_mean"));
+        for key in ["loss", "kl", "entropy", "pg_loss", "grad_norm"] {
+            assert!(
+                (f(a, key) - f(b, key)).abs() < 1e-4 * (1.0 + f(a, key).abs()),
+                "dp {key}: {a} vs {b}"
+            );
+        }
     }
 
     #[test]
@@ -1862,11 +1921,6 @@ mod tests {
         assert_eq!((s.run.ref_passes, s.run.old_passes), (0, 0));
         assert!(s.run.records[0]["kl"].is_null());
         // Bad configs are refused by key.
-        cfg.parallel.dp = 2;
-        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
-        assert!(e.contains("parallel.dp"), "{e}");
-        assert!(e.contains("parallel.sp > 1 is supported"), "{e}");
-        cfg.parallel.dp = 1;
         cfg.video.sampling = "every:3".into();
         let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
         assert!(e.contains("video.sampling"), "{e}");
