@@ -98,11 +98,7 @@ fn is_rank_of(name: &str) -> Option<bool> {
 
 /// The tiny run of the SFT tests with head dimension 16 (cuDNN takes multiples of 8), on the GPU.
 fn base_config(dir: &Path) -> SftConfig {
-    let mut cfg = common::setup(dir, 8);
-    if let Some(init) = cfg.model.init.as_mut() {
-        init.hidden_size = 64;
-        init.intermediate_size = 128;
-    }
+    let mut cfg = common::gpu_setup(dir, 8);
     cfg.train.device = Device::Cuda;
     cfg
 }

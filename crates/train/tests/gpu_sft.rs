@@ -13,17 +13,11 @@ use reel_train::{run_sft, Device};
 
 #[test]
 fn gpu_loss_curve_matches_the_cpu_run() {
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+    if !common::gpu_tests_enabled() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cpu_cfg = common::setup(dir.path(), 12);
-    // Head dimension 16 (cuDNN takes multiples of 8).
-    if let Some(init) = cpu_cfg.model.init.as_mut() {
-        init.hidden_size = 64;
-        init.intermediate_size = 128;
-    }
+    let mut cpu_cfg = common::gpu_setup(dir.path(), 12);
     cpu_cfg.output.dir = dir.path().join("cpu");
     let cpu = run_sft(&cpu_cfg, common::quiet()).unwrap();
     for policy in [

@@ -40,17 +40,11 @@ fn same_replicas(what: &str, s: &SftSummary, world: usize) {
 
 #[test]
 fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+    if !common::gpu_tests_enabled() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cpu_cfg = common::setup(dir.path(), 8);
-    // Head dimension 16 (cuDNN takes multiples of 8).
-    if let Some(init) = cpu_cfg.model.init.as_mut() {
-        init.hidden_size = 64;
-        init.intermediate_size = 128;
-    }
+    let mut cpu_cfg = common::gpu_setup(dir.path(), 8);
     cpu_cfg.output.dir = dir.path().join("cpu");
     let t0 = Instant::now();
     let cpu = run_sft(&cpu_cfg, common::quiet()).unwrap();
@@ -122,16 +116,11 @@ fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
 
 #[test]
 fn gpu_dp_loss_curve_matches_the_cpu_run_with_the_same_micro_batches() {
-    if std::env::var("REEL_GPU_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: set REEL_GPU_TESTS=1 to run the GPU tests");
+    if !common::gpu_tests_enabled() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut cpu_cfg = common::setup(dir.path(), 8);
-    if let Some(init) = cpu_cfg.model.init.as_mut() {
-        init.hidden_size = 64;
-        init.intermediate_size = 128;
-    }
+    let mut cpu_cfg = common::gpu_setup(dir.path(), 8);
     // dp replicas take dp × grad_accum micro-batches a step: one CPU rank with twice the
     // accumulation runs the same step.
     let dp = 2;

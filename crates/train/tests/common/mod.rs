@@ -9,6 +9,16 @@ use reel_train::vl::write_tiny_vl_model;
 use reel_train::{run_sft, Device, InitConfig, ProgressMode, RunOptions, SftConfig};
 use std::path::Path;
 
+/// [`setup`]'s run with head dimension 16 (cuDNN takes multiples of 8), for the GPU tests.
+pub fn gpu_setup(dir: &Path, steps: u64) -> SftConfig {
+    let mut cfg = setup(dir, steps);
+    if let Some(init) = cfg.model.init.as_mut() {
+        init.hidden_size = 64;
+        init.intermediate_size = 128;
+    }
+    cfg
+}
+
 pub fn setup(dir: &Path, steps: u64) -> SftConfig {
     let tok = char_tokenizer();
     tok.save(&dir.join("tok")).unwrap();
