@@ -11,6 +11,9 @@
 //!   in-process ranks of one GPU (`bench_gpu.rs`, `bench_gpu_sp.rs`); `--gpu-sections` picks.
 //! - `gpu-train` (feature `cuda`): a Qwen2-0.5B-shaped training step beside transformers, and the
 //!   longest trainable sequence (`bench_gpu_train.rs`).
+//! - `sp-train` (feature `cuda`, under `reel launch`): training steps of a 7B-shaped layer stack
+//!   with sequence parallelism over NCCL, and the longest sequence each schedule trains
+//!   (`bench_sp_train.rs`, dispatched from `main.rs`).
 //! - `gpu-rollout` (feature `cuda`): the rollout engine on the GPU beside transformers' `generate`
 //!   (`bench_gpu_rollout.rs`).
 
@@ -20,6 +23,8 @@ mod bench_gpu;
 mod bench_gpu_rollout;
 #[path = "bench_gpu_train.rs"]
 mod bench_gpu_train;
+#[cfg(feature = "cuda")]
+pub(crate) use bench_gpu_train::step_flops;
 
 use anyhow::Result;
 use reel_kernels::attention::{attention_backward, attention_forward, AttnMask, AttnShape};
@@ -228,6 +233,11 @@ pub enum BenchWhat {
     /// `reel launch --nproc P -- reel bench sp-nccl`; needs `cuda`): step time per schedule and
     /// sequence length, overlapped vs blocking, bytes per GPU beside the formula.
     SpNccl,
+    /// Training steps of a Qwen2-7B-shaped layer stack with sequence parallelism across GPUs
+    /// over NCCL (run it under `reel launch --nproc P -- reel bench sp-train`; needs `cuda`):
+    /// step time per schedule and length, overlapped vs blocking, the one-GPU step, bytes per
+    /// GPU beside the formulas, peak memory; `--sp-longest` searches the longest sequence.
+    SpTrain,
     /// A Qwen2-0.5B-shaped training step on the GPU (16k and 32k tokens: tokens/s, MFU) beside
     /// transformers on the same GPU, and the longest sequence each trains (needs `cuda`).
     GpuTrain,

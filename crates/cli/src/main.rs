@@ -6,6 +6,7 @@ mod bench_data;
 mod bench_rl;
 mod bench_rollout;
 mod bench_sp;
+mod bench_sp_train;
 mod data_cmd;
 mod demo;
 mod demo_vl;
@@ -209,14 +210,14 @@ enum Command {
         /// Sequence length for the attention and training benchmarks.
         #[arg(long, default_value_t = 1024)]
         seq: usize,
-        /// Timed repetitions (the best is reported).
+        /// Timed repetitions (the best is reported; sp-nccl and sp-train: the median).
         #[arg(long, default_value_t = 3)]
         reps: usize,
         /// Sections of `bench gpu`, comma-separated: gemm, attention, adamw, ce, decode, sp
         /// (DistAttn on in-process ranks), or all.
         #[arg(long, default_value = "all")]
         gpu_sections: String,
-        /// `bench sp-nccl`: sequence lengths (comma-separated).
+        /// `bench sp-nccl` and `bench sp-train`: sequence lengths (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "32768,65536,131072")]
         sp_seqs: Vec<usize>,
         #[arg(long)]
@@ -239,6 +240,8 @@ enum Command {
         /// `bench rl`: sequence-parallel ranks.
         #[arg(long, default_value_t = 1)]
         rl_sp: usize,
+        #[command(flatten)]
+        sp_train: bench_sp_train::SpTrainArgs,
     },
     /// Video datasets: generate the synthetic long-video set, validate LongVideo-Reason JSONL.
     Data(data_cmd::DataArgs),
@@ -664,8 +667,14 @@ fn real_main() -> Result<()> {
             rl_response,
             rl_model,
             rl_sp,
+            sp_train,
         } => {
-            if what == bench::BenchWhat::Rl {
+            if what == bench::BenchWhat::SpTrain {
+                let report = bench_sp_train::run(&sp_train, &sp_seqs, reps, json)?;
+                if json && !report.is_null() {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+            } else if what == bench::BenchWhat::Rl {
                 let args = bench_rl::RlBenchArgs {
                     frames: rl_frames,
                     side: rl_side,

@@ -46,6 +46,9 @@ pub struct SizePool<B> {
     pub bytes_made: usize,
     /// Bytes of the blocks now cached.
     pub bytes_cached: usize,
+    /// High-water mark of `bytes_made` since the pool was made or [`SizePool::reset_peak`]: the
+    /// most device memory the pool held at once.
+    pub peak_bytes: usize,
 }
 
 impl<B> Default for SizePool<B> {
@@ -56,6 +59,7 @@ impl<B> Default for SizePool<B> {
             misses: 0,
             bytes_made: 0,
             bytes_cached: 0,
+            peak_bytes: 0,
         }
     }
 }
@@ -79,6 +83,7 @@ impl<B> SizePool<B> {
             None => {
                 self.misses += 1;
                 self.bytes_made += class;
+                self.peak_bytes = self.peak_bytes.max(self.bytes_made);
                 (class, None)
             }
         }
@@ -105,6 +110,11 @@ impl<B> SizePool<B> {
         self.free.clear();
         freed
     }
+
+    /// Starts a new high-water mark at the bytes held now.
+    pub fn reset_peak(&mut self) {
+        self.peak_bytes = self.bytes_made;
+    }
 }
 
 /// Device allocations of one [`Gpu`] so far.
@@ -116,6 +126,9 @@ pub struct AllocStats {
     pub pool_hits: u64,
     /// Bytes the pool has made (lent or cached).
     pub pool_bytes: usize,
+    /// The pool's high-water mark ([`SizePool::peak_bytes`]): the most bytes it held at once
+    /// since the Gpu was opened or [`Gpu::reset_pool_peak`].
+    pub pool_peak_bytes: usize,
 }
 
 /// A scratch buffer of `len` elements lent by the Gpu's pool; back to the pool on drop. Its
@@ -225,6 +238,17 @@ impl Gpu {
         Ok(pool.release())
     }
 
+    /// Frees every cached scratch block and starts a new pool high-water mark
+    /// ([`AllocStats::pool_peak_bytes`]) at the bytes still lent; returns the bytes freed. What
+    /// a benchmark calls before the steps whose peak memory it reports.
+    pub fn reset_pool_peak(&self) -> Result<usize> {
+        let freed = self.release_cached()?;
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.reset_peak();
+        }
+        Ok(freed)
+    }
+
     /// Fills every cached scratch block with `byte`, in stream order; returns how many. A
     /// debugging aid: a buffer that is read before it is written then shows (`0xFF` is NaN in
     /// bf16 and f32).
@@ -246,11 +270,11 @@ impl Gpu {
 
     /// Device allocations so far (see [`AllocStats`]).
     pub fn alloc_stats(&self) -> AllocStats {
-        let (hits, bytes) = self
+        let (hits, bytes, peak) = self
             .pool
             .lock()
-            .map(|p| (p.hits, p.bytes_made))
-            .unwrap_or((0, 0));
+            .map(|p| (p.hits, p.bytes_made, p.peak_bytes))
+            .unwrap_or((0, 0, 0));
         #[cfg(feature = "cudnn")]
         let cudnn = self
             .cudnn
@@ -264,6 +288,7 @@ impl Gpu {
             device_allocs: self.allocs.load(std::sync::atomic::Ordering::Relaxed) + cudnn,
             pool_hits: hits,
             pool_bytes: bytes,
+            pool_peak_bytes: peak,
         }
     }
 
@@ -338,5 +363,28 @@ mod tests {
         let freed = pool.release();
         assert_eq!(pool.bytes_cached, 0);
         assert!(freed > 0);
+    }
+
+    #[test]
+    fn the_high_water_mark_keeps_the_most_bytes_held_at_once() {
+        let mut pool = SizePool::<u32>::default();
+        let (a, _) = pool.take(1 << 20);
+        let (b, _) = pool.take(3 << 20);
+        assert_eq!(pool.peak_bytes, a + b);
+        pool.give(a, 0);
+        pool.give(b, 1);
+        // Served from the cache: no new bytes, the mark stays.
+        let (c, blk) = pool.take(3 << 20);
+        assert!(blk.is_some());
+        assert_eq!(pool.peak_bytes, a + b);
+        pool.give(c, 1);
+        // Released and reset: the mark restarts at what is held (nothing), then follows new blocks.
+        pool.release();
+        assert_eq!(pool.bytes_made, 0);
+        assert_eq!(pool.peak_bytes, a + b, "release alone keeps the mark");
+        pool.reset_peak();
+        assert_eq!(pool.peak_bytes, 0);
+        let (d, _) = pool.take(5000);
+        assert_eq!(pool.peak_bytes, d);
     }
 }

@@ -118,6 +118,13 @@ pub trait DeviceGroup: DeviceP2p {
     /// `gpu`'s stream holds; the result is ready for whatever `gpu`'s stream runs next. A failure
     /// aborts the world.
     fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut crate::DeviceBuf<f32>) -> Result<()>;
+
+    /// The collective counters of the communicator under the group (its
+    /// [`reel_comm::Communicator::stats`]: the gradient all-reduces), where it keeps them;
+    /// `None` by default (point-to-point traffic is [`DeviceP2p::sent`]).
+    fn collective_stats(&self) -> Option<reel_comm::CommStats> {
+        None
+    }
 }
 
 type Key = (usize, usize, u64, u64);

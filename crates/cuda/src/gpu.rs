@@ -309,6 +309,15 @@ impl Gpu {
         })
     }
 
+    /// (bytes in use, total bytes) of the device as the driver reports them (cuMemGetInfo):
+    /// every process's and library's memory on it, this Gpu's buffers and cached scratch blocks
+    /// included.
+    pub fn memory_in_use(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        let (free, total) = dres::mem_get_info()?;
+        Ok((total.saturating_sub(free), total))
+    }
+
     /// Waits until every enqueued op has finished; reports a failed kernel.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;

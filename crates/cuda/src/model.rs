@@ -1062,6 +1062,22 @@ impl GpuQwen2 {
         &self.attn
     }
 
+    /// Under sequence parallelism: switches the group's attention to `method` and `overlap`
+    /// between steps (`GpuSpAttention::set_method`; every rank alike). An error with local
+    /// attention.
+    pub fn set_sp_method(
+        &mut self,
+        method: reel_parallel::SpMethod,
+        overlap: reel_parallel::Overlap,
+    ) -> Result<()> {
+        match &mut self.attn {
+            GpuAttention::Local => shape_err(
+                "set_sp_method: the model's attention is local, not sequence-parallel".into(),
+            ),
+            GpuAttention::Sp(sp) => sp.set_method(method, overlap),
+        }
+    }
+
     /// Under sequence parallelism: announces the global length T of the coming batch and
     /// returns the sharding to cut it with (`None` with local attention: the model takes whole
     /// batches).

@@ -875,6 +875,10 @@ impl<C: Borrow<NcclComm>> DeviceGroup for NcclP2p<C> {
         // NCCL's stream waits for the buffer's stream; the call returns once the sum is done.
         self.comm().all_reduce_sum_dev(buf).map_err(|e| self.err(e))
     }
+
+    fn collective_stats(&self) -> Option<CommStats> {
+        Some(self.comm().stats())
+    }
 }
 
 impl<C: Borrow<NcclComm>> DeviceP2p for NcclP2p<C> {

@@ -57,6 +57,33 @@ fn add(a: &mut GpuSpStats, b: GpuSpStats) {
     a.bytes_sent += b.bytes_sent;
 }
 
+/// Refuses a non-causal or invalid schedule, or a method over another number of ranks than the
+/// group's `world`.
+fn check_method(world: usize, method: &SpMethod) -> Result<()> {
+    if let SpMethod::Schedule(schedule) = method {
+        schedule
+            .validate()
+            .map_err(|e| crate::GpuError::Shape(format!("sequence-parallel schedule: {e}")))?;
+        if !schedule.causal() {
+            return shape_err(format!(
+                "the model's attention is causal; the {:?} schedule is not",
+                schedule.kind
+            ));
+        }
+    }
+    if world != method.ranks() {
+        return shape_err(format!(
+            "the sequence-parallel group has {world} ranks, the {} {}",
+            match method {
+                SpMethod::Schedule(_) => "schedule",
+                SpMethod::Ulysses(_) => "Ulysses grid",
+            },
+            method.ranks()
+        ));
+    }
+    Ok(())
+}
+
 /// One rank's sequence-parallel causal attention on device buffers (module docs), over the
 /// device communicator `C`.
 pub struct GpuSpAttention<C: DeviceGroup = DeviceComm> {
@@ -80,28 +107,7 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
     /// causal and valid; a Ulysses grid's heads are checked against the model's on the first
     /// call (u | H_kv). `overlap` is the ring-family executor's (the hybrid's ring too).
     pub fn with_method(comm: C, method: SpMethod, overlap: Overlap) -> Result<Self> {
-        if let SpMethod::Schedule(schedule) = &method {
-            schedule
-                .validate()
-                .map_err(|e| crate::GpuError::Shape(format!("sequence-parallel schedule: {e}")))?;
-            if !schedule.causal() {
-                return shape_err(format!(
-                    "the model's attention is causal; the {:?} schedule is not",
-                    schedule.kind
-                ));
-            }
-        }
-        if comm.world_size() != method.ranks() {
-            return shape_err(format!(
-                "the sequence-parallel group has {} ranks, the {} {}",
-                comm.world_size(),
-                match method {
-                    SpMethod::Schedule(_) => "schedule",
-                    SpMethod::Ulysses(_) => "Ulysses grid",
-                },
-                method.ranks()
-            ));
-        }
+        check_method(comm.world_size(), &method)?;
         Ok(GpuSpAttention {
             comm,
             method,
@@ -110,6 +116,18 @@ impl<C: DeviceGroup> GpuSpAttention<C> {
             exec: None,
             totals: GpuSpTotals::default(),
         })
+    }
+
+    /// Switches the group to `method` and `overlap` (checked as [`GpuSpAttention::with_method`]
+    /// checks them), keeping the communicator and the totals; the next batch needs
+    /// [`GpuSpAttention::set_seq_len`] again. Every rank must switch alike, between steps.
+    pub fn set_method(&mut self, method: SpMethod, overlap: Overlap) -> Result<()> {
+        check_method(self.comm.world_size(), &method)?;
+        self.method = method;
+        self.overlap = overlap;
+        self.sharding = None;
+        self.exec = None;
+        Ok(())
     }
 
     pub fn comm(&self) -> &C {
@@ -292,6 +310,11 @@ pub trait GpuSpRank: Send {
     fn set_seq_len(&mut self, seq_len: usize) -> Result<Sharding>;
     /// [`GpuSpAttention::totals`].
     fn totals(&self) -> GpuSpTotals;
+    /// [`GpuSpAttention::set_method`].
+    fn set_method(&mut self, method: SpMethod, overlap: Overlap) -> Result<()>;
+    /// The communicator's collective counters (the gradient all-reduces), where it keeps them
+    /// ([`DeviceGroup::collective_stats`]).
+    fn collective_stats(&self) -> Option<reel_comm::CommStats>;
     /// This rank's out and lse (overwritten) from its q, k, v.
     #[allow(clippy::too_many_arguments)]
     fn forward(
@@ -345,6 +368,14 @@ impl<C: DeviceGroup + Send> GpuSpRank for GpuSpAttention<C> {
 
     fn totals(&self) -> GpuSpTotals {
         GpuSpAttention::totals(self)
+    }
+
+    fn set_method(&mut self, method: SpMethod, overlap: Overlap) -> Result<()> {
+        GpuSpAttention::set_method(self, method, overlap)
+    }
+
+    fn collective_stats(&self) -> Option<reel_comm::CommStats> {
+        self.comm.collective_stats()
     }
 
     fn forward(
