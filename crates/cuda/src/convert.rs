@@ -21,6 +21,7 @@ impl Gpu {
     ) -> Result<()> {
         check("to_f32", "src", src.dlen(), dst.dlen())?;
         self.elementwise(
+            "to_f32",
             &self.kernels.to_f32[T::INDEX],
             dst.dptr(),
             src.dptr(),

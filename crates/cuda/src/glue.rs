@@ -71,18 +71,20 @@ impl Gpu {
             &self.kernels.merge_qkv[T::INDEX]
         };
         let [a, b, c, d] = ptrs;
-        launch!(
-            self,
-            f,
-            cfg((elementwise_grid(lens[0]), 1, 1), (256, 1, 1)),
-            &a,
-            &b,
-            &c,
-            &d,
-            &n64,
-            &qw32,
-            &kvw32
-        )
+        self.timed("kernels", op, || {
+            launch!(
+                self,
+                f,
+                cfg((elementwise_grid(lens[0]), 1, 1), (256, 1, 1)),
+                &a,
+                &b,
+                &c,
+                &d,
+                &n64,
+                &qw32,
+                &kvw32
+            )
+        })
     }
 
     /// `dst += src` elementwise (f32 arithmetic, rounded to the storage type).
@@ -93,6 +95,7 @@ impl Gpu {
     ) -> Result<()> {
         check("add_inplace", "src", src.dlen(), dst.dlen())?;
         self.elementwise(
+            "add_inplace",
             &self.kernels.add_inplace[T::INDEX],
             dst.dptr(),
             src.dptr(),
@@ -108,6 +111,7 @@ impl Gpu {
     ) -> Result<()> {
         check("cast_from_f32", "src", src.dlen(), dst.dlen())?;
         self.elementwise(
+            "cast_from_f32",
             &self.kernels.cast_from_f32[T::INDEX],
             dst.dptr(),
             src.dptr(),
@@ -123,6 +127,7 @@ impl Gpu {
     ) -> Result<()> {
         check("accum_f32", "src", src.dlen(), dst.dlen())?;
         self.elementwise(
+            "accum_f32",
             &self.kernels.accum_f32[T::INDEX],
             dst.dptr(),
             src.dptr(),
@@ -133,6 +138,7 @@ impl Gpu {
     /// Launches an elementwise kernel `f(dst, src, n)` over `n` elements (none when `n` is 0).
     pub(crate) fn elementwise(
         &self,
+        name: &'static str,
         f: &cudarc::driver::CudaFunction,
         dst: u64,
         src: u64,
@@ -143,14 +149,17 @@ impl Gpu {
         }
         self.bind()?;
         let n64 = n as i64;
-        launch!(
-            self,
-            f,
-            cfg((elementwise_grid(n), 1, 1), (256, 1, 1)),
-            &dst,
-            &src,
-            &n64
-        )
+        // Named here: the kernel is chosen at run time (the profile's op name).
+        self.timed("kernels", name, || {
+            launch!(
+                self,
+                f,
+                cfg((elementwise_grid(n), 1, 1), (256, 1, 1)),
+                &dst,
+                &src,
+                &n64
+            )
+        })
     }
 
     /// Σ x² over every buffer in `xs` (f32 per block of a fixed grid, then f64 on the host):
