@@ -11,8 +11,11 @@
 //! sampled in steps that prefilled nothing over those steps' time; transformers: G·S·(N − 1)
 //! over the time of `generate` with N new tokens minus that with 1), and reel's split of the
 //! decode steps' time into the device step (`GpuDecoder::step`: kernels and the logits
-//! download) and the host's scheduling and sampling. `REEL_BENCH_ROLLOUT_CASES=GxSxPxN,…` picks
-//! other cases. Needs the `cuda` feature.
+//! download) and the host's scheduling and sampling. Each case runs twice: with every row's top-k
+//! candidates and log-sum-exp found on the device (`GpuDecoder::step_top`, k·8 + 8 bytes a row
+//! downloaded; the figures reported first) and, as the baseline, with the full f32 logits rows
+//! downloaded and the top-k selection and log-probability on the host (`full_rows`).
+//! `REEL_BENCH_ROLLOUT_CASES=GxSxPxN,…` picks other cases. Needs the `cuda` feature.
 
 use anyhow::Result;
 use serde_json::Value;
@@ -44,7 +47,7 @@ mod imp {
     use reel_model::{Qwen2, Qwen2Config};
     use reel_rollout::{
         BlockPool, BlockTable, Engine, EngineConfig, GenerationParams, KvLayout, RolloutError,
-        StepModel,
+        StepModel, TopRows,
     };
     use reel_tensor::bf16;
     use serde_json::json;
@@ -73,6 +76,22 @@ mod imp {
             let out = self.dec.forward_step(pool, steps, tables);
             self.secs += t.elapsed().as_secs_f64();
             out
+        }
+        fn max_candidates(&self) -> usize {
+            self.dec.max_candidates()
+        }
+        fn forward_step_top(
+            &mut self,
+            pool: &mut BlockPool,
+            steps: &[SeqStep],
+            tables: &[&BlockTable],
+            k: usize,
+            temperatures: &[f32],
+        ) -> Result<TopRows<'_>, RolloutError> {
+            let t = Instant::now();
+            let out = self.dec.step_top(pool, steps, tables, k, temperatures);
+            self.secs += t.elapsed().as_secs_f64();
+            out.map_err(|e| RolloutError::Device(e.to_string()))
         }
     }
 
@@ -198,8 +217,15 @@ mod imp {
         run_case(&mut dec, (2, 2, 64, 8))?;
         let mut rows = Vec::new();
         for &case in &cases {
-            let r = run_case(&mut dec, case)?;
+            // Full logits rows downloaded and sampled on the host (the baseline), then each
+            // row's top-k candidates and log-sum-exp found on the device.
+            dec.set_max_candidates(0);
+            let full = run_case(&mut dec, case)?;
+            dec.set_max_candidates(reel_cuda::TOPK_CAP);
+            let mut r = run_case(&mut dec, case)?;
+            eprintln!("reel (full rows) {full}");
             eprintln!("reel {r}");
+            r["full_rows"] = full;
             rows.push(r);
         }
         drop(dec);
@@ -242,7 +268,11 @@ mod imp {
             println!("transformers side not run: {e}");
         }
         println!(
-            "{:>4} {:>3} {:>5} {:>4} | {:>10} {:>10} {:>8} {:>8} | {:>10} {:>10} | {:>6} {:>6}",
+            "reel: candidates on the device | reel with full rows downloaded: decode tok/s, step \
+             ms, host s | transformers | ratios to transformers: tok/s, decode, full-rows decode"
+        );
+        println!(
+            "{:>4} {:>3} {:>5} {:>4} | {:>10} {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>10} {:>10} | {:>6} {:>6} {:>6}",
             "G",
             "S",
             "P",
@@ -251,10 +281,14 @@ mod imp {
             "decode",
             "step ms",
             "host s",
+            "full-rows",
+            "step ms",
+            "host s",
             "HF tok/s",
             "decode",
             "ratio",
-            "decode"
+            "decode",
+            "full"
         );
         let empty = vec![];
         let torch = r["torch"]["rows"].as_array().unwrap_or(&empty);
@@ -267,8 +301,9 @@ mod imp {
             let (ht, hd) = t.map_or((f64::NAN, f64::NAN), |t| {
                 (f(&t["tokens_per_s"]), f(&t["decode_tokens_per_s"]))
             });
+            let full = &x["full_rows"];
             println!(
-                "{:>4} {:>3} {:>5} {:>4} | {:>10.0} {:>10.0} {:>8.2} {:>8.2} | {:>10.0} {:>10.0} | {:>6.2} {:>6.2}",
+                "{:>4} {:>3} {:>5} {:>4} | {:>10.0} {:>10.0} {:>8.2} {:>8.2} | {:>10.0} {:>8.2} {:>8.2} | {:>10.0} {:>10.0} | {:>6.2} {:>6.2} {:>6.2}",
                 x["groups"],
                 x["samples"],
                 x["prompt"],
@@ -277,10 +312,14 @@ mod imp {
                 f(&x["decode_tokens_per_s"]),
                 f(&x["decode_step_ms"]),
                 f(&x["host_s"]),
+                f(&full["decode_tokens_per_s"]),
+                f(&full["decode_step_ms"]),
+                f(&full["host_s"]),
                 ht,
                 hd,
                 f(&x["tokens_per_s"]) / ht,
-                f(&x["decode_tokens_per_s"]) / hd
+                f(&x["decode_tokens_per_s"]) / hd,
+                f(&full["decode_tokens_per_s"]) / hd
             );
         }
     }

@@ -10,7 +10,11 @@
 //!              q rotated; k rotated and v stored at each row's slot   (`decode_qkv_store`)
 //!              attn [N, H·D] = paged attention over each table       (`paged_attention_forward`)
 //!              x += attn·W_oᵀ; x += swiglu(rmsnorm(x)·W_guᵀ)·W_dᵀ     (β = 1 GEMMs)
-//!   logits [S_l, V] f32 = rmsnorm(x[last rows])·W_lmᵀ, downloaded.
+//!   logits [S_l, V] f32 = rmsnorm(x[last rows])·W_lmᵀ, downloaded ([`GpuDecoder::step`]);
+//!   or, when the engine's sampling needs only each row's k best entries ([`GpuDecoder::step_top`]:
+//!   greedy, or top-k with k ≤ [`TOPK_CAP`]), those k ids and logits and the two parts of the
+//!   row's log-sum-exp at its temperature, found on the device ([`Gpu::topk_lse`]) and
+//!   downloaded instead: 8k + 8 bytes a row in place of 4V (V = 151,936: 608 KB).
 //!
 //! Storage T is bf16 (the speed path) or f32 (exact comparison with the CPU); arithmetic is f32
 //! in every GEMM, norm and softmax. The KV cache is one device buffer of 2·L planes (layer l's K
@@ -29,11 +33,13 @@ use reel_model::decode::{SeqStep, StepInput, StepPositions};
 use reel_model::vl::mrope_angles;
 use reel_model::{ParamLayout, Qwen2Config};
 use reel_rollout::paged_attention::{PagedSeq, PagedShape};
-use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel};
+use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel, TopRows};
 
 use crate::buffer::{DView, DViewMut, DevRead};
 use crate::ops::{as_i32, cfg, elementwise_grid, launch, row_threads};
-use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuFloat, GpuPagedBatch, GpuRopeTable, Result};
+use crate::{
+    shape_err, DeviceBuf, Gpu, GpuError, GpuFloat, GpuPagedBatch, GpuRopeTable, Result, TOPK_CAP,
+};
 
 /// The KV blocks of a pool on the device: 2·L planes of [num_blocks, block_size, H_kv, D].
 struct DeviceKv<T: GpuFloat> {
@@ -245,6 +251,12 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
     dev_logits: Option<DeviceBuf<f32>>,
     /// Their host copy, in page-locked memory (the download runs at the link's full rate).
     logits: Option<PinnedHostSlice<f32>>,
+    /// What [`GpuDecoder::step_top`] downloaded: the ids [S_l, k]; the values [S_l, k], max
+    /// [S_l] and sum [S_l].
+    top_ids: Vec<u32>,
+    top_f: Vec<f32>,
+    /// The most candidates per row offered to the engine (module docs).
+    max_candidates: usize,
     gpu: Gpu,
 }
 
@@ -286,6 +298,9 @@ impl<T: GpuFloat> GpuDecoder<T> {
             batch: None,
             dev_logits: None,
             logits: None,
+            top_ids: Vec::new(),
+            top_f: Vec::new(),
+            max_candidates: TOPK_CAP,
             gpu,
         })
     }
@@ -421,6 +436,109 @@ impl<T: GpuFloat> GpuDecoder<T> {
         steps: &[SeqStep],
         tables: &[&BlockTable],
     ) -> Result<&[f32]> {
+        let n_l = self.run(pool, steps, tables)?;
+        let v = self.config.vocab_size;
+        if n_l == 0 {
+            return Ok(&[]);
+        }
+        if self.logits.as_ref().is_none_or(|l| l.len() < n_l * v) {
+            self.logits = None;
+            // SAFETY: plain page-locked memory (not write-combined: the host reads it); only
+            // the first n_l·V elements are read, after the download below writes them.
+            self.logits = Some(unsafe {
+                self.gpu
+                    .ctx
+                    .alloc_pinned_with_flags::<f32>((n_l * v).max(1), 0)
+            }?);
+        }
+        let host = &mut self.logits.as_mut().expect("sized above").as_mut_slice()?[..n_l * v];
+        let dev = self.dev_logits.as_ref().expect("written by the step");
+        self.gpu.download_into(host, &dev.view(0..n_l * v)?)?;
+        Ok(host)
+    }
+
+    /// The most candidates per row [`GpuDecoder::step_top`] returns: [`TOPK_CAP`] unless
+    /// lowered by [`GpuDecoder::set_max_candidates`].
+    pub fn max_candidates(&self) -> usize {
+        self.max_candidates
+    }
+
+    /// Caps the candidates per row the engine may ask for (0: always full rows, as before the
+    /// device selection; a benchmark's baseline). At most [`TOPK_CAP`].
+    pub fn set_max_candidates(&mut self, k: usize) {
+        self.max_candidates = k.min(TOPK_CAP);
+    }
+
+    /// One step (module docs) that returns, of each logits row r, its `k` best ids and logits
+    /// (sorted in `reel_model::generate::rank_order`), its max and Σ exp((z − max)/τ_r) with
+    /// τ_r = `temperatures[r]` ([`Gpu::topk_lse`]): k·8 + 8 bytes a row downloaded, not V·4.
+    pub fn step_top(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+        k: usize,
+        temperatures: &[f32],
+    ) -> Result<TopRows<'_>> {
+        let v = self.config.vocab_size;
+        if k == 0 || k > v.min(self.max_candidates) {
+            return shape_err(format!(
+                "decode step: {k} candidates per row asked, 1 to {} offered (V = {v})",
+                v.min(self.max_candidates)
+            ));
+        }
+        let wanted = steps.iter().filter(|s| s.logits).count();
+        if temperatures.len() != wanted {
+            return shape_err(format!(
+                "decode step: {} temperatures for {wanted} logits rows",
+                temperatures.len()
+            ));
+        }
+        if let Some(t) = temperatures.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
+            return shape_err(format!(
+                "decode step: temperature {t} (each row's must be finite and > 0)"
+            ));
+        }
+        let n_l = self.run(pool, steps, tables)?;
+        debug_assert_eq!(n_l, wanted);
+        let (a, b) = (n_l * k, n_l * (k + 1));
+        self.top_ids.resize(a, 0);
+        self.top_f.resize(n_l * (k + 2), 0.0);
+        if n_l > 0 {
+            let g = &self.gpu;
+            let temps = g.scratch_from(temperatures)?;
+            let mut ids = g.scratch::<u32>(a)?;
+            let mut out = g.scratch::<f32>(n_l * (k + 2))?;
+            let logits = self.dev_logits.as_ref().expect("written by the step");
+            g.topk_lse(
+                &mut ids,
+                &mut out,
+                &logits.view(0..n_l * v)?,
+                &temps,
+                n_l,
+                v,
+                k,
+            )?;
+            g.download_into(&mut self.top_ids, &ids)?;
+            g.download_into(&mut self.top_f, &out)?;
+        }
+        let f = &self.top_f;
+        Ok(TopRows {
+            k,
+            ids: &self.top_ids,
+            values: &f[..a],
+            max: &f[a..b],
+            sum: &f[b..],
+        })
+    }
+
+    /// Runs one step's layers and LM head, leaving the logits [S_l, V] in `dev_logits`; S_l.
+    fn run(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+    ) -> Result<usize> {
         let layout = match &self.kv {
             Some(kv) if pool.is_device() && pool.layout() == kv.layout => kv.layout,
             _ => {
@@ -454,14 +572,6 @@ impl<T: GpuFloat> GpuDecoder<T> {
         if self.dev_logits.as_ref().is_none_or(|l| l.len() < n_l * v) {
             self.dev_logits = None;
             self.dev_logits = Some(self.gpu.alloc_zeros::<f32>((n_l * v).max(1))?);
-            self.logits = None;
-            // SAFETY: plain page-locked memory (not write-combined: the host reads it); only
-            // the first n_l·V elements are read, after the download below writes them.
-            self.logits = Some(unsafe {
-                self.gpu
-                    .ctx
-                    .alloc_pinned_with_flags::<f32>((n_l * v).max(1), 0)
-            }?);
         }
         let GpuDecoder {
             config: c,
@@ -473,8 +583,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
             bufs,
             batch,
             dev_logits,
-            logits: host_logits,
             gpu: g,
+            ..
         } = self;
         let kv = kv.as_mut().expect("checked above");
         let b = bufs.as_mut().expect("reserved");
@@ -647,9 +757,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 d,
             )?;
         }
-        let host_logits = host_logits.as_mut().expect("sized above");
         if n_l == 0 {
-            return Ok(&[]);
+            return Ok(0);
         }
         // The last rows (into xn's first n_l rows), final norm (into qkv's), LM head.
         {
@@ -684,9 +793,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
             d,
             v,
         )?;
-        let host = &mut host_logits.as_mut_slice()?[..n_l * v];
-        g.download_into(host, &dev_logits.view(0..n_l * v)?)?;
-        Ok(host)
+        Ok(n_l)
     }
 }
 
@@ -707,6 +814,22 @@ impl<T: GpuFloat> StepModel for GpuDecoder<T> {
         tables: &[&BlockTable],
     ) -> Result<&[f32], RolloutError> {
         self.step(pool, steps, tables)
+            .map_err(|e| RolloutError::Device(e.to_string()))
+    }
+
+    fn max_candidates(&self) -> usize {
+        GpuDecoder::max_candidates(self)
+    }
+
+    fn forward_step_top(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+        k: usize,
+        temperatures: &[f32],
+    ) -> Result<TopRows<'_>, RolloutError> {
+        self.step_top(pool, steps, tables, k, temperatures)
             .map_err(|e| RolloutError::Device(e.to_string()))
     }
 }

@@ -979,3 +979,223 @@ __device__ void seg_attn_fwd(T* out, float* lse, const T* q, const T* k, const T
 
 REEL_VISION_ENTRIES(float, f32)
 REEL_VISION_ENTRIES(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Sampling candidates on the device (topk.rs). For each logits row z [V] at temperature τ: its
+// k ≤ TOPK_CAP best entries in the sampler's order (larger first in the IEEE total order, equal
+// values by the smaller id: reel_model::generate::rank_order), sorted, and the two parts of its
+// log-sum-exp, m = max z (NaN ignored, as fmaxf) and Σ exp((z − m)/τ) in f32 (lse = m/τ + ln Σ).
+// One block of TOPK_THREADS per row: radix select on 32-bit order keys (digits of 11, 11 and 10
+// bits, a shared-memory histogram per pass, stopping early when a digit's bin is taken whole)
+// down to the k-th key; one pass in id order collects the keys above it and, of the keys in its
+// class, the smallest ids (a block scan ranks them); a bitonic sort of (key, ~id) orders them.
+// Reads the row 3 to 4 times; the histogram counts are integer atomics (exact), the sum a fixed
+// per-thread order and tree.
+// ---------------------------------------------------------------------------------------------
+#define TOPK_THREADS 1024
+#define TOPK_CAP 1024
+#define TOPK_BINS 2048
+
+// An unsigned key whose order is the float's IEEE total order (−NaN < −inf < … < −0 < +0 < …).
+__device__ __forceinline__ u32 topk_key(float x) {
+    const u32 u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float topk_value(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Maximum over the block (NaN ignored); every thread gets the result.
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x >> 5;
+        float s = lane < warps ? partial[lane] : ninf();
+        for (int o = 16; o > 0; o >>= 1) s = fmaxf(s, __shfl_xor_sync(0xffffffffu, s, o));
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// Inclusive scan of v over the block of TOPK_THREADS (thread order); *total gets the block's sum.
+__device__ int topk_scan(int v, int* total) {
+    __shared__ int warp_tot[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    if (lane == 31) warp_tot[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        int w = warp_tot[lane];
+        for (int o = 1; o < 32; o <<= 1) {
+            const int n = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += n;
+        }
+        warp_tot[lane] = w;
+    }
+    __syncthreads();
+    const int r = v + (warp > 0 ? warp_tot[warp - 1] : 0);
+    *total = warp_tot[31];
+    __syncthreads();  // every thread has read warp_tot before the next scan writes it
+    return r;
+}
+
+// After a histogram of one digit (at `shift`, `bits` wide) of the keys in the current class:
+// finds the bin holding the rem-th largest key, narrows the class to it and lowers rem by the
+// keys above it. Returns whether the bin is taken whole (no narrower digit needed).
+__device__ bool topk_select(const int* hist, int shift, int bits, u32* prefix, u32* mask, int* rem) {
+    __shared__ int s_bin, s_above, s_count;
+    const int hi = TOPK_BINS - 1 - 2 * (int)threadIdx.x;
+    const int c0 = hist[hi], c1 = hist[hi - 1];
+    int total;
+    const int incl = topk_scan(c0 + c1, &total);
+    const int excl = incl - c0 - c1;
+    if (excl < *rem && *rem <= incl) {
+        if (excl + c0 >= *rem) {
+            s_bin = hi;
+            s_above = excl;
+            s_count = c0;
+        } else {
+            s_bin = hi - 1;
+            s_above = excl + c0;
+            s_count = c1;
+        }
+    }
+    __syncthreads();
+    *prefix |= (u32)s_bin << shift;
+    *mask |= ((1u << bits) - 1u) << shift;
+    *rem -= s_above;
+    const bool whole = s_count == *rem;
+    __syncthreads();  // s_* are read before the next selection writes them
+    return whole;
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+topk_lse(u32* out_ids, float* out_f, const float* logits, const float* temps, i64 v, int k) {
+    // out_f: the values [rows, k], then the max [rows], then the sum [rows].
+    float* out_vals = out_f;
+    float* out_max = out_f + (i64)gridDim.x * k;
+    float* out_sum = out_max + gridDim.x;
+    __shared__ int hist[TOPK_BINS];
+    __shared__ unsigned long long cand[TOPK_CAP];
+    const i64 row = blockIdx.x;
+    const float* z = logits + row * v;
+    const int tid = threadIdx.x;
+    for (int b = tid; b < TOPK_BINS; b += TOPK_THREADS) hist[b] = 0;
+    __syncthreads();
+    // Pass 1: the max and the first digit's histogram.
+    float m = ninf();
+#pragma unroll 4
+    for (i64 i = tid; i < v; i += TOPK_THREADS) {
+        const float x = z[i];
+        m = fmaxf(m, x);
+        atomicAdd(&hist[topk_key(x) >> 21], 1);
+    }
+    m = block_max(m);
+    u32 prefix = 0, mask = 0;
+    int rem = k;
+    bool whole = topk_select(hist, 21, 11, &prefix, &mask, &rem);
+    for (int b = tid; b < TOPK_BINS; b += TOPK_THREADS) hist[b] = 0;
+    __syncthreads();
+    // Pass 2: Σ exp((z − m)/τ), and the second digit's histogram within the class.
+    const float inv_t = 1.0f / temps[row];
+    float s = 0.0f;
+#pragma unroll 4
+    for (i64 i = tid; i < v; i += TOPK_THREADS) {
+        const float x = z[i];
+        s += expf((x - m) * inv_t);
+        if (!whole) {
+            const u32 key = topk_key(x);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> 10) & 0x7ffu], 1);
+        }
+    }
+    s = block_sum(s);
+    if (!whole) {
+        whole = topk_select(hist, 10, 11, &prefix, &mask, &rem);
+        for (int b = tid; b < TOPK_BINS; b += TOPK_THREADS) hist[b] = 0;
+        __syncthreads();
+    }
+    // Pass 3: the last digit; the class is then one key (ties) unless taken whole before.
+    if (!whole) {
+        for (i64 i = tid; i < v; i += TOPK_THREADS) {
+            const u32 key = topk_key(z[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[key & 0x3ffu], 1);
+        }
+        __syncthreads();
+        topk_select(hist, 0, 10, &prefix, &mask, &rem);
+    }
+    // Pass 4, in id order, 4 ids a thread per chunk: every key above the class, and the rem
+    // smallest ids of the class. (key, ~id) so that a descending sort puts smaller ids first.
+    const int above = k - rem;
+    int above_seen = 0, class_seen = 0;
+    for (i64 base = 0; base < v; base += 4 * TOPK_THREADS) {
+        u32 key[4];
+        int n_above = 0, n_class = 0;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const i64 i = base + 4 * tid + j;
+            key[j] = i < v ? topk_key(z[i]) : 0u;
+            const u32 c = key[j] & mask;
+            if (i < v && c > prefix) n_above++;
+            if (i < v && c == prefix) n_class++;
+        }
+        // Counts per thread ≤ 4 and per chunk ≤ 4096: both fit in one int's halves.
+        int total;
+        const int packed = n_class | (n_above << 16);
+        const int excl = topk_scan(packed, &total) - packed;
+        int ra = above_seen + (excl >> 16), rc = class_seen + (excl & 0xffff);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const i64 i = base + 4 * tid + j;
+            if (i >= v) continue;
+            const u32 c = key[j] & mask;
+            const unsigned long long e =
+                ((unsigned long long)key[j] << 32) | (unsigned long long)(~(u32)i);
+            if (c > prefix) {
+                cand[ra++] = e;
+            } else if (c == prefix) {
+                if (rc < rem) cand[above + rc] = e;
+                rc++;
+            }
+        }
+        above_seen += total >> 16;
+        class_seen += total & 0xffff;
+        if (above_seen == above && class_seen >= rem) break;
+    }
+    // Bitonic sort, descending, of the k candidates padded with zeros to a power of two.
+    int p = 1;
+    while (p < k) p <<= 1;
+    for (int i = k + tid; i < p; i += TOPK_THREADS) cand[i] = 0ull;
+    for (int size = 2; size <= p; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            const int i = tid, j = tid ^ stride;
+            if (i < p && j > i) {
+                const unsigned long long a = cand[i], b = cand[j];
+                const bool desc = (i & size) == 0;
+                if (desc ? a < b : a > b) {
+                    cand[i] = b;
+                    cand[j] = a;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < k) {
+        const unsigned long long e = cand[tid];
+        out_ids[row * k + tid] = ~(u32)(e & 0xffffffffull);
+        out_vals[row * k + tid] = topk_value((u32)(e >> 32));
+    }
+    if (tid == 0) {
+        out_max[row] = m;
+        out_sum[row] = s;
+    }
+}

@@ -39,7 +39,9 @@
 //!   `paged.rs`), as `reel_rollout::paged_attention_forward`.
 //! - The rollout engine's decoding step ([`GpuDecoder`], `decode.rs`): `Qwen2::forward_step` on
 //!   the device over a paged KV cache whose blocks live in device memory (tables on the host),
-//!   a `reel_rollout::StepModel`, so `Engine::with_model` runs on the GPU.
+//!   a `reel_rollout::StepModel`, so `Engine::with_model` runs on the GPU; with each logits row's
+//!   sampling candidates and log-sum-exp found on the device ([`Gpu::topk_lse`], `topk.rs`)
+//!   when the engine's sampling allows, so only those are downloaded.
 //! - The frozen Qwen2.5-VL vision tower's forward ([`GpuVisionTower`], `vision.rs`; bf16 or
 //!   f32), a `reel_model::TowerForward` the MR-SP encoder runs, with its exact GELU
 //!   ([`Gpu::gelu_forward`]) and bidirectional attention within segments
@@ -82,6 +84,7 @@ mod plan;
 mod profile;
 #[cfg(feature = "cudnn")]
 mod sp_attn;
+mod topk;
 mod ulysses;
 mod vision;
 
@@ -103,6 +106,7 @@ pub use plan::{activation_bytes, ce_chunk};
 pub use profile::{kernel_name, sum_by_category, Profile, ProfileRow};
 #[cfg(feature = "cudnn")]
 pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};
+pub use topk::TOPK_CAP;
 #[cfg(feature = "cudnn")]
 pub use ulysses::GpuUlysses;
 pub use ulysses::{SubP2p, UlyssesLayout};

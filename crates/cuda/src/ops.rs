@@ -139,6 +139,8 @@ pub(crate) struct Kernels {
     /// The vision tower's exact GELU and segment attention (`vision.rs`).
     pub(crate) gelu_fwd: PerType,
     pub(crate) seg_attn_fwd: PerType,
+    /// Sampling candidates and log-sum-exp of logits rows (`topk.rs`).
+    pub(crate) topk_lse: CudaFunction,
 }
 
 /// Head dimensions the paged decode-attention kernel is built for.
@@ -207,6 +209,7 @@ impl Kernels {
                 kv_copy_blocks: get("kv_copy_blocks")?,
                 gelu_fwd: get("gelu_fwd")?,
                 seg_attn_fwd: get("seg_attn_fwd")?,
+                topk_lse: module.load_function("topk_lse")?,
             },
             secs,
         ))

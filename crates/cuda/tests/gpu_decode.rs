@@ -7,10 +7,14 @@
 //! - one step's logits (prefill chunks of several lengths, the last without logits, then decode
 //!   tokens and a chunk, in one batch) within bf16 tolerance, and within f32 rounding for an f32
 //!   decoder;
+//! - `step_top` (each logits row's best k and log-sum-exp parts, found on the device) against
+//!   the CPU reference over the same step's downloaded logits, k = 1, 40, V; bad k and
+//!   temperatures refused;
 //! - whole engines, CPU and GPU, on several groups of several samples with shared prefixes
 //!   (prompts that end inside a block, so forks copy on write on the device), greedy and sampled,
 //!   in a pool small enough to preempt: the f32 decoder gives the same tokens, the same
-//!   scheduling counters and log-probabilities within 1e-4; the bf16 decoder's agreement is
+//!   scheduling counters and log-probabilities within 1e-4, with candidates found on the device
+//!   (every row here allows it) and with full rows downloaded; the bf16 decoder's agreement is
 //!   printed and its counters must match (no stop tokens, so the schedule does not depend on the
 //!   tokens);
 //! - VLM steps: input-embedding rows and M-RoPE positions mixed with token rows and 1-D positions
@@ -22,10 +26,11 @@
 mod common;
 use common::*;
 
-use reel_cuda::{Gpu, GpuDecoder, GpuFloat};
+use reel_cuda::{Gpu, GpuDecoder, GpuFloat, TOPK_CAP};
 use reel_model::decode::{SeqStep, StepInput, StepPositions};
 use reel_model::generate::SamplingParams;
 use reel_model::{Qwen2, Qwen2Config};
+use reel_rollout::sample::top_rows_reference;
 use reel_rollout::{
     CpuStep, Engine, EngineConfig, GenerationParams, GroupOutput, KvLayout, StepModel,
 };
@@ -122,6 +127,84 @@ fn step_logits_match_the_cpu_step_in_f32() {
     check_step::<f32>("f32", Tolerance::new(1e-4, 1e-4), 1e-5);
 }
 
+/// `step_top` on a step gives the candidates of `step`'s logits for the same step (run twice on
+/// the same tables: the second run rewrites the same KV slots with the same values).
+fn check_step_top<T: GpuFloat>() {
+    let c = config();
+    let model = Qwen2::new_random(c.clone(), 3).unwrap();
+    let mut dec = GpuDecoder::<T>::from_model(open(), &model).unwrap();
+    let layout = KvLayout {
+        layers: c.num_hidden_layers,
+        h_kv: c.num_key_value_heads,
+        d: c.head_dim,
+        block_size: 4,
+        num_blocks: 16,
+    };
+    let v = c.vocab_size;
+    let mut pool = dec.new_pool(layout).unwrap();
+    let seqs: Vec<Vec<u32>> = [11usize, 1, 6, 4]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| tokens(n, s as u64 + 3, v as u32))
+        .collect();
+    let mut tables: Vec<_> = (0..seqs.len()).map(|_| pool.new_table()).collect();
+    for (t, s) in tables.iter_mut().zip(&seqs) {
+        pool.reserve(t, s.len()).unwrap();
+    }
+    let steps: Vec<SeqStep> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SeqStep {
+            input: StepInput::Tokens(s),
+            positions: StepPositions::Linear { start: 0 },
+            logits: i != 2,
+        })
+        .collect();
+    let refs: Vec<_> = tables.iter().collect();
+    let temps = [0.7f32, 1.0, 1.3];
+    let z = dec.step(&mut pool, &steps, &refs).unwrap().to_vec();
+    assert_eq!(z.len(), 3 * v);
+    for k in [1usize, 40, v] {
+        let top = dec.step_top(&mut pool, &steps, &refs, k, &temps).unwrap();
+        let (ids, values, max, sum) = top_rows_reference(&z, v, k, &temps);
+        assert_eq!(top.k, k);
+        assert_eq!(top.ids, &ids[..], "k {k}: ids");
+        assert_eq!(top.values, &values[..], "k {k}: values");
+        assert_eq!(top.max, &max[..], "k {k}: max");
+        for (a, b) in top.sum.iter().zip(&sum) {
+            assert!(((*a as f64) - b).abs() <= 1e-5 * b, "k {k}: sum {a} vs {b}");
+        }
+    }
+    // A k over what the decoder offers, and temperatures that do not fit, are refused.
+    dec.set_max_candidates(16);
+    let e = dec
+        .step_top(&mut pool, &steps, &refs, 40, &temps)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("1 to 16 offered"), "{e}");
+    let e = dec
+        .step_top(&mut pool, &steps, &refs, 8, &temps[..2])
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("2 temperatures for 3"), "{e}");
+    let e = dec
+        .step_top(&mut pool, &steps, &refs, 8, &[1.0, 0.0, 1.0])
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("temperature 0"), "{e}");
+    drop(refs);
+    for t in tables {
+        pool.release(t);
+    }
+}
+
+#[test]
+fn step_top_gives_the_candidates_of_the_steps_logits() {
+    let Some(_lock) = gpu() else { return };
+    check_step_top::<f32>();
+    check_step_top::<bf16>();
+}
+
 fn sampled(max_new: usize, seed: u64) -> GenerationParams {
     GenerationParams {
         sampling: SamplingParams {
@@ -175,25 +258,30 @@ fn gpu_engine_matches_the_cpu_engine_with_shared_prefixes_and_preemption() {
     assert!(want_stats.preemptions > 0, "{want_stats:?}");
     assert!(want_stats.cow_copies > 0, "{want_stats:?}");
 
-    let mut dec = GpuDecoder::<f32>::from_model(open(), &model).unwrap();
-    let (got, stats) = run_engine(Engine::with_model(Box::new(&mut dec), cfg).unwrap());
-    assert_eq!(
-        stats, want_stats,
-        "same schedule, forks, copies and preemptions"
-    );
-    for (o, w) in got.iter().zip(&want) {
-        for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
-            assert_eq!(s.ids, t.ids, "f32: group {} sample {j}", o.id);
-            reel_tensor::check_close(
-                &format!("f32 log-probs, group {} sample {j}", o.id),
-                &s.logprobs,
-                &t.logprobs,
-                Tolerance::new(1e-4, 1e-4),
-            )
-            .unwrap();
+    // Candidates on the device (every row here: greedy or top-k 40 ≤ the cap; V = 300), then
+    // full rows downloaded (no candidates offered).
+    for cap in [TOPK_CAP, 0] {
+        let mut dec = GpuDecoder::<f32>::from_model(open(), &model).unwrap();
+        dec.set_max_candidates(cap);
+        let (got, stats) = run_engine(Engine::with_model(Box::new(&mut dec), cfg).unwrap());
+        assert_eq!(
+            stats, want_stats,
+            "same schedule, forks, copies and preemptions"
+        );
+        for (o, w) in got.iter().zip(&want) {
+            for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
+                assert_eq!(s.ids, t.ids, "f32, cap {cap}: group {} sample {j}", o.id);
+                reel_tensor::check_close(
+                    &format!("f32 log-probs, cap {cap}, group {} sample {j}", o.id),
+                    &s.logprobs,
+                    &t.logprobs,
+                    Tolerance::new(1e-4, 1e-4),
+                )
+                .unwrap();
+            }
         }
+        eprintln!("f32 decoder, candidates cap {cap}: every token equal; {stats:?}");
     }
-    eprintln!("f32 decoder: every token equal; {stats:?}");
 
     let mut dec = GpuDecoder::<bf16>::from_model(open(), &model).unwrap();
     let (got, stats) = run_engine(Engine::with_model(Box::new(&mut dec), cfg).unwrap());

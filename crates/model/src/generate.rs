@@ -142,36 +142,65 @@ impl Default for SamplingParams {
     }
 }
 
-/// Chooses a token from logits.
-pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::Rng) -> u32 {
-    use rand::Rng;
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
-                if x > best.1 {
-                    (i, x)
-                } else {
-                    best
-                }
-            })
-            .0 as u32
-    };
+/// The order every selection of the sampler follows: larger logit first (IEEE total order,
+/// `f32::total_cmp`, so +0 > −0 and −inf is below every finite value), equal logits by the
+/// smaller vocabulary id first. Greedy decoding takes the first token of this order, top-k its
+/// first k: so the choice never depends on how the candidates were found (a full sort, the
+/// linear selection below, or the device's `topk_lse` kernel in reel-cuda, which follows the
+/// same order).
+pub fn rank_order(logits: &[f32], a: usize, b: usize) -> std::cmp::Ordering {
+    logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+}
+
+/// How many of a row's best candidates (in [`rank_order`]) choosing from `p` reads, over a
+/// vocabulary of `v`: 1 when greedy, `top_k` when it keeps fewer than `v`, else all `v` (top-p is
+/// applied within these, so it needs no more).
+pub fn candidates_needed(p: &SamplingParams, v: usize) -> usize {
     if p.temperature <= 0.0 {
-        return argmax();
-    }
-    let desc = |&a: &usize, &b: &usize| logits[b].total_cmp(&logits[a]);
-    let mut idx = if p.top_k > 0 && p.top_k < logits.len() {
-        top_k_indices(logits, p.top_k)
+        1.min(v)
+    } else if p.top_k > 0 && p.top_k < v {
+        p.top_k
     } else {
-        (0..logits.len()).collect()
-    };
-    idx.sort_unstable_by(desc);
-    let max = logits[idx[0]];
-    let mut probs: Vec<f64> = idx
+        v
+    }
+}
+
+/// Chooses a token from logits: the row's [`candidates_needed`] best ids in [`rank_order`]
+/// ([`top_candidates`]), then [`sample_sorted`] over their logits.
+pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::Rng) -> u32 {
+    let ids = top_candidates(logits, candidates_needed(p, logits.len()));
+    let values: Vec<f32> = ids.iter().map(|&i| logits[i as usize]).collect();
+    ids[sample_sorted(&values, p, rng)]
+}
+
+/// Chooses a token from a row's best candidates, ids and their logits sorted in
+/// [`rank_order`] (at least [`candidates_needed`] of them; more are ignored): the same token as
+/// [`sample_token`] over the full row, with the same generator draws.
+pub fn sample_candidates(
+    ids: &[u32],
+    values: &[f32],
+    v: usize,
+    p: &SamplingParams,
+    rng: &mut reel_tensor::Rng,
+) -> u32 {
+    let n = candidates_needed(p, v);
+    debug_assert!(ids.len() >= n && values.len() >= n);
+    ids[sample_sorted(&values[..n], p, rng)]
+}
+
+/// The choice among sorted candidates (their logits `values`, best first, all of them kept by
+/// top-k): position 0 when greedy (no draw); else softmax of values / T in f64, cut to the
+/// smallest prefix whose probability reaches `top_p` and renormalised, then one uniform draw.
+/// Returns the position of the chosen candidate.
+pub fn sample_sorted(values: &[f32], p: &SamplingParams, rng: &mut reel_tensor::Rng) -> usize {
+    use rand::Rng;
+    if p.temperature <= 0.0 || values.len() <= 1 {
+        return 0;
+    }
+    let max = values[0];
+    let mut probs: Vec<f64> = values
         .iter()
-        .map(|&i| (((logits[i] - max) / p.temperature) as f64).exp())
+        .map(|&x| (((x - max) / p.temperature) as f64).exp())
         .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= total);
@@ -186,41 +215,69 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::R
             }
         }
         probs.truncate(keep);
-        idx.truncate(keep);
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
     }
     let mut r: f64 = rng.random_range(0.0..1.0);
     for (j, &q) in probs.iter().enumerate() {
         if r < q {
-            return idx[j] as u32;
+            return j;
         }
         r -= q;
     }
-    idx[probs.len() - 1] as u32
+    probs.len() - 1
 }
 
-/// Indices of the `k` largest logits (0 < k < len), in no particular order: one pass that keeps
-/// candidates above a running threshold in a buffer of 4k, cut back to the k largest whenever it
-/// fills (linear time, no vocabulary-sized allocation). Ties at the k-th value are broken
-/// arbitrarily, as a sort would.
+/// The ids of the `k` best logits in [`rank_order`], sorted (k ≥ len: every id). The CPU
+/// reference of reel-cuda's `topk_lse` candidates.
+pub fn top_candidates(logits: &[f32], k: usize) -> Vec<u32> {
+    let (n, k) = (logits.len(), k.min(logits.len()));
+    if k == 0 {
+        return Vec::new();
+    }
+    if k == 1 {
+        // The first of the order: a scan.
+        let best = (1..n).fold(0, |b, i| {
+            if rank_order(logits, i, b).is_lt() {
+                i
+            } else {
+                b
+            }
+        });
+        return vec![best as u32];
+    }
+    let mut idx = if k < n {
+        top_k_indices(logits, k)
+    } else {
+        (0..n).collect()
+    };
+    idx.sort_unstable_by(|&a, &b| rank_order(logits, a, b));
+    idx.into_iter().map(|i| i as u32).collect()
+}
+
+/// Indices of the `k` best logits in [`rank_order`] (0 < k < len), in no particular order: one
+/// pass that keeps candidates above a running threshold in a buffer of 4k, cut back to the k best
+/// whenever it fills (linear time, no vocabulary-sized allocation). A logit equal to the
+/// threshold is dropped: ids come in increasing order, so it ranks below every kept one of that
+/// value.
 fn top_k_indices(logits: &[f32], k: usize) -> Vec<usize> {
-    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    let order = |a: &usize, b: &usize| rank_order(logits, *a, *b);
     let cap = 4 * k;
     let mut buf: Vec<usize> = Vec::with_capacity(cap + 1);
-    let mut threshold = f32::NEG_INFINITY;
+    // The worst kept logit, once the buffer has been cut.
+    let mut threshold: Option<f32> = None;
     for (i, &x) in logits.iter().enumerate() {
-        if x > threshold || buf.len() < k {
+        if buf.len() < k || threshold.is_none_or(|t| x.total_cmp(&t).is_gt()) {
             buf.push(i);
             if buf.len() > cap {
-                buf.select_nth_unstable_by(k - 1, desc);
+                buf.select_nth_unstable_by(k - 1, order);
                 buf.truncate(k);
-                threshold = buf.iter().map(|&j| logits[j]).fold(f32::INFINITY, f32::min);
+                threshold = Some(logits[buf[k - 1]]);
             }
         }
     }
     if buf.len() > k {
-        buf.select_nth_unstable_by(k - 1, desc);
+        buf.select_nth_unstable_by(k - 1, order);
         buf.truncate(k);
     }
     buf
@@ -306,12 +363,24 @@ impl Qwen2 {
 mod tests {
     use super::*;
 
-    /// The sampler as it was before the top-k selection: a full sort of the vocabulary.
+    /// Every id sorted in [`rank_order`] by a full sort (the selection's reference).
+    fn full_sort(logits: &[f32]) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then_with(|| a.cmp(&b)));
+        idx
+    }
+
+    /// The sampler as it was before the top-k selection: a full sort of the vocabulary (ties
+    /// by id), top-k, softmax, top-p, one draw.
     fn sample_by_full_sort(logits: &[f32], p: &SamplingParams, rng: &mut reel_tensor::Rng) -> u32 {
         use rand::Rng;
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        idx.truncate(p.top_k);
+        let mut idx = full_sort(logits);
+        if p.temperature <= 0.0 {
+            return idx[0] as u32;
+        }
+        if p.top_k > 0 {
+            idx.truncate(p.top_k);
+        }
         let max = logits[idx[0]];
         let mut probs: Vec<f64> = idx
             .iter()
@@ -344,6 +413,20 @@ mod tests {
         idx[probs.len() - 1] as u32
     }
 
+    /// Rows with many ties (values on a coarse grid), −inf entries and both zeros.
+    fn tied_row(r: &mut reel_tensor::Rng, v: usize) -> Vec<f32> {
+        let mut z = reel_tensor::uniform_vec(r, v, 3.0);
+        for (i, x) in z.iter_mut().enumerate() {
+            *x = (*x * 2.0).round() / 2.0;
+            if i % 7 == 3 {
+                *x = f32::NEG_INFINITY;
+            } else if i % 11 == 5 {
+                *x = if i % 2 == 0 { 0.0 } else { -0.0 };
+            }
+        }
+        z
+    }
+
     #[test]
     fn top_k_selection_samples_as_the_full_sort_did() {
         let mut r = reel_tensor::rng(5);
@@ -353,19 +436,28 @@ mod tests {
             (97, 96, 0.9),
             (5000, 7, 0.5),
             (300, 200, 1.0),
+            (300, 0, 0.7),
+            (40, 64, 1.0),
         ]
         .iter()
         .enumerate()
         {
             for trial in 0..20u64 {
-                let logits = reel_tensor::uniform_vec(&mut r, v, 4.0);
-                let mut want = top_k_indices(&logits, k);
-                want.sort_unstable();
-                let mut all: Vec<usize> = (0..v).collect();
-                all.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-                let mut top: Vec<usize> = all[..k].to_vec();
-                top.sort_unstable();
-                assert_eq!(want, top, "case {case} trial {trial}: the k largest");
+                // Half the trials on rows full of ties.
+                let logits = if trial % 2 == 0 {
+                    reel_tensor::uniform_vec(&mut r, v, 4.0)
+                } else {
+                    tied_row(&mut r, v)
+                };
+                let all = full_sort(&logits);
+                let kk = if k == 0 { v } else { k.min(v) };
+                let want: Vec<u32> = all[..kk].iter().map(|&i| i as u32).collect();
+                assert_eq!(
+                    top_candidates(&logits, kk),
+                    want,
+                    "case {case} trial {trial}: the k best in order"
+                );
+                assert_eq!(top_candidates(&logits, 1), want[..1], "case {case}: k = 1");
                 let p = SamplingParams {
                     temperature: 0.8,
                     top_p,
@@ -378,6 +470,65 @@ mod tests {
                         sample_token(&logits, &p, &mut a),
                         sample_by_full_sort(&logits, &p, &mut b),
                         "case {case} trial {trial}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_smaller_id_and_zeros_follow_the_total_order() {
+        let greedy = SamplingParams::default();
+        let mut r = reel_tensor::rng(0);
+        assert_eq!(sample_token(&[1.0, 3.0, 2.0, 3.0], &greedy, &mut r), 1);
+        assert_eq!(sample_token(&[-0.0, 0.0, -1.0], &greedy, &mut r), 1);
+        let z = [f32::NEG_INFINITY; 5];
+        assert_eq!(sample_token(&z, &greedy, &mut r), 0);
+        assert_eq!(top_candidates(&z, 3), vec![0, 1, 2]);
+        assert_eq!(
+            top_candidates(&[2.0, 5.0, 2.0, 5.0, f32::NEG_INFINITY, 2.0], 4),
+            vec![1, 3, 0, 2]
+        );
+        // A selection over more than 4k ids that cuts its buffer several times among ties.
+        let z: Vec<f32> = (0..1000).map(|i| (i % 3) as f32).collect();
+        let top = top_candidates(&z, 10);
+        assert_eq!(top, (0..10).map(|j| 2 + 3 * j).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn candidates_sample_as_the_full_row() {
+        let mut r = reel_tensor::rng(8);
+        for &(v, temperature, top_k, top_p) in &[
+            (1000usize, 0.0f32, 0usize, 1.0f32),
+            (1000, 1.0, 50, 1.0),
+            (1000, 0.7, 50, 0.8),
+            (77, 1.3, 0, 0.9),
+            (77, 1.0, 200, 1.0),
+            (5000, 0.5, 1, 1.0),
+        ] {
+            let p = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                seed: 3,
+            };
+            let n = candidates_needed(&p, v);
+            assert!(n >= 1 && n <= v);
+            for trial in 0..30u64 {
+                let z = if trial % 3 == 0 {
+                    tied_row(&mut r, v)
+                } else {
+                    reel_tensor::uniform_vec(&mut r, v, 5.0)
+                };
+                // More candidates than needed (a step asks for its rows' most).
+                let ids = top_candidates(&z, (n + 13).min(v));
+                let values: Vec<f32> = ids.iter().map(|&i| z[i as usize]).collect();
+                let (mut a, mut b) = (reel_tensor::rng(trial), reel_tensor::rng(trial));
+                for _ in 0..4 {
+                    assert_eq!(
+                        sample_candidates(&ids, &values, v, &p, &mut a),
+                        sample_token(&z, &p, &mut b),
+                        "V {v} T {temperature} top-k {top_k} top-p {top_p} trial {trial}"
                     );
                 }
             }

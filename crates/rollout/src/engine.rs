@@ -17,18 +17,25 @@
 //! samples' generators are kept, so the outputs do not change). All scheduled tokens then run
 //! as one step of the [`StepModel`] (the CPU model's [`Qwen2::forward_step`], or a GPU decoder):
 //! every GEMM batched over the step's N rows. The logits rows are then sampled in parallel (one
-//! generator per sample, so the outputs do not depend on the thread count).
+//! generator per sample, so the outputs do not depend on the thread count) by
+//! [`crate::sample::pick`]. When every row of the step can be chosen from its k best candidates
+//! (greedy, or top-k with k < V; `reel_model::generate::candidates_needed`) and the model offers
+//! that many ([`StepModel::max_candidates`]: a GPU decoder), the step returns only those and the
+//! parts of each row's log-sum-exp ([`StepModel::forward_step_top`]), not the [S_l, V] rows; the
+//! tokens are the same and the log-probabilities equal within the sum's rounding
+//! ([`crate::sample`]).
 
 use crate::pool::{BlockPool, BlockTable, KvLayout};
 use crate::request::{
     sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, Prompt, SampleOutput,
     SeqState,
 };
+use crate::sample::{logprob_temperature, pick, step_candidates, StepLogits};
 use crate::step::{CpuStep, StepModel};
 use crate::RolloutError;
 use rayon::prelude::*;
 use reel_model::decode::{SeqStep, StepInput, StepPositions};
-use reel_model::generate::{sample_token, SamplingParams};
+use reel_model::generate::SamplingParams;
 use reel_model::{Qwen2, Qwen25VL, Qwen2Config};
 use std::sync::Arc;
 
@@ -520,6 +527,8 @@ impl<'m> Engine<'m> {
         let (d, v) = (model.config().hidden_size, model.config().vocab_size);
         let mut steps = Vec::with_capacity(plan.len());
         let mut tables = Vec::with_capacity(plan.len());
+        // The sampling parameters of each logits row, in step order.
+        let mut row_params: Vec<SamplingParams> = Vec::new();
         for u in plan {
             let (step, table) = match *u {
                 Unit::Prompt { g, n } => {
@@ -559,10 +568,32 @@ impl<'m> Engine<'m> {
                     (step, t)
                 }
             };
+            if step.logits {
+                let g = match *u {
+                    Unit::Prompt { g, .. } | Unit::Sample { g, .. } => g,
+                };
+                row_params.push(groups[g].params.sampling);
+            }
             steps.push(step);
             tables.push(table);
         }
-        let logits = model.forward_step(pool, &steps, &tables)?;
+        // Every row's candidates instead of the full rows when the model offers enough of them.
+        let k = step_candidates(&row_params, v);
+        let logits = if k > 0 && k <= model.max_candidates() {
+            let temps: Vec<f32> = row_params.iter().map(logprob_temperature).collect();
+            let top = model.forward_step_top(pool, &steps, &tables, k, &temps)?;
+            if top.k != k || !top.is_consistent() || top.rows() != row_params.len() {
+                return Err(RolloutError::Invalid(format!(
+                    "the step returned {} rows of {} candidates, {} rows of {k} expected",
+                    top.rows(),
+                    top.k,
+                    row_params.len()
+                )));
+            }
+            StepLogits::Top(top)
+        } else {
+            StepLogits::Full(model.forward_step(pool, &steps, &tables)?)
+        };
         drop((steps, tables));
         // Advance the tables; list the draws (group, sample, logits row) in plan order: every
         // new sample of a finished prompt draws from its last row, a caught-up sample from its.
@@ -598,10 +629,14 @@ impl<'m> Engine<'m> {
                 }
             }
         }
-        if logits.len() != row * v {
+        let full_rows_ok = match logits {
+            StepLogits::Full(z) => z.len() == row * v,
+            StepLogits::Top(_) => true,
+        };
+        if !full_rows_ok || logits.rows(v) != row || row != row_params.len() {
             return Err(RolloutError::Invalid(format!(
-                "the step returned {} logits, {row} rows of {v} expected",
-                logits.len()
+                "the step returned {} logits rows, {row} rows of {v} expected",
+                logits.rows(v)
             )));
         }
         // Draw in parallel, each sample with its own generator (taken out and put back).
@@ -615,11 +650,7 @@ impl<'m> Engine<'m> {
             .collect();
         let picked: Vec<(u32, f32)> = jobs
             .par_iter_mut()
-            .map(|(rng, p, row)| {
-                let z = &logits[*row * v..(*row + 1) * v];
-                let tok = sample_token(z, p, rng);
-                (tok, log_prob(z, tok, p.temperature))
-            })
+            .map(|(rng, p, row)| pick(logits.row(*row, v), p, rng))
             .collect();
         for (&(g, j, _), (rng, _, _)) in draws.iter().zip(jobs) {
             groups[g].samples[j].rng = rng;
@@ -855,52 +886,6 @@ pub(crate) fn finish_reason(
     }
 }
 
-/// `log softmax(logits / T)[tok]` (T = 1 when greedy). The exponentials are f32 ([`exp_nonpos`],
-/// relative error < 1e-6), summed over 16 lanes per block of 1024 and the blocks in f64, so the
-/// pass over the vocabulary vectorises (relative error of the sum ~1e-6).
-pub(crate) fn log_prob(logits: &[f32], tok: u32, temperature: f32) -> f32 {
-    let t = if temperature > 0.0 { temperature } else { 1.0 };
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let inv_t = 1.0 / t;
-    let mut sum = 0f64;
-    for block in logits.chunks(1024) {
-        let mut lanes = [0f32; 16];
-        let mut rows = block.chunks_exact(16);
-        for row in &mut rows {
-            for (a, &x) in lanes.iter_mut().zip(row) {
-                *a += exp_nonpos((x - max) * inv_t);
-            }
-        }
-        for (a, &x) in lanes.iter_mut().zip(rows.remainder()) {
-            *a += exp_nonpos((x - max) * inv_t);
-        }
-        sum += lanes.iter().map(|&a| a as f64).sum::<f64>();
-    }
-    (((logits[tok as usize] - max) as f64) / t as f64 - sum.ln()) as f32
-}
-
-/// e^x for x ≤ 0 in f32 (Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ln 2 / 2, a degree-6
-/// polynomial for e^r, 2^n put into the exponent bits; relative error < 1e-6). Below −87 it
-/// returns e^−87 (≈ 1.6e-38, nothing next to the maximum's 1), NaN stays NaN. Branch-free and
-/// free of library calls, so loops over it vectorise.
-#[inline(always)]
-fn exp_nonpos(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // Round to nearest by the 1.5·2^23 trick (|x·log2 e| < 2^22).
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
-
 /// Index of the first stop string in the text of the last generated tokens. The window holds
 /// one more token than the longest stop string has bytes (every token decodes to ≥ 1 byte but
 /// special ones), so a stop string ending in the newest token is always inside it.
@@ -909,45 +894,4 @@ fn stop_string_hit(ids: &[u32], stops: &[String], detok: &Option<Detokenizer>) -
     let longest = stops.iter().map(String::len).max()?;
     let text = f(&ids[ids.len().saturating_sub(longest + 1)..]);
     stops.iter().position(|s| text.contains(s.as_str()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fast_log_prob_matches_f64_within_1e_6() {
-        let mut r = reel_tensor::rng(9);
-        for &(v, scale) in &[
-            (1usize, 1.0f32),
-            (17, 3.0),
-            (1024, 10.0),
-            (151_936, 8.0),
-            (5000, 80.0),
-        ] {
-            let z = reel_tensor::uniform_vec(&mut r, v, scale);
-            for &t in &[0.0f32, 0.3, 1.0, 1.7] {
-                let tt = if t > 0.0 { t } else { 1.0 } as f64;
-                let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-                let lse = z
-                    .iter()
-                    .map(|&x| ((x as f64 - max) / tt).exp())
-                    .sum::<f64>()
-                    .ln();
-                for tok in [0, v / 2, v - 1] {
-                    let want = (z[tok] as f64 - max) / tt - lse;
-                    let got = log_prob(&z, tok as u32, t) as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
-                        "V {v} scale {scale} T {t} token {tok}: {got} vs {want}"
-                    );
-                }
-            }
-        }
-        for x in [0.0f32, -1e-8, -0.5, -1.0, -10.0, -50.0, -86.9] {
-            let rel = ((exp_nonpos(x) as f64) / (x as f64).exp() - 1.0).abs();
-            assert!(rel < 1e-6, "e^{x}: relative error {rel}");
-        }
-        assert!(exp_nonpos(-1000.0) < 1e-37 && exp_nonpos(f32::NAN).is_nan());
-    }
 }

@@ -10,6 +10,8 @@
 //!   batching, preemption when the pool runs out), sampling with a seed per sample.
 //! - [`step`]: [`StepModel`], what the engine runs each step — [`CpuStep`] (the CPU model over
 //!   a host pool) or reel-cuda's `GpuDecoder` (the same step on a GPU, block data on the device).
+//! - [`sample`]: the next token and its log-probability from a step's full logits rows or from
+//!   each row's best candidates and log-sum-exp parts (what a GPU decoder downloads instead).
 //! - [`sharded`]: [`ShardedEngine`] — the same over sequence-parallel ranks: prompts prefilled
 //!   sequence-parallel, their KV kept sharded over the ranks' pools, decode attention merged
 //!   from per-rank partials.
@@ -22,6 +24,7 @@ pub mod kv;
 pub mod paged_attention;
 pub mod pool;
 pub mod request;
+pub mod sample;
 pub mod sharded;
 pub mod step;
 
@@ -31,6 +34,7 @@ pub use request::{
     sample_seed, FinishReason, GenerationParams, GroupId, GroupOutput, MRopePrompt, Prompt,
     SampleOutput, SeqState,
 };
+pub use sample::{RowLogits, StepLogits, TopRows};
 pub use sharded::{ShardedEngine, ShardedStats};
 pub use step::{CpuStep, StepModel};
 

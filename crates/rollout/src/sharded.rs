@@ -30,19 +30,19 @@
 //! Communication is counted in [`ShardedStats`] (prefill attention, decode merges, control).
 
 use crate::engine::{
-    check_group, finish_before_start, finish_reason, log_prob, sample_output, Detokenizer,
-    EngineConfig, EngineStats, StepStats,
+    check_group, finish_before_start, finish_reason, sample_output, Detokenizer, EngineConfig,
+    EngineStats, StepStats,
 };
 use crate::paged_attention::{paged_attention_forward, PagedSeq, PagedShape};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
 use crate::request::{sample_seed, GenerationParams, GroupId, GroupOutput, Prompt, SeqState};
+use crate::sample::{pick, RowLogits};
 use crate::RolloutError;
 use reel_comm::{Communicator, OpStats};
 use reel_kernels::attention::{attention_merge, AttnShape};
 use reel_model::decode::{
     DecodeScratch, HeadShape, KvError, KvStore, SeqStep, StepInput, StepPositions,
 };
-use reel_model::generate::sample_token;
 use reel_model::Qwen2;
 use reel_parallel::{DistExecutor, Overlap, Schedule, ScheduleKind, Sharding};
 use std::ops::Range;
@@ -625,10 +625,9 @@ fn sample_next(
 ) {
     let params = &gr.params;
     let s = &mut gr.samples[j];
-    let tok = sample_token(logits, &params.sampling, &mut s.rng);
+    let (tok, logprob) = pick(RowLogits::Full(logits), &params.sampling, &mut s.rng);
     s.ids.push(tok);
-    s.logprobs
-        .push(log_prob(logits, tok, params.sampling.temperature));
+    s.logprobs.push(logprob);
     stats.sampled_tokens += 1;
     if let Some(reason) = finish_reason(params, &s.ids, gr.pos_base, gr.max_pos, detok) {
         s.state = SeqState::Finished { reason };

@@ -6,10 +6,13 @@
 //! that runs the model: [`CpuStep`] runs the CPU model over a host pool ([`crate::kv::PagedKv`]);
 //! reel-cuda's `GpuDecoder` runs the same step on a GPU, the pool's block data on the device
 //! (the pool keeps tables and reference counts on the host; its copies on write are queued and
-//! carried out on the device before the step writes).
+//! carried out on the device before the step writes). A model may also return each logits row's
+//! best candidates instead of the row ([`StepModel::forward_step_top`]; the engine asks when its
+//! sampling allows, `crate::sample`).
 
 use crate::kv::PagedKv;
 use crate::pool::{BlockPool, BlockTable, KvLayout};
+use crate::sample::TopRows;
 use crate::RolloutError;
 use reel_model::decode::{DecodeScratch, SeqStep};
 use reel_model::{Qwen2, Qwen2Config};
@@ -32,6 +35,30 @@ pub trait StepModel {
         steps: &[SeqStep],
         tables: &[&BlockTable],
     ) -> Result<&[f32], RolloutError>;
+
+    /// The most candidates per row [`StepModel::forward_step_top`] returns; 0 (the default)
+    /// when the model returns full rows only.
+    fn max_candidates(&self) -> usize {
+        0
+    }
+
+    /// Runs one step as [`StepModel::forward_step`] but returns, of each logits row r, only its
+    /// `k` best ids and logits (sorted in `reel_model::generate::rank_order`), its max m and
+    /// Σ exp((z − m)/τ_r) with τ_r = `temperatures[r]` > 0 (one per logits row, in step order).
+    /// k ≤ [`StepModel::max_candidates`] and k ≤ V.
+    fn forward_step_top(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+        k: usize,
+        temperatures: &[f32],
+    ) -> Result<TopRows<'_>, RolloutError> {
+        let _ = (pool, steps, tables, k, temperatures);
+        Err(RolloutError::Invalid(
+            "this model returns full logits rows only (max_candidates is 0)".into(),
+        ))
+    }
 }
 
 impl<T: StepModel + ?Sized> StepModel for &mut T {
@@ -50,6 +77,21 @@ impl<T: StepModel + ?Sized> StepModel for &mut T {
         tables: &[&BlockTable],
     ) -> Result<&[f32], RolloutError> {
         (**self).forward_step(pool, steps, tables)
+    }
+
+    fn max_candidates(&self) -> usize {
+        (**self).max_candidates()
+    }
+
+    fn forward_step_top(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+        k: usize,
+        temperatures: &[f32],
+    ) -> Result<TopRows<'_>, RolloutError> {
+        (**self).forward_step_top(pool, steps, tables, k, temperatures)
     }
 }
 

@@ -1,12 +1,19 @@
 //! The rollout engine against `Qwen2::generate` (itself checked against transformers) on the
 //! golden fixture model: greedy and sampled outputs token for token, alone and batched, with
-//! prefix sharing, copy on write, preemption, stops and bad requests.
+//! prefix sharing, copy on write, preemption, stops and bad requests; and a step that returns
+//! each row's best candidates in place of full rows (as a GPU decoder does) giving the same
+//! tokens and log-probabilities.
 
+use reel_model::decode::SeqStep;
 use reel_model::generate::SamplingParams;
-use reel_model::{load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, Workspace};
+use reel_model::{
+    load_checkpoint, CheckpointPolicy, LocalAttention, Qwen2, Qwen2Config, Workspace,
+};
+use reel_rollout::sample::top_rows_reference;
 use reel_rollout::{
-    sample_seed, Engine, EngineConfig, FinishReason, GenerationParams, GroupOutput, MRopePrompt,
-    Prompt, RolloutError, SeqState,
+    sample_seed, BlockPool, BlockTable, CpuStep, Engine, EngineConfig, FinishReason,
+    GenerationParams, GroupOutput, KvLayout, MRopePrompt, Prompt, RolloutError, SeqState,
+    StepModel, TopRows,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -450,4 +457,129 @@ fn tied_mqa_model_matches_generate_with_shared_prefixes() {
             );
         }
     }
+}
+
+/// The CPU step offering each logits row's best candidates, as a GPU decoder does on the device
+/// (`reel_rollout::sample::top_rows_reference`, the sum rounded to f32 as the device returns
+/// it); counts the steps that returned candidates and full rows.
+struct CandidateStep<'m> {
+    cpu: CpuStep<'m>,
+    cap: usize,
+    ids: Vec<u32>,
+    values: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    top_steps: usize,
+    full_steps: usize,
+}
+
+impl StepModel for CandidateStep<'_> {
+    fn config(&self) -> &Qwen2Config {
+        self.cpu.config()
+    }
+
+    fn new_pool(&mut self, layout: KvLayout) -> Result<BlockPool, RolloutError> {
+        self.cpu.new_pool(layout)
+    }
+
+    fn forward_step(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+    ) -> Result<&[f32], RolloutError> {
+        self.full_steps += 1;
+        self.cpu.forward_step(pool, steps, tables)
+    }
+
+    fn max_candidates(&self) -> usize {
+        self.cap
+    }
+
+    fn forward_step_top(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+        k: usize,
+        temperatures: &[f32],
+    ) -> Result<TopRows<'_>, RolloutError> {
+        assert!(k <= self.cap);
+        let v = self.cpu.config().vocab_size;
+        let z = self.cpu.forward_step(pool, steps, tables)?.to_vec();
+        let (ids, values, max, sum) = top_rows_reference(&z, v, k, temperatures);
+        (self.ids, self.values, self.max) = (ids, values, max);
+        self.sum = sum.iter().map(|&s| s as f32).collect();
+        self.top_steps += 1;
+        Ok(TopRows {
+            k,
+            ids: &self.ids,
+            values: &self.values,
+            max: &self.max,
+            sum: &self.sum,
+        })
+    }
+}
+
+#[test]
+fn candidate_rows_give_the_full_rows_tokens_and_logprobs() {
+    let m = model();
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 32, // preempts, as above
+        max_step_tokens: 64,
+        max_step_seqs: 64,
+    };
+    let nucleus = GenerationParams {
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            top_k: 0,
+            seed: 9,
+        },
+        max_new_tokens: 5,
+        ..GenerationParams::default()
+    };
+    // The nucleus group (top-k off: every row needed) runs its few tokens on full rows; the
+    // steps after it take candidates (greedy: 1, top-k 50: 50 ≤ the cap of 64).
+    let work: Vec<(Vec<u32>, usize, GenerationParams)> = vec![
+        (prompt(14, 1), 3, sampled(30, 1)),
+        (prompt(9, 2), 2, nucleus),
+        (prompt(20, 3), 2, greedy(30)),
+    ];
+    let run = |mut e: Engine| {
+        for (p, g, params) in &work {
+            e.add_group(p.clone(), *g, params.clone()).unwrap();
+        }
+        (e.run().unwrap(), e.stats())
+    };
+    let (want, want_stats) = run(Engine::new(&m, cfg).unwrap());
+    let mut step = CandidateStep {
+        cpu: CpuStep::new(&m),
+        cap: 64,
+        ids: Vec::new(),
+        values: Vec::new(),
+        max: Vec::new(),
+        sum: Vec::new(),
+        top_steps: 0,
+        full_steps: 0,
+    };
+    let (got, stats) = run(Engine::with_model(Box::new(&mut step), cfg).unwrap());
+    assert!(want_stats.preemptions > 0, "{want_stats:?}");
+    assert_eq!(stats, want_stats);
+    assert!(step.top_steps > 0 && step.full_steps > 0, "both paths ran");
+    let mut worst = 0f32;
+    for (o, w) in got.iter().zip(&want) {
+        for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
+            assert_eq!(s.ids, t.ids, "group {} sample {j}", o.id);
+            for (a, b) in s.logprobs.iter().zip(&t.logprobs) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    assert!(worst <= 1e-5, "log-probabilities differ by {worst}");
+    eprintln!(
+        "{} steps on candidates, {} on full rows; largest |Δ log π| {worst:.1e}",
+        step.top_steps, step.full_steps
+    );
 }
