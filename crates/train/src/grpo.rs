@@ -1280,7 +1280,7 @@ fn grpo_rank<C: Communicator>(
         cfg.train.gpu_update,
         cfg.train.device,
         &model,
-        reference.as_ref(),
+        reference.as_ref().map(|r| r.params.as_slice()),
         cfg.train.checkpoint,
         &opt,
         "train.device",
@@ -1336,8 +1336,9 @@ fn grpo_rank<C: Communicator>(
                     .map(|&i| prompts.items[i].ids.len())
                     .max()
                     .unwrap_or(0);
-                let ecfg = crate::accuracy::engine_config(
-                    drawn.len() * (g + 2),
+                let ecfg = crate::accuracy::grouped_engine_config(
+                    drawn.len(),
+                    g,
                     longest,
                     cfg.grpo.max_response_tokens,
                     model.config.max_position_embeddings,
