@@ -721,6 +721,58 @@ mod tests {
     }
 
     #[test]
+    fn bad_options_are_refused_by_name() {
+        let args = RlBenchArgs {
+            frames: vec![64],
+            side: 56,
+            group: 2,
+            response: 4,
+            model: None,
+            shape: VlShape::Tiny,
+            sp: 1,
+            reps: 1,
+            device: Device::Cpu,
+            checkpoint: CheckpointPolicy::Remat,
+            micro: None,
+            steps: 1,
+            modes: vec![true],
+            search: Some(s(1, 64, 8192)),
+        };
+        let e = run(&args, true).unwrap_err().to_string();
+        assert!(e.contains("--rl-max-frames 1"), "{e}");
+        let e = run(
+            &RlBenchArgs {
+                search: Some(s(512, 64, 256)),
+                ..args.clone()
+            },
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("limit ≥ start"), "{e}");
+        let e = run(
+            &RlBenchArgs {
+                side: 100,
+                ..args.clone()
+            },
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--rl-side 100"), "{e}");
+        let e = run(
+            &RlBenchArgs {
+                micro: Some(0),
+                ..args
+            },
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--rl-micro"), "{e}");
+    }
+
+    #[test]
     fn a_trials_failure_is_its_error_row_its_error_line_or_how_it_ended() {
         let ok = "[\n  {\"frames\": 64, \"step_s\": 1.5}\n]\n";
         assert_eq!(trial_result(true, "exit 0", ok, "").unwrap()["step_s"], 1.5);
