@@ -1,6 +1,6 @@
 //! `reel bench rl`: one GRPO step of a Qwen2.5-VL model on one synthetic video of 64, 256 and
-//! 1024 frames (`--rl-frames`), with MR-SP's reuse on and off, through the trainer itself
-//! (`reel_train::run_vl_grpo`, `[video] reuse`):
+//! 1024 frames (`--rl-frames`), with MR-SP's reuse on and off (`--rl-reuse`), through the trainer
+//! itself (`reel_train::run_vl_grpo`, `[video] reuse`):
 //!
 //! - **on**: the video is encoded once (through the embedding cache) and its features serve the
 //!   G rollouts and the reference and update passes; the group's prompt is prefilled once and
@@ -11,16 +11,38 @@
 //! A step is: decode the video, encode it, roll out G samples, rewards, a reference pass (β > 0),
 //! one update. Printed per frame count: video and prompt tokens, step time and its split
 //! (decode / encode / rollout / scoring / update), videos through the tower, prefilled tokens,
-//! and the speed-up of on over off (the fastest of `--reps` runs of each). Defaults are scaled
-//! down to finish in a few minutes on a CPU (a tiny random model, 56×56 frames, G = 4, 16
-//! response tokens); `--rl-model DIR`, `--rl-side`, `--rl-group` and `--rl-response` give the
-//! full sizes (a real Qwen2.5-VL folder, 448-pixel frames, G = 8).
+//! the peak device memory (GPU runs: `reel_cuda::MemWatch`, the device's used memory sampled
+//! every 10 ms) and the speed-up of on over off (the fastest of `--reps` runs of each; with
+//! `--rl-steps N` each run takes N steps and reports the last, a warm one).
+//!
+//! The model: a tiny random one by default (scaled down to finish in a few minutes on a CPU:
+//! 56×56 frames, G = 4, 16 response tokens); `--rl-shape 3b|7b` a random-weight one at the
+//! published Qwen2.5-VL-3B/-7B shapes ([`reel_train::VlShape`], written once, bf16), with
+//! `--rl-side 448` the published frame size; `--rl-model DIR` a real Qwen2.5-VL folder.
+//! `--rl-device` sets `train.device` (default "auto"), `--rl-checkpoint` the update's activation
+//! checkpointing (`train.checkpoint`, default "remat": each layer's input, attention output and
+//! lse kept, the rest recomputed — what lets a long row fit), `--rl-micro` the rows per
+//! micro-batch of the scoring and update passes (default G; one row per micro-batch holds the
+//! least activations).
+//!
+//! `--rl-max-frames START` searches instead for the most frames one step can take (reuse on):
+//! each trial is this binary run again on one frame count (a child process, so an out-of-memory
+//! failure cannot poison the next trial), doubling from START until a trial fails or
+//! `--rl-frames-limit` is reached, then bisecting between the largest count that ran and the
+//! smallest that failed to `--rl-frames-step` frames ([`search_max`]). Reported: every trial
+//! (its step split and peak memory, or its error line), the largest count that ran and the
+//! smallest that failed with its error. A trial running past `--rl-trial-timeout` seconds is
+//! killed and counts as failed.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use reel_data::{write_synth_dataset, SynthVideoConfig};
-use reel_train::{run_vl_grpo, GrpoOptions, GrpoRunConfig, ProgressMode};
+use reel_model::CheckpointPolicy;
+use reel_train::{
+    run_vl_grpo, write_shaped_vl_model, Device, GrpoOptions, GrpoRunConfig, ProgressMode, VlShape,
+};
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// What `reel bench rl` measures.
 #[derive(Clone, Debug)]
@@ -33,25 +55,101 @@ pub struct RlBenchArgs {
     pub group: usize,
     /// Tokens generated per sample. Default 16.
     pub response: usize,
-    /// A Qwen2.5-VL folder to run instead of the tiny random model.
+    /// A Qwen2.5-VL folder to run instead of a random model.
     pub model: Option<PathBuf>,
+    /// The random model's shape when `model` is not given. Default tiny.
+    pub shape: VlShape,
     /// Sequence-parallel ranks. Default 1.
     pub sp: usize,
     /// Runs of each mode; the fastest step is reported. Default 3.
     pub reps: usize,
+    /// `train.device`. Default auto.
+    pub device: Device,
+    /// `train.checkpoint` of the update. Default remat.
+    pub checkpoint: CheckpointPolicy,
+    /// Rows per scoring/update micro-batch (`train.micro_batch_seqs`). Default: G.
+    pub micro: Option<usize>,
+    /// Steps per run; the last is reported. Default 1.
+    pub steps: u64,
+    /// Reuse modes measured (true = on). Default on and off.
+    pub modes: Vec<bool>,
+    /// The max-frames search: start, granularity, limit and a trial's timeout in seconds.
+    pub search: Option<SearchArgs>,
+}
+
+/// `--rl-max-frames START --rl-frames-step S --rl-frames-limit L --rl-trial-timeout SECS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SearchArgs {
+    /// First frame count tried. No default (the option turns the search on).
+    pub start: usize,
+    /// Bisection stops when the largest success and the smallest failure are this close; every
+    /// count tried is a multiple of it. Default 64.
+    pub step: usize,
+    /// Doubling stops here (tried at most once). Default 8192.
+    pub limit: usize,
+    /// A trial running longer is killed and counts as failed. Default 900 s.
+    pub timeout_s: u64,
+}
+
+/// The name `Device`'s `FromStr` reads.
+fn device_name(d: Device) -> &'static str {
+    match d {
+        Device::Auto => "auto",
+        Device::Cpu => "cpu",
+        Device::Cuda => "cuda",
+    }
 }
 
 /// Runs the benchmark; returns its JSON report (printed as a table unless `as_json`).
 pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
+    if args.frames.is_empty() && args.search.is_none() {
+        bail!("--rl-frames: give at least one frame count");
+    }
+    if args.side == 0 || !args.side.is_multiple_of(28) {
+        bail!("--rl-side {} must be a positive multiple of 28", args.side);
+    }
+    if args.group == 0 || args.response == 0 || args.steps == 0 {
+        bail!("--rl-group, --rl-response and --rl-steps must be at least 1");
+    }
+    if args.micro == Some(0) {
+        bail!("--rl-micro must be at least 1");
+    }
+    match args.search {
+        Some(s) => run_search(args, s, as_json),
+        None => run_fixed(args, as_json),
+    }
+}
+
+/// Tokens of the video at `frames` frames of `side` pixels: (side/28)² merged tokens per 2
+/// frames.
+fn video_tokens_at(frames: usize, side: usize) -> usize {
+    frames.div_ceil(2) * (side / 28).pow(2)
+}
+
+/// Positions the random model needs for `frames` frames: the video, the text around it and
+/// the response.
+fn positions_for(frames: usize, args: &RlBenchArgs) -> usize {
+    video_tokens_at(frames, args.side) + 1024 + args.response
+}
+
+/// The frame counts' fixed benchmark (module docs).
+fn run_fixed(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
     let tmp = tempfile::tempdir()?;
-    let mut rows = Vec::new();
+    let micro = args.micro.unwrap_or(args.group);
     if !as_json {
         println!(
-            "RL step (GRPO, Qwen2.5-VL, G = {}, {} response tokens, sp = {}, {} threads, best of \
-             {}): MR-SP reuse on vs off",
+            "RL step (GRPO, Qwen2.5-VL {}, {}-pixel frames, G = {}, {} response tokens, micro-batch \
+             {micro} rows, checkpoint {}, sp = {}, device {}, {} threads, best of {}): MR-SP \
+             reuse on vs off",
+            args.model
+                .as_ref()
+                .map_or(args.shape.name().to_string(), |m| m.display().to_string()),
+            args.side,
             args.group,
             args.response,
+            args.checkpoint,
             args.sp,
+            device_name(args.device),
             rayon::current_num_threads(),
             args.reps.max(1)
         );
@@ -69,9 +167,27 @@ pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
             "update",
             "tower",
             "prefill",
-            "speed-up"
+            "peak GiB"
         );
     }
+    // A published shape is written once, with room for the longest video.
+    let shared_model = match (&args.model, args.shape) {
+        (Some(m), _) => Some(m.clone()),
+        (None, VlShape::Tiny) => None,
+        (None, shape) => {
+            let m = tmp.path().join("model");
+            let longest = args.frames.iter().copied().max().unwrap_or(0);
+            let t0 = Instant::now();
+            write_shaped_vl_model(&m, shape, 0, positions_for(longest, args), args.side)?;
+            tracing::info!(
+                "wrote the random {} model in {:.1} s",
+                shape.name(),
+                t0.elapsed().as_secs_f64()
+            );
+            Some(m)
+        }
+    };
+    let mut rows = Vec::new();
     for &frames in &args.frames {
         let dir = tmp.path().join(format!("f{frames}"));
         let data = dir.join("data");
@@ -86,99 +202,597 @@ pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
             },
             &data,
         )?;
-        // The tiny model keeps side×side frames: (side/28)² merged tokens per 2 frames.
-        let expected_tokens = frames.div_ceil(2) * (args.side / 28).pow(2);
-        let model = match &args.model {
+        let model = match &shared_model {
             Some(m) => m.clone(),
             None => {
                 let m = dir.join("model");
-                let positions = (expected_tokens + 1024 + args.response).next_power_of_two();
-                reel_train::write_tiny_vl_model_with(&m, 0, positions, args.side)?;
+                write_shaped_vl_model(
+                    &m,
+                    VlShape::Tiny,
+                    0,
+                    positions_for(frames, args),
+                    args.side,
+                )?;
                 m
             }
         };
         let vid = reel_model::Qwen25VLConfig::from_file(&model.join("config.json"))?.video_token_id;
-        let mut video_tokens = 0;
         let mut modes = Vec::new();
-        for reuse in [true, false] {
-            let mut best: Option<(serde_json::Value, usize, u64)> = None;
+        for &reuse in &args.modes {
+            let mode = if reuse { "on" } else { "off" };
+            let mut best: Option<serde_json::Value> = None;
+            let mut failed = None;
             for rep in 0..args.reps.max(1) {
-                let mut cfg = GrpoRunConfig::default();
-                cfg.model.path = model.clone();
-                cfg.data.prompts = data.join("train.jsonl");
-                cfg.data.prompts_per_step = 1;
-                cfg.data.max_prompt_len = usize::MAX / 2;
-                cfg.train.steps = 1;
-                cfg.train.micro_batch_seqs = args.group;
-                cfg.grpo.group_size = args.group;
-                cfg.grpo.max_response_tokens = args.response;
-                cfg.grpo.kl_coef = 0.01;
-                cfg.video.sampling = format!("uniform:{frames}");
-                cfg.video.reuse = reuse;
-                cfg.parallel.sp = args.sp;
-                let mode = if reuse { "on" } else { "off" };
-                cfg.output.dir = dir.join(format!("{mode}-{rep}"));
-                let s = run_vl_grpo(
-                    &cfg,
-                    GrpoOptions {
-                        progress: Some(ProgressMode::Log),
-                        ..GrpoOptions::default()
-                    },
-                )
-                .with_context(|| format!("{frames} frames, reuse {reuse}"))?;
-                let r = s.run.records.last().context("no step ran")?.clone();
-                let prompt = s.run.last_batch.first().map_or(0, |b| b.1);
-                video_tokens = s
-                    .run
-                    .last_batch
-                    .first()
-                    .map_or(0, |b| b.0[..b.1].iter().filter(|&&t| t == vid).count());
-                let faster = best
-                    .as_ref()
-                    .is_none_or(|(b, _, _)| r["step_s"].as_f64() < b["step_s"].as_f64());
-                if faster {
-                    best = Some((r, prompt, s.encode.videos_encoded));
+                let out = dir.join(format!("{mode}-{rep}"));
+                match one_run(args, micro, &model, &data, frames, reuse, &out, vid) {
+                    Ok(r) => {
+                        if !as_json {
+                            // Each run as it ends (a later one may not finish).
+                            print_row(&r);
+                        }
+                        let faster = best
+                            .as_ref()
+                            .is_none_or(|b| r["step_s"].as_f64() < b["step_s"].as_f64());
+                        if faster {
+                            best = Some(r);
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(format!("{e:#}"));
+                        break;
+                    }
                 }
+                // Runs leave checkpoints of the whole model: not kept.
+                let _ = std::fs::remove_dir_all(&out);
             }
-            let (r, prompt, videos) = best.context("no run")?;
-            modes.push((reuse, r, prompt, videos));
+            match (best, failed) {
+                (Some(r), None) => modes.push((reuse, r)),
+                (_, Some(e)) => {
+                    if !as_json {
+                        println!("{frames:>6} {:>7} {:>7} {mode:>4} failed: {e}", "", "");
+                    }
+                    rows.push(json!({"frames": frames, "reuse": reuse, "error": e}));
+                }
+                (None, None) => unreachable!("at least one rep runs"),
+            }
         }
-        let step_of = |r: &serde_json::Value| r["step_s"].as_f64().unwrap_or(f64::NAN);
-        let speedup = step_of(&modes[1].1) / step_of(&modes[0].1);
-        for (reuse, r, prompt, videos) in &modes {
-            let g = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-            if !as_json {
-                println!(
-                    "{:>6} {:>7} {:>7} {:>4} {:>8.3} {:>7.3} {:>7.3} {:>8.3} {:>8.3} {:>7.3} {:>6} \
-                     {:>8} {:>8}",
-                    frames,
-                    video_tokens,
-                    prompt,
-                    if *reuse { "on" } else { "off" },
-                    g("step_s"),
-                    g("decode_s"),
-                    g("encode_s"),
-                    g("rollout_s"),
-                    g("scoring_s"),
-                    g("update_s"),
-                    videos,
-                    g("prefill_tokens"),
-                    if *reuse {
-                        format!("{speedup:.2}×")
-                    } else {
-                        String::new()
-                    },
-                );
-            }
-            rows.push(json!({
-                "frames": frames, "video_tokens": video_tokens, "prompt_tokens": prompt,
-                "reuse": reuse, "step_s": g("step_s"), "decode_s": g("decode_s"),
-                "encode_s": g("encode_s"), "rollout_s": g("rollout_s"),
-                "scoring_s": g("scoring_s"), "update_s": g("update_s"),
-                "videos_through_tower": videos, "prefill_tokens": g("prefill_tokens"),
-                "speedup": if *reuse { json!(speedup) } else { json!(null) },
-            }));
+        let step_of = |reuse: bool| {
+            modes
+                .iter()
+                .find(|(r, _)| *r == reuse)
+                .and_then(|(_, x)| x["step_s"].as_f64())
+        };
+        let speedup = match (step_of(true), step_of(false)) {
+            (Some(on), Some(off)) => Some(off / on),
+            _ => None,
+        };
+        if let (Some(x), false) = (speedup, as_json) {
+            println!("{frames:>6} frames: reuse on is {x:.2}× faster than off");
+        }
+        for (reuse, mut r) in modes {
+            r["speedup"] = if reuse { json!(speedup) } else { json!(null) };
+            rows.push(r);
         }
     }
     Ok(json!(rows))
+}
+
+/// One table row of a run's record.
+fn print_row(r: &serde_json::Value) {
+    let g = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let u = |k: &str| r[k].as_u64().unwrap_or(0);
+    let peak = r["peak_mem_bytes"]
+        .as_u64()
+        .map_or("-".to_string(), |b| format!("{:.1}", b as f64 / GIB));
+    println!(
+        "{:>6} {:>7} {:>7} {:>4} {:>8.3} {:>7.3} {:>7.3} {:>8.3} {:>8.3} {:>7.3} {:>6} {:>8} {:>8}",
+        u("frames"),
+        u("video_tokens"),
+        u("prompt_tokens"),
+        if r["reuse"].as_bool() == Some(true) {
+            "on"
+        } else {
+            "off"
+        },
+        g("step_s"),
+        g("decode_s"),
+        g("encode_s"),
+        g("rollout_s"),
+        g("scoring_s"),
+        g("update_s"),
+        u("videos_through_tower"),
+        g("prefill_tokens"),
+        peak,
+    );
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The device's memory watch of a run that may use GPU 0 (`None` on the CPU or without one).
+#[cfg(feature = "cuda")]
+struct Watch(Option<reel_cuda::MemWatch>);
+
+#[cfg(feature = "cuda")]
+impl Watch {
+    fn start(device: Device) -> Self {
+        if device == Device::Cpu {
+            return Watch(None);
+        }
+        Watch(reel_cuda::MemWatch::start(0, Duration::from_millis(10)).ok())
+    }
+    /// Peak used and total bytes.
+    fn stop(self) -> Option<(usize, usize)> {
+        self.0.and_then(|w| w.stop().ok())
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+struct Watch;
+
+#[cfg(not(feature = "cuda"))]
+impl Watch {
+    fn start(_: Device) -> Self {
+        Watch
+    }
+    fn stop(self) -> Option<(usize, usize)> {
+        None
+    }
+}
+
+/// One GRPO run of `args.steps` steps on `data` at `frames` frames; the last step's record with
+/// the bench's columns.
+#[allow(clippy::too_many_arguments)]
+fn one_run(
+    args: &RlBenchArgs,
+    micro: usize,
+    model: &Path,
+    data: &Path,
+    frames: usize,
+    reuse: bool,
+    out: &Path,
+    vid: u32,
+) -> Result<serde_json::Value> {
+    let mut cfg = GrpoRunConfig::default();
+    cfg.model.path = model.to_path_buf();
+    cfg.data.prompts = data.join("train.jsonl");
+    cfg.data.prompts_per_step = 1;
+    cfg.data.max_prompt_len = usize::MAX / 2;
+    // One step more than run, stopped before it: no step is the last, so no checkpoint of the
+    // whole model and optimizer is written (not what is measured; minutes at 3B).
+    cfg.train.steps = args.steps + 1;
+    cfg.train.micro_batch_seqs = micro;
+    cfg.train.checkpoint = args.checkpoint;
+    cfg.train.device = args.device;
+    cfg.grpo.group_size = args.group;
+    cfg.grpo.max_response_tokens = args.response;
+    cfg.grpo.kl_coef = 0.01;
+    cfg.video.sampling = format!("uniform:{frames}");
+    cfg.video.reuse = reuse;
+    // Room for the video's features at the widest published decoder (3584), so a second step
+    // finds them cached as a shorter video's would be.
+    cfg.video.cache_bytes = cfg
+        .video
+        .cache_bytes
+        .max(2 * video_tokens_at(frames, args.side) * 3584 * 4);
+    cfg.parallel.sp = args.sp;
+    cfg.output.dir = out.to_path_buf();
+    cfg.output.save_every = 0;
+    let watch = Watch::start(args.device);
+    let s = run_vl_grpo(
+        &cfg,
+        GrpoOptions {
+            progress: Some(ProgressMode::Log),
+            stop_after: Some(args.steps),
+            ..GrpoOptions::default()
+        },
+    )
+    .with_context(|| {
+        format!(
+            "{frames} frames, reuse {}",
+            if reuse { "on" } else { "off" }
+        )
+    });
+    let peak = watch.stop();
+    let s = s?;
+    let r = s.run.records.last().context("no step ran")?;
+    let prompt = s.run.last_batch.first().map_or(0, |b| b.1);
+    let video_tokens = s
+        .run
+        .last_batch
+        .first()
+        .map_or(0, |b| b.0[..b.1].iter().filter(|&&t| t == vid).count());
+    let g = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    Ok(json!({
+        "frames": frames, "video_tokens": video_tokens, "prompt_tokens": prompt,
+        "reuse": reuse, "step_s": g("step_s"), "decode_s": g("decode_s"),
+        "encode_s": g("encode_s"), "rollout_s": g("rollout_s"),
+        "scoring_s": g("scoring_s"), "update_s": g("update_s"),
+        "videos_through_tower": s.encode.videos_encoded, "prefill_tokens": g("prefill_tokens"),
+        "rollout_device": r["rollout_device"], "update_device": r["update_device"],
+        "tower_device": r["tower_device"],
+        "peak_mem_bytes": peak.map(|p| p.0), "device_mem_bytes": peak.map(|p| p.1),
+    }))
+}
+
+/// What [`search_max`] found: every trial in the order run, the largest count that ran and
+/// the smallest that failed (with its error).
+#[derive(Debug, PartialEq)]
+pub struct SearchOutcome<T> {
+    pub trials: Vec<(usize, Result<T, String>)>,
+    pub largest_ok: Option<usize>,
+    pub smallest_failed: Option<(usize, String)>,
+}
+
+/// The most frames `trial` takes: doubling from `s.start` (capped at `s.limit`, tried once)
+/// until a trial fails, then bisection between the largest success and the smallest failure
+/// until they are `s.step` apart (every count tried a multiple of `s.step`, `start` excepted).
+/// Assumes a count that fails makes every larger one fail.
+pub fn search_max<T>(
+    s: SearchArgs,
+    mut trial: impl FnMut(usize) -> Result<T, String>,
+) -> SearchOutcome<T> {
+    let mut out = SearchOutcome {
+        trials: Vec::new(),
+        largest_ok: None,
+        smallest_failed: None,
+    };
+    let mut n = s.start;
+    loop {
+        let r = trial(n);
+        let ok = r.is_ok();
+        if let Err(e) = &r {
+            out.smallest_failed = Some((n, e.clone()));
+        }
+        out.trials.push((n, r));
+        if !ok {
+            break;
+        }
+        out.largest_ok = Some(n);
+        if n >= s.limit {
+            return out;
+        }
+        n = (n * 2).min(s.limit);
+    }
+    let Some(mut lo) = out.largest_ok else {
+        return out;
+    };
+    let mut hi = n;
+    while hi - lo > s.step {
+        let mid = ((lo + hi) / 2 / s.step * s.step).max(lo.next_multiple_of(s.step));
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        let r = trial(mid);
+        match &r {
+            Ok(_) => {
+                lo = mid;
+                out.largest_ok = Some(mid);
+            }
+            Err(e) => {
+                hi = mid;
+                out.smallest_failed = Some((mid, e.clone()));
+            }
+        }
+        out.trials.push((mid, r));
+    }
+    out
+}
+
+/// The max-frames search (module docs): the model written once, every trial a child process.
+fn run_search(args: &RlBenchArgs, s: SearchArgs, as_json: bool) -> Result<serde_json::Value> {
+    if s.start < 2 || s.step == 0 || s.limit < s.start {
+        bail!(
+            "--rl-max-frames {} --rl-frames-step {} --rl-frames-limit {}: need start ≥ 2, step ≥ 1 \
+             and limit ≥ start",
+            s.start,
+            s.step,
+            s.limit
+        );
+    }
+    let tmp = tempfile::tempdir()?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let m = tmp.path().join("model");
+            write_shaped_vl_model(&m, args.shape, 0, positions_for(s.limit, args), args.side)?;
+            m
+        }
+    };
+    let exe = std::env::current_exe().context("finding this executable to run trials")?;
+    let micro = args.micro.unwrap_or(args.group);
+    if !as_json {
+        println!(
+            "Most frames in one GRPO step (reuse on, {} model, {}-pixel frames, G = {}, {} response \
+             tokens, micro-batch {micro} rows, checkpoint {}, device {}): doubling from {}, then \
+             bisection to {} frames, limit {}",
+            args.model
+                .as_ref()
+                .map_or(args.shape.name().to_string(), |m| m.display().to_string()),
+            args.side,
+            args.group,
+            args.response,
+            args.checkpoint,
+            device_name(args.device),
+            s.start,
+            s.step,
+            s.limit
+        );
+    }
+    let outcome = search_max(s, |frames| {
+        let t0 = Instant::now();
+        let r = run_trial(&exe, args, micro, &model, frames, s.timeout_s, tmp.path());
+        let secs = t0.elapsed().as_secs_f64();
+        if !as_json {
+            match &r {
+                Ok(row) => {
+                    print!("trial {frames} frames ({secs:.0} s): ran  ");
+                    print_row(row);
+                }
+                Err(e) => println!("trial {frames} frames ({secs:.0} s): FAILED: {e}"),
+            }
+        }
+        r
+    });
+    if !as_json {
+        match outcome.largest_ok {
+            Some(n) => println!(
+                "largest that ran: {n} frames ({} video tokens)",
+                video_tokens_at(n, args.side)
+            ),
+            None => println!("no trial ran (the first, {} frames, failed)", s.start),
+        }
+        match &outcome.smallest_failed {
+            Some((n, e)) => println!("smallest that failed: {n} frames: {e}"),
+            None => println!("none failed up to the limit ({} frames)", s.limit),
+        }
+    }
+    Ok(json!({
+        "trials": outcome.trials.iter().map(|(n, r)| match r {
+            Ok(row) => json!({"frames": n, "ok": true, "row": row}),
+            Err(e) => json!({"frames": n, "ok": false, "error": e}),
+        }).collect::<Vec<_>>(),
+        "largest_ok": outcome.largest_ok,
+        "largest_ok_video_tokens": outcome.largest_ok.map(|n| video_tokens_at(n, args.side)),
+        "smallest_failed": outcome.smallest_failed.as_ref().map(|(n, e)| json!({"frames": n, "error": e})),
+    }))
+}
+
+/// Runs this binary on one frame count (reuse on, JSON out) and returns its row, or the
+/// failure: the child's error row, its last `error:` line, or how it ended.
+fn run_trial(
+    exe: &Path,
+    args: &RlBenchArgs,
+    micro: usize,
+    model: &Path,
+    frames: usize,
+    timeout_s: u64,
+    tmp: &Path,
+) -> Result<serde_json::Value, String> {
+    let (out_path, err_path) = (
+        tmp.join(format!("trial-{frames}.out")),
+        tmp.join(format!("trial-{frames}.err")),
+    );
+    let file = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["bench", "rl", "--json", "--reps", "1", "--rl-reuse", "on"])
+        .arg("--rl-frames")
+        .arg(frames.to_string())
+        .arg("--rl-model")
+        .arg(model)
+        .args(["--rl-side", &args.side.to_string()])
+        .args(["--rl-group", &args.group.to_string()])
+        .args(["--rl-response", &args.response.to_string()])
+        .args(["--rl-sp", &args.sp.to_string()])
+        .args(["--rl-device", device_name(args.device)])
+        .args(["--rl-checkpoint", &args.checkpoint.to_string()])
+        .args(["--rl-micro", &micro.to_string()])
+        .args(["--rl-steps", &args.steps.to_string()])
+        .stdout(file(&out_path)?)
+        .stderr(file(&err_path)?);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if t0.elapsed().as_secs() >= timeout_s => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("timed out after {timeout_s} s (killed)"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => return Err(format!("waiting for the trial: {e}")),
+        }
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    trial_result(status.success(), &status.to_string(), &stdout, &stderr)
+}
+
+/// A trial's row from its exit, stdout (the JSON rows) and stderr (logs; `error: …` last on
+/// failure).
+fn trial_result(
+    success: bool,
+    status: &str,
+    stdout: &str,
+    stderr: &str,
+) -> Result<serde_json::Value, String> {
+    // The report is the last JSON array printed (anything a library printed before it is
+    // skipped).
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(stdout.match_indices("\n[").map(|(i, _)| i + 1))
+        .collect();
+    let rows: Option<serde_json::Value> = starts
+        .iter()
+        .rev()
+        .find_map(|&i| serde_json::from_str(&stdout[i..]).ok());
+    let row = rows
+        .as_ref()
+        .and_then(|v| v.as_array())
+        .and_then(|a| a.first())
+        .cloned();
+    match row {
+        Some(r) if success && r.get("error").is_none() => Ok(r),
+        Some(r) if r.get("error").is_some() => Err(r["error"].as_str().unwrap_or("?").to_string()),
+        _ => Err(stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error: "))
+            .map(|l| l.trim_start_matches("error: ").to_string())
+            .unwrap_or_else(|| {
+                let last = stderr.lines().last().unwrap_or("").trim();
+                format!("the trial ended with {status} (last log line: {last:?})")
+            })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(start: usize, step: usize, limit: usize) -> SearchArgs {
+        SearchArgs {
+            start,
+            step,
+            limit,
+            timeout_s: 1,
+        }
+    }
+
+    /// A fake GPU taking at most `max` frames; the error names the count.
+    fn fits(max: usize) -> impl FnMut(usize) -> Result<usize, String> {
+        move |n| {
+            if n <= max {
+                Ok(n)
+            } else {
+                Err(format!("out of memory at {n}"))
+            }
+        }
+    }
+
+    fn counts<T>(o: &SearchOutcome<T>) -> Vec<usize> {
+        o.trials.iter().map(|t| t.0).collect()
+    }
+
+    #[test]
+    fn search_doubles_then_bisects_to_the_step() {
+        let o = search_max(s(64, 64, 8192), fits(1500));
+        // 64 … 1024 run, 2048 fails; then 1536 fails, 1280 runs, 1408 runs, 1472 runs.
+        assert_eq!(
+            counts(&o),
+            vec![64, 128, 256, 512, 1024, 2048, 1536, 1280, 1408, 1472]
+        );
+        assert_eq!(o.largest_ok, Some(1472));
+        let (n, e) = o.smallest_failed.clone().unwrap();
+        assert_eq!(n, 1536);
+        assert_eq!(e, "out of memory at 1536");
+        // The first failure (2048) stays in the trial list with its error.
+        assert_eq!(o.trials[5].1, Err("out of memory at 2048".to_string()));
+        // Every count tried is a multiple of the step; the answer is within one step.
+        assert!(o.trials.iter().all(|t| t.0 % 64 == 0));
+        assert!(1500 - o.largest_ok.unwrap() < 64);
+    }
+
+    #[test]
+    fn search_stops_at_the_limit_and_when_the_start_fails() {
+        let o = search_max(s(100, 50, 700), fits(10_000));
+        assert_eq!(counts(&o), vec![100, 200, 400, 700]);
+        assert_eq!(o.largest_ok, Some(700));
+        assert_eq!(o.smallest_failed, None);
+
+        let o = search_max(s(256, 64, 8192), fits(100));
+        assert_eq!(counts(&o), vec![256]);
+        assert_eq!(o.largest_ok, None);
+        assert_eq!(
+            o.smallest_failed,
+            Some((256, "out of memory at 256".into()))
+        );
+
+        // A failure at the first doubling: bisection between start and 2·start.
+        let o = search_max(s(512, 128, 8192), fits(700));
+        assert_eq!(counts(&o), vec![512, 1024, 768, 640]);
+        assert_eq!(o.largest_ok, Some(640));
+        assert_eq!(o.smallest_failed.unwrap().0, 768);
+        // A start that is not a multiple of the step: bisection still ends within one step.
+        let o = search_max(s(100, 64, 8192), fits(300));
+        assert_eq!(o.largest_ok, Some(256));
+        assert_eq!(o.smallest_failed.unwrap().0, 320);
+    }
+
+    #[test]
+    fn bad_options_are_refused_by_name() {
+        let args = RlBenchArgs {
+            frames: vec![64],
+            side: 56,
+            group: 2,
+            response: 4,
+            model: None,
+            shape: VlShape::Tiny,
+            sp: 1,
+            reps: 1,
+            device: Device::Cpu,
+            checkpoint: CheckpointPolicy::Remat,
+            micro: None,
+            steps: 1,
+            modes: vec![true],
+            search: Some(s(1, 64, 8192)),
+        };
+        let e = run(&args, true).unwrap_err().to_string();
+        assert!(e.contains("--rl-max-frames 1"), "{e}");
+        let e = run(
+            &RlBenchArgs {
+                search: Some(s(512, 64, 256)),
+                ..args.clone()
+            },
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("limit ≥ start"), "{e}");
+        let e = run(
+            &RlBenchArgs {
+                side: 100,
+                ..args.clone()
+            },
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--rl-side 100"), "{e}");
+        let e = run(
+            &RlBenchArgs {
+                micro: Some(0),
+                ..args
+            },
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--rl-micro"), "{e}");
+    }
+
+    #[test]
+    fn a_trials_failure_is_its_error_row_its_error_line_or_how_it_ended() {
+        let ok = "[\n  {\"frames\": 64, \"step_s\": 1.5}\n]\n";
+        assert_eq!(trial_result(true, "exit 0", ok, "").unwrap()["step_s"], 1.5);
+        let noisy = format!("a line [not json]\n{ok}");
+        assert_eq!(
+            trial_result(true, "exit 0", &noisy, "").unwrap()["frames"],
+            64
+        );
+        let row = r#"[{"frames": 64, "reuse": true, "error": "64 frames, reuse on: CUDA out of memory"}]"#;
+        assert_eq!(
+            trial_result(true, "exit 0", row, "").unwrap_err(),
+            "64 frames, reuse on: CUDA out of memory"
+        );
+        let err = "INFO step 1\nerror: 64 frames: the GPU: out of memory\n";
+        assert_eq!(
+            trial_result(false, "exit status: 1", "", err).unwrap_err(),
+            "64 frames: the GPU: out of memory"
+        );
+        let killed = trial_result(false, "signal: 9 (SIGKILL)", "", "INFO rolling out\n");
+        let e = killed.unwrap_err();
+        assert!(e.contains("signal: 9") && e.contains("rolling out"), "{e}");
+    }
 }

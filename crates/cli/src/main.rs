@@ -242,6 +242,38 @@ enum Command {
         rl_sp: usize,
         #[command(flatten)]
         sp_train: bench_sp_train::SpTrainArgs,
+        /// `bench rl`: the random model's shape: tiny, or the published Qwen2.5-VL 3b / 7b
+        /// (random bf16 weights, written once; use `--rl-side 448`).
+        #[arg(long, default_value = "tiny")]
+        rl_shape: reel_train::VlShape,
+        /// `bench rl`: where the run trains and rolls out (`train.device`): auto, cpu, cuda.
+        #[arg(long, default_value = "auto")]
+        rl_device: reel_train::Device,
+        /// `bench rl`: activation checkpointing of the update: none, layer, remat.
+        #[arg(long, default_value = "remat")]
+        rl_checkpoint: reel_model::CheckpointPolicy,
+        /// `bench rl`: rows per scoring/update micro-batch (default: G).
+        #[arg(long)]
+        rl_micro: Option<usize>,
+        /// `bench rl`: GRPO steps per run; the last (warm) one is reported.
+        #[arg(long, default_value_t = 1)]
+        rl_steps: u64,
+        /// `bench rl`: reuse modes to run: on, off (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "on,off")]
+        rl_reuse: Vec<String>,
+        /// `bench rl`: search the most frames one step takes (reuse on), doubling from this
+        /// count, each trial a child process.
+        #[arg(long)]
+        rl_max_frames: Option<usize>,
+        /// `bench rl --rl-max-frames`: bisection granularity in frames.
+        #[arg(long, default_value_t = 64)]
+        rl_frames_step: usize,
+        /// `bench rl --rl-max-frames`: the most frames tried.
+        #[arg(long, default_value_t = 8192)]
+        rl_frames_limit: usize,
+        /// `bench rl --rl-max-frames`: seconds before a trial is killed (and counted failed).
+        #[arg(long, default_value_t = 900)]
+        rl_trial_timeout: u64,
     },
     /// Video datasets: generate the synthetic long-video set, validate LongVideo-Reason JSONL.
     Data(data_cmd::DataArgs),
@@ -668,6 +700,16 @@ fn real_main() -> Result<()> {
             rl_model,
             rl_sp,
             sp_train,
+            rl_shape,
+            rl_device,
+            rl_checkpoint,
+            rl_micro,
+            rl_steps,
+            rl_reuse,
+            rl_max_frames,
+            rl_frames_step,
+            rl_frames_limit,
+            rl_trial_timeout,
         } => {
             if what == bench::BenchWhat::SpTrain {
                 let report = bench_sp_train::run(&sp_train, &sp_seqs, reps, json)?;
@@ -675,14 +717,34 @@ fn real_main() -> Result<()> {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 }
             } else if what == bench::BenchWhat::Rl {
+                let modes = rl_reuse
+                    .iter()
+                    .map(|m| match m.as_str() {
+                        "on" => Ok(true),
+                        "off" => Ok(false),
+                        _ => anyhow::bail!("--rl-reuse: unknown mode `{m}` (on, off)"),
+                    })
+                    .collect::<Result<Vec<bool>>>()?;
                 let args = bench_rl::RlBenchArgs {
                     frames: rl_frames,
                     side: rl_side,
                     group: rl_group,
                     response: rl_response,
                     model: rl_model,
+                    shape: rl_shape,
                     sp: rl_sp,
                     reps,
+                    device: rl_device,
+                    checkpoint: rl_checkpoint,
+                    micro: rl_micro,
+                    steps: rl_steps,
+                    modes,
+                    search: rl_max_frames.map(|start| bench_rl::SearchArgs {
+                        start,
+                        step: rl_frames_step,
+                        limit: rl_frames_limit,
+                        timeout_s: rl_trial_timeout,
+                    }),
                 };
                 let report = bench_rl::run(&args, json)?;
                 if json {

@@ -355,6 +355,60 @@ impl Gpu {
     }
 }
 
+/// A thread sampling a device's used memory — total − free by `cuMemGetInfo`, so every context
+/// and process on the device — every `period`, keeping the highest it saw. The Gpu's caching pool
+/// keeps every block it took, so the peak is close to the process's high-water mark; an
+/// allocation shorter than `period` may be missed.
+pub struct MemWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<(usize, usize)>>>,
+}
+
+impl MemWatch {
+    /// Starts sampling device `ordinal` (its primary context, shared with the process's Gpus).
+    pub fn start(ordinal: usize, period: std::time::Duration) -> Result<MemWatch> {
+        let ctx = catch("watching the GPU's memory", || {
+            libs::preload();
+            if !panic_free_present(dsys::is_culib_present) {
+                return Err(GpuError::NoDriver(preload_note("libcuda")));
+            }
+            Ok(CudaContext::new(ordinal)?)
+        })?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<(usize, usize)> {
+            ctx.bind_to_thread()?;
+            let mut peak = 0usize;
+            loop {
+                let (free, total) = dres::mem_get_info()?;
+                peak = peak.max(total - free);
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok((peak, total));
+                }
+                std::thread::sleep(period);
+            }
+        });
+        Ok(MemWatch {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops sampling; returns the peak used bytes and the device's total bytes.
+    pub fn stop(mut self) -> Result<(usize, usize)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let t = self.thread.take().expect("running until stopped");
+        t.join()
+            .map_err(|_| GpuError::Driver("the memory watch thread panicked".into()))?
+    }
+}
+
+impl Drop for MemWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

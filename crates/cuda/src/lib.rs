@@ -96,7 +96,7 @@ pub use devcomm::{
 };
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
-pub use gpu::{DeviceInfo, Gpu};
+pub use gpu::{DeviceInfo, Gpu, MemWatch};
 #[cfg(feature = "cudnn")]
 pub use model::{GpuAttention, GpuDpGroup, GpuEmbedsBatch, GpuQwen2, Weights};
 pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};

@@ -1482,6 +1482,19 @@ impl GpuQwen2 {
         self.gpu.download(&self.master)
     }
 
+    /// The fp32 master parameters of `range` (flat layout) into `dst` (its length): one tensor
+    /// refreshed on the host without copying the whole model.
+    pub fn params_range_into(&self, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()> {
+        if range.len() != dst.len() {
+            return shape_err(format!(
+                "parameter range of {} values into a host slice of {}",
+                range.len(),
+                dst.len()
+            ));
+        }
+        self.gpu.download_into(dst, &self.master.view(range)?)
+    }
+
     /// Global L2 norm of the gradients; when `max_norm > 0` and the norm exceeds it, the
     /// gradients are scaled by `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`, as
     /// `reel_optim::clip_grad_norm`). Returns the norm before clipping.

@@ -19,20 +19,29 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 2 << 30;
 
 fn widen(view: &TensorView, name: &str, file: &Path) -> Result<Vec<f32>, ModelError> {
+    use rayon::prelude::*;
     let data = view.data();
+    // Values per parallel chunk (a 3B model's tensors widen on every core).
+    const CHUNK: usize = 1 << 18;
+    let par = |size: usize, f: fn(&[u8]) -> f32| -> Vec<f32> {
+        let mut out = vec![0.0f32; data.len() / size];
+        out.par_chunks_mut(CHUNK)
+            .zip(data.par_chunks(CHUNK * size))
+            .for_each(|(o, d)| {
+                for (x, c) in o.iter_mut().zip(d.chunks_exact(size)) {
+                    *x = f(c);
+                }
+            });
+        out
+    };
     let out = match view.dtype() {
-        StDtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        StDtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        StDtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
+        StDtype::F32 => par(4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        StDtype::BF16 => par(2, |c| {
+            half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()
+        }),
+        StDtype::F16 => par(2, |c| {
+            half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()
+        }),
         other => {
             return Err(ModelError::Checkpoint {
                 path: file.display().to_string(),

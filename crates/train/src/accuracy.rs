@@ -130,6 +130,29 @@ pub fn engine_config(
     }
 }
 
+/// An engine for `groups` groups of `g` samples each forked from its group's prompt (at most
+/// `longest` tokens, prefilled once) with `max_new_tokens` each, within the model's context
+/// `max_ctx`: each group's prompt blocks once, and per sample its response's blocks plus the
+/// prompt's partial last block copied on write; 8 blocks spare. A 131k-token prompt with G = 8
+/// then holds one copy of its KV, not G + 2 (what [`engine_config`] for `groups · (G + 2)`
+/// sequences reserved).
+pub fn grouped_engine_config(
+    groups: usize,
+    g: usize,
+    longest: usize,
+    max_new_tokens: usize,
+    max_ctx: usize,
+) -> EngineConfig {
+    let block_size = 16;
+    let prompt = longest.min(max_ctx).div_ceil(block_size);
+    let sample = max_new_tokens.min(max_ctx).div_ceil(block_size) + 1;
+    EngineConfig {
+        block_size,
+        num_blocks: groups * (prompt + g * sample) + 8,
+        ..EngineConfig::default()
+    }
+}
+
 /// Greedy answers to every item, scored; `decode` turns response ids into text (special
 /// tokens skipped).
 pub fn eval_accuracy(
@@ -181,4 +204,42 @@ pub fn stop_token_ids(tok: &reel_data::Tokenizer, model: &Qwen2) -> Vec<u32> {
     stop.sort_unstable();
     stop.dedup();
     stop
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reel_model::Qwen2Config;
+
+    /// Two groups of 4 samples from 100-token prompts fit a pool holding each prompt once (7
+    /// blocks of 16) and each sample's 20 tokens (2 blocks + 1 copied on write): 46 blocks
+    /// where `engine_config` for 2·(4 + 2) sequences reserves 96, and nothing is preempted.
+    #[test]
+    fn a_grouped_engine_holds_each_prompt_once_without_preemption() {
+        let model = Qwen2::new_random(Qwen2Config::tiny(64), 3).unwrap();
+        let (p, g, new) = (100, 4, 20);
+        let ecfg = grouped_engine_config(2, g, p, new, 1024);
+        assert_eq!(ecfg.num_blocks, 2 * (7 + 4 * 3) + 8);
+        assert_eq!(
+            engine_config(2 * (g + 2), p, new, 1024).num_blocks,
+            12 * 8 + 8
+        );
+        let mut e = Engine::new(&model, ecfg).unwrap();
+        for k in 0..2u32 {
+            let ids: Vec<u32> = (0..p as u32).map(|i| (i * 7 + k) % 64).collect();
+            let params = GenerationParams {
+                max_new_tokens: new,
+                ..GenerationParams::default()
+            };
+            e.add_group(ids, g, params).unwrap();
+        }
+        let outs = e.run().unwrap();
+        assert_eq!(outs.len(), 2);
+        for o in &outs {
+            assert_eq!(o.samples.len(), g);
+            assert!(o.samples.iter().all(|s| s.ids.len() == new));
+        }
+        assert_eq!(e.stats().preemptions, 0);
+        assert_eq!(e.stats().prefill_tokens, 2 * p as u64);
+    }
 }

@@ -193,9 +193,8 @@ pub fn rollout_decoder(
 
 /// A GRPO run's policy (a text decoder, or a Qwen2.5-VL's) on the GPU for the scoring passes and the update (dp = sp = 1, after
 /// [`rollout_gpu`] chose the GPU: `have_gpu`): `model`'s weights and `opt`'s state (a resumed
-/// run's) uploaded to a [`GpuModel`] on its own handle of GPU 0, `reference`'s weights as its
-/// frozen reference copy (the host copy is then dropped: `reference` becomes `None`). `None`
-/// when `gpu_update` is off or there is no GPU; when the model
+/// run's) uploaded to a [`GpuModel`] on its own handle of GPU 0, `reference` (a flat parameter
+/// buffer) as its frozen reference copy. `None` when `gpu_update` is off or there is no GPU; when the model
 /// cannot be put there, "auto" logs why and keeps scoring and the update on the CPU, an
 /// explicit "cuda" in `want` is an error naming `setting`.
 #[allow(clippy::too_many_arguments)]
@@ -204,7 +203,7 @@ pub fn grpo_policy_gpu(
     gpu_update: bool,
     want: Device,
     model: &reel_model::Qwen2,
-    reference: &mut Option<reel_model::Qwen2>,
+    reference: Option<&[f32]>,
     policy: CheckpointPolicy,
     opt: &reel_optim::AdamW,
     setting: &str,
@@ -225,16 +224,18 @@ pub fn grpo_policy_gpu(
             policy,
             *opt.config(),
         )?;
-        gm.load_opt_state(&opt.state())?;
-        if let Some(r) = reference.as_ref() {
-            gm.set_reference(&r.params)?;
+        // A fresh optimizer's moments are the device model's zeros already; a resumed one's
+        // are uploaded (copying billions of zeros costs tens of seconds at 3B).
+        if opt.step_count() > 0 {
+            gm.load_opt_state(&opt.state())?;
+        }
+        if let Some(r) = reference {
+            gm.set_reference(r)?;
         }
         Ok(gm)
     })();
     match made {
         Ok(gm) => {
-            // The reference lives on the device now.
-            *reference = None;
             tracing::info!(
                 "GRPO scoring and update on the GPU (bf16 compute, fp32 master weights)"
             );
@@ -1016,6 +1017,9 @@ mod cpu_only {
             match self.never {}
         }
         pub fn params_host(&self) -> R<Vec<f32>> {
+            match self.never {}
+        }
+        pub fn params_range_into(&self, _: std::ops::Range<usize>, _: &mut [f32]) -> R<()> {
             match self.never {}
         }
         pub fn opt_state(&self) -> R<AdamWState> {

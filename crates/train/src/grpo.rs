@@ -1272,11 +1272,15 @@ fn grpo_rank<C: Communicator>(
         cfg.train.gpu_update,
         cfg.train.device,
         &model,
-        &mut reference,
+        reference.as_ref().map(|r| r.params.as_slice()),
         cfg.train.checkpoint,
         &opt,
         "train.device",
     )?;
+    if gm.is_some() {
+        // The reference lives on the device now.
+        reference = None;
+    }
     let update_device = update_device(gm.as_ref());
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
@@ -1324,8 +1328,9 @@ fn grpo_rank<C: Communicator>(
                     .map(|&i| prompts.items[i].ids.len())
                     .max()
                     .unwrap_or(0);
-                let ecfg = crate::accuracy::engine_config(
-                    drawn.len() * (g + 2),
+                let ecfg = crate::accuracy::grouped_engine_config(
+                    drawn.len(),
+                    g,
                     longest,
                     cfg.grpo.max_response_tokens,
                     model.config.max_position_embeddings,

@@ -13,7 +13,9 @@
 //! - [`vl`]: the vision-language model: target NLL of LongVideo-Reason records
 //!   ([`eval_vl_nll`]) and its family of the SFT loop (CoT-SFT on video with cached vision
 //!   embeddings or a trained tower; [`run_vl_sft`], the older flat settings);
-//!   [`vl_grpo`]: GRPO of Qwen2.5-VL on video prompts with MR-SP ([`run_vl_grpo`]).
+//!   [`vl_grpo`]: GRPO of Qwen2.5-VL on video prompts with MR-SP ([`run_vl_grpo`]);
+//!   [`vl_shapes`]: random-weight Qwen2.5-VL folders at the published 3B/7B shapes
+//!   ([`write_shaped_vl_model`]) for benchmarks.
 //! - [`device`]: `train.device` ("auto", "cpu", "cuda") and its resolution; with the `cuda`
 //!   feature the SFT loop trains one rank on the GPU (`reel_cuda::GpuQwen2`).
 //! - [`metrics`]: `metrics.jsonl` ([`MetricsWriter`], truncated on resume) and the progress bar.
@@ -30,6 +32,7 @@ pub mod sft;
 pub mod vl;
 pub mod vl_grpo;
 pub mod vl_prefetch;
+pub mod vl_shapes;
 
 pub use checkpoint::{
     checkpoint_step, optimizer_state_from_bytes, optimizer_state_to_bytes, write_atomic,
@@ -44,7 +47,8 @@ pub use device::Device;
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};
 
 pub use accuracy::{
-    engine_config, eval_accuracy, stop_token_ids, AccuracyOptions, AccuracyReport, Tally,
+    engine_config, eval_accuracy, grouped_engine_config, stop_token_ids, AccuracyOptions,
+    AccuracyReport, Tally,
 };
 pub use eval::{eval_examples, eval_nll, tokenize_all};
 pub use grpo::{
@@ -59,3 +63,4 @@ pub use vl::{
     VlSftConfig, VlSftSummary,
 };
 pub use vl_grpo::{run_vl_grpo, VlGrpoSummary};
+pub use vl_shapes::{write_random_vl_model, write_shaped_vl_model, VlShape};

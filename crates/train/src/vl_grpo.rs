@@ -51,8 +51,10 @@
 //! weights, `backward_logprobs_embeds` — the embedding table's text rows on the device too —,
 //! clipping and AdamW there), each sample its own row (the feature rows marked, so a video token
 //! the policy sampled in a response stays a table row). The decoder takes the new weights device
-//! to device; the host copy is refreshed after each step as well (prompt embedding rows for the
-//! rollouts are formed on the host from its table) and the optimizer state before checkpoints.
+//! to device; the host copy's embedding table is refreshed after each step as well (prompt
+//! embedding rows for the rollouts are formed on the host from it; every weight when the CPU
+//! engine rolls out) and all weights and the optimizer state before checkpoints. The reference
+//! is the loaded model's own weights (uploaded once; a host copy only when the CPU scores).
 //!
 //! `[video] reuse = false` (benchmarks) turns MR-SP's reuse off: the video is encoded again for
 //! every sample in every pass (cache bypassed), every sample's prompt is prefilled on its own and
@@ -89,7 +91,7 @@ use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens}
 use reel_rollout::{sample_seed, Engine, Prompt};
 use serde_json::json;
 
-use crate::accuracy::engine_config;
+use crate::accuracy::{engine_config, grouped_engine_config};
 use crate::device::{
     gpu_rollout_unsupported, grpo_policy_gpu, rollout_decoder, rollout_device, rollout_gpu,
     step_model, update_device, GpuEmbedsBatch, GpuModel, Weights,
@@ -1069,12 +1071,13 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
     }
     let (ckpts, resumed) = open_run(cfg, opts.resume, true)?;
     let load = |d: &Path| load_vl_checkpoint(d).with_context(|| format!("loading {}", d.display()));
-    let mut reference = if cfg.grpo.needs_reference() {
-        Some(load(init_dir)?.lm)
-    } else {
-        None
-    };
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
+    // The reference is the initial weights: the model's own unless the run resumed (a copy is
+    // made below only if the CPU scores with it).
+    let mut reference = match (cfg.grpo.needs_reference(), &resumed) {
+        (true, Some(_)) => Some(load(init_dir)?.lm),
+        _ => None,
+    };
     // The rollouts' GPU decoder of the language model, kept for the run (weights refreshed
     // after each step); sp > 1 keeps the CPU engine beside its CPU ranks.
     let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
@@ -1110,16 +1113,30 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
     };
     // Scoring and the update on the GPU (sp = 1): the decoder's policy, its optimizer state and
     // the reference weights on the device.
+    let reference_params = match (&reference, cfg.grpo.needs_reference()) {
+        (Some(r), _) => Some(r.params.as_slice()),
+        (None, true) => Some(model.lm.params.as_slice()),
+        (None, false) => None,
+    };
     let mut gm: Option<GpuModel> = grpo_policy_gpu(
         have_gpu,
         cfg.train.gpu_update,
         cfg.train.device,
         &model.lm,
-        &mut reference,
+        reference_params,
         cfg.train.checkpoint,
         &opt,
         "train.device",
     )?;
+    if gm.is_some() {
+        reference = None;
+    } else if cfg.grpo.needs_reference() && reference.is_none() {
+        // Scoring on the CPU: a frozen copy of the initial weights.
+        reference = Some(Qwen2::from_params(
+            model.lm.config.clone(),
+            model.lm.params.clone(),
+        )?);
+    }
     let update_device = update_device(gm.as_ref());
     if tok.vocab_size() > model.config.text.vocab_size {
         bail!(
@@ -1172,12 +1189,24 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 let drawn = ctx.draw(&model, want, sampler, &mut skipped, &mut times)?;
                 let longest = drawn.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
                 let max_pos = model.config.text.max_position_embeddings;
-                let ecfg = engine_config(
-                    drawn.len() * (g + 2),
-                    longest,
-                    cfg.grpo.max_response_tokens,
-                    max_pos,
-                );
+                // With reuse each group's prompt is prefilled once and its samples fork from
+                // it; without, every sample holds its own prompt.
+                let ecfg = if cfg.video.reuse {
+                    grouped_engine_config(
+                        drawn.len(),
+                        g,
+                        longest,
+                        cfg.grpo.max_response_tokens,
+                        max_pos,
+                    )
+                } else {
+                    engine_config(
+                        drawn.len() * (g + 2),
+                        longest,
+                        cfg.grpo.max_response_tokens,
+                        max_pos,
+                    )
+                };
                 let step = step_model(decoder.as_mut(), &model.lm);
                 let mut engine = Engine::with_model(step, ecfg)?.with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
@@ -1335,11 +1364,17 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     tally.add(loss, grad_norm);
                 }
             }
-            // The host weights: the prompts' embedding rows are formed from its table.
+            // The host weights: the prompts' embedding rows are formed from its table; only
+            // that table is copied back while the GPU decoder rolls out (the CPU engine reads
+            // every weight).
             if let Some(g) = gm.as_ref() {
-                model.lm.params = g
-                    .params_host()
-                    .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
+                let copied = if decoder.is_some() {
+                    let e = model.lm.layout.embed.clone();
+                    g.params_range_into(e.clone(), &mut model.lm.params[e])
+                } else {
+                    g.params_host().map(|p| model.lm.params = p)
+                };
+                copied.with_context(|| format!("{at}: copying the GPU policy to the host"))?;
             }
             match (decoder.as_mut(), gm.as_ref()) {
                 (Some(d), Some(g)) => d.load_from_policy(g),
