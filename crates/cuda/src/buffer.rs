@@ -107,7 +107,32 @@ impl<'a, T> DView<'a, T> {
     }
 }
 
+impl<'a, T> DView<'a, T> {
+    /// The same bytes as elements of `U`, of the same size (code generic over the storage type
+    /// that has checked `T` is `U`).
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    pub(crate) fn retype<U>(self) -> DView<'a, U> {
+        assert_eq!(size_of::<T>(), size_of::<U>(), "retype between sizes");
+        DView {
+            ptr: self.ptr,
+            len: self.len,
+            _p: PhantomData,
+        }
+    }
+}
+
 impl<'a, T> DViewMut<'a, T> {
+    /// [`DView::retype`] for a writable view.
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    pub(crate) fn retype<U>(self) -> DViewMut<'a, U> {
+        assert_eq!(size_of::<T>(), size_of::<U>(), "retype between sizes");
+        DViewMut {
+            ptr: self.ptr,
+            len: self.len,
+            _p: PhantomData,
+        }
+    }
+
     /// All of `dst`.
     pub fn all(dst: &'a mut impl DevWrite<T>) -> Self {
         DViewMut {

@@ -9,6 +9,11 @@
 //!   per layer: qkv [N, (H + 2·H_kv)·D] = rmsnorm(x)·W_qkvᵀ + b      (cuBLASLt, bias fused)
 //!              q rotated; k rotated and v stored at each row's slot   (`decode_qkv_store`)
 //!              attn [N, H·D] = paged attention over each table       (`paged_attention_forward`)
+//!                 — or, for a long prompt chunk (≥ [`CUDNN_PREFILL_ROWS`] rows, bf16 storage),
+//!                 cuDNN's fused attention: the chunk's keys and values gathered from the pool,
+//!                 the chunk against itself (causal) and, after earlier chunks, against the
+//!                 keys before it (full), the two merged by their lse in f32; the chunk's rows
+//!                 are padded to a multiple of [`PREFILL_PAD`] so few plans serve every length
 //!              x += attn·W_oᵀ; x += swiglu(rmsnorm(x)·W_guᵀ)·W_dᵀ     (β = 1 GEMMs)
 //!   logits [S_l, V] f32 = rmsnorm(x[last rows])·W_lmᵀ, downloaded ([`GpuDecoder::step`]);
 //!   or, when the engine's sampling needs only each row's k best entries ([`GpuDecoder::step_top`]:
@@ -40,6 +45,24 @@ use crate::ops::{as_i32, cfg, elementwise_grid, launch, row_threads};
 use crate::{
     shape_err, DeviceBuf, Gpu, GpuError, GpuFloat, GpuPagedBatch, GpuRopeTable, Result, TOPK_CAP,
 };
+
+/// The fewest rows of a sequence's chunk that take cuDNN's attention instead of the paged
+/// kernel (which reads every earlier key once per query row: fine for decoding, quadratic
+/// memory traffic for a long prompt). [`GpuDecoder::set_cudnn_prefill_rows`] changes it.
+pub const CUDNN_PREFILL_ROWS: usize = 1024;
+
+/// A long chunk's rows (and its own keys) are padded to a multiple of this for cuDNN, so plans
+/// are made per bucket of lengths, not per length.
+pub const PREFILL_PAD: usize = 256;
+
+/// A long prompt chunk of a step: its rows, the keys cached before it, and where the slots of
+/// all its keys (earlier and own) start in the step's slot upload.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+struct LongChunk {
+    rows: std::ops::Range<usize>,
+    past: usize,
+    slots_at: usize,
+}
 
 /// The KV blocks of a pool on the device: 2·L planes of [num_blocks, block_size, H_kv, D].
 struct DeviceKv<T: GpuFloat> {
@@ -234,6 +257,116 @@ fn plan_rows(
     Ok(r)
 }
 
+/// Attention of one long prompt chunk through cuDNN (module docs): its keys and values (`keys =
+/// past + rows` of them, slots `slots[ch.slots_at..]`) gathered from the layer's cache planes;
+/// the chunk's rows, padded to a multiple of [`PREFILL_PAD`], against its own keys (causal;
+/// padded keys come after every real query) and, when `past > 0`, against the earlier keys
+/// (full), merged by lse in f32. Writes the chunk's rows of `b.attn` and `b.lse`. bf16 only.
+#[cfg(feature = "cudnn")]
+fn chunk_attention<T: GpuFloat>(
+    g: &Gpu,
+    b: &mut StepBufs<T>,
+    kc: &DView<'_, T>,
+    vc: &DView<'_, T>,
+    slots: &crate::Scratch<'_, u32>,
+    ch: &LongChunk,
+    (h, h_kv, hd): (usize, usize, usize),
+) -> Result<()> {
+    use reel_kernels::attention::{AttnMask, AttnShape};
+    let (qw, kvw) = (h * hd, h_kv * hd);
+    let (c, past) = (ch.rows.len(), ch.past);
+    let cp = c.next_multiple_of(PREFILL_PAD);
+    let keys = past + c;
+    let idx = DView::of(slots, ch.slots_at..ch.slots_at + keys)?;
+    // Gathered keys and values, the own part padded with zero rows.
+    let gather = |cache: &DView<'_, T>| -> Result<crate::Scratch<'_, T>> {
+        let mut all = g.scratch::<T>((past + cp) * kvw)?;
+        let got = g.gather(cache, &idx, kvw)?;
+        g.copy(&mut all.view_mut(0..keys * kvw)?, &got)?;
+        g.zero(&mut all.view_mut(keys * kvw..(past + cp) * kvw)?)?;
+        Ok(all)
+    };
+    let (kall, vall) = (gather(kc)?, gather(vc)?);
+    let mut q = g.scratch::<T>(cp * qw)?;
+    g.copy(
+        &mut q.view_mut(0..c * qw)?,
+        &b.q.view(ch.rows.start * qw..ch.rows.end * qw)?,
+    )?;
+    g.zero(&mut q.view_mut(c * qw..cp * qw)?)?;
+    let q16 = q.view(0..cp * qw)?.retype::<bf16>();
+    let mut out = g.scratch::<T>(cp * qw)?;
+    let mut lse = g.scratch::<f32>(cp * h)?;
+    let own_k = kall.view(past * kvw..(past + cp) * kvw)?.retype::<bf16>();
+    let own_v = vall.view(past * kvw..(past + cp) * kvw)?.retype::<bf16>();
+    g.attention_forward(
+        &mut out.view_mut(0..cp * qw)?.retype::<bf16>(),
+        &mut lse.view_mut(0..cp * h)?,
+        &q16,
+        &own_k,
+        &own_v,
+        AttnShape {
+            b: 1,
+            tq: cp,
+            tk: cp,
+            h,
+            h_kv,
+            d: hd,
+        },
+        AttnMask::Causal {
+            q_offset: 0,
+            k_offset: 0,
+        },
+    )?;
+    let rows = ch.rows.start..ch.rows.end;
+    if past == 0 {
+        g.copy(
+            &mut b.attn.view_mut(rows.start * qw..rows.end * qw)?,
+            &out.view(0..c * qw)?,
+        )?;
+        return g.copy(
+            &mut b.lse.view_mut(rows.start * h..rows.end * h)?,
+            &lse.view(0..c * h)?,
+        );
+    }
+    // Against the earlier keys, then the merge: o' = o − σ(lse_b − lse)·(o − o_b).
+    let mut prior = g.scratch::<T>(cp * qw)?;
+    let mut lse_b = g.scratch::<f32>(cp * h)?;
+    g.attention_forward(
+        &mut prior.view_mut(0..cp * qw)?.retype::<bf16>(),
+        &mut lse_b.view_mut(0..cp * h)?,
+        &q16,
+        &kall.view(0..past * kvw)?.retype::<bf16>(),
+        &vall.view(0..past * kvw)?.retype::<bf16>(),
+        AttnShape {
+            b: 1,
+            tq: cp,
+            tk: past,
+            h,
+            h_kv,
+            d: hd,
+        },
+        AttnMask::Full,
+    )?;
+    let mut o32 = g.scratch::<f32>(c * qw)?;
+    let mut p32 = g.scratch::<f32>(c * qw)?;
+    g.to_f32(&mut o32, &out.view(0..c * qw)?)?;
+    g.to_f32(&mut p32, &prior.view(0..c * qw)?)?;
+    let mut lse_c = lse.view_mut(0..c * h)?;
+    g.attention_merge(
+        &mut o32,
+        &mut lse_c,
+        &p32,
+        &lse_b.view(0..c * h)?,
+        c * h,
+        hd,
+    )?;
+    g.cast_from_f32(&mut b.attn.view_mut(rows.start * qw..rows.end * qw)?, &o32)?;
+    g.copy(
+        &mut b.lse.view_mut(rows.start * h..rows.end * h)?,
+        &lse.view(0..c * h)?,
+    )
+}
+
 /// A Qwen2 decoder for the rollout engine on one GPU (module docs): weights in T, the KV blocks
 /// of the pool it made ([`StepModel::new_pool`]) on the device.
 pub struct GpuDecoder<T: GpuFloat = bf16> {
@@ -257,6 +390,10 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
     top_f: Vec<f32>,
     /// The most candidates per row offered to the engine (module docs).
     max_candidates: usize,
+    /// Chunks of at least this many rows attend through cuDNN (module docs).
+    cudnn_prefill_rows: usize,
+    /// Rows whose attention ran through cuDNN so far.
+    cudnn_rows_run: u64,
     gpu: Gpu,
 }
 
@@ -301,6 +438,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
             top_ids: Vec::new(),
             top_f: Vec::new(),
             max_candidates: TOPK_CAP,
+            cudnn_prefill_rows: CUDNN_PREFILL_ROWS,
+            cudnn_rows_run: 0,
             gpu,
         })
     }
@@ -457,6 +596,18 @@ impl<T: GpuFloat> GpuDecoder<T> {
         Ok(host)
     }
 
+    /// Chunks of at least `rows` rows attend through cuDNN (bf16 storage, `cudnn` feature;
+    /// module docs); `usize::MAX` keeps every row on the paged kernel. Default
+    /// [`CUDNN_PREFILL_ROWS`].
+    pub fn set_cudnn_prefill_rows(&mut self, rows: usize) {
+        self.cudnn_prefill_rows = rows.max(1);
+    }
+
+    /// Rows (of long chunks) whose attention has run through cuDNN since the decoder was made.
+    pub fn cudnn_rows_run(&self) -> u64 {
+        self.cudnn_rows_run
+    }
+
     /// The most candidates per row [`GpuDecoder::step_top`] returns: [`TOPK_CAP`] unless
     /// lowered by [`GpuDecoder::set_max_candidates`].
     pub fn max_candidates(&self) -> usize {
@@ -555,15 +706,32 @@ impl<T: GpuFloat> GpuDecoder<T> {
         }
         self.copy_blocks(&pool.take_copies())?;
         self.reserve(n)?;
-        let seqs: Vec<PagedSeq> = tables
-            .iter()
-            .zip(&rows.rows)
-            .map(|(t, r)| PagedSeq {
-                block_table: t.block_ids(),
-                past: t.len(),
-                rows: r.clone(),
-            })
-            .collect();
+        // Long chunks (bf16 with cuDNN) leave the paged batch; the slots of all their keys go
+        // up once for the step.
+        let cudnn = cfg!(feature = "cudnn") && T::INDEX == <bf16 as GpuFloat>::INDEX;
+        let mut long = Vec::new();
+        let mut long_slots: Vec<u32> = Vec::new();
+        let mut seqs = Vec::with_capacity(tables.len());
+        for (t, r) in tables.iter().zip(&rows.rows) {
+            if cudnn && r.len() >= self.cudnn_prefill_rows {
+                let (blocks, keys) = (t.block_ids(), t.len() + r.len());
+                long.push(LongChunk {
+                    rows: r.clone(),
+                    past: t.len(),
+                    slots_at: long_slots.len(),
+                });
+                long_slots.extend((0..keys).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32));
+            } else {
+                seqs.push(PagedSeq {
+                    block_table: t.block_ids(),
+                    past: t.len(),
+                    rows: r.clone(),
+                });
+            }
+        }
+        self.cudnn_rows_run += long.iter().map(|c| c.rows.len() as u64).sum::<u64>();
+        // The paged kernel's rows: up to the last row a paged sequence owns.
+        let n_paged = seqs.iter().map(|s| s.rows.end).max().unwrap_or(0);
         match self.batch.as_mut() {
             Some(b) => b.refill(&self.gpu, &seqs)?,
             None => self.batch = Some(GpuPagedBatch::new(&self.gpu, &seqs, bs)?),
@@ -605,6 +773,11 @@ impl<T: GpuFloat> GpuDecoder<T> {
         host.extend_from_slice(&rows.slots);
         host.extend_from_slice(&rows.last);
         let dev = g.scratch_from(&host)?;
+        #[cfg_attr(not(feature = "cudnn"), allow(unused_variables))]
+        let long_slots = match long_slots.is_empty() {
+            true => None,
+            false => Some(g.scratch_from(&long_slots)?),
+        };
         let tokens = DView::of(&dev, 0..n)?;
         let (positions, slots) = (dev.dptr() + 4 * n as u64, dev.dptr() + 8 * n as u64);
         let last = DView::of(&dev, 3 * n..3 * n + n_l)?;
@@ -707,15 +880,20 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 )?;
             }
             g.paged_attention_forward(
-                &mut b.attn.view_mut(0..n * qw)?,
-                &mut b.lse.view_mut(0..n * h)?,
-                &b.q.view(0..n * qw)?,
+                &mut b.attn.view_mut(0..n_paged * qw)?,
+                &mut b.lse.view_mut(0..n_paged * h)?,
+                &b.q.view(0..n_paged * qw)?,
                 &kc,
                 &vc,
                 batch,
                 shape,
                 None,
             )?;
+            #[cfg(feature = "cudnn")]
+            for ch in &long {
+                let slots = long_slots.as_ref().expect("uploaded with the long chunks");
+                chunk_attention(g, b, &kc, &vc, slots, ch, (h, h_kv, hd))?;
+            }
             g.matmul_forward_accumulate::<T, T>(
                 &mut b.x.view_mut(0..n * d)?,
                 &b.attn.view(0..n * qw)?,

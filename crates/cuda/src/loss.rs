@@ -60,7 +60,7 @@ fn check_common(
 
 impl Gpu {
     /// Gathers rows `idx` of `src` [*, d] into a [idx.len(), d] scratch buffer.
-    fn gather<T: GpuFloat>(
+    pub(crate) fn gather<T: GpuFloat>(
         &self,
         src: &impl DevRead<T>,
         idx: &impl DevRead<u32>,

@@ -127,6 +127,95 @@ fn step_logits_match_the_cpu_step_in_f32() {
     check_step::<f32>("f32", Tolerance::new(1e-4, 1e-4), 1e-5);
 }
 
+/// Two steps of long prompt chunks beside short ones (`cuts[s]` = each sequence's token count
+/// after step 0 and step 1): every sequence asks for logits at each step.
+fn long_chunk_steps(m: &mut dyn StepModel, c: &Qwen2Config, cuts: &[[usize; 2]]) -> Vec<Vec<f32>> {
+    let layout = KvLayout {
+        layers: c.num_hidden_layers,
+        h_kv: c.num_key_value_heads,
+        d: c.head_dim,
+        block_size: 5,
+        num_blocks: 256,
+    };
+    let mut pool = m.new_pool(layout).unwrap();
+    let seqs: Vec<Vec<u32>> = cuts
+        .iter()
+        .enumerate()
+        .map(|(s, cut)| tokens(cut[1], s as u64 + 3, c.vocab_size as u32))
+        .collect();
+    let mut tables: Vec<_> = cuts.iter().map(|_| pool.new_table()).collect();
+    let mut out = Vec::new();
+    for step in 0..2 {
+        let span = |s: usize| (if step == 0 { 0 } else { cuts[s][0] }, cuts[s][step]);
+        let mut steps = Vec::new();
+        for (s, t) in tables.iter_mut().enumerate() {
+            let (lo, hi) = span(s);
+            pool.reserve(t, hi - lo).unwrap();
+            steps.push(SeqStep {
+                input: StepInput::Tokens(&seqs[s][lo..hi]),
+                positions: StepPositions::Linear { start: lo },
+                logits: true,
+            });
+        }
+        let refs: Vec<_> = tables.iter().collect();
+        out.push(m.forward_step(&mut pool, &steps, &refs).unwrap().to_vec());
+        drop(refs);
+        for (s, t) in tables.iter_mut().enumerate() {
+            let (lo, hi) = span(s);
+            pool.advance(t, hi - lo);
+        }
+    }
+    out
+}
+
+/// Long chunks through cuDNN (the threshold lowered to 100 rows): a 300-row fresh prompt (padded
+/// to 512), a 150-row one continued by 200 rows after its 150 cached keys (the merge with the
+/// earlier keys), beside sequences that stay on the paged kernel (7 rows, then single decode
+/// rows); bf16 logits against the CPU step, and against the same decoder with every row on the
+/// paged kernel.
+#[test]
+fn long_prompt_chunks_through_cudnn_match_the_cpu_step() {
+    let Some(_lock) = gpu() else { return };
+    let c = config();
+    let model = Qwen2::new_random(c.clone(), 11).unwrap();
+    let cuts = [[300usize, 302], [150, 350], [7, 8]];
+    let want = long_chunk_steps(&mut CpuStep::new(&model), &c, &cuts);
+    let mut dec = GpuDecoder::<bf16>::from_model(open(), &model).unwrap();
+    dec.set_cudnn_prefill_rows(100);
+    let got = long_chunk_steps(&mut dec, &c, &cuts);
+    assert_eq!(
+        dec.cudnn_rows_run(),
+        300 + 150 + 200,
+        "the long chunks took cuDNN"
+    );
+    let mut paged = GpuDecoder::<bf16>::from_model(open(), &model).unwrap();
+    paged.set_cudnn_prefill_rows(usize::MAX);
+    let all_paged = long_chunk_steps(&mut paged, &c, &cuts);
+    assert_eq!(paged.cudnn_rows_run(), 0);
+    for i in 0..2 {
+        assert_eq!(got[i].len(), want[i].len(), "step {i}: rows of logits");
+        compare(
+            &format!("cuDNN chunks step {i} logits"),
+            &got[i],
+            &want[i],
+            Tolerance::new(1e-2, 2e-2),
+            2e-2,
+        );
+        compare(
+            &format!("paged step {i} logits"),
+            &all_paged[i],
+            &want[i],
+            Tolerance::new(1e-2, 2e-2),
+            2e-2,
+        );
+        eprintln!(
+            "step {i}: cuDNN chunks vs CPU rel-norm {:.2e}, paged vs CPU {:.2e}",
+            rel_norm_err(&got[i], &want[i]),
+            rel_norm_err(&all_paged[i], &want[i])
+        );
+    }
+}
+
 /// `step_top` on a step gives the candidates of `step`'s logits for the same step (run twice on
 /// the same tables: the second run rewrites the same KV slots with the same values).
 fn check_step_top<T: GpuFloat>() {

@@ -6,14 +6,12 @@
 //! on the CPU or, with [`AccuracyOptions::device`], through the GPU rollout decoder
 //! ([`crate::device::RolloutDecoder`], bf16 or f32) the GRPO trainers roll out with.
 
-use crate::device::{
-    rollout_decoder, rollout_device, rollout_gpu, step_model, Device, RolloutDecoder,
-};
+use crate::device::{rollout_decoder, rollout_device, rollout_gpu, Device, RolloutDecoder};
 use crate::prompts::PromptItem;
 use anyhow::Result;
 use reel_model::Qwen2;
 use reel_rl::{AccuracyReward, FormatReward};
-use reel_rollout::{Engine, EngineConfig, GenerationParams};
+use reel_rollout::{EngineConfig, GenerationParams};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -170,7 +168,7 @@ pub fn eval_accuracy(
     for chunk in items.chunks(opts.batch.max(1)) {
         let longest = chunk.iter().map(|i| i.ids.len()).max().unwrap_or(0);
         let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
-        let mut engine = Engine::with_model(step_model(decoder.as_mut(), model), config)?;
+        let mut engine = crate::device::rollout_engine(decoder.as_mut(), model, config)?;
         for item in chunk {
             engine.add_request(
                 item.ids.clone(),
@@ -224,7 +222,7 @@ mod tests {
             engine_config(2 * (g + 2), p, new, 1024).num_blocks,
             12 * 8 + 8
         );
-        let mut e = Engine::new(&model, ecfg).unwrap();
+        let mut e = reel_rollout::Engine::new(&model, ecfg).unwrap();
         for k in 0..2u32 {
             let ids: Vec<u32> = (0..p as u32).map(|i| (i * 7 + k) % 64).collect();
             let params = GenerationParams {

@@ -272,6 +272,28 @@ pub fn step_model<'a>(
     }
 }
 
+/// Tokens one GPU rollout step may run (`EngineConfig::max_step_tokens`, raised to this when the
+/// decoder is on the GPU): a long prompt then prefills in few large chunks, each of which takes
+/// cuDNN's attention (`reel_cuda::CUDNN_PREFILL_ROWS`), instead of 512-token chunks through the
+/// paged kernel, whose traffic grows with the square of the prompt.
+pub const GPU_STEP_TOKENS: usize = 16_384;
+
+/// The rollout engine for `config` over [`step_model`]`(gpu, cpu)`; on the GPU with at least
+/// [`GPU_STEP_TOKENS`] tokens a step.
+pub fn rollout_engine<'a>(
+    gpu: Option<&'a mut RolloutDecoder>,
+    cpu: &'a reel_model::Qwen2,
+    mut config: reel_rollout::EngineConfig,
+) -> Result<reel_rollout::Engine<'a>> {
+    if gpu.is_some() {
+        config.max_step_tokens = config.max_step_tokens.max(GPU_STEP_TOKENS);
+    }
+    Ok(reel_rollout::Engine::with_model(
+        step_model(gpu, cpu),
+        config,
+    )?)
+}
+
 /// The metrics' name of where an engine decodes: the decoder's ([`RolloutDecoder::name`]) or
 /// "cpu".
 pub fn rollout_device(gpu: Option<&RolloutDecoder>) -> &'static str {

@@ -46,7 +46,7 @@ use reel_model::{
     VlBatch, VlWorkspace,
 };
 use reel_parallel::{EncodeStats, SpVisionEncoder, VisionSpError};
-use reel_rollout::{Engine, GenerationParams, Prompt};
+use reel_rollout::{GenerationParams, Prompt};
 use reel_tensor::DType;
 
 use crate::accuracy::{engine_config, AccuracyOptions, AccuracyReport};
@@ -341,8 +341,7 @@ pub fn eval_vl_accuracy(
             .collect::<Result<Vec<_>>>()?;
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let config = engine_config(chunk.len(), longest, opts.max_new_tokens, max_ctx);
-        let step = crate::device::step_model(decoder.as_mut(), &model.lm);
-        let mut engine = Engine::with_model(step, config)?;
+        let mut engine = crate::device::rollout_engine(decoder.as_mut(), &model.lm, config)?;
         for p in prompts {
             engine.add_request(
                 p,

@@ -88,13 +88,13 @@ use reel_model::{
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder, VisionSpError};
 use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
-use reel_rollout::{sample_seed, Engine, Prompt};
+use reel_rollout::{sample_seed, Prompt};
 use serde_json::json;
 
 use crate::accuracy::{engine_config, grouped_engine_config};
 use crate::device::{
     gpu_rollout_unsupported, grpo_policy_gpu, rollout_decoder, rollout_device, rollout_gpu,
-    step_model, update_device, GpuEmbedsBatch, GpuModel, Weights,
+    update_device, GpuEmbedsBatch, GpuModel, Weights,
 };
 use crate::grpo::{
     adamw_for, clip_and_step, detokenizer, generation_params, gpu_clip_and_step,
@@ -1207,8 +1207,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                         max_pos,
                     )
                 };
-                let step = step_model(decoder.as_mut(), &model.lm);
-                let mut engine = Engine::with_model(step, ecfg)?.with_detokenizer(detok.clone());
+                let mut engine = crate::device::rollout_engine(decoder.as_mut(), &model.lm, ecfg)?
+                    .with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
                 for (k, (_, pr)) in drawn.iter().enumerate() {
                     let params = generation_params(cfg, done, round, k, &stop);

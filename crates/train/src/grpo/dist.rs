@@ -20,7 +20,7 @@
 //!   Only rank 0 writes metrics, progress, `config.toml` and checkpoints.
 
 use super::{grpo_rank, GrpoOptions, GrpoRunConfig, GrpoSummary, Rows};
-use crate::device::{step_model, RolloutDecoder};
+use crate::device::RolloutDecoder;
 use anyhow::{bail, Context, Result};
 use reel_comm::{CommError, Communicator, InProcess};
 use reel_data::IGNORE_INDEX;
@@ -28,7 +28,7 @@ use reel_model::{AttentionOp, LocalAttention, Qwen2, Qwen2Config};
 use reel_parallel::{ParallelDims, RankCoords, ScheduleKind, SpAttention, SpMethod};
 use reel_rl::GrpoMetrics;
 use reel_rollout::engine::Detokenizer;
-use reel_rollout::{Engine, EngineConfig, GenerationParams, ShardedEngine};
+use reel_rollout::{EngineConfig, GenerationParams, ShardedEngine};
 
 /// A rank's place among the others.
 pub(crate) struct Peers<'a, C: Communicator> {
@@ -89,7 +89,7 @@ pub(crate) fn rollout<C: Communicator>(
         }
         None => {
             let mut engine =
-                Engine::with_model(step_model(gpu, model), ecfg)?.with_detokenizer(detok.clone());
+                crate::device::rollout_engine(gpu, model, ecfg)?.with_detokenizer(detok.clone());
             for r in &mine {
                 engine
                     .add_group(r.ids.to_vec(), g, r.params.clone())
