@@ -20,22 +20,12 @@ const CPU_FRAMES: usize = 2;
 /// Frame side in pixels.
 const SIDE: usize = 448;
 
+/// The Qwen2.5-VL-3B tower (32 blocks, 1280 wide, merged to the 2048-wide decoder).
 fn config() -> VisionConfig {
-    VisionConfig {
-        depth: 32,
-        hidden_size: 1280,
-        intermediate_size: 3420,
-        num_heads: 16,
-        in_channels: 3,
-        patch_size: 14,
-        spatial_merge_size: 2,
-        temporal_patch_size: 2,
-        tokens_per_second: 2,
-        window_size: 112,
-        out_hidden_size: 2048,
-        fullatt_block_indexes: vec![7, 15, 23, 31],
-        rope_theta: 10000.0,
-    }
+    reel_train::VlShape::Qwen3b
+        .configs(4096)
+        .expect("the 3B shape has published configs")
+        .1
 }
 
 /// FLOPs of one forward over `grid` (GEMMs 2·m·k·n; attention 4·len²·d per segment).
