@@ -451,6 +451,9 @@ pub struct GrpoOptions {
     pub progress: Option<ProgressMode>,
     /// Stop after this many steps of this invocation.
     pub stop_after: Option<u64>,
+    /// Write no checkpoint, not even the last step's (benchmarks, where saving the whole model
+    /// and optimizer is not what is measured; `final_model_dir` then stays empty).
+    pub no_checkpoints: bool,
     /// Test hook: make the loss of this (1-based) step non-finite.
     #[doc(hidden)]
     pub poison_step: Option<u64>,
@@ -1592,7 +1595,7 @@ fn grpo_rank<C: Communicator>(
                 )?;
             }
             summary.records.push(record);
-            if lead && is_save_step(cfg, done) {
+            if lead && !opts.no_checkpoints && is_save_step(cfg, done) {
                 sync_host(gm.as_ref(), &mut model, &mut opt)
                     .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
                 let state = grpo_trainer_state(cfg, done, &sampler, &recent, json!({}));

@@ -1427,7 +1427,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 c.decode as f64 / rollout_s.max(1e-9),
             )?;
             summary.records.push(record);
-            if is_save_step(cfg, done) {
+            if !opts.no_checkpoints && is_save_step(cfg, done) {
                 sync_host(gm.as_ref(), &mut model.lm, &mut opt)
                     .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
                 let state = grpo_trainer_state(

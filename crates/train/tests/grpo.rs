@@ -154,6 +154,22 @@ fn kl_runs_one_reference_pass_per_step_and_several_updates_score_the_old_policy(
     // k3 KL is ≥ 0, and small: the reference is the initial weights.
     let kl = s.records[0]["kl"].as_f64().unwrap();
     assert!((0.0..0.1).contains(&kl), "{kl}");
+    assert!(cfg.output.dir.join("checkpoints/step-2").is_dir());
+    // A run told to write no checkpoint writes none, the last step's included.
+    cfg.output.dir = dir.path().join("unsaved");
+    let s = run_grpo(
+        &cfg,
+        GrpoOptions {
+            no_checkpoints: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.steps, 2);
+    let saved = std::fs::read_dir(cfg.output.dir.join("checkpoints"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(saved, 0, "checkpoints written");
 }
 
 #[test]
