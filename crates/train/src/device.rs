@@ -348,6 +348,21 @@ impl Launched {
     }
 }
 
+/// Refuses a command that runs in one process (`what`, e.g. "grpo") when this process is one
+/// of a world of several started by `reel launch`: every process would run the whole job and
+/// write the same output folder. `None` (not launched) and a world of one pass.
+pub fn one_process_only(what: &str, l: Option<&Launched>) -> Result<(), String> {
+    match l {
+        Some(l) if l.world > 1 => Err(format!(
+            "`reel {what}` runs in one process (its dp × sp ranks in process; the GPU at dp = sp \
+             = 1): under `reel launch` (WORLD_SIZE = {}) every process would run the whole job \
+             into the same output folder; run it without `reel launch`",
+            l.world
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks that the launched process `l` can train its share of a run with `dims` on one GPU of
 /// its own (one process per GPU): the run trains on the GPU (`device` not "cpu", `cuda` built
 /// in), the text decoder (`vlm` false), dp · sp = the world size, and this machine has a
@@ -1248,6 +1263,24 @@ mod tests {
         assert!(
             why.contains("head dimensions") && why.contains("is 16"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn one_process_commands_refuse_a_launched_world() {
+        let l = |world: usize| Launched {
+            rank: 0,
+            world,
+            local_rank: 0,
+            local_world: world,
+            rendezvous: "127.0.0.1:29533".into(),
+        };
+        assert_eq!(one_process_only("grpo", None), Ok(()));
+        assert_eq!(one_process_only("grpo", Some(&l(1))), Ok(()));
+        let e = one_process_only("grpo", Some(&l(4))).unwrap_err();
+        assert!(
+            e.contains("`reel grpo`") && e.contains("WORLD_SIZE = 4") && e.contains("without"),
+            "{e}"
         );
     }
 

@@ -1206,6 +1206,8 @@ pub(crate) const ROLLOUTS: &str = "GRPO rollouts";
 /// Runs (or resumes) a GRPO run of a text decoder described by `cfg`: on this thread when
 /// `parallel.dp · parallel.sp = 1`, else on that many in-process ranks.
 pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
+    let launched = crate::device::Launched::from_env().map_err(anyhow::Error::msg)?;
+    crate::device::one_process_only("grpo", launched.as_ref()).map_err(anyhow::Error::msg)?;
     cfg.validate()?;
     let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
     let gpu = rollout_gpu(cfg.train.device, cpu_only, "train.device", ROLLOUTS)?;

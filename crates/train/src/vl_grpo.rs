@@ -1047,6 +1047,8 @@ fn gpu_minibatch(
 /// Runs (or resumes) GRPO of a Qwen2.5-VL checkpoint (`model.path`, model_type `qwen2_5_vl`)
 /// on LongVideo-Reason prompts (`data.prompts`) with MR-SP (module docs).
 pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSummary> {
+    let launched = crate::device::Launched::from_env().map_err(anyhow::Error::msg)?;
+    crate::device::one_process_only("grpo", launched.as_ref()).map_err(anyhow::Error::msg)?;
     cfg.validate_vl()?;
     let tok_dir = cfg.tokenizer_dir();
     let tok = Tokenizer::from_dir(tok_dir)
