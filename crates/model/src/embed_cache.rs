@@ -210,7 +210,11 @@ impl EmbedCache {
         self.lock().map.contains_key(key) || self.file(key).is_some_and(|p| p.is_file())
     }
 
-    /// Stores `value` under `key` (memory, and disk when the cache has a folder).
+    /// Stores `value` under `key` (memory, and disk when the cache has a folder) and returns
+    /// the entry now held. A key already held in memory keeps its entry, which is returned
+    /// instead: keys name their content (video, settings, weights), and the ranks of a
+    /// sequence-parallel encode that share one cache each insert the same videos, so the first
+    /// insert serves them all (one copy in memory, one file written).
     pub fn insert(
         &self,
         key: EmbedKey,
@@ -224,14 +228,27 @@ impl EmbedCache {
                 value.d
             )));
         }
+        if let Some(held) = self.held(&key) {
+            return Ok(held);
+        }
         if let Some(path) = self.file(&key) {
             write_entry(&path, &key, &value)?;
         }
         let v = Arc::new(value);
         let mut g = self.lock();
+        // Another thread may have inserted it while the file was written.
+        if let Some(slot) = g.map.get(&key) {
+            return Ok(slot.value.clone());
+        }
         g.stats.inserts += 1;
         self.keep(&mut g, key, v.clone());
         Ok(v)
+    }
+
+    /// The entry held in memory under `key`, without counting a lookup or refreshing its
+    /// recency.
+    fn held(&self, key: &EmbedKey) -> Option<Arc<VideoEmbeds>> {
+        self.lock().map.get(key).map(|s| s.value.clone())
     }
 
     /// Puts an entry in the memory tier and evicts least-recently-used ones past capacity.
@@ -394,6 +411,28 @@ mod tests {
         assert_eq!(s.bytes, 48);
         assert!((s.hit_rate() - 0.2).abs() < 1e-12);
         assert_ne!(key("a", 1).digest(), key("a", 2).digest());
+    }
+
+    #[test]
+    fn a_key_inserted_twice_keeps_its_first_entry() {
+        let c = EmbedCache::new(1 << 20);
+        let a = c.insert(key("a", 1), embeds(1.0, 3)).unwrap();
+        let b = c.insert(key("a", 1), embeds(1.0, 3)).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the second insert returns the held entry"
+        );
+        let s = c.stats();
+        assert_eq!((s.inserts, s.entries, s.bytes), (1, 1, 48));
+        // Ranks sharing the cache, inserting at once: every one gets the same entry.
+        let got: Vec<Arc<VideoEmbeds>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| sc.spawn(|| c.insert(key("b", 1), embeds(2.0, 2)).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(got.iter().all(|g| Arc::ptr_eq(g, &got[0])));
+        assert_eq!(c.stats().entries, 2);
     }
 
     #[test]
