@@ -130,6 +130,16 @@ struct StepRows {
     mrope_sin: Vec<f32>,
 }
 
+/// The cache slots (block · block_size + offset) of a sequence's positions `ps` under its block
+/// table `blocks`.
+fn cache_slots(
+    blocks: &[u32],
+    bs: usize,
+    ps: std::ops::Range<usize>,
+) -> impl Iterator<Item = u32> + '_ {
+    ps.map(move |p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+}
+
 /// Checks the step against the model and the tables and lays out its rows; M-RoPE angles come
 /// from `rope` (the 1-D table of the model's head_dim, max_position_embeddings and theta).
 fn plan_rows(
@@ -247,8 +257,7 @@ fn plan_rows(
                 blocks.len()
             ));
         }
-        r.slots
-            .extend((past..past + n).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32));
+        r.slots.extend(cache_slots(blocks, bs, past..past + n));
         if step.logits {
             r.last.push((at + n - 1) as u32);
         }
@@ -281,8 +290,7 @@ fn chunk_attention<T: GpuFloat>(
     // Gathered keys and values, the own part padded with zero rows.
     let gather = |cache: &DView<'_, T>| -> Result<crate::Scratch<'_, T>> {
         let mut all = g.scratch::<T>((past + cp) * kvw)?;
-        let got = g.gather(cache, &idx, kvw)?;
-        g.copy(&mut all.view_mut(0..keys * kvw)?, &got)?;
+        g.gather_into(&mut all, cache, &idx, kvw)?;
         g.zero(&mut all.view_mut(keys * kvw..(past + cp) * kvw)?)?;
         Ok(all)
     };
@@ -720,7 +728,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
                     past: t.len(),
                     slots_at: long_slots.len(),
                 });
-                long_slots.extend((0..keys).map(|p| blocks[p / bs] * bs as u32 + (p % bs) as u32));
+                long_slots.extend(cache_slots(blocks, bs, 0..keys));
             } else {
                 seqs.push(PagedSeq {
                     block_table: t.block_ids(),

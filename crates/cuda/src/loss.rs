@@ -60,14 +60,32 @@ fn check_common(
 
 impl Gpu {
     /// Gathers rows `idx` of `src` [*, d] into a [idx.len(), d] scratch buffer.
-    pub(crate) fn gather<T: GpuFloat>(
+    fn gather<T: GpuFloat>(
         &self,
         src: &impl DevRead<T>,
         idx: &impl DevRead<u32>,
         d: usize,
     ) -> Result<Scratch<'_, T>> {
+        let mut dst = self.scratch::<T>(idx.dlen() * d)?;
+        self.gather_into(&mut dst, src, idx, d)?;
+        Ok(dst)
+    }
+
+    /// Writes rows `idx` of `src` [*, d] into the first idx.len() rows of `dst`.
+    pub(crate) fn gather_into<T: GpuFloat>(
+        &self,
+        dst: &mut impl DevWrite<T>,
+        src: &impl DevRead<T>,
+        idx: &impl DevRead<u32>,
+        d: usize,
+    ) -> Result<()> {
         let m = idx.dlen();
-        let dst = self.scratch::<T>(m * d)?;
+        if dst.dlen() < m * d {
+            return shape_err(format!(
+                "gather: {} destination values for {m} rows of {d}",
+                dst.dlen()
+            ));
+        }
         if m > 0 && d > 0 {
             let (o, s, i, d32) = (dst.dptr(), src.dptr(), idx.dptr(), d as i32);
             launch!(
@@ -80,7 +98,7 @@ impl Gpu {
                 &d32
             )?;
         }
-        Ok(dst)
+        Ok(())
     }
 
     /// LM head + cross-entropy forward as `reel_kernels::cross_entropy::lm_head_ce_forward`:
