@@ -19,6 +19,9 @@
 //! 56×56 frames, G = 4, 16 response tokens); `--rl-shape 3b|7b` a random-weight one at the
 //! published Qwen2.5-VL-3B/-7B shapes ([`reel_train::VlShape`], written once, bf16), with
 //! `--rl-side 448` the published frame size; `--rl-model DIR` a real Qwen2.5-VL folder.
+//! `--rl-model-dir DIR` keeps the random model in DIR (written once, then read). Under `reel
+//! launch --nproc N` with `--rl-sp N` each process runs one rank of the step on its own GPU
+//! (`run_vl_grpo`'s launched path); give them one `--rl-model-dir` written beforehand.
 //! `--rl-device` sets `train.device` (default "auto"), `--rl-checkpoint` the update's activation
 //! checkpointing (`train.checkpoint`, default "remat": each layer's input, attention output and
 //! lse kept, the rest recomputed — what lets a long row fit), `--rl-micro` the rows per
@@ -57,6 +60,9 @@ pub struct RlBenchArgs {
     pub response: usize,
     /// A Qwen2.5-VL folder to run instead of a random model.
     pub model: Option<PathBuf>,
+    /// Where the random shaped model is kept (written when the folder holds none, reused when it
+    /// does); default a temporary folder.
+    pub model_dir: Option<PathBuf>,
     /// The random model's shape when `model` is not given. Default tiny.
     pub shape: VlShape,
     /// Sequence-parallel ranks. Default 1.
@@ -132,6 +138,9 @@ fn positions_for(frames: usize, args: &RlBenchArgs) -> usize {
     video_tokens_at(frames, args.side) + 1024 + args.response
 }
 
+/// The fewest frames a model kept in `--rl-model-dir` has positions for.
+const KEPT_MODEL_FRAMES: usize = 4096;
+
 /// The frame counts' fixed benchmark (module docs).
 fn run_fixed(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
     let tmp = tempfile::tempdir()?;
@@ -175,15 +184,23 @@ fn run_fixed(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
         (Some(m), _) => Some(m.clone()),
         (None, VlShape::Tiny) => None,
         (None, shape) => {
-            let m = tmp.path().join("model");
             let longest = args.frames.iter().copied().max().unwrap_or(0);
-            let t0 = Instant::now();
-            write_shaped_vl_model(&m, shape, 0, positions_for(longest, args), args.side)?;
-            tracing::info!(
-                "wrote the random {} model in {:.1} s",
-                shape.name(),
-                t0.elapsed().as_secs_f64()
-            );
+            let (m, frames) = match &args.model_dir {
+                // A kept model serves later runs of more frames too.
+                Some(d) => (d.clone(), longest.max(KEPT_MODEL_FRAMES)),
+                None => (tmp.path().join("model"), longest),
+            };
+            if m.join("config.json").is_file() {
+                tracing::info!("the random {} model of {}", shape.name(), m.display());
+            } else {
+                let t0 = Instant::now();
+                write_shaped_vl_model(&m, shape, 0, positions_for(frames, args), args.side)?;
+                tracing::info!(
+                    "wrote the random {} model in {:.1} s",
+                    shape.name(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
             Some(m)
         }
     };
@@ -308,7 +325,8 @@ fn print_row(r: &serde_json::Value) {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The device's memory watch of a run that may use GPU 0 (`None` on the CPU or without one).
+/// The device's memory watch of a run that may use GPU 0, or a launched process's GPU (`None`
+/// on the CPU or without one).
 #[cfg(feature = "cuda")]
 struct Watch(Option<reel_cuda::MemWatch>);
 
@@ -318,7 +336,12 @@ impl Watch {
         if device == Device::Cpu {
             return Watch(None);
         }
-        Watch(reel_cuda::MemWatch::start(0, Duration::from_millis(10)).ok())
+        // Under `reel launch`, this process's GPU.
+        let ordinal = reel_train::device::Launched::from_env()
+            .ok()
+            .flatten()
+            .map_or(0, |l| l.local_rank);
+        Watch(reel_cuda::MemWatch::start(ordinal, Duration::from_millis(10)).ok())
     }
     /// Peak used and total bytes.
     fn stop(self) -> Option<(usize, usize)> {
@@ -727,6 +750,7 @@ mod tests {
             group: 2,
             response: 4,
             model: None,
+            model_dir: None,
             shape: VlShape::Tiny,
             sp: 1,
             reps: 1,

@@ -237,9 +237,15 @@ enum Command {
         /// `bench rl`: a Qwen2.5-VL folder instead of the tiny random model.
         #[arg(long)]
         rl_model: Option<PathBuf>,
-        /// `bench rl`: sequence-parallel ranks.
+        /// `bench rl`: sequence-parallel ranks (in process; under `reel launch --nproc N` with
+        /// `--rl-sp N`, one process per GPU).
         #[arg(long, default_value_t = 1)]
         rl_sp: usize,
+        /// `bench rl`: keep the random `--rl-shape` model in this folder (written when it holds
+        /// none, with positions for at least 4096 frames; reused as is when it does), so later
+        /// runs, such as each process of a launched one, read it instead of writing their own.
+        #[arg(long)]
+        rl_model_dir: Option<PathBuf>,
         #[command(flatten)]
         sp_train: bench_sp_train::SpTrainArgs,
         /// `bench rl`: the random model's shape: tiny, or the published Qwen2.5-VL 3b / 7b
@@ -698,6 +704,7 @@ fn real_main() -> Result<()> {
             rl_group,
             rl_response,
             rl_model,
+            rl_model_dir,
             rl_sp,
             sp_train,
             rl_shape,
@@ -731,6 +738,7 @@ fn real_main() -> Result<()> {
                     group: rl_group,
                     response: rl_response,
                     model: rl_model,
+                    model_dir: rl_model_dir,
                     shape: rl_shape,
                     sp: rl_sp,
                     reps,

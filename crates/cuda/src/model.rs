@@ -1145,11 +1145,24 @@ impl GpuQwen2 {
     }
 
     /// Every rank's `x`, gathered over the sequence-parallel group and then the data-parallel
-    /// group (`[x]` with neither), in world order (replica-major: rank dp_rank · sp + sp_rank).
-    /// Each level is an all-reduce of a `[P, 8·n]` buffer in which each rank writes the bytes of
-    /// its values in its own row (exact in f32). Used to compare the replicas' checksums.
+    /// group (`[x]` with neither), in world order (replica-major: rank dp_rank · sp + sp_rank),
+    /// as the bytes of each value gathered by [`GpuQwen2::all_gather_f32`]. Used to compare the
+    /// replicas' checksums.
     pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
-        let mut all = vec![x];
+        let bytes: Vec<f32> = x.to_le_bytes().into_iter().map(f32::from).collect();
+        Ok(self
+            .all_gather_f32(&bytes)?
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(std::array::from_fn(|i| c[i].round() as u8)))
+            .collect())
+    }
+
+    /// Every rank's `xs` (the same length on every rank), concatenated in world order over the
+    /// sequence-parallel group and then the data-parallel group (`xs` with neither). Each level
+    /// is an all-reduce of a `[P, n]` buffer in which each rank writes its values in its own
+    /// row and zeros elsewhere, so the gather is exact (x + 0 = x).
+    pub fn all_gather_f32(&self, xs: &[f32]) -> Result<Vec<f32>> {
+        let mut all = xs.to_vec();
         if let GpuAttention::Sp(sp) = &self.attn {
             all = self.gather_level(&all, sp.rank(), sp.world_size(), |g, b| {
                 sp.all_reduce_sum_dev(g, b)
@@ -1163,26 +1176,45 @@ impl GpuQwen2 {
         Ok(all)
     }
 
-    /// One level of [`GpuQwen2::all_gather_u64`]: `xs` of rank `r` of `p`, summed by `reduce`.
+    /// Sums `xs` element-wise over the sequence-parallel group and then the data-parallel group
+    /// (in place; unchanged with neither), through the device all-reduce the gradients take.
+    /// Where exactly one rank holds a nonzero value (log-probabilities scattered by the ranks
+    /// that own each position) the sum is that value, exactly.
+    pub fn all_reduce_sum_host(&self, xs: &mut [f32]) -> Result<()> {
+        let sp = match &self.attn {
+            GpuAttention::Sp(sp) => Some(sp),
+            GpuAttention::Local => None,
+        };
+        if sp.is_none() && self.dp.is_none() {
+            return Ok(());
+        }
+        let mut buf = self.gpu.upload(xs)?;
+        let out = (|| {
+            if let Some(sp) = sp {
+                sp.all_reduce_sum_dev(&self.gpu, &mut buf)?;
+            }
+            if let Some(dp) = &self.dp {
+                dp.dp_all_reduce(&self.gpu, &mut buf)?;
+            }
+            self.gpu.download_into(xs, &buf)
+        })();
+        self.abort_on_err(out)
+    }
+
+    /// One level of [`GpuQwen2::all_gather_f32`]: `xs` of rank `r` of `p`, summed by `reduce`.
     fn gather_level(
         &self,
-        xs: &[u64],
+        xs: &[f32],
         r: usize,
         p: usize,
         reduce: impl Fn(&Gpu, &mut DeviceBuf<f32>) -> Result<()>,
-    ) -> Result<Vec<u64>> {
-        let row = xs.len() * 8;
-        let mut host = vec![0f32; p * row];
-        for (i, b) in xs.iter().flat_map(|x| x.to_le_bytes()).enumerate() {
-            host[r * row + i] = f32::from(b);
-        }
+    ) -> Result<Vec<f32>> {
+        let n = xs.len();
+        let mut host = vec![0f32; p * n];
+        host[r * n..(r + 1) * n].copy_from_slice(xs);
         let mut buf = self.gpu.upload(&host)?;
-        reduce(&self.gpu, &mut buf)?;
-        let all = self.gpu.download(&buf)?;
-        Ok(all
-            .chunks(8)
-            .map(|c| u64::from_le_bytes(std::array::from_fn(|i| c[i].round() as u8)))
-            .collect())
+        let out = reduce(&self.gpu, &mut buf).and_then(|_| self.gpu.download(&buf));
+        self.abort_on_err(out)
     }
 
     /// Aborts the sequence-parallel and data-parallel groups (no-op with neither): every rank's

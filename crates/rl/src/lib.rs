@@ -23,8 +23,8 @@ pub mod reward;
 pub use advantage::{group_advantages, group_is_informative, DynamicBatch, DynamicSampler};
 pub use config::{AdvantageScaling, GrpoConfig, LossAggregation, RewardConfig};
 pub use loss::{
-    grpo_loss, k3_kl_token, policy_loss_token, ClipBranch, GrpoMetrics, LossScale, MetricsSummary,
-    PolicyLossConfig, PolicyTokens, TokenTerm,
+    grpo_loss, k3_kl_token, policy_loss_token, u64_words, words_u64, ClipBranch, GrpoMetrics,
+    LossScale, MetricsSummary, PolicyLossConfig, PolicyTokens, TokenTerm,
 };
 pub use reward::{
     place_on_last_token, AccuracyReward, CommandReward, FormatReward, Reward, RewardInput,

@@ -208,6 +208,26 @@ impl Default for GrpoMetrics {
     }
 }
 
+/// `x` as four 16-bit integers (low first), each exact in an f32.
+pub fn u64_words(x: u64) -> [f32; 4] {
+    std::array::from_fn(|i| ((x >> (16 * i)) & 0xffff) as f32)
+}
+
+/// The u64 of [`u64_words`]; `None` when a word is not an integer in 0..65536.
+pub fn words_u64(w: &[f32]) -> Option<u64> {
+    if w.len() != 4 {
+        return None;
+    }
+    let mut x = 0u64;
+    for (i, &v) in w.iter().enumerate() {
+        if !(0.0..65536.0).contains(&v) || v.fract() != 0.0 {
+            return None;
+        }
+        x |= (v as u64) << (16 * i);
+    }
+    Some(x)
+}
+
 /// Per-token means and fractions of a step (what the metrics JSONL records).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MetricsSummary {
@@ -238,6 +258,54 @@ impl GrpoMetrics {
         self.ratio_sum += o.ratio_sum;
         self.ratio_min = self.ratio_min.min(o.ratio_min);
         self.ratio_max = self.ratio_max.max(o.ratio_max);
+    }
+
+    /// Values in [`GrpoMetrics::packed`]'s form.
+    pub const PACKED_LEN: usize = 12 * 4;
+
+    /// The sums as f32 words that survive an exact transfer (a device all-gather of f32s): each
+    /// field's 64 bits (f64, or the count as u64) as four 16-bit integers, each exact in an f32.
+    /// [`GrpoMetrics::from_packed`] is its inverse, bit for bit.
+    pub fn packed(&self) -> Vec<f32> {
+        let fields = [
+            self.tokens as u64,
+            self.pg_loss_sum.to_bits(),
+            self.kl_sum.to_bits(),
+            self.kl_tokens as u64,
+            self.entropy_sum.to_bits(),
+            self.entropy_tokens as u64,
+            self.clipped_low as u64,
+            self.clipped_high as u64,
+            self.dual_clipped as u64,
+            self.ratio_sum.to_bits(),
+            self.ratio_min.to_bits(),
+            self.ratio_max.to_bits(),
+        ];
+        fields.iter().flat_map(|&x| u64_words(x)).collect()
+    }
+
+    /// The metrics [`GrpoMetrics::packed`] made; `None` when `w` is not [`Self::PACKED_LEN`]
+    /// words of 16-bit integers.
+    pub fn from_packed(w: &[f32]) -> Option<GrpoMetrics> {
+        if w.len() != Self::PACKED_LEN {
+            return None;
+        }
+        let v: Vec<u64> = w.chunks(4).map(words_u64).collect::<Option<_>>()?;
+        let f = f64::from_bits;
+        Some(GrpoMetrics {
+            tokens: v[0] as usize,
+            pg_loss_sum: f(v[1]),
+            kl_sum: f(v[2]),
+            kl_tokens: v[3] as usize,
+            entropy_sum: f(v[4]),
+            entropy_tokens: v[5] as usize,
+            clipped_low: v[6] as usize,
+            clipped_high: v[7] as usize,
+            dual_clipped: v[8] as usize,
+            ratio_sum: f(v[9]),
+            ratio_min: f(v[10]),
+            ratio_max: f(v[11]),
+        })
     }
 
     /// Means over tokens (0 and ratios of 1 when there were none).
@@ -421,6 +489,37 @@ pub fn grpo_loss(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn packed_metrics_come_back_bit_for_bit() {
+        let m = GrpoMetrics {
+            tokens: 123_456_789,
+            pg_loss_sum: -0.1234567890123,
+            kl_sum: 1e-300,
+            kl_tokens: 7,
+            entropy_sum: 3.5,
+            entropy_tokens: 9,
+            clipped_low: 1,
+            clipped_high: 2,
+            dual_clipped: 3,
+            ratio_sum: 1.0 / 3.0,
+            ratio_min: f64::INFINITY,
+            ratio_max: f64::NEG_INFINITY,
+        };
+        let w = m.packed();
+        assert_eq!(w.len(), GrpoMetrics::PACKED_LEN);
+        let back = GrpoMetrics::from_packed(&w).unwrap();
+        assert_eq!(back.pg_loss_sum.to_bits(), m.pg_loss_sum.to_bits());
+        assert_eq!(back, m);
+        assert_eq!(words_u64(&u64_words(u64::MAX - 5)).unwrap(), u64::MAX - 5);
+        // Not words: a fraction, out of range, the wrong length.
+        let mut bad = w.clone();
+        bad[3] = 0.5;
+        assert!(GrpoMetrics::from_packed(&bad).is_none());
+        bad[3] = 65536.0;
+        assert!(GrpoMetrics::from_packed(&bad).is_none());
+        assert!(GrpoMetrics::from_packed(&w[1..]).is_none());
+    }
+
     use super::*;
 
     const CFG: PolicyLossConfig = PolicyLossConfig {

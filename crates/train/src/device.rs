@@ -192,11 +192,7 @@ pub fn rollout_decoder(
 }
 
 /// A GRPO run's policy (a text decoder, or a Qwen2.5-VL's) on the GPU for the scoring passes and the update (dp = sp = 1, after
-/// [`rollout_gpu`] chose the GPU: `have_gpu`): `model`'s weights and `opt`'s state (a resumed
-/// run's) uploaded to a [`GpuModel`] on its own handle of GPU 0, `reference` (a flat parameter
-/// buffer) as its frozen reference copy. `None` when `gpu_update` is off or there is no GPU; when the model
-/// cannot be put there, "auto" logs why and keeps scoring and the update on the CPU, an
-/// explicit "cuda" in `want` is an error naming `setting`.
+/// [`rollout_gpu`] chose the GPU: `have_gpu`): [`grpo_policy_ranks`] with one rank.
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_policy_gpu(
     have_gpu: bool,
@@ -208,17 +204,164 @@ pub fn grpo_policy_gpu(
     opt: &reel_optim::AdamW,
     setting: &str,
 ) -> Result<Option<GpuModel>> {
-    if !have_gpu {
+    let p = grpo_policy_ranks(
+        have_gpu,
+        gpu_update,
+        want,
+        model,
+        reference,
+        policy,
+        opt,
+        setting,
+        PolicyRanks::One,
+    )?;
+    Ok(p.and_then(|mut p| p.models.pop()))
+}
+
+/// Where a GRPO run's device policy runs its ranks.
+pub enum PolicyRanks {
+    /// One rank on GPU 0.
+    One,
+    /// `dims.dp() × dims.sp()` in-process ranks sharing GPU 0, each on its own stream
+    /// ([`gpu_sp_group`]): attention by `method` within each replica, gradients summed over
+    /// both levels on the device.
+    InProcess {
+        dims: reel_parallel::ParallelDims,
+        method: reel_parallel::SpMethod,
+        overlap: reel_parallel::Overlap,
+        timeout: std::time::Duration,
+    },
+    /// This process's rank of a launched dp × sp world, one process per GPU ([`gpu_proc`]).
+    Proc(Box<GpuProc>),
+}
+
+/// A GRPO run's policy on the device: one [`GpuModel`] per rank this process runs (one; or the
+/// in-process ranks of [`PolicyRanks::InProcess`]), each holding the whole policy, its AdamW
+/// state and the bf16 reference, its token shard of every row under sequence parallelism.
+/// After every update every rank holds the same weights (gradients all-reduced, the same AdamW
+/// step), so the lead rank's serve the rollout decoder and the checkpoints.
+pub struct GpuPolicy {
+    models: Vec<GpuModel>,
+}
+
+impl GpuPolicy {
+    /// The first rank's model (world rank 0 in process, or this process's).
+    pub fn lead(&self) -> &GpuModel {
+        &self.models[0]
+    }
+
+    /// Runs `f` on every rank's model, each on a thread of its own when there are several
+    /// (their collectives meet), and returns the results in rank order; a failing rank has
+    /// aborted its groups, so the others fail too instead of waiting.
+    pub fn each<T: Send>(
+        &mut self,
+        f: impl Fn(&mut GpuModel) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        if let [one] = self.models.as_mut_slice() {
+            return Ok(vec![f(one)?]);
+        }
+        let f = &f;
+        let results: Vec<Result<T>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .models
+                .iter_mut()
+                .map(|m| s.spawn(move || f(m)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the rank's thread panicked")))
+                })
+                .collect()
+        });
+        let mut out = Vec::with_capacity(results.len());
+        let mut errors = Vec::new();
+        for (r, res) in results.into_iter().enumerate() {
+            match res {
+                Ok(v) => out.push(v),
+                Err(e) => errors.push(e.context(format!("GPU policy rank {r}"))),
+            }
+        }
+        if errors.is_empty() {
+            return Ok(out);
+        }
+        // A rank's own failure, not a peer's abort, names the cause.
+        let first = errors
+            .iter()
+            .position(|e| !crate::sft::is_secondary(e))
+            .unwrap_or(0);
+        Err(errors.swap_remove(first))
+    }
+}
+
+/// `upload(place)` of every rank of `group` (`dims.dp() × dims.sp()` ranks), each on a thread
+/// of its own (a rank opens its stream and device endpoints on its thread), in rank order.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables, unreachable_code))]
+fn on_rank_threads<T: Send>(
+    group: GpuSpGroup,
+    dims: reel_parallel::ParallelDims,
+    upload: &(impl Fn(GpuPlace) -> Result<T> + Sync),
+) -> Result<Vec<T>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..dims.world())
+            .map(|r| {
+                let group = group.clone();
+                s.spawn(move || {
+                    let c = dims.coords(r)?;
+                    upload(GpuPlace::Sp {
+                        group,
+                        dp_rank: c.dp_rank,
+                        sp_rank: c.sp_rank,
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank's thread panicked")))
+            })
+            .collect()
+    })
+}
+
+/// The policy of a GRPO run on the GPU for the scoring passes and the update, its ranks where
+/// `ranks` says (after [`rollout_gpu`] chose the GPU: `have_gpu`, or a launched process's):
+/// `model`'s weights and `opt`'s state (a resumed run's) uploaded to each rank's [`GpuModel`],
+/// `reference` (a flat parameter buffer) as its frozen reference copy. `None` when `gpu_update`
+/// is off or there is no GPU; when the model cannot be put there, "auto" logs why and keeps
+/// scoring and the update on the CPU, an explicit "cuda" in `want` is an error naming
+/// `setting` (a launched process's, always an error: it has no CPU path).
+#[allow(clippy::too_many_arguments)]
+pub fn grpo_policy_ranks(
+    have_gpu: bool,
+    gpu_update: bool,
+    want: Device,
+    model: &reel_model::Qwen2,
+    reference: Option<&[f32]>,
+    policy: CheckpointPolicy,
+    opt: &reel_optim::AdamW,
+    setting: &str,
+    ranks: PolicyRanks,
+) -> Result<Option<GpuPolicy>> {
+    let launched = matches!(ranks, PolicyRanks::Proc(_));
+    if !have_gpu && !launched {
         return Ok(None);
     }
     if !gpu_update {
+        if launched {
+            anyhow::bail!(
+                "train.gpu_update = false: a launched GRPO run scores and updates on its GPUs"
+            );
+        }
         tracing::info!("GRPO scoring and update on the CPU (train.gpu_update = false)");
         return Ok(None);
     }
-    let made = (|| -> Result<GpuModel> {
-        let g = open_gpu().map_err(|e| anyhow::anyhow!(e))?;
-        let mut gm = GpuModel::new(
-            g,
+    let upload = |place: GpuPlace| -> Result<GpuModel> {
+        let mut gm = gpu_model(
+            place,
             model.config.clone(),
             &model.params,
             policy,
@@ -233,15 +376,40 @@ pub fn grpo_policy_gpu(
             gm.set_reference(r)?;
         }
         Ok(gm)
+    };
+    let made = (|| -> Result<GpuPolicy> {
+        let models = match ranks {
+            PolicyRanks::One => {
+                let g = open_gpu().map_err(|e| anyhow::anyhow!(e))?;
+                vec![upload(GpuPlace::One(Box::new(g)))?]
+            }
+            PolicyRanks::Proc(p) => vec![upload(GpuPlace::Proc(p))?],
+            PolicyRanks::InProcess {
+                dims,
+                method,
+                overlap,
+                timeout,
+            } => {
+                let g = open_gpu().map_err(|e| anyhow::anyhow!(e))?;
+                on_rank_threads(
+                    gpu_sp_group(g, dims, method, overlap, timeout),
+                    dims,
+                    &upload,
+                )?
+            }
+        };
+        Ok(GpuPolicy { models })
     })();
     match made {
-        Ok(gm) => {
+        Ok(p) => {
             tracing::info!(
-                "GRPO scoring and update on the GPU (bf16 compute, fp32 master weights)"
+                "GRPO scoring and update on the GPU ({} rank(s) here; bf16 compute, fp32 master \
+                 weights)",
+                p.models.len()
             );
-            Ok(Some(gm))
+            Ok(Some(p))
         }
-        Err(e) if want == Device::Cuda => {
+        Err(e) if want == Device::Cuda || launched => {
             anyhow::bail!("{setting} = \"cuda\": putting the policy on the GPU: {e:#}")
         }
         Err(e) => {
@@ -348,6 +516,21 @@ impl Launched {
     }
 }
 
+/// The GPU this process opens by default: 0, or a launched process's own
+/// ([`set_process_gpu_ordinal`]).
+static PROCESS_GPU: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Makes `ordinal` the GPU every later [`open_gpu`], GPU tower and in-process device rank of
+/// this process opens: a launched process's own GPU (its local rank, [`process_gpu`]).
+pub fn set_process_gpu_ordinal(ordinal: usize) {
+    PROCESS_GPU.store(ordinal, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The GPU this process opens by default (module docs of [`set_process_gpu_ordinal`]).
+pub fn process_gpu_ordinal() -> usize {
+    PROCESS_GPU.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Refuses a command that runs in one process (`what`, e.g. "grpo") when this process is one
 /// of a world of several started by `reel launch`: every process would run the whole job and
 /// write the same output folder. `None` (not launched) and a world of one pass.
@@ -365,10 +548,13 @@ pub fn one_process_only(what: &str, l: Option<&Launched>) -> Result<(), String> 
 
 /// Checks that the launched process `l` can train its share of a run with `dims` on one GPU of
 /// its own (one process per GPU): the run trains on the GPU (`device` not "cpu", `cuda` built
-/// in), the text decoder (`vlm` false), dp · sp = the world size, and this machine has a
-/// GPU for every process the launcher started on it (`gpus` counts them). Returns the process's
-/// GPU ordinal, its local rank; the error says what to change.
+/// in), not a Qwen2.5-VL SFT run (`vlm`: SFT of the VLM runs in one process; `reel grpo`
+/// passes false, its VLM runs launched), dp · sp = the world size, and this machine has a
+/// GPU for every process the launcher started on it (`gpus` counts them). `what` names the
+/// command ("sft", "grpo"). Returns the process's GPU ordinal, its local rank; the error says
+/// what to change.
 pub fn process_gpu(
+    what: &str,
     l: &Launched,
     dims: reel_parallel::ParallelDims,
     device: Device,
@@ -377,7 +563,8 @@ pub fn process_gpu(
     gpus: impl FnOnce() -> Result<usize, String>,
 ) -> Result<usize, String> {
     let w = l.world;
-    let under = format!("under `reel launch` (WORLD_SIZE = {w}), sft trains one process per GPU");
+    let under =
+        format!("under `reel launch` (WORLD_SIZE = {w}), {what} trains one process per GPU");
     if device == Device::Cpu {
         return Err(format!(
             "{under}; train.device = \"cpu\" has no multi-process path: run it without `reel \
@@ -414,7 +601,7 @@ pub fn process_gpu(
     if n < l.local_world {
         return Err(format!(
             "rank {}: `reel launch` started {} processes on this machine, which has {n} GPU(s); \
-             sft needs one GPU per process (at most --nproc {n} here)",
+             {what} needs one GPU per process (at most --nproc {n} here)",
             l.rank, l.local_world
         ));
     }
@@ -578,7 +765,7 @@ pub fn gpu_model(
             sp_rank,
         } => {
             let at = format!("rank (dp {dp_rank}, sp {sp_rank})");
-            let g = reel_cuda::Gpu::open_on_new_stream(0)
+            let g = reel_cuda::Gpu::open_on_new_stream(process_gpu_ordinal())
                 .with_context(|| format!("{at}: opening its stream"))?;
             let sp = match group.sp_worlds.get(dp_rank) {
                 Some(w) => Some(
@@ -721,9 +908,10 @@ pub enum GpuTower {
 
 #[cfg(feature = "cuda")]
 impl GpuTower {
-    /// Uploads `tower`'s weights to GPU 0 (f32 storage when `f32`, else bf16).
+    /// Uploads `tower`'s weights to this process's GPU ([`process_gpu_ordinal`]; f32 storage
+    /// when `f32`, else bf16).
     pub fn new(tower: &reel_model::VisionTower, f32: bool) -> Result<Self> {
-        let gpu = reel_cuda::Gpu::open_on_new_stream(0)?;
+        let gpu = reel_cuda::Gpu::open_on_new_stream(process_gpu_ordinal())?;
         Ok(if f32 {
             GpuTower::F32(reel_cuda::GpuVisionTower::new(gpu, tower)?)
         } else {
@@ -794,10 +982,11 @@ pub fn describe(g: &GpuHandle) -> String {
     match g.never {}
 }
 
-/// Opens GPU 0 (the error says what is missing).
+/// Opens this process's GPU ([`process_gpu_ordinal`]: 0 unless launched; the error says what is
+/// missing).
 #[cfg(feature = "cuda")]
 pub fn open_gpu() -> Result<GpuHandle, String> {
-    reel_cuda::Gpu::open(0).map_err(|e| e.to_string())
+    reel_cuda::Gpu::open(process_gpu_ordinal()).map_err(|e| e.to_string())
 }
 
 /// How many GPUs this machine has (or why none can be counted).
@@ -994,6 +1183,12 @@ mod cpu_only {
             match self.never {}
         }
         pub fn all_gather_u64(&self, _: u64) -> R<Vec<u64>> {
+            match self.never {}
+        }
+        pub fn all_gather_f32(&self, _: &[f32]) -> R<Vec<f32>> {
+            match self.never {}
+        }
+        pub fn all_reduce_sum_host(&self, _: &mut [f32]) -> R<()> {
             match self.never {}
         }
         pub fn backward(&mut self, _: &TokenBatch, _: f32) -> R<()> {
@@ -1297,15 +1492,31 @@ mod tests {
             |sp: usize, dp: usize| reel_parallel::ParallelDims::new(dp, sp, dp * sp).unwrap();
         let two = || -> Result<usize, String> { Ok(2) };
         let plan = |l: &Launched, d, dev, vlm, built, gpus: Result<usize, String>| {
-            process_gpu(l, d, dev, vlm, built, || gpus)
+            process_gpu("sft", l, d, dev, vlm, built, || gpus)
         };
         // Two processes, two GPUs: each its local rank.
         assert_eq!(
-            process_gpu(&l(0, 2, 2), dims(2, 1), Device::Cuda, false, true, two),
+            process_gpu(
+                "sft",
+                &l(0, 2, 2),
+                dims(2, 1),
+                Device::Cuda,
+                false,
+                true,
+                two
+            ),
             Ok(0)
         );
         assert_eq!(
-            process_gpu(&l(1, 2, 2), dims(2, 1), Device::Auto, false, true, two),
+            process_gpu(
+                "sft",
+                &l(1, 2, 2),
+                dims(2, 1),
+                Device::Auto,
+                false,
+                true,
+                two
+            ),
             Ok(1)
         );
         // Two nodes of 2 processes: global rank 3 is local rank 1.

@@ -1132,7 +1132,7 @@ fn rank_loop<T: SftTask, C: Communicator>(
 }
 
 /// Whether `e` only reports that another rank failed first.
-fn is_secondary(e: &anyhow::Error) -> bool {
+pub(crate) fn is_secondary(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref::<CommError>(),
@@ -1359,6 +1359,7 @@ fn run_process<T: SftTask>(
     l: &Launched,
 ) -> Result<SftSummary> {
     let ordinal = process_gpu(
+        "sft",
         l,
         dims,
         cfg.train.device,

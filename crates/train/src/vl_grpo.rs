@@ -87,14 +87,16 @@ use reel_model::{
     Rotary, Workspace,
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder, VisionSpError};
-use reel_rl::{grpo_loss, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens};
+use reel_rl::{
+    grpo_loss, u64_words, words_u64, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens,
+};
 use reel_rollout::{sample_seed, Prompt};
 use serde_json::json;
 
 use crate::accuracy::{engine_config, grouped_engine_config};
 use crate::device::{
-    gpu_rollout_unsupported, grpo_policy_gpu, rollout_decoder, rollout_device, rollout_gpu,
-    update_device, GpuEmbedsBatch, GpuModel, Weights,
+    grpo_policy_ranks, rollout_decoder, rollout_device, rollout_gpu, update_device, GpuEmbedsBatch,
+    GpuPolicy, PolicyRanks, Weights,
 };
 use crate::grpo::{
     adamw_for, clip_and_step, detokenizer, generation_params, gpu_clip_and_step,
@@ -924,80 +926,162 @@ fn minibatch_grads(
     Ok((grads, loss, metrics))
 }
 
-/// A micro-batch's unpacked rows as the GPU policy takes them: the feature rows (a sample's
-/// prompt rows holding the video token; a response's video token is an ordinary table row) and
-/// their features, copied out of the rows' input embeddings.
-fn gpu_features(r: &VlRows, micro: &[&Sample], vid: u32) -> (Vec<bool>, Vec<f32>) {
-    let (m, t) = (&r.model, r.model.t);
-    let d = m.embeds.len() / m.tokens.len().max(1);
-    let mut rows = vec![false; m.tokens.len()];
-    let mut feats = Vec::new();
-    for (k, s) in micro.iter().enumerate() {
-        for i in 0..s.prompt_len.min(t) {
-            let at = k * t + i;
-            if m.tokens[at] == vid {
-                rows[at] = true;
-                feats.extend_from_slice(&m.embeds[at * d..(at + 1) * d]);
-            }
-        }
-    }
-    (rows, feats)
+/// One rank's rows of a micro-batch as the GPU policy takes them: the whole unpacked rows, or
+/// under sequence parallelism the rank's token shard of them (cut as the CPU ranks cut theirs;
+/// padding rows are feature rows of zeros, so they take no embedding-table gradient). The
+/// feature rows are a sample's prompt rows holding the video token (a response's video token
+/// is an ordinary table row), their features copied out of the rows' input embeddings.
+struct GpuRows {
+    tokens: Vec<u32>,
+    targets: Vec<i32>,
+    mask: Vec<bool>,
+    feature_rows: Vec<bool>,
+    features: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
 }
 
-/// `r`'s rows as a [`GpuEmbedsBatch`] over `rows`/`feats` from [`gpu_features`].
-fn gpu_batch<'a>(
-    r: &'a VlRows,
-    vid: u32,
-    rows: &'a [bool],
-    feats: &'a [f32],
-) -> GpuEmbedsBatch<'a> {
-    GpuEmbedsBatch {
-        tokens: &r.model.tokens,
-        targets: &r.model.targets,
-        feature_token: vid,
-        feature_rows: Some(rows),
-        features: feats,
-        cos: &r.model.cos,
-        sin: &r.model.sin,
-        b: r.model_b,
-        t: r.model.t,
+impl GpuRows {
+    /// `r`'s rows (samples `micro`), whole or rank `rank`'s shard under `sh`.
+    fn new(
+        r: &VlRows,
+        micro: &[&Sample],
+        vid: u32,
+        sh: Option<Sharding>,
+        rank: usize,
+    ) -> Result<GpuRows> {
+        let (m, b, t) = (&r.model, r.model_b, r.model.t);
+        let d = m.embeds.len() / m.tokens.len().max(1);
+        let mut feature = vec![false; m.tokens.len()];
+        for (k, s) in micro.iter().enumerate() {
+            for i in 0..s.prompt_len.min(t) {
+                feature[k * t + i] = m.tokens[k * t + i] == vid;
+            }
+        }
+        let Some(sh) = sh else {
+            let features = feature
+                .iter()
+                .enumerate()
+                .filter(|(_, &f)| f)
+                .flat_map(|(i, _)| &m.embeds[i * d..(i + 1) * d])
+                .copied()
+                .collect();
+            return Ok(GpuRows {
+                tokens: m.tokens.clone(),
+                targets: m.targets.clone(),
+                mask: m.mask.clone(),
+                feature_rows: feature,
+                features,
+                cos: m.cos.clone(),
+                sin: m.sin.clone(),
+                t,
+            });
+        };
+        let half = m.cos.len() / (b * t);
+        // Which whole row each shard row is (padding: none), to copy only the shard's features.
+        let all: Vec<u32> = (0..(b * t) as u32).collect();
+        let src = sh.shard(&all, b, 1, rank, u32::MAX)?;
+        let feature_rows = sh.shard(&feature, b, 1, rank, true)?;
+        let mut features = Vec::new();
+        for (&f, &i) in feature_rows.iter().zip(&src) {
+            match (f, i) {
+                (false, _) => {}
+                (true, u32::MAX) => features.extend(std::iter::repeat_n(0.0, d)),
+                (true, i) => {
+                    let i = i as usize;
+                    features.extend_from_slice(&m.embeds[i * d..(i + 1) * d]);
+                }
+            }
+        }
+        Ok(GpuRows {
+            tokens: sh.shard(&m.tokens, b, 1, rank, vid)?,
+            targets: sh.shard(&m.targets, b, 1, rank, IGNORE_INDEX)?,
+            mask: sh.shard(&m.mask, b, 1, rank, false)?,
+            feature_rows,
+            features,
+            cos: sh.shard(&m.cos, b, half, rank, 1.0)?,
+            sin: sh.shard(&m.sin, b, half, rank, 0.0)?,
+            t: sh.local_len(),
+        })
+    }
+
+    fn batch(&self, vid: u32, b: usize) -> GpuEmbedsBatch<'_> {
+        GpuEmbedsBatch {
+            tokens: &self.tokens,
+            targets: &self.targets,
+            feature_token: vid,
+            feature_rows: Some(&self.feature_rows),
+            features: &self.features,
+            cos: &self.cos,
+            sin: &self.sin,
+            b,
+            t: self.t,
+        }
     }
 }
 
 /// [`logprob_pass`] on the GPU policy: `log π(target)` [B·T] of every micro-batch with
-/// `weights` (the policy's, or the reference's).
+/// `weights` (the policy's, or the reference's). Each rank scores its replica's micro-batches
+/// (its token shard of them), scatters its log-probabilities into the whole [B·T] layout
+/// (zeros where another rank holds the position) and the layouts are summed over the ranks,
+/// so every rank ends with every micro-batch's, exactly.
 fn gpu_logprob_pass(
     cfg: &GrpoRunConfig,
-    g: &mut GpuModel,
+    gp: &mut GpuPolicy,
     weights: Weights,
     rows: &[VlRows],
     micros: &[Vec<&Sample>],
     vid: u32,
 ) -> Result<Vec<Vec<f32>>> {
-    rows.iter()
-        .zip(micros)
-        .map(|(r, micro)| {
-            let (fr, feats) = gpu_features(r, micro, vid);
-            let mut lp = vec![0.0f32; r.b * r.t];
+    let mut per_rank = gp.each(|g| {
+        let ((replica, dp), rank) = (g.dp_coords(), g.sp_rank());
+        let mut all: Vec<Vec<f32>> = rows.iter().map(|r| vec![0.0; r.b * r.t]).collect();
+        for (j, r) in replica_rows(rows, replica, dp) {
+            let sh = g.set_seq_len(r.t)?;
+            let loc = GpuRows::new(r, &micros[j], vid, sh, rank)?;
+            let mut lp = vec![0.0f32; r.b * loc.t];
             g.token_logprobs_embeds(
-                &gpu_batch(r, vid, &fr, &feats),
+                &loc.batch(vid, r.b),
                 weights,
                 cfg.grpo.temperature,
                 &mut lp,
                 None,
             )?;
-            Ok(lp)
-        })
-        .collect()
+            all[j] = match sh {
+                None => lp,
+                Some(sh) => {
+                    let zeros = vec![0.0f32; lp.len()];
+                    let shards: Vec<&[f32]> = (0..sh.ranks())
+                        .map(|k| if k == rank { &lp[..] } else { &zeros[..] })
+                        .collect();
+                    sh.unshard(&shards, r.b, 1)?
+                }
+            };
+        }
+        let mut flat = all.concat();
+        g.all_reduce_sum_host(&mut flat)?;
+        let mut at = 0;
+        Ok(all
+            .iter()
+            .map(|a| {
+                at += a.len();
+                flat[at - a.len()..at].to_vec()
+            })
+            .collect::<Vec<_>>())
+    })?;
+    Ok(per_rank.swap_remove(0))
 }
 
-/// [`minibatch_grads`] on the GPU policy: every micro-batch's `token_logprobs_embeds` →
-/// [`grpo_loss`] → `backward_logprobs_embeds` (decoder and embedding-table gradients added on
-/// the device); returns the loss and metrics.
+/// [`minibatch_grads`] on the GPU policy: every rank's micro-batches (its replica's, its token
+/// shard of them) through `token_logprobs_embeds` → [`grpo_loss`] →
+/// `backward_logprobs_embeds` (decoder and embedding-table gradients added on the device), the
+/// gradients then summed over every rank on the device; returns the loss and metrics of every
+/// rank, merged in world order (gathered exactly, so every rank returns the same).
 #[allow(clippy::too_many_arguments)]
 fn gpu_minibatch(
     cfg: &GrpoRunConfig,
-    g: &mut GpuModel,
+    gp: &mut GpuPolicy,
     rows: &[VlRows],
     micros: &[Vec<&Sample>],
     olds: Option<&[Vec<f32>]>,
@@ -1006,49 +1090,196 @@ fn gpu_minibatch(
     scale: LossScale,
     vid: u32,
 ) -> Result<(f64, GrpoMetrics)> {
-    let mut loss = 0.0f64;
-    let mut metrics = GrpoMetrics::default();
-    for (j, (r, micro)) in rows.iter().zip(micros).enumerate() {
-        let (fr, feats) = gpu_features(r, micro, vid);
-        let eb = gpu_batch(r, vid, &fr, &feats);
-        let n = r.b * r.t;
-        let (mut lp, mut ent) = (vec![0.0f32; n], vec![0.0f32; n]);
-        g.token_logprobs_embeds(
-            &eb,
-            Weights::Policy,
-            cfg.grpo.temperature,
-            &mut lp,
-            Some(&mut ent),
-        )?;
-        let old = match olds {
-            Some(o) => o[j].clone(),
-            None => lp.clone(),
-        };
-        let x = PolicyTokens {
-            b: r.b,
-            t: r.t,
-            logp: &lp,
-            old_logp: &old,
-            ref_logp: refs.map(|x| x[j].as_slice()),
-            entropy: Some(&ent),
-            mask: &r.mask,
-            advantages: &r.advantages,
-            seq_tokens: None,
-        };
-        let mut dlogp = vec![0.0f32; n];
-        let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
-        loss += l;
-        metrics.merge(&m);
-        g.backward_logprobs_embeds(&eb, &dlogp, false)?;
+    let mut per_rank = gp.each(|g| {
+        let ((replica, dp), rank) = (g.dp_coords(), g.sp_rank());
+        let mut loss = 0.0f64;
+        let mut metrics = GrpoMetrics::default();
+        for (j, r) in replica_rows(rows, replica, dp) {
+            let sh = g.set_seq_len(r.t)?;
+            let loc = GpuRows::new(r, &micros[j], vid, sh, rank)?;
+            let eb = loc.batch(vid, r.b);
+            let n = r.b * loc.t;
+            let (mut lp, mut ent) = (vec![0.0f32; n], vec![0.0f32; n]);
+            g.token_logprobs_embeds(
+                &eb,
+                Weights::Policy,
+                cfg.grpo.temperature,
+                &mut lp,
+                Some(&mut ent),
+            )?;
+            let cut = |full: &[f32]| -> Result<Vec<f32>> {
+                Ok(match sh {
+                    Some(sh) => sh.shard(full, r.b, 1, rank, 0.0)?,
+                    None => full.to_vec(),
+                })
+            };
+            let old = match olds {
+                Some(o) => cut(&o[j])?,
+                None => lp.clone(),
+            };
+            let rf = refs.map(|x| cut(&x[j])).transpose()?;
+            let x = PolicyTokens {
+                b: r.b,
+                t: loc.t,
+                logp: &lp,
+                old_logp: &old,
+                ref_logp: rf.as_deref(),
+                entropy: Some(&ent),
+                mask: &loc.mask,
+                advantages: &r.advantages,
+                seq_tokens: sh.is_some().then_some(r.seq_tokens.as_slice()),
+            };
+            let mut dlogp = vec![0.0f32; n];
+            let (l, m) = grpo_loss(&x, loss_cfg, scale, &mut dlogp)?;
+            loss += l;
+            metrics.merge(&m);
+            g.backward_logprobs_embeds(&eb, &dlogp, false)?;
+        }
+        g.all_reduce_grads(reel_model::LossStats::default())?;
+        let mut mine = u64_words(loss.to_bits()).to_vec();
+        mine.extend(metrics.packed());
+        let words = mine.len();
+        let all = g.all_gather_f32(&mine)?;
+        let (mut loss, mut metrics) = (0.0f64, GrpoMetrics::default());
+        for w in all.chunks(words) {
+            let bad = || anyhow::anyhow!("the ranks' gathered loss statistics are not words");
+            loss += f64::from_bits(words_u64(&w[..4]).ok_or_else(bad)?);
+            metrics.merge(&GrpoMetrics::from_packed(&w[4..]).ok_or_else(bad)?);
+        }
+        Ok((loss, metrics))
+    })?;
+    Ok(per_rank.swap_remove(0))
+}
+
+/// Every prompt's responses (per prompt, per sample, the token ids) and the engines' prefill and
+/// decode token counts.
+type Rollouts = (Vec<Vec<Vec<u32>>>, u64, u64);
+
+/// Every process's rollouts of a launched world, in prompt order: `mine` holds this process's
+/// prompts' responses (prompts k ≡ rank mod world of `prompts`), each process's packed as f32
+/// words ([`pack_rollouts`]) and gathered over NCCL by the policy's groups; the engines' prefill
+/// and decode token counts summed.
+fn gather_rollouts(
+    gp: &GpuPolicy,
+    mine: &[Vec<Vec<u32>>],
+    prefill: u64,
+    decode: u64,
+    prompts: usize,
+) -> Result<Rollouts> {
+    let mut w = pack_rollouts(mine, prefill, decode)?;
+    let lens = gp.lead().all_gather_f32(&[w.len() as f32])?;
+    let width = lens.iter().fold(0.0f32, |a, &b| a.max(b)) as usize;
+    w.resize(width, 0.0);
+    let all = gp.lead().all_gather_f32(&w)?;
+    unpack_rollouts(&all, width, lens.len(), prompts)
+}
+
+/// One process's rollouts as f32 words, each exact: the prefill and decode counts (four 16-bit
+/// words each), the number of prompts, then per prompt its samples and per sample its length
+/// and token ids (below 2^24, as is the whole length).
+fn pack_rollouts(mine: &[Vec<Vec<u32>>], prefill: u64, decode: u64) -> Result<Vec<f32>> {
+    let mut w: Vec<f32> = Vec::new();
+    w.extend(u64_words(prefill));
+    w.extend(u64_words(decode));
+    w.push(mine.len() as f32);
+    for group in mine {
+        w.push(group.len() as f32);
+        for r in group {
+            w.push(r.len() as f32);
+            w.extend(r.iter().map(|&t| t as f32));
+        }
     }
-    Ok((loss, metrics))
+    if w.len() >= 1 << 24 || mine.iter().flatten().flatten().any(|&t| t >= 1 << 24) {
+        bail!("rollouts too large to gather as f32 words");
+    }
+    Ok(w)
+}
+
+/// The inverse of [`pack_rollouts`] over `world` processes' words, `width` each (padded), in
+/// rank order: every prompt's responses in prompt order (prompt k from rank k mod world) and
+/// the summed counts.
+fn unpack_rollouts(
+    all: &[f32],
+    width: usize,
+    world: usize,
+    prompts: usize,
+) -> Result<Rollouts> {
+    let (mut pre, mut dec) = (0u64, 0u64);
+    let mut per_rank: Vec<std::vec::IntoIter<Vec<Vec<u32>>>> = Vec::with_capacity(world);
+    for r in 0..world {
+        let chunk = all.get(r * width..(r + 1) * width).unwrap_or(&[]);
+        let bad = || anyhow::anyhow!("rank {r}'s rollouts arrived malformed");
+        let mut it = chunk.iter().copied();
+        let mut word = || it.next().ok_or_else(bad);
+        let mut u64_of = || -> Result<u64> {
+            let q = [word()?, word()?, word()?, word()?];
+            words_u64(&q).ok_or_else(bad)
+        };
+        pre += u64_of()?;
+        dec += u64_of()?;
+        let n = word()? as usize;
+        let mut groups = Vec::with_capacity(n);
+        for _ in 0..n {
+            let samples = word()? as usize;
+            let mut group = Vec::with_capacity(samples);
+            for _ in 0..samples {
+                let len = word()? as usize;
+                group.push(
+                    (0..len)
+                        .map(|_| Ok(word()? as u32))
+                        .collect::<Result<Vec<u32>>>()?,
+                );
+            }
+            groups.push(group);
+        }
+        per_rank.push(groups.into_iter());
+    }
+    let mut every = Vec::with_capacity(prompts);
+    for k in 0..prompts {
+        let owner = per_rank
+            .get_mut(k % world)
+            .context("no rank holds a prompt")?;
+        every.push(
+            owner
+                .next()
+                .with_context(|| format!("prompt {k}'s rollouts are missing"))?,
+        );
+    }
+    Ok((every, pre, dec))
 }
 
 /// Runs (or resumes) GRPO of a Qwen2.5-VL checkpoint (`model.path`, model_type `qwen2_5_vl`)
 /// on LongVideo-Reason prompts (`data.prompts`) with MR-SP (module docs).
 pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSummary> {
-    let launched = crate::device::Launched::from_env().map_err(anyhow::Error::msg)?;
-    crate::device::one_process_only("grpo", launched.as_ref()).map_err(anyhow::Error::msg)?;
+    // Under `reel launch`: this process is one rank of the dp × sp grid on its own GPU (module
+    // docs); rank 0 writes.
+    let launched = crate::device::Launched::from_env()
+        .map_err(anyhow::Error::msg)?
+        .filter(|l| l.world > 1);
+    let lead = launched.as_ref().is_none_or(|l| l.rank == 0);
+    let dims = cfg.parallel.dims()?;
+    let ordinal = match &launched {
+        Some(l) => {
+            let o = crate::device::process_gpu(
+                "grpo",
+                l,
+                dims,
+                cfg.train.device,
+                false,
+                crate::device::BUILT_WITH_CUDA,
+                crate::device::gpu_count,
+            )
+            .map_err(anyhow::Error::msg)?;
+            crate::device::set_process_gpu_ordinal(o);
+            Some(o)
+        }
+        None => None,
+    };
+    // A launched process has no CPU path: "auto" means its GPU.
+    let device = match launched {
+        Some(_) => crate::Device::Cuda,
+        None => cfg.train.device,
+    };
     cfg.validate_vl()?;
     let tok_dir = cfg.tokenizer_dir();
     let tok = Tokenizer::from_dir(tok_dir)
@@ -1071,7 +1302,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             bad.len()
         );
     }
-    let (ckpts, resumed) = open_run(cfg, opts.resume, true)?;
+    let (ckpts, resumed) = open_run(cfg, opts.resume, lead)?;
     let load = |d: &Path| load_vl_checkpoint(d).with_context(|| format!("loading {}", d.display()));
     let mut model = load(resumed.as_deref().unwrap_or(init_dir))?;
     // The reference is the initial weights: the model's own unless the run resumed (a copy is
@@ -1081,13 +1312,12 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         _ => None,
     };
     // The rollouts' GPU decoder of the language model, kept for the run (weights refreshed
-    // after each step); sp > 1 keeps the CPU engine beside its CPU ranks.
-    let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
-    let gpu = rollout_gpu(cfg.train.device, cpu_only, "train.device", ROLLOUTS)?;
+    // after each step): one engine rolls out every group whatever dp × sp the passes run on.
+    let gpu = rollout_gpu(device, None, "train.device", ROLLOUTS)?;
     let have_gpu = gpu.is_some();
     let mut decoder = rollout_decoder(
         gpu,
-        cfg.train.device,
+        device,
         &model.lm,
         cfg.rollout.gpu_f32,
         "train.device",
@@ -1120,15 +1350,51 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         (None, true) => Some(model.lm.params.as_slice()),
         (None, false) => None,
     };
-    let mut gm: Option<GpuModel> = grpo_policy_gpu(
+    let (method, timeout) = (
+        cfg.parallel.sp_method(
+            model.lm.config.num_attention_heads,
+            model.lm.config.num_key_value_heads,
+        )?,
+        Duration::from_secs(cfg.parallel.timeout_s.max(1)),
+    );
+    let overlap = if cfg.parallel.overlap {
+        Overlap::Overlapped
+    } else {
+        Overlap::Blocking
+    };
+    let ranks = match (&launched, ordinal) {
+        (Some(l), Some(o)) => {
+            let p = crate::device::gpu_proc(l, dims, o, method, overlap, timeout)?;
+            tracing::info!(
+                "rank {} of {} processes, one GPU each over NCCL: dp {} × sp {} ({} attention) on \
+                 {}",
+                l.rank,
+                l.world,
+                dims.dp(),
+                dims.sp(),
+                cfg.parallel.schedule,
+                p.describe()
+            );
+            PolicyRanks::Proc(Box::new(p))
+        }
+        _ if dims.world() == 1 => PolicyRanks::One,
+        _ => PolicyRanks::InProcess {
+            dims,
+            method,
+            overlap,
+            timeout,
+        },
+    };
+    let mut gm: Option<GpuPolicy> = grpo_policy_ranks(
         have_gpu,
         cfg.train.gpu_update,
-        cfg.train.device,
+        device,
         &model.lm,
         reference_params,
         cfg.train.checkpoint,
         &opt,
         "train.device",
+        ranks,
     )?;
     if gm.is_some() {
         reference = None;
@@ -1139,7 +1405,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             model.lm.params.clone(),
         )?);
     }
-    let update_device = update_device(gm.as_ref());
+    let update_device = update_device(gm.as_ref().map(GpuPolicy::lead));
     if tok.vocab_size() > model.config.text.vocab_size {
         bail!(
             "the tokenizer has {} tokens but the model's vocabulary is {}",
@@ -1152,9 +1418,10 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         .context("the tokenizer has neither a pad nor an eos token")?;
     let stop = crate::accuracy::stop_token_ids(&tok, &model.lm);
     let detok = detokenizer(&tok);
+    // A launched run's files are rank 0's: the other processes keep their caches in memory.
     let cache = Arc::new(match &cfg.video.cache_dir {
-        Some(d) => EmbedCache::with_dir(cfg.video.cache_bytes, d)?,
-        None => EmbedCache::new(cfg.video.cache_bytes),
+        Some(d) if lead => EmbedCache::with_dir(cfg.video.cache_bytes, d)?,
+        _ => EmbedCache::new(cfg.video.cache_bytes),
     });
     let enc = SpVisionEncoder::new();
     let weights = weights_fingerprint(&model.vision.params);
@@ -1167,7 +1434,12 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         feed: Mutex::new(feed),
         cache: &cache,
         enc: &enc,
-        sp: cfg.parallel.sp,
+        // A launched process encodes every video itself (MR-SP's frame split is in process).
+        sp: if launched.is_some() {
+            1
+        } else {
+            cfg.parallel.sp
+        },
         gpu: gm.is_some(),
         gpu_tower: gpu_tower.as_ref(),
     };
@@ -1177,7 +1449,12 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
     let loss_cfg = cfg.grpo.policy_loss();
     let updates = cfg.train.mini_batches * cfg.train.ppo_epochs;
     let vid = model.config.video_token_id;
-    let mut reporter = Reporter::open(cfg, &opts, start_step)?;
+    let mut reporter = lead
+        .then(|| Reporter::open(cfg, &opts, start_step))
+        .transpose()?;
+    // A launched world splits each round's groups over its processes (group k to rank k mod
+    // world) and gathers the responses.
+    let (wrank, world) = launched.as_ref().map_or((0, 1), |l| (l.rank, l.world));
     let mut summary = GrpoSummary::starting(start_step, resumed.as_deref().unwrap_or(init_dir));
     let result: Result<()> = (|| {
         for done in steps_to_run(cfg, &opts, start_step) {
@@ -1213,6 +1490,9 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     .with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
                 for (k, (_, pr)) in drawn.iter().enumerate() {
+                    if k % world != wrank {
+                        continue;
+                    }
                     let params = generation_params(cfg, done, round, k, &stop);
                     let named = || format!("{at}: prompt {}", pr.problem_id);
                     if cfg.video.reuse {
@@ -1237,10 +1517,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 times.encode_s += extra_encode;
                 let outs = engine.run().with_context(|| format!("{at}: rollout"))?;
                 let st = engine.stats();
-                let mut groups = Vec::with_capacity(drawn.len());
                 let mut outs = outs.into_iter();
-                for (i, pr) in drawn {
-                    let responses: Vec<Vec<u32>> = if cfg.video.reuse {
+                // This process's prompts' responses, then (launched) every process's.
+                let mut mine: Vec<Vec<Vec<u32>>> = Vec::new();
+                for _ in (wrank..drawn.len()).step_by(world) {
+                    mine.push(if cfg.video.reuse {
                         let o = outs.next().context("a group without output")?;
                         o.samples.into_iter().map(|s| s.ids).collect()
                     } else {
@@ -1250,7 +1531,19 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                                 Ok(o.samples.into_iter().next().context("no sample")?.ids)
                             })
                             .collect::<Result<_>>()?
-                    };
+                    });
+                }
+                let (mut every, prefill, decode) = match (world, gm.as_ref()) {
+                    (1, _) => (mine, st.prefill_tokens, st.decode_tokens),
+                    (_, Some(gp)) => {
+                        gather_rollouts(gp, &mine, st.prefill_tokens, st.decode_tokens, drawn.len())
+                            .with_context(|| format!("{at}: gathering the processes' rollouts"))?
+                    }
+                    (_, None) => bail!("a launched run holds its policy on the GPU"),
+                };
+                let mut groups = Vec::with_capacity(drawn.len());
+                for (i, pr) in drawn {
+                    let responses = std::mem::take(&mut every[groups.len()]);
                     groups.push(RolledGroup {
                         prompt: i,
                         prompt_ids: pr.ids.clone(),
@@ -1263,8 +1556,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 }
                 Ok(RoundWork {
                     groups,
-                    prefill: st.prefill_tokens,
-                    decode: st.decode_tokens,
+                    prefill,
+                    decode,
                 })
             })?;
             let rollout_s = c.rollout_s - times.decode_s - times.encode_s;
@@ -1335,14 +1628,15 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     let poison = opts.poison_step == Some(done);
                     let (loss, grad_norm) = match gm.as_mut() {
                         Some(g) => {
-                            g.zero_grads()?;
+                            g.each(|g| Ok(g.zero_grads()?))?;
                             let (loss, m) = gpu_minibatch(
                                 cfg, g, &rows, mb, olds_k, refs_k, &loss_cfg, scale, vid,
                             )
                             .with_context(|| format!("{at}: update"))?;
                             tally.metrics.merge(&m);
                             let loss = if poison { f64::NAN } else { loss };
-                            (loss, gpu_clip_and_step(cfg, g, loss, &at)?)
+                            let norms = g.each(|g| gpu_clip_and_step(cfg, g, loss, &at))?;
+                            (loss, norms[0])
                         }
                         None => {
                             let (mut grads, loss, m) = minibatch_grads(
@@ -1369,7 +1663,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             // The host weights: the prompts' embedding rows are formed from its table; only
             // that table is copied back while the GPU decoder rolls out (the CPU engine reads
             // every weight).
-            if let Some(g) = gm.as_ref() {
+            if let Some(g) = gm.as_ref().map(GpuPolicy::lead) {
                 let copied = if decoder.is_some() {
                     let e = model.lm.layout.embed.clone();
                     g.params_range_into(e.clone(), &mut model.lm.params[e])
@@ -1378,7 +1672,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                 };
                 copied.with_context(|| format!("{at}: copying the GPU policy to the host"))?;
             }
-            match (decoder.as_mut(), gm.as_ref()) {
+            match (decoder.as_mut(), gm.as_ref().map(GpuPolicy::lead)) {
                 (Some(d), Some(g)) => d.load_from_policy(g),
                 (Some(d), None) => d.load_params(&model.lm.params),
                 (None, _) => Ok(()),
@@ -1422,15 +1716,17 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             ] {
                 record[k] = v;
             }
-            reporter.step(
-                cfg,
-                &record,
-                outcome.loss(),
-                c.decode as f64 / rollout_s.max(1e-9),
-            )?;
+            if let Some(r) = reporter.as_mut() {
+                r.step(
+                    cfg,
+                    &record,
+                    outcome.loss(),
+                    c.decode as f64 / rollout_s.max(1e-9),
+                )?;
+            }
             summary.records.push(record);
-            if !opts.no_checkpoints && is_save_step(cfg, done) {
-                sync_host(gm.as_ref(), &mut model.lm, &mut opt)
+            if lead && !opts.no_checkpoints && is_save_step(cfg, done) {
+                sync_host(gm.as_ref().map(GpuPolicy::lead), &mut model.lm, &mut opt)
                     .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
                 let state = grpo_trainer_state(
                     cfg,
@@ -1456,9 +1752,24 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
                     .with_context(|| format!("{at}: saving the checkpoint"))?;
             }
         }
+        // The replicas of a launched world end identical (each process's own weights, compared
+        // over NCCL).
+        if let (Some(_), Some(gp)) = (&launched, gm.as_ref()) {
+            let sum = crate::sft::param_checksum(&gp.lead().params_host()?);
+            let all = gp.lead().all_gather_u64(sum)?;
+            if let Some(r) = all.iter().position(|&c| c != all[0]) {
+                bail!("rank {r}'s parameters differ from rank 0's at the end of the run (replicas diverged)");
+            }
+        }
         Ok(())
     })();
-    reporter.finish();
+    if let Some(r) = reporter {
+        r.finish();
+    }
+    let result = match &launched {
+        Some(l) => result.with_context(|| format!("rank {} of {}", l.rank, l.world)),
+        None => result,
+    };
     with_last_good(&ckpts, result)?;
     Ok(VlGrpoSummary {
         run: summary,
@@ -2002,31 +2313,64 @@ mod tests {
     }
 
     #[test]
-    fn cuda_rollouts_of_a_sequence_parallel_or_gpu_less_run_are_refused_with_the_reason() {
+    fn rollouts_packed_by_three_processes_come_back_in_prompt_order() {
+        // 5 prompts over 3 ranks: rank 0 holds prompts 0 and 3, rank 1 prompts 1 and 4, rank 2
+        // prompt 2; responses of different lengths, an empty one, ids near 2^24.
+        let prompt = |k: u32| -> Vec<Vec<u32>> {
+            (0..2)
+                .map(|j| (0..(k + j)).map(|i| k * 1000 + i).collect())
+                .collect()
+        };
+        let mut big = prompt(2);
+        big[1].push((1 << 24) - 1);
+        let mine = [
+            vec![prompt(0), prompt(3)],
+            vec![prompt(1), prompt(4)],
+            vec![big.clone()],
+        ];
+        let packed: Vec<Vec<f32>> = mine
+            .iter()
+            .enumerate()
+            .map(|(r, m)| pack_rollouts(m, 10 + r as u64, (1 << 40) + r as u64).unwrap())
+            .collect();
+        let width = packed.iter().map(Vec::len).max().unwrap();
+        let all: Vec<f32> = packed
+            .iter()
+            .flat_map(|w| {
+                w.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, width - w.len()))
+            })
+            .collect();
+        let (every, pre, dec) = unpack_rollouts(&all, width, 3, 5).unwrap();
+        assert_eq!(every, vec![prompt(0), prompt(1), big, prompt(3), prompt(4)]);
+        assert_eq!((pre, dec), (33, 3 * (1 << 40) + 3));
+        // A prompt no rank sent, a truncated buffer, an id that no f32 holds exactly.
+        assert!(unpack_rollouts(&all, width, 3, 6).is_err());
+        assert!(unpack_rollouts(&all[..2 * width], width, 3, 5).is_err());
+        assert!(pack_rollouts(&[vec![vec![1 << 24]]], 0, 0).is_err());
+    }
+
+    #[test]
+    fn cuda_rollouts_the_gpu_cannot_run_are_refused_with_the_reason() {
         let tmp = tempfile::tempdir().unwrap();
         let (model, data) = setup(tmp.path(), 2);
         let mut cfg = config(&model, &data, tmp.path().join("run"));
         cfg.train.device = crate::Device::Cuda;
-        cfg.parallel.sp = 2;
-        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
-        let why = if crate::device::BUILT_WITH_CUDA {
-            "dp = sp = 1"
-        } else {
-            "`cuda` feature"
-        };
-        assert!(
-            e.contains("train.device = \"cuda\"") && e.contains(why),
-            "{e}"
-        );
-        // One rank: the head dimension (16) the GPU decoder lacks, or no GPU, is named.
-        cfg.parallel.sp = 1;
-        let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
-        assert!(e.contains("train.device = \"cuda\""), "{e}");
+        // At any dp × sp: the head dimension (16) the GPU decoder lacks, or no GPU, is named
+        // (a sequence-parallel run rolls out on the one decoder too).
         let why = if crate::device::BUILT_WITH_CUDA {
             "head dimensions"
         } else {
             "`cuda` feature"
         };
-        assert!(e.contains(why), "{e}");
+        for sp in [2, 1] {
+            cfg.parallel.sp = sp;
+            let e = format!("{:#}", run_vl_grpo(&cfg, quiet()).unwrap_err());
+            assert!(
+                e.contains("train.device = \"cuda\"") && e.contains(why),
+                "sp {sp}: {e}"
+            );
+        }
     }
 }

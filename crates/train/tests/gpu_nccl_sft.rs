@@ -23,19 +23,15 @@
 mod common;
 
 use common::gpu_tests_enabled as enabled;
+use common::launch::{is_rank_of, launch, CONFIG};
+use reel_comm::launch::LaunchError;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use reel_comm::launch::{Launch, LaunchError};
-use reel_cuda::libs;
 use reel_model::CheckpointPolicy;
 use reel_train::{run_sft, Device, RunOptions, SftConfig, SftSummary, SpSchedule};
 
-/// Names the test a rank process runs.
-const SCENARIO: &str = "REEL_NCCL_SCENARIO";
-/// The run config a rank process reads (written by the launcher).
-const CONFIG: &str = "REEL_SFT_TEST_CONFIG";
 /// Where the killed rank writes the time it died (milliseconds since the epoch).
 const STAMP: &str = "REEL_SFT_TEST_STAMP";
 /// Set for the relaunch that resumes.
@@ -53,47 +49,6 @@ fn worlds() -> Vec<usize> {
         .filter_map(|w| w.trim().parse().ok())
         .filter(|&w| w >= 2)
         .collect()
-}
-
-/// Runs test `name` as `world` rank processes with `env`; the launcher's result.
-fn launch(name: &str, world: usize, port: u16, env: &[(&str, String)]) -> Result<(), LaunchError> {
-    let dirs = libs::lib_dirs();
-    let shim = std::env::temp_dir().join(format!("reel-nccl-sft-shim-{}", std::process::id()));
-    let shim = libs::make_nccl_shim(dirs, &shim)
-        .ok()
-        .filter(|&m| m)
-        .map(|_| shim);
-    let ld = libs::library_path(
-        shim.as_deref(),
-        dirs,
-        std::env::var("LD_LIBRARY_PATH").ok().as_deref(),
-    );
-    let exe = std::env::current_exe().unwrap();
-    let args = vec![
-        name.into(),
-        "--exact".into(),
-        "--nocapture".into(),
-        "--test-threads=1".into(),
-    ];
-    let mut l = Launch::local(exe, args, world);
-    l.rendezvous = format!("127.0.0.1:{port}");
-    l.env = vec![
-        (SCENARIO.into(), name.into()),
-        ("LD_LIBRARY_PATH".into(), ld),
-        (libs::REEXEC_MARK.into(), "1".into()),
-        ("NCCL_NVLS_ENABLE".into(), "0".into()),
-    ];
-    l.env
-        .extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let t = Instant::now();
-    let r = reel_comm::launch::run(&l);
-    eprintln!("{name}: world {world} ran {:.1?}: {r:?}", t.elapsed());
-    r
-}
-
-/// Whether this process is a rank of test `name` (else the launcher).
-fn is_rank_of(name: &str) -> Option<bool> {
-    std::env::var(SCENARIO).ok().map(|s| s == name)
 }
 
 /// The tiny run of the SFT tests with head dimension 16 (cuDNN takes multiples of 8), on the GPU.

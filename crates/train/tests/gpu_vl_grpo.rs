@@ -10,22 +10,29 @@
 //!   KL, gradient norms and final weights, bit for bit (`train.gpu_update = false`: scoring and
 //!   update run on the CPU from the same samples; `video.gpu_tower = "off"`: the CPU tower
 //!   encodes); the bf16 decoder's run (its videos encoded by the bf16 GPU tower, scoring and
-//!   update on the GPU) completes with finite metrics; `parallel.sp = 2` with
-//!   `train.device = "cuda"` is refused with the reason.
+//!   update on the GPU) completes with finite metrics; `parallel.sp = 2` rolls out on the same
+//!   decoder (step 1: the same samples), its CPU ranks scoring and updating.
 //! - Scoring and update on the GPU (`train.gpu_update`, the default): with f32 rollouts, step 1
 //!   (the same samples) has the CPU run's loss, KL, gradient norm and entropy within bf16
 //!   tolerance (the CPU packing rows by prompt, the GPU one row per sample); a run stopped after
 //!   step 1 and resumed gives the uninterrupted run's step 2.
+//! - Scoring and update on in-process GPU ranks (dp × sp on one GPU: sp 2 zigzag and DistAttn,
+//!   sp 3 ring, dp 2, dp 2 × sp 2): step 1 draws the one-rank run's samples and follows its
+//!   loss, KL, gradient norm and entropy within bf16 tolerance; step 2 and the checkpoint are
+//!   finite.
+//! - One process per GPU (`nccl_vl_grpo_processes_follow_one_gpu`, 2 GPUs): the same at sp 2
+//!   and dp 2 over NCCL, the groups' rollouts split over the processes and gathered.
 //! - `eval_vl_accuracy` with `device = cuda`, f32: every greedy response and the report equal the
 //!   CPU's; bf16 answers every record.
 //!
 //! Needs the `cuda` feature and a GPU; opt-in:
 //!
-//!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_vl_grpo -- --nocapture
+//!     REEL_GPU_TESTS=1 NCCL_NVLS_ENABLE=0 cargo test -p reel-train --features cuda --release --test gpu_vl_grpo -- --test-threads=1 --nocapture
 #![cfg(feature = "cuda")]
 
 mod common;
 
+use common::launch::{is_rank_of, launch, CONFIG};
 use common::{gpu_tests_enabled as enabled, metric as num};
 
 use reel_data::{
@@ -37,7 +44,7 @@ use reel_model::{load_vl_checkpoint, save_vl_checkpoint, Qwen25VL};
 use reel_train::vl::write_tiny_vl_model;
 use reel_train::{
     eval_vl_accuracy, run_vl_grpo, stop_token_ids, AccuracyOptions, Device, GpuTowerMode,
-    GrpoOptions, GrpoRunConfig, ProgressMode, VlGrpoSummary,
+    GrpoOptions, GrpoRunConfig, ProgressMode, SpSchedule, VlGrpoSummary,
 };
 use std::path::{Path, PathBuf};
 
@@ -181,22 +188,151 @@ fn gpu_vl_rollouts_give_the_cpu_runs_samples_and_loss() {
     let w = load_vl_checkpoint(&bf16.run.final_model_dir).unwrap();
     assert!(w.lm.params.iter().all(|x| x.is_finite()));
 
-    // Sequence parallelism keeps the CPU engine: "cuda" refuses with the reason, "auto" falls
-    // back and says where it rolled out.
+    // Sequence parallelism rolls out on the same decoder (one engine for every group): step 1
+    // draws the one-rank run's samples; its CPU ranks score and update them.
     let mut sp = config(&m, &data, at("sp"), Device::Cuda, true);
     sp.parallel.sp = 2;
     sp.train.steps = 1;
-    let e = format!(
-        "{:#}",
-        run_vl_grpo(&sp, GrpoOptions::default()).unwrap_err()
-    );
-    assert!(
-        e.contains("dp = sp = 1") && e.contains("train.device"),
-        "{e}"
-    );
-    sp.train.device = Device::Auto;
     let s = run(&sp);
-    assert_eq!(s.run.records[0]["rollout_device"], "cpu");
+    let (r, g1) = (&s.run.records[0], &gpu.run.records[0]);
+    assert_eq!(r["rollout_device"], "cuda-f32");
+    assert_eq!(r["update_device"], "cpu");
+    for k in ["reward_mean", "decode_tokens", "response_len_max"] {
+        assert_eq!(r[k], g1[k], "sp 2 step 1: {k}");
+    }
+}
+
+/// The scoring-and-update runs of the rank tests: f32 rollouts and the CPU tower (so every run
+/// draws the same samples at step 1), scoring and update on the GPU policy, two steps, two rows
+/// per micro-batch (two micro-batches a mini-batch, one per replica at dp = 2).
+fn ranks_config(model: &Path, data: &Path, out: PathBuf) -> GrpoRunConfig {
+    let mut cfg = config(model, data, out, Device::Cuda, true);
+    cfg.train.gpu_update = true;
+    cfg.train.steps = 2;
+    cfg.train.micro_batch_seqs = 2;
+    cfg.grpo.lr = 1e-3;
+    cfg.grpo.temperature = 0.9;
+    cfg
+}
+
+/// Asserts that `got`'s step (a run on several ranks) drew `want`'s samples (the one-rank run's
+/// step) and has its loss, KL, gradient norm and entropy within bf16 tolerance; every value of
+/// `got` finite.
+fn follows(what: &str, want: &serde_json::Value, got: &serde_json::Value) {
+    assert_eq!(got["update_device"], "cuda-bf16", "{what}");
+    for k in ["reward_mean", "decode_tokens", "response_len_max"] {
+        assert_eq!(want[k], got[k], "{what}: the same samples ({k})");
+    }
+    let (lw, lg) = (num(want, "loss"), num(got, "loss"));
+    let (kw, kg) = (num(want, "kl"), num(got, "kl"));
+    let (nw, ng) = (num(want, "grad_norm"), num(got, "grad_norm"));
+    let (ew, eg) = (num(want, "entropy"), num(got, "entropy"));
+    eprintln!(
+        "{what}: loss {lg:.6} (one rank {lw:.6}); kl {kg:.3e} ({kw:.3e}); grad_norm {ng:.5} \
+         ({nw:.5}); entropy {eg:.4} ({ew:.4}); scoring_s {:.3} update_s {:.3}",
+        num(got, "scoring_s"),
+        num(got, "update_s")
+    );
+    assert!((lw - lg).abs() <= 2e-3 + 2e-2 * lw.abs(), "{what}: loss");
+    assert!((kw - kg).abs() <= 1e-4 + 0.3 * kw.abs(), "{what}: kl");
+    assert!((nw - ng).abs() <= 5e-2 * nw, "{what}: grad_norm");
+    assert!((ew - eg).abs() <= 2e-2 * ew.abs(), "{what}: entropy");
+}
+
+#[test]
+fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, data) = setup(dir.path());
+    let one = run(&ranks_config(&m, &data, dir.path().join("one")));
+    for (dp, sp, schedule) in [
+        (1, 2, SpSchedule::Zigzag),
+        (1, 2, SpSchedule::Distattn),
+        (1, 3, SpSchedule::Ring),
+        (2, 1, SpSchedule::Distattn),
+        (2, 2, SpSchedule::Zigzag),
+    ] {
+        let what = format!("dp {dp} × sp {sp} ({schedule})");
+        let mut cfg = ranks_config(
+            &m,
+            &data,
+            dir.path().join(format!("dp{dp}-sp{sp}-{schedule}")),
+        );
+        cfg.parallel.dp = dp;
+        cfg.parallel.sp = sp;
+        cfg.parallel.schedule = schedule;
+        let s = run(&cfg);
+        assert_eq!(s.run.records.len(), 2, "{what}");
+        follows(&what, &one.run.records[0], &s.run.records[0]);
+        for k in ["loss", "grad_norm", "kl", "entropy"] {
+            let x = num(&s.run.records[1], k);
+            assert!(x.is_finite(), "{what} step 2: {k} = {x}");
+        }
+        let w = load_vl_checkpoint(&s.run.final_model_dir).unwrap();
+        assert!(w.lm.params.iter().all(|x| x.is_finite()), "{what}");
+    }
+}
+
+/// `reel grpo` of a Qwen2.5-VL with one process per GPU (`reel launch`): each process one rank
+/// of the dp × sp grid on its own GPU, the round's groups split over the processes and their
+/// responses gathered, the scoring and update passes' attention and gradients over NCCL. Step
+/// 1 of sp = 2 (zigzag) and of dp = 2 draws the one-GPU run's samples and follows its loss,
+/// KL, gradient norm and entropy within bf16 tolerance; the run ends with the replicas
+/// identical (checked by the run over NCCL) and rank 0's checkpoint loads. Needs 2 GPUs.
+#[test]
+fn nccl_vl_grpo_processes_follow_one_gpu() {
+    const NAME: &str = "nccl_vl_grpo_processes_follow_one_gpu";
+    match is_rank_of(NAME) {
+        Some(false) => return,
+        Some(true) => {
+            let path = std::env::var(CONFIG).expect("the launcher names the config");
+            let cfg = GrpoRunConfig::from_file(&path).unwrap();
+            let s = run_vl_grpo(&cfg, GrpoOptions::default()).unwrap_or_else(|e| panic!("{e:#}"));
+            assert_eq!(s.run.records.len() as u64, cfg.train.steps);
+            return;
+        }
+        None => {}
+    }
+    if !enabled() {
+        return;
+    }
+    let gpus = reel_cuda::Gpu::device_count().unwrap_or(0);
+    if gpus < 2 {
+        eprintln!("nccl_vl_grpo_processes_follow_one_gpu: {gpus} GPU(s), needs 2; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, data) = setup(dir.path());
+    let one = run(&ranks_config(&m, &data, dir.path().join("one")));
+    for (j, (dp, sp)) in [(1, 2), (2, 1)].into_iter().enumerate() {
+        let what = format!("2 processes, dp {dp} × sp {sp}");
+        let mut cfg = ranks_config(&m, &data, dir.path().join(format!("nccl-dp{dp}-sp{sp}")));
+        cfg.parallel.dp = dp;
+        cfg.parallel.sp = sp;
+        cfg.parallel.schedule = SpSchedule::Zigzag;
+        let path = dir.path().join(format!("nccl-{j}.toml"));
+        std::fs::write(&path, cfg.to_toml()).unwrap();
+        launch(
+            NAME,
+            2,
+            29900 + 3 * j as u16,
+            &[(CONFIG, path.display().to_string())],
+        )
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let records: Vec<serde_json::Value> =
+            std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        assert_eq!(records.len(), 2, "{what}: rank 0's metrics");
+        follows(&what, &one.run.records[0], &records[0]);
+        let latest = cfg.output.dir.join("checkpoints/step-2");
+        let w = load_vl_checkpoint(&latest).unwrap();
+        assert!(w.lm.params.iter().all(|x| x.is_finite()), "{what}");
+    }
 }
 
 #[test]

@@ -150,6 +150,9 @@ pub fn metrics(cfg: &SftConfig) -> Vec<serde_json::Value> {
 
 pub mod text_grpo;
 
+#[cfg(feature = "cuda")]
+pub mod launch;
+
 /// Whether the opt-in GPU tests run (`REEL_GPU_TESTS=1`); says how to turn them on when not.
 pub fn gpu_tests_enabled() -> bool {
     let on = std::env::var("REEL_GPU_TESTS").as_deref() == Ok("1");
