@@ -321,6 +321,10 @@ fn print_row(r: &serde_json::Value) {
         g("prefill_tokens"),
         peak,
     );
+    // A launched run's processes each print their row: which one, and its GPU's peak.
+    if let Some(rank) = r["rank"].as_u64() {
+        println!("       (the row above: rank {rank} of a launched world)");
+    }
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -424,7 +428,13 @@ fn one_run(
         .first()
         .map_or(0, |b| b.0[..b.1].iter().filter(|&&t| t == vid).count());
     let g = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    let rank = reel_train::device::Launched::from_env()
+        .ok()
+        .flatten()
+        .filter(|l| l.world > 1)
+        .map(|l| l.rank);
     Ok(json!({
+        "rank": rank,
         "frames": frames, "video_tokens": video_tokens, "prompt_tokens": prompt,
         "reuse": reuse, "step_s": g("step_s"), "decode_s": g("decode_s"),
         "encode_s": g("encode_s"), "rollout_s": g("rollout_s"),

@@ -1198,12 +1198,7 @@ fn pack_rollouts(mine: &[Vec<Vec<u32>>], prefill: u64, decode: u64) -> Result<Ve
 /// The inverse of [`pack_rollouts`] over `world` processes' words, `width` each (padded), in
 /// rank order: every prompt's responses in prompt order (prompt k from rank k mod world) and
 /// the summed counts.
-fn unpack_rollouts(
-    all: &[f32],
-    width: usize,
-    world: usize,
-    prompts: usize,
-) -> Result<Rollouts> {
+fn unpack_rollouts(all: &[f32], width: usize, world: usize, prompts: usize) -> Result<Rollouts> {
     let (mut pre, mut dec) = (0u64, 0u64);
     let mut per_rank: Vec<std::vec::IntoIter<Vec<Vec<u32>>>> = Vec::with_capacity(world);
     for r in 0..world {
