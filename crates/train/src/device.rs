@@ -25,10 +25,13 @@
 //!
 //! A GRPO run (text or Qwen2.5-VL) resolves the same setting for its rollouts
 //! ([`gpu_rollout_unsupported`], [`rollout_gpu`], [`rollout_decoder`]): one [`RolloutDecoder`] on
-//! GPU 0 when dp = sp = 1. Both trainers then also score (old policy, reference) and update
-//! there ([`grpo_policy_gpu`]: a [`GpuModel`] holding the policy, its AdamW state and the bf16
-//! reference weights; the decoder takes the updated weights device to device,
-//! [`RolloutDecoder::load_from_policy`]). Greedy accuracy evaluation
+//! GPU 0 when dp = sp = 1 (a Qwen2.5-VL's at any dp × sp). Both trainers then also score (old
+//! policy, reference) and update there ([`grpo_policy_gpu`]: a [`GpuModel`] holding the policy,
+//! its AdamW state and the bf16 reference weights; the decoder takes the updated weights device
+//! to device, [`RolloutDecoder::load_from_policy`]); the VLM trainer on dp × sp ranks
+//! ([`grpo_policy_ranks`], [`GpuPolicy`]: in-process ranks sharing the GPU, or under `reel
+//! launch` this process's rank on its GPU, [`PolicyRanks`]; a launched process opens its own GPU
+//! by default, [`set_process_gpu_ordinal`]). Greedy accuracy evaluation
 //! (`reel eval --accuracy --device`) decodes through the same decoder ([`step_model`]).
 //!
 //! Without the `cuda` feature, [`GpuHandle`], [`GpuSpGroup`], [`GpuProc`], [`GpuModel`],
@@ -537,9 +540,10 @@ pub fn process_gpu_ordinal() -> usize {
 pub fn one_process_only(what: &str, l: Option<&Launched>) -> Result<(), String> {
     match l {
         Some(l) if l.world > 1 => Err(format!(
-            "`reel {what}` runs in one process (its dp × sp ranks in process; the GPU at dp = sp \
-             = 1): under `reel launch` (WORLD_SIZE = {}) every process would run the whole job \
-             into the same output folder; run it without `reel launch`",
+            "`reel {what}` of a text decoder runs in one process (its dp × sp ranks in process; \
+             the GPU at dp = sp = 1): under `reel launch` (WORLD_SIZE = {}) every process would \
+             run the whole job into the same output folder; run it without `reel launch` (a \
+             Qwen2.5-VL's GRPO runs one process per GPU)",
             l.world
         )),
         _ => Ok(()),
@@ -643,6 +647,9 @@ pub struct GpuProc {
     rank: usize,
     sp: Option<reel_cuda::NcclComm>,
     dp: Option<reel_cuda::NcclComm>,
+    /// The whole world as a host-level communicator (asked of [`gpu_proc`]; see
+    /// [`GpuProc::take_host`]).
+    host: Option<reel_cuda::NcclComm>,
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
 }
@@ -656,13 +663,30 @@ impl GpuProc {
     pub fn describe(&self) -> String {
         self.gpu.info().to_string()
     }
+
+    /// The world's host-level communicator (host buffers, staged through the GPU by NCCL),
+    /// when [`gpu_proc`] was asked for one: what the processes exchange outside the model's
+    /// passes, such as MR-SP's encoding split over them.
+    pub fn take_host(&mut self) -> Option<HostComm> {
+        self.host.take()
+    }
 }
+
+/// A launched world's host-level communicator ([`GpuProc::take_host`]): NCCL's.
+#[cfg(feature = "cuda")]
+pub type HostComm = reel_cuda::NcclComm;
+/// A launched world's host-level communicator: never made without the `cuda` feature (a
+/// [`GpuProc`] cannot be), so any communicator type stands in.
+#[cfg(not(feature = "cuda"))]
+pub type HostComm = reel_comm::InProcess;
 
 /// Opens GPU `ordinal` (its own stream) and joins the launched world `l` over NCCL (rendezvous,
 /// init and every later wait bounded by `timeout`), split into the dp × sp grid `dims`
 /// (rank = dp_rank · sp + sp_rank: a replica's sequence-parallel ranks are consecutive, so they
-/// share a node where they can).
+/// share a node where they can); with `host`, also a host-level communicator of the whole world
+/// ([`GpuProc::take_host`]).
 #[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
 pub fn gpu_proc(
     l: &Launched,
     dims: reel_parallel::ParallelDims,
@@ -670,6 +694,7 @@ pub fn gpu_proc(
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
     timeout: std::time::Duration,
+    host: bool,
 ) -> Result<GpuProc> {
     use anyhow::Context;
     use reel_comm::Communicator;
@@ -677,6 +702,14 @@ pub fn gpu_proc(
         .with_context(|| format!("rank {}: opening GPU {ordinal}", l.rank))?;
     let world = reel_cuda::NcclComm::init(l.rank, l.world, &l.rendezvous, ordinal, timeout)
         .with_context(|| format!("rank {}: joining the NCCL world", l.rank))?;
+    let host = match host {
+        true => Some(
+            world
+                .split(0, l.rank)
+                .with_context(|| format!("rank {}: forming its host communicator", l.rank))?,
+        ),
+        false => None,
+    };
     let c = dims.coords(l.rank)?;
     let (sp, dp) = match (dims.dp() > 1, dims.sp() > 1) {
         (false, _) => (Some(world), None),
@@ -697,6 +730,7 @@ pub fn gpu_proc(
         rank: l.rank,
         sp: sp.filter(|_| dims.sp() > 1),
         dp,
+        host,
         method,
         overlap,
     })
@@ -799,6 +833,7 @@ pub fn gpu_model(
                 dp,
                 method,
                 overlap,
+                host: _,
             } = *p;
             let sp = match sp {
                 Some(c) => Some(
@@ -1013,6 +1048,7 @@ pub fn gpu_proc(
     _: reel_parallel::SpMethod,
     _: reel_parallel::Overlap,
     _: std::time::Duration,
+    _: bool,
 ) -> Result<GpuProc> {
     anyhow::bail!("one process per GPU needs the `cuda` feature")
 }
@@ -1147,6 +1183,9 @@ mod cpu_only {
             match self.never {}
         }
         pub fn describe(&self) -> String {
+            match self.never {}
+        }
+        pub fn take_host(&mut self) -> Option<super::HostComm> {
             match self.never {}
         }
     }

@@ -457,6 +457,10 @@ pub struct GrpoOptions {
     /// Test hook: make the loss of this (1-based) step non-finite.
     #[doc(hidden)]
     pub poison_step: Option<u64>,
+    /// Test hook (the VLM trainer): called with the (1-based) step between its scoring passes
+    /// and its update, e.g. to kill a launched rank in the middle of a step.
+    #[doc(hidden)]
+    pub mid_step_hook: Option<Box<dyn FnMut(u64) + Send + Sync>>,
 }
 
 /// What a run did.

@@ -1371,7 +1371,15 @@ fn run_process<T: SftTask>(
     let par = &cfg.parallel;
     let (shared, model) = Shared::<T>::load(cfg, opts.resume)?;
     let method = sp_method::<T>(cfg, &model)?;
-    let proc = gpu_proc(l, dims, ordinal, method, par.overlap_mode(), par.timeout())?;
+    let proc = gpu_proc(
+        l,
+        dims,
+        ordinal,
+        method,
+        par.overlap_mode(),
+        par.timeout(),
+        false,
+    )?;
     tracing::info!(
         "rank {} of {} processes, one GPU each over NCCL: dp {} × sp {} ({} attention, overlap \
          {}) on {}",

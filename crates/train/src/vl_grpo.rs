@@ -20,10 +20,10 @@
 //!    prefilled once per group and the G samples fork from it. A response token the policy
 //!    samples as `<|video_pad|>` is an ordinary token there (table embedding, 1-D position), and
 //!    so it is in scoring; it takes no embedding-table gradient. With `train.device` on a GPU
-//!    (sp = 1, as the text trainer resolves it: [`crate::device::rollout_gpu`]) the engine steps
-//!    one [`crate::device::RolloutDecoder`] of the language model (bf16, or f32 with
+//!    ([`crate::device::rollout_gpu`], at any dp × sp: one engine runs every group) the engine
+//!    steps one [`crate::device::RolloutDecoder`] of the language model (bf16, or f32 with
 //!    `rollout.gpu_f32`) kept for the run, its weights refreshed after each step's updates; the
-//!    tower stays on the CPU. sp > 1 rolls out with the CPU engine.
+//!    frozen tower encodes on the GPU too (`video.gpu_tower`).
 //! 3. **Score.** Rewards and group advantages; rows `prompt ++ response[..-1]` [B, T] as input
 //!    embeddings (table lookup of the current weights, video rows from the cache) with M-RoPE
 //!    angles (response tokens continue 1-D after the prompt's largest position), targets at the
@@ -46,11 +46,25 @@
 //! whole sequences' token counts. Log-probabilities are gathered back to [B, T], so they and the
 //! update match sp = 1 within float tolerance.
 //!
-//! On one GPU (sp = 1, `train.device` resolved to it, `train.gpu_update`) passes 3 and 4 run on
-//! the device policy ([`GpuModel`]: `token_logprobs_embeds` with the policy's or the reference's
-//! weights, `backward_logprobs_embeds` — the embedding table's text rows on the device too —,
-//! clipping and AdamW there), each sample its own row (the feature rows marked, so a video token
-//! the policy sampled in a response stays a table row). The decoder takes the new weights device
+//! On the GPU (`train.device` resolved to it, `train.gpu_update`) passes 3 and 4 run on the
+//! device policy ([`GpuPolicy`]: one `reel_cuda::GpuQwen2` per rank — `token_logprobs_embeds`
+//! with the policy's or the reference's weights, `backward_logprobs_embeds`, the embedding
+//! table's text rows on the device too, clipping and AdamW there), each sample its own row (the
+//! feature rows marked, so a video token the policy sampled in a response stays a table row).
+//! With dp × sp > 1 the ranks are in-process threads sharing GPU 0 (each its stream): each
+//! replica scores and updates its micro-batches on its sp ranks' token shards ([`GpuRows`], cut
+//! as the CPU ranks cut theirs), log-probabilities scattered into the whole layout and summed
+//! over the ranks on the device (exact: one rank holds each position), gradients all-reduced
+//! over the replica's ranks and then the replicas, loss and metrics gathered exactly
+//! ([`GrpoMetrics::packed`]), and every rank takes the same AdamW step.
+//!
+//! Under `reel launch` (one process per GPU, dp · sp = the world size) each process is one of
+//! those ranks on its own GPU, its groups over NCCL ([`crate::device::gpu_proc`]): every process
+//! draws the same records and computes the same rewards; a round's groups are split over the
+//! processes (group k to rank k mod world), each rolled out on that process's decoder and the
+//! responses gathered ([`gather_rollouts`]); each video's frames are split over the processes for
+//! the tower through the world's host communicator (MR-SP's encode, [`EncodeComm`]); rank 0
+//! writes metrics and checkpoints, and at the end the ranks' weights are compared. The decoder takes the new weights device
 //! to device; the host copy's embedding table is refreshed after each step as well (prompt
 //! embedding rows for the rollouts are formed on the host from it; every weight when the CPU
 //! engine rolls out) and all weights and the optimizer state before checkpoints. The reference
@@ -81,10 +95,10 @@ use reel_data::{
     ReasonFile, Tokenizer, VideoProcessor, VideoProcessorConfig, VideoSettings, VlSkip,
     IGNORE_INDEX, REASONING_INSTRUCTION,
 };
-use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, VideoEmbeds};
+use reel_model::embed_cache::{weights_fingerprint, CacheStats, EmbedCache, EmbedKey, VideoEmbeds};
 use reel_model::{
     load_vl_checkpoint, AttentionOp, EmbedsBatch, LocalAttention, Qwen2, Qwen25VL, Qwen2Config,
-    Rotary, Workspace,
+    Rotary, VideoGrid, Workspace,
 };
 use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder, VisionSpError};
 use reel_rl::{
@@ -161,7 +175,11 @@ struct VlCtx<'a> {
     feed: Mutex<PromptFeed>,
     cache: &'a EmbedCache,
     enc: &'a SpVisionEncoder,
+    /// In-process ranks that split each video's frames (one process).
     sp: usize,
+    /// A launched world's host communicator: each video's frames split over its processes
+    /// instead.
+    host: Option<&'a Mutex<crate::device::HostComm>>,
     /// Scoring and update run on the GPU policy (rows unpacked).
     gpu: bool,
     /// The frozen tower's GPU copy when the rollouts decode on the GPU (`video.gpu_tower`);
@@ -208,68 +226,24 @@ impl VlCtx<'_> {
             .enumerate()
             .flat_map(|(j, inp)| (0..inp.grids.len()).map(move |k| (j, k)))
             .collect();
-        let d = model.config.text.hidden_size;
-        let results = InProcess::spawn(self.sp, self.timeout(), |comm| {
-            let mut vws = reel_model::VisionWorkspace::new();
-            if grids.is_empty() {
-                return Ok::<_, anyhow::Error>(Vec::new());
+        let run = |comm: &dyn EncodeComm| -> Result<Vec<Arc<VideoEmbeds>>> {
+            comm.encode(self, model, cached, &keys, &pixels, &grids, &seconds, &at)
+        };
+        let first = match self.host {
+            Some(h) => {
+                let h = h.lock().unwrap_or_else(|e| e.into_inner());
+                Some(run(&*h).context("vision encode over the processes")?)
             }
-            // The frozen tower: its GPU copy when the rollouts are on the GPU, else the CPU's.
-            let (mut boxed, mut cpu);
-            let tower: &mut dyn reel_model::TowerForward = match self.gpu_tower {
-                Some(t) => {
-                    boxed = t.forward();
-                    &mut *boxed
+            None => {
+                let results = InProcess::spawn(self.sp, self.timeout(), |comm| run(&comm));
+                let mut first = None;
+                for (r, res) in results.into_iter().enumerate() {
+                    let v = res.with_context(|| format!("vision encode, rank {r}"))?;
+                    first.get_or_insert(v);
                 }
-                None => {
-                    cpu = reel_model::CpuTower {
-                        tower: &model.vision,
-                        ws: &mut vws,
-                    };
-                    &mut cpu
-                }
-            };
-            if let Some((fetched, dec)) = cached {
-                let lazy = |todo: &[usize]| {
-                    let mut px = Vec::new();
-                    for &v in todo {
-                        let (j, k) = at[v];
-                        let p = fetched[j].videos[k].pixels(dec);
-                        px.extend_from_slice(p.map_err(VisionSpError::Pixels)?);
-                    }
-                    Ok(Cow::Owned(px))
-                };
-                let e = self.enc.encode_cached_with_on(
-                    &comm, tower, self.cache, &keys, &grids, &seconds, lazy,
-                )?;
-                Ok(e)
-            } else {
-                let f = self.enc.encode_on(&comm, tower, &pixels, &grids)?;
-                let u = model.config.vision.merge_unit();
-                let mut off = 0;
-                Ok(grids
-                    .iter()
-                    .zip(&seconds)
-                    .map(|(g, &s)| {
-                        let n = g.patches() / u;
-                        let e = VideoEmbeds {
-                            data: f[off * d..(off + n) * d].to_vec(),
-                            tokens: n,
-                            d,
-                            grid: *g,
-                            second_per_grid_t: s,
-                        };
-                        off += n;
-                        Arc::new(e)
-                    })
-                    .collect())
+                first
             }
-        });
-        let mut first = None;
-        for (r, res) in results.into_iter().enumerate() {
-            let v = res.with_context(|| format!("vision encode, rank {r}"))?;
-            first.get_or_insert(v);
-        }
+        };
         let mut embeds = first.context("no rank ran")?.into_iter();
         Ok(inputs
             .iter()
@@ -651,6 +625,91 @@ struct LocalRows {
     cos: Vec<f32>,
     sin: Vec<f32>,
     t: usize,
+}
+
+/// One rank's share of [`VlCtx::encode`] over its communicator (in-process ranks, or a launched
+/// world's processes): a trait object so both kinds run the one generic body.
+trait EncodeComm {
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &self,
+        ctx: &VlCtx,
+        model: &Qwen25VL,
+        cached: Option<(&[&FetchedRecord], &DecodeCtx)>,
+        keys: &[EmbedKey],
+        pixels: &[f32],
+        grids: &[VideoGrid],
+        seconds: &[f32],
+        at: &[(usize, usize)],
+    ) -> Result<Vec<Arc<VideoEmbeds>>>;
+}
+
+impl<C: Communicator> EncodeComm for C {
+    fn encode(
+        &self,
+        ctx: &VlCtx,
+        model: &Qwen25VL,
+        cached: Option<(&[&FetchedRecord], &DecodeCtx)>,
+        keys: &[EmbedKey],
+        pixels: &[f32],
+        grids: &[VideoGrid],
+        seconds: &[f32],
+        at: &[(usize, usize)],
+    ) -> Result<Vec<Arc<VideoEmbeds>>> {
+        let d = model.config.text.hidden_size;
+        if grids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut vws = reel_model::VisionWorkspace::new();
+        // The frozen tower: its GPU copy when the rollouts are on the GPU, else the CPU's.
+        let (mut boxed, mut cpu);
+        let tower: &mut dyn reel_model::TowerForward = match ctx.gpu_tower {
+            Some(t) => {
+                boxed = t.forward();
+                &mut *boxed
+            }
+            None => {
+                cpu = reel_model::CpuTower {
+                    tower: &model.vision,
+                    ws: &mut vws,
+                };
+                &mut cpu
+            }
+        };
+        if let Some((fetched, dec)) = cached {
+            let lazy = |todo: &[usize]| {
+                let mut px = Vec::new();
+                for &v in todo {
+                    let (j, k) = at[v];
+                    let p = fetched[j].videos[k].pixels(dec);
+                    px.extend_from_slice(p.map_err(VisionSpError::Pixels)?);
+                }
+                Ok(Cow::Owned(px))
+            };
+            return Ok(ctx
+                .enc
+                .encode_cached_with_on(self, tower, ctx.cache, keys, grids, seconds, lazy)?);
+        }
+        let f = ctx.enc.encode_on(self, tower, pixels, grids)?;
+        let u = model.config.vision.merge_unit();
+        let mut off = 0;
+        Ok(grids
+            .iter()
+            .zip(seconds)
+            .map(|(g, &s)| {
+                let n = g.patches() / u;
+                let e = VideoEmbeds {
+                    data: f[off * d..(off + n) * d].to_vec(),
+                    tokens: n,
+                    d,
+                    grid: *g,
+                    second_per_grid_t: s,
+                };
+                off += n;
+                Arc::new(e)
+            })
+            .collect())
+    }
 }
 
 /// The rank's attention and, with sp > 1, how rows are cut.
@@ -1245,7 +1304,7 @@ fn unpack_rollouts(all: &[f32], width: usize, world: usize, prompts: usize) -> R
 
 /// Runs (or resumes) GRPO of a Qwen2.5-VL checkpoint (`model.path`, model_type `qwen2_5_vl`)
 /// on LongVideo-Reason prompts (`data.prompts`) with MR-SP (module docs).
-pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSummary> {
+pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoSummary> {
     // Under `reel launch`: this process is one rank of the dp × sp grid on its own GPU (module
     // docs); rank 0 writes.
     let launched = crate::device::Launched::from_env()
@@ -1357,9 +1416,13 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
     } else {
         Overlap::Blocking
     };
+    // A launched world's host communicator: MR-SP's encoding splits each video over the
+    // processes through it.
+    let mut host: Option<Mutex<crate::device::HostComm>> = None;
     let ranks = match (&launched, ordinal) {
         (Some(l), Some(o)) => {
-            let p = crate::device::gpu_proc(l, dims, o, method, overlap, timeout)?;
+            let mut p = crate::device::gpu_proc(l, dims, o, method, overlap, timeout, true)?;
+            host = p.take_host().map(Mutex::new);
             tracing::info!(
                 "rank {} of {} processes, one GPU each over NCCL: dp {} × sp {} ({} attention) on \
                  {}",
@@ -1429,12 +1492,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
         feed: Mutex::new(feed),
         cache: &cache,
         enc: &enc,
-        // A launched process encodes every video itself (MR-SP's frame split is in process).
-        sp: if launched.is_some() {
-            1
-        } else {
-            cfg.parallel.sp
-        },
+        sp: cfg.parallel.sp,
+        host: host.as_ref(),
         gpu: gm.is_some(),
         gpu_tower: gpu_tower.as_ref(),
     };
@@ -1604,6 +1663,10 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<VlGrpoSumma
             // Re-encoding (reuse off) is counted in encode_s, not in the pass it served.
             let scoring_s = t2.elapsed().as_secs_f64() - encode_s;
             let encode_before_update = encode_s;
+
+            if let Some(hook) = opts.mid_step_hook.as_mut() {
+                hook(done);
+            }
 
             // 4. The updates.
             let t3 = Instant::now();
@@ -2029,6 +2092,7 @@ mod tests {
                 cache: &cache,
                 enc: &enc,
                 sp,
+                host: None,
                 gpu: false,
                 gpu_tower: None,
             };

@@ -467,3 +467,140 @@ fn gpu_greedy_vl_accuracy_gives_the_cpu_answers_in_f32() {
         cpu.overall.accuracy, f32.overall.accuracy, bf16.overall.accuracy
     );
 }
+
+/// The step in whose middle rank 1 of the GRPO fault test exits.
+const KILL_STEP: u64 = 3;
+/// `parallel.timeout_s` of the fault test.
+const TIMEOUT_S: u64 = 10;
+/// Set for the relaunch that resumes.
+const RESUME: &str = "REEL_VL_GRPO_TEST_RESUME";
+
+/// A launched VLM GRPO run (2 processes, sp 2) whose rank 1 exits in the middle of step 3
+/// (after the scoring passes, before the update): rank 0 fails within the collective timeout
+/// (10 s) with an error naming the step and the last good checkpoint (step 2), which loads; a
+/// relaunch with `resume` carries the run to step 4. Needs 2 GPUs.
+#[test]
+fn nccl_vl_grpo_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes() {
+    const NAME: &str =
+        "nccl_vl_grpo_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes";
+    match is_rank_of(NAME) {
+        Some(false) => return,
+        Some(true) => return killed_grpo_rank(),
+        None => {}
+    }
+    if !enabled() {
+        return;
+    }
+    let gpus = reel_cuda::Gpu::device_count().unwrap_or(0);
+    if gpus < 2 {
+        eprintln!("{NAME}: {gpus} GPU(s), needs 2; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (m, data) = setup(dir.path());
+    let mut cfg = ranks_config(&m, &data, dir.path().join("killed"));
+    cfg.train.steps = 4;
+    cfg.output.save_every = 1;
+    cfg.parallel.sp = 2;
+    cfg.parallel.timeout_s = TIMEOUT_S;
+    let path = dir.path().join("killed.toml");
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    let stamp = dir.path().join("died-at");
+    let env = [
+        (CONFIG, path.display().to_string()),
+        (STAMP, stamp.display().to_string()),
+    ];
+    let r = launch(NAME, 2, 29930, &env);
+    eprintln!("the killed run's launcher: {r:?}");
+    assert!(r.is_err(), "the launch reports the failed world");
+    let ckpts = cfg.output.dir.join("checkpoints");
+    load_vl_checkpoint(&ckpts.join("step-2")).unwrap();
+    assert!(
+        !ckpts.join("step-3").exists(),
+        "no checkpoint of the killed step"
+    );
+    let relaunch = [env[0].clone(), (RESUME, "1".into())];
+    launch(NAME, 2, 29933, &relaunch).unwrap_or_else(|e| panic!("resume: {e}"));
+    let steps: Vec<u64> = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![1, 2, 3, 4],
+        "steps before the kill, then the resumed ones"
+    );
+    let w = load_vl_checkpoint(&ckpts.join("step-4")).unwrap();
+    assert!(w.lm.params.iter().all(|x| x.is_finite()));
+}
+
+/// Where the killed rank writes the time it died (milliseconds since the epoch).
+const STAMP: &str = "REEL_VL_GRPO_TEST_STAMP";
+
+/// A rank process of the GRPO fault test.
+fn killed_grpo_rank() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let path = std::env::var(CONFIG).expect("the launcher names the config");
+    let cfg = GrpoRunConfig::from_file(&path).unwrap();
+    let rank: usize = std::env::var("RANK").unwrap().parse().unwrap();
+    if std::env::var_os(RESUME).is_some() {
+        let opts = GrpoOptions {
+            resume: true,
+            ..GrpoOptions::default()
+        };
+        let s = run_vl_grpo(&cfg, opts).unwrap_or_else(|e| panic!("rank {rank}: resume: {e:#}"));
+        assert_eq!(
+            s.run.records.len(),
+            2,
+            "steps 3 and 4 after resuming from step 2"
+        );
+        return;
+    }
+    let stamp = PathBuf::from(std::env::var(STAMP).unwrap());
+    let mut opts = GrpoOptions::default();
+    if rank == 1 {
+        let stamp = stamp.clone();
+        opts.mid_step_hook = Some(Box::new(move |step| {
+            if step == KILL_STEP {
+                let ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis();
+                std::fs::write(&stamp, ms.to_string()).unwrap();
+                eprintln!("rank 1 exits in the middle of step {step}");
+                std::process::exit(9);
+            }
+        }));
+    }
+    let e = match run_vl_grpo(&cfg, opts) {
+        Ok(s) => panic!(
+            "rank {rank} finished {} steps without its peer",
+            s.run.steps
+        ),
+        Err(e) => e,
+    };
+    let failed_at = SystemTime::now();
+    let msg = format!("{e:#}");
+    eprintln!("rank {rank} failed: {msg}");
+    let died: u64 = std::fs::read_to_string(&stamp)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let waited = failed_at
+        .duration_since(UNIX_EPOCH + Duration::from_millis(died))
+        .unwrap_or_default();
+    eprintln!("rank {rank}: failed {waited:.1?} after rank 1 died (timeout {TIMEOUT_S} s)");
+    assert!(
+        waited < Duration::from_secs(TIMEOUT_S + 5),
+        "rank {rank} failed {waited:?} after its peer died"
+    );
+    assert!(msg.contains(&format!("step {KILL_STEP}")), "{msg}");
+    assert!(msg.contains("last good checkpoint"), "{msg}");
+    assert!(msg.contains("step-2"), "{msg}");
+}
