@@ -2044,6 +2044,202 @@ mod tests {
         (prompts, samples)
     }
 
+    /// A launched world's processes draw through MR-SP's encode over their host communicator
+    /// (here in-process ranks standing in for it, the type a CPU build gives it), each with its
+    /// own cache: every rank's prompts hold the features one rank alone encodes.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn an_encode_over_the_host_communicator_gives_every_process_one_ranks_features() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (model_dir, data) = setup(tmp.path(), 4);
+        let cfg = config(&model_dir, &data, tmp.path().join("x"));
+        let model = load_vl_checkpoint(&model_dir).unwrap();
+        let tok = Tokenizer::from_dir(&model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: parse_sampling("uniform:8").unwrap(),
+            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
+        };
+        let file = ReasonFile::read(&data).unwrap();
+        let weights = weights_fingerprint(&model.vision.params);
+        // One rank's prompts, or rank `host`'s of a world over its host communicator.
+        let draw = |host: Option<InProcess>| -> (Vec<Vec<f32>>, EncodeStats) {
+            let cache = Arc::new(EmbedCache::new(1 << 26));
+            let enc = SpVisionEncoder::new();
+            let mut sampler = PromptSampler::new(file.records.len(), 0);
+            let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
+            let feed = prompt_feed(
+                &cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
+            );
+            let host = host.map(Mutex::new);
+            let ctx = VlCtx {
+                cfg: &cfg,
+                file: &file,
+                feed: Mutex::new(feed),
+                cache: &cache,
+                enc: &enc,
+                sp: 1,
+                host: host.as_ref(),
+                gpu: false,
+                gpu_tower: None,
+            };
+            let drawn = ctx
+                .draw(&model, 3, &mut sampler, &mut 0, &mut VideoTimes::default())
+                .unwrap();
+            let feats = drawn.into_iter().map(|(_, p)| p.features).collect();
+            (feats, enc.counters.snapshot())
+        };
+        let (want, one) = draw(None);
+        assert_eq!(want.len(), 3);
+        let per_rank = InProcess::spawn(2, Duration::from_secs(60), |comm| {
+            Ok::<_, anyhow::Error>(draw(Some(comm)))
+        });
+        for (rank, got) in per_rank.into_iter().enumerate() {
+            let (got, stats) = got.unwrap();
+            // A world counts its videos once, on its first rank.
+            let want_count = if rank == 0 { one.videos_encoded } else { 0 };
+            assert_eq!(stats.videos_encoded, want_count, "rank {rank}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.len(), w.len(), "rank {rank}");
+                let worst = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(worst <= 1e-5, "rank {rank}: features differ by {worst}");
+            }
+        }
+    }
+
+    /// The GPU policy's rows of a micro-batch: whole, the feature rows are exactly the prompts'
+    /// video tokens with their features; a rank's shard (contiguous and zigzag, 2 and 3 ranks)
+    /// holds each real row's token, target, mask, rotary angles and feature exactly as the whole
+    /// rows do, its padding rows are zero feature rows of the video token, and the shards
+    /// together hold every row once.
+    #[test]
+    fn gpu_rows_shard_every_row_and_its_features_as_the_whole_rows_hold_them() {
+        use reel_parallel::shard::Layout;
+        let tmp = tempfile::tempdir().unwrap();
+        let (model_dir, data) = setup(tmp.path(), 4);
+        let cfg = config(&model_dir, &data, tmp.path().join("x"));
+        let model = load_vl_checkpoint(&model_dir).unwrap();
+        let tok = Tokenizer::from_dir(&model_dir).unwrap();
+        let settings = VideoSettings {
+            sampling: parse_sampling("uniform:8").unwrap(),
+            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
+        };
+        let file = ReasonFile::read(&data).unwrap();
+        let cache = Arc::new(EmbedCache::new(1 << 26));
+        let enc = SpVisionEncoder::new();
+        let vid = model.config.video_token_id;
+        let mut sampler = PromptSampler::new(file.records.len(), 0);
+        let weights = weights_fingerprint(&model.vision.params);
+        let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
+        let feed = prompt_feed(
+            &cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
+        );
+        let ctx = VlCtx {
+            cfg: &cfg,
+            file: &file,
+            feed: Mutex::new(feed),
+            cache: &cache,
+            enc: &enc,
+            sp: 1,
+            host: None,
+            gpu: true,
+            gpu_tower: None,
+        };
+        let (prompts, mut samples) = fake_samples(&ctx, &model, &mut sampler);
+        // A response that samples the video token keeps it a table row.
+        samples[1].ids.push(vid);
+        samples[1].ids.push(7);
+        let micro: Vec<&Sample> = samples.iter().take(4).collect();
+        let pad = tok.pad_token_id().unwrap();
+        let rows = ctx
+            .rows(&model, &model.lm, &[micro.clone()], &prompts, pad, &mut 0.0)
+            .unwrap();
+        let r = &rows[0];
+        assert!(
+            r.packing.is_none(),
+            "the GPU policy takes one row per sample"
+        );
+        let (b, t, d) = (r.model_b, r.model.t, model.lm.config.hidden_size);
+        let half = r.model.cos.len() / (b * t);
+        let whole = GpuRows::new(r, &micro, vid, None, 0).unwrap();
+        // Whole rows: the prompts' video tokens, each with its own features.
+        let mut want_feature = vec![false; b * t];
+        for (k, s) in micro.iter().enumerate() {
+            for i in 0..s.prompt_len {
+                want_feature[k * t + i] = s.ids[i] == vid;
+            }
+        }
+        assert_eq!(whole.feature_rows, want_feature);
+        assert!(whole
+            .tokens
+            .iter()
+            .zip(&whole.feature_rows)
+            .any(|(&x, &f)| x == vid && !f));
+        let n_feat = want_feature.iter().filter(|&&f| f).count();
+        assert!(n_feat > 0);
+        assert_eq!(whole.features.len(), n_feat * d);
+        // Feature vector of each whole row.
+        let mut whole_feat: Vec<Option<&[f32]>> = vec![None; b * t];
+        let mut at = 0;
+        for (i, &f) in whole.feature_rows.iter().enumerate() {
+            if f {
+                whole_feat[i] = Some(&whole.features[at * d..(at + 1) * d]);
+                at += 1;
+                assert_eq!(whole_feat[i].unwrap(), &r.model.embeds[i * d..(i + 1) * d]);
+            }
+        }
+        for ranks in [2, 3] {
+            for layout in [Layout::Contiguous, Layout::Zigzag] {
+                let sh = Sharding::new(t, ranks, layout).unwrap();
+                let mut seen = vec![0usize; b * t];
+                for rank in 0..ranks {
+                    let loc = GpuRows::new(r, &micro, vid, Some(sh), rank).unwrap();
+                    let l = loc.t;
+                    assert_eq!(l, sh.local_len());
+                    let mut at = 0;
+                    for k in 0..b {
+                        for j in 0..l {
+                            let (i, g) = (k * l + j, sh.global_row(rank, j));
+                            let feat = loc.feature_rows[i].then(|| {
+                                at += 1;
+                                &loc.features[(at - 1) * d..at * d]
+                            });
+                            if g >= t {
+                                // Padding: a zero feature row of the video token, no target.
+                                assert_eq!(loc.tokens[i], vid);
+                                assert!(feat.unwrap().iter().all(|&x| x == 0.0));
+                                assert!(loc.targets[i] < 0 && !loc.mask[i]);
+                                continue;
+                            }
+                            let w = k * t + g;
+                            seen[w] += 1;
+                            let what = format!("{ranks} ranks {layout:?}: rank {rank} row {i}");
+                            assert_eq!(loc.tokens[i], whole.tokens[w], "{what}");
+                            assert_eq!(loc.targets[i], whole.targets[w], "{what}");
+                            assert_eq!(loc.mask[i], whole.mask[w], "{what}");
+                            assert_eq!(feat, whole_feat[w], "{what}");
+                            assert_eq!(
+                                &loc.cos[i * half..(i + 1) * half],
+                                &whole.cos[w * half..(w + 1) * half],
+                                "{what}"
+                            );
+                            assert_eq!(
+                                &loc.sin[i * half..(i + 1) * half],
+                                &whole.sin[w * half..(w + 1) * half],
+                                "{what}"
+                            );
+                        }
+                    }
+                    assert_eq!(at * d, loc.features.len(), "every feature row read");
+                }
+                assert!(seen.iter().all(|&n| n == 1), "every row held once");
+            }
+        }
+    }
+
     /// sp = 1 with plain rows is the reference; the same rows packed by prompt (reuse), sharded
     /// over 2 ranks, and packed and sharded over 2 and 3 ranks give the same log-probabilities,
     /// loss, gradients and update.
