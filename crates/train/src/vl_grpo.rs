@@ -2155,7 +2155,14 @@ mod tests {
         let micro: Vec<&Sample> = samples.iter().take(4).collect();
         let pad = tok.pad_token_id().unwrap();
         let rows = ctx
-            .rows(&model, &model.lm, &[micro.clone()], &prompts, pad, &mut 0.0)
+            .rows(
+                &model,
+                &model.lm,
+                std::slice::from_ref(&micro),
+                &prompts,
+                pad,
+                &mut 0.0,
+            )
             .unwrap();
         let r = &rows[0];
         assert!(
