@@ -2016,6 +2016,73 @@ mod tests {
     }
 
     /// Draws the run's first prompts and makes G responses for each of tokens from the vocab.
+    /// What the rows and encode tests build their contexts from: the tiny model, its tokenizer
+    /// and video settings, and 4 videos' records.
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        cfg: GrpoRunConfig,
+        model: Qwen25VL,
+        tok: Tokenizer,
+        settings: VideoSettings,
+        file: ReasonFile,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let tmp = tempfile::tempdir().unwrap();
+            let (model_dir, data) = setup(tmp.path(), 4);
+            Fixture {
+                cfg: config(&model_dir, &data, tmp.path().join("x")),
+                model: load_vl_checkpoint(&model_dir).unwrap(),
+                tok: Tokenizer::from_dir(&model_dir).unwrap(),
+                settings: VideoSettings {
+                    sampling: parse_sampling("uniform:8").unwrap(),
+                    processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
+                },
+                file: ReasonFile::read(&data).unwrap(),
+                _tmp: tmp,
+            }
+        }
+
+        /// A context of `cfg` (this fixture's, changed) over `cache` and `enc`, its feed in
+        /// the order of `sampler` from where it stands.
+        #[allow(clippy::too_many_arguments)]
+        fn ctx<'a>(
+            &'a self,
+            cfg: &'a GrpoRunConfig,
+            cache: &'a Arc<EmbedCache>,
+            enc: &'a SpVisionEncoder,
+            sampler: &PromptSampler,
+            sp: usize,
+            host: Option<&'a Mutex<crate::device::HostComm>>,
+            gpu: bool,
+        ) -> VlCtx<'a> {
+            let weights = weights_fingerprint(&self.model.vision.params);
+            let processor = VideoProcessor::new(self.settings.processor.clone()).unwrap();
+            let feed = prompt_feed(
+                cfg,
+                &self.file,
+                &self.tok,
+                &self.settings,
+                processor,
+                cache,
+                weights,
+                sampler,
+            );
+            VlCtx {
+                cfg,
+                file: &self.file,
+                feed: Mutex::new(feed),
+                cache,
+                enc,
+                sp,
+                host,
+                gpu,
+                gpu_tower: None,
+            }
+        }
+    }
+
     fn fake_samples(
         ctx: &VlCtx,
         model: &Qwen25VL,
@@ -2050,40 +2117,22 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn an_encode_over_the_host_communicator_gives_every_process_one_ranks_features() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (model_dir, data) = setup(tmp.path(), 4);
-        let cfg = config(&model_dir, &data, tmp.path().join("x"));
-        let model = load_vl_checkpoint(&model_dir).unwrap();
-        let tok = Tokenizer::from_dir(&model_dir).unwrap();
-        let settings = VideoSettings {
-            sampling: parse_sampling("uniform:8").unwrap(),
-            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
-        };
-        let file = ReasonFile::read(&data).unwrap();
-        let weights = weights_fingerprint(&model.vision.params);
+        let fx = Fixture::new();
         // One rank's prompts, or rank `host`'s of a world over its host communicator.
         let draw = |host: Option<InProcess>| -> (Vec<Vec<f32>>, EncodeStats) {
             let cache = Arc::new(EmbedCache::new(1 << 26));
             let enc = SpVisionEncoder::new();
-            let mut sampler = PromptSampler::new(file.records.len(), 0);
-            let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
-            let feed = prompt_feed(
-                &cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
-            );
+            let mut sampler = PromptSampler::new(fx.file.records.len(), 0);
             let host = host.map(Mutex::new);
-            let ctx = VlCtx {
-                cfg: &cfg,
-                file: &file,
-                feed: Mutex::new(feed),
-                cache: &cache,
-                enc: &enc,
-                sp: 1,
-                host: host.as_ref(),
-                gpu: false,
-                gpu_tower: None,
-            };
+            let ctx = fx.ctx(&fx.cfg, &cache, &enc, &sampler, 1, host.as_ref(), false);
             let drawn = ctx
-                .draw(&model, 3, &mut sampler, &mut 0, &mut VideoTimes::default())
+                .draw(
+                    &fx.model,
+                    3,
+                    &mut sampler,
+                    &mut 0,
+                    &mut VideoTimes::default(),
+                )
                 .unwrap();
             let feats = drawn.into_iter().map(|(_, p)| p.features).collect();
             (feats, enc.counters.snapshot())
@@ -2118,37 +2167,14 @@ mod tests {
     #[test]
     fn gpu_rows_shard_every_row_and_its_features_as_the_whole_rows_hold_them() {
         use reel_parallel::shard::Layout;
-        let tmp = tempfile::tempdir().unwrap();
-        let (model_dir, data) = setup(tmp.path(), 4);
-        let cfg = config(&model_dir, &data, tmp.path().join("x"));
-        let model = load_vl_checkpoint(&model_dir).unwrap();
-        let tok = Tokenizer::from_dir(&model_dir).unwrap();
-        let settings = VideoSettings {
-            sampling: parse_sampling("uniform:8").unwrap(),
-            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
-        };
-        let file = ReasonFile::read(&data).unwrap();
+        let fx = Fixture::new();
+        let (model, tok) = (&fx.model, &fx.tok);
         let cache = Arc::new(EmbedCache::new(1 << 26));
         let enc = SpVisionEncoder::new();
         let vid = model.config.video_token_id;
-        let mut sampler = PromptSampler::new(file.records.len(), 0);
-        let weights = weights_fingerprint(&model.vision.params);
-        let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
-        let feed = prompt_feed(
-            &cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
-        );
-        let ctx = VlCtx {
-            cfg: &cfg,
-            file: &file,
-            feed: Mutex::new(feed),
-            cache: &cache,
-            enc: &enc,
-            sp: 1,
-            host: None,
-            gpu: true,
-            gpu_tower: None,
-        };
-        let (prompts, mut samples) = fake_samples(&ctx, &model, &mut sampler);
+        let mut sampler = PromptSampler::new(fx.file.records.len(), 0);
+        let ctx = fx.ctx(&fx.cfg, &cache, &enc, &sampler, 1, None, true);
+        let (prompts, mut samples) = fake_samples(&ctx, model, &mut sampler);
         // A response that samples the video token keeps it a table row.
         samples[1].ids.push(vid);
         samples[1].ids.push(7);
@@ -2156,7 +2182,7 @@ mod tests {
         let pad = tok.pad_token_id().unwrap();
         let rows = ctx
             .rows(
-                &model,
+                model,
                 &model.lm,
                 std::slice::from_ref(&micro),
                 &prompts,
@@ -2252,16 +2278,9 @@ mod tests {
     /// loss, gradients and update.
     #[test]
     fn packed_and_sequence_parallel_scoring_and_update_match_one_rank() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (model_dir, data) = setup(tmp.path(), 4);
-        let mut cfg = config(&model_dir, &data, tmp.path().join("x"));
-        let model = load_vl_checkpoint(&model_dir).unwrap();
-        let tok = Tokenizer::from_dir(&model_dir).unwrap();
-        let settings = VideoSettings {
-            sampling: parse_sampling("uniform:8").unwrap(),
-            processor: VideoProcessorConfig::from_dir(&model_dir).unwrap(),
-        };
-        let file = ReasonFile::read(&data).unwrap();
+        let fx = Fixture::new();
+        let (model, tok, file) = (&fx.model, &fx.tok, &fx.file);
+        let mut cfg = fx.cfg.clone();
         let cache = Arc::new(EmbedCache::new(1 << 26));
         let enc = SpVisionEncoder::new();
         let pad = tok.pad_token_id().unwrap();
@@ -2283,27 +2302,12 @@ mod tests {
             cfg.parallel.sp = sp;
             cfg.video.reuse = reuse;
             let mut sampler = PromptSampler::new(file.records.len(), 0);
-            let weights = weights_fingerprint(&model.vision.params);
-            let processor = VideoProcessor::new(settings.processor.clone()).unwrap();
-            let feed = prompt_feed(
-                &cfg, &file, &tok, &settings, processor, &cache, weights, &sampler,
-            );
-            let ctx = VlCtx {
-                cfg: &cfg,
-                file: &file,
-                feed: Mutex::new(feed),
-                cache: &cache,
-                enc: &enc,
-                sp,
-                host: None,
-                gpu: false,
-                gpu_tower: None,
-            };
-            let (prompts, samples) = fake_samples(&ctx, &model, &mut sampler);
+            let ctx = fx.ctx(&cfg, &cache, &enc, &sampler, sp, None, false);
+            let (prompts, samples) = fake_samples(&ctx, model, &mut sampler);
             let refs: Vec<&Sample> = samples.iter().collect();
             let mb: Vec<Vec<&Sample>> = refs.chunks(4).map(<[_]>::to_vec).collect();
             let rows = ctx
-                .rows(&model, &model.lm, &mb, &prompts, pad, &mut 0.0)
+                .rows(model, &model.lm, &mb, &prompts, pad, &mut 0.0)
                 .unwrap();
             let packed = rows.iter().filter(|r| r.packing.is_some()).count();
             assert_eq!(packed, if reuse { rows.len() } else { 0 });
@@ -2337,16 +2341,9 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let (mut grads, loss, m) = minibatch_grads(
-                &cfg,
-                &model,
-                &rows,
-                Some(&olds),
-                Some(&lp),
-                &loss_cfg,
-                scale,
-            )
-            .unwrap();
+            let (mut grads, loss, m) =
+                minibatch_grads(&cfg, model, &rows, Some(&olds), Some(&lp), &loss_cfg, scale)
+                    .unwrap();
             assert_eq!(m.tokens, scale.global_tokens);
             let raw = grads.clone();
             let mut params = model.lm.params.clone();

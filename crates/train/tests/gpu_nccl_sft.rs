@@ -23,11 +23,11 @@
 mod common;
 
 use common::gpu_tests_enabled as enabled;
-use common::launch::{is_rank_of, launch, CONFIG};
+use common::launch::{assert_failed_in_time, die_now, is_rank_of, launch, CONFIG};
 use reel_comm::launch::LaunchError;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use reel_model::CheckpointPolicy;
 use reel_train::{run_sft, Device, RunOptions, SftConfig, SftSummary, SpSchedule};
@@ -339,13 +339,7 @@ fn killed_rank_process() {
         let stamp = stamp.clone();
         opts.mid_step_hook = Some(Box::new(move |step| {
             if step == KILL_STEP {
-                let ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis();
-                std::fs::write(&stamp, ms.to_string()).unwrap();
-                eprintln!("rank 1 exits in the middle of step {step}");
-                std::process::exit(9);
+                die_now(&stamp, step);
             }
         }));
     }
@@ -353,22 +347,5 @@ fn killed_rank_process() {
         Ok(s) => panic!("rank {rank} finished {} steps without its peer", s.steps),
         Err(e) => e,
     };
-    let failed_at = SystemTime::now();
-    let msg = format!("{e:#}");
-    eprintln!("rank {rank} failed: {msg}");
-    let died: u128 = std::fs::read_to_string(&stamp)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let died = UNIX_EPOCH + Duration::from_millis(died as u64);
-    let waited = failed_at.duration_since(died).unwrap_or_default();
-    eprintln!("rank {rank}: failed {waited:.1?} after rank 1 died (timeout {TIMEOUT_S} s)");
-    assert!(
-        waited < Duration::from_secs(TIMEOUT_S + 5),
-        "rank {rank} failed {waited:?} after its peer died"
-    );
-    assert!(msg.contains(&format!("step {KILL_STEP}")), "{msg}");
-    assert!(msg.contains("last good checkpoint intact"), "{msg}");
-    assert!(msg.contains("step-3"), "{msg}");
+    assert_failed_in_time(&stamp, TIMEOUT_S, &format!("{e:#}"), KILL_STEP, "step-3");
 }

@@ -32,7 +32,7 @@
 
 mod common;
 
-use common::launch::{is_rank_of, launch, CONFIG};
+use common::launch::{assert_failed_in_time, die_now, is_rank_of, launch, CONFIG};
 use common::{gpu_tests_enabled as enabled, metric as num};
 
 use reel_data::{
@@ -544,7 +544,6 @@ const STAMP: &str = "REEL_VL_GRPO_TEST_STAMP";
 
 /// A rank process of the GRPO fault test.
 fn killed_grpo_rank() {
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
     let path = std::env::var(CONFIG).expect("the launcher names the config");
     let cfg = GrpoRunConfig::from_file(&path).unwrap();
     let rank: usize = std::env::var("RANK").unwrap().parse().unwrap();
@@ -567,13 +566,7 @@ fn killed_grpo_rank() {
         let stamp = stamp.clone();
         opts.mid_step_hook = Some(Box::new(move |step| {
             if step == KILL_STEP {
-                let ms = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_millis();
-                std::fs::write(&stamp, ms.to_string()).unwrap();
-                eprintln!("rank 1 exits in the middle of step {step}");
-                std::process::exit(9);
+                die_now(&stamp, step);
             }
         }));
     }
@@ -584,23 +577,5 @@ fn killed_grpo_rank() {
         ),
         Err(e) => e,
     };
-    let failed_at = SystemTime::now();
-    let msg = format!("{e:#}");
-    eprintln!("rank {rank} failed: {msg}");
-    let died: u64 = std::fs::read_to_string(&stamp)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let waited = failed_at
-        .duration_since(UNIX_EPOCH + Duration::from_millis(died))
-        .unwrap_or_default();
-    eprintln!("rank {rank}: failed {waited:.1?} after rank 1 died (timeout {TIMEOUT_S} s)");
-    assert!(
-        waited < Duration::from_secs(TIMEOUT_S + 5),
-        "rank {rank} failed {waited:?} after its peer died"
-    );
-    assert!(msg.contains(&format!("step {KILL_STEP}")), "{msg}");
-    assert!(msg.contains("last good checkpoint"), "{msg}");
-    assert!(msg.contains("step-2"), "{msg}");
+    assert_failed_in_time(&stamp, TIMEOUT_S, &format!("{e:#}"), KILL_STEP, "step-2");
 }

@@ -57,3 +57,47 @@ pub fn launch(
 pub fn is_rank_of(name: &str) -> Option<bool> {
     std::env::var(SCENARIO).ok().map(|s| s == name)
 }
+
+/// A rank dying in the middle of step `step`: writes the time (milliseconds since the epoch)
+/// into `stamp`, then exits the process.
+pub fn die_now(stamp: &std::path::Path, step: u64) -> ! {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    std::fs::write(stamp, ms.to_string()).unwrap();
+    eprintln!("rank 1 exits in the middle of step {step}");
+    std::process::exit(9);
+}
+
+/// Asserts that this rank's failure `msg` (just returned) came within the collective timeout
+/// `timeout_s` (+5 s) of its peer's death stamped by [`die_now`], and names step `step` and
+/// the last good checkpoint `ckpt` (e.g. "step-3").
+pub fn assert_failed_in_time(
+    stamp: &std::path::Path,
+    timeout_s: u64,
+    msg: &str,
+    step: u64,
+    ckpt: &str,
+) {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let failed_at = SystemTime::now();
+    let rank = std::env::var("RANK").unwrap_or_default();
+    eprintln!("rank {rank} failed: {msg}");
+    let died: u64 = std::fs::read_to_string(stamp)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let waited = failed_at
+        .duration_since(UNIX_EPOCH + Duration::from_millis(died))
+        .unwrap_or_default();
+    eprintln!("rank {rank}: failed {waited:.1?} after rank 1 died (timeout {timeout_s} s)");
+    assert!(
+        waited < Duration::from_secs(timeout_s + 5),
+        "rank {rank} failed {waited:?} after its peer died"
+    );
+    assert!(msg.contains(&format!("step {step}")), "{msg}");
+    assert!(msg.contains("last good checkpoint intact"), "{msg}");
+    assert!(msg.contains(ckpt), "{msg}");
+}
