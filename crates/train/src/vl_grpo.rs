@@ -58,17 +58,19 @@
 //! over the replica's ranks and then the replicas, loss and metrics gathered exactly
 //! ([`GrpoMetrics::packed`]), and every rank takes the same AdamW step.
 //!
+//! The decoder takes the new weights device to device (from the first rank); the host copy's
+//! embedding table is refreshed after each step as well (prompt embedding rows for the rollouts
+//! are formed on the host from it; every weight when the CPU engine rolls out) and all weights
+//! and the optimizer state before checkpoints. The reference is the loaded model's own weights
+//! (uploaded once; a host copy only when the CPU scores).
+//!
 //! Under `reel launch` (one process per GPU, dp · sp = the world size) each process is one of
 //! those ranks on its own GPU, its groups over NCCL ([`crate::device::gpu_proc`]): every process
 //! draws the same records and computes the same rewards; a round's groups are split over the
 //! processes (group k to rank k mod world), each rolled out on that process's decoder and the
 //! responses gathered ([`gather_rollouts`]); each video's frames are split over the processes for
 //! the tower through the world's host communicator (MR-SP's encode, [`EncodeComm`]); rank 0
-//! writes metrics and checkpoints, and at the end the ranks' weights are compared. The decoder takes the new weights device
-//! to device; the host copy's embedding table is refreshed after each step as well (prompt
-//! embedding rows for the rollouts are formed on the host from it; every weight when the CPU
-//! engine rolls out) and all weights and the optimizer state before checkpoints. The reference
-//! is the loaded model's own weights (uploaded once; a host copy only when the CPU scores).
+//! writes metrics and checkpoints, and at the end the ranks' weights are compared.
 //!
 //! `[video] reuse = false` (benchmarks) turns MR-SP's reuse off: the video is encoded again for
 //! every sample in every pass (cache bypassed), every sample's prompt is prefilled on its own and
