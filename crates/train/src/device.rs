@@ -263,39 +263,31 @@ impl GpuPolicy {
         if let [one] = self.models.as_mut_slice() {
             return Ok(vec![f(one)?]);
         }
-        let f = &f;
-        let results: Vec<Result<T>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .models
-                .iter_mut()
-                .map(|m| s.spawn(move || f(m)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the rank's thread panicked")))
-                })
-                .collect()
-        });
-        let mut out = Vec::with_capacity(results.len());
-        let mut errors = Vec::new();
-        for (r, res) in results.into_iter().enumerate() {
-            match res {
-                Ok(v) => out.push(v),
-                Err(e) => errors.push(e.context(format!("GPU policy rank {r}"))),
-            }
-        }
-        if errors.is_empty() {
-            return Ok(out);
-        }
-        // A rank's own failure, not a peer's abort, names the cause.
-        let first = errors
-            .iter()
-            .position(|e| !crate::sft::is_secondary(e))
-            .unwrap_or(0);
-        Err(errors.swap_remove(first))
+        on_threads(self.models.iter_mut(), f)
     }
+}
+
+/// `f` of every item, each on a thread of its own, the results in item order: every rank's, or
+/// the error naming the cause ([`crate::sft::all_ranks_ok`]; a failing rank has aborted its
+/// groups, so the others fail too instead of waiting).
+fn on_threads<A: Send, T: Send>(
+    items: impl IntoIterator<Item = A>,
+    f: impl Fn(A) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let f = &f;
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let handles: Vec<_> = items.into_iter().map(|a| s.spawn(move || f(a))).collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the rank's thread panicked")))
+                    .map_err(|e| e.context(format!("GPU policy rank {r}")))
+            })
+            .collect()
+    });
+    crate::sft::all_ranks_ok(results)
 }
 
 /// `upload(place)` of every rank of `group` (`dims.dp() × dims.sp()` ranks), each on a thread
@@ -306,27 +298,13 @@ fn on_rank_threads<T: Send>(
     dims: reel_parallel::ParallelDims,
     upload: &(impl Fn(GpuPlace) -> Result<T> + Sync),
 ) -> Result<Vec<T>> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..dims.world())
-            .map(|r| {
-                let group = group.clone();
-                s.spawn(move || {
-                    let c = dims.coords(r)?;
-                    upload(GpuPlace::Sp {
-                        group,
-                        dp_rank: c.dp_rank,
-                        sp_rank: c.sp_rank,
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a rank's thread panicked")))
-            })
-            .collect()
+    on_threads(0..dims.world(), |r| {
+        let c = dims.coords(r)?;
+        upload(GpuPlace::Sp {
+            group: group.clone(),
+            dp_rank: c.dp_rank,
+            sp_rank: c.sp_rank,
+        })
     })
 }
 

@@ -1131,6 +1131,25 @@ fn rank_loop<T: SftTask, C: Communicator>(
     result
 }
 
+/// Every rank's result in rank order, or, when any failed, the error that names the cause: the
+/// first rank's own failure rather than a peer's report that another rank failed first
+/// ([`is_secondary`]), else the first error.
+pub(crate) fn all_ranks_ok<T>(results: impl IntoIterator<Item = Result<T>>) -> Result<Vec<T>> {
+    let mut outs = Vec::new();
+    let mut errors = Vec::new();
+    for res in results {
+        match res {
+            Ok(o) => outs.push(o),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        return Ok(outs);
+    }
+    let first = errors.iter().position(|e| !is_secondary(e)).unwrap_or(0);
+    Err(errors.swap_remove(first))
+}
+
 /// Whether `e` only reports that another rank failed first.
 pub(crate) fn is_secondary(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -1258,18 +1277,7 @@ fn run_ranks<T: SftTask>(
             None,
         )
     });
-    let mut outs = Vec::with_capacity(results.len());
-    let mut errors = Vec::new();
-    for res in results {
-        match res {
-            Ok(o) => outs.push(o),
-            Err(e) => errors.push(e),
-        }
-    }
-    if !errors.is_empty() {
-        let first = errors.iter().position(|e| !is_secondary(e)).unwrap_or(0);
-        return Err(errors.swap_remove(first));
-    }
+    let outs = all_ranks_ok(results)?;
     if let Some(r) = outs.iter().position(|o| o.checksum != outs[0].checksum) {
         bail!(
             "rank {r}'s parameters differ from rank 0's at the end of the run (replicas diverged)"

@@ -22,7 +22,7 @@
 use super::{grpo_rank, GrpoOptions, GrpoRunConfig, GrpoSummary, Rows};
 use crate::device::RolloutDecoder;
 use anyhow::{bail, Context, Result};
-use reel_comm::{CommError, Communicator, InProcess};
+use reel_comm::{Communicator, InProcess};
 use reel_data::IGNORE_INDEX;
 use reel_model::{AttentionOp, LocalAttention, Qwen2, Qwen2Config};
 use reel_parallel::{ParallelDims, RankCoords, ScheduleKind, SpAttention, SpMethod};
@@ -324,23 +324,6 @@ pub(crate) fn merge_metrics<C: Communicator>(
     Ok(out)
 }
 
-/// FNV-1a over the parameters' bit patterns (replicas must end identical).
-fn param_checksum(params: &[f32]) -> u64 {
-    params.iter().fold(0xcbf2_9ce4_8422_2325, |h, &x| {
-        (h ^ x.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Whether `e` only reports that another rank failed first.
-fn is_secondary(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<CommError>(),
-            Some(CommError::PeerFailed { .. } | CommError::PeerExited { .. })
-        )
-    }) || format!("{e:#}").contains("aborted because rank")
-}
-
 /// Runs the GRPO loop on `dp × sp` in-process ranks; returns rank 0's summary.
 pub(crate) fn run_ranks(cfg: &GrpoRunConfig, opts: &GrpoOptions) -> Result<GrpoSummary> {
     let par = &cfg.parallel;
@@ -391,21 +374,10 @@ pub(crate) fn run_ranks(cfg: &GrpoRunConfig, opts: &GrpoOptions) -> Result<GrpoS
         };
         grpo_rank(cfg, opts, Some(&peers), None).with_context(|| format!("rank {rank}"))
     });
-    let mut outs = Vec::with_capacity(results.len());
-    let mut errors = Vec::new();
-    for res in results {
-        match res {
-            Ok(o) => outs.push(o),
-            Err(e) => errors.push(e),
-        }
-    }
-    if !errors.is_empty() {
-        let first = errors.iter().position(|e| !is_secondary(e)).unwrap_or(0);
-        return Err(errors.swap_remove(first));
-    }
+    let mut outs = crate::sft::all_ranks_ok(results)?;
     let sums: Vec<u64> = outs
         .iter()
-        .map(|(_, m): &(GrpoSummary, Qwen2)| param_checksum(&m.params))
+        .map(|(_, m): &(GrpoSummary, Qwen2)| crate::sft::param_checksum(&m.params))
         .collect();
     if let Some(r) = sums.iter().position(|&s| s != sums[0]) {
         bail!(
