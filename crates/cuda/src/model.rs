@@ -150,6 +150,28 @@ const CE_HEAD: Head = Head {
     entropy: false,
 };
 
+/// Sums each of `bufs` element-wise over the sequence-parallel group (when `attn` is one) and
+/// then over the data-parallel group `dp`, on the device, every rank the same buffers in the
+/// same order (every rank then holds the sums).
+fn sum_over_groups(
+    attn: &GpuAttention,
+    dp: Option<&dyn GpuDpGroup>,
+    gpu: &Gpu,
+    bufs: &mut [&mut DeviceBuf<f32>],
+) -> Result<()> {
+    if let GpuAttention::Sp(sp) = attn {
+        for b in bufs.iter_mut() {
+            sp.all_reduce_sum_dev(gpu, b)?;
+        }
+    }
+    if let Some(dp) = dp {
+        for b in bufs.iter_mut() {
+            dp.dp_all_reduce(gpu, b)?;
+        }
+    }
+    Ok(())
+}
+
 /// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
 pub enum GpuAttention {
     /// cuDNN over the whole local sequence (the model holds every token of its batch).
@@ -1107,11 +1129,7 @@ impl GpuQwen2 {
     /// sees the global norm and every rank's AdamW step is the same) and returns the global loss
     /// statistics. With local attention and one replica, `local` unchanged.
     pub fn all_reduce_grads(&mut self, local: LossStats) -> Result<LossStats> {
-        let sp = match &self.attn {
-            GpuAttention::Sp(sp) => Some(sp),
-            GpuAttention::Local => None,
-        };
-        if sp.is_none() && self.dp.is_none() {
+        if !self.has_groups() {
             return Ok(local);
         }
         // The loss sum as two f32s (high part, remainder), as the CPU trainer's all-reduce.
@@ -1120,14 +1138,12 @@ impl GpuQwen2 {
         let stats = &mut self.loss_stats;
         self.gpu
             .upload_into(stats, &[hi, lo, local.n_tokens as f32])?;
-        if let Some(sp) = sp {
-            sp.all_reduce_sum_dev(&self.gpu, &mut self.grads)?;
-            sp.all_reduce_sum_dev(&self.gpu, stats)?;
-        }
-        if let Some(dp) = &self.dp {
-            dp.dp_all_reduce(&self.gpu, &mut self.grads)?;
-            dp.dp_all_reduce(&self.gpu, stats)?;
-        }
+        sum_over_groups(
+            &self.attn,
+            self.dp.as_deref(),
+            &self.gpu,
+            &mut [&mut self.grads, stats],
+        )?;
         let s = self.gpu.download(stats)?;
         Ok(LossStats {
             loss_sum: s[0] as f64 + s[1] as f64,
@@ -1181,24 +1197,18 @@ impl GpuQwen2 {
     /// Where exactly one rank holds a nonzero value (log-probabilities scattered by the ranks
     /// that own each position) the sum is that value, exactly.
     pub fn all_reduce_sum_host(&self, xs: &mut [f32]) -> Result<()> {
-        let sp = match &self.attn {
-            GpuAttention::Sp(sp) => Some(sp),
-            GpuAttention::Local => None,
-        };
-        if sp.is_none() && self.dp.is_none() {
+        if !self.has_groups() {
             return Ok(());
         }
         let mut buf = self.gpu.upload(xs)?;
-        let out = (|| {
-            if let Some(sp) = sp {
-                sp.all_reduce_sum_dev(&self.gpu, &mut buf)?;
-            }
-            if let Some(dp) = &self.dp {
-                dp.dp_all_reduce(&self.gpu, &mut buf)?;
-            }
-            self.gpu.download_into(xs, &buf)
-        })();
+        let out = sum_over_groups(&self.attn, self.dp.as_deref(), &self.gpu, &mut [&mut buf])
+            .and_then(|_| self.gpu.download_into(xs, &buf));
         self.abort_on_err(out)
+    }
+
+    /// Whether this rank is one of a sequence-parallel or data-parallel group.
+    fn has_groups(&self) -> bool {
+        matches!(self.attn, GpuAttention::Sp(_)) || self.dp.is_some()
     }
 
     /// One level of [`GpuQwen2::all_gather_f32`]: `xs` of rank `r` of `p`, summed by `reduce`.
