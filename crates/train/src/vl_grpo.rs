@@ -1212,6 +1212,11 @@ fn gpu_minibatch(
     Ok(per_rank.swap_remove(0))
 }
 
+/// The process of a launched world (`world` processes) that rolls out a round's prompt `k`.
+fn rollout_owner(k: usize, world: usize) -> usize {
+    k % world
+}
+
 /// Every prompt's responses (per prompt, per sample, the token ids) and the engines' prefill and
 /// decode token counts.
 type Rollouts = (Vec<Vec<Vec<u32>>>, u64, u64);
@@ -1293,7 +1298,7 @@ fn unpack_rollouts(all: &[f32], width: usize, world: usize, prompts: usize) -> R
     let mut every = Vec::with_capacity(prompts);
     for k in 0..prompts {
         let owner = per_rank
-            .get_mut(k % world)
+            .get_mut(rollout_owner(k, world))
             .context("no rank holds a prompt")?;
         every.push(
             owner
@@ -1546,7 +1551,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                     .with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
                 for (k, (_, pr)) in drawn.iter().enumerate() {
-                    if k % world != wrank {
+                    if rollout_owner(k, world) != wrank {
                         continue;
                     }
                     let params = generation_params(cfg, done, round, k, &stop);
@@ -1576,7 +1581,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 let mut outs = outs.into_iter();
                 // This process's prompts' responses, then (launched) every process's.
                 let mut mine: Vec<Vec<Vec<u32>>> = Vec::new();
-                for _ in (wrank..drawn.len()).step_by(world) {
+                for _ in (0..drawn.len()).filter(|&k| rollout_owner(k, world) == wrank) {
                     mine.push(if cfg.video.reuse {
                         let o = outs.next().context("a group without output")?;
                         o.samples.into_iter().map(|s| s.ids).collect()
