@@ -89,9 +89,11 @@ mod imp {
             temperatures: &[f32],
         ) -> Result<TopRows<'_>, RolloutError> {
             let t = Instant::now();
-            let out = self.dec.step_top(pool, steps, tables, k, temperatures);
+            let out = self
+                .dec
+                .forward_step_top(pool, steps, tables, k, temperatures);
             self.secs += t.elapsed().as_secs_f64();
-            out.map_err(|e| RolloutError::Device(e.to_string()))
+            out
         }
     }
 

@@ -92,25 +92,9 @@ mod imp {
             .unwrap_or_default()
     }
 
-    fn batch_data(c: &Qwen2Config, t: usize) -> (Vec<u32>, Vec<i32>, Vec<u32>) {
-        let v = c.vocab_size as u64;
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let tokens: Vec<u32> = (0..t)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % v) as u32
-            })
-            .collect();
-        let mut targets: Vec<i32> = tokens[1..].iter().map(|&x| x as i32).collect();
-        targets.push(-100);
-        (tokens, targets, reel_model::default_positions(1, t))
-    }
-
     /// One optimizer step; returns (seconds, loss).
     fn step(gm: &mut GpuQwen2, c: &Qwen2Config, t: usize) -> Result<(f64, f64)> {
-        let (tokens, targets, positions) = batch_data(c, t);
+        let (tokens, targets, positions) = crate::bench_sp_train::random_sequence(c.vocab_size, t);
         let b = TokenBatch {
             tokens: &tokens,
             targets: &targets,

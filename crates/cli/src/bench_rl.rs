@@ -341,10 +341,7 @@ impl Watch {
             return Watch(None);
         }
         // Under `reel launch`, this process's GPU.
-        let ordinal = reel_train::device::Launched::from_env()
-            .ok()
-            .flatten()
-            .map_or(0, |l| l.local_rank);
+        let ordinal = launched().map_or(0, |l| l.local_rank);
         Watch(reel_cuda::MemWatch::start(ordinal, Duration::from_millis(10)).ok())
     }
     /// Peak used and total bytes.
@@ -428,11 +425,7 @@ fn one_run(
         .first()
         .map_or(0, |b| b.0[..b.1].iter().filter(|&&t| t == vid).count());
     let g = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    let rank = reel_train::device::Launched::from_env()
-        .ok()
-        .flatten()
-        .filter(|l| l.world > 1)
-        .map(|l| l.rank);
+    let rank = launched().filter(|l| l.world > 1).map(|l| l.rank);
     Ok(json!({
         "rank": rank,
         "frames": frames, "video_tokens": video_tokens, "prompt_tokens": prompt,
@@ -444,6 +437,12 @@ fn one_run(
         "tower_device": r["tower_device"],
         "peak_mem_bytes": peak.map(|p| p.0), "device_mem_bytes": peak.map(|p| p.1),
     }))
+}
+
+/// This process's place when `reel launch` started it (a malformed environment counts as not
+/// launched here: the run itself reports it).
+fn launched() -> Option<reel_train::device::Launched> {
+    reel_train::device::Launched::from_env().ok().flatten()
 }
 
 /// What [`search_max`] found: every trial in the order run, the largest count that ran and
