@@ -70,11 +70,9 @@ fn rank_config() -> SftConfig {
 
 /// Losses by step from a run's metrics.jsonl.
 fn metrics_losses(out: &Path) -> Vec<(u64, f32)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    common::metrics_in(out)
+        .iter()
+        .map(|v| {
             (
                 v["step"].as_u64().unwrap(),
                 v["loss"].as_f64().unwrap() as f32,

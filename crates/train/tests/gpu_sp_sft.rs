@@ -38,6 +38,25 @@ fn same_replicas(what: &str, s: &SftSummary, world: usize) {
     );
 }
 
+/// Runs `cfg` on the GPU (`world` in-process ranks) and asserts that every step's loss is
+/// within bf16 tolerance of `cpu`'s, the replicas end identical and the run learns.
+fn follows_cpu(what: &str, cfg: &reel_train::SftConfig, cpu: &[f32], world: usize) -> SftSummary {
+    let t0 = Instant::now();
+    let gpu = run_sft(cfg, common::quiet()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let secs = t0.elapsed().as_secs_f64();
+    let worst = close_to_cpu(what, &gpu.losses, cpu);
+    same_replicas(what, &gpu, world);
+    eprintln!(
+        "{what}: {secs:.2} s, GPU losses {:?}, worst relative difference {worst:.2e}",
+        gpu.losses
+    );
+    assert!(
+        gpu.losses.last() < gpu.losses.first(),
+        "{what}: the run learns"
+    );
+    gpu
+}
+
 #[test]
 fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
     if !common::gpu_tests_enabled() {
@@ -68,19 +87,7 @@ fn gpu_sp_loss_curve_matches_the_cpu_single_rank_run() {
         cfg.parallel.sp = sp;
         cfg.parallel.schedule = schedule;
         cfg.output.dir = dir.path().join(format!("gpu-sp{sp}-{policy}-{schedule}"));
-        let t0 = Instant::now();
-        let gpu = run_sft(&cfg, common::quiet()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
-        let secs = t0.elapsed().as_secs_f64();
-        let worst = close_to_cpu(&what, &gpu.losses, &cpu.losses);
-        same_replicas(&what, &gpu, sp);
-        eprintln!(
-            "{what}: {secs:.2} s, GPU losses {:?}, worst relative difference {worst:.2e}",
-            gpu.losses
-        );
-        assert!(
-            gpu.losses.last() < gpu.losses.first(),
-            "{what}: the run learns"
-        );
+        let gpu = follows_cpu(&what, &cfg, &cpu.losses, sp);
         let m = reel_model::load_checkpoint(&gpu.final_model_dir).unwrap();
         assert!(m.params.iter().all(|x| x.is_finite()), "{what}");
     }
@@ -144,18 +151,6 @@ fn gpu_dp_loss_curve_matches_the_cpu_run_with_the_same_micro_batches() {
         cfg.parallel.sp = sp;
         cfg.parallel.schedule = schedule;
         cfg.output.dir = dir.path().join(format!("gpu-dp{dp}-sp{sp}"));
-        let t0 = Instant::now();
-        let gpu = run_sft(&cfg, common::quiet()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
-        let secs = t0.elapsed().as_secs_f64();
-        let worst = close_to_cpu(&what, &gpu.losses, &cpu.losses);
-        same_replicas(&what, &gpu, dp * sp);
-        eprintln!(
-            "{what}: {secs:.2} s, GPU losses {:?}, worst relative difference {worst:.2e}",
-            gpu.losses
-        );
-        assert!(
-            gpu.losses.last() < gpu.losses.first(),
-            "{what}: the run learns"
-        );
+        follows_cpu(&what, &cfg, &cpu.losses, dp * sp);
     }
 }

@@ -321,12 +321,7 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
             &[(CONFIG, path.display().to_string())],
         )
         .unwrap_or_else(|e| panic!("{what}: {e}"));
-        let records: Vec<serde_json::Value> =
-            std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
+        let records = common::metrics_in(&cfg.output.dir);
         assert_eq!(records.len(), 2, "{what}: rank 0's metrics");
         follows(&what, &one.run.records[0], &records[0]);
         let latest = cfg.output.dir.join("checkpoints/step-2");
@@ -521,14 +516,9 @@ fn nccl_vl_grpo_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes(
     );
     let relaunch = [env[0].clone(), (RESUME, "1".into())];
     launch(NAME, 2, 29933, &relaunch).unwrap_or_else(|e| panic!("resume: {e}"));
-    let steps: Vec<u64> = std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
+    let steps: Vec<u64> = common::metrics_in(&cfg.output.dir)
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
         .collect();
     assert_eq!(
         steps,

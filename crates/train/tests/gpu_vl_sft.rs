@@ -245,10 +245,8 @@ fn the_vlm_decoder_on_the_gpu_matches_the_cpu_loss_gradients_and_embedding_gradi
 }
 
 fn eval_losses(cfg: &SftConfig) -> Vec<f64> {
-    std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    common::metrics(cfg)
+        .iter()
         .filter_map(|m| m["eval_loss"].as_f64())
         .collect()
 }

@@ -24,14 +24,9 @@ fn config(dir: &Path, steps: u64, sp: usize, dp: usize) -> SftConfig {
 
 /// `grad_norm` of every line of a run's metrics.jsonl.
 fn grad_norms(cfg: &SftConfig) -> Vec<f64> {
-    std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["grad_norm"]
-                .as_f64()
-                .unwrap()
-        })
+    common::metrics(cfg)
+        .iter()
+        .map(|r| r["grad_norm"].as_f64().unwrap())
         .collect()
 }
 

@@ -141,7 +141,12 @@ pub fn vl_setup(dir: &Path, steps: u64) -> SftConfig {
 
 /// Every record of a run's metrics.jsonl.
 pub fn metrics(cfg: &SftConfig) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(cfg.output.dir.join("metrics.jsonl"))
+    metrics_in(&cfg.output.dir)
+}
+
+/// Every record of the metrics.jsonl in a run's output folder `out`.
+pub fn metrics_in(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
