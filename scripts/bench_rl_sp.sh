@@ -10,7 +10,8 @@
 # own GPU's peak memory) for each frame count. Knobs (environment): SHAPE (3b), ONE_FRAMES (256;
 # empty: none), SP_FRAMES (256 1024: one launch each), GROUP (2), RESPONSE (16), CHECKPOINT
 # (remat), MODEL_DIR (where the random model is kept, written by the first run; /tmp/reel-rl-SHAPE),
-# RUN_S (each run's wall limit, 300).
+# RUN_S (each run's wall limit, 300), SHARD (1: the P-GPU runs shard the optimizer state over the
+# processes, --rl-shard-optimizer).
 set -uo pipefail
 reel=${1:?usage: scripts/bench_rl_sp.sh path/to/reel OUTDIR [P]}
 out=${2:?usage: scripts/bench_rl_sp.sh path/to/reel OUTDIR [P]}
@@ -35,7 +36,9 @@ for f in ${ONE_FRAMES-256}; do
   echo "one GPU, $f frames: exit ${PIPESTATUS[0]}"
 done
 for f in ${SP_FRAMES:-256 1024}; do
+  shard=()
+  [ "${SHARD:-0}" = 1 ] && shard=(--rl-shard-optimizer)
   timeout "${RUN_S:-300}" "$reel" launch --nproc "$p" --grace-secs 10 -- reel "${args[@]}" \
-    --rl-sp "$p" --rl-frames "$f" 2>&1 | tee "$out/sp$p-$f.txt"
+    "${shard[@]}" --rl-sp "$p" --rl-frames "$f" 2>&1 | tee "$out/sp$p-$f.txt"
   echo "sp $p, $f frames: exit ${PIPESTATUS[0]}"
 done

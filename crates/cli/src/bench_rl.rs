@@ -24,7 +24,9 @@
 //! (`run_vl_grpo`'s launched path); give them one `--rl-model-dir` written beforehand.
 //! `--rl-device` sets `train.device` (default "auto"), `--rl-checkpoint` the update's activation
 //! checkpointing (`train.checkpoint`, default "remat": each layer's input, attention output and
-//! lse kept, the rest recomputed — what lets a long row fit), `--rl-micro` the rows per
+//! lse kept, the rest recomputed — what lets a long row fit), `--rl-shard-optimizer` shards the
+//! fp32 master weights and AdamW moments over the launched ranks (`parallel.shard_optimizer`),
+//! `--rl-micro` the rows per
 //! micro-batch of the scoring and update passes (default G; one row per micro-batch holds the
 //! least activations).
 //!
@@ -67,6 +69,9 @@ pub struct RlBenchArgs {
     pub shape: VlShape,
     /// Sequence-parallel ranks. Default 1.
     pub sp: usize,
+    /// `parallel.shard_optimizer`: the fp32 master weights and AdamW moments sharded over the
+    /// launched ranks. Default off.
+    pub shard_optimizer: bool,
     /// Runs of each mode; the fastest step is reported. Default 3.
     pub reps: usize,
     /// `train.device`. Default auto.
@@ -397,6 +402,7 @@ fn one_run(
         .cache_bytes
         .max(2 * video_tokens_at(frames, args.side) * 3584 * 4);
     cfg.parallel.sp = args.sp;
+    cfg.parallel.shard_optimizer = args.shard_optimizer;
     cfg.output.dir = out.to_path_buf();
     cfg.output.save_every = 0;
     let watch = Watch::start(args.device);
@@ -618,6 +624,7 @@ fn run_trial(
         .args(["--rl-checkpoint", &args.checkpoint.to_string()])
         .args(["--rl-micro", &micro.to_string()])
         .args(["--rl-steps", &args.steps.to_string()])
+        .args(args.shard_optimizer.then_some("--rl-shard-optimizer"))
         .stdout(file(&out_path)?)
         .stderr(file(&err_path)?);
     let mut child = cmd
@@ -762,6 +769,7 @@ mod tests {
             model_dir: None,
             shape: VlShape::Tiny,
             sp: 1,
+            shard_optimizer: false,
             reps: 1,
             device: Device::Cpu,
             checkpoint: CheckpointPolicy::Remat,

@@ -261,6 +261,10 @@ enum Command {
         /// `bench rl`: rows per scoring/update micro-batch (default: G).
         #[arg(long)]
         rl_micro: Option<usize>,
+        /// `bench rl`: shard the fp32 master weights and AdamW moments over the launched ranks
+        /// (`parallel.shard_optimizer`).
+        #[arg(long)]
+        rl_shard_optimizer: bool,
         /// `bench rl`: GRPO steps per run; the last (warm) one is reported.
         #[arg(long, default_value_t = 1)]
         rl_steps: u64,
@@ -711,6 +715,7 @@ fn real_main() -> Result<()> {
             rl_device,
             rl_checkpoint,
             rl_micro,
+            rl_shard_optimizer,
             rl_steps,
             rl_reuse,
             rl_max_frames,
@@ -741,6 +746,7 @@ fn real_main() -> Result<()> {
                     model_dir: rl_model_dir,
                     shape: rl_shape,
                     sp: rl_sp,
+                    shard_optimizer: rl_shard_optimizer,
                     reps,
                     device: rl_device,
                     checkpoint: rl_checkpoint,

@@ -119,6 +119,18 @@ pub trait DeviceGroup: DeviceP2p {
     /// aborts the world.
     fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut crate::DeviceBuf<f32>) -> Result<()>;
 
+    /// Sums `buf` over every rank and leaves rank r the sum of its chunk r of P equal chunks
+    /// (the length a multiple of P), in place; the other chunks are left undefined. The same
+    /// ordering and failure rules as [`DeviceGroup::all_reduce_sum_dev`].
+    fn reduce_scatter_sum_dev(
+        &self,
+        gpu: &Gpu,
+        buf: &mut crate::buffer::DViewMut<'_, f32>,
+    ) -> Result<()>;
+
+    /// Gives every rank each rank r's chunk r of `buf` (P equal chunks), in place.
+    fn all_gather_dev(&self, gpu: &Gpu, buf: &mut crate::buffer::DViewMut<'_, f32>) -> Result<()>;
+
     /// The collective counters of the communicator under the group (its
     /// [`reel_comm::Communicator::stats`]: the gradient all-reduces), where it keeps them;
     /// `None` by default (point-to-point traffic is [`DeviceP2p::sent`]).

@@ -44,7 +44,7 @@ use reel_model::params::LayerRanges;
 use reel_model::{
     validate_token_batch, CheckpointPolicy, LossStats, ParamLayout, Qwen2Config, TokenBatch,
 };
-use reel_optim::{AdamWConfig, AdamWState};
+use reel_optim::{AdamWConfig, AdamWState, OptShard, ShardSegment};
 
 use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
 use crate::plan::ce_chunk;
@@ -172,6 +172,49 @@ fn sum_over_groups(
     Ok(())
 }
 
+/// The sequence-parallel chunk of `plan`'s padded buffer that this rank's dp group cuts again.
+fn sp_chunk(plan: &OptShard) -> std::ops::Range<usize> {
+    let c = plan.padded / plan.sp;
+    plan.sp_rank * c..(plan.sp_rank + 1) * c
+}
+
+/// Reduce-scatters `buf` (`plan.padded` values) over the sequence-parallel group, then its chunk
+/// over the data-parallel group: this rank's `plan.range` ends with the sum over the world
+/// (`reel_optim::shard`'s order).
+fn scatter_over_groups(
+    attn: &GpuAttention,
+    dp: Option<&dyn GpuDpGroup>,
+    gpu: &Gpu,
+    buf: &mut DeviceBuf<f32>,
+    plan: &OptShard,
+) -> Result<()> {
+    if let GpuAttention::Sp(sp) = attn {
+        sp.reduce_scatter_sum_dev(gpu, &mut buf.view_mut(0..plan.padded)?)?;
+    }
+    if let Some(dp) = dp {
+        dp.dp_reduce_scatter(gpu, &mut buf.view_mut(sp_chunk(plan))?)?;
+    }
+    Ok(())
+}
+
+/// The reverse of [`scatter_over_groups`]: every rank's `plan.range` of `buf` to every rank
+/// (all-gather over dp within the sequence-parallel chunk, then over sp).
+fn gather_over_groups(
+    attn: &GpuAttention,
+    dp: Option<&dyn GpuDpGroup>,
+    gpu: &Gpu,
+    buf: &mut DeviceBuf<f32>,
+    plan: &OptShard,
+) -> Result<()> {
+    if let Some(dp) = dp {
+        dp.dp_all_gather(gpu, &mut buf.view_mut(sp_chunk(plan))?)?;
+    }
+    if let GpuAttention::Sp(sp) = attn {
+        sp.all_gather_dev(gpu, &mut buf.view_mut(0..plan.padded)?)?;
+    }
+    Ok(())
+}
+
 /// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
 pub enum GpuAttention {
     /// cuDNN over the whole local sequence (the model holds every token of its batch).
@@ -193,6 +236,10 @@ pub trait GpuDpGroup: Send {
     fn dp_size(&self) -> usize;
     /// Sums `buf` over the group, in place.
     fn dp_all_reduce(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()>;
+    /// [`crate::DeviceGroup::reduce_scatter_sum_dev`] over the group.
+    fn dp_reduce_scatter(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
+    /// [`crate::DeviceGroup::all_gather_dev`] over the group.
+    fn dp_all_gather(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
     /// Fails this rank's later exchanges and, as far as the backend can, its peers'.
     fn dp_abort(&self, why: &str);
 }
@@ -208,6 +255,14 @@ impl<C: crate::DeviceGroup + Send> GpuDpGroup for C {
 
     fn dp_all_reduce(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()> {
         self.all_reduce_sum_dev(gpu, buf)
+    }
+
+    fn dp_reduce_scatter(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
+        self.reduce_scatter_sum_dev(gpu, buf)
+    }
+
+    fn dp_all_gather(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
+        self.all_gather_dev(gpu, buf)
     }
 
     fn dp_abort(&self, why: &str) {
@@ -748,9 +803,14 @@ pub struct GpuQwen2 {
     /// The frozen reference weights (bf16, as the policy computes), when set.
     ref16: Option<DeviceBuf<bf16>>,
     g16: DeviceBuf<bf16>,
+    /// The step's fp32 gradients in the flat layout (padded to the shard plan's length when
+    /// sharded; then, between an update and the next [`GpuQwen2::zero_grads`], the gathered
+    /// fp32 master weights).
     grads: DeviceBuf<f32>,
     m: DeviceBuf<f32>,
     v: DeviceBuf<f32>,
+    /// ZeRO-1 ([`GpuQwen2::new_sharded`]): `master`, `m` and `v` hold this rank's shard only.
+    shard: Option<Zero>,
     rope: GpuRopeTable,
     attn: GpuAttention,
     /// The data-parallel group this replica's gradients are also summed over (none: one
@@ -762,6 +822,24 @@ pub struct GpuQwen2 {
     gpu: Gpu,
 }
 
+/// Which of a sharded optimizer's per-rank buffers a gather reads.
+#[derive(Clone, Copy)]
+enum Held {
+    Master,
+    M,
+    V,
+}
+
+/// A sharded optimizer's plan and what `grads` holds now.
+struct Zero {
+    plan: OptShard,
+    /// The layout's tensors inside the shard (AdamW's per-tensor decay).
+    segments: Vec<ShardSegment>,
+    /// `grads[..total]` holds the gathered fp32 master weights (after construction or an
+    /// update, until [`GpuQwen2::zero_grads`]).
+    gathered: bool,
+}
+
 impl GpuQwen2 {
     /// Uploads `params` (the CPU model's flat f32 buffer) as the fp32 master copy and makes the
     /// bf16 copy, zero gradients and zero AdamW moments.
@@ -771,6 +849,27 @@ impl GpuQwen2 {
         params: &[f32],
         policy: CheckpointPolicy,
         adamw: AdamWConfig,
+    ) -> Result<Self> {
+        Self::new_sharded(gpu, config, params, policy, adamw, None)
+    }
+
+    /// [`GpuQwen2::new`] with the optimizer state sharded ZeRO-1 style when `shard` is given
+    /// (`reel_optim::OptShard`: this rank's place in its dp × sp world, which the groups set
+    /// later must match): the rank keeps the fp32 master weights and AdamW moments of its shard
+    /// only, 12 bytes a parameter becoming 12 / W. [`GpuQwen2::all_reduce_grads`] then
+    /// reduce-scatters the gradients (sp, then dp), clipping sums the shards' squares over the
+    /// world, AdamW steps the shard, and the updated master shards are all-gathered (dp, then
+    /// sp) into the gradient buffer, from which the bf16 weights are cast; the same bytes moved
+    /// as the replicated all-reduce. The full master weights are on hand between an update and
+    /// the next [`GpuQwen2::zero_grads`] ([`GpuQwen2::params_host`]); the optimizer state is
+    /// gathered by [`GpuQwen2::gather_state`], which every rank of the world calls.
+    pub fn new_sharded(
+        gpu: Gpu,
+        config: Qwen2Config,
+        params: &[f32],
+        policy: CheckpointPolicy,
+        adamw: AdamWConfig,
+        shard: Option<OptShard>,
     ) -> Result<Self> {
         config
             .validate()
@@ -784,9 +883,32 @@ impl GpuQwen2 {
             ));
         }
         let p = params.len();
-        let master = gpu.upload(params)?;
+        if let Some(plan) = &shard {
+            if plan.total != p {
+                return shape_err(format!(
+                    "optimizer shard planned over {} values, the model has {p}",
+                    plan.total
+                ));
+            }
+        }
         let mut w16 = gpu.alloc_zeros::<bf16>(p)?;
-        gpu.cast_from_f32(&mut w16, &master)?;
+        // Sharded: the gradient buffer (padded) holds the whole master copy until the first
+        // step, and the rank keeps its shard of it.
+        let (master, grads, moments) = match &shard {
+            None => {
+                let master = gpu.upload(params)?;
+                gpu.cast_from_f32(&mut w16, &master)?;
+                (master, gpu.alloc_zeros(p)?, p)
+            }
+            Some(plan) => {
+                let mut grads = gpu.alloc_zeros::<f32>(plan.padded)?;
+                gpu.upload_into(&mut grads.view_mut(0..p)?, params)?;
+                gpu.cast_from_f32(&mut w16, &grads.view(0..p)?)?;
+                let mut master = gpu.alloc_zeros::<f32>(plan.len())?;
+                gpu.copy(&mut master, &grads.view(plan.range.clone())?)?;
+                (master, grads, plan.len())
+            }
+        };
         let rope = GpuRopeTable::new(
             &gpu,
             config.head_dim,
@@ -795,9 +917,14 @@ impl GpuQwen2 {
         )?;
         Ok(GpuQwen2 {
             g16: gpu.alloc_zeros(p)?,
-            grads: gpu.alloc_zeros(p)?,
-            m: gpu.alloc_zeros(p)?,
-            v: gpu.alloc_zeros(p)?,
+            grads,
+            m: gpu.alloc_zeros(moments)?,
+            v: gpu.alloc_zeros(moments)?,
+            shard: shard.map(|plan| Zero {
+                segments: plan.segments(layout.entries.iter().map(|e| (e.range.clone(), e.decay))),
+                plan,
+                gathered: true,
+            }),
             config,
             layout,
             policy,
@@ -1128,7 +1255,13 @@ impl GpuQwen2 {
     /// rank of the world holds the global gradients (then identical bit for bit, so clipping
     /// sees the global norm and every rank's AdamW step is the same) and returns the global loss
     /// statistics. With local attention and one replica, `local` unchanged.
+    ///
+    /// With a sharded optimizer the gradients are reduce-scattered instead: afterwards this
+    /// rank's shard of them holds the global sum (the rest is undefined).
     pub fn all_reduce_grads(&mut self, local: LossStats) -> Result<LossStats> {
+        if let Some(z) = &self.shard {
+            self.check_shard_groups(&z.plan)?;
+        }
         if !self.has_groups() {
             return Ok(local);
         }
@@ -1138,13 +1271,26 @@ impl GpuQwen2 {
         let stats = &mut self.loss_stats;
         self.gpu
             .upload_into(stats, &[hi, lo, local.n_tokens as f32])?;
-        sum_over_groups(
-            &self.attn,
-            self.dp.as_deref(),
-            &self.gpu,
-            &mut [&mut self.grads, stats],
-        )?;
-        let s = self.gpu.download(stats)?;
+        match &self.shard {
+            None => sum_over_groups(
+                &self.attn,
+                self.dp.as_deref(),
+                &self.gpu,
+                &mut [&mut self.grads, stats],
+            )?,
+            Some(z) => {
+                sum_over_groups(&self.attn, self.dp.as_deref(), &self.gpu, &mut [stats])?;
+                let out = scatter_over_groups(
+                    &self.attn,
+                    self.dp.as_deref(),
+                    &self.gpu,
+                    &mut self.grads,
+                    &z.plan,
+                );
+                self.abort_on_err(out)?;
+            }
+        }
+        let s = self.gpu.download(&self.loss_stats)?;
         Ok(LossStats {
             loss_sum: s[0] as f64 + s[1] as f64,
             n_tokens: s[2].round() as usize,
@@ -1499,29 +1645,48 @@ impl GpuQwen2 {
             input.tokens(),
             m.d,
         )?;
-        g.accum_f32(grads, &*g16)?;
+        g.accum_f32(&mut grads.view_mut(0..g16.len())?, &*g16)?;
         Ok(d_rows)
     }
 
-    /// Zeroes the fp32 gradients (start of an optimizer step).
+    /// Zeroes the fp32 gradients (start of an optimizer step). With a sharded optimizer the
+    /// gathered master weights in the same buffer are gone until the next update.
     pub fn zero_grads(&mut self) -> Result<()> {
+        if let Some(z) = &mut self.shard {
+            z.gathered = false;
+        }
         self.gpu.zero(&mut self.grads)
     }
 
-    /// The fp32 gradients in the flat layout.
+    /// The fp32 gradients in the flat layout (with a sharded optimizer, after
+    /// [`GpuQwen2::all_reduce_grads`], only this rank's shard holds the global sum).
     pub fn grads_host(&self) -> Result<Vec<f32>> {
-        self.gpu.download(&self.grads)
+        self.gpu.download(&self.grads.view(0..self.layout.total())?)
+    }
+
+    /// This rank's optimizer shard, when the optimizer is sharded ([`GpuQwen2::new_sharded`]).
+    pub fn opt_shard(&self) -> Option<&OptShard> {
+        self.shard.as_ref().map(|z| &z.plan)
     }
 
     /// The fp32 master parameters on the device (flat layout), e.g. for a rollout decoder on
-    /// the same device to take its weights from without a host copy.
-    pub fn params_device(&self) -> &DeviceBuf<f32> {
-        &self.master
+    /// the same device to take its weights from without a host copy. A sharded optimizer has
+    /// them between an update and the next [`GpuQwen2::zero_grads`], else this is an error.
+    pub fn params_device(&self) -> Result<DView<'_, f32>> {
+        match &self.shard {
+            None => Ok(DView::all(&self.master)),
+            Some(z) if z.gathered => self.grads.view(0..self.layout.total()),
+            Some(_) => shape_err(
+                "the optimizer is sharded: the whole fp32 master weights are on hand only \
+                 between an update and the next zero_grads"
+                    .into(),
+            ),
+        }
     }
 
-    /// The fp32 master parameters in the flat layout.
+    /// The fp32 master parameters in the flat layout (sharded: as [`GpuQwen2::params_device`]).
     pub fn params_host(&self) -> Result<Vec<f32>> {
-        self.gpu.download(&self.master)
+        self.gpu.download(&self.params_device()?)
     }
 
     /// The fp32 master parameters of `range` (flat layout) into `dst` (its length): one tensor
@@ -1534,20 +1699,50 @@ impl GpuQwen2 {
                 dst.len()
             ));
         }
-        self.gpu.download_into(dst, &self.master.view(range)?)
+        self.gpu
+            .download_into(dst, &DView::of(&self.params_device()?, range)?)
     }
 
     /// Global L2 norm of the gradients; when `max_norm > 0` and the norm exceeds it, the
     /// gradients are scaled by `max_norm / (norm + 1e-6)` (torch's `clip_grad_norm_`, as
-    /// `reel_optim::clip_grad_norm`). Returns the norm before clipping.
+    /// `reel_optim::clip_grad_norm`). Returns the norm before clipping. With a sharded
+    /// optimizer the shards' sums of squares are summed over the world and each rank scales its
+    /// shard.
     pub fn clip_grad_norm(&mut self, max_norm: f32) -> Result<f32> {
-        let (gpu, grads) = (&self.gpu, &mut self.grads);
+        let out = self.clip_inner(max_norm);
+        self.abort_on_err(out)
+    }
+
+    fn clip_inner(&mut self, max_norm: f32) -> Result<f32> {
+        let GpuQwen2 {
+            gpu,
+            grads,
+            shard,
+            attn,
+            dp,
+            loss_stats,
+            ..
+        } = self;
+        let range = match shard {
+            None => 0..grads.len(),
+            Some(z) => z.plan.range.clone(),
+        };
         gpu.timed("optimizer", "clip_grad_norm", || {
-            let norm = gpu.sum_squares(&[&*grads])?.sqrt() as f32;
+            let mut grads = grads.view_mut(range)?;
+            let mut sq = gpu.sum_squares(&[&grads])?;
+            if shard.is_some() {
+                // The sum as two f32s (high part, remainder), summed over the world.
+                let hi = sq as f32;
+                gpu.upload_into(loss_stats, &[hi, (sq - hi as f64) as f32, 0.0])?;
+                sum_over_groups(attn, dp.as_deref(), gpu, &mut [loss_stats])?;
+                let s = gpu.download(loss_stats)?;
+                sq = s[0] as f64 + s[1] as f64;
+            }
+            let norm = sq.sqrt() as f32;
             if max_norm > 0.0 && norm.is_finite() {
                 let scale = max_norm / (norm + 1e-6);
                 if scale < 1.0 {
-                    gpu.scale_f32(grads, scale)?;
+                    gpu.scale_f32(&mut grads, scale)?;
                 }
             }
             Ok(norm)
@@ -1555,39 +1750,151 @@ impl GpuQwen2 {
     }
 
     /// One AdamW step at `lr` over every tensor (weight decay where the layout says), bit-exact
-    /// with `reel_optim::AdamW`; then the bf16 copy is remade.
+    /// with `reel_optim::AdamW`; then the bf16 copy is remade. Sharded: the step over this
+    /// rank's shard, the master shards all-gathered into the gradient buffer, the bf16 copy cast
+    /// from there.
     pub fn adamw_step(&mut self, lr: f32) -> Result<()> {
         self.step += 1;
         let k = self.adamw.scalars(self.step, lr);
-        for e in &self.layout.entries {
-            let rg = e.range.clone();
+        let Some(z) = &self.shard else {
+            for e in &self.layout.entries {
+                let rg = e.range.clone();
+                self.gpu.adamw_step(
+                    &mut self.master.view_mut(rg.clone())?,
+                    &self.grads.view(rg.clone())?,
+                    &mut self.m.view_mut(rg.clone())?,
+                    &mut self.v.view_mut(rg)?,
+                    &k,
+                    e.decay,
+                )?;
+            }
+            return self.gpu.cast_from_f32(&mut self.w16, &self.master);
+        };
+        for seg in &z.segments {
+            let l = seg.local.clone();
             self.gpu.adamw_step(
-                &mut self.master.view_mut(rg.clone())?,
-                &self.grads.view(rg.clone())?,
-                &mut self.m.view_mut(rg.clone())?,
-                &mut self.v.view_mut(rg)?,
+                &mut self.master.view_mut(l.clone())?,
+                &self.grads.view(seg.global.clone())?,
+                &mut self.m.view_mut(l.clone())?,
+                &mut self.v.view_mut(l)?,
                 &k,
-                e.decay,
+                seg.decay,
             )?;
         }
-        self.gpu.cast_from_f32(&mut self.w16, &self.master)
+        let out = self.gather_shard(Held::Master);
+        self.abort_on_err(out)?;
+        let p = self.layout.total();
+        self.gpu
+            .cast_from_f32(&mut self.w16, &self.grads.view(0..p)?)?;
+        if let Some(z) = &mut self.shard {
+            z.gathered = true;
+        }
+        Ok(())
     }
 
-    /// The optimizer state in `reel_optim::AdamW`'s form (one vector per layout entry).
-    pub fn opt_state(&self) -> Result<AdamWState> {
-        let (m, v) = (self.gpu.download(&self.m)?, self.gpu.download(&self.v)?);
-        let split = |x: &[f32]| -> Vec<Vec<f32>> {
-            self.layout
-                .entries
-                .iter()
-                .map(|e| x[e.range.clone()].to_vec())
-                .collect()
+    /// Copies this rank's shard of `what` into its range of the gradient buffer and all-gathers
+    /// the world's shards there (sharded optimizer only).
+    fn gather_shard(&mut self, what: Held) -> Result<()> {
+        let Some(z) = &self.shard else {
+            return shape_err("gather_shard: the optimizer is not sharded".into());
         };
+        let src = match what {
+            Held::Master => &self.master,
+            Held::M => &self.m,
+            Held::V => &self.v,
+        };
+        self.gpu
+            .copy(&mut self.grads.view_mut(z.plan.range.clone())?, src)?;
+        gather_over_groups(
+            &self.attn,
+            self.dp.as_deref(),
+            &self.gpu,
+            &mut self.grads,
+            &z.plan,
+        )
+    }
+
+    /// Refuses a sharded optimizer's collectives when the groups set differ from its plan.
+    fn check_shard_groups(&self, plan: &OptShard) -> Result<()> {
+        let (sp_rank, sp) = match &self.attn {
+            GpuAttention::Local => (0, 1),
+            GpuAttention::Sp(s) => (s.rank(), s.world_size()),
+        };
+        let (dp_rank, dp) = self.dp_coords();
+        if (sp_rank, sp, dp_rank, dp) != (plan.sp_rank, plan.sp, plan.dp_rank, plan.dp) {
+            return shape_err(format!(
+                "optimizer shard planned for rank (dp {}, sp {}) of {} × {}, the model is rank \
+                 (dp {dp_rank}, sp {sp_rank}) of {dp} × {sp}",
+                plan.dp_rank, plan.sp_rank, plan.dp, plan.sp
+            ));
+        }
+        Ok(())
+    }
+
+    /// The optimizer state in `reel_optim::AdamW`'s form (one vector per layout entry). A
+    /// sharded optimizer refuses: its state is gathered by [`GpuQwen2::gather_state`].
+    pub fn opt_state(&self) -> Result<AdamWState> {
+        if self.shard.is_some() {
+            return shape_err(
+                "the optimizer is sharded: gather its state with gather_state on every rank".into(),
+            );
+        }
+        let (m, v) = (self.gpu.download(&self.m)?, self.gpu.download(&self.v)?);
+        let split = |x: &[f32]| reel_optim::shard::per_entry(x, &self.entry_ranges());
         Ok(AdamWState {
             step: self.step,
             m: split(&m),
             v: split(&v),
         })
+    }
+
+    /// The fp32 master parameters and the optimizer state, whole: [`GpuQwen2::params_host`] and
+    /// [`GpuQwen2::opt_state`], or with a sharded optimizer their gathers over the world, which
+    /// every rank calls (after an update; the gradient buffer carries each gather and holds the
+    /// master weights again afterwards). Only a rank with `keep` downloads them (`None`
+    /// elsewhere), so the ranks of one process need not each hold a host copy.
+    pub fn gather_state(&mut self, keep: bool) -> Result<Option<(Vec<f32>, AdamWState)>> {
+        if self.shard.is_none() {
+            return Ok(if keep {
+                Some((self.params_host()?, self.opt_state()?))
+            } else {
+                None
+            });
+        }
+        let params = if keep {
+            Some(self.params_host()?)
+        } else {
+            None
+        };
+        let p = self.layout.total();
+        let mut moments = Vec::with_capacity(2);
+        for what in [Held::M, Held::V] {
+            let out = self.gather_shard(what);
+            self.abort_on_err(out)?;
+            if keep {
+                moments.push(self.gpu.download(&self.grads.view(0..p)?)?);
+            }
+        }
+        let out = self.gather_shard(Held::Master);
+        self.abort_on_err(out)?;
+        let (Some(params), [m, v]) = (params, moments.as_slice()) else {
+            return Ok(None);
+        };
+        let ranges = self.entry_ranges();
+        let state = AdamWState {
+            step: self.step,
+            m: reel_optim::shard::per_entry(m, &ranges),
+            v: reel_optim::shard::per_entry(v, &ranges),
+        };
+        Ok(Some((params, state)))
+    }
+
+    fn entry_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        self.layout
+            .entries
+            .iter()
+            .map(|e| e.range.clone())
+            .collect()
     }
 
     /// Replaces the optimizer state (from [`GpuQwen2::opt_state`] or a checkpoint).
@@ -1603,6 +1910,7 @@ impl GpuQwen2 {
         let mut m = vec![0.0f32; self.layout.total()];
         let mut v = vec![0.0f32; self.layout.total()];
         for (i, e) in self.layout.entries.iter().enumerate() {
+            // Checked whole before a shard takes its part.
             if s.m[i].len() != e.range.len() || s.v[i].len() != e.range.len() {
                 return shape_err(format!(
                     "optimizer state for {} has the wrong length",
@@ -1611,6 +1919,9 @@ impl GpuQwen2 {
             }
             m[e.range.clone()].copy_from_slice(&s.m[i]);
             v[e.range.clone()].copy_from_slice(&s.v[i]);
+        }
+        if let Some(z) = &self.shard {
+            (m, v) = (z.plan.slice_of(&m), z.plan.slice_of(&v));
         }
         self.gpu.upload_into(&mut self.m, &m)?;
         self.gpu.upload_into(&mut self.v, &v)?;

@@ -45,7 +45,7 @@ use cudarc::nccl::sys as nsys;
 use reel_comm::stats::convention_bytes;
 use reel_comm::{bootstrap, CommError, CommStats, Communicator, Op, P2pOp, Pending};
 
-use crate::buffer::DeviceBuf;
+use crate::buffer::{DViewMut, DevRead, DeviceBuf};
 use crate::devcomm::{DevOp, DeviceGroup, DeviceP2p};
 use crate::{catch, libs, Gpu, GpuError};
 
@@ -753,6 +753,49 @@ impl NcclComm {
         })
     }
 
+    /// In-place reduce-scatter of the `n` f32 at `ptr` (n a multiple of the world; NCCL's
+    /// in-place form, the receive buffer at chunk `rank`): afterwards chunk `rank` holds the sum
+    /// over every rank. Ordered after the work queued on `after`.
+    pub fn reduce_scatter_sum_in_place_dev(
+        &self,
+        after: &CudaStream,
+        ptr: u64,
+        n: usize,
+    ) -> Result<(), CommError> {
+        let m = self.in_place_chunk(Op::ReduceScatter, n)?;
+        let mine = ptr + (self.rank * m * 4) as u64;
+        self.dev_collective(Op::ReduceScatter, &[after], n, 0, || {
+            self.rs_raw(ptr, mine, m)
+        })
+    }
+
+    /// In-place all-gather of the `n` f32 at `ptr` (n a multiple of the world): every rank's
+    /// chunk `rank` to every rank. Ordered after the work queued on `after`.
+    pub fn all_gather_in_place_dev(
+        &self,
+        after: &CudaStream,
+        ptr: u64,
+        n: usize,
+    ) -> Result<(), CommError> {
+        let m = self.in_place_chunk(Op::AllGather, n)?;
+        let mine = ptr + (self.rank * m * 4) as u64;
+        self.dev_collective(Op::AllGather, &[after], n, 0, || self.ag_raw(mine, ptr, m))
+    }
+
+    /// The chunk of an in-place collective over `n` values, refused unless the world divides it.
+    fn in_place_chunk(&self, op: Op, n: usize) -> Result<usize, CommError> {
+        if !n.is_multiple_of(self.world) {
+            return Err(self.invalid(
+                op,
+                format!(
+                    "{n} values in place: must be a multiple of the world, {}",
+                    self.world
+                ),
+            ));
+        }
+        Ok(n / self.world)
+    }
+
     /// [`Communicator::all_to_all`] on device buffers.
     pub fn all_to_all_dev(
         &self,
@@ -874,6 +917,22 @@ impl<C: Borrow<NcclComm>> DeviceGroup for NcclP2p<C> {
     fn all_reduce_sum_dev(&self, _gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<(), GpuError> {
         // NCCL's stream waits for the buffer's stream; the call returns once the sum is done.
         self.comm().all_reduce_sum_dev(buf).map_err(|e| self.err(e))
+    }
+
+    fn reduce_scatter_sum_dev(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
+        self.comm()
+            .reduce_scatter_sum_in_place_dev(&gpu.stream, buf.dptr(), buf.dlen())
+            .map_err(|e| self.err(e))
+    }
+
+    fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<(), GpuError> {
+        self.comm()
+            .all_gather_in_place_dev(&gpu.stream, buf.dptr(), buf.dlen())
+            .map_err(|e| self.err(e))
     }
 
     fn collective_stats(&self) -> Option<CommStats> {

@@ -345,6 +345,10 @@ pub trait GpuSpRank: Send {
     ) -> Result<()>;
     /// Sums `buf` over the group, in place (the gradients; [`DeviceGroup::all_reduce_sum_dev`]).
     fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()>;
+    /// [`DeviceGroup::reduce_scatter_sum_dev`] over the group (a sharded optimizer's gradients).
+    fn reduce_scatter_sum_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
+    /// [`DeviceGroup::all_gather_dev`] over the group (a sharded optimizer's weights).
+    fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
     /// [`GpuSpAttention::abort`].
     fn abort(&self, why: &str);
 }
@@ -410,6 +414,14 @@ impl<C: DeviceGroup + Send> GpuSpRank for GpuSpAttention<C> {
 
     fn all_reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DeviceBuf<f32>) -> Result<()> {
         self.comm.all_reduce_sum_dev(gpu, buf)
+    }
+
+    fn reduce_scatter_sum_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
+        self.comm.reduce_scatter_sum_dev(gpu, buf)
+    }
+
+    fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
+        self.comm.all_gather_dev(gpu, buf)
     }
 
     fn abort(&self, why: &str) {

@@ -398,6 +398,11 @@ pub struct ParallelConfig {
     /// between two ranks (rank 0 evaluates and writes checkpoints while the others wait).
     /// Default 60.
     pub timeout_s: u64,
+    /// On GPUs, shard the fp32 master weights and AdamW moments over the dp × sp ranks
+    /// (ZeRO-1: 12 bytes a parameter become 12 / (dp · sp)); gradients are reduce-scattered
+    /// and the updated weights all-gathered, the same bytes as the replicated all-reduce. Read
+    /// by GPU SFT and VLM GRPO; ignored at one rank. Default false.
+    pub shard_optimizer: bool,
 }
 
 impl Default for ParallelConfig {
@@ -409,6 +414,7 @@ impl Default for ParallelConfig {
             ulysses_degree: 0,
             overlap: true,
             timeout_s: 60,
+            shard_optimizer: false,
         }
     }
 }
@@ -663,6 +669,8 @@ overlap = true
 # Seconds a rank waits on another before the run fails; must exceed the longest gap between
 # ranks (rank 0 evaluates and writes checkpoints while the others wait).
 timeout_s = 60
+# On GPUs, shard the fp32 master weights and AdamW moments over the dp x sp ranks (ZeRO-1).
+shard_optimizer = false
 
 [output]
 # Run folder: checkpoints/, metrics.jsonl, config.toml.

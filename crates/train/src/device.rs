@@ -40,7 +40,7 @@
 
 use anyhow::Result;
 use reel_model::{CheckpointPolicy, Qwen2Config};
-use reel_optim::AdamWConfig;
+use reel_optim::{AdamWConfig, AdamWState};
 use serde::{Deserialize, Serialize};
 
 /// `train.device`.
@@ -217,6 +217,7 @@ pub fn grpo_policy_gpu(
         opt,
         setting,
         PolicyRanks::One,
+        false,
     )?;
     Ok(p.and_then(|mut p| p.models.pop()))
 }
@@ -251,6 +252,19 @@ impl GpuPolicy {
     /// The first rank's model (world rank 0 in process, or this process's).
     pub fn lead(&self) -> &GpuModel {
         &self.models[0]
+    }
+
+    /// The weights and optimizer state, whole, as the lead rank holds them (`keep`; `None`
+    /// otherwise): [`GpuModel::gather_state`] on every rank here, which every process of a
+    /// launched world calls at the same point when the optimizer is sharded.
+    pub fn gather_state(&mut self, keep: bool) -> Result<Option<(Vec<f32>, AdamWState)>> {
+        if let [one] = self.models.as_mut_slice() {
+            return Ok(one.gather_state(keep)?);
+        }
+        let mut all = on_threads(self.models.iter_mut().enumerate(), |(r, g)| {
+            Ok(g.gather_state(keep && r == 0)?)
+        })?;
+        Ok(all.swap_remove(0))
     }
 
     /// Runs `f` on every rank's model, each on a thread of its own when there are several
@@ -314,7 +328,9 @@ fn on_rank_threads<T: Send>(
 /// `reference` (a flat parameter buffer) as its frozen reference copy. `None` when `gpu_update`
 /// is off or there is no GPU; when the model cannot be put there, "auto" logs why and keeps
 /// scoring and the update on the CPU, an explicit "cuda" in `want` is an error naming
-/// `setting` (a launched process's, always an error: it has no CPU path).
+/// `setting` (a launched process's, always an error: it has no CPU path). With `shard`
+/// (`parallel.shard_optimizer`) each rank keeps its shard of the fp32 master weights and AdamW
+/// moments only ([`gpu_model`]).
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_policy_ranks(
     have_gpu: bool,
@@ -326,6 +342,7 @@ pub fn grpo_policy_ranks(
     opt: &reel_optim::AdamW,
     setting: &str,
     ranks: PolicyRanks,
+    shard: bool,
 ) -> Result<Option<GpuPolicy>> {
     let launched = matches!(ranks, PolicyRanks::Proc(_));
     if !have_gpu && !launched {
@@ -347,6 +364,7 @@ pub fn grpo_policy_ranks(
             &model.params,
             policy,
             *opt.config(),
+            shard,
         )?;
         // A fresh optimizer's moments are the device model's zeros already; a resumed one's
         // are uploaded (copying billions of zeros costs tens of seconds at 3B).
@@ -759,7 +777,9 @@ pub fn gpu_sp_group(
 
 /// The device model of one rank: the model's weights `params` (flat `ParamLayout`) uploaded
 /// where `place` says, with local attention (one rank) or the group's sequence-parallel
-/// attention (its own stream and device endpoint, opened here on the rank's thread).
+/// attention (its own stream and device endpoint, opened here on the rank's thread). With
+/// `shard` (`parallel.shard_optimizer`) the fp32 master weights and AdamW moments are sharded
+/// over the rank's dp × sp world ([`GpuModel::new_sharded`]); one rank keeps them whole.
 #[cfg(feature = "cuda")]
 pub fn gpu_model(
     place: GpuPlace,
@@ -767,10 +787,18 @@ pub fn gpu_model(
     params: &[f32],
     policy: CheckpointPolicy,
     adamw: AdamWConfig,
+    shard: bool,
 ) -> Result<GpuModel> {
     use anyhow::Context;
+    let model = ModelParts {
+        config,
+        params,
+        policy,
+        adamw,
+        shard,
+    };
     match place {
-        GpuPlace::One(g) => Ok(GpuModel::new(*g, config, params, policy, adamw)?),
+        GpuPlace::One(g) => Ok(GpuModel::new(*g, model.config, params, policy, adamw)?),
         GpuPlace::Sp {
             group,
             dp_rank,
@@ -794,14 +822,7 @@ pub fn gpu_model(
                 Some(w) => Some(w.comm(dp_rank, &g)?),
                 None => None,
             };
-            let mut m = GpuModel::new(g, config, params, policy, adamw)?;
-            if let Some(sp) = sp {
-                m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
-            }
-            if let Some(dp) = dp {
-                m.set_dp_group(Box::new(dp));
-            }
-            Ok(m)
+            model.rank(g, sp, dp)
         }
         GpuPlace::Proc(p) => {
             let GpuProc {
@@ -828,15 +849,50 @@ pub fn gpu_model(
                 Some(c) => Some(c.into_device_p2p(&gpu)?),
                 None => None,
             };
-            let mut m = GpuModel::new(gpu, config, params, policy, adamw)?;
-            if let Some(sp) = sp {
-                m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
-            }
-            if let Some(dp) = dp {
-                m.set_dp_group(Box::new(dp));
-            }
-            Ok(m)
+            model.rank(gpu, sp, dp)
         }
+    }
+}
+
+/// What [`gpu_model`] uploads, before it knows the rank's groups.
+#[cfg(feature = "cuda")]
+struct ModelParts<'a> {
+    config: Qwen2Config,
+    params: &'a [f32],
+    policy: CheckpointPolicy,
+    adamw: AdamWConfig,
+    shard: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl ModelParts<'_> {
+    /// The model of a rank of a dp × sp grid with its sequence-parallel attention and
+    /// data-parallel group (either absent at size 1), its optimizer shard planned from them.
+    fn rank<S, D>(
+        self,
+        gpu: reel_cuda::Gpu,
+        sp: Option<reel_cuda::GpuSpAttention<S>>,
+        dp: Option<D>,
+    ) -> Result<GpuModel>
+    where
+        S: reel_cuda::DeviceGroup + Send + 'static,
+        D: reel_cuda::DeviceGroup + Send + 'static,
+    {
+        let (sp_rank, sp_size) = sp.as_ref().map_or((0, 1), |s| (s.rank(), s.world_size()));
+        let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
+        let plan = (self.shard && sp_size * dp_size > 1).then(|| {
+            let total = reel_model::ParamLayout::new(&self.config).total();
+            reel_optim::OptShard::new(total, sp_size, dp_size, sp_rank, dp_rank)
+        });
+        let mut m =
+            GpuModel::new_sharded(gpu, self.config, self.params, self.policy, self.adamw, plan)?;
+        if let Some(sp) = sp {
+            m.set_attention(reel_cuda::GpuAttention::Sp(Box::new(sp)));
+        }
+        if let Some(dp) = dp {
+            m.set_dp_group(Box::new(dp));
+        }
+        Ok(m)
     }
 }
 
@@ -878,8 +934,8 @@ impl RolloutDecoder {
     pub fn load_from_policy(&mut self, policy: &GpuModel) -> Result<()> {
         policy.gpu().synchronize()?;
         match self {
-            RolloutDecoder::Bf16(d) => d.load_params_device(policy.params_device())?,
-            RolloutDecoder::F32(d) => d.load_params_device(policy.params_device())?,
+            RolloutDecoder::Bf16(d) => d.load_params_device(&policy.params_device()?)?,
+            RolloutDecoder::F32(d) => d.load_params_device(&policy.params_device()?)?,
         }
         Ok(())
     }
@@ -1054,6 +1110,7 @@ pub fn gpu_model(
     _: &[f32],
     _: CheckpointPolicy,
     _: AdamWConfig,
+    _: bool,
 ) -> Result<GpuModel> {
     match place {
         GpuPlace::One(g) => match g.never {},
@@ -1272,6 +1329,12 @@ mod cpu_only {
             match self.never {}
         }
         pub fn opt_state(&self) -> R<AdamWState> {
+            match self.never {}
+        }
+        pub fn gather_state(&mut self, _: bool) -> R<Option<(Vec<f32>, AdamWState)>> {
+            match self.never {}
+        }
+        pub fn opt_shard(&self) -> Option<&reel_optim::OptShard> {
             match self.never {}
         }
         pub fn load_opt_state(&mut self, _: &AdamWState) -> R<()> {

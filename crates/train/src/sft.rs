@@ -659,6 +659,7 @@ impl<T: SftTask> Replica<T> {
                     &q.params,
                     cfg.train.checkpoint,
                     cfg.train.adamw(),
+                    cfg.parallel.shard_optimizer,
                 )
                 .context("putting the model on the GPU")?;
                 gm.load_opt_state(&opt.state())?;
@@ -684,12 +685,12 @@ impl<T: SftTask> Replica<T> {
     }
 
     /// Copies the GPU's weights and optimizer state into `model.params` and `opt` (no-op on
-    /// the CPU).
+    /// the CPU); every rank calls it at the same point (a sharded optimizer gathers its state).
     fn sync_host(&mut self) -> Result<()> {
-        if let Some(gm) = &self.gpu {
-            let q = T::decoder_mut(&mut self.model);
-            q.params = gm.params_host()?;
-            self.opt.load_state(gm.opt_state()?)?;
+        if let Some(gm) = &mut self.gpu {
+            let (params, state) = gm.gather_state(true)?.expect("kept");
+            T::decoder_mut(&mut self.model).params = params;
+            self.opt.load_state(state)?;
         }
         Ok(())
     }

@@ -117,8 +117,8 @@ use crate::device::{
 use crate::grpo::{
     adamw_for, clip_and_step, detokenizer, generation_params, gpu_clip_and_step,
     grpo_trainer_state, is_save_step, load_resume_state, open_run, rows_len, step_record,
-    steps_to_run, sync_host, with_last_good, GrpoOptions, GrpoRunConfig, GrpoSummary, Packing,
-    PromptSampler, Reporter, RolledGroup, RoundWork, Sample, Scorer, UpdateOutcome, ROLLOUTS,
+    steps_to_run, with_last_good, GrpoOptions, GrpoRunConfig, GrpoSummary, Packing, PromptSampler,
+    Reporter, RolledGroup, RoundWork, Sample, Scorer, UpdateOutcome, ROLLOUTS,
 };
 use crate::vl::{parse_sampling, VlInputs};
 use crate::vl_prefetch::{DecodeCtx, FeedStats, FetchedRecord, PromptFeed};
@@ -1460,6 +1460,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         &opt,
         "train.device",
         ranks,
+        cfg.parallel.shard_optimizer,
     )?;
     if gm.is_some() {
         reference = None;
@@ -1790,9 +1791,19 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 )?;
             }
             summary.records.push(record);
-            if lead && !opts.no_checkpoints && is_save_step(cfg, done) {
-                sync_host(gm.as_ref().map(GpuPolicy::lead), &mut model.lm, &mut opt)
-                    .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
+            let save = !opts.no_checkpoints && is_save_step(cfg, done);
+            // Every rank gathers (a sharded optimizer's state is spread over them); the lead
+            // keeps it.
+            if let (true, Some(gp)) = (save, gm.as_mut()) {
+                if let Some((params, state)) = gp
+                    .gather_state(lead)
+                    .with_context(|| format!("{at}: copying the GPU policy to the host"))?
+                {
+                    model.lm.params = params;
+                    opt.load_state(state)?;
+                }
+            }
+            if lead && save {
                 let state = grpo_trainer_state(
                     cfg,
                     done,

@@ -6,7 +6,9 @@
 //! - `nccl_sp_sft_loss_curve_matches_one_gpu`: for each world size of `REEL_NCCL_WORLDS` (≥ 2;
 //!   default `2`) and each case (DistAttn with every activation kept, zigzag under remat,
 //!   DistAttn under remat, the Ulysses hybrid under remat with u = gcd(world, H_kv); then data
-//!   parallelism: dp = world × sp 1, and dp 2 × sp world/2 from 4 processes), every step's loss
+//!   parallelism: dp = world × sp 1, and dp 2 × sp world/2 from 4 processes; then the optimizer
+//!   sharded over the world, `parallel.shard_optimizer`: zigzag at sp = world, and DistAttn at
+//!   dp 2 × sp world/2 from 4 processes), every step's loss
 //!   of the multi-process run matches the single-GPU one-rank run of the same policy (with dp ×
 //!   the gradient accumulation) within bf16 tolerance, the replicas end identical (checked over
 //!   NCCL by the run), and rank 0's checkpoint loads.
@@ -138,24 +140,29 @@ fn nccl_sp_sft_loss_curve_matches_one_gpu() {
     let base = base_config(dir);
     let mut reference = std::collections::HashMap::new();
     for (i, &w) in worlds().iter().enumerate() {
-        // (policy, schedule, dp); sp = w / dp.
+        // (policy, schedule, dp, optimizer sharded); sp = w / dp.
         let mut cases = vec![
-            (CheckpointPolicy::None, SpSchedule::Distattn, 1),
-            (CheckpointPolicy::Remat, SpSchedule::Zigzag, 1),
-            (CheckpointPolicy::Remat, SpSchedule::Distattn, 1),
+            (CheckpointPolicy::None, SpSchedule::Distattn, 1, false),
+            (CheckpointPolicy::Remat, SpSchedule::Zigzag, 1, false),
+            (CheckpointPolicy::Remat, SpSchedule::Distattn, 1, false),
             // u = gcd(world, H_kv = 2): pure Ulysses at world 2, 2 × 2 at world 4.
-            (CheckpointPolicy::Remat, SpSchedule::Hybrid, 1),
+            (CheckpointPolicy::Remat, SpSchedule::Hybrid, 1, false),
             // Data parallelism: one replica per GPU, then replicas of sp groups.
-            (CheckpointPolicy::Remat, SpSchedule::Distattn, w),
+            (CheckpointPolicy::Remat, SpSchedule::Distattn, w, false),
+            // The optimizer state sharded over the world (ZeRO-1).
+            (CheckpointPolicy::Remat, SpSchedule::Zigzag, 1, true),
         ];
         if w >= 4 && w % 2 == 0 {
-            cases.push((CheckpointPolicy::Layer, SpSchedule::Zigzag, 2));
+            cases.push((CheckpointPolicy::Layer, SpSchedule::Zigzag, 2, false));
+            cases.push((CheckpointPolicy::Remat, SpSchedule::Distattn, 2, true));
         }
-        for (j, &(policy, schedule, dp)) in cases.iter().enumerate() {
+        for (j, &(policy, schedule, dp, shard)) in cases.iter().enumerate() {
             let sp = w / dp;
-            let what = format!("world {w} dp {dp} × sp {sp} {policy} {schedule}");
+            let sharded = if shard { ", optimizer sharded" } else { "" };
+            let what = format!("world {w} dp {dp} × sp {sp} {policy} {schedule}{sharded}");
             let mut cfg = base.clone();
             cfg.train.checkpoint = policy;
+            cfg.parallel.shard_optimizer = shard;
             cfg.parallel.dp = dp;
             let want = reference
                 .entry(format!("{policy}-dp{dp}"))
@@ -163,7 +170,7 @@ fn nccl_sp_sft_loss_curve_matches_one_gpu() {
                 .clone();
             cfg.parallel.sp = sp;
             cfg.parallel.schedule = schedule;
-            cfg.output.dir = dir.join(format!("nccl-w{w}-dp{dp}-{policy}-{schedule}"));
+            cfg.output.dir = dir.join(format!("nccl-w{w}-dp{dp}-{policy}-{schedule}-{shard}"));
             let path = dir.join(format!("w{w}-{j}.toml"));
             write_config(&cfg, &path);
             let t = Instant::now();

@@ -5,8 +5,9 @@
 //! family, Ulysses at sp = 2, the hybrid u = 2 × r = 2 at sp = 4), the replicas end identical,
 //! the loss falls, the checkpoint loads, and an interrupted sp run resumes on the GPU. Data
 //! parallelism on the same GPU (dp 2 × sp 1 and dp 2 × sp 2: replicas taking alternate
-//! micro-batches, gradients summed over the replicas on the device) follows the CPU run with
-//! twice the gradient accumulation. Needs the `cuda` feature and a GPU; opt-in:
+//! micro-batches, gradients summed over the replicas on the device; and dp 2 × sp 2 with the
+//! optimizer sharded over the four ranks) follows the CPU run with twice the gradient
+//! accumulation. Needs the `cuda` feature and a GPU; opt-in:
 //!
 //!     REEL_GPU_TESTS=1 cargo test -p reel-train --features cuda --release --test gpu_sp_sft -- --nocapture
 #![cfg(feature = "cuda")]
@@ -138,11 +139,13 @@ fn gpu_dp_loss_curve_matches_the_cpu_run_with_the_same_micro_batches() {
         "CPU, grad_accum {}: losses {:?}",
         cpu_cfg.train.grad_accum, cpu.losses
     );
-    for (sp, policy, schedule) in [
-        (1, CheckpointPolicy::Remat, SpSchedule::Distattn),
-        (2, CheckpointPolicy::Layer, SpSchedule::Zigzag),
+    for (sp, policy, schedule, shard) in [
+        (1, CheckpointPolicy::Remat, SpSchedule::Distattn, false),
+        (2, CheckpointPolicy::Layer, SpSchedule::Zigzag, false),
+        (2, CheckpointPolicy::Remat, SpSchedule::Zigzag, true),
     ] {
-        let what = format!("dp {dp} × sp {sp} {policy} {schedule}");
+        let sharded = if shard { ", optimizer sharded" } else { "" };
+        let what = format!("dp {dp} × sp {sp} {policy} {schedule}{sharded}");
         let mut cfg = cpu_cfg.clone();
         cfg.train.grad_accum /= dp as u32;
         cfg.train.device = Device::Cuda;
@@ -150,7 +153,8 @@ fn gpu_dp_loss_curve_matches_the_cpu_run_with_the_same_micro_batches() {
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
         cfg.parallel.schedule = schedule;
-        cfg.output.dir = dir.path().join(format!("gpu-dp{dp}-sp{sp}"));
+        cfg.parallel.shard_optimizer = shard;
+        cfg.output.dir = dir.path().join(format!("gpu-dp{dp}-sp{sp}-{shard}"));
         follows_cpu(&what, &cfg, &cpu.losses, dp * sp);
     }
 }

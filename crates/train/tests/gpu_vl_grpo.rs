@@ -17,11 +17,13 @@
 //!   tolerance (the CPU packing rows by prompt, the GPU one row per sample); a run stopped after
 //!   step 1 and resumed gives the uninterrupted run's step 2.
 //! - Scoring and update on in-process GPU ranks (dp × sp on one GPU: sp 2 zigzag and DistAttn,
-//!   sp 3 ring, dp 2, dp 2 × sp 2): step 1 draws the one-rank run's samples and follows its
+//!   sp 3 ring, dp 2, dp 2 × sp 2; sp 3 and dp 2 × sp 2 again with the optimizer sharded,
+//!   `parallel.shard_optimizer`): step 1 draws the one-rank run's samples and follows its
 //!   loss, KL, gradient norm and entropy within bf16 tolerance; step 2 and the checkpoint are
-//!   finite.
-//! - One process per GPU (`nccl_vl_grpo_processes_follow_one_gpu`, 2 GPUs): the same at sp 2
-//!   and dp 2 over NCCL, the groups' rollouts split over the processes and gathered.
+//!   finite, the checkpoint's optimizer state whole.
+//! - One process per GPU (`nccl_vl_grpo_processes_follow_one_gpu`, 2 GPUs): the same at sp 2,
+//!   dp 2 and sp 2 sharded over NCCL, the groups' rollouts split over the processes and
+//!   gathered.
 //! - `eval_vl_accuracy` with `device = cuda`, f32: every greedy response and the report equal the
 //!   CPU's; bf16 answers every record.
 //!
@@ -247,22 +249,26 @@ fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
     let dir = tempfile::tempdir().unwrap();
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
-    for (dp, sp, schedule) in [
-        (1, 2, SpSchedule::Zigzag),
-        (1, 2, SpSchedule::Distattn),
-        (1, 3, SpSchedule::Ring),
-        (2, 1, SpSchedule::Distattn),
-        (2, 2, SpSchedule::Zigzag),
+    for (dp, sp, schedule, shard) in [
+        (1, 2, SpSchedule::Zigzag, false),
+        (1, 2, SpSchedule::Distattn, false),
+        (1, 3, SpSchedule::Ring, false),
+        (2, 1, SpSchedule::Distattn, false),
+        (2, 2, SpSchedule::Zigzag, false),
+        (1, 3, SpSchedule::Ring, true),
+        (2, 2, SpSchedule::Zigzag, true),
     ] {
-        let what = format!("dp {dp} × sp {sp} ({schedule})");
+        let sharded = if shard { ", optimizer sharded" } else { "" };
+        let what = format!("dp {dp} × sp {sp} ({schedule}{sharded})");
         let mut cfg = ranks_config(
             &m,
             &data,
-            dir.path().join(format!("dp{dp}-sp{sp}-{schedule}")),
+            dir.path().join(format!("dp{dp}-sp{sp}-{schedule}-{shard}")),
         );
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
         cfg.parallel.schedule = schedule;
+        cfg.parallel.shard_optimizer = shard;
         let s = run(&cfg);
         assert_eq!(s.run.records.len(), 2, "{what}");
         follows(&what, &one.run.records[0], &s.run.records[0]);
@@ -272,13 +278,36 @@ fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
         }
         let w = load_vl_checkpoint(&s.run.final_model_dir).unwrap();
         assert!(w.lm.params.iter().all(|x| x.is_finite()), "{what}");
+        check_optimizer_state(&what, &s.run.final_model_dir, w.lm.params.len());
+    }
+}
+
+/// The checkpoint's optimizer state is whole (a sharded run gathers it): two steps taken, one
+/// moment per parameter, finite, and not all zero.
+fn check_optimizer_state(what: &str, dir: &Path, params: usize) {
+    let bytes = std::fs::read(dir.join(reel_train::checkpoint::OPTIMIZER_FILE)).unwrap();
+    let st = reel_train::optimizer_state_from_bytes(&bytes)
+        .unwrap_or_else(|e| panic!("{what}: the checkpoint's optimizer state: {e}"));
+    assert_eq!(st.step, 2, "{what}: optimizer steps");
+    for (name, x) in [("m", &st.m), ("v", &st.v)] {
+        let n: usize = x.iter().map(Vec::len).sum();
+        assert_eq!(n, params, "{what}: {name} values");
+        assert!(
+            x.iter().flatten().all(|v| v.is_finite()),
+            "{what}: {name} finite"
+        );
+        assert!(
+            x.iter().flatten().any(|&v| v != 0.0),
+            "{what}: {name} all zero"
+        );
     }
 }
 
 /// `reel grpo` of a Qwen2.5-VL with one process per GPU (`reel launch`): each process one rank
 /// of the dp × sp grid on its own GPU, the round's groups split over the processes and their
 /// responses gathered, the scoring and update passes' attention and gradients over NCCL. Step
-/// 1 of sp = 2 (zigzag) and of dp = 2 draws the one-GPU run's samples and follows its loss,
+/// 1 of sp = 2 (zigzag), of dp = 2 and of sp = 2 with the optimizer sharded over the two
+/// processes draws the one-GPU run's samples and follows its loss,
 /// KL, gradient norm and entropy within bf16 tolerance; the run ends with the replicas
 /// identical (checked by the run over NCCL) and rank 0's checkpoint loads. Needs 2 GPUs.
 #[test]
@@ -306,11 +335,16 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
-    for (j, (dp, sp)) in [(1, 2), (2, 1)].into_iter().enumerate() {
-        let what = format!("2 processes, dp {dp} × sp {sp}");
-        let mut cfg = ranks_config(&m, &data, dir.path().join(format!("nccl-dp{dp}-sp{sp}")));
+    for (j, (dp, sp, shard)) in [(1, 2, false), (2, 1, false), (1, 2, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let sharded = if shard { ", optimizer sharded" } else { "" };
+        let what = format!("2 processes, dp {dp} × sp {sp}{sharded}");
+        let mut cfg = ranks_config(&m, &data, dir.path().join(format!("nccl-{j}")));
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
+        cfg.parallel.shard_optimizer = shard;
         cfg.parallel.schedule = SpSchedule::Zigzag;
         let path = dir.path().join(format!("nccl-{j}.toml"));
         std::fs::write(&path, cfg.to_toml()).unwrap();
@@ -327,6 +361,7 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
         let latest = cfg.output.dir.join("checkpoints/step-2");
         let w = load_vl_checkpoint(&latest).unwrap();
         assert!(w.lm.params.iter().all(|x| x.is_finite()), "{what}");
+        check_optimizer_state(&what, &latest, w.lm.params.len());
     }
 }
 
@@ -470,10 +505,12 @@ const TIMEOUT_S: u64 = 10;
 /// Set for the relaunch that resumes.
 const RESUME: &str = "REEL_VL_GRPO_TEST_RESUME";
 
-/// A launched VLM GRPO run (2 processes, sp 2) whose rank 1 exits in the middle of step 3
-/// (after the scoring passes, before the update): rank 0 fails within the collective timeout
-/// (10 s) with an error naming the step and the last good checkpoint (step 2), which loads; a
-/// relaunch with `resume` carries the run to step 4. Needs 2 GPUs.
+/// A launched VLM GRPO run (2 processes, sp 2, the optimizer sharded over them) whose rank 1
+/// exits in the middle of step 3 (after the scoring passes, before the update): rank 0 fails
+/// within the collective timeout (10 s) with an error naming the step and the last good
+/// checkpoint (step 2: weights and optimizer state gathered from both shards), which loads; a
+/// relaunch with `resume` (each process taking its shard of the saved state) carries the run to
+/// step 4. Needs 2 GPUs.
 #[test]
 fn nccl_vl_grpo_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes() {
     const NAME: &str =
@@ -497,6 +534,7 @@ fn nccl_vl_grpo_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes(
     cfg.train.steps = 4;
     cfg.output.save_every = 1;
     cfg.parallel.sp = 2;
+    cfg.parallel.shard_optimizer = true;
     cfg.parallel.timeout_s = TIMEOUT_S;
     let path = dir.path().join("killed.toml");
     std::fs::write(&path, cfg.to_toml()).unwrap();
@@ -509,7 +547,8 @@ fn nccl_vl_grpo_rank_killed_mid_step_fails_the_other_and_the_checkpoint_resumes(
     eprintln!("the killed run's launcher: {r:?}");
     assert!(r.is_err(), "the launch reports the failed world");
     let ckpts = cfg.output.dir.join("checkpoints");
-    load_vl_checkpoint(&ckpts.join("step-2")).unwrap();
+    let w = load_vl_checkpoint(&ckpts.join("step-2")).unwrap();
+    check_optimizer_state("the killed run", &ckpts.join("step-2"), w.lm.params.len());
     assert!(
         !ckpts.join("step-3").exists(),
         "no checkpoint of the killed step"
