@@ -7,8 +7,12 @@
 //! names, and [`GpuQwen2::params_host`] is the CPU model's buffer); a bf16 copy of the weights
 //! made after each update; bf16 activations; f32 accumulation inside every GEMM and reduction;
 //! f32 RMSNorm statistics, attention lse and cross-entropy. Each micro-batch's parameter
-//! gradients are formed in a bf16 buffer of the same layout (one rounding per tensor) and added
-//! into the step's fp32 gradients, which clipping and AdamW read.
+//! gradients are formed in bf16 (one rounding per tensor) and added into the step's fp32
+//! gradients, which clipping and AdamW read: a layer's as soon as its backward is done (one
+//! layer-sized bf16 buffer serves every layer), the embedding, final norm and LM head at the end
+//! of the pass (`G16`), so the bf16 gradients take about one layer and the ends, not a second
+//! copy of the model. The optimizer state can be sharded over a dp × sp world (ZeRO-1,
+//! [`GpuQwen2::new_sharded`]).
 //!
 //! Kernels: cuBLASLt GEMMs (bias fused into the q/k/v projection), cuDNN fused attention with lse
 //! (causal), and reel's own RMSNorm, RoPE, SwiGLU, embedding, chunked LM head + cross-entropy
@@ -624,7 +628,86 @@ fn layer_forward(
     g.add_inplace(&mut xo, &r(&a.h, n * d)?)
 }
 
-/// One layer backward: dx_in from dx_out; the layer's parameter gradients accumulate into g16.
+/// The per-micro-batch bf16 gradients (module docs): one layer's at a time in `layer` (the
+/// largest layer's span; the layer's ranges shifted to its start) and the layout's ends in
+/// `ends` (embedding, final norm, an untied LM head, packed in that order; a tied head shares
+/// the embedding's range, so both contributions meet there as before). Each is added into the
+/// fp32 gradients once complete, so a rank holds one layer's and the ends' bf16 gradients
+/// instead of the whole model's (the same values, added once each).
+struct G16 {
+    layer: DeviceBuf<bf16>,
+    ends: DeviceBuf<bf16>,
+    /// Where each end lives in `ends`.
+    embed: std::ops::Range<usize>,
+    final_norm: std::ops::Range<usize>,
+    lm_head: std::ops::Range<usize>,
+}
+
+/// The flat range a layer's tensors span (contiguous in `ParamLayout`).
+fn layer_span(rg: &LayerRanges) -> std::ops::Range<usize> {
+    let all = [
+        &rg.input_norm,
+        &rg.qkv_w,
+        &rg.qkv_b,
+        &rg.o_w,
+        &rg.post_norm,
+        &rg.gate_up_w,
+        &rg.down_w,
+    ];
+    let start = all.iter().map(|r| r.start).min().unwrap_or(0);
+    let end = all.iter().map(|r| r.end).max().unwrap_or(0);
+    start..end
+}
+
+/// `rg` with every range moved down by `by` (a layer's ranges within its own buffer).
+fn shifted(rg: &LayerRanges, by: usize) -> LayerRanges {
+    let s = |r: &std::ops::Range<usize>| r.start - by..r.end - by;
+    LayerRanges {
+        input_norm: s(&rg.input_norm),
+        qkv_w: s(&rg.qkv_w),
+        qkv_b: s(&rg.qkv_b),
+        o_w: s(&rg.o_w),
+        post_norm: s(&rg.post_norm),
+        gate_up_w: s(&rg.gate_up_w),
+        down_w: s(&rg.down_w),
+    }
+}
+
+impl G16 {
+    fn new(gpu: &Gpu, layout: &ParamLayout) -> Result<Self> {
+        let widest = layout
+            .layers
+            .iter()
+            .map(|l| layer_span(l).len())
+            .max()
+            .unwrap_or(0);
+        let (e, f) = (layout.embed.len(), layout.final_norm.len());
+        let tied = layout.lm_head == layout.embed;
+        let h = if tied { 0 } else { layout.lm_head.len() };
+        Ok(G16 {
+            layer: gpu.alloc_zeros(widest)?,
+            ends: gpu.alloc_zeros(e + f + h)?,
+            embed: 0..e,
+            final_norm: e..e + f,
+            lm_head: if tied { 0..e } else { e + f..e + f + h },
+        })
+    }
+
+    /// The ends' (range in `ends`, flat range) pairs, each tensor once.
+    fn ends_in(&self, layout: &ParamLayout) -> Vec<[std::ops::Range<usize>; 2]> {
+        let mut v = vec![
+            [self.embed.clone(), layout.embed.clone()],
+            [self.final_norm.clone(), layout.final_norm.clone()],
+        ];
+        if layout.lm_head != layout.embed {
+            v.push([self.lm_head.clone(), layout.lm_head.clone()]);
+        }
+        v
+    }
+}
+
+/// One layer backward: dx_in from dx_out; the layer's parameter gradients accumulate into g16
+/// (addressed by `rg`).
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     cx: &Ctx,
@@ -802,7 +885,7 @@ pub struct GpuQwen2 {
     w16: DeviceBuf<bf16>,
     /// The frozen reference weights (bf16, as the policy computes), when set.
     ref16: Option<DeviceBuf<bf16>>,
-    g16: DeviceBuf<bf16>,
+    g16: G16,
     /// The step's fp32 gradients in the flat layout (padded to the shard plan's length when
     /// sharded; then, between an update and the next [`GpuQwen2::zero_grads`], the gathered
     /// fp32 master weights).
@@ -916,7 +999,7 @@ impl GpuQwen2 {
             config.rope_theta,
         )?;
         Ok(GpuQwen2 {
-            g16: gpu.alloc_zeros(p)?,
+            g16: G16::new(&gpu, &layout)?,
             grads,
             m: gpu.alloc_zeros(moments)?,
             v: gpu.alloc_zeros(moments)?,
@@ -1552,10 +1635,10 @@ impl GpuQwen2 {
         let targets = input.targets();
         let dloss = dloss.per_row(targets)?;
         g.upload_into(&mut w(&mut ws.dloss, n)?, &dloss)?;
-        g.zero(g16)?;
+        g.zero(&mut g16.ends)?;
         g.lm_head_ce_backward(
             &mut w(&mut ws.dxn_f, n * m.d)?,
-            &mut g16.view_mut(layout.lm_head.clone())?,
+            &mut g16.ends.view_mut(g16.lm_head.clone())?,
             &r(&ws.xn_f, n * m.d)?,
             &w16.view(layout.lm_head.clone())?,
             targets,
@@ -1574,7 +1657,7 @@ impl GpuQwen2 {
         let [dx_a, dx_b] = &mut ws.dx;
         g.rmsnorm_backward(
             &mut w(dx_a, n * m.d)?,
-            &mut g16.view_mut(layout.final_norm.clone())?,
+            &mut g16.ends.view_mut(g16.final_norm.clone())?,
             &r(&ws.dxn_f, n * m.d)?,
             &r(&ws.xs[layers], n * m.d)?,
             &w16.view(layout.final_norm.clone())?,
@@ -1612,19 +1695,25 @@ impl GpuQwen2 {
                     *policy == CheckpointPolicy::Layer,
                 )?;
             }
+            let span = layer_span(&layout.layers[l]);
+            g.zero(&mut g16.layer)?;
             layer_backward(
                 &cx,
                 attn,
                 &wt,
-                &layout.layers[l],
+                &shifted(&layout.layers[l], span.start),
                 &ws.acts[ai],
                 &ws.attn[ti],
                 &ws.lse[ti],
                 &ws.xs[l],
                 &*dx_cur,
                 &mut *dx_next,
-                &mut *g16,
+                &mut g16.layer,
                 &mut ws.bw,
+            )?;
+            g.accum_f32(
+                &mut grads.view_mut(span.clone())?,
+                &g16.layer.view(0..span.len())?,
             )?;
             std::mem::swap(&mut dx_cur, &mut dx_next);
         }
@@ -1640,12 +1729,14 @@ impl GpuQwen2 {
             }
         }
         g.embedding_backward(
-            &mut g16.view_mut(layout.embed.clone())?,
+            &mut g16.ends.view_mut(g16.embed.clone())?,
             &r(&*dx_cur, n * m.d)?,
             input.tokens(),
             m.d,
         )?;
-        g.accum_f32(&mut grads.view_mut(0..g16.len())?, &*g16)?;
+        for [packed, flat] in g16.ends_in(layout) {
+            g.accum_f32(&mut grads.view_mut(flat)?, &g16.ends.view(packed)?)?;
+        }
         Ok(d_rows)
     }
 

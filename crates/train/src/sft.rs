@@ -684,11 +684,17 @@ impl<T: SftTask> Replica<T> {
         })
     }
 
-    /// Copies the GPU's weights and optimizer state into `model.params` and `opt` (no-op on
-    /// the CPU); every rank calls it at the same point (a sharded optimizer gathers its state).
-    fn sync_host(&mut self) -> Result<()> {
-        if let Some(gm) = &mut self.gpu {
-            let (params, state) = gm.gather_state(true)?.expect("kept");
+    /// Copies the GPU's weights and optimizer state into `model.params` and `opt` when `keep`
+    /// (no-op on the CPU). Every rank calls it at the same point: a sharded optimizer gathers
+    /// its state over all of them, also where this rank keeps nothing.
+    fn sync_host(&mut self, keep: bool) -> Result<()> {
+        let Some(gm) = &mut self.gpu else {
+            return Ok(());
+        };
+        if !keep && gm.opt_shard().is_none() {
+            return Ok(());
+        }
+        if let Some((params, state)) = gm.gather_state(keep)? {
             T::decoder_mut(&mut self.model).params = params;
             self.opt.load_state(state)?;
         }
@@ -1034,6 +1040,15 @@ fn rank_loop<T: SftTask, C: Communicator>(
             if recent_losses.len() > 100 {
                 recent_losses.remove(0);
             }
+            let last = done == total;
+            let evaluate = (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last;
+            let save = (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last;
+            if evaluate || save {
+                // The lead evaluates and saves from the host copy; the others take part in a
+                // sharded optimizer's gather.
+                rep.sync_host(lead.is_some())
+                    .with_context(|| format!("{at}: reading the weights back from the GPU"))?;
+            }
             let Some((metrics, progress, hook)) = lead.as_mut() else {
                 continue;
             };
@@ -1050,13 +1065,6 @@ fn rank_loop<T: SftTask, C: Communicator>(
                 tokens_per_s,
             });
 
-            let last = done == total;
-            let evaluate = (cfg.output.eval_every > 0 && done % cfg.output.eval_every == 0) || last;
-            let save = (cfg.output.save_every > 0 && done % cfg.output.save_every == 0) || last;
-            if evaluate || save {
-                rep.sync_host()
-                    .with_context(|| format!("{at}: reading the weights back from the GPU"))?;
-            }
             if evaluate {
                 let mut parts = Vec::new();
                 if let Some(s) = task
@@ -1104,7 +1112,7 @@ fn rank_loop<T: SftTask, C: Communicator>(
         if let Some((_, progress, _)) = &lead {
             progress.finish();
         }
-        rep.sync_host()
+        rep.sync_host(true)
             .context("reading the weights back from the GPU")?;
         let checksum = task.checksum(&rep.model);
         let world_checksums = match (&rep.gpu, proc_rank) {
