@@ -107,6 +107,22 @@ impl<'a, T> DView<'a, T> {
     }
 }
 
+impl<T> DView<'_, T> {
+    /// A view of `len` elements at device address `ptr`, for a holder that keeps a borrowed
+    /// buffer's address past the borrow.
+    ///
+    /// # Safety
+    /// `ptr` must address `len` elements of `T` on the device that stay allocated while the
+    /// view is used.
+    pub(crate) unsafe fn from_raw(ptr: u64, len: usize) -> Self {
+        DView {
+            ptr,
+            len,
+            _p: PhantomData,
+        }
+    }
+}
+
 impl<'a, T> DView<'a, T> {
     /// The same bytes as elements of `U`, of the same size (code generic over the storage type
     /// that has checked `T` is `U`).

@@ -380,7 +380,7 @@ fn chunk_attention<T: GpuFloat>(
 pub struct GpuDecoder<T: GpuFloat = bf16> {
     config: Qwen2Config,
     layout: ParamLayout,
-    weights: DeviceBuf<T>,
+    weights: DecoderWeights<T>,
     rope: GpuRopeTable,
     /// The same table on the host, made on the first M-RoPE step (its angles are computed
     /// there, as the CPU step does).
@@ -403,6 +403,40 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
     /// Rows whose attention ran through cuDNN so far.
     cudnn_rows_run: u64,
     gpu: Gpu,
+}
+
+/// A decoder's weights (flat `ParamLayout`): its own copy, or a trainer's compute copy of the
+/// same values on the same device, read in place ([`GpuDecoder::read_weights_in_place`]).
+enum DecoderWeights<T: GpuFloat> {
+    Own(DeviceBuf<T>),
+    InPlace { ptr: u64, len: usize },
+}
+
+impl<T: GpuFloat> DecoderWeights<T> {
+    fn view(&self, r: std::ops::Range<usize>) -> Result<DView<'_, T>> {
+        match self {
+            DecoderWeights::Own(b) => b.view(r),
+            DecoderWeights::InPlace { ptr, len } => {
+                if r.start > r.end || r.end > *len {
+                    return shape_err(format!("weights range {r:?} of {len}"));
+                }
+                let at = ptr + (r.start * std::mem::size_of::<T>()) as u64;
+                // SAFETY: inside the buffer `read_weights_in_place`'s caller keeps alive.
+                Ok(unsafe { DView::from_raw(at, r.len()) })
+            }
+        }
+    }
+
+    /// The decoder's own copy, to be overwritten; an error for weights read in place.
+    fn own(&mut self) -> Result<&mut DeviceBuf<T>> {
+        match self {
+            DecoderWeights::Own(b) => Ok(b),
+            DecoderWeights::InPlace { .. } => shape_err(
+                "the decoder reads its trainer's weights in place: they change with the trainer's"
+                    .into(),
+            ),
+        }
+    }
 }
 
 impl<T: GpuFloat> GpuDecoder<T> {
@@ -435,7 +469,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
         Ok(GpuDecoder {
             config,
             layout,
-            weights,
+            weights: DecoderWeights::Own(weights),
             rope,
             host_rope: None,
             kv: None,
@@ -471,8 +505,39 @@ impl<T: GpuFloat> GpuDecoder<T> {
             ));
         }
         let master = self.gpu.upload(params)?;
-        self.gpu.cast_from_f32(&mut self.weights, &master)?;
+        self.gpu.cast_from_f32(self.weights.own()?, &master)?;
         self.gpu.synchronize()
+    }
+
+    /// Drops the decoder's own copy of the weights and reads `weights` (the same flat layout and
+    /// storage type: a `GpuQwen2`'s bf16 compute copy, `GpuQwen2::weights_device`) in place
+    /// from now on: one copy of the model on the device instead of two, and no refresh after
+    /// the trainer's update, whose weights the next step reads.
+    ///
+    /// # Safety
+    /// `weights` must stay allocated while this decoder steps, live on this decoder's device,
+    /// and hold complete weights whenever it steps: the caller orders the trainer's writes to it
+    /// (its update) before the decoder's next step (synchronising the trainer's stream), and the
+    /// decoder's steps before the next write (each step waits for its logits).
+    pub unsafe fn read_weights_in_place(&mut self, weights: &impl DevRead<T>) -> Result<()> {
+        if weights.dlen() != self.layout.total() {
+            return shape_err(format!(
+                "weights of {} values, the config needs {}",
+                weights.dlen(),
+                self.layout.total()
+            ));
+        }
+        self.gpu.synchronize()?;
+        self.weights = DecoderWeights::InPlace {
+            ptr: weights.dptr(),
+            len: weights.dlen(),
+        };
+        Ok(())
+    }
+
+    /// Whether the decoder reads a trainer's weights in place.
+    pub fn weights_in_place(&self) -> bool {
+        matches!(self.weights, DecoderWeights::InPlace { .. })
     }
 
     /// Replaces the weights from fp32 parameters already on this device (a `GpuQwen2`'s master
@@ -487,7 +552,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
-        self.gpu.cast_from_f32(&mut self.weights, params)?;
+        self.gpu.cast_from_f32(self.weights.own()?, params)?;
         self.gpu.synchronize()
     }
 

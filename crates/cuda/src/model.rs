@@ -1775,6 +1775,13 @@ impl GpuQwen2 {
         }
     }
 
+    /// The bf16 compute copy of the weights (flat layout), remade after every update: what a
+    /// bf16 rollout decoder on the same device can read in place
+    /// (`GpuDecoder::read_weights_in_place`).
+    pub fn weights_device(&self) -> &DeviceBuf<bf16> {
+        &self.w16
+    }
+
     /// The fp32 master parameters in the flat layout (sharded: as [`GpuQwen2::params_device`]).
     pub fn params_host(&self) -> Result<Vec<f32>> {
         self.gpu.download(&self.params_device()?)

@@ -621,3 +621,67 @@ fn gpu_vl_engine_matches_the_cpu_vl_engine() {
         distinct.len()
     );
 }
+
+/// A bf16 decoder reading a `GpuQwen2`'s compute weights in place gives the logits of a decoder
+/// with its own copy, bit for bit, before and after the trainer's AdamW step (which it sees with
+/// no refresh, as the own copy does after `load_params_device`); refreshing its weights itself
+/// is refused.
+#[cfg(feature = "cudnn")]
+#[test]
+fn a_decoder_reading_the_trainers_weights_in_place_follows_its_updates() {
+    use reel_model::{CheckpointPolicy, TokenBatch};
+    use reel_optim::AdamWConfig;
+    let Some(_lock) = gpu() else { return };
+    let c = config();
+    let model = Qwen2::new_random(c.clone(), 7).unwrap();
+    let mut gm = reel_cuda::GpuQwen2::new(
+        open(),
+        c.clone(),
+        &model.params,
+        CheckpointPolicy::Remat,
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    let mut own = GpuDecoder::<bf16>::from_model(open(), &model).unwrap();
+    let mut in_place = GpuDecoder::<bf16>::from_model(open(), &model).unwrap();
+    // SAFETY: `gm` outlives the decoder's steps; its update is waited for below.
+    unsafe { in_place.read_weights_in_place(gm.weights_device()).unwrap() };
+    assert!(in_place.weights_in_place() && !own.weights_in_place());
+    let bits = |v: Vec<Vec<f32>>| -> Vec<u32> { v.concat().iter().map(|x| x.to_bits()).collect() };
+    let before = bits(two_steps(&mut own, &c));
+    assert_eq!(
+        bits(two_steps(&mut in_place, &c)),
+        before,
+        "before the update"
+    );
+    // One training step moves the trainer's weights.
+    let (b, t) = (2, 24);
+    let ids = tokens(b * t, 5, c.vocab_size as u32);
+    let targets: Vec<i32> = tokens(b * t, 9, c.vocab_size as u32)
+        .iter()
+        .map(|&x| x as i32)
+        .collect();
+    let positions = reel_model::default_positions(b, t);
+    let batch = TokenBatch {
+        tokens: &ids,
+        targets: &targets,
+        positions: &positions,
+        b,
+        t,
+    };
+    gm.zero_grads().unwrap();
+    let loss = gm.forward(&batch).unwrap();
+    gm.backward(&batch, 1.0 / loss.n_tokens as f32).unwrap();
+    gm.adamw_step(1e-2).unwrap();
+    gm.gpu().synchronize().unwrap();
+    own.load_params_device(&gm.params_device().unwrap())
+        .unwrap();
+    let after = bits(two_steps(&mut own, &c));
+    assert_ne!(after, before, "the update moved the logits");
+    assert_eq!(
+        bits(two_steps(&mut in_place, &c)),
+        after,
+        "after the update"
+    );
+    assert!(in_place.load_params(&model.params).is_err());
+}

@@ -930,14 +930,42 @@ impl RolloutDecoder {
     }
 
     /// Replaces the weights with `policy`'s fp32 master weights, device to device (no host
-    /// copy; both on GPU 0).
+    /// copy; both on GPU 0). A decoder reading the policy's weights in place
+    /// ([`RolloutDecoder::read_policy_weights`]) only waits for the update to finish.
     pub fn load_from_policy(&mut self, policy: &GpuModel) -> Result<()> {
         policy.gpu().synchronize()?;
+        if let RolloutDecoder::Bf16(d) = self {
+            if d.weights_in_place() {
+                return Ok(());
+            }
+        }
         match self {
             RolloutDecoder::Bf16(d) => d.load_params_device(&policy.params_device()?)?,
             RolloutDecoder::F32(d) => d.load_params_device(&policy.params_device()?)?,
         }
         Ok(())
+    }
+
+    /// Drops a bf16 decoder's own weights and reads `policy`'s bf16 compute copy in place from
+    /// now on (the same values: both cast from the same fp32 master weights): one copy of the
+    /// model on the GPU instead of two (6 GB at 3B, 15 GB at 7B). Returns whether it does; an
+    /// f32 decoder, or a policy on another device, keeps its own copy.
+    ///
+    /// # Safety
+    /// `policy` must outlive every later step of this decoder, and its updates reach the
+    /// decoder only through [`RolloutDecoder::load_from_policy`] (which waits for them) before
+    /// the next rollout, as GRPO's step does.
+    pub unsafe fn read_policy_weights(&mut self, policy: &GpuModel) -> Result<bool> {
+        let RolloutDecoder::Bf16(d) = self else {
+            return Ok(false);
+        };
+        if d.gpu().info().ordinal != policy.gpu().info().ordinal {
+            return Ok(false);
+        }
+        policy.gpu().synchronize()?;
+        // SAFETY: the caller's contract above.
+        unsafe { d.read_weights_in_place(policy.weights_device())? };
+        Ok(true)
     }
 
     /// The decoder as the rollout engine's step model (borrowed for one engine's life).
@@ -1171,6 +1199,11 @@ mod cpu_only {
             match self.never {}
         }
         pub fn load_from_policy(&mut self, _: &GpuModel) -> anyhow::Result<()> {
+            match self.never {}
+        }
+        /// # Safety
+        /// Never callable: no value exists.
+        pub unsafe fn read_policy_weights(&mut self, _: &GpuModel) -> anyhow::Result<bool> {
             match self.never {}
         }
         pub fn step_model(&mut self) -> Box<dyn reel_rollout::StepModel + '_> {

@@ -1286,6 +1286,14 @@ fn grpo_rank<C: Communicator>(
         &opt,
         "train.device",
     )?;
+    if let (Some(d), Some(g)) = (decoder.as_mut(), gm.as_ref()) {
+        // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
+        // each step's update reaches the decoder through `load_from_policy` before the next
+        // rollout.
+        if unsafe { d.read_policy_weights(g) }? {
+            tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
+        }
+    }
     if gm.is_some() {
         // The reference lives on the device now.
         reference = None;

@@ -1462,6 +1462,14 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         ranks,
         cfg.parallel.shard_optimizer,
     )?;
+    if let (Some(d), Some(gp)) = (decoder.as_mut(), gm.as_ref()) {
+        // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
+        // each step's update reaches the decoder through `load_from_policy` before the next
+        // rollout.
+        if unsafe { d.read_policy_weights(gp.lead()) }? {
+            tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
+        }
+    }
     if gm.is_some() {
         reference = None;
     } else if cfg.grpo.needs_reference() && reference.is_none() {
