@@ -762,9 +762,7 @@ impl NcclComm {
         ptr: u64,
         n: usize,
     ) -> Result<(), CommError> {
-        let m = self.in_place_chunk(Op::ReduceScatter, n)?;
-        let mine = ptr + (self.rank * m * 4) as u64;
-        self.dev_collective(Op::ReduceScatter, &[after], n, 0, || {
+        self.in_place(Op::ReduceScatter, after, ptr, n, |mine, m| {
             self.rs_raw(ptr, mine, m)
         })
     }
@@ -777,13 +775,21 @@ impl NcclComm {
         ptr: u64,
         n: usize,
     ) -> Result<(), CommError> {
-        let m = self.in_place_chunk(Op::AllGather, n)?;
-        let mine = ptr + (self.rank * m * 4) as u64;
-        self.dev_collective(Op::AllGather, &[after], n, 0, || self.ag_raw(mine, ptr, m))
+        self.in_place(Op::AllGather, after, ptr, n, |mine, m| {
+            self.ag_raw(mine, ptr, m)
+        })
     }
 
-    /// The chunk of an in-place collective over `n` values, refused unless the world divides it.
-    fn in_place_chunk(&self, op: Op, n: usize) -> Result<usize, CommError> {
+    /// An in-place collective over the `n` f32 at `ptr`: `call(address of this rank's chunk,
+    /// chunk length)` through [`NcclComm::dev_collective`], refused unless the world divides n.
+    fn in_place(
+        &self,
+        op: Op,
+        after: &CudaStream,
+        ptr: u64,
+        n: usize,
+        call: impl FnOnce(u64, usize) -> Result<(), CommError>,
+    ) -> Result<(), CommError> {
         if !n.is_multiple_of(self.world) {
             return Err(self.invalid(
                 op,
@@ -793,7 +799,9 @@ impl NcclComm {
                 ),
             ));
         }
-        Ok(n / self.world)
+        let m = n / self.world;
+        let mine = ptr + (self.rank * m * 4) as u64;
+        self.dev_collective(op, &[after], n, 0, || call(mine, m))
     }
 
     /// [`Communicator::all_to_all`] on device buffers.

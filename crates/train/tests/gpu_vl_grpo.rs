@@ -249,14 +249,7 @@ fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
     let dir = tempfile::tempdir().unwrap();
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
-    let one_updates = {
-        let n = load_vl_checkpoint(&one.run.final_model_dir)
-            .unwrap()
-            .lm
-            .params
-            .len();
-        check_optimizer_state("one rank", &one.run.final_model_dir, n)
-    };
+    let one_updates = updates_of(&one);
     for (dp, sp, schedule, shard) in [
         (1, 2, SpSchedule::Zigzag, false),
         (1, 2, SpSchedule::Distattn, false),
@@ -289,6 +282,13 @@ fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
         let n = check_optimizer_state(&what, &s.run.final_model_dir, w.lm.params.len());
         assert_eq!(n, one_updates, "{what}: the one-rank run's optimizer steps");
     }
+}
+
+/// The optimizer steps in a run's final checkpoint ([`check_optimizer_state`]).
+fn updates_of(s: &VlGrpoSummary) -> u64 {
+    let dir = &s.run.final_model_dir;
+    let n = load_vl_checkpoint(dir).unwrap().lm.params.len();
+    check_optimizer_state("the reference run", dir, n)
 }
 
 /// The checkpoint's optimizer state is whole (a sharded run gathers it): one moment per
@@ -345,14 +345,7 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
     let dir = tempfile::tempdir().unwrap();
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
-    let one_updates = {
-        let n = load_vl_checkpoint(&one.run.final_model_dir)
-            .unwrap()
-            .lm
-            .params
-            .len();
-        check_optimizer_state("one rank", &one.run.final_model_dir, n)
-    };
+    let one_updates = updates_of(&one);
     for (j, (dp, sp, shard)) in [(1, 2, false), (2, 1, false), (1, 2, true)]
         .into_iter()
         .enumerate()
