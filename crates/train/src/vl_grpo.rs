@@ -280,6 +280,11 @@ impl VlCtx<'_> {
                     *encode_s += t0.elapsed().as_secs_f64();
                     Some(f)
                 };
+                let embeds = if self.gpu {
+                    RowEmbeds::Features
+                } else {
+                    RowEmbeds::Whole
+                };
                 Ok(VlRows::new(
                     vlm,
                     lm,
@@ -288,6 +293,7 @@ impl VlCtx<'_> {
                     feats.as_deref(),
                     pad,
                     self.packs(),
+                    embeds,
                 ))
             })
             .collect()
@@ -419,8 +425,11 @@ impl VlCtx<'_> {
 /// tokens, targets, input embeddings (current table, video rows = features) and M-RoPE angles),
 /// either those same rows or, with `packing`, the micro-batch packed by prompt.
 struct VlRows {
-    /// The decoder's rows, `model_b` of them.
+    /// The decoder's rows, `model_b` of them (`model.embeds` as `embeds` says).
     model: LocalRows,
+    embeds: RowEmbeds,
+    /// The decoder's hidden size d.
+    hidden: usize,
     model_b: usize,
     /// How per-sample positions map into `model` when it is packed by prompt.
     packing: Option<Packing>,
@@ -431,6 +440,16 @@ struct VlRows {
     seq_tokens: Vec<usize>,
     b: usize,
     t: usize,
+}
+
+/// What a [`VlRows`]'s `model.embeds` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowEmbeds {
+    /// Every row's input embedding [B·T, d]: the CPU passes' input.
+    Whole,
+    /// Only the prompts' video rows' features, in row-major order [F, d]: the GPU policy looks
+    /// the text rows up in its own table, so the host forms no [B·T, d] buffer.
+    Features,
 }
 
 /// The decoder's rows of a micro-batch packed by prompt ([`Packing`], `grpo/pack.rs`): tokens,
@@ -511,7 +530,8 @@ fn packed_rows(
 impl VlRows {
     /// Rows of `samples` with the embedding table of `lm` and each sample's video features
     /// (`features[k]`, or its prompt's); with `pack`, the model's rows are packed by prompt
-    /// ([`Packing`]).
+    /// ([`Packing`]; whole embeddings only). `embeds` says what `model.embeds` holds.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         vlm: &Qwen25VL,
         lm: &Qwen2,
@@ -520,6 +540,7 @@ impl VlRows {
         features: Option<&[Vec<f32>]>,
         pad: u32,
         pack: bool,
+        embeds: RowEmbeds,
     ) -> Self {
         let b = samples.len();
         let t = rows_len(samples.iter().copied());
@@ -532,6 +553,8 @@ impl VlRows {
             let (packing, model) = packed_rows(vlm, lm, samples, prompts, pad, t);
             return VlRows {
                 model,
+                embeds: RowEmbeds::Whole,
+                hidden: d,
                 model_b: packing.b,
                 mask: packing.whole(b, t).mask,
                 packing: Some(packing),
@@ -566,13 +589,15 @@ impl VlRows {
                 }
             }
         }
-        let mut embeds = vec![0.0f32; b * t * d];
-        reel_kernels::embedding::embedding_forward(
-            &mut embeds,
-            &tokens,
-            &lm.params[lm.layout.embed.clone()],
-            d,
-        );
+        let table = &lm.params[lm.layout.embed.clone()];
+        let mut rows_out = match embeds {
+            RowEmbeds::Whole => {
+                let mut e = vec![0.0f32; b * t * d];
+                reel_kernels::embedding::embedding_forward(&mut e, &tokens, table, d);
+                e
+            }
+            RowEmbeds::Features => Vec::new(),
+        };
         for (row, s) in samples.iter().enumerate() {
             let f = match features {
                 Some(f) => &f[row],
@@ -584,9 +609,22 @@ impl VlRows {
                 .iter()
                 .enumerate()
                 .filter(|(_, &x)| x == vid);
-            for ((i, _), v) in rows.zip(f.chunks_exact(d)) {
-                let r = row * t + i;
-                embeds[r * d..(r + 1) * d].copy_from_slice(v);
+            let mut given = f.chunks_exact(d);
+            for (i, _) in rows {
+                let v = given.next();
+                match (embeds, v) {
+                    (RowEmbeds::Whole, Some(v)) => {
+                        let r = row * t + i;
+                        rows_out[r * d..(r + 1) * d].copy_from_slice(v);
+                    }
+                    (RowEmbeds::Whole, None) => {}
+                    (RowEmbeds::Features, Some(v)) => rows_out.extend_from_slice(v),
+                    // A video row without features keeps the table's row, as in `Whole`.
+                    (RowEmbeds::Features, None) => {
+                        let v = vid as usize;
+                        rows_out.extend_from_slice(&table[v * d..(v + 1) * d]);
+                    }
+                }
             }
         }
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
@@ -596,11 +634,13 @@ impl VlRows {
                 tokens,
                 targets,
                 mask: mask.clone(),
-                embeds,
+                embeds: rows_out,
                 cos,
                 sin,
                 t,
             },
+            embeds,
+            hidden: d,
             model_b: b,
             packing: None,
             mask,
@@ -741,6 +781,9 @@ impl RankAttn<'_> {
     /// The rank's share of `r`'s decoder rows, and the sharding they were cut with (None at
     /// sp = 1, where the rows are `r.model` itself).
     fn local<'r>(&self, r: &'r VlRows, vid: u32) -> Result<(Cow<'r, LocalRows>, Option<Sharding>)> {
+        if r.embeds != RowEmbeds::Whole {
+            bail!("a CPU pass was given the GPU policy's rows (video features only)");
+        }
         let RankAttn::Sp(sp, rank) = self else {
             return Ok((Cow::Borrowed(&r.model), None));
         };
@@ -992,6 +1035,7 @@ fn minibatch_grads(
 /// padding rows are feature rows of zeros, so they take no embedding-table gradient). The
 /// feature rows are a sample's prompt rows holding the video token (a response's video token
 /// is an ordinary table row), their features copied out of the rows' input embeddings.
+#[derive(Debug, PartialEq)]
 struct GpuRows {
     tokens: Vec<u32>,
     targets: Vec<i32>,
@@ -1013,19 +1057,32 @@ impl GpuRows {
         rank: usize,
     ) -> Result<GpuRows> {
         let (m, b, t) = (&r.model, r.model_b, r.model.t);
-        let d = m.embeds.len() / m.tokens.len().max(1);
+        let d = r.hidden;
         let mut feature = vec![false; m.tokens.len()];
         for (k, s) in micro.iter().enumerate() {
             for i in 0..s.prompt_len.min(t) {
                 feature[k * t + i] = m.tokens[k * t + i] == vid;
             }
         }
+        // Where whole row i's features are in `m.embeds` (row i of whole embeddings, or its
+        // place among the video rows of features-only ones).
+        let at: Vec<usize> = match r.embeds {
+            RowEmbeds::Whole => (0..feature.len()).collect(),
+            RowEmbeds::Features => feature
+                .iter()
+                .scan(0, |n, &f| {
+                    *n += f as usize;
+                    Some(*n - f as usize)
+                })
+                .collect(),
+        };
+        let row = |i: usize| &m.embeds[at[i] * d..(at[i] + 1) * d];
         let Some(sh) = sh else {
             let features = feature
                 .iter()
                 .enumerate()
                 .filter(|(_, &f)| f)
-                .flat_map(|(i, _)| &m.embeds[i * d..(i + 1) * d])
+                .flat_map(|(i, _)| row(i))
                 .copied()
                 .collect();
             return Ok(GpuRows {
@@ -1049,10 +1106,7 @@ impl GpuRows {
             match (f, i) {
                 (false, _) => {}
                 (true, u32::MAX) => features.extend(std::iter::repeat_n(0.0, d)),
-                (true, i) => {
-                    let i = i as usize;
-                    features.extend_from_slice(&m.embeds[i * d..(i + 1) * d]);
-                }
+                (true, i) => features.extend_from_slice(row(i as usize)),
             }
         }
         Ok(GpuRows {
@@ -2221,9 +2275,26 @@ mod tests {
             r.packing.is_none(),
             "the GPU policy takes one row per sample"
         );
+        assert_eq!(r.embeds, RowEmbeds::Features, "the GPU policy's rows");
+        // The same rows with every row's embedding, as the CPU passes take them.
+        let full = VlRows::new(
+            model,
+            &model.lm,
+            &micro,
+            &prompts,
+            None,
+            pad,
+            false,
+            RowEmbeds::Whole,
+        );
         let (b, t, d) = (r.model_b, r.model.t, model.lm.config.hidden_size);
         let half = r.model.cos.len() / (b * t);
         let whole = GpuRows::new(r, &micro, vid, None, 0).unwrap();
+        assert_eq!(
+            whole,
+            GpuRows::new(&full, &micro, vid, None, 0).unwrap(),
+            "features-only rows give the whole rows' GPU rows"
+        );
         // Whole rows: the prompts' video tokens, each with its own features.
         let mut want_feature = vec![false; b * t];
         for (k, s) in micro.iter().enumerate() {
@@ -2240,6 +2311,11 @@ mod tests {
         let n_feat = want_feature.iter().filter(|&&f| f).count();
         assert!(n_feat > 0);
         assert_eq!(whole.features.len(), n_feat * d);
+        assert_eq!(
+            r.model.embeds.len(),
+            n_feat * d,
+            "no [B·T, d] buffer on the host"
+        );
         // Feature vector of each whole row.
         let mut whole_feat: Vec<Option<&[f32]>> = vec![None; b * t];
         let mut at = 0;
@@ -2247,7 +2323,10 @@ mod tests {
             if f {
                 whole_feat[i] = Some(&whole.features[at * d..(at + 1) * d]);
                 at += 1;
-                assert_eq!(whole_feat[i].unwrap(), &r.model.embeds[i * d..(i + 1) * d]);
+                assert_eq!(
+                    whole_feat[i].unwrap(),
+                    &full.model.embeds[i * d..(i + 1) * d]
+                );
             }
         }
         for ranks in [2, 3] {
@@ -2256,6 +2335,11 @@ mod tests {
                 let mut seen = vec![0usize; b * t];
                 for rank in 0..ranks {
                     let loc = GpuRows::new(r, &micro, vid, Some(sh), rank).unwrap();
+                    assert_eq!(
+                        loc,
+                        GpuRows::new(&full, &micro, vid, Some(sh), rank).unwrap(),
+                        "{ranks} ranks {layout:?} rank {rank}: from features-only rows"
+                    );
                     let l = loc.t;
                     assert_eq!(l, sh.local_len());
                     let mut at = 0;
