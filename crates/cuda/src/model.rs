@@ -643,42 +643,12 @@ struct G16 {
     lm_head: std::ops::Range<usize>,
 }
 
-/// The flat range a layer's tensors span (contiguous in `ParamLayout`).
-fn layer_span(rg: &LayerRanges) -> std::ops::Range<usize> {
-    let all = [
-        &rg.input_norm,
-        &rg.qkv_w,
-        &rg.qkv_b,
-        &rg.o_w,
-        &rg.post_norm,
-        &rg.gate_up_w,
-        &rg.down_w,
-    ];
-    let start = all.iter().map(|r| r.start).min().unwrap_or(0);
-    let end = all.iter().map(|r| r.end).max().unwrap_or(0);
-    start..end
-}
-
-/// `rg` with every range moved down by `by` (a layer's ranges within its own buffer).
-fn shifted(rg: &LayerRanges, by: usize) -> LayerRanges {
-    let s = |r: &std::ops::Range<usize>| r.start - by..r.end - by;
-    LayerRanges {
-        input_norm: s(&rg.input_norm),
-        qkv_w: s(&rg.qkv_w),
-        qkv_b: s(&rg.qkv_b),
-        o_w: s(&rg.o_w),
-        post_norm: s(&rg.post_norm),
-        gate_up_w: s(&rg.gate_up_w),
-        down_w: s(&rg.down_w),
-    }
-}
-
 impl G16 {
     fn new(gpu: &Gpu, layout: &ParamLayout) -> Result<Self> {
         let widest = layout
             .layers
             .iter()
-            .map(|l| layer_span(l).len())
+            .map(|l| l.span().len())
             .max()
             .unwrap_or(0);
         let (e, f) = (layout.embed.len(), layout.final_norm.len());
@@ -1695,13 +1665,13 @@ impl GpuQwen2 {
                     *policy == CheckpointPolicy::Layer,
                 )?;
             }
-            let span = layer_span(&layout.layers[l]);
+            let span = layout.layers[l].span();
             g.zero(&mut g16.layer)?;
             layer_backward(
                 &cx,
                 attn,
                 &wt,
-                &shifted(&layout.layers[l], span.start),
+                &layout.layers[l].shifted(span.start),
                 &ws.acts[ai],
                 &ws.attn[ti],
                 &ws.lse[ti],

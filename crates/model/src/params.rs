@@ -31,6 +31,44 @@ pub struct LayerRanges {
     pub down_w: Range<usize>,
 }
 
+impl LayerRanges {
+    fn all(&self) -> [&Range<usize>; 7] {
+        [
+            &self.input_norm,
+            &self.qkv_w,
+            &self.qkv_b,
+            &self.o_w,
+            &self.post_norm,
+            &self.gate_up_w,
+            &self.down_w,
+        ]
+    }
+
+    /// The flat range the layer's tensors tile (they are contiguous in [`ParamLayout`]): what
+    /// a buffer holding one layer's parameters or gradients at a time spans.
+    pub fn span(&self) -> Range<usize> {
+        let all = self.all();
+        let start = all.iter().map(|r| r.start).min().unwrap_or(0);
+        let end = all.iter().map(|r| r.end).max().unwrap_or(0);
+        start..end
+    }
+
+    /// The same ranges moved down by `by` (the layer's tensors within a buffer of its own,
+    /// `by` = `span().start`).
+    pub fn shifted(&self, by: usize) -> LayerRanges {
+        let s = |r: &Range<usize>| r.start - by..r.end - by;
+        LayerRanges {
+            input_norm: s(&self.input_norm),
+            qkv_w: s(&self.qkv_w),
+            qkv_b: s(&self.qkv_b),
+            o_w: s(&self.o_w),
+            post_norm: s(&self.post_norm),
+            gate_up_w: s(&self.gate_up_w),
+            down_w: s(&self.down_w),
+        }
+    }
+}
+
 /// The whole layout.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
@@ -166,5 +204,37 @@ mod tests {
                 l.entries.len()
             );
         }
+    }
+
+    /// Each layer's tensors tile its span with nothing else inside, layer after layer; shifted
+    /// by the span's start they tile 0..span.len() (what a one-layer gradient buffer holds).
+    #[test]
+    fn a_layers_tensors_tile_its_span() {
+        let c = Qwen2Config::tiny(50);
+        let l = ParamLayout::new(&c);
+        let mut prev = l.embed.end;
+        for (k, rg) in l.layers.iter().enumerate() {
+            let span = rg.span();
+            assert_eq!(span.start, prev, "layer {k} follows the previous");
+            let mut parts: Vec<_> = rg.all().iter().map(|r| (*r).clone()).collect();
+            parts.sort_by_key(|r| r.start);
+            let covered: usize = parts.iter().map(|r| r.len()).sum();
+            assert_eq!(covered, span.len(), "layer {k}: the tensors fill the span");
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start, "layer {k}: no gap or overlap");
+            }
+            let inner = l
+                .entries
+                .iter()
+                .filter(|e| e.range.start >= span.start && e.range.end <= span.end);
+            assert!(inner
+                .clone()
+                .all(|e| e.name.starts_with(&format!("model.layers.{k}."))));
+            let moved = rg.shifted(span.start);
+            assert_eq!(moved.span(), 0..span.len());
+            assert_eq!(moved.down_w.len(), rg.down_w.len());
+            prev = span.end;
+        }
+        assert_eq!(prev, l.final_norm.start);
     }
 }
