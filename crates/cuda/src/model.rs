@@ -1965,7 +1965,8 @@ impl GpuQwen2 {
             .collect()
     }
 
-    /// Replaces the optimizer state (from [`GpuQwen2::opt_state`] or a checkpoint).
+    /// Replaces the optimizer state (from [`GpuQwen2::opt_state`], [`GpuQwen2::gather_state`]
+    /// or a checkpoint: the whole state; a sharded optimizer keeps its shard of it).
     pub fn load_opt_state(&mut self, s: &AdamWState) -> Result<()> {
         let n = self.layout.entries.len();
         if s.m.len() != n || s.v.len() != n {
@@ -1977,8 +1978,8 @@ impl GpuQwen2 {
         }
         let mut m = vec![0.0f32; self.layout.total()];
         let mut v = vec![0.0f32; self.layout.total()];
+        // Every tensor is checked (and the state assembled whole) before a shard takes its part.
         for (i, e) in self.layout.entries.iter().enumerate() {
-            // Checked whole before a shard takes its part.
             if s.m[i].len() != e.range.len() || s.v[i].len() != e.range.len() {
                 return shape_err(format!(
                     "optimizer state for {} has the wrong length",
