@@ -401,7 +401,8 @@ pub struct ParallelConfig {
     /// On GPUs, shard the fp32 master weights and AdamW moments over the dp × sp ranks
     /// (ZeRO-1: 12 bytes a parameter become 12 / (dp · sp)); gradients are reduce-scattered
     /// and the updated weights all-gathered, the same bytes as the replicated all-reduce. Read
-    /// by GPU SFT and VLM GRPO; ignored at one rank. Default false.
+    /// by GPU SFT and VLM GRPO; ignored at one rank, and a warning where ranks train on the
+    /// CPU. Default false.
     pub shard_optimizer: bool,
 }
 
@@ -420,6 +421,20 @@ impl Default for ParallelConfig {
 }
 
 impl ParallelConfig {
+    /// Logs, once at the start of a run whose ranks keep the whole optimizer state, that
+    /// `shard_optimizer` is set but not applied there (`why`: where the run trains); returns
+    /// whether it did (set, over several ranks).
+    pub fn note_unsharded(&self, why: &str) -> bool {
+        let unapplied = self.shard_optimizer && self.world() > 1;
+        if unapplied {
+            tracing::warn!(
+                "parallel.shard_optimizer = true is not applied: {why}; every rank keeps the \
+                 whole optimizer state"
+            );
+        }
+        unapplied
+    }
+
     /// `dp · sp`, the number of ranks (saturating; `validate` refuses an overflow).
     pub fn world(&self) -> usize {
         self.dp.saturating_mul(self.sp)
@@ -1026,6 +1041,23 @@ impl SftConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `shard_optimizer` set over several ranks that keep the whole state is reported; unset,
+    /// or at one rank (where there is nothing to shard), it is not.
+    #[test]
+    fn an_unapplied_shard_optimizer_is_reported_only_where_it_matters() {
+        let mut p = ParallelConfig::default();
+        assert!(!p.note_unsharded("test"), "unset");
+        p.shard_optimizer = true;
+        assert!(!p.note_unsharded("test"), "one rank");
+        p.sp = 2;
+        assert!(p.note_unsharded("test"), "sp 2");
+        p.sp = 1;
+        p.dp = 3;
+        assert!(p.note_unsharded("test"), "dp 3");
+        p.shard_optimizer = false;
+        assert!(!p.note_unsharded("test"), "unset at dp 3");
+    }
 
     fn parse(text: &str) -> Result<SftConfig, ConfigError> {
         SftConfig::parse(text, Path::new("run.toml"))

@@ -1216,6 +1216,8 @@ pub fn run_grpo(cfg: &GrpoRunConfig, opts: GrpoOptions) -> Result<GrpoSummary> {
     let cpu_only = gpu_rollout_unsupported(cfg.parallel.dims()?);
     let gpu = rollout_gpu(cfg.train.device, cpu_only, "train.device", ROLLOUTS)?;
     if cfg.parallel.world() > 1 {
+        cfg.parallel
+            .note_unsharded("a text decoder's GRPO ranks update on the CPU");
         return dist::run_ranks(cfg, &opts);
     }
     Ok(grpo_rank::<InProcess>(cfg, &opts, None, gpu)?.0)

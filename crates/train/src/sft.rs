@@ -1339,6 +1339,7 @@ fn run<T: SftTask>(cfg: &SftConfig, mut opts: RunOptions) -> Result<SftSummary> 
             if let Some(n) = note {
                 tracing::info!("training on the CPU: {n}");
             }
+            cfg.parallel.note_unsharded("the run trains on the CPU");
             None
         }
     };

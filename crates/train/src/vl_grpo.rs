@@ -1524,6 +1524,10 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
             tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
         }
     }
+    if gm.is_none() {
+        cfg.parallel
+            .note_unsharded("scoring and the update run on the CPU");
+    }
     if gm.is_some() {
         reference = None;
     } else if cfg.grpo.needs_reference() && reference.is_none() {
