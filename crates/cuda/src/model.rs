@@ -1967,7 +1967,7 @@ impl GpuQwen2 {
 
     /// Replaces the optimizer state (from [`GpuQwen2::opt_state`], [`GpuQwen2::gather_state`]
     /// or a checkpoint: the whole state; a sharded optimizer keeps its shard of it).
-    pub fn load_opt_state(&mut self, s: &AdamWState) -> Result<()> {
+    pub fn load_opt_state(&mut self, s: reel_optim::AdamWStateRef<'_>) -> Result<()> {
         let n = self.layout.entries.len();
         if s.m.len() != n || s.v.len() != n {
             return shape_err(format!(

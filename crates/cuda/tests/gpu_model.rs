@@ -197,7 +197,7 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
     let decay: Vec<bool> = model.layout.entries.iter().map(|e| e.decay).collect();
     let mut cpu_opt = AdamW::new(&sizes, &decay, opt_cfg);
     cpu_opt.load_state(st.clone()).unwrap();
-    gm.load_opt_state(&cpu_opt.state()).unwrap();
+    gm.load_opt_state(cpu_opt.state_ref()).unwrap();
     assert_eq!(gm.opt_state().unwrap(), st);
     assert_ne!(
         gm.params_host().unwrap(),

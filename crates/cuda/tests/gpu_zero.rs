@@ -211,7 +211,7 @@ fn sharded_ranks_train_as_the_replicated_ones() {
                 .map(|gm| {
                     let st = &b.state;
                     sc.spawn(move || -> reel_cuda::Result<_> {
-                        gm.load_opt_state(st)?;
+                        gm.load_opt_state(st.as_ref())?;
                         // The whole master weights are gone between zero_grads and the update.
                         gm.zero_grads()?;
                         let refused = gm.params_host().is_err();

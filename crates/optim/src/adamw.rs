@@ -81,6 +81,25 @@ pub struct AdamWState {
     pub v: Vec<Vec<f32>>,
 }
 
+/// [`AdamWState`] borrowed: what an upload of the state reads without a copy of it.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStateRef<'a> {
+    pub step: u64,
+    pub m: &'a [Vec<f32>],
+    pub v: &'a [Vec<f32>],
+}
+
+impl AdamWState {
+    /// This state, borrowed.
+    pub fn as_ref(&self) -> AdamWStateRef<'_> {
+        AdamWStateRef {
+            step: self.step,
+            m: &self.m,
+            v: &self.v,
+        }
+    }
+}
+
 /// AdamW over parameters addressed by index; see the module docs for the update.
 #[derive(Debug, Clone)]
 pub struct AdamW {
@@ -218,6 +237,15 @@ impl AdamW {
             } else {
                 update_chunk(p, g, m, v, k, decay);
             }
+        }
+    }
+
+    /// The step counter and moments, borrowed (no copy: an upload to a device reads them).
+    pub fn state_ref(&self) -> AdamWStateRef<'_> {
+        AdamWStateRef {
+            step: self.step,
+            m: &self.m,
+            v: &self.v,
         }
     }
 
@@ -478,6 +506,10 @@ mod tests {
 
         let state = a.state();
         assert_eq!(state.step, 1);
+        // The borrowed view holds the same step and moments as the copy.
+        let (view, copy) = (a.state_ref(), state.as_ref());
+        assert_eq!((view.step, view.m, view.v), (copy.step, copy.m, copy.v));
+        assert!(view.m.iter().flatten().any(|&x| x != 0.0));
         let mut c = AdamW::new(&sizes, &decay, cfg);
         c.load_state(state.clone()).unwrap();
         assert_eq!(c.state(), state);

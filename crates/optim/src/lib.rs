@@ -13,7 +13,7 @@ mod clip;
 mod schedule;
 pub mod shard;
 
-pub use adamw::{AdamW, AdamWConfig, AdamWScalars, AdamWState, OptimError};
+pub use adamw::{AdamW, AdamWConfig, AdamWScalars, AdamWState, AdamWStateRef, OptimError};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use schedule::LrSchedule;
 pub use shard::{OptShard, ShardSegment};

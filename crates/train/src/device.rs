@@ -369,7 +369,7 @@ pub fn grpo_policy_ranks(
         // A fresh optimizer's moments are the device model's zeros already; a resumed one's
         // are uploaded (copying billions of zeros costs tens of seconds at 3B).
         if opt.step_count() > 0 {
-            gm.load_opt_state(&opt.state())?;
+            gm.load_opt_state(opt.state_ref())?;
         }
         if let Some(r) = reference {
             gm.set_reference(r)?;
@@ -1370,7 +1370,7 @@ mod cpu_only {
         pub fn opt_shard(&self) -> Option<&reel_optim::OptShard> {
             match self.never {}
         }
-        pub fn load_opt_state(&mut self, _: &AdamWState) -> R<()> {
+        pub fn load_opt_state(&mut self, _: reel_optim::AdamWStateRef<'_>) -> R<()> {
             match self.never {}
         }
     }
