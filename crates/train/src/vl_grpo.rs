@@ -145,8 +145,9 @@ struct VlPrompt {
     ids: Vec<u32>,
     /// Its videos (pixels, grids, seconds, cache keys): re-encoded per sample with `reuse = false`.
     inputs: VlInputs,
-    /// The videos' merged features [Σ tokens, d], in placeholder order.
-    features: Vec<f32>,
+    /// The videos' merged features [Σ tokens, d], in placeholder order (shared by the rows
+    /// that hold the prompt).
+    features: Arc<Vec<f32>>,
     /// The engine's prompt: input embeddings (video rows = `features`) and M-RoPE positions
     /// ([`Prompt::vl`]).
     rollout: Prompt,
@@ -406,7 +407,7 @@ impl VlCtx<'_> {
                 VlPrompt {
                     ids,
                     inputs,
-                    features,
+                    features: Arc::new(features),
                     rollout,
                     positions,
                     next_pos,
@@ -428,6 +429,9 @@ struct VlRows {
     /// The decoder's rows, `model_b` of them (`model.embeds` as `embeds` says).
     model: LocalRows,
     embeds: RowEmbeds,
+    /// With `RowEmbeds::Features`: each row's video features [tokens, d] (its prompt's, shared,
+    /// or the row's own re-encoding), in placeholder order.
+    features: Vec<Arc<Vec<f32>>>,
     /// The decoder's hidden size d.
     hidden: usize,
     model_b: usize,
@@ -447,8 +451,9 @@ struct VlRows {
 enum RowEmbeds {
     /// Every row's input embedding [B·T, d]: the CPU passes' input.
     Whole,
-    /// Only the prompts' video rows' features, in row-major order [F, d]: the GPU policy looks
-    /// the text rows up in its own table, so the host forms no [B·T, d] buffer.
+    /// None (`model.embeds` empty): each row's video features are referenced
+    /// (`VlRows::features`) and the GPU policy looks the text rows up in its own table, so the
+    /// host forms no [B·T, d] buffer and copies only a rank's shard of the features.
     Features,
 }
 
@@ -554,6 +559,7 @@ impl VlRows {
             return VlRows {
                 model,
                 embeds: RowEmbeds::Whole,
+                features: Vec::new(),
                 hidden: d,
                 model_b: packing.b,
                 mask: packing.whole(b, t).mask,
@@ -589,41 +595,30 @@ impl VlRows {
                 }
             }
         }
-        let table = &lm.params[lm.layout.embed.clone()];
-        let mut rows_out = match embeds {
-            RowEmbeds::Whole => {
-                let mut e = vec![0.0f32; b * t * d];
-                reel_kernels::embedding::embedding_forward(&mut e, &tokens, table, d);
-                e
-            }
-            RowEmbeds::Features => Vec::new(),
-        };
-        for (row, s) in samples.iter().enumerate() {
-            let f = match features {
-                Some(f) => &f[row],
-                None => &prompts[&s.prompt].features,
-            };
-            // The prompt's video rows (a placeholder the policy sampled in its response is a
-            // token like any other there, as the engine ran it).
-            let rows = tokens[row * t..row * t + s.prompt_len]
-                .iter()
-                .enumerate()
-                .filter(|(_, &x)| x == vid);
-            let mut given = f.chunks_exact(d);
-            for (i, _) in rows {
-                let v = given.next();
-                match (embeds, v) {
-                    (RowEmbeds::Whole, Some(v)) => {
-                        let r = row * t + i;
-                        rows_out[r * d..(r + 1) * d].copy_from_slice(v);
-                    }
-                    (RowEmbeds::Whole, None) => {}
-                    (RowEmbeds::Features, Some(v)) => rows_out.extend_from_slice(v),
-                    // A video row without features keeps the table's row, as in `Whole`.
-                    (RowEmbeds::Features, None) => {
-                        let v = vid as usize;
-                        rows_out.extend_from_slice(&table[v * d..(v + 1) * d]);
-                    }
+        // Each row's video features: its own re-encoding, or its prompt's (shared).
+        let row_features: Vec<Arc<Vec<f32>>> = samples
+            .iter()
+            .enumerate()
+            .map(|(row, s)| match features {
+                Some(f) => Arc::new(f[row].clone()),
+                None => prompts[&s.prompt].features.clone(),
+            })
+            .collect();
+        let mut rows_out = Vec::new();
+        if embeds == RowEmbeds::Whole {
+            rows_out = vec![0.0f32; b * t * d];
+            let table = &lm.params[lm.layout.embed.clone()];
+            reel_kernels::embedding::embedding_forward(&mut rows_out, &tokens, table, d);
+            for (row, s) in samples.iter().enumerate() {
+                // The prompt's video rows (a placeholder the policy sampled in its response is
+                // a token like any other there, as the engine ran it).
+                let rows = tokens[row * t..row * t + s.prompt_len]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &x)| x == vid);
+                for ((i, _), v) in rows.zip(row_features[row].chunks_exact(d)) {
+                    let r = row * t + i;
+                    rows_out[r * d..(r + 1) * d].copy_from_slice(v);
                 }
             }
         }
@@ -640,6 +635,10 @@ impl VlRows {
                 t,
             },
             embeds,
+            features: match embeds {
+                RowEmbeds::Whole => Vec::new(),
+                RowEmbeds::Features => row_features,
+            },
             hidden: d,
             model_b: b,
             packing: None,
@@ -1064,19 +1063,43 @@ impl GpuRows {
                 feature[k * t + i] = m.tokens[k * t + i] == vid;
             }
         }
-        // Where whole row i's features are in `m.embeds` (row i of whole embeddings, or its
-        // place among the video rows of features-only ones).
-        let at: Vec<usize> = match r.embeds {
-            RowEmbeds::Whole => (0..feature.len()).collect(),
-            RowEmbeds::Features => feature
-                .iter()
-                .scan(0, |n, &f| {
-                    *n += f as usize;
-                    Some(*n - f as usize)
-                })
-                .collect(),
+        // Whole row i's features: row i of whole embeddings, or of features-only rows the n-th
+        // video row of its sequence, the n-th row of that sequence's features.
+        let nth: Vec<usize> = match r.embeds {
+            RowEmbeds::Whole => Vec::new(),
+            RowEmbeds::Features => {
+                for (k, s) in micro.iter().enumerate() {
+                    let (have, need) = (r.features[k].len(), feature[k * t..(k + 1) * t].iter());
+                    let need = need.filter(|&&f| f).count() * d;
+                    if have != need {
+                        bail!(
+                            "sample {k} (prompt {}): {} video tokens but features for {}",
+                            s.prompt,
+                            need / d.max(1),
+                            have / d.max(1)
+                        );
+                    }
+                }
+                feature
+                    .chunks(t)
+                    .flat_map(|row| {
+                        row.iter().scan(0, |n, &f| {
+                            *n += f as usize;
+                            Some(*n - f as usize)
+                        })
+                    })
+                    .collect()
+            }
         };
-        let row = |i: usize| &m.embeds[at[i] * d..(at[i] + 1) * d];
+        let row = |i: usize| -> &[f32] {
+            match r.embeds {
+                RowEmbeds::Whole => &m.embeds[i * d..(i + 1) * d],
+                RowEmbeds::Features => {
+                    let n = nth[i];
+                    &r.features[i / t][n * d..(n + 1) * d]
+                }
+            }
+        };
         let Some(sh) = sh else {
             let features = feature
                 .iter()
@@ -2218,7 +2241,10 @@ mod tests {
                     &mut VideoTimes::default(),
                 )
                 .unwrap();
-            let feats = drawn.into_iter().map(|(_, p)| p.features).collect();
+            let feats = drawn
+                .into_iter()
+                .map(|(_, p)| Arc::unwrap_or_clone(p.features))
+                .collect();
             (feats, enc.counters.snapshot())
         };
         let (want, one) = draw(None);
@@ -2315,11 +2341,40 @@ mod tests {
         let n_feat = want_feature.iter().filter(|&&f| f).count();
         assert!(n_feat > 0);
         assert_eq!(whole.features.len(), n_feat * d);
+        assert!(r.model.embeds.is_empty(), "no [B·T, d] buffer on the host");
+        for (k, s) in micro.iter().enumerate() {
+            assert!(
+                Arc::ptr_eq(&r.features[k], &prompts[&s.prompt].features),
+                "row {k} refers to its prompt's features, no copy"
+            );
+        }
+        // Rows re-encoded per sample (reuse off) hold their own; one short of its video tokens
+        // is refused by name.
+        let own: Vec<Vec<f32>> = micro
+            .iter()
+            .map(|s| prompts[&s.prompt].features.to_vec())
+            .collect();
+        let args = |f: &[Vec<f32>]| {
+            VlRows::new(
+                model,
+                &model.lm,
+                &micro,
+                &prompts,
+                Some(f),
+                pad,
+                false,
+                RowEmbeds::Features,
+            )
+        };
         assert_eq!(
-            r.model.embeds.len(),
-            n_feat * d,
-            "no [B·T, d] buffer on the host"
+            GpuRows::new(&args(&own), &micro, vid, None, 0).unwrap(),
+            GpuRows::new(r, &micro, vid, None, 0).unwrap()
         );
+        let mut short = own.clone();
+        let keep = short[2].len() - d;
+        short[2].truncate(keep);
+        let e = GpuRows::new(&args(&short), &micro, vid, None, 0).unwrap_err();
+        assert!(e.to_string().contains("sample 2"), "{e}");
         // Feature vector of each whole row.
         let mut whole_feat: Vec<Option<&[f32]>> = vec![None; b * t];
         let mut at = 0;
