@@ -1992,9 +1992,34 @@ impl GpuQwen2 {
         if let Some(z) = &self.shard {
             (m, v) = (z.plan.slice_of(&m), z.plan.slice_of(&v));
         }
-        self.gpu.upload_into(&mut self.m, &m)?;
-        self.gpu.upload_into(&mut self.v, &v)?;
-        self.step = s.step;
+        self.load_opt_moments(s.step, &m, &v)
+    }
+
+    /// The part of the flat layout whose AdamW moments this rank keeps: its shard (padding
+    /// included) with a sharded optimizer, else all of it. What
+    /// [`GpuQwen2::load_opt_moments`] takes.
+    pub fn opt_part(&self) -> std::ops::Range<usize> {
+        match &self.shard {
+            Some(z) => z.plan.range.clone(),
+            None => 0..self.layout.total(),
+        }
+    }
+
+    /// Replaces the optimizer state with this rank's part of it ([`GpuQwen2::opt_part`]): the
+    /// step count and the moments of that part, flat (e.g. read from a checkpoint's file
+    /// without the rest).
+    pub fn load_opt_moments(&mut self, step: u64, m: &[f32], v: &[f32]) -> Result<()> {
+        let n = self.opt_part().len();
+        if m.len() != n || v.len() != n {
+            return shape_err(format!(
+                "optimizer moments of {} / {} values for a part of {n}",
+                m.len(),
+                v.len()
+            ));
+        }
+        self.gpu.upload_into(&mut self.m, m)?;
+        self.gpu.upload_into(&mut self.v, v)?;
+        self.step = step;
         Ok(())
     }
 }

@@ -289,29 +289,48 @@ pub fn optimizer_state_to_bytes(state: &AdamWState) -> Result<Vec<u8>, Checkpoin
         .map_err(|e| CheckpointError::OptimizerState(e.to_string()))
 }
 
-/// Parses what [`optimizer_state_to_bytes`] wrote.
-pub fn optimizer_state_from_bytes(bytes: &[u8]) -> Result<AdamWState, CheckpointError> {
-    let bad = |msg: String| CheckpointError::OptimizerState(msg);
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let field = |key: &str| -> Result<u64, CheckpointError> {
-        let raw = meta
-            .get(key)
-            .ok_or_else(|| bad(format!("metadata lacks `{key}`")))?;
-        raw.parse()
-            .map_err(|_| bad(format!("metadata `{key}` = `{raw}` is not an integer")))
-    };
-    let step = field("step")?;
-    let num_params = field("num_params")? as usize;
-    let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-    if tensors.len() != 2 * num_params {
-        return Err(bad(format!(
-            "{} tensors for {num_params} parameters",
-            tensors.len()
-        )));
+/// What [`optimizer_state_to_bytes`] wrote, parsed lazily: the step, and each moment tensor's
+/// bytes (little-endian f32) read on demand.
+struct OptimizerFile<'a> {
+    step: u64,
+    num_params: usize,
+    tensors: SafeTensors<'a>,
+}
+
+impl<'a> OptimizerFile<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, CheckpointError> {
+        let bad = |msg: String| CheckpointError::OptimizerState(msg);
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| -> Result<u64, CheckpointError> {
+            let raw = meta
+                .get(key)
+                .ok_or_else(|| bad(format!("metadata lacks `{key}`")))?;
+            raw.parse()
+                .map_err(|_| bad(format!("metadata `{key}` = `{raw}` is not an integer")))
+        };
+        let step = field("step")?;
+        let num_params = field("num_params")? as usize;
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        if tensors.len() != 2 * num_params {
+            return Err(bad(format!(
+                "{} tensors for {num_params} parameters",
+                tensors.len()
+            )));
+        }
+        Ok(OptimizerFile {
+            step,
+            num_params,
+            tensors,
+        })
     }
-    let read = |name: String| -> Result<Vec<f32>, CheckpointError> {
-        let t = tensors
+
+    /// The bytes of `kind.i` (kind "m" or "v"), checked to be a 1-D f32 tensor.
+    fn data(&self, kind: &str, i: usize) -> Result<&[u8], CheckpointError> {
+        let name = format!("{kind}.{i}");
+        let bad = |msg: String| CheckpointError::OptimizerState(msg);
+        let t = self
+            .tensors
             .tensor(&name)
             .map_err(|e| bad(format!("{name}: {e}")))?;
         if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
@@ -321,29 +340,93 @@ pub fn optimizer_state_from_bytes(bytes: &[u8]) -> Result<AdamWState, Checkpoint
                 t.shape()
             )));
         }
-        Ok(t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
-    };
-    let mut state = AdamWState {
-        step,
-        m: Vec::with_capacity(num_params),
-        v: Vec::with_capacity(num_params),
-    };
-    for i in 0..num_params {
-        let (m, v) = (read(format!("m.{i}"))?, read(format!("v.{i}"))?);
-        if m.len() != v.len() {
-            return Err(bad(format!(
-                "m.{i} has {} elements but v.{i} has {}",
-                m.len(),
-                v.len()
-            )));
+        let (mv, vv) = (
+            self.tensors.tensor(&format!("m.{i}")),
+            self.tensors.tensor(&format!("v.{i}")),
+        );
+        if let (Ok(m), Ok(v)) = (mv, vv) {
+            if m.shape() != v.shape() {
+                return Err(bad(format!(
+                    "m.{i} has {} elements but v.{i} has {}",
+                    m.shape()[0],
+                    v.shape()[0]
+                )));
+            }
         }
-        state.m.push(m);
-        state.v.push(v);
+        Ok(t.data())
+    }
+}
+
+fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Parses what [`optimizer_state_to_bytes`] wrote.
+pub fn optimizer_state_from_bytes(bytes: &[u8]) -> Result<AdamWState, CheckpointError> {
+    let f = OptimizerFile::parse(bytes)?;
+    let mut state = AdamWState {
+        step: f.step,
+        m: Vec::with_capacity(f.num_params),
+        v: Vec::with_capacity(f.num_params),
+    };
+    for i in 0..f.num_params {
+        state.m.push(f32s(f.data("m", i)?).collect());
+        state.v.push(f32s(f.data("v", i)?).collect());
     }
     Ok(state)
+}
+
+/// Part `part` of the flat moments (the parameters' layout: tensor i at `entries[i]`) of the
+/// optimizer state file `path` — a sharded rank's shard, or everything — read through a memory
+/// map, so a rank never holds the whole state: (step, m, v), `part.len()` values each, zeros
+/// past the last tensor (a shard's padding). Every tensor's length is checked against
+/// `entries`.
+pub fn optimizer_state_part(
+    path: &Path,
+    entries: &[std::ops::Range<usize>],
+    part: std::ops::Range<usize>,
+) -> Result<(u64, Vec<f32>, Vec<f32>), CheckpointError> {
+    let file = fs::File::open(path).map_err(io_err("opening", path))?;
+    // SAFETY: the checkpoint is written once (atomically renamed) and only read here.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err("mapping", path))?;
+    let f = OptimizerFile::parse(&map)?;
+    if f.num_params != entries.len() {
+        return Err(CheckpointError::OptimizerState(format!(
+            "{}: {} tensors' moments, the model has {}",
+            path.display(),
+            f.num_params,
+            entries.len()
+        )));
+    }
+    let mut out = [vec![0.0f32; part.len()], vec![0.0f32; part.len()]];
+    for (i, r) in entries.iter().enumerate() {
+        for (kind, dst) in ["m", "v"].into_iter().zip(out.iter_mut()) {
+            let data = f.data(kind, i)?;
+            if data.len() != 4 * r.len() {
+                return Err(CheckpointError::OptimizerState(format!(
+                    "{}: {kind}.{i} has {} elements, the parameter {}",
+                    path.display(),
+                    data.len() / 4,
+                    r.len()
+                )));
+            }
+            let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
+            if lo >= hi {
+                continue;
+            }
+            let src = &data[4 * (lo - r.start)..4 * (hi - r.start)];
+            for (d, x) in dst[lo - part.start..hi - part.start]
+                .iter_mut()
+                .zip(f32s(src))
+            {
+                *d = x;
+            }
+        }
+    }
+    let [m, v] = out;
+    Ok((f.step, m, v))
 }
 
 #[cfg(test)]
@@ -502,6 +585,37 @@ mod tests {
         let mut torn = bytes.clone();
         torn.truncate(bytes.len() - 4);
         assert!(optimizer_state_from_bytes(&torn).is_err());
+
+        // Parts of the flat layout read from the file: across tensors, empty, into padding.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OPTIMIZER_FILE);
+        fs::write(&path, &bytes).unwrap();
+        let entries = [0..3, 3..3, 3..4];
+        let flat = |x: &[Vec<f32>]| x.concat();
+        let (fm, fv) = (flat(&state.m), flat(&state.v));
+        for part in [0..4, 1..3, 2..4, 3..4, 0..0, 2..6] {
+            let (step, m, v) = optimizer_state_part(&path, &entries, part.clone()).unwrap();
+            assert_eq!(step, 123);
+            let want = |f: &[f32]| -> Vec<f32> {
+                part.clone()
+                    .map(|i| f.get(i).copied().unwrap_or(0.0))
+                    .collect()
+            };
+            assert_eq!((m, v), (want(&fm), want(&fv)), "part {part:?}");
+        }
+        // A layout that does not match the file is refused by name.
+        let e = optimizer_state_part(&path, &[0..3, 3..3, 3..5], 0..5).unwrap_err();
+        assert!(
+            e.to_string().contains("v.2 has 1 elements")
+                || e.to_string().contains("m.2 has 1 elements"),
+            "{e}"
+        );
+        let e = optimizer_state_part(&path, &[0..3, 3..4], 0..4).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("3 tensors' moments, the model has 2"),
+            "{e}"
+        );
         let uneven = AdamWState {
             step: 1,
             m: vec![vec![1.0]],

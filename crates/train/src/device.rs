@@ -218,6 +218,7 @@ pub fn grpo_policy_gpu(
         setting,
         PolicyRanks::One,
         false,
+        None,
     )?;
     Ok(p.and_then(|mut p| p.models.pop()))
 }
@@ -330,7 +331,9 @@ fn on_rank_threads<T: Send>(
 /// scoring and the update on the CPU, an explicit "cuda" in `want` is an error naming
 /// `setting` (a launched process's, always an error: it has no CPU path). With `shard`
 /// (`parallel.shard_optimizer`) each rank keeps its shard of the fp32 master weights and AdamW
-/// moments only ([`gpu_model`]).
+/// moments only ([`gpu_model`]). With `resume_opt` (a checkpoint's optimizer file, whose
+/// moments `opt` was not given) each rank reads only its part of the moments from it
+/// ([`crate::checkpoint::optimizer_state_part`]): no process holds the whole state.
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_policy_ranks(
     have_gpu: bool,
@@ -343,6 +346,7 @@ pub fn grpo_policy_ranks(
     setting: &str,
     ranks: PolicyRanks,
     shard: bool,
+    resume_opt: Option<&std::path::Path>,
 ) -> Result<Option<GpuPolicy>> {
     let launched = matches!(ranks, PolicyRanks::Proc(_));
     if !have_gpu && !launched {
@@ -368,8 +372,20 @@ pub fn grpo_policy_ranks(
         )?;
         // A fresh optimizer's moments are the device model's zeros already; a resumed one's
         // are uploaded (copying billions of zeros costs tens of seconds at 3B).
-        if opt.step_count() > 0 {
-            gm.load_opt_state(opt.state_ref())?;
+        match resume_opt {
+            Some(path) => {
+                let entries: Vec<_> = model
+                    .layout
+                    .entries
+                    .iter()
+                    .map(|e| e.range.clone())
+                    .collect();
+                let (step, m, v) =
+                    crate::checkpoint::optimizer_state_part(path, &entries, gm.opt_part())?;
+                gm.load_opt_moments(step, &m, &v)?;
+            }
+            None if opt.step_count() > 0 => gm.load_opt_state(opt.state_ref())?,
+            None => {}
         }
         if let Some(r) = reference {
             gm.set_reference(r)?;
@@ -1371,6 +1387,12 @@ mod cpu_only {
             match self.never {}
         }
         pub fn load_opt_state(&mut self, _: reel_optim::AdamWStateRef<'_>) -> R<()> {
+            match self.never {}
+        }
+        pub fn opt_part(&self) -> std::ops::Range<usize> {
+            match self.never {}
+        }
+        pub fn load_opt_moments(&mut self, _: u64, _: &[f32], _: &[f32]) -> R<()> {
             match self.never {}
         }
     }

@@ -841,6 +841,15 @@ pub(crate) fn adamw_for(cfg: &GrpoRunConfig, layout: &ParamLayout) -> AdamW {
     )
 }
 
+/// Reads checkpoint `dir`'s optimizer state whole into `opt`.
+pub(crate) fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
+    let p = dir.join(OPTIMIZER_FILE);
+    opt.load_state(optimizer_state_from_bytes(
+        &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+    )?)?;
+    Ok(())
+}
+
 /// Where a resumed run continues.
 pub(crate) struct ResumePoint {
     pub(crate) sampler: PromptSampler,
@@ -850,19 +859,20 @@ pub(crate) struct ResumePoint {
     pub(crate) data: serde_json::Value,
 }
 
-/// Reads checkpoint `dir`'s optimizer state into `opt` and its trainer state (prompt order
-/// over `n_prompts` prompts of `prompts_path`, step, recent losses).
+/// Reads checkpoint `dir`'s optimizer state into `opt`, when given (a GPU policy's ranks read
+/// their own parts of it instead: [`crate::checkpoint::optimizer_state_part`]), and its
+/// trainer state (prompt order over `n_prompts` prompts of `prompts_path`, step, recent
+/// losses).
 pub(crate) fn load_resume_state(
     cfg: &GrpoRunConfig,
     dir: &Path,
-    opt: &mut AdamW,
+    opt: Option<&mut AdamW>,
     n_prompts: usize,
     prompts_path: &Path,
 ) -> Result<ResumePoint> {
-    let p = dir.join(OPTIMIZER_FILE);
-    opt.load_state(optimizer_state_from_bytes(
-        &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-    )?)?;
+    if let Some(opt) = opt {
+        load_optimizer(dir, opt)?;
+    }
     let p = dir.join(TRAINER_STATE_FILE);
     let st = TrainerState::from_json_bytes(
         &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
@@ -1267,7 +1277,8 @@ fn grpo_rank<C: Communicator>(
     let mut opt = adamw_for(cfg, &model.layout);
     let (mut sampler, start_step, mut recent) = match &resumed {
         Some(dir) => {
-            let r = load_resume_state(cfg, dir, &mut opt, prompts.items.len(), &prompts.path)?;
+            let r =
+                load_resume_state(cfg, dir, Some(&mut opt), prompts.items.len(), &prompts.path)?;
             (r.sampler, r.step, r.recent)
         }
         None => (

@@ -1469,9 +1469,13 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
     let tower_device = crate::device::tower_device(gpu_tower.as_ref());
     let mut opt = adamw_for(cfg, &model.lm.layout);
     let mut skipped = bad.len();
+    // A GPU policy's ranks read their own parts of a resumed optimizer state (below); the host
+    // optimizer takes it whole only when the update stays on the CPU.
+    let gpu_policy = (have_gpu || launched.is_some()) && cfg.train.gpu_update;
     let (mut sampler, start_step, mut recent) = match &resumed {
         Some(dir) => {
-            let r = load_resume_state(cfg, dir, &mut opt, file.records.len(), &file.path)?;
+            let host_opt = (!gpu_policy).then_some(&mut opt);
+            let r = load_resume_state(cfg, dir, host_opt, file.records.len(), &file.path)?;
             skipped = r.data["skipped_records"].as_u64().unwrap_or(0) as usize;
             (r.sampler, r.step, r.recent)
         }
@@ -1527,6 +1531,10 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
             timeout,
         },
     };
+    let resume_opt = resumed
+        .as_ref()
+        .filter(|_| gpu_policy)
+        .map(|d| d.join(crate::checkpoint::OPTIMIZER_FILE));
     let mut gm: Option<GpuPolicy> = grpo_policy_ranks(
         have_gpu,
         cfg.train.gpu_update,
@@ -1538,7 +1546,12 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         "train.device",
         ranks,
         cfg.parallel.shard_optimizer,
+        resume_opt.as_deref(),
     )?;
+    if let (None, Some(dir), true) = (&gm, &resumed, gpu_policy) {
+        // "auto" fell back to the CPU: the host optimizer takes the state after all.
+        crate::grpo::load_optimizer(dir, &mut opt)?;
+    }
     if let (Some(d), Some(gp)) = (decoder.as_mut(), gm.as_ref()) {
         // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
         // each step's update reaches the decoder through `load_from_policy` before the next
