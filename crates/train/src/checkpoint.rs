@@ -325,35 +325,33 @@ impl<'a> OptimizerFile<'a> {
         })
     }
 
-    /// The bytes of `kind.i` (kind "m" or "v"), checked to be a 1-D f32 tensor.
-    fn data(&self, kind: &str, i: usize) -> Result<&[u8], CheckpointError> {
-        let name = format!("{kind}.{i}");
+    /// The bytes of `m.i` and `v.i`, each checked to be a 1-D f32 tensor, the two of one length.
+    fn moments(&self, i: usize) -> Result<[&[u8]; 2], CheckpointError> {
         let bad = |msg: String| CheckpointError::OptimizerState(msg);
-        let t = self
-            .tensors
-            .tensor(&name)
-            .map_err(|e| bad(format!("{name}: {e}")))?;
-        if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
-            return Err(bad(format!(
-                "{name}: expected 1-D F32, found {:?} {:?}",
-                t.dtype(),
-                t.shape()
-            )));
-        }
-        let (mv, vv) = (
-            self.tensors.tensor(&format!("m.{i}")),
-            self.tensors.tensor(&format!("v.{i}")),
-        );
-        if let (Ok(m), Ok(v)) = (mv, vv) {
-            if m.shape() != v.shape() {
+        let read = |kind: &str| {
+            let name = format!("{kind}.{i}");
+            let t = self
+                .tensors
+                .tensor(&name)
+                .map_err(|e| bad(format!("{name}: {e}")))?;
+            if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
                 return Err(bad(format!(
-                    "m.{i} has {} elements but v.{i} has {}",
-                    m.shape()[0],
-                    v.shape()[0]
+                    "{name}: expected 1-D F32, found {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
                 )));
             }
+            Ok(t.data())
+        };
+        let (m, v) = (read("m")?, read("v")?);
+        if m.len() != v.len() {
+            return Err(bad(format!(
+                "m.{i} has {} elements but v.{i} has {}",
+                m.len() / 4,
+                v.len() / 4
+            )));
         }
-        Ok(t.data())
+        Ok([m, v])
     }
 }
 
@@ -372,8 +370,9 @@ pub fn optimizer_state_from_bytes(bytes: &[u8]) -> Result<AdamWState, Checkpoint
         v: Vec::with_capacity(f.num_params),
     };
     for i in 0..f.num_params {
-        state.m.push(f32s(f.data("m", i)?).collect());
-        state.v.push(f32s(f.data("v", i)?).collect());
+        let [m, v] = f.moments(i)?;
+        state.m.push(f32s(m).collect());
+        state.v.push(f32s(v).collect());
     }
     Ok(state)
 }
@@ -402,20 +401,20 @@ pub fn optimizer_state_part(
     }
     let mut out = [vec![0.0f32; part.len()], vec![0.0f32; part.len()]];
     for (i, r) in entries.iter().enumerate() {
-        for (kind, dst) in ["m", "v"].into_iter().zip(out.iter_mut()) {
-            let data = f.data(kind, i)?;
-            if data.len() != 4 * r.len() {
-                return Err(CheckpointError::OptimizerState(format!(
-                    "{}: {kind}.{i} has {} elements, the parameter {}",
-                    path.display(),
-                    data.len() / 4,
-                    r.len()
-                )));
-            }
-            let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
-            if lo >= hi {
-                continue;
-            }
+        let moments = f.moments(i)?;
+        if moments[0].len() != 4 * r.len() {
+            return Err(CheckpointError::OptimizerState(format!(
+                "{}: m.{i} has {} elements, the parameter {}",
+                path.display(),
+                moments[0].len() / 4,
+                r.len()
+            )));
+        }
+        let (lo, hi) = (r.start.max(part.start), r.end.min(part.end));
+        if lo >= hi {
+            continue;
+        }
+        for (data, dst) in moments.into_iter().zip(out.iter_mut()) {
             let src = &data[4 * (lo - r.start)..4 * (hi - r.start)];
             for (d, x) in dst[lo - part.start..hi - part.start]
                 .iter_mut()
