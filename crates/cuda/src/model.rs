@@ -1908,7 +1908,8 @@ impl GpuQwen2 {
             );
         }
         let (m, v) = (self.gpu.download(&self.m)?, self.gpu.download(&self.v)?);
-        let split = |x: &[f32]| reel_optim::shard::per_entry(x, &self.entry_ranges());
+        let ranges = self.layout.entry_ranges();
+        let split = |x: &[f32]| reel_optim::shard::per_entry(x, &ranges);
         Ok(AdamWState {
             step: self.step,
             m: split(&m),
@@ -1948,21 +1949,13 @@ impl GpuQwen2 {
         let (Some(params), [m, v]) = (params, moments.as_slice()) else {
             return Ok(None);
         };
-        let ranges = self.entry_ranges();
+        let ranges = self.layout.entry_ranges();
         let state = AdamWState {
             step: self.step,
             m: reel_optim::shard::per_entry(m, &ranges),
             v: reel_optim::shard::per_entry(v, &ranges),
         };
         Ok(Some((params, state)))
-    }
-
-    fn entry_ranges(&self) -> Vec<std::ops::Range<usize>> {
-        self.layout
-            .entries
-            .iter()
-            .map(|e| e.range.clone())
-            .collect()
     }
 
     /// Replaces the optimizer state (from [`GpuQwen2::opt_state`], [`GpuQwen2::gather_state`]
@@ -1976,9 +1969,6 @@ impl GpuQwen2 {
                 s.v.len()
             ));
         }
-        let mut m = vec![0.0f32; self.layout.total()];
-        let mut v = vec![0.0f32; self.layout.total()];
-        // Every tensor is checked (and the state assembled whole) before a shard takes its part.
         for (i, e) in self.layout.entries.iter().enumerate() {
             if s.m[i].len() != e.range.len() || s.v[i].len() != e.range.len() {
                 return shape_err(format!(
@@ -1986,12 +1976,12 @@ impl GpuQwen2 {
                     e.name
                 ));
             }
-            m[e.range.clone()].copy_from_slice(&s.m[i]);
-            v[e.range.clone()].copy_from_slice(&s.v[i]);
         }
-        if let Some(z) = &self.shard {
-            (m, v) = (z.plan.slice_of(&m), z.plan.slice_of(&v));
-        }
+        // The entries tile the flat layout in order; a shard takes only its part.
+        let (m, v) = match &self.shard {
+            Some(z) => z.plan.slice_state(s, &self.layout.entry_ranges()),
+            None => (s.m.concat(), s.v.concat()),
+        };
         self.load_opt_moments(s.step, &m, &v)
     }
 

@@ -163,6 +163,11 @@ impl ParamLayout {
         self.total
     }
 
+    /// Every tensor's range, in entry order.
+    pub fn entry_ranges(&self) -> Vec<Range<usize>> {
+        self.entries.iter().map(|e| e.range.clone()).collect()
+    }
+
     pub fn entry(&self, name: &str) -> Option<&ParamEntry> {
         self.entries.iter().find(|e| e.name == name)
     }

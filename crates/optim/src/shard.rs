@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use crate::AdamWState;
+use crate::AdamWStateRef;
 
 /// Rank (dp_rank, sp_rank)'s shard of a flat buffer of `total` values (module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,19 +107,11 @@ impl OptShard {
             .collect()
     }
 
-    /// This shard's values of a full flat vector (zeros for padding).
-    pub fn slice_of(&self, full: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0; self.len()];
-        let real = self.real();
-        out[..real.len()].copy_from_slice(&full[real]);
-        out
-    }
-
     /// This shard's part of `state`'s moments (one vector a layout tensor, `entries` their
     /// ranges): (m, v) as shard-length vectors, zeros for padding.
     pub fn slice_state(
         &self,
-        state: &AdamWState,
+        state: AdamWStateRef<'_>,
         entries: &[Range<usize>],
     ) -> (Vec<f32>, Vec<f32>) {
         let mut m = vec![0.0; self.len()];
@@ -135,7 +127,7 @@ impl OptShard {
 }
 
 /// One vector a layout tensor (`entries` their flat ranges) from a full flat vector: the form of
-/// [`AdamWState`]'s moments.
+/// [`crate::AdamWState`]'s moments.
 pub fn per_entry(full: &[f32], entries: &[Range<usize>]) -> Vec<Vec<f32>> {
     entries.iter().map(|r| full[r.clone()].to_vec()).collect()
 }
@@ -144,6 +136,14 @@ pub fn per_entry(full: &[f32], entries: &[Range<usize>]) -> Vec<Vec<f32>> {
 mod tests {
     use super::*;
     use crate::{AdamW, AdamWConfig};
+
+    /// `shard`'s values of a full flat vector (zeros for padding).
+    fn slice_of(shard: &OptShard, full: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; shard.len()];
+        let real = shard.real();
+        out[..real.len()].copy_from_slice(&full[real]);
+        out
+    }
 
     fn all_shards(total: usize, sp: usize, dp: usize) -> Vec<OptShard> {
         (0..dp)
@@ -260,10 +260,10 @@ mod tests {
                 let segs = shard.segments(entries.iter().cloned().zip(decay));
                 let seg_sizes: Vec<usize> = segs.iter().map(|s| s.local.len()).collect();
                 let seg_decay: Vec<bool> = segs.iter().map(|s| s.decay).collect();
-                let mut mine = shard.slice_of(&init);
+                let mut mine = slice_of(&shard, &init);
                 let mut o = AdamW::new(&seg_sizes, &seg_decay, cfg);
                 for step in 0..3 {
-                    let g = shard.slice_of(&grad(step));
+                    let g = slice_of(&shard, &grad(step));
                     let mut ps: Vec<&mut [f32]> = Vec::new();
                     let mut rest = mine.as_mut_slice();
                     let mut at = 0;
@@ -280,7 +280,7 @@ mod tests {
                 let real = shard.real();
                 gathered[real.clone()].copy_from_slice(&mine[..real.len()]);
                 // The replicated state sliced to this shard is this rank's state.
-                let (m, v) = shard.slice_state(&opt.state(), &entries);
+                let (m, v) = shard.slice_state(opt.state_ref(), &entries);
                 let st = o.state();
                 for (k, s) in segs.iter().enumerate() {
                     assert_eq!(st.m[k], m[s.local.clone()], "m of segment {k}");

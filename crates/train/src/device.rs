@@ -374,12 +374,7 @@ pub fn grpo_policy_ranks(
         // are uploaded (copying billions of zeros costs tens of seconds at 3B).
         match resume_opt {
             Some(path) => {
-                let entries: Vec<_> = model
-                    .layout
-                    .entries
-                    .iter()
-                    .map(|e| e.range.clone())
-                    .collect();
+                let entries = model.layout.entry_ranges();
                 let (step, m, v) =
                     crate::checkpoint::optimizer_state_part(path, &entries, gm.opt_part())?;
                 gm.load_opt_moments(step, &m, &v)?;
