@@ -959,8 +959,8 @@ impl RolloutDecoder {
 
     /// Drops a bf16 decoder's own weights and reads `policy`'s bf16 compute copy in place from
     /// now on (the same values: both cast from the same fp32 master weights): one copy of the
-    /// model on the GPU instead of two (6 GB at 3B, 15 GB at 7B). Returns whether it does; an
-    /// f32 decoder, or a policy on another device, keeps its own copy.
+    /// model on the GPU instead of two (6 GB at 3B, 15 GB at 7B). Returns whether it does (and
+    /// logs it); an f32 decoder, or a policy on another device, keeps its own copy.
     ///
     /// # Safety
     /// `policy` must outlive every later step of this decoder, and its updates reach the
@@ -976,6 +976,7 @@ impl RolloutDecoder {
         policy.gpu().synchronize()?;
         // SAFETY: the caller's contract above.
         unsafe { d.read_weights_in_place(policy.weights_device())? };
+        tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
         Ok(true)
     }
 

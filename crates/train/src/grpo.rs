@@ -1303,9 +1303,7 @@ fn grpo_rank<C: Communicator>(
         // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
         // each step's update reaches the decoder through `load_from_policy` before the next
         // rollout.
-        if unsafe { d.read_policy_weights(g) }? {
-            tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
-        }
+        unsafe { d.read_policy_weights(g) }?;
     }
     if gm.is_some() {
         // The reference lives on the device now.

@@ -595,17 +595,26 @@ impl VlRows {
                 }
             }
         }
-        // Each row's video features: its own re-encoding, or its prompt's (shared).
-        let row_features: Vec<Arc<Vec<f32>>> = samples
-            .iter()
-            .enumerate()
-            .map(|(row, s)| match features {
-                Some(f) => Arc::new(f[row].clone()),
-                None => prompts[&s.prompt].features.clone(),
-            })
-            .collect();
+        // Each row's video features: its own re-encoding, or its prompt's.
+        let feats_of = |row: usize| -> &[f32] {
+            match features {
+                Some(f) => &f[row],
+                None => &prompts[&samples[row].prompt].features,
+            }
+        };
         let mut rows_out = Vec::new();
-        if embeds == RowEmbeds::Whole {
+        let mut row_features = Vec::new();
+        if embeds == RowEmbeds::Features {
+            // Referred to (a prompt's shared), copied only for a row's own re-encoding.
+            row_features = samples
+                .iter()
+                .enumerate()
+                .map(|(row, s)| match features {
+                    Some(f) => Arc::new(f[row].clone()),
+                    None => prompts[&s.prompt].features.clone(),
+                })
+                .collect();
+        } else {
             rows_out = vec![0.0f32; b * t * d];
             let table = &lm.params[lm.layout.embed.clone()];
             reel_kernels::embedding::embedding_forward(&mut rows_out, &tokens, table, d);
@@ -616,7 +625,7 @@ impl VlRows {
                     .iter()
                     .enumerate()
                     .filter(|(_, &x)| x == vid);
-                for ((i, _), v) in rows.zip(row_features[row].chunks_exact(d)) {
+                for ((i, _), v) in rows.zip(feats_of(row).chunks_exact(d)) {
                     let r = row * t + i;
                     rows_out[r * d..(r + 1) * d].copy_from_slice(v);
                 }
@@ -635,10 +644,7 @@ impl VlRows {
                 t,
             },
             embeds,
-            features: match embeds {
-                RowEmbeds::Whole => Vec::new(),
-                RowEmbeds::Features => row_features,
-            },
+            features: row_features,
             hidden: d,
             model_b: b,
             packing: None,
@@ -1556,22 +1562,20 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
         // each step's update reaches the decoder through `load_from_policy` before the next
         // rollout.
-        if unsafe { d.read_policy_weights(gp.lead()) }? {
-            tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
-        }
-    }
-    if gm.is_none() {
-        cfg.parallel
-            .note_unsharded("scoring and the update run on the CPU");
+        unsafe { d.read_policy_weights(gp.lead()) }?;
     }
     if gm.is_some() {
         reference = None;
-    } else if cfg.grpo.needs_reference() && reference.is_none() {
-        // Scoring on the CPU: a frozen copy of the initial weights.
-        reference = Some(Qwen2::from_params(
-            model.lm.config.clone(),
-            model.lm.params.clone(),
-        )?);
+    } else {
+        cfg.parallel
+            .note_unsharded("scoring and the update run on the CPU");
+        if cfg.grpo.needs_reference() && reference.is_none() {
+            // Scoring on the CPU: a frozen copy of the initial weights.
+            reference = Some(Qwen2::from_params(
+                model.lm.config.clone(),
+                model.lm.params.clone(),
+            )?);
+        }
     }
     let update_device = update_device(gm.as_ref().map(GpuPolicy::lead));
     if tok.vocab_size() > model.config.text.vocab_size {
