@@ -370,8 +370,6 @@ pub fn grpo_policy_ranks(
             *opt.config(),
             shard,
         )?;
-        // A fresh optimizer's moments are the device model's zeros already; a resumed one's
-        // are uploaded (copying billions of zeros costs tens of seconds at 3B).
         match resume_opt {
             Some(path) => {
                 let entries = model.layout.entry_ranges();
@@ -379,8 +377,7 @@ pub fn grpo_policy_ranks(
                     crate::checkpoint::optimizer_state_part(path, &entries, gm.opt_part())?;
                 gm.load_opt_moments(step, &m, &v)?;
             }
-            None if opt.step_count() > 0 => gm.load_opt_state(opt.state_ref())?,
-            None => {}
+            None => upload_opt_state(&mut gm, opt)?,
         }
         if let Some(r) = reference {
             gm.set_reference(r)?;
@@ -427,6 +424,16 @@ pub fn grpo_policy_ranks(
             Ok(None)
         }
     }
+}
+
+/// `opt`'s state onto the device model when it has taken a step (a resumed run's): a fresh
+/// optimizer's moments are the device model's zeros already, and copying billions of zeros
+/// costs tens of seconds at 3B.
+pub fn upload_opt_state(gm: &mut GpuModel, opt: &reel_optim::AdamW) -> Result<()> {
+    if opt.step_count() > 0 {
+        gm.load_opt_state(opt.state_ref())?;
+    }
+    Ok(())
 }
 
 /// The metrics' name of where GRPO scores and updates: "cuda-bf16" on the GPU, else "cpu".

@@ -662,7 +662,7 @@ impl<T: SftTask> Replica<T> {
                     cfg.parallel.shard_optimizer,
                 )
                 .context("putting the model on the GPU")?;
-                gm.load_opt_state(opt.state_ref())?;
+                crate::device::upload_opt_state(&mut gm, &opt)?;
                 Some(gm)
             }
             None => None,
