@@ -259,26 +259,21 @@ impl GpuPolicy {
     /// otherwise): [`GpuModel::gather_state`] on every rank here, which every process of a
     /// launched world calls at the same point when the optimizer is sharded.
     pub fn gather_state(&mut self, keep: bool) -> Result<Option<(Vec<f32>, AdamWState)>> {
-        if let [one] = self.models.as_mut_slice() {
-            return Ok(one.gather_state(keep)?);
-        }
-        let mut all = on_threads(self.models.iter_mut().enumerate(), |(r, g)| {
-            Ok(g.gather_state(keep && r == 0)?)
-        })?;
+        let mut all = self.each(|r, g| Ok(g.gather_state(keep && r == 0)?))?;
         Ok(all.swap_remove(0))
     }
 
-    /// Runs `f` on every rank's model, each on a thread of its own when there are several
-    /// (their collectives meet), and returns the results in rank order; a failing rank has
-    /// aborted its groups, so the others fail too instead of waiting.
+    /// Runs `f(r, model)` on every rank's model (r: its index here), each on a thread of its
+    /// own when there are several (their collectives meet), and returns the results in rank
+    /// order; a failing rank has aborted its groups, so the others fail too instead of waiting.
     pub fn each<T: Send>(
         &mut self,
-        f: impl Fn(&mut GpuModel) -> Result<T> + Sync,
+        f: impl Fn(usize, &mut GpuModel) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
         if let [one] = self.models.as_mut_slice() {
-            return Ok(vec![f(one)?]);
+            return Ok(vec![f(0, one)?]);
         }
-        on_threads(self.models.iter_mut(), f)
+        on_threads(self.models.iter_mut().enumerate(), |(r, g)| f(r, g))
     }
 }
 

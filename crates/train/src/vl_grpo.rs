@@ -1178,7 +1178,7 @@ fn gpu_logprob_pass(
     micros: &[Vec<&Sample>],
     vid: u32,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut per_rank = gp.each(|g| {
+    let mut per_rank = gp.each(|_, g| {
         let ((replica, dp), rank) = (g.dp_coords(), g.sp_rank());
         let mut all: Vec<Vec<f32>> = rows.iter().map(|r| vec![0.0; r.b * r.t]).collect();
         for (j, r) in replica_rows(rows, replica, dp) {
@@ -1234,7 +1234,7 @@ fn gpu_minibatch(
     scale: LossScale,
     vid: u32,
 ) -> Result<(f64, GrpoMetrics)> {
-    let mut per_rank = gp.each(|g| {
+    let mut per_rank = gp.each(|_, g| {
         let ((replica, dp), rank) = (g.dp_coords(), g.sp_rank());
         let mut loss = 0.0f64;
         let mut metrics = GrpoMetrics::default();
@@ -1800,14 +1800,14 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                     let poison = opts.poison_step == Some(done);
                     let (loss, grad_norm) = match gm.as_mut() {
                         Some(g) => {
-                            g.each(|g| Ok(g.zero_grads()?))?;
+                            g.each(|_, g| Ok(g.zero_grads()?))?;
                             let (loss, m) = gpu_minibatch(
                                 cfg, g, &rows, mb, olds_k, refs_k, &loss_cfg, scale, vid,
                             )
                             .with_context(|| format!("{at}: update"))?;
                             tally.metrics.merge(&m);
                             let loss = if poison { f64::NAN } else { loss };
-                            let norms = g.each(|g| gpu_clip_and_step(cfg, g, loss, &at))?;
+                            let norms = g.each(|_, g| gpu_clip_and_step(cfg, g, loss, &at))?;
                             (loss, norms[0])
                         }
                         None => {
