@@ -1375,9 +1375,6 @@ mod cpu_only {
         pub fn params_range_into(&self, _: std::ops::Range<usize>, _: &mut [f32]) -> R<()> {
             match self.never {}
         }
-        pub fn opt_state(&self) -> R<AdamWState> {
-            match self.never {}
-        }
         pub fn gather_state(&mut self, _: bool) -> R<Option<(Vec<f32>, AdamWState)>> {
             match self.never {}
         }

@@ -1621,7 +1621,7 @@ fn grpo_rank<C: Communicator>(
             }
             summary.records.push(record);
             if lead && !opts.no_checkpoints && is_save_step(cfg, done) {
-                sync_host(gm.as_ref(), &mut model, &mut opt)
+                sync_host(gm.as_mut(), &mut model, &mut opt)
                     .with_context(|| format!("{at}: copying the GPU policy to the host"))?;
                 let state = grpo_trainer_state(cfg, done, &sampler, &recent, json!({}));
                 let files = crate::sft::checkpoint_files(&model, &tok, &opt, &state)?;
@@ -1636,7 +1636,7 @@ fn grpo_rank<C: Communicator>(
         r.finish();
     }
     with_last_good(&ckpts, result)?;
-    sync_host(gm.as_ref(), &mut model, &mut opt)
+    sync_host(gm.as_mut(), &mut model, &mut opt)
         .context("copying the GPU policy to the host at the end of the run")?;
     Ok((summary, model))
 }
@@ -1659,10 +1659,15 @@ pub(crate) fn gpu_clip_and_step(
 
 /// Copies the GPU policy's weights and AdamW state into the host model and optimizer (no-op
 /// without one): before checkpoints and at the end of a run.
-pub(crate) fn sync_host(gm: Option<&GpuModel>, model: &mut Qwen2, opt: &mut AdamW) -> Result<()> {
-    if let Some(g) = gm {
-        model.params = g.params_host()?;
-        opt.load_state(g.opt_state()?)?;
+pub(crate) fn sync_host(
+    gm: Option<&mut GpuModel>,
+    model: &mut Qwen2,
+    opt: &mut AdamW,
+) -> Result<()> {
+    let Some(g) = gm else { return Ok(()) };
+    if let Some((params, state)) = g.gather_state(true)? {
+        model.params = params;
+        opt.load_state(state)?;
     }
     Ok(())
 }
