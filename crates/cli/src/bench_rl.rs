@@ -72,6 +72,9 @@ pub struct RlBenchArgs {
     /// `parallel.shard_optimizer`: the fp32 master weights and AdamW moments sharded over the
     /// launched ranks. Default off.
     pub shard_optimizer: bool,
+    /// `parallel.shared_prefill_tokens` (launched sp > 1: long prompts prefilled by the
+    /// processes together). Default: the config's.
+    pub shared_prefill: Option<usize>,
     /// Runs of each mode; the fastest step is reported. Default 3.
     pub reps: usize,
     /// `train.device`. Default auto.
@@ -403,6 +406,9 @@ fn one_run(
         .max(2 * video_tokens_at(frames, args.side) * 3584 * 4);
     cfg.parallel.sp = args.sp;
     cfg.parallel.shard_optimizer = args.shard_optimizer;
+    if let Some(t) = args.shared_prefill {
+        cfg.parallel.shared_prefill_tokens = t;
+    }
     cfg.output.dir = out.to_path_buf();
     cfg.output.save_every = 0;
     let watch = Watch::start(args.device);
@@ -625,6 +631,10 @@ fn run_trial(
         .args(["--rl-micro", &micro.to_string()])
         .args(["--rl-steps", &args.steps.to_string()])
         .args(args.shard_optimizer.then_some("--rl-shard-optimizer"))
+        .args(
+            args.shared_prefill
+                .map(|t| format!("--rl-shared-prefill={t}")),
+        )
         .stdout(file(&out_path)?)
         .stderr(file(&err_path)?);
     let mut child = cmd
@@ -770,6 +780,7 @@ mod tests {
             shape: VlShape::Tiny,
             sp: 1,
             shard_optimizer: false,
+            shared_prefill: None,
             reps: 1,
             device: Device::Cpu,
             checkpoint: CheckpointPolicy::Remat,

@@ -265,6 +265,11 @@ enum Command {
         /// (`parallel.shard_optimizer`).
         #[arg(long)]
         rl_shard_optimizer: bool,
+        /// `bench rl`: `parallel.shared_prefill_tokens` (prompts this long prefilled by the
+        /// launched sp processes together; 0 = each on its owner alone; default the config's,
+        /// 8192).
+        #[arg(long)]
+        rl_shared_prefill: Option<usize>,
         /// `bench rl`: GRPO steps per run; the last (warm) one is reported.
         #[arg(long, default_value_t = 1)]
         rl_steps: u64,
@@ -716,6 +721,7 @@ fn real_main() -> Result<()> {
             rl_checkpoint,
             rl_micro,
             rl_shard_optimizer,
+            rl_shared_prefill,
             rl_steps,
             rl_reuse,
             rl_max_frames,
@@ -747,6 +753,7 @@ fn real_main() -> Result<()> {
                     shape: rl_shape,
                     sp: rl_sp,
                     shard_optimizer: rl_shard_optimizer,
+                    shared_prefill: rl_shared_prefill,
                     reps,
                     device: rl_device,
                     checkpoint: rl_checkpoint,

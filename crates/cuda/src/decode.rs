@@ -30,6 +30,17 @@
 //! 3-D positions) turn by per-row angles computed on the host by `reel_model::vl::mrope_angles`
 //! (the CPU step's function) and uploaded with the step. Any mix of token/embedding inputs and
 //! 1-D/M-RoPE positions may share a step.
+//!
+//! A shared prefill ([`GpuDecoder::prefill_shared`], MR-SP's sequence-parallel prefill) runs a
+//! long prompt over a group of decoders, one per GPU, each with its own pool: the prompt in
+//! segments of P · [`SHARED_PREFILL_ROWS`] rows, each segment's rows in 2P chunks of which rank
+//! r runs chunks r and 2P − 1 − r (`reel_rollout::shared_prefill`) as two sequences placed at
+//! their offsets in the prompt's table. After each layer stores its rows' keys and values, they
+//! are gathered from the pool into the rank's part of one buffer, the parts all-gathered in
+//! place, and every other rank's rows put at their slots (`put_rows`), so attention (paged, or
+//! cuDNN for long chunks) sees every earlier key; the last layer stops after the exchange. Each
+//! rank computes 1/P of the prompt's rows and of its causal attention, and every rank's cache
+//! ends holding the whole prompt: the owner decodes from it, the others drop it.
 
 use cudarc::driver::PinnedHostSlice;
 use half::bf16;
@@ -38,6 +49,7 @@ use reel_model::decode::{SeqStep, StepInput, StepPositions};
 use reel_model::vl::mrope_angles;
 use reel_model::{ParamLayout, Qwen2Config};
 use reel_rollout::paged_attention::{PagedSeq, PagedShape};
+use reel_rollout::shared_prefill::{PrefillSplit, NO_SLOT};
 use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel, TopRows};
 
 use crate::buffer::{DView, DViewMut, DevRead};
@@ -50,6 +62,11 @@ use crate::{
 /// kernel (which reads every earlier key once per query row: fine for decoding, quadratic
 /// memory traffic for a long prompt). [`GpuDecoder::set_cudnn_prefill_rows`] changes it.
 pub const CUDNN_PREFILL_ROWS: usize = 1024;
+
+/// Rows each rank computes per segment of a shared prefill ([`GpuDecoder::prefill_shared`]): a
+/// 262k-token prompt over 2 GPUs runs in 8 segments of 32,768 rows, each rank's two chunks of
+/// 8,192 rows attending through cuDNN; the step buffers stay the size of a 16k-row step.
+pub const SHARED_PREFILL_ROWS: usize = 16_384;
 
 /// A long chunk's rows (and its own keys) are padded to a multiple of this for cuDNN, so plans
 /// are made per bucket of lengths, not per length.
@@ -140,20 +157,36 @@ fn cache_slots(
     ps.map(move |p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
 }
 
-/// Checks the step against the model and the tables and lays out its rows; M-RoPE angles come
+/// Where a sequence's new rows go: its blocks, and the keys cached before them.
+#[derive(Clone, Copy)]
+struct Place<'t> {
+    blocks: &'t [u32],
+    past: usize,
+}
+
+impl<'t> Place<'t> {
+    fn of(table: &'t BlockTable) -> Self {
+        Place {
+            blocks: table.block_ids(),
+            past: table.len(),
+        }
+    }
+}
+
+/// Checks the step against the model and the places and lays out its rows; M-RoPE angles come
 /// from `rope` (the 1-D table of the model's head_dim, max_position_embeddings and theta).
 fn plan_rows(
     c: &Qwen2Config,
     steps: &[SeqStep],
-    tables: &[&BlockTable],
+    places: &[Place],
     bs: usize,
     rope: &mut Option<RopeTable>,
 ) -> Result<StepRows> {
-    if steps.len() != tables.len() {
+    if steps.len() != places.len() {
         return shape_err(format!(
             "decode step: {} sequences but {} block tables",
             steps.len(),
-            tables.len()
+            places.len()
         ));
     }
     let (d, max_pos) = (c.hidden_size, c.max_position_embeddings);
@@ -168,7 +201,7 @@ fn plan_rows(
         mrope_sin: Vec::new(),
     };
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for (s, (step, table)) in steps.iter().zip(tables).enumerate() {
+    for (s, (step, place)) in steps.iter().zip(places).enumerate() {
         let at = r.tokens.len();
         let n = match step.input {
             StepInput::Tokens(ids) => {
@@ -247,8 +280,7 @@ fn plan_rows(
                     .extend((max_pos + k0) as u32..(max_pos + k0 + n) as u32);
             }
         }
-        let past = table.len();
-        let blocks = table.block_ids();
+        let Place { blocks, past } = *place;
         if (past + n).div_ceil(bs) > blocks.len() {
             return shape_err(format!(
                 "decode step: sequence {s} needs room for {} tokens, its table has {} blocks \
@@ -375,6 +407,130 @@ fn chunk_attention<T: GpuFloat>(
     )
 }
 
+/// The ranks a decoder prefills long prompts with ([`GpuDecoder::set_prefill_group`]): any
+/// device group (in-process ranks, or NCCL across processes) seen through the one collective a
+/// shared prefill needs.
+pub trait PrefillGroup: Send {
+    fn prefill_rank(&self) -> usize;
+    fn prefill_world(&self) -> usize;
+    /// Gives every rank each rank r's chunk r of `buf` (P equal chunks), in place
+    /// ([`crate::DeviceGroup::all_gather_dev`]).
+    fn gather_parts(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
+}
+
+impl<C: crate::DeviceGroup + Send> PrefillGroup for C {
+    fn prefill_rank(&self) -> usize {
+        crate::DeviceP2p::rank(self)
+    }
+
+    fn prefill_world(&self) -> usize {
+        crate::DeviceP2p::world_size(self)
+    }
+
+    fn gather_parts(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
+        crate::DeviceGroup::all_gather_dev(self, gpu, buf)
+    }
+}
+
+/// A shared prefill's host plan: where each gathered row goes (two lists of [P · 2m] slots, K
+/// then V, `NO_SLOT` for rows not put) and m, the rows of each rank's part.
+struct SharedRows {
+    put: Vec<u32>,
+    m: usize,
+}
+
+/// One shared prefill's device side: the put lists and the gather buffer of P parts, each a
+/// rank's m key rows then m value rows (padding undefined), reused by every layer.
+struct Exchange<'g> {
+    put: crate::Scratch<'g, u32>,
+    buf: crate::Scratch<'g, f32>,
+    m: usize,
+    kvw: usize,
+}
+
+impl<'g> Exchange<'g> {
+    fn new<T: GpuFloat>(
+        g: &'g Gpu,
+        group: &dyn PrefillGroup,
+        x: &SharedRows,
+        kvw: usize,
+    ) -> Result<Self> {
+        let world = group.prefill_world();
+        if x.put.len() != 4 * world * x.m {
+            return shape_err(format!(
+                "shared prefill: {} put slots for {world} parts of {} rows",
+                x.put.len(),
+                x.m
+            ));
+        }
+        let words = Self::words::<T>(x.m, kvw);
+        Ok(Exchange {
+            put: g.scratch_from(&x.put)?,
+            buf: g.scratch::<f32>((world * words).max(1))?,
+            m: x.m,
+            kvw,
+        })
+    }
+
+    /// f32 words of one rank's part (2·m rows of H_kv·D values of T; H_kv·D is even).
+    fn words<T: GpuFloat>(m: usize, kvw: usize) -> usize {
+        (2 * m * kvw * std::mem::size_of::<T>()).div_ceil(4)
+    }
+
+    /// One layer: this rank's `own` rows (slots at `own_slots`) gathered from the K and V
+    /// planes into its part, the parts all-gathered, every other rank's rows put at their
+    /// slots.
+    fn run<T: GpuFloat>(
+        &mut self,
+        g: &Gpu,
+        group: &dyn PrefillGroup,
+        (kp, vp): (u64, u64),
+        own_slots: u64,
+        own: usize,
+    ) -> Result<()> {
+        let (rank, world) = (group.prefill_rank(), group.prefill_world());
+        let (m, kvw) = (self.m, self.kvw);
+        let words = Self::words::<T>(m, kvw);
+        let sz = std::mem::size_of::<T>() as u64;
+        let d32 = as_i32("shared prefill", "H_kv·D", kvw)?;
+        let base = self.buf.dptr() + (rank * words * 4) as u64;
+        g.bind()?;
+        if own > 0 {
+            let idx = own_slots;
+            for (dst, src) in [(base, kp), (base + m as u64 * kvw as u64 * sz, vp)] {
+                launch!(
+                    g,
+                    &g.kernels.gather_rows[T::INDEX],
+                    cfg((own as u32, 1, 1), (row_threads(kvw), 1, 1)),
+                    &dst,
+                    &src,
+                    &idx,
+                    &d32
+                )?;
+            }
+        }
+        group.gather_parts(g, &mut self.buf.view_mut(0..world * words)?)?;
+        let rows = 2 * world * m;
+        let src = self.buf.dptr();
+        g.bind()?;
+        for (dst, list) in [
+            (kp, self.put.dptr()),
+            (vp, self.put.dptr() + 4 * rows as u64),
+        ] {
+            launch!(
+                g,
+                &g.kernels.put_rows[T::INDEX],
+                cfg((rows as u32, 1, 1), (row_threads(kvw), 1, 1)),
+                &dst,
+                &src,
+                &list,
+                &d32
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// A Qwen2 decoder for the rollout engine on one GPU (module docs): weights in T, the KV blocks
 /// of the pool it made ([`StepModel::new_pool`]) on the device.
 pub struct GpuDecoder<T: GpuFloat = bf16> {
@@ -402,6 +558,10 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
     cudnn_prefill_rows: usize,
     /// Rows whose attention ran through cuDNN so far.
     cudnn_rows_run: u64,
+    /// The peers long prompts are prefilled with ([`GpuDecoder::set_prefill_group`]).
+    prefill: Option<Box<dyn PrefillGroup>>,
+    /// Rows a rank computes per segment of a shared prefill.
+    shared_prefill_rows: usize,
     gpu: Gpu,
 }
 
@@ -482,6 +642,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
             max_candidates: TOPK_CAP,
             cudnn_prefill_rows: CUDNN_PREFILL_ROWS,
             cudnn_rows_run: 0,
+            prefill: None,
+            shared_prefill_rows: SHARED_PREFILL_ROWS,
             gpu,
         })
     }
@@ -669,6 +831,12 @@ impl<T: GpuFloat> GpuDecoder<T> {
         Ok(host)
     }
 
+    /// Rows each rank computes per segment of a shared prefill ([`GpuDecoder::prefill_shared`];
+    /// default [`SHARED_PREFILL_ROWS`]): its step buffers' size.
+    pub fn set_shared_prefill_rows(&mut self, rows: usize) {
+        self.shared_prefill_rows = rows.max(1);
+    }
+
     /// Chunks of at least `rows` rows attend through cuDNN (bf16 storage, `cudnn` feature;
     /// module docs); `usize::MAX` keeps every row on the paged kernel. Default
     /// [`CUDNN_PREFILL_ROWS`].
@@ -756,6 +924,14 @@ impl<T: GpuFloat> GpuDecoder<T> {
         })
     }
 
+    /// The block size of `pool`, which must be the one this decoder made.
+    fn pool_block_size(&self, pool: &BlockPool) -> Result<usize> {
+        match &self.kv {
+            Some(kv) if pool.is_device() && pool.layout() == kv.layout => Ok(kv.layout.block_size),
+            _ => shape_err("decode step: the pool was not made by this decoder (make_pool)".into()),
+        }
+    }
+
     /// Runs one step's layers and LM head, leaving the logits [S_l, V] in `dev_logits`; S_l.
     fn run(
         &mut self,
@@ -763,41 +939,198 @@ impl<T: GpuFloat> GpuDecoder<T> {
         steps: &[SeqStep],
         tables: &[&BlockTable],
     ) -> Result<usize> {
-        let layout = match &self.kv {
-            Some(kv) if pool.is_device() && pool.layout() == kv.layout => kv.layout,
-            _ => {
-                return shape_err(
-                    "decode step: the pool was not made by this decoder (make_pool)".into(),
-                )
+        let bs = self.pool_block_size(pool)?;
+        let places: Vec<Place> = tables.iter().map(|t| Place::of(t)).collect();
+        self.copy_blocks(&pool.take_copies())?;
+        self.forward(steps, &places, bs, None)
+    }
+
+    /// Sets the peers this decoder prefills long prompts with ([`GpuDecoder::prefill_shared`];
+    /// the engine's [`reel_rollout::Engine::add_group_shared`]): a group of one rank per GPU
+    /// (one process each over NCCL, or in-process ranks of a `DeviceWorld`), each with its own
+    /// decoder of the same model.
+    pub fn set_prefill_group(&mut self, group: Box<dyn PrefillGroup>) {
+        self.prefill = Some(group);
+    }
+
+    /// This decoder's rank in its prefill group and the group's size, when it has one.
+    pub fn prefill_peers(&self) -> Option<(usize, usize)> {
+        self.prefill
+            .as_ref()
+            .map(|g| (g.prefill_rank(), g.prefill_world()))
+    }
+
+    /// Prefills `step` (a prompt's rows from its first) into `table` (empty; room reserved)
+    /// together with the prefill group (`reel_rollout::shared_prefill`): this rank computes its
+    /// two zigzag chunks; per layer every rank's keys and values are all-gathered and put at
+    /// their slots, so the table ends holding every row's. A collective over the group; every
+    /// rank passes the same rows. No logits.
+    pub fn prefill_shared(
+        &mut self,
+        pool: &mut BlockPool,
+        step: &SeqStep,
+        table: &BlockTable,
+    ) -> Result<()> {
+        let bs = self.pool_block_size(pool)?;
+        let Some((rank, world)) = self.prefill_peers() else {
+            return shape_err("shared prefill: the decoder has no prefill group".into());
+        };
+        let d = self.config.hidden_size;
+        let n = match step.input {
+            StepInput::Tokens(ids) => ids.len(),
+            StepInput::Embeddings(e) if e.len().is_multiple_of(d) => e.len() / d,
+            StepInput::Embeddings(e) => {
+                return shape_err(format!(
+                    "shared prefill: {} input-embedding values are not rows of hidden_size {d}",
+                    e.len()
+                ))
             }
         };
-        let bs = layout.block_size;
-        let rows = plan_rows(&self.config, steps, tables, bs, &mut self.host_rope)?;
+        if let StepPositions::MRope { ids, .. } = step.positions {
+            if ids.len() != n {
+                return shape_err(format!(
+                    "shared prefill: {n} rows but {} M-RoPE positions",
+                    ids.len()
+                ));
+            }
+        }
+        let blocks = table.block_ids();
+        if !table.is_empty() || n.div_ceil(bs) > blocks.len() {
+            return shape_err(format!(
+                "shared prefill: {n} rows need an empty table with room for them (it holds {} \
+                 tokens in {} blocks of {bs})",
+                table.len(),
+                blocks.len()
+            ));
+        }
+        self.copy_blocks(&pool.take_copies())?;
+        // Segments of P · shared_prefill_rows rows, one after another: a segment's queries
+        // attend over every earlier segment's keys, which every rank holds by then.
+        let seg = world * self.shared_prefill_rows;
+        for s0 in (0..n).step_by(seg) {
+            self.prefill_segment(step, s0..(s0 + seg).min(n), blocks, bs, (rank, world))?;
+        }
+        Ok(())
+    }
+
+    /// Rows `span` of a shared prefill (`step`'s rows from its first), split over the group as
+    /// [`PrefillSplit`] within the span.
+    fn prefill_segment(
+        &mut self,
+        step: &SeqStep,
+        span: std::ops::Range<usize>,
+        blocks: &[u32],
+        bs: usize,
+        (rank, world): (usize, usize),
+    ) -> Result<()> {
+        let d = self.config.hidden_size;
+        let split = PrefillSplit::new(span.len(), world);
+        let sub = |r: std::ops::Range<usize>| SeqStep {
+            input: match step.input {
+                StepInput::Tokens(ids) => StepInput::Tokens(&ids[r.clone()]),
+                StepInput::Embeddings(e) => StepInput::Embeddings(&e[r.start * d..r.end * d]),
+            },
+            positions: match step.positions {
+                StepPositions::Linear { start } => StepPositions::Linear {
+                    start: start + r.start,
+                },
+                StepPositions::MRope { ids, sections } => StepPositions::MRope {
+                    ids: &ids[r.clone()],
+                    sections,
+                },
+            },
+            logits: false,
+        };
+        let (mut steps, mut places) = (Vec::new(), Vec::new());
+        for r in split.parts(rank).into_iter().filter(|r| !r.is_empty()) {
+            let r = span.start + r.start..span.start + r.end;
+            places.push(Place {
+                blocks,
+                past: r.start,
+            });
+            steps.push(sub(r));
+        }
+        // Where each gathered row goes: the K rows of every other rank's part (then, in the
+        // second list, its V rows) at their slots; this rank's own rows and padding nowhere.
+        let m = split.rows_per_rank();
+        let rows = 2 * world * m;
+        let mut put = vec![NO_SLOT; 2 * rows];
+        for (i, p) in split.gathered_rows().into_iter().enumerate() {
+            let (q, j) = (i / m, i % m);
+            if let (Some(p), true) = (p, q != rank) {
+                let p = span.start + p;
+                let slot = blocks[p / bs] * bs as u32 + (p % bs) as u32;
+                put[q * 2 * m + j] = slot;
+                put[rows + q * 2 * m + m + j] = slot;
+            }
+        }
+        let shared = SharedRows { put, m };
+        if steps.is_empty() {
+            // No rows of its own (a span shorter than 2P chunks): it still takes part in
+            // every layer's gather.
+            return self.exchange_only(&shared);
+        }
+        self.forward(&steps, &places, bs, Some(&shared))?;
+        Ok(())
+    }
+
+    /// A shared prefill's layers for a rank without rows: each layer's gather (nothing of its
+    /// own) and the other ranks' keys and values put at their slots.
+    fn exchange_only(&mut self, shared: &SharedRows) -> Result<()> {
+        let GpuDecoder {
+            config: c,
+            kv,
+            prefill,
+            gpu: g,
+            ..
+        } = self;
+        let (Some(kv), Some(group)) = (kv.as_ref(), prefill.as_deref()) else {
+            return shape_err("shared prefill: no KV pool or group".into());
+        };
+        let kvw = c.num_key_value_heads * c.head_dim;
+        let mut x = Exchange::new::<T>(g, group, shared, kvw)?;
+        let plane = kv.plane() as u64 * std::mem::size_of::<T>() as u64;
+        for l in 0..c.num_hidden_layers as u64 {
+            let k = kv.data.dptr() + 2 * l * plane;
+            x.run::<T>(g, group, (k, k + plane), 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Runs a step's layers (and LM head for the rows that want logits) over `places`; with
+    /// `shared`, a shared prefill's: each layer's keys and values exchanged with the prefill
+    /// group before attention, the last layer stopping after its exchange.
+    fn forward(
+        &mut self,
+        steps: &[SeqStep],
+        places: &[Place],
+        bs: usize,
+        shared: Option<&SharedRows>,
+    ) -> Result<usize> {
+        let rows = plan_rows(&self.config, steps, places, bs, &mut self.host_rope)?;
         let n = rows.tokens.len();
         if n == 0 {
             return shape_err("decode step: no sequences".into());
         }
-        self.copy_blocks(&pool.take_copies())?;
         self.reserve(n)?;
         // Long chunks (bf16 with cuDNN) leave the paged batch; the slots of all their keys go
         // up once for the step.
         let cudnn = cfg!(feature = "cudnn") && T::INDEX == <bf16 as GpuFloat>::INDEX;
         let mut long = Vec::new();
         let mut long_slots: Vec<u32> = Vec::new();
-        let mut seqs = Vec::with_capacity(tables.len());
-        for (t, r) in tables.iter().zip(&rows.rows) {
+        let mut seqs = Vec::with_capacity(places.len());
+        for (p, r) in places.iter().zip(&rows.rows) {
             if cudnn && r.len() >= self.cudnn_prefill_rows {
-                let (blocks, keys) = (t.block_ids(), t.len() + r.len());
                 long.push(LongChunk {
                     rows: r.clone(),
-                    past: t.len(),
+                    past: p.past,
                     slots_at: long_slots.len(),
                 });
-                long_slots.extend(cache_slots(blocks, bs, 0..keys));
+                long_slots.extend(cache_slots(p.blocks, bs, 0..p.past + r.len()));
             } else {
                 seqs.push(PagedSeq {
-                    block_table: t.block_ids(),
-                    past: t.len(),
+                    block_table: p.blocks,
+                    past: p.past,
                     rows: r.clone(),
                 });
             }
@@ -824,6 +1157,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
             bufs,
             batch,
             dev_logits,
+            prefill,
             gpu: g,
             ..
         } = self;
@@ -899,6 +1233,11 @@ impl<T: GpuFloat> GpuDecoder<T> {
         );
         let max_pos = u32::try_from(rope.max_positions()).unwrap_or(u32::MAX);
         let eps = c.rms_norm_eps;
+        let mut exchange = match (shared, prefill.as_deref()) {
+            (Some(x), Some(group)) => Some((Exchange::new::<T>(g, group, x, kvw)?, group)),
+            (Some(_), None) => return shape_err("shared prefill: no prefill group".into()),
+            (None, _) => None,
+        };
         for (l, lw) in pl.layers.iter().enumerate() {
             let (kc, vc) = (
                 DView::of(&kv.data, 2 * l * plane..(2 * l + 1) * plane)?,
@@ -951,6 +1290,13 @@ impl<T: GpuFloat> GpuDecoder<T> {
                     &hd32,
                     &max_pos
                 )?;
+            }
+            if let Some((x, group)) = exchange.as_mut() {
+                x.run::<T>(g, *group, (kc.dptr(), vc.dptr()), slots, n)?;
+                if l + 1 == pl.layers.len() {
+                    // The last layer's keys and values are all a prefill leaves.
+                    break;
+                }
             }
             g.paged_attention_forward(
                 &mut b.attn.view_mut(0..n_paged * qw)?,
@@ -1083,6 +1429,20 @@ impl<T: GpuFloat> StepModel for GpuDecoder<T> {
         self.step_top(pool, steps, tables, k, temperatures)
             .map_err(|e| RolloutError::Device(e.to_string()))
     }
+
+    fn prefill_peers(&self) -> Option<(usize, usize)> {
+        GpuDecoder::prefill_peers(self)
+    }
+
+    fn prefill_shared(
+        &mut self,
+        pool: &mut BlockPool,
+        step: &SeqStep,
+        table: &BlockTable,
+    ) -> std::result::Result<(), RolloutError> {
+        GpuDecoder::prefill_shared(self, pool, step, table)
+            .map_err(|e| RolloutError::Device(e.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -1123,7 +1483,7 @@ mod tests {
             },
         ];
         let mut rope = None;
-        let r = plan_rows(&c, &steps, &[&a, &b], 4, &mut rope).unwrap();
+        let r = plan_rows(&c, &steps, &[Place::of(&a), Place::of(&b)], 4, &mut rope).unwrap();
         let (ba, bb) = (a.block_ids(), b.block_ids());
         assert_eq!(r.tokens, vec![7, 1, 2, 3]);
         assert_eq!(r.positions, vec![5, 0, 1, 2]);
@@ -1156,7 +1516,7 @@ mod tests {
                 logits: true,
             },
         ];
-        let r = plan_rows(&c, &mixed, &[&a, &b], 4, &mut rope).unwrap();
+        let r = plan_rows(&c, &mixed, &[Place::of(&a), Place::of(&b)], 4, &mut rope).unwrap();
         let mp = c.max_position_embeddings as u32;
         assert_eq!(r.tokens, vec![9, 0, 0]);
         assert_eq!(r.positions, vec![mp, mp + 1, mp + 2]);
@@ -1174,7 +1534,7 @@ mod tests {
             positions: StepPositions::Linear { start: 0 },
             logits: true,
         }];
-        let e = plan_rows(&c, &long, &[&b], 4, &mut rope)
+        let e = plan_rows(&c, &long, &[Place::of(&b)], 4, &mut rope)
             .err()
             .unwrap()
             .to_string();
@@ -1184,7 +1544,7 @@ mod tests {
             positions: StepPositions::Linear { start: 0 },
             logits: true,
         }];
-        let e = plan_rows(&c, &bad, &[&b], 4, &mut rope)
+        let e = plan_rows(&c, &bad, &[Place::of(&b)], 4, &mut rope)
             .err()
             .unwrap()
             .to_string();
@@ -1203,7 +1563,7 @@ mod tests {
                 positions: StepPositions::MRope { ids, sections: sec },
                 logits: true,
             }];
-            let e = plan_rows(&c, &bad, &[&b], 4, &mut rope)
+            let e = plan_rows(&c, &bad, &[Place::of(&b)], 4, &mut rope)
                 .err()
                 .unwrap()
                 .to_string();
@@ -1214,7 +1574,7 @@ mod tests {
             positions: StepPositions::Linear { start: 0 },
             logits: true,
         }];
-        let e = plan_rows(&c, &bad, &[&b], 4, &mut rope)
+        let e = plan_rows(&c, &bad, &[Place::of(&b)], 4, &mut rope)
             .err()
             .unwrap()
             .to_string();

@@ -222,6 +222,18 @@ __device__ void gather_rows(T* dst, const T* src, const u32* idx, int d) {
     for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = s[j];
 }
 
+// dst[idx[r], :] = src[r, :] of the same type, rows with idx[r] = 0xFFFFFFFF skipped (a sequence-
+// parallel prefill's gathered keys and values put at their cache slots, padding rows dropped).
+template <typename T>
+__device__ void put_rows(T* dst, const T* src, const u32* idx, int d) {
+    const i64 r = blockIdx.x;
+    const u32 at = idx[r];
+    if (at == 0xFFFFFFFFu) return;
+    T* o = dst + (i64)at * d;
+    const T* s = src + r * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = s[j];
+}
+
 // dst[idx[r], :] = src[r, :] (f32 source; dst rows not named keep their value).
 template <typename T>
 __device__ void scatter_rows(T* dst, const float* src, const u32* idx, int d) {
@@ -350,6 +362,9 @@ __device__ void to_f32(float* dst, const T* src, i64 n) {
     }                                                                                             \
     extern "C" __global__ void gather_rows_##S(T* dst, const T* src, const u32* idx, int d) {    \
         gather_rows<T>(dst, src, idx, d);                                                         \
+    }                                                                                             \
+    extern "C" __global__ void put_rows_##S(T* dst, const T* src, const u32* idx, int d) {       \
+        put_rows<T>(dst, src, idx, d);                                                            \
     }                                                                                             \
     extern "C" __global__ void scatter_rows_##S(T* dst, const float* src, const u32* idx,        \
                                                 int d) {                                          \

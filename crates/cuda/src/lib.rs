@@ -90,7 +90,7 @@ mod vision;
 
 pub use arena::{size_class, AllocStats, Scratch, SizePool};
 pub use buffer::{DView, DViewMut, DevRead, DevWrite, DeviceBuf};
-pub use decode::{GpuDecoder, CUDNN_PREFILL_ROWS, PREFILL_PAD};
+pub use decode::{GpuDecoder, PrefillGroup, CUDNN_PREFILL_ROWS, PREFILL_PAD, SHARED_PREFILL_ROWS};
 pub use devcomm::{
     DevOp, DevPart, DeviceComm, DeviceGroup, DeviceP2p, DeviceRanks, DeviceWorld, Transfer,
 };

@@ -21,7 +21,11 @@
 //!   in one step, against the CPU step in f32 (rel-norm 1e-4) and bf16 (5e-2), on a model sharp
 //!   enough that 1-D positions in place of the 3-D ones move the CPU logits by > 0.3 (rel-norm);
 //! - a whole Qwen2.5-VL engine (`Prompt::vl` prompts with video features, groups, greedy) with
-//!   the f32 decoder gives the CPU VLM engine's tokens and log-probabilities within 1e-3.
+//!   the f32 decoder gives the CPU VLM engine's tokens and log-probabilities within 1e-3;
+//! - a prefill shared by 2 or 3 in-process decoders (`Engine::add_group_shared` /
+//!   `prefill_for_peer`; text and VLM prompts, one or several segments, uneven chunks) continues
+//!   as one decoder's own prefill: f32 every token equal and log-probabilities within 1e-4,
+//!   bf16 through cuDNN chunks the first tokens equal.
 
 mod common;
 use common::*;
@@ -684,4 +688,147 @@ fn a_decoder_reading_the_trainers_weights_in_place_follows_its_updates() {
         "after the update"
     );
     assert!(in_place.load_params(&model.params).is_err());
+}
+
+/// What one prompt asks of a shared-prefill run: the prompt, its samples and their sampling.
+type Work = (reel_rollout::Prompt, usize, GenerationParams);
+
+/// Text and VLM prompts (one of a single token, whose prefill is not shared), greedy and sampled.
+fn shared_work(m: &reel_model::Qwen25VL) -> Vec<Work> {
+    use reel_model::VideoGrid;
+    let d = m.config.text.hidden_size;
+    let g = VideoGrid { t: 4, h: 6, w: 8 };
+    let n_video = g.t * g.h * g.w / 4;
+    let mut ids = tokens(9, 5, 280);
+    ids.push(291);
+    ids.extend(std::iter::repeat_n(290, n_video));
+    ids.push(292);
+    ids.extend(tokens(11, 6, 280));
+    let mut rng = reel_tensor::rng(101);
+    let features = reel_tensor::uniform_vec(&mut rng, n_video * d, 0.5);
+    let vl = reel_rollout::Prompt::vl(m, ids, &[g], &[1.0], &features).unwrap();
+    vec![
+        (tokens(203, 1, 280).into(), 3, greedy(12)),
+        (vl, 2, greedy(12)),
+        (tokens(1, 2, 280).into(), 2, greedy(4)),
+        (tokens(77, 3, 280).into(), 4, sampled(12, 9)),
+    ]
+}
+
+/// `work` rolled out by rank 0 of `world` in-process decoders (each on its own stream of the
+/// GPU, `rows` rows a rank per segment, chunks of at least `cudnn_rows` rows through cuDNN), every
+/// prompt's prefill shared; rank 0's outputs and stats. Every rank's pool ends empty.
+fn shared_rollout<T: GpuFloat>(
+    m: &reel_model::Qwen25VL,
+    work: &[Work],
+    cfg: EngineConfig,
+    world: usize,
+    (rows, cudnn_rows): (usize, usize),
+) -> (Vec<GroupOutput>, reel_rollout::EngineStats) {
+    let devices = reel_cuda::DeviceWorld::new(world, std::time::Duration::from_secs(60));
+    let mut decoders: Vec<GpuDecoder<T>> = (0..world)
+        .map(|r| {
+            let gpu = Gpu::open_on_new_stream(0).unwrap();
+            let comm = devices.comm(r, &gpu).unwrap();
+            let mut d = GpuDecoder::<T>::from_model(gpu, &m.lm).unwrap();
+            d.set_prefill_group(Box::new(comm));
+            d.set_shared_prefill_rows(rows);
+            d.set_cudnn_prefill_rows(cudnn_rows);
+            assert_eq!(d.prefill_peers(), Some((r, world)));
+            d
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = decoders
+            .iter_mut()
+            .enumerate()
+            .map(|(r, d)| {
+                s.spawn(move || {
+                    let mut e = Engine::with_model(Box::new(d), cfg).unwrap();
+                    for (p, g, params) in work {
+                        match r {
+                            0 => {
+                                e.add_group_shared(p.clone(), *g, params.clone()).unwrap();
+                            }
+                            _ => e.prefill_for_peer(p).unwrap(),
+                        }
+                    }
+                    let out = e.run().unwrap();
+                    assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
+                    (out, e.stats())
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (r, (out, _)) in all.iter().enumerate().skip(1) {
+            assert!(out.is_empty(), "rank {r} rolled out nothing of its own");
+        }
+        all.swap_remove(0)
+    })
+}
+
+/// A prompt prefilled by 2 or 3 in-process decoders together (`Engine::add_group_shared` on the
+/// owner, `prefill_for_peer` on the others; zigzag chunks, several segments, each layer's keys
+/// and values all-gathered) continues exactly as one decoder's own prefill: text and VLM
+/// (embedding rows, M-RoPE) prompts, greedy and sampled, the f32 decoder within 1e-4 of its
+/// log-probabilities with every token equal; bf16 with long chunks through cuDNN, the first
+/// tokens equal and their log-probabilities within bf16 rounding.
+#[test]
+fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
+    let Some(_lock) = gpu() else { return };
+    let m = vl_model(23);
+    let work = shared_work(&m);
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 400,
+        max_step_tokens: 64,
+        max_step_seqs: 32,
+    };
+    let solo = |dec: &mut dyn StepModel| {
+        let mut e = Engine::with_model(Box::new(dec), cfg).unwrap();
+        for (p, g, params) in &work {
+            e.add_group(p.clone(), *g, params.clone()).unwrap();
+        }
+        (e.run().unwrap(), e.stats())
+    };
+    let mut one = GpuDecoder::<f32>::from_model(open(), &m.lm).unwrap();
+    let (want, want_stats) = solo(&mut one);
+    for (world, rows) in [(2, 24), (3, 1000), (3, 17)] {
+        let (got, stats) = shared_rollout::<f32>(&m, &work, cfg, world, (rows, usize::MAX));
+        assert_eq!(stats.prefill_tokens, want_stats.prefill_tokens);
+        assert_eq!(stats.decode_tokens, want_stats.decode_tokens);
+        for (o, w) in got.iter().zip(&want) {
+            for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
+                let at = format!("f32, world {world}, rows {rows}: group {} sample {j}", o.id);
+                assert_eq!(s.ids, t.ids, "{at}");
+                reel_tensor::check_close(&at, &s.logprobs, &t.logprobs, Tolerance::new(1e-4, 1e-4))
+                    .unwrap();
+            }
+        }
+        eprintln!("f32, world {world}, {rows} rows a rank per segment: every token equal");
+    }
+    let mut one = GpuDecoder::<bf16>::from_model(open(), &m.lm).unwrap();
+    one.set_cudnn_prefill_rows(8);
+    let (want, _) = solo(&mut one);
+    for world in [2, 3] {
+        let (got, _) = shared_rollout::<bf16>(&m, &work, cfg, world, (40, 8));
+        let (mut same, mut total) = (0, 0);
+        for (o, w) in got.iter().zip(&want) {
+            for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
+                let at = format!("bf16, world {world}: group {} sample {j}", o.id);
+                assert_eq!(s.ids[0], t.ids[0], "{at}: first token");
+                assert!(
+                    (s.logprobs[0] - t.logprobs[0]).abs() < 0.05,
+                    "{at}: first log-prob {} vs {}",
+                    s.logprobs[0],
+                    t.logprobs[0]
+                );
+                total += s.ids.len();
+                same += s.ids.iter().zip(&t.ids).filter(|(a, b)| a == b).count();
+            }
+        }
+        eprintln!(
+            "bf16, world {world} (cuDNN chunks): {same}/{total} tokens equal to one decoder's"
+        );
+    }
 }

@@ -320,6 +320,119 @@ impl<'m> Engine<'m> {
         Ok(id)
     }
 
+    /// Queues a prompt with `g` samples as [`Engine::add_group`] does, but prefills all its
+    /// tokens but the last now, together with the model's peers
+    /// ([`StepModel::prefill_shared`]: each computes a share, every peer's cache ends whole);
+    /// the last token runs in the engine's next step, whose logits start the samples. The
+    /// prompt's owner calls this and every other peer [`Engine::prefill_for_peer`] with the same
+    /// prompt, at the same point of their calls. The pool must have room for the prompt now:
+    /// nothing is preempted for it.
+    pub fn add_group_shared(
+        &mut self,
+        prompt: impl Into<Prompt>,
+        g: usize,
+        params: GenerationParams,
+    ) -> Result<GroupId, RolloutError> {
+        let prompt = prompt.into();
+        let table = self.shared_prefill(&prompt)?;
+        let n = table.as_ref().map_or(0, BlockTable::len);
+        let id = match self.add_group(prompt, g, params) {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(t) = table {
+                    self.pool.release(t);
+                }
+                return Err(e);
+            }
+        };
+        let Some(table) = table else { return Ok(id) };
+        self.stats.prefill_tokens += n as u64;
+        match self.groups.iter_mut().find(|gr| gr.id == id) {
+            Some(gr) => {
+                // Resident with its prompt cached but for the last token, which the scheduler
+                // runs next (a prompt unit of one row, logits on).
+                gr.prompt_table = Some(table);
+                gr.stamp = Some(self.next_stamp);
+                self.next_stamp += 1;
+                for s in &mut gr.samples {
+                    if s.state == SeqState::Waiting {
+                        s.state = SeqState::Running;
+                    }
+                }
+            }
+            // Finished before it started (nothing to generate).
+            None => self.pool.release(table),
+        }
+        Ok(id)
+    }
+
+    /// Takes part in a peer's [`Engine::add_group_shared`] of `prompt`: this model computes its
+    /// share of the prefill; the keys and values it holds afterwards are dropped.
+    pub fn prefill_for_peer(&mut self, prompt: &Prompt) -> Result<(), RolloutError> {
+        if let Some(t) = self.shared_prefill(prompt)? {
+            self.pool.release(t);
+        }
+        Ok(())
+    }
+
+    /// The shared prefill of all of `prompt`'s tokens but the last into a new table (none for a
+    /// one-token prompt, on every peer alike).
+    fn shared_prefill(&mut self, prompt: &Prompt) -> Result<Option<BlockTable>, RolloutError> {
+        let n = prompt.ids.len().saturating_sub(1);
+        if n == 0 {
+            return Ok(None);
+        }
+        if self.model.prefill_peers().is_none() {
+            return Err(RolloutError::Invalid(
+                "a shared prefill needs a model with prefill peers (a GPU decoder given its \
+                 group)"
+                    .into(),
+            ));
+        }
+        let d = self.model.config().hidden_size;
+        let input = match &prompt.embeddings {
+            Some(e) if e.len() >= n * d => StepInput::Embeddings(&e[..n * d]),
+            Some(e) => {
+                return Err(RolloutError::Invalid(format!(
+                    "prompt of {} tokens has {} input-embedding values, not rows of {d}",
+                    prompt.ids.len(),
+                    e.len()
+                )))
+            }
+            None => StepInput::Tokens(&prompt.ids[..n]),
+        };
+        let positions = match &prompt.mrope {
+            Some(m) if m.positions.len() > n => StepPositions::MRope {
+                ids: &m.positions[..n],
+                sections: m.sections,
+            },
+            Some(m) => {
+                return Err(RolloutError::Invalid(format!(
+                    "prompt of {} tokens has {} M-RoPE positions",
+                    prompt.ids.len(),
+                    m.positions.len()
+                )))
+            }
+            None => StepPositions::Linear { start: 0 },
+        };
+        let step = SeqStep {
+            input,
+            positions,
+            logits: false,
+        };
+        let mut table = self.pool.new_table();
+        let ran = match self.pool.reserve(&mut table, n) {
+            Ok(()) => self.model.prefill_shared(&mut self.pool, &step, &table),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ran {
+            self.pool.release(table);
+            return Err(e);
+        }
+        self.pool.advance(&mut table, n);
+        Ok(Some(table))
+    }
+
     /// Finished groups' outputs since the last call, in the order they finished.
     pub fn take_finished(&mut self) -> Vec<GroupOutput> {
         std::mem::take(&mut self.finished)

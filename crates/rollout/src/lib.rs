@@ -12,6 +12,8 @@
 //!   a host pool) or reel-cuda's `GpuDecoder` (the same step on a GPU, block data on the device).
 //! - [`sample`]: the next token and its log-probability from a step's full logits rows or from
 //!   each row's best candidates and log-sum-exp parts (what a GPU decoder downloads instead).
+//! - [`shared_prefill`]: how a long prompt's prefill splits over a GPU decoder's peers
+//!   ([`Engine::add_group_shared`], [`StepModel::prefill_shared`]; the cache stays whole).
 //! - [`sharded`]: [`ShardedEngine`] — the same over sequence-parallel ranks: prompts prefilled
 //!   sequence-parallel, their KV kept sharded over the ranks' pools, decode attention merged
 //!   from per-rank partials.
@@ -26,6 +28,7 @@ pub mod pool;
 pub mod request;
 pub mod sample;
 pub mod sharded;
+pub mod shared_prefill;
 pub mod step;
 
 pub use engine::{Engine, EngineConfig, EngineStats, StepStats};
@@ -36,6 +39,7 @@ pub use request::{
 };
 pub use sample::{RowLogits, StepLogits, TopRows};
 pub use sharded::{ShardedEngine, ShardedStats};
+pub use shared_prefill::PrefillSplit;
 pub use step::{CpuStep, StepModel};
 
 /// Errors of the rollout engine; messages name the request, sequence or pool sizes.

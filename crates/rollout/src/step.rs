@@ -59,6 +59,29 @@ pub trait StepModel {
             "this model returns full logits rows only (max_candidates is 0)".into(),
         ))
     }
+
+    /// The peers this model prefills prompts with ([`StepModel::prefill_shared`]): its rank
+    /// and their number; `None` (the default) when it has none.
+    fn prefill_peers(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Prefills `step` — a prompt's rows from its first, into `table` (empty, room reserved
+    /// for them) — together with the model's peers, split as
+    /// [`crate::shared_prefill::PrefillSplit`]: afterwards the table's blocks hold every row's
+    /// keys and values (the caller advances it). No logits. A collective: every peer calls it
+    /// with the same rows, its calls in the same order as every other peer's.
+    fn prefill_shared(
+        &mut self,
+        pool: &mut BlockPool,
+        step: &SeqStep,
+        table: &BlockTable,
+    ) -> Result<(), RolloutError> {
+        let _ = (pool, step, table);
+        Err(RolloutError::Invalid(
+            "this model has no peers to prefill a prompt with".into(),
+        ))
+    }
 }
 
 impl<T: StepModel + ?Sized> StepModel for &mut T {
@@ -92,6 +115,19 @@ impl<T: StepModel + ?Sized> StepModel for &mut T {
         temperatures: &[f32],
     ) -> Result<TopRows<'_>, RolloutError> {
         (**self).forward_step_top(pool, steps, tables, k, temperatures)
+    }
+
+    fn prefill_peers(&self) -> Option<(usize, usize)> {
+        (**self).prefill_peers()
+    }
+
+    fn prefill_shared(
+        &mut self,
+        pool: &mut BlockPool,
+        step: &SeqStep,
+        table: &BlockTable,
+    ) -> Result<(), RolloutError> {
+        (**self).prefill_shared(pool, step, table)
     }
 }
 

@@ -15,6 +15,7 @@ use reel_rollout::{
     GenerationParams, GroupOutput, KvLayout, MRopePrompt, Prompt, RolloutError, SeqState,
     StepModel, TopRows,
 };
+use reel_tensor::Tolerance;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -582,4 +583,141 @@ fn candidate_rows_give_the_full_rows_tokens_and_logprobs() {
         "{} steps on candidates, {} on full rows; largest |Δ log π| {worst:.1e}",
         step.top_steps, step.full_steps
     );
+}
+
+/// The CPU step as a one-rank prefill group: `prefill_shared` runs the rows as one step (what a
+/// group of one computes), counting the calls and rows.
+struct SoloPeers<'m> {
+    step: CpuStep<'m>,
+    calls: Vec<usize>,
+}
+
+impl StepModel for SoloPeers<'_> {
+    fn config(&self) -> &Qwen2Config {
+        self.step.config()
+    }
+
+    fn new_pool(&mut self, layout: KvLayout) -> Result<BlockPool, RolloutError> {
+        self.step.new_pool(layout)
+    }
+
+    fn forward_step(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+    ) -> Result<&[f32], RolloutError> {
+        self.step.forward_step(pool, steps, tables)
+    }
+
+    fn prefill_peers(&self) -> Option<(usize, usize)> {
+        Some((0, 1))
+    }
+
+    fn prefill_shared(
+        &mut self,
+        pool: &mut BlockPool,
+        step: &SeqStep,
+        table: &BlockTable,
+    ) -> Result<(), RolloutError> {
+        assert!(!step.logits && table.is_empty());
+        let rows = match step.input {
+            reel_model::decode::StepInput::Tokens(t) => t.len(),
+            reel_model::decode::StepInput::Embeddings(e) => e.len() / self.config().hidden_size,
+        };
+        self.calls.push(rows);
+        self.step
+            .forward_step(pool, std::slice::from_ref(step), &[table])?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_shared_prefill_leaves_the_engine_where_its_own_prefill_would() {
+    let m = model();
+    let mut peers = SoloPeers {
+        step: CpuStep::new(&m),
+        calls: Vec::new(),
+    };
+    let work = [
+        (prompt(20, 5), 3, greedy(6)),
+        (prompt(1, 6), 2, greedy(4)),
+        (prompt(31, 7), 4, sampled(8, 3)),
+    ];
+    let (out, stats) = {
+        let mut e = Engine::with_model(Box::new(&mut peers), small()).unwrap();
+        for (p, g, params) in &work {
+            e.add_group_shared(p.clone(), *g, params.clone()).unwrap();
+        }
+        // A peer's prompt: computed, then given back.
+        let free = e.pool().free_blocks();
+        e.prefill_for_peer(&prompt(40, 8).into()).unwrap();
+        assert_eq!(e.pool().free_blocks(), free);
+        // Nothing to generate: the prefilled table is given back with the group.
+        let mut none = greedy(0);
+        none.max_new_tokens = 0;
+        e.add_group_shared(prompt(9, 9), 2, none).unwrap();
+        assert_eq!(e.pool().free_blocks(), free);
+        let out = e.run().unwrap();
+        assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+        (out, e.stats())
+    };
+    // Every prompt but the one-token one shared all its rows but the last.
+    assert_eq!(peers.calls, vec![19, 30, 39, 8]);
+    // Counted as run: the finished-before-start group's 8 shared rows too (not a peer's).
+    assert_eq!(stats.prefill_tokens, 20 + 1 + 31 + 8);
+    for ((p, _, params), o) in work.iter().zip(&out) {
+        for (j, s) in o.samples.iter().enumerate() {
+            assert_eq!(
+                s.ids,
+                reference(&m, p, params, j),
+                "group {} sample {j}",
+                o.id
+            );
+        }
+    }
+    // Log-probabilities as the engine's own prefill gives them.
+    let mut e = Engine::new(&m, small()).unwrap();
+    for (p, g, params) in &work {
+        e.add_group(p.clone(), *g, params.clone()).unwrap();
+    }
+    let own = e.run().unwrap();
+    for (o, w) in out.iter().zip(&own) {
+        for (s, t) in o.samples.iter().zip(&w.samples) {
+            reel_tensor::check_close(
+                "log-probs",
+                &s.logprobs,
+                &t.logprobs,
+                Tolerance::new(1e-5, 1e-5),
+            )
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_shared_prefill_without_peers_or_room_is_refused_and_leaks_nothing() {
+    let m = model();
+    let mut e = Engine::new(&m, small()).unwrap();
+    let err = e
+        .add_group_shared(prompt(20, 1), 2, greedy(4))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prefill peers"), "{err}");
+    assert!(e.prefill_for_peer(&prompt(5, 1).into()).is_err());
+    assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+    assert!(!e.has_work());
+    let mut peers = SoloPeers {
+        step: CpuStep::new(&m),
+        calls: Vec::new(),
+    };
+    let tiny = EngineConfig {
+        num_blocks: 4,
+        ..small()
+    };
+    let mut e = Engine::with_model(Box::new(&mut peers), tiny).unwrap();
+    assert!(e.add_group_shared(prompt(30, 1), 1, greedy(2)).is_err());
+    assert!(e.prefill_for_peer(&prompt(30, 1).into()).is_err());
+    assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+    assert!(!e.has_work());
 }

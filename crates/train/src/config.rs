@@ -404,6 +404,12 @@ pub struct ParallelConfig {
     /// by GPU SFT and VLM GRPO; ignored at one rank, and a warning where ranks train on the
     /// CPU. Default false.
     pub shard_optimizer: bool,
+    /// VLM GRPO under `reel launch` with sp > 1 and rollouts on the GPUs: a prompt of at least
+    /// this many tokens is prefilled by its replica's sp processes together (MR-SP's
+    /// sequence-parallel prefill: each computes a zigzag 1/sp of the rows, every layer's keys
+    /// and values are gathered over NCCL), then decoded by the process that owns it from the
+    /// whole cache. 0 prefills every prompt on its owner alone. Default 8192.
+    pub shared_prefill_tokens: usize,
 }
 
 impl Default for ParallelConfig {
@@ -416,6 +422,7 @@ impl Default for ParallelConfig {
             overlap: true,
             timeout_s: 60,
             shard_optimizer: false,
+            shared_prefill_tokens: 8192,
         }
     }
 }
@@ -686,6 +693,9 @@ overlap = true
 timeout_s = 60
 # On GPUs, shard the fp32 master weights and AdamW moments over the dp x sp ranks (ZeRO-1).
 shard_optimizer = false
+# VLM GRPO launched over GPUs with sp > 1: prompts of at least this many tokens are prefilled
+# by the replica's sp processes together; 0 = each on its owner alone.
+shared_prefill_tokens = 8192
 
 [output]
 # Run folder: checkpoints/, metrics.jsonl, config.toml.

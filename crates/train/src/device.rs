@@ -659,6 +659,9 @@ pub struct GpuProc {
     /// The whole world as a host-level communicator (asked of [`gpu_proc`]; see
     /// [`GpuProc::take_host`]).
     host: Option<reel_cuda::NcclComm>,
+    /// The sequence-parallel group again, for the rollout decoder's shared prefill (asked of
+    /// [`gpu_proc`]; see [`GpuProc::take_prefill`]).
+    prefill: Option<reel_cuda::NcclComm>,
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
 }
@@ -679,6 +682,13 @@ impl GpuProc {
     pub fn take_host(&mut self) -> Option<HostComm> {
         self.host.take()
     }
+
+    /// A communicator of this process's sequence-parallel group of its own (none when sp = 1),
+    /// when [`gpu_proc`] was asked for one: the rollout decoder prefills long prompts over it
+    /// ([`RolloutDecoder::set_prefill_group`]).
+    pub fn take_prefill(&mut self) -> Option<reel_cuda::NcclComm> {
+        self.prefill.take()
+    }
 }
 
 /// A launched world's host-level communicator ([`GpuProc::take_host`]): NCCL's.
@@ -692,8 +702,9 @@ pub type HostComm = reel_comm::InProcess;
 /// Opens GPU `ordinal` (its own stream) and joins the launched world `l` over NCCL (rendezvous,
 /// init and every later wait bounded by `timeout`), split into the dp × sp grid `dims`
 /// (rank = dp_rank · sp + sp_rank: a replica's sequence-parallel ranks are consecutive, so they
-/// share a node where they can); with `host`, also a host-level communicator of the whole world
-/// ([`GpuProc::take_host`]).
+/// share a node where they can); with `extra.host`, also a host-level communicator of the whole
+/// world ([`GpuProc::take_host`]); with `extra.prefill` and sp > 1, a second communicator of the
+/// sequence-parallel group ([`GpuProc::take_prefill`]).
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 pub fn gpu_proc(
@@ -703,7 +714,7 @@ pub fn gpu_proc(
     method: reel_parallel::SpMethod,
     overlap: reel_parallel::Overlap,
     timeout: std::time::Duration,
-    host: bool,
+    extra: ProcComms,
 ) -> Result<GpuProc> {
     use anyhow::Context;
     use reel_comm::Communicator;
@@ -711,7 +722,7 @@ pub fn gpu_proc(
         .with_context(|| format!("rank {}: opening GPU {ordinal}", l.rank))?;
     let world = reel_cuda::NcclComm::init(l.rank, l.world, &l.rendezvous, ordinal, timeout)
         .with_context(|| format!("rank {}: joining the NCCL world", l.rank))?;
-    let host = match host {
+    let host = match extra.host {
         true => Some(
             world
                 .split(0, l.rank)
@@ -720,6 +731,14 @@ pub fn gpu_proc(
         false => None,
     };
     let c = dims.coords(l.rank)?;
+    let prefill = match extra.prefill && dims.sp() > 1 {
+        true => Some(
+            world
+                .split(c.dp_rank, c.sp_rank)
+                .with_context(|| format!("rank {}: forming its rollout prefill group", l.rank))?,
+        ),
+        false => None,
+    };
     let (sp, dp) = match (dims.dp() > 1, dims.sp() > 1) {
         (false, _) => (Some(world), None),
         (true, false) => (None, Some(world)),
@@ -740,9 +759,19 @@ pub fn gpu_proc(
         sp: sp.filter(|_| dims.sp() > 1),
         dp,
         host,
+        prefill,
         method,
         overlap,
     })
+}
+
+/// The communicators a launched process asks of [`gpu_proc`] beside its model's groups.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcComms {
+    /// A host-level communicator of the whole world ([`GpuProc::take_host`]).
+    pub host: bool,
+    /// A second communicator of the sequence-parallel group ([`GpuProc::take_prefill`]).
+    pub prefill: bool,
 }
 
 /// The in-process device ranks of a dp × sp run on one GPU: a device world per replica (its sp
@@ -846,6 +875,7 @@ pub fn gpu_model(
                 method,
                 overlap,
                 host: _,
+                prefill: _,
             } = *p;
             let sp = match sp {
                 Some(c) => Some(
@@ -980,6 +1010,23 @@ impl RolloutDecoder {
         unsafe { d.read_weights_in_place(policy.weights_device())? };
         tracing::info!("the rollout decoder reads the policy's bf16 weights in place");
         Ok(true)
+    }
+
+    /// Prefills long prompts together with the other processes of `comm`'s group from now on
+    /// ([`reel_rollout::Engine::add_group_shared`]): each computes its share of the rows, and
+    /// every layer's keys and values are gathered over NCCL.
+    pub fn set_prefill_group(&mut self, comm: reel_cuda::NcclComm) -> Result<()> {
+        match self {
+            RolloutDecoder::Bf16(d) => {
+                let p2p = comm.into_device_p2p(d.gpu())?;
+                d.set_prefill_group(Box::new(p2p));
+            }
+            RolloutDecoder::F32(d) => {
+                let p2p = comm.into_device_p2p(d.gpu())?;
+                d.set_prefill_group(Box::new(p2p));
+            }
+        }
+        Ok(())
     }
 
     /// The decoder as the rollout engine's step model (borrowed for one engine's life).
@@ -1124,7 +1171,7 @@ pub fn gpu_proc(
     _: reel_parallel::SpMethod,
     _: reel_parallel::Overlap,
     _: std::time::Duration,
-    _: bool,
+    _: ProcComms,
 ) -> Result<GpuProc> {
     anyhow::bail!("one process per GPU needs the `cuda` feature")
 }
@@ -1223,6 +1270,9 @@ mod cpu_only {
         pub fn step_model(&mut self) -> Box<dyn reel_rollout::StepModel + '_> {
             match self.never {}
         }
+        pub fn set_prefill_group(&mut self, _: super::HostComm) -> anyhow::Result<()> {
+            match self.never {}
+        }
         pub fn name(&self) -> &'static str {
             match self.never {}
         }
@@ -1268,6 +1318,9 @@ mod cpu_only {
             match self.never {}
         }
         pub fn take_host(&mut self) -> Option<super::HostComm> {
+            match self.never {}
+        }
+        pub fn take_prefill(&mut self) -> Option<super::HostComm> {
             match self.never {}
         }
     }

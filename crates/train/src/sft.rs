@@ -1396,7 +1396,7 @@ fn run_process<T: SftTask>(
         method,
         par.overlap_mode(),
         par.timeout(),
-        false,
+        crate::device::ProcComms::default(),
     )?;
     tracing::info!(
         "rank {} of {} processes, one GPU each over NCCL: dp {} × sp {} ({} attention, overlap \

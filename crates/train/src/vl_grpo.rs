@@ -1295,6 +1295,13 @@ fn gpu_minibatch(
     Ok(per_rank.swap_remove(0))
 }
 
+/// Whether a launched run asks for the rollout decoders' shared prefill (`parallel.
+/// shared_prefill_tokens` > 0, sp > 1, one prefill per group: `video.reuse`); every process
+/// decides alike.
+fn shares_prefill(cfg: &GrpoRunConfig) -> bool {
+    cfg.parallel.shared_prefill_tokens > 0 && cfg.parallel.sp > 1 && cfg.video.reuse
+}
+
 /// The process of a launched world (`world` processes) that rolls out a round's prompt `k`.
 fn rollout_owner(k: usize, world: usize) -> usize {
     k % world
@@ -1513,10 +1520,27 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
     // A launched world's host communicator: MR-SP's encoding splits each video over the
     // processes through it.
     let mut host: Option<Mutex<crate::device::HostComm>> = None;
+    // Whether the rollout decoder prefills long prompts with its sp group (launched, below).
+    let mut shared_prefill_on = false;
     let ranks = match (&launched, ordinal) {
         (Some(l), Some(o)) => {
-            let mut p = crate::device::gpu_proc(l, dims, o, method, overlap, timeout, true)?;
+            let comms = crate::device::ProcComms {
+                host: true,
+                prefill: shares_prefill(cfg),
+            };
+            let mut p = crate::device::gpu_proc(l, dims, o, method, overlap, timeout, comms)?;
             host = p.take_host().map(Mutex::new);
+            if let (Some(comm), Some(d)) = (p.take_prefill(), decoder.as_mut()) {
+                d.set_prefill_group(comm)
+                    .context("the rollout decoder's prefill group")?;
+                shared_prefill_on = true;
+                tracing::info!(
+                    "prompts of {} tokens or more are prefilled by the {} processes of this \
+                     replica together",
+                    cfg.parallel.shared_prefill_tokens,
+                    dims.sp()
+                );
+            }
             tracing::info!(
                 "rank {} of {} processes, one GPU each over NCCL: dp {} × sp {} ({} attention) on \
                  {}",
@@ -1657,8 +1681,31 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 let mut engine = crate::device::rollout_engine(decoder.as_mut(), &model.lm, ecfg)?
                     .with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
+                // Long prompts first, each prefilled by its owner's sp group together (every
+                // member in prompt order: the owner queues it, the others compute their share).
+                let mut shared = vec![false; drawn.len()];
+                if shared_prefill_on {
+                    for (k, (_, pr)) in drawn.iter().enumerate() {
+                        let owner = rollout_owner(k, world);
+                        if pr.ids.len() < cfg.parallel.shared_prefill_tokens
+                            || owner / dims.sp() != wrank / dims.sp()
+                        {
+                            continue;
+                        }
+                        shared[k] = true;
+                        let named = || format!("{at}: prompt {} (shared prefill)", pr.problem_id);
+                        if owner == wrank {
+                            let params = generation_params(cfg, done, round, k, &stop);
+                            engine
+                                .add_group_shared(pr.rollout.clone(), g, params)
+                                .with_context(named)?;
+                        } else {
+                            engine.prefill_for_peer(&pr.rollout).with_context(named)?;
+                        }
+                    }
+                }
                 for (k, (_, pr)) in drawn.iter().enumerate() {
-                    if rollout_owner(k, world) != wrank {
+                    if rollout_owner(k, world) != wrank || shared[k] {
                         continue;
                     }
                     let params = generation_params(cfg, done, round, k, &stop);

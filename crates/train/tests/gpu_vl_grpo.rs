@@ -317,7 +317,8 @@ fn check_optimizer_state(what: &str, dir: &Path, params: usize) -> u64 {
 /// of the dp × sp grid on its own GPU, the round's groups split over the processes and their
 /// responses gathered, the scoring and update passes' attention and gradients over NCCL. Step
 /// 1 of sp = 2 (zigzag), of dp = 2 and of sp = 2 with the optimizer sharded over the two
-/// processes draws the one-GPU run's samples and follows its loss,
+/// processes and every prompt's prefill shared by them (`parallel.shared_prefill_tokens`) draws
+/// the one-GPU run's samples and follows its loss,
 /// KL, gradient norm and entropy within bf16 tolerance; the run ends with the replicas
 /// identical (checked by the run over NCCL) and rank 0's checkpoint loads. Needs 2 GPUs.
 #[test]
@@ -346,16 +347,24 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
     let one_updates = updates_of(&one);
-    for (j, (dp, sp, shard)) in [(1, 2, false), (2, 1, false), (1, 2, true)]
-        .into_iter()
-        .enumerate()
+    for (j, (dp, sp, shard, shared)) in [
+        (1, 2, false, false),
+        (2, 1, false, false),
+        (1, 2, true, true),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let sharded = if shard { ", optimizer sharded" } else { "" };
-        let what = format!("2 processes, dp {dp} × sp {sp}{sharded}");
+        let prefill = if shared { ", every prefill shared" } else { "" };
+        let what = format!("2 processes, dp {dp} × sp {sp}{sharded}{prefill}");
         let mut cfg = ranks_config(&m, &data, dir.path().join(format!("nccl-{j}")));
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
         cfg.parallel.shard_optimizer = shard;
+        // Every prompt prefilled by both processes together (its owner then decodes), or each
+        // by its owner alone.
+        cfg.parallel.shared_prefill_tokens = if shared { 1 } else { 0 };
         cfg.parallel.schedule = SpSchedule::Zigzag;
         let path = dir.path().join(format!("nccl-{j}.toml"));
         std::fs::write(&path, cfg.to_toml()).unwrap();
