@@ -740,6 +740,26 @@ impl<T: GpuFloat> GpuDecoder<T> {
         Ok(pool)
     }
 
+    /// Frees the KV blocks of the pool this decoder made and the step buffers (the next
+    /// engine's `make_pool` and first step make them again): the engine does it when dropped
+    /// ([`StepModel::release_pool`]), so a trainer's passes after a rollout have that memory.
+    /// Frees them whatever happens; returns the error of the wait for the decoder's work.
+    pub fn free_buffers(&mut self) -> Result<()> {
+        let synced = self.gpu.synchronize();
+        self.kv = None;
+        self.bufs = None;
+        self.batch = None;
+        self.dev_logits = None;
+        self.logits = None;
+        synced
+    }
+
+    /// Whether the decoder holds a pool's KV blocks (made by [`GpuDecoder::make_pool`], not yet
+    /// freed).
+    pub fn holds_pool(&self) -> bool {
+        self.kv.is_some()
+    }
+
     /// Sizes the step buffers for steps of up to `rows` rows now (else the first larger step
     /// grows them).
     pub fn reserve(&mut self, rows: usize) -> Result<()> {
@@ -1428,6 +1448,11 @@ impl<T: GpuFloat> StepModel for GpuDecoder<T> {
     ) -> Result<TopRows<'_>, RolloutError> {
         self.step_top(pool, steps, tables, k, temperatures)
             .map_err(|e| RolloutError::Device(e.to_string()))
+    }
+
+    fn release_pool(&mut self) {
+        // A device error here surfaces at the decoder's next call.
+        let _ = self.free_buffers();
     }
 
     fn prefill_peers(&self) -> Option<(usize, usize)> {

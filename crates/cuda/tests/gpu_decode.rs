@@ -738,7 +738,7 @@ fn shared_rollout<T: GpuFloat>(
             d
         })
         .collect();
-    std::thread::scope(|s| {
+    let out = std::thread::scope(|s| {
         let handles: Vec<_> = decoders
             .iter_mut()
             .enumerate()
@@ -760,11 +760,19 @@ fn shared_rollout<T: GpuFloat>(
             })
             .collect();
         let mut all: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        // Each engine freed its decoder's KV blocks and step buffers when it was dropped.
         for (r, (out, _)) in all.iter().enumerate().skip(1) {
             assert!(out.is_empty(), "rank {r} rolled out nothing of its own");
         }
         all.swap_remove(0)
-    })
+    });
+    for (r, d) in decoders.iter().enumerate() {
+        assert!(
+            !d.holds_pool(),
+            "rank {r}: the dropped engine's KV blocks freed"
+        );
+    }
+    out
 }
 
 /// A prompt prefilled by 2 or 3 in-process decoders together (`Engine::add_group_shared` on the
@@ -793,6 +801,7 @@ fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
     };
     let mut one = GpuDecoder::<f32>::from_model(open(), &m.lm).unwrap();
     let (want, want_stats) = solo(&mut one);
+    assert!(!one.holds_pool(), "the dropped engine's KV blocks freed");
     for (world, rows) in [(2, 24), (3, 1000), (3, 17)] {
         let (got, stats) = shared_rollout::<f32>(&m, &work, cfg, world, (rows, usize::MAX));
         assert_eq!(stats.prefill_tokens, want_stats.prefill_tokens);

@@ -167,6 +167,13 @@ pub struct Engine<'m> {
     detokenizer: Option<Detokenizer>,
 }
 
+impl Drop for Engine<'_> {
+    /// The model's memory for this engine's pool goes with it ([`StepModel::release_pool`]).
+    fn drop(&mut self) {
+        self.model.release_pool();
+    }
+}
+
 impl<'m> Engine<'m> {
     /// An engine reading `model`'s weights in place, with its KV pool allocated up front.
     pub fn new(model: &'m Qwen2, config: EngineConfig) -> Result<Self, RolloutError> {

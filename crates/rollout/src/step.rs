@@ -60,6 +60,11 @@ pub trait StepModel {
         ))
     }
 
+    /// Frees what the model holds for the pool it made and the steps over it (a GPU decoder's
+    /// KV blocks and step buffers); the engine that asked for the pool calls it when dropped, so
+    /// a trainer's passes after the rollout find that memory free. Nothing by default.
+    fn release_pool(&mut self) {}
+
     /// The peers this model prefills prompts with ([`StepModel::prefill_shared`]): its rank
     /// and their number; `None` (the default) when it has none.
     fn prefill_peers(&self) -> Option<(usize, usize)> {
@@ -115,6 +120,10 @@ impl<T: StepModel + ?Sized> StepModel for &mut T {
         temperatures: &[f32],
     ) -> Result<TopRows<'_>, RolloutError> {
         (**self).forward_step_top(pool, steps, tables, k, temperatures)
+    }
+
+    fn release_pool(&mut self) {
+        (**self).release_pool()
     }
 
     fn prefill_peers(&self) -> Option<(usize, usize)> {

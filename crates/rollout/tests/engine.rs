@@ -590,6 +590,7 @@ fn candidate_rows_give_the_full_rows_tokens_and_logprobs() {
 struct SoloPeers<'m> {
     step: CpuStep<'m>,
     calls: Vec<usize>,
+    released: usize,
 }
 
 impl StepModel for SoloPeers<'_> {
@@ -608,6 +609,10 @@ impl StepModel for SoloPeers<'_> {
         tables: &[&BlockTable],
     ) -> Result<&[f32], RolloutError> {
         self.step.forward_step(pool, steps, tables)
+    }
+
+    fn release_pool(&mut self) {
+        self.released += 1;
     }
 
     fn prefill_peers(&self) -> Option<(usize, usize)> {
@@ -638,6 +643,7 @@ fn a_shared_prefill_leaves_the_engine_where_its_own_prefill_would() {
     let mut peers = SoloPeers {
         step: CpuStep::new(&m),
         calls: Vec::new(),
+        released: 0,
     };
     let work = [
         (prompt(20, 5), 3, greedy(6)),
@@ -662,8 +668,10 @@ fn a_shared_prefill_leaves_the_engine_where_its_own_prefill_would() {
         assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
         (out, e.stats())
     };
-    // Every prompt but the one-token one shared all its rows but the last.
+    // Every prompt but the one-token one shared all its rows but the last; the engine let go of
+    // its pool's memory when dropped.
     assert_eq!(peers.calls, vec![19, 30, 39, 8]);
+    assert_eq!(peers.released, 1);
     // Counted as run: the finished-before-start group's 8 shared rows too (not a peer's).
     assert_eq!(stats.prefill_tokens, 20 + 1 + 31 + 8);
     for ((p, _, params), o) in work.iter().zip(&out) {
@@ -710,6 +718,7 @@ fn a_shared_prefill_without_peers_or_room_is_refused_and_leaks_nothing() {
     let mut peers = SoloPeers {
         step: CpuStep::new(&m),
         calls: Vec::new(),
+        released: 0,
     };
     let tiny = EngineConfig {
         num_blocks: 4,
