@@ -25,7 +25,8 @@
 //! - a prefill shared by 2 or 3 in-process decoders (`Engine::add_group_shared` /
 //!   `prefill_for_peer`; text and VLM prompts, one or several segments, uneven chunks) continues
 //!   as one decoder's own prefill: f32 every token equal and log-probabilities within 1e-4,
-//!   bf16 through cuDNN chunks the first tokens equal.
+//!   bf16 through cuDNN chunks the first tokens equal and their log-probabilities within twice
+//!   bf16's own spread (one bf16 decoder against f32).
 
 mod common;
 use common::*;
@@ -818,7 +819,16 @@ fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
     }
     let mut one = GpuDecoder::<bf16>::from_model(open(), &m.lm).unwrap();
     one.set_cudnn_prefill_rows(8);
+    let f32_first = want;
     let (want, _) = solo(&mut one);
+    // bf16's own spread on this sharp model: one decoder's first log-probabilities against f32.
+    let spread = want
+        .iter()
+        .zip(&f32_first)
+        .flat_map(|(o, w)| o.samples.iter().zip(&w.samples))
+        .map(|(s, t)| (s.logprobs[0] - t.logprobs[0]).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("bf16 against f32, one decoder: first log-probs differ by up to {spread:.4}");
     for world in [2, 3] {
         let (got, _) = shared_rollout::<bf16>(&m, &work, cfg, world, (40, 8));
         let (mut same, mut total) = (0, 0);
@@ -826,9 +836,10 @@ fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
             for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
                 let at = format!("bf16, world {world}: group {} sample {j}", o.id);
                 assert_eq!(s.ids[0], t.ids[0], "{at}: first token");
+                // Another chunking of the same bf16 prefill: within twice bf16's own spread.
                 assert!(
-                    (s.logprobs[0] - t.logprobs[0]).abs() < 0.05,
-                    "{at}: first log-prob {} vs {}",
+                    (s.logprobs[0] - t.logprobs[0]).abs() <= 2.0 * spread + 1e-3,
+                    "{at}: first log-prob {} vs {} (bf16 against f32: {spread})",
                     s.logprobs[0],
                     t.logprobs[0]
                 );
