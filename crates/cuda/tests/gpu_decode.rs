@@ -716,16 +716,18 @@ fn shared_work(m: &reel_model::Qwen25VL) -> Vec<Work> {
     ]
 }
 
-/// `work` rolled out by rank 0 of `world` in-process decoders (each on its own stream of the
-/// GPU, `rows` rows a rank per segment, chunks of at least `cudnn_rows` rows through cuDNN), every
-/// prompt's prefill shared; rank 0's outputs and stats. Every rank's pool ends empty.
+/// `work` rolled out by `world` in-process decoders (each on its own stream of the GPU, `rows`
+/// rows a rank per segment, chunks of at least `cudnn_rows` rows through cuDNN), every prompt's
+/// prefill shared; its samples decoded by rank 0 alone, or with `split` by every rank its
+/// `sample_share`. Each prompt's samples in order (the ranks' shares put together) and the
+/// ranks' prefill and decode token counts summed. Every rank's pool ends empty.
 fn shared_rollout<T: GpuFloat>(
     m: &reel_model::Qwen25VL,
     work: &[Work],
     cfg: EngineConfig,
     world: usize,
-    (rows, cudnn_rows): (usize, usize),
-) -> (Vec<GroupOutput>, reel_rollout::EngineStats) {
+    (rows, cudnn_rows, split): (usize, usize, bool),
+) -> (Vec<Vec<reel_rollout::SampleOutput>>, [u64; 2]) {
     let devices = reel_cuda::DeviceWorld::new(world, std::time::Duration::from_secs(60));
     let mut decoders: Vec<GpuDecoder<T>> = (0..world)
         .map(|r| {
@@ -739,46 +741,75 @@ fn shared_rollout<T: GpuFloat>(
             d
         })
         .collect();
-    let out = std::thread::scope(|s| {
+    let per_rank = std::thread::scope(|s| {
         let handles: Vec<_> = decoders
             .iter_mut()
             .enumerate()
             .map(|(r, d)| {
                 s.spawn(move || {
                     let mut e = Engine::with_model(Box::new(d), cfg).unwrap();
+                    let mut ids = Vec::new();
                     for (p, g, params) in work {
-                        match r {
-                            0 => {
-                                e.add_group_shared(p.clone(), *g, params.clone()).unwrap();
+                        let share = match split {
+                            true => reel_rollout::sample_share(*g, world, r),
+                            false if r == 0 => 0..*g,
+                            false => 0..0,
+                        };
+                        ids.push(match share.is_empty() {
+                            true => {
+                                e.prefill_for_peer(p).unwrap();
+                                None
                             }
-                            _ => e.prefill_for_peer(p).unwrap(),
-                        }
+                            false => Some(
+                                e.add_group_shared(p.clone(), share, params.clone())
+                                    .unwrap(),
+                            ),
+                        });
                     }
-                    let out = e.run().unwrap();
+                    let mut out = e.run().unwrap();
                     assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
-                    (out, e.stats())
+                    let samples: Vec<Vec<reel_rollout::SampleOutput>> = ids
+                        .iter()
+                        .map(|id| match id {
+                            Some(id) => {
+                                let at = out.iter().position(|o| o.id == *id).unwrap();
+                                out.swap_remove(at).samples
+                            }
+                            None => Vec::new(),
+                        })
+                        .collect();
+                    (samples, e.stats())
                 })
             })
             .collect();
-        let mut all: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        // Each engine freed its decoder's KV blocks and step buffers when it was dropped.
-        for (r, (out, _)) in all.iter().enumerate().skip(1) {
-            assert!(out.is_empty(), "rank {r} rolled out nothing of its own");
-        }
-        all.swap_remove(0)
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
     });
+    // Each engine freed its decoder's KV blocks and step buffers when it was dropped.
     for (r, d) in decoders.iter().enumerate() {
         assert!(
             !d.holds_pool(),
             "rank {r}: the dropped engine's KV blocks freed"
         );
     }
-    out
+    let mut merged: Vec<Vec<reel_rollout::SampleOutput>> = vec![Vec::new(); work.len()];
+    let mut counts = [0u64; 2];
+    for (samples, st) in per_rank {
+        for (k, s) in samples.into_iter().enumerate() {
+            merged[k].extend(s);
+        }
+        counts[0] += st.prefill_tokens;
+        counts[1] += st.decode_tokens;
+    }
+    (merged, counts)
 }
 
 /// A prompt prefilled by 2 or 3 in-process decoders together (`Engine::add_group_shared` on the
-/// owner, `prefill_for_peer` on the others; zigzag chunks, several segments, each layer's keys
-/// and values all-gathered) continues exactly as one decoder's own prefill: text and VLM
+/// owner, `prefill_for_peer` on the others; or every rank its `sample_share` of the samples;
+/// zigzag chunks, several segments, each layer's keys and values all-gathered) continues exactly
+/// as one decoder's own prefill: text and VLM
 /// (embedding rows, M-RoPE) prompts, greedy and sampled, the f32 decoder within 1e-4 of its
 /// log-probabilities with every token equal; bf16 with long chunks through cuDNN, the first
 /// tokens equal and their log-probabilities within bf16 rounding.
@@ -803,19 +834,35 @@ fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
     let mut one = GpuDecoder::<f32>::from_model(open(), &m.lm).unwrap();
     let (want, want_stats) = solo(&mut one);
     assert!(!one.holds_pool(), "the dropped engine's KV blocks freed");
-    for (world, rows) in [(2, 24), (3, 1000), (3, 17)] {
-        let (got, stats) = shared_rollout::<f32>(&m, &work, cfg, world, (rows, usize::MAX));
-        assert_eq!(stats.prefill_tokens, want_stats.prefill_tokens);
-        assert_eq!(stats.decode_tokens, want_stats.decode_tokens);
-        for (o, w) in got.iter().zip(&want) {
-            for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
-                let at = format!("f32, world {world}, rows {rows}: group {} sample {j}", o.id);
+    for (world, rows, split) in [
+        (2, 24, false),
+        (3, 1000, false),
+        (3, 17, true),
+        (2, 40, true),
+    ] {
+        let (got, [prefill, decode]) =
+            shared_rollout::<f32>(&m, &work, cfg, world, (rows, usize::MAX, split));
+        // Split, each further peer with samples runs the prompt's last token itself.
+        let extra: usize = match split {
+            true => work.iter().map(|(_, g, _)| (*g).min(world) - 1).sum(),
+            false => 0,
+        };
+        assert_eq!(prefill, want_stats.prefill_tokens + extra as u64);
+        assert_eq!(decode, want_stats.decode_tokens);
+        for (k, (o, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(o.len(), w.samples.len(), "group {k}'s samples");
+            for (j, (s, t)) in o.iter().zip(&w.samples).enumerate() {
+                let at =
+                    format!("f32, world {world}, rows {rows}, split {split}: group {k} sample {j}");
                 assert_eq!(s.ids, t.ids, "{at}");
                 reel_tensor::check_close(&at, &s.logprobs, &t.logprobs, Tolerance::new(1e-4, 1e-4))
                     .unwrap();
             }
         }
-        eprintln!("f32, world {world}, {rows} rows a rank per segment: every token equal");
+        eprintln!(
+            "f32, world {world}, {rows} rows a rank per segment, samples split {split}: every \
+             token equal"
+        );
     }
     let mut one = GpuDecoder::<bf16>::from_model(open(), &m.lm).unwrap();
     one.set_cudnn_prefill_rows(8);
@@ -830,11 +877,12 @@ fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
         .fold(0.0f32, f32::max);
     eprintln!("bf16 against f32, one decoder: first log-probs differ by up to {spread:.4}");
     for world in [2, 3] {
-        let (got, _) = shared_rollout::<bf16>(&m, &work, cfg, world, (40, 8));
+        let (got, _) = shared_rollout::<bf16>(&m, &work, cfg, world, (40, 8, world == 2));
         let (mut same, mut total) = (0, 0);
-        for (o, w) in got.iter().zip(&want) {
-            for (j, (s, t)) in o.samples.iter().zip(&w.samples).enumerate() {
-                let at = format!("bf16, world {world}: group {} sample {j}", o.id);
+        for (k, (o, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(o.len(), w.samples.len(), "group {k}'s samples");
+            for (j, (s, t)) in o.iter().zip(&w.samples).enumerate() {
+                let at = format!("bf16, world {world}: group {k} sample {j}");
                 assert_eq!(s.ids[0], t.ids[0], "{at}: first token");
                 // Another chunking of the same bf16 prefill: within twice bf16's own spread.
                 assert!(

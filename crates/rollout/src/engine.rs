@@ -276,10 +276,21 @@ impl<'m> Engine<'m> {
         g: usize,
         params: GenerationParams,
     ) -> Result<GroupId, RolloutError> {
-        let prompt = prompt.into();
+        self.add_samples(prompt.into(), 0..g, params)
+    }
+
+    /// [`Engine::add_group`] for samples `samples` of a group (each seeded as that sample of
+    /// the whole group is), in their order.
+    fn add_samples(
+        &mut self,
+        prompt: Prompt,
+        samples: std::ops::Range<usize>,
+        params: GenerationParams,
+    ) -> Result<GroupId, RolloutError> {
         let id = GroupId(self.next_id);
         let c = self.model.config();
         let p = prompt.ids.len();
+        let g = samples.len();
         let pos_base = check_group(c, id, &prompt, g, &params, self.detokenizer.is_some())?;
         if self.pool.blocks_for(p) + 1 > self.pool.total_blocks() {
             return Err(RolloutError::PoolTooSmall {
@@ -288,7 +299,7 @@ impl<'m> Engine<'m> {
             });
         }
         self.next_id += 1;
-        let samples = (0..g)
+        let samples = samples
             .map(|j| {
                 let seed = sample_seed(params.sampling.seed, j);
                 Sample {
@@ -327,23 +338,29 @@ impl<'m> Engine<'m> {
         Ok(id)
     }
 
-    /// Queues a prompt with `g` samples as [`Engine::add_group`] does, but prefills all its
-    /// tokens but the last now, together with the model's peers
+    /// Queues samples `samples` of a group of a prompt (each seeded as that sample of the whole
+    /// group is: `0..G` for all of them) as [`Engine::add_group`] does, but prefills all the
+    /// prompt's tokens but the last now, together with the model's peers
     /// ([`StepModel::prefill_shared`]: each computes a share, every peer's cache ends whole);
-    /// the last token runs in the engine's next step, whose logits start the samples. The
-    /// prompt's owner calls this and every other peer [`Engine::prefill_for_peer`] with the same
-    /// prompt, at the same point of their calls. The pool must have room for the prompt now:
-    /// nothing is preempted for it.
+    /// the last token runs in the engine's next step, whose logits start the samples. Every peer
+    /// calls this (with its share of the samples, all of them on one peer, or
+    /// [`Engine::prefill_for_peer`] for none) with the same prompt, at the same point of their
+    /// calls; the peers' samples together are the group's. The pool must have room for the
+    /// prompt now: nothing is preempted for it.
     pub fn add_group_shared(
         &mut self,
         prompt: impl Into<Prompt>,
-        g: usize,
+        samples: std::ops::Range<usize>,
         params: GenerationParams,
     ) -> Result<GroupId, RolloutError> {
         let prompt = prompt.into();
         let table = self.shared_prefill(&prompt)?;
-        let n = table.as_ref().map_or(0, BlockTable::len);
-        let id = match self.add_group(prompt, g, params) {
+        // The shared rows count once over the peers: on the one that decodes sample 0.
+        let n = match samples.start {
+            0 => table.as_ref().map_or(0, BlockTable::len),
+            _ => 0,
+        };
+        let id = match self.add_samples(prompt, samples, params) {
             Ok(id) => id,
             Err(e) => {
                 if let Some(t) = table {

@@ -39,7 +39,7 @@ pub use request::{
 };
 pub use sample::{RowLogits, StepLogits, TopRows};
 pub use sharded::{ShardedEngine, ShardedStats};
-pub use shared_prefill::PrefillSplit;
+pub use shared_prefill::{sample_share, PrefillSplit};
 pub use step::{CpuStep, StepModel};
 
 /// Errors of the rollout engine; messages name the request, sequence or pool sizes.

@@ -7,8 +7,9 @@
 //! about the same). Layer by layer each rank computes its rows' keys and values, every rank's
 //! are gathered to every rank (each rank's part padded to [`PrefillSplit::rows_per_rank`] rows)
 //! and put at their cache slots, and each rank's queries attend over the keys before them. After
-//! the last layer every peer's table holds every row's keys and values: the peer that owns the
-//! prompt decodes from them alone; the others drop theirs.
+//! the last layer every peer's table holds every row's keys and values: each peer decodes its
+//! [`sample_share`] of the group's samples from them (all of them on the prompt's owner, when
+//! the caller keeps decoding on one peer), and a peer with none drops them.
 
 use std::ops::Range;
 
@@ -80,9 +81,36 @@ impl PrefillSplit {
     }
 }
 
+/// The samples of a group of `g` that peer `rank` of `world` decodes after a shared prefill
+/// (every peer holds the whole prompt): contiguous shares in rank order, the first `g mod world`
+/// peers one more; empty where `g < world` leaves a peer none.
+pub fn sample_share(g: usize, world: usize, rank: usize) -> Range<usize> {
+    let world = world.max(1);
+    let (base, extra) = (g / world, g % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_shares_tile_the_group_in_rank_order() {
+        for world in 1..=8 {
+            for g in 0..=17 {
+                let shares: Vec<Range<usize>> =
+                    (0..world).map(|r| sample_share(g, world, r)).collect();
+                let all: Vec<usize> = shares.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(all, (0..g).collect::<Vec<_>>(), "g {g} world {world}");
+                let (lo, hi) = (
+                    shares.iter().map(|r| r.len()).min().unwrap(),
+                    shares.iter().map(|r| r.len()).max().unwrap(),
+                );
+                assert!(hi - lo <= 1, "g {g} world {world}: {shares:?}");
+            }
+        }
+    }
 
     #[test]
     fn parts_tile_the_prompt_once_and_the_gathered_rows_name_each_row_once() {

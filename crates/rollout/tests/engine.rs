@@ -653,7 +653,8 @@ fn a_shared_prefill_leaves_the_engine_where_its_own_prefill_would() {
     let (out, stats) = {
         let mut e = Engine::with_model(Box::new(&mut peers), small()).unwrap();
         for (p, g, params) in &work {
-            e.add_group_shared(p.clone(), *g, params.clone()).unwrap();
+            e.add_group_shared(p.clone(), 0..*g, params.clone())
+                .unwrap();
         }
         // A peer's prompt: computed, then given back.
         let free = e.pool().free_blocks();
@@ -662,7 +663,7 @@ fn a_shared_prefill_leaves_the_engine_where_its_own_prefill_would() {
         // Nothing to generate: the prefilled table is given back with the group.
         let mut none = greedy(0);
         none.max_new_tokens = 0;
-        e.add_group_shared(prompt(9, 9), 2, none).unwrap();
+        e.add_group_shared(prompt(9, 9), 0..2, none).unwrap();
         assert_eq!(e.pool().free_blocks(), free);
         let out = e.run().unwrap();
         assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
@@ -708,7 +709,7 @@ fn a_shared_prefill_without_peers_or_room_is_refused_and_leaks_nothing() {
     let m = model();
     let mut e = Engine::new(&m, small()).unwrap();
     let err = e
-        .add_group_shared(prompt(20, 1), 2, greedy(4))
+        .add_group_shared(prompt(20, 1), 0..2, greedy(4))
         .unwrap_err()
         .to_string();
     assert!(err.contains("prefill peers"), "{err}");
@@ -725,8 +726,50 @@ fn a_shared_prefill_without_peers_or_room_is_refused_and_leaks_nothing() {
         ..small()
     };
     let mut e = Engine::with_model(Box::new(&mut peers), tiny).unwrap();
-    assert!(e.add_group_shared(prompt(30, 1), 1, greedy(2)).is_err());
+    assert!(e.add_group_shared(prompt(30, 1), 0..1, greedy(2)).is_err());
     assert!(e.prefill_for_peer(&prompt(30, 1).into()).is_err());
     assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
     assert!(!e.has_work());
+}
+
+/// Peers that split a group's samples after a shared prefill give, put together in rank order,
+/// the samples one engine gives the whole group (each seeded as its index in the whole group).
+#[test]
+fn peers_decoding_their_sample_shares_give_the_whole_groups_samples() {
+    let m = model();
+    let p = prompt(23, 4);
+    let params = sampled(7, 11);
+    let g = 5;
+    for world in [2, 3, 7] {
+        let mut got = Vec::new();
+        let mut first_prefill = Vec::new();
+        for r in 0..world {
+            let mut peers = SoloPeers {
+                step: CpuStep::new(&m),
+                calls: Vec::new(),
+                released: 0,
+            };
+            let share = reel_rollout::sample_share(g, world, r);
+            let mut e = Engine::with_model(Box::new(&mut peers), small()).unwrap();
+            if share.is_empty() {
+                e.prefill_for_peer(&p.clone().into()).unwrap();
+                assert!(e.run().unwrap().is_empty());
+                continue;
+            }
+            e.add_group_shared(p.clone(), share.clone(), params.clone())
+                .unwrap();
+            let out = e.run().unwrap();
+            assert_eq!(out[0].samples.len(), share.len());
+            got.extend(out[0].samples.iter().map(|s| s.ids.clone()));
+            first_prefill.push(e.stats().prefill_tokens);
+        }
+        let want: Vec<Vec<u32>> = (0..g).map(|j| reference(&m, &p, &params, j)).collect();
+        assert_eq!(got, want, "world {world}");
+        // The shared rows count on the peer of sample 0 only; each peer runs the last token.
+        assert_eq!(first_prefill[0], 23);
+        assert!(
+            first_prefill[1..].iter().all(|&n| n == 1),
+            "{first_prefill:?}"
+        );
+    }
 }

@@ -407,8 +407,9 @@ pub struct ParallelConfig {
     /// VLM GRPO under `reel launch` with sp > 1 and rollouts on the GPUs: a prompt of at least
     /// this many tokens is prefilled by its replica's sp processes together (MR-SP's
     /// sequence-parallel prefill: each computes a zigzag 1/sp of the rows, every layer's keys
-    /// and values are gathered over NCCL), then decoded by the process that owns it from the
-    /// whole cache. 0 prefills every prompt on its owner alone. Default 8192.
+    /// and values are gathered over NCCL, so each holds the whole cache), and each of them then
+    /// decodes its share of the group's samples. 0 rolls every prompt out on its owner alone.
+    /// Default 8192.
     pub shared_prefill_tokens: usize,
 }
 
@@ -694,7 +695,8 @@ timeout_s = 60
 # On GPUs, shard the fp32 master weights and AdamW moments over the dp x sp ranks (ZeRO-1).
 shard_optimizer = false
 # VLM GRPO launched over GPUs with sp > 1: prompts of at least this many tokens are prefilled
-# by the replica's sp processes together; 0 = each on its owner alone.
+# by the replica's sp processes together, each then decoding a share of the samples; 0 = each
+# prompt rolled out on its owner alone.
 shared_prefill_tokens = 8192
 
 [output]

@@ -106,7 +106,7 @@ use reel_parallel::{EncodeStats, Overlap, Sharding, SpAttention, SpVisionEncoder
 use reel_rl::{
     grpo_loss, u64_words, words_u64, GrpoMetrics, LossScale, PolicyLossConfig, PolicyTokens,
 };
-use reel_rollout::{sample_seed, Prompt};
+use reel_rollout::{sample_seed, sample_share, GroupId, GroupOutput, Prompt};
 use serde_json::json;
 
 use crate::accuracy::{engine_config, grouped_engine_config};
@@ -1307,6 +1307,20 @@ fn rollout_owner(k: usize, world: usize) -> usize {
     k % world
 }
 
+/// The processes holding prompt k's responses, in sample order: its owner alone, or, for a
+/// prompt prefilled by the owner's sp group together (`shared`, sp > 1), every process of that
+/// group (ranks dp_rank · sp + 0..sp), each decoding its `sample_share` of the samples.
+fn rollout_holders(k: usize, world: usize, sp: usize, shared: bool) -> Vec<usize> {
+    let owner = rollout_owner(k, world);
+    match shared && sp > 1 {
+        true => {
+            let first = owner / sp * sp;
+            (first..first + sp).collect()
+        }
+        false => vec![owner],
+    }
+}
+
 /// Every prompt's responses (per prompt, per sample, the token ids) and the engines' prefill and
 /// decode token counts.
 type Rollouts = (Vec<Vec<Vec<u32>>>, u64, u64);
@@ -1320,14 +1334,14 @@ fn gather_rollouts(
     mine: &[Vec<Vec<u32>>],
     prefill: u64,
     decode: u64,
-    prompts: usize,
+    holders: &[Vec<usize>],
 ) -> Result<Rollouts> {
     let mut w = pack_rollouts(mine, prefill, decode)?;
     let lens = gp.lead().all_gather_f32(&[w.len() as f32])?;
     let width = lens.iter().fold(0.0f32, |a, &b| a.max(b)) as usize;
     w.resize(width, 0.0);
     let all = gp.lead().all_gather_f32(&w)?;
-    unpack_rollouts(&all, width, lens.len(), prompts)
+    unpack_rollouts(&all, width, lens.len(), holders)
 }
 
 /// One process's rollouts as f32 words, each exact: the prefill and decode counts (four 16-bit
@@ -1352,9 +1366,14 @@ fn pack_rollouts(mine: &[Vec<Vec<u32>>], prefill: u64, decode: u64) -> Result<Ve
 }
 
 /// The inverse of [`pack_rollouts`] over `world` processes' words, `width` each (padded), in
-/// rank order: every prompt's responses in prompt order (prompt k from rank k mod world) and
-/// the summed counts.
-fn unpack_rollouts(all: &[f32], width: usize, world: usize, prompts: usize) -> Result<Rollouts> {
+/// rank order: every prompt's responses in prompt order (prompt k's from the processes
+/// `holders[k]`, their shares put together in that order) and the summed counts.
+fn unpack_rollouts(
+    all: &[f32],
+    width: usize,
+    world: usize,
+    holders: &[Vec<usize>],
+) -> Result<Rollouts> {
     let (mut pre, mut dec) = (0u64, 0u64);
     let mut per_rank: Vec<std::vec::IntoIter<Vec<Vec<u32>>>> = Vec::with_capacity(world);
     for r in 0..world {
@@ -1385,16 +1404,17 @@ fn unpack_rollouts(all: &[f32], width: usize, world: usize, prompts: usize) -> R
         }
         per_rank.push(groups.into_iter());
     }
-    let mut every = Vec::with_capacity(prompts);
-    for k in 0..prompts {
-        let owner = per_rank
-            .get_mut(rollout_owner(k, world))
-            .context("no rank holds a prompt")?;
-        every.push(
-            owner
-                .next()
-                .with_context(|| format!("prompt {k}'s rollouts are missing"))?,
-        );
+    let mut every = Vec::with_capacity(holders.len());
+    for (k, hs) in holders.iter().enumerate() {
+        let mut responses = Vec::new();
+        for &q in hs {
+            let from = per_rank.get_mut(q).context("no rank holds a prompt")?;
+            responses.extend(
+                from.next()
+                    .with_context(|| format!("prompt {k}'s rollouts from rank {q} are missing"))?,
+            );
+        }
+        every.push(responses);
     }
     Ok((every, pre, dec))
 }
@@ -1681,39 +1701,50 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 let mut engine = crate::device::rollout_engine(decoder.as_mut(), &model.lm, ecfg)?
                     .with_detokenizer(detok.clone());
                 let mut extra_encode = 0.0;
-                // Long prompts first, each prefilled by its owner's sp group together (every
-                // member in prompt order: the owner queues it, the others compute their share).
-                let mut shared = vec![false; drawn.len()];
-                if shared_prefill_on {
-                    for (k, (_, pr)) in drawn.iter().enumerate() {
-                        let owner = rollout_owner(k, world);
-                        if pr.ids.len() < cfg.parallel.shared_prefill_tokens
-                            || owner / dims.sp() != wrank / dims.sp()
-                        {
-                            continue;
-                        }
-                        shared[k] = true;
-                        let named = || format!("{at}: prompt {} (shared prefill)", pr.problem_id);
-                        if owner == wrank {
-                            let params = generation_params(cfg, done, round, k, &stop);
-                            engine
-                                .add_group_shared(pr.rollout.clone(), g, params)
-                                .with_context(named)?;
-                        } else {
-                            engine.prefill_for_peer(&pr.rollout).with_context(named)?;
-                        }
+                // Who holds each prompt's responses: its owner, or for a long prompt every
+                // process of the owner's sp group (prefilled together, each decoding its share
+                // of the samples); every process works this out alike.
+                let sp = dims.sp();
+                let holders: Vec<Vec<usize>> = drawn
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (_, pr))| {
+                        let shared =
+                            shared_prefill_on && pr.ids.len() >= cfg.parallel.shared_prefill_tokens;
+                        rollout_holders(k, world, sp, shared)
+                    })
+                    .collect();
+                // The group (or, reuse off, one group a sample) holding this process's share
+                // of each prompt.
+                let mut group_of: Vec<Vec<GroupId>> = vec![Vec::new(); drawn.len()];
+                // Shared prompts first, in prompt order on every process of the group.
+                for (k, (_, pr)) in drawn.iter().enumerate() {
+                    if holders[k].len() < 2 || !holders[k].contains(&wrank) {
+                        continue;
                     }
+                    let named = || format!("{at}: prompt {} (shared prefill)", pr.problem_id);
+                    let share = sample_share(g, sp, wrank % sp);
+                    if share.is_empty() {
+                        engine.prefill_for_peer(&pr.rollout).with_context(named)?;
+                        continue;
+                    }
+                    let params = generation_params(cfg, done, round, k, &stop);
+                    let id = engine
+                        .add_group_shared(pr.rollout.clone(), share, params)
+                        .with_context(named)?;
+                    group_of[k].push(id);
                 }
                 for (k, (_, pr)) in drawn.iter().enumerate() {
-                    if rollout_owner(k, world) != wrank || shared[k] {
+                    if holders[k] != [wrank] {
                         continue;
                     }
                     let params = generation_params(cfg, done, round, k, &stop);
                     let named = || format!("{at}: prompt {}", pr.problem_id);
                     if cfg.video.reuse {
-                        engine
+                        let id = engine
                             .add_group(pr.rollout.clone(), g, params)
                             .with_context(named)?;
+                        group_of[k].push(id);
                     } else {
                         // One group per sample (seeded as sample j of the group would be), its
                         // video encoded again for it.
@@ -1725,33 +1756,30 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                             p.sampling.seed = sample_seed(params.sampling.seed, j);
                             let (grids, secs) = (&pr.inputs.grids, &pr.inputs.seconds);
                             let prompt = Prompt::vl(&model, pr.ids.clone(), grids, secs, &f)?;
-                            engine.add_group(prompt, 1, p).with_context(named)?;
+                            group_of[k].push(engine.add_group(prompt, 1, p).with_context(named)?);
                         }
                     }
                 }
                 times.encode_s += extra_encode;
                 let outs = engine.run().with_context(|| format!("{at}: rollout"))?;
                 let st = engine.stats();
-                let mut outs = outs.into_iter();
-                // This process's prompts' responses, then (launched) every process's.
+                let mut outs: HashMap<GroupId, GroupOutput> =
+                    outs.into_iter().map(|o| (o.id, o)).collect();
+                // This process's shares of the prompts it holds, in prompt order, then
+                // (launched) every process's.
                 let mut mine: Vec<Vec<Vec<u32>>> = Vec::new();
-                for _ in (0..drawn.len()).filter(|&k| rollout_owner(k, world) == wrank) {
-                    mine.push(if cfg.video.reuse {
-                        let o = outs.next().context("a group without output")?;
-                        o.samples.into_iter().map(|s| s.ids).collect()
-                    } else {
-                        (0..g)
-                            .map(|_| {
-                                let o = outs.next().context("a sample without output")?;
-                                Ok(o.samples.into_iter().next().context("no sample")?.ids)
-                            })
-                            .collect::<Result<_>>()?
-                    });
+                for k in (0..drawn.len()).filter(|&k| holders[k].contains(&wrank)) {
+                    let mut responses = Vec::new();
+                    for id in &group_of[k] {
+                        let o = outs.remove(id).context("a group without output")?;
+                        responses.extend(o.samples.into_iter().map(|s| s.ids));
+                    }
+                    mine.push(responses);
                 }
                 let (mut every, prefill, decode) = match (world, gm.as_ref()) {
                     (1, _) => (mine, st.prefill_tokens, st.decode_tokens),
                     (_, Some(gp)) => {
-                        gather_rollouts(gp, &mine, st.prefill_tokens, st.decode_tokens, drawn.len())
+                        gather_rollouts(gp, &mine, st.prefill_tokens, st.decode_tokens, &holders)
                             .with_context(|| format!("{at}: gathering the processes' rollouts"))?
                     }
                     (_, None) => bail!("a launched run holds its policy on the GPU"),
@@ -2834,13 +2862,63 @@ mod tests {
                     .chain(std::iter::repeat_n(0.0, width - w.len()))
             })
             .collect();
-        let (every, pre, dec) = unpack_rollouts(&all, width, 3, 5).unwrap();
+        let owners = |n: usize| -> Vec<Vec<usize>> {
+            (0..n).map(|k| rollout_holders(k, 3, 1, false)).collect()
+        };
+        let (every, pre, dec) = unpack_rollouts(&all, width, 3, &owners(5)).unwrap();
         assert_eq!(every, vec![prompt(0), prompt(1), big, prompt(3), prompt(4)]);
         assert_eq!((pre, dec), (33, 3 * (1 << 40) + 3));
         // A prompt no rank sent, a truncated buffer, an id that no f32 holds exactly.
-        assert!(unpack_rollouts(&all, width, 3, 6).is_err());
-        assert!(unpack_rollouts(&all[..2 * width], width, 3, 5).is_err());
+        assert!(unpack_rollouts(&all, width, 3, &owners(6)).is_err());
+        assert!(unpack_rollouts(&all[..2 * width], width, 3, &owners(5)).is_err());
         assert!(pack_rollouts(&[vec![vec![1 << 24]]], 0, 0).is_err());
+    }
+
+    #[test]
+    fn shared_prompts_come_back_with_every_group_members_share_in_sample_order() {
+        // dp 2 × sp 2 (ranks 0, 1 | 2, 3), 4 prompts, G = 5: prompts 0 and 3 shared (owners 0
+        // and 3: groups {0, 1} and {2, 3}), prompts 1 and 2 each on its owner.
+        let (world, sp, g) = (4, 2, 5);
+        let shared = [true, false, false, true];
+        let holders: Vec<Vec<usize>> = (0..4)
+            .map(|k| rollout_holders(k, world, sp, shared[k]))
+            .collect();
+        assert_eq!(holders, vec![vec![0, 1], vec![1], vec![2], vec![2, 3]]);
+        let sample = |k: usize, j: usize| vec![(k * 100 + j) as u32; j + 1];
+        let whole = |k: usize| (0..g).map(|j| sample(k, j)).collect::<Vec<_>>();
+        // What each process packs: per prompt it holds, its share (rank order within a group).
+        let mine: Vec<Vec<Vec<Vec<u32>>>> = (0..world)
+            .map(|r| {
+                (0..4)
+                    .filter(|&k| holders[k].contains(&r))
+                    .map(|k| match holders[k].len() {
+                        1 => whole(k),
+                        _ => sample_share(g, sp, r % sp).map(|j| sample(k, j)).collect(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let packed: Vec<Vec<f32>> = mine
+            .iter()
+            .map(|m| pack_rollouts(m, 1, 2).unwrap())
+            .collect();
+        let width = packed.iter().map(Vec::len).max().unwrap();
+        let all: Vec<f32> = packed
+            .iter()
+            .flat_map(|w| {
+                w.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, width - w.len()))
+            })
+            .collect();
+        let (every, pre, dec) = unpack_rollouts(&all, width, world, &holders).unwrap();
+        assert_eq!(every, (0..4).map(whole).collect::<Vec<_>>());
+        assert_eq!((pre, dec), (4, 8));
+        // Holders read in another order put the samples out of order.
+        let mut swapped = holders.clone();
+        swapped[0].reverse();
+        let (bad, _, _) = unpack_rollouts(&all, width, world, &swapped).unwrap();
+        assert_ne!(bad[0], whole(0));
     }
 
     #[test]
