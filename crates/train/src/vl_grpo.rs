@@ -2832,6 +2832,21 @@ mod tests {
         assert!(shortened > 0, "the stop string ended some response");
     }
 
+    /// The processes' packed words as `gather_rollouts` receives them: each padded to the
+    /// widest, in rank order; and that width.
+    fn as_gathered(packed: &[Vec<f32>]) -> (Vec<f32>, usize) {
+        let width = packed.iter().map(Vec::len).max().unwrap();
+        let all = packed
+            .iter()
+            .flat_map(|w| {
+                w.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0.0, width - w.len()))
+            })
+            .collect();
+        (all, width)
+    }
+
     #[test]
     fn rollouts_packed_by_three_processes_come_back_in_prompt_order() {
         // 5 prompts over 3 ranks: rank 0 holds prompts 0 and 3, rank 1 prompts 1 and 4, rank 2
@@ -2853,15 +2868,7 @@ mod tests {
             .enumerate()
             .map(|(r, m)| pack_rollouts(m, 10 + r as u64, (1 << 40) + r as u64).unwrap())
             .collect();
-        let width = packed.iter().map(Vec::len).max().unwrap();
-        let all: Vec<f32> = packed
-            .iter()
-            .flat_map(|w| {
-                w.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0.0, width - w.len()))
-            })
-            .collect();
+        let (all, width) = as_gathered(&packed);
         let owners = |n: usize| -> Vec<Vec<usize>> {
             (0..n).map(|k| rollout_holders(k, 3, 1, false)).collect()
         };
@@ -2902,15 +2909,7 @@ mod tests {
             .iter()
             .map(|m| pack_rollouts(m, 1, 2).unwrap())
             .collect();
-        let width = packed.iter().map(Vec::len).max().unwrap();
-        let all: Vec<f32> = packed
-            .iter()
-            .flat_map(|w| {
-                w.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0.0, width - w.len()))
-            })
-            .collect();
+        let (all, width) = as_gathered(&packed);
         let (every, pre, dec) = unpack_rollouts(&all, width, world, &holders).unwrap();
         assert_eq!(every, (0..4).map(whole).collect::<Vec<_>>());
         assert_eq!((pre, dec), (4, 8));
