@@ -62,7 +62,7 @@ use reel_model::{
     load_checkpoint, save_checkpoint, LocalAttention, LossStats, Qwen2, Qwen2Config, TokenBatch,
     Workspace,
 };
-use reel_optim::{clip_grad_norm, global_grad_norm, AdamW, AdamWState};
+use reel_optim::{clip_grad_norm, global_grad_norm, AdamW};
 use reel_parallel::{ParallelDims, RankCoords, SpAttention, SpMethod};
 use reel_tensor::DType;
 use serde_json::json;
@@ -530,7 +530,8 @@ struct Shared<T> {
     task: T,
     /// The sampler at the run's first step.
     sampler: BucketSampler,
-    opt_state: Option<AdamWState>,
+    /// The optimizer state file of the checkpoint a resumed run starts from.
+    resume_opt: Option<PathBuf>,
     start_step: u64,
     recent_losses: Vec<f32>,
 }
@@ -563,17 +564,17 @@ impl<T: SftTask> Shared<T> {
         let (model, resumed) = match latest {
             Some(dir) => {
                 let model = task.load(&dir)?;
+                // Read by each replica: whole on the CPU, a GPU rank's part only (`Replica::new`).
                 let opt_path = dir.join(OPTIMIZER_FILE);
-                let opt_state = optimizer_state_from_bytes(
-                    &std::fs::read(&opt_path)
-                        .with_context(|| format!("reading {}", opt_path.display()))?,
-                )?;
+                if !opt_path.is_file() {
+                    bail!("{}: no optimizer state to resume from", opt_path.display());
+                }
                 let st_path = dir.join(TRAINER_STATE_FILE);
                 let state = TrainerState::from_json_bytes(
                     &std::fs::read(&st_path)
                         .with_context(|| format!("reading {}", st_path.display()))?,
                 )?;
-                (model, Some((opt_state, state, dir)))
+                (model, Some((opt_path, state, dir)))
             }
             None => (task.init(cfg, &tok)?, None),
         };
@@ -583,11 +584,11 @@ impl<T: SftTask> Shared<T> {
             ckpts,
             task,
             sampler,
-            opt_state: None,
+            resume_opt: None,
             start_step: 0,
             recent_losses: Vec::new(),
         };
-        if let Some((opt_state, state, dir)) = resumed {
+        if let Some((opt_path, state, dir)) = resumed {
             let s: SamplerState = serde_json::from_value(state.data.clone())
                 .context("trainer_state.json: bad sampler state")?;
             shared.sampler.restore(s)?;
@@ -597,7 +598,7 @@ impl<T: SftTask> Shared<T> {
                     dir.display()
                 );
             }
-            shared.opt_state = Some(opt_state);
+            shared.resume_opt = Some(opt_path);
             shared.start_step = state.step;
             shared.recent_losses = state.losses;
             tracing::info!(
@@ -647,9 +648,6 @@ impl<T: SftTask> Replica<T> {
         let sizes: Vec<usize> = groups.iter().map(|g| g.0).collect();
         let decay: Vec<bool> = groups.iter().map(|g| g.1).collect();
         let mut opt = AdamW::new(&sizes, &decay, cfg.train.adamw());
-        if let Some(state) = &shared.opt_state {
-            opt.load_state(state.clone())?;
-        }
         let gpu = match gpu {
             Some(place) => {
                 let q = T::decoder(&model);
@@ -662,10 +660,25 @@ impl<T: SftTask> Replica<T> {
                     cfg.parallel.shard_optimizer,
                 )
                 .context("putting the model on the GPU")?;
-                crate::device::upload_opt_state(&mut gm, &opt)?;
+                // A resumed GPU rank reads only its part of the moments (its shard, or all of
+                // them replicated) from the file; the host optimizer takes the whole state only
+                // when `sync_host` gathers it.
+                if let Some(path) = &shared.resume_opt {
+                    let entries = q.layout.entry_ranges();
+                    let (step, m, v) =
+                        crate::checkpoint::optimizer_state_part(path, &entries, gm.opt_part())?;
+                    gm.load_opt_moments(step, &m, &v)?;
+                }
                 Some(gm)
             }
-            None => None,
+            None => {
+                if let Some(path) = &shared.resume_opt {
+                    let bytes = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    opt.load_state(optimizer_state_from_bytes(&bytes)?)?;
+                }
+                None
+            }
         };
         let n: usize = sizes.iter().sum();
         // On the GPU the host keeps no gradients.
