@@ -1307,6 +1307,21 @@ fn rollout_owner(k: usize, world: usize) -> usize {
     k % world
 }
 
+/// The groups process `rank`'s rollout pool must hold at once: each prompt it decodes samples
+/// of (its own, or its share of a shared one), and one more while it helps a peer's shared
+/// prefill without samples of its own (that table is given back at once).
+fn pool_groups(holders: &[Vec<usize>], rank: usize, sp: usize, g: usize) -> usize {
+    let (mut decodes, mut helps) = (0, false);
+    for h in holders.iter().filter(|h| h.contains(&rank)) {
+        if h.len() == 1 || !sample_share(g, sp, rank % sp).is_empty() {
+            decodes += 1;
+        } else {
+            helps = true;
+        }
+    }
+    decodes + usize::from(helps)
+}
+
 /// The processes holding prompt k's responses, in sample order: its owner alone, or, for a
 /// prompt prefilled by the owner's sp group together (`shared`, sp > 1), every process of that
 /// group (ranks dp_rank · sp + 0..sp), each decoding its `sample_share` of the samples.
@@ -1680,27 +1695,6 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 let drawn = ctx.draw(&model, want, sampler, &mut skipped, &mut times)?;
                 let longest = drawn.iter().map(|(_, p)| p.ids.len()).max().unwrap_or(0);
                 let max_pos = model.config.text.max_position_embeddings;
-                // With reuse each group's prompt is prefilled once and its samples fork from
-                // it; without, every sample holds its own prompt.
-                let ecfg = if cfg.video.reuse {
-                    grouped_engine_config(
-                        drawn.len(),
-                        g,
-                        longest,
-                        cfg.grpo.max_response_tokens,
-                        max_pos,
-                    )
-                } else {
-                    engine_config(
-                        drawn.len() * (g + 2),
-                        longest,
-                        cfg.grpo.max_response_tokens,
-                        max_pos,
-                    )
-                };
-                let mut engine = crate::device::rollout_engine(decoder.as_mut(), &model.lm, ecfg)?
-                    .with_detokenizer(detok.clone());
-                let mut extra_encode = 0.0;
                 // Who holds each prompt's responses: its owner, or for a long prompt every
                 // process of the owner's sp group (prefilled together, each decoding its share
                 // of the samples); every process works this out alike.
@@ -1714,6 +1708,23 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                         rollout_holders(k, world, sp, shared)
                     })
                     .collect();
+                // With reuse each group's prompt is prefilled once and its samples fork from
+                // it; without, every sample holds its own prompt. The pool holds what this
+                // process rolls out (and, helping a peer's prefill, one prompt at a time).
+                let held = pool_groups(&holders, wrank, sp, g);
+                let ecfg = if cfg.video.reuse {
+                    grouped_engine_config(held, g, longest, cfg.grpo.max_response_tokens, max_pos)
+                } else {
+                    engine_config(
+                        held * (g + 2),
+                        longest,
+                        cfg.grpo.max_response_tokens,
+                        max_pos,
+                    )
+                };
+                let mut engine = crate::device::rollout_engine(decoder.as_mut(), &model.lm, ecfg)?
+                    .with_detokenizer(detok.clone());
+                let mut extra_encode = 0.0;
                 // The group (or, reuse off, one group a sample) holding this process's share
                 // of each prompt.
                 let mut group_of: Vec<Vec<GroupId>> = vec![Vec::new(); drawn.len()];
@@ -2879,6 +2890,43 @@ mod tests {
         assert!(unpack_rollouts(&all, width, 3, &owners(6)).is_err());
         assert!(unpack_rollouts(&all[..2 * width], width, 3, &owners(5)).is_err());
         assert!(pack_rollouts(&[vec![vec![1 << 24]]], 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_rollout_pool_holds_the_groups_its_process_decodes() {
+        // 2 replicas of sp 2 (ranks 0, 1 | 2, 3), 5 prompts: prompts 0 and 3 shared.
+        let shared = [true, false, false, true, false];
+        let holders: Vec<Vec<usize>> = (0..5)
+            .map(|k| rollout_holders(k, 4, 2, shared[k]))
+            .collect();
+        assert_eq!(holders[0], vec![0, 1]);
+        assert_eq!(holders[3], vec![2, 3]);
+        // G = 4: every member decodes 2 samples of its group's shared prompt; ranks 0 and 1
+        // also own prompts 4 and 1, rank 2 prompt 2.
+        assert_eq!(
+            (0..4)
+                .map(|r| pool_groups(&holders, r, 2, 4))
+                .collect::<Vec<_>>(),
+            vec![2, 2, 2, 1]
+        );
+        // G = 1: the second members (ranks 1, 3) only help with the prefill (one transient
+        // table each).
+        assert_eq!(
+            (0..4)
+                .map(|r| pool_groups(&holders, r, 2, 1))
+                .collect::<Vec<_>>(),
+            vec![2, 2, 2, 1]
+        );
+        let unshared: Vec<Vec<usize>> = (0..5).map(|k| rollout_holders(k, 4, 2, false)).collect();
+        assert_eq!(
+            (0..4)
+                .map(|r| pool_groups(&unshared, r, 2, 4))
+                .collect::<Vec<_>>(),
+            vec![2, 1, 1, 1]
+        );
+        // One process holds every group.
+        let one: Vec<Vec<usize>> = (0..5).map(|k| rollout_holders(k, 1, 1, true)).collect();
+        assert_eq!(pool_groups(&one, 0, 1, 8), 5);
     }
 
     #[test]
