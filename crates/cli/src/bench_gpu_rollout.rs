@@ -66,6 +66,9 @@ mod imp {
         fn new_pool(&mut self, layout: KvLayout) -> Result<BlockPool, RolloutError> {
             self.dec.new_pool(layout)
         }
+        fn release_pool(&mut self) {
+            self.dec.release_pool()
+        }
         fn forward_step(
             &mut self,
             pool: &mut BlockPool,

@@ -743,7 +743,9 @@ impl<T: GpuFloat> GpuDecoder<T> {
     /// Frees the KV blocks of the pool this decoder made and the step buffers (the next
     /// engine's `make_pool` and first step make them again): the engine does it when dropped
     /// ([`StepModel::release_pool`]), so a trainer's passes after a rollout have that memory.
-    /// Frees them whatever happens; returns the error of the wait for the decoder's work.
+    /// The scratch blocks its device handle caches (a shared prefill's gather buffers, cuDNN's
+    /// gathered keys) go too. Frees them whatever happens; returns the error of the wait for
+    /// the decoder's work.
     pub fn free_buffers(&mut self) -> Result<()> {
         let synced = self.gpu.synchronize();
         self.kv = None;
@@ -751,7 +753,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
         self.batch = None;
         self.dev_logits = None;
         self.logits = None;
-        synced
+        synced?;
+        self.gpu.release_cached().map(|_| ())
     }
 
     /// Whether the decoder holds a pool's KV blocks (made by [`GpuDecoder::make_pool`], not yet

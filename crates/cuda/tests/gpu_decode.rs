@@ -22,8 +22,8 @@
 //!   enough that 1-D positions in place of the 3-D ones move the CPU logits by > 0.3 (rel-norm);
 //! - a whole Qwen2.5-VL engine (`Prompt::vl` prompts with video features, groups, greedy) with
 //!   the f32 decoder gives the CPU VLM engine's tokens and log-probabilities within 1e-3;
-//! - a prefill shared by 2 or 3 in-process decoders (`Engine::add_group_shared` /
-//!   `prefill_for_peer`; text and VLM prompts, one or several segments, uneven chunks) continues
+//! - a prefill shared by 2 or 3 in-process decoders (`Engine::add_group_shared`; text and VLM
+//!   prompts, one or several segments, uneven chunks; the samples on one rank or split) continues
 //!   as one decoder's own prefill: f32 every token equal and log-probabilities within 1e-4,
 //!   bf16 through cuDNN chunks the greedy groups' first tokens equal and their log-probabilities
 //!   within twice bf16's own spread (one bf16 decoder against f32).
@@ -755,16 +755,7 @@ fn shared_rollout<T: GpuFloat>(
                             false if r == 0 => 0..*g,
                             false => 0..0,
                         };
-                        ids.push(match share.is_empty() {
-                            true => {
-                                e.prefill_for_peer(p).unwrap();
-                                None
-                            }
-                            false => Some(
-                                e.add_group_shared(p.clone(), share, params.clone())
-                                    .unwrap(),
-                            ),
-                        });
+                        ids.push(e.add_group_shared(p, share, params.clone()).unwrap());
                     }
                     let mut out = e.run().unwrap();
                     assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
@@ -806,8 +797,8 @@ fn shared_rollout<T: GpuFloat>(
     (merged, counts)
 }
 
-/// A prompt prefilled by 2 or 3 in-process decoders together (`Engine::add_group_shared` on the
-/// owner, `prefill_for_peer` on the others; or every rank its `sample_share` of the samples;
+/// A prompt prefilled by 2 or 3 in-process decoders together (`Engine::add_group_shared`, all the
+/// samples on the owner and none on the others; or every rank its `sample_share` of the samples;
 /// zigzag chunks, several segments, each layer's keys and values all-gathered) continues exactly
 /// as one decoder's own prefill: text and VLM
 /// (embedding rows, M-RoPE) prompts, greedy and sampled, the f32 decoder within 1e-4 of its

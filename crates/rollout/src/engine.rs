@@ -343,24 +343,40 @@ impl<'m> Engine<'m> {
     /// prompt's tokens but the last now, together with the model's peers
     /// ([`StepModel::prefill_shared`]: each computes a share, every peer's cache ends whole);
     /// the last token runs in the engine's next step, whose logits start the samples. Every peer
-    /// calls this (with its share of the samples, all of them on one peer, or
-    /// [`Engine::prefill_for_peer`] for none) with the same prompt, at the same point of their
-    /// calls; the peers' samples together are the group's. The pool must have room for the
-    /// prompt now: nothing is preempted for it.
+    /// calls this with the same prompt and parameters, at the same point of their calls, and
+    /// its share of the samples (all of them on one peer, or
+    /// [`crate::shared_prefill::sample_share`]); a peer given none only computes its share of
+    /// the prefill, gives the table back and returns `None`. The request is checked before the
+    /// prefill, alike on every peer, so a bad one fails on all of them. The pool must have room
+    /// for the prompt now (nothing is preempted for it); a peer that fails on its own (no room,
+    /// a device error) leaves the others to fail at their collective's timeout.
     pub fn add_group_shared(
         &mut self,
-        prompt: impl Into<Prompt>,
+        prompt: &Prompt,
         samples: std::ops::Range<usize>,
         params: GenerationParams,
-    ) -> Result<GroupId, RolloutError> {
-        let prompt = prompt.into();
-        let table = self.shared_prefill(&prompt)?;
+    ) -> Result<Option<GroupId>, RolloutError> {
+        check_group(
+            self.model.config(),
+            GroupId(self.next_id),
+            prompt,
+            samples.len().max(1),
+            &params,
+            self.detokenizer.is_some(),
+        )?;
+        let table = self.shared_prefill(prompt)?;
+        if samples.is_empty() {
+            if let Some(t) = table {
+                self.pool.release(t);
+            }
+            return Ok(None);
+        }
         // The shared rows count once over the peers: on the one that decodes sample 0.
         let n = match samples.start {
             0 => table.as_ref().map_or(0, BlockTable::len),
             _ => 0,
         };
-        let id = match self.add_samples(prompt, samples, params) {
+        let id = match self.add_samples(prompt.clone(), samples, params) {
             Ok(id) => id,
             Err(e) => {
                 if let Some(t) = table {
@@ -369,7 +385,9 @@ impl<'m> Engine<'m> {
                 return Err(e);
             }
         };
-        let Some(table) = table else { return Ok(id) };
+        let Some(table) = table else {
+            return Ok(Some(id));
+        };
         self.stats.prefill_tokens += n as u64;
         match self.groups.iter_mut().find(|gr| gr.id == id) {
             Some(gr) => {
@@ -387,16 +405,7 @@ impl<'m> Engine<'m> {
             // Finished before it started (nothing to generate).
             None => self.pool.release(table),
         }
-        Ok(id)
-    }
-
-    /// Takes part in a peer's [`Engine::add_group_shared`] of `prompt`: this model computes its
-    /// share of the prefill; the keys and values it holds afterwards are dropped.
-    pub fn prefill_for_peer(&mut self, prompt: &Prompt) -> Result<(), RolloutError> {
-        if let Some(t) = self.shared_prefill(prompt)? {
-            self.pool.release(t);
-        }
-        Ok(())
+        Ok(Some(id))
     }
 
     /// The shared prefill of all of `prompt`'s tokens but the last into a new table (none for a
@@ -915,6 +924,17 @@ pub(crate) fn check_group(
                 "M-RoPE sections {:?} must sum to head_dim / 2 = {}",
                 m.sections,
                 c.head_dim / 2
+            )));
+        }
+        if let Some(q) = m
+            .positions
+            .iter()
+            .flatten()
+            .find(|&&q| q as usize >= c.max_position_embeddings)
+        {
+            return Err(bad(format!(
+                "M-RoPE position {q} exceeds max_position_embeddings ({})",
+                c.max_position_embeddings
             )));
         }
     }

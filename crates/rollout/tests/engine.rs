@@ -653,17 +653,19 @@ fn a_shared_prefill_leaves_the_engine_where_its_own_prefill_would() {
     let (out, stats) = {
         let mut e = Engine::with_model(Box::new(&mut peers), small()).unwrap();
         for (p, g, params) in &work {
-            e.add_group_shared(p.clone(), 0..*g, params.clone())
+            e.add_group_shared(&p.clone().into(), 0..*g, params.clone())
                 .unwrap();
         }
-        // A peer's prompt: computed, then given back.
+        // A peer's prompt (no samples here): computed, then given back.
         let free = e.pool().free_blocks();
-        e.prefill_for_peer(&prompt(40, 8).into()).unwrap();
+        let none = e.add_group_shared(&prompt(40, 8).into(), 0..0, greedy(4));
+        assert_eq!(none.unwrap(), None);
         assert_eq!(e.pool().free_blocks(), free);
         // Nothing to generate: the prefilled table is given back with the group.
         let mut none = greedy(0);
         none.max_new_tokens = 0;
-        e.add_group_shared(prompt(9, 9), 0..2, none).unwrap();
+        e.add_group_shared(&prompt(9, 9).into(), 0..2, none)
+            .unwrap();
         assert_eq!(e.pool().free_blocks(), free);
         let out = e.run().unwrap();
         assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
@@ -709,11 +711,13 @@ fn a_shared_prefill_without_peers_or_room_is_refused_and_leaks_nothing() {
     let m = model();
     let mut e = Engine::new(&m, small()).unwrap();
     let err = e
-        .add_group_shared(prompt(20, 1), 0..2, greedy(4))
+        .add_group_shared(&prompt(20, 1).into(), 0..2, greedy(4))
         .unwrap_err()
         .to_string();
     assert!(err.contains("prefill peers"), "{err}");
-    assert!(e.prefill_for_peer(&prompt(5, 1).into()).is_err());
+    assert!(e
+        .add_group_shared(&prompt(5, 1).into(), 0..0, greedy(4))
+        .is_err());
     assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
     assert!(!e.has_work());
     let mut peers = SoloPeers {
@@ -726,10 +730,27 @@ fn a_shared_prefill_without_peers_or_room_is_refused_and_leaks_nothing() {
         ..small()
     };
     let mut e = Engine::with_model(Box::new(&mut peers), tiny).unwrap();
-    assert!(e.add_group_shared(prompt(30, 1), 0..1, greedy(2)).is_err());
-    assert!(e.prefill_for_peer(&prompt(30, 1).into()).is_err());
+    assert!(e
+        .add_group_shared(&prompt(30, 1).into(), 0..1, greedy(2))
+        .is_err());
+    assert!(e
+        .add_group_shared(&prompt(30, 1).into(), 0..0, greedy(2))
+        .is_err());
     assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
     assert!(!e.has_work());
+    // A bad request is refused before the prefill, on a peer without samples too (every peer
+    // fails alike instead of leaving the others in the collective).
+    let mut bad = greedy(2);
+    bad.sampling.temperature = -1.0;
+    for share in [0..1, 0..0] {
+        let e2 = e.add_group_shared(&prompt(8, 1).into(), share, bad.clone());
+        assert!(e2.is_err());
+    }
+    assert!(e
+        .add_group_shared(&vec![9999u32; 5].into(), 0..0, greedy(2))
+        .is_err());
+    drop(e);
+    assert!(peers.calls.is_empty(), "nothing reached the collective");
 }
 
 /// Peers that split a group's samples after a shared prefill give, put together in rank order,
@@ -751,13 +772,14 @@ fn peers_decoding_their_sample_shares_give_the_whole_groups_samples() {
             };
             let share = reel_rollout::sample_share(g, world, r);
             let mut e = Engine::with_model(Box::new(&mut peers), small()).unwrap();
+            let id = e
+                .add_group_shared(&p.clone().into(), share.clone(), params.clone())
+                .unwrap();
             if share.is_empty() {
-                e.prefill_for_peer(&p.clone().into()).unwrap();
+                assert_eq!(id, None);
                 assert!(e.run().unwrap().is_empty());
                 continue;
             }
-            e.add_group_shared(p.clone(), share.clone(), params.clone())
-                .unwrap();
             let out = e.run().unwrap();
             assert_eq!(out[0].samples.len(), share.len());
             got.extend(out[0].samples.iter().map(|s| s.ids.clone()));

@@ -1341,7 +1341,8 @@ fn rollout_holders(k: usize, world: usize, sp: usize, shared: bool) -> Vec<usize
 type Rollouts = (Vec<Vec<Vec<u32>>>, u64, u64);
 
 /// Every process's rollouts of a launched world, in prompt order: `mine` holds this process's
-/// prompts' responses (prompts k ≡ rank mod world of `prompts`), each process's packed as f32
+/// shares of the prompts it holds (`holders`: its own, and its share of the samples of its sp
+/// group's shared prompts), each process's packed as f32
 /// words ([`pack_rollouts`]) and gathered over NCCL by the policy's groups; the engines' prefill
 /// and decode token counts summed.
 fn gather_rollouts(
@@ -1735,15 +1736,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                     }
                     let named = || format!("{at}: prompt {} (shared prefill)", pr.problem_id);
                     let share = sample_share(g, sp, wrank % sp);
-                    if share.is_empty() {
-                        engine.prefill_for_peer(&pr.rollout).with_context(named)?;
-                        continue;
-                    }
                     let params = generation_params(cfg, done, round, k, &stop);
                     let id = engine
-                        .add_group_shared(pr.rollout.clone(), share, params)
+                        .add_group_shared(&pr.rollout, share, params)
                         .with_context(named)?;
-                    group_of[k].push(id);
+                    group_of[k].extend(id);
                 }
                 for (k, (_, pr)) in drawn.iter().enumerate() {
                     if holders[k] != [wrank] {

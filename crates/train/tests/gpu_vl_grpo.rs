@@ -362,8 +362,8 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
         cfg.parallel.shard_optimizer = shard;
-        // Every prompt prefilled by both processes together (its owner then decodes), or each
-        // by its owner alone.
+        // Every prompt prefilled by both processes together (each then decoding half of its
+        // samples), or each rolled out by its owner alone.
         cfg.parallel.shared_prefill_tokens = if shared { 1 } else { 0 };
         cfg.parallel.schedule = SpSchedule::Zigzag;
         let path = dir.path().join(format!("nccl-{j}.toml"));
