@@ -694,7 +694,8 @@ fn a_decoder_reading_the_trainers_weights_in_place_follows_its_updates() {
 /// What one prompt asks of a shared-prefill run: the prompt, its samples and their sampling.
 type Work = (reel_rollout::Prompt, usize, GenerationParams);
 
-/// Text and VLM prompts (one of a single token, whose prefill is not shared), greedy and sampled.
+/// Text and VLM prompts (one of a single token, whose prefill is not shared; one of three, whose
+/// two shared rows leave a third rank without rows), greedy and sampled.
 fn shared_work(m: &reel_model::Qwen25VL) -> Vec<Work> {
     use reel_model::VideoGrid;
     let d = m.config.text.hidden_size;
@@ -713,6 +714,8 @@ fn shared_work(m: &reel_model::Qwen25VL) -> Vec<Work> {
         (vl, 2, greedy(12)),
         (tokens(1, 2, 280).into(), 2, greedy(4)),
         (tokens(77, 3, 280).into(), 4, sampled(12, 9)),
+        // 2 shared rows: at world 3, rank 2's chunks are both empty (it only exchanges).
+        (tokens(3, 4, 280).into(), 2, greedy(6)),
     ]
 }
 
