@@ -49,7 +49,7 @@ use reel_model::decode::{SeqStep, StepInput, StepPositions};
 use reel_model::vl::mrope_angles;
 use reel_model::{ParamLayout, Qwen2Config};
 use reel_rollout::paged_attention::{PagedSeq, PagedShape};
-use reel_rollout::shared_prefill::{PrefillSplit, NO_SLOT};
+use reel_rollout::shared_prefill::{segment_steps, segments, PrefillSplit, NO_SLOT};
 use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel, TopRows};
 
 use crate::buffer::{DView, DViewMut, DevRead};
@@ -1029,9 +1029,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
         self.copy_blocks(&pool.take_copies())?;
         // Segments of P · shared_prefill_rows rows, one after another: a segment's queries
         // attend over every earlier segment's keys, which every rank holds by then.
-        let seg = world * self.shared_prefill_rows;
-        for s0 in (0..n).step_by(seg) {
-            self.prefill_segment(step, s0..(s0 + seg).min(n), blocks, bs, (rank, world))?;
+        for span in segments(n, world, self.shared_prefill_rows) {
+            self.prefill_segment(step, span, blocks, bs, (rank, world))?;
         }
         Ok(())
     }
@@ -1046,33 +1045,12 @@ impl<T: GpuFloat> GpuDecoder<T> {
         bs: usize,
         (rank, world): (usize, usize),
     ) -> Result<()> {
-        let d = self.config.hidden_size;
         let split = PrefillSplit::new(span.len(), world);
-        let sub = |r: std::ops::Range<usize>| SeqStep {
-            input: match step.input {
-                StepInput::Tokens(ids) => StepInput::Tokens(&ids[r.clone()]),
-                StepInput::Embeddings(e) => StepInput::Embeddings(&e[r.start * d..r.end * d]),
-            },
-            positions: match step.positions {
-                StepPositions::Linear { start } => StepPositions::Linear {
-                    start: start + r.start,
-                },
-                StepPositions::MRope { ids, sections } => StepPositions::MRope {
-                    ids: &ids[r.clone()],
-                    sections,
-                },
-            },
-            logits: false,
-        };
-        let (mut steps, mut places) = (Vec::new(), Vec::new());
-        for r in split.parts(rank).into_iter().filter(|r| !r.is_empty()) {
-            let r = span.start + r.start..span.start + r.end;
-            places.push(Place {
-                blocks,
-                past: r.start,
-            });
-            steps.push(sub(r));
-        }
+        let parts = segment_steps(step, span.clone(), world, rank, self.config.hidden_size);
+        let (steps, places): (Vec<SeqStep>, Vec<Place>) = parts
+            .into_iter()
+            .map(|(sub, past)| (sub, Place { blocks, past }))
+            .unzip();
         // Where each gathered row goes: the K rows of every other rank's part (then, in the
         // second list, its V rows) at their slots; this rank's own rows and padding nowhere.
         let m = split.rows_per_rank();

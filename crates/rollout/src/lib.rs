@@ -12,8 +12,10 @@
 //!   a host pool) or reel-cuda's `GpuDecoder` (the same step on a GPU, block data on the device).
 //! - [`sample`]: the next token and its log-probability from a step's full logits rows or from
 //!   each row's best candidates and log-sum-exp parts (what a GPU decoder downloads instead).
-//! - [`shared_prefill`]: how a long prompt's prefill splits over a GPU decoder's peers
-//!   ([`Engine::add_group_shared`], [`StepModel::prefill_shared`]; the cache stays whole).
+//! - [`shared_prefill`]: how a long prompt's prefill splits over a model's peers
+//!   ([`Engine::add_group_shared`], [`StepModel::prefill_shared`]; every peer's cache ends
+//!   whole): a GPU decoder's prefill group, or [`shared_prefill::CpuPeerStep`], the CPU
+//!   reference over a `Communicator`.
 //! - [`sharded`]: [`ShardedEngine`] — the same over sequence-parallel ranks: prompts prefilled
 //!   sequence-parallel, their KV kept sharded over the ranks' pools, decode attention merged
 //!   from per-rank partials.

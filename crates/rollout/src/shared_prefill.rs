@@ -11,6 +11,14 @@
 //! [`sample_share`] of the group's samples from them (all of them on the prompt's owner, when
 //! the caller keeps decoding on one peer), and a peer with none drops them.
 
+use crate::pool::{BlockPool, BlockTable, KvLayout};
+use crate::step::{CpuStep, StepModel};
+use crate::RolloutError;
+use reel_comm::Communicator;
+use reel_model::decode::{
+    DecodeScratch, HeadShape, KvError, KvStore, SeqStep, StepInput, StepPositions,
+};
+use reel_model::{Qwen2, Qwen2Config};
 use std::ops::Range;
 
 /// The split of an n-row prompt over `world` peers (module docs).
@@ -78,6 +86,274 @@ impl PrefillSplit {
             .flat_map(|r| r.clone())
             .map(|p| p as u64 + 1)
             .sum()
+    }
+}
+
+/// The segments of an n-row shared prefill, `world · rows_per_rank` rows each (the last
+/// shorter), run one after another: a segment's queries attend over every earlier segment's
+/// keys, which every peer holds by then.
+pub fn segments(
+    n: usize,
+    world: usize,
+    rows_per_rank: usize,
+) -> impl Iterator<Item = Range<usize>> {
+    let seg = world.max(1) * rows_per_rank.max(1);
+    (0..n).step_by(seg).map(move |s| s..(s + seg).min(n))
+}
+
+/// Rank `rank`'s sequences of the segment `span` of `step` (a prompt's rows from its first):
+/// its non-empty chunks of the segment's [`PrefillSplit`] over `world`, each as a step of its
+/// rows (inputs and positions cut from `step`; `hidden` values an embedding row) with the
+/// prompt position it starts at.
+pub fn segment_steps<'a>(
+    step: &SeqStep<'a>,
+    span: Range<usize>,
+    world: usize,
+    rank: usize,
+    hidden: usize,
+) -> Vec<(SeqStep<'a>, usize)> {
+    let split = PrefillSplit::new(span.len(), world);
+    split
+        .parts(rank)
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            let r = span.start + r.start..span.start + r.end;
+            let sub = SeqStep {
+                input: match step.input {
+                    StepInput::Tokens(ids) => StepInput::Tokens(&ids[r.clone()]),
+                    StepInput::Embeddings(e) => {
+                        StepInput::Embeddings(&e[r.start * hidden..r.end * hidden])
+                    }
+                },
+                positions: match step.positions {
+                    StepPositions::Linear { start } => StepPositions::Linear {
+                        start: start + r.start,
+                    },
+                    StepPositions::MRope { ids, sections } => StepPositions::MRope {
+                        ids: &ids[r.clone()],
+                        sections,
+                    },
+                },
+                logits: false,
+            };
+            (sub, r.start)
+        })
+        .collect()
+}
+
+/// The rows of `step` (a shared prefill's whole prompt rows), checked against the model: the
+/// count, and inputs and positions that cover it; what every peer checks before the collective.
+fn step_rows(c: &Qwen2Config, step: &SeqStep) -> Result<usize, RolloutError> {
+    let bad = |m: String| Err(RolloutError::Invalid(format!("shared prefill: {m}")));
+    let n = match step.input {
+        StepInput::Tokens(ids) => ids.len(),
+        StepInput::Embeddings(e) if e.len().is_multiple_of(c.hidden_size) => {
+            e.len() / c.hidden_size
+        }
+        StepInput::Embeddings(e) => {
+            return bad(format!(
+                "{} input-embedding values are not rows of hidden_size {}",
+                e.len(),
+                c.hidden_size
+            ))
+        }
+    };
+    if let StepPositions::MRope { ids, .. } = step.positions {
+        if ids.len() != n {
+            return bad(format!("{n} rows but {} M-RoPE positions", ids.len()));
+        }
+    }
+    Ok(n)
+}
+
+/// The CPU model as a peer of a shared prefill over a [`Communicator`] (one per rank, each with
+/// its own pool): the plain reference of what a GPU decoder's prefill group does, and the CPU
+/// engines' way to take part. Steps are [`CpuStep`]'s; [`StepModel::prefill_shared`] runs the
+/// module's algorithm — per segment this rank's chunks through `Qwen2::forward_step`, whose
+/// key/value store ([`SharedKv`]) writes the rank's rows, all-gathers every rank's (padded to
+/// [`PrefillSplit::rows_per_rank`]) and writes the others' at their positions before attention.
+pub struct CpuPeerStep<'m, 'c, C: Communicator> {
+    step: CpuStep<'m>,
+    model: &'m Qwen2,
+    comm: &'c C,
+    scratch: DecodeScratch,
+    rows_per_rank: usize,
+}
+
+impl<'m, 'c, C: Communicator> CpuPeerStep<'m, 'c, C> {
+    /// `model` on this rank of `comm`, `rows_per_rank` rows a rank per segment (every peer
+    /// the same).
+    pub fn new(model: &'m Qwen2, comm: &'c C, rows_per_rank: usize) -> Self {
+        CpuPeerStep {
+            step: CpuStep::new(model),
+            model,
+            comm,
+            scratch: DecodeScratch::default(),
+            rows_per_rank: rows_per_rank.max(1),
+        }
+    }
+}
+
+impl<C: Communicator> StepModel for CpuPeerStep<'_, '_, C> {
+    fn config(&self) -> &Qwen2Config {
+        &self.model.config
+    }
+
+    fn new_pool(&mut self, layout: KvLayout) -> Result<BlockPool, RolloutError> {
+        self.step.new_pool(layout)
+    }
+
+    fn forward_step(
+        &mut self,
+        pool: &mut BlockPool,
+        steps: &[SeqStep],
+        tables: &[&BlockTable],
+    ) -> Result<&[f32], RolloutError> {
+        self.step.forward_step(pool, steps, tables)
+    }
+
+    fn prefill_peers(&self) -> Option<(usize, usize)> {
+        Some((self.comm.rank(), self.comm.world_size()))
+    }
+
+    fn prefill_shared(
+        &mut self,
+        pool: &mut BlockPool,
+        step: &SeqStep,
+        table: &BlockTable,
+    ) -> Result<(), RolloutError> {
+        let c = &self.model.config;
+        let n = step_rows(c, step)?;
+        if !table.is_empty() || pool.blocks_for(n) > table.num_blocks() {
+            return Err(RolloutError::Invalid(format!(
+                "shared prefill: {n} rows need an empty table with room for them"
+            )));
+        }
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        for span in segments(n, world, self.rows_per_rank) {
+            let parts = segment_steps(step, span.clone(), world, rank, c.hidden_size);
+            let (steps, starts): (Vec<SeqStep>, Vec<usize>) = parts.into_iter().unzip();
+            let split = PrefillSplit::new(span.len(), world);
+            let mut kv = SharedKv {
+                pool: &mut *pool,
+                table,
+                starts,
+                span: span.clone(),
+                split,
+                comm: self.comm,
+            };
+            if steps.is_empty() {
+                // No rows of its own: it still takes part in every layer's gather.
+                for l in 0..c.num_hidden_layers {
+                    kv.write(l, &[], &[], &[])
+                        .map_err(|e| RolloutError::Invalid(e.to_string()))?;
+                }
+                continue;
+            }
+            self.model
+                .forward_step(&mut self.scratch, &steps, &mut kv)?;
+        }
+        Ok(())
+    }
+}
+
+/// A shared prefill segment's key/value store on one peer (see [`CpuPeerStep`]): this rank's
+/// sequences (its chunks) at positions `starts` of one table.
+struct SharedKv<'a, C: Communicator> {
+    pool: &'a mut BlockPool,
+    table: &'a BlockTable,
+    starts: Vec<usize>,
+    span: Range<usize>,
+    split: PrefillSplit,
+    comm: &'a C,
+}
+
+impl<C: Communicator> KvStore for SharedKv<'_, C> {
+    fn write(
+        &mut self,
+        layer: usize,
+        rows: &[Range<usize>],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
+        let l = self.pool.layout();
+        let w = l.h_kv * l.d;
+        for (r, &at) in rows.iter().zip(&self.starts) {
+            let (k, v) = (&k[r.start * w..r.end * w], &v[r.start * w..r.end * w]);
+            self.pool.write(self.table, layer, at, k, v)?;
+        }
+        let own = rows.last().map_or(0, |r| r.end);
+        self.exchange(layer, own, k, v, w)
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        rows: &[Range<usize>],
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        heads: HeadShape,
+    ) -> Result<(), KvError> {
+        use crate::paged_attention::{paged_attention_forward, PagedSeq, PagedShape};
+        let l = self.pool.layout();
+        let seqs: Vec<PagedSeq> = rows
+            .iter()
+            .zip(&self.starts)
+            .map(|(r, &past)| PagedSeq {
+                block_table: self.table.block_ids(),
+                past,
+                rows: r.clone(),
+            })
+            .collect();
+        let (kc, vc) = self.pool.layer(layer);
+        let shape = PagedShape {
+            h: heads.h,
+            h_kv: heads.h_kv,
+            d: heads.d,
+            block_size: l.block_size,
+        };
+        paged_attention_forward(out, lse, q, kc, vc, &seqs, shape);
+        Ok(())
+    }
+}
+
+impl<C: Communicator> SharedKv<'_, C> {
+    /// One layer's exchange: this rank's `own` rows of k/v [own, w] (its part, padded to m rows
+    /// of keys then m of values) all-gathered; every other rank's rows written at their
+    /// positions of the table.
+    fn exchange(
+        &mut self,
+        layer: usize,
+        own: usize,
+        k: &[f32],
+        v: &[f32],
+        w: usize,
+    ) -> Result<(), KvError> {
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let m = self.split.rows_per_rank();
+        let part = 2 * m * w;
+        let mut send = vec![0.0f32; part];
+        send[..own * w].copy_from_slice(&k[..own * w]);
+        send[m * w..m * w + own * w].copy_from_slice(&v[..own * w]);
+        let mut recv = vec![0.0f32; world * part];
+        self.comm.all_gather(&send, &mut recv)?;
+        for q in (0..world).filter(|&q| q != rank) {
+            let base = q * part;
+            let mut i = 0;
+            for r in self.split.parts(q) {
+                let n = r.len();
+                let (ks, vs) = (
+                    &recv[base + i * w..base + (i + n) * w],
+                    &recv[base + (m + i) * w..base + (m + i + n) * w],
+                );
+                self.pool
+                    .write(self.table, layer, self.span.start + r.start, ks, vs)?;
+                i += n;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -795,3 +795,79 @@ fn peers_decoding_their_sample_shares_give_the_whole_groups_samples() {
         );
     }
 }
+
+/// The CPU reference of the shared prefill (`CpuPeerStep` over in-process ranks, each its own
+/// engine and pool): world 1–4, one segment or several, a rank without rows (a 3-token prompt at
+/// world ≥ 3), a 1-token prompt (nothing shared), the samples on rank 0 or split over the ranks:
+/// every token and log-probability as one engine's own prefill gives them, every pool empty.
+#[test]
+fn a_prefill_shared_over_cpu_peers_continues_as_one_engines_own() {
+    use reel_comm::{Communicator, InProcess};
+    use reel_rollout::shared_prefill::CpuPeerStep;
+    use std::time::Duration;
+    let m = model();
+    let work: Vec<(Prompt, usize, GenerationParams)> = vec![
+        (prompt(41, 1).into(), 3, greedy(6)),
+        (prompt(3, 2).into(), 2, sampled(5, 4)),
+        (prompt(1, 3).into(), 2, greedy(3)),
+        (prompt(26, 4).into(), 5, sampled(6, 9)),
+    ];
+    let want = {
+        let mut e = Engine::new(&m, small()).unwrap();
+        for (p, g, params) in &work {
+            e.add_group(p.clone(), *g, params.clone()).unwrap();
+        }
+        e.run().unwrap()
+    };
+    for world in 1..=4 {
+        for (rows, split) in [(1000, false), (4, false), (3, true), (1000, true)] {
+            let per_rank = InProcess::spawn(world, Duration::from_secs(30), |comm| {
+                let r = comm.rank();
+                let mut step = CpuPeerStep::new(&m, &comm, rows);
+                let mut e = Engine::with_model(Box::new(&mut step), small())?;
+                let mut ids = Vec::new();
+                for (p, g, params) in &work {
+                    let share = match split {
+                        true => reel_rollout::sample_share(*g, world, r),
+                        false if r == 0 => 0..*g,
+                        false => 0..0,
+                    };
+                    ids.push(e.add_group_shared(p, share, params.clone())?);
+                }
+                let mut out = e.run()?;
+                assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
+                let samples: Vec<Vec<reel_rollout::SampleOutput>> = ids
+                    .iter()
+                    .map(|id| match id {
+                        Some(id) => {
+                            let at = out.iter().position(|o| o.id == *id).unwrap();
+                            out.swap_remove(at).samples
+                        }
+                        None => Vec::new(),
+                    })
+                    .collect();
+                Ok::<_, RolloutError>(samples)
+            });
+            let mut merged = vec![Vec::new(); work.len()];
+            for r in per_rank {
+                for (k, s) in r.unwrap().into_iter().enumerate() {
+                    merged[k].extend(s);
+                }
+            }
+            for (k, (got, w)) in merged.iter().zip(&want).enumerate() {
+                let at = format!("world {world}, {rows} rows a rank, split {split}: group {k}");
+                assert_eq!(got.len(), w.samples.len(), "{at}");
+                for (j, (s, t)) in got.iter().zip(&w.samples).enumerate() {
+                    assert_eq!(s.ids, t.ids, "{at} sample {j}");
+                    reel_tensor::check_close(
+                        &format!("{at} sample {j}"),
+                        &s.logprobs,
+                        &t.logprobs,
+                        Tolerance::new(1e-5, 1e-5),
+                    )
+                    .unwrap();
+                }
+            }
+        }
+    }
+}
