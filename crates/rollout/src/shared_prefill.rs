@@ -78,6 +78,12 @@ impl PrefillSplit {
         out
     }
 
+    /// Values of one rank's part of a layer's gathered buffer: its m key rows then m value rows
+    /// of `kv_width` (H_kv · D) values, padding included.
+    pub fn part_values(&self, kv_width: usize) -> usize {
+        2 * self.rows_per_rank() * kv_width
+    }
+
     /// Rank r's causal attention work in query-key pairs (each query row sees the keys up to
     /// its own): what the zigzag balances.
     pub fn attention_pairs(&self, rank: usize) -> u64 {
@@ -99,6 +105,26 @@ pub fn segments(
 ) -> impl Iterator<Item = Range<usize>> {
     let seg = world.max(1) * rows_per_rank.max(1);
     (0..n).step_by(seg).map(move |s| s..(s + seg).min(n))
+}
+
+/// What each peer receives over a whole shared prefill of `n` rows (`layers` layers, keys and
+/// values of `kv_width` values of `elem_bytes` bytes each): per segment and layer the other
+/// P − 1 ranks' parts ([`PrefillSplit::part_values`], padding included), as the all-gathers
+/// move them; and the all-gathers' count. The unpadded ideal is (P − 1)/P of the prompt's
+/// keys and values, 2 · n · kv_width · layers · elem_bytes.
+pub fn exchange_bytes(
+    n: usize,
+    world: usize,
+    rows_per_rank: usize,
+    (kv_width, layers, elem_bytes): (usize, usize, usize),
+) -> (u64, u64) {
+    let (mut bytes, mut calls) = (0u64, 0u64);
+    for span in segments(n, world, rows_per_rank) {
+        let part = PrefillSplit::new(span.len(), world).part_values(kv_width);
+        bytes += (layers * (world.max(1) - 1) * part * elem_bytes) as u64;
+        calls += layers as u64;
+    }
+    (bytes, calls)
 }
 
 /// Rank `rank`'s sequences of the segment `span` of `step` (a prompt's rows from its first):
@@ -421,6 +447,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn exchange_bytes_are_the_ideal_share_of_the_cache_up_to_padding() {
+        // 3B-shaped keys and values: 2 KV heads of 128, 36 layers, bf16.
+        let kv = (256, 36, 2);
+        for world in [2usize, 4, 8] {
+            // 262,144 rows split evenly: exactly (P − 1)/P of the prompt's keys and values.
+            let n = 262_144;
+            let ideal = (world as u64 - 1) * (2 * n as u64 * 256 * 36 * 2) / world as u64;
+            let (bytes, calls) = exchange_bytes(n, world, 16_384, kv);
+            assert_eq!(bytes, ideal, "world {world}");
+            assert_eq!(calls, 36 * (n / (world * 16_384)).max(1) as u64);
+            // An odd length pads each part to 2·⌈rows / 2P⌉ rows: a little more, never less.
+            let n = 262_381;
+            let ideal = (world as u64 - 1) * (2 * n as u64 * 256 * 36 * 2) / world as u64;
+            let (bytes, _) = exchange_bytes(n, world, 16_384, kv);
+            assert!(bytes >= ideal && (bytes - ideal) as f64 / (ideal as f64) < 1e-2);
+        }
+        assert_eq!(exchange_bytes(1000, 1, 64, kv).0, 0);
+        assert_eq!(exchange_bytes(0, 4, 64, kv), (0, 0));
     }
 
     #[test]

@@ -799,11 +799,12 @@ fn peers_decoding_their_sample_shares_give_the_whole_groups_samples() {
 /// The CPU reference of the shared prefill (`CpuPeerStep` over in-process ranks, each its own
 /// engine and pool): world 1–4, one segment or several, a rank without rows (a 3-token prompt at
 /// world ≥ 3), a 1-token prompt (nothing shared), the samples on rank 0 or split over the ranks:
-/// every token and log-probability as one engine's own prefill gives them, every pool empty.
+/// every token and log-probability as one engine's own prefill gives them, every pool empty,
+/// and each rank's all-gathers moving `exchange_bytes`' bytes.
 #[test]
 fn a_prefill_shared_over_cpu_peers_continues_as_one_engines_own() {
     use reel_comm::{Communicator, InProcess};
-    use reel_rollout::shared_prefill::CpuPeerStep;
+    use reel_rollout::shared_prefill::{exchange_bytes, CpuPeerStep};
     use std::time::Duration;
     let m = model();
     let work: Vec<(Prompt, usize, GenerationParams)> = vec![
@@ -836,6 +837,15 @@ fn a_prefill_shared_over_cpu_peers_continues_as_one_engines_own() {
                 }
                 let mut out = e.run()?;
                 assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
+                // Every all-gather was a shared prefill's, each moving the formula's bytes.
+                let c = &m.config;
+                let kv = (c.num_key_value_heads * c.head_dim, c.num_hidden_layers, 4);
+                let (bytes, calls) = work
+                    .iter()
+                    .map(|(p, _, _)| exchange_bytes(p.ids.len() - 1, world, rows, kv))
+                    .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                let st = comm.stats().all_gather;
+                assert_eq!((st.bytes_recv, st.calls), (bytes, calls), "rank {r}");
                 let samples: Vec<Vec<reel_rollout::SampleOutput>> = ids
                     .iter()
                     .map(|id| match id {
