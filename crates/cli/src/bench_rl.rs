@@ -331,7 +331,11 @@ fn print_row(r: &serde_json::Value) {
     );
     // A launched run's processes each print their row: which one, and its GPU's peak.
     if let Some(rank) = r["rank"].as_u64() {
-        println!("       (the row above: rank {rank} of a launched world)");
+        let shared = match r["shared_prefill_s"].as_f64() {
+            Some(s) if s > 0.0 => format!("; of its rollout, {s:.3} s in shared prefills"),
+            _ => String::new(),
+        };
+        println!("       (the row above: rank {rank} of a launched world{shared})");
     }
 }
 
@@ -443,6 +447,7 @@ fn one_run(
         "frames": frames, "video_tokens": video_tokens, "prompt_tokens": prompt,
         "reuse": reuse, "step_s": g("step_s"), "decode_s": g("decode_s"),
         "encode_s": g("encode_s"), "rollout_s": g("rollout_s"),
+        "shared_prefill_s": g("shared_prefill_s"),
         "scoring_s": g("scoring_s"), "update_s": g("update_s"),
         "videos_through_tower": s.encode.videos_encoded, "prefill_tokens": g("prefill_tokens"),
         "rollout_device": r["rollout_device"], "update_device": r["update_device"],

@@ -81,7 +81,8 @@
 //! `cuda-f32`), `update_device` (`cpu`, `cuda-bf16`), `tower_device` (the same names: with the
 //! rollouts on the GPU the frozen tower encodes there too, `video.gpu_tower`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
 //! videos), `videos_decoded`, `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and
-//! `rollout_s` without them), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! `rollout_s` without them), `shared_prefill_s` (of `rollout_s`, the prefills shared with the
+//! sp group's processes), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
@@ -168,6 +169,8 @@ struct VideoTimes {
     /// Of that, waiting for the feed's decoded videos.
     wait_s: f64,
     encode_s: f64,
+    /// The rollout's shared prefills (launched, sp > 1): part of its time.
+    shared_prefill_s: f64,
 }
 
 /// The run's fixed parts.
@@ -1730,6 +1733,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 // of each prompt.
                 let mut group_of: Vec<Vec<GroupId>> = vec![Vec::new(); drawn.len()];
                 // Shared prompts first, in prompt order on every process of the group.
+                let t_shared = Instant::now();
                 for (k, (_, pr)) in drawn.iter().enumerate() {
                     if holders[k].len() < 2 || !holders[k].contains(&wrank) {
                         continue;
@@ -1741,6 +1745,9 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                         .add_group_shared(&pr.rollout, share, params)
                         .with_context(named)?;
                     group_of[k].extend(id);
+                }
+                if holders.iter().any(|h| h.len() > 1) {
+                    times.shared_prefill_s += t_shared.elapsed().as_secs_f64();
                 }
                 for (k, (_, pr)) in drawn.iter().enumerate() {
                     if holders[k] != [wrank] {
@@ -1958,6 +1965,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 ("decode_cache_skips", json!(fs.cache_skips)),
                 ("videos_in_memory_peak", json!(fs.peak_videos_in_memory)),
                 ("encode_s", json!(times.encode_s + encode_s)),
+                ("shared_prefill_s", json!(times.shared_prefill_s)),
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
                 ("rollout_device", json!(rollout_device)),
                 ("update_device", json!(update_device)),
@@ -2171,6 +2179,7 @@ mod tests {
                 "decode_s",
                 "encode_s",
                 "rollout_s",
+                "shared_prefill_s",
                 "scoring_s",
                 "update_s",
                 "cache_hits",
@@ -2185,8 +2194,10 @@ mod tests {
             }
             assert!(f(r, "reward_std") > 0.0, "{r}");
             assert!(f(r, "kl") >= 0.0 && f(r, "entropy") > 0.0, "{r}");
-            // Head dimension 16 has no GPU decoder: "auto" rolls out with the CPU engine.
+            // Head dimension 16 has no GPU decoder: "auto" rolls out with the CPU engine, and
+            // one process shares no prefill.
             assert_eq!(r["rollout_device"], "cpu");
+            assert_eq!(f(r, "shared_prefill_s"), 0.0, "{r}");
             // The prompt was prefilled once per group: prefill work is P·prompt tokens.
             assert!(f(r, "prefill_tokens") < 2.0 * f(r, "decode_tokens") + 2000.0);
         }
