@@ -49,7 +49,7 @@ use reel_model::decode::{SeqStep, StepInput, StepPositions};
 use reel_model::vl::mrope_angles;
 use reel_model::{ParamLayout, Qwen2Config};
 use reel_rollout::paged_attention::{PagedSeq, PagedShape};
-use reel_rollout::shared_prefill::{segment_steps, segments, PrefillSplit, NO_SLOT};
+use reel_rollout::shared_prefill::{segment_steps, segments, step_rows, PrefillSplit, NO_SLOT};
 use reel_rollout::{BlockCopy, BlockPool, BlockTable, KvLayout, RolloutError, StepModel, TopRows};
 
 use crate::buffer::{DView, DViewMut, DevRead};
@@ -998,25 +998,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
         let Some((rank, world)) = self.prefill_peers() else {
             return shape_err("shared prefill: the decoder has no prefill group".into());
         };
-        let d = self.config.hidden_size;
-        let n = match step.input {
-            StepInput::Tokens(ids) => ids.len(),
-            StepInput::Embeddings(e) if e.len().is_multiple_of(d) => e.len() / d,
-            StepInput::Embeddings(e) => {
-                return shape_err(format!(
-                    "shared prefill: {} input-embedding values are not rows of hidden_size {d}",
-                    e.len()
-                ))
-            }
-        };
-        if let StepPositions::MRope { ids, .. } = step.positions {
-            if ids.len() != n {
-                return shape_err(format!(
-                    "shared prefill: {n} rows but {} M-RoPE positions",
-                    ids.len()
-                ));
-            }
-        }
+        let n = step_rows(&self.config, step).map_err(|e| GpuError::Shape(e.to_string()))?;
         let blocks = table.block_ids();
         if !table.is_empty() || n.div_ceil(bs) > blocks.len() {
             return shape_err(format!(

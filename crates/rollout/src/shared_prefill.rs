@@ -1,5 +1,5 @@
 //! How a prompt's prefill is split over a model's peers (MR-SP's sequence-parallel prefill, with
-//! the cache kept whole): [`StepModel::prefill_shared`](crate::StepModel::prefill_shared).
+//! the cache kept whole): [`crate::StepModel::prefill_shared`].
 //!
 //! The prompt's n rows are cut into 2P chunks of ⌈n / 2P⌉ rows (the last ones shorter or empty);
 //! rank r computes chunks r and 2P − 1 − r (zigzag: a chunk near the start, whose queries see few
@@ -170,7 +170,7 @@ pub fn segment_steps<'a>(
 
 /// The rows of `step` (a shared prefill's whole prompt rows), checked against the model: the
 /// count, and inputs and positions that cover it; what every peer checks before the collective.
-fn step_rows(c: &Qwen2Config, step: &SeqStep) -> Result<usize, RolloutError> {
+pub fn step_rows(c: &Qwen2Config, step: &SeqStep) -> Result<usize, RolloutError> {
     let bad = |m: String| Err(RolloutError::Invalid(format!("shared prefill: {m}")));
     let n = match step.input {
         StepInput::Tokens(ids) => ids.len(),
@@ -197,7 +197,7 @@ fn step_rows(c: &Qwen2Config, step: &SeqStep) -> Result<usize, RolloutError> {
 /// its own pool): the plain reference of what a GPU decoder's prefill group does, and the CPU
 /// engines' way to take part. Steps are [`CpuStep`]'s; [`StepModel::prefill_shared`] runs the
 /// module's algorithm — per segment this rank's chunks through `Qwen2::forward_step`, whose
-/// key/value store ([`SharedKv`]) writes the rank's rows, all-gathers every rank's (padded to
+/// key/value store (`SharedKv`) writes the rank's rows, all-gathers every rank's (padded to
 /// [`PrefillSplit::rows_per_rank`]) and writes the others' at their positions before attention.
 pub struct CpuPeerStep<'m, 'c, C: Communicator> {
     step: CpuStep<'m>,
