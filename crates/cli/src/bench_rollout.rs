@@ -6,10 +6,14 @@
 //!   G independent requests; prefilled tokens and wall time of each;
 //! - the same group on the sharded engine over 1, 2 and 3 in-process ranks (sequence-parallel
 //!   prefill, KV sharded): wall time, bytes a rank sent in prefill and per decoded token, and the
-//!   most KV blocks one rank held.
+//!   most KV blocks one rank held;
+//! - the same group with its prefill shared over 1, 2 and 3 in-process CPU peers
+//!   (`reel_rollout::shared_prefill::CpuPeerStep`: each peer computes its zigzag chunks, every
+//!   layer's keys and values all-gathered, the cache whole on every peer, the samples split):
+//!   wall time, and the bytes a peer received beside `exchange_bytes`' formula.
 
 use anyhow::Result;
-use reel_comm::InProcess;
+use reel_comm::{Communicator, InProcess};
 use reel_model::generate::SamplingParams;
 use reel_model::Qwen2;
 use reel_parallel::ScheduleKind;
@@ -86,6 +90,42 @@ fn sharded(
     }))
 }
 
+/// Rows a CPU peer computes per segment of the shared prefill rows.
+const PEER_ROWS: usize = 128;
+
+/// One group of `g` samples of `ids`, its prefill shared over `world` in-process CPU peers and
+/// its samples split over them.
+fn shared_peers(
+    model: &Qwen2,
+    ids: &[u32],
+    g: usize,
+    new: usize,
+    world: usize,
+) -> Result<serde_json::Value> {
+    use reel_rollout::shared_prefill::{exchange_bytes, CpuPeerStep};
+    let prompt: reel_rollout::Prompt = ids.to_vec().into();
+    let t = Instant::now();
+    let res = InProcess::spawn(world, Duration::from_secs(300), |comm| {
+        let mut step = CpuPeerStep::new(model, &comm, PEER_ROWS);
+        let mut e = Engine::with_model(Box::new(&mut step), EngineConfig::default())?;
+        let share = reel_rollout::sample_share(g, world, comm.rank());
+        e.add_group_shared(&prompt, share, greedy(new))?;
+        e.run()?;
+        Ok::<_, RolloutError>(comm.stats().all_gather.bytes_recv)
+    });
+    let wall = t.elapsed().as_secs_f64();
+    let recv: Vec<u64> = res.into_iter().collect::<Result<_, _>>()?;
+    let c = &model.config;
+    let kv = (c.num_key_value_heads * c.head_dim, c.num_hidden_layers, 4);
+    let (formula, _) = exchange_bytes(ids.len() - 1, world, PEER_ROWS, kv);
+    Ok(json!({
+        "world": world,
+        "wall_s": wall,
+        "recv_bytes_max": recv.iter().copied().max().unwrap_or(0),
+        "recv_bytes_formula": formula,
+    }))
+}
+
 pub fn run(model: &Qwen2, as_json: bool) -> Result<serde_json::Value> {
     let (p, new) = (64, 32);
     let mut rows = Vec::new();
@@ -124,8 +164,10 @@ pub fn run(model: &Qwen2, as_json: bool) -> Result<serde_json::Value> {
         }));
     }
     let mut sharded_rows = Vec::new();
+    let mut peer_rows = Vec::new();
     for world in [1, 2, 3] {
         sharded_rows.push(sharded(model, &ids, g, sn, world)?);
+        peer_rows.push(shared_peers(model, &ids, g, sn, world)?);
     }
     if !as_json {
         println!(
@@ -170,11 +212,29 @@ pub fn run(model: &Qwen2, as_json: bool) -> Result<serde_json::Value> {
                 r["peak_blocks_max"].as_u64().unwrap_or(0)
             );
         }
+        println!(
+            "shared prefill over CPU peers (zigzag chunks, keys and values all-gathered, cache \
+             whole, samples split), the same group:"
+        );
+        println!(
+            "{:>6} {:>8} {:>22} {:>22}",
+            "peers", "wall s", "bytes received/peer", "formula"
+        );
+        for r in &peer_rows {
+            println!(
+                "{:>6} {:>8.2} {:>22} {:>22}",
+                r["world"].as_u64().unwrap_or(0),
+                r["wall_s"].as_f64().unwrap_or(0.0),
+                r["recv_bytes_max"].as_u64().unwrap_or(0),
+                r["recv_bytes_formula"].as_u64().unwrap_or(0)
+            );
+        }
     }
     Ok(json!({
         "decode": rows,
         "generate_decode_tokens_per_s": gen_tps,
         "prefix": shared,
         "sharded": sharded_rows,
+        "shared_prefill_peers": peer_rows,
     }))
 }
