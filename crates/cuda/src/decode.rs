@@ -154,7 +154,12 @@ fn cache_slots(
     bs: usize,
     ps: std::ops::Range<usize>,
 ) -> impl Iterator<Item = u32> + '_ {
-    ps.map(move |p| blocks[p / bs] * bs as u32 + (p % bs) as u32)
+    ps.map(move |p| cache_slot(blocks, bs, p))
+}
+
+/// The cache slot of position `p` under the block table `blocks`.
+fn cache_slot(blocks: &[u32], bs: usize, p: usize) -> u32 {
+    blocks[p / bs] * bs as u32 + (p % bs) as u32
 }
 
 /// Where a sequence's new rows go: its blocks, and the keys cached before them.
@@ -1041,8 +1046,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
         for (i, p) in split.gathered_rows().into_iter().enumerate() {
             let (q, j) = (i / m, i % m);
             if let (Some(p), true) = (p, q != rank) {
-                let p = span.start + p;
-                let slot = blocks[p / bs] * bs as u32 + (p % bs) as u32;
+                let slot = cache_slot(blocks, bs, span.start + p);
                 put[q * 2 * m + j] = slot;
                 put[rows + q * 2 * m + m + j] = slot;
             }

@@ -144,6 +144,18 @@ impl Group {
     fn done(&self) -> bool {
         self.live_samples() == 0
     }
+
+    /// Makes the group resident with its prompt's table (admission stamp `stamp`): its waiting
+    /// samples start running.
+    fn admit(&mut self, table: BlockTable, stamp: u64) {
+        self.prompt_table = Some(table);
+        self.stamp = Some(stamp);
+        for s in &mut self.samples {
+            if s.state == SeqState::Waiting {
+                s.state = SeqState::Running;
+            }
+        }
+    }
 }
 
 /// One scheduled piece of work: `n` tokens of a group's prompt, or of sample `j`.
@@ -393,14 +405,8 @@ impl<'m> Engine<'m> {
             Some(gr) => {
                 // Resident with its prompt cached but for the last token, which the scheduler
                 // runs next (a prompt unit of one row, logits on).
-                gr.prompt_table = Some(table);
-                gr.stamp = Some(self.next_stamp);
+                gr.admit(table, self.next_stamp);
                 self.next_stamp += 1;
-                for s in &mut gr.samples {
-                    if s.state == SeqState::Waiting {
-                        s.state = SeqState::Running;
-                    }
-                }
             }
             // Finished before it started (nothing to generate).
             None => self.pool.release(table),
@@ -615,15 +621,9 @@ impl<'m> Engine<'m> {
                     break;
                 }
                 let gr = &mut self.groups[g];
-                gr.prompt_table = Some(table);
-                gr.stamp = Some(self.next_stamp);
+                gr.admit(table, self.next_stamp);
                 self.next_stamp += 1;
                 resident_samples += gr.live_samples();
-                for s in &mut gr.samples {
-                    if s.state == SeqState::Waiting {
-                        s.state = SeqState::Running;
-                    }
-                }
                 tokens -= n;
                 seqs -= 1;
                 plan.push(Unit::Prompt { g, n });

@@ -41,13 +41,8 @@ impl KvStore for PagedKv<'_> {
         v: &[f32],
     ) -> Result<(), KvError> {
         self.check(rows)?;
-        let l = self.pool.layout();
-        let w = l.h_kv * l.d;
-        for (t, r) in self.tables.iter().zip(rows) {
-            let (k, v) = (&k[r.start * w..r.end * w], &v[r.start * w..r.end * w]);
-            self.pool.write(t, layer, t.len(), k, v)?;
-        }
-        Ok(())
+        let places: Vec<(&BlockTable, usize)> = self.tables.iter().map(|&t| (t, t.len())).collect();
+        write_placed(self.pool, layer, &places, rows, k, v)
     }
 
     fn attend(
@@ -60,32 +55,69 @@ impl KvStore for PagedKv<'_> {
         heads: HeadShape,
     ) -> Result<(), KvError> {
         self.check(rows)?;
-        let l = self.pool.layout();
-        if (heads.h_kv, heads.d) != (l.h_kv, l.d) {
-            return Err(format!(
-                "attention with H_kv {} and D {} over a pool of H_kv {} and D {}",
-                heads.h_kv, heads.d, l.h_kv, l.d
-            )
-            .into());
-        }
-        let seqs: Vec<PagedSeq> = self
-            .tables
-            .iter()
-            .zip(rows)
-            .map(|(t, r)| PagedSeq {
-                block_table: t.block_ids(),
-                past: t.len(),
-                rows: r.clone(),
-            })
-            .collect();
-        let (k, v) = self.pool.layer(layer);
-        let shape = PagedShape {
-            h: heads.h,
-            h_kv: heads.h_kv,
-            d: heads.d,
-            block_size: l.block_size,
-        };
-        paged_attention_forward(out, lse, q, k, v, &seqs, shape);
-        Ok(())
+        let places: Vec<(&BlockTable, usize)> = self.tables.iter().map(|&t| (t, t.len())).collect();
+        attend_placed(self.pool, layer, &places, rows, out, lse, q, heads)
     }
+}
+
+/// Writes each sequence's new keys and values (rows `rows[s]` of k/v [N, H_kv, D]) into its
+/// table's blocks from position `places[s].1` on: [`PagedKv`]'s write, and a shared prefill's,
+/// whose sequences are chunks of one table at their prompt positions.
+pub(crate) fn write_placed(
+    pool: &mut BlockPool,
+    layer: usize,
+    places: &[(&BlockTable, usize)],
+    rows: &[Range<usize>],
+    k: &[f32],
+    v: &[f32],
+) -> Result<(), KvError> {
+    let l = pool.layout();
+    let w = l.h_kv * l.d;
+    for (&(t, at), r) in places.iter().zip(rows) {
+        let (k, v) = (&k[r.start * w..r.end * w], &v[r.start * w..r.end * w]);
+        pool.write(t, layer, at, k, v)?;
+    }
+    Ok(())
+}
+
+/// Causal attention of each sequence's new rows over its table's keys (query i of sequence s
+/// sees keys 0..=places[s].1 + i) through [`paged_attention_forward`]: [`PagedKv`]'s attend,
+/// and a shared prefill's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_placed(
+    pool: &BlockPool,
+    layer: usize,
+    places: &[(&BlockTable, usize)],
+    rows: &[Range<usize>],
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    heads: HeadShape,
+) -> Result<(), KvError> {
+    let l = pool.layout();
+    if (heads.h_kv, heads.d) != (l.h_kv, l.d) {
+        return Err(format!(
+            "attention with H_kv {} and D {} over a pool of H_kv {} and D {}",
+            heads.h_kv, heads.d, l.h_kv, l.d
+        )
+        .into());
+    }
+    let seqs: Vec<PagedSeq> = places
+        .iter()
+        .zip(rows)
+        .map(|(&(t, past), r)| PagedSeq {
+            block_table: t.block_ids(),
+            past,
+            rows: r.clone(),
+        })
+        .collect();
+    let (k, v) = pool.layer(layer);
+    let shape = PagedShape {
+        h: heads.h,
+        h_kv: heads.h_kv,
+        d: heads.d,
+        block_size: l.block_size,
+    };
+    paged_attention_forward(out, lse, q, k, v, &seqs, shape);
+    Ok(())
 }

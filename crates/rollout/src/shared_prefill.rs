@@ -11,6 +11,7 @@
 //! [`sample_share`] of the group's samples from them (all of them on the prompt's owner, when
 //! the caller keeps decoding on one peer), and a peer with none drops them.
 
+use crate::kv::{attend_placed, write_placed};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
 use crate::step::{CpuStep, StepModel};
 use crate::RolloutError;
@@ -284,6 +285,11 @@ impl<C: Communicator> StepModel for CpuPeerStep<'_, '_, C> {
     }
 }
 
+/// This rank's sequences of a segment: the one table at each chunk's prompt position.
+fn placed<'t>(table: &'t BlockTable, starts: &[usize]) -> Vec<(&'t BlockTable, usize)> {
+    starts.iter().map(|&at| (table, at)).collect()
+}
+
 /// A shared prefill segment's key/value store on one peer (see [`CpuPeerStep`]): this rank's
 /// sequences (its chunks) at positions `starts` of one table.
 struct SharedKv<'a, C: Communicator> {
@@ -304,13 +310,10 @@ impl<C: Communicator> KvStore for SharedKv<'_, C> {
         v: &[f32],
     ) -> Result<(), KvError> {
         let l = self.pool.layout();
-        let w = l.h_kv * l.d;
-        for (r, &at) in rows.iter().zip(&self.starts) {
-            let (k, v) = (&k[r.start * w..r.end * w], &v[r.start * w..r.end * w]);
-            self.pool.write(self.table, layer, at, k, v)?;
-        }
+        let places = placed(self.table, &self.starts);
+        write_placed(self.pool, layer, &places, rows, k, v)?;
         let own = rows.last().map_or(0, |r| r.end);
-        self.exchange(layer, own, k, v, w)
+        self.exchange(layer, own, k, v, l.h_kv * l.d)
     }
 
     fn attend(
@@ -322,26 +325,8 @@ impl<C: Communicator> KvStore for SharedKv<'_, C> {
         q: &[f32],
         heads: HeadShape,
     ) -> Result<(), KvError> {
-        use crate::paged_attention::{paged_attention_forward, PagedSeq, PagedShape};
-        let l = self.pool.layout();
-        let seqs: Vec<PagedSeq> = rows
-            .iter()
-            .zip(&self.starts)
-            .map(|(r, &past)| PagedSeq {
-                block_table: self.table.block_ids(),
-                past,
-                rows: r.clone(),
-            })
-            .collect();
-        let (kc, vc) = self.pool.layer(layer);
-        let shape = PagedShape {
-            h: heads.h,
-            h_kv: heads.h_kv,
-            d: heads.d,
-            block_size: l.block_size,
-        };
-        paged_attention_forward(out, lse, q, kc, vc, &seqs, shape);
-        Ok(())
+        let places = placed(self.table, &self.starts);
+        attend_placed(self.pool, layer, &places, rows, out, lse, q, heads)
     }
 }
 
