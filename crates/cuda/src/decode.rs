@@ -37,7 +37,7 @@
 //! r runs chunks r and 2P − 1 − r (`reel_rollout::shared_prefill`) as two sequences placed at
 //! their offsets in the prompt's table. After each layer stores its rows' keys and values, they
 //! are gathered from the pool into the rank's part of one buffer, the parts all-gathered in
-//! place, and every other rank's rows put at their slots (`put_rows`), so attention (paged, or
+//! place, and every other rank's rows put at their slots (`put_kv_rows`), so attention (paged, or
 //! cuDNN for long chunks) sees every earlier key; the last layer stops after the exchange. Each
 //! rank computes 1/P of the prompt's rows and of its causal attention, and every rank's cache
 //! ends holding the whole prompt: the owner decodes from it, the others drop it.
@@ -437,8 +437,8 @@ impl<C: crate::DeviceGroup + Send> PrefillGroup for C {
     }
 }
 
-/// A shared prefill's host plan: where each gathered row goes (two lists of [P · 2m] slots, K
-/// then V, `NO_SLOT` for rows not put) and m, the rows of each rank's part.
+/// A shared prefill's host plan: where each gathered row's key and value go ([P · m] slots,
+/// part-major, `NO_SLOT` for rows not put) and m, the rows of each rank's part.
 struct SharedRows {
     put: Vec<u32>,
     m: usize,
@@ -461,7 +461,7 @@ impl<'g> Exchange<'g> {
         kvw: usize,
     ) -> Result<Self> {
         let world = group.prefill_world();
-        if x.put.len() != 4 * world * x.m {
+        if x.put.len() != world * x.m {
             return shape_err(format!(
                 "shared prefill: {} put slots for {world} parts of {} rows",
                 x.put.len(),
@@ -515,23 +515,20 @@ impl<'g> Exchange<'g> {
             }
         }
         group.gather_parts(g, &mut self.buf.view_mut(0..world * words)?)?;
-        let rows = 2 * world * m;
-        let src = self.buf.dptr();
+        let (src, list) = (self.buf.dptr(), self.put.dptr());
+        let m32 = as_i32("shared prefill", "rows a part", m)?;
         g.bind()?;
-        for (dst, list) in [
-            (kp, self.put.dptr()),
-            (vp, self.put.dptr() + 4 * rows as u64),
-        ] {
-            launch!(
-                g,
-                &g.kernels.put_rows[T::INDEX],
-                cfg((rows as u32, 1, 1), (row_threads(kvw), 1, 1)),
-                &dst,
-                &src,
-                &list,
-                &d32
-            )?;
-        }
+        launch!(
+            g,
+            &g.kernels.put_kv_rows[T::INDEX],
+            cfg(((world * m) as u32, 1, 1), (row_threads(kvw), 1, 1)),
+            &kp,
+            &vp,
+            &src,
+            &list,
+            &m32,
+            &d32
+        )?;
         Ok(())
     }
 }
@@ -574,7 +571,12 @@ pub struct GpuDecoder<T: GpuFloat = bf16> {
 /// same values on the same device, read in place ([`GpuDecoder::read_weights_in_place`]).
 enum DecoderWeights<T: GpuFloat> {
     Own(DeviceBuf<T>),
-    InPlace { ptr: u64, len: usize },
+    InPlace {
+        ptr: u64,
+        len: usize,
+    },
+    /// None for now ([`GpuDecoder::release_weights`]).
+    Released,
 }
 
 impl<T: GpuFloat> DecoderWeights<T> {
@@ -589,6 +591,9 @@ impl<T: GpuFloat> DecoderWeights<T> {
                 // SAFETY: inside the buffer `read_weights_in_place`'s caller keeps alive.
                 Ok(unsafe { DView::from_raw(at, r.len()) })
             }
+            DecoderWeights::Released => shape_err(
+                "the decoder's weights were released (release_weights) and not given back".into(),
+            ),
         }
     }
 
@@ -600,6 +605,9 @@ impl<T: GpuFloat> DecoderWeights<T> {
                 "the decoder reads its trainer's weights in place: they change with the trainer's"
                     .into(),
             ),
+            DecoderWeights::Released => {
+                shape_err("the decoder's weights were released (release_weights)".into())
+            }
         }
     }
 }
@@ -619,10 +627,8 @@ impl<T: GpuFloat> GpuDecoder<T> {
             ));
         }
         let weights = {
-            let master = gpu.upload(params)?;
             let mut w = gpu.alloc_zeros::<T>(params.len())?;
-            gpu.cast_from_f32(&mut w, &master)?;
-            gpu.synchronize()?;
+            gpu.upload_cast(&mut w, params)?;
             w
         };
         let rope = GpuRopeTable::new(
@@ -671,9 +677,26 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
-        let master = self.gpu.upload(params)?;
-        self.gpu.cast_from_f32(self.weights.own()?, &master)?;
-        self.gpu.synchronize()
+        self.own_weights()?;
+        self.gpu.upload_cast(self.weights.own()?, params)
+    }
+
+    /// Allocates the decoder's own weights again after [`GpuDecoder::release_weights`].
+    fn own_weights(&mut self) -> Result<()> {
+        if let DecoderWeights::Released = self.weights {
+            self.weights = DecoderWeights::Own(self.gpu.alloc_zeros::<T>(self.layout.total())?);
+        }
+        Ok(())
+    }
+
+    /// Frees the decoder's own copy of the weights until [`GpuDecoder::load_params`] or
+    /// [`GpuDecoder::read_weights_in_place`] gives it weights again (a step before then is an
+    /// error): room for a trainer's state on the same device before the decoder reads the
+    /// trainer's weights in place, so the two copies never sit there together.
+    pub fn release_weights(&mut self) -> Result<()> {
+        self.gpu.synchronize()?;
+        self.weights = DecoderWeights::Released;
+        Ok(())
     }
 
     /// Drops the decoder's own copy of the weights and reads `weights` (the same flat layout and
@@ -702,6 +725,11 @@ impl<T: GpuFloat> GpuDecoder<T> {
         Ok(())
     }
 
+    /// Whether the decoder's weights are released ([`GpuDecoder::release_weights`]).
+    pub fn weights_released(&self) -> bool {
+        matches!(self.weights, DecoderWeights::Released)
+    }
+
     /// Whether the decoder reads a trainer's weights in place.
     pub fn weights_in_place(&self) -> bool {
         matches!(self.weights, DecoderWeights::InPlace { .. })
@@ -719,6 +747,7 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
+        self.own_weights()?;
         self.gpu.cast_from_f32(self.weights.own()?, params)?;
         self.gpu.synchronize()
     }
@@ -988,6 +1017,40 @@ impl<T: GpuFloat> GpuDecoder<T> {
             .map(|g| (g.prefill_rank(), g.prefill_world()))
     }
 
+    /// Readies a shared prefill of `rows` rows before the peers agree to run it
+    /// (`reel_rollout::shared_prefill`, "Agreement"): the step buffers for the most rows this
+    /// rank runs in one segment, so that a device short of memory refuses here, on its own,
+    /// instead of failing after the others entered the first layer's all-gather. Returns the
+    /// rows a rank runs per segment ([`GpuDecoder::set_shared_prefill_rows`]), which the peers
+    /// compare.
+    pub fn prepare_shared(&mut self, rows: usize) -> Result<usize> {
+        let Some((_, world)) = self.prefill_peers() else {
+            return shape_err("shared prefill: the decoder has no prefill group".into());
+        };
+        if self.kv.is_none() {
+            return shape_err("shared prefill: no KV pool (make_pool first)".into());
+        }
+        let seg = rows.min(world * self.shared_prefill_rows);
+        if seg > 0 {
+            self.reserve(PrefillSplit::new(seg, world).rows_per_rank())?;
+        }
+        Ok(self.shared_prefill_rows)
+    }
+
+    /// Gives every rank of the prefill group each rank's `values` (equal lengths), in rank
+    /// order: the shared prefill's agreement, one small all-gather on the device.
+    pub fn gather_peers(&mut self, values: &[f32]) -> Result<Vec<f32>> {
+        let Some(group) = self.prefill.as_deref() else {
+            return shape_err("shared prefill: the decoder has no prefill group".into());
+        };
+        let (rank, world, n) = (group.prefill_rank(), group.prefill_world(), values.len());
+        let g = &self.gpu;
+        let mut buf = g.scratch::<f32>((world * n).max(1))?;
+        g.upload_into(&mut buf.view_mut(rank * n..(rank + 1) * n)?, values)?;
+        group.gather_parts(g, &mut buf.view_mut(0..world * n)?)?;
+        g.download(&buf.view(0..world * n)?)
+    }
+
     /// Prefills `step` (a prompt's rows from its first) into `table` (empty; room reserved)
     /// together with the prefill group (`reel_rollout::shared_prefill`): this rank computes its
     /// two zigzag chunks; per layer every rank's keys and values are all-gathered and put at
@@ -1038,19 +1101,18 @@ impl<T: GpuFloat> GpuDecoder<T> {
             .into_iter()
             .map(|(sub, past)| (sub, Place { blocks, past }))
             .unzip();
-        // Where each gathered row goes: the K rows of every other rank's part (then, in the
-        // second list, its V rows) at their slots; this rank's own rows and padding nowhere.
+        // Where each gathered row's key and value go: every other rank's rows at their slots;
+        // this rank's own rows and padding nowhere (one entry a row of each part).
         let m = split.rows_per_rank();
-        let rows = 2 * world * m;
-        let mut put = vec![NO_SLOT; 2 * rows];
-        for (i, p) in split.gathered_rows().into_iter().enumerate() {
-            let (q, j) = (i / m, i % m);
-            if let (Some(p), true) = (p, q != rank) {
-                let slot = cache_slot(blocks, bs, span.start + p);
-                put[q * 2 * m + j] = slot;
-                put[rows + q * 2 * m + m + j] = slot;
-            }
-        }
+        let put: Vec<u32> = split
+            .gathered_rows()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| match p {
+                Some(p) if i / m != rank => cache_slot(blocks, bs, span.start + p),
+                _ => NO_SLOT,
+            })
+            .collect();
         let shared = SharedRows { put, m };
         if steps.is_empty() {
             // No rows of its own (a span shorter than 2P chunks): it still takes part in
@@ -1424,6 +1486,14 @@ impl<T: GpuFloat> StepModel for GpuDecoder<T> {
 
     fn prefill_peers(&self) -> Option<(usize, usize)> {
         GpuDecoder::prefill_peers(self)
+    }
+
+    fn prepare_shared(&mut self, rows: usize) -> std::result::Result<usize, RolloutError> {
+        GpuDecoder::prepare_shared(self, rows).map_err(|e| RolloutError::Device(e.to_string()))
+    }
+
+    fn gather_peers(&mut self, values: &[f32]) -> std::result::Result<Vec<f32>, RolloutError> {
+        GpuDecoder::gather_peers(self, values).map_err(|e| RolloutError::Device(e.to_string()))
     }
 
     fn prefill_shared(

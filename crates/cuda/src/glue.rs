@@ -5,7 +5,10 @@
 
 use crate::buffer::{DevRead, DevWrite};
 use crate::ops::{as_i32, cfg, check, elementwise_grid, launch};
-use crate::{Gpu, GpuFloat, Result};
+use crate::{DeviceBuf, Gpu, GpuFloat, Result};
+
+/// Values [`Gpu::upload_cast`] stages at a time (256 MiB of f32).
+pub const UPLOAD_CAST_CHUNK: usize = 1 << 26;
 
 /// Blocks of the sum-of-squares kernel (fixed, so the partial sums and their order are too).
 const SUMSQ_BLOCKS: usize = 1024;
@@ -101,6 +104,26 @@ impl Gpu {
             src.dptr(),
             dst.dlen(),
         )
+    }
+
+    /// Uploads the f32 `host` values into the first `host.len()` elements of `dst`, rounded to
+    /// its storage type, through a staging buffer of at most [`UPLOAD_CAST_CHUNK`] values: the
+    /// whole fp32 copy never sits on the device (at 7B that copy alone is 30.5 GB, beside the
+    /// 15 GB it is cast to).
+    pub fn upload_cast<T: GpuFloat>(&self, dst: &mut DeviceBuf<T>, host: &[f32]) -> Result<()> {
+        check("upload_cast", "dst", dst.len().max(host.len()), dst.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut stage = self.alloc_zeros::<f32>(host.len().min(UPLOAD_CAST_CHUNK))?;
+        for at in (0..host.len()).step_by(UPLOAD_CAST_CHUNK) {
+            let end = (at + UPLOAD_CAST_CHUNK).min(host.len());
+            let mut part = stage.view_mut(0..end - at)?;
+            self.upload_into(&mut part, &host[at..end])?;
+            // Stream order: the next chunk's upload into the stage waits for this cast.
+            self.cast_from_f32(&mut dst.view_mut(at..end)?, &part)?;
+        }
+        self.synchronize()
     }
 
     /// `dst = src` rounded to the storage type (bf16 weights from fp32 master weights).

@@ -222,16 +222,23 @@ __device__ void gather_rows(T* dst, const T* src, const u32* idx, int d) {
     for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = s[j];
 }
 
-// dst[idx[r], :] = src[r, :] of the same type, rows with idx[r] = 0xFFFFFFFF skipped (a sequence-
-// parallel prefill's gathered keys and values put at their cache slots, padding rows dropped).
+// A shared prefill's gathered keys and values put at their cache slots: src holds parts of 2m
+// rows (m of keys, then m of values); pair r = q·m + j (part q, row j) goes to slot idx[r] of k
+// and v, pairs with idx[r] = 0xFFFFFFFF (this rank's own rows, padding) skipped. One block a pair.
 template <typename T>
-__device__ void put_rows(T* dst, const T* src, const u32* idx, int d) {
+__device__ void put_kv_rows(T* k, T* v, const T* src, const u32* idx, int m, int d) {
     const i64 r = blockIdx.x;
     const u32 at = idx[r];
     if (at == 0xFFFFFFFFu) return;
-    T* o = dst + (i64)at * d;
-    const T* s = src + r * d;
-    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = s[j];
+    const i64 q = r / m, j = r % m;
+    const T* ks = src + (q * 2 * m + j) * d;
+    const T* vs = ks + (i64)m * d;
+    T* ko = k + (i64)at * d;
+    T* vo = v + (i64)at * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        ko[c] = ks[c];
+        vo[c] = vs[c];
+    }
 }
 
 // dst[idx[r], :] = src[r, :] (f32 source; dst rows not named keep their value).
@@ -363,8 +370,9 @@ __device__ void to_f32(float* dst, const T* src, i64 n) {
     extern "C" __global__ void gather_rows_##S(T* dst, const T* src, const u32* idx, int d) {    \
         gather_rows<T>(dst, src, idx, d);                                                         \
     }                                                                                             \
-    extern "C" __global__ void put_rows_##S(T* dst, const T* src, const u32* idx, int d) {       \
-        put_rows<T>(dst, src, idx, d);                                                            \
+    extern "C" __global__ void put_kv_rows_##S(T* k, T* v, const T* src, const u32* idx, int m,  \
+                                               int d) {                                           \
+        put_kv_rows<T>(k, v, src, idx, m, d);                                                     \
     }                                                                                             \
     extern "C" __global__ void scatter_rows_##S(T* dst, const float* src, const u32* idx,        \
                                                 int d) {                                          \

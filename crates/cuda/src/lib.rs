@@ -96,6 +96,7 @@ pub use devcomm::{
 };
 #[cfg(feature = "cudnn")]
 pub use dist_attn::{GpuDistAttn, GpuSpStats};
+pub use glue::UPLOAD_CAST_CHUNK;
 pub use gpu::{DeviceInfo, Gpu, MemWatch};
 #[cfg(feature = "cudnn")]
 pub use model::{GpuAttention, GpuDpGroup, GpuEmbedsBatch, GpuQwen2, Weights};

@@ -1139,13 +1139,11 @@ impl GpuQwen2 {
                 self.layout.total()
             ));
         }
-        let master = self.gpu.upload(params)?;
         let mut r = match self.ref16.take() {
             Some(r) => r,
             None => self.gpu.alloc_zeros::<bf16>(params.len())?,
         };
-        self.gpu.cast_from_f32(&mut r, &master)?;
-        self.gpu.synchronize()?;
+        self.gpu.upload_cast(&mut r, params)?;
         self.ref16 = Some(r);
         Ok(())
     }

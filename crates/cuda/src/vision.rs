@@ -213,13 +213,8 @@ impl<T: GpuFloat> GpuVisionTower<T> {
                  {SEG_MAX_HEAD_DIM}"
             ));
         }
-        let master = gpu.upload(&tower.params)?;
         let mut weights = gpu.alloc_zeros::<T>(tower.params.len().max(1))?;
-        if !tower.params.is_empty() {
-            gpu.cast_from_f32(&mut weights.view_mut(0..tower.params.len())?, &master)?;
-        }
-        gpu.synchronize()?;
-        drop(master);
+        gpu.upload_cast(&mut weights, &tower.params)?;
         Ok(GpuVisionTower {
             rope: RopeTable::new(hd / 2, 1 << 16, c.rope_theta),
             layout: tower.layout.clone(),

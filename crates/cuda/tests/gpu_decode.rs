@@ -899,3 +899,137 @@ fn a_prefill_shared_over_ranks_continues_as_one_decoders_own() {
         );
     }
 }
+
+/// A decoder that cannot take part in a shared prefill — its pool has no room, or its segment
+/// size differs — fails every decoder of the group at once through the agreement (the error
+/// naming it; the group's timeout is far longer than the test), nothing leaks, and the same
+/// decoders then prefill a prompt together.
+#[test]
+fn a_decoder_that_cannot_take_part_fails_every_peer_at_once() {
+    let Some(_lock) = gpu() else { return };
+    let m = vl_model(23);
+    let work = shared_work(&m);
+    let short = reel_rollout::Prompt::from(vec![5u32, 9, 2, 7, 1, 3]);
+    let (long, short) = (&work[0].0, &short);
+    assert!(long.ids.len() > 8, "a prompt longer than the small pool");
+    let world = 2;
+    let devices = reel_cuda::DeviceWorld::new(world, std::time::Duration::from_secs(600));
+    let mut decoders: Vec<GpuDecoder<f32>> = (0..world)
+        .map(|r| {
+            let gpu = Gpu::open_on_new_stream(0).unwrap();
+            let comm = devices.comm(r, &gpu).unwrap();
+            let mut d = GpuDecoder::<f32>::from_model(gpu, &m.lm).unwrap();
+            d.set_prefill_group(Box::new(comm));
+            d
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = decoders
+            .iter_mut()
+            .enumerate()
+            .map(|(r, d)| {
+                s.spawn(move || {
+                    let mut said = Vec::new();
+                    // Rank 1's pool: 2 blocks of 4, too few for the long prompt.
+                    let cfg = EngineConfig {
+                        block_size: 4,
+                        num_blocks: if r == 1 { 2 } else { 400 },
+                        max_step_tokens: 64,
+                        max_step_seqs: 32,
+                    };
+                    {
+                        let mut e = Engine::with_model(Box::new(&mut *d), cfg).unwrap();
+                        let err = e.add_group_shared(long, 0..1, greedy(3)).unwrap_err();
+                        said.push(err.to_string());
+                        assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+                    }
+                    // Both pools roomy, rank 1's segments another size.
+                    d.set_shared_prefill_rows(if r == 1 { 7 } else { 16384 });
+                    let cfg = EngineConfig {
+                        num_blocks: 400,
+                        ..cfg
+                    };
+                    let mut e = Engine::with_model(Box::new(&mut *d), cfg).unwrap();
+                    let err = e.add_group_shared(long, 0..1, greedy(3)).unwrap_err();
+                    said.push(err.to_string());
+                    // In step again: a short prompt both agree on (the size now alike).
+                    drop(e);
+                    d.set_shared_prefill_rows(16384);
+                    let mut e = Engine::with_model(Box::new(&mut *d), cfg).unwrap();
+                    let share = if r == 0 { 0..1 } else { 0..0 };
+                    let id = e.add_group_shared(short, share, greedy(3)).unwrap();
+                    let out = e.run().unwrap();
+                    (said, id.is_some(), out)
+                })
+            })
+            .collect();
+        let mut first = None;
+        for (r, h) in handles.into_iter().enumerate() {
+            let (said, has, out) = h.join().unwrap();
+            eprintln!("rank {r}: {said:?}");
+            assert!(
+                said[0].contains("rank 1: no room in its KV pool"),
+                "rank {r}: {}",
+                said[0]
+            );
+            assert!(
+                said[1].contains("disagree") && said[1].contains("7 a rank per segment"),
+                "rank {r}: {}",
+                said[1]
+            );
+            assert_eq!(has, r == 0);
+            if r == 0 {
+                first = Some(out[0].samples[0].ids.clone());
+            }
+        }
+        // The group's sample as one decoder's own prefill gives it.
+        let mut one = GpuDecoder::<f32>::from_model(open(), &m.lm).unwrap();
+        let mut e = Engine::with_model(
+            Box::new(&mut one),
+            EngineConfig {
+                block_size: 4,
+                num_blocks: 400,
+                max_step_tokens: 64,
+                max_step_seqs: 32,
+            },
+        )
+        .unwrap();
+        e.add_group(short.clone(), 1, greedy(3)).unwrap();
+        assert_eq!(Some(e.run().unwrap()[0].samples[0].ids.clone()), first);
+    });
+    for d in &decoders {
+        assert!(!d.holds_pool());
+    }
+}
+
+/// A decoder whose weights were released (room for a trainer's state before it reads the
+/// trainer's weights in place) refuses to step, naming why, and after `load_params` decodes as
+/// before.
+#[test]
+fn released_weights_refuse_steps_until_loaded_again() {
+    let Some(_lock) = gpu() else { return };
+    let m = vl_model(23);
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_step_tokens: 64,
+        max_step_seqs: 8,
+    };
+    let p: reel_rollout::Prompt = tokens(20, 1, 280).into();
+    let run = |d: &mut GpuDecoder<bf16>| -> Result<Vec<u32>, String> {
+        let mut e = Engine::with_model(Box::new(d), cfg).map_err(|e| e.to_string())?;
+        e.add_group(p.clone(), 1, greedy(5))
+            .map_err(|e| e.to_string())?;
+        let out = e.run().map_err(|e| e.to_string())?;
+        Ok(out[0].samples[0].ids.clone())
+    };
+    let mut d = GpuDecoder::<bf16>::from_model(open(), &m.lm).unwrap();
+    let want = run(&mut d).unwrap();
+    d.release_weights().unwrap();
+    assert!(d.weights_released());
+    let err = run(&mut d).unwrap_err();
+    assert!(err.contains("released"), "{err}");
+    d.load_params(&m.lm.params).unwrap();
+    assert!(!d.weights_released());
+    assert_eq!(run(&mut d).unwrap(), want);
+}

@@ -664,3 +664,24 @@ fn nccl_is_reachable_through_the_shim_path() {
     assert!(out.status.success(), "child failed: {err}");
     let _ = std::fs::remove_dir_all(&shim);
 }
+
+/// `upload_cast` stages through chunks yet writes every value, rounded as `cast_from_f32`
+/// rounds them (a length past one chunk, and into a longer buffer whose tail it leaves alone).
+#[test]
+fn upload_cast_writes_every_value_across_chunks() {
+    let Some(g) = gpu() else { return };
+    let n = reel_cuda::UPLOAD_CAST_CHUNK + 1001;
+    let host: Vec<f32> = (0..n).map(|i| (i % 9973) as f32 * 0.37 - 1234.5).collect();
+    let mut dst = g.alloc_zeros::<bf16>(n + 7).unwrap();
+    g.upload_cast(&mut dst, &host).unwrap();
+    let got = g.download(&dst).unwrap();
+    for (i, (a, b)) in got.iter().zip(&host).enumerate() {
+        assert_eq!(*a, bf16::from_f32(*b), "value {i}");
+    }
+    assert!(
+        got[n..].iter().all(|x| x.to_f32() == 0.0),
+        "the tail untouched"
+    );
+    let mut short = g.alloc_zeros::<bf16>(5).unwrap();
+    assert!(g.upload_cast(&mut short, &host[..6]).is_err());
+}

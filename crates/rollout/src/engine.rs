@@ -31,6 +31,7 @@ use crate::request::{
     SeqState,
 };
 use crate::sample::{logprob_temperature, pick, step_candidates, StepLogits};
+use crate::shared_prefill::{agree, fingerprint, PrefillVote, Refusal};
 use crate::step::{CpuStep, StepModel};
 use crate::RolloutError;
 use rayon::prelude::*;
@@ -360,23 +361,26 @@ impl<'m> Engine<'m> {
     /// [`crate::shared_prefill::sample_share`]); a peer given none only computes its share of
     /// the prefill, gives the table back and returns `None`. The request is checked before the
     /// prefill, alike on every peer, so a bad one fails on all of them. The pool must have room
-    /// for the prompt now (nothing is preempted for it); a peer that fails on its own (no room,
-    /// a device error) leaves the others to fail at their collective's timeout.
+    /// for the prompt now (nothing is preempted for it). Before any collective work the peers
+    /// agree (`crate::shared_prefill`, "Agreement"): a peer whose request fails its checks,
+    /// whose pool has no room, or whose model cannot ready itself fails every peer at once,
+    /// the error naming it and why; only a device error inside the prefill leaves the others
+    /// to fail at their collective's timeout.
     pub fn add_group_shared(
         &mut self,
         prompt: &Prompt,
         samples: std::ops::Range<usize>,
         params: GenerationParams,
     ) -> Result<Option<GroupId>, RolloutError> {
-        check_group(
+        let checked = check_group(
             self.model.config(),
             GroupId(self.next_id),
             prompt,
             samples.len().max(1),
             &params,
             self.detokenizer.is_some(),
-        )?;
-        let table = self.shared_prefill(prompt)?;
+        );
+        let table = self.shared_prefill(prompt, checked.map(|_| ()))?;
         if samples.is_empty() {
             if let Some(t) = table {
                 self.pool.release(t);
@@ -415,12 +419,15 @@ impl<'m> Engine<'m> {
     }
 
     /// The shared prefill of all of `prompt`'s tokens but the last into a new table (none for a
-    /// one-token prompt, on every peer alike).
-    fn shared_prefill(&mut self, prompt: &Prompt) -> Result<Option<BlockTable>, RolloutError> {
-        let n = prompt.ids.len().saturating_sub(1);
-        if n == 0 {
-            return Ok(None);
-        }
+    /// one-token prompt, on every peer alike), after the peers' agreement
+    /// (`crate::shared_prefill`, "Agreement"): `checked` is this peer's verdict on the request;
+    /// room for the rows is reserved and the model readied, and every peer's vote gathered,
+    /// before anything is computed.
+    fn shared_prefill(
+        &mut self,
+        prompt: &Prompt,
+        checked: Result<(), RolloutError>,
+    ) -> Result<Option<BlockTable>, RolloutError> {
         if self.model.prefill_peers().is_none() {
             return Err(RolloutError::Invalid(
                 "a shared prefill needs a model with prefill peers (a GPU decoder given its \
@@ -428,43 +435,59 @@ impl<'m> Engine<'m> {
                     .into(),
             ));
         }
+        let n = prompt.ids.len().saturating_sub(1);
         let d = self.model.config().hidden_size;
-        let input = match &prompt.embeddings {
-            Some(e) if e.len() >= n * d => StepInput::Embeddings(&e[..n * d]),
-            Some(e) => {
-                return Err(RolloutError::Invalid(format!(
-                    "prompt of {} tokens has {} input-embedding values, not rows of {d}",
-                    prompt.ids.len(),
-                    e.len()
-                )))
-            }
-            None => StepInput::Tokens(&prompt.ids[..n]),
-        };
-        let positions = match &prompt.mrope {
-            Some(m) if m.positions.len() > n => StepPositions::MRope {
-                ids: &m.positions[..n],
-                sections: m.sections,
-            },
-            Some(m) => {
-                return Err(RolloutError::Invalid(format!(
-                    "prompt of {} tokens has {} M-RoPE positions",
-                    prompt.ids.len(),
-                    m.positions.len()
-                )))
-            }
-            None => StepPositions::Linear { start: 0 },
-        };
-        let step = SeqStep {
-            input,
-            positions,
-            logits: false,
-        };
         let mut table = self.pool.new_table();
-        let ran = match self.pool.reserve(&mut table, n) {
-            Ok(()) => self.model.prefill_shared(&mut self.pool, &step, &table),
-            Err(e) => Err(e),
+        // This peer's vote: what stops it, if anything, and what it is about to run.
+        let mut vote = PrefillVote {
+            refusal: None,
+            rows: n as u64,
+            rows_per_rank: 0,
+            prompt: fingerprint(&prompt.ids, prompt.embeddings.as_ref().map_or(0, Vec::len)),
         };
-        if let Err(e) = ran {
+        let local = match checked.and_then(|()| shared_step(prompt, n, d).map(|_| ())) {
+            Err(e) => Err((e, Refusal::Request)),
+            Ok(()) => match self.pool.reserve(&mut table, n) {
+                Err(e) => {
+                    let needed = self.pool.blocks_needed(&table, n) as u64;
+                    let free = self.pool.free_blocks() as u64;
+                    Err((e, Refusal::NoRoom { needed, free }))
+                }
+                Ok(()) => self
+                    .model
+                    .prepare_shared(n)
+                    .map_err(|e| (e, Refusal::Model)),
+            },
+        };
+        match &local {
+            Ok(r) => vote.rows_per_rank = *r as u64,
+            Err((_, why)) => vote.refusal = Some(*why),
+        }
+        let agreed = self.model.gather_peers(&vote.encode()).and_then(|all| {
+            let votes = all
+                .chunks(PrefillVote::VALUES)
+                .map(PrefillVote::decode)
+                .collect::<Result<Vec<_>, _>>()?;
+            agree(&votes)
+        });
+        let refused = match (agreed, local) {
+            (Ok(()), Ok(_)) => None,
+            // This peer's own reason in full beside the agreement's summary.
+            (Err(e), Err((own, _))) => Some(RolloutError::Invalid(format!("{e} (here: {own})"))),
+            (Err(e), Ok(_)) => Some(e),
+            // Its own refusal was in its vote, so the agreement cannot pass; kept for safety.
+            (Ok(()), Err((own, _))) => Some(own),
+        };
+        if let Some(e) = refused {
+            self.pool.release(table);
+            return Err(e);
+        }
+        if n == 0 {
+            self.pool.release(table);
+            return Ok(None);
+        }
+        let step = shared_step(prompt, n, d)?;
+        if let Err(e) = self.model.prefill_shared(&mut self.pool, &step, &table) {
             self.pool.release(table);
             return Err(e);
         }
@@ -877,6 +900,40 @@ impl<'m> Engine<'m> {
 /// embeddings and M-RoPE positions, sampling parameters, stop strings), so a bad request never
 /// fails a later step; returns the position of its first generated token. Shared by [`Engine`]
 /// and [`crate::sharded::ShardedEngine`].
+/// The step of a shared prefill of `prompt`'s first `n` rows (`d` values an embedding row).
+fn shared_step(prompt: &Prompt, n: usize, d: usize) -> Result<SeqStep<'_>, RolloutError> {
+    let input = match &prompt.embeddings {
+        Some(e) if e.len() >= n * d => StepInput::Embeddings(&e[..n * d]),
+        Some(e) => {
+            return Err(RolloutError::Invalid(format!(
+                "prompt of {} tokens has {} input-embedding values, not rows of {d}",
+                prompt.ids.len(),
+                e.len()
+            )))
+        }
+        None => StepInput::Tokens(&prompt.ids[..n]),
+    };
+    let positions = match &prompt.mrope {
+        Some(m) if m.positions.len() > n => StepPositions::MRope {
+            ids: &m.positions[..n],
+            sections: m.sections,
+        },
+        Some(m) => {
+            return Err(RolloutError::Invalid(format!(
+                "prompt of {} tokens has {} M-RoPE positions",
+                prompt.ids.len(),
+                m.positions.len()
+            )))
+        }
+        None => StepPositions::Linear { start: 0 },
+    };
+    Ok(SeqStep {
+        input,
+        positions,
+        logits: false,
+    })
+}
+
 pub(crate) fn check_group(
     c: &Qwen2Config,
     id: GroupId,

@@ -10,6 +10,16 @@
 //! the last layer every peer's table holds every row's keys and values: each peer decodes its
 //! [`sample_share`] of the group's samples from them (all of them on the prompt's owner, when
 //! the caller keeps decoding on one peer), and a peer with none drops them.
+//!
+//! **Agreement.** Before the first collective each peer says, in one small all-gather
+//! ([`PrefillVote`], [`StepModel::gather_peers`]), whether it can take part — the request passed
+//! its checks, its pool has room for the prompt, its model readied its buffers
+//! ([`StepModel::prepare_shared`]) — and what it is about to run: the rows, the rows a rank
+//! runs per segment, the prompt's [`fingerprint`]. [`agree`] then fails every peer alike,
+//! naming each peer that refused and why, or what they disagree on; so one peer's local
+//! failure no longer leaves the others waiting in the first layer's all-gather until their
+//! collective timeout. Only a failure inside the prefill itself (a device error mid-layer)
+//! still does.
 
 use crate::kv::{attend_placed, write_placed};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
@@ -244,6 +254,16 @@ impl<C: Communicator> StepModel for CpuPeerStep<'_, '_, C> {
         Some((self.comm.rank(), self.comm.world_size()))
     }
 
+    fn prepare_shared(&mut self, _rows: usize) -> Result<usize, RolloutError> {
+        Ok(self.rows_per_rank)
+    }
+
+    fn gather_peers(&mut self, values: &[f32]) -> Result<Vec<f32>, RolloutError> {
+        let mut out = vec![0.0f32; values.len() * self.comm.world_size()];
+        self.comm.all_gather(values, &mut out)?;
+        Ok(out)
+    }
+
     fn prefill_shared(
         &mut self,
         pool: &mut BlockPool,
@@ -368,6 +388,152 @@ impl<C: Communicator> SharedKv<'_, C> {
     }
 }
 
+/// Why a peer cannot take part in a shared prefill ([`PrefillVote`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request failed the peer's checks (the prompt or the parameters).
+    Request,
+    /// Its KV pool has no room for the prompt: `needed` blocks, `free` free.
+    NoRoom { needed: u64, free: u64 },
+    /// Its model could not ready itself (a device's memory for the step buffers, say).
+    Model,
+}
+
+/// What one peer says before a shared prefill (module docs, "Agreement").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillVote {
+    /// `None`: ready to run it.
+    pub refusal: Option<Refusal>,
+    /// The rows it would prefill (the prompt's tokens but the last).
+    pub rows: u64,
+    /// Rows a rank runs per segment ([`segments`]); 0 where the peer refused before asking
+    /// its model.
+    pub rows_per_rank: u64,
+    /// The prompt's [`fingerprint`].
+    pub prompt: u64,
+}
+
+impl PrefillVote {
+    /// f32 values a vote travels as: six u64 words in 16-bit pieces, each exact in an f32
+    /// (whatever the transport does with the bits of a float).
+    pub const VALUES: usize = 24;
+
+    pub fn encode(&self) -> [f32; Self::VALUES] {
+        let (code, a, b) = match self.refusal {
+            None => (0, 0, 0),
+            Some(Refusal::Request) => (1, 0, 0),
+            Some(Refusal::NoRoom { needed, free }) => (2, needed, free),
+            Some(Refusal::Model) => (3, 0, 0),
+        };
+        let words = [code, a, b, self.rows, self.rows_per_rank, self.prompt];
+        let mut out = [0.0f32; Self::VALUES];
+        for (i, w) in words.iter().enumerate() {
+            for k in 0..4 {
+                out[4 * i + k] = ((w >> (16 * k)) & 0xFFFF) as f32;
+            }
+        }
+        out
+    }
+
+    /// The vote `encode` wrote into `v` (its length); an error for values it cannot have
+    /// written.
+    pub fn decode(v: &[f32]) -> Result<Self, RolloutError> {
+        let bad = || RolloutError::Invalid(format!("shared prefill: a malformed vote {v:?}"));
+        if v.len() != Self::VALUES {
+            return Err(bad());
+        }
+        let mut words = [0u64; 6];
+        for (i, w) in words.iter_mut().enumerate() {
+            for k in 0..4 {
+                let x = v[4 * i + k];
+                if !(x.fract() == 0.0 && (0.0..65536.0).contains(&x)) {
+                    return Err(bad());
+                }
+                *w |= (x as u64) << (16 * k);
+            }
+        }
+        let [code, a, b, rows, rows_per_rank, prompt] = words;
+        let refusal = match code {
+            0 => None,
+            1 => Some(Refusal::Request),
+            2 => Some(Refusal::NoRoom { needed: a, free: b }),
+            3 => Some(Refusal::Model),
+            _ => return Err(bad()),
+        };
+        Ok(PrefillVote {
+            refusal,
+            rows,
+            rows_per_rank,
+            prompt,
+        })
+    }
+}
+
+/// A prompt's fingerprint for the agreement: FNV-1a over its token ids and its number of
+/// input-embedding values (peers about to prefill different prompts disagree on it).
+pub fn fingerprint(ids: &[u32], embedding_values: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = ids
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .chain((embedding_values as u64).to_le_bytes());
+    for b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Whether the peers' `votes` (in rank order) let the shared prefill run: every peer ready, and
+/// all about the same rows of the same prompt in the same segments. Else the error every peer
+/// returns alike, naming each peer that refused and why, or what the peers disagree on.
+pub fn agree(votes: &[PrefillVote]) -> Result<(), RolloutError> {
+    let refused: Vec<String> = votes
+        .iter()
+        .enumerate()
+        .filter_map(|(r, v)| {
+            let why = match v.refusal? {
+                Refusal::Request => "the request failed its checks".to_string(),
+                Refusal::NoRoom { needed, free } => {
+                    format!("no room in its KV pool ({needed} blocks needed, {free} free)")
+                }
+                Refusal::Model => "its model could not ready its buffers".to_string(),
+            };
+            Some(format!("rank {r}: {why}"))
+        })
+        .collect();
+    if !refused.is_empty() {
+        return Err(RolloutError::Invalid(format!(
+            "shared prefill refused by {} of {} peers: {}",
+            refused.len(),
+            votes.len(),
+            refused.join("; ")
+        )));
+    }
+    let Some(first) = votes.first() else {
+        return Ok(());
+    };
+    let same = |v: &PrefillVote| {
+        (v.rows, v.rows_per_rank, v.prompt) == (first.rows, first.rows_per_rank, first.prompt)
+    };
+    if votes.iter().all(same) {
+        return Ok(());
+    }
+    let each: Vec<String> = votes
+        .iter()
+        .enumerate()
+        .map(|(r, v)| {
+            format!(
+                "rank {r}: {} rows of prompt {:016x}, {} a rank per segment",
+                v.rows, v.prompt, v.rows_per_rank
+            )
+        })
+        .collect();
+    Err(RolloutError::Invalid(format!(
+        "shared prefill: the peers disagree on what to prefill ({})",
+        each.join("; ")
+    )))
+}
+
 /// The samples of a group of `g` that peer `rank` of `world` decodes after a shared prefill
 /// (every peer holds the whole prompt): contiguous shares in rank order, the first `g mod world`
 /// peers one more; empty where `g < world` leaves a peer none.
@@ -381,6 +547,66 @@ pub fn sample_share(g: usize, world: usize, rank: usize) -> Range<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn votes_travel_as_exact_floats_and_the_agreement_names_who_refused_or_differs() {
+        let ok = PrefillVote {
+            refusal: None,
+            rows: 262_143,
+            rows_per_rank: 16_384,
+            prompt: fingerprint(&[1, 2, 3], 0),
+        };
+        let full = PrefillVote {
+            refusal: Some(Refusal::NoRoom {
+                needed: 4097,
+                free: u64::MAX - 1,
+            }),
+            prompt: u64::MAX,
+            ..ok
+        };
+        for v in [ok, full] {
+            assert_eq!(PrefillVote::decode(&v.encode()).unwrap(), v);
+        }
+        let mut bad = ok.encode();
+        bad[0] = 0.5;
+        assert!(PrefillVote::decode(&bad).is_err());
+        bad[0] = 9.0; // no such refusal code
+        assert!(PrefillVote::decode(&bad).is_err());
+        assert!(PrefillVote::decode(&bad[1..]).is_err());
+
+        agree(&[ok, ok, ok]).unwrap();
+        let e = agree(&[ok, full, ok]).unwrap_err().to_string();
+        assert!(
+            e.contains("1 of 3 peers") && e.contains("rank 1: no room") && e.contains("4097"),
+            "{e}"
+        );
+        let model = PrefillVote {
+            refusal: Some(Refusal::Model),
+            ..ok
+        };
+        let e = agree(&[model, ok, full]).unwrap_err().to_string();
+        assert!(
+            e.contains("rank 0: its model") && e.contains("rank 2: no room"),
+            "{e}"
+        );
+        for other in [
+            PrefillVote { rows: 7, ..ok },
+            PrefillVote {
+                rows_per_rank: 8,
+                ..ok
+            },
+            PrefillVote {
+                prompt: fingerprint(&[1, 2, 4], 0),
+                ..ok
+            },
+        ] {
+            let e = agree(&[ok, other]).unwrap_err().to_string();
+            assert!(e.contains("disagree") && e.contains("rank 1:"), "{e}");
+        }
+        // The fingerprint tells the inputs apart, embeddings included.
+        assert_ne!(fingerprint(&[1, 2, 3], 0), fingerprint(&[1, 2, 3], 6));
+        assert_ne!(fingerprint(&[1, 2, 3], 0), fingerprint(&[3, 2, 1], 0));
+    }
 
     #[test]
     fn sample_shares_tile_the_group_in_rank_order() {

@@ -71,6 +71,26 @@ pub trait StepModel {
         None
     }
 
+    /// Readies the model for a shared prefill of `rows` rows (a GPU decoder's step buffers,
+    /// say), before the peers agree to run it (`crate::shared_prefill`, "Agreement"); returns
+    /// the rows a rank runs per segment ([`crate::shared_prefill::segments`]), which every
+    /// peer must use alike. Not a collective.
+    fn prepare_shared(&mut self, rows: usize) -> Result<usize, RolloutError> {
+        let _ = rows;
+        Err(RolloutError::Invalid(
+            "this model has no peers to prefill a prompt with".into(),
+        ))
+    }
+
+    /// Gives every peer each peer's `values` (the same length on every peer), concatenated in
+    /// rank order: the shared prefill's agreement. A collective over the prefill peers.
+    fn gather_peers(&mut self, values: &[f32]) -> Result<Vec<f32>, RolloutError> {
+        let _ = values;
+        Err(RolloutError::Invalid(
+            "this model has no peers to prefill a prompt with".into(),
+        ))
+    }
+
     /// Prefills `step` — a prompt's rows from its first, into `table` (empty, room reserved
     /// for them) — together with the model's peers, split as
     /// [`crate::shared_prefill::PrefillSplit`]: afterwards the table's blocks hold every row's
@@ -128,6 +148,14 @@ impl<T: StepModel + ?Sized> StepModel for &mut T {
 
     fn prefill_peers(&self) -> Option<(usize, usize)> {
         (**self).prefill_peers()
+    }
+
+    fn prepare_shared(&mut self, rows: usize) -> Result<usize, RolloutError> {
+        (**self).prepare_shared(rows)
+    }
+
+    fn gather_peers(&mut self, values: &[f32]) -> Result<Vec<f32>, RolloutError> {
+        (**self).gather_peers(values)
     }
 
     fn prefill_shared(

@@ -619,6 +619,14 @@ impl StepModel for SoloPeers<'_> {
         Some((0, 1))
     }
 
+    fn prepare_shared(&mut self, _rows: usize) -> Result<usize, RolloutError> {
+        Ok(1 << 20)
+    }
+
+    fn gather_peers(&mut self, values: &[f32]) -> Result<Vec<f32>, RolloutError> {
+        Ok(values.to_vec())
+    }
+
     fn prefill_shared(
         &mut self,
         pool: &mut BlockPool,
@@ -804,7 +812,7 @@ fn peers_decoding_their_sample_shares_give_the_whole_groups_samples() {
 #[test]
 fn a_prefill_shared_over_cpu_peers_continues_as_one_engines_own() {
     use reel_comm::{Communicator, InProcess};
-    use reel_rollout::shared_prefill::{exchange_bytes, CpuPeerStep};
+    use reel_rollout::shared_prefill::{exchange_bytes, CpuPeerStep, PrefillVote};
     use std::time::Duration;
     let m = model();
     let work: Vec<(Prompt, usize, GenerationParams)> = vec![
@@ -837,13 +845,15 @@ fn a_prefill_shared_over_cpu_peers_continues_as_one_engines_own() {
                 }
                 let mut out = e.run()?;
                 assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
-                // Every all-gather was a shared prefill's, each moving the formula's bytes.
+                // Every all-gather was a shared prefill's, each moving the formula's bytes, or
+                // its agreement's, one vote from every other peer.
                 let c = &m.config;
                 let kv = (c.num_key_value_heads * c.head_dim, c.num_hidden_layers, 4);
+                let vote = ((world - 1) * PrefillVote::VALUES * 4) as u64;
                 let (bytes, calls) = work
                     .iter()
                     .map(|(p, _, _)| exchange_bytes(p.ids.len() - 1, world, rows, kv))
-                    .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+                    .fold((0, 0), |a, b| (a.0 + b.0 + vote, a.1 + b.1 + 1));
                 let st = comm.stats().all_gather;
                 assert_eq!((st.bytes_recv, st.calls), (bytes, calls), "rank {r}");
                 let samples: Vec<Vec<reel_rollout::SampleOutput>> = ids
@@ -877,6 +887,100 @@ fn a_prefill_shared_over_cpu_peers_continues_as_one_engines_own() {
                     )
                     .unwrap();
                 }
+            }
+        }
+    }
+}
+
+/// A peer that cannot take part in a shared prefill — no room in its pool, a request its checks
+/// refuse, a different segment size or prompt — fails every peer at once through the agreement,
+/// each error naming that peer (not a collective timeout: the ranks' timeout here is far longer
+/// than the test), and nothing leaks: afterwards the same engines prefill a prompt together as
+/// if nothing had happened.
+#[test]
+fn a_peer_that_cannot_take_part_fails_every_peer_at_once_and_the_peers_go_on() {
+    use reel_comm::{Communicator, InProcess};
+    use reel_rollout::shared_prefill::CpuPeerStep;
+    use std::time::Duration;
+    let m = model();
+    let long: Prompt = prompt(41, 1).into();
+    let fits: Prompt = prompt(9, 2).into();
+    let want = reference(&m, &prompt(9, 2), &greedy(4), 0);
+    // (world, the odd rank, what is odd about it)
+    let cases = [
+        (2, 1, "room"),
+        (3, 2, "room"),
+        (3, 0, "request"),
+        (2, 1, "segments"),
+        (3, 1, "prompt"),
+    ];
+    for (world, odd, what) in cases {
+        let per_rank = InProcess::spawn(world, Duration::from_secs(600), |comm| {
+            let r = comm.rank();
+            let is_odd = r == odd;
+            let rows = if is_odd && what == "segments" { 5 } else { 4 };
+            let mut step = CpuPeerStep::new(&m, &comm, rows);
+            // 40 rows need 14 blocks of 3; the odd peer's pool holds 8.
+            let cfg = match is_odd && what == "room" {
+                true => EngineConfig {
+                    num_blocks: 8,
+                    ..small()
+                },
+                false => small(),
+            };
+            let mut e = Engine::with_model(Box::new(&mut step), cfg)?;
+            let mut params = greedy(4);
+            if is_odd && what == "request" {
+                params.sampling.temperature = -1.0;
+            }
+            let p = match is_odd && what == "prompt" {
+                true => prompt(41, 3).into(),
+                false => long.clone(),
+            };
+            let share = reel_rollout::sample_share(2, world, r);
+            let refused = e
+                .add_group_shared(&p, share, params)
+                .expect_err("every peer refuses")
+                .to_string();
+            assert_eq!(e.pool().free_blocks(), e.pool().total_blocks(), "rank {r}");
+            assert!(!e.has_work());
+            // In step again: a prompt that fits every pool, its one sample on rank 0.
+            let share = if r == 0 { 0..1 } else { 0..0 };
+            let rows = match what {
+                // The odd segment size would disagree again.
+                "segments" => None,
+                _ => Some(e.add_group_shared(&fits, share, greedy(4))?),
+            };
+            let out = e.run()?;
+            Ok::<_, RolloutError>((refused, rows, out))
+        });
+        let at = format!("world {world}, rank {odd}'s {what}");
+        for (r, got) in per_rank.into_iter().enumerate() {
+            let (refused, again, out) = got.unwrap_or_else(|e| panic!("{at}: rank {r}: {e}"));
+            let who = format!("rank {odd}");
+            let ok = match what {
+                "room" => refused.contains(&format!("{who}: no room in its KV pool")),
+                "request" => refused.contains(&format!("{who}: the request failed its checks")),
+                _ => refused.contains("disagree") && refused.contains(&format!("{who}: ")),
+            };
+            assert!(ok, "{at}: rank {r} said: {refused}");
+            assert!(!refused.contains("timed out"), "{at}: {refused}");
+            // The refusing peer adds its own reason in full.
+            if r == odd && what == "room" {
+                assert!(
+                    refused.contains("here: KV block pool exhausted"),
+                    "{refused}"
+                );
+            }
+            if what == "segments" {
+                continue;
+            }
+            match r {
+                0 => {
+                    assert!(again.unwrap().is_some());
+                    assert_eq!(out[0].samples[0].ids, want, "{at}");
+                }
+                _ => assert!(again.unwrap().is_none() && out.is_empty(), "{at}"),
             }
         }
     }

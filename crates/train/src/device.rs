@@ -989,6 +989,42 @@ impl RolloutDecoder {
         Ok(())
     }
 
+    /// Frees a bf16 decoder's own weights before the policy is put on the GPU, which it will
+    /// read in place ([`RolloutDecoder::attach_policy`] gives it weights again either way): the
+    /// two copies never sit on the device together (15 GB at 7B, the margin a 7B policy over
+    /// 2 GPUs needs to be placed). An f32 decoder keeps its own.
+    pub fn release_for_policy(&mut self) -> Result<()> {
+        if let RolloutDecoder::Bf16(d) = self {
+            d.release_weights()?;
+        }
+        Ok(())
+    }
+
+    /// After the policy was put on the GPU (`Some`) or not: reads its bf16 weights in place
+    /// where it can ([`RolloutDecoder::read_policy_weights`]); otherwise a decoder whose
+    /// weights were released loads `params` (the host policy's) again.
+    ///
+    /// # Safety
+    /// As [`RolloutDecoder::read_policy_weights`].
+    pub unsafe fn attach_policy(
+        &mut self,
+        policy: Option<&GpuModel>,
+        params: &[f32],
+    ) -> Result<()> {
+        let in_place = match policy {
+            // SAFETY: the caller's contract.
+            Some(p) => unsafe { self.read_policy_weights(p)? },
+            None => false,
+        };
+        match self {
+            RolloutDecoder::Bf16(d) if !in_place && d.weights_released() => {
+                d.load_params(params)?
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Drops a bf16 decoder's own weights and reads `policy`'s bf16 compute copy in place from
     /// now on (the same values: both cast from the same fp32 master weights): one copy of the
     /// model on the GPU instead of two (6 GB at 3B, 15 GB at 7B). Returns whether it does (and
@@ -1265,6 +1301,18 @@ mod cpu_only {
         /// # Safety
         /// Never callable: no value exists.
         pub unsafe fn read_policy_weights(&mut self, _: &GpuModel) -> anyhow::Result<bool> {
+            match self.never {}
+        }
+        pub fn release_for_policy(&mut self) -> anyhow::Result<()> {
+            match self.never {}
+        }
+        /// # Safety
+        /// Never callable: no value exists.
+        pub unsafe fn attach_policy(
+            &mut self,
+            _: Option<&GpuModel>,
+            _: &[f32],
+        ) -> anyhow::Result<()> {
             match self.never {}
         }
         pub fn step_model(&mut self) -> Box<dyn reel_rollout::StepModel + '_> {

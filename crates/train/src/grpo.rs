@@ -1287,6 +1287,10 @@ fn grpo_rank<C: Communicator>(
             Vec::new(),
         ),
     };
+    if let (Some(d), true) = (decoder.as_mut(), have_gpu && cfg.train.gpu_update) {
+        // Room for the policy: the decoder reads its weights in place afterwards.
+        d.release_for_policy()?;
+    }
     // Scoring and the update on the GPU (one rank): the policy, its optimizer state and the
     // reference weights on the device; the host copies are refreshed for checkpoints.
     let mut gm: Option<GpuModel> = grpo_policy_gpu(
@@ -1299,11 +1303,11 @@ fn grpo_rank<C: Communicator>(
         &opt,
         "train.device",
     )?;
-    if let (Some(d), Some(g)) = (decoder.as_mut(), gm.as_ref()) {
+    if let Some(d) = decoder.as_mut() {
         // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
         // each step's update reaches the decoder through `load_from_policy` before the next
         // rollout.
-        unsafe { d.read_policy_weights(g) }?;
+        unsafe { d.attach_policy(gm.as_ref(), &model.params) }?;
     }
     if gm.is_some() {
         // The reference lives on the device now.

@@ -1604,6 +1604,10 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         .as_ref()
         .filter(|_| gpu_policy)
         .map(|d| d.join(crate::checkpoint::OPTIMIZER_FILE));
+    if let (Some(d), true) = (decoder.as_mut(), gpu_policy) {
+        // Room for the policy: the decoder reads its weights in place afterwards.
+        d.release_for_policy()?;
+    }
     let mut gm: Option<GpuPolicy> = grpo_policy_ranks(
         have_gpu,
         cfg.train.gpu_update,
@@ -1621,11 +1625,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         // "auto" fell back to the CPU: the host optimizer takes the state after all.
         crate::grpo::load_optimizer(dir, &mut opt)?;
     }
-    if let (Some(d), Some(gp)) = (decoder.as_mut(), gm.as_ref()) {
+    if let Some(d) = decoder.as_mut() {
         // SAFETY: the policy lives for the whole run, longer than the decoder's steps, and
         // each step's update reaches the decoder through `load_from_policy` before the next
         // rollout.
-        unsafe { d.read_policy_weights(gp.lead()) }?;
+        unsafe { d.attach_policy(gm.as_ref().map(GpuPolicy::lead), &model.lm.params) }?;
     }
     if gm.is_some() {
         reference = None;
