@@ -302,6 +302,14 @@ fn run_fixed(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
     Ok(json!(rows))
 }
 
+/// The runs of a report (`run`'s rows) that failed; 0 for a search's report, whose failed
+/// trials are its findings.
+pub fn failed_runs(report: &serde_json::Value) -> usize {
+    report.as_array().map_or(0, |rows| {
+        rows.iter().filter(|r| r.get("error").is_some()).count()
+    })
+}
+
 /// One table row of a run's record.
 fn print_row(r: &serde_json::Value) {
     let g = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
@@ -711,6 +719,17 @@ mod tests {
             limit,
             timeout_s: 1,
         }
+    }
+
+    #[test]
+    fn failed_runs_count_error_rows_of_a_table_not_a_search() {
+        let rows = json!([
+            {"frames": 8, "reuse": true, "step_s": 1.0},
+            {"frames": 16, "reuse": true, "error": "out of memory"},
+        ]);
+        assert_eq!(failed_runs(&rows), 1);
+        assert_eq!(failed_runs(&json!([{"frames": 8, "step_s": 1.0}])), 0);
+        assert_eq!(failed_runs(&json!({"smallest_failed": {"frames": 16}})), 0);
     }
 
     /// A fake GPU taking at most `max` frames; the error names the count.

@@ -771,6 +771,9 @@ fn real_main() -> Result<()> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 }
+                // A table whose runs failed is not a result: a nonzero exit, after the rows.
+                let failed = bench_rl::failed_runs(&report);
+                anyhow::ensure!(failed == 0, "bench rl: {failed} run(s) failed (rows above)");
             } else {
                 bench::run(what, seq, reps, &gpu_sections, &sp_seqs, json)?
             }
