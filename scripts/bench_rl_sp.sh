@@ -10,7 +10,7 @@
 # own GPU's peak memory) for each frame count. Knobs (environment): SHAPE (3b), ONE_FRAMES (256;
 # empty: none), SP_FRAMES (256 1024: one launch each), GROUP (2), RESPONSE (16), CHECKPOINT
 # (remat), MODEL_DIR (where the random model is kept, written by the first run; /tmp/reel-rl-SHAPE),
-# RUN_S (each run's wall limit, 300), SHARD (1: the P-GPU runs shard the optimizer state over the
+# RUN_S (each run's wall limit, 300), STEPS (--rl-steps: steps a run, the last reported; 1), SHARD (1: the P-GPU runs shard the optimizer state over the
 # processes, --rl-shard-optimizer), SHARED_PREFILL (--rl-shared-prefill: prompts this long are
 # prefilled by the P processes together; 0 = by their owner alone; unset: the default, 8192).
 set -uo pipefail
@@ -25,7 +25,7 @@ nvidia-smi -L || true
 model=${MODEL_DIR:-/tmp/reel-rl-$shape}
 args=(bench rl --rl-shape "$shape" --rl-side 448 --rl-device cuda --rl-group "${GROUP:-2}"
   --rl-micro 1 --rl-response "${RESPONSE:-16}" --rl-checkpoint "${CHECKPOINT:-remat}" --reps 1
-  --rl-reuse on --rl-model-dir "$model")
+  --rl-reuse on --rl-model-dir "$model" --rl-steps "${STEPS:-1}")
 # The model is written once, by a single process (the first one-GPU run, else a run of 8 frames);
 # the launched ones read it.
 if [ -z "${ONE_FRAMES-256}" ] && [ ! -f "$model/config.json" ]; then

@@ -1020,6 +1020,17 @@ impl GpuQwen2 {
         Ok(())
     }
 
+    /// Frees the activation buffers ([`GpuQwen2::reserve`]; the next pass sizes them again)
+    /// and the device's cached scratch: the memory a rollout between two updates needs (a
+    /// GRPO step's prompt cache and decoder buffers would otherwise come on top of the last
+    /// update's activations).
+    pub fn release_workspace(&mut self) -> Result<()> {
+        self.ws = None;
+        self.gpu.synchronize()?;
+        self.gpu.release_cached()?;
+        Ok(())
+    }
+
     fn check(&self, input: Input) -> Result<()> {
         let e = match input {
             Input::Tokens(b) => {

@@ -204,6 +204,20 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
         model.params,
         "the steps moved the weights"
     );
+
+    // Released between updates (room for a GRPO rollout), the activation buffers go back to
+    // the device, and the next pass sizes them again and computes as before.
+    let case = Case::new(9, c.vocab_size, 2, 128, 1000);
+    let loss = gm.forward(&case.batch()).unwrap().mean();
+    assert!(gm.capacity() > 0);
+    let held = gm.gpu().memory_in_use().unwrap().0;
+    gm.release_workspace().unwrap();
+    assert_eq!(gm.capacity(), 0);
+    let now = gm.gpu().memory_in_use().unwrap().0;
+    eprintln!("release_workspace: {held} → {now} bytes in use");
+    assert!(now < held, "nothing freed: {held} → {now}");
+    assert_eq!(gm.forward(&case.batch()).unwrap().mean(), loss);
+    assert!(gm.capacity() > 0);
 }
 
 #[test]

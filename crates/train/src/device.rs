@@ -1389,6 +1389,9 @@ mod cpu_only {
         pub fn forward(&mut self, _: &TokenBatch) -> R<LossStats> {
             match self.never {}
         }
+        pub fn release_workspace(&mut self) -> R<()> {
+            match self.never {}
+        }
         pub fn set_seq_len(&mut self, _: usize) -> R<Option<reel_parallel::Sharding>> {
             match self.never {}
         }

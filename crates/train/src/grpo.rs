@@ -1596,6 +1596,11 @@ fn grpo_rank<C: Communicator>(
                 (None, None) => Ok(()),
             }
             .with_context(|| format!("{at}: refreshing the rollout weights"))?;
+            if let (Some(_), Some(g)) = (decoder.as_ref(), gm.as_mut()) {
+                // The next rollout's cache and buffers in place of the update's activations.
+                g.release_workspace()
+                    .with_context(|| format!("{at}: freeing the update's activations"))?;
+            }
             let update_s = t3.elapsed().as_secs_f64();
             let outcome = summary.close_step(done, samples, &mut recent, tally);
             let record = step_record(

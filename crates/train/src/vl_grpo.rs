@@ -1944,6 +1944,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 (None, _) => Ok(()),
             }
             .with_context(|| format!("{at}: refreshing the GPU decoder's weights"))?;
+            if let (Some(_), Some(g)) = (decoder.as_ref(), gm.as_mut()) {
+                // The next rollout's cache and buffers in place of the update's activations.
+                g.each(|_, m| Ok(m.release_workspace()?))
+                    .with_context(|| format!("{at}: freeing the update's activations"))?;
+            }
             let update_s = t3.elapsed().as_secs_f64() - (encode_s - encode_before_update);
             let outcome = summary.close_step(done, samples, &mut recent, tally);
             let mut record = step_record(
