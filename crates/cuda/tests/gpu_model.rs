@@ -210,14 +210,18 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
     let case = Case::new(9, c.vocab_size, 2, 128, 1000);
     let loss = gm.forward(&case.batch()).unwrap().mean();
     assert!(gm.capacity() > 0);
-    let held = gm.gpu().memory_in_use().unwrap().0;
     gm.release_workspace().unwrap();
     assert_eq!(gm.capacity(), 0);
-    let now = gm.gpu().memory_in_use().unwrap().0;
-    eprintln!("release_workspace: {held} → {now} bytes in use");
-    assert!(now < held, "nothing freed: {held} → {now}");
+    // (The driver's bytes in use need not drop for buffers this small: it keeps small
+    // allocations' pages. That the buffers went is seen by the next pass allocating them.)
+    let before = gm.gpu().alloc_stats().device_allocs;
     assert_eq!(gm.forward(&case.batch()).unwrap().mean(), loss);
     assert!(gm.capacity() > 0);
+    let after = gm.gpu().alloc_stats().device_allocs;
+    assert!(
+        after > before,
+        "the next pass allocated nothing: {before} → {after}"
+    );
 }
 
 #[test]
