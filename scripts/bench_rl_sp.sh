@@ -26,14 +26,11 @@ model=${MODEL_DIR:-/tmp/reel-rl-$shape}
 args=(bench rl --rl-shape "$shape" --rl-side 448 --rl-device cuda --rl-group "${GROUP:-2}"
   --rl-micro 1 --rl-response "${RESPONSE:-16}" --rl-checkpoint "${CHECKPOINT:-remat}" --reps 1
   --rl-reuse on --rl-model-dir "$model" --rl-steps "${STEPS:-1}")
-# The model is written once, by a single process (the first one-GPU run, else a run of 8 frames);
-# the launched ones read it.
+# The model is written once, by a single process (the first one-GPU run, else
+# --rl-write-model, which runs no step); the launched ones read it.
 if [ -z "${ONE_FRAMES-256}" ] && [ ! -f "$model/config.json" ]; then
-  # Its step may fail (the 7B state does not fit one GPU); the model is written before it.
-  "$reel" "${args[@]}" --rl-frames 8 >"$out/write-model.txt" 2>&1
-  st=$?
-  if [ -f "$model/config.json" ]; then echo "model: written (its 8-frame run: exit $st)"
-  else echo "model: not written (exit $st; see $out/write-model.txt)"; exit 1; fi
+  "$reel" "${args[@]}" --rl-write-model >"$out/write-model.txt" 2>&1
+  echo "model: exit $?"
 fi
 for f in ${ONE_FRAMES-256}; do
   timeout "${RUN_S:-300}" "$reel" "${args[@]}" --rl-frames "$f" 2>&1 | tee "$out/one-$f.txt"

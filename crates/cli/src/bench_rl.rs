@@ -62,6 +62,8 @@ pub struct RlBenchArgs {
     pub response: usize,
     /// A Qwen2.5-VL folder to run instead of a random model.
     pub model: Option<PathBuf>,
+    /// Only write the random shaped model into `model_dir` (`--rl-write-model`), no step.
+    pub write_model_only: bool,
     /// Where the random shaped model is kept (written when the folder holds none, reused when it
     /// does); default a temporary folder.
     pub model_dir: Option<PathBuf>,
@@ -116,6 +118,9 @@ fn device_name(d: Device) -> &'static str {
 
 /// Runs the benchmark; returns its JSON report (printed as a table unless `as_json`).
 pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
+    if args.write_model_only {
+        return write_model_only(args);
+    }
     if args.frames.is_empty() && args.search.is_none() {
         bail!("--rl-frames: give at least one frame count");
     }
@@ -148,6 +153,40 @@ fn positions_for(frames: usize, args: &RlBenchArgs) -> usize {
 
 /// The fewest frames a model kept in `--rl-model-dir` has positions for.
 const KEPT_MODEL_FRAMES: usize = 4096;
+
+/// The random `shape` model in `m`, written there with positions for `frames` frames unless
+/// the folder holds one already.
+fn keep_model(m: &Path, shape: VlShape, frames: usize, args: &RlBenchArgs) -> Result<()> {
+    if m.join("config.json").is_file() {
+        tracing::info!("the random {} model of {}", shape.name(), m.display());
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    write_shaped_vl_model(m, shape, 0, positions_for(frames, args), args.side)?;
+    tracing::info!(
+        "wrote the random {} model in {:.1} s",
+        shape.name(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `--rl-write-model`: the random `--rl-shape` model written into `--rl-model-dir` (kept as is
+/// when it holds one), no step: what a launched benchmark's processes then read, without a
+/// one-process run that may not fit one GPU.
+fn write_model_only(args: &RlBenchArgs) -> Result<serde_json::Value> {
+    let Some(dir) = &args.model_dir else {
+        bail!("--rl-write-model needs --rl-model-dir (where to keep the model)");
+    };
+    if args.shape == VlShape::Tiny || args.model.is_some() {
+        bail!(
+            "--rl-write-model writes a published shape: give --rl-shape 3b or 7b, not --rl-model"
+        );
+    }
+    let longest = args.frames.iter().copied().max().unwrap_or(0);
+    keep_model(dir, args.shape, longest.max(KEPT_MODEL_FRAMES), args)?;
+    Ok(json!([{"model_dir": dir.display().to_string(), "shape": args.shape.name()}]))
+}
 
 /// The frame counts' fixed benchmark (module docs).
 fn run_fixed(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
@@ -198,17 +237,7 @@ fn run_fixed(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
                 Some(d) => (d.clone(), longest.max(KEPT_MODEL_FRAMES)),
                 None => (tmp.path().join("model"), longest),
             };
-            if m.join("config.json").is_file() {
-                tracing::info!("the random {} model of {}", shape.name(), m.display());
-            } else {
-                let t0 = Instant::now();
-                write_shaped_vl_model(&m, shape, 0, positions_for(frames, args), args.side)?;
-                tracing::info!(
-                    "wrote the random {} model in {:.1} s",
-                    shape.name(),
-                    t0.elapsed().as_secs_f64()
-                );
-            }
+            keep_model(&m, shape, frames, args)?;
             Some(m)
         }
     };
@@ -800,6 +829,7 @@ mod tests {
             group: 2,
             response: 4,
             model: None,
+            write_model_only: false,
             model_dir: None,
             shape: VlShape::Tiny,
             sp: 1,
@@ -815,6 +845,34 @@ mod tests {
         };
         let e = run(&args, true).unwrap_err().to_string();
         assert!(e.contains("--rl-max-frames 1"), "{e}");
+        // Writing the model alone needs the folder and a published shape; a folder that holds
+        // one already is kept as is (nothing written, nothing run).
+        let only = RlBenchArgs {
+            write_model_only: true,
+            search: None,
+            ..args.clone()
+        };
+        let e = run(&only, true).unwrap_err().to_string();
+        assert!(e.contains("--rl-model-dir"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let only = RlBenchArgs {
+            model_dir: Some(dir.path().to_path_buf()),
+            ..only
+        };
+        let e = run(&only, true).unwrap_err().to_string();
+        assert!(e.contains("--rl-shape 3b or 7b"), "{e}");
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let only = RlBenchArgs {
+            shape: VlShape::Qwen7b,
+            ..only
+        };
+        let out = run(&only, true).unwrap();
+        assert_eq!(out[0]["shape"], "7b");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing written"
+        );
         let e = run(
             &RlBenchArgs {
                 search: Some(s(512, 64, 256)),

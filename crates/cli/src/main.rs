@@ -246,6 +246,10 @@ enum Command {
         /// runs, such as each process of a launched one, read it instead of writing their own.
         #[arg(long)]
         rl_model_dir: Option<PathBuf>,
+        /// `bench rl`: only write the random `--rl-shape` model into `--rl-model-dir` (kept as is
+        /// when it holds one) and exit: what a launched run's processes then read.
+        #[arg(long)]
+        rl_write_model: bool,
         #[command(flatten)]
         sp_train: bench_sp_train::SpTrainArgs,
         /// `bench rl`: the random model's shape: tiny, or the published Qwen2.5-VL 3b / 7b
@@ -714,6 +718,7 @@ fn real_main() -> Result<()> {
             rl_response,
             rl_model,
             rl_model_dir,
+            rl_write_model,
             rl_sp,
             sp_train,
             rl_shape,
@@ -749,6 +754,7 @@ fn real_main() -> Result<()> {
                     group: rl_group,
                     response: rl_response,
                     model: rl_model,
+                    write_model_only: rl_write_model,
                     model_dir: rl_model_dir,
                     shape: rl_shape,
                     sp: rl_sp,
