@@ -12,7 +12,9 @@
 //! running sample its pending tokens (one when decoding) and every prefilling prompt its next
 //! chunk, within `max_step_tokens` and `max_step_seqs`; then admits waiting groups in arrival
 //! order while the budget and free blocks allow. If the pool cannot hold a step's tokens, the
-//! most recently admitted group is preempted: its blocks go back and it waits to be recomputed
+//! most recently admitted group is preempted (one whose prompt was prefilled with the model's
+//! peers, [`Engine::add_group_shared`], only when every resident group was: this engine would
+//! recompute alone what they computed together): its blocks go back and it waits to be recomputed
 //! (its prompt prefilled again, its samples' generated tokens re-run; sampled tokens and the
 //! samples' generators are kept, so the outputs do not change). All scheduled tokens then run
 //! as one step of the [`StepModel`] (the CPU model's [`Qwen2::forward_step`], or a GPU decoder):
@@ -81,6 +83,10 @@ pub struct EngineStats {
     pub cow_copies: u64,
     /// Groups preempted for lack of KV blocks.
     pub preemptions: u64,
+    /// Of them, groups whose prompt was prefilled with the model's peers
+    /// ([`Engine::add_group_shared`]), which this engine then recomputes alone: preempted only
+    /// when every resident group was shared (a sign the pool is too small for the round).
+    pub shared_preemptions: u64,
 }
 
 /// What one step ran.
@@ -119,6 +125,9 @@ struct Group {
     prompt_table: Option<BlockTable>,
     /// Whether the samples hold tables (the prompt is prefilled and forked).
     forked: bool,
+    /// Whether its prompt was prefilled with the model's peers ([`Engine::add_group_shared`]):
+    /// preempted last, since this engine would recompute alone what the peers computed together.
+    shared: bool,
     samples: Vec<Sample>,
 }
 
@@ -334,6 +343,7 @@ impl<'m> Engine<'m> {
             stamp: None,
             prompt_table: None,
             forked: false,
+            shared: false,
             samples,
         };
         // Nothing to generate: finished without running.
@@ -410,6 +420,7 @@ impl<'m> Engine<'m> {
                 // Resident with its prompt cached but for the last token, which the scheduler
                 // runs next (a prompt unit of one row, logits on).
                 gr.admit(table, self.next_stamp);
+                gr.shared = true;
                 self.next_stamp += 1;
             }
             // Finished before it started (nothing to generate).
@@ -590,7 +601,14 @@ impl<'m> Engine<'m> {
                         let RolloutError::PoolExhausted { .. } = e else {
                             return Err(e);
                         };
-                        let victim = *resident.last().expect("g is resident");
+                        // The most recently admitted group, but one whose prompt was prefilled
+                        // with the peers only when every resident group was.
+                        let victim = *resident
+                            .iter()
+                            .rev()
+                            .find(|&&v| !self.groups[v].shared)
+                            .or(resident.last())
+                            .expect("g is resident");
                         if resident.len() == 1 {
                             return Err(RolloutError::PoolTooSmall {
                                 group: self.groups[g].id.0,
@@ -681,6 +699,7 @@ impl<'m> Engine<'m> {
         gr.stamp = None;
         gr.forked = false;
         self.stats.preemptions += 1;
+        self.stats.shared_preemptions += u64::from(gr.shared);
     }
 
     /// Runs the planned units as one batched step, then samples (in parallel) and forks.

@@ -985,3 +985,66 @@ fn a_peer_that_cannot_take_part_fails_every_peer_at_once_and_the_peers_go_on() {
         }
     }
 }
+
+/// A group whose prompt was prefilled with the peers is preempted last: when the pool runs out
+/// the engine gives back an older group of its own instead of recomputing alone what the peers
+/// computed together — unless every resident group is shared. The outputs never change.
+#[test]
+fn shared_groups_are_preempted_only_when_every_resident_group_is_shared() {
+    let m = model();
+    let cfg = EngineConfig {
+        block_size: 4,
+        num_blocks: 32, // each group fits alone, not two together
+        max_step_tokens: 64,
+        max_step_seqs: 64,
+    };
+    let check = |out: &[reel_rollout::GroupOutput],
+                 work: &[(Vec<u32>, usize, GenerationParams)]| {
+        for (o, (p, g, params)) in out.iter().zip(work) {
+            assert_eq!(o.samples.len(), *g);
+            for (j, s) in o.samples.iter().enumerate() {
+                assert_eq!(
+                    s.ids,
+                    reference(&m, p, params, j),
+                    "group {} sample {j}",
+                    o.id
+                );
+            }
+        }
+    };
+    let own = (prompt(14, 1), 3, sampled(30, 1));
+    let shared = (prompt(20, 3), 2, sampled(30, 3));
+    let mut peers = SoloPeers {
+        step: CpuStep::new(&m),
+        calls: Vec::new(),
+        released: 0,
+    };
+    let stats = {
+        let mut e = Engine::with_model(Box::new(&mut peers), cfg).unwrap();
+        // The engine's own group is admitted first, so the shared one is the younger.
+        e.add_group(own.0.clone(), own.1, own.2.clone()).unwrap();
+        e.step().unwrap();
+        e.add_group_shared(&shared.0.clone().into(), 0..shared.1, shared.2.clone())
+            .unwrap();
+        let out = e.run().unwrap();
+        check(&out, &[own.clone(), shared.clone()]);
+        assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+        e.stats()
+    };
+    assert!(stats.preemptions > 0, "{stats:?}");
+    assert_eq!(stats.shared_preemptions, 0, "{stats:?}");
+    // Every resident group shared: one of them is preempted after all, and recomputed alone.
+    let second = (prompt(16, 4), 3, sampled(30, 4));
+    let stats = {
+        let mut e = Engine::with_model(Box::new(&mut peers), cfg).unwrap();
+        for (p, g, params) in [&shared, &second] {
+            e.add_group_shared(&p.clone().into(), 0..*g, params.clone())
+                .unwrap();
+        }
+        let out = e.run().unwrap();
+        check(&out, &[shared.clone(), second.clone()]);
+        e.stats()
+    };
+    assert!(stats.shared_preemptions > 0, "{stats:?}");
+    assert_eq!(stats.shared_preemptions, stats.preemptions, "{stats:?}");
+}
