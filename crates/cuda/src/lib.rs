@@ -103,7 +103,7 @@ pub use model::{GpuAttention, GpuDpGroup, GpuEmbedsBatch, GpuQwen2, Weights};
 pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::{GpuRopeTable, PAGED_HEAD_DIMS};
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
-pub use plan::{activation_bytes, ce_chunk};
+pub use plan::{activation_bytes, ce_chunk, workspace_bytes};
 pub use profile::{kernel_name, sum_by_category, Profile, ProfileRow};
 #[cfg(feature = "cudnn")]
 pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};

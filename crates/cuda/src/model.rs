@@ -499,6 +499,66 @@ impl Ws {
     }
 }
 
+/// Device bytes of `b`.
+fn nbytes<T: crate::DeviceElem>(b: &DeviceBuf<T>) -> usize {
+    b.len() * std::mem::size_of::<T>()
+}
+
+impl Acts {
+    fn bytes(&self) -> usize {
+        let a = self;
+        nbytes(&a.rstd1)
+            + nbytes(&a.rstd2)
+            + [&a.xn1, &a.q, &a.k, &a.v, &a.h, &a.xn2, &a.gate_up, &a.act]
+                .into_iter()
+                .map(nbytes)
+                .sum::<usize>()
+    }
+}
+
+impl Ws {
+    /// Device bytes of every buffer ([`crate::workspace_bytes`] computes the same without
+    /// a GPU).
+    fn bytes(&self) -> usize {
+        let (w, b) = (self, &self.bw);
+        let bf: usize =
+            w.xs.iter()
+                .chain(&w.attn)
+                .chain([&w.qkv, &w.x_tmp, &w.xn_f, &w.dxn_f, &w.dx[0], &w.dx[1]])
+                .chain([
+                    &b.dact,
+                    &b.dgate_up,
+                    &b.dxn,
+                    &b.dh,
+                    &b.dattn,
+                    &b.dq,
+                    &b.dk,
+                    &b.dv,
+                    &b.dqkv,
+                ])
+                .map(nbytes)
+                .sum();
+        let f: usize = w
+            .lse
+            .iter()
+            .chain([
+                &w.rstd_f,
+                &w.ce_losses,
+                &w.ce_lse,
+                &w.ce_entropy,
+                &w.dloss,
+                &w.angles.cos,
+                &w.angles.sin,
+            ])
+            .map(nbytes)
+            .sum();
+        bf + f
+            + nbytes(&w.tokens)
+            + nbytes(&w.positions)
+            + w.acts.iter().map(Acts::bytes).sum::<usize>()
+    }
+}
+
 /// First `len` elements, read-only.
 fn r<T: crate::DeviceElem>(b: &DeviceBuf<T>, len: usize) -> Result<DView<'_, T>> {
     b.view(0..len)
@@ -1018,6 +1078,12 @@ impl GpuQwen2 {
             self.ws = Some(Ws::new(&self.gpu, &self.config, self.policy, tokens)?);
         }
         Ok(())
+    }
+
+    /// Device bytes the activation buffers hold now ([`crate::workspace_bytes`] of
+    /// [`GpuQwen2::capacity`] tokens).
+    pub fn workspace_bytes(&self) -> usize {
+        self.ws.as_ref().map_or(0, Ws::bytes)
     }
 
     /// Frees the activation buffers ([`GpuQwen2::reserve`]; the next pass sizes them again)

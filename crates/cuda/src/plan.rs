@@ -37,6 +37,31 @@ pub fn activation_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> 
     }
 }
 
+/// Bytes of a `GpuQwen2`'s whole workspace for `n` tokens, as it allocates them: the policy's
+/// [`activation_bytes`] plus what every policy holds beside them — one layer's gradient scratch
+/// (`dact`, `dgate_up`, `dxn`, `dh`, `dattn`, `dq`, `dk`, `dv`, `dqkv`), the packed q/k/v, the
+/// final norm's rows and their gradient, two residual-gradient buffers and a spare residual row
+/// set, the loss rows' statistics, token ids and positions, and the per-token rotary angles. What
+/// comes on top is per-call scratch (the sequence-parallel attention's blocks, cuDNN's backward
+/// workspace, the LM head's chunk; BENCHMARKS.md, "The RL step at the 7B shape").
+pub fn workspace_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> usize {
+    let (d, qw, kvw, i, hd) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+        c.head_dim,
+    );
+    let width = qw + 2 * kvw;
+    // bf16: the layer gradient scratch, qkv, x_tmp, xn_f, dxn_f, dx[2].
+    let bf16 = (3 * i + 2 * d + 2 * qw + 2 * kvw + width) + width + 5 * d;
+    // f32: rstd_f, ce_losses, ce_lse, ce_entropy, dloss, the angles' cos and sin; u32 ids and
+    // positions.
+    let f32 = 5 + hd;
+    let u32 = 2;
+    activation_bytes(c, policy, n) + n * (2 * bf16 + 4 * f32 + 4 * u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +76,31 @@ mod tests {
             let c = ce_chunk(n, 151_936);
             assert_eq!(c % 256, 0);
             assert!(c * n * 6 <= CE_SCRATCH_BYTES || c == 1024, "{n} → {c}");
+        }
+    }
+
+    #[test]
+    fn the_7b_workspace_a_token_is_the_counted_buffers() {
+        // Qwen2-7B's layer shape (d 3584, H 28 / H_kv 4, D 128, I 18944, 28 layers): 556,104
+        // bytes a token of activations under remat and 199,196 beside them (BENCHMARKS.md).
+        let c = Qwen2Config {
+            hidden_size: 3584,
+            num_attention_heads: 28,
+            num_key_value_heads: 4,
+            head_dim: 128,
+            intermediate_size: 18944,
+            num_hidden_layers: 28,
+            ..Qwen2Config::tiny(64)
+        };
+        assert_eq!(activation_bytes(&c, CheckpointPolicy::Remat, 1), 556_104);
+        assert_eq!(activation_bytes(&c, CheckpointPolicy::Layer, 1), 359_544);
+        for p in [
+            CheckpointPolicy::None,
+            CheckpointPolicy::Layer,
+            CheckpointPolicy::Remat,
+        ] {
+            let extra = workspace_bytes(&c, p, 1000) - activation_bytes(&c, p, 1000);
+            assert_eq!(extra, 199_196_000, "{p:?}");
         }
     }
 

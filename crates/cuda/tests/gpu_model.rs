@@ -210,8 +210,13 @@ fn a_warm_training_step_allocates_nothing_and_state_round_trips() {
     let case = Case::new(9, c.vocab_size, 2, 128, 1000);
     let loss = gm.forward(&case.batch()).unwrap().mean();
     assert!(gm.capacity() > 0);
+    // What the workspace holds is what the plan counts, to the byte.
+    assert_eq!(
+        gm.workspace_bytes(),
+        reel_cuda::workspace_bytes(&c, CheckpointPolicy::Remat, gm.capacity())
+    );
     gm.release_workspace().unwrap();
-    assert_eq!(gm.capacity(), 0);
+    assert_eq!((gm.capacity(), gm.workspace_bytes()), (0, 0));
     // (The driver's bytes in use need not drop for buffers this small: it keeps small
     // allocations' pages. That the buffers went is seen by the next pass allocating them.)
     let before = gm.gpu().alloc_stats().device_allocs;
