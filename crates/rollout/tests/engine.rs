@@ -1048,3 +1048,39 @@ fn shared_groups_are_preempted_only_when_every_resident_group_is_shared() {
     assert!(stats.shared_preemptions > 0, "{stats:?}");
     assert_eq!(stats.shared_preemptions, stats.preemptions, "{stats:?}");
 }
+
+/// A peer that is gone (its process died before the shared prefill) fails the others at the
+/// agreement within the communicator's timeout, naming the cause, and their pools keep nothing.
+#[test]
+fn a_peer_gone_before_the_shared_prefill_fails_the_others_within_the_timeout() {
+    use reel_comm::{Communicator, InProcess};
+    use reel_rollout::shared_prefill::CpuPeerStep;
+    use std::time::{Duration, Instant};
+    let m = model();
+    let long: Prompt = prompt(41, 1).into();
+    let t0 = Instant::now();
+    let per_rank = InProcess::spawn(3, Duration::from_millis(300), |comm| {
+        if comm.rank() == 2 {
+            return Ok(None); // gone
+        }
+        let mut step = CpuPeerStep::new(&m, &comm, 4);
+        let mut e = Engine::with_model(Box::new(&mut step), small())?;
+        let err = e
+            .add_group_shared(&long, 0..1, greedy(3))
+            .expect_err("a peer is gone")
+            .to_string();
+        assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
+        assert!(!e.has_work());
+        Ok::<_, RolloutError>(Some(err))
+    });
+    let waited = t0.elapsed();
+    for (r, got) in per_rank.into_iter().enumerate().take(2) {
+        let err = got.unwrap().expect("ranks 0 and 1 ran");
+        eprintln!("rank {r}: {err}");
+        assert!(
+            err.contains("rank 2") || err.contains("timed out"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+}
