@@ -14,17 +14,22 @@ pub fn ce_chunk(n: usize, v: usize) -> usize {
     (fit.clamp(1024, 32768) / 256 * 256).min(v.max(1))
 }
 
-/// Activation bytes a step of `n` tokens keeps on the device under `policy` (what depends on the
-/// policy: residual streams, kept layers, saved attention outputs and one recomputation layer;
-/// the backward scratch and the LM head's chunk scratch come on top, the same for every policy).
-pub fn activation_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> usize {
-    let (d, qw, kvw, i, h) = (
+/// A token's row widths: hidden d, queries H·D, keys (and values) H_kv·D, intermediate I.
+fn widths(c: &Qwen2Config) -> (usize, usize, usize, usize) {
+    (
         c.hidden_size,
         c.num_attention_heads * c.head_dim,
         c.num_key_value_heads * c.head_dim,
         c.intermediate_size,
-        c.num_attention_heads,
-    );
+    )
+}
+
+/// Activation bytes a step of `n` tokens keeps on the device under `policy` (what depends on the
+/// policy: residual streams, kept layers, saved attention outputs and one recomputation layer;
+/// the backward scratch and the LM head's chunk scratch come on top, the same for every policy).
+pub fn activation_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> usize {
+    let (d, qw, kvw, i) = widths(c);
+    let h = c.num_attention_heads;
     let l = c.num_hidden_layers;
     // bf16 storage, f32 statistics.
     let layer_no_attn = 2 * n * (d + qw + 2 * kvw + d + d + 2 * i + i) + 4 * 2 * n;
@@ -45,13 +50,8 @@ pub fn activation_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> 
 /// comes on top is per-call scratch (the sequence-parallel attention's blocks, cuDNN's backward
 /// workspace, the LM head's chunk; BENCHMARKS.md, "The RL step at the 7B shape").
 pub fn workspace_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> usize {
-    let (d, qw, kvw, i, hd) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-        c.head_dim,
-    );
+    let (d, qw, kvw, i) = widths(c);
+    let hd = c.head_dim;
     let width = qw + 2 * kvw;
     // bf16: the layer gradient scratch, qkv, x_tmp, xn_f, dxn_f, dx[2].
     let bf16 = (3 * i + 2 * d + 2 * qw + 2 * kvw + width) + width + 5 * d;

@@ -76,6 +76,25 @@ fn small() -> EngineConfig {
     }
 }
 
+/// Each group's samples (`out`, in `work`'s order) are what `generate` gives them alone.
+fn assert_generates_alone(
+    m: &Qwen2,
+    out: &[reel_rollout::GroupOutput],
+    work: &[(Vec<u32>, usize, GenerationParams)],
+) {
+    for (o, (p, g, params)) in out.iter().zip(work) {
+        assert_eq!(o.samples.len(), *g);
+        for (j, s) in o.samples.iter().enumerate() {
+            assert_eq!(
+                s.ids,
+                reference(m, p, params, j),
+                "group {} sample {j}",
+                o.id
+            );
+        }
+    }
+}
+
 /// What `generate` gives sample j of a group with these params.
 fn reference(m: &Qwen2, prompt: &[u32], p: &GenerationParams, j: usize) -> Vec<u32> {
     let params = SamplingParams {
@@ -264,17 +283,7 @@ fn pool_exhaustion_preempts_and_recomputes_without_changing_outputs() {
     let out = e.run().unwrap();
     assert!(e.stats().preemptions > 0, "{:?}", e.stats());
     assert!(e.stats().prefill_tokens > 14 + 9 + 20, "recomputed prompts");
-    for (o, (p, g, params)) in out.iter().zip(&work) {
-        assert_eq!(o.samples.len(), *g);
-        for (j, s) in o.samples.iter().enumerate() {
-            assert_eq!(
-                s.ids,
-                reference(&m, p, params, j),
-                "group {} sample {j}",
-                o.id
-            );
-        }
-    }
+    assert_generates_alone(&m, &out, &work);
     assert_eq!(e.pool().free_blocks(), 32);
 
     // A group that cannot fit even alone is an error, not a hang.
@@ -998,20 +1007,6 @@ fn shared_groups_are_preempted_only_when_every_resident_group_is_shared() {
         max_step_tokens: 64,
         max_step_seqs: 64,
     };
-    let check = |out: &[reel_rollout::GroupOutput],
-                 work: &[(Vec<u32>, usize, GenerationParams)]| {
-        for (o, (p, g, params)) in out.iter().zip(work) {
-            assert_eq!(o.samples.len(), *g);
-            for (j, s) in o.samples.iter().enumerate() {
-                assert_eq!(
-                    s.ids,
-                    reference(&m, p, params, j),
-                    "group {} sample {j}",
-                    o.id
-                );
-            }
-        }
-    };
     let own = (prompt(14, 1), 3, sampled(30, 1));
     let shared = (prompt(20, 3), 2, sampled(30, 3));
     let mut peers = SoloPeers {
@@ -1027,7 +1022,7 @@ fn shared_groups_are_preempted_only_when_every_resident_group_is_shared() {
         e.add_group_shared(&shared.0.clone().into(), 0..shared.1, shared.2.clone())
             .unwrap();
         let out = e.run().unwrap();
-        check(&out, &[own.clone(), shared.clone()]);
+        assert_generates_alone(&m, &out, &[own.clone(), shared.clone()]);
         assert_eq!(e.pool().free_blocks(), e.pool().total_blocks());
         e.stats()
     };
@@ -1042,7 +1037,7 @@ fn shared_groups_are_preempted_only_when_every_resident_group_is_shared() {
                 .unwrap();
         }
         let out = e.run().unwrap();
-        check(&out, &[shared.clone(), second.clone()]);
+        assert_generates_alone(&m, &out, &[shared.clone(), second.clone()]);
         e.stats()
     };
     assert!(stats.shared_preemptions > 0, "{stats:?}");
