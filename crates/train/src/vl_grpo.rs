@@ -82,7 +82,9 @@
 //! rollouts on the GPU the frozen tower encodes there too, `video.gpu_tower`), `decode_s` (drawing the records), `data_wait_s` (of that, waiting for prefetched
 //! videos), `videos_decoded`, `decode_cache_skips`, `videos_in_memory_peak`, `encode_s` (and
 //! `rollout_s` without them), `shared_prefill_s` (of `rollout_s`, the prefills shared with the
-//! sp group's processes), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! sp group's processes), `rollout_preemptions` and `rollout_shared_preemptions` (this process's
+//! engine: groups preempted for lack of KV blocks, and those of them whose prompt was prefilled
+//! with the sp group, recomputed alone; both 0 when the pool is sized for the round), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
@@ -171,6 +173,10 @@ struct VideoTimes {
     encode_s: f64,
     /// The rollout's shared prefills (launched, sp > 1): part of its time.
     shared_prefill_s: f64,
+    /// This process's engine: groups preempted for lack of KV blocks, and of them the ones
+    /// whose prompt it had prefilled with its sp group (recomputed alone).
+    preemptions: u64,
+    shared_preemptions: u64,
 }
 
 /// The run's fixed parts.
@@ -1782,6 +1788,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 times.encode_s += extra_encode;
                 let outs = engine.run().with_context(|| format!("{at}: rollout"))?;
                 let st = engine.stats();
+                times.preemptions += st.preemptions;
+                times.shared_preemptions += st.shared_preemptions;
                 let mut outs: HashMap<GroupId, GroupOutput> =
                     outs.into_iter().map(|o| (o.id, o)).collect();
                 // This process's shares of the prompts it holds, in prompt order, then
@@ -1975,6 +1983,11 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
                 ("videos_in_memory_peak", json!(fs.peak_videos_in_memory)),
                 ("encode_s", json!(times.encode_s + encode_s)),
                 ("shared_prefill_s", json!(times.shared_prefill_s)),
+                ("rollout_preemptions", json!(times.preemptions)),
+                (
+                    "rollout_shared_preemptions",
+                    json!(times.shared_preemptions),
+                ),
                 ("step_s", json!(t_step.elapsed().as_secs_f64())),
                 ("rollout_device", json!(rollout_device)),
                 ("update_device", json!(update_device)),
@@ -2189,6 +2202,8 @@ mod tests {
                 "encode_s",
                 "rollout_s",
                 "shared_prefill_s",
+                "rollout_preemptions",
+                "rollout_shared_preemptions",
                 "scoring_s",
                 "update_s",
                 "cache_hits",
@@ -2207,6 +2222,9 @@ mod tests {
             // one process shares no prefill.
             assert_eq!(r["rollout_device"], "cpu");
             assert_eq!(f(r, "shared_prefill_s"), 0.0, "{r}");
+            // The pool is sized for the round's groups: nothing preempted.
+            assert_eq!(f(r, "rollout_preemptions"), 0.0, "{r}");
+            assert_eq!(f(r, "rollout_shared_preemptions"), 0.0, "{r}");
             // The prompt was prefilled once per group: prefill work is P·prompt tokens.
             assert!(f(r, "prefill_tokens") < 2.0 * f(r, "decode_tokens") + 2000.0);
         }
