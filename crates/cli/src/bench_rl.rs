@@ -64,6 +64,10 @@ pub struct RlBenchArgs {
     pub model: Option<PathBuf>,
     /// Only write the random shaped model into `model_dir` (`--rl-write-model`), no step.
     pub write_model_only: bool,
+    /// Only estimate each frame count's GPU memory (`--rl-plan`; `reel_train::rl_memory`), no
+    /// run; against `gpu_gib` GiB a GPU.
+    pub plan: bool,
+    pub gpu_gib: f64,
     /// Where the random shaped model is kept (written when the folder holds none, reused when it
     /// does); default a temporary folder.
     pub model_dir: Option<PathBuf>,
@@ -120,6 +124,9 @@ fn device_name(d: Device) -> &'static str {
 pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
     if args.write_model_only {
         return write_model_only(args);
+    }
+    if args.plan {
+        return plan(args, as_json);
     }
     if args.frames.is_empty() && args.search.is_none() {
         bail!("--rl-frames: give at least one frame count");
@@ -186,6 +193,88 @@ fn write_model_only(args: &RlBenchArgs) -> Result<serde_json::Value> {
     let longest = args.frames.iter().copied().max().unwrap_or(0);
     keep_model(dir, args.shape, longest.max(KEPT_MODEL_FRAMES), args)?;
     Ok(json!([{"model_dir": dir.display().to_string(), "shape": args.shape.name()}]))
+}
+
+/// Prompt tokens beside the video's in the benchmark's prompts (the question and the chat
+/// template: 236 to 290 in the measured runs).
+const PROMPT_TEXT_TOKENS: usize = 270;
+
+/// `--rl-plan`: each frame count's estimated memory a GPU (module docs of
+/// `reel_train::rl_memory`), no run.
+fn plan(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
+    use reel_train::rl_memory::{estimate, RlMemoryConfig};
+    let Some((lm, vision)) = args.shape.configs(0) else {
+        bail!("--rl-plan estimates a published shape: give --rl-shape 3b or 7b");
+    };
+    if args.frames.is_empty() {
+        bail!("--rl-frames: give at least one frame count");
+    }
+    let gib = |b: u64| b as f64 / GIB;
+    if !as_json {
+        println!(
+            "GPU memory of one GRPO step, estimated (Qwen2.5-VL {}, {}-pixel frames, G = {}, {} \
+             response tokens, one row a micro-batch, checkpoint {}, sp = {}, optimizer {}, \
+             reference kept; reel_train::rl_memory), against {:.1} GiB a GPU",
+            args.shape.name(),
+            args.side,
+            args.group,
+            args.response,
+            args.checkpoint,
+            args.sp,
+            if args.shard_optimizer {
+                "sharded"
+            } else {
+                "whole"
+            },
+            args.gpu_gib
+        );
+        println!(
+            "{:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  fits",
+            "frames", "prompt", "state", "workspace", "attention", "KV+dec", "update", "rollout"
+        );
+    }
+    let mut rows = Vec::new();
+    for &frames in &args.frames {
+        let prompt = video_tokens_at(frames, args.side) + PROMPT_TEXT_TOKENS;
+        let m = estimate(&RlMemoryConfig {
+            lm: lm.clone(),
+            tower_params: reel_model::vision::VisionLayout::new(&vision).total(),
+            sp: args.sp,
+            world: args.sp,
+            shard_optimizer: args.shard_optimizer,
+            reference: true,
+            policy: args.checkpoint,
+            prompt_tokens: prompt,
+            response_tokens: args.response,
+            group: args.group,
+        });
+        let fits = gib(m.peak()) <= args.gpu_gib;
+        if !as_json {
+            println!(
+                "{frames:>6} {prompt:>8} {:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}  {}",
+                gib(m.state + m.tower),
+                gib(m.workspace),
+                gib(m.attention_scratch),
+                gib(m.rollout_cache),
+                gib(m.update()),
+                gib(m.rollout()),
+                if fits { "yes" } else { "no" }
+            );
+        }
+        rows.push(json!({
+            "frames": frames,
+            "prompt_tokens": prompt,
+            "state_bytes": m.state + m.tower,
+            "workspace_bytes": m.workspace,
+            "attention_scratch_bytes": m.attention_scratch,
+            "rollout_cache_bytes": m.rollout_cache,
+            "fixed_bytes": m.fixed,
+            "update_peak_bytes": m.update(),
+            "rollout_peak_bytes": m.rollout(),
+            "fits": fits,
+        }));
+    }
+    Ok(json!(rows))
 }
 
 /// The frame counts' fixed benchmark (module docs).
@@ -751,6 +840,69 @@ mod tests {
     }
 
     #[test]
+    fn the_plan_gives_each_frame_count_its_peak_and_whether_it_fits() {
+        let args = RlBenchArgs {
+            frames: vec![256, 1024],
+            side: 448,
+            group: 2,
+            response: 16,
+            model: None,
+            write_model_only: false,
+            plan: true,
+            gpu_gib: 139.8,
+            model_dir: None,
+            shape: VlShape::Qwen7b,
+            sp: 2,
+            shard_optimizer: true,
+            shared_prefill: None,
+            reps: 1,
+            device: Device::Cuda,
+            checkpoint: CheckpointPolicy::Remat,
+            micro: Some(1),
+            steps: 1,
+            modes: vec![true],
+            search: None,
+        };
+        let rows = run(&args, true).unwrap();
+        let peak = |r: &serde_json::Value| r["update_peak_bytes"].as_f64().unwrap() / GIB;
+        // As measured: 256 frames fit 2 H200s (120.7 GiB), 1024 ran out of memory.
+        assert_eq!(
+            (rows[0]["fits"].as_bool(), rows[1]["fits"].as_bool()),
+            (Some(true), Some(false))
+        );
+        assert!(peak(&rows[0]) < peak(&rows[1]));
+        assert_eq!(failed_runs(&rows), 0);
+        // A bigger card, and sp 8 (the optimizer sharded 8 ways, 1/8 of the tokens a GPU).
+        let big = run(
+            &RlBenchArgs {
+                gpu_gib: 200.0,
+                ..args.clone()
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!(big[1]["fits"].as_bool(), Some(true));
+        let sp8 = run(
+            &RlBenchArgs {
+                sp: 8,
+                ..args.clone()
+            },
+            true,
+        )
+        .unwrap();
+        assert!(peak(&sp8[1]) < peak(&rows[1]) - 40.0, "{sp8}");
+        let e = run(
+            &RlBenchArgs {
+                shape: VlShape::Tiny,
+                ..args
+            },
+            true,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--rl-shape 3b or 7b"), "{e}");
+    }
+
+    #[test]
     fn failed_runs_count_error_rows_of_a_table_not_a_search() {
         let rows = json!([
             {"frames": 8, "reuse": true, "step_s": 1.0},
@@ -830,6 +982,8 @@ mod tests {
             response: 4,
             model: None,
             write_model_only: false,
+            plan: false,
+            gpu_gib: 139.8,
             model_dir: None,
             shape: VlShape::Tiny,
             sp: 1,

@@ -250,6 +250,14 @@ enum Command {
         /// when it holds one) and exit: what a launched run's processes then read.
         #[arg(long)]
         rl_write_model: bool,
+        /// `bench rl`: only estimate each `--rl-frames` count's GPU memory a GPU for the
+        /// `--rl-shape`, `--rl-sp`, `--rl-shard-optimizer`, `--rl-checkpoint`, group and response
+        /// (`reel_train::rl_memory`), no run; against `--rl-gpu-gib`.
+        #[arg(long)]
+        rl_plan: bool,
+        /// `bench rl --rl-plan`: GiB a GPU offers (an H200's 139.8 by default).
+        #[arg(long, default_value_t = 139.8)]
+        rl_gpu_gib: f64,
         #[command(flatten)]
         sp_train: bench_sp_train::SpTrainArgs,
         /// `bench rl`: the random model's shape: tiny, or the published Qwen2.5-VL 3b / 7b
@@ -719,6 +727,8 @@ fn real_main() -> Result<()> {
             rl_model,
             rl_model_dir,
             rl_write_model,
+            rl_plan,
+            rl_gpu_gib,
             rl_sp,
             sp_train,
             rl_shape,
@@ -755,6 +765,8 @@ fn real_main() -> Result<()> {
                     response: rl_response,
                     model: rl_model,
                     write_model_only: rl_write_model,
+                    plan: rl_plan,
+                    gpu_gib: rl_gpu_gib,
                     model_dir: rl_model_dir,
                     shape: rl_shape,
                     sp: rl_sp,

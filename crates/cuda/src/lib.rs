@@ -80,7 +80,6 @@ pub mod nccl;
 mod ops;
 mod optim;
 mod paged;
-mod plan;
 mod profile;
 #[cfg(feature = "cudnn")]
 mod sp_attn;
@@ -103,8 +102,8 @@ pub use model::{GpuAttention, GpuDpGroup, GpuEmbedsBatch, GpuQwen2, Weights};
 pub use nccl::{NcclBatch, NcclComm, NcclP2p, NcclPosted};
 pub use ops::{GpuRopeTable, PAGED_HEAD_DIMS};
 pub use paged::{head_group as paged_head_group, GpuPagedBatch};
-pub use plan::{activation_bytes, ce_chunk, workspace_bytes};
 pub use profile::{kernel_name, sum_by_category, Profile, ProfileRow};
+pub use reel_model::plan::{activation_bytes, ce_chunk, workspace_bytes};
 #[cfg(feature = "cudnn")]
 pub use sp_attn::{GpuSpAttention, GpuSpRank, GpuSpTotals};
 pub use topk::TOPK_CAP;

@@ -51,9 +51,9 @@ use reel_model::{
 use reel_optim::{AdamWConfig, AdamWState, OptShard, ShardSegment};
 
 use crate::buffer::{DView, DViewMut, DevRead, DevWrite};
-use crate::plan::ce_chunk;
 use crate::sp_attn::GpuSpRank;
 use crate::{shape_err, DeviceBuf, Gpu, GpuError, GpuRopeTable, Result};
+use reel_model::plan::ce_chunk;
 
 /// One micro-batch as input-embedding rows (module docs): B sequences of T rows, row-major.
 #[derive(Clone, Copy, Debug)]

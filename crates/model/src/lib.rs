@@ -22,6 +22,7 @@ pub mod io;
 pub mod logprob;
 pub mod model;
 pub mod params;
+pub mod plan;
 pub mod vision;
 pub mod vl;
 

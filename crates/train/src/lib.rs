@@ -28,6 +28,7 @@ pub mod eval;
 pub mod grpo;
 pub mod metrics;
 pub mod prompts;
+pub mod rl_memory;
 pub mod sft;
 pub mod vl;
 pub mod vl_grpo;

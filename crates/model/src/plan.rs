@@ -1,8 +1,9 @@
-//! Sizes of the device-resident model's buffers, computed without a GPU: the LM head's
-//! vocabulary chunk for a batch, and the activation bytes each checkpoint policy keeps
-//! (`model.rs`; N tokens, d hidden, H/H_kv heads of size D, I intermediate, L layers).
+//! Sizes of the GPU model's buffers (reel-cuda's `GpuQwen2`), computed without a GPU: the LM
+//! head's vocabulary chunk for a batch, the activation bytes each checkpoint policy keeps, and
+//! the whole workspace (N tokens, d hidden, H/H_kv heads of size D, I intermediate, L layers).
+//! Here rather than in reel-cuda so that planners build without the GPU crate.
 
-use reel_model::{CheckpointPolicy, Qwen2Config};
+use crate::{CheckpointPolicy, Qwen2Config};
 
 /// Bytes the chunked LM head may use for one chunk's f32 logits and bf16 logit gradients.
 const CE_SCRATCH_BYTES: usize = 1 << 30;
