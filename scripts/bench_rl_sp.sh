@@ -9,7 +9,7 @@
 # Writes OUTDIR/one-F.txt (one GPU) and OUTDIR/spP-F.txt (every process's rows: each reports its
 # own GPU's peak memory) for each frame count. Knobs (environment): SHAPE (3b), ONE_FRAMES (256;
 # empty: none), SP_FRAMES (256 1024: one launch each), GROUP (2), RESPONSE (16), CHECKPOINT
-# (remat), MODEL_DIR (where the random model is kept, written by the first run; /tmp/reel-rl-SHAPE),
+# (remat), MODEL_DIR (where the random model is kept: written by the first one-GPU run, or by --rl-write-model when there is none; /tmp/reel-rl-SHAPE),
 # RUN_S (each run's wall limit, 300), STEPS (--rl-steps: steps a run, the last reported; 1), SHARD (1: the P-GPU runs shard the optimizer state over the
 # processes, --rl-shard-optimizer), SHARED_PREFILL (--rl-shared-prefill: prompts this long are
 # prefilled by the P processes together; 0 = by their owner alone; unset: the default, 8192).

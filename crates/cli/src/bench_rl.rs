@@ -122,6 +122,9 @@ fn device_name(d: Device) -> &'static str {
 
 /// Runs the benchmark; returns its JSON report (printed as a table unless `as_json`).
 pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
+    if args.side == 0 || !args.side.is_multiple_of(28) {
+        bail!("--rl-side {} must be a positive multiple of 28", args.side);
+    }
     if args.write_model_only {
         return write_model_only(args);
     }
@@ -130,9 +133,6 @@ pub fn run(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
     }
     if args.frames.is_empty() && args.search.is_none() {
         bail!("--rl-frames: give at least one frame count");
-    }
-    if args.side == 0 || !args.side.is_multiple_of(28) {
-        bail!("--rl-side {} must be a positive multiple of 28", args.side);
     }
     if args.group == 0 || args.response == 0 || args.steps == 0 {
         bail!("--rl-group, --rl-response and --rl-steps must be at least 1");

@@ -10,7 +10,8 @@
 //! - the same group with its prefill shared over 1, 2 and 3 in-process CPU peers
 //!   (`reel_rollout::shared_prefill::CpuPeerStep`: each peer computes its zigzag chunks, every
 //!   layer's keys and values all-gathered, the cache whole on every peer, the samples split):
-//!   wall time, and the bytes a peer received beside `exchange_bytes`' formula.
+//!   wall time, and the bytes a peer received beside the formula (`exchange_bytes` and the
+//!   agreement's `agreement_bytes`).
 
 use anyhow::Result;
 use reel_comm::{Communicator, InProcess};
@@ -102,7 +103,7 @@ fn shared_peers(
     new: usize,
     world: usize,
 ) -> Result<serde_json::Value> {
-    use reel_rollout::shared_prefill::{exchange_bytes, CpuPeerStep};
+    use reel_rollout::shared_prefill::{agreement_bytes, exchange_bytes, CpuPeerStep};
     let prompt: reel_rollout::Prompt = ids.to_vec().into();
     let t = Instant::now();
     let res = InProcess::spawn(world, Duration::from_secs(300), |comm| {
@@ -117,7 +118,8 @@ fn shared_peers(
     let recv: Vec<u64> = res.into_iter().collect::<Result<_, _>>()?;
     let c = &model.config;
     let kv = (c.num_key_value_heads * c.head_dim, c.num_hidden_layers, 4);
-    let (formula, _) = exchange_bytes(ids.len() - 1, world, PEER_ROWS, kv);
+    // The layers' exchanges and the agreement's votes.
+    let formula = exchange_bytes(ids.len() - 1, world, PEER_ROWS, kv).0 + agreement_bytes(world);
     Ok(json!({
         "world": world,
         "wall_s": wall,

@@ -677,16 +677,15 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
-        self.own_weights()?;
-        self.gpu.upload_cast(self.weights.own()?, params)
-    }
-
-    /// Allocates the decoder's own weights again after [`GpuDecoder::release_weights`].
-    fn own_weights(&mut self) -> Result<()> {
-        if let DecoderWeights::Released = self.weights {
-            self.weights = DecoderWeights::Own(self.gpu.alloc_zeros::<T>(self.layout.total())?);
+        if self.weights_released() {
+            // Into a buffer of its own first: a failed upload leaves the weights released,
+            // never zeros.
+            let mut w = self.gpu.alloc_zeros::<T>(params.len())?;
+            self.gpu.upload_cast(&mut w, params)?;
+            self.weights = DecoderWeights::Own(w);
+            return Ok(());
         }
-        Ok(())
+        self.gpu.upload_cast(self.weights.own()?, params)
     }
 
     /// Frees the decoder's own copy of the weights until [`GpuDecoder::load_params`] or
@@ -747,7 +746,13 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
-        self.own_weights()?;
+        if self.weights_released() {
+            let mut w = self.gpu.alloc_zeros::<T>(params.dlen())?;
+            self.gpu.cast_from_f32(&mut w, params)?;
+            self.gpu.synchronize()?;
+            self.weights = DecoderWeights::Own(w);
+            return Ok(());
+        }
         self.gpu.cast_from_f32(self.weights.own()?, params)?;
         self.gpu.synchronize()
     }
@@ -1018,9 +1023,12 @@ impl<T: GpuFloat> GpuDecoder<T> {
     }
 
     /// Readies a shared prefill of `rows` rows before the peers agree to run it
-    /// (`reel_rollout::shared_prefill`, "Agreement"): the step buffers for the most rows this
-    /// rank runs in one segment, so that a device short of memory refuses here, on its own,
-    /// instead of failing after the others entered the first layer's all-gather. Returns the
+    /// (`reel_rollout::shared_prefill`, "Agreement"): checks it has weights and a pool, and sizes
+    /// the step buffers for the most rows this rank runs in one segment, so that a decoder
+    /// without them, or a device short of memory for them, refuses here, on its own, instead of
+    /// failing after the others entered the first layer's all-gather. The smaller per-segment
+    /// scratch (row data, the input-embedding rows, the exchange's gather buffer) is taken
+    /// later; running out of memory there still leaves the peers to their timeout. Returns the
     /// rows a rank runs per segment ([`GpuDecoder::set_shared_prefill_rows`]), which the peers
     /// compare.
     pub fn prepare_shared(&mut self, rows: usize) -> Result<usize> {
@@ -1029,6 +1037,9 @@ impl<T: GpuFloat> GpuDecoder<T> {
         };
         if self.kv.is_none() {
             return shape_err("shared prefill: no KV pool (make_pool first)".into());
+        }
+        if self.weights_released() {
+            return shape_err("shared prefill: the decoder's weights were released".into());
         }
         let seg = rows.min(world * self.shared_prefill_rows);
         if seg > 0 {

@@ -1091,8 +1091,8 @@ impl GpuQwen2 {
     /// GRPO step's prompt cache and decoder buffers would otherwise come on top of the last
     /// update's activations).
     pub fn release_workspace(&mut self) -> Result<()> {
-        self.ws = None;
         self.gpu.synchronize()?;
+        self.ws = None;
         self.gpu.release_cached()?;
         Ok(())
     }

@@ -374,8 +374,9 @@ impl<'m> Engine<'m> {
     /// for the prompt now (nothing is preempted for it). Before any collective work the peers
     /// agree (`crate::shared_prefill`, "Agreement"): a peer whose request fails its checks,
     /// whose pool has no room, or whose model cannot ready itself fails every peer at once,
-    /// the error naming it and why; only a device error inside the prefill leaves the others
-    /// to fail at their collective's timeout.
+    /// the error naming it and why; only a device error inside the prefill (a GPU out of memory
+    /// for a segment's scratch, say) leaves the others to fail at their collective's timeout.
+    /// A model without prefill peers is refused, even for a one-token prompt.
     pub fn add_group_shared(
         &mut self,
         prompt: &Prompt,
@@ -497,7 +498,7 @@ impl<'m> Engine<'m> {
             self.pool.release(table);
             return Ok(None);
         }
-        let step = shared_step(prompt, n, d)?;
+        let step = shared_step(prompt, n, d).expect("checked before the vote");
         if let Err(e) = self.model.prefill_shared(&mut self.pool, &step, &table) {
             self.pool.release(table);
             return Err(e);
@@ -700,6 +701,8 @@ impl<'m> Engine<'m> {
         gr.forked = false;
         self.stats.preemptions += 1;
         self.stats.shared_preemptions += u64::from(gr.shared);
+        // Recomputed alone from now on: no longer a group the peers computed together.
+        gr.shared = false;
     }
 
     /// Runs the planned units as one batched step, then samples (in parallel) and forks.

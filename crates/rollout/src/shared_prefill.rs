@@ -18,8 +18,9 @@
 //! runs per segment, the prompt's [`fingerprint`]. [`agree`] then fails every peer alike,
 //! naming each peer that refused and why, or what they disagree on; so one peer's local
 //! failure no longer leaves the others waiting in the first layer's all-gather until their
-//! collective timeout. Only a failure inside the prefill itself (a device error mid-layer)
-//! still does.
+//! collective timeout. A failure inside the prefill itself still does: a device error
+//! mid-layer, or a GPU running out of memory for a segment's smaller scratch (the step buffers
+//! are sized before the vote). Ranks here are the peers' ranks in the prefill group.
 
 use crate::kv::{attend_placed, write_placed};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
@@ -467,6 +468,12 @@ impl PrefillVote {
             prompt,
         })
     }
+}
+
+/// What each peer receives in a shared prefill's agreement: every other peer's vote, as f32
+/// values ([`PrefillVote::VALUES`]), in one all-gather (beside [`exchange_bytes`]).
+pub fn agreement_bytes(world: usize) -> u64 {
+    (world.max(1) - 1) as u64 * PrefillVote::VALUES as u64 * 4
 }
 
 /// A prompt's fingerprint for the agreement: FNV-1a over its token ids and its number of
