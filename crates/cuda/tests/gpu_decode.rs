@@ -968,7 +968,7 @@ fn a_decoder_that_cannot_take_part_fails_every_peer_at_once() {
             let (said, has, out) = h.join().unwrap();
             eprintln!("rank {r}: {said:?}");
             assert!(
-                said[0].contains("rank 1: no room in its KV pool"),
+                said[0].contains("peer 1: no room in its KV pool"),
                 "rank {r}: {}",
                 said[0]
             );

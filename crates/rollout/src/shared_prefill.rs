@@ -20,7 +20,8 @@
 //! failure no longer leaves the others waiting in the first layer's all-gather until their
 //! collective timeout. A failure inside the prefill itself still does: a device error
 //! mid-layer, or a GPU running out of memory for a segment's smaller scratch (the step buffers
-//! are sized before the vote). Ranks here are the peers' ranks in the prefill group.
+//! are sized before the vote). The errors name peers by their rank in the prefill group (an sp
+//! group's processes in order), not by world rank.
 
 use crate::kv::{attend_placed, write_placed};
 use crate::pool::{BlockPool, BlockTable, KvLayout};
@@ -505,12 +506,12 @@ pub fn agree(votes: &[PrefillVote]) -> Result<(), RolloutError> {
                 }
                 Refusal::Model => "its model could not ready its buffers".to_string(),
             };
-            Some(format!("rank {r}: {why}"))
+            Some(format!("peer {r}: {why}"))
         })
         .collect();
     if !refused.is_empty() {
         return Err(RolloutError::Invalid(format!(
-            "shared prefill refused by {} of {} peers: {}",
+            "shared prefill refused by {} of {} peers (peers by rank in the prefill group): {}",
             refused.len(),
             votes.len(),
             refused.join("; ")
@@ -530,7 +531,7 @@ pub fn agree(votes: &[PrefillVote]) -> Result<(), RolloutError> {
         .enumerate()
         .map(|(r, v)| {
             format!(
-                "rank {r}: {} rows of prompt {:016x}, {} a rank per segment",
+                "peer {r}: {} rows of prompt {:016x}, {} a rank per segment",
                 v.rows, v.prompt, v.rows_per_rank
             )
         })
@@ -584,7 +585,7 @@ mod tests {
         agree(&[ok, ok, ok]).unwrap();
         let e = agree(&[ok, full, ok]).unwrap_err().to_string();
         assert!(
-            e.contains("1 of 3 peers") && e.contains("rank 1: no room") && e.contains("4097"),
+            e.contains("1 of 3 peers") && e.contains("peer 1: no room") && e.contains("4097"),
             "{e}"
         );
         let model = PrefillVote {
@@ -593,7 +594,7 @@ mod tests {
         };
         let e = agree(&[model, ok, full]).unwrap_err().to_string();
         assert!(
-            e.contains("rank 0: its model") && e.contains("rank 2: no room"),
+            e.contains("peer 0: its model") && e.contains("peer 2: no room"),
             "{e}"
         );
         for other in [
@@ -608,7 +609,7 @@ mod tests {
             },
         ] {
             let e = agree(&[ok, other]).unwrap_err().to_string();
-            assert!(e.contains("disagree") && e.contains("rank 1:"), "{e}");
+            assert!(e.contains("disagree") && e.contains("peer 1:"), "{e}");
         }
         // The fingerprint tells the inputs apart, embeddings included.
         assert_ne!(fingerprint(&[1, 2, 3], 0), fingerprint(&[1, 2, 3], 6));

@@ -966,7 +966,7 @@ fn a_peer_that_cannot_take_part_fails_every_peer_at_once_and_the_peers_go_on() {
         let at = format!("world {world}, rank {odd}'s {what}");
         for (r, got) in per_rank.into_iter().enumerate() {
             let (refused, again, out) = got.unwrap_or_else(|e| panic!("{at}: rank {r}: {e}"));
-            let who = format!("rank {odd}");
+            let who = format!("peer {odd}");
             let ok = match what {
                 "room" => refused.contains(&format!("{who}: no room in its KV pool")),
                 "request" => refused.contains(&format!("{who}: the request failed its checks")),
