@@ -457,22 +457,22 @@ impl<'m> Engine<'m> {
             rows_per_rank: 0,
             prompt: fingerprint(&prompt.ids, prompt.embeddings.as_ref().map_or(0, Vec::len)),
         };
-        let local = match checked.and_then(|()| shared_step(prompt, n, d).map(|_| ())) {
+        let local = match checked.and_then(|()| shared_step(prompt, n, d)) {
             Err(e) => Err((e, Refusal::Request)),
-            Ok(()) => match self.pool.reserve(&mut table, n) {
+            Ok(step) => match self.pool.reserve(&mut table, n) {
                 Err(e) => {
                     let needed = self.pool.blocks_needed(&table, n) as u64;
                     let free = self.pool.free_blocks() as u64;
                     Err((e, Refusal::NoRoom { needed, free }))
                 }
-                Ok(()) => self
-                    .model
-                    .prepare_shared(n)
-                    .map_err(|e| (e, Refusal::Model)),
+                Ok(()) => match self.model.prepare_shared(n) {
+                    Ok(rows) => Ok((rows, step)),
+                    Err(e) => Err((e, Refusal::Model)),
+                },
             },
         };
         match &local {
-            Ok(r) => vote.rows_per_rank = *r as u64,
+            Ok((rows, _)) => vote.rows_per_rank = *rows as u64,
             Err((_, why)) => vote.refusal = Some(*why),
         }
         let agreed = self.model.gather_peers(&vote.encode()).and_then(|all| {
@@ -482,23 +482,22 @@ impl<'m> Engine<'m> {
                 .collect::<Result<Vec<_>, _>>()?;
             agree(&votes)
         });
-        let refused = match (agreed, local) {
-            (Ok(()), Ok(_)) => None,
+        let step = match (agreed, local) {
+            (Ok(()), Ok((_, step))) => Ok(step),
             // This peer's own reason in full beside the agreement's summary.
-            (Err(e), Err((own, _))) => Some(RolloutError::Invalid(format!("{e} (here: {own})"))),
-            (Err(e), Ok(_)) => Some(e),
+            (Err(e), Err((own, _))) => Err(RolloutError::Invalid(format!("{e} (here: {own})"))),
+            (Err(e), Ok(_)) => Err(e),
             // Its own refusal was in its vote, so the agreement cannot pass; kept for safety.
-            (Ok(()), Err((own, _))) => Some(own),
+            (Ok(()), Err((own, _))) => Err(own),
         };
-        if let Some(e) = refused {
-            self.pool.release(table);
-            return Err(e);
-        }
-        if n == 0 {
-            self.pool.release(table);
-            return Ok(None);
-        }
-        let step = shared_step(prompt, n, d).expect("checked before the vote");
+        let step = match step {
+            Ok(step) if n > 0 => step,
+            // Agreed, with nothing to prefill (a one-token prompt), or refused.
+            done => {
+                self.pool.release(table);
+                return done.map(|_| None);
+            }
+        };
         if let Err(e) = self.model.prefill_shared(&mut self.pool, &step, &table) {
             self.pool.release(table);
             return Err(e);
