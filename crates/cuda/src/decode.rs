@@ -677,15 +677,23 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
-        if self.weights_released() {
-            // Into a buffer of its own first: a failed upload leaves the weights released,
-            // never zeros.
-            let mut w = self.gpu.alloc_zeros::<T>(params.len())?;
-            self.gpu.upload_cast(&mut w, params)?;
-            self.weights = DecoderWeights::Own(w);
-            return Ok(());
+        self.write_weights(|g, w| g.upload_cast(w, params))
+    }
+
+    /// Overwrites the decoder's own weights with `fill`; after [`GpuDecoder::release_weights`]
+    /// it fills a new buffer and keeps it only once filled, so a failed fill leaves the weights
+    /// released, never zeros.
+    fn write_weights(
+        &mut self,
+        fill: impl FnOnce(&Gpu, &mut DeviceBuf<T>) -> Result<()>,
+    ) -> Result<()> {
+        if !self.weights_released() {
+            return fill(&self.gpu, self.weights.own()?);
         }
-        self.gpu.upload_cast(self.weights.own()?, params)
+        let mut w = self.gpu.alloc_zeros::<T>(self.layout.total())?;
+        fill(&self.gpu, &mut w)?;
+        self.weights = DecoderWeights::Own(w);
+        Ok(())
     }
 
     /// Frees the decoder's own copy of the weights until [`GpuDecoder::load_params`] or
@@ -746,15 +754,10 @@ impl<T: GpuFloat> GpuDecoder<T> {
                 self.layout.total()
             ));
         }
-        if self.weights_released() {
-            let mut w = self.gpu.alloc_zeros::<T>(params.dlen())?;
-            self.gpu.cast_from_f32(&mut w, params)?;
-            self.gpu.synchronize()?;
-            self.weights = DecoderWeights::Own(w);
-            return Ok(());
-        }
-        self.gpu.cast_from_f32(self.weights.own()?, params)?;
-        self.gpu.synchronize()
+        self.write_weights(|g, w| {
+            g.cast_from_f32(w, params)?;
+            g.synchronize()
+        })
     }
 
     /// Allocates the device KV blocks for `layout` (replacing any earlier pool's) and returns
