@@ -1,6 +1,7 @@
 //! Sizes of the GPU model's buffers (reel-cuda's `GpuQwen2`), computed without a GPU: the LM
-//! head's vocabulary chunk for a batch, the activation bytes each checkpoint policy keeps, and
-//! the whole workspace (N tokens, d hidden, H/H_kv heads of size D, I intermediate, L layers).
+//! head's vocabulary chunk for a batch, the activation bytes each checkpoint policy keeps, the
+//! whole workspace, and a rollout decoder's step buffers (N tokens, d hidden, H/H_kv heads of
+//! size D, I intermediate, L layers).
 //! Here rather than in reel-cuda so that planners build without the GPU crate.
 
 use crate::{CheckpointPolicy, Qwen2Config};
@@ -61,6 +62,15 @@ pub fn workspace_bytes(c: &Qwen2Config, policy: CheckpointPolicy, n: usize) -> u
     let f32 = 5 + hd;
     let u32 = 2;
     activation_bytes(c, policy, n) + n * (2 * bf16 + 4 * f32 + 4 * u32)
+}
+
+/// Bytes of a rollout decoder's step buffers (reel-cuda's `GpuDecoder`, `StepBufs`) for `rows`
+/// rows of `elem` bytes a value: the residual and normed rows, packed q/k/v, queries, the
+/// attention output, the MLP's gate/up and activation, and f32 norm and lse statistics.
+pub fn decoder_step_bytes(c: &Qwen2Config, rows: usize, elem: usize) -> usize {
+    let (d, qw, kvw, i) = widths(c);
+    let values = 2 * d + (qw + 2 * kvw) + 2 * qw + 3 * i;
+    rows * (elem * values + 4 * (1 + c.num_attention_heads))
 }
 
 #[cfg(test)]

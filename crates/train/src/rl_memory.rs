@@ -18,7 +18,7 @@
 //! the tower's scratch, rotary tables). Both come from the 7B rows of BENCHMARKS.md ("The RL step
 //! at the 7B shape over 2 GPUs"); the tests hold the estimate to every measured row there.
 
-use reel_model::plan::workspace_bytes;
+use reel_model::plan::{decoder_step_bytes, workspace_bytes};
 use reel_model::{CheckpointPolicy, ParamLayout, Qwen2Config};
 
 /// What a GRPO step's memory depends on.
@@ -113,15 +113,12 @@ pub fn estimate(c: &RlMemoryConfig) -> RlMemory {
     };
     let cached = c.prompt_tokens + c.group * c.response_tokens;
     let kv = cached * lm.num_hidden_layers * 2 * kvw * 2;
-    let width = qw + 2 * kvw;
-    let step_row = 2 * (2 * lm.hidden_size + width + 2 * qw + 3 * lm.intermediate_size)
-        + 4 * (1 + lm.num_attention_heads);
     RlMemory {
         state: state_bytes(params, c.world, c.shard_optimizer, c.reference),
         tower: 2 * c.tower_params as u64,
         workspace: workspace as u64,
         attention_scratch,
-        rollout_cache: (kv + DECODER_ROWS * step_row) as u64,
+        rollout_cache: (kv + decoder_step_bytes(lm, DECODER_ROWS, 2)) as u64,
         fixed: FIXED_BYTES,
     }
 }

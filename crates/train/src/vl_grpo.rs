@@ -84,7 +84,8 @@
 //! `rollout_s` without them), `shared_prefill_s` (of `rollout_s`, the prefills shared with the
 //! sp group's processes), `rollout_preemptions` and `rollout_shared_preemptions` (this process's
 //! engine: groups preempted for lack of KV blocks, and those of them whose prompt was prefilled
-//! with the sp group, recomputed alone; both 0 when the pool is sized for the round), `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
+//! with the sp group, recomputed alone; both 0 when the pool is sized for the round),
+//! `cache_hits`, `cache_misses`, `cache_bytes`, `tower_forwards` (cumulative),
 //! `videos_encoded`, `skipped_records`. Checkpoints are Qwen2.5-VL folders (tower unchanged) with
 //! the optimizer and trainer state; `--resume` continues the same curve.
 
