@@ -11,7 +11,7 @@
 # empty: none), SP_FRAMES (256 1024: one launch each), GROUP (2), RESPONSE (16), CHECKPOINT
 # (remat), MODEL_DIR (where the random model is kept: written by the first one-GPU run, or by --rl-write-model when there is none; /tmp/reel-rl-SHAPE),
 # RUN_S (each run's wall limit, 300), STEPS (--rl-steps: steps a run, the last reported; 1), SHARD (1: the P-GPU runs shard the optimizer state over the
-# processes, --rl-shard-optimizer), SHARED_PREFILL (--rl-shared-prefill: prompts this long are
+# processes, --rl-shard-optimizer; 2: the gradients too, --rl-shard-gradients), SHARED_PREFILL (--rl-shared-prefill: prompts this long are
 # prefilled by the P processes together; 0 = by their owner alone; unset: the default, 8192).
 set -uo pipefail
 reel=${1:?usage: scripts/bench_rl_sp.sh path/to/reel OUTDIR [P]}
@@ -39,6 +39,7 @@ done
 for f in ${SP_FRAMES:-256 1024}; do
   shard=()
   [ "${SHARD:-0}" = 1 ] && shard=(--rl-shard-optimizer)
+  [ "${SHARD:-0}" = 2 ] && shard=(--rl-shard-optimizer --rl-shard-gradients)
   [ -n "${SHARED_PREFILL-}" ] && shard+=(--rl-shared-prefill "$SHARED_PREFILL")
   timeout "${RUN_S:-300}" "$reel" launch --nproc "$p" --grace-secs 10 -- reel "${args[@]}" \
     "${shard[@]}" --rl-sp "$p" --rl-frames "$f" 2>&1 | tee "$out/sp$p-$f.txt"

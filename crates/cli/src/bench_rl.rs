@@ -78,6 +78,9 @@ pub struct RlBenchArgs {
     /// `parallel.shard_optimizer`: the fp32 master weights and AdamW moments sharded over the
     /// launched ranks. Default off.
     pub shard_optimizer: bool,
+    /// `parallel.shard_gradients` (with `shard_optimizer`): the fp32 gradients sharded too
+    /// (ZeRO-2). Default off.
+    pub shard_gradients: bool,
     /// `parallel.shared_prefill_tokens` (launched sp > 1: long prompts prefilled by the
     /// processes together). Default: the config's.
     pub shared_prefill: Option<usize>,
@@ -221,10 +224,10 @@ fn plan(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
             args.response,
             args.checkpoint,
             args.sp,
-            if args.shard_optimizer {
-                "sharded"
-            } else {
-                "whole"
+            match (args.shard_optimizer, args.shard_gradients) {
+                (true, true) => "and gradients sharded",
+                (true, false) => "sharded",
+                _ => "whole",
             },
             args.gpu_gib
         );
@@ -242,6 +245,7 @@ fn plan(args: &RlBenchArgs, as_json: bool) -> Result<serde_json::Value> {
             sp: args.sp,
             world: args.sp,
             shard_optimizer: args.shard_optimizer,
+            shard_gradients: args.shard_gradients,
             reference: true,
             policy: args.checkpoint,
             prompt_tokens: prompt,
@@ -536,6 +540,7 @@ fn one_run(
         .max(2 * video_tokens_at(frames, args.side) * 3584 * 4);
     cfg.parallel.sp = args.sp;
     cfg.parallel.shard_optimizer = args.shard_optimizer;
+    cfg.parallel.shard_gradients = args.shard_gradients;
     if let Some(t) = args.shared_prefill {
         cfg.parallel.shared_prefill_tokens = t;
     }
@@ -762,6 +767,7 @@ fn run_trial(
         .args(["--rl-micro", &micro.to_string()])
         .args(["--rl-steps", &args.steps.to_string()])
         .args(args.shard_optimizer.then_some("--rl-shard-optimizer"))
+        .args(args.shard_gradients.then_some("--rl-shard-gradients"))
         .args(
             args.shared_prefill
                 .map(|t| format!("--rl-shared-prefill={t}")),
@@ -854,6 +860,7 @@ mod tests {
             shape: VlShape::Qwen7b,
             sp: 2,
             shard_optimizer: true,
+            shard_gradients: false,
             shared_prefill: None,
             reps: 1,
             device: Device::Cuda,
@@ -988,6 +995,7 @@ mod tests {
             shape: VlShape::Tiny,
             sp: 1,
             shard_optimizer: false,
+            shard_gradients: false,
             shared_prefill: None,
             reps: 1,
             device: Device::Cpu,

@@ -277,6 +277,10 @@ enum Command {
         /// (`parallel.shard_optimizer`).
         #[arg(long)]
         rl_shard_optimizer: bool,
+        /// `bench rl`: shard the fp32 gradients too (`parallel.shard_gradients`, ZeRO-2; implies
+        /// --rl-shard-optimizer).
+        #[arg(long)]
+        rl_shard_gradients: bool,
         /// `bench rl`: `parallel.shared_prefill_tokens` (prompts this long prefilled by the
         /// launched sp processes together; 0 = each on its owner alone; default the config's,
         /// 8192).
@@ -736,6 +740,7 @@ fn real_main() -> Result<()> {
             rl_checkpoint,
             rl_micro,
             rl_shard_optimizer,
+            rl_shard_gradients,
             rl_shared_prefill,
             rl_steps,
             rl_reuse,
@@ -770,7 +775,8 @@ fn real_main() -> Result<()> {
                     model_dir: rl_model_dir,
                     shape: rl_shape,
                     sp: rl_sp,
-                    shard_optimizer: rl_shard_optimizer,
+                    shard_optimizer: rl_shard_optimizer || rl_shard_gradients,
+                    shard_gradients: rl_shard_gradients,
                     shared_prefill: rl_shared_prefill,
                     reps,
                     device: rl_device,

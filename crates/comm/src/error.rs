@@ -19,6 +19,8 @@ pub enum Op {
     AllToAll,
     Broadcast,
     Barrier,
+    /// A sum onto one root (device groups: a sharded gradient's owner).
+    Reduce,
     /// Creating a sub-group communicator ([`crate::Communicator::split`]).
     Split,
 }
@@ -35,6 +37,7 @@ impl Op {
             Op::AllToAll => "all_to_all",
             Op::Broadcast => "broadcast",
             Op::Barrier => "barrier",
+            Op::Reduce => "reduce",
             Op::Split => "split",
         }
     }

@@ -13,6 +13,7 @@
 //! | `reduce_scatter_sum` (ring; `n` = send length) | `(P−1)/P·n·4` | same |
 //! | `all_to_all` (direct) | `(P−1)/P·n·4` | same |
 //! | `broadcast` (direct from the root) | root `(P−1)·n·4`, others 0 | root 0, others `n·4` |
+//! | `reduce` (direct to the root; device groups only) | root 0, others `n·4` | root `(P−1)·n·4`, others 0 |
 //! | `barrier` | 0 | 0 |
 //!
 //! (`all_reduce_sum` splits `n` into `P` chunks that differ by at most one element; each ring phase
@@ -61,6 +62,9 @@ pub struct CommStats {
     pub all_to_all: OpStats,
     pub broadcast: OpStats,
     pub barrier: OpStats,
+    /// Sums to one root (a device group's sharded gradients; absent in older serialisations).
+    #[serde(default)]
+    pub reduce: OpStats,
 }
 
 impl CommStats {
@@ -75,6 +79,7 @@ impl CommStats {
             Op::AllToAll => &self.all_to_all,
             Op::Broadcast => &self.broadcast,
             Op::Barrier => &self.barrier,
+            Op::Reduce => &self.reduce,
             Op::Split => return None,
         })
     }
@@ -90,6 +95,7 @@ impl CommStats {
             Op::AllToAll => &mut self.all_to_all,
             Op::Broadcast => &mut self.broadcast,
             Op::Barrier => &mut self.barrier,
+            Op::Reduce => &mut self.reduce,
             Op::Split => return None,
         })
     }
@@ -104,6 +110,7 @@ impl CommStats {
             + self.all_to_all
             + self.broadcast
             + self.barrier
+            + self.reduce
     }
 
     /// Adds one successful call of `op` that moved the given bytes (ignored for `Split`).
@@ -128,6 +135,7 @@ impl Add for CommStats {
             all_to_all: self.all_to_all + o.all_to_all,
             broadcast: self.broadcast + o.broadcast,
             barrier: self.barrier + o.barrier,
+            reduce: self.reduce + o.reduce,
         }
     }
 }
@@ -172,6 +180,15 @@ pub fn convention_bytes(op: Op, n: usize, p: usize, rank: usize, root: usize) ->
                 (b(n) * (p as u64 - 1), 0)
             } else {
                 (0, b(n))
+            }
+        }
+        Op::Reduce => {
+            if p <= 1 {
+                (0, 0)
+            } else if rank == root {
+                (0, b(n) * (p as u64 - 1))
+            } else {
+                (b(n), 0)
             }
         }
         Op::Barrier | Op::Split => (0, 0),

@@ -69,6 +69,8 @@ fn byte_counters_follow_the_documented_convention() {
                     op(1, 0, 7)
                 },
                 barrier: op(1, 0, 0),
+                // The host communicators have no reduce (device groups only).
+                reduce: op(0, 0, 0),
             };
             assert_eq!(stats, &expected, "P={p} rank {r} (n={n})");
             assert_eq!(after, &CommStats::default(), "P={p} rank {r} after reset");
@@ -172,6 +174,26 @@ fn convention_bytes_match_the_counted_bytes() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The reduce's convention (device groups only: no host backend runs it): every other rank
+/// sends its buffer once, the root receives them all, so the world's bytes balance.
+#[test]
+fn the_reduce_convention_sends_each_buffer_to_the_root_once() {
+    use reel_comm::stats::convention_bytes;
+    use reel_comm::Op;
+    assert_eq!(convention_bytes(Op::Reduce, 10, 1, 0, 0), (0, 0));
+    for p in [2usize, 3, 8] {
+        for root in 0..p {
+            let all: Vec<(u64, u64)> = (0..p)
+                .map(|r| convention_bytes(Op::Reduce, 10, p, r, root))
+                .collect();
+            assert_eq!(all[root], (0, 40 * (p as u64 - 1)), "p={p} root {root}");
+            let sent: u64 = all.iter().map(|x| x.0).sum();
+            let recv: u64 = all.iter().map(|x| x.1).sum();
+            assert_eq!(sent, recv, "p={p} root {root}");
         }
     }
 }

@@ -399,43 +399,69 @@ impl crate::Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
+        let dinp = dinp.map(|d| (d.dptr(), d.dlen()));
+        let dbias = dbias.map(|d| (d.dptr(), d.dlen()));
+        let dw = (dweight.dptr(), dweight.dlen());
+        let ops = [
+            (dout.dptr(), dout.dlen()),
+            (inp.dptr(), inp.dlen()),
+            (weight.dptr(), weight.dlen()),
+        ];
+        self.matmul_backward_raw::<T>(dinp, dw, dbias, ops, m, k, n)
+    }
+
+    /// [`Gpu::matmul_backward`] without a bias whose `dinp` overwrites `inp` in place:
+    /// `dweight[n,k] += doutᵀ · inp` is formed first, then `inp[m,k] = dout · weight`. For a
+    /// backward that no longer needs the layer input afterwards (its buffer holds the input's
+    /// gradient instead of a separate one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_backward_into_input<T: GpuFloat>(
+        &self,
+        inp: &mut impl DevWrite<T>,
+        dweight: &mut impl DevWrite<T>,
+        dout: &impl DevRead<T>,
+        weight: &impl DevRead<T>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let x = (inp.dptr(), inp.dlen());
+        let ops = [
+            (dout.dptr(), dout.dlen()),
+            x,
+            (weight.dptr(), weight.dlen()),
+        ];
+        let dw = (dweight.dptr(), dweight.dlen());
+        self.matmul_backward_raw::<T>(Some(x), dw, None, ops, m, k, n)
+    }
+
+    /// The body of both backward forms on (address, length) pairs: `ops` = dout, inp, weight.
+    /// `dweight` (and `dbias`) from `inp` first, then `dinp`, so `dinp` may be `inp`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_raw<T: GpuFloat>(
+        &self,
+        dinp: Option<(u64, usize)>,
+        dweight: (u64, usize),
+        dbias: Option<(u64, usize)>,
+        [dout, inp, weight]: [(u64, usize); 3],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
         self.timed("gemm", "matmul_backward", || {
             let op = "matmul_backward";
-            check_len(op, "dout", dout.dlen(), m * n)?;
-            check_len(op, "inp", inp.dlen(), m * k)?;
-            check_len(op, "weight", weight.dlen(), n * k)?;
-            check_len(op, "dweight", dweight.dlen(), n * k)?;
+            check_len(op, "dout", dout.1, m * n)?;
+            check_len(op, "inp", inp.1, m * k)?;
+            check_len(op, "weight", weight.1, n * k)?;
+            check_len(op, "dweight", dweight.1, n * k)?;
             if let Some(d) = &dinp {
-                check_len(op, "dinp", d.dlen(), m * k)?;
+                check_len(op, "dinp", d.1, m * k)?;
             }
             if let Some(d) = &dbias {
-                check_len(op, "dbias", d.dlen(), n)?;
+                check_len(op, "dbias", d.1, n)?;
             }
             self.bind()?;
             let t = T::cuda_type();
-            if let Some(dinp) = dinp {
-                if n == 0 {
-                    self.zero_dyn::<T>(dinp.dptr(), dinp.dlen())?;
-                } else if m > 0 && k > 0 {
-                    let s = Spec {
-                        ta: false,
-                        tb: false,
-                        m: k as u64,
-                        n: m as u64,
-                        k: n as u64,
-                        lda: k as i64,
-                        ldb: n as i64,
-                        ldc: k as i64,
-                        ab: t,
-                        cd: t,
-                        bias: false,
-                        accumulate: false,
-                        align: [0; 3],
-                    };
-                    self.blas
-                        .gemm(s, 1.0, weight.dptr(), dout.dptr(), dinp.dptr(), None)?;
-                }
-            }
             if m > 0 && n > 0 && k > 0 {
                 let s = Spec {
                     ta: false,
@@ -452,12 +478,33 @@ impl crate::Gpu {
                     accumulate: true,
                     align: [0; 3],
                 };
-                self.blas
-                    .gemm(s, 1.0, inp.dptr(), dout.dptr(), dweight.dptr(), None)?;
+                self.blas.gemm(s, 1.0, inp.0, dout.0, dweight.0, None)?;
             }
             if let Some(dbias) = dbias {
                 if m > 0 && n > 0 {
-                    self.colsum::<T>(dbias.dptr(), dout.dptr(), None, m, n)?;
+                    self.colsum::<T>(dbias.0, dout.0, None, m, n)?;
+                }
+            }
+            if let Some(dinp) = dinp {
+                if n == 0 {
+                    self.zero_dyn::<T>(dinp.0, dinp.1)?;
+                } else if m > 0 && k > 0 {
+                    let s = Spec {
+                        ta: false,
+                        tb: false,
+                        m: k as u64,
+                        n: m as u64,
+                        k: n as u64,
+                        lda: k as i64,
+                        ldb: n as i64,
+                        ldc: k as i64,
+                        ab: t,
+                        cd: t,
+                        bias: false,
+                        accumulate: false,
+                        align: [0; 3],
+                    };
+                    self.blas.gemm(s, 1.0, weight.0, dout.0, dinp.0, None)?;
                 }
             }
             Ok(())

@@ -70,6 +70,51 @@ impl DeviceComm {
         self.ring(gpu, buf, &[(Phase::AllGather, 0)], "all-gather")
     }
 
+    /// Sums `buf` over every rank onto `root`, in place: each other rank sends its buffer to the
+    /// root, which adds them in rank order (so the sum is the same whatever order they arrive
+    /// in); the others' buffers are left as they were.
+    pub fn reduce_sum_dev(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DViewMut<'_, f32>,
+        root: usize,
+    ) -> Result<()> {
+        let p = self.world_size();
+        if root >= p {
+            return Err(crate::GpuError::Comm(format!(
+                "reduce onto rank {root} of a group of {p}"
+            )));
+        }
+        let n = buf.dlen();
+        if p == 1 || n == 0 {
+            return Ok(());
+        }
+        self.next_epoch();
+        let r = self.rank();
+        let result = (|| -> Result<()> {
+            if r != root {
+                let t = self.send(
+                    gpu,
+                    root,
+                    tag(0, r),
+                    &[DevPart::of(&DView::of(&*buf, 0..n)?)],
+                )?;
+                return self.wait(gpu, t);
+            }
+            let tmp = gpu.scratch::<f32>(n)?;
+            for q in (0..p).filter(|&q| q != root) {
+                let t = self.recv(gpu, q, tag(0, q), &[DevPart::of(&DView::of(&tmp, 0..n)?)])?;
+                self.wait(gpu, t)?;
+                gpu.accum_f32(&mut DViewMut::of(&mut *buf, 0..n)?, &DView::of(&tmp, 0..n)?)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = &result {
+            self.abort(&format!("reduce: {e}"));
+        }
+        result
+    }
+
     fn check_chunks(&self, n: usize, what: &str) -> Result<()> {
         let p = self.world_size();
         if !n.is_multiple_of(p) {
@@ -141,6 +186,10 @@ impl DeviceGroup for DeviceComm {
 
     fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
         DeviceComm::all_gather_dev(self, gpu, buf)
+    }
+
+    fn reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>, root: usize) -> Result<()> {
+        DeviceComm::reduce_sum_dev(self, gpu, buf, root)
     }
 }
 

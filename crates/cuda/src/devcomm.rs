@@ -131,6 +131,16 @@ pub trait DeviceGroup: DeviceP2p {
     /// Gives every rank each rank r's chunk r of `buf` (P equal chunks), in place.
     fn all_gather_dev(&self, gpu: &Gpu, buf: &mut crate::buffer::DViewMut<'_, f32>) -> Result<()>;
 
+    /// Sums `buf` over every rank onto rank `root`, in place: the root's `buf` ends holding the
+    /// sum, the others' are left undefined. The same ordering and failure rules as
+    /// [`DeviceGroup::all_reduce_sum_dev`].
+    fn reduce_sum_dev(
+        &self,
+        gpu: &Gpu,
+        buf: &mut crate::buffer::DViewMut<'_, f32>,
+        root: usize,
+    ) -> Result<()>;
+
     /// The collective counters of the communicator under the group (its
     /// [`reel_comm::Communicator::stats`]: the gradient all-reduces), where it keeps them;
     /// `None` by default (point-to-point traffic is [`DeviceP2p::sent`]).

@@ -219,6 +219,105 @@ fn gather_over_groups(
     Ok(())
 }
 
+/// Values a sharded-gradient reduce widens to f32 at a time (128 MiB of scratch).
+const REDUCE_CHUNK: usize = 1 << 25;
+
+/// Values of each rank's shard a chunked gather stages at a time (the staging buffer holds the
+/// world's pieces: 64 MiB of f32 a rank).
+const GATHER_CHUNK: usize = 1 << 24;
+
+/// Sharded gradients (ZeRO-2, [`GpuQwen2::shard_gradients`]): the bf16 gradients `src` of the
+/// flat range `flat` summed over the world in f32, each value onto the rank whose shard holds it,
+/// which adds it into its shard `grads` (`plan.range`'s values). A piece of at most
+/// [`REDUCE_CHUNK`] values at a time: reduced over the sequence-parallel group onto the owner of
+/// its sp chunk, and there over the data-parallel group onto the shard's owner — the order of
+/// [`scatter_over_groups`], so every rank's shard ends the sum over the world.
+#[allow(clippy::too_many_arguments)]
+fn reduce_into_shard(
+    attn: &GpuAttention,
+    dp: Option<&dyn GpuDpGroup>,
+    gpu: &Gpu,
+    plan: &OptShard,
+    grads: &mut DeviceBuf<f32>,
+    src: &DView<'_, bf16>,
+    flat: std::ops::Range<usize>,
+) -> Result<()> {
+    if src.dlen() != flat.len() {
+        return shape_err(format!(
+            "sharded gradients: {} values for a range of {}",
+            src.dlen(),
+            flat.len()
+        ));
+    }
+    let mut tmp = gpu.scratch::<f32>(REDUCE_CHUNK.min(flat.len()))?;
+    for piece in plan.owner_pieces(flat.clone(), REDUCE_CHUNK) {
+        let a = piece.range.start;
+        let mut buf = tmp.view_mut(0..piece.range.len())?;
+        let from = a - flat.start..piece.range.end - flat.start;
+        gpu.to_f32(&mut buf, &DView::of(src, from)?)?;
+        if let GpuAttention::Sp(sp) = attn {
+            sp.reduce_sum_dev(gpu, &mut buf, piece.sp_rank)?;
+        }
+        if piece.sp_rank != plan.sp_rank {
+            continue;
+        }
+        for (d, part) in piece.parts {
+            let mut sub = tmp.view_mut(part.start - a..part.end - a)?;
+            if let Some(dp) = dp {
+                dp.dp_reduce(gpu, &mut sub, d)?;
+            }
+            if d == plan.dp_rank {
+                let at = part.start - plan.range.start..part.end - plan.range.start;
+                gpu.accum_f32(&mut grads.view_mut(at)?, &sub)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every rank's shard of a flat buffer held sharded (`shard`: this rank's `plan.range` values),
+/// gathered [`GATHER_CHUNK`] values a rank at a time through one staging buffer (over dp within
+/// the sp chunk, then over sp, as [`gather_over_groups`]): `each(flat range, values)` is called
+/// for every rank's piece in turn, on every rank, the values on the device.
+fn gather_chunked(
+    attn: &GpuAttention,
+    dp: Option<&dyn GpuDpGroup>,
+    gpu: &Gpu,
+    plan: &OptShard,
+    shard: &DeviceBuf<f32>,
+    mut each: impl FnMut(std::ops::Range<usize>, DView<'_, f32>) -> Result<()>,
+) -> Result<()> {
+    let c = plan.len();
+    let world = plan.sp * plan.dp;
+    let me = plan.sp_rank * plan.dp + plan.dp_rank;
+    let k = GATHER_CHUNK.min(c).max(1);
+    let mut stage = gpu.scratch::<f32>(world * k)?;
+    let mut off = 0;
+    while off < c {
+        let len = k.min(c - off);
+        gpu.copy(
+            &mut stage.view_mut(me * len..(me + 1) * len)?,
+            &shard.view(off..off + len)?,
+        )?;
+        if let Some(dp) = dp {
+            let block = plan.sp_rank * plan.dp * len..(plan.sp_rank + 1) * plan.dp * len;
+            dp.dp_all_gather(gpu, &mut stage.view_mut(block)?)?;
+        }
+        if let GpuAttention::Sp(sp) = attn {
+            sp.all_gather_dev(gpu, &mut stage.view_mut(0..world * len)?)?;
+        }
+        for rank in 0..world {
+            let start = plan.start_of(rank / plan.dp, rank % plan.dp) + off;
+            each(
+                start..start + len,
+                stage.view(rank * len..(rank + 1) * len)?,
+            )?;
+        }
+        off += len;
+    }
+    Ok(())
+}
+
 /// How a [`GpuQwen2`] computes causal self-attention over the tokens it holds.
 pub enum GpuAttention {
     /// cuDNN over the whole local sequence (the model holds every token of its batch).
@@ -244,6 +343,8 @@ pub trait GpuDpGroup: Send {
     fn dp_reduce_scatter(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
     /// [`crate::DeviceGroup::all_gather_dev`] over the group.
     fn dp_all_gather(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
+    /// [`crate::DeviceGroup::reduce_sum_dev`] over the group.
+    fn dp_reduce(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>, root: usize) -> Result<()>;
     /// Fails this rank's later exchanges and, as far as the backend can, its peers'.
     fn dp_abort(&self, why: &str);
 }
@@ -267,6 +368,10 @@ impl<C: crate::DeviceGroup + Send> GpuDpGroup for C {
 
     fn dp_all_gather(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
         self.all_gather_dev(gpu, buf)
+    }
+
+    fn dp_reduce(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>, root: usize) -> Result<()> {
+        self.reduce_sum_dev(gpu, buf, root)
     }
 
     fn dp_abort(&self, why: &str) {
@@ -406,17 +511,16 @@ impl Acts {
     }
 }
 
-/// Gradient scratch of one layer's backward.
+/// Gradient scratch of one layer's backward. The MLP's gradients take the places of the
+/// layer's activations they come from (`act`, `gate_up`) and the packed q/k/v gradient the
+/// packed q/k/v rows (`Ws::qkv`), each dead by then, so only these remain.
 struct Bw {
-    dact: DeviceBuf<bf16>,
-    dgate_up: DeviceBuf<bf16>,
     dxn: DeviceBuf<bf16>,
     dh: DeviceBuf<bf16>,
     dattn: DeviceBuf<bf16>,
     dq: DeviceBuf<bf16>,
     dk: DeviceBuf<bf16>,
     dv: DeviceBuf<bf16>,
-    dqkv: DeviceBuf<bf16>,
 }
 
 /// Every activation buffer, sized for `cap` tokens.
@@ -426,8 +530,9 @@ struct Ws {
     acts: Vec<Acts>,
     attn: Vec<DeviceBuf<bf16>>,
     lse: Vec<DeviceBuf<f32>>,
+    /// The packed q/k/v rows of the layer running (split into `Acts::q`, `k`, `v`); in the
+    /// backward, their gradient.
     qkv: DeviceBuf<bf16>,
-    x_tmp: DeviceBuf<bf16>,
     rstd_f: DeviceBuf<f32>,
     xn_f: DeviceBuf<bf16>,
     ce_losses: DeviceBuf<f32>,
@@ -470,7 +575,6 @@ impl Ws {
                 .map(|_| zeros(gpu, cap * m.h))
                 .collect::<Result<_>>()?,
             qkv: zeros(gpu, cap * m.width())?,
-            x_tmp: zeros(gpu, nd)?,
             rstd_f: zeros(gpu, cap)?,
             xn_f: zeros(gpu, nd)?,
             ce_losses: zeros(gpu, cap)?,
@@ -480,15 +584,12 @@ impl Ws {
             dxn_f: zeros(gpu, nd)?,
             dx: [zeros(gpu, nd)?, zeros(gpu, nd)?],
             bw: Bw {
-                dact: zeros(gpu, cap * m.i)?,
-                dgate_up: zeros(gpu, cap * 2 * m.i)?,
                 dxn: zeros(gpu, nd)?,
                 dh: zeros(gpu, nd)?,
                 dattn: zeros(gpu, cap * m.qw())?,
                 dq: zeros(gpu, cap * m.qw())?,
                 dk: zeros(gpu, cap * m.kvw())?,
                 dv: zeros(gpu, cap * m.kvw())?,
-                dqkv: zeros(gpu, cap * m.width())?,
             },
             tokens: zeros(gpu, cap)?,
             positions: zeros(gpu, cap)?,
@@ -524,18 +625,8 @@ impl Ws {
         let bf: usize =
             w.xs.iter()
                 .chain(&w.attn)
-                .chain([&w.qkv, &w.x_tmp, &w.xn_f, &w.dxn_f, &w.dx[0], &w.dx[1]])
-                .chain([
-                    &b.dact,
-                    &b.dgate_up,
-                    &b.dxn,
-                    &b.dh,
-                    &b.dattn,
-                    &b.dq,
-                    &b.dk,
-                    &b.dv,
-                    &b.dqkv,
-                ])
+                .chain([&w.qkv, &w.xn_f, &w.dxn_f, &w.dx[0], &w.dx[1]])
+                .chain([&b.dxn, &b.dh, &b.dattn, &b.dq, &b.dk, &b.dv])
                 .map(nbytes)
                 .sum();
         let f: usize = w
@@ -602,7 +693,9 @@ struct Ctx<'a> {
 }
 
 /// One layer forward (x_in → x_out); with `run_attn = false`, attn and lse already hold this
-/// layer's attention (Remat's recomputation) and attention does not run.
+/// layer's attention (Remat's recomputation) and attention does not run. Without `x_out` (a
+/// backward's recomputation, whose layer output is kept already) it stops at the activations
+/// the backward reads: the down projection and the residual add are skipped.
 #[allow(clippy::too_many_arguments)]
 fn layer_forward(
     cx: &Ctx,
@@ -613,7 +706,7 @@ fn layer_forward(
     lse: &mut DeviceBuf<f32>,
     qkv: &mut DeviceBuf<bf16>,
     x_in: &DeviceBuf<bf16>,
-    x_out: &mut DeviceBuf<bf16>,
+    x_out: Option<&mut DeviceBuf<bf16>>,
     run_attn: bool,
 ) -> Result<()> {
     let (g, m) = (cx.gpu, cx.m);
@@ -683,6 +776,9 @@ fn layer_forward(
         2 * i,
     )?;
     g.swiglu_forward(&mut w(&mut a.act, n * i)?, &r(&a.gate_up, n * 2 * i)?, n, i)?;
+    let Some(x_out) = x_out else {
+        return Ok(());
+    };
     let mut xo = w(x_out, n * d)?;
     g.matmul_forward::<bf16, bf16>(&mut xo, &r(&a.act, n * i)?, &wt.down_w, None, n, i, d)?;
     g.add_inplace(&mut xo, &r(&a.h, n * d)?)
@@ -737,16 +833,18 @@ impl G16 {
 }
 
 /// One layer backward: dx_in from dx_out; the layer's parameter gradients accumulate into g16
-/// (addressed by `rg`).
+/// (addressed by `rg`). Consumes the layer's activations: `a.act` and `a.gate_up` end holding
+/// their gradients, and `qkv` (scratch) the packed q/k/v gradient.
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     cx: &Ctx,
     at: &mut GpuAttention,
     wt: &LayerW,
     rg: &LayerRanges,
-    a: &Acts,
+    a: &mut Acts,
     attn: &DeviceBuf<bf16>,
     lse: &DeviceBuf<f32>,
+    qkv: &mut DeviceBuf<bf16>,
     x_in: &DeviceBuf<bf16>,
     dx_out: &DeviceBuf<bf16>,
     dx_in: &mut DeviceBuf<bf16>,
@@ -757,32 +855,24 @@ fn layer_backward(
     let (n, d, i) = (m.n, m.d, m.i);
     let (qw, kvw, width) = (m.qw(), m.kvw(), m.width());
     let dx_out = r(dx_out, n * d)?;
-    // MLP.
-    let mut dact = w(&mut bw.dact, n * i)?;
-    g.matmul_backward::<bf16>(
-        Some(&mut dact as &mut dyn DevWrite<bf16>),
+    // MLP: ∂L/∂act over act once the down projection's weight gradient has read it, then
+    // ∂L/∂gate_up over gate_up.
+    g.matmul_backward_into_input::<bf16>(
+        &mut w(&mut a.act, n * i)?,
         &mut g16.view_mut(rg.down_w.clone())?,
-        None,
         &dx_out,
-        &r(&a.act, n * i)?,
         &wt.down_w,
         n,
         i,
         d,
     )?;
-    g.swiglu_backward(
-        &mut w(&mut bw.dgate_up, n * 2 * i)?,
-        &r(&bw.dact, n * i)?,
-        &r(&a.gate_up, n * 2 * i)?,
-        n,
-        i,
-    )?;
+    g.swiglu_backward_in_place(&mut w(&mut a.gate_up, n * 2 * i)?, &r(&a.act, n * i)?, n, i)?;
     let mut dxn = w(&mut bw.dxn, n * d)?;
     g.matmul_backward::<bf16>(
         Some(&mut dxn as &mut dyn DevWrite<bf16>),
         &mut g16.view_mut(rg.gate_up_w.clone())?,
         None,
-        &r(&bw.dgate_up, n * 2 * i)?,
+        &r(&a.gate_up, n * 2 * i)?,
         &r(&a.xn2, n * d)?,
         &wt.gate_up_w,
         n,
@@ -829,7 +919,7 @@ fn layer_backward(
     g.rope_backward(&mut w(&mut bw.dq, n * qw)?, &cx.positions, cx.rope, m.h)?;
     g.rope_backward(&mut w(&mut bw.dk, n * kvw)?, &cx.positions, cx.rope, m.h_kv)?;
     g.merge_qkv(
-        &mut w(&mut bw.dqkv, n * width)?,
+        &mut w(qkv, n * width)?,
         &r(&bw.dq, n * qw)?,
         &r(&bw.dk, n * kvw)?,
         &r(&bw.dv, n * kvw)?,
@@ -844,7 +934,7 @@ fn layer_backward(
             Some(&mut dxn as &mut dyn DevWrite<bf16>),
             &mut gw,
             Some(&mut gb as &mut dyn DevWrite<bf16>),
-            &r(&bw.dqkv, n * width)?,
+            &r(qkv, n * width)?,
             &r(&a.xn1, n * d)?,
             &wt.qkv_w,
             n,
@@ -917,8 +1007,9 @@ pub struct GpuQwen2 {
     ref16: Option<DeviceBuf<bf16>>,
     g16: G16,
     /// The step's fp32 gradients in the flat layout (padded to the shard plan's length when
-    /// sharded; then, between an update and the next [`GpuQwen2::zero_grads`], the gathered
-    /// fp32 master weights).
+    /// the optimizer is sharded; then, between an update and the next
+    /// [`GpuQwen2::zero_grads`], the gathered fp32 master weights). With sharded gradients
+    /// ([`GpuQwen2::shard_gradients`]) only this rank's shard of them.
     grads: DeviceBuf<f32>,
     m: DeviceBuf<f32>,
     v: DeviceBuf<f32>,
@@ -951,6 +1042,8 @@ struct Zero {
     /// `grads[..total]` holds the gathered fp32 master weights (after construction or an
     /// update, until [`GpuQwen2::zero_grads`]).
     gathered: bool,
+    /// ZeRO-2: `grads` is this rank's shard only ([`GpuQwen2::shard_gradients`]).
+    grads_sharded: bool,
 }
 
 impl GpuQwen2 {
@@ -1037,6 +1130,7 @@ impl GpuQwen2 {
                 segments: plan.segments(layout.entries.iter().map(|e| (e.range.clone(), e.decay))),
                 plan,
                 gathered: true,
+                grads_sharded: false,
             }),
             config,
             layout,
@@ -1053,6 +1147,36 @@ impl GpuQwen2 {
             loss_stats: gpu.alloc_zeros(3)?,
             gpu,
         })
+    }
+
+    /// ZeRO-2 on top of a sharded optimizer: the fp32 gradients too become this rank's shard
+    /// only (4 bytes a parameter become 4 / W; at 7B over 2 GPUs, 15 GB freed). Each layer's
+    /// bf16 gradients, once its backward is done, are summed over the world in f32 onto the
+    /// ranks whose shards hold them (a reduce per owner, over sp then dp) and added into the
+    /// shard, instead of being added into a whole fp32 copy reduce-scattered at the step's end:
+    /// the same bytes a micro-batch as one reduce-scatter, but once per backward call rather
+    /// than once per step. The updated master shards reach the bf16 weights through a chunked
+    /// gather (no whole fp32 copy anywhere), so the whole fp32 master weights are gathered to
+    /// the host by [`GpuQwen2::gather_params`], which every rank calls, and
+    /// [`GpuQwen2::params_device`]/[`GpuQwen2::params_host`] refuse. Call before the first
+    /// backward; the gradients start at zero.
+    pub fn shard_gradients(&mut self) -> Result<()> {
+        let Some(z) = &mut self.shard else {
+            return shape_err("shard_gradients needs a sharded optimizer (new_sharded)".into());
+        };
+        if !z.grads_sharded {
+            // Free the whole buffer before the shard's is allocated.
+            self.grads = self.gpu.alloc_zeros(1)?;
+            self.grads = self.gpu.alloc_zeros(z.plan.len())?;
+            z.grads_sharded = true;
+            z.gathered = false;
+        }
+        Ok(())
+    }
+
+    /// Whether the gradients are sharded ([`GpuQwen2::shard_gradients`]).
+    pub fn grads_sharded(&self) -> bool {
+        self.shard.as_ref().is_some_and(|z| z.grads_sharded)
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -1385,7 +1509,8 @@ impl GpuQwen2 {
     /// statistics. With local attention and one replica, `local` unchanged.
     ///
     /// With a sharded optimizer the gradients are reduce-scattered instead: afterwards this
-    /// rank's shard of them holds the global sum (the rest is undefined).
+    /// rank's shard of them holds the global sum (the rest is undefined). Sharded gradients
+    /// were summed during the backward: only the loss statistics are.
     pub fn all_reduce_grads(&mut self, local: LossStats) -> Result<LossStats> {
         if let Some(z) = &self.shard {
             self.check_shard_groups(&z.plan)?;
@@ -1406,6 +1531,9 @@ impl GpuQwen2 {
                 &self.gpu,
                 &mut [&mut self.grads, stats],
             )?,
+            Some(z) if z.grads_sharded => {
+                sum_over_groups(&self.attn, self.dp.as_deref(), &self.gpu, &mut [stats])?
+            }
             Some(z) => {
                 sum_over_groups(&self.attn, self.dp.as_deref(), &self.gpu, &mut [stats])?;
                 let out = scatter_over_groups(
@@ -1590,7 +1718,7 @@ impl GpuQwen2 {
                 &mut ws.lse[ti],
                 &mut ws.qkv,
                 &before[l],
-                &mut after[0],
+                Some(&mut after[0]),
                 true,
             )?;
         }
@@ -1673,9 +1801,18 @@ impl GpuQwen2 {
             rope,
             attn,
             gpu,
+            shard,
+            dp,
             ..
         } = self;
+        // Where a finished tensor's bf16 gradients go: added into the whole fp32 copy, or with
+        // sharded gradients summed onto their owners' shards.
+        let zero2 = shard.as_ref().filter(|z| z.grads_sharded).map(|z| &z.plan);
+        let dp = dp.as_deref();
         let ws = ws.as_mut().expect("forward ran");
+        // The backward consumes the layers' activations (their gradients take their places):
+        // another backward needs another forward.
+        ws.last = None;
         let g: &Gpu = gpu;
         let targets = input.targets();
         let dloss = dloss.per_row(targets)?;
@@ -1736,7 +1873,7 @@ impl GpuQwen2 {
                     &mut ws.lse[ti],
                     &mut ws.qkv,
                     &ws.xs[l],
-                    &mut ws.x_tmp,
+                    None,
                     *policy == CheckpointPolicy::Layer,
                 )?;
             }
@@ -1747,19 +1884,21 @@ impl GpuQwen2 {
                 attn,
                 &wt,
                 &layout.layers[l].shifted(span.start),
-                &ws.acts[ai],
+                &mut ws.acts[ai],
                 &ws.attn[ti],
                 &ws.lse[ti],
+                &mut ws.qkv,
                 &ws.xs[l],
                 &*dx_cur,
                 &mut *dx_next,
                 &mut g16.layer,
                 &mut ws.bw,
             )?;
-            g.accum_f32(
-                &mut grads.view_mut(span.clone())?,
-                &g16.layer.view(0..span.len())?,
-            )?;
+            let done = g16.layer.view(0..span.len())?;
+            match zero2 {
+                Some(plan) => reduce_into_shard(attn, dp, g, plan, grads, &done, span)?,
+                None => g.accum_f32(&mut grads.view_mut(span)?, &done)?,
+            }
             std::mem::swap(&mut dx_cur, &mut dx_next);
         }
         let mut d_rows = None;
@@ -1780,9 +1919,52 @@ impl GpuQwen2 {
             m.d,
         )?;
         for [packed, flat] in g16.ends_in(layout) {
-            g.accum_f32(&mut grads.view_mut(flat)?, &g16.ends.view(packed)?)?;
+            let done = g16.ends.view(packed)?;
+            match zero2 {
+                Some(plan) => reduce_into_shard(attn, dp, g, plan, grads, &done, flat)?,
+                None => g.accum_f32(&mut grads.view_mut(flat)?, &done)?,
+            }
         }
         Ok(d_rows)
+    }
+
+    /// With sharded gradients, takes part in the gradient reduces of a backward this rank has
+    /// no micro-batch for (a data-parallel replica with fewer micro-batches than the others this
+    /// step), adding nothing, so the ranks that have one are not left waiting in them; nothing
+    /// without sharded gradients (their sums meet once, in [`GpuQwen2::all_reduce_grads`]).
+    pub fn skip_backward(&mut self) -> Result<()> {
+        let out = self.skip_backward_inner();
+        self.abort_on_err(out)
+    }
+
+    fn skip_backward_inner(&mut self) -> Result<()> {
+        let GpuQwen2 {
+            layout,
+            g16,
+            grads,
+            attn,
+            gpu,
+            shard,
+            dp,
+            ..
+        } = self;
+        let Some(plan) = shard.as_ref().filter(|z| z.grads_sharded).map(|z| &z.plan) else {
+            return Ok(());
+        };
+        let dp = dp.as_deref();
+        // The same reduces, in the same order, as a backward: the layers last to first, then
+        // the ends.
+        gpu.zero(&mut g16.layer)?;
+        for l in (0..layout.layers.len()).rev() {
+            let span = layout.layers[l].span();
+            let none = g16.layer.view(0..span.len())?;
+            reduce_into_shard(attn, dp, gpu, plan, grads, &none, span)?;
+        }
+        gpu.zero(&mut g16.ends)?;
+        for [packed, flat] in g16.ends_in(layout) {
+            reduce_into_shard(attn, dp, gpu, plan, grads, &g16.ends.view(packed)?, flat)?;
+        }
+        Ok(())
     }
 
     /// Zeroes the fp32 gradients (start of an optimizer step). With a sharded optimizer the
@@ -1795,9 +1977,13 @@ impl GpuQwen2 {
     }
 
     /// The fp32 gradients in the flat layout (with a sharded optimizer, after
-    /// [`GpuQwen2::all_reduce_grads`], only this rank's shard holds the global sum).
+    /// [`GpuQwen2::all_reduce_grads`], only this rank's shard holds the global sum); with
+    /// sharded gradients, this rank's shard ([`OptShard::range`]'s values, padding included).
     pub fn grads_host(&self) -> Result<Vec<f32>> {
-        self.gpu.download(&self.grads.view(0..self.layout.total())?)
+        match self.grads_sharded() {
+            true => self.gpu.download(&self.grads),
+            false => self.gpu.download(&self.grads.view(0..self.layout.total())?),
+        }
     }
 
     /// This rank's optimizer shard, when the optimizer is sharded ([`GpuQwen2::new_sharded`]).
@@ -1811,6 +1997,11 @@ impl GpuQwen2 {
     pub fn params_device(&self) -> Result<DView<'_, f32>> {
         match &self.shard {
             None => Ok(DView::all(&self.master)),
+            Some(z) if z.grads_sharded => shape_err(
+                "the gradients are sharded: no GPU holds the whole fp32 master weights; every \
+                 rank gathers them to the host with gather_params"
+                    .into(),
+            ),
             Some(z) if z.gathered => self.grads.view(0..self.layout.total()),
             Some(_) => shape_err(
                 "the optimizer is sharded: the whole fp32 master weights are on hand only \
@@ -1830,6 +2021,60 @@ impl GpuQwen2 {
     /// The fp32 master parameters in the flat layout (sharded: as [`GpuQwen2::params_device`]).
     pub fn params_host(&self) -> Result<Vec<f32>> {
         self.gpu.download(&self.params_device()?)
+    }
+
+    /// The fp32 master parameters in the flat layout, on the host of a rank with `keep`
+    /// (`None` elsewhere). With sharded gradients a collective every rank of the world calls
+    /// (the shards gathered a piece at a time, [`GATHER_CHUNK`] values a rank); otherwise
+    /// [`GpuQwen2::params_host`] on the ranks that keep them.
+    pub fn gather_params(&mut self, keep: bool) -> Result<Option<Vec<f32>>> {
+        if !self.grads_sharded() {
+            return keep.then(|| self.params_host()).transpose();
+        }
+        let out = self.gather_sharded_host(Held::Master, keep);
+        self.abort_on_err(out)
+    }
+
+    /// A sharded-gradient rank's `what` (shard-sized) gathered to the host of a rank with
+    /// `keep` (every rank takes part).
+    fn gather_sharded_host(&self, what: Held, keep: bool) -> Result<Option<Vec<f32>>> {
+        let Some(z) = &self.shard else {
+            return shape_err("gather_sharded_host: the optimizer is not sharded".into());
+        };
+        let src = match what {
+            Held::Master => &self.master,
+            Held::M => &self.m,
+            Held::V => &self.v,
+        };
+        let p = self.layout.total();
+        let mut host = vec![0f32; if keep { p } else { 0 }];
+        let g = &self.gpu;
+        gather_chunked(&self.attn, self.dp.as_deref(), g, &z.plan, src, |at, v| {
+            let end = at.end.min(p);
+            if keep && at.start < end {
+                let n = end - at.start;
+                g.download_into(&mut host[at.start..end], &DView::of(&v, 0..n)?)?;
+            }
+            Ok(())
+        })?;
+        Ok(keep.then_some(host))
+    }
+
+    /// The bf16 weights of `range` (flat layout) widened into `dst` (its length): what the
+    /// forward computes with, on hand on every rank however the fp32 state is sharded.
+    pub fn weights_range_into(&self, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()> {
+        if range.len() != dst.len() {
+            return shape_err(format!(
+                "weight range of {} values into a host slice of {}",
+                range.len(),
+                dst.len()
+            ));
+        }
+        let w: Vec<bf16> = self.gpu.download(&self.w16.view(range)?)?;
+        for (d, x) in dst.iter_mut().zip(w) {
+            *d = x.to_f32();
+        }
+        Ok(())
     }
 
     /// The fp32 master parameters of `range` (flat layout) into `dst` (its length): one tensor
@@ -1868,6 +2113,7 @@ impl GpuQwen2 {
         } = self;
         let range = match shard {
             None => 0..grads.len(),
+            Some(z) if z.grads_sharded => 0..grads.len(),
             Some(z) => z.plan.range.clone(),
         };
         gpu.timed("optimizer", "clip_grad_norm", || {
@@ -1915,14 +2161,39 @@ impl GpuQwen2 {
         };
         for seg in &z.segments {
             let l = seg.local.clone();
+            let g = match z.grads_sharded {
+                true => l.clone(),
+                false => seg.global.clone(),
+            };
             self.gpu.adamw_step(
                 &mut self.master.view_mut(l.clone())?,
-                &self.grads.view(seg.global.clone())?,
+                &self.grads.view(g)?,
                 &mut self.m.view_mut(l.clone())?,
                 &mut self.v.view_mut(l)?,
                 &k,
                 seg.decay,
             )?;
+        }
+        if z.grads_sharded {
+            // The master shards straight into the bf16 weights, a piece at a time.
+            let p = self.layout.total();
+            let GpuQwen2 {
+                gpu,
+                attn,
+                dp,
+                master,
+                w16,
+                ..
+            } = self;
+            let out = gather_chunked(attn, dp.as_deref(), gpu, &z.plan, master, |at, v| {
+                let end = at.end.min(p);
+                if at.start < end {
+                    let n = end - at.start;
+                    gpu.cast_from_f32(&mut w16.view_mut(at.start..end)?, &DView::of(&v, 0..n)?)?;
+                }
+                Ok(())
+            });
+            return self.abort_on_err(out);
         }
         let out = self.gather_shard(Held::Master);
         self.abort_on_err(out)?;
@@ -2004,6 +2275,23 @@ impl GpuQwen2 {
             } else {
                 None
             });
+        }
+        if self.grads_sharded() {
+            let mut got = Vec::with_capacity(3);
+            for what in [Held::Master, Held::M, Held::V] {
+                let out = self.gather_sharded_host(what, keep);
+                got.push(self.abort_on_err(out)?);
+            }
+            let [Some(params), Some(m), Some(v)] = <[_; 3]>::try_from(got).expect("three") else {
+                return Ok(None);
+            };
+            let ranges = self.layout.entry_ranges();
+            let state = AdamWState {
+                step: self.step,
+                m: reel_optim::shard::per_entry(&m, &ranges),
+                v: reel_optim::shard::per_entry(&v, &ranges),
+            };
+            return Ok(Some((params, state)));
         }
         let params = if keep {
             Some(self.params_host()?)

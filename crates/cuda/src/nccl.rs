@@ -804,6 +804,37 @@ impl NcclComm {
         self.dev_collective(op, &[after], n, 0, || call(mine, m))
     }
 
+    /// In-place sum of the `n` f32 at `ptr` onto `root` (ncclReduce): the root's values end
+    /// holding the sum over every rank, the others' are left undefined. Ordered after the work
+    /// queued on `after`.
+    pub fn reduce_sum_in_place_dev(
+        &self,
+        after: &CudaStream,
+        ptr: u64,
+        n: usize,
+        root: usize,
+    ) -> Result<(), CommError> {
+        self.check_root(Op::Reduce, root)?;
+        self.dev_collective(Op::Reduce, &[after], n, root, || {
+            self.run(Op::Reduce, Some(root), |c, s| {
+                // SAFETY: `ptr` holds n f32 on this device; in place (the receive buffer is
+                // read only at the root, where it is the send buffer).
+                unsafe {
+                    nsys::ncclReduce(
+                        ptr as *const c_void,
+                        ptr as *mut c_void,
+                        n,
+                        F32,
+                        nsys::ncclRedOp_t::ncclSum,
+                        root as i32,
+                        c,
+                        s,
+                    )
+                }
+            })
+        })
+    }
+
     /// [`Communicator::all_to_all`] on device buffers.
     pub fn all_to_all_dev(
         &self,
@@ -940,6 +971,17 @@ impl<C: Borrow<NcclComm>> DeviceGroup for NcclP2p<C> {
     fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<(), GpuError> {
         self.comm()
             .all_gather_in_place_dev(&gpu.stream, buf.dptr(), buf.dlen())
+            .map_err(|e| self.err(e))
+    }
+
+    fn reduce_sum_dev(
+        &self,
+        gpu: &Gpu,
+        buf: &mut DViewMut<'_, f32>,
+        root: usize,
+    ) -> Result<(), GpuError> {
+        self.comm()
+            .reduce_sum_in_place_dev(&gpu.stream, buf.dptr(), buf.dlen(), root)
             .map_err(|e| self.err(e))
     }
 

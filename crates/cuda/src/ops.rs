@@ -527,21 +527,50 @@ impl Gpu {
         n: usize,
         i: usize,
     ) -> Result<()> {
+        self.swiglu_backward_raw::<T>(
+            dgate_up.dptr(),
+            dgate_up.dlen(),
+            dout,
+            gate_up.dptr(),
+            gate_up.dlen(),
+            n,
+            i,
+        )
+    }
+
+    /// [`Gpu::swiglu_backward`] whose gradient overwrites `gate_up` in place (each element's
+    /// gate and up values are read by the thread that writes their gradients).
+    pub fn swiglu_backward_in_place<T: GpuFloat>(
+        &self,
+        gate_up: &mut impl DevWrite<T>,
+        dout: &impl DevRead<T>,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
+        let (p, len) = (gate_up.dptr(), gate_up.dlen());
+        self.swiglu_backward_raw::<T>(p, len, dout, p, len, n, i)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_backward_raw<T: GpuFloat>(
+        &self,
+        dg: u64,
+        dg_len: usize,
+        dout: &impl DevRead<T>,
+        g: u64,
+        g_len: usize,
+        n: usize,
+        i: usize,
+    ) -> Result<()> {
         let op = "swiglu_backward";
-        check(op, "dgate_up", dgate_up.dlen(), 2 * n * i)?;
+        check(op, "dgate_up", dg_len, 2 * n * i)?;
         check(op, "dout", dout.dlen(), n * i)?;
-        check(op, "gate_up", gate_up.dlen(), 2 * n * i)?;
+        check(op, "gate_up", g_len, 2 * n * i)?;
         if n == 0 || i == 0 {
             return Ok(());
         }
         self.bind()?;
-        let (dg, dy, g, n64, i64_) = (
-            dgate_up.dptr(),
-            dout.dptr(),
-            gate_up.dptr(),
-            n as i64,
-            i as i64,
-        );
+        let (dy, n64, i64_) = (dout.dptr(), n as i64, i as i64);
         launch!(
             self,
             &self.kernels.swiglu_bwd[T::INDEX],

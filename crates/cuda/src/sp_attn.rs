@@ -349,6 +349,8 @@ pub trait GpuSpRank: Send {
     fn reduce_scatter_sum_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
     /// [`DeviceGroup::all_gather_dev`] over the group (a sharded optimizer's weights).
     fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()>;
+    /// [`DeviceGroup::reduce_sum_dev`] over the group (sharded gradients, to their owner).
+    fn reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>, root: usize) -> Result<()>;
     /// [`GpuSpAttention::abort`].
     fn abort(&self, why: &str);
 }
@@ -422,6 +424,10 @@ impl<C: DeviceGroup + Send> GpuSpRank for GpuSpAttention<C> {
 
     fn all_gather_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>) -> Result<()> {
         self.comm.all_gather_dev(gpu, buf)
+    }
+
+    fn reduce_sum_dev(&self, gpu: &Gpu, buf: &mut DViewMut<'_, f32>, root: usize) -> Result<()> {
+        self.comm.reduce_sum_dev(gpu, buf, root)
     }
 
     fn abort(&self, why: &str) {

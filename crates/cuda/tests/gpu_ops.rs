@@ -163,6 +163,15 @@ fn swiglu_case<T: GpuFloat>(g: &Gpu, r: &mut Rng, n: usize, i: usize) {
         t,
         rn,
     );
+    // In place: the gradient over gate_up, the same values bit for bit.
+    let mut inplace = g.upload(&gate_up).unwrap();
+    g.swiglu_backward_in_place(&mut inplace, &dout_g, n, i)
+        .unwrap();
+    assert_eq!(
+        widen(&g.download(&inplace).unwrap()),
+        widen(&g.download(&dgu_g).unwrap()),
+        "swiglu_backward_in_place {s}"
+    );
 }
 
 #[test]
@@ -544,6 +553,21 @@ fn matmul_backward_case<T: GpuFloat>(g: &Gpu, r: &mut Rng, m: usize, k: usize, n
         &widen(&db_c),
         t,
         rn,
+    );
+    // dinp over inp: the weight gradient read inp first; both equal the separate form's.
+    let mut x_g = g.upload(&inp).unwrap();
+    let mut dw2_g = g.upload(&dw0).unwrap();
+    g.matmul_backward_into_input(&mut x_g, &mut dw2_g, &dout_g, &w_g, m, k, n)
+        .unwrap();
+    assert_eq!(
+        widen(&g.download(&x_g).unwrap()),
+        widen(&g.download(&dinp_g).unwrap()),
+        "matmul_backward_into_input dinp {s}"
+    );
+    assert_eq!(
+        widen(&g.download(&dw2_g).unwrap()),
+        widen(&g.download(&dw_g).unwrap()),
+        "matmul_backward_into_input dweight {s}"
     );
 }
 

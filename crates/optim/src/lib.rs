@@ -16,7 +16,7 @@ pub mod shard;
 pub use adamw::{AdamW, AdamWConfig, AdamWScalars, AdamWState, AdamWStateRef, OptimError};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use schedule::LrSchedule;
-pub use shard::{OptShard, ShardSegment};
+pub use shard::{OptShard, OwnerPiece, ShardSegment};
 
 /// Tensors with at least this many elements are processed in parallel chunks of this size;
 /// smaller ones run on the calling thread (rayon's overhead would dominate).

@@ -35,6 +35,16 @@ pub struct OptShard {
     pub range: Range<usize>,
 }
 
+/// A piece of [`OptShard::owner_pieces`]: values of the padded buffer inside sequence-parallel
+/// rank `sp_rank`'s chunk, and their parts by data-parallel shard (`(dp_rank, range)`, in
+/// order, tiling `range`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerPiece {
+    pub sp_rank: usize,
+    pub range: Range<usize>,
+    pub parts: Vec<(usize, Range<usize>)>,
+}
+
 /// The part of one layout tensor inside a shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardSegment {
@@ -79,6 +89,42 @@ impl OptShard {
 
     pub fn is_empty(&self) -> bool {
         self.range.is_empty()
+    }
+
+    /// Where the shard of rank (`dp_rank`, `sp_rank`) of this plan's world starts in the padded
+    /// buffer (each shard `len()` values).
+    pub fn start_of(&self, sp_rank: usize, dp_rank: usize) -> usize {
+        sp_rank * (self.padded / self.sp) + dp_rank * self.len()
+    }
+
+    /// `flat` (a range of the padded buffer) cut by owner, in order, for sums that reach each
+    /// value's owner in two levels, as sharded gradients do: pieces of at most `max` values,
+    /// each inside one sequence-parallel chunk (summed over sp onto `sp_rank`), each cut again
+    /// into that chunk's data-parallel shards (summed over dp onto `parts`' rank).
+    pub fn owner_pieces(&self, flat: Range<usize>, max: usize) -> Vec<OwnerPiece> {
+        let chunk = self.padded / self.sp;
+        let c = self.len();
+        let mut out = Vec::new();
+        let mut a = flat.start;
+        while a < flat.end.min(self.padded) {
+            let sp_rank = a / chunk;
+            let b = flat.end.min((sp_rank + 1) * chunk).min(a + max.max(1));
+            let mut parts = Vec::new();
+            let mut x = a;
+            while x < b {
+                let dp_rank = (x - sp_rank * chunk) / c;
+                let y = b.min(self.start_of(sp_rank, dp_rank) + c);
+                parts.push((dp_rank, x..y));
+                x = y;
+            }
+            out.push(OwnerPiece {
+                sp_rank,
+                range: a..b,
+                parts,
+            });
+            a = b;
+        }
+        out
     }
 
     /// The shard's values that are real parameters (the rest is padding past `total`).
@@ -149,6 +195,56 @@ mod tests {
         (0..dp)
             .flat_map(|d| (0..sp).map(move |s| OptShard::new(total, sp, dp, s, d)))
             .collect()
+    }
+
+    /// `owner_pieces` tiles any range in order, pieces no longer than asked and inside one sp
+    /// chunk, every part inside the shard of the rank it names.
+    #[test]
+    fn owner_pieces_cut_a_range_by_the_shards_that_own_it() {
+        for (total, sp, dp) in [
+            (7, 1, 1),
+            (10, 2, 1),
+            (10, 1, 3),
+            (101, 2, 2),
+            (37, 3, 2),
+            (64, 2, 4),
+        ] {
+            let probe = OptShard::new(total, sp, dp, 0, 0);
+            let padded = probe.padded;
+            for (flat, max) in [
+                (0..padded, 1000),
+                (0..padded, 3),
+                (padded / 3..padded - 1, 5),
+                (1..2, 7),
+                (padded / 2..padded / 2, 4),
+            ] {
+                let pieces = probe.owner_pieces(flat.clone(), max);
+                let mut at = flat.start;
+                for p in &pieces {
+                    assert_eq!(p.range.start, at, "{total} {sp}×{dp} {flat:?}: in order");
+                    assert!(p.range.len() <= max && !p.range.is_empty());
+                    let chunk = padded / sp;
+                    assert!(
+                        p.range.start / chunk == p.sp_rank
+                            && (p.range.end - 1) / chunk == p.sp_rank
+                    );
+                    let mut x = p.range.start;
+                    for (d, part) in &p.parts {
+                        assert_eq!(part.start, x);
+                        let own = OptShard::new(total, sp, dp, p.sp_rank, *d).range;
+                        assert!(
+                            own.start <= part.start && part.end <= own.end,
+                            "{part:?} in {own:?}"
+                        );
+                        assert_eq!(probe.start_of(p.sp_rank, *d), own.start);
+                        x = part.end;
+                    }
+                    assert_eq!(x, p.range.end);
+                    at = p.range.end;
+                }
+                assert_eq!(at, flat.end, "{total} {sp}×{dp} {flat:?}: covered");
+            }
+        }
     }
 
     /// Every value of the padded buffer belongs to exactly one rank, shards are equal, and the

@@ -404,6 +404,12 @@ pub struct ParallelConfig {
     /// by GPU SFT and VLM GRPO; ignored at one rank, and a warning where ranks train on the
     /// CPU. Default false.
     pub shard_optimizer: bool,
+    /// With `shard_optimizer`, shard the fp32 gradients too (ZeRO-2: 4 bytes a parameter
+    /// become 4 / (dp · sp); 15 GB a GPU at 7B over 2): each layer's gradients are summed onto
+    /// their shard's owner as soon as its backward is done, once per micro-batch instead of
+    /// once per step. Needs `shard_optimizer`; the whole fp32 weights are then only ever
+    /// gathered to the host (checkpoints). Default false.
+    pub shard_gradients: bool,
     /// VLM GRPO under `reel launch` with sp > 1 and rollouts on the GPUs: a prompt of at least
     /// this many tokens is prefilled by its replica's sp processes together (MR-SP's
     /// sequence-parallel prefill: each computes a zigzag 1/sp of the rows, every layer's keys
@@ -411,6 +417,36 @@ pub struct ParallelConfig {
     /// decodes its share of the group's samples. 0 rolls every prompt out on its owner alone.
     /// Default 8192.
     pub shared_prefill_tokens: usize,
+}
+
+/// How much of the fp32 training state the GPU ranks shard over the dp × sp world
+/// ([`ParallelConfig::zero_stage`]; one rank keeps everything whatever it says).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ZeroStage {
+    /// Every rank keeps the master weights, moments and gradients whole.
+    #[default]
+    Replicated,
+    /// ZeRO-1: master weights and AdamW moments sharded (`parallel.shard_optimizer`).
+    Optimizer,
+    /// ZeRO-2: the gradients too (`parallel.shard_gradients`).
+    Gradients,
+}
+
+impl ZeroStage {
+    /// The stage of `parallel.shard_optimizer` and `parallel.shard_gradients` (the latter only
+    /// counts with the former).
+    pub fn from_flags(shard_optimizer: bool, shard_gradients: bool) -> Self {
+        match (shard_optimizer, shard_gradients) {
+            (false, _) => ZeroStage::Replicated,
+            (true, false) => ZeroStage::Optimizer,
+            (true, true) => ZeroStage::Gradients,
+        }
+    }
+
+    /// Whether the optimizer state is sharded (either stage).
+    pub fn sharded(self) -> bool {
+        self != ZeroStage::Replicated
+    }
 }
 
 impl Default for ParallelConfig {
@@ -423,6 +459,7 @@ impl Default for ParallelConfig {
             overlap: true,
             timeout_s: 60,
             shard_optimizer: false,
+            shard_gradients: false,
             shared_prefill_tokens: 8192,
         }
     }
@@ -441,6 +478,12 @@ impl ParallelConfig {
             );
         }
         unapplied
+    }
+
+    /// What a GPU rank keeps of the fp32 training state: `shard_optimizer` and
+    /// `shard_gradients` as one value.
+    pub fn zero_stage(&self) -> ZeroStage {
+        ZeroStage::from_flags(self.shard_optimizer, self.shard_gradients)
     }
 
     /// `dp · sp`, the number of ranks (saturating; `validate` refuses an overflow).
@@ -694,6 +737,9 @@ overlap = true
 timeout_s = 60
 # On GPUs, shard the fp32 master weights and AdamW moments over the dp x sp ranks (ZeRO-1).
 shard_optimizer = false
+# With shard_optimizer, shard the fp32 gradients too (ZeRO-2): each layer's gradients summed
+# onto their owner as its backward ends, once per micro-batch.
+shard_gradients = false
 # VLM GRPO launched over GPUs with sp > 1: prompts of at least this many tokens are prefilled
 # by the replica's sp processes together, each then decoding a share of the samples; 0 = each
 # prompt rolled out on its owner alone.
@@ -971,6 +1017,13 @@ impl SftConfig {
         if p.timeout_s == 0 {
             return bad("parallel.timeout_s", "must be at least 1");
         }
+        if p.shard_gradients && !p.shard_optimizer {
+            return bad(
+                "parallel.shard_gradients",
+                "needs parallel.shard_optimizer = true (the gradients are sharded as the \
+                 optimizer state is)",
+            );
+        }
         if self.output.dir.as_os_str().is_empty() {
             return bad("output.dir", "must not be empty");
         }
@@ -1069,6 +1122,22 @@ mod tests {
         assert!(p.note_unsharded("test"), "dp 3");
         p.shard_optimizer = false;
         assert!(!p.note_unsharded("test"), "unset at dp 3");
+    }
+
+    /// `shard_gradients` alone is refused naming the key; with `shard_optimizer` it is ZeRO-2.
+    #[test]
+    fn sharded_gradients_need_a_sharded_optimizer() {
+        let mut c = SftConfig::default();
+        c.parallel.shard_gradients = true;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("parallel.shard_gradients"), "{err}");
+        assert_eq!(c.parallel.zero_stage(), ZeroStage::Replicated);
+        c.parallel.shard_optimizer = true;
+        c.validate().unwrap();
+        assert_eq!(c.parallel.zero_stage(), ZeroStage::Gradients);
+        c.parallel.shard_gradients = false;
+        assert_eq!(c.parallel.zero_stage(), ZeroStage::Optimizer);
+        assert!(c.parallel.zero_stage().sharded());
     }
 
     fn parse(text: &str) -> Result<SftConfig, ConfigError> {

@@ -38,6 +38,7 @@
 //! [`GpuTower`] and [`RolloutDecoder`] are uninhabited, so the CPU-only build carries the same
 //! code paths with no GPU in them.
 
+use crate::config::ZeroStage;
 use anyhow::Result;
 use reel_model::{CheckpointPolicy, Qwen2Config};
 use reel_optim::{AdamWConfig, AdamWState};
@@ -217,7 +218,7 @@ pub fn grpo_policy_gpu(
         opt,
         setting,
         PolicyRanks::One,
-        false,
+        ZeroStage::Replicated,
         None,
     )?;
     Ok(p.and_then(|mut p| p.models.pop()))
@@ -261,6 +262,51 @@ impl GpuPolicy {
     pub fn gather_state(&mut self, keep: bool) -> Result<Option<(Vec<f32>, AdamWState)>> {
         let mut all = self.each(|r, g| Ok(g.gather_state(keep && r == 0)?))?;
         Ok(all.swap_remove(0))
+    }
+
+    /// The fp32 master weights whole on the host, as the lead rank holds them: its own copy, or
+    /// with sharded gradients [`GpuModel::gather_params`] on every rank here (every process of
+    /// a launched world calls this at the same point).
+    pub fn params_host(&mut self) -> Result<Vec<f32>> {
+        if !self.lead().grads_sharded() {
+            return Ok(self.lead().params_host()?);
+        }
+        let mut all = self.each(|r, g| Ok(g.gather_params(r == 0)?))?;
+        Ok(all.swap_remove(0).expect("the lead keeps them"))
+    }
+
+    /// The weights of `range` (flat layout) into `dst` for a bf16 rollout decoder's host side
+    /// (the prompts' embedding rows): the fp32 master values, or with sharded gradients — no
+    /// GPU holds them whole — the bf16 ones the decoder computes with, which every rank holds.
+    pub fn decoder_range_into(&self, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()> {
+        let g = self.lead();
+        match g.grads_sharded() {
+            true => g.weights_range_into(range, dst)?,
+            false => g.params_range_into(range, dst)?,
+        }
+        Ok(())
+    }
+
+    /// A checksum of the lead rank's weights, to compare replicas: of the fp32 master weights,
+    /// or with sharded gradients (each master value on one rank only) of the bf16 weights every
+    /// rank holds, a piece at a time.
+    pub fn weights_checksum(&mut self) -> Result<u64> {
+        let g = self.lead();
+        if !g.grads_sharded() {
+            return Ok(crate::sft::param_checksum(&g.params_host()?));
+        }
+        let Some(total) = g.opt_shard().map(|p| p.total) else {
+            anyhow::bail!("sharded gradients without an optimizer shard");
+        };
+        let mut sum = crate::sft::FNV_SEED;
+        let mut buf = Vec::new();
+        for start in (0..total).step_by(1 << 24) {
+            let end = total.min(start + (1 << 24));
+            buf.resize(end - start, 0.0);
+            g.weights_range_into(start..end, &mut buf)?;
+            sum = crate::sft::param_checksum_from(sum, &buf);
+        }
+        Ok(sum)
     }
 
     /// Runs `f(r, model)` on every rank's model (r: its index here), each on a thread of its
@@ -324,9 +370,9 @@ fn on_rank_threads<T: Send>(
 /// `reference` (a flat parameter buffer) as its frozen reference copy. `None` when `gpu_update`
 /// is off or there is no GPU; when the model cannot be put there, "auto" logs why and keeps
 /// scoring and the update on the CPU, an explicit "cuda" in `want` is an error naming
-/// `setting` (a launched process's, always an error: it has no CPU path). With `shard`
-/// (`parallel.shard_optimizer`) each rank keeps its shard of the fp32 master weights and AdamW
-/// moments only ([`gpu_model`]). With `resume_opt` (a checkpoint's optimizer file, whose
+/// `setting` (a launched process's, always an error: it has no CPU path). With `zero`
+/// sharded (`parallel.shard_optimizer`) each rank keeps its shard of the fp32 master weights and
+/// AdamW moments only, and of the gradients too at [`ZeroStage::Gradients`] ([`gpu_model`]). With `resume_opt` (a checkpoint's optimizer file, whose
 /// moments `opt` was not given) each rank reads only its part of the moments from it
 /// ([`crate::checkpoint::optimizer_state_part`]): no process holds the whole state.
 #[allow(clippy::too_many_arguments)]
@@ -340,7 +386,7 @@ pub fn grpo_policy_ranks(
     opt: &reel_optim::AdamW,
     setting: &str,
     ranks: PolicyRanks,
-    shard: bool,
+    zero: ZeroStage,
     resume_opt: Option<&std::path::Path>,
 ) -> Result<Option<GpuPolicy>> {
     let launched = matches!(ranks, PolicyRanks::Proc(_));
@@ -363,7 +409,7 @@ pub fn grpo_policy_ranks(
             &model.params,
             policy,
             *opt.config(),
-            shard,
+            zero,
         )?;
         match resume_opt {
             Some(path) => {
@@ -820,8 +866,10 @@ pub fn gpu_sp_group(
 /// The device model of one rank: the model's weights `params` (flat `ParamLayout`) uploaded
 /// where `place` says, with local attention (one rank) or the group's sequence-parallel
 /// attention (its own stream and device endpoint, opened here on the rank's thread). With
-/// `shard` (`parallel.shard_optimizer`) the fp32 master weights and AdamW moments are sharded
-/// over the rank's dp × sp world ([`GpuModel::new_sharded`]); one rank keeps them whole.
+/// `zero` sharded (`parallel.shard_optimizer`) the fp32 master weights and AdamW moments are
+/// sharded over the rank's dp × sp world ([`GpuModel::new_sharded`]), at
+/// [`ZeroStage::Gradients`] the gradients too ([`GpuModel::shard_gradients`]); one rank keeps
+/// them whole.
 #[cfg(feature = "cuda")]
 pub fn gpu_model(
     place: GpuPlace,
@@ -829,7 +877,7 @@ pub fn gpu_model(
     params: &[f32],
     policy: CheckpointPolicy,
     adamw: AdamWConfig,
-    shard: bool,
+    zero: ZeroStage,
 ) -> Result<GpuModel> {
     use anyhow::Context;
     let model = ModelParts {
@@ -837,7 +885,7 @@ pub fn gpu_model(
         params,
         policy,
         adamw,
-        shard,
+        zero,
     };
     match place {
         GpuPlace::One(g) => Ok(GpuModel::new(*g, model.config, params, policy, adamw)?),
@@ -904,7 +952,7 @@ struct ModelParts<'a> {
     params: &'a [f32],
     policy: CheckpointPolicy,
     adamw: AdamWConfig,
-    shard: bool,
+    zero: ZeroStage,
 }
 
 #[cfg(feature = "cuda")]
@@ -923,7 +971,7 @@ impl ModelParts<'_> {
     {
         let (sp_rank, sp_size) = sp.as_ref().map_or((0, 1), |s| (s.rank(), s.world_size()));
         let (dp_rank, dp_size) = dp.as_ref().map_or((0, 1), |d| (d.rank(), d.world_size()));
-        let plan = (self.shard && sp_size * dp_size > 1).then(|| {
+        let plan = (self.zero.sharded() && sp_size * dp_size > 1).then(|| {
             let total = reel_model::ParamLayout::new(&self.config).total();
             reel_optim::OptShard::new(total, sp_size, dp_size, sp_rank, dp_rank)
         });
@@ -934,6 +982,9 @@ impl ModelParts<'_> {
         }
         if let Some(dp) = dp {
             m.set_dp_group(Box::new(dp));
+        }
+        if self.zero == ZeroStage::Gradients && m.opt_shard().is_some() {
+            m.shard_gradients()?;
         }
         Ok(m)
     }
@@ -954,6 +1005,12 @@ pub enum RolloutDecoder {
 
 #[cfg(feature = "cuda")]
 impl RolloutDecoder {
+    /// Whether it keeps f32 weights (which [`RolloutDecoder::load_from_policy`] reads from the
+    /// policy's whole fp32 master copy).
+    pub fn is_f32(&self) -> bool {
+        matches!(self, RolloutDecoder::F32(_))
+    }
+
     /// Uploads `model`'s weights to `gpu` (f32 storage when `f32`, else bf16).
     pub fn new(gpu: GpuHandle, model: &reel_model::Qwen2, f32: bool) -> Result<Self> {
         Ok(if f32 {
@@ -984,6 +1041,11 @@ impl RolloutDecoder {
         }
         match self {
             RolloutDecoder::Bf16(d) => d.load_params_device(&policy.params_device()?)?,
+            RolloutDecoder::F32(_) if policy.grads_sharded() => anyhow::bail!(
+                "an f32 rollout decoder reads the whole fp32 policy weights, which \
+                 parallel.shard_gradients keeps on no GPU: roll out in bf16 or leave the \
+                 gradients unsharded"
+            ),
             RolloutDecoder::F32(d) => d.load_params_device(&policy.params_device()?)?,
         }
         Ok(())
@@ -1235,7 +1297,7 @@ pub fn gpu_model(
     _: &[f32],
     _: CheckpointPolicy,
     _: AdamWConfig,
-    _: bool,
+    _: ZeroStage,
 ) -> Result<GpuModel> {
     match place {
         GpuPlace::One(g) => match g.never {},
@@ -1289,6 +1351,9 @@ mod cpu_only {
     }
 
     impl RolloutDecoder {
+        pub fn is_f32(&self) -> bool {
+            match self.never {}
+        }
         pub fn new(g: GpuHandle, _: &reel_model::Qwen2, _: bool) -> anyhow::Result<Self> {
             match g.never {}
         }
@@ -1477,6 +1542,18 @@ mod cpu_only {
             match self.never {}
         }
         pub fn params_range_into(&self, _: std::ops::Range<usize>, _: &mut [f32]) -> R<()> {
+            match self.never {}
+        }
+        pub fn weights_range_into(&self, _: std::ops::Range<usize>, _: &mut [f32]) -> R<()> {
+            match self.never {}
+        }
+        pub fn gather_params(&mut self, _: bool) -> R<Option<Vec<f32>>> {
+            match self.never {}
+        }
+        pub fn grads_sharded(&self) -> bool {
+            match self.never {}
+        }
+        pub fn skip_backward(&mut self) -> R<()> {
             match self.never {}
         }
         pub fn gather_state(&mut self, _: bool) -> R<Option<(Vec<f32>, AdamWState)>> {

@@ -42,7 +42,7 @@ pub use checkpoint::{
 pub use config::{
     apply_override, model_kind_of, parse_toml, read_toml, ConfigError, DataConfig, GpuTowerMode,
     InitConfig, ModelConfig, ModelKind, OutputConfig, ParallelConfig, ScheduleKind, SftConfig,
-    SpSchedule, TrainConfig, VideoConfig,
+    SpSchedule, TrainConfig, VideoConfig, ZeroStage,
 };
 pub use device::Device;
 pub use metrics::{MetricsError, MetricsWriter, Progress, ProgressMode, StepReport};

@@ -657,7 +657,7 @@ impl<T: SftTask> Replica<T> {
                     &q.params,
                     cfg.train.checkpoint,
                     cfg.train.adamw(),
-                    cfg.parallel.shard_optimizer,
+                    cfg.parallel.zero_stage(),
                 )
                 .context("putting the model on the GPU")?;
                 // A resumed GPU rank reads only its part of the moments (its shard, or all of

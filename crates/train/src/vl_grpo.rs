@@ -1289,6 +1289,12 @@ fn gpu_minibatch(
             metrics.merge(&m);
             g.backward_logprobs_embeds(&eb, &dlogp, false)?;
         }
+        // Sharded gradients meet in every backward: a replica short of a micro-batch this
+        // mini-batch joins the others' last one with nothing.
+        let mine = replica_rows(rows, replica, dp).count();
+        for _ in mine..rows.len().div_ceil(dp.max(1)) {
+            g.skip_backward()?;
+        }
         g.all_reduce_grads(reel_model::LossStats::default())?;
         let mut mine = u64_words(loss.to_bits()).to_vec();
         mine.extend(metrics.packed());
@@ -1625,7 +1631,7 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         &opt,
         "train.device",
         ranks,
-        cfg.parallel.shard_optimizer,
+        cfg.parallel.zero_stage(),
         resume_opt.as_deref(),
     )?;
     if let (None, Some(dir), true) = (&gm, &resumed, gpu_policy) {
@@ -1937,17 +1943,21 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
             }
             // The host weights: the prompts' embedding rows are formed from its table; only
             // that table is copied back while the GPU decoder rolls out (the CPU engine reads
-            // every weight).
-            if let Some(g) = gm.as_ref().map(GpuPolicy::lead) {
-                let copied = if decoder.is_some() {
+            // every weight, and so does an f32 decoder when no GPU holds the whole fp32
+            // weights: sharded gradients).
+            let via_host = decoder.as_ref().is_some_and(|d| d.is_f32())
+                && gm.as_ref().is_some_and(|g| g.lead().grads_sharded());
+            if let Some(g) = gm.as_mut() {
+                let copied = if decoder.is_some() && !via_host {
                     let e = model.lm.layout.embed.clone();
-                    g.params_range_into(e.clone(), &mut model.lm.params[e])
+                    g.decoder_range_into(e.clone(), &mut model.lm.params[e])
                 } else {
                     g.params_host().map(|p| model.lm.params = p)
                 };
                 copied.with_context(|| format!("{at}: copying the GPU policy to the host"))?;
             }
             match (decoder.as_mut(), gm.as_ref().map(GpuPolicy::lead)) {
+                (Some(d), Some(_)) if via_host => d.load_params(&model.lm.params),
                 (Some(d), Some(g)) => d.load_from_policy(g),
                 (Some(d), None) => d.load_params(&model.lm.params),
                 (None, _) => Ok(()),
@@ -2050,8 +2060,8 @@ pub fn run_vl_grpo(cfg: &GrpoRunConfig, mut opts: GrpoOptions) -> Result<VlGrpoS
         }
         // The replicas of a launched world end identical (each process's own weights, compared
         // over NCCL).
-        if let (Some(_), Some(gp)) = (&launched, gm.as_ref()) {
-            let sum = crate::sft::param_checksum(&gp.lead().params_host()?);
+        if let (Some(_), Some(gp)) = (&launched, gm.as_mut()) {
+            let sum = gp.weights_checksum()?;
             let all = gp.lead().all_gather_u64(sum)?;
             if let Some(r) = all.iter().position(|&c| c != all[0]) {
                 bail!("rank {r}'s parameters differ from rank 0's at the end of the run (replicas diverged)");

@@ -18,12 +18,13 @@
 //!   step 1 and resumed gives the uninterrupted run's step 2.
 //! - Scoring and update on in-process GPU ranks (dp × sp on one GPU: sp 2 zigzag and DistAttn,
 //!   sp 3 ring, dp 2, dp 2 × sp 2; sp 3 and dp 2 × sp 2 again with the optimizer sharded,
-//!   `parallel.shard_optimizer`): step 1 draws the one-rank run's samples and follows its
+//!   `parallel.shard_optimizer`, and dp 2 × sp 2 with the gradients sharded too,
+//!   `parallel.shard_gradients`): step 1 draws the one-rank run's samples and follows its
 //!   loss, KL, gradient norm and entropy within bf16 tolerance; step 2 and the checkpoint are
 //!   finite, the checkpoint's optimizer state whole.
 //! - One process per GPU (`nccl_vl_grpo_processes_follow_one_gpu`, 2 GPUs): the same at sp 2,
-//!   dp 2 and sp 2 sharded over NCCL, the groups' rollouts split over the processes and
-//!   gathered.
+//!   dp 2, and sp 2 with the optimizer sharded and with the gradients too, over NCCL, the
+//!   groups' rollouts split over the processes and gathered.
 //! - `eval_vl_accuracy` with `device = cuda`, f32: every greedy response and the report equal the
 //!   CPU's; bf16 answers every record.
 //!
@@ -250,26 +251,28 @@ fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
     let one_updates = updates_of(&one);
-    for (dp, sp, schedule, shard) in [
-        (1, 2, SpSchedule::Zigzag, false),
-        (1, 2, SpSchedule::Distattn, false),
-        (1, 3, SpSchedule::Ring, false),
-        (2, 1, SpSchedule::Distattn, false),
-        (2, 2, SpSchedule::Zigzag, false),
-        (1, 3, SpSchedule::Ring, true),
-        (2, 2, SpSchedule::Zigzag, true),
+    for (dp, sp, schedule, zero) in [
+        (1, 2, SpSchedule::Zigzag, 0),
+        (1, 2, SpSchedule::Distattn, 0),
+        (1, 3, SpSchedule::Ring, 0),
+        (2, 1, SpSchedule::Distattn, 0),
+        (2, 2, SpSchedule::Zigzag, 0),
+        (1, 3, SpSchedule::Ring, 1),
+        (2, 2, SpSchedule::Zigzag, 1),
+        (2, 2, SpSchedule::Zigzag, 2),
     ] {
-        let sharded = if shard { ", optimizer sharded" } else { "" };
+        let sharded = sharded_what(zero);
         let what = format!("dp {dp} × sp {sp} ({schedule}{sharded})");
         let mut cfg = ranks_config(
             &m,
             &data,
-            dir.path().join(format!("dp{dp}-sp{sp}-{schedule}-{shard}")),
+            dir.path().join(format!("dp{dp}-sp{sp}-{schedule}-{zero}")),
         );
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
         cfg.parallel.schedule = schedule;
-        cfg.parallel.shard_optimizer = shard;
+        cfg.parallel.shard_optimizer = zero > 0;
+        cfg.parallel.shard_gradients = zero > 1;
         let s = run(&cfg);
         assert_eq!(s.run.records.len(), 2, "{what}");
         follows(&what, &one.run.records[0], &s.run.records[0]);
@@ -281,6 +284,16 @@ fn gpu_vl_sequence_and_data_parallel_ranks_follow_one_gpu_rank() {
         assert!(w.lm.params.iter().all(|x| x.is_finite()), "{what}");
         let n = check_optimizer_state(&what, &s.run.final_model_dir, w.lm.params.len());
         assert_eq!(n, one_updates, "{what}: the one-rank run's optimizer steps");
+    }
+}
+
+/// How a case shards the fp32 state (`zero`: 0 replicated, 1 the optimizer, 2 the gradients
+/// too), for its name.
+fn sharded_what(zero: u8) -> &'static str {
+    match zero {
+        0 => "",
+        1 => ", optimizer sharded",
+        _ => ", optimizer and gradients sharded",
     }
 }
 
@@ -347,21 +360,23 @@ fn nccl_vl_grpo_processes_follow_one_gpu() {
     let (m, data) = setup(dir.path());
     let one = run(&ranks_config(&m, &data, dir.path().join("one")));
     let one_updates = updates_of(&one);
-    for (j, (dp, sp, shard, shared)) in [
-        (1, 2, false, false),
-        (2, 1, false, false),
-        (1, 2, true, true),
+    for (j, (dp, sp, zero, shared)) in [
+        (1, 2, 0, false),
+        (2, 1, 0, false),
+        (1, 2, 1, true),
+        (1, 2, 2, true),
     ]
     .into_iter()
     .enumerate()
     {
-        let sharded = if shard { ", optimizer sharded" } else { "" };
+        let sharded = sharded_what(zero);
         let prefill = if shared { ", every prefill shared" } else { "" };
         let what = format!("2 processes, dp {dp} × sp {sp}{sharded}{prefill}");
         let mut cfg = ranks_config(&m, &data, dir.path().join(format!("nccl-{j}")));
         cfg.parallel.dp = dp;
         cfg.parallel.sp = sp;
-        cfg.parallel.shard_optimizer = shard;
+        cfg.parallel.shard_optimizer = zero > 0;
+        cfg.parallel.shard_gradients = zero > 1;
         // Every prompt prefilled by both processes together (each then decoding half of its
         // samples), or each rolled out by its owner alone.
         cfg.parallel.shared_prefill_tokens = if shared { 1 } else { 0 };
