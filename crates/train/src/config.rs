@@ -1128,6 +1128,9 @@ mod tests {
     #[test]
     fn sharded_gradients_need_a_sharded_optimizer() {
         let mut c = SftConfig::default();
+        c.model.path = Some("ckpt".into());
+        c.data.train = "t.jsonl".into();
+        c.validate().unwrap();
         c.parallel.shard_gradients = true;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("parallel.shard_gradients"), "{err}");
