@@ -1158,8 +1158,10 @@ impl GpuQwen2 {
     /// than once per step. The updated master shards reach the bf16 weights through a chunked
     /// gather (no whole fp32 copy anywhere), so the whole fp32 master weights are gathered to
     /// the host by [`GpuQwen2::gather_params`], which every rank calls, and
-    /// [`GpuQwen2::params_device`]/[`GpuQwen2::params_host`] refuse. Call before the first
-    /// backward; the gradients start at zero.
+    /// [`GpuQwen2::params_device`]/[`GpuQwen2::params_host`] refuse. Since the reduces meet in
+    /// every backward, every rank of the world runs the same number of backward passes a step:
+    /// a rank without a micro-batch for one calls [`GpuQwen2::skip_backward`] instead. Call
+    /// before the first backward; the gradients start at zero.
     pub fn shard_gradients(&mut self) -> Result<()> {
         let Some(z) = &mut self.shard else {
             return shape_err("shard_gradients needs a sharded optimizer (new_sharded)".into());
