@@ -275,10 +275,41 @@ fn reduce_into_shard(
     Ok(())
 }
 
+/// Refuses a host slice whose length is not the flat range's (`what` names the values).
+fn check_host_range(what: &str, range: &std::ops::Range<usize>, dst: &[f32]) -> Result<()> {
+    if range.len() != dst.len() {
+        return shape_err(format!(
+            "{what} range of {} values into a host slice of {}",
+            range.len(),
+            dst.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Adds a finished tensor's bf16 gradients `done` (the flat range `flat`) into the fp32
+/// gradients: into the whole copy, or with sharded gradients (`zero2`: the plan) summed onto
+/// their owners' shards ([`reduce_into_shard`]).
+fn add_finished_grads(
+    zero2: Option<&OptShard>,
+    attn: &GpuAttention,
+    dp: Option<&dyn GpuDpGroup>,
+    gpu: &Gpu,
+    grads: &mut DeviceBuf<f32>,
+    done: &DView<'_, bf16>,
+    flat: std::ops::Range<usize>,
+) -> Result<()> {
+    match zero2 {
+        Some(plan) => reduce_into_shard(attn, dp, gpu, plan, grads, done, flat),
+        None => gpu.accum_f32(&mut grads.view_mut(flat)?, done),
+    }
+}
+
 /// Every rank's shard of a flat buffer held sharded (`shard`: this rank's `plan.range` values),
 /// gathered [`GATHER_CHUNK`] values a rank at a time through one staging buffer (over dp within
 /// the sp chunk, then over sp, as [`gather_over_groups`]): `each(flat range, values)` is called
-/// for every rank's piece in turn, on every rank, the values on the device.
+/// for every rank's piece in turn, on every rank, the values on the device; padding past
+/// `plan.total` is left out.
 fn gather_chunked(
     attn: &GpuAttention,
     dp: Option<&dyn GpuDpGroup>,
@@ -308,10 +339,11 @@ fn gather_chunked(
         }
         for rank in 0..world {
             let start = plan.start_of(rank / plan.dp, rank % plan.dp) + off;
-            each(
-                start..start + len,
-                stage.view(rank * len..(rank + 1) * len)?,
-            )?;
+            let real = (start + len).min(plan.total).saturating_sub(start);
+            if real > 0 {
+                let at = rank * len;
+                each(start..start + real, stage.view(at..at + real)?)?;
+            }
         }
         off += len;
     }
@@ -1897,10 +1929,7 @@ impl GpuQwen2 {
                 &mut ws.bw,
             )?;
             let done = g16.layer.view(0..span.len())?;
-            match zero2 {
-                Some(plan) => reduce_into_shard(attn, dp, g, plan, grads, &done, span)?,
-                None => g.accum_f32(&mut grads.view_mut(span)?, &done)?,
-            }
+            add_finished_grads(zero2, attn, dp, g, grads, &done, span)?;
             std::mem::swap(&mut dx_cur, &mut dx_next);
         }
         let mut d_rows = None;
@@ -1921,11 +1950,7 @@ impl GpuQwen2 {
             m.d,
         )?;
         for [packed, flat] in g16.ends_in(layout) {
-            let done = g16.ends.view(packed)?;
-            match zero2 {
-                Some(plan) => reduce_into_shard(attn, dp, g, plan, grads, &done, flat)?,
-                None => g.accum_f32(&mut grads.view_mut(flat)?, &done)?,
-            }
+            add_finished_grads(zero2, attn, dp, g, grads, &g16.ends.view(packed)?, flat)?;
         }
         Ok(d_rows)
     }
@@ -2051,27 +2076,24 @@ impl GpuQwen2 {
         let p = self.layout.total();
         let mut host = vec![0f32; if keep { p } else { 0 }];
         let g = &self.gpu;
-        gather_chunked(&self.attn, self.dp.as_deref(), g, &z.plan, src, |at, v| {
-            let end = at.end.min(p);
-            if keep && at.start < end {
-                let n = end - at.start;
-                g.download_into(&mut host[at.start..end], &DView::of(&v, 0..n)?)?;
-            }
-            Ok(())
-        })?;
+        gather_chunked(
+            &self.attn,
+            self.dp.as_deref(),
+            g,
+            &z.plan,
+            src,
+            |at, v| match keep {
+                true => g.download_into(&mut host[at], &v),
+                false => Ok(()),
+            },
+        )?;
         Ok(keep.then_some(host))
     }
 
     /// The bf16 weights of `range` (flat layout) widened into `dst` (its length): what the
     /// forward computes with, on hand on every rank however the fp32 state is sharded.
     pub fn weights_range_into(&self, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()> {
-        if range.len() != dst.len() {
-            return shape_err(format!(
-                "weight range of {} values into a host slice of {}",
-                range.len(),
-                dst.len()
-            ));
-        }
+        check_host_range("weight", &range, dst)?;
         let w: Vec<bf16> = self.gpu.download(&self.w16.view(range)?)?;
         for (d, x) in dst.iter_mut().zip(w) {
             *d = x.to_f32();
@@ -2082,13 +2104,7 @@ impl GpuQwen2 {
     /// The fp32 master parameters of `range` (flat layout) into `dst` (its length): one tensor
     /// refreshed on the host without copying the whole model.
     pub fn params_range_into(&self, range: std::ops::Range<usize>, dst: &mut [f32]) -> Result<()> {
-        if range.len() != dst.len() {
-            return shape_err(format!(
-                "parameter range of {} values into a host slice of {}",
-                range.len(),
-                dst.len()
-            ));
-        }
+        check_host_range("parameter", &range, dst)?;
         self.gpu
             .download_into(dst, &DView::of(&self.params_device()?, range)?)
     }
@@ -2113,10 +2129,11 @@ impl GpuQwen2 {
             loss_stats,
             ..
         } = self;
+        // The rank's part of the summed gradients: the shard's range of a whole buffer, or
+        // all of a sharded (or replicated) one.
         let range = match shard {
-            None => 0..grads.len(),
-            Some(z) if z.grads_sharded => 0..grads.len(),
-            Some(z) => z.plan.range.clone(),
+            Some(z) if !z.grads_sharded => z.plan.range.clone(),
+            _ => 0..grads.len(),
         };
         gpu.timed("optimizer", "clip_grad_norm", || {
             let mut grads = grads.view_mut(range)?;
@@ -2178,7 +2195,6 @@ impl GpuQwen2 {
         }
         if z.grads_sharded {
             // The master shards straight into the bf16 weights, a piece at a time.
-            let p = self.layout.total();
             let GpuQwen2 {
                 gpu,
                 attn,
@@ -2188,12 +2204,7 @@ impl GpuQwen2 {
                 ..
             } = self;
             let out = gather_chunked(attn, dp.as_deref(), gpu, &z.plan, master, |at, v| {
-                let end = at.end.min(p);
-                if at.start < end {
-                    let n = end - at.start;
-                    gpu.cast_from_f32(&mut w16.view_mut(at.start..end)?, &DView::of(&v, 0..n)?)?;
-                }
-                Ok(())
+                gpu.cast_from_f32(&mut w16.view_mut(at)?, &v)
             });
             return self.abort_on_err(out);
         }
@@ -2256,13 +2267,17 @@ impl GpuQwen2 {
             );
         }
         let (m, v) = (self.gpu.download(&self.m)?, self.gpu.download(&self.v)?);
+        Ok(self.flat_state(&m, &v))
+    }
+
+    /// The optimizer state in `reel_optim::AdamW`'s form from whole flat moments.
+    fn flat_state(&self, m: &[f32], v: &[f32]) -> AdamWState {
         let ranges = self.layout.entry_ranges();
-        let split = |x: &[f32]| reel_optim::shard::per_entry(x, &ranges);
-        Ok(AdamWState {
+        AdamWState {
             step: self.step,
-            m: split(&m),
-            v: split(&v),
-        })
+            m: reel_optim::shard::per_entry(m, &ranges),
+            v: reel_optim::shard::per_entry(v, &ranges),
+        }
     }
 
     /// The fp32 master parameters and the optimizer state, whole: [`GpuQwen2::params_host`] and
@@ -2287,13 +2302,7 @@ impl GpuQwen2 {
             let [Some(params), Some(m), Some(v)] = <[_; 3]>::try_from(got).expect("three") else {
                 return Ok(None);
             };
-            let ranges = self.layout.entry_ranges();
-            let state = AdamWState {
-                step: self.step,
-                m: reel_optim::shard::per_entry(&m, &ranges),
-                v: reel_optim::shard::per_entry(&v, &ranges),
-            };
-            return Ok(Some((params, state)));
+            return Ok(Some((params, self.flat_state(&m, &v))));
         }
         let params = if keep {
             Some(self.params_host()?)
@@ -2314,13 +2323,7 @@ impl GpuQwen2 {
         let (Some(params), [m, v]) = (params, moments.as_slice()) else {
             return Ok(None);
         };
-        let ranges = self.layout.entry_ranges();
-        let state = AdamWState {
-            step: self.step,
-            m: reel_optim::shard::per_entry(m, &ranges),
-            v: reel_optim::shard::per_entry(v, &ranges),
-        };
-        Ok(Some((params, state)))
+        Ok(Some((params, self.flat_state(m, v))))
     }
 
     /// Replaces the optimizer state (from [`GpuQwen2::opt_state`], [`GpuQwen2::gather_state`]

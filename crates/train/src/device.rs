@@ -298,10 +298,12 @@ impl GpuPolicy {
         let Some(total) = g.opt_shard().map(|p| p.total) else {
             anyhow::bail!("sharded gradients without an optimizer shard");
         };
+        // 64 MiB of host f32 at a time.
+        const PIECE: usize = 1 << 24;
         let mut sum = crate::sft::FNV_SEED;
         let mut buf = Vec::new();
-        for start in (0..total).step_by(1 << 24) {
-            let end = total.min(start + (1 << 24));
+        for start in (0..total).step_by(PIECE) {
+            let end = total.min(start + PIECE);
             buf.resize(end - start, 0.0);
             g.weights_range_into(start..end, &mut buf)?;
             sum = crate::sft::param_checksum_from(sum, &buf);
@@ -372,8 +374,9 @@ fn on_rank_threads<T: Send>(
 /// scoring and the update on the CPU, an explicit "cuda" in `want` is an error naming
 /// `setting` (a launched process's, always an error: it has no CPU path). With `zero`
 /// sharded (`parallel.shard_optimizer`) each rank keeps its shard of the fp32 master weights and
-/// AdamW moments only, and of the gradients too at [`ZeroStage::Gradients`] ([`gpu_model`]). With `resume_opt` (a checkpoint's optimizer file, whose
-/// moments `opt` was not given) each rank reads only its part of the moments from it
+/// AdamW moments only, and of the gradients too at [`ZeroStage::Gradients`] ([`gpu_model`]).
+/// With `resume_opt` (a checkpoint's optimizer file, whose moments `opt` was not given) each
+/// rank reads only its part of the moments from it
 /// ([`crate::checkpoint::optimizer_state_part`]): no process holds the whole state.
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_policy_ranks(

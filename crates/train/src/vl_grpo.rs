@@ -1291,8 +1291,8 @@ fn gpu_minibatch(
         }
         // Sharded gradients meet in every backward: a replica short of a micro-batch this
         // mini-batch joins the others' last one with nothing.
-        let mine = replica_rows(rows, replica, dp).count();
-        for _ in mine..rows.len().div_ceil(dp.max(1)) {
+        let had = replica_rows(rows, replica, dp).count();
+        for _ in had..rows.len().div_ceil(dp.max(1)) {
             g.skip_backward()?;
         }
         g.all_reduce_grads(reel_model::LossStats::default())?;
